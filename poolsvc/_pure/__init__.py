@@ -1,0 +1,30 @@
+"""Plain-Python reference implementations of poolsvc's compiled kernels.
+
+Same names, signatures, results and errors as ``poolsvc._core`` (the contract
+is ``docs/core.md``).  Written for clarity, not speed: the tests use them as
+the oracle for the compiled core, the benchmarks as the baseline of the
+speed-up ratios, and ``POOLSVC_PUREPYTHON=1`` runs the whole package on them.
+"""
+from .alloc import FrameAllocator, RangeAllocator
+from .copy import gather, scatter
+from .pagelist import (
+    pagelist_build,
+    pagelist_build_into,
+    pagelist_parse,
+    pagelist_segments,
+)
+from .tables import AddressMap, FrameTable, IdTable
+
+__all__ = [
+    "AddressMap",
+    "FrameAllocator",
+    "FrameTable",
+    "IdTable",
+    "RangeAllocator",
+    "gather",
+    "pagelist_build",
+    "pagelist_build_into",
+    "pagelist_parse",
+    "pagelist_segments",
+    "scatter",
+]
