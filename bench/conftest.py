@@ -1,0 +1,39 @@
+"""Benchmark configuration.
+
+Run the benchmarks:          python -m pytest bench
+Smoke mode (CI, no timing):  python -m pytest bench --benchmark-disable
+
+Single figures on a shared 2-core machine deserve scepticism: compare the
+compiled kernel with its pure-Python reference or floor *in the same run*,
+and read medians.  Each benchmark records what it measures per operation in
+``benchmark.extra_info``; ``bench/README.md`` lists the latest figures.
+"""
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser):  # pragma: no cover - pytest hook
+    group = parser.getgroup("poolsvc")
+    group.addoption("--poolsvc-large", action="store_true", default=False,
+                    help="also run the large (GiB-scale) benchmark cases")
+
+
+@pytest.fixture(scope="session")
+def smoke(request) -> bool:
+    """True when benchmarks run once for correctness only (--benchmark-disable)."""
+    return bool(request.config.getoption("benchmark_disable"))
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    from poolsvc import _core
+
+    return _core
+
+
+@pytest.fixture(scope="session")
+def pure():
+    from poolsvc import _pure
+
+    return _pure

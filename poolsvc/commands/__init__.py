@@ -1,0 +1,1 @@
+"""One module per ``poolsvc`` subcommand (see poolsvc/cli.py)."""

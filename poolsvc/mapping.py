@@ -1,0 +1,108 @@
+"""Finding the POSIX shared-memory object behind a buffer.
+
+``register_*_buf(obj)`` accepts any buffer-protocol object backed by POSIX
+shared memory.  This module finds, from the buffer's virtual address, the
+mapping that holds it by reading the process's memory maps
+(``/proc/self/maps``): a shared (``s``) mapping of a file under ``/dev/shm``.
+Private memory (heap, anonymous, ``MAP_PRIVATE``) and read-only mappings are
+refused with :class:`~poolsvc.errors.NotSharedMemory`.
+
+The maps are read again on every registration (a mapping can be replaced at
+the same address at any time, and registration is not a hot path); the
+lookup itself goes through the compiled ``AddressMap``.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._backend import core
+from .errors import BadParameters, NotSharedMemory
+
+SHM_PREFIX = "/dev/shm/"
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One shared mapping of a ``/dev/shm`` object in this process."""
+
+    start: int
+    end: int
+    writable: bool
+    file_offset: int
+    dev: str
+    inode: int
+    path: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Identity of the backing object: (device, inode)."""
+        return (self.dev, self.inode)
+
+
+def buffer_span(obj: Any) -> tuple[memoryview, int, int]:
+    """``(memoryview, address, length)`` of a contiguous buffer.
+
+    Raises BadParameters for a non-contiguous or empty buffer.
+    """
+    try:
+        view = memoryview(obj)
+    except TypeError as exc:
+        raise BadParameters(f"{type(obj).__name__} does not support the buffer protocol") from exc
+    if not view.c_contiguous:
+        raise BadParameters("buffer is not C-contiguous")
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    if view.nbytes == 0:
+        raise BadParameters("buffer is empty")
+    addr = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+    return view, int(addr), view.nbytes
+
+
+def shm_mappings() -> list[Mapping]:
+    """The shared mappings of ``/dev/shm`` objects in this process."""
+    found: list[Mapping] = []
+    with open("/proc/self/maps", "rb") as fh:
+        for raw in fh:
+            if b"/dev/shm/" not in raw:
+                continue
+            parts = raw.decode("utf-8", "replace").split(None, 5)
+            if len(parts) < 6:
+                continue
+            span, perms, offset, dev, inode, path = parts
+            if perms[3] != "s":
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            found.append(Mapping(start, end, perms[1] == "w", int(offset, 16), dev,
+                                 int(inode), path.strip()))
+    return found
+
+
+def find_mapping(addr: int, length: int) -> Mapping:
+    """The shared ``/dev/shm`` mapping holding ``[addr, addr+length)``.
+
+    Raises NotSharedMemory when none does (private memory, or a buffer that
+    straddles two mappings).
+    """
+    mappings = shm_mappings()
+    amap = core.AddressMap()
+    for i, m in enumerate(mappings):
+        amap.add(m.start, m.end, i, m.file_offset)
+    hit = amap.lookup(addr)
+    if hit is None:
+        raise NotSharedMemory(
+            f"buffer at {addr:#x} is not in POSIX shared memory (it is private memory); "
+            "use multiprocessing.shared_memory or posix_ipc")
+    m = mappings[hit[0]]
+    if addr + length > m.end:
+        raise NotSharedMemory(
+            f"buffer at {addr:#x}+{length:#x} runs past its mapping's end {m.end:#x}")
+    return m
+
+
+def mapping_view(m: Mapping) -> memoryview:
+    """A writable memoryview of a whole mapping (caller keeps the mapping alive)."""
+    size = m.end - m.start
+    return memoryview((ctypes.c_char * size).from_address(m.start)).cast("B")

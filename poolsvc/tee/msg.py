@@ -1,0 +1,96 @@
+"""``struct optee_msg_arg`` and its parameters: packing and unpacking.
+
+Layout (little-endian, facts of OP-TEE's message ABI):
+  header, 32 bytes: u32 cmd, func, session, cancel_id, pad, ret, ret_origin,
+  num_params; then ``num_params`` parameters of 32 bytes: u64 attr and three
+  u64 words, read as ``tmem`` (buf_ptr, size, shm_ref), ``rmem`` (offs, size,
+  shm_ref) or ``value`` (a, b, c) according to ``attr & 0xff``.
+
+:func:`unpack` never trusts its input: a short buffer, or a ``num_params``
+that does not match the bytes present, is a ``ProtocolError``.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ..constants import ATTR_TYPE_MASK, MSG_ARG_HEADER_SIZE, MSG_PARAM_SIZE
+from ..errors import ProtocolError
+
+_HEADER = struct.Struct("<8I")
+_PARAM = struct.Struct("<4Q")
+
+#: Largest number of parameters a message may carry (bounds the parsing work).
+MAX_PARAMS = 64
+
+
+@dataclass
+class MsgParam:
+    """One parameter: ``attr`` and its three u64 words ``a``, ``b``, ``c``.
+
+    For TMEM: a=buf_ptr, b=size, c=shm_ref. RMEM: a=offs, b=size, c=shm_ref.
+    VALUE: a, b, c.
+    """
+
+    attr: int = 0
+    a: int = 0
+    b: int = 0
+    c: int = 0
+
+    @property
+    def type(self) -> int:
+        return self.attr & ATTR_TYPE_MASK
+
+
+@dataclass
+class MsgArg:
+    """A decoded ``struct optee_msg_arg``."""
+
+    cmd: int = 0
+    func: int = 0
+    session: int = 0
+    cancel_id: int = 0
+    pad: int = 0
+    ret: int = 0
+    ret_origin: int = 0
+    params: list[MsgParam] = field(default_factory=list)
+
+    def pack(self) -> bytes:
+        """The wire bytes (num_params taken from ``len(params)``)."""
+        out = bytearray(MSG_ARG_HEADER_SIZE + MSG_PARAM_SIZE * len(self.params))
+        _HEADER.pack_into(out, 0, self.cmd, self.func, self.session, self.cancel_id,
+                          self.pad, self.ret, self.ret_origin, len(self.params))
+        for i, p in enumerate(self.params):
+            _PARAM.pack_into(out, MSG_ARG_HEADER_SIZE + i * MSG_PARAM_SIZE,
+                             p.attr & (2**64 - 1), p.a & (2**64 - 1), p.b & (2**64 - 1), p.c & (2**64 - 1))
+        return bytes(out)
+
+    @property
+    def size(self) -> int:
+        return MSG_ARG_HEADER_SIZE + MSG_PARAM_SIZE * len(self.params)
+
+
+def arg_size(num_params: int) -> int:
+    """Bytes of a message with ``num_params`` parameters (OPTEE_MSG_GET_ARG_SIZE)."""
+    return MSG_ARG_HEADER_SIZE + MSG_PARAM_SIZE * num_params
+
+
+def peek_num_params(data: bytes | bytearray | memoryview) -> int:
+    """``num_params`` from a header (ProtocolError if the header is short)."""
+    if len(data) < MSG_ARG_HEADER_SIZE:
+        raise ProtocolError(f"message of {len(data)} bytes is shorter than its 32-byte header")
+    return _HEADER.unpack_from(data, 0)[7]
+
+
+def unpack(data: bytes | bytearray | memoryview) -> MsgArg:
+    """Decode a message; ProtocolError if it is short, too long or over MAX_PARAMS."""
+    num = peek_num_params(data)
+    if num > MAX_PARAMS:
+        raise ProtocolError(f"num_params {num} exceeds the limit {MAX_PARAMS}")
+    if len(data) < arg_size(num):
+        raise ProtocolError(f"message of {len(data)} bytes is too short for {num} parameters "
+                            f"({arg_size(num)} bytes)")
+    h = _HEADER.unpack_from(data, 0)
+    params = [MsgParam(*_PARAM.unpack_from(data, MSG_ARG_HEADER_SIZE + i * MSG_PARAM_SIZE))
+              for i in range(num)]
+    return MsgArg(h[0], h[1], h[2], h[3], h[4], h[5], h[6], params)

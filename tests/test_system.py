@@ -1,0 +1,415 @@
+"""The kernel-semantics layer: System, Context, Shm (DESIGN.md sections 4 and 9)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+
+import poolsvc
+from poolsvc import Config, ShmFlags, System, pagelist
+from poolsvc.errors import (
+    BadParameters,
+    Closed,
+    ConfigError,
+    ItemNotFound,
+    NotSharedMemory,
+    NotSupported,
+    OutOfMemory,
+    PoolsvcError,
+)
+
+from .sysutil import LeakCheck, assert_accounting, assert_idle, shm_leftovers
+
+MiB = 1 << 20
+SMALL = dict(dynamic_size=64 * MiB, arena_step=1 * MiB)
+
+
+@pytest.fixture
+def leaks():
+    check = LeakCheck()
+    yield check
+    check.assert_balanced()
+
+
+@pytest.fixture(params=["dynamic", "static"])
+def system(request, leaks):
+    cfg = Config(**SMALL, dynamic_shm=request.param == "dynamic")
+    with System(cfg) as s:
+        yield s
+        assert_accounting(s)
+
+
+@pytest.fixture
+def dyn_system(leaks):
+    with System(Config(**SMALL)) as s:
+        yield s
+        assert_accounting(s)
+
+
+@pytest.fixture
+def shmem():
+    made = []
+
+    def make(size):
+        seg = shared_memory.SharedMemory(create=True, size=size)
+        made.append(seg)
+        return seg
+
+    yield make
+    for seg in made:
+        seg.close()
+        seg.unlink()
+
+
+# -- the table of section 4 --------------------------------------------------------------
+def test_alloc_user_buf_flags_and_id(system):
+    ctx = system.open_context()
+    shm = ctx.alloc_user_buf(5000)
+    expected = ShmFlags.DYNAMIC | ShmFlags.POOL
+    if system.pool == "static":
+        expected &= ~ShmFlags.DYNAMIC  # the static pool clears DYNAMIC
+    assert shm.flags == expected
+    assert shm.id == 1
+    assert shm.size == 8192 and shm.offset == 0
+    assert shm.paddr is not None and shm.paddr % 4096 == 0
+    assert list(shm.pages) == [shm.paddr, shm.paddr + 4096]
+    assert bytes(shm.view()) == bytes(8192)  # zeroed
+    if system.pool == "dynamic":
+        assert shm.registered and shm.cookie in system.tee.registered
+        reg = system.tee.registered[shm.cookie]
+        assert list(reg.pages) == list(shm.pages)
+    else:
+        assert system.config.static_base <= shm.paddr < system.config.static_base + system.config.static_size
+    assert_accounting(system)
+    shm.close()
+    assert_accounting(system)
+    ctx.close()
+    assert_idle(system)
+
+
+def test_alloc_kernel_buf_has_no_id(system):
+    ctx = system.open_context()
+    shm = ctx.alloc_kernel_buf(100)
+    assert shm.id == -1
+    assert shm.flags & ShmFlags.POOL
+    assert shm.paddr % 4096 == 0
+    assert len(system.ids) == 0
+    ctx.close()
+    assert_idle(system)
+
+
+def test_alloc_priv_buf(system):
+    ctx = system.open_context()
+    shm = ctx.alloc_priv_buf(40)
+    assert shm.flags == ShmFlags.PRIV | ShmFlags.POOL
+    assert shm.id == -1 and not shm.registered
+    assert shm.paddr % 16 == 0
+    if system.pool == "static":
+        assert shm.size == 512  # genalloc granule, min_alloc_order 9
+    assert shm.cookie not in system.tee.registered
+    ctx.close()
+    assert_idle(system)
+
+
+def test_register_user_buf_odd_offset(dyn_system, shmem):
+    seg = shmem(64 * 1024)
+    ctx = dyn_system.open_context()
+    start, length = 4096 * 2 + 123, 3 * 4096 + 50
+    shm = ctx.register_user_buf(seg.buf[start:start + length])
+    assert shm.flags == ShmFlags.USER_MAPPED | ShmFlags.DYNAMIC
+    assert shm.id == 1
+    assert shm.offset == 123
+    assert shm.size == length
+    assert len(shm.pages) == pagelist.num_pages(length, 123) == 4
+    assert all(int(p) % 4096 == 0 for p in shm.pages)
+    reg = dyn_system.tee.registered[shm.cookie]
+    assert list(reg.pages) == list(shm.pages) and reg.offset == 123
+    assert reg.size == 4 * 4096 - 123
+    # zero-copy, both directions
+    seg.buf[start:start + 5] = b"hello"
+    assert bytes(shm.view()[:5]) == b"hello"
+    shm.view()[-3:] = b"xyz"
+    assert bytes(seg.buf[start + length - 3:start + length]) == b"xyz"
+    # the physical address space sees the same bytes
+    assert dyn_system.phys.read(int(shm.pages[0]) + 123, 5) == b"hello"
+    dyn_system.phys.write(int(shm.pages[1]), b"PHYS")
+    first_page_room = 4096 - 123
+    assert bytes(seg.buf[start + first_page_room:start + first_page_room + 4]) == b"PHYS"
+    shm.close()
+    ctx.close()
+    assert_idle(dyn_system)
+
+
+def test_register_kernel_buf_no_id_and_numpy_view(dyn_system, shmem):
+    seg = shmem(32 * 1024)
+    arr = np.ndarray((1000,), dtype=np.uint32, buffer=seg.buf, offset=4)
+    ctx = dyn_system.open_context()
+    shm = ctx.register_kernel_buf(arr)
+    assert shm.flags == ShmFlags.DYNAMIC and shm.id == -1
+    assert shm.offset == 4 and shm.size == 4000
+    arr[:] = np.arange(1000)
+    assert np.array_equal(np.frombuffer(shm.view(), dtype=np.uint32), np.arange(1000))
+    shm.close()
+    ctx.close()
+    del arr
+
+
+def test_same_pages_same_addresses(dyn_system, shmem):
+    seg = shmem(16 * 4096)
+    ctx = dyn_system.open_context()
+    a = ctx.register_user_buf(seg.buf[0:8 * 4096])
+    b = ctx.register_kernel_buf(seg.buf[4 * 4096 + 10:12 * 4096])
+    assert list(a.pages[4:8]) == list(b.pages[0:4])
+    used = dyn_system.dynamic.used_frames
+    a.close()
+    # b still holds pages 4..11: frames of pages 0..3 were returned, 4..7 kept
+    assert dyn_system.dynamic.used_frames == used - 4
+    assert dyn_system.phys.read(int(b.pages[0]) + 10, 1) == bytes(seg.buf[4 * 4096 + 10:4 * 4096 + 11])
+    b.close()
+    ctx.close()
+    assert_idle(dyn_system)
+
+
+def test_register_refuses_private_and_readonly(dyn_system, shmem):
+    ctx = dyn_system.open_context()
+    with pytest.raises(NotSharedMemory, match="private"):
+        ctx.register_user_buf(bytearray(8192))
+    with pytest.raises(NotSharedMemory):
+        ctx.register_user_buf(np.zeros(100))
+    seg = shmem(8192)
+    with pytest.raises(NotSharedMemory, match="read-only"):
+        ctx.register_user_buf(seg.buf.toreadonly())
+    with pytest.raises(BadParameters):
+        ctx.register_user_buf(seg.buf[0:0])
+    with pytest.raises(BadParameters):
+        ctx.register_user_buf(12345)
+    assert_accounting(dyn_system)
+    ctx.close()
+    assert_idle(dyn_system)
+
+
+def test_register_without_dynamic_shm_is_refused(leaks, shmem):
+    with System(Config(**SMALL, dynamic_shm=False)) as system:
+        ctx = system.open_context()
+        seg = shmem(8192)
+        with pytest.raises(NotSupported, match="REG_MEM"):
+            ctx.register_user_buf(seg.buf)
+        with pytest.raises(NotSupported):
+            ctx.register_kernel_buf(seg.buf)
+        assert len(system.ids) == 0
+
+
+# -- capabilities ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dynamic,reserved", [(True, True), (True, False), (False, True), (False, False)])
+def test_capability_matrix(leaks, dynamic, reserved):
+    cfg = dict(SMALL, dynamic_shm=dynamic, reserved_shm=reserved)
+    if not dynamic and not reserved:
+        with pytest.raises(ConfigError, match="no shared memory"):
+            Config(**cfg)
+        return
+    with System(Config(**cfg)) as system:
+        assert system.pool == ("dynamic" if dynamic else "static")
+        assert bool(system.config.gen_caps & poolsvc.constants.GenCaps.REG_MEM) == dynamic
+        ctx = system.open_context()
+        shm = ctx.alloc_user_buf(4096)
+        in_static = system.config.static_base <= shm.paddr < system.config.static_base + system.config.static_size
+        assert in_static == (not dynamic)
+        assert bool(shm.flags & ShmFlags.DYNAMIC) == dynamic
+        assert (system.static is None) == (not reserved)
+        ctx.close()
+
+
+# -- ids and lookups ----------------------------------------------------------------------------------
+def test_id_reuse_lowest_free(system):
+    ctx = system.open_context()
+    shms = [ctx.alloc_user_buf(4096) for _ in range(4)]
+    assert [s.id for s in shms] == [1, 2, 3, 4]
+    shms[1].close()
+    shms[2].close()
+    assert ctx.alloc_user_buf(10).id == 2
+    assert ctx.alloc_user_buf(10).id == 3
+    assert ctx.alloc_user_buf(10).id == 5
+    ctx.close()
+    assert_idle(system)
+
+
+def test_shm_from_id_takes_a_reference_and_checks_owner(system):
+    a, b = system.open_context("a"), system.open_context("b")
+    shm = a.alloc_user_buf(4096)
+    with pytest.raises(ItemNotFound):
+        b.shm_from_id(shm.id)
+    with pytest.raises(ItemNotFound):
+        a.shm_from_id(99)
+    with pytest.raises(ItemNotFound):
+        a.shm_from_id(0)
+    kbuf = a.alloc_kernel_buf(10)
+    with pytest.raises(ItemNotFound):
+        a.shm_from_id(-1)
+    same = a.shm_from_id(shm.id)
+    assert same is shm
+    shm.close()  # one reference left
+    assert not shm.closed and len(system.ids) == 1
+    same.close()
+    assert shm.closed and len(system.ids) == 0
+    with pytest.raises(Closed):
+        shm.close()
+    with pytest.raises(Closed):
+        shm.view()
+    with pytest.raises(ItemNotFound):
+        a.shm_from_id(1)
+    kbuf.close()
+    a.close()
+    b.close()
+    assert_idle(system)
+
+
+def test_reserved_id_is_not_found(system):
+    ctx = system.open_context()
+    rid = system.ids.alloc(None)  # what an allocation in progress holds
+    with pytest.raises(ItemNotFound):
+        ctx.shm_from_id(rid)
+    system.ids.remove(rid)
+    ctx.close()
+
+
+# -- lifetimes ----------------------------------------------------------------------------------------
+def test_context_close_releases_everything(system, shmem):
+    ctx = system.open_context()
+    for size in (1, 4096, 10000):
+        ctx.alloc_user_buf(size)
+        ctx.alloc_kernel_buf(size)
+        ctx.alloc_priv_buf(size)
+    held = ctx.alloc_user_buf(4096)
+    ctx.shm_from_id(held.id)  # two references
+    if system.pool == "dynamic":
+        seg = shmem(8 * 4096)
+        ctx.register_user_buf(seg.buf[1:5000])
+    assert_accounting(system)
+    ctx.close()
+    ctx.close()  # idempotent
+    assert held.closed
+    assert_idle(system)
+    with pytest.raises(Closed):
+        ctx.alloc_user_buf(10)
+    with pytest.raises(Closed):
+        ctx.shm_from_id(1)
+
+
+def test_view_is_released_with_the_shm(system):
+    ctx = system.open_context()
+    shm = ctx.alloc_user_buf(4096)
+    view = shm.view()
+    view[:3] = b"abc"
+    shm.close()
+    with pytest.raises(ValueError):
+        view[0]
+    again = ctx.alloc_user_buf(4096)
+    assert bytes(again.view()[:3]) == b"\0\0\0"  # zeroed before reuse
+    ctx.close()
+
+
+def test_system_close_then_use(leaks):
+    system = System(Config(**SMALL))
+    ctx = system.open_context()
+    shm = ctx.alloc_user_buf(100)
+    system.close()
+    system.close()
+    assert shm.closed
+    with pytest.raises(Closed):
+        system.open_context()
+    with pytest.raises(Closed):
+        ctx.alloc_user_buf(100)
+
+
+# -- bad input and exhaustion -----------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, -1, 1.5, "10", True, None])
+def test_bad_sizes(system, size):
+    ctx = system.open_context()
+    with pytest.raises(BadParameters):
+        ctx.alloc_user_buf(size)
+    assert len(system.ids) == 0
+    ctx.close()
+    assert_idle(system)
+
+
+def test_exhaustion_is_typed_and_exact(system):
+    ctx = system.open_context()
+    held = []
+    with pytest.raises(OutOfMemory):
+        while True:
+            held.append(ctx.alloc_user_buf(64 * 4096))
+            assert_accounting(system)
+    assert_accounting(system)
+    ids_before = len(system.ids)
+    with pytest.raises(OutOfMemory):
+        ctx.alloc_user_buf(64 * 4096)
+    assert len(system.ids) == ids_before
+    for shm in held[::2]:
+        shm.close()
+        assert_accounting(system)
+    ctx.alloc_user_buf(64 * 4096).close()
+    ctx.close()
+    assert_idle(system)
+
+
+def test_contiguous_limit_is_max_order(dyn_system):
+    ctx = dyn_system.open_context()
+    with pytest.raises(OutOfMemory, match="order"):
+        ctx.alloc_user_buf((1 << 10) * 4096 + 1)
+    assert len(dyn_system.ids) == 0
+    ctx.alloc_user_buf((1 << 10) * 4096).close()
+    ctx.close()
+
+
+def test_stats_shape(system):
+    ctx = system.open_context("worker")
+    ctx.alloc_user_buf(8192)
+    stats = system.stats()
+    assert stats["contexts"]["worker"]["shms"] == 1
+    assert stats["contexts"]["worker"]["bytes"] == 8192
+    blocks = stats["dynamic"]["free_blocks_per_order"]
+    assert sum(c << k for k, c in enumerate(blocks)) == stats["dynamic"]["free_frames"]
+    assert 0.0 <= stats["dynamic"]["unusable_index"][-1] <= 1.0
+    ctx.close()
+
+
+def test_all_errors_are_poolsvc_errors():
+    for name in dir(poolsvc.errors):
+        obj = getattr(poolsvc.errors, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, PoolsvcError)
+
+
+# -- crash hygiene -----------------------------------------------------------------------------------
+def test_sigkill_leaves_nothing_in_dev_shm(tmp_path):
+    before = shm_leftovers()
+    script = textwrap.dedent("""
+        import sys, time
+        from multiprocessing import shared_memory
+        import poolsvc
+        s = poolsvc.System(poolsvc.Config(dynamic_size=64 << 20, arena_step=1 << 20))
+        ctx = s.open_context()
+        shms = [ctx.alloc_user_buf(100000) for _ in range(20)]
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert shm_leftovers() == before
+
+
+def test_interpreter_exit_leaves_nothing():
+    before = shm_leftovers()
+    script = "import poolsvc; s = poolsvc.System(); c = s.open_context(); c.alloc_user_buf(1 << 20)"
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert shm_leftovers() == before
