@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import os
 
+from multiprocessing import resource_tracker
+
 from poolsvc.storage import LIVE
+
+# multiprocessing.shared_memory starts a tracker process (and keeps a pipe to
+# it) on first use; start it now so that its descriptor is not counted as a leak.
+resource_tracker.ensure_running()
 
 
 def open_fds() -> int:

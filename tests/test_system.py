@@ -24,7 +24,7 @@ from poolsvc.errors import (
     PoolsvcError,
 )
 
-from .sysutil import LeakCheck, assert_accounting, assert_idle, shm_leftovers
+from sysutil import LeakCheck, assert_accounting, assert_idle, shm_leftovers
 
 MiB = 1 << 20
 SMALL = dict(dynamic_size=64 * MiB, arena_step=1 * MiB)

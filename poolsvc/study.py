@@ -1,0 +1,374 @@
+"""The contiguous-vs-scattered study behind ``poolsvc bench``.
+
+For each fragmentation level (a seeded, reproducible ageing workload run on a
+fresh System's dynamic RAM) and each buffer size, three strategies get memory
+for the secure world:
+
+``contiguous``  ``alloc_user_buf`` on a TEE with DYNAMIC_SHM: physically
+                contiguous frames (``alloc_pages_exact`` semantics, at most
+                ``1 << max_contig_order`` pages), registered with a page list;
+``static``      ``alloc_user_buf`` on a TEE without DYNAMIC_SHM: a range of
+                the reserved carve-out (genalloc first-fit), no registration;
+``scattered``   ``register_user_buf`` of a POSIX shm buffer: single frames
+                wherever they are free, a page list, REGISTER_SHM.
+
+Per (level, size, strategy) it records the allocation latency (p50, p99, over
+``trials`` attempts, each after a small random churn of the aged memory so
+that the layout varies), the failure rate, the set-up cost (page-list build
+and registration), the memory overhead (list pages and rounding), the
+secure-side access cost (SHA-256 of the buffer through the frame table) and
+the buffer's page-list segments and longest contiguous run.
+
+The ageing workload: allocate blocks of 1..``2**max_block_order`` pages
+(geometric sizes) until ``fill`` of dynamic RAM is used, then free random
+blocks until only ``keep`` is; the freed holes are what fragments memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing import shared_memory
+from typing import Any, Callable
+
+import numpy as np
+
+from . import pagelist
+from ._backend import BACKEND, core
+from .config import Config
+from .constants import PAGE_SIZE
+from .errors import PoolsvcError
+from .fragmentation import unusable_indices
+from .system import System
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+@dataclass(frozen=True)
+class Level:
+    """One fragmentation level of the ageing workload."""
+
+    name: str
+    fill: float  # occupancy reached before the frees
+    keep: float  # occupancy left after the frees
+    max_block_order: int = 3
+
+
+LEVELS = [
+    Level("fresh", 0.0, 0.0),
+    Level("light", 0.55, 0.45),
+    Level("moderate", 0.80, 0.45),
+    Level("heavy", 0.95, 0.45),
+    Level("severe", 0.995, 0.45, max_block_order=1),
+]
+SIZES = [4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]
+QUICK_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
+STRATEGIES = ["contiguous", "static", "scattered"]
+
+
+@dataclass
+class Result:
+    level: str
+    size: int
+    strategy: str
+    trials: int
+    failures: int
+    p50_us: float | None
+    p99_us: float | None
+    setup_us: float | None  # page list build + registration, median
+    build_us: float | None  # page list build alone, median
+    overhead_bytes: int | None  # list pages + rounding
+    access_mb_s: float | None  # SHA-256 through the frame table
+    segments: int | None
+    longest_run_pages: int | None
+    failure_reason: str | None = None
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures / self.trials if self.trials else 0.0
+
+
+@dataclass
+class LevelMetrics:
+    level: str
+    free_frames: int
+    largest_free_run: int
+    unusable_index: list[float]
+    free_blocks_per_order: list[int]
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    params: dict[str, Any]
+    levels: list[LevelMetrics] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"machine": self.machine, "params": self.params,
+               "levels": [asdict(x) for x in self.levels], "results": []}
+        for r in self.results:
+            d = asdict(r)
+            d["failure_rate"] = r.failure_rate
+            out["results"].append(d)
+        return out
+
+
+def machine_description() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0],
+            "platform": platform.platform(), "backend": BACKEND, "numpy": np.__version__}
+
+
+class Ager:
+    """The seeded ageing workload on a System's dynamic frame allocator."""
+
+    def __init__(self, dynamic: Any, rng: np.random.Generator, level: Level) -> None:
+        self.dynamic = dynamic
+        self.rng = rng
+        self.level = level
+        self.blocks: list[tuple[int, int]] = []
+
+    def _block(self) -> int:
+        order = min(int(self.rng.geometric(0.5)) - 1, self.level.max_block_order)
+        return 1 << order
+
+    def run(self) -> None:
+        dyn, lv = self.dynamic, self.level
+        if lv.fill <= 0:
+            return
+        target = int(dyn.nframes * lv.fill)
+        while dyn.used_frames < target:
+            n = self._block()
+            try:
+                self.blocks.append((dyn.alloc_contig(n), n))
+            except PoolsvcError:
+                break
+        keep = int(dyn.nframes * lv.keep)
+        order = self.rng.permutation(len(self.blocks))
+        survivors = np.ones(len(self.blocks), dtype=bool)
+        for i in order:
+            if dyn.used_frames <= keep:
+                break
+            pa, n = self.blocks[i]
+            dyn.free_contig(pa, n)
+            survivors[i] = False
+        self.blocks = [b for b, alive in zip(self.blocks, survivors) if alive]
+
+    def churn(self, fraction: float = 0.01) -> None:
+        """Free a random ``fraction`` of the aged blocks and allocate as many frames anew."""
+        if not self.blocks:
+            return
+        count = max(1, int(len(self.blocks) * fraction))
+        picks = set(self.rng.choice(len(self.blocks), size=count, replace=False).tolist())
+        freed = 0
+        kept = []
+        for i, (pa, n) in enumerate(self.blocks):
+            if i in picks:
+                self.dynamic.free_contig(pa, n)
+                freed += n
+            else:
+                kept.append((pa, n))
+        self.blocks = kept
+        while freed > 0:
+            n = min(self._block(), freed)
+            try:
+                self.blocks.append((self.dynamic.alloc_contig(n), n))
+            except PoolsvcError:
+                break
+            freed -= n
+
+
+def _sha256_secure(system: System, shm: Any, scratch: np.ndarray) -> float:
+    """Seconds for the secure side to hash the buffer, reading through the frame table."""
+    size = shm.size
+    t0 = time.perf_counter()
+    core.gather(system.memory.table, shm.pages, shm.offset, size, scratch[:size])
+    hashlib.sha256(scratch[:size]).digest()
+    return time.perf_counter() - t0
+
+
+def _longest_run(pages: np.ndarray) -> int:
+    if len(pages) == 0:
+        return 0
+    breaks = np.flatnonzero(np.diff(pages.astype(np.int64)) != PAGE_SIZE)
+    edges = np.concatenate([[-1], breaks, [len(pages) - 1]])
+    return int(np.max(np.diff(edges)))
+
+
+def _measure(system: System, ctx: Any, strategy: str, size: int, trials: int, ager: Ager,
+             client_buf: Any, scratch: np.ndarray, level: str) -> Result:
+    lat: list[float] = []
+    setup: list[float] = []
+    build: list[float] = []
+    failures = 0
+    reason = None
+    first_ok: Any = None
+    access = None
+    for _ in range(trials):
+        ager.churn()
+        t0 = time.perf_counter()
+        try:
+            if strategy == "scattered":
+                shm = ctx.register_user_buf(client_buf[:size])
+            else:
+                shm = ctx.alloc_user_buf(size)
+        except PoolsvcError as exc:
+            failures += 1
+            reason = f"{type(exc).__name__}: {exc}"
+            continue
+        t1 = time.perf_counter()
+        lat.append(t1 - t0)
+        if strategy != "static":
+            tb = time.perf_counter()
+            pagelist.build(shm.pages, shm.offset, system.config.dynamic_base)
+            build.append(time.perf_counter() - tb)
+            setup.append(t1 - t0 if strategy == "scattered" else build[-1])
+        if first_ok is None:
+            npages = len(shm.pages)
+            list_bytes = pagelist.list_pages_needed(npages) * PAGE_SIZE if strategy != "static" else 0
+            rounding = npages * PAGE_SIZE - size if strategy != "static" else shm.size - size
+            first_ok = {
+                "overhead": list_bytes + max(rounding, 0),
+                "segments": len(pagelist.segments(shm.pages)),
+                "longest": _longest_run(shm.pages),
+            }
+            secs = _sha256_secure(system, shm, scratch)
+            access = size / secs / 1e6 if secs > 0 else None
+        shm.close()
+
+    def pct(values: list[float], q: float) -> float | None:
+        return float(np.percentile(np.array(values) * 1e6, q)) if values else None
+
+    return Result(level, size, strategy, trials, failures, pct(lat, 50), pct(lat, 99),
+                  pct(setup, 50), pct(build, 50),
+                  first_ok["overhead"] if first_ok else None, access,
+                  first_ok["segments"] if first_ok else None,
+                  first_ok["longest"] if first_ok else None,
+                  reason if failures else None)
+
+
+def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = None,
+              trials: int = 15, seed: int = 1, dynamic_size: int = 1 << 30,
+              progress: Callable[[str], None] | None = None) -> Report:
+    """Run the study; ``progress(label)`` is called once per finished cell."""
+    sizes = sizes or SIZES
+    levels = levels or LEVELS
+    report = Report(machine_description(),
+                    {"sizes": sizes, "levels": [asdict(lv) for lv in levels], "trials": trials,
+                     "seed": seed, "dynamic_size": dynamic_size, "strategies": STRATEGIES})
+    max_size = max(sizes)
+    client = shared_memory.SharedMemory(create=True, size=max_size)
+    scratch = np.empty(max_size, dtype=np.uint8)
+    try:
+        for li, level in enumerate(levels):
+            for strategy in STRATEGIES:
+                cfg = Config(dynamic_size=dynamic_size, dynamic_shm=strategy != "static",
+                             arena_step=64 * MiB)
+                rng = np.random.default_rng([seed, li])
+                with System(cfg) as system:
+                    ager = Ager(system.dynamic, rng, level)
+                    ager.run()
+                    if strategy == "contiguous":
+                        blocks = system.dynamic.free_blocks_per_order()
+                        report.levels.append(LevelMetrics(
+                            level.name, system.dynamic.free_frames, system.dynamic.largest_free_run,
+                            unusable_indices(blocks), [int(b) for b in blocks]))
+                    ctx = system.open_context(f"{strategy}-{level.name}")
+                    for size in sizes:
+                        res = _measure(system, ctx, strategy, size, trials, ager, client.buf,
+                                       scratch, level.name)
+                        report.results.append(res)
+                        if progress:
+                            progress(f"{level.name} {strategy} {size // KiB} KiB")
+                    ctx.close()
+    finally:
+        client.close()
+        client.unlink()
+    return report
+
+
+def human_size(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def format_table(report: Report) -> str:
+    """The results as a fixed-width text table."""
+    lines = []
+    lines.append("fragmentation (dynamic RAM after ageing):")
+    lines.append(f"  {'level':<9} {'free MiB':>9} {'largest run':>12} {'unusable@4':>11} {'unusable@10':>12}")
+    for lv in report.levels:
+        lines.append(f"  {lv.level:<9} {lv.free_frames * PAGE_SIZE / MiB:>9.1f} "
+                     f"{lv.largest_free_run * PAGE_SIZE // KiB:>9} KiB "
+                     f"{lv.unusable_index[4]:>11.3f} {lv.unusable_index[-1]:>12.3f}")
+    lines.append("")
+    head = (f"{'level':<9} {'size':>7} {'strategy':<11} {'p50 us':>9} {'p99 us':>9} {'fail':>6} "
+            f"{'setup us':>9} {'overhead':>9} {'sha MB/s':>9} {'segs':>6} {'run pg':>7}")
+    lines.append(head)
+    lines.append("-" * len(head))
+
+    def f(x: float | None, fmt: str = "{:.1f}") -> str:
+        return "-" if x is None else fmt.format(x)
+
+    for r in report.results:
+        lines.append(f"{r.level:<9} {human_size(r.size):>7} {r.strategy:<11} {f(r.p50_us):>9} "
+                     f"{f(r.p99_us):>9} {r.failure_rate:>6.0%} {f(r.setup_us):>9} "
+                     f"{f(r.overhead_bytes, '{:d}'):>9} {f(r.access_mb_s, '{:.0f}'):>9} "
+                     f"{f(r.segments, '{:d}'):>6} {f(r.longest_run_pages, '{:d}'):>7}")
+    return "\n".join(lines)
+
+
+def plot(report: Report, directory: str) -> list[str]:
+    """Latency and failure rate against fragmentation, one panel per size; returns files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    levels = [lv.level for lv in report.levels]
+    x_unusable = {lv.level: lv.unusable_index[-1] for lv in report.levels}
+    sizes = sorted({r.size for r in report.results})
+    files = []
+    for metric, ylabel, fname in (("p50_us", "allocation latency p50 (µs, log)", "latency.png"),
+                                  ("failure_rate", "failure rate", "failure.png")):
+        cols = min(4, len(sizes))
+        rows = -(-len(sizes) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+        for ax, size in zip(axes.flat, sizes):
+            for strategy, marker in zip(STRATEGIES, "osd"):
+                pts = [(x_unusable[r.level], getattr(r, metric)) for r in report.results
+                       if r.size == size and r.strategy == strategy]
+                xs = [p[0] for p in pts]
+                ys = [p[1] if p[1] is not None else float("nan") for p in pts]
+                ax.plot(xs, ys, marker=marker, label=strategy)
+            ax.set_title(human_size(size))
+            ax.set_xlabel("unusable free-space index, order 10")
+            ax.set_ylabel(ylabel)
+            if metric == "p50_us":
+                ax.set_yscale("log")
+            else:
+                ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(sizes):]:
+            ax.axis("off")
+        axes.flat[0].legend(loc="best", fontsize=8)
+        fig.suptitle(f"{ylabel.split(' (')[0]} vs fragmentation (levels: {', '.join(levels)})")
+        fig.tight_layout()
+        path = os.path.join(directory, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
