@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         ctx = system.open_context("demo")
         shm = ctx.alloc_user_buf(3 * 4096 + 100)
         shm.view()[:5] = b"hello"
-        report["alloc_user_buf"] = {"id": shm.id, "size": shm.size, "flags": str(shm.flags),
+        report["alloc_user_buf"] = {"id": shm.id, "size": shm.size, "flags": shm.flags.name,
                                     "paddr": hex(shm.paddr) if shm.paddr is not None else None,
                                     "pages": len(shm.pages)}
         if config.dynamic_shm:
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 reg = ctx.register_user_buf(buf.buf[123:123 + 20000])
                 report["register_user_buf"] = {
-                    "id": reg.id, "size": reg.size, "offset": reg.offset, "flags": str(reg.flags),
+                    "id": reg.id, "size": reg.size, "offset": reg.offset, "flags": reg.flags.name,
                     "pages": [hex(int(p)) for p in reg.pages],
                     "segments": [(hex(pa), n) for pa, n in pagelist.segments(reg.pages)],
                 }
