@@ -292,6 +292,24 @@ class Context:
         shm._refs += 1
         return shm
 
+    # -- sessions with trusted apps (the driver side lives in poolsvc/tee/driver.py) --------
+    def open_session(self, uuid: Any, params: Any = (), login: int = 0) -> Any:
+        """Open a session with the trusted app ``uuid``: a :class:`poolsvc.tee.driver.Session`.
+
+        ``params``: up to 4 driver parameters (``poolsvc.tee.driver.Value``,
+        ``RegisteredMemref``, ``TempMemref``, a Shm, or None).  Raises
+        TeeError (code, origin) when the secure world or the app refuses.
+        """
+        from .tee.driver import Session
+
+        return Session.open(self, uuid, params, login)
+
+    def _close_sessions(self) -> None:
+        """Close this context's sessions (close() calls it before releasing memory)."""
+        from .tee.driver import close_context_sessions
+
+        close_context_sessions(self)
+
     # -- release -------------------------------------------------------------------------
     def _release(self, shm: Shm) -> None:
         self.shms.pop(shm.cookie, None)
