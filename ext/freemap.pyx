@@ -347,6 +347,20 @@ cdef class FreeMap:
         cdef int32_t half = 64
         cdef bint changed = False
         cdef fm_node nd
+        cdef fm_node* tree = self.tree
+        if w0 == w1:
+            # one word (the common case): walk its path, stop at the first
+            # node that comes out unchanged
+            i = lo
+            _leaf_of(&nd, self.words[w0])
+            while not _node_eq(&nd, &tree[i]):
+                tree[i] = nd
+                if i == 1:
+                    return
+                i >>= 1
+                _combine(&nd, &tree[2 * i], &tree[2 * i + 1], half)
+                half <<= 1
+            return
         for i in range(lo, hi + 1):
             _leaf_of(&nd, self.words[i - self.nleaves])
             if not _node_eq(&nd, &self.tree[i]):
