@@ -1,1 +1,147 @@
-# (to be written)
+# pagelist.pxd: the C kernels of pagelist.pyx.
+#
+# A list page (4096 bytes) holds PL_ENTRIES (511) little-endian u64 page
+# addresses at byte 8*i, then one u64 ``next`` at byte PL_NEXT_OFFSET (4088).
+#
+# Concurrency: pure functions of their arguments; nogil.
+from libc.stdint cimport uint64_t
+
+cdef extern from *:
+    """
+    #include <string.h>
+
+    #define PSV_PL_ENTRIES 511
+    #define PSV_PL_NEXT_OFFSET 4088
+
+    /* A u64 as little-endian bytes at an address of any alignment. */
+    static inline void psv_store_le64(char *dst, unsigned long long v) {
+    #if !PSV_LITTLE_ENDIAN
+        v = __builtin_bswap64(v);
+    #endif
+        memcpy(dst, &v, 8);
+    }
+
+    static inline unsigned long long psv_load_le64(const char *src) {
+        unsigned long long v;
+        memcpy(&v, src, 8);
+    #if !PSV_LITTLE_ENDIAN
+        v = __builtin_bswap64(v);
+    #endif
+        return v;
+    }
+
+    /* OR of n host-order u64 values: the alignment check of a whole array in
+       one pass (a value with any of the low 12 bits set shows in the OR). */
+    static inline unsigned long long psv_or_reduce(const unsigned long long *src, Py_ssize_t n) {
+        unsigned long long a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        Py_ssize_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            a0 |= src[i]; a1 |= src[i + 1]; a2 |= src[i + 2]; a3 |= src[i + 3];
+        }
+        for (; i < n; i++) a0 |= src[i];
+        return a0 | a1 | a2 | a3;
+    }
+
+    /* n host-order u64 values from src as little-endian bytes at dst
+       (any alignment): a plain memcpy on little-endian hosts. */
+    static inline void psv_store_le64_array(char *dst, const unsigned long long *src, Py_ssize_t n) {
+    #if PSV_LITTLE_ENDIAN
+        memcpy(dst, src, (size_t)n * 8);
+    #else
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) psv_store_le64(dst + 8 * i, src[i]);
+    #endif
+    }
+
+    /* n little-endian u64 values at src (any alignment) into host order at dst. */
+    static inline void psv_load_le64_array(unsigned long long *dst, const char *src, Py_ssize_t n) {
+    #if PSV_LITTLE_ENDIAN
+        memcpy(dst, src, (size_t)n * 8);
+    #else
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) dst[i] = psv_load_le64(src + 8 * i);
+    #endif
+    }
+
+    /* Write the page list of entries[0:n] into dst (nlist * 4096 bytes,
+       nlist = ceil(n / 511)) for list pages at list_pa, list_pa + 4096, ...
+       A full list page gets next = its own PA + 4096 (as Linux's
+       optee_fill_pages_list does); the unused slots and the next of the
+       last, partial page are zero.  Entries are not checked here. */
+    static inline void psv_fill_page_list(char *dst, const unsigned long long *entries,
+                                          Py_ssize_t n, unsigned long long list_pa) {
+        Py_ssize_t done = 0, chunk;
+        unsigned long long page_pa = list_pa;
+        while (done < n) {
+            chunk = n - done < PSV_PL_ENTRIES ? n - done : PSV_PL_ENTRIES;
+            psv_store_le64_array(dst, entries + done, chunk);
+            if (chunk == PSV_PL_ENTRIES) {
+                psv_store_le64(dst + PSV_PL_NEXT_OFFSET, page_pa + 4096);
+            } else {
+                memset(dst + 8 * chunk, 0, 4096 - 8 * (size_t)chunk);
+            }
+            done += chunk;
+            dst += 4096;
+            page_pa += 4096;
+        }
+    }
+
+    /* psv_fill_page_list fused with the alignment check: copies the entries
+       and returns the OR of all of them, in one pass over the data.  Measured
+       here on a 2 MiB list this runs at memcpy speed, where an OR pass
+       followed by memcpy takes ~1.6x as long.  The caller discards dst when
+       the OR shows a misaligned entry. */
+    static inline unsigned long long psv_fill_page_list_or(char *dst,
+            const unsigned long long *entries, Py_ssize_t n, unsigned long long list_pa) {
+        Py_ssize_t done = 0, chunk, i;
+        unsigned long long page_pa = list_pa, acc = 0, v;
+        while (done < n) {
+            chunk = n - done < PSV_PL_ENTRIES ? n - done : PSV_PL_ENTRIES;
+            for (i = 0; i < chunk; i++) {
+                v = entries[done + i];
+                acc |= v;
+    #if !PSV_LITTLE_ENDIAN
+                v = __builtin_bswap64(v);
+    #endif
+                memcpy(dst + 8 * i, &v, 8);
+            }
+            if (chunk == PSV_PL_ENTRIES) {
+                psv_store_le64(dst + PSV_PL_NEXT_OFFSET, page_pa + 4096);
+            } else {
+                memset(dst + 8 * chunk, 0, 4096 - 8 * (size_t)chunk);
+            }
+            done += chunk;
+            dst += 4096;
+            page_pa += 4096;
+        }
+        return acc;
+    }
+    """
+    enum:
+        PL_ENTRIES "PSV_PL_ENTRIES"
+        PL_NEXT_OFFSET "PSV_PL_NEXT_OFFSET"
+    void psv_store_le64(char *dst, unsigned long long v) noexcept nogil
+    unsigned long long psv_load_le64(const char *src) noexcept nogil
+    unsigned long long psv_or_reduce(const unsigned long long *src, Py_ssize_t n) noexcept nogil
+    void psv_store_le64_array(char *dst, const unsigned long long *src, Py_ssize_t n) noexcept nogil
+    void psv_load_le64_array(unsigned long long *dst, const char *src, Py_ssize_t n) noexcept nogil
+    void psv_fill_page_list(char *dst, const unsigned long long *entries, Py_ssize_t n,
+                            unsigned long long list_pa) noexcept nogil
+    unsigned long long psv_fill_page_list_or(char *dst, const unsigned long long *entries,
+                                             Py_ssize_t n, unsigned long long list_pa) noexcept nogil
+
+
+cdef struct pl_range:
+    uint64_t base          # a non-secure range [base, base + size)
+    uint64_t size
+
+
+cdef inline bint pl_page_inside(const pl_range *ranges, Py_ssize_t nranges,
+                                uint64_t pa) noexcept nogil:
+    """True if ``[pa, pa + 4096)`` lies within one of the ranges."""
+    cdef Py_ssize_t r
+    for r in range(nranges):
+        if (pa >= ranges[r].base and ranges[r].size >= 4096
+                and pa - ranges[r].base <= ranges[r].size - 4096):
+            return True
+    return False
