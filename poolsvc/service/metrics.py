@@ -1,0 +1,97 @@
+"""Request counters and latency percentiles of the pool service.
+
+The daemon records, per message type, how many requests it served and how
+long each took from a complete frame to its queued reply (nanoseconds, the
+daemon's own work; the socket round trip is the client's to measure).  The
+latest ``window`` samples of each type are kept in a ring, so percentiles
+cover recent traffic at a fixed memory cost.  Operations inside a BATCH are
+counted per type; the batch's latency is recorded once, under BATCH.
+
+Invariant per ring: ``min(count, window) == number of samples held``.
+
+Concurrency: owned by the daemon's loop thread; :meth:`Metrics.snapshot`
+is called from that thread too (STATS requests).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from .protocol import ErrorCode, type_name
+
+#: Percentiles reported for each message type.
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+class LatencyRing:
+    """The last ``size`` latency samples (ns) of one message type, and their count."""
+
+    __slots__ = ("samples", "size", "count")
+
+    def __init__(self, size: int) -> None:
+        self.samples = [0] * size
+        self.size = size
+        self.count = 0
+
+    def add(self, ns: int) -> None:
+        self.samples[self.count % self.size] = ns
+        self.count += 1
+
+    def summary(self) -> dict[str, float]:
+        """Count, percentiles and max of the samples held, in microseconds."""
+        held = sorted(self.samples[:min(self.count, self.size)])
+        out: dict[str, float] = {"count": self.count}
+        if not held:
+            return out
+        for pct in PERCENTILES:
+            rank = min(len(held) - 1, max(0, int(round(pct / 100.0 * len(held) + 0.5)) - 1))
+            out[f"p{pct:g}_us"] = held[rank] / 1000.0
+        out["max_us"] = held[-1] / 1000.0
+        out["mean_us"] = sum(held) / len(held) / 1000.0
+        return out
+
+
+class Metrics:
+    """Counters of one daemon: requests, operations, errors, connections, latency."""
+
+    def __init__(self, window: int = 4096) -> None:
+        self.window = window
+        self.started = time.time()
+        self.rings: dict[int, LatencyRing] = {}
+        self.ops: Counter[int] = Counter()
+        self.errors: Counter[int] = Counter()
+        self.connections = 0
+        self.disconnects = 0
+        self.crashes = 0          # connections that ended without GOODBYE
+        self.refused = 0          # over max_clients, or failed handshakes
+        self.protocol_errors = 0  # clients dropped for malformed traffic
+
+    def ring(self, msg_type: int) -> LatencyRing:
+        """The latency ring of a message type (created on first use)."""
+        ring = self.rings.get(msg_type)
+        if ring is None:
+            ring = self.rings[msg_type] = LatencyRing(self.window)
+        return ring
+
+    def snapshot(self) -> dict[str, Any]:
+        """All figures as plain data (names, not numbers, as keys)."""
+        return {
+            "uptime_s": time.time() - self.started,
+            "window": self.window,
+            "connections": self.connections,
+            "disconnects": self.disconnects,
+            "crashes": self.crashes,
+            "refused": self.refused,
+            "protocol_errors": self.protocol_errors,
+            "ops": {type_name(t): n for t, n in sorted(self.ops.items())},
+            "errors": {_error_name(c): n for c, n in sorted(self.errors.items())},
+            "latency": {type_name(t): ring.summary() for t, ring in sorted(self.rings.items())},
+        }
+
+
+def _error_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"code-{code}"

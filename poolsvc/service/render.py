@@ -1,0 +1,113 @@
+"""The daemon's STATS document as text for people and for Prometheus.
+
+:func:`text` is what ``poolsvc stat`` prints; :func:`prometheus` is the
+Prometheus text exposition format (version 0.0.4): one ``# HELP`` and
+``# TYPE`` line per metric family, labels for pool, client and request type.
+
+Concurrency: pure functions.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def text(doc: dict[str, Any]) -> str:
+    """A readable report of a STATS document."""
+    d = doc["daemon"]
+    lines = [f"poolsvc daemon pid {d['pid']} on {d['socket']} (protocol {d['protocol']}, "
+             f"{d['backend']}, pool {d['pool']}), {d['clients']} connection(s)", "", "pools:"]
+    for name, pool in doc["pools"].items():
+        lines.append(f"  {name:8} free {_mib(pool['free_bytes']):>11}  used {_mib(pool['used_bytes']):>11}"
+                     f"  largest free {_mib(pool['largest_free_bytes']):>11}"
+                     f"  fragmentation {pool['fragmentation']:.3f}")
+    lines.append(f"  ids {doc['ids']}, registered cookies {doc['registered_cookies']}, "
+                 f"contexts {doc['contexts']}")
+    lines += ["", "clients:"]
+    header = f"  {'client':32} {'pid':>7} {'shms':>6} {'ids':>5} {'frames':>8} {'bytes':>12} {'sess':>5} {'requests':>9}"
+    lines.append(header)
+    for c in doc["clients"]:
+        label = c.get("context") or f"{c['name'] or '-'} ({c['role'].lower()})"
+        lines.append(f"  {label[:32]:32} {c['pid']:>7} {c.get('shms', 0):>6} {c.get('ids', 0):>5} "
+                     f"{c.get('frames', 0):>8} {c.get('bytes', 0):>12} {c.get('sessions', 0):>5} "
+                     f"{c['requests']:>9}")
+    req = doc["requests"]
+    lines += ["", f"requests: uptime {req['uptime_s']:.0f} s, {req['connections']} connections, "
+                  f"{req['crashes']} ended without GOODBYE, {req['refused']} refused, "
+                  f"{req['protocol_errors']} protocol violations"]
+    lines.append(f"  {'type':14} {'count':>10} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'max us':>10}")
+    for name, lat in req["latency"].items():
+        lines.append(f"  {name:14} {req['ops'].get(name, lat['count']):>10} {lat.get('p50_us', 0):>9.1f} "
+                     f"{lat.get('p90_us', 0):>9.1f} {lat.get('p99_us', 0):>9.1f} {lat.get('max_us', 0):>10.1f}")
+    if req["errors"]:
+        lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in req["errors"].items()))
+    r = doc["resources"]
+    lines += ["", f"resources: {r['storage_objects']} storage objects, {r['open_fds']} open fds, "
+                  f"{r['registered_mappings']} mappings of registered objects"]
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus(doc: dict[str, Any]) -> str:
+    """The STATS document in Prometheus text format."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, Any], float]]) -> None:
+        out.append(f"# HELP poolsvc_{name} {help_text}")
+        out.append(f"# TYPE poolsvc_{name} {kind}")
+        for labels, value in samples:
+            label = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            out.append(f"poolsvc_{name}{{{label}}} {value}" if label else f"poolsvc_{name} {value}")
+
+    pools = doc["pools"]
+    family("pool_free_bytes", "gauge", "Free bytes per pool.",
+           [({"pool": p}, v["free_bytes"]) for p, v in pools.items()])
+    family("pool_used_bytes", "gauge", "Used bytes per pool.",
+           [({"pool": p}, v["used_bytes"]) for p, v in pools.items()])
+    family("pool_largest_free_bytes", "gauge", "Largest free contiguous run per pool.",
+           [({"pool": p}, v["largest_free_bytes"]) for p, v in pools.items()])
+    family("pool_fragmentation", "gauge", "1 - largest free run / free bytes, per pool.",
+           [({"pool": p}, v["fragmentation"]) for p, v in pools.items()])
+    family("ids", "gauge", "Shm ids in use.", [({}, doc["ids"])])
+    family("contexts", "gauge", "Contexts open in the System.", [({}, doc["contexts"])])
+    ctx_clients = [c for c in doc["clients"] if "context" in c]
+    for key, help_text in (("shms", "Live shms per client."), ("bytes", "Shm bytes per client."),
+                           ("frames", "Dynamic frames per client."), ("ids", "Ids per client."),
+                           ("sessions", "Open sessions per client.")):
+        family(f"client_{key}", "gauge", help_text,
+               [({"client": c["context"], "pid": c["pid"]}, c[key]) for c in ctx_clients])
+    req = doc["requests"]
+    family("requests_total", "counter", "Requests served, per message type.",
+           [({"type": t}, n) for t, n in req["ops"].items()])
+    family("errors_total", "counter", "Error replies, per error code.",
+           [({"code": c}, n) for c, n in req["errors"].items()])
+    family("connections_total", "counter", "Connections accepted.", [({}, req["connections"])])
+    family("crashes_total", "counter", "Context connections that ended without GOODBYE.",
+           [({}, req["crashes"])])
+    family("protocol_errors_total", "counter", "Clients disconnected for malformed traffic.",
+           [({}, req["protocol_errors"])])
+    samples = []
+    for t, lat in req["latency"].items():
+        for q in ("50", "90", "99", "99.9"):
+            key = f"p{q}_us"
+            if key in lat:
+                samples.append(({"type": t, "quantile": str(float(q) / 100)}, lat[key] / 1e6))
+    family("request_latency_seconds", "summary",
+           "Daemon-side time per request (recent window), by message type.", samples)
+    for t, lat in req["latency"].items():
+        if "mean_us" in lat:
+            held = min(lat["count"], req.get("window", lat["count"]))
+            out.append(f'poolsvc_request_latency_seconds_sum{{type="{_label(t)}"}} '
+                       f'{lat["mean_us"] * held / 1e6}')
+            out.append(f'poolsvc_request_latency_seconds_count{{type="{_label(t)}"}} {held}')
+    res = doc["resources"]
+    family("storage_objects", "gauge", "Open POSIX shm storage objects in the daemon.",
+           [({}, res["storage_objects"])])
+    family("open_fds", "gauge", "Open file descriptors in the daemon.", [({}, res["open_fds"])])
+    return "\n".join(out) + "\n"

@@ -1,0 +1,187 @@
+"""The pool service's settings: plain data, validated field by field.
+
+:class:`ServiceSettings` holds what the daemon needs beyond the System's
+:class:`~poolsvc.config.Config`: where the socket lives and who may open it,
+and the bounds that keep one client from taking the daemon's memory.  Every
+bad field gives one :class:`~poolsvc.errors.ConfigError` naming the field and
+its value.
+
+A config file for ``poolsvc serve --config FILE`` is TOML: the System's keys
+(flat, or under ``[poolsvc]``) and the service's keys under ``[service]``::
+
+    dynamic_size = "256MiB"
+    arena_step = "4MiB"
+
+    [service]
+    socket_path = "/run/poolsvc/poolsvc.sock"
+    socket_group = "tee"
+    max_clients = 64
+
+Concurrency: immutable values; safe to share.
+"""
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, parse_size
+from ..errors import ConfigError
+from .protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_FRAME, HEADER_SIZE
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def default_socket_path() -> str:
+    """``$POOLSVC_SOCKET``, else ``$XDG_RUNTIME_DIR/poolsvc.sock``, else
+    ``/tmp/poolsvc-{uid}/poolsvc.sock``."""
+    env = os.environ.get("POOLSVC_SOCKET")
+    if env:
+        return env
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "poolsvc.sock")
+    return os.path.join(f"/tmp/poolsvc-{os.getuid()}", "poolsvc.sock")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Socket, access and per-client bounds of ``poolsvc serve``."""
+
+    #: Path of the listening Unix socket.
+    socket_path: str = dataclasses.field(default_factory=default_socket_path)
+    #: Permission bits of the socket; None gives 0600, or 0660 with a group.
+    socket_mode: int | None = None
+    #: Group (name or gid) given access to the socket; None keeps the daemon's.
+    socket_group: str | int | None = None
+    #: Connections served at once (monitors included); more are refused.
+    max_clients: int = 256
+    #: Largest request body, in bytes (announced in WELCOME).
+    max_frame: int = DEFAULT_MAX_FRAME
+    #: Most requests in one BATCH.
+    max_batch: int = DEFAULT_MAX_BATCH
+    #: Unread reply bytes after which the daemon stops reading a client.
+    max_output: int = 8 << 20
+    #: Live shms one client may hold.
+    max_shms_per_client: int = 65536
+    #: Bytes of pool memory one client may hold (0: no bound but the pool's).
+    max_bytes_per_client: int = 0
+    #: Seconds a new connection has to send HELLO.
+    handshake_timeout: float = 5.0
+    #: Latency samples kept per message type for percentiles.
+    latency_window: int = 4096
+    #: ``logging`` level name.
+    log_level: str = "INFO"
+    #: Microseconds the loop keeps polling (not sleeping) after traffic; 0 sleeps at once.
+    spin_us: int = 100
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def mode(self) -> int:
+        """The socket's effective permission bits."""
+        if self.socket_mode is not None:
+            return self.socket_mode
+        return 0o660 if self.socket_group is not None else 0o600
+
+    def gid(self) -> int | None:
+        """The socket group's gid, or None (ConfigError for an unknown group)."""
+        group = self.socket_group
+        if group is None or isinstance(group, int):
+            return group
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket_group: no group named {group!r}") from None
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first invalid field."""
+        if not isinstance(self.socket_path, str) or not self.socket_path:
+            raise ConfigError(f"socket_path: expected a non-empty path, got {self.socket_path!r}")
+        if len(os.fsencode(self.socket_path)) > 107:
+            raise ConfigError(f"socket_path: {self.socket_path!r} is longer than the 107 bytes "
+                              "a Unix socket address holds")
+        if self.socket_mode is not None and (isinstance(self.socket_mode, bool) or not isinstance(
+                self.socket_mode, int) or not 0 <= self.socket_mode <= 0o777):
+            raise ConfigError(f"socket_mode: {self.socket_mode!r} is not permission bits in 0..0o777")
+        if self.socket_mode is not None and self.socket_mode & 0o007:
+            raise ConfigError(f"socket_mode: {self.socket_mode:#o} gives access to every user; "
+                              "use socket_group instead")
+        group = self.socket_group
+        if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))
+                                  or (isinstance(group, int) and group < 0)):
+            raise ConfigError(f"socket_group: expected a group name or gid, got {group!r}")
+        bounds = {
+            "max_clients": (1, 65536),
+            "max_frame": (HEADER_SIZE * 16, 1 << 30),
+            "max_batch": (1, 1 << 20),
+            "max_output": (64 << 10, 1 << 34),
+            "max_shms_per_client": (1, 1 << 24),
+            "max_bytes_per_client": (0, 1 << 48),
+            "latency_window": (16, 1 << 20),
+            "spin_us": (0, 1_000_000),
+        }
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}: expected an integer, got {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(f"{name}: {value} is outside {low}..{high}")
+        timeout = self.handshake_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise ConfigError(f"handshake_timeout: {timeout!r} is not a number of seconds in (0, 3600]")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ServiceSettings":
+        """Settings from a mapping of field names to values (sizes may be strings)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"service.{key}: unknown setting")
+            if key in ("max_frame", "max_output", "max_bytes_per_client"):
+                value = parse_size(value, key)
+            if key == "socket_mode" and isinstance(value, str):
+                try:
+                    value = int(value, 8)
+                except ValueError:
+                    raise ConfigError(f"socket_mode: {value!r} is not an octal mode") from None
+            if key == "log_level" and isinstance(value, str):
+                value = value.upper()
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "ServiceSettings":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def load(path: str | Path) -> tuple[Config, ServiceSettings]:
+    """The System config and service settings of a TOML file.
+
+    The ``[service]`` table holds the service's settings; everything else
+    (flat, or one ``[poolsvc]`` table) is the System's Config.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r}: not valid TOML: {exc}") from exc
+    service = data.pop("service", {})
+    if not isinstance(service, dict):
+        raise ConfigError(f"service: expected a table, got {service!r}")
+    if "poolsvc" in data and isinstance(data["poolsvc"], dict):
+        nested = data.pop("poolsvc")
+        if data:
+            raise ConfigError(f"{next(iter(data))}: keys outside [poolsvc] and [service]")
+        data = nested
+    return Config.from_dict(data), ServiceSettings.from_dict(service)
