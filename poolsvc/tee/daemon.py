@@ -1,0 +1,380 @@
+"""A TEE daemon: the simulated secure world of a System, served over a Unix socket.
+
+This module owns the daemon's server loop, its wire protocol and a small
+client.  ``poolsvc tee`` runs it; a user's own daemon embeds it with its own
+trusted apps (``examples/my_tee_daemon.py``).
+
+Protocol (version 1): newline-delimited JSON over a Unix stream socket, one
+request, one answer, in order.  Every answer has ``"ok"``; a failure adds
+``"error"`` (the poolsvc exception's class name), ``"message"`` and, for
+secure-world refusals, ``"code"`` and ``"origin"``.
+
+===============  ===================================  ======================================
+op               request fields                       answer fields
+===============  ===================================  ======================================
+hello            --                                   version, caps, apps [{uuid, name}]
+open_session     uuid, params?, login?                session, values, sizes, data
+invoke           session, func, params?               values, sizes, data
+close_session    session                              --
+call             arg (hex ``struct optee_msg_arg``)   arg (hex, with ret and outputs)
+stats            --                                   the System's stats, secure-world state
+===============  ===================================  ======================================
+
+Parameters (up to 4): ``null``; ``{"value": [a, b], "dir": "in"|"out"|"inout"}``;
+``{"data": base64, "dir": "in"|"inout"}`` or ``{"size": n, "dir": "out"}`` for
+a temporary memref (the daemon's side is private memory, so it travels
+through a pool bounce buffer, as libteec does without REG_MEM); a memref
+``{"null": true, "size": n, "dir": ...}`` is a NULL memref.  Answers give per
+parameter ``values`` ([a, b] or null), ``sizes`` (int or null) and ``data``
+(base64 of the first ``size`` output bytes, or null).
+
+Each connection gets its own Context; closing the connection closes its
+sessions and frees its memory, as closing ``/dev/tee0`` does.  The raw
+``call`` op reaches the secure world directly: it exists to drive the
+validation path from other tools and languages.
+
+Concurrency: one thread; requests from all connections are served one at a
+time (the System is single-threaded).  ``stop()`` may be called from a
+signal handler.
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import selectors
+import socket
+from typing import Any
+
+from ..errors import BadParameters, PoolsvcError, ProtocolError, TeeError
+from .driver import TempMemref, Value
+
+PROTOCOL_VERSION = 1
+#: Longest request line accepted (bytes); a longer one closes the connection.
+MAX_LINE = 64 << 20
+
+
+def _param(spec: Any) -> Any:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise BadParameters(f"parameter {spec!r} is not an object or null")
+    direction = spec.get("dir", "in")
+    if "value" in spec:
+        a, b = (list(spec["value"]) + [0, 0])[:2]
+        return Value(a, b, direction)
+    if spec.get("null"):
+        return TempMemref(None, direction, int(spec.get("size", 0)))
+    if "data" in spec:
+        try:
+            data = bytearray(base64.b64decode(spec["data"], validate=True))
+        except (ValueError, TypeError):
+            raise BadParameters("memref data is not valid base64") from None
+        return TempMemref(data, direction)
+    if "size" in spec:
+        size = spec["size"]
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_LINE:
+            raise BadParameters(f"memref size {size!r}")
+        return TempMemref(bytearray(size), direction)
+    raise BadParameters(f"parameter {spec!r} has no value, data, size or null")
+
+
+def _params(specs: Any) -> list[Any]:
+    if specs is None:
+        return []
+    if not isinstance(specs, list):
+        raise BadParameters("params must be a list")
+    return [_param(s) for s in specs]
+
+
+def _outputs(params: list[Any], result: Any) -> dict[str, Any]:
+    data = []
+    for p, size in zip(params, result.sizes):
+        if isinstance(p, TempMemref) and p.buffer is not None and size is not None:
+            data.append(base64.b64encode(bytes(p.buffer[:min(size, len(p.buffer))])).decode())
+        else:
+            data.append(None)
+    return {"values": [list(v) if v else None for v in result.values], "sizes": result.sizes,
+            "data": data}
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, ctx: Any) -> None:
+        self.sock = sock
+        self.ctx = ctx
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+
+
+class TeeDaemon:
+    """Serves a System's secure world on a Unix socket (see the module docs for the protocol).
+
+    ``TeeDaemon(system, socket_path)``; ``serve_forever(ready=None)`` runs
+    until :meth:`stop`; ``ready`` is called once the socket listens.  A stale
+    socket file left by a crashed predecessor is removed; a live one gives
+    BadParameters.
+    """
+
+    def __init__(self, system: Any, socket_path: str) -> None:
+        self.system = system
+        self.path = socket_path
+        self._stop = False
+        self._conns: dict[int, _Connection] = {}
+        self._sel = selectors.DefaultSelector()
+        self._listener: socket.socket | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _listen(self) -> None:
+        if os.path.exists(self.path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                os.unlink(self.path)  # nobody listens: a crashed predecessor's socket
+            else:
+                raise BadParameters(f"a daemon already listens on {self.path}")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+        self._sel.register(sock, selectors.EVENT_READ, None)
+
+    def stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler)."""
+        self._stop = True
+
+    def serve_forever(self, ready: Any = None, poll: float = 0.2) -> None:
+        """Listen, call ``ready()``, serve until stop(); then close every connection."""
+        self._listen()
+        try:
+            if ready is not None:
+                ready()
+            while not self._stop:
+                for key, events in self._sel.select(timeout=poll):
+                    if key.data is None:
+                        self._accept()
+                    else:
+                        self._service(key.data, events)
+        finally:
+            for conn in list(self._conns.values()):
+                self._drop(conn)
+            self._sel.close()
+            if self._listener is not None:
+                self._listener.close()
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+
+    # -- connections -------------------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()  # type: ignore[union-attr]
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        conn = _Connection(sock, self.system.open_context(f"tee-client-{sock.fileno()}"))
+        self._conns[sock.fileno()] = conn
+        self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _drop(self, conn: _Connection) -> None:
+        self._conns.pop(conn.sock.fileno(), None)
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.ctx.close()
+
+    def _service(self, conn: _Connection, events: int) -> None:
+        if events & selectors.EVENT_READ:
+            try:
+                chunk = conn.sock.recv(1 << 20)
+            except BlockingIOError:
+                chunk = None
+            except OSError:
+                chunk = b""
+            if chunk == b"":
+                self._drop(conn)
+                return
+            if chunk:
+                conn.inbuf += chunk
+                while b"\n" in conn.inbuf:
+                    line, _, rest = conn.inbuf.partition(b"\n")
+                    conn.inbuf = bytearray(rest)
+                    conn.outbuf += json.dumps(self.handle(conn.ctx, bytes(line))).encode() + b"\n"
+                if len(conn.inbuf) > MAX_LINE:
+                    self._drop(conn)
+                    return
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:sent]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._drop(conn)
+                return
+        self._sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0), conn)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def handle(self, ctx: Any, line: bytes) -> dict[str, Any]:
+        """Serve one request line for context ``ctx``; never raises for a bad request."""
+        try:
+            try:
+                request = json.loads(line)
+            except ValueError as exc:
+                raise ProtocolError(f"request is not JSON: {exc}") from None
+            if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                raise ProtocolError("request must be an object with an 'op' string")
+            op = request["op"]
+            method = getattr(self, f"_op_{op}", None)
+            if method is None:
+                raise ProtocolError(f"unknown op {op!r}")
+            answer = method(ctx, request)
+            answer["ok"] = True
+            return answer
+        except TeeError as exc:
+            return {"ok": False, "error": "TeeError", "message": str(exc), "code": exc.code,
+                    "origin": exc.origin, **_outputs_or_empty(exc)}
+        except PoolsvcError as exc:
+            return {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+        except (TypeError, ValueError, KeyError) as exc:
+            return {"ok": False, "error": "BadParameters", "message": f"malformed request: {exc!r}"}
+
+    def _op_hello(self, ctx: Any, req: dict) -> dict:
+        tee = self.system.tee
+        return {"version": PROTOCOL_VERSION, "caps": int(tee.caps), "pool": self.system.pool,
+                "apps": [{"uuid": str(u), "name": getattr(cls, "NAME", cls.__name__)}
+                         for u, cls in tee.apps.items()]}
+
+    def _op_open_session(self, ctx: Any, req: dict) -> dict:
+        params = _params(req.get("params"))
+        session = ctx.open_session(req["uuid"], params, int(req.get("login", 0)))
+        return {"session": session.id, **_outputs(params, session.open_result)}
+
+    def _session(self, ctx: Any, req: dict) -> Any:
+        session = ctx.sessions.get(req.get("session"))
+        if session is None:
+            raise BadParameters(f"session {req.get('session')!r} is not open on this connection")
+        return session
+
+    def _op_invoke(self, ctx: Any, req: dict) -> dict:
+        session = self._session(ctx, req)
+        params = _params(req.get("params"))
+        try:
+            result = session.invoke(req["func"], params)
+        except TeeError as exc:
+            exc.params = params  # type: ignore[attr-defined]
+            raise
+        return _outputs(params, result)
+
+    def _op_close_session(self, ctx: Any, req: dict) -> dict:
+        self._session(ctx, req).close()
+        return {}
+
+    def _op_call(self, ctx: Any, req: dict) -> dict:
+        try:
+            arg = bytes.fromhex(req["arg"])
+        except (ValueError, TypeError):
+            raise BadParameters("arg is not hex") from None
+        return {"arg": self.system.tee.call(arg).hex()}
+
+    def _op_stats(self, ctx: Any, req: dict) -> dict:
+        stats = self.system.stats()
+        tee = self.system.tee
+        stats["tee"] = {"sessions": len(tee.sessions), "registered": len(tee.registered),
+                        "rpc_shms": len(tee.rpc_shms), "calls": tee.stats.calls,
+                        "errors": {hex(k): v for k, v in tee.stats.errors.items()}}
+        return {"stats": stats}
+
+
+def _outputs_or_empty(exc: TeeError) -> dict[str, Any]:
+    params = getattr(exc, "params", None)
+    result = getattr(exc, "result", None)
+    if params is None or result is None:
+        return {}
+    return _outputs(params, result)
+
+
+class TeeClient:
+    """A client of a running TEE daemon: ``TeeClient(socket_path)``.
+
+    Methods return the answer's fields; a failed request raises TeeError
+    (secure-world refusals: ``code``, ``origin``, ``answer``) or
+    ProtocolError for anything else.
+    """
+
+    def __init__(self, socket_path: str, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(socket_path)
+        except OSError as exc:
+            self.sock.close()
+            raise ProtocolError(f"cannot connect to {socket_path}: "
+                                f"{errno.errorcode.get(exc.errno or 0, exc)}") from None
+        self._file = self.sock.makefile("rb")
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its answer (raises on ``ok: false``)."""
+        self.sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
+        line = self._file.readline()
+        if not line:
+            raise ProtocolError("the daemon closed the connection")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            if "code" in answer:
+                exc = TeeError(answer["message"], answer["code"], answer["origin"])
+                exc.answer = answer  # type: ignore[attr-defined]
+                raise exc
+            raise ProtocolError(f"{answer.get('error')}: {answer.get('message')}")
+        return answer
+
+    def hello(self) -> dict[str, Any]:
+        return self.request("hello")
+
+    def open_session(self, uuid: Any, params: list[Any] | None = None) -> int:
+        return self.request("open_session", uuid=str(uuid), params=params or [])["session"]
+
+    def invoke(self, session: int, func: int, params: list[Any] | None = None) -> dict[str, Any]:
+        return self.request("invoke", session=session, func=func, params=params or [])
+
+    def close_session(self, session: int) -> None:
+        self.request("close_session", session=session)
+
+    def call(self, arg: bytes) -> bytes:
+        return bytes.fromhex(self.request("call", arg=arg.hex())["arg"])
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+    def __enter__(self) -> "TeeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def memref_in(data: bytes) -> dict[str, Any]:
+    """A protocol parameter: input bytes."""
+    return {"data": base64.b64encode(data).decode(), "dir": "in"}
+
+
+def memref_out(size: int) -> dict[str, Any]:
+    """A protocol parameter: an output buffer of ``size`` bytes."""
+    return {"size": size, "dir": "out"}
+
+
+def value(a: int = 0, b: int = 0, direction: str = "in") -> dict[str, Any]:
+    """A protocol parameter: a value."""
+    return {"value": [a, b], "dir": direction}
+
+
+__all__ = ["PROTOCOL_VERSION", "TeeClient", "TeeDaemon", "memref_in", "memref_out", "value"]
