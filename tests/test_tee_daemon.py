@@ -36,7 +36,11 @@ def start(cmd, tmp_path):
 
 def stop(proc):
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(20) == 0, proc.stderr.read().decode()
+    try:
+        assert proc.wait(20) == 0, proc.stderr.read().decode()
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_poolsvc_tee_daemon(tmp_path):
