@@ -121,11 +121,12 @@ class TeeDaemon:
         self.path = socket_path
         self._stop = False
         self._conns: dict[int, _Connection] = {}
-        self._sel = selectors.DefaultSelector()
+        self._sel: selectors.BaseSelector | None = None  # made by serve_forever
         self._listener: socket.socket | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def _listen(self) -> None:
+        self._sel = selectors.DefaultSelector()
         if os.path.exists(self.path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -137,10 +138,14 @@ class TeeDaemon:
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(self.path)
-        os.chmod(self.path, 0o600)
-        sock.listen(64)
-        sock.setblocking(False)
+        try:
+            sock.bind(self.path)
+            os.chmod(self.path, 0o600)
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise BadParameters(f"cannot listen on {self.path}: {exc.strerror}") from None
         self._listener = sock
         self._sel.register(sock, selectors.EVENT_READ, None)
 
@@ -150,8 +155,8 @@ class TeeDaemon:
 
     def serve_forever(self, ready: Any = None, poll: float = 0.2) -> None:
         """Listen, call ``ready()``, serve until stop(); then close every connection."""
-        self._listen()
         try:
+            self._listen()
             if ready is not None:
                 ready()
             while not self._stop:
@@ -163,7 +168,9 @@ class TeeDaemon:
         finally:
             for conn in list(self._conns.values()):
                 self._drop(conn)
-            self._sel.close()
+            if self._sel is not None:
+                self._sel.close()
+                self._sel = None
             if self._listener is not None:
                 self._listener.close()
                 try:
