@@ -105,13 +105,11 @@ cdef class RangeAllocator:
     parameter outside those ranges.
     """
 
-    def __init__(self, base, size, min_order=9, policy="first-fit"):
+    def __cinit__(self, base, size, min_order=9, policy="first-fit"):
         cdef int64_t b = 0, s = 0, mo = 0, chunk
         cdef int rb = _arg_i64(base, &b, "base")
         cdef int rs = _arg_i64(size, &s, "size")
         cdef int rm = _arg_i64(min_order, &mo, "min_order")
-        if self.fm is not None:
-            raise BadParameters("RangeAllocator is already initialised")
         if rm != ARG_FITS or mo < 0 or mo > 20:
             raise BadParameters(f"min_order must be in 0..20, got {min_order}")
         if not isinstance(policy, str) or policy not in ("first-fit", "best-fit"):
@@ -335,7 +333,7 @@ cdef class RangeAllocator:
 
         Errors: CorruptionError naming the first inconsistency.
         """
-        cdef int64_t c = 0, used = 0, nlive = 0, n
+        cdef int64_t c = 0, used = 0, nlive = 0, n, k
         self.fm.check()
         while c < self.nchunks:
             n = self.alloc_len[c]
@@ -420,13 +418,11 @@ cdef class FrameAllocator:
     Errors: BadParameters (AlignmentError for a misaligned base_pa).
     """
 
-    def __init__(self, base_pa, nframes, max_order=10):
+    def __cinit__(self, base_pa, nframes, max_order=10):
         cdef int64_t b = 0, n = 0, mo = 0
         cdef int rb = _arg_i64(base_pa, &b, "base_pa")
         cdef int rn = _arg_i64(nframes, &n, "nframes")
         cdef int rm = _arg_i64(max_order, &mo, "max_order")
-        if self.fm is not None:
-            raise BadParameters("FrameAllocator is already initialised")
         if rm != ARG_FITS or mo < 0 or mo > 30:
             raise BadParameters(f"max_order must be in 0..30, got {max_order}")
         if rn == ARG_BELOW or (rn == ARG_FITS and n <= 0):
@@ -542,8 +538,9 @@ cdef class FrameAllocator:
             raise MemoryError()
         try:
             while k < n:
-                # skip used regions through the tree (words before pos are
-                # modified but the tree only reads them below pos, never)
+                # skip used regions through the tree: it is stale for the
+                # words taken so far, but find(1, pos) reads only nodes that
+                # lie wholly at or after pos, and those are untouched
                 p = self.fm.find(1, pos)
                 if p < 0:
                     raise InternalError("free frame count disagrees with the bitmap")
