@@ -195,6 +195,7 @@ class _Call:
             raise BadParameters(f"{type(ref.buffer).__name__} does not support the buffer protocol") from None
         with view:
             length = view.nbytes
+            readonly = view.readonly
         if ref.size is not None and ref.size != length:
             raise BadParameters(f"temporary memref size {ref.size!r} differs from the buffer's "
                                 f"{length} bytes")
@@ -205,7 +206,7 @@ class _Call:
             self.after.append(("memref", ref, d))
             return
         shm = None
-        if config.dynamic_shm:
+        if config.dynamic_shm and not readonly:  # read-only memory cannot be registered
             try:
                 shm = self.ctx.register_kernel_buf(ref.buffer)
             except (NotSharedMemory, NotSupported):
