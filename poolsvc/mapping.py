@@ -7,13 +7,16 @@ mapping that holds it by reading the process's memory maps
 Private memory (heap, anonymous, ``MAP_PRIVATE``) and read-only mappings are
 refused with :class:`~poolsvc.errors.NotSharedMemory`.
 
-The maps are read again on every registration (a mapping can be replaced at
-the same address at any time, and registration is not a hot path); the
-lookup itself goes through the compiled ``AddressMap``.
+Mappings found are kept in a compiled ``AddressMap`` (the lookup over known
+mappings).  A mapping can be replaced at the same address at any time, so a
+cached hit is confirmed with one ``stat`` of ``/proc/self/map_files/START-END``
+(same device and inode); if that fails (the mapping changed, or the kernel
+refuses map_files to this process) the maps are read again.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,22 +83,56 @@ def shm_mappings() -> list[Mapping]:
     return found
 
 
+def _dev_number(dev: str) -> int:
+    major, minor = (int(x, 16) for x in dev.split(":"))
+    return os.makedev(major, minor)
+
+
+class MappingCache:
+    """Known ``/dev/shm`` mappings of this process, confirmed before each use."""
+
+    def __init__(self) -> None:
+        self._amap = core.AddressMap()
+        self._mappings: list[Mapping] = []
+
+    def refresh(self) -> None:
+        """Read ``/proc/self/maps`` again."""
+        self._mappings = shm_mappings()
+        self._amap = core.AddressMap()
+        for i, m in enumerate(self._mappings):
+            self._amap.add(m.start, m.end, i, m.file_offset)
+
+    def _confirmed(self, m: Mapping) -> bool:
+        try:
+            st = os.stat(f"/proc/self/map_files/{m.start:x}-{m.end:x}")
+        except OSError:
+            return False
+        return st.st_ino == m.inode and st.st_dev == _dev_number(m.dev)
+
+    def lookup(self, addr: int) -> Mapping | None:
+        """The mapping holding ``addr``, confirmed current, or None."""
+        hit = self._amap.lookup(addr)
+        if hit is not None and self._confirmed(self._mappings[hit[0]]):
+            return self._mappings[hit[0]]
+        self.refresh()
+        hit = self._amap.lookup(addr)
+        return None if hit is None else self._mappings[hit[0]]
+
+
+_CACHE = MappingCache()
+
+
 def find_mapping(addr: int, length: int) -> Mapping:
     """The shared ``/dev/shm`` mapping holding ``[addr, addr+length)``.
 
     Raises NotSharedMemory when none does (private memory, or a buffer that
     straddles two mappings).
     """
-    mappings = shm_mappings()
-    amap = core.AddressMap()
-    for i, m in enumerate(mappings):
-        amap.add(m.start, m.end, i, m.file_offset)
-    hit = amap.lookup(addr)
-    if hit is None:
+    m = _CACHE.lookup(addr)
+    if m is None:
         raise NotSharedMemory(
             f"buffer at {addr:#x} is not in POSIX shared memory (it is private memory); "
             "use multiprocessing.shared_memory or posix_ipc")
-    m = mappings[hit[0]]
     if addr + length > m.end:
         raise NotSharedMemory(
             f"buffer at {addr:#x}+{length:#x} runs past its mapping's end {m.end:#x}")

@@ -16,7 +16,7 @@ Per (level, size, strategy) it records the allocation latency (p50, p99, over
 ``trials`` attempts, each after a small random churn of the aged memory so
 that the layout varies), the failure rate, the set-up cost (page-list build
 and registration), the memory overhead (list pages and rounding), the
-secure-side access cost (SHA-256 of the buffer through the frame table) and
+secure-side access cost (the SHA-256 trusted app over the buffer) and
 the buffer's page-list segments and longest contiguous run.
 
 The ageing workload: allocate blocks of 1..``2**max_block_order`` pages
@@ -40,9 +40,10 @@ from . import pagelist
 from ._backend import BACKEND, core
 from .config import Config
 from .constants import PAGE_SIZE
-from .errors import PoolsvcError
+from .errors import InternalError, PoolsvcError
 from .fragmentation import unusable_indices
 from .system import System
+from .tee.ta import Sha256App
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -78,7 +79,7 @@ class Result:
     failures: int
     p50_us: float | None
     p99_us: float | None
-    setup_us: float | None  # page list build + registration, median
+    setup_us: float | None  # page list + REGISTER_SHM as the driver does it, median
     build_us: float | None  # page list build alone, median
     overhead_bytes: int | None  # list pages + rounding
     access_mb_s: float | None  # SHA-256 through the frame table
@@ -204,13 +205,21 @@ def _warm_up(ctx: Any, strategy: str, client_buf: Any, max_size: int) -> None:
             continue
 
 
-def _sha256_secure(system: System, shm: Any, scratch: np.ndarray) -> float:
-    """Seconds for the secure side to hash the buffer, reading through the frame table."""
-    size = shm.size
+def _sha256_secure(ctx: Any, session: Any, digest: Any, shm: Any) -> float:
+    """Seconds for the secure world's SHA-256 app to hash the whole buffer.
+
+    The app reads the buffer through the frame table (zero-copy spans of
+    storage); the digest is checked against hashlib on the normal-world view.
+    """
+    from .tee.driver import RegisteredMemref
+
     t0 = time.perf_counter()
-    core.gather(system.memory.table, shm.pages, shm.offset, size, scratch[:size])
-    hashlib.sha256(scratch[:size]).digest()
-    return time.perf_counter() - t0
+    session.invoke(0, [RegisteredMemref(shm, 0, shm.size, "in"),
+                       RegisteredMemref(digest, 0, 32, "out")])
+    secs = time.perf_counter() - t0
+    if bytes(digest.view()[:32]) != hashlib.sha256(shm.view()).digest():
+        raise InternalError("the secure world's SHA-256 differs from hashlib's")
+    return secs
 
 
 def _longest_run(pages: np.ndarray) -> int:
@@ -222,7 +231,7 @@ def _longest_run(pages: np.ndarray) -> int:
 
 
 def _measure(system: System, ctx: Any, strategy: str, size: int, trials: int, ager: Ager,
-             client_buf: Any, scratch: np.ndarray, level: str) -> Result:
+             client_buf: Any, tee: tuple[Any, Any], level: str) -> Result:
     lat: list[float] = []
     setup: list[float] = []
     build: list[float] = []
@@ -248,7 +257,7 @@ def _measure(system: System, ctx: Any, strategy: str, size: int, trials: int, ag
             tb = time.perf_counter()
             pagelist.build(shm.pages, shm.offset, system.config.dynamic_base)
             build.append(time.perf_counter() - tb)
-            setup.append(t1 - t0 if strategy == "scattered" else build[-1])
+            setup.append(system.last_register_seconds)
         if first_ok is None:
             npages = len(shm.pages)
             list_bytes = pagelist.list_pages_needed(npages) * PAGE_SIZE if strategy != "static" else 0
@@ -258,7 +267,7 @@ def _measure(system: System, ctx: Any, strategy: str, size: int, trials: int, ag
                 "segments": len(pagelist.segments(shm.pages)),
                 "longest": _longest_run(shm.pages),
             }
-            secs = _sha256_secure(system, shm, scratch)
+            secs = _sha256_secure(ctx, tee[0], tee[1], shm)
             access = size / secs / 1e6 if secs > 0 else None
         shm.close()
 
@@ -284,7 +293,6 @@ def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = No
                      "seed": seed, "dynamic_size": dynamic_size, "strategies": STRATEGIES})
     max_size = max(sizes)
     client = shared_memory.SharedMemory(create=True, size=max_size)
-    scratch = np.empty(max_size, dtype=np.uint8)
     try:
         for li, level in enumerate(levels):
             for strategy in STRATEGIES:
@@ -301,9 +309,11 @@ def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = No
                             unusable_indices(blocks), [int(b) for b in blocks]))
                     ctx = system.open_context(f"{strategy}-{level.name}")
                     _warm_up(ctx, strategy, client.buf, max_size)
+                    session = ctx.open_session(Sha256App.UUID)
+                    digest = ctx.alloc_kernel_buf(32)
                     for size in sizes:
                         res = _measure(system, ctx, strategy, size, trials, ager, client.buf,
-                                       scratch, level.name)
+                                       (session, digest), level.name)
                         report.results.append(res)
                         if progress:
                             progress(f"{level.name} {strategy} {size // KiB} KiB")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -515,6 +516,7 @@ class System:
 
     def _tee_register(self, pages: np.ndarray, offset: int, size: int, cookie: int) -> None:
         """REGISTER_SHM: build the page list in kernel pages, hand it over, free the list."""
+        t0 = time.perf_counter()
         nlist = pagelist.list_pages_needed(len(pages))
         list_pages = self._alloc_kernel_pages(nlist)
         list_pa, _, seg, index = list_pages
@@ -526,6 +528,8 @@ class System:
                 MsgParam(Attr.TMEM_OUTPUT | ATTR_NONCONTIG, list_pa | offset, size, cookie)]))
         finally:
             self._free_kernel_pages(*list_pages)
+        #: seconds the last registration took (page list + REGISTER_SHM), for the study
+        self.last_register_seconds = time.perf_counter() - t0
 
     def _tee_unregister(self, cookie: int) -> None:
         self.call_tee(MsgArg(cmd=MsgCmd.UNREGISTER_SHM,
