@@ -154,7 +154,6 @@ def params_strategy(world):
 
 
 def message_strategy(world):
-    from poolsvc.tee.secure import uuid_to_value
     meta = [open_params(app.UUID) for app in (Sha256App, CopyApp, FillApp, StorageApp)]
     params = params_strategy(world)
     plain = st.builds(lambda cmd, func, session, ps: MsgArg(cmd=cmd, func=func, session=session, params=ps),

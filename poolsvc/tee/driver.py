@@ -53,7 +53,6 @@ from ..errors import (
     TEE_SUCCESS,
     BadParameters,
     Closed,
-    ItemNotFound,
     NotSharedMemory,
     NotSupported,
     PoolsvcError,

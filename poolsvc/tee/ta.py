@@ -307,7 +307,7 @@ class TrustedApp:
         return None
 
     def invoke(self, func: int, params: Sequence[Param]) -> int | None:
-        """Run command ``func`` (default: NOT_SUPPORTED... raise in subclasses)."""
+        """Run command ``func``; the default refuses every command (BadParameters)."""
         raise BadParameters(f"{self.NAME}: unknown command {func}")
 
     def close_session(self) -> None:
