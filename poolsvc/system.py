@@ -705,8 +705,15 @@ class System:
                 LIVE["exported_views"] += 1
         shm._views.clear()
         if shm.registered:
+            try:
+                self._tee_unregister(shm.cookie)
+            except BaseException:
+                # The secure world refused (a running call uses the cookie): keep the
+                # shm alive and owned, so that a later close() can finish the job.
+                shm._refs = 1
+                shm.context.shms[shm.cookie] = shm
+                raise
             shm.registered = False
-            self._tee_unregister(shm.cookie)
         backing = shm._backing
         if isinstance(backing, _DynamicBacking):
             self._free_dynamic(shm)
