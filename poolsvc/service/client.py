@@ -97,6 +97,7 @@ class _Channel:
         self.segments: dict[int, mmap.mmap] = {}
         self.stale: list[mmap.mmap] = []
         self.closed = False
+        self.on_lost: Callable[[], None] | None = None
         self.max_frame = P.DEFAULT_MAX_FRAME
         try:
             reply_type, body = self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role)
@@ -213,6 +214,8 @@ class _Channel:
 
     def _lost(self, why: str) -> None:
         self.close()
+        if self.on_lost is not None:
+            self.on_lost()
         raise Closed(f"connection to the pool service at {self.path} lost: {why}")
 
     # -- segments ------------------------------------------------------------------------------
@@ -437,6 +440,19 @@ class Context:
         self.closed = False
         #: Errors of pipelined closes, as (cookie, exception); normally empty.
         self.deferred_errors: list[tuple[int, PoolsvcError]] = []
+        self._channel.on_lost = self._lost
+
+    def _lost(self) -> None:
+        """The daemon is gone: so is everything it held for us."""
+        if self.closed:
+            return
+        self.closed = True
+        for session in self.sessions.values():
+            session.closed = True
+        self.sessions.clear()
+        for shm in list(self.shms.values()):
+            shm._release_local()
+        self.client._forget(self)
 
     def _check(self) -> None:
         if self.closed:
@@ -800,6 +816,9 @@ def _direction(value: str) -> int:
         raise BadParameters(f"direction {value!r} is not 'in', 'out' or 'inout'") from None
 
 
+_REFUSED = -1
+
+
 class Batch:
     """Operations collected and sent as one BATCH request (one round trip).
 
@@ -819,27 +838,37 @@ class Batch:
         return len(self.kinds)
 
     def _add(self, msg_type: int, body: bytes, extra: Any = None) -> None:
-        if len(self.kinds) >= self.ctx._channel.max_batch:
+        if len(self.parts) >= self.ctx._channel.max_batch:
             raise BadParameters(f"batch already holds {len(self.kinds)} operations, the daemon's "
                                 "limit (max_batch)")
         self.parts.append(P.HEADER.pack(len(body), msg_type, 0) + body)
         self.kinds.append((msg_type, extra))
 
+    def _refused(self, exc: PoolsvcError) -> None:
+        """An operation whose arguments cannot even be encoded: its result is ``exc``."""
+        self.kinds.append((_REFUSED, exc))
+
+    def _alloc(self, kind: int, size: int) -> None:
+        try:
+            _check_size(size)
+        except BadParameters as exc:
+            self._refused(exc)
+            return
+        self._add(P.MsgType.ALLOC, P.ALLOC.pack(kind, size))
+
     def alloc_user_buf(self, size: int) -> None:
-        _check_size(size)
-        self._add(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, size))
+        self._alloc(P.AllocKind.USER, size)
 
     def alloc_kernel_buf(self, size: int) -> None:
-        _check_size(size)
-        self._add(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.KERNEL, size))
+        self._alloc(P.AllocKind.KERNEL, size)
 
     def alloc_priv_buf(self, size: int) -> None:
-        _check_size(size)
-        self._add(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.PRIV, size))
+        self._alloc(P.AllocKind.PRIV, size)
 
     def shm_from_id(self, shm_id: int) -> None:
         if isinstance(shm_id, bool) or not isinstance(shm_id, int) or not -(1 << 63) <= shm_id < 1 << 63:
-            raise BadParameters(f"id must be a 64-bit int, got {shm_id!r}")
+            self._refused(BadParameters(f"id must be a 64-bit int, got {shm_id!r}"))
+            return
         self._add(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id))
 
     def close(self, shm: Shm) -> None:
@@ -852,25 +881,34 @@ class Batch:
         """Send the batch; one result per operation (Shm, None, or an exception)."""
         ctx = self.ctx
         ctx._check()
-        if not self.kinds:
-            return []
+        kinds, self.kinds = self.kinds, []
+        if not self.parts:
+            return [extra for _, extra in kinds]
         # Closes take effect locally first, exactly as Shm.close() does.
-        for msg_type, shm in self.kinds:
+        for msg_type, shm in kinds:
             if msg_type == P.MsgType.SHM_CLOSE:
                 shm._refs -= 1
                 if shm._refs == 0:
                     shm._release_local()
         body = b"".join(self.parts)
+        sent = len(self.parts)
         self.parts = []
         reply_type, reply = ctx._channel.call(P.MsgType.BATCH, body)
         if reply_type == P.MsgType.ERROR:
             raise P.error_from_body(reply)
         if reply_type != P.MsgType.BATCH_REPLY:
             raise ProtocolError(f"daemon answered BATCH with {P.type_name(reply_type)}")
+        replies = list(P.iter_frames(reply, sent, P.MAX_REPLY_FRAME))
+        if len(replies) != sent:
+            raise ProtocolError(f"BATCH_REPLY holds {len(replies)} replies for {sent} requests")
         results: list[Any] = []
         channel = ctx._channel
-        for (msg_type, _), (sub_type, sub) in zip(self.kinds, P.iter_frames(
-                reply, len(self.kinds), P.MAX_REPLY_FRAME)):
+        answers = iter(replies)
+        for msg_type, extra in kinds:
+            if msg_type == _REFUSED:
+                results.append(extra)
+                continue
+            sub_type, sub = next(answers)
             if sub_type == P.MsgType.ERROR:
                 results.append(P.error_from_body(sub))
             elif msg_type == P.MsgType.SHM_CLOSE:
@@ -882,9 +920,6 @@ class Batch:
                 results.append(bytes(sub))
             else:
                 results.append(ctx._make_shm(sub))
-        if len(results) != len(self.kinds):
-            raise ProtocolError(f"BATCH_REPLY holds {len(results)} replies for {len(self.kinds)} requests")
-        self.kinds = []
         return results
 
 
