@@ -80,6 +80,8 @@ cdef Py_ssize_t _copy_setup(FrameTable table, object pages, object offset, objec
 cdef void _copy_pages(char **ptrs, char *flat, Py_ssize_t count, Py_ssize_t off,
                       bint to_flat) noexcept nogil:
     cdef Py_ssize_t done = 0, chunk, i = 0
+    # plain per-page memmove: software prefetch of the next frames measured
+    # slower here (random 4 KiB frames, 1 MiB and 64 MiB)
     while done < count:
         chunk = min(<Py_ssize_t>PSV_PAGE_SIZE - off, count - done)
         if to_flat:

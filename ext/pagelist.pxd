@@ -42,6 +42,22 @@ cdef extern from *:
         return a0 | a1 | a2 | a3;
     }
 
+    /* OR, minimum and maximum of n >= 1 host-order u64 values in one pass. */
+    static inline unsigned long long psv_or_min_max(const unsigned long long *src, Py_ssize_t n,
+                                                    unsigned long long *lo, unsigned long long *hi) {
+        unsigned long long acc = 0, mn = src[0], mx = src[0], v;
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) {
+            v = src[i];
+            acc |= v;
+            mn = v < mn ? v : mn;
+            mx = v > mx ? v : mx;
+        }
+        *lo = mn;
+        *hi = mx;
+        return acc;
+    }
+
     /* n host-order u64 values from src as little-endian bytes at dst
        (any alignment): a plain memcpy on little-endian hosts. */
     static inline void psv_store_le64_array(char *dst, const unsigned long long *src, Py_ssize_t n) {
@@ -123,6 +139,8 @@ cdef extern from *:
     void psv_store_le64(char *dst, unsigned long long v) noexcept nogil
     unsigned long long psv_load_le64(const char *src) noexcept nogil
     unsigned long long psv_or_reduce(const unsigned long long *src, Py_ssize_t n) noexcept nogil
+    unsigned long long psv_or_min_max(const unsigned long long *src, Py_ssize_t n,
+                                      unsigned long long *lo, unsigned long long *hi) noexcept nogil
     void psv_store_le64_array(char *dst, const unsigned long long *src, Py_ssize_t n) noexcept nogil
     void psv_load_le64_array(unsigned long long *dst, const char *src, Py_ssize_t n) noexcept nogil
     void psv_fill_page_list(char *dst, const unsigned long long *entries, Py_ssize_t n,
@@ -143,5 +161,17 @@ cdef inline bint pl_page_inside(const pl_range *ranges, Py_ssize_t nranges,
     for r in range(nranges):
         if (pa >= ranges[r].base and ranges[r].size >= 4096
                 and pa - ranges[r].base <= ranges[r].size - 4096):
+            return True
+    return False
+
+
+cdef inline bint pl_span_inside(const pl_range *ranges, Py_ssize_t nranges,
+                                uint64_t lo, uint64_t hi) noexcept nogil:
+    """True if the pages ``lo`` .. ``hi`` (both included) lie within one range,
+    so that every page between them does too."""
+    cdef Py_ssize_t r
+    for r in range(nranges):
+        if (lo >= ranges[r].base and ranges[r].size >= 4096
+                and hi >= lo and hi - ranges[r].base <= ranges[r].size - 4096):
             return True
     return False

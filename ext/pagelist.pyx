@@ -171,7 +171,7 @@ def pagelist_parse(buf_ptr, size, read_page, nonsecure=None, max_pages=1 << 20):
     SecureMemoryError (an entry page outside ``nonsecure``).  Exceptions of
     ``read_page`` propagate.
     """
-    cdef unsigned long long ptr = 0, sz = 0, offset, num_pages, page_pa, next_pa = 0, v
+    cdef unsigned long long ptr = 0, sz = 0, offset, num_pages, page_pa, next_pa = 0, v, lo = 0, hi = 0
     cdef long long limit = 0
     cdef Py_ssize_t done = 0, chunk, i, k = 0, nranges = 0
     cdef pl_range *ranges = NULL
@@ -229,7 +229,10 @@ def pagelist_parse(buf_ptr, size, read_page, nonsecure=None, max_pages=1 << 20):
                     next_pa = psv_load_le64(<const char *>view.buf + PL_NEXT_OFFSET)
             finally:
                 PyBuffer_Release(&view)
-            if ranges != NULL or psv_or_reduce(entries + done, chunk) & PSV_PAGE_MASK:
+            # fast path: all aligned, and (with ranges) the lowest and highest
+            # entry inside one range; else find the first bad entry in order
+            if (psv_or_min_max(entries + done, chunk, &lo, &hi) & PSV_PAGE_MASK
+                    or (ranges != NULL and not pl_span_inside(ranges, nranges, lo, hi))):
                 for i in range(done, done + chunk):
                     v = entries[i]
                     if v & PSV_PAGE_MASK:
