@@ -155,13 +155,27 @@ class Arena:
         self.used_pages += npages
         return seg, index
 
+    def reserve(self, nbytes: int) -> None:
+        """Grow (pre-faulted) until ``nbytes`` more could be handed out without growing."""
+        free = sum(seg.pages.free_frames for seg in self.segments) * PAGE_SIZE
+        while free < nbytes:
+            seg = self._grow(min(self.step, nbytes - free) // PAGE_SIZE or 1)
+            free += seg.pages.nframes * PAGE_SIZE
+
     def free(self, seg: Segment, index: int, npages: int) -> None:
-        """Zero and release a run; an empty segment beyond the first is returned to the OS."""
+        """Zero and release a run.
+
+        A segment that becomes empty is returned to the OS only when another empty
+        segment is already kept as a spare (so a steady alloc/free pattern does not
+        create and pre-fault storage over and over).
+        """
         seg.zeros[index * PAGE_SIZE:(index + npages) * PAGE_SIZE] = 0
         seg.pages.free_contig(index * PAGE_SIZE, npages)
         self.used_pages -= npages
         if seg.pages.used_frames == 0 and len(self.segments) > 1:
-            self._drop(seg)
+            spares = sum(1 for other in self.segments if other.pages.used_frames == 0)
+            if spares > 1:
+                self._drop(seg)
 
     def _drop(self, seg: Segment) -> None:
         self.segments.remove(seg)

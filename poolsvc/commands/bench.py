@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "About two minutes by default; --quick takes seconds.")
     p.add_argument("--quick", action="store_true", help="fewer sizes, levels and trials (seconds)")
     p.add_argument("--seed", type=int, default=1, help="seed of the ageing workload (default 1)")
-    p.add_argument("--trials", type=int, default=None, help="attempts per cell (default 15, quick 4)")
+    p.add_argument("--trials", type=int, default=None, help="attempts per cell (default 1000, quick 20)")
     p.add_argument("--sizes", default=None,
                    help="comma-separated buffer sizes, e.g. 4KiB,1MiB,64MiB")
     p.add_argument("--dynamic-size", default="1GiB", help="dynamic RAM of the simulated machine")
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         levels = [lv for lv in study.LEVELS if lv.name in ("fresh", "moderate", "severe")]
     if args.sizes:
         sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",") if s.strip()]
-    trials = args.trials or (4 if args.quick else 15)
+    trials = args.trials or (20 if args.quick else 1000)
     dynamic_size = parse_size(args.dynamic_size, "--dynamic-size")
     progress = Progress(len(levels) * len(sizes) * len(study.STRATEGIES))
     try:
