@@ -358,41 +358,56 @@ def format_table(report: Report) -> str:
 
 
 def plot(report: Report, directory: str) -> list[str]:
-    """Latency and failure rate against fragmentation, one panel per size; returns files."""
+    """Latency and failure rate against fragmentation, one panel per size; returns files.
+
+    The x axis is the fragmentation level, labelled with the level's unusable
+    free-space index at orders 4 and 10 (Linux's definition).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     os.makedirs(directory, exist_ok=True)
     levels = [lv.level for lv in report.levels]
-    x_unusable = {lv.level: lv.unusable_index[-1] for lv in report.levels}
+    xpos = {name: i for i, name in enumerate(levels)}
+    ticks = [f"{lv.level}\nu4={lv.unusable_index[4]:.2f}\nu10={lv.unusable_index[-1]:.2f}"
+             for lv in report.levels]
     sizes = sorted({r.size for r in report.results})
+    styles = {"static": dict(marker="s", linestyle=":", markersize=9, alpha=0.8),
+              "contiguous": dict(marker="o", linestyle="-", markersize=7),
+              "scattered": dict(marker="d", linestyle="--", markersize=6)}
     files = []
-    for metric, ylabel, fname in (("p50_us", "allocation latency p50 (µs, log)", "latency.png"),
-                                  ("failure_rate", "failure rate", "failure.png")):
+    for metric, ylabel, fname in (("p50_us", "allocation latency p50 (µs, log scale)", "latency.png"),
+                                  ("failure_rate", "failure rate (fraction of attempts)", "failure.png")):
         cols = min(4, len(sizes))
         rows = -(-len(sizes) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
         for ax, size in zip(axes.flat, sizes):
-            for strategy, marker in zip(STRATEGIES, "osd"):
-                pts = [(x_unusable[r.level], getattr(r, metric)) for r in report.results
-                       if r.size == size and r.strategy == strategy]
-                xs = [p[0] for p in pts]
+            for strategy in ("static", "contiguous", "scattered"):
+                pts = sorted((xpos[r.level], getattr(r, metric)) for r in report.results
+                             if r.size == size and r.strategy == strategy)
                 ys = [p[1] if p[1] is not None else float("nan") for p in pts]
-                ax.plot(xs, ys, marker=marker, label=strategy)
-            ax.set_title(human_size(size))
-            ax.set_xlabel("unusable free-space index, order 10")
-            ax.set_ylabel(ylabel)
+                ax.plot([p[0] for p in pts], ys, label=strategy, **styles[strategy])
+            ax.set_title(f"buffer {human_size(size)}")
+            ax.set_xticks(range(len(levels)), ticks, fontsize=7)
+            ax.set_ylabel(ylabel, fontsize=8)
             if metric == "p50_us":
                 ax.set_yscale("log")
+                plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
+                ax.tick_params(axis="y", which="both", labelsize=7)
             else:
                 ax.set_ylim(-0.05, 1.05)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(sizes):]:
             ax.axis("off")
         axes.flat[0].legend(loc="best", fontsize=8)
-        fig.suptitle(f"{ylabel.split(' (')[0]} vs fragmentation (levels: {', '.join(levels)})")
+        title = ylabel.split(" (")[0]
+        fig.suptitle(f"{title} by fragmentation level: contiguous (dynamic pool), static "
+                     f"(reserved pool), scattered (registered pages)", fontsize=10)
         fig.tight_layout()
         path = os.path.join(directory, fname)
         fig.savefig(path, dpi=110)
