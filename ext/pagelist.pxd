@@ -103,23 +103,26 @@ cdef extern from *:
     }
 
     /* psv_fill_page_list fused with the alignment check: copies the entries
-       and returns the OR of all of them, in one pass over the data.  Measured
-       here on a 2 MiB list this runs at memcpy speed, where an OR pass
-       followed by memcpy takes ~1.6x as long.  The caller discards dst when
-       the OR shows a misaligned entry. */
-    static inline unsigned long long psv_fill_page_list_or(char *dst,
+       and returns the OR of all of them (a misaligned entry shows in the OR;
+       the caller then discards dst).  Two bodies, measured on this machine
+       for a 2 MiB list (memcpy of the same bytes: ~43 us):
+       - x86-64 with AVX2 (chosen at run time): one fused load/OR/store pass,
+         ~43 us.  The same loop compiled for baseline SSE2 ran at 43 or 72 us
+         depending on code placement, so it is not used.
+       - elsewhere: per block of 64 entries, OR them (the block comes into
+         L1) and then memcpy it, ~47-51 us. */
+    #define PSV_PL_BLOCK 64
+
+    static inline unsigned long long psv_fill_page_list_or_blocked(char *dst,
             const unsigned long long *entries, Py_ssize_t n, unsigned long long list_pa) {
-        Py_ssize_t done = 0, chunk, i;
-        unsigned long long page_pa = list_pa, acc = 0, v;
+        Py_ssize_t done = 0, chunk, i, b;
+        unsigned long long page_pa = list_pa, acc = 0;
         while (done < n) {
             chunk = n - done < PSV_PL_ENTRIES ? n - done : PSV_PL_ENTRIES;
-            for (i = 0; i < chunk; i++) {
-                v = entries[done + i];
-                acc |= v;
-    #if !PSV_LITTLE_ENDIAN
-                v = __builtin_bswap64(v);
-    #endif
-                memcpy(dst + 8 * i, &v, 8);
+            for (i = 0; i < chunk; i += b) {
+                b = chunk - i < PSV_PL_BLOCK ? chunk - i : PSV_PL_BLOCK;
+                acc |= psv_or_reduce(entries + done + i, b);
+                psv_store_le64_array(dst + 8 * i, entries + done + i, b);
             }
             if (chunk == PSV_PL_ENTRIES) {
                 psv_store_le64(dst + PSV_PL_NEXT_OFFSET, page_pa + 4096);
@@ -131,6 +134,47 @@ cdef extern from *:
             page_pa += 4096;
         }
         return acc;
+    }
+
+    #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && PSV_LITTLE_ENDIAN
+    #define PSV_PL_HAVE_AVX2_PATH 1
+    __attribute__((target("avx2")))
+    static unsigned long long psv_fill_page_list_or_avx2(char *dst,
+            const unsigned long long *entries, Py_ssize_t n, unsigned long long list_pa) {
+        Py_ssize_t done = 0, chunk, i;
+        unsigned long long page_pa = list_pa, acc = 0, v;
+        while (done < n) {
+            chunk = n - done < PSV_PL_ENTRIES ? n - done : PSV_PL_ENTRIES;
+            for (i = 0; i < chunk; i++) {
+                v = entries[done + i];
+                acc |= v;
+                memcpy(dst + 8 * i, &v, 8);
+            }
+            if (chunk == PSV_PL_ENTRIES) {
+                v = page_pa + 4096;
+                memcpy(dst + PSV_PL_NEXT_OFFSET, &v, 8);
+            } else {
+                memset(dst + 8 * chunk, 0, 4096 - 8 * (size_t)chunk);
+            }
+            done += chunk;
+            dst += 4096;
+            page_pa += 4096;
+        }
+        return acc;
+    }
+    #else
+    #define PSV_PL_HAVE_AVX2_PATH 0
+    #endif
+
+    static inline unsigned long long psv_fill_page_list_or(char *dst,
+            const unsigned long long *entries, Py_ssize_t n, unsigned long long list_pa) {
+    #if PSV_PL_HAVE_AVX2_PATH
+        /* the answer never changes, so a racy first call only repeats it */
+        static int have_avx2 = -1;
+        if (have_avx2 < 0) have_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+        if (have_avx2) return psv_fill_page_list_or_avx2(dst, entries, n, list_pa);
+    #endif
+        return psv_fill_page_list_or_blocked(dst, entries, n, list_pa);
     }
     """
     enum:
