@@ -6,7 +6,9 @@ intervals -> storage key and file offset).  The contract is ``docs/core.md``;
 these classes are the oracle the tests hold the compiled ones to, so they
 make the same checks in the same order and raise the same error types.
 
-Concurrency: none; an object belongs to one thread at a time.
+Concurrency: none; an object belongs to one thread at a time.  (The
+compiled FrameTable also raises Busy from attach/detach while a copy runs
+without the GIL in another thread; nothing here runs without the GIL.)
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from ..errors import (
     AddressError,
     AlignmentError,
     BadParameters,
-    Busy,  # noqa: F401  (the compiled twin raises it only under threads)
     ItemNotFound,
     OutOfMemory,
 )
