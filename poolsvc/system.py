@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,11 +62,24 @@ from .fragmentation import unusable_indices
 from .mapping import Mapping, buffer_span, find_mapping, mapping_view
 from .memory import Arena, PhysicalMemory, Segment
 from .storage import LIVE, Storage, cleanup_stale
-from .tee.msg import MsgArg, MsgParam, unpack
+from .tee.msg import MsgArg, MsgParam
 from .tee.secure import SecureWorld
 
 #: Alignment of alloc_priv_buf (2 * sizeof(long) on 64-bit).
 PRIV_ALIGN = 16
+
+# The flags each constructor sets (section 4), computed once: enum arithmetic is
+# slow enough to show on the allocation path.
+_POOL_DYNAMIC = ShmFlags.DYNAMIC | ShmFlags.POOL
+_POOL_STATIC = ShmFlags.POOL
+_POOL_PRIV = ShmFlags.PRIV | ShmFlags.POOL
+_USER_MAPPED = ShmFlags.USER_MAPPED | ShmFlags.DYNAMIC
+_KERNEL_REG = ShmFlags.DYNAMIC
+
+
+# ``ret`` and ``ret_origin`` of struct optee_msg_arg: u32 fields 5 and 6.
+_RET = struct.Struct("<II")
+_RET_OFFSET = 20
 
 
 def _npages(offset: int, size: int) -> int:
@@ -112,25 +126,43 @@ class Shm:
     last frees the memory.  Using a released Shm raises :class:`Closed`.
     """
 
-    __slots__ = ("context", "id", "size", "offset", "flags", "pages", "paddr", "cookie",
+    __slots__ = ("context", "id", "size", "offset", "flags", "_pages", "_run", "paddr", "cookie",
                  "registered", "_refs", "_backing", "_views", "__weakref__")
 
     def __init__(self, context: "Context", flags: ShmFlags, size: int, offset: int,
-                 pages: np.ndarray, cookie: int, backing: Any) -> None:
+                 pages: np.ndarray | None, cookie: int, backing: Any,
+                 run: tuple[int, int] | None = None) -> None:
         self.context = context
         self.id = -1
-        self.flags = ShmFlags(flags)
+        self.flags = flags
         self.size = size
         self.offset = offset
-        self.pages = pages
-        self.pages.flags.writeable = False
-        contiguous = len(pages) <= 1 or bool(np.all(np.diff(pages.astype(np.int64)) == PAGE_SIZE))
-        self.paddr = int(pages[0]) + offset if contiguous else None
         self.cookie = cookie
         self.registered = False  # known to the secure world by cookie
         self._refs = 1
         self._backing = backing
         self._views: list[memoryview] = []
+        if run is not None:
+            # physically contiguous: (first page PA, page count); ``pages`` is built on demand
+            self._pages = None
+            self._run = run
+            self.paddr = run[0] + offset
+        else:
+            pages.flags.writeable = False
+            self._pages = pages
+            self._run = None
+            contiguous = len(pages) <= 1 or bool(np.all(np.diff(pages.astype(np.int64)) == PAGE_SIZE))
+            self.paddr = int(pages[0]) + offset if contiguous else None
+
+    @property
+    def pages(self) -> np.ndarray:
+        """The PA of each 4 KiB page of the buffer (read-only numpy uint64)."""
+        if self._pages is None:
+            first, count = self._run
+            pages = np.arange(first, first + count * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64)
+            pages.flags.writeable = False
+            self._pages = pages
+        return self._pages
 
     @property
     def closed(self) -> bool:
@@ -213,15 +245,15 @@ class Context:
     # -- allocation ------------------------------------------------------------------
     def alloc_user_buf(self, size: int) -> Shm:
         """Allocate a buffer user space can map; it gets an id (DYNAMIC | POOL)."""
-        return self._alloc(size, PAGE_SIZE, ShmFlags.DYNAMIC | ShmFlags.POOL, with_id=True)
+        return self._alloc(size, PAGE_SIZE, _POOL_DYNAMIC, with_id=True)
 
     def alloc_kernel_buf(self, size: int) -> Shm:
         """Allocate a driver buffer shared with the TEE; no id (DYNAMIC | POOL)."""
-        return self._alloc(size, PAGE_SIZE, ShmFlags.DYNAMIC | ShmFlags.POOL, with_id=False)
+        return self._alloc(size, PAGE_SIZE, _POOL_DYNAMIC, with_id=False)
 
     def alloc_priv_buf(self, size: int) -> Shm:
         """Allocate a driver-private buffer, never registered (PRIV | POOL)."""
-        return self._alloc(size, PRIV_ALIGN, ShmFlags.PRIV | ShmFlags.POOL, with_id=False)
+        return self._alloc(size, PRIV_ALIGN, _POOL_PRIV, with_id=False)
 
     def _alloc(self, size: int, align: int, flags: ShmFlags, with_id: bool) -> Shm:
         self._check()
@@ -235,7 +267,9 @@ class Context:
             if system.pool == "dynamic":
                 shm = system._alloc_dynamic(self, size, flags)
             else:
-                shm = system._alloc_static(self, size, align, flags & ~ShmFlags.DYNAMIC)
+                # an allocation from the static pool clears DYNAMIC
+                shm = system._alloc_static(self, size, align,
+                                           _POOL_STATIC if flags is _POOL_DYNAMIC else flags)
         except BaseException:
             if with_id:
                 system.ids.remove(shm_id)
@@ -253,11 +287,11 @@ class Context:
         Flags USER_MAPPED | DYNAMIC. Raises NotSupported without REG_MEM,
         NotSharedMemory for private or read-only memory.
         """
-        return self._register(obj, ShmFlags.USER_MAPPED | ShmFlags.DYNAMIC, with_id=True)
+        return self._register(obj, _USER_MAPPED, with_id=True)
 
     def register_kernel_buf(self, obj: Any) -> Shm:
         """Register a buffer backed by POSIX shm for the driver's use; no id (DYNAMIC)."""
-        return self._register(obj, ShmFlags.DYNAMIC, with_id=False)
+        return self._register(obj, _KERNEL_REG, with_id=False)
 
     def _register(self, obj: Any, flags: ShmFlags, with_id: bool) -> Shm:
         self._check()
@@ -498,21 +532,22 @@ class System:
         self._msg = None
         return self.static.alloc(PAGE_SIZE, PAGE_SIZE)
 
-    def call_tee(self, msg: MsgArg) -> MsgArg:
-        """Driver path: place ``msg`` in shared memory, call the secure world, read it back.
+    def call_tee(self, msg: MsgArg) -> None:
+        """Driver path: place ``msg`` in shared memory, call the secure world, check ``ret``.
 
-        Raises TeeError when the secure world answers with a non-zero code.
+        Raises TeeError when the secure world answers with a non-zero code.  (The
+        driver's own commands here, REGISTER_SHM and UNREGISTER_SHM, have no outputs
+        beyond ``ret`` and ``ret_origin``; ``poolsvc.tee.driver`` reads whole replies.)
         """
         data = msg.pack()
         if len(data) > PAGE_SIZE:
             raise BadParameters(f"message of {len(msg.params)} parameters does not fit in a page")
         self.memory.write(self._msg_pa, data)
         self.tee.call_with_arg(self._msg_pa)
-        reply = unpack(self.memory.read(self._msg_pa, len(data)))
-        if reply.ret != 0:
-            raise TeeError(f"secure world answered {reply.ret:#x} (origin {reply.ret_origin}) "
-                           f"to command {msg.cmd}", reply.ret, reply.ret_origin)
-        return reply
+        ret, origin = _RET.unpack(self.memory.read(self._msg_pa + _RET_OFFSET, _RET.size))
+        if ret != 0:
+            raise TeeError(f"secure world answered {ret:#x} (origin {origin}) "
+                           f"to command {msg.cmd}", ret, origin)
 
     def _tee_register(self, pages: np.ndarray, offset: int, size: int, cookie: int) -> None:
         """REGISTER_SHM: build the page list in kernel pages, hand it over, free the list."""
@@ -545,12 +580,11 @@ class System:
             self.dynamic.free_contig(pa, npages)
             raise
         self.memory.table.map_range(pa, npages, seg.sid, index)
-        pages = np.arange(pa, pa + npages * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64)
-        shm = Shm(ctx, flags, npages * PAGE_SIZE, 0, pages, next(self._cookies),
-                  _DynamicBacking(pa, npages, seg, index))
-        if not flags & ShmFlags.PRIV:
+        shm = Shm(ctx, flags, npages * PAGE_SIZE, 0, None, next(self._cookies),
+                  _DynamicBacking(pa, npages, seg, index), (pa, npages))
+        if flags is not _POOL_PRIV:
             try:
-                self._tee_register(pages, 0, shm.size, shm.cookie)
+                self._tee_register(shm.pages, 0, shm.size, shm.cookie)
             except BaseException:
                 self._free_dynamic(shm)
                 raise
@@ -568,9 +602,9 @@ class System:
         pa = self.static.alloc(size, align)
         length = self.static.allocation_at(pa)[1]
         offset = pa & PAGE_MASK
-        first = pa - offset
-        pages = np.arange(first, (pa + length + PAGE_MASK) & ~PAGE_MASK, PAGE_SIZE, dtype=np.uint64)
-        return Shm(ctx, flags, length, offset, pages, next(self._cookies), _StaticBacking(pa, length))
+        npages = (offset + length + PAGE_MASK) // PAGE_SIZE
+        return Shm(ctx, flags, length, offset, None, next(self._cookies), _StaticBacking(pa, length),
+                   (pa - offset, npages))
 
     def _free_static(self, shm: Shm) -> None:
         b: _StaticBacking = shm._backing

@@ -18,10 +18,19 @@ from ..constants import ATTR_TYPE_MASK, MSG_ARG_HEADER_SIZE, MSG_PARAM_SIZE
 from ..errors import ProtocolError
 
 _HEADER = struct.Struct("<8I")
-_PARAM = struct.Struct("<4Q")
 
 #: Largest number of parameters a message may carry (bounds the parsing work).
 MAX_PARAMS = 64
+_U64 = (1 << 64) - 1
+_LAYOUTS: dict[int, struct.Struct] = {}
+
+
+def _layout(num_params: int) -> struct.Struct:
+    """The struct of a whole message with ``num_params`` parameters (cached)."""
+    layout = _LAYOUTS.get(num_params)
+    if layout is None:
+        layout = _LAYOUTS[num_params] = struct.Struct("<8I" + "4Q" * num_params)
+    return layout
 
 
 @dataclass
@@ -57,13 +66,12 @@ class MsgArg:
 
     def pack(self) -> bytes:
         """The wire bytes (num_params taken from ``len(params)``)."""
-        out = bytearray(MSG_ARG_HEADER_SIZE + MSG_PARAM_SIZE * len(self.params))
-        _HEADER.pack_into(out, 0, self.cmd, self.func, self.session, self.cancel_id,
-                          self.pad, self.ret, self.ret_origin, len(self.params))
-        for i, p in enumerate(self.params):
-            _PARAM.pack_into(out, MSG_ARG_HEADER_SIZE + i * MSG_PARAM_SIZE,
-                             p.attr & (2**64 - 1), p.a & (2**64 - 1), p.b & (2**64 - 1), p.c & (2**64 - 1))
-        return bytes(out)
+        params = self.params
+        words: list[int] = [self.cmd, self.func, self.session, self.cancel_id, self.pad,
+                            self.ret, self.ret_origin, len(params)]
+        for p in params:
+            words += (p.attr & _U64, p.a & _U64, p.b & _U64, p.c & _U64)
+        return _layout(len(params)).pack(*words)
 
     @property
     def size(self) -> int:
@@ -90,7 +98,6 @@ def unpack(data: bytes | bytearray | memoryview) -> MsgArg:
     if len(data) < arg_size(num):
         raise ProtocolError(f"message of {len(data)} bytes is too short for {num} parameters "
                             f"({arg_size(num)} bytes)")
-    h = _HEADER.unpack_from(data, 0)
-    params = [MsgParam(*_PARAM.unpack_from(data, MSG_ARG_HEADER_SIZE + i * MSG_PARAM_SIZE))
-              for i in range(num)]
-    return MsgArg(h[0], h[1], h[2], h[3], h[4], h[5], h[6], params)
+    w = _layout(num).unpack_from(data, 0)
+    params = [MsgParam(w[i], w[i + 1], w[i + 2], w[i + 3]) for i in range(8, 8 + 4 * num, 4)]
+    return MsgArg(w[0], w[1], w[2], w[3], w[4], w[5], w[6], params)
