@@ -1,0 +1,16 @@
+"""``poolsvc load``: multi-process load tests of the pool service, with invariant checks.
+
+Modules, one concern each:
+
+- :mod:`.mix` - the run's spec: operation mix, size distribution, bounds, fault rates;
+- :mod:`.histogram` - mergeable logarithmic latency histograms;
+- :mod:`.worker` - the client process: operations, patterns, its own checks;
+- :mod:`.faults` - malformed requests on raw sockets, with the replies they must get;
+- :mod:`.invariants` - the daemon-wide checks (accounting equations, leaks);
+- :mod:`.trace` - recording and replaying a run's operation stream;
+- :mod:`.runner` - the orchestration: service, workers, kills, progress, the report;
+- :mod:`.report` - the report as text, the comparison of two, plots.
+"""
+from .mix import LoadSpec, OpMix, SizeDist
+
+__all__ = ["LoadSpec", "OpMix", "SizeDist"]

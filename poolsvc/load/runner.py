@@ -1,0 +1,594 @@
+"""The load run: service, client processes, kills, checks, progress and the report.
+
+:class:`LoadRunner` owns every process of a run:
+
+- the daemon, when it starts one: ``poolsvc serve`` in a subprocess on a
+  socket in a fresh temporary directory (or none, with ``socket=``: an
+  existing daemon, which it never stops);
+- one worker process per client slot (:mod:`.worker`), restarted with a new
+  generation number after each SIGKILL it deals while time remains;
+- a monitor connection (``poolsvc.connect``) for STATS, through which the
+  invariants of :mod:`.invariants` are checked every ``check_interval``;
+- the malformed-request thread (:mod:`.faults`).
+
+The main loop is single-threaded: it reads the workers' report lines from
+their stdout pipes (``selectors``), deals kills at Poisson-distributed
+moments, checks a snapshot, prints one status line on stderr, and ends when
+every slot is done or at ``duration + GRACE`` seconds, whichever comes
+first.  Whatever happens, the ``finally`` of :meth:`LoadRunner.run` kills
+and reaps every worker and the daemon it started: no child outlives a run.
+
+Concurrency: one thread, plus the injector's thread (which only touches its
+own counters and its own sockets).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from ..errors import Closed, PoolsvcError
+from . import invariants, trace
+from .faults import MalformedInjector
+from .histogram import Histogram
+from .mix import TIMED, LoadSpec, OpMix, SizeDist
+
+#: Seconds the workers get past the duration to free what they hold and exit.
+GRACE = 30.0
+#: Seconds the daemon gets to start, and to stop on SIGTERM.
+DAEMON_START = 20.0
+DAEMON_STOP = 15.0
+#: Seconds after the last worker exits for the daemon to release everything.
+SETTLE = 15.0
+#: A worker is not killed before it has run this long (it must get past start-up).
+MIN_LIFE = 0.3
+#: Errors a well-formed operation may get from a healthy daemon.
+EXPECTED_ERRORS = frozenset({"OutOfMemory"})
+#: Violations quoted in full in a report (the count is always exact).
+MAX_QUOTED = 50
+
+
+@dataclass
+class Incarnation:
+    """One worker process."""
+
+    slot: int
+    gen: int
+    proc: subprocess.Popen
+    started: float
+    budget: int
+    trace_part: str = ""
+    killed: bool = False
+    ready: bool = False
+    buf: bytes = b""
+    done_ops: int = 0
+    stderr_path: str = ""
+    exit_seen: bool = False
+
+
+@dataclass
+class Totals:
+    """What the workers reported, merged."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    hists: dict[str, Histogram] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    timeline: dict[int, dict[str, Any]] = field(default_factory=dict)
+    skipped: int = 0
+    unverified: int = 0
+
+
+class LoadRunner:
+    """One ``poolsvc load`` run; :meth:`run` returns the report (a JSON-ready dict).
+
+    ``socket``: an existing daemon (else one is started with ``config_path``,
+    or with ``dynamic_size`` / ``no_dynamic`` when no file is given).
+    ``record``: write the run's trace there.  ``replay``: run this trace's
+    operations instead of drawing them (the spec's mix, sizes, seed, kill
+    rate are then the trace's, its duration is only a bound).
+    ``progress``: a stream for the one-line status (None: silent).
+    """
+
+    def __init__(self, spec: LoadSpec, *, socket: str | None = None, config_path: str | None = None,
+                 no_dynamic: bool = False, dynamic_size: str | None = None, record: str | None = None,
+                 replay: str | None = None, progress: TextIO | None = None,
+                 label: str = "") -> None:
+        self.spec = spec
+        self.socket = socket
+        self.config_path = config_path
+        self.no_dynamic = no_dynamic
+        self.dynamic_size = dynamic_size or ("32MiB" if spec.exhaust else "256MiB")
+        self.record = record
+        self.replay_path = replay
+        self.replay: trace.Trace | None = trace.read(replay) if replay else None
+        self.progress = progress
+        self.label = label
+        self.rng = random.Random(f"runner/{spec.seed}")
+        self.workdir = ""
+        self.daemon: subprocess.Popen | None = None
+        self.daemon_pid = 0
+        self.monitor: Any = None
+        self.running: list[Incarnation] = []
+        self.finished: list[Incarnation] = []
+        self.next_gen: dict[int, int] = {}
+        self.slot_done: dict[int, int] = {}
+        self.pending: dict[int, list[trace.Incarnation]] = {}
+        self.totals = Totals()
+        self.violations: list[str] = []
+        self.violation_count = 0
+        self.kills = 0
+        self.restarts = 0
+        self.checks = 0
+        self.sel = selectors.DefaultSelector()
+        self.t0 = 0.0
+        self.end = 0.0
+        self.injector: MalformedInjector | None = None
+        self.service_info: dict[str, Any] = {}
+        self._last_progress = 0.0
+        self._last_line = 0.0
+
+    # -- violations ------------------------------------------------------------------------------
+    def violate(self, text: str) -> None:
+        self.violation_count += 1
+        if len(self.violations) < MAX_QUOTED:
+            self.violations.append(text)
+
+    # -- the daemon --------------------------------------------------------------------------------
+    def _start_daemon(self) -> str:
+        path = os.path.join(self.workdir, "poolsvc.sock")
+        if self.config_path:
+            cfg = self.config_path
+        else:
+            cfg = os.path.join(self.workdir, "service.toml")
+            lines = [f'dynamic_size = "{self.dynamic_size}"', 'arena_step = "4MiB"']
+            if self.no_dynamic:
+                lines.append("dynamic_shm = false")
+            lines += ["", "[service]", 'log_level = "WARNING"']
+            with open(cfg, "w") as fh:
+                fh.write("\n".join(lines) + "\n")
+        log = open(os.path.join(self.workdir, "daemon.log"), "w")
+        try:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "poolsvc.cli", "serve", "--config", cfg, "--socket", path,
+                 "--log-level", "warning"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + DAEMON_START
+        while time.monotonic() < deadline:
+            if self.daemon.poll() is not None:
+                raise PoolsvcError(f"poolsvc serve exited with status {self.daemon.returncode} at "
+                                   f"start: {self._tail('daemon.log')}")
+            if os.path.exists(path):
+                try:
+                    import poolsvc
+
+                    poolsvc.connect(path, name="load-probe", spin_us=0, timeout=5).close()
+                    return path
+                except Closed:
+                    pass
+            time.sleep(0.05)
+        raise PoolsvcError(f"poolsvc serve did not open {path} within {DAEMON_START} s")
+
+    def _tail(self, name: str, limit: int = 1500) -> str:
+        try:
+            with open(os.path.join(self.workdir, name), errors="replace") as fh:
+                text = fh.read()
+        except OSError:
+            return ""
+        return text[-limit:].strip()
+
+    def _stop_daemon(self) -> dict[str, Any]:
+        """SIGTERM the daemon we started; its exit status and what it left behind."""
+        out: dict[str, Any] = {}
+        proc = self.daemon
+        if proc is None:
+            return out
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(DAEMON_STOP)
+            except subprocess.TimeoutExpired:
+                self.violate(f"the daemon did not stop within {DAEMON_STOP} s of SIGTERM")
+                proc.kill()
+                proc.wait()
+        out["exit_status"] = proc.returncode
+        if proc.returncode != 0:
+            self.violate(f"the daemon exited with status {proc.returncode}: {self._tail('daemon.log')}")
+        sock = os.path.join(self.workdir, "poolsvc.sock")
+        if os.path.exists(sock):
+            self.violate(f"the daemon left its socket {sock} behind")
+        left = sorted(n for n, pid in invariants.shm_objects().items() if pid == proc.pid)
+        out["dev_shm_left"] = left
+        if left:
+            self.violate(f"the daemon left /dev/shm objects after it stopped: {', '.join(left)}")
+        return out
+
+    # -- workers ---------------------------------------------------------------------------------
+    def _spawn(self, slot: int, budget: int, replay: trace.Incarnation | None = None) -> None:
+        gen = self.next_gen.get(slot, 0)
+        self.next_gen[slot] = gen + 1
+        spec = self.spec
+        doc: dict[str, Any] = {
+            "socket": self.socket, "slot": slot, "gen": gen, "seed": spec.seed, "mix": spec.mix,
+            "sizes": spec.sizes, "batch": spec.batch, "max_live": spec.max_live,
+            "exhaust": spec.exhaust, "deadline": time.time() + max(0.0, self.end - time.monotonic()),
+            "ops": budget, "tick": 0.25,
+        }
+        part = ""
+        if replay is not None:
+            path = os.path.join(self.workdir, f"replay-{slot}-{gen}.ops")
+            with open(path, "w") as fh:
+                fh.write("\n".join(replay.lines) + ("\n" if replay.lines else ""))
+            doc["replay"] = path
+            doc["replay_end"] = replay.end
+            doc["ops"] = 0
+        elif self.record:
+            part = os.path.join(self.workdir, f"record-{slot}-{gen}.trace")
+            doc["trace"] = part
+        err_path = os.path.join(self.workdir, f"worker-{slot}-{gen}.err")
+        with open(err_path, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "poolsvc.load.worker", json.dumps(doc)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    close_fds=True)
+        os.set_blocking(proc.stdout.fileno(), False)
+        inc = Incarnation(slot, gen, proc, time.monotonic(), budget, part, stderr_path=err_path)
+        self.running.append(inc)
+        self.sel.register(proc.stdout, selectors.EVENT_READ, inc)
+
+    def _slot_budget(self) -> int:
+        if not self.spec.ops:
+            return 0
+        return math.ceil(self.spec.ops / self.spec.clients)
+
+    def _read(self, inc: Incarnation) -> None:
+        try:
+            data = os.read(inc.proc.stdout.fileno(), 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            try:
+                self.sel.unregister(inc.proc.stdout)
+            except (KeyError, ValueError):
+                pass
+            return
+        inc.buf += data
+        *lines, inc.buf = inc.buf.split(b"\n")
+        for line in lines:
+            self._absorb(inc, line)
+
+    def _absorb(self, inc: Incarnation, line: bytes) -> None:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            self.violate(f"client {inc.slot}.{inc.gen} wrote a malformed report line: {line[:120]!r}")
+            return
+        kind = doc.get("k")
+        if kind == "ready":
+            inc.ready = True
+            self.service_info.setdefault("pool", doc.get("pool"))
+            return
+        tot = self.totals
+        second = int(time.monotonic() - self.t0)
+        bucket = tot.timeline.setdefault(second, {"ops": 0, "hists": {}})
+        for op, n in doc["n"].items():
+            tot.counts[op] = tot.counts.get(op, 0) + n
+            bucket["ops"] += n
+            inc.done_ops += n
+            self.slot_done[inc.slot] = self.slot_done.get(inc.slot, 0) + n
+        for op, wire in doc["h"].items():
+            h = Histogram.from_wire(wire)
+            tot.hists.setdefault(op, Histogram()).merge(h)
+            bucket["hists"].setdefault(op, Histogram()).merge(h)
+        for key, n in doc["e"].items():
+            tot.errors[key] = tot.errors.get(key, 0) + n
+            if key.split(":", 1)[1] not in EXPECTED_ERRORS:
+                self.violate(f"client {inc.slot}.{inc.gen}: {n} unexpected {key} error(s)")
+        for text in doc["v"]:
+            self.violate(text)
+        tot.skipped += doc.get("skipped", 0)
+        tot.unverified += doc.get("unverified", 0)
+        if kind == "exit":
+            inc.exit_seen = True
+
+    def _reap(self, inc: Incarnation) -> None:
+        """A worker ended: judge how, then restart its slot or retire it."""
+        self._read(inc)
+        inc.buf = b""  # a line cut short by SIGKILL carries nothing usable
+        try:
+            self.sel.unregister(inc.proc.stdout)
+        except (KeyError, ValueError):
+            pass
+        inc.proc.stdout.close()
+        self.running.remove(inc)
+        self.finished.append(inc)
+        rc = inc.proc.returncode
+        replay_kill = rc == -signal.SIGKILL and self.replay is not None
+        if replay_kill:
+            inc.killed = True
+            self.kills += 1
+        elif inc.killed:
+            pass
+        elif rc != 0 or not inc.exit_seen:
+            self.violate(f"client {inc.slot}.{inc.gen} (pid {inc.proc.pid}) exited with status {rc} "
+                         f"without finishing: {self._tail(os.path.basename(inc.stderr_path))}")
+        if self.replay is not None:
+            queue = self.pending.get(inc.slot)
+            if queue:
+                self._spawn(inc.slot, 0, queue.pop(0))
+                self.restarts += 1
+            return
+        if inc.killed:
+            remaining = inc.budget - inc.done_ops if inc.budget else 0
+            if time.monotonic() < self.end - 0.5 and (not inc.budget or remaining > 0):
+                self._spawn(inc.slot, remaining if inc.budget else 0)
+                self.restarts += 1
+
+    def _maybe_kill(self, now: float) -> None:
+        victims = [i for i in self.running if i.ready and not i.killed and now - i.started >= MIN_LIFE]
+        if not victims:
+            return
+        inc = self.rng.choice(victims)
+        inc.killed = True
+        try:
+            inc.proc.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.kills += 1
+
+    # -- checks and progress ----------------------------------------------------------------------
+    def _check(self, own: dict[str, int]) -> dict[str, Any] | None:
+        try:
+            stats = self.monitor.service_stats()
+        except PoolsvcError as exc:
+            self.violate(f"STATS failed: {type(exc).__name__}: {exc} (is the daemon still up?)")
+            return None
+        self.checks += 1
+        for text in invariants.check_snapshot(stats, own):
+            self.violate(f"at {time.monotonic() - self.t0:.1f} s: {text}")
+        return stats
+
+    def _status(self, now: float, final: bool = False) -> None:
+        if self.progress is None:
+            return
+        tty = getattr(self.progress, "isatty", lambda: False)()
+        if not final and now - self._last_progress < (0.5 if tty else 5.0):
+            return
+        self._last_progress = now
+        elapsed = now - self.t0
+        ops = sum(self.totals.counts.get(op, 0) for op in TIMED)
+        recent = [self.totals.timeline.get(s, {}).get("ops", 0) for s in
+                  range(max(0, int(elapsed) - 3), max(1, int(elapsed)))]
+        rate = sum(recent) / max(1, len(recent))
+        line = (f"{self.label}[{elapsed:5.1f}/{self.end - self.t0:.0f}s] clients {len(self.running)} "
+                f"ops {ops:,} ({rate:,.0f}/s) errors {sum(self.totals.errors.values())} "
+                f"kills {self.kills} malformed {self.injector.sent if self.injector else 0} "
+                f"violations {self.violation_count}")
+        if tty:
+            self.progress.write("\r" + line.ljust(118)[:118] + ("\n" if final else ""))
+        else:
+            self.progress.write(line + "\n")
+        self.progress.flush()
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run the load; the report (``report["ok"]`` is False on any violation or leak)."""
+        import poolsvc
+
+        spec = self.spec
+        fds_before = len(os.listdir("/proc/self/fd"))
+        shm_before = invariants.shm_objects()
+        self.workdir = tempfile.mkdtemp(prefix="poolsvc-load-")
+        report: dict[str, Any] = {}
+        daemon_end: dict[str, Any] = {}
+        leaks: dict[str, Any] = {}
+        baseline: dict[str, Any] = {}
+        final_stats: dict[str, Any] = {}
+        try:
+            if self.socket is None:
+                self.socket = self._start_daemon()
+                self.daemon_pid = self.daemon.pid if self.daemon else 0
+            self.monitor = poolsvc.connect(self.socket, name="load-monitor", spin_us=0, timeout=30)
+            start_stats = self.monitor.service_stats()
+            baseline = invariants.summary(start_stats)
+            own = invariants.own_figures(start_stats)
+            self.service_info.update(pool=start_stats["daemon"]["pool"],
+                                     backend=start_stats["daemon"]["backend"],
+                                     pid=start_stats["daemon"]["pid"],
+                                     pools={k: v.get("size") for k, v in start_stats["pools"].items()},
+                                     started_by_load=self.daemon is not None,
+                                     config=self.config_path or ("no-dynamic" if self.no_dynamic else
+                                                                 f"dynamic_size={self.dynamic_size}"))
+            self.t0 = time.monotonic()
+            self.end = self.t0 + spec.duration
+            if self.replay is not None:
+                by_slot = self.replay.by_slot()
+                for slot in sorted(by_slot):
+                    queue = list(by_slot[slot])
+                    self.pending[slot] = queue
+                    self._spawn(slot, 0, queue.pop(0))
+            else:
+                for slot in range(spec.clients):
+                    self._spawn(slot, self._slot_budget())
+            self.injector = MalformedInjector(self.socket, spec.malformed_rate, spec.seed)
+            self.injector.start()
+            kill_rate = spec.kill_rate if self.replay is None else 0.0
+            next_kill = self.t0 + self.rng.expovariate(kill_rate) if kill_rate else math.inf
+            next_check = self.t0 + spec.check_interval
+            hard_end = self.end + GRACE
+            while self.running:
+                for key, _ in self.sel.select(timeout=0.05):
+                    self._read(key.data)
+                for inc in list(self.running):
+                    if inc.proc.poll() is not None:
+                        self._reap(inc)
+                now = time.monotonic()
+                if now >= next_kill:
+                    if now < self.end - 0.5:
+                        self._maybe_kill(now)
+                    next_kill = now + self.rng.expovariate(kill_rate)
+                if now >= next_check:
+                    self._check(own)
+                    next_check = now + spec.check_interval
+                self._status(now)
+                if now > hard_end:
+                    for inc in self.running:
+                        self.violate(f"client {inc.slot}.{inc.gen} did not finish within {GRACE} s "
+                                     "of the end; killed")
+                        inc.killed = True
+                        inc.proc.kill()
+                    hard_end = math.inf
+            elapsed = time.monotonic() - self.t0
+            self.injector.stop()
+            for text in self.injector.violations:
+                self.violate(text)
+            self._status(time.monotonic(), final=True)
+            # -- after every client exited: nothing may be left ------------------------------
+            self._check(own)
+            settle_end = time.monotonic() + SETTLE
+            after = baseline
+            while True:
+                try:
+                    final_stats = self.monitor.service_stats()
+                except PoolsvcError as exc:
+                    self.violate(f"the daemon does not answer STATS after the run: {exc}")
+                    break
+                after = invariants.summary(final_stats)
+                if invariants.leaks(baseline, after) == {} or time.monotonic() > settle_end:
+                    break
+                time.sleep(0.05)
+            leaks = invariants.leaks(baseline, after)
+            for key, delta in leaks.items():
+                self.violate(f"leak after the run: {key} is {after[key]}, was {baseline[key]} "
+                             f"({delta:+d})")
+            report = self._report(elapsed, final_stats)
+        finally:
+            self._cleanup()
+            if self.monitor is not None:
+                self.monitor.close()
+            if self.injector is not None:
+                self.injector.stop()
+            daemon_end = self._stop_daemon()
+            self.sel.close()
+        worker_pids = {inc.proc.pid for inc in self.finished}
+        shm_left = invariants.shm_leftovers(shm_before, worker_pids | ({self.daemon_pid} if self.daemon_pid else set()))
+        if shm_left:
+            leaks["dev_shm"] = len(shm_left)
+            self.violate(f"/dev/shm objects left by the run: {', '.join(shm_left[:10])}")
+        if self.record and report:
+            header = {"spec": spec.to_json(), "service": self.service_info,
+                      "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            parts = [(i.slot, i.gen, "kill" if i.killed else "exit", i.trace_part)
+                     for i in sorted(self.finished, key=lambda i: i.started)]
+            report["trace"] = {"path": self.record, "lines": trace.write(self.record, header, parts)}
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        fds_after = len(os.listdir("/proc/self/fd"))
+        if fds_after > fds_before:
+            leaks["runner_fds"] = fds_after - fds_before
+            self.violate(f"the load runner holds {fds_after - fds_before} more descriptors than before")
+        if report:
+            report["leaks"] = leaks
+            report["daemon_exit"] = daemon_end
+            report["violations"] = {"count": self.violation_count, "quoted": self.violations}
+            report["ok"] = self.violation_count == 0 and not leaks
+        return report
+
+    def _cleanup(self) -> None:
+        """Kill and reap every worker still running (normally none)."""
+        for inc in list(self.running):
+            if inc.proc.poll() is None:
+                inc.killed = True
+                inc.proc.kill()
+            inc.proc.wait()
+            try:
+                self.sel.unregister(inc.proc.stdout)
+            except (KeyError, ValueError):
+                pass
+            inc.proc.stdout.close()
+            self.running.remove(inc)
+            self.finished.append(inc)
+        for inc in self.finished:
+            if inc.proc.returncode is None:
+                inc.proc.kill()
+                inc.proc.wait()
+
+    # -- the report ------------------------------------------------------------------------------
+    def _report(self, elapsed: float, final_stats: dict[str, Any]) -> dict[str, Any]:
+        tot = self.totals
+        ops_total = sum(n for op, n in tot.counts.items() if op != "batch")
+        per_op = {}
+        for op in TIMED:
+            h = tot.hists.get(op)
+            if h is None:
+                continue
+            n = tot.counts.get(op, 0) if op != "batch" else h.count
+            entry = h.summary_us()
+            entry["count"] = n
+            entry["per_s"] = round(n / elapsed, 1) if elapsed else 0.0
+            per_op[op] = entry
+        timeline = []
+        for second in sorted(tot.timeline):
+            bucket = tot.timeline[second]
+            merged = Histogram()
+            row: dict[str, Any] = {"t": second, "ops": bucket["ops"], "latency_us": {}}
+            for op, h in bucket["hists"].items():
+                if op != "batch":
+                    merged.merge(h)
+                row["latency_us"][op] = {"p50": round(h.percentile(0.5) / 1000, 2),
+                                         "p99": round(h.percentile(0.99) / 1000, 2)}
+            row["p50_us"] = round(merged.percentile(0.5) / 1000, 2)
+            row["p99_us"] = round(merged.percentile(0.99) / 1000, 2)
+            timeline.append(row)
+        expected = {k: v for k, v in tot.errors.items() if k.split(":", 1)[1] in EXPECTED_ERRORS}
+        unexpected = {k: v for k, v in tot.errors.items() if k not in expected}
+        by_type: dict[str, int] = {}
+        for k, v in tot.errors.items():
+            by_type[k.split(":", 1)[1]] = by_type.get(k.split(":", 1)[1], 0) + v
+        spec = self.spec.to_json()
+        if self.replay is not None:
+            spec["replay"] = self.replay_path
+            spec["clients"] = self.replay.clients
+        return {
+            "format": "poolsvc-load-report/1",
+            "label": self.label,
+            "spec": spec,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version(), "processor": platform.processor()},
+            "service": self.service_info,
+            "elapsed_s": round(elapsed, 3),
+            "ops_total": ops_total,
+            "ops_per_s": round(ops_total / elapsed, 1) if elapsed else 0.0,
+            "ops": per_op,
+            "errors": {"by_type": by_type, "expected": expected, "unexpected": unexpected},
+            "skipped_ops": tot.skipped,
+            "unverified_checks": tot.unverified,
+            "faults": {"kills": self.kills, "restarts": self.restarts,
+                       "malformed_sent": self.injector.sent if self.injector else 0,
+                       "malformed_by_case": dict(self.injector.by_case) if self.injector else {}},
+            "invariants": {"snapshots_checked": self.checks},
+            "clients_run": len(self.finished),
+            "timeline": timeline,
+            "daemon_requests": final_stats.get("requests", {}),
+        }
+
+
+def describe_spec(spec: LoadSpec) -> str:
+    """One line: what a spec does (for the report's heading)."""
+    mix = OpMix.parse(spec.mix).text()
+    sizes = SizeDist.parse(spec.sizes).text()
+    return (f"{spec.clients} clients, {spec.duration:g} s{f', {spec.ops} ops' if spec.ops else ''}, "
+            f"batch {spec.batch}, sizes {sizes}, mix {mix}")
+

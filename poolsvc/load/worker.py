@@ -1,0 +1,661 @@
+"""A load-test client process: drives one context of the daemon and checks its own buffers.
+
+Run by the runner as ``python -m poolsvc.load.worker SPEC_JSON``; it talks
+to the daemon only through ``poolsvc.connect(path)`` (the public client
+API), and to the runner only through its stdout, one JSON object per line:
+
+- ``{"k": "ready", "pid": ..., "pool": ...}`` once connected;
+- ``{"k": "tick", ...}`` every ``tick`` seconds: operation counts, errors by
+  type, latency histograms and violations *since the previous line*;
+- ``{"k": "exit", ...}`` the last delta, after every buffer was freed.
+
+What it checks (each failure is a *violation* line, never an exception):
+
+- every buffer it allocates or registers gets a pattern naming its owner
+  (slot, generation, handle): the whole buffer for single operations, the
+  first and last 16 bytes for batched ones; before each free the pattern is
+  read back, and ``invoke`` has the secure world's SHA-256 app hash the
+  buffer and compares the digest with the pattern's.  Bytes written by
+  another client mean one physical frame had two owners;
+- in the dynamic pool, no page address of a new buffer belongs to one of its
+  own live buffers;
+- ``lookup`` by id gives back the same buffer.
+
+Generation: with ``replay`` empty, the worker draws operations from the mix
+(seeded ``random.Random``) and, with ``trace`` set, writes each one as a
+trace line (:mod:`poolsvc.load.trace`).  With ``replay`` set it runs that
+file's lines instead, skipping those whose buffer does not exist here (an
+allocation that failed under this configuration), and with
+``replay_end == "kill"`` SIGKILLs itself after the last line, as the
+recorded process was.
+
+Concurrency: one thread.  Bounded: the loop ends at ``deadline`` (wall
+clock) or after ``ops`` operations, whichever is first; a lost connection
+ends it at once (exit status 3).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import random
+import signal
+import struct
+import sys
+import time
+from typing import Any
+
+from ..errors import Closed, NotSupported, OutOfMemory, PoolsvcError
+from .histogram import Histogram
+from .mix import BATCHABLE, REGION_SIZE, OpMix, SizeDist
+
+TAG = struct.Struct("<4sHHQ")
+TAG_MAGIC = b"PLDT"
+KIND_OPS = {"u": "alloc_user", "k": "alloc_kernel", "p": "alloc_priv",
+            "U": "register_user", "K": "register_kernel"}
+EXIT_LOST = 3
+
+
+class Held:
+    """One buffer this worker holds: the Shm and what it must contain."""
+
+    __slots__ = ("shm", "kind", "size", "handle", "full", "view", "region", "extra_refs")
+
+    def __init__(self, shm: Any, kind: str, size: int, handle: int, region: int = -1) -> None:
+        self.shm = shm
+        self.kind = kind
+        self.size = size
+        self.handle = handle
+        self.full = False
+        self.view: Any = None
+        self.region = region
+        self.extra_refs = 0
+
+
+class Worker:
+    """One client of the daemon: the operations, their timing and their checks."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import poolsvc
+
+        self.spec = spec
+        self.slot = int(spec["slot"])
+        self.gen = int(spec["gen"])
+        self.rng = random.Random(f"{spec['seed']}/{self.slot}/{self.gen}")
+        self.mix = OpMix.parse(spec["mix"])
+        self.size = SizeDist.parse(spec["sizes"]).sampler(self.rng)
+        self.batch_size = int(spec["batch"])
+        self.max_live = int(spec["max_live"])
+        self.exhaust = bool(spec["exhaust"])
+        self.deadline = float(spec["deadline"])
+        self.budget = int(spec["ops"]) or (1 << 62)
+        self.tick_s = float(spec.get("tick", 0.25))
+        self.out = sys.stdout
+        # figures since the previous report line
+        self.counts: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.hists: dict[str, Histogram] = {}
+        self.violations: list[str] = []
+        self.done = 0
+        self.skipped = 0
+        self.unverified = 0
+        # what this worker holds
+        self.live: dict[int, Held] = {}
+        self.live_keys: list[int] = []
+        self.pages: dict[int, int] = {}
+        self.next_handle = 1
+        self.pending_release: list[Held] = []
+        self.draining = False
+        self.trace = None
+        if spec.get("trace"):
+            from .trace import TraceWriter
+            self.trace = TraceWriter(spec["trace"])
+        # the daemon
+        self.client = poolsvc.connect(spec["socket"], name=f"load-{self.slot}.{self.gen}",
+                                      timeout=float(spec.get("timeout", 30)))
+        self.ctx = self.client.open_context(f"load-{self.slot}.{self.gen}")
+        self.dynamic = self.client.pool == "dynamic"
+        self.can_register = bool(self.client.gen_caps & 0x4)
+        self.session = None
+        self.digest = None
+        self.digest_view = None
+        self._open_sha256()
+        self._open_area()
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _open_sha256(self) -> None:
+        from ..tee.ta import Sha256App
+
+        self.session = self.ctx.open_session(Sha256App.UUID)
+        self.digest = self.ctx.alloc_kernel_buf(32)
+        try:
+            self.digest_view = self.digest.view()
+        except NotSupported:  # static pool: the digest cannot be read back
+            self.digest_view = None
+
+    def _open_area(self) -> None:
+        """This worker's own POSIX shm object for registrations, unlinked at once."""
+        self.regions = max(4, min(64, self.max_live if not self.exhaust else 64))
+        self.free_regions = list(range(self.regions - 1, -1, -1))
+        self.area = None
+        self.area_fd = -1
+        if not self.can_register:
+            return
+        import posix_ipc
+
+        name = f"/poolsvc-{os.getpid()}-load{self.rng.getrandbits(48):012x}"
+        obj = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=0o600,
+                                     size=self.regions * REGION_SIZE)
+        try:
+            obj.unlink()  # section 8: unlink early, so that a SIGKILL leaves nothing in /dev/shm
+            self.area = mmap.mmap(obj.fd, self.regions * REGION_SIZE)
+            self.area_fd = os.dup(obj.fd)
+        finally:
+            obj.close_fd()
+        self.area_view = memoryview(self.area)
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def _time(self, op: str, ns: int, n: int = 1) -> None:
+        h = self.hists.get(op)
+        if h is None:
+            h = self.hists[op] = Histogram()
+        h.add(ns)
+        self.counts[op] = self.counts.get(op, 0) + n
+
+    def _error(self, op: str, exc: BaseException) -> None:
+        key = f"{op}:{type(exc).__name__}"
+        self.errors[key] = self.errors.get(key, 0) + 1
+        if isinstance(exc, Closed):
+            self.violate(f"{op}: connection to the daemon lost: {exc}")
+            self.report("tick")
+            raise SystemExit(EXIT_LOST)
+
+    def violate(self, text: str) -> None:
+        self.violations.append(f"client {self.slot}.{self.gen} (pid {os.getpid()}): {text}")
+
+    def report(self, kind: str) -> None:
+        doc = {"k": kind, "t": time.time(), "n": self.counts, "e": self.errors,
+               "h": {op: h.to_wire() for op, h in self.hists.items()}, "v": self.violations,
+               "live": len(self.live), "skipped": self.skipped, "unverified": self.unverified}
+        if self.trace is not None:
+            self.trace.flush()
+        self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
+        self.out.flush()
+        self.counts, self.errors, self.hists, self.violations = {}, {}, {}, []
+        self.skipped = self.unverified = 0
+
+    # -- patterns --------------------------------------------------------------------------------
+    def _tag(self, handle: int) -> bytes:
+        return TAG.pack(TAG_MAGIC, self.slot, self.gen & 0xFFFF, handle)
+
+    def _pattern(self, held: Held) -> bytes:
+        tag = self._tag(held.handle)
+        return (tag * (held.size // 16 + 1))[:held.size]
+
+    def _write(self, held: Held, full: bool) -> None:
+        view = held.view
+        if view is None:
+            return
+        if full or held.size <= 32:
+            view[:held.size] = self._pattern(held)
+            held.full = True
+        else:
+            pat = self._pattern_ends(held)
+            view[:16] = pat[0]
+            view[held.size - 16:held.size] = pat[1]
+
+    def _pattern_ends(self, held: Held) -> tuple[bytes, bytes]:
+        tag = self._tag(held.handle)
+        tail_start = held.size - 16
+        phase = tail_start % 16
+        return tag, (tag + tag)[phase:phase + 16]
+
+    def _verify(self, held: Held, what: str) -> None:
+        """Read the pattern back through this process's view; a violation if it changed."""
+        view = held.view
+        if view is None:
+            self.unverified += 1
+            return
+        if held.full:
+            ok = view[:held.size] == self._pattern(held)
+        else:
+            head, tail = self._pattern_ends(held)
+            ok = view[:16] == head and view[held.size - 16:held.size] == tail
+        if not ok:
+            self.violate(f"{what}: buffer {held.handle} ({KIND_OPS[held.kind]}, {held.size} bytes, "
+                         f"cookie {held.shm.cookie:#x}) changed under its owner: "
+                         f"{self._whose(bytes(view[:16]))}")
+
+    def _whose(self, head: bytes) -> str:
+        magic, slot, gen, handle = TAG.unpack(head)
+        if magic != TAG_MAGIC:
+            return f"first bytes are {head.hex()}"
+        return (f"it now starts with the tag of client {slot}.{gen} buffer {handle} "
+                "(one frame, two owners)")
+
+    # -- holding -----------------------------------------------------------------------------------
+    def _hold(self, shm: Any, kind: str, size: int, handle: int, region: int = -1,
+              full: bool = True) -> Held:
+        held = Held(shm, kind, size, handle, region)
+        if kind in "UK":  # registered: the pattern was written into our area before
+            held.full = True
+            held.view = shm.view()
+        else:
+            try:
+                held.view = shm.view()
+            except NotSupported:
+                held.view = None
+            if self.dynamic and kind != "p":
+                pages = shm.pages.tolist()
+                for pa in pages:
+                    other = self.pages.get(pa)
+                    if other is not None:
+                        self.violate(f"page {pa:#x} of new buffer {handle} already belongs to this "
+                                     f"client's live buffer {other}")
+                    self.pages[pa] = handle
+            self._write(held, full)
+        self.live[handle] = held
+        self.live_keys.append(handle)
+        return held
+
+    def _forget(self, held: Held) -> None:
+        self.live.pop(held.handle, None)
+        if self.dynamic and held.kind in "uk":
+            for pa in held.shm.pages.tolist():
+                if self.pages.get(pa) == held.handle:
+                    del self.pages[pa]
+        if held.view is not None:
+            held.view.release()
+            held.view = None
+        if held.region >= 0:
+            self.free_regions.append(held.region)
+
+    def _pick(self, want: Any = None) -> Held | None:
+        """A random live buffer (satisfying ``want`` if given), or None."""
+        keys = self.live_keys
+        for _ in range(8):
+            if not keys:
+                return None
+            i = self.rng.randrange(len(keys))
+            handle = keys[i]
+            held = self.live.get(handle)
+            if held is None:  # freed: drop the stale key
+                keys[i] = keys[-1]
+                keys.pop()
+                continue
+            if want is None or want(held):
+                return held
+        return None
+
+    # -- single operations -------------------------------------------------------------------------
+    def op_alloc(self, kind: str, size: int, handle: int) -> bool:
+        op = KIND_OPS[kind]
+        fn = (self.ctx.alloc_user_buf if kind == "u" else self.ctx.alloc_kernel_buf if kind == "k"
+              else self.ctx.alloc_priv_buf)
+        t0 = time.perf_counter_ns()
+        try:
+            shm = fn(size)
+        except PoolsvcError as exc:
+            self._time(op, time.perf_counter_ns() - t0)
+            self._error(op, exc)
+            if isinstance(exc, OutOfMemory):
+                self.draining = True
+            return False
+        self._time(op, time.perf_counter_ns() - t0)
+        self._hold(shm, kind, size, handle)
+        return True
+
+    def op_register(self, kind: str, size: int, offset: int, handle: int) -> bool:
+        op = KIND_OPS[kind]
+        if self.area is None or not self.free_regions:
+            self.skipped += 1
+            return False
+        region = self.free_regions.pop()
+        start = region * REGION_SIZE + offset
+        tag = self._tag(handle)
+        self.area_view[start:start + size] = (tag * (size // 16 + 1))[:size]
+        fn = self.ctx.register_user_buf if kind == "U" else self.ctx.register_kernel_buf
+        t0 = time.perf_counter_ns()
+        try:
+            shm = fn(self.area_view[start:start + size], fd=self.area_fd)
+        except PoolsvcError as exc:
+            self._time(op, time.perf_counter_ns() - t0)
+            self.free_regions.append(region)
+            self._error(op, exc)
+            if isinstance(exc, OutOfMemory):
+                self.draining = True
+            return False
+        self._time(op, time.perf_counter_ns() - t0)
+        self._hold(shm, kind, size, handle, region)
+        return True
+
+    def op_free(self, handle: int) -> None:
+        held = self.live.get(handle)
+        if held is None:
+            self.skipped += 1
+            return
+        self._verify(held, "free")
+        self._forget(held)
+        t0 = time.perf_counter_ns()
+        try:
+            held.shm.close()
+            for _ in range(held.extra_refs):
+                held.shm.close()
+        except PoolsvcError as exc:
+            self._error("free", exc)
+        self._time("free", time.perf_counter_ns() - t0)
+
+    def op_lookup(self, handle: int) -> None:
+        held = self.live.get(handle)
+        if held is None or held.shm.id <= 0:
+            self.skipped += 1
+            return
+        t0 = time.perf_counter_ns()
+        try:
+            again = self.ctx.shm_from_id(held.shm.id)
+        except PoolsvcError as exc:
+            self._time("lookup", time.perf_counter_ns() - t0)
+            self._error("lookup", exc)
+            return
+        self._time("lookup", time.perf_counter_ns() - t0)
+        if again is not held.shm:
+            self.violate(f"lookup of id {held.shm.id} (buffer {handle}) returned cookie "
+                         f"{again.cookie:#x}, not {held.shm.cookie:#x}")
+        again.close()
+
+    def op_invoke(self, handle: int) -> None:
+        from ..tee.driver import RegisteredMemref
+        from ..tee.ta import Sha256App
+
+        held = self.live.get(handle)
+        if held is None or held.kind == "p":
+            self.skipped += 1
+            return
+        length = held.size if held.full else min(16, held.size)
+        t0 = time.perf_counter_ns()
+        try:
+            self.session.invoke(Sha256App.DIGEST, [RegisteredMemref(held.shm, 0, length, "in"),
+                                                   RegisteredMemref(self.digest, 0, 32, "out")])
+        except PoolsvcError as exc:
+            self._time("invoke", time.perf_counter_ns() - t0)
+            self._error("invoke", exc)
+            return
+        self._time("invoke", time.perf_counter_ns() - t0)
+        if self.digest_view is None or held.view is None:
+            self.unverified += 1
+            return
+        expected = hashlib.sha256(self._pattern(held)[:length]).digest()
+        if self.digest_view[:32] != expected:
+            self.violate(f"invoke: SHA-256 of buffer {handle} ({KIND_OPS[held.kind]}, {length} bytes) "
+                         f"in the secure world is {bytes(self.digest_view[:32]).hex()[:16]}..., "
+                         f"the owner wrote bytes hashing to {expected.hex()[:16]}...; "
+                         f"{self._whose(bytes(held.view[:16]))}")
+
+    # -- batches -------------------------------------------------------------------------------------
+    def op_batch(self, tokens: list[str]) -> None:
+        """Run one BATCH of ``a:K:SIZE:H``, ``f:H``, ``l:H``, ``x:H`` tokens."""
+        b = self.ctx.batch()
+        plan: list[tuple[str, Any]] = []
+        for tok in tokens:
+            parts = tok.split(":")
+            code = parts[0]
+            if code == "a":
+                kind, size, handle = parts[1], int(parts[2]), int(parts[3])
+                getattr(b, KIND_OPS[kind] + "_buf")(size)
+                plan.append(("a", (kind, size, handle)))
+                continue
+            held = self.live.get(int(parts[1]))
+            if held is None or (code == "x" and held.extra_refs <= 0) or (code == "l" and held.shm.id <= 0):
+                self.skipped += 1
+                continue
+            if code == "f":
+                self._verify(held, "free")
+                self._forget(held)
+                b.close(held.shm)
+                for _ in range(held.extra_refs):
+                    b.close(held.shm)
+                plan.append(("f", held))
+            elif code == "l":
+                b.shm_from_id(held.shm.id)
+                plan.append(("l", held))
+            elif code == "x":
+                held.extra_refs -= 1
+                b.close(held.shm)
+                plan.append(("x", held))
+        if not plan:
+            return
+        t0 = time.perf_counter_ns()
+        try:
+            results = b.run()
+        except PoolsvcError as exc:
+            self._error("batch", exc)
+            return
+        ns = time.perf_counter_ns() - t0
+        self._time("batch", ns, 0)
+        per_op = ns // len(plan)
+        results_iter = iter(results)
+        for code, arg in plan:
+            if code == "f":
+                result = next(results_iter)
+                for _ in range(arg.extra_refs):
+                    next(results_iter)
+                arg.extra_refs = 0
+                if isinstance(result, PoolsvcError):
+                    self._error("free", result)
+                self._time("free", per_op)
+                continue
+            result = next(results_iter)
+            if code == "x":
+                if isinstance(result, PoolsvcError):
+                    self._error("free", result)
+                continue
+            if code == "a":
+                kind, size, handle = arg
+                op = KIND_OPS[kind]
+                self._time(op, per_op)
+                if isinstance(result, PoolsvcError):
+                    self._error(op, result)
+                    if isinstance(result, OutOfMemory):
+                        self.draining = True
+                else:
+                    self._hold(result, kind, size, handle, full=False)
+            elif code == "l":
+                self._time("lookup", per_op)
+                if isinstance(result, PoolsvcError):
+                    self._error("lookup", result)
+                elif result is not arg.shm:
+                    self.violate(f"batched lookup of id {arg.shm.id} returned cookie "
+                                 f"{result.cookie:#x}, not {arg.shm.cookie:#x}")
+                    result.close()
+                else:
+                    arg.extra_refs += 1
+                    self.pending_release.append(arg)
+
+    # -- generation ------------------------------------------------------------------------------
+    def _new_handle(self) -> int:
+        h = self.next_handle
+        self.next_handle += 1
+        return h
+
+    def _gen_alloc(self, op: str) -> str:
+        kind = {"alloc_user": "u", "alloc_kernel": "k", "alloc_priv": "p"}[op]
+        return f"a {kind} {self.size()} {self._new_handle()}"
+
+    def generate(self, choose: Any, choose_batch: Any) -> list[str]:
+        """The next trace line(s) to run, drawn from the mix."""
+        if self.draining:  # after an OutOfMemory: free a random half of what we hold
+            self.draining = False
+            if self.exhaust or len(self.live) > 0:
+                victims = [h for h in list(self.live) if self.rng.random() < 0.5] or list(self.live)[:1]
+                releases = [f"x:{h.handle}" for h in self.pending_release]
+                self.pending_release = []
+                if self.batch_size > 1:
+                    toks = releases + [f"f:{h}" for h in victims]
+                    return [f"b {' '.join(toks[i:i + self.batch_size])}"
+                            for i in range(0, len(toks), self.batch_size)]
+                return [f"f {h}" for h in victims]
+        op = choose()
+        if self.batch_size > 1 and op in BATCHABLE and choose_batch:
+            return [self._gen_batch(choose_batch)]
+        return [self._gen_single(op)]
+
+    def _full(self) -> bool:
+        return not self.exhaust and len(self.live) >= self.max_live
+
+    def _gen_single(self, op: str) -> str:
+        if op == "free" or (self._full() and op != "invoke" and op != "lookup"):
+            held = self._pick()
+            if held is not None:
+                return f"f {held.handle}"
+            op = "alloc_user"
+        if op.startswith("alloc"):
+            return self._gen_alloc(op)
+        if op.startswith("register"):
+            if self.area is None or not self.free_regions:
+                return self._gen_alloc("alloc_user")
+            size = self.size()
+            size = min(size, REGION_SIZE - 4096)
+            offset = self.rng.randrange(0, REGION_SIZE - size + 1) if size < REGION_SIZE else 0
+            offset = min(offset, REGION_SIZE - size)
+            return f"r {'U' if op == 'register_user' else 'K'} {size} {offset} {self._new_handle()}"
+        if op == "lookup":
+            held = self._pick(lambda h: h.shm.id > 0)
+            return f"l {held.handle}" if held is not None else self._gen_alloc("alloc_user")
+        held = self._pick(lambda h: h.kind != "p")
+        return f"i {held.handle}" if held is not None else self._gen_alloc("alloc_kernel")
+
+    def _gen_batch(self, choose_batch: Any) -> str:
+        toks = [f"x:{h.handle}" for h in self.pending_release]
+        self.pending_release = []
+        busy: set[int] = set()
+        planned = len(self.live)
+        for _ in range(self.batch_size):
+            op = choose_batch()
+            if op == "free" or (not self.exhaust and planned >= self.max_live and op != "lookup"):
+                held = self._pick(lambda h: h.handle not in busy)
+                if held is not None:
+                    busy.add(held.handle)
+                    toks.append(f"f:{held.handle}")
+                    planned -= 1
+                    continue
+                op = "alloc_user"
+            if op == "lookup":
+                held = self._pick(lambda h: h.shm.id > 0 and h.handle not in busy)
+                if held is not None:  # busy: a free later in this batch would run first locally
+                    busy.add(held.handle)
+                    toks.append(f"l:{held.handle}")
+                    continue
+                op = "alloc_user"
+            kind = {"alloc_user": "u", "alloc_kernel": "k", "alloc_priv": "p"}[op]
+            toks.append(f"a:{kind}:{self.size()}:{self._new_handle()}")
+            planned += 1
+        return "b " + " ".join(toks)
+
+    # -- running ---------------------------------------------------------------------------------
+    def run_line(self, line: str) -> int:
+        """Run one trace line; returns the operations it stands for."""
+        p = line.split()
+        code = p[0]
+        if code == "a":
+            self.op_alloc(p[1], int(p[2]), int(p[3]))
+        elif code == "f":
+            self.op_free(int(p[1]))
+        elif code == "l":
+            self.op_lookup(int(p[1]))
+        elif code == "i":
+            self.op_invoke(int(p[1]))
+        elif code == "r":
+            self.op_register(p[1], int(p[2]), int(p[3]), int(p[4]))
+        elif code == "b":
+            self.op_batch(p[1:])
+            return sum(1 for t in p[1:] if not t.startswith("x"))
+        return 1
+
+    def run(self) -> int:
+        self.out.write(json.dumps({"k": "ready", "pid": os.getpid(), "pool": self.client.pool}) + "\n")
+        self.out.flush()
+        next_tick = time.monotonic() + self.tick_s
+        replay = self.spec.get("replay")
+        if replay:
+            with open(replay, encoding="ascii") as fh:
+                lines = iter([line.strip() for line in fh if line.strip()])
+        else:
+            choose = self.mix.chooser(self.rng, None if not self.exhaust else
+                                      frozenset(o for o, _ in self.mix.weights if o != "free"))
+            if not choose:
+                choose = self.mix.chooser(self.rng)
+            choose_batch = self.mix.chooser(self.rng, BATCHABLE if not self.exhaust else
+                                            BATCHABLE - {"free"})
+            lines = None
+        queue: list[str] = []
+        while self.done < self.budget:
+            if lines is not None:
+                line = next(lines, None)
+                if line is None:
+                    break
+            else:
+                if time.time() >= self.deadline:
+                    break
+                if not queue:
+                    queue = self.generate(choose, choose_batch)
+                    queue.reverse()
+                line = queue.pop()
+                if self.trace is not None:
+                    self.trace.add(line)
+            self.done += self.run_line(line)
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + self.tick_s
+                self.report("tick")
+        if replay and self.spec.get("replay_end") == "kill":
+            self.report("tick")
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.finish()
+        return 0
+
+    def finish(self) -> None:
+        """Free everything (verifying each buffer), close the session, hang up, report."""
+        for held in self.pending_release:
+            if held.extra_refs > 0 and held.handle in self.live:
+                held.extra_refs -= 1
+                held.shm.close()
+        self.pending_release = []
+        for handle in list(self.live):
+            self.op_free(handle)
+        try:
+            if self.session is not None:
+                self.session.close()
+            if self.digest is not None:
+                if self.digest_view is not None:
+                    self.digest_view.release()
+                self.digest.close()
+            self.ctx.close()
+            self.client.close()
+        except PoolsvcError as exc:
+            self._error("close", exc)
+        if self.area is not None:
+            self.area_view.release()
+            self.area.close()
+            os.close(self.area_fd)
+        self.report("exit")
+        if self.trace is not None:
+            self.trace.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(argv[0])
+    try:
+        worker = Worker(spec)
+    except PoolsvcError as exc:
+        sys.stdout.write(json.dumps({"k": "tick", "t": time.time(), "n": {}, "e": {}, "h": {},
+                                     "v": [f"client {spec.get('slot')}.{spec.get('gen')} could not "
+                                           f"start: {type(exc).__name__}: {exc}"],
+                                     "live": 0, "skipped": 0, "unverified": 0}) + "\n")
+        sys.stdout.flush()
+        return EXIT_LOST
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Tests of ``poolsvc load``: short bounded runs with faults, record/replay, the checkers.
+
+Every run here starts its own ``poolsvc serve`` subprocess on a temporary
+socket and lasts a few seconds; each asserts zero violations and zero leaks
+(the runner's own checks, see poolsvc/load/invariants.py), plus the figures
+the run must have produced.  The checkers themselves are tested on doctored
+inputs, so that "zero violations" is known to mean something.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+from poolsvc.cli import main
+from poolsvc.errors import BadParameters, ConfigError
+from poolsvc.load import invariants, report, trace
+from poolsvc.load.faults import CASES, run_case
+from poolsvc.load.histogram import Histogram
+from poolsvc.load.mix import LoadSpec, OpMix, SizeDist
+from poolsvc.load.runner import LoadRunner
+
+from svcutil import DaemonThread
+from sysutil import open_fds
+
+
+def _assert_clean(rep: dict) -> None:
+    assert rep["violations"]["count"] == 0, rep["violations"]["quoted"]
+    assert rep["leaks"] == {}, rep["leaks"]
+    assert rep["ok"] is True
+    assert rep["errors"]["unexpected"] == {}
+
+
+def test_short_run_with_kills_and_malformed_requests():
+    fds = open_fds()
+    rep = LoadRunner(LoadSpec(clients=3, duration=3.0, kill_rate=2.0, malformed_rate=10.0,
+                              seed=7)).run()
+    _assert_clean(rep)
+    assert rep["faults"]["kills"] >= 1 and rep["faults"]["restarts"] >= 1
+    assert rep["faults"]["malformed_sent"] >= 5
+    assert rep["ops_total"] > 500
+    for op in ("alloc_user", "alloc_kernel", "alloc_priv", "free", "lookup", "invoke",
+               "register_user"):
+        assert rep["ops"][op]["count"] > 0, op
+        assert 0 < rep["ops"][op]["p50_us"] <= rep["ops"][op]["p99_us"] <= rep["ops"][op]["max_us"] * 1.1
+    assert rep["invariants"]["snapshots_checked"] >= 3
+    assert rep["unverified_checks"] == 0  # dynamic pool: every buffer was checked
+    assert open_fds() == fds
+
+
+def test_batched_exhaustion_with_kills():
+    rep = LoadRunner(LoadSpec(clients=2, duration=3.0, batch=32, exhaust=True, kill_rate=1.0,
+                              malformed_rate=5.0, sizes="log:4096:256KiB"),
+                     dynamic_size="8MiB").run()
+    _assert_clean(rep)
+    assert rep["errors"]["by_type"].get("OutOfMemory", 0) > 0  # the pool did run dry
+    assert rep["ops"]["batch"]["count"] > 0
+
+
+def test_ops_bound_ends_the_run():
+    rep = LoadRunner(LoadSpec(clients=2, duration=30.0, ops=400)).run()
+    _assert_clean(rep)
+    assert 400 <= rep["ops_total"] < 800 and rep["elapsed_s"] < 25
+
+
+def test_record_then_replay_on_two_configurations(tmp_path):
+    rec = str(tmp_path / "run.trace")
+    original = LoadRunner(LoadSpec(clients=2, duration=2.5, kill_rate=1.5, seed=3), record=rec).run()
+    _assert_clean(original)
+    tr = trace.read(rec)
+    assert tr.clients == 2 and tr.ops > 100
+    assert any(inc.end == "kill" for inc in tr.incarnations) == (original["faults"]["kills"] > 0)
+    dyn = LoadRunner(LoadSpec(clients=2, duration=120.0, seed=3), replay=rec, label="dyn").run()
+    static = LoadRunner(LoadSpec(clients=2, duration=120.0, seed=3), replay=rec, no_dynamic=True,
+                        label="static").run()
+    for rep in (dyn, static):
+        _assert_clean(rep)
+        assert rep["faults"]["kills"] == sum(inc.end == "kill" for inc in tr.incarnations)
+    # The same stream ran on both: allocation attempts match one for one.
+    for op in ("alloc_user", "alloc_kernel", "alloc_priv"):
+        assert dyn["ops"][op]["count"] == static["ops"][op]["count"]
+    assert dyn["service"]["pool"] == "dynamic" and static["service"]["pool"] == "static"
+    assert static["skipped_ops"] > 0  # no registration without dynamic shm
+    text = report.compare(dyn, static, ("dyn", "static"))
+    assert "dyn" in text and "static pool" in text and "alloc_user p99 us" in text
+
+
+def test_cli_run_compare_and_plot(tmp_path, capsys):
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    args = ["load", "--clients", "2", "--duration", "1.5", "--quiet", "--malformed-rate", "5"]
+    assert main(args + ["--json", a, "--plot", str(tmp_path / "plots")]) == 0
+    assert main(args + ["--batch", "16", "--json", b, "--label", "batched"]) == 0
+    out = capsys.readouterr().out
+    assert "RESULT: OK" in out and "section 7 target" in out
+    assert os.path.getsize(tmp_path / "plots" / "throughput.png") > 1000
+    assert os.path.getsize(tmp_path / "plots" / "latency.png") > 1000
+    assert main(["load", "--compare", a, b]) == 0
+    table = capsys.readouterr().out
+    assert "batched" in table and "ops/s" in table
+    assert json.load(open(b))["spec"]["batch"] == 16
+
+
+def test_cli_refuses_bad_arguments(capsys):
+    assert main(["load", "--mix", "alloc_user=oops"]) == 2
+    assert main(["load", "--socket", "/nonexistent", "--no-dynamic"]) == 2
+    assert "ConfigError" in capsys.readouterr().err
+
+
+# -- the pieces ---------------------------------------------------------------------------------
+def test_every_malformed_case_gets_its_promised_reply(tmp_path):
+    daemon = DaemonThread(tmp_path / "d.sock")
+    try:
+        rng = random.Random(5)
+        for case in CASES:
+            for _ in range(2):
+                assert run_case(daemon.path, case, rng) is None
+        stats = daemon.stats()
+        assert invariants.summary(stats)["contexts"] == 0
+    finally:
+        daemon.stop()
+
+
+def test_snapshot_checker_reports_broken_accounting(tmp_path):
+    daemon = DaemonThread(tmp_path / "d.sock")
+    try:
+        stats = daemon.stats()
+    finally:
+        daemon.stop()
+    own = invariants.own_figures(stats)
+    assert invariants.check_snapshot(stats, own) == []
+    bad = json.loads(json.dumps(stats))
+    bad["pools"]["dynamic"]["used_frames"] += 1
+    found = invariants.check_snapshot(bad, own)
+    assert any("free" in v for v in found) and any("counted twice" in v for v in found)
+    bad = json.loads(json.dumps(stats))
+    bad["ids"] += 2
+    assert any(v.startswith("ids:") for v in invariants.check_snapshot(bad, own))
+    before = invariants.summary(stats)
+    after = dict(before, storage_objects=before["storage_objects"] + 1)
+    assert invariants.leaks(before, after) == {"storage_objects": 1}
+
+
+def test_worker_detects_a_foreign_tag():
+    from poolsvc.load.worker import TAG, TAG_MAGIC, Held, Worker
+
+    w = Worker.__new__(Worker)
+    w.slot, w.gen, w.violations, w.unverified = 1, 0, [], 0
+    buf = bytearray(100)
+    held = Held(type("S", (), {"cookie": 0x1234})(), "u", 100, 9)
+    held.view = memoryview(buf)
+    w._write(held, full=True)
+    w._verify(held, "free")
+    assert w.violations == []
+    buf[:16] = TAG.pack(TAG_MAGIC, 5, 2, 77)
+    w._verify(held, "free")
+    assert len(w.violations) == 1 and "client 5.2 buffer 77" in w.violations[0]
+
+
+def test_mix_sizes_and_spec_validation():
+    mix = OpMix.parse("alloc_user=3, free=1")
+    assert dict(mix.weights)["alloc_user"] == 3 and dict(mix.weights)["invoke"] == 0
+    for bad in ("nope=1", "free=-1", "free=x", "free=0", "free"):
+        with pytest.raises(ConfigError):
+            OpMix.parse(bad)
+    rng = random.Random(1)
+    draw = SizeDist.parse("log:64:64KiB").sampler(rng)
+    assert all(64 <= draw() <= 65536 for _ in range(1000))
+    assert SizeDist.parse("choice:4KiB,8KiB").values == (4096, 8192)
+    for bad in ("log:10:5", "fixed:0", "weird:1", "choice:"):
+        with pytest.raises(ConfigError):
+            SizeDist.parse(bad)
+    with pytest.raises(ConfigError):
+        LoadSpec(clients=0)
+    with pytest.raises(ConfigError):
+        LoadSpec(batch=5000)
+
+
+def test_histogram_percentiles_within_a_bucket():
+    h = Histogram()
+    for ns in range(1000, 101000, 100):
+        h.add(ns)
+    assert abs(h.percentile(0.5) - 51000) / 51000 < 0.1
+    assert abs(h.percentile(0.99) - 99000) / 99000 < 0.1
+    again = Histogram.from_wire(json.loads(json.dumps(h.to_wire())))
+    again.merge(h)
+    assert again.count == 2 * h.count and again.max_ns == h.max_ns
+
+
+def test_trace_reader_names_the_bad_line(tmp_path):
+    path = tmp_path / "t.trace"
+    path.write_text('#poolsvc-trace 1 {}\n@ 0 0 exit 2\na u 4096 1\n')
+    with pytest.raises(BadParameters, match="announces 2"):
+        trace.read(str(path))
+    path.write_text('#poolsvc-trace 1 {}\n@ 0 0 exit 1\nz 1\n')
+    with pytest.raises(BadParameters, match=":3: unknown operation"):
+        trace.read(str(path))
+    path.write_text("not a trace\n")
+    with pytest.raises(BadParameters, match="header"):
+        trace.read(str(path))
