@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import pagelist
-from ._backend import BACKEND, core
+from ._backend import BACKEND
 from .config import Config
 from .constants import PAGE_SIZE
 from .errors import InternalError, PoolsvcError
@@ -113,13 +113,13 @@ class Report:
     results: list[Result] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        out = {"machine": self.machine, "params": self.params,
-               "levels": [asdict(x) for x in self.levels], "results": []}
+        results: list[dict[str, Any]] = []
         for r in self.results:
             d = asdict(r)
             d["failure_rate"] = r.failure_rate
-            out["results"].append(d)
-        return out
+            results.append(d)
+        return {"machine": self.machine, "params": self.params,
+                "levels": [asdict(x) for x in self.levels], "results": results}
 
 
 def machine_description() -> dict[str, Any]:

@@ -55,7 +55,6 @@ from .errors import (
     ItemNotFound,
     NotSharedMemory,
     NotSupported,
-    OutOfMemory,
     TeeError,
 )
 from .fragmentation import unusable_indices
@@ -142,12 +141,16 @@ class Shm:
         self._refs = 1
         self._backing = backing
         self._views: list[memoryview] = []
+        self._pages: np.ndarray | None
+        self._run: tuple[int, int] | None
+        self.paddr: int | None
         if run is not None:
             # physically contiguous: (first page PA, page count); ``pages`` is built on demand
             self._pages = None
             self._run = run
             self.paddr = run[0] + offset
         else:
+            assert pages is not None, "a scattered shm needs its page array"
             pages.flags.writeable = False
             self._pages = pages
             self._run = None
@@ -158,6 +161,7 @@ class Shm:
     def pages(self) -> np.ndarray:
         """The PA of each 4 KiB page of the buffer (read-only numpy uint64)."""
         if self._pages is None:
+            assert self._run is not None
             first, count = self._run
             pages = np.arange(first, first + count * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64)
             pages.flags.writeable = False
@@ -188,6 +192,7 @@ class Shm:
             base.release()
         elif isinstance(backing, _StaticBacking):
             start = backing.pa - system.config.static_base
+            assert system._carveout is not None
             base = memoryview(system._carveout.mm)
             view = base[start:start + self.size]
             base.release()
@@ -435,8 +440,9 @@ class System:
         self.pool = "dynamic" if config.dynamic_shm else "static"
         self.dynamic = core.FrameAllocator(config.dynamic_base, config.dynamic_size // PAGE_SIZE,
                                            config.max_contig_order)
-        self.static = None
+        self.static: Any = None  # core.RangeAllocator when the TEE has a reserved pool
         self._carveout: Storage | None = None
+        self._msg: tuple[int, int, Segment, int] | None = None
         self.kernel_arena = Arena(self.memory, min(config.arena_step, 4 << 20),
                                   config.shm_prefix, owner="kernel")
         try:
@@ -527,10 +533,11 @@ class System:
     def _alloc_msg_page(self) -> int:
         """Where the driver places ``struct optee_msg_arg`` for the secure world."""
         if self.config.dynamic_shm or self.static is None:
-            self._msg = self._alloc_kernel_pages(1)
-            return self._msg[0]
+            msg = self._alloc_kernel_pages(1)
+            self._msg = msg
+            return msg[0]
         self._msg = None
-        return self.static.alloc(PAGE_SIZE, PAGE_SIZE)
+        return int(self.static.alloc(PAGE_SIZE, PAGE_SIZE))
 
     def call_tee(self, msg: MsgArg) -> None:
         """Driver path: place ``msg`` in shared memory, call the secure world, check ``ret``.

@@ -19,7 +19,16 @@ import pytest
 
 import poolsvc
 from poolsvc import Config, errors
-from poolsvc.errors import BadParameters, Closed, ConfigError, ItemNotFound, NotSharedMemory, NotSupported, OutOfMemory, PoolsvcError
+from poolsvc.errors import (
+    BadParameters,
+    Closed,
+    ConfigError,
+    ItemNotFound,
+    NotSharedMemory,
+    NotSupported,
+    OutOfMemory,
+    PoolsvcError,
+)
 from poolsvc.mapping import find_mapping
 from poolsvc.service import protocol as P
 from poolsvc.service.client import connect
@@ -265,7 +274,7 @@ while True:
 def test_sigkill_at_random_points_then_exact_accounting(daemon):
     rng = random.Random(1234)
     baseline = daemon.baseline
-    for round_ in range(3):
+    for _round in range(3):
         procs = [spawn_client(CHURN, daemon.path, str(rng.getrandbits(32))) for _ in range(4)]
         for proc in procs:
             line = proc.stdout.readline().strip()

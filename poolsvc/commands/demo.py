@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         if config.dynamic_shm:
             buf = shared_memory.SharedMemory(create=True, size=64 * 1024)
             try:
+                assert buf.buf is not None
                 reg = ctx.register_user_buf(buf.buf[123:123 + 20000])
                 report["register_user_buf"] = {
                     "id": reg.id, "size": reg.size, "offset": reg.offset, "flags": reg.flags.name,

@@ -27,7 +27,8 @@ def text(doc: dict[str, Any]) -> str:
     lines.append(f"  ids {doc['ids']}, registered cookies {doc['registered_cookies']}, "
                  f"contexts {doc['contexts']}")
     lines += ["", "clients:"]
-    header = f"  {'client':32} {'pid':>7} {'shms':>6} {'ids':>5} {'frames':>8} {'bytes':>12} {'sess':>5} {'requests':>9}"
+    header = (f"  {'client':32} {'pid':>7} {'shms':>6} {'ids':>5} {'frames':>8} {'bytes':>12} "
+              f"{'sess':>5} {'requests':>9}")
     lines.append(header)
     for c in doc["clients"]:
         label = c.get("context") or f"{c['name'] or '-'} ({c['role'].lower()})"
