@@ -24,7 +24,7 @@ import numpy as np
 from ._backend import core
 from .config import Config
 from .constants import PAGE_SIZE
-from .errors import AddressError, BadParameters, OutOfMemory
+from .errors import BadParameters
 from .storage import Storage
 
 
