@@ -705,6 +705,9 @@ class System:
 
     def _map_file_pages(self, pas: np.ndarray, vpages: np.ndarray, sid: int) -> None:
         """Map frames ``pas[i]`` to page ``vpages[i]`` of storage ``sid``, run by run."""
+        if int(vpages[-1]) - int(vpages[0]) == len(vpages) - 1:  # one run: the usual case
+            self.memory.table.map_pages(pas, sid, int(vpages[0]))
+            return
         breaks = np.flatnonzero(np.diff(vpages) != 1) + 1
         starts = np.concatenate([[0], breaks])
         ends = np.concatenate([breaks, [len(vpages)]])

@@ -413,3 +413,22 @@ def test_interpreter_exit_leaves_nothing():
     script = "import poolsvc; s = poolsvc.System(); c = s.open_context(); c.alloc_user_buf(1 << 20)"
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     assert shm_leftovers() == before
+
+
+def test_registration_around_an_existing_one(dyn_system, shmem):
+    """New frames for pages on both sides of an already registered range (two runs)."""
+    seg = shmem(8 * 4096)
+    seg.buf[:] = bytes(range(256)) * 128
+    ctx = dyn_system.open_context()
+    inner = ctx.register_kernel_buf(seg.buf[2 * 4096:4 * 4096])
+    outer = ctx.register_kernel_buf(seg.buf[0:6 * 4096])
+    assert list(outer.pages[2:4]) == list(inner.pages)
+    assert len(set(outer.pages.tolist())) == 6
+    for i, pa in enumerate(outer.pages.tolist()):
+        assert dyn_system.phys.read(pa, 4096) == bytes(seg.buf[i * 4096:(i + 1) * 4096])
+    inner.close()
+    for i, pa in enumerate(outer.pages.tolist()):
+        assert dyn_system.phys.read(pa, 16) == bytes(seg.buf[i * 4096:i * 4096 + 16])
+    outer.close()
+    ctx.close()
+    assert_idle(dyn_system)
