@@ -357,6 +357,29 @@ def format_table(report: Report) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(report: Report) -> str:
+    """The fragmentation levels and the results as Markdown tables."""
+    out = ["| level | free MiB | largest free run | unusable index, order 4 | order 10 |",
+           "|---|---:|---:|---:|---:|"]
+    for lv in report.levels:
+        out.append(f"| {lv.level} | {lv.free_frames * PAGE_SIZE / MiB:.1f} | "
+                   f"{human_size(lv.largest_free_run * PAGE_SIZE)} | {lv.unusable_index[4]:.3f} | "
+                   f"{lv.unusable_index[-1]:.3f} |")
+    out += ["", "| level | size | strategy | p50 µs | p99 µs | failed | set-up µs | overhead B | "
+                "SHA-256 MB/s | segments | longest run (pages) |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(x: float | None, fmt: str = "{:.1f}") -> str:
+        return "–" if x is None else fmt.format(x)
+
+    for r in report.results:
+        out.append(f"| {r.level} | {human_size(r.size)} | {r.strategy} | {f(r.p50_us)} | {f(r.p99_us)} | "
+                   f"{r.failure_rate:.0%} | {f(r.setup_us)} | {f(r.overhead_bytes, '{:d}')} | "
+                   f"{f(r.access_mb_s, '{:.0f}')} | {f(r.segments, '{:d}')} | "
+                   f"{f(r.longest_run_pages, '{:d}')} |")
+    return "\n".join(out) + "\n"
+
+
 def plot(report: Report, directory: str) -> list[str]:
     """Latency and failure rate against fragmentation, one panel per size; returns files.
 

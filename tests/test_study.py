@@ -74,12 +74,14 @@ def test_cli_writes_table_json_and_plots(tmp_path, capsys):
     out = tmp_path / "r.json"
     plots = tmp_path / "plots"
     rc = main(["bench", "--quick", "--sizes", "4KiB,256KiB", "--trials", "2",
-               "--dynamic-size", "16MiB", "--json", str(out), "--plot", str(plots)])
+               "--dynamic-size", "16MiB", "--json", str(out), "--plot", str(plots),
+               "--markdown", str(tmp_path / "r.md")])
     assert rc == 0
     text = capsys.readouterr().out
     assert "contiguous" in text and "scattered" in text and "unusable" in text
     data = json.loads(out.read_text())
     assert data["machine"]["cores"] >= 1
     assert {r["strategy"] for r in data["results"]} == set(study.STRATEGIES)
+    assert "| severe | 256 KiB | scattered |" in (tmp_path / "r.md").read_text()
     for name in ("latency.png", "failure.png"):
         assert (plots / name).stat().st_size > 10_000

@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dynamic-size", default="1GiB", help="dynamic RAM of the simulated machine")
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine's description")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots of latency and failure rate")
+    p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
     p.set_defaults(func=run)
 
 
@@ -78,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as fh:
             json.dump(report.to_json(), fh, indent=1)
         print(f"\nwrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(study.format_markdown(report))
+        print(f"wrote {args.markdown}")
     if args.plot:
         for path in study.plot(report, args.plot):
             print(f"wrote {path}")
