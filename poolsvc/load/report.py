@@ -152,7 +152,7 @@ def plot(report: dict[str, Any], directory: str) -> list[str]:
     plt.close(fig)
     paths.append(path)
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     ops = [op for op in TIMED if any(op in r["latency_us"] for r in rows)]
     colors = plt.cm.tab10.colors
     for i, op in enumerate(ops):
@@ -165,7 +165,7 @@ def plot(report: dict[str, Any], directory: str) -> list[str]:
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     path = os.path.join(directory, "latency.png")
     fig.savefig(path, dpi=110)
