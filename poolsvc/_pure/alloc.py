@@ -16,6 +16,7 @@ compiled core, so both raise the same error type) before it changes anything.
 from __future__ import annotations
 
 import operator
+from typing import Iterator
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def _as_page_array(pages) -> np.ndarray:
     return arr.astype(np.uint64)
 
 
-def _free_runs(used: bytearray, n_min: int = 1):
+def _free_runs(used: bytearray, n_min: int = 1) -> Iterator[tuple[int, int]]:
     """Yield (start, end) of every maximal free run of >= n_min units, ascending."""
     pos = 0
     want = bytes(n_min)
@@ -106,7 +107,7 @@ class RangeAllocator:
     #             the runs [c, c + _alloc_len[c]) are disjoint and cover
     #             exactly the used chunks.
 
-    def __init__(self, base, size, min_order=9, policy="first-fit"):
+    def __init__(self, base, size, min_order=9, policy="first-fit") -> None:
         b = _int(base, "base")
         s = _int(size, "size")
         mo = _int(min_order, "min_order")
@@ -230,7 +231,7 @@ class RangeAllocator:
         del self._alloc_len[c]
         return n * self._chunk
 
-    def allocation_at(self, addr):
+    def allocation_at(self, addr) -> tuple[int, int] | None:
         """The live allocation containing addr: (start, length), or None."""
         x = _int(addr, "addr")
         for c, n in self._alloc_len.items():
@@ -315,7 +316,7 @@ class FrameAllocator:
     # _used[i]: frame i (PA base_pa + i * 4096), 0 free / 1 used.
     # Invariant: free_frames + used_frames == nframes == len(_used).
 
-    def __init__(self, base_pa, nframes, max_order=10):
+    def __init__(self, base_pa, nframes, max_order=10) -> None:
         b = _int(base_pa, "base_pa")
         n = _int(nframes, "nframes")
         mo = _int(max_order, "max_order")
@@ -397,7 +398,7 @@ class FrameAllocator:
             raise BadParameters(f"npages must be > 0, got {n}")
         if n > self.free_frames:
             raise OutOfMemory(f"{n} frames requested, {self.free_frames} free")
-        taken = []
+        taken: list[int] = []
         pos = 0
         while len(taken) < n:
             i = self._used.find(b"\x00", pos)

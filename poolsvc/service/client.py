@@ -45,7 +45,7 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import numpy as np
 
@@ -213,7 +213,7 @@ class _Channel:
             self._lost("the daemon closed the connection")
         self.buf += data
 
-    def _lost(self, why: str) -> None:
+    def _lost(self, why: str) -> NoReturn:
         self.close()
         if self.on_lost is not None:
             self.on_lost()
@@ -757,14 +757,14 @@ class _Params:
         if length == 0:
             self.after.append(("memref", ref, d))
             return P.PARAM.pack(P.ParamKind.NULL_MEMREF | d << 8, 0, 0, 0)
-        shm = None
+        shm: Shm | None = None
         if self.ctx.client.gen_caps & 0x4:
             try:
                 shm = self.ctx.register_kernel_buf(ref.buffer)
             except (NotSharedMemory, NotSupported):
                 shm = None
         bounce = shm is None
-        if bounce:
+        if shm is None:
             shm = self.ctx.alloc_kernel_buf(length)
             if d != 1:
                 with memoryview(ref.buffer) as src, shm.view() as dst:

@@ -177,6 +177,7 @@ class Server:
             self.system = System(self.config)
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._sel = selectors.DefaultSelector()
+            assert self._listener is not None  # made by _bind()
             self._sel.register(self._listener, selectors.EVENT_READ, _LISTEN)
             self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         except BaseException:

@@ -89,7 +89,7 @@ def _params(specs: Any) -> list[Any]:
 
 
 def _outputs(params: list[Any], result: Any) -> dict[str, Any]:
-    data = []
+    data: list[str | None] = []
     for p, size in zip(params, result.sizes):
         if isinstance(p, TempMemref) and p.buffer is not None and size is not None:
             data.append(base64.b64encode(bytes(p.buffer[:min(size, len(p.buffer))])).decode())
@@ -125,8 +125,13 @@ class TeeDaemon:
         self._listener: socket.socket | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
+    def _selector(self) -> selectors.BaseSelector:
+        """The loop's selector; only used while serve_forever runs (after _listen made it)."""
+        assert self._sel is not None, "TeeDaemon selector used outside serve_forever"
+        return self._sel
+
     def _listen(self) -> None:
-        self._sel = selectors.DefaultSelector()
+        self._sel = sel = selectors.DefaultSelector()
         if os.path.exists(self.path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -147,7 +152,7 @@ class TeeDaemon:
             sock.close()
             raise BadParameters(f"cannot listen on {self.path}: {exc.strerror}") from None
         self._listener = sock
-        self._sel.register(sock, selectors.EVENT_READ, None)
+        sel.register(sock, selectors.EVENT_READ, None)
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler)."""
@@ -160,7 +165,7 @@ class TeeDaemon:
             if ready is not None:
                 ready()
             while not self._stop:
-                for key, events in self._sel.select(timeout=poll):
+                for key, events in self._selector().select(timeout=poll):
                     if key.data is None:
                         self._accept()
                     else:
@@ -181,18 +186,19 @@ class TeeDaemon:
     # -- connections -------------------------------------------------------------------------
     def _accept(self) -> None:
         try:
-            sock, _ = self._listener.accept()  # type: ignore[union-attr]
+            assert self._listener is not None, "accept() without a listening socket"
+            sock, _ = self._listener.accept()
         except BlockingIOError:
             return
         sock.setblocking(False)
         conn = _Connection(sock, self.system.open_context(f"tee-client-{sock.fileno()}"))
         self._conns[sock.fileno()] = conn
-        self._sel.register(sock, selectors.EVENT_READ, conn)
+        self._selector().register(sock, selectors.EVENT_READ, conn)
 
     def _drop(self, conn: _Connection) -> None:
         self._conns.pop(conn.sock.fileno(), None)
         try:
-            self._sel.unregister(conn.sock)
+            self._selector().unregister(conn.sock)
         except (KeyError, ValueError):
             pass
         conn.sock.close()
@@ -227,7 +233,8 @@ class TeeDaemon:
             except OSError:
                 self._drop(conn)
                 return
-        self._sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0), conn)
+        self._selector().modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0),
+                                conn)
 
     # -- requests ---------------------------------------------------------------------------------
     def handle(self, ctx: Any, line: bytes) -> dict[str, Any]:

@@ -294,8 +294,11 @@ class Session:
     """A session with a trusted app, opened by ``Context.open_session(uuid)``.
 
     Attributes: ``id`` (the secure world's session id), ``uuid``, ``context``,
-    ``closed``.  Use as a context manager or call :meth:`close`.
+    ``closed``, ``open_result`` (the OPEN_SESSION outputs).  Use as a context
+    manager or call :meth:`close`.
     """
+
+    open_result: InvokeResult  # set by open()
 
     def __init__(self, context: Any, session_id: int, uuid: uuidlib.UUID) -> None:
         self.context = context

@@ -139,6 +139,12 @@ class RpcMemory(Memref):
 
     __slots__ = ("cookie", "shm_type", "session_id", "freed")
 
+    # Set by SecureWorld._rpc_alloc right after the mapping is made.
+    cookie: int
+    shm_type: int
+    session_id: int
+    freed: bool
+
 
 @dataclass
 class TaSession:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import uuid as uuidlib
 from enum import IntEnum
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence, TypeGuard
 
 import numpy as np
 
@@ -272,8 +272,20 @@ def check_types(params: Sequence[Param], *types: ParamType) -> None:
                             f"{[t.name for t in expected]}")
 
 
-def _is_output(p: Param) -> bool:
-    return p is not None and p.type in (ParamType.MEMREF_OUTPUT, ParamType.MEMREF_INOUT)
+def _is_output(p: Param) -> TypeGuard[Memref]:
+    return isinstance(p, Memref) and p.type in (ParamType.MEMREF_OUTPUT, ParamType.MEMREF_INOUT)
+
+
+# The secure world builds a Value for a VALUE_* type and a Memref for a MEMREF_* type, so once
+# check_types has accepted the params these only narrow the static type.
+def _memref(p: Param) -> Memref:
+    assert isinstance(p, Memref), p
+    return p
+
+
+def _value(p: Param) -> Value:
+    assert isinstance(p, Value), p
+    return p
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,14 +347,15 @@ class Sha256App(TrustedApp):
     def invoke(self, func: int, params: Sequence[Param]) -> None:
         if func == self.DIGEST:
             check_types(params, ParamType.MEMREF_INPUT, ParamType.MEMREF_OUTPUT)
-            start, length = 0, params[0].capacity
+            start, length = 0, _memref(params[0]).capacity
         elif func == self.DIGEST_RANGE:
             check_types(params, ParamType.MEMREF_INPUT, ParamType.MEMREF_OUTPUT,
                         ParamType.VALUE_INPUT)
-            start, length = params[2].a, params[2].b
+            window = _value(params[2])
+            start, length = window.a, window.b
         else:
             raise BadParameters(f"sha256: unknown command {func}")
-        data, out = params[0], params[1]
+        data, out = _memref(params[0]), _memref(params[1])
         out.require(32)
         h = hashlib.sha256()
         if not data.is_null:
@@ -368,7 +381,8 @@ class FillApp(TrustedApp):
         if func != self.FILL:
             raise BadParameters(f"fill: unknown command {func}")
         out, value = params[0], params[1]
-        if not _is_output(out) or value is None or value.type != ParamType.VALUE_INPUT or any(params[2:]):
+        if (not _is_output(out) or not isinstance(value, Value) or value.type != ParamType.VALUE_INPUT
+                or any(params[2:])):
             raise BadParameters("fill: expects MEMREF_OUTPUT/INOUT, VALUE_INPUT")
         if not 1 <= value.b <= 4:
             raise BadParameters(f"fill: pattern length {value.b} is not 1..4")
@@ -401,7 +415,7 @@ class CopyApp(TrustedApp):
         if func != self.COPY:
             raise BadParameters(f"copy: unknown command {func}")
         src, dst = params[0], params[1]
-        if (src is None or src.type != ParamType.MEMREF_INPUT or not _is_output(dst)
+        if (not isinstance(src, Memref) or src.type != ParamType.MEMREF_INPUT or not _is_output(dst)
                 or any(params[2:])):
             raise BadParameters("copy: expects MEMREF_INPUT, MEMREF_OUTPUT/INOUT")
         dst.require(src.capacity)
@@ -438,7 +452,7 @@ class StorageApp(TrustedApp):
         size = self.DEFAULT_SIZE
         first = params[0]
         if first is not None:
-            if first.type != ParamType.VALUE_INPUT:
+            if not isinstance(first, Value) or first.type != ParamType.VALUE_INPUT:
                 raise BadParameters("storage: open_session takes an optional VALUE_INPUT size")
             size = first.a
         if not 0 < size <= self.MAX_SIZE:
@@ -455,7 +469,7 @@ class StorageApp(TrustedApp):
     def invoke(self, func: int, params: Sequence[Param]) -> None:
         if func == self.WRITE:
             check_types(params, ParamType.VALUE_INPUT, ParamType.MEMREF_INPUT)
-            offset, data = params[0].a, params[1]
+            offset, data = _value(params[0]).a, _memref(params[1])
             self._range(offset, data.capacity)
             pos = offset
             for span in data.spans():
@@ -463,18 +477,19 @@ class StorageApp(TrustedApp):
                 pos += len(span)
             self.high = max(self.high, pos)
         elif func == self.READ:
-            offset, out = params[0], params[1]
-            if (offset is None or offset.type != ParamType.VALUE_INPUT or not _is_output(out)
+            where, out = params[0], params[1]
+            if (not isinstance(where, Value) or where.type != ParamType.VALUE_INPUT or not _is_output(out)
                     or any(params[2:])):
                 raise BadParameters("storage: READ expects VALUE_INPUT, MEMREF_OUTPUT/INOUT")
-            self._range(offset.a, out.capacity)
-            pos = offset.a
+            self._range(where.a, out.capacity)
+            pos = where.a
             for span in out.spans():
                 self.store.readinto(span, pos)
                 pos += len(span)
         elif func == self.INFO:
             check_types(params, ParamType.VALUE_OUTPUT)
-            params[0].a, params[0].b = self.size, self.high
+            info = _value(params[0])
+            info.a, info.b = self.size, self.high
         else:
             raise BadParameters(f"storage: unknown command {func}")
 
