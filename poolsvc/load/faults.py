@@ -160,7 +160,8 @@ def run_case(path: str, case: Case, rng: random.Random, timeout: float = TIMEOUT
                 sock.sendall(P.frame(P.MsgType.PING, b"still-there"))
                 pong = _read_frame(sock, buf)
                 if pong is None or pong[0] != P.MsgType.OK or pong[1] != b"still-there":
-                    return f"{case.name}: connection unusable after the ERROR (PING got {pong and P.type_name(pong[0])})"
+                    got = pong and P.type_name(pong[0])
+                    return f"{case.name}: connection unusable after the ERROR (PING got {got})"
             else:
                 if _read_frame(sock, buf) is not None:
                     return f"{case.name}: the daemon kept the connection after a framing error"

@@ -154,7 +154,8 @@ def plot(report: dict[str, Any], directory: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(9, 6))
     ops = [op for op in TIMED if any(op in r["latency_us"] for r in rows)]
-    colors = plt.cm.tab10.colors
+    cmap = plt.get_cmap("tab10")
+    colors = [cmap(i) for i in range(10)]
     for i, op in enumerate(ops):
         pts = [(r["t"], r["latency_us"][op]) for r in rows if op in r["latency_us"]]
         xs = [p[0] for p in pts]

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from ..errors import Closed, PoolsvcError
 from . import invariants, trace
@@ -75,6 +75,12 @@ class Incarnation:
     done_ops: int = 0
     stderr_path: str = ""
     exit_seen: bool = False
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        """The worker's stdout pipe (always a pipe: the runner starts it so)."""
+        assert self.proc.stdout is not None
+        return self.proc.stdout
 
 
 @dataclass
@@ -242,6 +248,7 @@ class LoadRunner:
             proc = subprocess.Popen([sys.executable, "-m", "poolsvc.load.worker", json.dumps(doc)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                     close_fds=True)
+        assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
         inc = Incarnation(slot, gen, proc, time.monotonic(), budget, part, stderr_path=err_path)
         self.running.append(inc)
@@ -254,14 +261,14 @@ class LoadRunner:
 
     def _read(self, inc: Incarnation) -> None:
         try:
-            data = os.read(inc.proc.stdout.fileno(), 1 << 20)
+            data = os.read(inc.stdout.fileno(), 1 << 20)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
             try:
-                self.sel.unregister(inc.proc.stdout)
+                self.sel.unregister(inc.stdout)
             except (KeyError, ValueError):
                 pass
             return
@@ -309,10 +316,10 @@ class LoadRunner:
         self._read(inc)
         inc.buf = b""  # a line cut short by SIGKILL carries nothing usable
         try:
-            self.sel.unregister(inc.proc.stdout)
+            self.sel.unregister(inc.stdout)
         except (KeyError, ValueError):
             pass
-        inc.proc.stdout.close()
+        inc.stdout.close()
         self.running.remove(inc)
         self.finished.append(inc)
         rc = inc.proc.returncode
@@ -471,8 +478,8 @@ class LoadRunner:
                     break
                 time.sleep(0.05)
             leaks = invariants.leaks(baseline, after)
-            for key, delta in leaks.items():
-                self.violate(f"leak after the run: {key} is {after[key]}, was {baseline[key]} "
+            for what, delta in leaks.items():
+                self.violate(f"leak after the run: {what} is {after[what]}, was {baseline[what]} "
                              f"({delta:+d})")
             report = self._report(elapsed, final_stats)
         finally:
@@ -514,10 +521,10 @@ class LoadRunner:
                 inc.proc.kill()
             inc.proc.wait()
             try:
-                self.sel.unregister(inc.proc.stdout)
+                self.sel.unregister(inc.stdout)
             except (KeyError, ValueError):
                 pass
-            inc.proc.stdout.close()
+            inc.stdout.close()
             self.running.remove(inc)
             self.finished.append(inc)
         for inc in self.finished:

@@ -117,8 +117,8 @@ class Worker:
         self.ctx = self.client.open_context(f"load-{self.slot}.{self.gen}")
         self.dynamic = self.client.pool == "dynamic"
         self.can_register = bool(self.client.gen_caps & 0x4)
-        self.session = None
-        self.digest = None
+        self.session: Any = None
+        self.digest: Any = None
         self.digest_view = None
         self._open_sha256()
         self._open_area()
