@@ -267,21 +267,26 @@ class Context:
         if size <= 0:
             raise BadParameters(f"size {size} must be positive")
         system = self.system
-        shm_id = system.ids.alloc(None) if with_id else -1
+        if system.pool == "dynamic":
+            return self._adopt(with_id, system._alloc_dynamic, self, size, flags)
+        # an allocation from the static pool clears DYNAMIC
+        return self._adopt(with_id, system._alloc_static, self, size, align,
+                           _POOL_STATIC if flags is _POOL_DYNAMIC else flags)
+
+    def _adopt(self, with_id: bool, make: Any, *args: Any) -> Shm:
+        """Run ``make(*args)`` with an id reserved first (idr_alloc with NULL, then
+        idr_replace, as the kernel does), so a failure frees the id and nothing leaks."""
+        ids = self.system.ids
+        shm_id = ids.alloc(None) if with_id else -1
         try:
-            if system.pool == "dynamic":
-                shm = system._alloc_dynamic(self, size, flags)
-            else:
-                # an allocation from the static pool clears DYNAMIC
-                shm = system._alloc_static(self, size, align,
-                                           _POOL_STATIC if flags is _POOL_DYNAMIC else flags)
+            shm: Shm = make(*args)
         except BaseException:
             if with_id:
-                system.ids.remove(shm_id)
+                ids.remove(shm_id)
             raise
         if with_id:
             shm.id = shm_id
-            system.ids.replace(shm_id, shm)
+            ids.replace(shm_id, shm)
         self.shms[shm.cookie] = shm
         return shm
 
@@ -304,18 +309,7 @@ class Context:
         if not system.config.dynamic_shm:
             raise NotSupported("registering memory needs REG_MEM, which this TEE does not offer "
                                "(no DYNAMIC_SHM capability)")
-        shm_id = system.ids.alloc(None) if with_id else -1
-        try:
-            shm = system._register(self, obj, flags)
-        except BaseException:
-            if with_id:
-                system.ids.remove(shm_id)
-            raise
-        if with_id:
-            shm.id = shm_id
-            system.ids.replace(shm_id, shm)
-        self.shms[shm.cookie] = shm
-        return shm
+        return self._adopt(with_id, system._register, self, obj, flags)
 
     # -- lookup -------------------------------------------------------------------------
     def shm_from_id(self, shm_id: int) -> Shm:
