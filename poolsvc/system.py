@@ -64,6 +64,9 @@ from .storage import LIVE, Storage, cleanup_stale
 from .tee.msg import MsgArg, MsgParam
 from .tee.secure import SecureWorld
 
+#: Per-object frame tables up to this many pages are kept when their last registration goes.
+_KEEP_FILE_FRAMES = 4096
+
 #: Alignment of alloc_priv_buf (2 * sizeof(long) on 64-bit).
 PRIV_ALIGN = 16
 
@@ -154,8 +157,11 @@ class Shm:
             pages.flags.writeable = False
             self._pages = pages
             self._run = None
-            contiguous = len(pages) <= 1 or bool(np.all(np.diff(pages.astype(np.int64)) == PAGE_SIZE))
-            self.paddr = int(pages[0]) + offset if contiguous else None
+            first, n = int(pages[0]), len(pages)
+            # contiguous iff the span matches and every step is one page (checked only then)
+            contiguous = n == 1 or (int(pages[-1]) - first == (n - 1) * PAGE_SIZE and
+                                    bool(np.all(np.diff(pages.astype(np.int64)) == PAGE_SIZE)))
+            self.paddr = first + offset if contiguous else None
 
     @property
     def pages(self) -> np.ndarray:
@@ -726,8 +732,8 @@ class System:
             self.dynamic.free_pages(pas)
             frames.pa[gone] = 0
             frames.sid[gone] = -1
-        if not frames.refs.any():
-            del self._files[b.key]
+        if len(frames.pa) > _KEEP_FILE_FRAMES and not frames.refs.any():
+            del self._files[b.key]  # small tables stay, to spare the next registration
         for sid in b.interval_sids:
             self._put_interval(sid)
         b.view.release()
