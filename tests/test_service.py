@@ -366,7 +366,7 @@ def test_malformed_framing_disconnects_that_client_only(daemon):
         ctx = bystander.open_context("bystander")
         keep = ctx.alloc_user_buf(4096)
         cases = [
-            (hello(version=P.VERSION + 1), P.ErrorCode.VERSION),
+            (hello(version=P.LATEST_VERSION + 1), P.ErrorCode.VERSION),
             (hello(magic=0xDEADBEEF), P.ErrorCode.VERSION),
             (hello(role=9), P.ErrorCode.PROTOCOL),
             (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(0, 4096)), P.ErrorCode.PROTOCOL),  # no HELLO

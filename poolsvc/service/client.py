@@ -43,6 +43,7 @@ import logging
 import mmap
 import os
 import socket
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, NoReturn, Sequence
@@ -75,23 +76,49 @@ _ARENA = int(P.Backing.ARENA)
 _USER = int(P.Backing.USER)
 #: ShmFlags values by int (building an IntFlag costs microseconds).
 _FLAGS: dict[int, ShmFlags] = {}
+#: Transports a client may ask for (see :func:`connect`).
+TRANSPORTS = ("socket", "shm")
+#: Default transport of :func:`connect`.
+DEFAULT_TRANSPORT = "socket"
+#: Default longest time a shm-slot client polls its slot for a reply before
+#: it sleeps on the socket, in microseconds (adaptive below that).
+DEFAULT_SHM_SPIN_US = 200
+_HEADER_SIZE = P.HEADER_SIZE
+_unpack_header = P.HEADER.unpack_from
+_pack_header = P.HEADER.pack
+_DOORBELL = int(P.MsgType.DOORBELL)
+_GOODBYE = int(P.MsgType.GOODBYE)
+_W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = P.W_REQ_SEQ, P.W_REQ_LEN, P.W_CLIENT_SLEEPING
+_W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = P.W_REP_SEQ, P.W_REP_LEN, P.W_DAEMON_SLEEPING
+_REQ_OFF, _REQ_CAP, _REP_OFF, _REP_CAP = P.SLOT_REQ_OFF, P.SLOT_REQ_CAP, P.SLOT_REP_OFF, P.SLOT_REP_CAP
+_fence_lock = threading.Lock()
+
+
+def _fence() -> None:
+    """Full memory barrier (see ``server.fence``)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
 
 
 class _Channel:
     """One connection: framing, descriptor queue, pipelined replies, mapped segments."""
 
     def __init__(self, path: str, role: P.Role, name: str, spin_us: float,
-                 timeout: float | None) -> None:
+                 timeout: float | None, transport: str = DEFAULT_TRANSPORT,
+                 shm_spin_us: float = DEFAULT_SHM_SPIN_US) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.spin = max(0.0, spin_us) / 1e6
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise Closed(f"cannot connect to the pool service at {path}: {exc.strerror or exc}") from exc
+        self.timeout = timeout
+        self.sock = self._connect()
         self.buf = bytearray()
+        #: Replies read from the slot, not yet handed out, and the read position.
+        self.sbuf = b""
+        self.spos = 0
+        self.slot: mmap.mmap | None = None
+        self.words: memoryview | None = None
+        self.seq = 0
+        self.max_slot_spin = max(0.0, shm_spin_us) / 1e6
+        self.slot_spin = self.max_slot_spin
         self.outbox = bytearray()
         self.fds: deque[int] = deque()
         self.pending: deque[Callable[[int, memoryview], None]] = deque()
@@ -100,21 +127,77 @@ class _Channel:
         self.closed = False
         self.on_lost: Callable[[], None] | None = None
         self.max_frame = P.DEFAULT_MAX_FRAME
+        if transport not in TRANSPORTS:
+            self.close()
+            raise BadParameters(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        raw_name = P.encode_name(name)
         try:
-            reply_type, body = self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role)
-                                         + P.encode_name(name))
+            if transport == "shm":
+                hello = P.HELLO2.pack(P.MAGIC, P.VERSION_2, role, P.Feature.SHM_SLOT) + raw_name
+                reply_type, body = self.call(P.MsgType.HELLO, hello)
+                if reply_type == P.MsgType.ERROR and P.ERROR.unpack_from(body)[0] == P.ErrorCode.VERSION:
+                    # A version-1 daemon: it has hung up; speak version 1 on a new connection.
+                    self.sock.close()
+                    self.buf.clear()
+                    self.sock = self._connect()
+                    transport = "socket"
+            if transport == "socket":
+                reply_type, body = self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role)
+                                             + raw_name)
             if reply_type != P.MsgType.WELCOME or len(body) < P.WELCOME.size:
+                if reply_type == P.MsgType.ERROR:
+                    raise P.error_from_body(body)
                 raise ProtocolError(f"daemon answered HELLO with {P.type_name(reply_type)} of "
                                     f"{len(body)} bytes")
+            fields = P.WELCOME.unpack_from(body)
+            name_at = P.WELCOME.size
+            if fields[0] >= P.VERSION_2:
+                if len(body) < name_at + P.WELCOME_EXT.size:
+                    raise ProtocolError(f"version {fields[0]} WELCOME of {len(body)} bytes is too short")
+                granted, slot_bytes = P.WELCOME_EXT.unpack_from(body, name_at)
+                name_at += P.WELCOME_EXT.size
+                if granted & P.Feature.SHM_SLOT:
+                    self._map_slot(slot_bytes)
         except BaseException:
             self.close()
             raise
-        fields = P.WELCOME.unpack_from(body)
         (self.version, pool, self.daemon_pid, self.cid, self.sec_caps, self.gen_caps,
          self.max_batch, self.max_frame, self.dynamic_base, self.dynamic_size, self.static_base,
          self.static_size) = fields
+        self.transport = "shm" if self.slot is not None else "socket"
         self.pool = "dynamic" if pool == 0 else "static"
-        self.context_name = bytes(body[P.WELCOME.size:]).decode("utf-8", "replace")
+        self.context_name = bytes(body[name_at:]).decode("utf-8", "replace")
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise Closed(f"cannot connect to the pool service at {self.path}: "
+                         f"{exc.strerror or exc}") from exc
+        return sock
+
+    def _map_slot(self, size: int) -> None:
+        """Map the slot whose descriptor came with WELCOME and check its header."""
+        if not self.fds:
+            raise ProtocolError("daemon granted a shm slot without sending its descriptor")
+        fd = self.fds.popleft()
+        try:
+            if size != P.SLOT_BYTES or os.fstat(fd).st_size != size:
+                raise ProtocolError(f"daemon's shm slot is {os.fstat(fd).st_size} bytes, announced "
+                                    f"{size}, expected {P.SLOT_BYTES}")
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        words = memoryview(mm)[:P.SLOT_WORDS * 8].cast("Q")
+        if tuple(words[:6]) != P.slot_header():
+            words.release()
+            mm.close()
+            raise ProtocolError("daemon's shm slot has an unknown layout")
+        self.slot, self.words = mm, words
+        self.seq = words[_W_REQ_SEQ]
 
     # -- sending -----------------------------------------------------------------------------
     def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -145,7 +228,17 @@ class _Channel:
 
     def call(self, msg_type: int, body: bytes = b"", fds: Sequence[int] = ()) -> tuple[int, memoryview]:
         """Send a request and return its reply ``(type, body)`` (earlier replies first)."""
-        frame = P.HEADER.pack(len(body), msg_type, 0) + body
+        frame = _pack_header(len(body), msg_type, 0) + body
+        if self.words is not None and not fds and msg_type != _GOODBYE \
+                and len(self.outbox) + len(frame) <= _REQ_CAP:
+            if self.outbox:
+                frame = bytes(self.outbox) + frame
+                self.outbox.clear()
+            self._slot_send(frame)
+            while self.pending:
+                handler = self.pending.popleft()
+                handler(*self._read_frame())
+            return self._read_frame()
         if self.outbox:
             if fds:  # descriptors ride on the first byte: send the queue first
                 self._send(bytes(self.outbox))
@@ -163,23 +256,108 @@ class _Channel:
         if self.outbox:
             data = bytes(self.outbox)
             self.outbox.clear()
-            self._send(data)
+            if self.words is not None and len(data) <= _REQ_CAP:
+                self._slot_send(data)
+            else:
+                self._send(data)
         while self.pending:
             handler = self.pending.popleft()
             handler(*self._read_frame())
 
+    # -- the shm slot --------------------------------------------------------------------------
+    def _slot_send(self, data: bytes) -> None:
+        """Publish request frames in the slot, wait for the reply, stage it in ``sbuf``.
+
+        Polls the daemon's reply sequence for an adaptive window (at most
+        ``shm_spin_us``), yielding the CPU between polls; then marks itself
+        sleeping and blocks on the socket until a DOORBELL (the daemon rings
+        only when the mark is set; the mark is followed by one more look, so
+        that a reply published meanwhile is not missed).
+        """
+        if self.closed:
+            raise Closed("connection to the pool service is closed")
+        words = self.words
+        slot = self.slot
+        assert words is not None and slot is not None
+        n = len(data)
+        slot[_REQ_OFF:_REQ_OFF + n] = data
+        words[_W_REQ_LEN] = n
+        seq = self.seq = self.seq + 1
+        words[_W_REQ_SEQ] = seq
+        _fence()
+        if words[_W_DAEMON_SLEEPING]:
+            self._send(P.DOORBELL_FRAME)
+        if words[_W_REP_SEQ] != seq:
+            # Adaptive window: widened to twice the latest wait when that was
+            # within the bound (polling would have caught it), halved after a
+            # wait beyond the bound (the daemon is busy: sleep sooner).
+            clock = time.perf_counter
+            start = clock()
+            deadline = start + self.slot_spin
+            yield_ = os.sched_yield
+            while words[_W_REP_SEQ] != seq:
+                if clock() > deadline:
+                    self._slot_sleep(seq)
+                    break
+                yield_()
+            waited = clock() - start
+            if waited <= self.max_slot_spin:
+                self.slot_spin = min(self.max_slot_spin, max(self.slot_spin, 2 * waited))
+            else:
+                self.slot_spin = max(2e-6, self.slot_spin / 2)
+        length = words[_W_REP_LEN]
+        if length == P.REP_ON_SOCKET:
+            return  # the replies follow on the socket
+        if length > _REP_CAP:
+            self._lost(f"daemon wrote a slot reply of {length} bytes, more than {_REP_CAP}")
+        self.sbuf = slot[_REP_OFF:_REP_OFF + length]
+        self.spos = 0
+
+    def _slot_sleep(self, seq: int) -> None:
+        words = self.words
+        assert words is not None
+        words[_W_CLIENT_SLEEPING] = 1
+        _fence()
+        try:
+            while words[_W_REP_SEQ] != seq:
+                self._fill()
+                self._skip_doorbells()
+        finally:
+            if self.words is not None:
+                words[_W_CLIENT_SLEEPING] = 0
+
+    def _skip_doorbells(self) -> None:
+        buf = self.buf
+        while len(buf) >= _HEADER_SIZE and buf[:_HEADER_SIZE] == P.DOORBELL_FRAME:
+            del buf[:_HEADER_SIZE]
+
     # -- receiving ---------------------------------------------------------------------------
     def _read_frame(self) -> tuple[int, memoryview]:
+        sbuf = self.sbuf
+        if sbuf:
+            pos = self.spos
+            if len(sbuf) - pos >= _HEADER_SIZE:
+                length, msg_type, flags = _unpack_header(sbuf, pos)
+                end = pos + _HEADER_SIZE + length
+                if not flags and end <= len(sbuf):
+                    if end == len(sbuf):
+                        self.sbuf = b""
+                    else:
+                        self.spos = end
+                    return msg_type, memoryview(sbuf)[pos + _HEADER_SIZE:end]
+            self._lost(f"daemon wrote a malformed reply into the slot at byte {pos}")
         buf = self.buf
         while True:
-            if len(buf) >= P.HEADER_SIZE:
-                length, msg_type, flags = P.HEADER.unpack_from(buf)
+            if len(buf) >= _HEADER_SIZE:
+                length, msg_type, flags = _unpack_header(buf)
                 if length > P.MAX_REPLY_FRAME or flags:
                     self._lost(f"daemon sent a malformed header (length {length}, flags {flags:#x})")
-                end = P.HEADER_SIZE + length
+                end = _HEADER_SIZE + length
                 if len(buf) >= end:
-                    body = memoryview(bytes(buf[P.HEADER_SIZE:end]))
+                    body = memoryview(bytes(buf[_HEADER_SIZE:end]))
                     del buf[:end]
+                    if msg_type == _DOORBELL and self.words is not None:
+                        continue
                     return msg_type, body
             self._fill()
 
@@ -222,6 +400,9 @@ class _Channel:
     # -- segments ------------------------------------------------------------------------------
     def map_segment(self, token: int, size: int) -> None:
         """Map the segment whose descriptor came with the reply just read."""
+        while not self.fds and self.words is not None:  # it comes on the socket, ahead of the slot reply
+            self._fill()
+            self._skip_doorbells()
         if not self.fds:
             raise ProtocolError(f"daemon announced segment {token} without sending its descriptor")
         fd = self.fds.popleft()
@@ -244,6 +425,13 @@ class _Channel:
             return
         self.closed = True
         self.sock.close()
+        self.sbuf = b""
+        if self.words is not None:
+            self.words.release()
+            self.words = None
+        if self.slot is not None:
+            self.slot.close()
+            self.slot = None
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
@@ -433,7 +621,8 @@ class Context:
 
     def __init__(self, client: "Client", name: str = "") -> None:
         self.client = client
-        self._channel = _Channel(client.path, P.Role.CONTEXT, name, client.spin_us, client.timeout)
+        self._channel = _Channel(client.path, P.Role.CONTEXT, name, client.spin_us, client.timeout,
+                                 client.transport, client.shm_spin_us)
         self.cid = self._channel.cid
         self.name = self._channel.context_name
         self.shms: dict[int, Shm] = {}
@@ -928,14 +1117,17 @@ class Client:
     """A System-like handle on a running ``poolsvc serve`` (see :func:`connect`)."""
 
     def __init__(self, path: str, name: str = "", spin_us: float = DEFAULT_SPIN_US,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, transport: str = DEFAULT_TRANSPORT,
+                 shm_spin_us: float = DEFAULT_SHM_SPIN_US) -> None:
         self.path = path
         self.name = name
         self.spin_us = spin_us
         self.timeout = timeout
+        self.transport = transport
+        self.shm_spin_us = shm_spin_us
         self.contexts: dict[int, Context] = {}
         self._closed = False
-        self._monitor = _Channel(path, P.Role.MONITOR, name, spin_us, timeout)
+        self._monitor = _Channel(path, P.Role.MONITOR, name, spin_us, timeout, transport, shm_spin_us)
         m = self._monitor
         self.pool = m.pool
         self.sec_caps = m.sec_caps
@@ -1020,7 +1212,8 @@ class Client:
 
 
 def connect(socket_path: str | None = None, *, name: str = "", spin_us: float = DEFAULT_SPIN_US,
-            timeout: float | None = None) -> Client:
+            timeout: float | None = None, transport: str | None = None,
+            shm_spin_us: float = DEFAULT_SHM_SPIN_US) -> Client:
     """A System-like handle of the daemon serving ``socket_path``.
 
     ``socket_path`` defaults to :func:`~poolsvc.service.settings.default_socket_path`.
@@ -1028,8 +1221,19 @@ def connect(socket_path: str | None = None, *, name: str = "", spin_us: float = 
     once; polling yields the CPU between tries, and saves the wake-up of a
     sleeping thread on each round trip).  ``timeout``: seconds to wait for
     the daemon before Closed.  Raises Closed when nothing serves the path.
+
+    ``transport``: ``"socket"`` (requests and replies on the Unix socket) or
+    ``"shm"`` (ordinary requests and replies through a shared-memory slot
+    per connection, the socket carrying only descriptors, wake-ups and
+    oversized replies; a daemon that does not offer slots gives the socket
+    transport).  None takes ``$POOLSVC_TRANSPORT``, else DEFAULT_TRANSPORT.
+    ``shm_spin_us``: the longest a shm client polls its slot for a reply
+    before sleeping on the socket (adaptive below that).
     """
-    return Client(socket_path or default_socket_path(), name=name, spin_us=spin_us, timeout=timeout)
+    if transport is None:
+        transport = os.environ.get("POOLSVC_TRANSPORT") or DEFAULT_TRANSPORT
+    return Client(socket_path or default_socket_path(), name=name, spin_us=spin_us, timeout=timeout,
+                  transport=transport, shm_spin_us=shm_spin_us)
 
 
 class LocalBatch:

@@ -44,8 +44,18 @@ from ..errors import PoolsvcError, ProtocolError
 
 #: ``b"PSVC"`` read as a little-endian u32; the first field of HELLO.
 MAGIC = 0x43565350
-#: Protocol version spoken by this module.  A daemon accepts exactly this one.
+#: The base protocol version (socket transport only).  Clients that know
+#: nothing else send it, and every daemon accepts it.
 VERSION = 1
+#: Version 2 adds a u32 ``features`` word to HELLO (after the role) and a
+#: WELCOME_EXT after WELCOME's fixed part; with :attr:`Feature.SHM_SLOT`
+#: granted, WELCOME carries the descriptor of the connection's shared-memory
+#: request/reply slot (see "The shm slot" below).
+VERSION_2 = 2
+#: Versions a daemon of this module accepts in HELLO.
+VERSIONS = (VERSION, VERSION_2)
+#: The newest version this module speaks.
+LATEST_VERSION = VERSION_2
 
 HEADER = struct.Struct("<IHH")
 HEADER_SIZE = HEADER.size  # 8
@@ -81,6 +91,8 @@ class MsgType(IntEnum):
     BATCH_REPLY = 6    # reply to BATCH: one OK/ERROR frame per request
     GOODBYE = 7        # request: close the context; the daemon then hangs up
     PING = 8           # request: echoed back in OK (round-trip measurements)
+    DOORBELL = 9       # either way, shm-slot connections only: "look at the slot"; no reply;
+                       # also carries the SCM_RIGHTS descriptors of replies given in the slot
     # shared memory
     ALLOC = 16         # request: kind (AllocKind), size
     REGISTER = 17      # request: kind (RegisterKind), file offset, length; one fd
@@ -105,6 +117,12 @@ class Role(IntEnum):
 
     CONTEXT = 1   # one Context of the daemon's System lives as long as the connection
     MONITOR = 2   # no Context: STATS and PING only (``poolsvc stat``)
+
+
+class Feature(IntFlag):
+    """Features a version-2 HELLO asks for and WELCOME_EXT grants."""
+
+    SHM_SLOT = 1   # a shared-memory request/reply slot for this connection (its fd comes with WELCOME)
 
 
 class AllocKind(IntEnum):
@@ -228,6 +246,11 @@ HELLO = struct.Struct("<IHH")
 #: MONITOR), sec_caps, gen_caps, max_batch, max_frame, dynamic base and size,
 #: static base and size; then the context's name (UTF-8).
 WELCOME = struct.Struct("<HHIIIIIIQQQQ")
+#: Version 2 HELLO: magic, version, role, features (Feature); then the name.
+HELLO2 = struct.Struct("<IHHI")
+#: Version 2 WELCOME, after WELCOME's fixed part and before the context's
+#: name: features granted (Feature), size of the slot object (0 without one).
+WELCOME_EXT = struct.Struct("<II")
 #: ERROR: code, reserved, TEE return code, extra (ShortBuffer.needed or
 #: TeeError.origin); then the message (UTF-8, <= MAX_MESSAGE bytes).
 ERROR = struct.Struct("<HHIQ")
@@ -285,6 +308,47 @@ class OutputKind(IntEnum):
     NONE = 0
     VALUE = 1
     SIZE = 2
+
+
+# ---------------------------------------------------------------------------------------
+# The shm slot (version 2, Feature.SHM_SLOT)
+# ---------------------------------------------------------------------------------------
+# One POSIX shm object per connection, created by the daemon (O_EXCL, 0600,
+# unlinked at once) and passed with WELCOME.  The first page holds u64 words
+# (native little-endian, 8-byte aligned, so that each is read and written by
+# one instruction); the request and reply areas follow.  Offsets only, never
+# pointers.  Each side writes only its own line; the daemon keeps its own
+# copy of every field it relies on and validates everything it reads.
+SLOT_MAGIC = 0x544C5350        # b"PSLT"
+SLOT_VERSION = 1
+#: Word indexes.  Header (daemon, at creation): magic | version << 32, size,
+#: request area offset and capacity, reply area offset and capacity.
+W_MAGIC, W_SIZE, W_REQ_OFF, W_REQ_CAP, W_REP_OFF, W_REP_CAP = 0, 1, 2, 3, 4, 5
+#: Client line (its own cache line): sequence of the latest request (the
+#: daemon serves ``last + 1`` only), its length in bytes (complete request
+#: frames, back to back), 1 while the client sleeps waiting for a reply.
+W_REQ_SEQ, W_REQ_LEN, W_CLIENT_SLEEPING = 8, 9, 10
+#: Daemon line: sequence of the latest reply (equal to the request's), its
+#: length (reply frames back to back, or REP_ON_SOCKET), 1 while the daemon
+#: sleeps in epoll.
+W_REP_SEQ, W_REP_LEN, W_DAEMON_SLEEPING = 16, 17, 18
+#: Words of the first page read through a ``memoryview.cast("Q")``.
+SLOT_WORDS = 32
+SLOT_REQ_OFF = 4096
+SLOT_REQ_CAP = 32 << 10
+SLOT_REP_OFF = SLOT_REQ_OFF + SLOT_REQ_CAP
+SLOT_REP_CAP = 64 << 10
+SLOT_BYTES = SLOT_REP_OFF + SLOT_REP_CAP
+#: W_REP_LEN when the replies did not fit: they follow on the socket, in order.
+REP_ON_SOCKET = (1 << 64) - 1
+#: The DOORBELL frame (empty body).
+DOORBELL_FRAME = HEADER.pack(0, 9, 0)
+
+
+def slot_header() -> tuple[int, ...]:
+    """The six header words a daemon writes into a new slot and a client checks."""
+    return (SLOT_MAGIC | SLOT_VERSION << 32, SLOT_BYTES, SLOT_REQ_OFF, SLOT_REQ_CAP,
+            SLOT_REP_OFF, SLOT_REP_CAP)
 
 
 def frame(msg_type: int, body: bytes | bytearray | memoryview = b"") -> bytes:

@@ -1,7 +1,7 @@
 """The pool service daemon: one System, one Context per connection, one thread.
 
 :class:`Server` owns a listening Unix socket, a :class:`~poolsvc.system.System`
-and every connection.  Its loop is a single-threaded ``selectors`` (epoll)
+and every connection.  Its loop is a single-threaded epoll
 loop: read what a client sent, run every complete request in order against
 that client's Context, queue the replies, write them; nothing blocks, so one
 slow or hostile client cannot stall the others.
@@ -37,7 +37,7 @@ import fcntl
 import json
 import logging
 import os
-import selectors
+import select
 import socket
 import stat
 import struct
@@ -50,7 +50,7 @@ from typing import Any, Callable
 from .._backend import BACKEND
 from ..config import Config
 from ..errors import BadParameters, ConfigError, InternalError, ItemNotFound, PoolsvcError, ProtocolError
-from ..storage import LIVE
+from ..storage import LIVE, Storage
 from . import protocol as P
 from .metrics import Metrics
 from .provider import RegisteredFiles, SegmentTokens, describe
@@ -63,6 +63,30 @@ RECV_SIZE = 256 << 10
 _ANC_SIZE = socket.CMSG_SPACE(P.MAX_FDS_PER_SEND * array.array("i").itemsize)
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _PEERCRED = struct.Struct("3i")
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_HEADER_SIZE = P.HEADER_SIZE
+_unpack_header = P.HEADER.unpack_from
+_pack_header = P.HEADER.pack
+_OK, _ERROR = int(P.MsgType.OK), int(P.MsgType.ERROR)
+_BATCH, _DOORBELL, _HELLO = int(P.MsgType.BATCH), int(P.MsgType.DOORBELL), int(P.MsgType.HELLO)
+#: Reply type of each request type whose reply is not OK.
+_REPLY_TYPE = {_BATCH: int(P.MsgType.BATCH_REPLY), _HELLO: int(P.MsgType.WELCOME)}
+_W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = P.W_REQ_SEQ, P.W_REQ_LEN, P.W_CLIENT_SLEEPING
+_W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = P.W_REP_SEQ, P.W_REP_LEN, P.W_DAEMON_SLEEPING
+_REQ_OFF, _REQ_CAP = P.SLOT_REQ_OFF, P.SLOT_REQ_CAP
+_REP_OFF, _REP_CAP = P.SLOT_REP_OFF, P.SLOT_REP_CAP
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier (a locked instruction on x86): orders our slot
+    store before the load of the peer's "sleeping" word (Dekker's handshake)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
 
 
 class ConnState(IntEnum):
@@ -74,18 +98,24 @@ class ConnState(IntEnum):
     CLOSED = 4
 
 
+# Plain ints on the hot path (Connection.state holds one of these).
+_HANDSHAKE, _READY, _CLOSING, _CLOSED = 1, 2, 3, 4
+
+
 class Connection:
     """One client connection and everything the daemon holds for it."""
 
-    __slots__ = ("sock", "serial", "state", "role", "pid", "uid", "gid", "name", "context",
+    __slots__ = ("sock", "fileno", "serial", "state", "role", "pid", "uid", "gid", "name", "context",
                  "tokens", "inbuf", "out", "out_bytes", "fds", "registered", "alloc_fns",
                  "register_fns", "pool_bytes", "alloc_sizes", "requests", "accepted",
-                 "reading", "writing", "goodbye")
+                 "reading", "writing", "goodbye", "handlers", "version",
+                 "slot", "words", "seq")
 
     def __init__(self, sock: socket.socket, serial: int) -> None:
         self.sock = sock
+        self.fileno = sock.fileno()
         self.serial = serial
-        self.state = ConnState.HANDSHAKE
+        self.state = _HANDSHAKE
         self.role = P.Role.CONTEXT
         self.pid = self.uid = self.gid = -1
         try:
@@ -113,6 +143,14 @@ class Connection:
         self.reading = True
         self.writing = False
         self.goodbye = False
+        #: Request handlers of this connection's state and role, by message type.
+        self.handlers: dict[int, Callable[[Connection, Any], bytes]] = {}
+        self.version = P.VERSION
+        #: The shm slot (Storage) of a version-2 connection that asked for one,
+        #: its first page as u64 words, and the sequence of the last request served.
+        self.slot: Storage | None = None
+        self.words: memoryview | None = None
+        self.seq = 0
 
     def label(self) -> str:
         return f"client #{self.serial} (pid {self.pid}{', ' + self.name if self.name else ''})"
@@ -138,7 +176,6 @@ class Server:
         self.files = RegisteredFiles()
         self.connections: dict[int, Connection] = {}
         self._serials = 0
-        self._sel: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
         self._socket_id: tuple[int, int] | None = None
         self._lock_fd = -1
@@ -146,6 +183,13 @@ class Server:
         self._stopping = False
         self._reply_fds: list[int] = []
         self._last_expiry = 0.0
+        self._ep: Any = None
+        #: epoll registrations: fd -> Connection, _LISTEN or _WAKE.
+        self._fdmap: dict[int, Any] = {}
+        #: READY connections with a shm slot, polled by the loop.
+        self._slots: list[Connection] = []
+        #: Current slot-polling window, adapted between 2 us and shm_spin_us.
+        self._slot_spin = self.settings.shm_spin_us / 1e6
         self._handlers: dict[int, Callable[[Connection, Any], bytes]] = {
             P.MsgType.PING: self._op_ping,
             P.MsgType.STATS: self._op_stats,
@@ -160,6 +204,9 @@ class Server:
             P.MsgType.CLOSE_SESSION: self._op_close_session,
         }
         self._monitor_types = frozenset({P.MsgType.PING, P.MsgType.STATS, P.MsgType.GOODBYE})
+        self._context_handlers = {int(k): v for k, v in self._handlers.items()}
+        self._monitor_handlers = {int(k): v for k, v in self._handlers.items() if k in self._monitor_types}
+        self._hello_handlers: dict[int, Callable[[Connection, Any], bytes]] = {_HELLO: self._op_hello}
         self.started = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -176,10 +223,10 @@ class Server:
             self._bind()
             self.system = System(self.config)
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self._sel = selectors.DefaultSelector()
+            self._ep = select.epoll()
             assert self._listener is not None  # made by _bind()
-            self._sel.register(self._listener, selectors.EVENT_READ, _LISTEN)
-            self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+            self._ep_register(self._listener.fileno(), _EPOLLIN, _LISTEN)
+            self._ep_register(self._wake_r, _EPOLLIN, _WAKE)
         except BaseException:
             self.close()
             raise
@@ -201,26 +248,85 @@ class Server:
             except OSError:
                 pass
 
+    def _ep_register(self, fd: int, events: int, data: Any) -> None:
+        self._ep.register(fd, events)
+        self._fdmap[fd] = data
+
+    def _ep_unregister(self, fd: int) -> None:
+        if self._fdmap.pop(fd, None) is not None and self._ep is not None:
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):  # pragma: no cover - closed already
+                pass
+
     def serve_forever(self) -> None:
-        """Serve until :meth:`stop`; then release every client, the System and the socket."""
-        assert self._sel is not None, "start() first"
-        sel = self._sel
+        """Serve until :meth:`stop`; then release every client, the System and the socket.
+
+        With shm-slot clients, the loop polls their slots after serving one,
+        for an adaptive window of at most ``shm_spin_us`` (checking epoll
+        every few polls, so that socket clients are served meanwhile); then
+        it marks every slot "daemon sleeping", polls them once more (so that
+        a request published before the mark is not missed) and blocks in
+        epoll until a socket event or a client's DOORBELL.
+        """
+        assert self._ep is not None, "start() first"
+        poll = self._ep.poll
+        fdmap = self._fdmap
+        slots = self._slots
         spin = self.settings.spin_us / 1e6
+        max_slot_spin = self.settings.shm_spin_us / 1e6
+        min_slot_spin = min(2e-6, max_slot_spin)
         spin_until = 0.0
+        slot_until = last_slot = 0.0
         clock = time.perf_counter
+        serve_slot = self._serve_slot
+        polls = 0
         try:
             while not self._stopping:
-                # After traffic, poll without sleeping for ``spin_us``: a client's
-                # next request then finds the loop awake, and neither side pays
-                # for waking a sleeping thread on another CPU.
-                events = sel.select(0 if clock() < spin_until else 1.0)
+                if slots:
+                    served = False
+                    for conn in tuple(slots):
+                        words = conn.words
+                        if words is not None and words[_W_REQ_SEQ] != conn.seq:
+                            served = serve_slot(conn) or served
+                    now = clock()
+                    if served:
+                        # Widen the window to twice the gap since the last slot
+                        # request when that was within the bound.
+                        gap = now - last_slot
+                        if gap <= max_slot_spin:
+                            self._slot_spin = min(max_slot_spin, max(self._slot_spin, 2 * gap))
+                        last_slot = now
+                        slot_until = now + self._slot_spin
+                        polls += 1
+                        if polls & 7:
+                            continue
+                        events = poll(0)
+                    elif now < slot_until:
+                        polls += 1
+                        if polls & 3:
+                            continue
+                        events = poll(0)
+                    else:
+                        if slot_until:  # a whole window without a request: narrow it
+                            self._slot_spin = max(min_slot_spin, self._slot_spin / 2)
+                            slot_until = 0.0
+                        events = poll(0)
+                        if not events:
+                            events = self._sleep(poll)
+                        if events is None:
+                            continue
+                else:
+                    events = poll(0 if clock() < spin_until else 1.0)
                 if not events:
                     self._expire_handshakes()
                     continue
                 if spin:
                     spin_until = clock() + spin
-                for key, mask in events:
-                    data = key.data
+                for fd, mask in events:
+                    data = fdmap.get(fd)
+                    if data is None:
+                        continue
                     if data is _LISTEN:
                         self._accept()
                     elif data is _WAKE:
@@ -229,13 +335,28 @@ class Server:
                         except BlockingIOError:
                             pass
                     else:
-                        if mask & selectors.EVENT_READ and data.state < ConnState.CLOSED:
+                        if mask & _READABLE and data.state < _CLOSED:
                             self._on_readable(data)
-                        if mask & selectors.EVENT_WRITE and data.state < ConnState.CLOSED:
+                        if mask & _WRITABLE and data.state < _CLOSED and data.out:
                             self._flush(data)
                 self._expire_handshakes()
         finally:
             self.close()
+
+    def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
+        """Block in epoll with every slot marked "daemon sleeping"; None if a slot
+        request came in while marking (serve it instead of sleeping)."""
+        slots = self._slots
+        for conn in slots:
+            if conn.words is not None:
+                conn.words[_W_DAEMON_SLEEPING] = 1
+        fence()
+        pending = any(conn.words is not None and conn.words[_W_REQ_SEQ] != conn.seq for conn in slots)
+        events = None if pending else poll(1.0)
+        for conn in slots:
+            if conn.words is not None:
+                conn.words[_W_DAEMON_SLEEPING] = 0
+        return events
 
     def close(self) -> None:
         """Disconnect every client, close the System, remove the socket. Idempotent."""
@@ -247,9 +368,10 @@ class Server:
             finally:
                 self.system = None
         self.files.close()
-        if self._sel is not None:
-            self._sel.close()
-            self._sel = None
+        if self._ep is not None:
+            self._ep.close()
+            self._ep = None
+        self._fdmap.clear()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -332,7 +454,7 @@ class Server:
 
     # -- connections ----------------------------------------------------------------------------
     def _accept(self) -> None:
-        assert self._listener is not None and self._sel is not None
+        assert self._listener is not None and self._ep is not None
         while True:
             try:
                 sock, _ = self._listener.accept()
@@ -355,8 +477,9 @@ class Server:
                     pass
                 sock.close()
                 continue
-            self.connections[sock.fileno()] = conn
-            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self.connections[conn.fileno] = conn
+            conn.handlers = self._hello_handlers
+            self._ep_register(conn.fileno, _EPOLLIN, conn)
             log.debug("accepted %s", conn.label())
 
     def _expire_handshakes(self) -> None:
@@ -366,24 +489,20 @@ class Server:
         self._last_expiry = now
         limit = self.settings.handshake_timeout
         for conn in list(self.connections.values()):
-            if conn.state == ConnState.HANDSHAKE and now - conn.accepted > limit:
+            if conn.state == _HANDSHAKE and now - conn.accepted > limit:
                 self.metrics.refused += 1
                 self._disconnect(conn, f"no HELLO within {limit} s")
 
     def _disconnect(self, conn: Connection, reason: str) -> None:
         """Forget a connection and release everything its client held."""
-        if conn.state == ConnState.CLOSED:
+        if conn.state == _CLOSED:
             return
         was = conn.state
-        conn.state = ConnState.CLOSED
-        fileno = conn.sock.fileno()
-        self.connections.pop(fileno, None)
-        if self._sel is not None:
-            try:
-                self._sel.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
+        conn.state = _CLOSED
+        self.connections.pop(conn.fileno, None)
+        self._ep_unregister(conn.fileno)
         conn.sock.close()
+        self._drop_slot(conn)
         for fd in conn.fds:
             os.close(fd)
         conn.fds.clear()
@@ -393,7 +512,7 @@ class Server:
         conn.out.clear()
         held = self._release_context(conn)
         self.metrics.disconnects += 1
-        if not conn.goodbye and conn.role == P.Role.CONTEXT and was != ConnState.HANDSHAKE \
+        if not conn.goodbye and conn.role == P.Role.CONTEXT and was != _HANDSHAKE \
                 and not self._stopping:
             self.metrics.crashes += 1
         level = logging.INFO if held else logging.DEBUG
@@ -428,11 +547,11 @@ class Server:
             return
         if ancdata:
             self._take_fds(conn, ancdata)
-        if flags & socket.MSG_CTRUNC and conn.state < ConnState.CLOSING:
+        if flags & _MSG_CTRUNC and conn.state < _CLOSING:
             self._violation(conn, ProtocolError("ancillary data truncated (too many descriptors in "
                                                 "one message)"))
-        if conn.state >= ConnState.CLOSING:
-            if conn.state == ConnState.CLOSING:
+        if conn.state >= _CLOSING:
+            if conn.state == _CLOSING:
                 self._flush(conn)
             return
         if not data:
@@ -445,14 +564,14 @@ class Server:
             self._run_inbuf(conn)
         else:
             pos = self._run_frames(conn, data)
-            if pos < len(data) and conn.state < ConnState.CLOSED:
+            if pos < len(data) and conn.state < _CLOSED:
                 conn.inbuf = bytearray(data[pos:])
-        if conn.out and conn.state < ConnState.CLOSED:
+        if conn.out and conn.state < _CLOSED:
             self._flush(conn)
 
     def _run_inbuf(self, conn: Connection) -> None:
         pos = self._run_frames(conn, conn.inbuf)
-        if conn.state < ConnState.CLOSED:
+        if conn.state < _CLOSED:
             del conn.inbuf[:pos]
 
     def _take_fds(self, conn: Connection, ancdata: list[tuple[int, int, bytes]]) -> None:
@@ -462,7 +581,7 @@ class Server:
             fds = array.array("i")
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
             conn.fds.extend(fds)
-        if len(conn.fds) > P.MAX_PENDING_FDS and conn.state < ConnState.CLOSING:
+        if len(conn.fds) > P.MAX_PENDING_FDS and conn.state < _CLOSING:
             self._violation(conn, ProtocolError(f"{len(conn.fds)} descriptors sent without REGISTER "
                                                 f"requests to claim them (limit {P.MAX_PENDING_FDS})"))
 
@@ -475,21 +594,25 @@ class Server:
         pos, end = 0, len(buf)
         max_frame = self.settings.max_frame
         max_output = self.settings.max_output
-        unpack = P.HEADER.unpack_from
-        while end - pos >= P.HEADER_SIZE:
-            length, msg_type, flags = unpack(buf, pos)
+        request = self._request
+        queue = self._queue
+        slot = conn.slot is not None
+        while end - pos >= _HEADER_SIZE:
+            length, msg_type, flags = _unpack_header(buf, pos)
             if length > max_frame or flags:
                 try:
                     P.parse_header(buf, pos, max_frame)
                 except ProtocolError as exc:
                     self._violation(conn, exc)
                 return pos
-            if end - pos - P.HEADER_SIZE < length:
+            if end - pos - _HEADER_SIZE < length:
                 break
-            start = pos + P.HEADER_SIZE
+            start = pos + _HEADER_SIZE
             pos = start + length
-            self._request(conn, msg_type, buf[start:pos])
-            if conn.state > ConnState.READY or conn.out_bytes > max_output:
+            if msg_type == _DOORBELL and slot:
+                continue  # a wake-up: the loop polls the slot next
+            queue(conn, request(conn, msg_type, buf[start:pos]))
+            if conn.state != _READY or conn.out_bytes > max_output:
                 break
         return pos
 
@@ -499,47 +622,150 @@ class Server:
         self.metrics.errors[P.code_of(exc)] += 1
         log.warning("%s: %s; disconnecting it", conn.label(), exc)
         conn.inbuf = bytearray()
-        conn.state = ConnState.CLOSING
+        conn.state = _CLOSING
+        self._drop_slot(conn)
         self._queue(conn, P.frame(P.MsgType.ERROR, P.error_body(exc)))
 
+    # -- the shm slot -------------------------------------------------------------------------------
+    def _make_slot(self, conn: Connection) -> None:
+        """Create the connection's slot (its descriptor goes with WELCOME)."""
+        storage = Storage.create(P.SLOT_BYTES, self.config.shm_prefix)
+        try:
+            words = memoryview(storage.mm)[:P.SLOT_WORDS * 8].cast("Q")
+            words[:6] = array.array("Q", P.slot_header())
+            fd = os.dup(storage.fd)
+        except BaseException:
+            storage.close()
+            raise
+        conn.slot, conn.words, conn.seq = storage, words, 0
+        self._reply_fds.append(fd)
+
+    def _drop_slot(self, conn: Connection) -> None:
+        """Stop serving a connection's slot and unmap it (idempotent)."""
+        if conn.slot is None:
+            return
+        try:
+            self._slots.remove(conn)
+        except ValueError:
+            pass
+        if conn.words is not None:
+            conn.words.release()
+            conn.words = None
+        conn.slot.close()
+        conn.slot = None
+
+    def _serve_slot(self, conn: Connection) -> bool:
+        """Run the request in ``conn``'s slot if a new one is published; True if one was.
+
+        Nothing in the slot is trusted: the sequence must be the next one,
+        the length must fit the request area, the bytes are copied out before
+        they are parsed, and every frame is checked as on the socket.  A bad
+        field is a protocol violation (ERROR on the socket, then hang-up).
+        """
+        words = conn.words
+        if words is None or conn.state != _READY:
+            return False
+        seq = words[_W_REQ_SEQ]
+        expected = conn.seq + 1
+        if seq != expected:
+            if seq == conn.seq:
+                return False
+            self._violation(conn, ProtocolError(
+                f"slot request sequence {seq}, expected {expected}"))
+            self._flush(conn)
+            return True
+        if conn.out_bytes > self.settings.max_output:
+            return False  # the client must read its socket first
+        length = words[_W_REQ_LEN]
+        if not _HEADER_SIZE <= length <= _REQ_CAP:
+            self._violation(conn, ProtocolError(
+                f"slot request length {length} is outside {_HEADER_SIZE}..{_REQ_CAP}"))
+            self._flush(conn)
+            return True
+        assert conn.slot is not None
+        mm = conn.slot.mm
+        data = mm[_REQ_OFF:_REQ_OFF + length]  # a copy: the client may scribble meanwhile
+        conn.seq = seq
+        max_frame = self.settings.max_frame
+        max_output = self.settings.max_output
+        request = self._request
+        out = bytearray()
+        pos = 0
+        while pos < length:
+            if length - pos < _HEADER_SIZE:
+                self._violation(conn, ProtocolError(f"slot request ends with a truncated header of "
+                                                    f"{length - pos} bytes"))
+                self._flush(conn)
+                return True
+            blen, msg_type, flags = _unpack_header(data, pos)
+            if blen > max_frame or flags or length - pos - _HEADER_SIZE < blen:
+                self._violation(conn, ProtocolError(
+                    f"slot frame of type {msg_type} announces {blen} bytes with flags {flags:#x}; "
+                    f"{length - pos - _HEADER_SIZE} remain (limit {max_frame})"))
+                self._flush(conn)
+                return True
+            start = pos + _HEADER_SIZE
+            pos = start + blen
+            if len(out) > max_output:
+                exc = P.LimitExceeded(f"slot replies exceed {max_output} bytes (max_output); "
+                                      "request not run")
+                body = self._error(conn, msg_type, exc)
+                out += _pack_header(len(body), _ERROR, 0) + body
+                continue
+            out += request(conn, msg_type, data[start:pos])
+            if conn.state != _READY:
+                break
+        if self._reply_fds:  # descriptors travel on the socket, ahead of the reply
+            self._queue(conn, P.DOORBELL_FRAME)
+        n = len(out)
+        if n <= _REP_CAP:
+            mm[_REP_OFF:_REP_OFF + n] = out
+            words[_W_REP_LEN] = n
+        else:
+            self._queue(conn, bytes(out))
+            words[_W_REP_LEN] = P.REP_ON_SOCKET
+        words[_W_REP_SEQ] = seq
+        fence()
+        if words[_W_CLIENT_SLEEPING]:
+            self._queue(conn, P.DOORBELL_FRAME)
+        if conn.out or conn.state == _CLOSING:
+            self._flush(conn)
+        return True
+
     # -- requests --------------------------------------------------------------------------------
-    def _request(self, conn: Connection, msg_type: int, body: Any) -> None:
-        """Run one request frame and queue its reply."""
+    def _request(self, conn: Connection, msg_type: int, body: Any) -> bytes:
+        """Run one request frame; its reply frame (descriptors wait in ``_reply_fds``)."""
         t0 = time.perf_counter_ns()
         conn.requests += 1
-        reply_type = P.MsgType.OK
-        handshake = conn.state == ConnState.HANDSHAKE
-        if handshake:
-            handler: Any = self._op_hello if msg_type == P.MsgType.HELLO else None
-        else:
-            handler = self._handlers.get(msg_type)
-            if conn.role == P.Role.MONITOR and msg_type not in self._monitor_types:
-                handler = None
+        handler = conn.handlers.get(msg_type)
         try:
             if handler is None:
-                if handshake:
+                if conn.state == _HANDSHAKE:
                     raise ProtocolError(f"first message must be HELLO, got {P.type_name(msg_type)} "
                                         f"({msg_type})")
                 raise P.UnknownType(f"message type {P.type_name(msg_type)} ({msg_type}) is not a request "
                                     f"served on a {conn.role.name} connection")
             reply = handler(conn, body)
-            if msg_type == P.MsgType.BATCH:
-                reply_type = P.MsgType.BATCH_REPLY
-            elif handshake:
-                reply_type = P.MsgType.WELCOME
+            reply_type = _REPLY_TYPE.get(msg_type, _OK)
         except Exception as exc:
             for fd in self._reply_fds:  # none in practice: descriptors are taken last
                 os.close(fd)
             self._reply_fds.clear()
-            reply_type = P.MsgType.ERROR
-            reply = self._error(conn, msg_type, exc)
-            if handshake:
-                conn.state = ConnState.CLOSING
+            if conn.state == _HANDSHAKE:
+                self._drop_slot(conn)
+                conn.state = _CLOSING
                 self.metrics.refused += 1
-        self._queue(conn, P.HEADER.pack(len(reply), reply_type, 0) + reply)
-        self.metrics.ring(msg_type).add(time.perf_counter_ns() - t0)
-        if msg_type != P.MsgType.BATCH:
-            self.metrics.ops[msg_type] += 1
+            reply_type = _ERROR
+            reply = self._error(conn, msg_type, exc)
+        metrics = self.metrics
+        ring = metrics.rings.get(msg_type)
+        if ring is None:
+            ring = metrics.ring(msg_type)
+        ring.samples[ring.count % ring.size] = time.perf_counter_ns() - t0
+        ring.count += 1
+        if msg_type != _BATCH:
+            metrics.ops[msg_type] += 1
+        return _pack_header(len(reply), reply_type, 0) + reply
 
     def _error(self, conn: Connection, msg_type: int, exc: Exception) -> bytes:
         """The ERROR body for a failed request (and its logging and counting)."""
@@ -595,16 +821,16 @@ class Server:
             except OSError as exc:
                 self._disconnect(conn, f"send failed: {exc.strerror}")
                 return
-            if not out and conn.state == ConnState.CLOSING:
+            if not out and conn.state == _CLOSING:
                 self._disconnect(conn, "goodbye" if conn.goodbye else "refused")
                 return
             # Frames left waiting for the client to read its replies?
-            if (conn.inbuf and conn.state == ConnState.READY
+            if (conn.inbuf and conn.state == _READY
                     and conn.out_bytes <= self.settings.max_output
-                    and len(conn.inbuf) >= P.HEADER_SIZE):
+                    and len(conn.inbuf) >= _HEADER_SIZE):
                 before = len(conn.inbuf)
                 self._run_inbuf(conn)
-                if conn.state == ConnState.CLOSED:
+                if conn.state == _CLOSED:
                     return
                 if len(conn.inbuf) != before and out:
                     continue
@@ -613,16 +839,16 @@ class Server:
 
     def _update_interest(self, conn: Connection) -> None:
         want_write = bool(conn.out)
-        want_read = conn.out_bytes <= self.settings.max_output and conn.state == ConnState.READY
+        want_read = conn.out_bytes <= self.settings.max_output and conn.state == _READY
         if want_write == conn.writing and want_read == conn.reading:
             return
         conn.writing, conn.reading = want_write, want_read
-        events = (selectors.EVENT_READ if want_read else 0) | (selectors.EVENT_WRITE if want_write else 0)
-        assert self._sel is not None
+        events = (_EPOLLIN if want_read else 0) | (_EPOLLOUT if want_write else 0)
+        assert self._ep is not None
         if events:
-            self._sel.modify(conn.sock, events, conn)
+            self._ep.modify(conn.fileno, events)
         else:  # pragma: no cover - a CLOSING connection with nothing to write is gone already
-            self._sel.unregister(conn.sock)
+            self._ep_unregister(conn.fileno)
 
     # -- handlers ----------------------------------------------------------------------------------
     def _op_hello(self, conn: Connection, body: Any) -> bytes:
@@ -633,14 +859,27 @@ class Server:
         if magic != P.MAGIC:
             raise P.VersionMismatch(f"bad magic {magic:#010x} (expected {P.MAGIC:#010x}): not a "
                                     "poolsvc client")
-        if version != P.VERSION:
+        if version not in P.VERSIONS:
             raise P.VersionMismatch(f"client speaks protocol version {version}; this daemon speaks "
-                                    f"version {P.VERSION}")
+                                    f"versions {', '.join(map(str, P.VERSIONS))}")
         try:
             conn.role = P.Role(role)
         except ValueError:
             raise ProtocolError(f"unknown role {role} in HELLO") from None
-        conn.name = P.decode_name(body[P.HELLO.size:])
+        features = 0
+        name_at = P.HELLO.size
+        if version >= P.VERSION_2:
+            if len(body) < P.HELLO2.size:
+                raise ProtocolError(f"version {version} HELLO of {len(body)} bytes is shorter than "
+                                    f"{P.HELLO2.size}")
+            features = P.HELLO2.unpack_from(body)[3]
+            name_at = P.HELLO2.size
+        conn.version = version
+        conn.name = P.decode_name(body[name_at:])
+        granted = 0
+        if features & P.Feature.SHM_SLOT and self.settings.shm_slots:
+            self._make_slot(conn)
+            granted |= P.Feature.SHM_SLOT
         cid = 0
         name = ""
         if conn.role == P.Role.CONTEXT:
@@ -651,13 +890,21 @@ class Server:
             conn.alloc_fns = (ctx.alloc_user_buf, ctx.alloc_kernel_buf, ctx.alloc_priv_buf)
             conn.register_fns = (ctx.register_user_buf, ctx.register_kernel_buf)
             cid = ctx.cid
-        conn.state = ConnState.READY
+        conn.state = _READY
+        conn.handlers = (self._context_handlers if conn.role == P.Role.CONTEXT
+                         else self._monitor_handlers)
+        if conn.slot is not None:
+            self._slots.append(conn)
         cfg = self.config
-        log.debug("%s: HELLO as %s", conn.label(), conn.role.name)
-        return P.WELCOME.pack(P.VERSION, 0 if self.system.pool == "dynamic" else 1, os.getpid(), cid,
-                              int(cfg.sec_caps), int(cfg.gen_caps), self.settings.max_batch,
-                              self.settings.max_frame, cfg.dynamic_base, cfg.dynamic_size,
-                              cfg.static_base, cfg.static_size) + name.encode()
+        log.debug("%s: HELLO as %s (version %d, features %#x)", conn.label(), conn.role.name, version,
+                  granted)
+        welcome = P.WELCOME.pack(version, 0 if self.system.pool == "dynamic" else 1, os.getpid(), cid,
+                                 int(cfg.sec_caps), int(cfg.gen_caps), self.settings.max_batch,
+                                 self.settings.max_frame, cfg.dynamic_base, cfg.dynamic_size,
+                                 cfg.static_base, cfg.static_size)
+        if version >= P.VERSION_2:
+            welcome += P.WELCOME_EXT.pack(granted, P.SLOT_BYTES if granted & P.Feature.SHM_SLOT else 0)
+        return welcome + name.encode()
 
     def _op_ping(self, conn: Connection, body: Any) -> bytes:
         return bytes(body)
@@ -665,7 +912,9 @@ class Server:
     def _op_goodbye(self, conn: Connection, body: Any) -> bytes:
         conn.goodbye = True
         self._release_context(conn)
-        conn.state = ConnState.CLOSING
+        conn.state = _CLOSING
+        if conn in self._slots:  # the slot stays mapped (its reply may be in it) until hang-up
+            self._slots.remove(conn)
         return b""
 
     def _op_stats(self, conn: Connection, body: Any) -> bytes:
@@ -775,7 +1024,7 @@ class Server:
                     raise P.LimitExceeded(f"batch reply exceeds {max_output} bytes (max_output); "
                                           "request not run")
                 reply = handlers[msg_type](conn, sub)
-                out += pack(len(reply), P.MsgType.OK, 0)
+                out += pack(len(reply), _OK, 0)
             except Exception as exc:
                 reply = self._error(conn, msg_type, exc)
                 out += pack(len(reply), P.MsgType.ERROR, 0)
@@ -903,7 +1152,8 @@ class Server:
         clients = []
         for conn in sorted(self.connections.values(), key=lambda c: c.serial):
             entry: dict[str, Any] = {"serial": conn.serial, "name": conn.name, "pid": conn.pid,
-                                     "uid": conn.uid, "role": conn.role.name, "state": conn.state.name,
+                                     "uid": conn.uid, "role": conn.role.name, "state": ConnState(conn.state).name,
+                                     "transport": "shm" if conn.slot is not None else "socket",
                                      "requests": conn.requests,
                                      "connected_s": round(time.monotonic() - conn.accepted, 3)}
             ctx = conn.context

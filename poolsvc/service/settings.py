@@ -80,6 +80,13 @@ class ServiceSettings:
     #: Off by default: on the 2-core test machine polling saved nothing (a
     #: sleeping peer woke in ~10 us) and polling on both sides cost 5x.
     spin_us: int = 0
+    #: Offer a shared-memory request/reply slot to clients that ask for one
+    #: (protocol version 2, ``connect(..., transport="shm")``).
+    shm_slots: bool = True
+    #: Longest time, in microseconds, the loop polls the slots of shm clients
+    #: after serving one before it sleeps in epoll (adaptive below that: it
+    #: halves after a poll that found nothing and doubles after one that did).
+    shm_spin_us: int = 100
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,7 +134,10 @@ class ServiceSettings:
             "max_bytes_per_client": (0, 1 << 48),
             "latency_window": (16, 1 << 20),
             "spin_us": (0, 1_000_000),
+            "shm_spin_us": (0, 1_000_000),
         }
+        if not isinstance(self.shm_slots, bool):
+            raise ConfigError(f"shm_slots: expected true or false, got {self.shm_slots!r}")
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
