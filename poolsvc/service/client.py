@@ -87,6 +87,11 @@ _HEADER_SIZE = P.HEADER_SIZE
 _unpack_header = P.HEADER.unpack_from
 _pack_header = P.HEADER.pack
 _DOORBELL = int(P.MsgType.DOORBELL)
+_OK = int(P.MsgType.OK)
+_SHM_CLOSE = int(P.MsgType.SHM_CLOSE)
+_pack_cookie = P.COOKIE.pack
+_unpack_closed = P.CLOSED.unpack
+_CLOSED_SIZE = P.CLOSED.size
 _GOODBYE = int(P.MsgType.GOODBYE)
 _W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = P.W_REQ_SEQ, P.W_REQ_LEN, P.W_CLIENT_SLEEPING
 _W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = P.W_REP_SEQ, P.W_REP_LEN, P.W_DAEMON_SLEEPING
@@ -122,6 +127,8 @@ class _Channel:
         self.outbox = bytearray()
         self.fds: deque[int] = deque()
         self.pending: deque[Callable[[int, memoryview], None]] = deque()
+        #: Cookies of the pipelined SHM_CLOSE requests, in order.
+        self.close_cookies: deque[int] = deque()
         self.segments: dict[int, mmap.mmap] = {}
         self.stale: list[mmap.mmap] = []
         self.closed = False
@@ -295,11 +302,14 @@ class _Channel:
             start = clock()
             deadline = start + self.slot_spin
             yield_ = os.sched_yield
+            polls = 0
             while words[_W_REP_SEQ] != seq:
-                if clock() > deadline:
-                    self._slot_sleep(seq)
-                    break
-                yield_()
+                polls += 1
+                if not polls & 3:  # give the CPU away now and then (2 cores, many clients)
+                    if clock() > deadline:
+                        self._slot_sleep(seq)
+                        break
+                    yield_()
             waited = clock() - start
             if waited <= self.max_slot_spin:
                 self.slot_spin = min(self.max_slot_spin, max(self.slot_spin, 2 * waited))
@@ -677,21 +687,25 @@ class Context:
     def _post_close(self, shm: Shm) -> None:
         if self.closed:
             return
-        cookie = shm.cookie
         channel = self._channel
+        channel.outbox += _pack_header(8, _SHM_CLOSE, 0) + _pack_cookie(shm.cookie)
+        channel.pending.append(self._on_close_reply)
+        channel.close_cookies.append(shm.cookie)
+        if len(channel.pending) >= MAX_IN_FLIGHT:
+            channel.drain()
 
-        def on_reply(reply_type: int, body: memoryview) -> None:
-            if reply_type == P.MsgType.OK and len(body) == P.CLOSED.size:
-                _, dropped = P.CLOSED.unpack(body)
-                if dropped:
-                    channel.unmap_segment(dropped)
-                return
-            exc = (P.error_from_body(body) if reply_type == P.MsgType.ERROR
-                   else ProtocolError(f"unexpected {P.type_name(reply_type)} reply to SHM_CLOSE"))
-            log.warning("closing shm %#x failed in the daemon: %s", cookie, exc)
-            self.deferred_errors.append((cookie, exc))
-
-        channel.post(P.MsgType.SHM_CLOSE, P.COOKIE.pack(cookie), on_reply)
+    def _on_close_reply(self, reply_type: int, body: memoryview) -> None:
+        channel = self._channel
+        cookie = channel.close_cookies.popleft()
+        if reply_type == _OK and len(body) == _CLOSED_SIZE:
+            dropped = _unpack_closed(body)[1]
+            if dropped:
+                channel.unmap_segment(dropped)
+            return
+        exc = (P.error_from_body(body) if reply_type == P.MsgType.ERROR
+               else ProtocolError(f"unexpected {P.type_name(reply_type)} reply to SHM_CLOSE"))
+        log.warning("closing shm %#x failed in the daemon: %s", cookie, exc)
+        self.deferred_errors.append((cookie, exc))
 
     # -- allocation ------------------------------------------------------------------------------
     def alloc_user_buf(self, size: int) -> Shm:
