@@ -5,6 +5,9 @@ echo server (two Python processes, one blocking ``recv``/``sendall`` loop),
 so that the daemon's cost is read against the floor of the same machine in
 the same run (DESIGN.md section 7: alloc+free within 1.5x of a bare round
 trip; batched requests >= 10x the operations per second of single ones).
+Both transports are measured: ``socket`` (every frame on the Unix socket)
+and ``shm`` (ordinary requests through the connection's shared-memory slot,
+see docs/protocol.md), beside the embedded System doing the same work.
 
 ``test_service_ratios`` interleaves every measurement round by round and
 reports medians of the per-round ratios (``benchmark.extra_info`` and
@@ -25,6 +28,7 @@ import time
 
 import pytest
 
+import poolsvc
 from poolsvc.service import protocol as P
 from poolsvc.service.client import connect
 
@@ -121,26 +125,29 @@ def test_bare_socket_round_trip(benchmark, echo):
     benchmark(_bare, echo)
 
 
-@pytest.mark.parametrize("spin_us", [0, 200])
-def test_service_ping(benchmark, daemon, spin_us):
-    with connect(daemon, spin_us=spin_us) as client:
-        benchmark.extra_info["what"] = f"PING round trip through the daemon, client spin {spin_us} us"
+@pytest.mark.parametrize("transport", ["socket", "shm"])
+def test_service_ping(benchmark, daemon, transport):
+    with connect(daemon, transport=transport) as client:
+        benchmark.extra_info["what"] = f"PING round trip through the daemon, {transport} transport"
         benchmark(client.ping)
 
 
+@pytest.mark.parametrize("transport", ["socket", "shm"])
 @pytest.mark.parametrize("kind", ["alloc_user_buf", "alloc_priv_buf"])
-def test_service_alloc_free(benchmark, daemon, kind):
-    with connect(daemon) as client:
+def test_service_alloc_free(benchmark, daemon, kind, transport):
+    with connect(daemon, transport=transport) as client:
         ctx = client.open_context("bench")
         alloc = getattr(ctx, kind)
         alloc(4096).close()
-        benchmark.extra_info["what"] = f"{kind}(4096) + close() through the daemon (one round trip)"
+        benchmark.extra_info["what"] = (f"{kind}(4096) + close() through the daemon (one round trip), "
+                                        f"{transport} transport")
         benchmark(lambda: alloc(4096).close())
 
 
+@pytest.mark.parametrize("transport", ["socket", "shm"])
 @pytest.mark.parametrize("kind", ["alloc_user_buf", "alloc_priv_buf"])
-def test_service_batched(benchmark, daemon, kind):
-    with connect(daemon) as client:
+def test_service_batched(benchmark, daemon, kind, transport):
+    with connect(daemon, transport=transport) as client:
         ctx = client.open_context("bench")
 
         def pair_batches():
@@ -162,49 +169,54 @@ def test_service_batched(benchmark, daemon, kind):
 # -- the section 7 targets, as medians of ratios taken round by round in one run -------------------------
 def test_service_ratios(benchmark, daemon, echo, smoke):
     rounds, n, reps = (1, 20, 1) if smoke else (15, 300, 4)
-    rows: dict[str, list[float]] = {k: [] for k in (
-        "bare_us", "ping_us", "user_us", "priv_us", "user_spin_us", "priv_spin_us",
-        "ratio_user", "ratio_priv", "ratio_user_spin", "ratio_priv_spin", "ratio_ping",
-        "single_user_ops", "batched_user_ops", "batch_gain_user",
-        "single_priv_ops", "batched_priv_ops", "batch_gain_priv")}
-    spin = connect(daemon, name="ratios-spin", spin_us=200)
-    still = connect(daemon, name="ratios")
+    rows: dict[str, list[float]] = {}
+    sock_client = connect(daemon, name="ratios", transport="socket")
+    shm_client = connect(daemon, name="ratios-shm", transport="shm")
+    embedded = poolsvc.System(poolsvc.Config(dynamic_size=256 << 20, arena_step=4 << 20))
     try:
-        ctx, ctx0 = still.open_context("ratios"), spin.open_context("ratios-spin")
-        for c in (ctx, ctx0):
+        assert shm_client._monitor.transport == "shm"
+        ctxs = {"sock": sock_client.open_context("ratios"), "shm": shm_client.open_context("ratios-shm"),
+                "emb": embedded.open_context("ratios-embedded")}
+        pings = {"sock": sock_client.ping, "shm": shm_client.ping}
+        for c in ctxs.values():
             for _ in range(50):
                 c.alloc_user_buf(4096).close()
                 c.alloc_priv_buf(4096).close()
 
+        def add(key: str, value: float) -> None:
+            rows.setdefault(key, []).append(value)
+
         def one_round():
             bare = _median_us(lambda: _bare(echo), n)
-            ping = _median_us(still.ping, n)
-            user = _median_us(lambda: ctx.alloc_user_buf(4096).close(), n)
-            priv = _median_us(lambda: ctx.alloc_priv_buf(4096).close(), n)
-            user0 = _median_us(lambda: ctx0.alloc_user_buf(4096).close(), n)
-            priv0 = _median_us(lambda: ctx0.alloc_priv_buf(4096).close(), n)
-            # single: one op per round trip (the pipelined free rides along and is counted too)
-            single_user, single_priv = 2e6 / user, 2e6 / priv
-            batched_user = _batched_ops_per_s(ctx, "alloc_user_buf", reps)
-            batched_priv = _batched_ops_per_s(ctx, "alloc_priv_buf", reps)
-            for key, value in (("bare_us", bare), ("ping_us", ping), ("user_us", user),
-                               ("priv_us", priv), ("user_spin_us", user0), ("priv_spin_us", priv0),
-                               ("ratio_user", user / bare), ("ratio_priv", priv / bare),
-                               ("ratio_user_spin", user0 / bare), ("ratio_priv_spin", priv0 / bare),
-                               ("ratio_ping", ping / bare),
-                               ("single_user_ops", single_user), ("batched_user_ops", batched_user),
-                               ("batch_gain_user", batched_user / single_user),
-                               ("single_priv_ops", single_priv), ("batched_priv_ops", batched_priv),
-                               ("batch_gain_priv", batched_priv / single_priv)):
-                rows[key].append(value)
+            add("bare_us", bare)
+            for t in ("sock", "shm"):
+                ping = _median_us(pings[t], n)
+                add(f"{t}_ping_us", ping)
+                add(f"{t}_ratio_ping", ping / bare)
+            for kind in ("priv", "user"):
+                for t in ("emb", "sock", "shm"):
+                    alloc = getattr(ctxs[t], f"alloc_{kind}_buf")
+                    pair = _median_us(lambda alloc=alloc: alloc(4096).close(), n)
+                    add(f"{t}_{kind}_us", pair)
+                    if t == "emb":
+                        continue
+                    add(f"{t}_ratio_{kind}", pair / bare)
+                    # single: one op per round trip (the pipelined free rides along and counts too)
+                    single = 2e6 / pair
+                    batched = _batched_ops_per_s(ctxs[t], f"alloc_{kind}_buf", reps)
+                    add(f"{t}_single_{kind}_ops", single)
+                    add(f"{t}_batched_{kind}_ops", batched)
+                    add(f"{t}_batch_gain_{kind}", batched / single)
 
         benchmark.pedantic(lambda: [one_round() for _ in range(rounds)], rounds=1, iterations=1)
     finally:
-        spin.close()
-        still.close()
+        sock_client.close()
+        shm_client.close()
+        embedded.close()
     medians = {k: round(statistics.median(v), 3) for k, v in rows.items()}
     benchmark.extra_info.update(medians)
     benchmark.extra_info["rounds"] = rounds
-    print("\nservice targets (medians over rounds):")
+    print("\nservice targets (medians over rounds; sock = socket transport, shm = shm slot, "
+          "emb = embedded System):")
     for key, value in medians.items():
-        print(f"  {key:20} {value:>12}")
+        print(f"  {key:26} {value:>12}")

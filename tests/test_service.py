@@ -42,6 +42,14 @@ from sysutil import shm_leftovers
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, params=["shm", "socket"])
+def transport(request, monkeypatch):
+    """Every test here runs once per client transport (``connect()`` and client processes
+    read ``$POOLSVC_TRANSPORT``)."""
+    monkeypatch.setenv("POOLSVC_TRANSPORT", request.param)
+    return request.param
+
+
 @pytest.fixture
 def daemon(tmp_path):
     before_storage = LIVE["storage"]

@@ -79,7 +79,7 @@ _FLAGS: dict[int, ShmFlags] = {}
 #: Transports a client may ask for (see :func:`connect`).
 TRANSPORTS = ("socket", "shm")
 #: Default transport of :func:`connect`.
-DEFAULT_TRANSPORT = "socket"
+DEFAULT_TRANSPORT = "shm"
 #: Default longest time a shm-slot client polls its slot for a reply before
 #: it sleeps on the socket, in microseconds (adaptive below that).
 DEFAULT_SHM_SPIN_US = 200

@@ -97,8 +97,10 @@ def describe(shm: Any, tokens: SegmentTokens | None) -> tuple[bytes, int]:
     On the hot path of every ALLOC: plain ints, no enum arithmetic.
     """
     backing = shm._backing
-    pages = shm.pages
     paddr = shm.paddr
+    # A contiguous shm knows its (first page, count): no page array is built.
+    run = getattr(shm, "_run", None)
+    pages = None if run is not None and paddr is not None else shm.pages
     bits = _REGISTERED if shm.registered else 0
     fd = -1
     token = seg_offset = seg_bytes = 0
@@ -116,12 +118,18 @@ def describe(shm: Any, tokens: SegmentTokens | None) -> tuple[bytes, int]:
         kind = _STATIC
     else:
         kind = _USER
+    flags = int(shm.flags)
+    if pages is None:
+        assert run is not None
+        body = _pack_desc(shm.cookie, shm.id, shm.size, run[0], paddr, seg_offset, seg_bytes,
+                          shm.offset, run[1], token, flags, kind, bits | _CONTIGUOUS)
+        return body, fd
     if paddr is not None:
         body = _pack_desc(shm.cookie, shm.id, shm.size, int(pages[0]), paddr, seg_offset, seg_bytes,
-                          shm.offset, len(pages), token, shm.flags.value, kind, bits | _CONTIGUOUS)
+                          shm.offset, len(pages), token, flags, kind, bits | _CONTIGUOUS)
         return body, fd
     body = _pack_desc(shm.cookie, shm.id, shm.size, int(pages[0]), NO_PADDR, seg_offset, seg_bytes,
-                      shm.offset, len(pages), token, shm.flags.value, kind, bits | _PAGES_FOLLOW)
+                      shm.offset, len(pages), token, flags, kind, bits | _PAGES_FOLLOW)
     return body + pages.tobytes(), fd
 
 
