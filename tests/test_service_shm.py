@@ -343,3 +343,39 @@ def test_daemon_gone_while_client_waits(tmp_path):
     with pytest.raises(Closed):
         ctx.alloc_priv_buf(4096)
     client.close()
+
+
+def test_slot_client_over_the_output_bound_waits_without_busy_looping(tmp_path):
+    """Replies too big for the slot go to the socket; a client that does not read them
+    is not served further (max_output), and the daemon sleeps meanwhile."""
+    d = DaemonThread(tmp_path / "d.sock", max_output=64 << 10)
+    try:
+        sock, mm = _raw_shm_conn(d)
+        words = memoryview(mm)[:P.SLOT_WORDS * 8].cast("Q")
+        req = P.frame(P.MsgType.BATCH, P.frame(P.MsgType.ALLOC, P.ALLOC.pack(2, 4096)) * 1500)
+        mm[P.SLOT_REQ_OFF:P.SLOT_REQ_OFF + len(req)] = req
+        last = 6  # 6 x 120 KB of replies: more than the kernel's socket buffer plus max_output
+        for seq in range(1, last + 1):
+            words[P.W_REQ_LEN] = len(req)
+            words[P.W_REQ_SEQ] = seq
+            sock.sendall(P.DOORBELL_FRAME)
+            deadline = time.monotonic() + 0.3
+            while words[P.W_REP_SEQ] != seq and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if words[P.W_REP_SEQ] != seq:
+                break
+        assert words[P.W_REP_SEQ] < last, "the daemon kept serving a client that reads none of its replies"
+        cpu0 = sum(os.times()[:2])
+        time.sleep(0.5)
+        assert sum(os.times()[:2]) - cpu0 < 0.25, "the daemon busy-looped on a blocked slot"
+        # Reading the socket unblocks it.
+        sock.settimeout(5)
+        got = 0
+        while words[P.W_REP_SEQ] != seq:
+            got += len(sock.recv(1 << 20))
+        assert got > 0
+        words.release()
+        mm.close()
+        sock.close()
+    finally:
+        d.stop()

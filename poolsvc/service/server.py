@@ -351,7 +351,11 @@ class Server:
             if conn.words is not None:
                 conn.words[_W_DAEMON_SLEEPING] = 1
         fence()
-        pending = any(conn.words is not None and conn.words[_W_REQ_SEQ] != conn.seq for conn in slots)
+        # Only requests the loop would serve now count: a client over max_output
+        # waits until it has read its socket (an EPOLLOUT wakes us then).
+        max_output = self.settings.max_output
+        pending = any(conn.words is not None and conn.words[_W_REQ_SEQ] != conn.seq
+                      and conn.state == _READY and conn.out_bytes <= max_output for conn in slots)
         events = None if pending else poll(1.0)
         for conn in slots:
             if conn.words is not None:
