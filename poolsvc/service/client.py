@@ -24,6 +24,14 @@ static pool raises NotSupported, since the carve-out is one object shared by
 all clients and its descriptor is never sent; ``stats()`` returns the
 System's figures plus a ``"service"`` entry with the daemon's own.
 
+Transports (``connect(path, transport=...)``): ``"shm"``, the default, asks
+the daemon (protocol version 2) for a shared-memory request/reply slot per
+connection; ordinary requests and replies then go through the slot, with a
+short adaptive poll for the reply before sleeping on the socket until a
+DOORBELL, and the socket carries only descriptors, wake-ups and what does not
+fit the slot.  ``"socket"`` sends every frame on the Unix socket (version 1).
+A daemon that offers no slot gives the socket transport either way.
+
 ``Shm.close()`` is pipelined: the request is queued and leaves in the same
 ``sendmsg`` as the context's next request (or on ``Context.flush()``,
 ``Client.stats()``, ``Context.close()``), and its reply is read with that

@@ -22,6 +22,14 @@ Per connection (:class:`Connection`):
   ``protocol.MAX_PENDING_FDS``; live shms at ``max_shms_per_client`` and pool
   bytes at ``max_bytes_per_client``.
 
+Shm slots (protocol version 2): a connection may ask for a shared-memory
+request/reply slot (``protocol`` documents the layout).  The loop polls the
+slots of such clients for a short adaptive window after serving one, then
+marks them "daemon sleeping" and blocks in epoll; a client that publishes a
+request while the mark is set rings with a DOORBELL frame on its socket.
+Nothing read from a slot is trusted: sequence, length and every frame are
+checked, and the request bytes are copied out before they are parsed.
+
 Malformed traffic: a frame header with an oversized length or unknown flags
 cannot be resynchronised, so that client gets an ERROR and is disconnected;
 an unknown type, a short or long body, or bad arguments get an ERROR reply
