@@ -96,6 +96,9 @@ _unpack_header = P.HEADER.unpack_from
 _pack_header = P.HEADER.pack
 _DOORBELL = int(P.MsgType.DOORBELL)
 _OK = int(P.MsgType.OK)
+_ALLOC = int(P.MsgType.ALLOC)
+_pack_alloc = P.ALLOC.pack
+_ALLOC_USER, _ALLOC_KERNEL, _ALLOC_PRIV = int(P.AllocKind.USER), int(P.AllocKind.KERNEL), int(P.AllocKind.PRIV)
 _SHM_CLOSE = int(P.MsgType.SHM_CLOSE)
 _pack_cookie = P.COOKIE.pack
 _unpack_closed = P.CLOSED.unpack
@@ -310,14 +313,20 @@ class _Channel:
             start = clock()
             deadline = start + self.slot_spin
             yield_ = os.sched_yield
+            # Poll without yielding for the first 10 us (the daemon works on
+            # the other CPU); after that yield every few polls (2 cores, many
+            # clients: the daemon may be waiting for ours).
+            hot = start + 10e-6
             polls = 0
             while words[_W_REP_SEQ] != seq:
                 polls += 1
-                if not polls & 3:  # give the CPU away now and then (2 cores, many clients)
-                    if clock() > deadline:
+                if not polls & 3:
+                    now = clock()
+                    if now > deadline:
                         self._slot_sleep(seq)
                         break
-                    yield_()
+                    if now > hot:
+                        yield_()
             waited = clock() - start
             if waited <= self.max_slot_spin:
                 self.slot_spin = min(self.max_slot_spin, max(self.slot_spin, 2 * waited))
@@ -464,7 +473,7 @@ class _Channel:
 
 
 def _check_reply(reply_type: int, body: memoryview, what: str) -> memoryview:
-    if reply_type == P.MsgType.OK:
+    if reply_type == _OK:
         return body
     if reply_type == P.MsgType.ERROR:
         raise P.error_from_body(body)
@@ -718,18 +727,21 @@ class Context:
     # -- allocation ------------------------------------------------------------------------------
     def alloc_user_buf(self, size: int) -> Shm:
         """Allocate a buffer user space can map; it gets an id (DYNAMIC | POOL)."""
-        _check_size(size)
-        return self._request_shm(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, size), "ALLOC")
+        if type(size) is not int or not 0 < size < 1 << 63:
+            _check_size(size)
+        return self._request_shm(_ALLOC, _pack_alloc(_ALLOC_USER, size), "ALLOC")
 
     def alloc_kernel_buf(self, size: int) -> Shm:
         """Allocate a driver buffer shared with the TEE; no id (DYNAMIC | POOL)."""
-        _check_size(size)
-        return self._request_shm(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.KERNEL, size), "ALLOC")
+        if type(size) is not int or not 0 < size < 1 << 63:
+            _check_size(size)
+        return self._request_shm(_ALLOC, _pack_alloc(_ALLOC_KERNEL, size), "ALLOC")
 
     def alloc_priv_buf(self, size: int) -> Shm:
         """Allocate a driver-private buffer, never registered (PRIV | POOL)."""
-        _check_size(size)
-        return self._request_shm(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.PRIV, size), "ALLOC")
+        if type(size) is not int or not 0 < size < 1 << 63:
+            _check_size(size)
+        return self._request_shm(_ALLOC, _pack_alloc(_ALLOC_PRIV, size), "ALLOC")
 
     # -- registration ------------------------------------------------------------------------------
     def register_user_buf(self, obj: Any, fd: int | None = None) -> Shm:
