@@ -151,7 +151,8 @@ class SystemMachine(RuleBasedStateMachine):
                 assert bytes(shm.view()[: len(stamp)]) == stamp
 
 
-SystemMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+# max_examples comes from the hypothesis profile (tests/conftest.py): 60 dev, 40 CI, 1000 thorough
+SystemMachine.TestCase.settings = settings(stateful_step_count=40, deadline=None)
 TestSystemMachine = SystemMachine.TestCase
 
 
