@@ -83,8 +83,27 @@ def arg_size(num_params: int) -> int:
     return MSG_ARG_HEADER_SIZE + MSG_PARAM_SIZE * num_params
 
 
+def _as_bytes(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """``data`` as a flat byte sequence: ``len`` in bytes, readable by ``struct``.
+
+    A memoryview of any format, shape or stride is accepted (a strided one is
+    copied); an object without the buffer protocol is a ProtocolError.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise ProtocolError(f"a message is bytes, not {type(data).__name__}") from None
+    try:
+        return view.cast("B")
+    except TypeError:  # not C-contiguous
+        return view.tobytes()
+
+
 def peek_num_params(data: bytes | bytearray | memoryview) -> int:
     """``num_params`` from a header (ProtocolError if the header is short)."""
+    data = _as_bytes(data)
     if len(data) < MSG_ARG_HEADER_SIZE:
         raise ProtocolError(f"message of {len(data)} bytes is shorter than its 32-byte header")
     return _HEADER.unpack_from(data, 0)[7]
@@ -92,6 +111,7 @@ def peek_num_params(data: bytes | bytearray | memoryview) -> int:
 
 def unpack(data: bytes | bytearray | memoryview) -> MsgArg:
     """Decode a message; ProtocolError if it is short, too long or over MAX_PARAMS."""
+    data = _as_bytes(data)
     num = peek_num_params(data)
     if num > MAX_PARAMS:
         raise ProtocolError(f"num_params {num} exceeds the limit {MAX_PARAMS}")

@@ -39,7 +39,9 @@ state as it was: references taken for earlier parameters are dropped and
 temporary objects freed.  Errors are :mod:`poolsvc.errors` exceptions
 inside; they become return codes at one boundary, :meth:`SecureWorld.process`.
 A trusted app's own errors carry origin TRUSTED_APP; an app that raises
-anything else has panicked: TARGET_DEAD, and its session is dead.
+anything else, or whose code is not a u32 (or is 0 on an error), has
+panicked: TARGET_DEAD, and its session is dead.  The app gets a copy of the
+params list; what is written back is decided by the message's attrs.
 
 RPC: during a call an app may ask the normal world for memory
 (:meth:`SessionEnv.rpc_alloc`): the secure world sends SHM_ALLOC (value
@@ -49,7 +51,8 @@ answer as OP-TEE does: ``ret == 0``, one parameter, attr TMEM_OUTPUT (plain:
 inside the carve-out) or TMEM_OUTPUT|NONCONTIG (a page list, parsed and
 checked), size at least what was asked.  A bad answer is freed again
 (SHM_FREE) and the app gets OUT_OF_MEMORY.  Memory an app still holds when
-its session closes is freed by the secure world.
+its session closes is freed by the secure world; freed RPC memory is
+unmapped (``Memref.revoke``): a stale reference reaches nothing.
 
 Invariants:
   ``registered[c].inflight == number of running-call parameters naming c``
@@ -62,6 +65,7 @@ running marks the objects it uses as in flight.
 from __future__ import annotations
 
 import itertools
+import operator
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -113,6 +117,8 @@ _VALUE_TYPES = (Attr.VALUE_INPUT, Attr.VALUE_OUTPUT, Attr.VALUE_INOUT)
 _RMEM_TYPES = (Attr.RMEM_INPUT, Attr.RMEM_OUTPUT, Attr.RMEM_INOUT)
 _TMEM_TYPES = (Attr.TMEM_INPUT, Attr.TMEM_OUTPUT, Attr.TMEM_INOUT)
 _META_ATTR = Attr.VALUE_INPUT | ATTR_META
+_OUT_VALUE_TYPES = (Attr.VALUE_OUTPUT, Attr.VALUE_INOUT)
+_OUT_MEMREF_TYPES = (Attr.RMEM_OUTPUT, Attr.RMEM_INOUT, Attr.TMEM_OUTPUT, Attr.TMEM_INOUT)
 
 
 @dataclass
@@ -438,17 +444,19 @@ class SecureWorld:
 
     @staticmethod
     def _copy_out(params: Sequence[MsgParam], ta_params: Sequence[Param]) -> None:
-        """Write back ``size`` of output memrefs and ``a``/``b`` of output values."""
+        """Write back ``size`` of output memrefs and ``a``/``b`` of output values.
+
+        The message's attrs decide what is written (OP-TEE's saved attrs), never
+        the app's params: ``ta_params`` is the secure world's own list (the app
+        got a copy), and an attribute the app broke falls back safely.
+        """
         for p, tp in zip(params, ta_params):
-            if tp is None:
-                continue
-            if isinstance(tp, Value):
-                if tp.type in (ParamType.VALUE_OUTPUT, ParamType.VALUE_INOUT):
-                    p.a = _u32(tp.a)
-                    p.b = _u32(tp.b)
-            elif tp.type in (ParamType.MEMREF_OUTPUT, ParamType.MEMREF_INOUT):
-                size = tp.size
-                p.b = size if isinstance(size, int) and 0 <= size <= U64_MAX else tp.capacity
+            kind = p.attr & ATTR_TYPE_MASK
+            if kind in _OUT_VALUE_TYPES:
+                p.a = _u32(getattr(tp, "a", 0))
+                p.b = _u32(getattr(tp, "b", 0))
+            elif kind in _OUT_MEMREF_TYPES:
+                p.b = _u64(getattr(tp, "size", None), _u64(getattr(tp, "capacity", None), p.b))
 
     @staticmethod
     def _release(holds: list[Any]) -> None:
@@ -467,19 +475,19 @@ class SecureWorld:
         session.running += 1
         try:
             result = fn()
+            code = TEE_SUCCESS if result is None else _app_code(result)
         except PoolsvcError as exc:
-            return exc.tee_code, Origin.TRUSTED_APP
+            code = _app_code(exc.tee_code)
+            if code == TEE_SUCCESS:  # an error that claims success is a bug too
+                code = -1
         except Exception:  # a TA panic: any bug in app code
-            session.dead = True
-            return TEE_ERROR_TARGET_DEAD, Origin.TEE
+            code = -1
         finally:
             session.running -= 1
-        if result is None or result == 0:
-            return TEE_SUCCESS, Origin.TRUSTED_APP
-        if isinstance(result, int) and 0 < result <= 0xFFFFFFFF:
-            return result, Origin.TRUSTED_APP
-        session.dead = True
-        return TEE_ERROR_TARGET_DEAD, Origin.TEE
+        if code < 0:  # not a u32 TEE code: a TA panic
+            session.dead = True
+            return TEE_ERROR_TARGET_DEAD, Origin.TEE
+        return code, Origin.TRUSTED_APP
 
     # -- sessions --------------------------------------------------------------------------
     def _open_session(self, msg: MsgArg) -> None:
@@ -507,7 +515,7 @@ class SecureWorld:
 
             def start() -> Any:
                 session.app = app_cls(env)
-                return session.app.open_session(ta_params)
+                return session.app.open_session(list(ta_params))
 
             code, origin = self._run(session, start)
             self._copy_out(params[2:], ta_params)
@@ -532,7 +540,7 @@ class SecureWorld:
                 msg.ret, msg.ret_origin = TEE_ERROR_TARGET_DEAD, Origin.TEE
                 return
             func = msg.func
-            code, origin = self._run(session, lambda: session.app.invoke(func, ta_params))
+            code, origin = self._run(session, lambda: session.app.invoke(func, list(ta_params)))
             self._copy_out(msg.params, ta_params)
             msg.ret, msg.ret_origin = code, origin
         finally:
@@ -658,7 +666,7 @@ class SecureWorld:
     def _rpc_free(self, session: TaSession, memory: RpcMemory) -> None:
         if not isinstance(memory, RpcMemory) or session.rpc.get(memory.cookie) is not memory:
             raise ItemNotFound(f"{memory!r} is not RPC memory of session {session.id}")
-        memory.release()
+        memory.revoke()
         memory.freed = True
         del session.rpc[memory.cookie]
         del self.rpc_shms[memory.cookie]
@@ -691,6 +699,20 @@ class _Temp:
 
 def _u32(value: Any) -> int:
     return value & 0xFFFFFFFF if isinstance(value, int) else 0
+
+
+def _u64(value: Any, default: int) -> int:
+    """``value`` if it is an int in u64 range, else ``default``."""
+    return value if isinstance(value, int) and 0 <= value <= U64_MAX else default
+
+
+def _app_code(value: Any) -> int:
+    """A trusted app's return code as a u32, or -1 when it is not one (a TA panic)."""
+    try:
+        code = operator.index(value)
+    except Exception:
+        return -1
+    return code if 0 <= code <= 0xFFFFFFFF else -1
 
 
 def uuid_to_value(uuid: uuidlib.UUID | str) -> tuple[int, int]:

@@ -255,6 +255,15 @@ class Memref:
                 LIVE["exported_views"] += 1
         self._views.clear()
 
+    def revoke(self) -> None:
+        """Release the views and unmap the pages (the memory was given back):
+        every later access raises SecurityViolation."""
+        self.release()
+        self.capacity = 0
+        self.size = 0
+        self._pages = np.zeros(0, np.uint64)
+        self._spans = []
+
     def __repr__(self) -> str:
         kind = "NULL" if self.is_null else f"{self.nspans} span(s)"
         return f"<Memref {self.type.name} capacity={self.capacity:#x} size={self.size:#x} {kind}>"
