@@ -150,3 +150,31 @@ def test_strided_memoryview_message(system):
     spread[::2] = data
     reply = unpack(system.tee.call(memoryview(spread)[::2]))
     assert reply.ret == 0xFFFF000A
+
+
+def test_reentrant_invoke_of_a_running_session_is_busy(system):
+    """An RPC handler that calls back into the session being served gets BUSY
+    (OP-TEE would block that caller; a single-threaded System would deadlock)."""
+    from poolsvc.errors import TEE_ERROR_BUSY
+
+    sid = open_raw(system, Misbehaving.UUID)
+    inner = system.tee._rpc_port()
+    seen: list[int] = []
+
+    class Reentering:
+        def handle(self, msg):
+            if not seen:
+                seen.append(raw(system, MsgCmd.INVOKE_COMMAND, [], session=sid, func=4).ret)
+            return inner.handle(msg)
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+    system.tee.rpc = Reentering()
+    try:
+        reply = raw(system, MsgCmd.INVOKE_COMMAND, [], session=sid, func=7)  # does an RPC
+    finally:
+        system.tee.rpc = inner
+    assert seen == [TEE_ERROR_BUSY]
+    assert reply.ret == 0
+    assert system.tee.sessions[sid].running == 0

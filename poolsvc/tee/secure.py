@@ -539,6 +539,10 @@ class SecureWorld:
             if session.dead:
                 msg.ret, msg.ret_origin = TEE_ERROR_TARGET_DEAD, Origin.TEE
                 return
+            if session.running:
+                # a re-entrant call (an RPC handler calling back in); OP-TEE would block
+                # the second caller, which would deadlock a single-threaded System
+                raise Busy(f"session {msg.session} is already running a call")
             func = msg.func
             code, origin = self._run(session, lambda: session.app.invoke(func, list(ta_params)))
             self._copy_out(msg.params, ta_params)
