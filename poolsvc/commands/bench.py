@@ -66,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
         levels = [lv for lv in study.LEVELS if lv.name in ("fresh", "moderate", "severe")]
     if args.sizes:
         sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",") if s.strip()]
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("poolsvc bench: --plot needs matplotlib: pip install 'poolsvc[plot]' "
+                  "(or pip install matplotlib)", file=sys.stderr)
+            return 2
     trials = args.trials or (20 if args.quick else 1000)
     dynamic_size = parse_size(args.dynamic_size, "--dynamic-size")
     progress = Progress(len(levels) * len(sizes) * len(study.STRATEGIES))
