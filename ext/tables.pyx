@@ -354,12 +354,7 @@ cdef class FrameTable:
         Errors: AddressError when ``pa`` is outside every region or unmapped.
         """
         cdef unsigned long long a = 0
-        cdef Py_ssize_t slot
-        if psv_u64_from_obj(pa, &a) == 0:
-            raise AddressError(f"physical address {pa:#x} is outside every region")
-        slot = ft_region_slot(self.rgn, self.nregions, a >> PSV_PAGE_SHIFT)
-        if slot < 0 or self.frame_sid[slot] < 0:
-            self.raise_unmapped(a, slot)
+        cdef Py_ssize_t slot = self.mapped_slot(pa, &a)
         return (self.frame_sid[slot], self.frame_index[slot])
 
     def translate(self, pa):
@@ -369,14 +364,23 @@ cdef class FrameTable:
         Errors: AddressError when ``pa`` is outside every region or unmapped.
         """
         cdef unsigned long long a = 0
-        cdef Py_ssize_t slot
-        if psv_u64_from_obj(pa, &a) == 0:
-            raise AddressError(f"physical address {pa:#x} is outside every region")
-        slot = ft_region_slot(self.rgn, self.nregions, a >> PSV_PAGE_SHIFT)
-        if slot < 0 or self.frame_sid[slot] < 0:
-            self.raise_unmapped(a, slot)
+        cdef Py_ssize_t slot = self.mapped_slot(pa, &a)
         return (self.frame_sid[slot],
                 self.frame_index[slot] * PSV_PAGE_SIZE + <int64_t>(a & PSV_PAGE_MASK))
+
+    cdef Py_ssize_t mapped_slot(self, object pa, unsigned long long* a) except -1:
+        """The frame slot of a mapped physical address (``*a`` receives it as u64).
+
+        Raises AddressError when ``pa`` is not a u64, is outside every region, or
+        its frame is unmapped.
+        """
+        cdef Py_ssize_t slot
+        if psv_u64_from_obj(pa, a) == 0:
+            raise AddressError(f"physical address {pa:#x} is outside every region")
+        slot = ft_region_slot(self.rgn, self.nregions, a[0] >> PSV_PAGE_SHIFT)
+        if slot < 0 or self.frame_sid[slot] < 0:
+            self.raise_unmapped(a[0], slot)
+        return slot
 
     cdef int raise_unmapped(self, uint64_t pa, Py_ssize_t slot) except -1:
         if slot < 0:

@@ -128,3 +128,21 @@ def spawn_client(script: str, *args: str, env: dict[str, str] | None = None) -> 
     full_env.update(env or {})
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+
+
+def kill_at_random_moments(procs: list[subprocess.Popen], rng: Any, spread_s: float = 0.4) -> None:
+    """SIGKILL each running client at a random moment (0..spread_s apart), then reap it."""
+    import signal
+
+    deadline = time.monotonic()
+    for proc in procs:
+        deadline += rng.uniform(0.0, spread_s)
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        os.kill(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        proc.wait(timeout=30)
+        if proc.stdout:
+            proc.stdout.close()
+        if proc.stderr:
+            proc.stderr.close()

@@ -36,7 +36,7 @@ from poolsvc.service.server import Server
 from poolsvc.service.settings import ServiceSettings, load
 from poolsvc.storage import LIVE
 
-from svcutil import SMALL, DaemonThread, idle, read_frames, spawn_client, summary
+from svcutil import SMALL, DaemonThread, idle, kill_at_random_moments, read_frames, spawn_client, summary
 from sysutil import shm_leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,16 +287,7 @@ def test_sigkill_at_random_points_then_exact_accounting(daemon):
         for proc in procs:
             line = proc.stdout.readline().strip()
             assert line == "ready", proc.stderr.read()
-        deadline = time.monotonic()
-        for proc in procs:
-            deadline += rng.uniform(0.0, 0.4)
-            time.sleep(max(0.0, deadline - time.monotonic()))
-            assert proc.poll() is None, proc.stderr.read()
-            os.kill(proc.pid, signal.SIGKILL)
-        for proc in procs:
-            proc.wait(timeout=30)
-            proc.stdout.close()
-            proc.stderr.close()
+        kill_at_random_moments(procs, rng)
         stats = daemon.wait_for(idle(baseline))
         assert not [c for c in stats["clients"] if c["role"] == "CONTEXT"]
     assert stats["requests"]["crashes"] == 12

@@ -25,7 +25,7 @@ from poolsvc.service import protocol as P
 from poolsvc.service.client import connect
 from poolsvc.storage import LIVE
 
-from svcutil import DaemonThread, idle, read_frames, spawn_client, summary
+from svcutil import DaemonThread, idle, kill_at_random_moments, read_frames, spawn_client, summary
 from sysutil import shm_leftovers
 from test_service import CHURN
 
@@ -293,16 +293,7 @@ def test_sigkill_of_shm_clients_then_exact_accounting(daemon):
             line = proc.stdout.readline().strip()
             assert line == "ready", proc.stderr.read()
         assert all(c["transport"] == "shm" for c in daemon.stats()["clients"] if c["role"] == "CONTEXT")
-        deadline = time.monotonic()
-        for proc in procs:
-            deadline += rng.uniform(0.0, 0.4)
-            time.sleep(max(0.0, deadline - time.monotonic()))
-            assert proc.poll() is None, proc.stderr.read()
-            os.kill(proc.pid, signal.SIGKILL)
-        for proc in procs:
-            proc.wait(timeout=30)
-            proc.stdout.close()
-            proc.stderr.close()
+        kill_at_random_moments(procs, rng)
         stats = daemon.wait_for(idle(daemon.baseline))
     assert stats["requests"]["crashes"] == 9
 
