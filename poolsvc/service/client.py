@@ -96,6 +96,8 @@ _unpack_header = P.HEADER.unpack_from
 _pack_header = P.HEADER.pack
 _DOORBELL = int(P.MsgType.DOORBELL)
 _OK = int(P.MsgType.OK)
+_ERROR = int(P.MsgType.ERROR)
+_PING = int(P.MsgType.PING)
 _ALLOC = int(P.MsgType.ALLOC)
 _pack_alloc = P.ALLOC.pack
 _ALLOC_USER, _ALLOC_KERNEL, _ALLOC_PRIV = int(P.AllocKind.USER), int(P.AllocKind.KERNEL), int(P.AllocKind.PRIV)
@@ -127,6 +129,9 @@ class _Channel:
         self.timeout = timeout
         self.sock = self._connect()
         self.buf = bytearray()
+        #: Receive into one preallocated buffer: recvmsg(n) allocates n bytes per call.
+        self.rview = memoryview(bytearray(_RECV_SIZE))
+        self.rbufs = [self.rview]
         #: Replies read from the slot, not yet handed out, and the read position.
         self.sbuf = b""
         self.spos = 0
@@ -396,15 +401,17 @@ class _Channel:
                 deadline = time.perf_counter() + self.spin
                 while True:
                     try:
-                        data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE,
-                                                           socket.MSG_DONTWAIT | _CLOEXEC)
+                        nbytes, anc, flags, _ = sock.recvmsg_into(self.rbufs, _ANC_SIZE,
+                                                                  socket.MSG_DONTWAIT | _CLOEXEC)
+                        data = self.rview[:nbytes].tobytes()
                         break
                     except BlockingIOError:
                         if time.perf_counter() > deadline:
                             break
                         os.sched_yield()
             if data is None:
-                data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, _CLOEXEC)
+                nbytes, anc, flags, _ = sock.recvmsg_into(self.rbufs, _ANC_SIZE, _CLOEXEC)
+                data = self.rview[:nbytes].tobytes()
         except socket.timeout:
             self._lost("timed out waiting for the daemon")
         except OSError as exc:
@@ -1065,7 +1072,7 @@ class Batch:
         if len(self.parts) >= self.ctx._channel.max_batch:
             raise BadParameters(f"batch already holds {len(self.kinds)} operations, the daemon's "
                                 "limit (max_batch)")
-        self.parts.append(P.HEADER.pack(len(body), msg_type, 0) + body)
+        self.parts.append(_pack_header(len(body), msg_type, 0) + body)
         self.kinds.append((msg_type, extra))
 
     def _refused(self, exc: PoolsvcError) -> None:
@@ -1078,7 +1085,7 @@ class Batch:
         except BadParameters as exc:
             self._refused(exc)
             return
-        self._add(P.MsgType.ALLOC, P.ALLOC.pack(kind, size))
+        self._add(_ALLOC, _pack_alloc(kind, size))
 
     def alloc_user_buf(self, size: int) -> None:
         self._alloc(P.AllocKind.USER, size)
@@ -1099,7 +1106,7 @@ class Batch:
         if not isinstance(shm, Shm) or shm.context is not self.ctx:
             raise BadParameters(f"{shm!r} is not a shm of context {self.ctx.name}")
         shm._check()
-        self._add(P.MsgType.SHM_CLOSE, P.COOKIE.pack(shm.cookie), shm)
+        self._add(_SHM_CLOSE, _pack_cookie(shm.cookie), shm)
 
     def run(self) -> list[Any]:
         """Send the batch; one result per operation (Shm, None, or an exception)."""
@@ -1110,7 +1117,7 @@ class Batch:
             return [extra for _, extra in kinds]
         # Closes take effect locally first, exactly as Shm.close() does.
         for msg_type, shm in kinds:
-            if msg_type == P.MsgType.SHM_CLOSE:
+            if msg_type == _SHM_CLOSE:
                 shm._refs -= 1
                 if shm._refs == 0:
                     shm._release_local()
@@ -1122,28 +1129,33 @@ class Batch:
             raise P.error_from_body(reply)
         if reply_type != P.MsgType.BATCH_REPLY:
             raise ProtocolError(f"daemon answered BATCH with {P.type_name(reply_type)}")
-        replies = list(P.iter_frames(reply, sent, P.MAX_REPLY_FRAME))
+        replies = P.split_frames(reply, sent, P.MAX_REPLY_FRAME)
         if len(replies) != sent:
             raise ProtocolError(f"BATCH_REPLY holds {len(replies)} replies for {sent} requests")
         results: list[Any] = []
+        append = results.append
         channel = ctx._channel
+        make_shm = ctx._make_shm
         answers = iter(replies)
         for msg_type, extra in kinds:
             if msg_type == _REFUSED:
-                results.append(extra)
+                append(extra)
                 continue
-            sub_type, sub = next(answers)
-            if sub_type == P.MsgType.ERROR:
-                results.append(P.error_from_body(sub))
-            elif msg_type == P.MsgType.SHM_CLOSE:
-                _, dropped = P.CLOSED.unpack(sub)
+            sub_type, start, end = next(answers)
+            sub = reply[start:end]
+            if sub_type == _ERROR:
+                append(P.error_from_body(sub))
+            elif msg_type == _SHM_CLOSE:
+                if end - start != _CLOSED_SIZE:
+                    raise ProtocolError(f"SHM_CLOSE reply of {end - start} bytes in a BATCH_REPLY")
+                dropped = _unpack_closed(sub)[1]
                 if dropped:
                     channel.unmap_segment(dropped)
-                results.append(None)
-            elif msg_type == P.MsgType.PING:
-                results.append(bytes(sub))
+                append(None)
+            elif msg_type == _PING:
+                append(bytes(sub))
             else:
-                results.append(ctx._make_shm(sub))
+                append(make_shm(sub))
         return results
 
 

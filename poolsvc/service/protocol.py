@@ -59,6 +59,7 @@ LATEST_VERSION = VERSION_2
 
 HEADER = struct.Struct("<IHH")
 HEADER_SIZE = HEADER.size  # 8
+_unpack_header = HEADER.unpack_from
 
 #: Default bound on a request frame's body; the daemon announces its own.
 DEFAULT_MAX_FRAME = 1 << 20
@@ -372,27 +373,44 @@ def parse_header(buf: bytes | bytearray | memoryview, pos: int, max_frame: int) 
     return length, msg_type
 
 
+def split_frames(body: bytes | bytearray | memoryview, limit: int,
+                 max_frame: int) -> list[tuple[int, int, int]]:
+    """``(type, start, end)`` of each frame's body in a BATCH or BATCH_REPLY body.
+
+    Every header is checked before anything is returned, so a malformed batch
+    runs nothing.  Raises ProtocolError for a truncated frame, an oversized
+    one, non-zero flags, or more than ``limit`` frames.
+    """
+    frames: list[tuple[int, int, int]] = []
+    append = frames.append
+    unpack = _unpack_header
+    pos, end = 0, len(body)
+    while pos < end:
+        if end - pos < HEADER_SIZE:
+            raise ProtocolError(f"batch ends with a truncated header of {end - pos} bytes")
+        length, msg_type, flags = unpack(body, pos)
+        if length > max_frame or flags:
+            parse_header(body, pos, max_frame)  # raises, saying which
+        pos += HEADER_SIZE
+        if end - pos < length:
+            raise ProtocolError(f"batch frame {len(frames)} of type {msg_type} announces {length} bytes "
+                                f"but only {end - pos} remain")
+        if len(frames) >= limit:
+            raise ProtocolError(f"batch holds more than {limit} requests")
+        append((msg_type, pos, pos + length))
+        pos += length
+    return frames
+
+
 def iter_frames(body: bytes | memoryview, limit: int, max_frame: int) -> Iterator[tuple[int, memoryview]]:
     """The ``(type, body)`` of each complete frame in a BATCH or BATCH_REPLY body.
 
     Raises ProtocolError for a truncated frame, an oversized one, or more than
-    ``limit`` frames.
+    ``limit`` frames (before yielding anything).
     """
     view = memoryview(body)
-    pos, end, count = 0, len(view), 0
-    while pos < end:
-        if end - pos < HEADER_SIZE:
-            raise ProtocolError(f"batch ends with a truncated header of {end - pos} bytes")
-        length, msg_type = parse_header(view, pos, max_frame)
-        pos += HEADER_SIZE
-        if end - pos < length:
-            raise ProtocolError(f"batch frame {count} of type {msg_type} announces {length} bytes "
-                                f"but only {end - pos} remain")
-        count += 1
-        if count > limit:
-            raise ProtocolError(f"batch holds more than {limit} requests")
-        yield msg_type, view[pos:pos + length]
-        pos += length
+    for msg_type, start, end in split_frames(view, limit, max_frame):
+        yield msg_type, view[start:end]
 
 
 # ---------------------------------------------------------------------------------------
