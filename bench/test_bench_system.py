@@ -5,7 +5,9 @@ REGISTER_SHM and UNREGISTER_SHM through a real message and page list),
 ``alloc_priv_buf`` + ``close`` (no registration), ``register_user_buf`` +
 ``close`` of a POSIX shm buffer, and, in the same run, the floors: the
 frame allocator's own ``alloc_contig`` + ``free_contig`` pair and one
-REGISTER/UNREGISTER message round trip through the secure world.
+REGISTER/UNREGISTER message round trip through the secure world; and the
+secure side's page-list check of that message (``pagelist_parse_frames``,
+list pages read through the frame table), compiled beside the pure twin.
 
 ``benchmark.extra_info["us_per_op"]`` holds the median round divided by the
 operations per round.  The pure-Python backend is a separate process
@@ -101,3 +103,31 @@ def test_floor_register_message_round_trip(benchmark, system):
     benchmark(run)
     record(benchmark, OPS)
     assert cookie not in system.tee.registered
+
+
+@pytest.mark.parametrize("backend", ["compiled", "pure"])
+def test_parse_frames_one_page(benchmark, backend):
+    """The secure side's check of a one-page REGISTER_SHM list, compiled vs the pure twin."""
+    import numpy as np
+
+    from poolsvc import _core, _pure
+
+    mod = _core if backend == "compiled" else _pure
+    cfg = Config()
+    table = mod.FrameTable([(cfg.dynamic_base, 16 << 12)])
+    storage = bytearray(16 << 12)
+    table.attach(1, storage)
+    table.map_range(cfg.dynamic_base, 16, 1, 0)
+    pages = np.array([cfg.dynamic_base + (5 << 12)], dtype=np.uint64)
+    storage[:4096] = mod.pagelist_build(pages, 0, cfg.dynamic_base)
+    nonsecure = ((cfg.static_base, cfg.static_size), (cfg.dynamic_base, 16 << 12))
+    parse = mod.pagelist_parse_frames
+    base = cfg.dynamic_base
+
+    def run():
+        for _ in range(OPS):
+            parse(base, 4096, table, nonsecure)
+
+    benchmark(run)
+    record(benchmark, OPS)
+    assert parse(base, 4096, table, nonsecure).tolist() == pages.tolist()

@@ -2,7 +2,8 @@
 #
 # Owns: building a list from a page array (what Linux's optee_fill_pages_list
 # writes), parsing one as the secure side does (OP-TEE's
-# msg_param_mobj_from_noncontig + msg_param_extract_pages), and merging a page
+# msg_param_mobj_from_noncontig + msg_param_extract_pages) from a read_page
+# callback or straight from a FrameTable's storage, and merging a page
 # array into physically contiguous segments (the scatterlist rules).
 #
 # Format: list pages of 4096 bytes; 511 little-endian u64 entries, then a u64
@@ -130,7 +131,7 @@ def pagelist_build_into(pages, offset, list_pa, out):
     return need
 
 
-cdef Py_ssize_t _parse_ranges(object nonsecure, pl_range **out) except -1:
+cdef Py_ssize_t _parse_ranges_slow(object nonsecure, pl_range **out) except -1:
     """``nonsecure`` ((base, size) pairs) as a malloc'd C array; its length."""
     cdef list pairs
     cdef Py_ssize_t i
@@ -153,6 +154,129 @@ cdef Py_ssize_t _parse_ranges(object nonsecure, pl_range **out) except -1:
     return len(pairs)
 
 
+cdef Py_ssize_t _parse_ranges(object nonsecure, pl_range **out) except -1:
+    """``nonsecure`` ((base, size) pairs) as a malloc'd C array; its length.
+
+    Fast path for the usual argument, a tuple or list of 2-tuples of exact
+    ints that are all valid; anything else (and every error) takes the slow
+    path, which gives the contract's messages.
+    """
+    cdef Py_ssize_t i, n
+    cdef pl_range *ranges
+    cdef unsigned long long b = 0, sz = 0
+    cdef object item
+    if type(nonsecure) is not tuple and type(nonsecure) is not list:
+        return _parse_ranges_slow(nonsecure, out)
+    n = len(nonsecure)
+    ranges = <pl_range *>malloc(max(n, 1) * sizeof(pl_range))
+    if ranges == NULL:
+        raise OutOfMemory("cannot allocate the non-secure ranges")
+    for i in range(n):
+        item = nonsecure[i]
+        if (type(item) is not tuple or len(<tuple>item) != 2
+                or type((<tuple>item)[0]) is not int or type((<tuple>item)[1]) is not int
+                or psv_u64_from_obj((<tuple>item)[0], &b) != 1
+                or psv_u64_from_obj((<tuple>item)[1], &sz) != 1
+                or (b > 0 and sz > PSV_U64_MAX - b + 1)):     # base + size > 2**64
+            free(ranges)
+            return _parse_ranges_slow(nonsecure, out)
+        ranges[i].base = b
+        ranges[i].size = sz
+    out[0] = ranges
+    return n
+
+
+cdef object _pagelist_parse(object buf_ptr, object size, object read_page, FrameTable table,
+                            object nonsecure, object max_pages):
+    """The walk of ``pagelist_parse`` (``table`` None: list pages come from
+    ``read_page``) and ``pagelist_parse_frames`` (from ``table``)."""
+    cdef unsigned long long ptr = 0, sz = 0, offset, num_pages, page_pa, next_pa = 0, v, lo = 0, hi = 0
+    cdef long long limit = 0
+    cdef Py_ssize_t done = 0, chunk, i, k = 0, nranges = 0
+    cdef pl_range *ranges = NULL
+    cdef Py_buffer view
+    cdef cnp.ndarray result
+    cdef unsigned long long *entries
+    cdef const char *src
+    cdef cnp.npy_intp dims[1]
+    if psv_u64_from_obj(buf_ptr, &ptr) == 0:
+        raise BadParameters(f"buf_ptr {buf_ptr:#x} is not a u64")
+    if psv_u64_from_obj(size, &sz) == 0:
+        raise BadParameters(f"size {size:#x} is not a u64")
+    offset = ptr & PSV_PAGE_MASK
+    if sz > PSV_U64_MAX - offset:
+        raise SizeOverflow(f"size {sz:#x} + offset {offset:#x} overflows u64")
+    if sz == 0:
+        raise BadParameters("size is 0: the buffer has no pages")
+    num_pages = (sz + offset - 1) // PSV_PAGE_SIZE + 1
+    if num_pages > PSV_U64_MAX // 8:
+        # unreachable with 64-bit sizes (num_pages < 2**52), kept as OP-TEE has it
+        raise SizeOverflow(f"{num_pages} pages * 8 bytes overflows u64")
+    psv_i64_from_obj(max_pages, &limit)
+    if limit < 0 or num_pages > <unsigned long long>limit:
+        raise OutOfMemory(f"{num_pages} pages exceed the limit of {max_pages}")
+    try:
+        dims[0] = <cnp.npy_intp>num_pages
+        result = cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT64, 0)
+    except (MemoryError, ValueError):
+        raise OutOfMemory(f"cannot allocate {num_pages} page entries") from None
+    entries = <unsigned long long *>cnp.PyArray_DATA(result)
+    try:
+        if nonsecure is not None:
+            nranges = _parse_ranges(nonsecure, &ranges)
+        page_pa = ptr & ~<unsigned long long>PSV_PAGE_MASK
+        # bounded: every list page yields at least one entry, num_pages in all
+        while <unsigned long long>done < num_pages:
+            if done > 0:
+                if next_pa & PSV_PAGE_MASK:
+                    raise AlignmentError(f"next pointer of list page {k - 1} ({page_pa:#x}) "
+                                         f"is {next_pa:#x}, not 4 KiB-aligned")
+                page_pa = next_pa
+            if ranges != NULL and not pl_page_inside(ranges, nranges, page_pa):
+                raise SecureMemoryError(f"list page {k} at {page_pa:#x} is not in "
+                                        "non-secure memory")
+            chunk = min(<Py_ssize_t>PL_ENTRIES, <Py_ssize_t>(num_pages - done))
+            if table is not None:
+                # each u64 is loaded once from the normal world's page into the
+                # secure side's own array (and next_pa), and only the copies are checked
+                src = table.frame_bytes(page_pa, PSV_PAGE_SIZE)
+                psv_load_le64_array(entries + done, src, chunk)
+                if chunk == PL_ENTRIES:
+                    next_pa = psv_load_le64(src + PL_NEXT_OFFSET)
+            else:
+                data = read_page(page_pa)
+                try:
+                    PyObject_GetBuffer(data, &view, PyBUF_C_CONTIGUOUS)
+                except (TypeError, BufferError, ValueError) as exc:
+                    raise BadParameters(f"read_page({page_pa:#x}) did not return a contiguous "
+                                        f"buffer: {exc}") from None
+                try:
+                    if view.len < PSV_PAGE_SIZE:
+                        raise BadParameters(f"read_page({page_pa:#x}) returned {view.len} bytes, "
+                                            "fewer than 4096")
+                    psv_load_le64_array(entries + done, <const char *>view.buf, chunk)
+                    if chunk == PL_ENTRIES:
+                        next_pa = psv_load_le64(<const char *>view.buf + PL_NEXT_OFFSET)
+                finally:
+                    PyBuffer_Release(&view)
+            # fast path: all aligned, and (with ranges) the lowest and highest
+            # entry inside one range; else find the first bad entry in order
+            if (psv_or_min_max(entries + done, chunk, &lo, &hi) & PSV_PAGE_MASK
+                    or (ranges != NULL and not pl_span_inside(ranges, nranges, lo, hi))):
+                for i in range(done, done + chunk):
+                    v = entries[i]
+                    if v & PSV_PAGE_MASK:
+                        raise AlignmentError(f"page-list entry {i} is {v:#x}, not 4 KiB-aligned")
+                    if ranges != NULL and not pl_page_inside(ranges, nranges, v):
+                        raise SecureMemoryError(f"page-list entry {i} ({v:#x}) is not in "
+                                                "non-secure memory")
+            done += chunk
+            k += 1
+    finally:
+        free(ranges)
+    return result
+
+
 def pagelist_parse(buf_ptr, size, read_page, nonsecure=None, max_pages=1 << 20):
     """The pages of a buffer described by a page list, checked as OP-TEE does.
 
@@ -171,80 +295,24 @@ def pagelist_parse(buf_ptr, size, read_page, nonsecure=None, max_pages=1 << 20):
     SecureMemoryError (an entry page outside ``nonsecure``).  Exceptions of
     ``read_page`` propagate.
     """
-    cdef unsigned long long ptr = 0, sz = 0, offset, num_pages, page_pa, next_pa = 0, v, lo = 0, hi = 0
-    cdef long long limit = 0
-    cdef Py_ssize_t done = 0, chunk, i, k = 0, nranges = 0
-    cdef pl_range *ranges = NULL
-    cdef Py_buffer view
-    cdef cnp.ndarray result
-    cdef unsigned long long *entries
-    if psv_u64_from_obj(buf_ptr, &ptr) == 0:
-        raise BadParameters(f"buf_ptr {buf_ptr:#x} is not a u64")
-    if psv_u64_from_obj(size, &sz) == 0:
-        raise BadParameters(f"size {size:#x} is not a u64")
-    offset = ptr & PSV_PAGE_MASK
-    if sz > PSV_U64_MAX - offset:
-        raise SizeOverflow(f"size {sz:#x} + offset {offset:#x} overflows u64")
-    if sz == 0:
-        raise BadParameters("size is 0: the buffer has no pages")
-    num_pages = (sz + offset - 1) // PSV_PAGE_SIZE + 1
-    if num_pages > PSV_U64_MAX // 8:
-        # unreachable with 64-bit sizes (num_pages < 2**52), kept as OP-TEE has it
-        raise SizeOverflow(f"{num_pages} pages * 8 bytes overflows u64")
-    psv_i64_from_obj(max_pages, &limit)
-    if limit < 0 or num_pages > <unsigned long long>limit:
-        raise OutOfMemory(f"{num_pages} pages exceed the limit of {max_pages}")
-    try:
-        result = np.empty(num_pages, dtype=np.uint64)
-    except (MemoryError, ValueError):
-        raise OutOfMemory(f"cannot allocate {num_pages} page entries") from None
-    entries = <unsigned long long *>cnp.PyArray_DATA(result)
-    try:
-        if nonsecure is not None:
-            nranges = _parse_ranges(nonsecure, &ranges)
-        page_pa = ptr & ~<unsigned long long>PSV_PAGE_MASK
-        # bounded: every list page yields at least one entry, num_pages in all
-        while <unsigned long long>done < num_pages:
-            if done > 0:
-                if next_pa & PSV_PAGE_MASK:
-                    raise AlignmentError(f"next pointer of list page {k - 1} ({page_pa:#x}) "
-                                         f"is {next_pa:#x}, not 4 KiB-aligned")
-                page_pa = next_pa
-            if ranges != NULL and not pl_page_inside(ranges, nranges, page_pa):
-                raise SecureMemoryError(f"list page {k} at {page_pa:#x} is not in "
-                                        "non-secure memory")
-            data = read_page(page_pa)
-            try:
-                PyObject_GetBuffer(data, &view, PyBUF_C_CONTIGUOUS)
-            except (TypeError, BufferError, ValueError) as exc:
-                raise BadParameters(f"read_page({page_pa:#x}) did not return a contiguous "
-                                    f"buffer: {exc}") from None
-            try:
-                if view.len < PSV_PAGE_SIZE:
-                    raise BadParameters(f"read_page({page_pa:#x}) returned {view.len} bytes, "
-                                        "fewer than 4096")
-                chunk = min(<Py_ssize_t>PL_ENTRIES, <Py_ssize_t>(num_pages - done))
-                psv_load_le64_array(entries + done, <const char *>view.buf, chunk)
-                if chunk == PL_ENTRIES:
-                    next_pa = psv_load_le64(<const char *>view.buf + PL_NEXT_OFFSET)
-            finally:
-                PyBuffer_Release(&view)
-            # fast path: all aligned, and (with ranges) the lowest and highest
-            # entry inside one range; else find the first bad entry in order
-            if (psv_or_min_max(entries + done, chunk, &lo, &hi) & PSV_PAGE_MASK
-                    or (ranges != NULL and not pl_span_inside(ranges, nranges, lo, hi))):
-                for i in range(done, done + chunk):
-                    v = entries[i]
-                    if v & PSV_PAGE_MASK:
-                        raise AlignmentError(f"page-list entry {i} is {v:#x}, not 4 KiB-aligned")
-                    if ranges != NULL and not pl_page_inside(ranges, nranges, v):
-                        raise SecureMemoryError(f"page-list entry {i} ({v:#x}) is not in "
-                                                "non-secure memory")
-            done += chunk
-            k += 1
-    finally:
-        free(ranges)
-    return result
+    return _pagelist_parse(buf_ptr, size, read_page, None, nonsecure, max_pages)
+
+
+def pagelist_parse_frames(buf_ptr, size, table, nonsecure=None, max_pages=1 << 20):
+    """``pagelist_parse`` with the list pages read through a FrameTable.
+
+    Params: as ``pagelist_parse``, with ``table`` (a ``FrameTable``) in place
+    of ``read_page``: list page ``pa`` is what ``table.read(pa, 4096)`` would
+    return, but no bytes object is made (each entry is loaded once into the
+    result, and ``next`` once, before they are checked).
+    Errors: BadParameters first if ``table`` is not a FrameTable; then those
+    of ``pagelist_parse``, with the AddressError of ``table.read`` in place of
+    ``read_page``'s errors (a list page unmapped, unattached or beyond its
+    storage).
+    """
+    if not isinstance(table, FrameTable):
+        raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
+    return _pagelist_parse(buf_ptr, size, None, <FrameTable>table, nonsecure, max_pages)
 
 
 def pagelist_segments(pages, max_segment=None):

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +60,7 @@ from .fragmentation import unusable_indices
 from .mapping import Mapping, buffer_span, find_mapping, mapping_view
 from .memory import Arena, PhysicalMemory, Segment
 from .storage import LIVE, Storage, cleanup_stale
-from .tee.msg import MsgArg, MsgParam
+from .tee.msg import ARG1, RET, RET_OFFSET, MsgArg
 from .tee.secure import SecureWorld
 
 #: Per-object frame tables up to this many pages are kept when their last registration goes.
@@ -79,9 +78,12 @@ _USER_MAPPED = ShmFlags.USER_MAPPED | ShmFlags.DYNAMIC
 _KERNEL_REG = ShmFlags.DYNAMIC
 
 
-# ``ret`` and ``ret_origin`` of struct optee_msg_arg: u32 fields 5 and 6.
-_RET = struct.Struct("<II")
-_RET_OFFSET = 20
+# The driver's one-parameter commands, as plain ints for the hot path.
+_REGISTER = int(MsgCmd.REGISTER_SHM)
+_UNREGISTER = int(MsgCmd.UNREGISTER_SHM)
+_REGISTER_ATTR = int(Attr.TMEM_OUTPUT | ATTR_NONCONTIG)
+_UNREGISTER_ATTR = int(Attr.RMEM_INPUT)
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 def _npages(offset: int, size: int) -> int:
@@ -443,6 +445,11 @@ class System:
         self.static: Any = None  # core.RangeAllocator when the TEE has a reserved pool
         self._carveout: Storage | None = None
         self._msg: tuple[int, int, Segment, int] | None = None
+        self._msg_view: memoryview | None = None
+        # (view, storage id, page index) of the kernel storage page that backs the
+        # list page of one-list-page registrations; None while in use or absent
+        self._list_scratch: tuple[memoryview, int, int] | None = None
+        self._list_scratch_page: tuple[Segment, int] | None = None
         self.kernel_arena = Arena(self.memory, min(config.arena_step, 4 << 20),
                                   config.shm_prefix, owner="kernel")
         try:
@@ -488,6 +495,16 @@ class System:
         self._closed = True
 
     def _teardown(self) -> None:
+        # our views of kernel and carve-out storage go first: mappings with exports cannot close
+        for name in ("_msg_view", "_list_scratch"):
+            held = getattr(self, name, None)
+            if held is not None:
+                (held if isinstance(held, memoryview) else held[0]).release()
+                setattr(self, name, None)
+        scratch = getattr(self, "_list_scratch_page", None)
+        if scratch is not None:
+            self.kernel_arena.free(scratch[0], scratch[1], 1)
+            self._list_scratch_page = None
         msg = getattr(self, "_msg", None)
         if msg is not None:
             self._free_kernel_pages(*msg)
@@ -531,13 +548,31 @@ class System:
         self.dynamic.free_contig(pa, npages)
 
     def _alloc_msg_page(self) -> int:
-        """Where the driver places ``struct optee_msg_arg`` for the secure world."""
+        """Where the driver places ``struct optee_msg_arg`` for the secure world.
+
+        Also sets ``_msg_view``, the driver's own (kernel) mapping of that page,
+        and, with dynamic shm, the scratch storage page of one-page lists.
+        """
         if self.config.dynamic_shm or self.static is None:
             msg = self._alloc_kernel_pages(1)
             self._msg = msg
-            return msg[0]
+            pa, _, seg, index = msg
+            with memoryview(seg.storage.mm) as whole:
+                self._msg_view = whole[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
+            if self.config.dynamic_shm:
+                seg, index = self.kernel_arena.alloc(1)
+                self._list_scratch_page = (seg, index)
+                with memoryview(seg.storage.mm) as whole:
+                    view = whole[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
+                self._list_scratch = (view, seg.sid, index)
+            return pa
         self._msg = None
-        return int(self.static.alloc(PAGE_SIZE, PAGE_SIZE))
+        pa = int(self.static.alloc(PAGE_SIZE, PAGE_SIZE))
+        assert self._carveout is not None
+        start = pa - self.config.static_base
+        with memoryview(self._carveout.mm) as whole:
+            self._msg_view = whole[start:start + PAGE_SIZE]
+        return pa
 
     def call_tee(self, msg: MsgArg) -> None:
         """Driver path: place ``msg`` in shared memory, call the secure world, check ``ret``.
@@ -551,31 +586,69 @@ class System:
             raise BadParameters(f"message of {len(msg.params)} parameters does not fit in a page")
         self.memory.write(self._msg_pa, data)
         self.tee.call_with_arg(self._msg_pa)
-        ret, origin = _RET.unpack(self.memory.read(self._msg_pa + _RET_OFFSET, _RET.size))
+        ret, origin = RET.unpack(self.memory.read(self._msg_pa + RET_OFFSET, RET.size))
         if ret != 0:
             raise TeeError(f"secure world answered {ret:#x} (origin {origin}) "
                            f"to command {msg.cmd}", ret, origin)
 
+    def _call_tee1(self, cmd: int, attr: int, a: int, b: int, c: int) -> None:
+        """``call_tee`` of a one-parameter command without building a MsgArg.
+
+        The message is packed straight into the driver's mapping of the message
+        page, and ``ret``/``ret_origin`` read back from it.  Raises TeeError as
+        ``call_tee`` does.
+        """
+        view = self._msg_view
+        assert view is not None
+        ARG1.pack_into(view, 0, cmd, 0, 0, 0, 0, 0, 0, 1, attr, a, b, c)
+        self.tee.call_with_arg(self._msg_pa)
+        ret, origin = RET.unpack_from(view, RET_OFFSET)
+        if ret != 0:
+            raise TeeError(f"secure world answered {ret:#x} (origin {origin}) "
+                           f"to command {cmd}", ret, origin)
+
     def _tee_register(self, pages: np.ndarray, offset: int, size: int, cookie: int) -> None:
-        """REGISTER_SHM: build the page list in kernel pages, hand it over, free the list."""
+        """REGISTER_SHM: build the page list in kernel pages, hand it over, free the list.
+
+        A list of one list page (up to 511 pages) gets a fresh frame, as always,
+        backed by the System's scratch storage page (zeroed after each use);
+        longer lists get kernel pages from the arena.
+        """
         t0 = time.perf_counter()
-        nlist = pagelist.list_pages_needed(len(pages))
-        list_pages = self._alloc_kernel_pages(nlist)
-        list_pa, _, seg, index = list_pages
-        try:
-            with memoryview(seg.storage.mm) as whole:
-                with whole[index * PAGE_SIZE:(index + nlist) * PAGE_SIZE] as out:
-                    pagelist.build_into(pages, offset, list_pa, out)
-            self.call_tee(MsgArg(cmd=MsgCmd.REGISTER_SHM, params=[
-                MsgParam(Attr.TMEM_OUTPUT | ATTR_NONCONTIG, list_pa | offset, size, cookie)]))
-        finally:
-            self._free_kernel_pages(*list_pages)
+        scratch = self._list_scratch
+        if scratch is None or len(pages) > pagelist.ENTRIES_PER_LIST_PAGE:
+            nlist = pagelist.list_pages_needed(len(pages))
+            list_pages = self._alloc_kernel_pages(nlist)
+            list_pa, _, seg, index = list_pages
+            try:
+                with memoryview(seg.storage.mm) as whole:
+                    with whole[index * PAGE_SIZE:(index + nlist) * PAGE_SIZE] as out:
+                        core.pagelist_build_into(pages, offset, list_pa, out)
+                self._call_tee1(_REGISTER, _REGISTER_ATTR, list_pa | offset, size, cookie)
+            finally:
+                self._free_kernel_pages(*list_pages)
+        else:
+            view, sid, index = scratch
+            self._list_scratch = None
+            table = self.memory.table
+            dynamic = self.dynamic
+            list_pa = dynamic.alloc_contig(1)
+            try:
+                table.map_range(list_pa, 1, sid, index)
+                try:
+                    core.pagelist_build_into(pages, offset, list_pa, view)
+                    self._call_tee1(_REGISTER, _REGISTER_ATTR, list_pa | offset, size, cookie)
+                finally:
+                    view[:] = _ZERO_PAGE
+                    table.unmap_range(list_pa, 1)
+            finally:
+                dynamic.free_contig(list_pa, 1)
+                self._list_scratch = scratch
         #: seconds the last registration took (page list + REGISTER_SHM), for the study
         self.last_register_seconds = time.perf_counter() - t0
 
     def _tee_unregister(self, cookie: int) -> None:
-        self.call_tee(MsgArg(cmd=MsgCmd.UNREGISTER_SHM,
-                             params=[MsgParam(Attr.RMEM_INPUT, 0, 0, cookie)]))
+        self._call_tee1(_UNREGISTER, _UNREGISTER_ATTR, 0, 0, cookie)
 
     # -- pools ---------------------------------------------------------------------------------
     def _alloc_dynamic(self, ctx: Context, size: int, flags: ShmFlags) -> Shm:

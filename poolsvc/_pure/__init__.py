@@ -11,6 +11,7 @@ from .pagelist import (
     pagelist_build,
     pagelist_build_into,
     pagelist_parse,
+    pagelist_parse_frames,
     pagelist_segments,
 )
 from .tables import AddressMap, FrameTable, IdTable
@@ -25,6 +26,7 @@ __all__ = [
     "pagelist_build",
     "pagelist_build_into",
     "pagelist_parse",
+    "pagelist_parse_frames",
     "pagelist_segments",
     "scatter",
 ]

@@ -2,7 +2,8 @@
 
 Owns: building an OP-TEE non-contiguous page list (as Linux's
 ``optee_fill_pages_list`` writes it), parsing one as the secure side does
-(OP-TEE's ``msg_param_mobj_from_noncontig``), and merging a page array into
+(OP-TEE's ``msg_param_mobj_from_noncontig``; from a ``read_page`` callback or
+straight from a ``FrameTable``), and merging a page array into
 contiguous segments (the scatterlist rules).  Same checks, same order, same
 error types as the compiled twin; ``docs/core.md`` is the contract.
 
@@ -25,7 +26,16 @@ from ..errors import (
     SecureMemoryError,
     SizeOverflow,
 )
-from .tables import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, U64_LIMIT, as_page_array, clamp_i64, is_u64
+from .tables import (
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    U64_LIMIT,
+    FrameTable,
+    as_page_array,
+    clamp_i64,
+    is_u64,
+)
 
 ENTRIES_PER_LIST_PAGE = PAGE_SIZE // 8 - 1   # 511
 NEXT_OFFSET = ENTRIES_PER_LIST_PAGE * 8      # 4088
@@ -168,6 +178,13 @@ def pagelist_parse(buf_ptr, size, read_page, nonsecure=None, max_pages=1 << 20) 
         done += chunk
         k += 1
     return result
+
+
+def pagelist_parse_frames(buf_ptr, size, table, nonsecure=None, max_pages=1 << 20) -> np.ndarray:
+    """``pagelist_parse`` with list page ``pa`` read as ``table.read(pa, 4096)``."""
+    if not isinstance(table, FrameTable):
+        raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
+    return pagelist_parse(buf_ptr, size, lambda pa: table.read(pa, PAGE_SIZE), nonsecure, max_pages)
 
 
 def pagelist_segments(pages, max_segment=None) -> list[tuple[int, int]]:

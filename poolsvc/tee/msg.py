@@ -8,6 +8,10 @@ Layout (little-endian, facts of OP-TEE's message ABI):
 
 :func:`unpack` never trusts its input: a short buffer, or a ``num_params``
 that does not match the bytes present, is a ``ProtocolError``.
+
+The one-parameter commands of the driver's hot path (REGISTER_SHM,
+UNREGISTER_SHM) skip the dataclasses: ``ARG1`` packs and unpacks the whole
+64-byte message as 12 words, ``RET`` the ``ret``/``ret_origin`` pair.
 """
 from __future__ import annotations
 
@@ -76,6 +80,16 @@ class MsgArg:
     @property
     def size(self) -> int:
         return MSG_ARG_HEADER_SIZE + MSG_PARAM_SIZE * len(self.params)
+
+
+#: A message with one parameter (header + 32 bytes), the shape of REGISTER_SHM and
+#: UNREGISTER_SHM: ``ARG1.pack_into(buf, 0, cmd, func, session, cancel_id, pad, ret,
+#: ret_origin, 1, attr, a, b, c)``; ``ARG1.unpack(data)`` gives those 12 words.
+ARG1 = _layout(1)
+
+#: ``ret`` and ``ret_origin`` (u32 fields 5 and 6 of the header), at ``RET_OFFSET``.
+RET = struct.Struct("<II")
+RET_OFFSET = 20
 
 
 def arg_size(num_params: int) -> int:
