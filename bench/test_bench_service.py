@@ -167,7 +167,47 @@ def test_service_batched(benchmark, daemon, kind, transport):
 
 
 # -- the section 7 targets, as medians of ratios taken round by round in one run -------------------------
+#: (row key, target, "<=" or ">=") of each section 7 service figure, per transport and kind.
+TARGETS = {"ratio": (1.5, "<="), "batch_gain": (10.0, ">=")}
+
+
+def _single_sync(ctx, alloc_name: str, n: int) -> float:
+    """Operations per second when every operation is its own request, waited for:
+    alloc (one round trip), then close and flush (a second round trip)."""
+    alloc = getattr(ctx, alloc_name)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        alloc(4096).close()
+        ctx.flush()
+    return 2 * n / (time.perf_counter() - t0)
+
+
+def verdicts(medians: dict[str, float]) -> list[tuple[str, float, str, bool]]:
+    """``(row, median, target, met)`` for every target row present in ``medians``."""
+    out = []
+    for key, value in medians.items():
+        for name, (target, op) in TARGETS.items():
+            if f"_{name}_" in key and not key.endswith("_ping"):
+                met = value <= target if op == "<=" else value >= target
+                out.append((key, value, f"{op} {target:g}", met))
+    return out
+
+
 def test_service_ratios(benchmark, daemon, echo, smoke):
+    """Every section 7 service figure, interleaved round by round against the bare round trip.
+
+    Rows (medians over rounds of per-round values):
+      ``bare_us``: the bare Unix-socket round trip between two Python processes;
+      ``{t}_{kind}_us``: alloc_{kind}_buf(4096) + close() through the daemon with
+      transport ``t`` (``emb``: the embedded System, no daemon); the close is
+      pipelined, as ``Shm.close`` does, so the pair costs one round trip;
+      ``{t}_ratio_{kind}``: that pair over the bare round trip (target <= 1.5);
+      ``{t}_single_{kind}_ops``: operations per second when each alloc and each
+      close is its own request, waited for (two round trips per pair);
+      ``{t}_pipelined_{kind}_ops``: the same with the close pipelined;
+      ``{t}_batched_{kind}_ops``: 256 allocs in one BATCH, then 256 closes in one;
+      ``{t}_batch_gain_{kind}``: batched over single (target >= 10).
+    """
     rounds, n, reps = (1, 20, 1) if smoke else (15, 300, 4)
     rows: dict[str, list[float]] = {}
     sock_client = connect(daemon, name="ratios", transport="socket")
@@ -201,10 +241,10 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
                     if t == "emb":
                         continue
                     add(f"{t}_ratio_{kind}", pair / bare)
-                    # single: one op per round trip (the pipelined free rides along and counts too)
-                    single = 2e6 / pair
+                    single = _single_sync(ctxs[t], f"alloc_{kind}_buf", n)
                     batched = _batched_ops_per_s(ctxs[t], f"alloc_{kind}_buf", reps)
                     add(f"{t}_single_{kind}_ops", single)
+                    add(f"{t}_pipelined_{kind}_ops", 2e6 / pair)
                     add(f"{t}_batched_{kind}_ops", batched)
                     add(f"{t}_batch_gain_{kind}", batched / single)
 
@@ -216,7 +256,11 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
     medians = {k: round(statistics.median(v), 3) for k, v in rows.items()}
     benchmark.extra_info.update(medians)
     benchmark.extra_info["rounds"] = rounds
-    print("\nservice targets (medians over rounds; sock = socket transport, shm = shm slot, "
+    print("\nservice figures (medians over rounds; sock = socket transport, shm = shm slot, "
           "emb = embedded System):")
     for key, value in medians.items():
         print(f"  {key:26} {value:>12}")
+    print("section 7 targets:")
+    for key, value, target, met in verdicts(medians):
+        benchmark.extra_info[f"met_{key}"] = met
+        print(f"  {key:26} {value:>12}  target {target:6}  {'met' if met else 'NOT MET'}")

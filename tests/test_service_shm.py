@@ -128,6 +128,30 @@ def test_fallback_to_the_socket_when_spinning_times_out(tmp_path, client_spin, d
         d.stop()
 
 
+def test_eventfd_doorbell_wakes_a_sleeping_daemon(daemon, monkeypatch):
+    """A new client rings the eventfd the daemon granted, never a DOORBELL frame on
+    the socket (whose "sync" wake-up would pull the daemon onto the client's CPU)."""
+    with connect(daemon.path, transport="shm") as client:
+        ctx = client.open_context()
+        channel = ctx._channel
+        assert channel.bell >= 0
+        sent = []
+        real_send = channel._send
+        monkeypatch.setattr(channel, "_send", lambda data, fds=(): (sent.append(bytes(data)),
+                                                                    real_send(data, fds)))
+        words = channel.words
+        for _ in range(5):
+            deadline = time.monotonic() + 5
+            while not words[P.W_DAEMON_SLEEPING]:
+                assert time.monotonic() < deadline, "the daemon never went to sleep"
+                time.sleep(0.001)
+            shm = ctx.alloc_priv_buf(4096)  # published while the daemon sleeps: the bell wakes it
+            assert shm.size == 4096
+            shm.close()
+            ctx.flush()
+        assert P.DOORBELL_FRAME not in sent
+
+
 def test_requests_and_replies_too_big_for_the_slot(daemon):
     with connect(daemon.path, transport="shm") as client:
         ctx = client.open_context()

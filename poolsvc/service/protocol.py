@@ -124,6 +124,9 @@ class Feature(IntFlag):
     """Features a version-2 HELLO asks for and WELCOME_EXT grants."""
 
     SHM_SLOT = 1   # a shared-memory request/reply slot for this connection (its fd comes with WELCOME)
+    #: with SHM_SLOT: an eventfd the client writes to wake a sleeping daemon (the
+    #: second descriptor of WELCOME), instead of a DOORBELL frame on the socket
+    EVENTFD_BELL = 2
 
 
 class AllocKind(IntEnum):

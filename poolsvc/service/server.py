@@ -117,7 +117,7 @@ class Connection:
                  "tokens", "inbuf", "out", "out_bytes", "fds", "registered", "alloc_fns",
                  "register_fns", "pool_bytes", "alloc_sizes", "requests", "accepted",
                  "reading", "writing", "goodbye", "handlers", "version",
-                 "slot", "words", "seq")
+                 "slot", "words", "seq", "bell")
 
     def __init__(self, sock: socket.socket, serial: int) -> None:
         self.sock = sock
@@ -159,6 +159,8 @@ class Connection:
         self.slot: Storage | None = None
         self.words: memoryview | None = None
         self.seq = 0
+        #: The eventfd the client rings to wake the daemon (-1: none).
+        self.bell = -1
 
     def label(self) -> str:
         return f"client #{self.serial} (pid {self.pid}{', ' + self.name if self.name else ''})"
@@ -166,6 +168,15 @@ class Connection:
 
 _WAKE = object()
 _LISTEN = object()
+
+
+class _Bell:
+    """The epoll tag of a connection's eventfd doorbell."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
 
 
 class Server:
@@ -292,6 +303,7 @@ class Server:
         slot_until = last_slot = 0.0
         clock = time.perf_counter
         serve_slot = self._serve_slot
+        yield_ = os.sched_yield
         polls = 0
         try:
             while not self._stopping:
@@ -315,6 +327,10 @@ class Server:
                             continue
                         events = poll(0)
                     elif now < slot_until:
+                        # Yield between polls: when the scheduler has put a client on
+                        # this CPU, a poll that does not yield keeps it from running
+                        # until preemption (see _Channel._slot_send in the client).
+                        yield_()
                         polls += 1
                         if polls & 3:
                             continue
@@ -346,6 +362,11 @@ class Server:
                         continue
                     if data is _LISTEN:
                         self._accept()
+                    elif type(data) is _Bell:
+                        try:  # just a wake-up: the loop polls the slots next
+                            os.eventfd_read(fd)
+                        except BlockingIOError:
+                            pass
                     elif data is _WAKE:
                         try:
                             os.read(self._wake_r, 4096)
@@ -651,21 +672,46 @@ class Server:
         self._queue(conn, P.frame(P.MsgType.ERROR, P.error_body(exc)))
 
     # -- the shm slot -------------------------------------------------------------------------------
-    def _make_slot(self, conn: Connection) -> None:
-        """Create the connection's slot (its descriptor goes with WELCOME)."""
+    def _make_slot(self, conn: Connection, bell: bool) -> None:
+        """Create the connection's slot, and its eventfd doorbell if asked for.
+
+        The descriptors go with WELCOME: the slot, then the eventfd.  A client
+        wakes a sleeping daemon by writing to the eventfd rather than by a
+        DOORBELL frame on the socket: a socket write wakes its reader with the
+        "sync" hint, which tells the scheduler to run the daemon on the
+        client's CPU; with two spinning parties on one CPU each hand-off then
+        waits for a yield.  An eventfd wake-up carries no such hint, so the
+        daemon resumes on its own (idle) CPU.
+        """
         storage = Storage.create(P.SLOT_BYTES, self.config.shm_prefix)
+        efd = fd = -1
         try:
             words = memoryview(storage.mm)[:P.SLOT_WORDS * 8].cast("Q")
             words[:6] = array.array("Q", P.slot_header())
             fd = os.dup(storage.fd)
+            if bell:
+                efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._ep_register(efd, _EPOLLIN, _Bell(conn))
+                bell_fd = os.dup(efd)
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            if efd >= 0:
+                self._ep_unregister(efd)
+                os.close(efd)
             storage.close()
             raise
-        conn.slot, conn.words, conn.seq = storage, words, 0
+        conn.slot, conn.words, conn.seq, conn.bell = storage, words, 0, efd
         self._reply_fds.append(fd)
+        if efd >= 0:
+            self._reply_fds.append(bell_fd)
 
     def _drop_slot(self, conn: Connection) -> None:
         """Stop serving a connection's slot and unmap it (idempotent)."""
+        if conn.bell >= 0:
+            self._ep_unregister(conn.bell)
+            os.close(conn.bell)
+            conn.bell = -1
         if conn.slot is None:
             return
         try:
@@ -902,8 +948,10 @@ class Server:
         conn.name = P.decode_name(body[name_at:])
         granted = 0
         if features & P.Feature.SHM_SLOT and self.settings.shm_slots:
-            self._make_slot(conn)
+            self._make_slot(conn, bool(features & P.Feature.EVENTFD_BELL))
             granted |= P.Feature.SHM_SLOT
+            if conn.bell >= 0:
+                granted |= P.Feature.EVENTFD_BELL
         cid = 0
         name = ""
         if conn.role == P.Role.CONTEXT:
