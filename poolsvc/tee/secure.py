@@ -238,6 +238,7 @@ class SecureWorld:
         self._nonsecure = tuple(memory.nonsecure_ranges())
         (s_base, s_size), (d_base, d_size) = memory.regions["static"], memory.regions["dynamic"]
         self._arg_windows = (s_base, s_base + s_size, d_base, d_base + d_size)
+        self._arg1_pa = -1  # the last address _arg1_fits accepted
         self.system: Any = None
         self.rpc: Any = None
         self.registered: dict[int, RegisteredShm] = {}
@@ -308,18 +309,22 @@ class SecureWorld:
         BadParameters (OP-TEE answers such a call with an error at the SMC
         level, before any message exists).
         """
-        if not isinstance(arg_pa, int) or arg_pa < 0 or arg_pa >= 1 << 64:
-            raise BadParameters(f"message address {arg_pa!r} is not a u64")
-        s_lo, s_hi, d_lo, d_hi = self._arg_windows
-        end = arg_pa + _ARG1_SIZE
-        if ((d_lo <= arg_pa and end <= d_hi and not arg_pa & PAGE_MASK)
-                or (s_lo <= arg_pa and end <= s_hi and not arg_pa & 7)):
+        if type(arg_pa) is int and (arg_pa == self._arg1_pa or self._arg1_fits(arg_pa)):
             # 64 bytes where _read_arg would accept them: header and first parameter,
             # copied out of shared memory at once and decoded from the copy
             words = ARG1.unpack(self._table.read(arg_pa, _ARG1_SIZE))
             if words[7] == 1:
-                self._call1(arg_pa, words)
+                cmd = words[0]
+                if cmd == _REGISTER or cmd == _UNREGISTER:
+                    self._call1(arg_pa, cmd, words[8], words[9], words[10], words[11])
+                else:
+                    msg = MsgArg(cmd, words[1], words[2], words[3], words[4], words[5], words[6],
+                                 [MsgParam(words[8], words[9], words[10], words[11])])
+                    self.process(msg)
+                    self._table.write(arg_pa, msg.pack())
                 return
+        if not isinstance(arg_pa, int) or arg_pa < 0 or arg_pa >= 1 << 64:
+            raise BadParameters(f"message address {arg_pa!r} is not a u64")
         header = self._read_arg(arg_pa, MSG_ARG_HEADER_SIZE)
         size = arg_size(peek_num_params(header))
         data = self._read_arg(arg_pa, size)
@@ -327,30 +332,32 @@ class SecureWorld:
         self.process(msg)
         self.memory.write(arg_pa, msg.pack())
 
-    def _call1(self, arg_pa: int, words: tuple[int, ...]) -> None:
-        """A one-parameter message (``words``: its 12 words, already copied out).
+    def _arg1_fits(self, arg_pa: int) -> bool:
+        """True if a one-parameter message (64 bytes) at ``arg_pa`` is where
+        :meth:`_read_arg` accepts messages; remembers the last such address."""
+        s_lo, s_hi, d_lo, d_hi = self._arg_windows
+        end = arg_pa + _ARG1_SIZE
+        if ((d_lo <= arg_pa and end <= d_hi and not arg_pa & PAGE_MASK)
+                or (s_lo <= arg_pa and end <= s_hi and not arg_pa & 7)):
+            self._arg1_pa = arg_pa
+            return True
+        return False
 
-        REGISTER_SHM and UNREGISTER_SHM run without dataclasses, with the checks,
-        codes and bookkeeping of :meth:`process`, and write back only ``ret`` and
-        ``ret_origin`` (their only outputs); other commands take the generic path.
+    def _call1(self, arg_pa: int, cmd: int, attr: int, a: int, b: int, c: int) -> None:
+        """REGISTER_SHM or UNREGISTER_SHM with one parameter, already copied out.
+
+        Runs without dataclasses, with the checks, codes and bookkeeping of
+        :meth:`process`, and writes back only ``ret`` and ``ret_origin`` (the
+        commands' only outputs).
         """
-        cmd = words[0]
-        handler: Callable[[int, int, int, int, int], None]
-        if cmd == _REGISTER:
-            handler = self._register
-        elif cmd == _UNREGISTER:
-            handler = self._unregister
-        else:
-            msg = MsgArg(cmd, words[1], words[2], words[3], words[4], words[5], words[6],
-                         [MsgParam(words[8], words[9], words[10], words[11])])
-            self.process(msg)
-            self._table.write(arg_pa, msg.pack())
-            return
         stats = self.stats
         stats.calls += 1
         ret, origin = TEE_SUCCESS, _ORIGIN_TEE
         try:
-            handler(1, words[8], words[9], words[10], words[11])
+            if cmd == _REGISTER:
+                self._register(1, attr, a, b, c)
+            else:
+                self._unregister(1, attr, a, b, c)
         except PoolsvcError as exc:
             ret = exc.tee_code
             origin = getattr(exc, "origin", _ORIGIN_TEE)
