@@ -194,8 +194,8 @@ cdef extern from *:
 
 
 cdef struct pl_range:
-    uint64_t base          # a non-secure range [base, base + size)
-    uint64_t size
+    uint64_t base          # a non-empty non-secure range [base, last], both included
+    uint64_t last          # (an inclusive end: a range may reach 2**64, e.g. (0, 1 << 64))
 
 
 cdef inline bint pl_page_inside(const pl_range *ranges, Py_ssize_t nranges,
@@ -203,8 +203,8 @@ cdef inline bint pl_page_inside(const pl_range *ranges, Py_ssize_t nranges,
     """True if ``[pa, pa + 4096)`` lies within one of the ranges."""
     cdef Py_ssize_t r
     for r in range(nranges):
-        if (pa >= ranges[r].base and ranges[r].size >= 4096
-                and pa - ranges[r].base <= ranges[r].size - 4096):
+        if (pa >= ranges[r].base and ranges[r].last >= 4095
+                and pa <= ranges[r].last - 4095):
             return True
     return False
 
@@ -215,7 +215,7 @@ cdef inline bint pl_span_inside(const pl_range *ranges, Py_ssize_t nranges,
     so that every page between them does too."""
     cdef Py_ssize_t r
     for r in range(nranges):
-        if (lo >= ranges[r].base and ranges[r].size >= 4096
-                and hi >= lo and hi - ranges[r].base <= ranges[r].size - 4096):
+        if (lo >= ranges[r].base and ranges[r].last >= 4095
+                and hi >= lo and hi <= ranges[r].last - 4095):
             return True
     return False

@@ -144,12 +144,15 @@ cdef Py_ssize_t _parse_ranges_slow(object nonsecure, pl_range **out) except -1:
         if base < 0 or size < 0 or base + size > _U64_LIMIT:
             raise BadParameters(f"nonsecure range {base:#x}+{size:#x} is outside the "
                                 "64-bit address space")
+    # Empty ranges hold no page: dropped, so that every kept one has an inclusive
+    # end below 2**64 (a base of 2**64 comes only with size 0).
+    pairs = [(base, base + size - 1) for base, size in pairs if size]
     ranges = <pl_range *>malloc(max(len(pairs), 1) * sizeof(pl_range))
     if ranges == NULL:
         raise OutOfMemory("cannot allocate the non-secure ranges")
     for i in range(len(pairs)):
         ranges[i].base = pairs[i][0]
-        ranges[i].size = pairs[i][1]
+        ranges[i].last = pairs[i][1]
     out[0] = ranges
     return len(pairs)
 
@@ -161,7 +164,7 @@ cdef Py_ssize_t _parse_ranges(object nonsecure, pl_range **out) except -1:
     ints that are all valid; anything else (and every error) takes the slow
     path, which gives the contract's messages.
     """
-    cdef Py_ssize_t i, n
+    cdef Py_ssize_t i, n, kept = 0
     cdef pl_range *ranges
     cdef unsigned long long b = 0, sz = 0
     cdef object item
@@ -180,10 +183,12 @@ cdef Py_ssize_t _parse_ranges(object nonsecure, pl_range **out) except -1:
                 or (b > 0 and sz > PSV_U64_MAX - b + 1)):     # base + size > 2**64
             free(ranges)
             return _parse_ranges_slow(nonsecure, out)
-        ranges[i].base = b
-        ranges[i].size = sz
+        if sz:  # an empty range holds no page
+            ranges[kept].base = b
+            ranges[kept].last = b + (sz - 1)
+            kept += 1
     out[0] = ranges
-    return n
+    return kept
 
 
 cdef object _pagelist_parse(object buf_ptr, object size, object read_page, FrameTable table,

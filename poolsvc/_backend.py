@@ -8,7 +8,7 @@ missing, importing poolsvc fails with an error that says how to build it.
 Both modules export the same names with the same behaviour (the tests use the
 pure one as an oracle for the compiled one):
 ``RangeAllocator, FrameAllocator, FrameTable, IdTable, AddressMap,
-pagelist_build, pagelist_build_into, pagelist_parse, pagelist_segments,
+pagelist_build, pagelist_build_into, pagelist_parse, pagelist_parse_frames, pagelist_segments,
 gather, scatter``.
 """
 from __future__ import annotations

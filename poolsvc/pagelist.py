@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import operator
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -118,6 +118,18 @@ def parse(buf_ptr: int, size: int, read_page: Callable[[int], bytes],
         propagate unchanged.
     """
     return core.pagelist_parse(buf_ptr, size, read_page, nonsecure, max_pages)
+
+
+def parse_frames(buf_ptr: int, size: int, table: Any,
+                 nonsecure: Iterable[tuple[int, int]] | None = None,
+                 max_pages: int = DEFAULT_MAX_PAGES) -> np.ndarray:
+    """:func:`parse`, reading each list page straight from a ``FrameTable``
+    (``table.read(pa, 4096)``, no Python callback): the secure world's path.
+
+    Same checks, order and errors as :func:`parse`; an unmapped list page is
+    the table's ``AddressError``.
+    """
+    return core.pagelist_parse_frames(buf_ptr, size, table, nonsecure, max_pages)
 
 
 def segments(pages, max_segment: int | None = None) -> list[tuple[int, int]]:

@@ -305,6 +305,24 @@ def test_parse_bad_nonsecure(core):
         core.pagelist_parse(LIST_PA, PAGE, reader(bytes(_blob(1))), nonsecure=[1, 2])
 
 
+@pytest.mark.parametrize("nonsecure, inside", [
+    ([(0, 1 << 64)], True),                          # the whole 64-bit space: size 2**64
+    ([(1 << 64, 0)], False),                         # empty, based at 2**64
+    ([(1 << 64, 0), (0, 1 << 64)], True),
+    ([(0, 0), (LIST_PA, 0)], False),                 # empty ranges hold no page
+    ([(0, U64_MAX)], True),
+    ([(U64_MAX + 1 - PAGE, PAGE), (0, 1 << 40)], True),
+])
+def test_parse_nonsecure_ranges_at_the_top_of_the_space(core, nonsecure, inside):
+    """Ranges reaching 2**64 are valid (base + size <= 2**64); never an OverflowError."""
+    blob = bytes(_blob(1))
+    if inside:
+        assert len(core.pagelist_parse(LIST_PA, PAGE, reader(blob), nonsecure=nonsecure)) == 1
+    else:
+        with pytest.raises(SecureMemoryError):
+            core.pagelist_parse(LIST_PA, PAGE, reader(blob), nonsecure=nonsecure)
+
+
 def test_parse_check_order(core):
     # size+offset overflow is reported before the zero-size and page-limit checks
     with pytest.raises(SizeOverflow):
