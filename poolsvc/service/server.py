@@ -78,6 +78,11 @@ _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _HEADER_SIZE = P.HEADER_SIZE
 _unpack_header = P.HEADER.unpack_from
+_unpack_alloc = P.ALLOC.unpack
+_unpack_cookie = P.COOKIE.unpack
+_pack_closed = P.CLOSED.pack
+#: SHM_CLOSE replies: references remain; freed, no segment dropped.
+_CLOSED_KEPT, _CLOSED_FREED = _pack_closed(0, 0), _pack_closed(1, 0)
 _pack_header = P.HEADER.pack
 _OK, _ERROR = int(P.MsgType.OK), int(P.MsgType.ERROR)
 _BATCH, _DOORBELL, _HELLO = int(P.MsgType.BATCH), int(P.MsgType.DOORBELL), int(P.MsgType.HELLO)
@@ -190,6 +195,9 @@ class Server:
     def __init__(self, config: Config | None = None, settings: ServiceSettings | None = None) -> None:
         self.config = config or Config()
         self.settings = settings or ServiceSettings()
+        # limits read on every ALLOC
+        self._max_shms = self.settings.max_shms_per_client
+        self._max_bytes = self.settings.max_bytes_per_client
         self.system: Any = None
         self.metrics = Metrics(self.settings.latency_window)
         self.files = RegisteredFiles()
@@ -993,24 +1001,32 @@ class Server:
         return json.dumps(self.stats(), sort_keys=True).encode()
 
     def _op_alloc(self, conn: Connection, body: Any) -> bytes:
-        kind, size = P.ALLOC.unpack(body)
-        ctx = conn.context
-        if kind >= len(conn.alloc_fns):
+        # The hot path of ALLOC (alone or in a BATCH): plain ints, cached limits.
+        kind, size = _unpack_alloc(body)
+        fns = conn.alloc_fns
+        if kind >= len(fns):
             raise BadParameters(f"allocation kind {kind} is not one of "
                                 f"{', '.join(f'{k.value} ({k.name})' for k in P.AllocKind)}")
-        settings = self.settings
-        if len(ctx.shms) >= settings.max_shms_per_client:
-            raise P.LimitExceeded(f"client holds {len(ctx.shms)} shms, the daemon's limit "
+        held = len(conn.context.shms)
+        if held >= self._max_shms:
+            raise P.LimitExceeded(f"client holds {held} shms, the daemon's limit "
                                   "(max_shms_per_client)")
-        limit = settings.max_bytes_per_client
+        limit = self._max_bytes
         if limit and conn.pool_bytes + size > limit:
             raise P.LimitExceeded(f"allocating {size} bytes would take this client to "
                                   f"{conn.pool_bytes + size} bytes, over max_bytes_per_client {limit}")
-        shm = conn.alloc_fns[kind](size)
+        shm = fns[kind](size)
         if limit:
             conn.pool_bytes += shm.size
             conn.alloc_sizes[shm.cookie] = shm.size
-        return self._describe(conn, shm, fresh=True)
+        try:
+            desc, fd = describe(shm, conn.tokens)
+        except BaseException:
+            self._close_shm(conn, shm)
+            raise
+        if fd >= 0:
+            self._reply_fds.append(fd)
+        return desc
 
     def _describe(self, conn: Connection, shm: Any, fresh: bool) -> bytes:
         try:
@@ -1050,7 +1066,7 @@ class Server:
         return self._describe(conn, shm, fresh=True)
 
     def _op_shm_close(self, conn: Connection, body: Any) -> bytes:
-        (cookie,) = P.COOKIE.unpack(body)
+        (cookie,) = _unpack_cookie(body)
         shm = conn.context.shms.get(cookie)
         if shm is None:
             raise ItemNotFound(f"no shm with cookie {cookie:#x} in this client's context")
@@ -1058,17 +1074,19 @@ class Server:
 
     def _close_shm(self, conn: Connection, shm: Any) -> bytes:
         shm.close()
-        if not shm.closed:
-            return P.CLOSED.pack(0, 0)
+        if shm._refs > 0:  # shm_from_id references remain
+            return _CLOSED_KEPT
         cookie = shm.cookie
         if conn.alloc_sizes:
             conn.pool_bytes -= conn.alloc_sizes.pop(cookie, 0)
-        key = conn.registered.pop(cookie, None)
-        if key is not None:
-            self.files.put(key)
+        if conn.registered:
+            key = conn.registered.pop(cookie, None)
+            if key is not None:
+                self.files.put(key)
         segment = getattr(shm._backing, "segment", None)
-        dropped = conn.tokens.dropped(segment.storage) if segment is not None and conn.tokens else 0
-        return P.CLOSED.pack(1, dropped)
+        if segment is None or segment.storage.fd >= 0 or conn.tokens is None:
+            return _CLOSED_FREED  # no segment, or its storage lives on
+        return _pack_closed(1, conn.tokens.dropped(segment.storage))
 
     def _op_shm_from_id(self, conn: Connection, body: Any) -> bytes:
         (shm_id,) = P.SHM_ID.unpack(body)
@@ -1089,6 +1107,7 @@ class Server:
         ops = self.metrics.ops
         max_output = self.settings.max_output
         size = 0
+        counts: dict[int, int] = {}
         for msg_type, start, end in frames:
             try:
                 handler = handlers.get(msg_type)
@@ -1105,7 +1124,9 @@ class Server:
                 append(pack(len(reply), _ERROR, 0))
             append(reply)
             size += 8 + len(reply)
-            ops[msg_type] += 1
+            counts[msg_type] = counts.get(msg_type, 0) + 1
+        for msg_type, n in counts.items():
+            ops[msg_type] += n
         return b"".join(parts)
 
     # -- sessions ------------------------------------------------------------------------------------
