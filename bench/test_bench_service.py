@@ -74,16 +74,48 @@ def daemon(sockdir):
     proc.communicate(timeout=60)
 
 
+class _EchoSocket(socket.socket):
+    """The client end of the echo connection, knowing the echo server's pid."""
+
+    echo_pid = 0
+
+
 @pytest.fixture(scope="module")
 def echo(sockdir):
     path = str(sockdir / "echo.sock")
     proc = subprocess.Popen([sys.executable, "-c", ECHO, path], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _EchoSocket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
+    sock.echo_pid = proc.pid
     yield sock
     sock.close()
     proc.wait(timeout=30)
+
+
+def _bare_placed(sock: "_EchoSocket", apart: bool, n: int) -> float | None:
+    """The bare round trip with the echo server and this process pinned to one CPU
+    (``apart=False``) or to two (``apart=True``); None on a one-CPU machine.
+
+    A blocking ping-pong is bimodal on a VM: on one CPU each side hands over with a
+    "sync" wake-up and no idle CPU is woken (~10 us here); on two, every message
+    wakes an idle vCPU (~40 us here; DESIGN.md's 46 us).  The affinities are
+    restored afterwards.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    pid = sock.echo_pid
+    mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(pid)
+    try:
+        os.sched_setaffinity(0, {cpus[0]})
+        os.sched_setaffinity(pid, {cpus[1] if apart else cpus[0]})
+        for _ in range(50):
+            _bare(sock)
+        return _median_us(lambda: _bare(sock), n)
+    finally:
+        os.sched_setaffinity(pid, theirs)
+        os.sched_setaffinity(0, mine)
 
 
 def _bare(sock: socket.socket) -> None:
@@ -197,7 +229,11 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
     """Every section 7 service figure, interleaved round by round against the bare round trip.
 
     Rows (medians over rounds of per-round values):
-      ``bare_us``: the bare Unix-socket round trip between two Python processes;
+      ``bare_us``: the bare Unix-socket round trip between two Python processes,
+      placed by the scheduler (the figure the targets are judged against);
+      ``bare_together_us`` / ``bare_apart_us``: the same pinned to one CPU / two
+      (see ``_bare_placed``), and ``{t}_pair_vs_apart_{kind}`` the pair over the
+      latter (DESIGN.md's conditions: its 46 us is the wake-up of the other vCPU);
       ``{t}_{kind}_us``: alloc_{kind}_buf(4096) + close() through the daemon with
       transport ``t`` (``emb``: the embedded System, no daemon); the close is
       pipelined, as ``Shm.close`` does, so the pair costs one round trip;
@@ -227,6 +263,10 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
             rows.setdefault(key, []).append(value)
 
         def one_round():
+            for apart in (False, True):
+                placed = _bare_placed(echo, apart, n)
+                if placed is not None:
+                    add("bare_apart_us" if apart else "bare_together_us", placed)
             bare = _median_us(lambda: _bare(echo), n)
             add("bare_us", bare)
             for t in ("sock", "shm"):
@@ -241,6 +281,8 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
                     if t == "emb":
                         continue
                     add(f"{t}_ratio_{kind}", pair / bare)
+                    if "bare_apart_us" in rows:
+                        add(f"{t}_pair_vs_apart_{kind}", pair / rows["bare_apart_us"][-1])
                     single = _single_sync(ctxs[t], f"alloc_{kind}_buf", n)
                     batched = _batched_ops_per_s(ctxs[t], f"alloc_{kind}_buf", reps)
                     add(f"{t}_single_{kind}_ops", single)

@@ -52,6 +52,7 @@ import logging
 import mmap
 import os
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -101,6 +102,10 @@ _ERROR = int(P.MsgType.ERROR)
 _PING = int(P.MsgType.PING)
 _ALLOC = int(P.MsgType.ALLOC)
 _pack_alloc = P.ALLOC.pack
+#: Whole ALLOC and SHM_CLOSE frames (header and body) in one struct call.
+_pack_alloc_frame = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.ALLOC.format.lstrip("<")).pack
+_pack_close_frame = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.COOKIE.format.lstrip("<")).pack
+_ALLOC_BODY, _COOKIE_BODY = P.ALLOC.size, P.COOKIE.size
 _ALLOC_USER, _ALLOC_KERNEL, _ALLOC_PRIV = int(P.AllocKind.USER), int(P.AllocKind.KERNEL), int(P.AllocKind.PRIV)
 _SHM_CLOSE = int(P.MsgType.SHM_CLOSE)
 _pack_cookie = P.COOKIE.pack
@@ -1064,6 +1069,8 @@ def _direction(value: str) -> int:
 
 
 _REFUSED = -1
+#: The ``kinds`` entry of every ALLOC in a Batch.
+_ALLOC_KIND = (_ALLOC, None)
 
 
 class Batch:
@@ -1076,18 +1083,25 @@ class Batch:
     (the others still ran).  A Batch can be run once.
     """
 
+    __slots__ = ("ctx", "parts", "kinds", "limit")
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        #: Encoded request frames, and per operation ``(message type, extra)``.
         self.parts: list[bytes] = []
         self.kinds: list[tuple[int, Any]] = []
+        self.limit = ctx._channel.max_batch
 
     def __len__(self) -> int:
         return len(self.kinds)
 
+    def _full(self) -> None:
+        raise BadParameters(f"batch already holds {len(self.kinds)} operations, the daemon's "
+                            "limit (max_batch)")
+
     def _add(self, msg_type: int, body: bytes, extra: Any = None) -> None:
-        if len(self.parts) >= self.ctx._channel.max_batch:
-            raise BadParameters(f"batch already holds {len(self.kinds)} operations, the daemon's "
-                                "limit (max_batch)")
+        if len(self.parts) >= self.limit:
+            self._full()
         self.parts.append(_pack_header(len(body), msg_type, 0) + body)
         self.kinds.append((msg_type, extra))
 
@@ -1096,21 +1110,26 @@ class Batch:
         self.kinds.append((_REFUSED, exc))
 
     def _alloc(self, kind: int, size: int) -> None:
+        # the hot path: one struct call per frame (the checks of _check_size)
+        if type(size) is int and 0 < size < 1 << 63:
+            if len(self.parts) >= self.limit:
+                self._full()
+            self.parts.append(_pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size))
+            self.kinds.append(_ALLOC_KIND)
+            return
         try:
             _check_size(size)
         except BadParameters as exc:
             self._refused(exc)
-            return
-        self._add(_ALLOC, _pack_alloc(kind, size))
 
     def alloc_user_buf(self, size: int) -> None:
-        self._alloc(P.AllocKind.USER, size)
+        self._alloc(_ALLOC_USER, size)
 
     def alloc_kernel_buf(self, size: int) -> None:
-        self._alloc(P.AllocKind.KERNEL, size)
+        self._alloc(_ALLOC_KERNEL, size)
 
     def alloc_priv_buf(self, size: int) -> None:
-        self._alloc(P.AllocKind.PRIV, size)
+        self._alloc(_ALLOC_PRIV, size)
 
     def shm_from_id(self, shm_id: int) -> None:
         if isinstance(shm_id, bool) or not isinstance(shm_id, int) or not -(1 << 63) <= shm_id < 1 << 63:
@@ -1119,10 +1138,14 @@ class Batch:
         self._add(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id))
 
     def close(self, shm: Shm) -> None:
-        if not isinstance(shm, Shm) or shm.context is not self.ctx:
+        if type(shm) is not Shm or shm.context is not self.ctx:
             raise BadParameters(f"{shm!r} is not a shm of context {self.ctx.name}")
-        shm._check()
-        self._add(_SHM_CLOSE, _pack_cookie(shm.cookie), shm)
+        if shm._refs <= 0:
+            shm._check()  # raises Closed
+        if len(self.parts) >= self.limit:
+            self._full()
+        self.parts.append(_pack_close_frame(_COOKIE_BODY, _SHM_CLOSE, 0, shm.cookie))
+        self.kinds.append((_SHM_CLOSE, shm))
 
     def run(self) -> list[Any]:
         """Send the batch; one result per operation (Shm, None, or an exception)."""
