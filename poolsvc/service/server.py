@@ -93,6 +93,8 @@ _W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = P.W_REP_SEQ, P.W_REP_LEN, P.W_DAEMO
 _REQ_OFF, _REQ_CAP = P.SLOT_REQ_OFF, P.SLOT_REQ_CAP
 _REP_OFF, _REP_CAP = P.SLOT_REP_OFF, P.SLOT_REP_CAP
 _fence_lock = threading.Lock()
+_fence_acquire, _fence_release = _fence_lock.acquire, _fence_lock.release
+_clock_ns = time.perf_counter_ns
 
 
 def fence() -> None:
@@ -195,7 +197,9 @@ class Server:
     def __init__(self, config: Config | None = None, settings: ServiceSettings | None = None) -> None:
         self.config = config or Config()
         self.settings = settings or ServiceSettings()
-        # limits read on every ALLOC
+        # limits read on every request
+        self._max_output = self.settings.max_output
+        self._max_frame = self.settings.max_frame
         self._max_shms = self.settings.max_shms_per_client
         self._max_bytes = self.settings.max_bytes_per_client
         self.system: Any = None
@@ -752,7 +756,8 @@ class Server:
                 f"slot request sequence {seq}, expected {expected}"))
             self._flush(conn)
             return True
-        if conn.out_bytes > self.settings.max_output:
+        max_output = self._max_output
+        if conn.out_bytes > max_output:
             return False  # the client must read its socket first
         length = words[_W_REQ_LEN]
         if not _HEADER_SIZE <= length <= _REQ_CAP:
@@ -764,8 +769,7 @@ class Server:
         mm = conn.slot.mm
         data = mm[_REQ_OFF:_REQ_OFF + length]  # a copy: the client may scribble meanwhile
         conn.seq = seq
-        max_frame = self.settings.max_frame
-        max_output = self.settings.max_output
+        max_frame = self._max_frame
         request = self._request
         out = bytearray()
         pos = 0
@@ -803,7 +807,8 @@ class Server:
             self._queue(conn, bytes(out))
             words[_W_REP_LEN] = P.REP_ON_SOCKET
         words[_W_REP_SEQ] = seq
-        fence()
+        _fence_acquire()  # fence(), inlined
+        _fence_release()
         if words[_W_CLIENT_SLEEPING]:
             self._queue(conn, P.DOORBELL_FRAME)
         if conn.out or conn.state == _CLOSING:
@@ -813,7 +818,7 @@ class Server:
     # -- requests --------------------------------------------------------------------------------
     def _request(self, conn: Connection, msg_type: int, body: Any) -> bytes:
         """Run one request frame; its reply frame (descriptors wait in ``_reply_fds``)."""
-        t0 = time.perf_counter_ns()
+        t0 = _clock_ns()
         conn.requests += 1
         handler = conn.handlers.get(msg_type)
         try:
@@ -839,8 +844,9 @@ class Server:
         ring = metrics.rings.get(msg_type)
         if ring is None:
             ring = metrics.ring(msg_type)
-        ring.samples[ring.count % ring.size] = time.perf_counter_ns() - t0
-        ring.count += 1
+        count = ring.count
+        ring.samples[count % ring.size] = _clock_ns() - t0
+        ring.count = count + 1
         if msg_type != _BATCH:
             metrics.ops[msg_type] += 1
         return _pack_header(len(reply), reply_type, 0) + reply
