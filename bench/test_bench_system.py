@@ -5,9 +5,12 @@ REGISTER_SHM and UNREGISTER_SHM through a real message and page list),
 ``alloc_priv_buf`` + ``close`` (no registration), ``register_user_buf`` +
 ``close`` of a POSIX shm buffer, and, in the same run, the floors: the
 frame allocator's own ``alloc_contig`` + ``free_contig`` pair and one
-REGISTER/UNREGISTER message round trip through the secure world; and the
-secure side's page-list check of that message (``pagelist_parse_frames``,
-list pages read through the frame table), compiled beside the pure twin.
+REGISTER/UNREGISTER message round trip through the secure world (page array
+and contiguous-run forms); the secure side's page-list check of that message
+(``pagelist_parse_frames``, list pages read through the frame table), and the
+two ends of the message call alone (``SmcDriver`` with a secure world that
+does nothing, ``SmcEntry`` on a prepared message), compiled beside the pure
+twin.
 
 ``benchmark.extra_info["us_per_op"]`` holds the median round divided by the
 operations per round.  The pure-Python backend is a separate process
@@ -103,6 +106,103 @@ def test_floor_register_message_round_trip(benchmark, system):
     benchmark(run)
     record(benchmark, OPS)
     assert cookie not in system.tee.registered
+
+
+def test_floor_register_run_round_trip(benchmark, system):
+    """The same round trip from a contiguous run (what alloc_*_buf does: no page array)."""
+    pa = system.config.dynamic_base + (100 << 12)
+    cookie = 0xC0FFEE
+
+    def run():
+        for _ in range(OPS):
+            system._tee_register_run(pa, 1, 4096, cookie)
+            system._tee_unregister(cookie)
+
+    benchmark(run)
+    record(benchmark, OPS)
+    assert cookie not in system.tee.registered
+
+
+def _smc_world(mod):
+    """A frame table, frames and storage for the message-call kernels of ``mod``."""
+    cfg = Config()
+    table = mod.FrameTable([(cfg.static_base, 16 << 12), (cfg.dynamic_base, 64 << 12)])
+    storage = bytearray(32 << 12)
+    table.attach(1, storage)
+    table.map_range(cfg.static_base, 16, 1, 0)
+    frames = mod.FrameAllocator(cfg.dynamic_base, 64)
+    msg_pa = frames.alloc_contig(1)
+    table.map_range(msg_pa, 1, 1, 16)
+    nonsecure = ((cfg.static_base, 16 << 12), (cfg.dynamic_base, 64 << 12))
+    entry = mod.SmcEntry(table, nonsecure, (cfg.static_base, 16 << 12), (cfg.dynamic_base, 64 << 12))
+    return cfg, table, frames, msg_pa, entry
+
+
+@pytest.mark.parametrize("backend", ["compiled", "pure"])
+def test_smc_driver_kernels(benchmark, backend):
+    """The driver's end alone: register (one-page list, list frame taken and given back)
+    + call1 (UNREGISTER), with a secure world that does nothing."""
+    import numpy as np
+
+    from poolsvc import _core, _pure
+
+    mod = _core if backend == "compiled" else _pure
+    cfg, table, frames, msg_pa, _ = _smc_world(mod)
+    driver = mod.SmcDriver(table, frames, msg_pa, lambda pa: None, 1, 17)
+    pages = np.array([cfg.dynamic_base + (5 << 12)], dtype=np.uint64)
+    register, call1 = driver.register, driver.call1
+
+    def run():
+        for _ in range(OPS):
+            register(pages, 0, 4096, 0xC0FFEE)
+            call1(5, 5, 0, 0, 0xC0FFEE)
+
+    benchmark(run)
+    record(benchmark, OPS)
+    assert frames.used_frames == 1 and table.mapped_frames == 17
+
+
+@pytest.mark.parametrize("backend", ["compiled", "pure"])
+def test_smc_entry_kernels(benchmark, backend):
+    """The secure world's end alone: fetch1 + register1 + answer, then fetch1 +
+    unregister1 + answer, on messages already in place (one-page list)."""
+    import struct
+
+    import numpy as np
+
+    from poolsvc import _core, _pure
+
+    mod = _core if backend == "compiled" else _pure
+    cfg, table, frames, msg_pa, entry = _smc_world(mod)
+    list_pa = cfg.static_base + (2 << 12)
+    pages = np.array([cfg.dynamic_base + (5 << 12)], dtype=np.uint64)
+    table.write(list_pa, mod.pagelist_build(pages, 0, list_pa))
+    reg_pa, unreg_pa = cfg.static_base + (4 << 12), cfg.static_base + (5 << 12)
+    arg = struct.Struct("<8I4Q")
+    table.write(reg_pa, arg.pack(4, 0, 0, 0, 0, 0, 0, 1, 0x20A, list_pa, 4096, 0xC0FFEE))
+    table.write(unreg_pa, arg.pack(5, 0, 0, 0, 0, 0, 0, 1, 0x5, 0, 0, 0xC0FFEE))
+    registered: dict = {}
+    rpc_shms: dict = {}
+
+    class Entry:
+        inflight = 0
+
+    held = Entry()
+    fetch1, register1, unregister1, answer = entry.fetch1, entry.register1, entry.unregister1, entry.answer
+
+    def run():
+        for _ in range(OPS):
+            fetch1(reg_pa)
+            cookie, _, _ = register1(4, registered, rpc_shms)
+            registered[cookie] = held
+            answer(reg_pa, 0, 3)
+            fetch1(unreg_pa)
+            del registered[unregister1(registered)]
+            answer(unreg_pa, 0, 3)
+
+    benchmark(run)
+    record(benchmark, OPS)
+    assert not registered
 
 
 @pytest.mark.parametrize("backend", ["compiled", "pure"])

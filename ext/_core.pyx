@@ -10,6 +10,7 @@ between ``cdef`` functions stay direct C calls; each has a ``.pxd`` twin
     tables.pyx     FrameTable, IdTable, AddressMap
     pagelist.pyx   OP-TEE non-contiguous page lists: build, parse, segments
     copy.pyx       gather / scatter through the frame table
+    smc.pyx        both ends of the one-parameter message call (REGISTER/UNREGISTER_SHM)
 
 Concurrency: nothing here takes a lock.  Every object belongs to one thread at
 a time (the System serialises access); the GIL is held throughout except where
@@ -31,3 +32,4 @@ include "alloc.pyx"
 include "tables.pyx"
 include "pagelist.pyx"
 include "copy.pyx"
+include "smc.pyx"

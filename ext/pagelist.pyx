@@ -191,24 +191,12 @@ cdef Py_ssize_t _parse_ranges(object nonsecure, pl_range **out) except -1:
     return kept
 
 
-cdef object _pagelist_parse(object buf_ptr, object size, object read_page, FrameTable table,
-                            object nonsecure, object max_pages):
-    """The walk of ``pagelist_parse`` (``table`` None: list pages come from
-    ``read_page``) and ``pagelist_parse_frames`` (from ``table``)."""
-    cdef unsigned long long ptr = 0, sz = 0, offset, num_pages, page_pa, next_pa = 0, v, lo = 0, hi = 0
+cdef cnp.ndarray _pl_result(unsigned long long ptr, unsigned long long sz, object max_pages):
+    """Checks 1-3 of ``pagelist_parse`` (after the u64 conversions), in order;
+    the (empty) array of the ``num_pages`` entries."""
+    cdef unsigned long long offset = ptr & PSV_PAGE_MASK, num_pages
     cdef long long limit = 0
-    cdef Py_ssize_t done = 0, chunk, i, k = 0, nranges = 0
-    cdef pl_range *ranges = NULL
-    cdef Py_buffer view
-    cdef cnp.ndarray result
-    cdef unsigned long long *entries
-    cdef const char *src
     cdef cnp.npy_intp dims[1]
-    if psv_u64_from_obj(buf_ptr, &ptr) == 0:
-        raise BadParameters(f"buf_ptr {buf_ptr:#x} is not a u64")
-    if psv_u64_from_obj(size, &sz) == 0:
-        raise BadParameters(f"size {size:#x} is not a u64")
-    offset = ptr & PSV_PAGE_MASK
     if sz > PSV_U64_MAX - offset:
         raise SizeOverflow(f"size {sz:#x} + offset {offset:#x} overflows u64")
     if sz == 0:
@@ -222,61 +210,90 @@ cdef object _pagelist_parse(object buf_ptr, object size, object read_page, Frame
         raise OutOfMemory(f"{num_pages} pages exceed the limit of {max_pages}")
     try:
         dims[0] = <cnp.npy_intp>num_pages
-        result = cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT64, 0)
+        return cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT64, 0)
     except (MemoryError, ValueError):
         raise OutOfMemory(f"cannot allocate {num_pages} page entries") from None
-    entries = <unsigned long long *>cnp.PyArray_DATA(result)
+
+
+cdef int _pl_walk(cnp.ndarray result, unsigned long long ptr, object read_page, FrameTable table,
+                  const pl_range *ranges, Py_ssize_t nranges) except -1:
+    """Check 4 of ``pagelist_parse``: walk the list from ``ptr``'s list page into
+    ``result`` (its length is num_pages).  List pages come from ``table`` or, if
+    it is None, from ``read_page``; ``ranges`` NULL: no region check."""
+    cdef unsigned long long num_pages = <unsigned long long>cnp.PyArray_DIM(result, 0)
+    cdef unsigned long long page_pa, next_pa = 0, v, lo = 0, hi = 0
+    cdef Py_ssize_t done = 0, chunk, i, k = 0
+    cdef Py_buffer view
+    cdef unsigned long long *entries = <unsigned long long *>cnp.PyArray_DATA(result)
+    cdef const char *src
+    page_pa = ptr & ~<unsigned long long>PSV_PAGE_MASK
+    # bounded: every list page yields at least one entry, num_pages in all
+    while <unsigned long long>done < num_pages:
+        if done > 0:
+            if next_pa & PSV_PAGE_MASK:
+                raise AlignmentError(f"next pointer of list page {k - 1} ({page_pa:#x}) "
+                                     f"is {next_pa:#x}, not 4 KiB-aligned")
+            page_pa = next_pa
+        if ranges != NULL and not pl_page_inside(ranges, nranges, page_pa):
+            raise SecureMemoryError(f"list page {k} at {page_pa:#x} is not in "
+                                    "non-secure memory")
+        chunk = min(<Py_ssize_t>PL_ENTRIES, <Py_ssize_t>(num_pages - done))
+        if table is not None:
+            # each u64 is loaded once from the normal world's page into the
+            # secure side's own array (and next_pa), and only the copies are checked
+            src = table.frame_bytes(page_pa, PSV_PAGE_SIZE)
+            psv_load_le64_array(entries + done, src, chunk)
+            if chunk == PL_ENTRIES:
+                next_pa = psv_load_le64(src + PL_NEXT_OFFSET)
+        else:
+            data = read_page(page_pa)
+            try:
+                PyObject_GetBuffer(data, &view, PyBUF_C_CONTIGUOUS)
+            except (TypeError, BufferError, ValueError) as exc:
+                raise BadParameters(f"read_page({page_pa:#x}) did not return a contiguous "
+                                    f"buffer: {exc}") from None
+            try:
+                if view.len < PSV_PAGE_SIZE:
+                    raise BadParameters(f"read_page({page_pa:#x}) returned {view.len} bytes, "
+                                        "fewer than 4096")
+                psv_load_le64_array(entries + done, <const char *>view.buf, chunk)
+                if chunk == PL_ENTRIES:
+                    next_pa = psv_load_le64(<const char *>view.buf + PL_NEXT_OFFSET)
+            finally:
+                PyBuffer_Release(&view)
+        # fast path: all aligned, and (with ranges) the lowest and highest
+        # entry inside one range; else find the first bad entry in order
+        if (psv_or_min_max(entries + done, chunk, &lo, &hi) & PSV_PAGE_MASK
+                or (ranges != NULL and not pl_span_inside(ranges, nranges, lo, hi))):
+            for i in range(done, done + chunk):
+                v = entries[i]
+                if v & PSV_PAGE_MASK:
+                    raise AlignmentError(f"page-list entry {i} is {v:#x}, not 4 KiB-aligned")
+                if ranges != NULL and not pl_page_inside(ranges, nranges, v):
+                    raise SecureMemoryError(f"page-list entry {i} ({v:#x}) is not in "
+                                            "non-secure memory")
+        done += chunk
+        k += 1
+    return 0
+
+
+cdef object _pagelist_parse(object buf_ptr, object size, object read_page, FrameTable table,
+                            object nonsecure, object max_pages):
+    """The walk of ``pagelist_parse`` (``table`` None: list pages come from
+    ``read_page``) and ``pagelist_parse_frames`` (from ``table``)."""
+    cdef unsigned long long ptr = 0, sz = 0
+    cdef Py_ssize_t nranges = 0
+    cdef pl_range *ranges = NULL
+    cdef cnp.ndarray result
+    if psv_u64_from_obj(buf_ptr, &ptr) == 0:
+        raise BadParameters(f"buf_ptr {buf_ptr:#x} is not a u64")
+    if psv_u64_from_obj(size, &sz) == 0:
+        raise BadParameters(f"size {size:#x} is not a u64")
+    result = _pl_result(ptr, sz, max_pages)
     try:
         if nonsecure is not None:
             nranges = _parse_ranges(nonsecure, &ranges)
-        page_pa = ptr & ~<unsigned long long>PSV_PAGE_MASK
-        # bounded: every list page yields at least one entry, num_pages in all
-        while <unsigned long long>done < num_pages:
-            if done > 0:
-                if next_pa & PSV_PAGE_MASK:
-                    raise AlignmentError(f"next pointer of list page {k - 1} ({page_pa:#x}) "
-                                         f"is {next_pa:#x}, not 4 KiB-aligned")
-                page_pa = next_pa
-            if ranges != NULL and not pl_page_inside(ranges, nranges, page_pa):
-                raise SecureMemoryError(f"list page {k} at {page_pa:#x} is not in "
-                                        "non-secure memory")
-            chunk = min(<Py_ssize_t>PL_ENTRIES, <Py_ssize_t>(num_pages - done))
-            if table is not None:
-                # each u64 is loaded once from the normal world's page into the
-                # secure side's own array (and next_pa), and only the copies are checked
-                src = table.frame_bytes(page_pa, PSV_PAGE_SIZE)
-                psv_load_le64_array(entries + done, src, chunk)
-                if chunk == PL_ENTRIES:
-                    next_pa = psv_load_le64(src + PL_NEXT_OFFSET)
-            else:
-                data = read_page(page_pa)
-                try:
-                    PyObject_GetBuffer(data, &view, PyBUF_C_CONTIGUOUS)
-                except (TypeError, BufferError, ValueError) as exc:
-                    raise BadParameters(f"read_page({page_pa:#x}) did not return a contiguous "
-                                        f"buffer: {exc}") from None
-                try:
-                    if view.len < PSV_PAGE_SIZE:
-                        raise BadParameters(f"read_page({page_pa:#x}) returned {view.len} bytes, "
-                                            "fewer than 4096")
-                    psv_load_le64_array(entries + done, <const char *>view.buf, chunk)
-                    if chunk == PL_ENTRIES:
-                        next_pa = psv_load_le64(<const char *>view.buf + PL_NEXT_OFFSET)
-                finally:
-                    PyBuffer_Release(&view)
-            # fast path: all aligned, and (with ranges) the lowest and highest
-            # entry inside one range; else find the first bad entry in order
-            if (psv_or_min_max(entries + done, chunk, &lo, &hi) & PSV_PAGE_MASK
-                    or (ranges != NULL and not pl_span_inside(ranges, nranges, lo, hi))):
-                for i in range(done, done + chunk):
-                    v = entries[i]
-                    if v & PSV_PAGE_MASK:
-                        raise AlignmentError(f"page-list entry {i} is {v:#x}, not 4 KiB-aligned")
-                    if ranges != NULL and not pl_page_inside(ranges, nranges, v):
-                        raise SecureMemoryError(f"page-list entry {i} ({v:#x}) is not in "
-                                                "non-secure memory")
-            done += chunk
-            k += 1
+        _pl_walk(result, ptr, read_page, table, ranges, nranges)
     finally:
         free(ranges)
     return result

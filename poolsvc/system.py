@@ -60,7 +60,7 @@ from .fragmentation import unusable_indices
 from .mapping import Mapping, buffer_span, find_mapping, mapping_view
 from .memory import Arena, PhysicalMemory, Segment
 from .storage import LIVE, Storage, cleanup_stale
-from .tee.msg import ARG1, RET, RET_OFFSET, MsgArg
+from .tee.msg import RET, RET_OFFSET, MsgArg
 from .tee.secure import SecureWorld
 
 #: Per-object frame tables up to this many pages are kept when their last registration goes.
@@ -83,7 +83,8 @@ _REGISTER = int(MsgCmd.REGISTER_SHM)
 _UNREGISTER = int(MsgCmd.UNREGISTER_SHM)
 _REGISTER_ATTR = int(Attr.TMEM_OUTPUT | ATTR_NONCONTIG)
 _UNREGISTER_ATTR = int(Attr.RMEM_INPUT)
-_ZERO_PAGE = bytes(PAGE_SIZE)
+#: Pages a single list page holds (longer lists take kernel pages from the arena).
+_LIST_ENTRIES = pagelist.ENTRIES_PER_LIST_PAGE
 
 
 def _npages(offset: int, size: int) -> int:
@@ -446,10 +447,10 @@ class System:
         self._carveout: Storage | None = None
         self._msg: tuple[int, int, Segment, int] | None = None
         self._msg_view: memoryview | None = None
-        # (view, storage id, page index) of the kernel storage page that backs the
-        # list page of one-list-page registrations; None while in use or absent
-        self._list_scratch: tuple[memoryview, int, int] | None = None
+        # the kernel storage page that backs the list frame of one-list-page
+        # registrations (all zero between calls), with dynamic shm
         self._list_scratch_page: tuple[Segment, int] | None = None
+        self._smc: Any = None  # core.SmcDriver: the driver's end of the message call
         self.kernel_arena = Arena(self.memory, min(config.arena_step, 4 << 20),
                                   config.shm_prefix, owner="kernel")
         try:
@@ -464,6 +465,11 @@ class System:
             self.tee = SecureWorld(self.memory, config.sec_caps)
             self.tee.system = self
             self._msg_pa = self._alloc_msg_page()
+            scratch = self._list_scratch_page
+            self._smc = core.SmcDriver(self.memory.table, self.dynamic, self._msg_pa,
+                                       self.tee.call_with_arg,
+                                       -1 if scratch is None else scratch[0].sid,
+                                       0 if scratch is None else scratch[1])
         except BaseException:
             self._teardown()
             raise
@@ -496,11 +502,11 @@ class System:
 
     def _teardown(self) -> None:
         # our views of kernel and carve-out storage go first: mappings with exports cannot close
-        for name in ("_msg_view", "_list_scratch"):
-            held = getattr(self, name, None)
-            if held is not None:
-                (held if isinstance(held, memoryview) else held[0]).release()
-                setattr(self, name, None)
+        self._smc = None
+        held = getattr(self, "_msg_view", None)
+        if held is not None:
+            held.release()
+            self._msg_view = None
         scratch = getattr(self, "_list_scratch_page", None)
         if scratch is not None:
             self.kernel_arena.free(scratch[0], scratch[1], 1)
@@ -560,11 +566,7 @@ class System:
             with memoryview(seg.storage.mm) as whole:
                 self._msg_view = whole[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
             if self.config.dynamic_shm:
-                seg, index = self.kernel_arena.alloc(1)
-                self._list_scratch_page = (seg, index)
-                with memoryview(seg.storage.mm) as whole:
-                    view = whole[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
-                self._list_scratch = (view, seg.sid, index)
+                self._list_scratch_page = self.kernel_arena.alloc(1)
             return pa
         self._msg = None
         pa = int(self.static.alloc(PAGE_SIZE, PAGE_SIZE))
@@ -594,15 +596,13 @@ class System:
     def _call_tee1(self, cmd: int, attr: int, a: int, b: int, c: int) -> None:
         """``call_tee`` of a one-parameter command without building a MsgArg.
 
-        The message is packed straight into the driver's mapping of the message
-        page, and ``ret``/``ret_origin`` read back from it.  Raises TeeError as
-        ``call_tee`` does.
+        ``core.SmcDriver`` writes the message into the message page and reads
+        ``ret``/``ret_origin`` back.  Raises TeeError as ``call_tee`` does.
         """
-        view = self._msg_view
-        assert view is not None
-        ARG1.pack_into(view, 0, cmd, 0, 0, 0, 0, 0, 0, 1, attr, a, b, c)
-        self.tee.call_with_arg(self._msg_pa)
-        ret, origin = RET.unpack_from(view, RET_OFFSET)
+        self._check_ret(cmd, *self._smc.call1(cmd, attr, a, b, c))
+
+    @staticmethod
+    def _check_ret(cmd: int, ret: int, origin: int) -> None:
         if ret != 0:
             raise TeeError(f"secure world answered {ret:#x} (origin {origin}) "
                            f"to command {cmd}", ret, origin)
@@ -610,13 +610,14 @@ class System:
     def _tee_register(self, pages: np.ndarray, offset: int, size: int, cookie: int) -> None:
         """REGISTER_SHM: build the page list in kernel pages, hand it over, free the list.
 
-        A list of one list page (up to 511 pages) gets a fresh frame, as always,
-        backed by the System's scratch storage page (zeroed after each use);
-        longer lists get kernel pages from the arena.
+        A list of one list page (up to 511 pages) is built by ``core.SmcDriver``
+        in a fresh frame, as always, backed by the System's scratch storage page
+        (zeroed after each use); longer lists get kernel pages from the arena.
         """
         t0 = time.perf_counter()
-        scratch = self._list_scratch
-        if scratch is None or len(pages) > pagelist.ENTRIES_PER_LIST_PAGE:
+        if len(pages) <= _LIST_ENTRIES and self._list_scratch_page is not None:
+            ret, origin = self._smc.register(pages, offset, size, cookie)
+        else:
             nlist = pagelist.list_pages_needed(len(pages))
             list_pages = self._alloc_kernel_pages(nlist)
             list_pa, _, seg, index = list_pages
@@ -624,31 +625,30 @@ class System:
                 with memoryview(seg.storage.mm) as whole:
                     with whole[index * PAGE_SIZE:(index + nlist) * PAGE_SIZE] as out:
                         core.pagelist_build_into(pages, offset, list_pa, out)
-                self._call_tee1(_REGISTER, _REGISTER_ATTR, list_pa | offset, size, cookie)
+                ret, origin = self._smc.call1(_REGISTER, _REGISTER_ATTR, list_pa | offset, size, cookie)
             finally:
                 self._free_kernel_pages(*list_pages)
-        else:
-            view, sid, index = scratch
-            self._list_scratch = None
-            table = self.memory.table
-            dynamic = self.dynamic
-            list_pa = dynamic.alloc_contig(1)
-            try:
-                table.map_range(list_pa, 1, sid, index)
-                try:
-                    core.pagelist_build_into(pages, offset, list_pa, view)
-                    self._call_tee1(_REGISTER, _REGISTER_ATTR, list_pa | offset, size, cookie)
-                finally:
-                    view[:] = _ZERO_PAGE
-                    table.unmap_range(list_pa, 1)
-            finally:
-                dynamic.free_contig(list_pa, 1)
-                self._list_scratch = scratch
+        if ret != 0:
+            self._check_ret(_REGISTER, ret, origin)
         #: seconds the last registration took (page list + REGISTER_SHM), for the study
         self.last_register_seconds = time.perf_counter() - t0
 
+    def _tee_register_run(self, pa: int, npages: int, size: int, cookie: int) -> None:
+        """``_tee_register`` of the contiguous pages from ``pa`` at offset 0 (no page array)."""
+        if npages > _LIST_ENTRIES or self._list_scratch_page is None:
+            self._tee_register(np.arange(pa, pa + npages * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64),
+                               0, size, cookie)
+            return
+        t0 = time.perf_counter()
+        ret, origin = self._smc.register_run(pa, npages, 0, size, cookie)
+        if ret != 0:
+            self._check_ret(_REGISTER, ret, origin)
+        self.last_register_seconds = time.perf_counter() - t0
+
     def _tee_unregister(self, cookie: int) -> None:
-        self._call_tee1(_UNREGISTER, _UNREGISTER_ATTR, 0, 0, cookie)
+        ret, origin = self._smc.call1(_UNREGISTER, _UNREGISTER_ATTR, 0, 0, cookie)
+        if ret != 0:
+            self._check_ret(_UNREGISTER, ret, origin)
 
     # -- pools ---------------------------------------------------------------------------------
     def _alloc_dynamic(self, ctx: Context, size: int, flags: ShmFlags) -> Shm:
@@ -664,7 +664,7 @@ class System:
                   _DynamicBacking(pa, npages, seg, index), (pa, npages))
         if flags is not _POOL_PRIV:
             try:
-                self._tee_register(shm.pages, 0, shm.size, shm.cookie)
+                self._tee_register_run(pa, npages, shm.size, shm.cookie)
             except BaseException:
                 self._free_dynamic(shm)
                 raise

@@ -11,6 +11,7 @@ checked).  Also: the address rules of the fast path are those of ``_read_arg``.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,3 +91,88 @@ def test_fast_path_address_rules():
             tee.call_with_arg(system._msg_pa)
             assert unpack(system.phys.read(system._msg_pa, 64)).ret == 0xFFFF0006
         assert tee.stats.calls == 3
+
+
+@settings(max_examples=30)
+@given(st.lists(st.tuples(messages, st.integers(0, 2 * PAGE_SIZE // 8 - 1)), min_size=1, max_size=8))
+def test_call_with_arg_in_the_carveout_equals_call(seq):
+    """Messages placed anywhere 8-byte aligned in the carve-out, across a page boundary too."""
+    a_sys, _, _, good = make_world()
+    b_sys, _, _, _ = make_world()
+    try:
+        base = b_sys.config.static_base + 3 * PAGE_SIZE
+        for (cmd, attr, ptr, size, cookie), slot in seq:
+            ptr = {"good": good, "good+off": good | 0x10, "bad-list": good + PAGE_SIZE,
+                   "secure": 0x0E000000, "misaligned-list": good + 8}.get(ptr, ptr)
+            cookie = 0xC0FFEE if cookie == "data" else cookie
+            msg = MsgArg(cmd=cmd, params=[MsgParam(attr, ptr, size, cookie)])
+            arg_pa = base + 8 * slot    # slots near 4096 straddle two frames
+            reply_a = a_sys.tee.call(msg.pack())
+            b_sys.phys.write(arg_pa, msg.pack())
+            b_sys.tee.call_with_arg(arg_pa)
+            reply_b = b_sys.phys.read(arg_pa, ARG1.size)
+            assert reply_a == reply_b, (unpack(reply_a), unpack(reply_b))
+            assert snapshot(a_sys) == snapshot(b_sys)
+            assert a_sys.tee.stats == b_sys.tee.stats
+    finally:
+        a_sys.close()
+        b_sys.close()
+
+
+def accounting(system):
+    scratch_seg, scratch_index = system._list_scratch_page
+    scratch = bytes(memoryview(scratch_seg.storage.mm)[scratch_index * PAGE_SIZE:(scratch_index + 1) * PAGE_SIZE])
+    return (system.dynamic.used_frames, system.memory.table.mapped_frames, scratch == bytes(PAGE_SIZE),
+            system.tee.state())
+
+
+@settings(max_examples=40)
+@given(st.lists(st.tuples(
+    st.sampled_from(["pages", "run", "unregister"]),
+    st.lists(st.sampled_from(["data", "data", "secure", "misaligned"]), min_size=1, max_size=4),
+    st.sampled_from([0, 0x10]),
+    st.sampled_from([0xC0FFEE, 0xC0FFEF, "data"]),
+), min_size=1, max_size=8))
+def test_driver_register_paths_keep_accounting(seq):
+    """``_tee_register`` (page array), ``_tee_register_run`` (contiguous run) and
+    ``_tee_unregister``: on every answer and refusal the list frame is freed, the scratch
+    page zero and unmapped, and the run form registers exactly what the array form does."""
+    from poolsvc.errors import PoolsvcError
+
+    a_sys, _, a_data, _ = make_world()
+    b_sys, _, _, _ = make_world()
+    try:
+        first = int(a_data.pages[0])
+        for kind, spec, offset, cookie in seq:
+            if cookie == "data":  # refused as a registration; never unregistered behind its back
+                cookie = 0xC0FFEF if kind == "unregister" else a_data.cookie
+            pages = np.array([{"data": first + i * PAGE_SIZE, "secure": 0x0E000000 + i * PAGE_SIZE,
+                               "misaligned": first + 8}[s] for i, s in enumerate(spec)],
+                             dtype=np.uint64)
+            size = len(pages) * PAGE_SIZE - offset
+            before = accounting(a_sys)
+            outcomes = []
+            for system, run in ((a_sys, False), (b_sys, kind == "run")):
+                try:
+                    if kind == "unregister":
+                        system._tee_unregister(cookie)
+                    elif run:
+                        if offset or "misaligned" in spec or len(set(spec)) > 1:
+                            system._tee_register(pages, offset, size, cookie)
+                        else:
+                            system._tee_register_run(int(pages[0]), len(pages), size, cookie)
+                    else:
+                        system._tee_register(pages, offset, size, cookie)
+                    outcomes.append(None)
+                except PoolsvcError as exc:
+                    outcomes.append((type(exc).__name__, getattr(exc, "tee_code", None)))
+            assert outcomes[0] == outcomes[1]
+            after_a, after_b = accounting(a_sys), accounting(b_sys)
+            assert after_a == after_b
+            assert after_a[:3] == before[:3]            # frames, mappings, scratch page zero
+            assert a_sys.tee.stats == b_sys.tee.stats
+    finally:
+        for system in (a_sys, b_sys):
+            system.tee.registered.pop(0xC0FFEE, None)
+            system.tee.registered.pop(0xC0FFEF, None)
+            system.close()

@@ -14,6 +14,7 @@ from .pagelist import (
     pagelist_parse_frames,
     pagelist_segments,
 )
+from .smc import SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "FrameTable",
     "IdTable",
     "RangeAllocator",
+    "SmcDriver",
+    "SmcEntry",
     "gather",
     "pagelist_build",
     "pagelist_build_into",

@@ -100,7 +100,7 @@ from ..errors import (
     ProtocolError,
     SecurityViolation,
 )
-from .msg import ARG1, RET, RET_OFFSET, MsgArg, MsgParam, arg_size, peek_num_params, unpack
+from .msg import MsgArg, MsgParam, arg_size, peek_num_params, unpack
 from .ta import (
     BUILTIN_APPS,
     TEE_ERROR_TARGET_DEAD,
@@ -127,7 +127,6 @@ _REGISTER_ATTR = int(Attr.TMEM_OUTPUT | ATTR_NONCONTIG)
 _UNREGISTER_ATTR = int(Attr.RMEM_INPUT)
 _DYNAMIC_SHM = int(SecCaps.DYNAMIC_SHM)
 _ORIGIN_TEE = int(Origin.TEE)
-_ARG1_SIZE = ARG1.size  # 64
 _NO_PARAM = MsgParam()
 
 
@@ -236,9 +235,9 @@ class SecureWorld:
         # fixed for the memory's life: what call_with_arg and the page-list checks use
         self._table = memory.table
         self._nonsecure = tuple(memory.nonsecure_ranges())
-        (s_base, s_size), (d_base, d_size) = memory.regions["static"], memory.regions["dynamic"]
-        self._arg_windows = (s_base, s_base + s_size, d_base, d_base + d_size)
-        self._arg1_pa = -1  # the last address _arg1_fits accepted
+        # the compiled end of call_with_arg: where messages are accepted (as _read_arg)
+        self._entry = core.SmcEntry(self._table, self._nonsecure, memory.regions["static"],
+                                    memory.regions["dynamic"])
         self.system: Any = None
         self.rpc: Any = None
         self.registered: dict[int, RegisteredShm] = {}
@@ -309,20 +308,12 @@ class SecureWorld:
         BadParameters (OP-TEE answers such a call with an error at the SMC
         level, before any message exists).
         """
-        if type(arg_pa) is int and (arg_pa == self._arg1_pa or self._arg1_fits(arg_pa)):
-            # 64 bytes where _read_arg would accept them: header and first parameter,
-            # copied out of shared memory at once and decoded from the copy
-            words = ARG1.unpack(self._table.read(arg_pa, _ARG1_SIZE))
-            if words[7] == 1:
-                cmd = words[0]
-                if cmd == _REGISTER or cmd == _UNREGISTER:
-                    self._call1(arg_pa, cmd, words[8], words[9], words[10], words[11])
-                else:
-                    msg = MsgArg(cmd, words[1], words[2], words[3], words[4], words[5], words[6],
-                                 [MsgParam(words[8], words[9], words[10], words[11])])
-                    self.process(msg)
-                    self._table.write(arg_pa, msg.pack())
-                return
+        # REGISTER_SHM / UNREGISTER_SHM with one parameter: copied out and checked by
+        # the compiled entry (core.SmcEntry); anything else takes the generic path
+        cmd = self._entry.fetch1(arg_pa)
+        if cmd >= 0:
+            self._call1(arg_pa, cmd)
+            return
         if not isinstance(arg_pa, int) or arg_pa < 0 or arg_pa >= 1 << 64:
             raise BadParameters(f"message address {arg_pa!r} is not a u64")
         header = self._read_arg(arg_pa, MSG_ARG_HEADER_SIZE)
@@ -332,32 +323,25 @@ class SecureWorld:
         self.process(msg)
         self.memory.write(arg_pa, msg.pack())
 
-    def _arg1_fits(self, arg_pa: int) -> bool:
-        """True if a one-parameter message (64 bytes) at ``arg_pa`` is where
-        :meth:`_read_arg` accepts messages; remembers the last such address."""
-        s_lo, s_hi, d_lo, d_hi = self._arg_windows
-        end = arg_pa + _ARG1_SIZE
-        if ((d_lo <= arg_pa and end <= d_hi and not arg_pa & PAGE_MASK)
-                or (s_lo <= arg_pa and end <= s_hi and not arg_pa & 7)):
-            self._arg1_pa = arg_pa
-            return True
-        return False
+    def _call1(self, arg_pa: int, cmd: int) -> None:
+        """The REGISTER_SHM or UNREGISTER_SHM that ``self._entry`` fetched from ``arg_pa``.
 
-    def _call1(self, arg_pa: int, cmd: int, attr: int, a: int, b: int, c: int) -> None:
-        """REGISTER_SHM or UNREGISTER_SHM with one parameter, already copied out.
-
-        Runs without dataclasses, with the checks, codes and bookkeeping of
-        :meth:`process`, and writes back only ``ret`` and ``ret_origin`` (the
-        commands' only outputs).
+        The entry checks the message's copy (the order and codes of
+        :meth:`_register` / :meth:`_unregister`); here are the bookkeeping of
+        :meth:`process` and the answer, of which only ``ret`` and
+        ``ret_origin`` are written back (the commands' only outputs).
         """
+        entry = self._entry
         stats = self.stats
         stats.calls += 1
         ret, origin = TEE_SUCCESS, _ORIGIN_TEE
         try:
             if cmd == _REGISTER:
-                self._register(1, attr, a, b, c)
+                cookie, pages, offset = entry.register1(self._caps_bits, self.registered, self.rpc_shms)
+                self.registered[cookie] = RegisteredShm(cookie, pages, offset,
+                                                        len(pages) * PAGE_SIZE - offset)
             else:
-                self._unregister(1, attr, a, b, c)
+                del self.registered[entry.unregister1(self.registered)]
         except PoolsvcError as exc:
             ret = exc.tee_code
             origin = getattr(exc, "origin", _ORIGIN_TEE)
@@ -369,7 +353,7 @@ class SecureWorld:
                     done()
         if ret != TEE_SUCCESS:
             stats.errors[ret] = stats.errors.get(ret, 0) + 1
-        self._table.write(arg_pa + RET_OFFSET, RET.pack(ret, origin))
+        entry.answer(arg_pa, ret, origin)
 
     def _read_arg(self, pa: int, size: int) -> bytes:
         mem = self.memory

@@ -1,0 +1,463 @@
+# smc.pyx: both ends of the one-parameter message call (OP-TEE's
+# OPTEE_SMC_CALL_WITH_ARG) for the driver's hot path, REGISTER_SHM and
+# UNREGISTER_SHM.
+#
+#   SmcDriver   the normal world (Linux's optee driver): writes the message
+#               into the message page through the FrameTable, builds a page
+#               list of up to 511 pages in a fresh list frame backed by a
+#               scratch storage page, calls the secure world, reads
+#               ret/ret_origin back, and zeroes, unmaps and frees the list
+#               frame on every path.
+#   SmcEntry    the secure world (OP-TEE's entry_std): copies the 64 bytes of
+#               a one-parameter message out of shared memory, and checks a
+#               REGISTER_SHM / UNREGISTER_SHM from that copy in OP-TEE's
+#               order (DESIGN.md section 6), the page list with the same walk
+#               as pagelist_parse_frames; writes ret/ret_origin back.
+#
+# Policy stays in Python (poolsvc/system.py, poolsvc/tee/secure.py): which
+# path to take, the cookie table's entries, stats, RPC bookkeeping, TeeError.
+#
+# Errors follow docs/core.md: arguments are checked before anything changes.
+# SmcEntry's register1/unregister1 raise the error the secure world answers
+# with; SmcDriver raises only for bad arguments and for what the pool,
+# the frame table or the secure world itself raise.
+#
+# Concurrency: one thread at a time (the System's); the GIL is held
+# throughout.  SmcDriver calls back into Python (the secure world) with a
+# list frame taken: a nested register* meanwhile is refused with Busy.
+# The plain-Python twin, same checks in the same order, is poolsvc/_pure/smc.py.
+from libc.string cimport memcpy, memset
+from cpython.long cimport PyLong_FromUnsignedLongLong
+
+from poolsvc.errors import NotSupported
+
+
+cdef object _SMC_MAX_PAGES = 1 << 20     # the page limit of a registration (docs/tee.md)
+
+
+cdef int _smc_io(FrameTable table, uint64_t pa, char *buf, Py_ssize_t n, bint write) except -1:
+    """Copy ``n`` (<= 4096) bytes between ``buf`` and physical ``pa`` through the table.
+
+    Every page touched is resolved before a byte moves (AddressError as
+    ``FrameTable.read`` / ``write`` give it).  ``pa + n`` must not wrap.
+    """
+    cdef char *ptrs[2]
+    cdef Py_ssize_t first = <Py_ssize_t>PSV_PAGE_SIZE - <Py_ssize_t>(pa & PSV_PAGE_MASK)
+    if first > n:
+        first = n
+    table.resolve_range(pa, n, ptrs)
+    if write:
+        memcpy(ptrs[0], buf, first)
+        if first < n:
+            memcpy(ptrs[1], buf + first, n - first)
+    else:
+        memcpy(buf, ptrs[0], first)
+        if first < n:
+            memcpy(buf + first, ptrs[1], n - first)
+    return 0
+
+
+cdef int _frames_take1(FrameAllocator frames, uint64_t *pa) except -1:
+    """``frames.alloc_contig(1)``: the lowest free frame, taken."""
+    cdef int64_t p = frames.fm.find(1, 0)
+    if p < 0:
+        pa[0] = frames.alloc_contig(1)      # raises the allocator's OutOfMemory
+        return 0
+    frames.fm.set_range(p, 1)
+    pa[0] = <uint64_t>(frames.base_pa_ + (p << PSV_PAGE_SHIFT))
+    return 0
+
+
+cdef int _frames_put1(FrameAllocator frames, uint64_t pa) except -1:
+    """``frames.free_contig(pa, 1)``."""
+    cdef uint64_t i = (pa - <uint64_t>frames.base_pa_) >> PSV_PAGE_SHIFT
+    if (pa & PSV_PAGE_MASK or pa < <uint64_t>frames.base_pa_ or i >= <uint64_t>frames.nframes_
+            or not frames.fm.test(<int64_t>i)):
+        frames.free_contig(pa, 1)           # raises its error
+        return 0
+    frames.fm.clear_range(<int64_t>i, 1)
+    return 0
+
+
+cdef int _table_map1(FrameTable table, uint64_t pa, int32_t sid, int64_t index) except -1:
+    """``table.map_range(pa, 1, sid, index)`` (sid and index valid)."""
+    cdef Py_ssize_t slot = table.slot_of(pa)
+    if pa & PSV_PAGE_MASK or slot < 0 or table.frame_sid[slot] >= 0:
+        table.map_range(pa, 1, sid, index)  # raises its error
+        return 0
+    table.frame_sid[slot] = sid
+    table.frame_index[slot] = index
+    table.mapped += 1
+    return 0
+
+
+cdef int _table_unmap1(FrameTable table, uint64_t pa) except -1:
+    """``table.unmap_range(pa, 1)``."""
+    cdef Py_ssize_t slot = table.slot_of(pa)
+    if pa & PSV_PAGE_MASK or slot < 0 or table.frame_sid[slot] < 0:
+        table.unmap_range(pa, 1)            # raises its error
+        return 0
+    table.frame_sid[slot] = FT_UNMAPPED
+    table.frame_index[slot] = 0
+    table.mapped -= 1
+    return 0
+
+
+cdef tuple _smc_window(object window, str what):
+    """``(lo, hi)`` of a ``(base, size)`` window; BadParameters unless 0 <= lo <= hi < 2**64."""
+    cdef unsigned long long base = 0, size = 0
+    try:
+        b, s = window
+    except (TypeError, ValueError):
+        raise BadParameters(f"{what} {window!r} is not a (base, size) pair") from None
+    if (_smc_u64(b, &base) != 1 or _smc_u64(s, &size) != 1
+            or size > PSV_U64_MAX - base):
+        raise BadParameters(f"{what} {window!r} is not inside the 64-bit address space")
+    return (base, base + size)
+
+
+cdef int _smc_u64(object value, unsigned long long *out) except -1:
+    """1 if ``value`` is an int (``__index__``) in [0, 2**64), stored in ``*out``; else 0."""
+    try:
+        return psv_u64_from_obj(value, out)
+    except TypeError:
+        return 0
+
+
+cdef int _smc_small(object value, long long lo, long long hi, long long *out) except -1:
+    """1 if ``value`` is an int in [lo, hi], stored in ``*out``; else 0."""
+    try:
+        if psv_i64_from_obj(value, out) != 1:
+            return 0
+    except TypeError:
+        return 0
+    return lo <= out[0] <= hi
+
+
+cdef inline uint64_t _u64_arg(object value, str what) except? 0:
+    cdef unsigned long long v = 0
+    if _smc_u64(value, &v) != 1:
+        raise BadParameters(f"{what} {value!r} is not a u64")
+    return v
+
+
+cdef class SmcDriver:
+    """The driver's end of the message call: one-parameter messages and one-list-page
+    registrations, written through the frame table.
+
+    ``SmcDriver(table, frames, msg_pa, smc, list_sid=-1, list_index=0)``:
+    ``table`` the FrameTable in which ``msg_pa`` (the message page's PA,
+    8-byte aligned, its 64 bytes inside one region) is mapped; ``frames`` the
+    FrameAllocator list frames come from; ``smc(msg_pa)`` the secure world's
+    entry; ``(list_sid, list_index)`` the storage page a list frame is mapped
+    onto for the call (-1: none, ``register*`` refused).  The scratch page
+    must be all zero, and stays so between calls.
+    Errors: BadParameters (wrong types, bad address or ids).
+    """
+
+    def __init__(self, table, frames, msg_pa, smc, list_sid=-1, list_index=0):
+        cdef long long sid = 0, index = 0
+        cdef unsigned long long pa = 0
+        if not isinstance(table, FrameTable):
+            raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
+        if not isinstance(frames, FrameAllocator):
+            raise BadParameters(f"frames must be a FrameAllocator, not {type(frames).__name__}")
+        if not callable(smc):
+            raise BadParameters(f"smc must be callable, not {type(smc).__name__}")
+        if _smc_u64(msg_pa, &pa) != 1 or pa & 7 or pa > PSV_U64_MAX - SMC_ARG1_SIZE:
+            raise BadParameters(f"msg_pa {msg_pa!r} is not an 8-byte aligned address")
+        if (_smc_small(list_sid, -1, FT_MAX_STORAGE_ID, &sid) != 1
+                or _smc_small(list_index, 0, PSV_FT_MAX_PAGE_INDEX - 1, &index) != 1):
+            raise BadParameters(f"list page ({list_sid!r}, {list_index!r}) is not a storage "
+                                f"id in -1..{FT_MAX_STORAGE_ID} and a page index")
+        self.table = <FrameTable>table
+        self.frames = <FrameAllocator>frames
+        self.smc = smc
+        self.msg_pa = pa
+        self.msg_pa_obj = PyLong_FromUnsignedLongLong(pa)
+        self.list_sid = <int32_t>sid
+        self.list_index = index
+        self.list_pa = 0
+
+    @property
+    def msg_pa(self):
+        """The message page's physical address."""
+        return self.msg_pa_obj
+
+    @property
+    def has_list_page(self):
+        """True if one-list-page registrations (``register``, ``register_run``) are possible."""
+        return self.list_sid >= 0
+
+    cdef int post(self, uint32_t cmd, uint64_t attr, uint64_t a, uint64_t b,
+                  uint64_t c) except -1:
+        """Write the one-parameter message (ret, ret_origin 0) at msg_pa."""
+        cdef char msg[SMC_ARG1_SIZE]
+        memset(msg, 0, SMC_ARG1_SIZE)
+        psv_store_le32(msg, cmd)
+        psv_store_le32(msg + SMC_NUM_PARAMS_OFFSET, 1)
+        psv_store_le64(msg + SMC_PARAM_OFFSET, attr)
+        psv_store_le64(msg + SMC_PARAM_OFFSET + 8, a)
+        psv_store_le64(msg + SMC_PARAM_OFFSET + 16, b)
+        psv_store_le64(msg + SMC_PARAM_OFFSET + 24, c)
+        _smc_io(self.table, self.msg_pa, msg, SMC_ARG1_SIZE, True)
+        return 0
+
+    cdef tuple answer(self):
+        """``(ret, ret_origin)`` read back from the message."""
+        cdef char pair[8]
+        _smc_io(self.table, self.msg_pa + SMC_RET_OFFSET, pair, 8, False)
+        return (psv_load_le32(pair), psv_load_le32(pair + 4))
+
+    def call1(self, cmd, attr, a, b, c):
+        """Send a one-parameter message: write it, call the secure world, read the answer.
+
+        Params: ``cmd`` a u32; ``attr``, ``a``, ``b``, ``c`` u64 (the parameter).
+        Returns ``(ret, ret_origin)``.
+        Errors: BadParameters (a field out of range); AddressError (the message
+        page unmapped); whatever the secure world raises.
+        """
+        cdef unsigned long long v = 0
+        if _smc_u64(cmd, &v) != 1 or v > 0xFFFFFFFF:
+            raise BadParameters(f"cmd {cmd!r} is not a u32")
+        self.post(<uint32_t>v, _u64_arg(attr, "attr"), _u64_arg(a, "a"), _u64_arg(b, "b"),
+                  _u64_arg(c, "c"))
+        self.smc(self.msg_pa_obj)
+        return self.answer()
+
+    cdef int check_list(self) except -1:
+        if self.list_sid < 0:
+            raise BadParameters("no scratch list page: a page list needs kernel pages")
+        if self.list_pa != 0:
+            raise Busy(f"a registration is in flight (list frame {self.list_pa:#x})")
+        return 0
+
+    def register(self, pages, offset, size, cookie):
+        """REGISTER_SHM of a buffer of at most 511 pages: its list in one fresh list frame.
+
+        Params: ``pages`` the PAs of the buffer's pages (1-D, 1..511 entries,
+        page-aligned); ``offset`` (0..4095) of its first byte in ``pages[0]``;
+        ``size`` and ``cookie`` u64.
+        Returns ``(ret, ret_origin)`` of the secure world's answer.
+        Errors, before anything changes: BadParameters (no scratch page,
+        page count, offset, size, cookie), Busy (a registration in flight),
+        AlignmentError (an entry, naming index and value); then the
+        allocator's OutOfMemory; then whatever the secure world raises (the
+        list frame is zeroed, unmapped and freed on every path).
+        """
+        cdef cnp.ndarray arr
+        cdef const unsigned long long *pa
+        cdef Py_ssize_t n, bad
+        cdef long long off = 0
+        cdef uint64_t sz, ck
+        self.check_list()
+        arr = as_page_array(pages, "pages")
+        pa = <const unsigned long long *>cnp.PyArray_DATA(arr)
+        n = cnp.PyArray_DIM(arr, 0)
+        if n == 0 or n > PL_ENTRIES:
+            raise BadParameters(f"{n} pages: one list page holds 1..{PL_ENTRIES}")
+        if _smc_small(offset, 0, PSV_PAGE_MASK, &off) != 1:
+            raise BadParameters(f"offset {offset!r} is not in 0..4095")
+        sz = _u64_arg(size, "size")
+        ck = _u64_arg(cookie, "cookie")
+        if psv_or_reduce(pa, n) & PSV_PAGE_MASK:
+            bad = _first_misaligned(pa, n)
+            raise AlignmentError(f"page-list entry {bad} is {pa[bad]:#x}, not 4 KiB-aligned")
+        return self.register_entries(pa, 0, n, <uint64_t>off, sz, ck)
+
+    def register_run(self, pa, npages, offset, size, cookie):
+        """``register`` of the physically contiguous pages ``pa``, ``pa + 4096``, ...
+
+        Params: ``pa`` page-aligned, ``npages`` 1..511, the rest as ``register``.
+        Returns and errors as ``register`` (BadParameters for a run that
+        passes 2**64, AlignmentError for a misaligned ``pa``).
+        """
+        cdef long long n = 0, off = 0
+        cdef uint64_t first, sz, ck
+        self.check_list()
+        if _smc_small(npages, 1, PL_ENTRIES, &n) != 1:
+            raise BadParameters(f"{npages!r} pages: one list page holds 1..{PL_ENTRIES}")
+        if _smc_small(offset, 0, PSV_PAGE_MASK, &off) != 1:
+            raise BadParameters(f"offset {offset!r} is not in 0..4095")
+        sz = _u64_arg(size, "size")
+        ck = _u64_arg(cookie, "cookie")
+        first = _u64_arg(pa, "pa")
+        if first & PSV_PAGE_MASK:
+            raise AlignmentError(f"page-list entry 0 is {first:#x}, not 4 KiB-aligned")
+        if first > PSV_U64_MAX - (<uint64_t>n << PSV_PAGE_SHIFT) + 1:
+            raise BadParameters(f"{n} pages at {first:#x} run past 2**64")
+        return self.register_entries(NULL, first, <Py_ssize_t>n, <uint64_t>off, sz, ck)
+
+    cdef tuple register_entries(self, const unsigned long long *entries, uint64_t run_pa, Py_ssize_t n,
+                                uint64_t offset, uint64_t size, uint64_t cookie):
+        """The list of ``entries[0:n]`` (NULL: ``run_pa + 4096*i``) in a fresh
+        list frame, REGISTER_SHM, then the frame zeroed, unmapped and freed."""
+        cdef uint64_t list_pa = 0
+        cdef char *dst
+        cdef Py_ssize_t i
+        cdef tuple result
+        _frames_take1(self.frames, &list_pa)
+        try:
+            _table_map1(self.table, list_pa, self.list_sid, self.list_index)
+            self.list_pa = list_pa
+            try:
+                dst = self.table.frame_bytes(list_pa, PSV_PAGE_SIZE)
+                if entries != NULL:
+                    psv_store_le64_array(dst, entries, n)
+                else:
+                    for i in range(n):
+                        psv_store_le64(dst + 8 * i, run_pa + (<uint64_t>i << PSV_PAGE_SHIFT))
+                memset(dst + 8 * n, 0, PSV_PAGE_SIZE - 8 * n)
+                self.post(SMC_CMD_REGISTER, SMC_ATTR_REGISTER, list_pa | offset, size, cookie)
+                self.smc(self.msg_pa_obj)
+                result = self.answer()
+            finally:
+                self.list_pa = 0
+                try:
+                    memset(self.table.frame_bytes(list_pa, PSV_PAGE_SIZE), 0, PSV_PAGE_SIZE)
+                finally:
+                    _table_unmap1(self.table, list_pa)
+        finally:
+            _frames_put1(self.frames, list_pa)
+        return result
+
+
+cdef class SmcEntry:
+    """The secure world's end: one-parameter REGISTER_SHM / UNREGISTER_SHM, checked
+    from a private copy of the message.
+
+    ``SmcEntry(table, nonsecure, static_window, dynamic_window)``: ``table``
+    the FrameTable; ``nonsecure`` the ``(base, size)`` ranges of non-secure
+    memory (as ``pagelist_parse``); the windows ``(base, size)`` where
+    messages are accepted: the static carve-out (8-byte aligned) and dynamic
+    RAM (page-aligned).
+    Errors: BadParameters (wrong types, bad ranges or windows).
+    """
+
+    def __cinit__(self):
+        self.ranges = NULL
+
+    def __init__(self, table, nonsecure, static_window, dynamic_window):
+        cdef pl_range *ranges = NULL
+        if not isinstance(table, FrameTable):
+            raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
+        self.static_lo, self.static_hi = _smc_window(static_window, "static_window")
+        self.dynamic_lo, self.dynamic_hi = _smc_window(dynamic_window, "dynamic_window")
+        self.nranges = _parse_ranges(nonsecure, &ranges)
+        free(self.ranges)
+        self.ranges = ranges
+        self.table = <FrameTable>table
+        self.fetched = False
+
+    def __dealloc__(self):
+        free(self.ranges)
+
+    def fetch1(self, arg_pa):
+        """Copy the one-parameter REGISTER_SHM / UNREGISTER_SHM message at ``arg_pa``.
+
+        Params: ``arg_pa`` the message's PA.
+        Returns its ``cmd`` (4 or 5) after copying header and parameter into
+        this object, or -1, copying nothing, when ``arg_pa`` is not an int
+        whose 64 bytes lie in a window (dynamic RAM page-aligned, the
+        carve-out 8-byte aligned), and after the copy, when ``num_params`` is
+        not 1 or the command is another: the message is for the generic path.
+        Errors: AddressError (a page of the message unmapped or unattached,
+        as ``FrameTable.read``).
+        """
+        cdef unsigned long long pa = 0, end
+        cdef char msg[SMC_ARG1_SIZE]
+        cdef uint32_t cmd
+        if type(arg_pa) is not int or psv_u64_from_obj(arg_pa, &pa) != 1:
+            return -1
+        if pa > PSV_U64_MAX - SMC_ARG1_SIZE:
+            return -1
+        end = pa + SMC_ARG1_SIZE
+        if not ((self.dynamic_lo <= pa and end <= self.dynamic_hi and not pa & PSV_PAGE_MASK)
+                or (self.static_lo <= pa and end <= self.static_hi and not pa & 7)):
+            return -1
+        _smc_io(self.table, pa, msg, SMC_ARG1_SIZE, False)
+        self.fetched = False
+        cmd = psv_load_le32(msg)
+        if psv_load_le32(msg + SMC_NUM_PARAMS_OFFSET) != 1 or (
+                cmd != SMC_CMD_REGISTER and cmd != SMC_CMD_UNREGISTER):
+            return -1
+        self.cmd = cmd
+        self.attr = psv_load_le64(msg + SMC_PARAM_OFFSET)
+        self.a = psv_load_le64(msg + SMC_PARAM_OFFSET + 8)
+        self.b = psv_load_le64(msg + SMC_PARAM_OFFSET + 16)
+        self.c = psv_load_le64(msg + SMC_PARAM_OFFSET + 24)
+        self.fetched = True
+        return <int>cmd
+
+    cdef int take(self, uint32_t cmd) except -1:
+        if not self.fetched or self.cmd != cmd:
+            raise InternalError(f"no command {cmd} fetched")
+        self.fetched = False
+        return 0
+
+    def register1(self, caps, dict registered not None, dict rpc_shms not None):
+        """REGISTER_SHM's checks on the fetched message, in OP-TEE's order.
+
+        Params: ``caps`` the secure world's capability bits; ``registered``
+        and ``rpc_shms`` the dicts whose keys are the cookies in use.
+        Returns ``(cookie, pages, offset)``: the cookie (param ``c``), the
+        checked pages (``ndarray[uint64]``, the secure side's copy) and the
+        buffer's offset in its first page; the object's size is
+        ``len(pages) * 4096 - offset``.  Nothing is changed.
+        Errors, the answer to the message: NotSupported (no DYNAMIC_SHM);
+        BadParameters (attr not TMEM_OUTPUT|NONCONTIG; cookie in use); then
+        those of ``pagelist_parse_frames`` with the non-secure ranges and
+        ``max_pages = 2**20``.  InternalError if no REGISTER_SHM was fetched.
+        """
+        cdef object cookie
+        cdef cnp.ndarray pages
+        self.take(SMC_CMD_REGISTER)
+        if not caps & SMC_CAP_DYNAMIC_SHM:
+            raise NotSupported("REGISTER_SHM without dynamic shared memory")
+        if self.attr != SMC_ATTR_REGISTER:
+            raise BadParameters(f"REGISTER_SHM attr {self.attr:#x} is not TMEM_OUTPUT|NONCONTIG")
+        cookie = PyLong_FromUnsignedLongLong(self.c)
+        if cookie in registered or cookie in rpc_shms:
+            raise BadParameters(f"cookie {self.c:#x} is already registered")
+        pages = _pl_result(self.a, self.b, _SMC_MAX_PAGES)
+        _pl_walk(pages, self.a, None, self.table, self.ranges, self.nranges)
+        return (cookie, pages, self.a & PSV_PAGE_MASK)
+
+    def unregister1(self, dict registered not None):
+        """UNREGISTER_SHM's checks on the fetched message, in OP-TEE's order.
+
+        Params: ``registered`` the dict of registered objects by cookie (each
+        with an ``inflight`` count).
+        Returns the cookie to remove; nothing is changed.
+        Errors, the answer to the message: BadParameters (attr not
+        RMEM_INPUT; unknown cookie); Busy (the object is in use by a running
+        call).  InternalError if no UNREGISTER_SHM was fetched.
+        """
+        cdef object cookie, entry
+        self.take(SMC_CMD_UNREGISTER)
+        if self.attr != SMC_ATTR_UNREGISTER:
+            raise BadParameters(f"UNREGISTER_SHM attr {self.attr:#x} is not RMEM_INPUT")
+        cookie = PyLong_FromUnsignedLongLong(self.c)
+        entry = registered.get(cookie)
+        if entry is None:
+            raise BadParameters(f"cookie {self.c:#x} is not registered")
+        if entry.inflight:
+            raise Busy(f"cookie {self.c:#x} is in use by {entry.inflight} running call(s)")
+        return cookie
+
+    def answer(self, arg_pa, ret, origin):
+        """Write ``ret`` and ``ret_origin`` (u32s) into the message at ``arg_pa``.
+
+        Errors: BadParameters (not u32s, ``arg_pa`` not a u64); AddressError
+        (as ``FrameTable.write``).
+        """
+        cdef unsigned long long pa = 0, r = 0, o = 0
+        cdef char pair[8]
+        if _smc_u64(arg_pa, &pa) != 1 or pa > PSV_U64_MAX - SMC_ARG1_SIZE:
+            raise BadParameters(f"message address {arg_pa!r} is not a u64")
+        if (_smc_u64(ret, &r) != 1 or r > 0xFFFFFFFF
+                or _smc_u64(origin, &o) != 1 or o > 0xFFFFFFFF):
+            raise BadParameters(f"ret {ret!r} / origin {origin!r} are not u32s")
+        psv_store_le32(pair, <uint32_t>r)
+        psv_store_le32(pair + 4, <uint32_t>o)
+        _smc_io(self.table, pa + SMC_RET_OFFSET, pair, 8, True)

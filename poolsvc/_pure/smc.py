@@ -1,0 +1,305 @@
+"""Plain-Python reference of the compiled message-call kernels (``ext/smc.pyx``).
+
+Owns both ends of the one-parameter ``struct optee_msg_arg`` call of the
+driver's hot path (REGISTER_SHM, UNREGISTER_SHM):
+
+- :class:`SmcDriver`, the normal world: writes the message into the message
+  page through the FrameTable, builds a list of up to 511 pages in a fresh
+  list frame backed by a scratch storage page, calls the secure world,
+  reads ``ret``/``ret_origin`` back; the list frame is zeroed, unmapped and
+  freed on every path.
+- :class:`SmcEntry`, the secure world: copies the 64 bytes of a message out
+  of shared memory and checks REGISTER_SHM / UNREGISTER_SHM from the copy in
+  OP-TEE's order (the page list with ``pagelist_parse_frames``); writes
+  ``ret``/``ret_origin`` back.
+
+Same checks, same order, same error types and messages as the compiled
+twin; ``docs/core.md`` is the contract.
+
+Concurrency: an object belongs to one thread at a time.  SmcDriver calls back
+into the secure world with a list frame taken; a nested ``register*`` is
+refused with Busy.
+"""
+from __future__ import annotations
+
+import operator
+import struct
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import AlignmentError, BadParameters, Busy, InternalError, NotSupported
+from .alloc import FrameAllocator
+from .pagelist import ENTRIES_PER_LIST_PAGE, pagelist_build, pagelist_parse_frames
+from .tables import MAX_PAGE_INDEX, MAX_STORAGE_ID, PAGE_MASK, PAGE_SIZE, U64_LIMIT, FrameTable
+
+ARG1_SIZE = 64               # header (32 bytes) + one parameter (32)
+RET_OFFSET = 20              # ret, then ret_origin
+CMD_REGISTER = 4             # OPTEE_MSG_CMD_REGISTER_SHM
+CMD_UNREGISTER = 5           # OPTEE_MSG_CMD_UNREGISTER_SHM
+ATTR_REGISTER = 0x20A        # TMEM_OUTPUT | NONCONTIG
+ATTR_UNREGISTER = 0x5        # RMEM_INPUT
+CAP_DYNAMIC_SHM = 1 << 2
+MAX_PAGES = 1 << 20          # the page limit of a registration
+
+_ARG1 = struct.Struct("<8I4Q")
+_RET = struct.Struct("<II")
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def _int(value: Any) -> int | None:
+    """``value`` as an int (``__index__``), or None."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _u64(value: Any, what: str) -> int:
+    v = _int(value)
+    if v is None or not 0 <= v < U64_LIMIT:
+        raise BadParameters(f"{what} {value!r} is not a u64")
+    return v
+
+
+def _in(value: Any, lo: int, hi: int) -> int | None:
+    """``value`` as an int in [lo, hi], or None."""
+    v = _int(value)
+    return v if v is not None and lo <= v <= hi else None
+
+
+def _window(window: Any, what: str) -> tuple[int, int]:
+    try:
+        b, s = window
+    except (TypeError, ValueError):
+        raise BadParameters(f"{what} {window!r} is not a (base, size) pair") from None
+    base, size = _int(b), _int(s)
+    if base is None or size is None or not 0 <= base < U64_LIMIT or not 0 <= size < U64_LIMIT \
+            or base + size >= U64_LIMIT:
+        raise BadParameters(f"{what} {window!r} is not inside the 64-bit address space")
+    return base, base + size
+
+
+class SmcDriver:
+    """The driver's end of the message call (see ``ext/smc.pyx`` for the contract).
+
+    ``SmcDriver(table, frames, msg_pa, smc, list_sid=-1, list_index=0)``.
+    Invariant between calls: no list frame taken (``_list_pa == 0``), the
+    scratch page all zero.
+    """
+
+    def __init__(self, table: Any, frames: Any, msg_pa: Any, smc: Callable[[int], Any],
+                 list_sid: Any = -1, list_index: Any = 0) -> None:
+        if not isinstance(table, FrameTable):
+            raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
+        if not isinstance(frames, FrameAllocator):
+            raise BadParameters(f"frames must be a FrameAllocator, not {type(frames).__name__}")
+        if not callable(smc):
+            raise BadParameters(f"smc must be callable, not {type(smc).__name__}")
+        pa = _int(msg_pa)
+        if pa is None or not 0 <= pa <= U64_LIMIT - 1 - ARG1_SIZE or pa & 7:
+            raise BadParameters(f"msg_pa {msg_pa!r} is not an 8-byte aligned address")
+        sid = _in(list_sid, -1, MAX_STORAGE_ID)
+        index = _in(list_index, 0, MAX_PAGE_INDEX - 1)
+        if sid is None or index is None:
+            raise BadParameters(f"list page ({list_sid!r}, {list_index!r}) is not a storage "
+                                f"id in -1..{MAX_STORAGE_ID} and a page index")
+        self._table = table
+        self._frames = frames
+        self._smc = smc
+        self._msg_pa = pa
+        self._list_sid = sid
+        self._list_index = index
+        self._list_pa = 0
+
+    @property
+    def msg_pa(self) -> int:
+        """The message page's physical address."""
+        return self._msg_pa
+
+    @property
+    def has_list_page(self) -> bool:
+        """True if one-list-page registrations (``register``, ``register_run``) are possible."""
+        return self._list_sid >= 0
+
+    def _post(self, cmd: int, attr: int, a: int, b: int, c: int) -> None:
+        self._table.write(self._msg_pa, _ARG1.pack(cmd, 0, 0, 0, 0, 0, 0, 1, attr, a, b, c))
+
+    def _answer(self) -> tuple[int, int]:
+        ret, origin = _RET.unpack(self._table.read(self._msg_pa + RET_OFFSET, _RET.size))
+        return ret, origin
+
+    def call1(self, cmd: Any, attr: Any, a: Any, b: Any, c: Any) -> tuple[int, int]:
+        """Send a one-parameter message; ``(ret, ret_origin)``."""
+        v = _int(cmd)
+        if v is None or not 0 <= v <= 0xFFFFFFFF:
+            raise BadParameters(f"cmd {cmd!r} is not a u32")
+        self._post(v, _u64(attr, "attr"), _u64(a, "a"), _u64(b, "b"), _u64(c, "c"))
+        self._smc(self._msg_pa)
+        return self._answer()
+
+    def _check_list(self) -> None:
+        if self._list_sid < 0:
+            raise BadParameters("no scratch list page: a page list needs kernel pages")
+        if self._list_pa != 0:
+            raise Busy(f"a registration is in flight (list frame {self._list_pa:#x})")
+
+    def register(self, pages: Any, offset: Any, size: Any, cookie: Any) -> tuple[int, int]:
+        """REGISTER_SHM of at most 511 pages, its list in one fresh list frame."""
+        self._check_list()
+        try:
+            arr = np.asarray(pages, dtype=np.uint64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise BadParameters(f"pages is not convertible to uint64: {exc}") from None
+        if arr.ndim != 1:
+            raise BadParameters(f"pages must be 1-D, got {arr.ndim} dimensions")
+        entries = [int(p) for p in arr]
+        n = len(entries)
+        if not 1 <= n <= ENTRIES_PER_LIST_PAGE:
+            raise BadParameters(f"{n} pages: one list page holds 1..{ENTRIES_PER_LIST_PAGE}")
+        off = _in(offset, 0, PAGE_MASK)
+        if off is None:
+            raise BadParameters(f"offset {offset!r} is not in 0..4095")
+        sz, ck = _u64(size, "size"), _u64(cookie, "cookie")
+        for i, pa in enumerate(entries):
+            if pa & PAGE_MASK:
+                raise AlignmentError(f"page-list entry {i} is {pa:#x}, not 4 KiB-aligned")
+        return self._register(entries, off, sz, ck)
+
+    def register_run(self, pa: Any, npages: Any, offset: Any, size: Any, cookie: Any) -> tuple[int, int]:
+        """``register`` of the contiguous pages ``pa``, ``pa + 4096``, ... (``npages``)."""
+        self._check_list()
+        n = _in(npages, 1, ENTRIES_PER_LIST_PAGE)
+        if n is None:
+            raise BadParameters(f"{npages!r} pages: one list page holds 1..{ENTRIES_PER_LIST_PAGE}")
+        off = _in(offset, 0, PAGE_MASK)
+        if off is None:
+            raise BadParameters(f"offset {offset!r} is not in 0..4095")
+        sz, ck = _u64(size, "size"), _u64(cookie, "cookie")
+        first = _u64(pa, "pa")
+        if first & PAGE_MASK:
+            raise AlignmentError(f"page-list entry 0 is {first:#x}, not 4 KiB-aligned")
+        if first + n * PAGE_SIZE > U64_LIMIT:
+            raise BadParameters(f"{n} pages at {first:#x} run past 2**64")
+        return self._register([first + i * PAGE_SIZE for i in range(n)], off, sz, ck)
+
+    def _register(self, entries: list[int], offset: int, size: int, cookie: int) -> tuple[int, int]:
+        table = self._table
+        list_pa = self._frames.alloc_contig(1)
+        try:
+            table.map_range(list_pa, 1, self._list_sid, self._list_index)
+            self._list_pa = list_pa
+            try:
+                table.write(list_pa, pagelist_build(entries, 0, list_pa))
+                self._post(CMD_REGISTER, ATTR_REGISTER, list_pa | offset, size, cookie)
+                self._smc(self._msg_pa)
+                result = self._answer()
+            finally:
+                self._list_pa = 0
+                try:
+                    table.write(list_pa, _ZERO_PAGE)
+                finally:
+                    table.unmap_range(list_pa, 1)
+        finally:
+            self._frames.free_contig(list_pa, 1)
+        return result
+
+
+class SmcEntry:
+    """The secure world's end (see ``ext/smc.pyx`` for the contract).
+
+    ``SmcEntry(table, nonsecure, static_window, dynamic_window)``.
+    """
+
+    def __init__(self, table: Any, nonsecure: Any, static_window: Any, dynamic_window: Any) -> None:
+        if not isinstance(table, FrameTable):
+            raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
+        self._static = _window(static_window, "static_window")
+        self._dynamic = _window(dynamic_window, "dynamic_window")
+        # checked and converted once, here, as the compiled twin does
+        self._nonsecure = _check_ranges(nonsecure)
+        self._table = table
+        self._fetched: tuple[int, int, int, int, int] | None = None   # cmd, attr, a, b, c
+
+    def fetch1(self, arg_pa: Any) -> int:
+        """The ``cmd`` (4 or 5) of the one-parameter message at ``arg_pa``, copied; else -1."""
+        if type(arg_pa) is not int or not 0 <= arg_pa <= U64_LIMIT - 1 - ARG1_SIZE:
+            return -1
+        end = arg_pa + ARG1_SIZE
+        (s_lo, s_hi), (d_lo, d_hi) = self._static, self._dynamic
+        if not ((d_lo <= arg_pa and end <= d_hi and not arg_pa & PAGE_MASK)
+                or (s_lo <= arg_pa and end <= s_hi and not arg_pa & 7)):
+            return -1
+        words = _ARG1.unpack(self._table.read(arg_pa, ARG1_SIZE))
+        self._fetched = None
+        cmd = words[0]
+        if words[7] != 1 or cmd not in (CMD_REGISTER, CMD_UNREGISTER):
+            return -1
+        self._fetched = (cmd, words[8], words[9], words[10], words[11])
+        return cmd
+
+    def _take(self, cmd: int) -> tuple[int, int, int, int, int]:
+        fetched = self._fetched
+        if fetched is None or fetched[0] != cmd:
+            raise InternalError(f"no command {cmd} fetched")
+        self._fetched = None
+        return fetched
+
+    def register1(self, caps: Any, registered: dict[int, Any],
+                  rpc_shms: dict[int, Any]) -> tuple[int, np.ndarray, int]:
+        """REGISTER_SHM's checks on the fetched message: ``(cookie, pages, offset)``."""
+        _, attr, buf_ptr, size, cookie = self._take(CMD_REGISTER)
+        _check_dicts(registered, rpc_shms)
+        if not caps & CAP_DYNAMIC_SHM:
+            raise NotSupported("REGISTER_SHM without dynamic shared memory")
+        if attr != ATTR_REGISTER:
+            raise BadParameters(f"REGISTER_SHM attr {attr:#x} is not TMEM_OUTPUT|NONCONTIG")
+        if cookie in registered or cookie in rpc_shms:
+            raise BadParameters(f"cookie {cookie:#x} is already registered")
+        pages = pagelist_parse_frames(buf_ptr, size, self._table, self._nonsecure, MAX_PAGES)
+        return cookie, pages, buf_ptr & PAGE_MASK
+
+    def unregister1(self, registered: dict[int, Any]) -> int:
+        """UNREGISTER_SHM's checks on the fetched message: the cookie to remove."""
+        _, attr, _, _, cookie = self._take(CMD_UNREGISTER)
+        _check_dicts(registered)
+        if attr != ATTR_UNREGISTER:
+            raise BadParameters(f"UNREGISTER_SHM attr {attr:#x} is not RMEM_INPUT")
+        entry = registered.get(cookie)
+        if entry is None:
+            raise BadParameters(f"cookie {cookie:#x} is not registered")
+        if entry.inflight:
+            raise Busy(f"cookie {cookie:#x} is in use by {entry.inflight} running call(s)")
+        return cookie
+
+    def answer(self, arg_pa: Any, ret: Any, origin: Any) -> None:
+        """Write ``ret`` and ``ret_origin`` (u32s) into the message at ``arg_pa``."""
+        pa = _int(arg_pa)
+        if pa is None or not 0 <= pa <= U64_LIMIT - 1 - ARG1_SIZE:
+            raise BadParameters(f"message address {arg_pa!r} is not a u64")
+        r, o = _in(ret, 0, 0xFFFFFFFF), _in(origin, 0, 0xFFFFFFFF)
+        if r is None or o is None:
+            raise BadParameters(f"ret {ret!r} / origin {origin!r} are not u32s")
+        self._table.write(pa + RET_OFFSET, _RET.pack(r, o))
+
+
+def _check_dicts(*dicts: Any) -> None:
+    for d in dicts:
+        if type(d) is not dict:
+            raise TypeError(f"Argument must be dict, not {type(d).__name__}")
+
+
+def _check_ranges(nonsecure: Any) -> list[tuple[int, int]]:
+    """``nonsecure`` as validated ``(base, size)`` pairs (BadParameters as ``pagelist_parse``)."""
+    try:
+        pairs = [(operator.index(b), operator.index(s)) for b, s in nonsecure]
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BadParameters(f"nonsecure must be (base, size) pairs of ints: {exc}") from None
+    for base, size in pairs:
+        if base < 0 or size < 0 or base + size > U64_LIMIT:
+            raise BadParameters(f"nonsecure range {base:#x}+{size:#x} is outside the "
+                                "64-bit address space")
+    return pairs
+
+
+__all__ = ["SmcDriver", "SmcEntry"]

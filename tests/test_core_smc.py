@@ -1,0 +1,255 @@
+"""``SmcDriver`` / ``SmcEntry``: both ends of the one-parameter message call.
+
+The pure twin (``poolsvc/_pure/smc.py``) is the oracle: the same random
+messages (at random addresses, with random list pages, cookies, attrs and
+capabilities) and the same random driver calls (pages, offsets, secure-world
+answers, a secure world that raises) give the same results or the same
+exception type and message, the same bytes in memory and the same frame and
+mapping counts on both backends.  Also: the list frame is zeroed, unmapped
+and freed on every path, and a nested registration is refused.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolsvc.errors import AddressError, BadParameters, Busy, InternalError, OutOfMemory
+
+PAGE = 4096
+SECURE = (0x0E000000, 16 * PAGE)
+STATIC = (0x42000000, 16 * PAGE)        # mapped to storage pages 0..15
+DYNAMIC = (0x50000000, 64 * PAGE)       # frames from a FrameAllocator
+NONSECURE = (STATIC, DYNAMIC)
+SID, MSG_PAGE, SCRATCH, NPAGES = 7, 16, 17, 24
+ARG1 = struct.Struct("<8I4Q")
+REG_ATTR, UNREG_ATTR = 0x20A, 0x5
+
+
+class World:
+    """A frame table, frames, storage, a message page and both ends, on one backend."""
+
+    def __init__(self, mod, nframes=64):
+        self.mod = mod
+        self.table = mod.FrameTable([SECURE, STATIC, (DYNAMIC[0], nframes * PAGE)])
+        self.storage = bytearray(NPAGES * PAGE)
+        self.table.attach(SID, self.storage)
+        self.table.map_range(STATIC[0], 16, SID, 0)
+        self.frames = mod.FrameAllocator(DYNAMIC[0], nframes)
+        self.msg_pa = self.frames.alloc_contig(1)
+        self.table.map_range(self.msg_pa, 1, SID, MSG_PAGE)
+        self.entry = mod.SmcEntry(self.table, NONSECURE, STATIC, (DYNAMIC[0], nframes * PAGE))
+        self.seen: list[tuple[bytes, bytes | None]] = []
+        self.answer = (0, 3)
+        self.fail: Exception | None = None
+        self.driver = mod.SmcDriver(self.table, self.frames, self.msg_pa, self.smc, SID, SCRATCH)
+
+    def smc(self, pa):
+        """A secure world that records the message (and its list page) and answers."""
+        assert pa == self.msg_pa
+        msg = self.table.read(pa, 64)
+        words = ARG1.unpack(msg)
+        lst = None
+        if words[8] == REG_ATTR and self.table.is_mapped(words[9] & ~0xFFF):
+            lst = self.table.read(words[9] & ~0xFFF, PAGE)
+        self.seen.append((msg, lst))
+        if self.fail is not None:
+            raise self.fail
+        self.table.write(pa + 20, struct.pack("<II", *self.answer))
+
+    def state(self):
+        return (bytes(self.storage), self.frames.used_frames, self.table.mapped_frames, self.seen)
+
+
+def outcome(fn, *args):
+    try:
+        result = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - type and message are compared
+        return ("err", type(exc).__name__, str(exc))
+    if isinstance(result, tuple):
+        return ("ok", tuple(r.tolist() if isinstance(r, np.ndarray) else r for r in result))
+    return ("ok", result)
+
+
+class Entry:  # a registered object: what unregister1 looks at
+    def __init__(self, inflight):
+        self.inflight = inflight
+
+
+GOOD_PAGES = [DYNAMIC[0] + k * PAGE for k in range(8, 64, 5)]
+pages_st = st.one_of(
+    st.lists(st.sampled_from(GOOD_PAGES), min_size=1, max_size=8),        # mostly valid lists
+    st.lists(st.sampled_from(GOOD_PAGES + [STATIC[0] + PAGE, SECURE[0], DYNAMIC[0] + 8, 0]),
+             min_size=0, max_size=8))
+
+
+def weighted(good, *bad):
+    """Mostly ``good``, sometimes one of ``bad``."""
+    return st.sampled_from([good] * (2 * len(bad) + 2) + list(bad))
+
+
+@given(data=st.data())
+def test_entry_compiled_equals_pure(compiled, pure, data):
+    worlds = [World(compiled), World(pure)]
+    where = data.draw(weighted("msg", "static", "static-straddle", "static-misaligned",
+                               "dynamic-unaligned", "secure", "outside", "unmapped",
+                               "negative", "float"), label="where")
+    cmd = data.draw(st.sampled_from([4, 5, 4, 5, 4, 5, 0, 1, 99]), label="cmd")
+    num = data.draw(weighted(1, 0, 2), label="num_params")
+    attr = data.draw(weighted(REG_ATTR if cmd == 4 else UNREG_ATTR, REG_ATTR, UNREG_ATTR,
+                              0x20B, 0xA, 0), label="attr")
+    entries = data.draw(pages_st, label="entries")
+    offset = data.draw(st.sampled_from([0, 0x10, 0xFFF]), label="offset")
+    good_size = max(1, len(entries) * PAGE - offset)
+    size = data.draw(weighted(good_size, 0, 1, PAGE, (1 << 64) - 1, good_size + PAGE),
+                     label="size")
+    list_at = data.draw(weighted("static", "unmapped", "secure", "misaligned"), label="list")
+    cookie = data.draw(weighted(0x13, 0x10, 0x11, 0x12, (1 << 64) - 1), label="cookie")
+    caps = data.draw(weighted(4, 0, 5, 1 << 70), label="caps")
+    registered = {0x10: Entry(0), 0x11: Entry(2)}
+    rpc_shms = {0x12: object()}
+    list_pa = {"static": STATIC[0] + 3 * PAGE, "unmapped": DYNAMIC[0] + 40 * PAGE,
+               "secure": SECURE[0], "misaligned": STATIC[0] + 3 * PAGE + 8}[list_at]
+    results = []
+    for w in worlds:
+        blob = bytearray(PAGE)
+        for i, pa in enumerate(entries):
+            struct.pack_into("<Q", blob, 8 * i, pa)
+        w.storage[3 * PAGE:4 * PAGE] = blob
+        arg_pa = {"msg": w.msg_pa, "static": STATIC[0] + 5 * PAGE + 64,
+                  "static-straddle": STATIC[0] + 6 * PAGE - 32, "static-misaligned": STATIC[0] + 4,
+                  "dynamic-unaligned": w.msg_pa + 64, "secure": SECURE[0], "outside": 0x1000,
+                  "unmapped": DYNAMIC[0] + 50 * PAGE, "negative": -PAGE,
+                  "float": float(w.msg_pa)}[where]
+        msg = ARG1.pack(cmd, 1, 2, 3, 4, 5, 6, num, attr, list_pa | offset, size, cookie)
+        if isinstance(arg_pa, int) and where != "unmapped" and arg_pa >= 0:
+            if where not in ("secure", "outside"):
+                w.table.write(arg_pa, msg)
+        got = [outcome(w.entry.fetch1, arg_pa)]
+        if got[0][0] == "ok" and got[0][1] >= 0:
+            if got[0][1] == 4:
+                got.append(outcome(w.entry.register1, caps, registered, rpc_shms))
+            else:
+                got.append(outcome(w.entry.unregister1, registered))
+            got.append(outcome(w.entry.answer, arg_pa, 0xFFFF0006, 3))
+            # a fetch is consumed: checking again is an internal error
+            got.append(outcome(w.entry.unregister1, registered))
+        results.append((got, bytes(w.storage)))
+    assert results[0] == results[1]
+
+
+@given(data=st.data())
+def test_driver_compiled_equals_pure(compiled, pure, data):
+    nframes = data.draw(st.sampled_from([64, 2]), label="frames")  # 2: the list frame may run out
+    worlds = [World(compiled, nframes), World(pure, nframes)]
+    if nframes == 2:
+        for w in worlds:
+            w.frames.alloc_contig(1)
+    calls = data.draw(st.lists(st.tuples(
+        st.sampled_from(["register", "register_run", "call1"]),
+        pages_st,
+        weighted(0, 0x10, 0xFFF, 4096, -1),
+        weighted(PAGE, 0, (1 << 64) - 1, 1 << 64, -1),
+        weighted(0x10, (1 << 64) - 1, -1, "x"),
+        st.sampled_from([(0, 3), (0xFFFF0006, 3), (0xFFFF000C, 4)]),
+        weighted(None, OutOfMemory("inside"), KeyError("bug")),
+    ), min_size=1, max_size=6), label="calls")
+    for kind, entries, offset, size, cookie, answer, fail in calls:
+        results = []
+        for w in worlds:
+            w.answer, w.fail = answer, fail
+            if kind == "register":
+                r = outcome(w.driver.register, np.array(entries, dtype=np.uint64), offset, size, cookie)
+            elif kind == "register_run":
+                first = entries[0] if entries else DYNAMIC[0] + 7
+                r = outcome(w.driver.register_run, first, len(entries), offset, size, cookie)
+            else:
+                r = outcome(w.driver.call1, 5, UNREG_ATTR, 0, size, cookie)
+            results.append((r, w.state()))
+            # between calls: no list frame taken, the scratch page zero
+            assert w.storage[SCRATCH * PAGE:(SCRATCH + 1) * PAGE] == bytes(PAGE)
+            assert w.frames.used_frames == 1 + (nframes == 2)
+            assert w.table.mapped_frames == 17
+        assert results[0] == results[1]
+
+
+def test_driver_list_and_message(core):
+    w = World(core)
+    pages = np.array([DYNAMIC[0] + 9 * PAGE, DYNAMIC[0] + 4 * PAGE], dtype=np.uint64)
+    assert w.driver.register(pages, 0x20, 2 * PAGE - 0x20, 0xC0FFEE) == (0, 3)
+    (msg, lst), = w.seen
+    list_pa = DYNAMIC[0] + 1 * PAGE                     # the lowest free frame
+    assert ARG1.unpack(msg) == (4, 0, 0, 0, 0, 0, 0, 1, REG_ATTR, list_pa | 0x20, 2 * PAGE - 0x20,
+                                0xC0FFEE)
+    assert lst == core.pagelist_build(pages, 0x20, list_pa)
+    assert w.driver.register_run(DYNAMIC[0] + 10 * PAGE, 3, 0, 3 * PAGE, 1) == (0, 3)
+    assert w.seen[1][1] == core.pagelist_build([DYNAMIC[0] + k * PAGE for k in (10, 11, 12)], 0,
+                                               list_pa)
+    assert w.frames.used_frames == 1 and w.table.mapped_frames == 17
+    assert w.storage[SCRATCH * PAGE:(SCRATCH + 1) * PAGE] == bytes(PAGE)
+    w.answer = (0xFFFF0008, 4)
+    assert w.driver.call1(5, UNREG_ATTR, 0, 0, 7) == (0xFFFF0008, 4)
+    assert w.driver.msg_pa == w.msg_pa and w.driver.has_list_page
+
+
+def test_driver_nested_registration_is_busy(core):
+    w = World(core)
+    inner = []
+
+    def smc(pa):
+        inner.append(outcome(driver.register, [DYNAMIC[0] + 5 * PAGE], 0, PAGE, 2))
+        w.table.write(pa + 20, bytes(8))
+
+    driver = core.SmcDriver(w.table, w.frames, w.msg_pa, smc, SID, SCRATCH)
+    assert driver.register([DYNAMIC[0] + 5 * PAGE], 0, PAGE, 1) == (0, 0)
+    assert inner[0][:2] == ("err", "Busy")
+    assert w.frames.used_frames == 1 and w.table.mapped_frames == 17
+    # the secure world raising: the frame is still given back, the page zeroed
+    w.fail = Busy("x")
+    with pytest.raises(Busy):
+        w.driver.register([DYNAMIC[0] + 5 * PAGE], 0, PAGE, 1)
+    assert w.frames.used_frames == 1 and w.table.mapped_frames == 17
+    assert w.storage[SCRATCH * PAGE:(SCRATCH + 1) * PAGE] == bytes(PAGE)
+
+
+def test_driver_without_list_page_and_bad_arguments(core):
+    w = World(core)
+    bare = core.SmcDriver(w.table, w.frames, w.msg_pa, w.smc)
+    assert not bare.has_list_page
+    with pytest.raises(BadParameters, match="scratch"):
+        bare.register([DYNAMIC[0]], 0, PAGE, 1)
+    assert bare.call1(5, UNREG_ATTR, 0, 0, 1) == (0, 3)
+    for args in [(object(), w.frames, w.msg_pa, w.smc), (w.table, object(), w.msg_pa, w.smc),
+                 (w.table, w.frames, w.msg_pa, 5), (w.table, w.frames, w.msg_pa + 4, w.smc),
+                 (w.table, w.frames, -8, w.smc), (w.table, w.frames, w.msg_pa, w.smc, 70000),
+                 (w.table, w.frames, w.msg_pa, w.smc, SID, -1)]:
+        with pytest.raises(BadParameters):
+            core.SmcDriver(*args)
+    for args in [(object(), NONSECURE, STATIC, DYNAMIC), (w.table, None, STATIC, DYNAMIC),
+                 (w.table, NONSECURE, (1, 2, 3), DYNAMIC), (w.table, NONSECURE, STATIC, (1 << 64, 1))]:
+        with pytest.raises(BadParameters):
+            core.SmcEntry(*args)
+    with pytest.raises(BadParameters):
+        w.driver.register(np.zeros(512, dtype=np.uint64), 0, PAGE, 1)
+    with pytest.raises(BadParameters):
+        w.driver.register_run(DYNAMIC[0], 512, 0, PAGE, 1)
+    with pytest.raises(BadParameters):
+        w.driver.register_run((1 << 64) - PAGE, 2, 0, PAGE, 1)
+    with pytest.raises(BadParameters):
+        w.driver.call1(1 << 32, 0, 0, 0, 0)
+    with pytest.raises(BadParameters):
+        w.entry.answer(w.msg_pa, 1 << 32, 0)
+    with pytest.raises(InternalError):
+        w.entry.register1(4, {}, {})
+    assert w.frames.used_frames == 1 and w.table.mapped_frames == 17
+
+
+def test_entry_message_page_unmapped(core):
+    w = World(core)
+    w.table.unmap_range(w.msg_pa, 1)
+    with pytest.raises(AddressError):
+        w.entry.fetch1(w.msg_pa)
+    assert w.entry.fetch1(w.msg_pa + 8) == -1       # not where messages are accepted
