@@ -26,9 +26,18 @@ cdef extern from *:
     #endif
         return v;
     }
+
+    /* Seconds of the monotonic clock (time.perf_counter's clock on Linux). */
+    #include <time.h>
+    static inline double psv_monotonic(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
     """
     void psv_store_le32(char *dst, unsigned int v) noexcept nogil
     unsigned int psv_load_le32(const char *src) noexcept nogil
+    double psv_monotonic() noexcept nogil
 
 cdef enum:
     SMC_ARG1_SIZE = 64              # header (32) + one parameter (32)
@@ -58,6 +67,7 @@ cdef class SmcDriver:
     cdef int32_t list_sid           # -1: no scratch page (register* refused)
     cdef int64_t list_index
     cdef uint64_t list_pa
+    cdef double elapsed             # seconds the last register* took
 
     cdef int post(self, uint32_t cmd, uint64_t attr, uint64_t a, uint64_t b,
                   uint64_t c) except -1

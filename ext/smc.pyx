@@ -178,6 +178,7 @@ cdef class SmcDriver:
         self.list_sid = <int32_t>sid
         self.list_index = index
         self.list_pa = 0
+        self.elapsed = 0.0
 
     @property
     def msg_pa(self):
@@ -224,6 +225,21 @@ cdef class SmcDriver:
                   _u64_arg(c, "c"))
         self.smc(self.msg_pa_obj)
         return self.answer()
+
+    def unregister(self, cookie):
+        """UNREGISTER_SHM of ``cookie`` (a u64): ``call1(5, RMEM_INPUT, 0, 0, cookie)``.
+
+        Returns ``(ret, ret_origin)``; errors as ``call1``.
+        """
+        self.post(SMC_CMD_UNREGISTER, SMC_ATTR_UNREGISTER, 0, 0, _u64_arg(cookie, "cookie"))
+        self.smc(self.msg_pa_obj)
+        return self.answer()
+
+    @property
+    def last_seconds(self):
+        """Seconds the last ``register`` / ``register_run`` took, from taking the list
+        frame to giving it back (the secure world's work included); 0.0 before any."""
+        return self.elapsed
 
     cdef int check_list(self) except -1:
         if self.list_sid < 0:
@@ -296,6 +312,7 @@ cdef class SmcDriver:
         cdef char *dst
         cdef Py_ssize_t i
         cdef tuple result
+        cdef double t0 = psv_monotonic()
         _frames_take1(self.frames, &list_pa)
         try:
             _table_map1(self.table, list_pa, self.list_sid, self.list_index)
@@ -319,6 +336,7 @@ cdef class SmcDriver:
                     _table_unmap1(self.table, list_pa)
         finally:
             _frames_put1(self.frames, list_pa)
+        self.elapsed = psv_monotonic() - t0
         return result
 
 

@@ -612,25 +612,30 @@ class System:
 
         A list of one list page (up to 511 pages) is built by ``core.SmcDriver``
         in a fresh frame, as always, backed by the System's scratch storage page
-        (zeroed after each use); longer lists get kernel pages from the arena.
+        (zeroed after each use), and timed by it; longer lists get kernel pages
+        from the arena.  ``last_register_seconds`` is set after a success.
         """
-        t0 = time.perf_counter()
         if len(pages) <= _LIST_ENTRIES and self._list_scratch_page is not None:
-            ret, origin = self._smc.register(pages, offset, size, cookie)
-        else:
-            nlist = pagelist.list_pages_needed(len(pages))
-            list_pages = self._alloc_kernel_pages(nlist)
-            list_pa, _, seg, index = list_pages
-            try:
-                with memoryview(seg.storage.mm) as whole:
-                    with whole[index * PAGE_SIZE:(index + nlist) * PAGE_SIZE] as out:
-                        core.pagelist_build_into(pages, offset, list_pa, out)
-                ret, origin = self._smc.call1(_REGISTER, _REGISTER_ATTR, list_pa | offset, size, cookie)
-            finally:
-                self._free_kernel_pages(*list_pages)
+            smc = self._smc
+            ret, origin = smc.register(pages, offset, size, cookie)
+            if ret != 0:
+                self._check_ret(_REGISTER, ret, origin)
+            #: seconds the last registration took (page list + REGISTER_SHM), for the study
+            self.last_register_seconds = smc.last_seconds
+            return
+        t0 = time.perf_counter()
+        nlist = pagelist.list_pages_needed(len(pages))
+        list_pages = self._alloc_kernel_pages(nlist)
+        list_pa, _, seg, index = list_pages
+        try:
+            with memoryview(seg.storage.mm) as whole:
+                with whole[index * PAGE_SIZE:(index + nlist) * PAGE_SIZE] as out:
+                    core.pagelist_build_into(pages, offset, list_pa, out)
+            ret, origin = self._smc.call1(_REGISTER, _REGISTER_ATTR, list_pa | offset, size, cookie)
+        finally:
+            self._free_kernel_pages(*list_pages)
         if ret != 0:
             self._check_ret(_REGISTER, ret, origin)
-        #: seconds the last registration took (page list + REGISTER_SHM), for the study
         self.last_register_seconds = time.perf_counter() - t0
 
     def _tee_register_run(self, pa: int, npages: int, size: int, cookie: int) -> None:
@@ -639,14 +644,14 @@ class System:
             self._tee_register(np.arange(pa, pa + npages * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64),
                                0, size, cookie)
             return
-        t0 = time.perf_counter()
-        ret, origin = self._smc.register_run(pa, npages, 0, size, cookie)
+        smc = self._smc
+        ret, origin = smc.register_run(pa, npages, 0, size, cookie)
         if ret != 0:
             self._check_ret(_REGISTER, ret, origin)
-        self.last_register_seconds = time.perf_counter() - t0
+        self.last_register_seconds = smc.last_seconds
 
     def _tee_unregister(self, cookie: int) -> None:
-        ret, origin = self._smc.call1(_UNREGISTER, _UNREGISTER_ATTR, 0, 0, cookie)
+        ret, origin = self._smc.unregister(cookie)
         if ret != 0:
             self._check_ret(_UNREGISTER, ret, origin)
 

@@ -149,7 +149,7 @@ def test_driver_compiled_equals_pure(compiled, pure, data):
         for w in worlds:
             w.frames.alloc_contig(1)
     calls = data.draw(st.lists(st.tuples(
-        st.sampled_from(["register", "register_run", "call1"]),
+        st.sampled_from(["register", "register_run", "call1", "unregister"]),
         pages_st,
         weighted(0, 0x10, 0xFFF, 4096, -1),
         weighted(PAGE, 0, (1 << 64) - 1, 1 << 64, -1),
@@ -166,6 +166,8 @@ def test_driver_compiled_equals_pure(compiled, pure, data):
             elif kind == "register_run":
                 first = entries[0] if entries else DYNAMIC[0] + 7
                 r = outcome(w.driver.register_run, first, len(entries), offset, size, cookie)
+            elif kind == "unregister":
+                r = outcome(w.driver.unregister, cookie)
             else:
                 r = outcome(w.driver.call1, 5, UNREG_ATTR, 0, size, cookie)
             results.append((r, w.state()))
@@ -179,7 +181,9 @@ def test_driver_compiled_equals_pure(compiled, pure, data):
 def test_driver_list_and_message(core):
     w = World(core)
     pages = np.array([DYNAMIC[0] + 9 * PAGE, DYNAMIC[0] + 4 * PAGE], dtype=np.uint64)
+    assert w.driver.last_seconds == 0.0
     assert w.driver.register(pages, 0x20, 2 * PAGE - 0x20, 0xC0FFEE) == (0, 3)
+    assert 0.0 < w.driver.last_seconds < 1.0
     (msg, lst), = w.seen
     list_pa = DYNAMIC[0] + 1 * PAGE                     # the lowest free frame
     assert ARG1.unpack(msg) == (4, 0, 0, 0, 0, 0, 0, 1, REG_ATTR, list_pa | 0x20, 2 * PAGE - 0x20,
@@ -192,6 +196,8 @@ def test_driver_list_and_message(core):
     assert w.storage[SCRATCH * PAGE:(SCRATCH + 1) * PAGE] == bytes(PAGE)
     w.answer = (0xFFFF0008, 4)
     assert w.driver.call1(5, UNREG_ATTR, 0, 0, 7) == (0xFFFF0008, 4)
+    assert w.driver.unregister(7) == (0xFFFF0008, 4)
+    assert w.seen[-1][0] == w.seen[-2][0] == ARG1.pack(5, 0, 0, 0, 0, 0, 0, 1, UNREG_ATTR, 0, 0, 7)
     assert w.driver.msg_pa == w.msg_pa and w.driver.has_list_page
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import operator
 import struct
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -111,6 +112,7 @@ class SmcDriver:
         self._list_sid = sid
         self._list_index = index
         self._list_pa = 0
+        self._elapsed = 0.0
 
     @property
     def msg_pa(self) -> int:
@@ -137,6 +139,17 @@ class SmcDriver:
         self._post(v, _u64(attr, "attr"), _u64(a, "a"), _u64(b, "b"), _u64(c, "c"))
         self._smc(self._msg_pa)
         return self._answer()
+
+    def unregister(self, cookie: Any) -> tuple[int, int]:
+        """UNREGISTER_SHM of ``cookie``: ``call1(5, RMEM_INPUT, 0, 0, cookie)``."""
+        self._post(CMD_UNREGISTER, ATTR_UNREGISTER, 0, 0, _u64(cookie, "cookie"))
+        self._smc(self._msg_pa)
+        return self._answer()
+
+    @property
+    def last_seconds(self) -> float:
+        """Seconds the last ``register`` / ``register_run`` took (0.0 before any)."""
+        return self._elapsed
 
     def _check_list(self) -> None:
         if self._list_sid < 0:
@@ -185,6 +198,7 @@ class SmcDriver:
 
     def _register(self, entries: list[int], offset: int, size: int, cookie: int) -> tuple[int, int]:
         table = self._table
+        t0 = time.perf_counter()
         list_pa = self._frames.alloc_contig(1)
         try:
             table.map_range(list_pa, 1, self._list_sid, self._list_index)
@@ -202,6 +216,7 @@ class SmcDriver:
                     table.unmap_range(list_pa, 1)
         finally:
             self._frames.free_contig(list_pa, 1)
+        self._elapsed = time.perf_counter() - t0
         return result
 
 

@@ -309,10 +309,36 @@ class SecureWorld:
         level, before any message exists).
         """
         # REGISTER_SHM / UNREGISTER_SHM with one parameter: copied out and checked by
-        # the compiled entry (core.SmcEntry); anything else takes the generic path
-        cmd = self._entry.fetch1(arg_pa)
+        # the compiled entry (core.SmcEntry, in the order and with the codes of
+        # _register / _unregister); here the bookkeeping of process(), inlined, and
+        # the answer, of which only ret and ret_origin are written back (those
+        # commands' only outputs).  Anything else takes the generic path.
+        entry = self._entry
+        cmd = entry.fetch1(arg_pa)
         if cmd >= 0:
-            self._call1(arg_pa, cmd)
+            stats = self.stats
+            stats.calls += 1
+            ret = TEE_SUCCESS
+            origin = _ORIGIN_TEE
+            try:
+                if cmd == _REGISTER:
+                    cookie, pages, offset = entry.register1(self._caps_bits, self.registered, self.rpc_shms)
+                    self.registered[cookie] = RegisteredShm(cookie, pages, offset,
+                                                            len(pages) * PAGE_SIZE - offset)
+                else:
+                    del self.registered[entry.unregister1(self.registered)]
+            except PoolsvcError as exc:
+                ret = exc.tee_code
+                origin = getattr(exc, "origin", _ORIGIN_TEE)
+            finally:
+                rpc = self.rpc
+                if rpc is not None:
+                    done = getattr(rpc, "call_done", None)
+                    if done is not None:
+                        done()
+            if ret != TEE_SUCCESS:
+                stats.errors[ret] = stats.errors.get(ret, 0) + 1
+            entry.answer(arg_pa, ret, origin)
             return
         if not isinstance(arg_pa, int) or arg_pa < 0 or arg_pa >= 1 << 64:
             raise BadParameters(f"message address {arg_pa!r} is not a u64")
@@ -322,38 +348,6 @@ class SecureWorld:
         msg = unpack(data)
         self.process(msg)
         self.memory.write(arg_pa, msg.pack())
-
-    def _call1(self, arg_pa: int, cmd: int) -> None:
-        """The REGISTER_SHM or UNREGISTER_SHM that ``self._entry`` fetched from ``arg_pa``.
-
-        The entry checks the message's copy (the order and codes of
-        :meth:`_register` / :meth:`_unregister`); here are the bookkeeping of
-        :meth:`process` and the answer, of which only ``ret`` and
-        ``ret_origin`` are written back (the commands' only outputs).
-        """
-        entry = self._entry
-        stats = self.stats
-        stats.calls += 1
-        ret, origin = TEE_SUCCESS, _ORIGIN_TEE
-        try:
-            if cmd == _REGISTER:
-                cookie, pages, offset = entry.register1(self._caps_bits, self.registered, self.rpc_shms)
-                self.registered[cookie] = RegisteredShm(cookie, pages, offset,
-                                                        len(pages) * PAGE_SIZE - offset)
-            else:
-                del self.registered[entry.unregister1(self.registered)]
-        except PoolsvcError as exc:
-            ret = exc.tee_code
-            origin = getattr(exc, "origin", _ORIGIN_TEE)
-        finally:
-            rpc = self.rpc
-            if rpc is not None:
-                done = getattr(rpc, "call_done", None)
-                if done is not None:
-                    done()
-        if ret != TEE_SUCCESS:
-            stats.errors[ret] = stats.errors.get(ret, 0) + 1
-        entry.answer(arg_pa, ret, origin)
 
     def _read_arg(self, pa: int, size: int) -> bytes:
         mem = self.memory
