@@ -9,9 +9,10 @@ Layout (little-endian, facts of OP-TEE's message ABI):
 :func:`unpack` never trusts its input: a short buffer, or a ``num_params``
 that does not match the bytes present, is a ``ProtocolError``.
 
-The one-parameter commands of the driver's hot path (REGISTER_SHM,
-UNREGISTER_SHM) skip the dataclasses: ``ARG1`` packs and unpacks the whole
-64-byte message as 12 words, ``RET`` the ``ret``/``ret_origin`` pair.
+``ARG1`` packs and unpacks a whole one-parameter message (64 bytes) as 12
+words, ``RET`` the ``ret``/``ret_origin`` pair.  The driver's hot path
+(REGISTER_SHM, UNREGISTER_SHM) does neither in Python: both ends are the
+compiled ``core.SmcDriver`` / ``core.SmcEntry`` (``ext/smc.pyx``).
 """
 from __future__ import annotations
 
