@@ -81,6 +81,8 @@ DEFAULT_SPIN_US = 0
 _unpack_desc = P.DESC.unpack_from
 _PAGES_FOLLOW = int(P.DescBits.PAGES_FOLLOW)
 _NEW_SEGMENT = int(P.DescBits.NEW_SEGMENT)
+#: Descriptor bits that need Context._make_shm (a segment to map, a page array to read).
+_SLOW_BITS = _NEW_SEGMENT | _PAGES_FOLLOW
 _REGISTERED = int(P.DescBits.REGISTERED)
 _ARENA = int(P.Backing.ARENA)
 _USER = int(P.Backing.USER)
@@ -110,6 +112,9 @@ _ALLOC_USER, _ALLOC_KERNEL, _ALLOC_PRIV = int(P.AllocKind.USER), int(P.AllocKind
 _SHM_CLOSE = int(P.MsgType.SHM_CLOSE)
 _pack_cookie = P.COOKIE.pack
 _unpack_closed = P.CLOSED.unpack
+_unpack_closed_from = P.CLOSED.unpack_from
+_unpack_desc_from = P.DESC.unpack_from
+_DESC_SIZE = P.DESC.size
 _CLOSED_SIZE = P.CLOSED.size
 _GOODBYE = int(P.MsgType.GOODBYE)
 _W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = P.W_REQ_SEQ, P.W_REQ_LEN, P.W_CLIENT_SLEEPING
@@ -1175,26 +1180,35 @@ class Batch:
         append = results.append
         channel = ctx._channel
         make_shm = ctx._make_shm
+        shms = ctx.shms
         answers = iter(replies)
         for msg_type, extra in kinds:
             if msg_type == _REFUSED:
                 append(extra)
                 continue
             sub_type, start, end = next(answers)
-            sub = reply[start:end]
             if sub_type == _ERROR:
-                append(P.error_from_body(sub))
+                append(P.error_from_body(reply[start:end]))
             elif msg_type == _SHM_CLOSE:
                 if end - start != _CLOSED_SIZE:
                     raise ProtocolError(f"SHM_CLOSE reply of {end - start} bytes in a BATCH_REPLY")
-                dropped = _unpack_closed(sub)[1]
+                dropped = _unpack_closed_from(reply, start)[1]
                 if dropped:
                     channel.unmap_segment(dropped)
                 append(None)
             elif msg_type == _PING:
-                append(bytes(sub))
+                append(bytes(reply[start:end]))
+            elif end - start == _DESC_SIZE:
+                # a contiguous buffer (no page array follows): decoded in place
+                desc = _unpack_desc_from(reply, start)
+                if desc[12] & _SLOW_BITS or desc[0] in shms:
+                    append(make_shm(reply[start:end]))
+                else:
+                    shm = Shm(ctx, desc, None, None)
+                    shms[desc[0]] = shm
+                    append(shm)
             else:
-                append(make_shm(sub))
+                append(make_shm(reply[start:end]))
         return results
 
 

@@ -97,14 +97,22 @@ def describe(shm: Any, tokens: SegmentTokens | None) -> tuple[bytes, int]:
     On the hot path of every ALLOC: plain ints, no enum arithmetic.
     """
     backing = shm._backing
-    paddr = shm.paddr
     # A contiguous shm knows its (first page, count): no page array is built.
-    run = getattr(shm, "_run", None)
+    run = shm._run
+    segment = getattr(backing, "segment", None)
+    if run is not None and segment is not None and tokens is not None:
+        token = tokens.tokens.get(segment.storage)
+        if token is not None:  # the usual case: an arena run in a segment the client maps
+            body = _pack_desc(shm.cookie, shm.id, shm.size, run[0], shm.paddr,
+                              backing.index * PAGE_SIZE + shm.offset, 0, shm.offset, run[1], token,
+                              int(shm.flags), _ARENA,
+                              (_REGISTERED | _CONTIGUOUS) if shm.registered else _CONTIGUOUS)
+            return body, -1
+    paddr = shm.paddr
     pages = None if run is not None and paddr is not None else shm.pages
     bits = _REGISTERED if shm.registered else 0
     fd = -1
     token = seg_offset = seg_bytes = 0
-    segment = getattr(backing, "segment", None)
     if segment is not None:
         kind = _ARENA
         if tokens is None:

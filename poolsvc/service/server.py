@@ -44,6 +44,7 @@ import array
 import fcntl
 import json
 import logging
+import operator
 import os
 import select
 import socket
@@ -95,6 +96,7 @@ _REP_OFF, _REP_CAP = P.SLOT_REP_OFF, P.SLOT_REP_CAP
 _fence_lock = threading.Lock()
 _fence_acquire, _fence_release = _fence_lock.acquire, _fence_lock.release
 _clock_ns = time.perf_counter_ns
+_first = operator.itemgetter(0)
 
 
 def fence() -> None:
@@ -1105,34 +1107,33 @@ class Server:
 
     def _op_batch(self, conn: Connection, body: Any) -> bytes:
         # Split every frame first: a malformed batch runs nothing.
-        frames = P.split_frames(body, self.settings.max_batch, self.settings.max_frame)
+        frames = P.split_frames(body, self.settings.max_batch, self._max_frame)
         parts: list[bytes] = []
         append = parts.append
         pack = _pack_header
         handlers = self._batch_handlers
-        ops = self.metrics.ops
-        max_output = self.settings.max_output
+        max_output = self._max_output
         size = 0
-        counts: dict[int, int] = {}
         for msg_type, start, end in frames:
-            try:
-                handler = handlers.get(msg_type)
-                if handler is None:
-                    raise P.UnknownType(f"message type {P.type_name(msg_type)} ({msg_type}) may not "
-                                        "appear in a BATCH")
-                if size > max_output:
-                    raise P.LimitExceeded(f"batch reply exceeds {max_output} bytes (max_output); "
-                                          "request not run")
-                reply = handler(conn, body[start:end])
-                append(pack(len(reply), _OK, 0))
-            except Exception as exc:
-                reply = self._error(conn, msg_type, exc)
+            handler = handlers.get(msg_type)
+            if handler is not None and size <= max_output:
+                try:
+                    reply = handler(conn, body[start:end])
+                except Exception as exc:
+                    reply = self._error(conn, msg_type, exc)
+                    append(pack(len(reply), _ERROR, 0))
+                else:
+                    append(pack(len(reply), _OK, 0))
+            else:
+                reply = self._error(conn, msg_type, P.UnknownType(
+                    f"message type {P.type_name(msg_type)} ({msg_type}) may not appear in a BATCH")
+                    if handler is None else P.LimitExceeded(
+                    f"batch reply exceeds {max_output} bytes (max_output); request not run"))
                 append(pack(len(reply), _ERROR, 0))
             append(reply)
             size += 8 + len(reply)
-            counts[msg_type] = counts.get(msg_type, 0) + 1
-        for msg_type, n in counts.items():
-            ops[msg_type] += n
+        # every operation counts, failed or not (as a request outside a BATCH does)
+        self.metrics.ops.update(map(_first, frames))
         return b"".join(parts)
 
     # -- sessions ------------------------------------------------------------------------------------
