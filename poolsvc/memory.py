@@ -27,6 +27,8 @@ from .constants import PAGE_SIZE
 from .errors import BadParameters
 from .storage import Storage
 
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
 
 class PhysicalMemory:
     """The simulated physical address space: regions, frame table, storage.
@@ -169,7 +171,11 @@ class Arena:
         segment is already kept as a spare (so a steady alloc/free pattern does not
         create and pre-fault storage over and over).
         """
-        seg.zeros[index * PAGE_SIZE:(index + npages) * PAGE_SIZE] = 0
+        start = index * PAGE_SIZE
+        if npages == 1:  # a bytes slice assignment: about half the cost of numpy's for one page
+            seg.storage.mm[start:start + PAGE_SIZE] = _ZERO_PAGE
+        else:
+            seg.zeros[start:start + npages * PAGE_SIZE] = 0
         seg.pages.free_contig(index * PAGE_SIZE, npages)
         self.used_pages -= npages
         if seg.pages.used_frames == 0 and len(self.segments) > 1:

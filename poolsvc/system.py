@@ -94,7 +94,7 @@ def _npages(offset: int, size: int) -> int:
 # ---------------------------------------------------------------------------------------
 # Backing of an Shm: where its frames came from and where its bytes live
 # ---------------------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class _DynamicBacking:
     pa: int
     npages: int
@@ -657,7 +657,7 @@ class System:
 
     # -- pools ---------------------------------------------------------------------------------
     def _alloc_dynamic(self, ctx: Context, size: int, flags: ShmFlags) -> Shm:
-        npages = _npages(0, size)
+        npages = (size + PAGE_MASK) // PAGE_SIZE
         pa = self.dynamic.alloc_contig(npages)
         try:
             seg, index = ctx.arena.alloc(npages)
