@@ -212,10 +212,14 @@ class Shm:
 
     def close(self) -> None:
         """Drop one reference; the last one frees the memory."""
-        self._check()
-        self._refs -= 1
-        if self._refs == 0:
-            self.context._release(self)
+        refs = self._refs - 1
+        if refs < 0:
+            self._check()  # raises Closed
+        self._refs = refs
+        if refs == 0:
+            ctx = self.context  # Context._release, inlined
+            ctx.shms.pop(self.cookie, None)
+            ctx.system._release(self)
 
     def __enter__(self) -> "Shm":
         return self
@@ -270,14 +274,31 @@ class Context:
         return self._alloc(size, PRIV_ALIGN, _POOL_PRIV, with_id=False)
 
     def _alloc(self, size: int, align: int, flags: ShmFlags, with_id: bool) -> Shm:
-        self._check()
-        if isinstance(size, bool) or not isinstance(size, int):
-            raise BadParameters(f"size must be an int, got {size!r}")
-        if size <= 0:
-            raise BadParameters(f"size {size} must be positive")
         system = self.system
-        if system.pool == "dynamic":
-            return self._adopt(with_id, system._alloc_dynamic, self, size, flags)
+        if self.closed or system._closed:
+            self._check()  # raises Closed
+        if type(size) is not int or size <= 0:  # (bool is not int here)
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise BadParameters(f"size must be an int, got {size!r}")
+            if size <= 0:
+                raise BadParameters(f"size {size} must be positive")
+        if system._dynamic_pool:
+            # _adopt inlined: the id is reserved first (idr_alloc with NULL, then
+            # idr_replace, as the kernel does), so a failure frees it and nothing leaks
+            if not with_id:
+                shm = system._alloc_dynamic(self, size, flags)
+            else:
+                ids = system.ids
+                shm_id = ids.alloc(None)
+                try:
+                    shm = system._alloc_dynamic(self, size, flags)
+                except BaseException:
+                    ids.remove(shm_id)
+                    raise
+                shm.id = shm_id
+                ids.replace(shm_id, shm)
+            self.shms[shm.cookie] = shm
+            return shm
         # an allocation from the static pool clears DYNAMIC
         return self._adopt(with_id, system._alloc_static, self, size, align,
                            _POOL_STATIC if flags is _POOL_DYNAMIC else flags)
@@ -441,6 +462,7 @@ class System:
         self._intervals: dict[tuple[int, int, str, int], _Interval] = {}
         self._files: dict[tuple[str, int], _FileFrames] = {}
         self.pool = "dynamic" if config.dynamic_shm else "static"
+        self._dynamic_pool = self.pool == "dynamic"
         self.dynamic = core.FrameAllocator(config.dynamic_base, config.dynamic_size // PAGE_SIZE,
                                            config.max_contig_order)
         self.static: Any = None  # core.RangeAllocator when the TEE has a reserved pool
@@ -820,12 +842,13 @@ class System:
     def _release(self, shm: Shm) -> None:
         """tee_shm_release: unregister (if registered), free memory, drop the id."""
         shm._refs = 0
-        for view in shm._views:
-            try:
-                view.release()
-            except BufferError:
-                LIVE["exported_views"] += 1
-        shm._views.clear()
+        if shm._views:
+            for view in shm._views:
+                try:
+                    view.release()
+                except BufferError:
+                    LIVE["exported_views"] += 1
+            shm._views.clear()
         if shm.registered:
             try:
                 self._tee_unregister(shm.cookie)
