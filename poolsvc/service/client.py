@@ -266,6 +266,20 @@ class _Channel:
         if len(self.pending) >= MAX_IN_FLIGHT:
             self.drain()
 
+    def call_frame(self, frame: bytes) -> tuple[int, memoryview]:
+        """``call`` of one ordinary request already framed (no descriptors, not GOODBYE)."""
+        if self.words is not None and len(self.outbox) + len(frame) <= _REQ_CAP:
+            if self.outbox:
+                frame = bytes(self.outbox) + frame
+                self.outbox.clear()
+            self._slot_send(frame)
+            while self.pending:
+                handler = self.pending.popleft()
+                handler(*self._read_frame())
+            return self._read_frame()
+        _, msg_type, _ = _unpack_header(frame)
+        return self.call(msg_type, frame[_HEADER_SIZE:])
+
     def call(self, msg_type: int, body: bytes = b"", fds: Sequence[int] = ()) -> tuple[int, memoryview]:
         """Send a request and return its reply ``(type, body)`` (earlier replies first)."""
         frame = _pack_header(len(body), msg_type, 0) + body
@@ -599,11 +613,16 @@ class Shm:
 
     def close(self) -> None:
         """Drop one reference; the last one frees the memory (pipelined: no round trip)."""
-        self._check()
-        self._refs -= 1
+        refs = self._refs - 1
+        if refs < 0:
+            self._check()  # raises Closed
+        self._refs = refs
         ctx = self.context
-        if self._refs == 0:
-            self._release_local()
+        if refs == 0:
+            if self._views or self._user_view is not None:
+                self._release_local()
+            else:  # nothing exported: just forget it
+                ctx.shms.pop(self.cookie, None)
         ctx._post_close(self)
 
     def _release_local(self) -> None:
@@ -738,7 +757,7 @@ class Context:
         if self.closed:
             return
         channel = self._channel
-        channel.outbox += _pack_header(8, _SHM_CLOSE, 0) + _pack_cookie(shm.cookie)
+        channel.outbox += _pack_close_frame(_COOKIE_BODY, _SHM_CLOSE, 0, shm.cookie)
         channel.pending.append(self._on_close_reply)
         channel.close_cookies.append(shm.cookie)
         if len(channel.pending) >= MAX_IN_FLIGHT:
@@ -760,21 +779,25 @@ class Context:
     # -- allocation ------------------------------------------------------------------------------
     def alloc_user_buf(self, size: int) -> Shm:
         """Allocate a buffer user space can map; it gets an id (DYNAMIC | POOL)."""
-        if type(size) is not int or not 0 < size < 1 << 63:
-            _check_size(size)
-        return self._request_shm(_ALLOC, _pack_alloc(_ALLOC_USER, size), "ALLOC")
+        return self._alloc(_ALLOC_USER, size)
 
     def alloc_kernel_buf(self, size: int) -> Shm:
         """Allocate a driver buffer shared with the TEE; no id (DYNAMIC | POOL)."""
-        if type(size) is not int or not 0 < size < 1 << 63:
-            _check_size(size)
-        return self._request_shm(_ALLOC, _pack_alloc(_ALLOC_KERNEL, size), "ALLOC")
+        return self._alloc(_ALLOC_KERNEL, size)
 
     def alloc_priv_buf(self, size: int) -> Shm:
         """Allocate a driver-private buffer, never registered (PRIV | POOL)."""
+        return self._alloc(_ALLOC_PRIV, size)
+
+    def _alloc(self, kind: int, size: int) -> Shm:
         if type(size) is not int or not 0 < size < 1 << 63:
             _check_size(size)
-        return self._request_shm(_ALLOC, _pack_alloc(_ALLOC_PRIV, size), "ALLOC")
+        if self.closed:
+            self._check()  # raises Closed
+        reply_type, reply = self._channel.call_frame(_pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size))
+        if reply_type != _OK:
+            _check_reply(reply_type, reply, "ALLOC")
+        return self._make_shm(reply)
 
     # -- registration ------------------------------------------------------------------------------
     def register_user_buf(self, obj: Any, fd: int | None = None) -> Shm:
