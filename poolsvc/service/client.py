@@ -1183,11 +1183,15 @@ class Batch:
         if not self.parts:
             return [extra for _, extra in kinds]
         # Closes take effect locally first, exactly as Shm.close() does.
+        shms = ctx.shms
         for msg_type, shm in kinds:
             if msg_type == _SHM_CLOSE:
                 shm._refs -= 1
                 if shm._refs == 0:
-                    shm._release_local()
+                    if shm._views or shm._user_view is not None:
+                        shm._release_local()
+                    else:
+                        shms.pop(shm.cookie, None)
         body = b"".join(self.parts)
         sent = len(self.parts)
         self.parts = []
@@ -1203,7 +1207,6 @@ class Batch:
         append = results.append
         channel = ctx._channel
         make_shm = ctx._make_shm
-        shms = ctx.shms
         answers = iter(replies)
         for msg_type, extra in kinds:
             if msg_type == _REFUSED:
