@@ -266,44 +266,35 @@ class _Channel:
         if len(self.pending) >= MAX_IN_FLIGHT:
             self.drain()
 
-    def call_frame(self, frame: bytes) -> tuple[int, memoryview]:
-        """``call`` of one ordinary request already framed (no descriptors, not GOODBYE)."""
-        if self.words is not None and len(self.outbox) + len(frame) <= _REQ_CAP:
-            if self.outbox:
-                frame = bytes(self.outbox) + frame
-                self.outbox.clear()
-            self._slot_send(frame)
-            while self.pending:
-                handler = self.pending.popleft()
-                handler(*self._read_frame())
-            return self._read_frame()
-        _, msg_type, _ = _unpack_header(frame)
-        return self.call(msg_type, frame[_HEADER_SIZE:])
+    def call_frame(self, frame: bytes, fds: Sequence[int] = (), slot_ok: bool = True) -> tuple[int, memoryview]:
+        """Send one request already framed and return its reply ``(type, body)``
+        (the replies of earlier pipelined requests are handled first).
 
-    def call(self, msg_type: int, body: bytes = b"", fds: Sequence[int] = ()) -> tuple[int, memoryview]:
-        """Send a request and return its reply ``(type, body)`` (earlier replies first)."""
-        frame = _pack_header(len(body), msg_type, 0) + body
-        if self.words is not None and not fds and msg_type != _GOODBYE \
-                and len(self.outbox) + len(frame) <= _REQ_CAP:
+        Through the slot when there is one and ``slot_ok`` (no descriptors, not
+        GOODBYE, room in the request area); else on the socket.
+        """
+        if slot_ok and self.words is not None and len(self.outbox) + len(frame) <= _REQ_CAP:
             if self.outbox:
                 frame = bytes(self.outbox) + frame
                 self.outbox.clear()
             self._slot_send(frame)
-            while self.pending:
-                handler = self.pending.popleft()
-                handler(*self._read_frame())
-            return self._read_frame()
-        if self.outbox:
-            if fds:  # descriptors ride on the first byte: send the queue first
-                self._send(bytes(self.outbox))
-            else:
-                frame = bytes(self.outbox) + frame
-            self.outbox.clear()
-        self._send(frame, fds)
+        else:
+            if self.outbox:
+                if fds:  # descriptors ride on the first byte: send the queue first
+                    self._send(bytes(self.outbox))
+                else:
+                    frame = bytes(self.outbox) + frame
+                self.outbox.clear()
+            self._send(frame, fds)
         while self.pending:
             handler = self.pending.popleft()
             handler(*self._read_frame())
         return self._read_frame()
+
+    def call(self, msg_type: int, body: bytes = b"", fds: Sequence[int] = ()) -> tuple[int, memoryview]:
+        """Send a request and return its reply ``(type, body)`` (earlier replies first)."""
+        return self.call_frame(_pack_header(len(body), msg_type, 0) + body, fds,
+                               not fds and msg_type != _GOODBYE)
 
     def drain(self) -> None:
         """Send queued requests and read the replies of every pipelined request."""
