@@ -56,9 +56,10 @@ cdef class SmcDriver:
     # The normal world's end: the message page at msg_pa (mapped in table) and,
     # when list_sid >= 0, the storage page (list_sid, list_index) that backs
     # the list frame of one-list-page registrations.  Invariants between calls:
-    #   list_pa == 0 (no list frame taken), the scratch page is all zero
-    # During register*: list_pa is a frame taken from ``frames`` and mapped to
-    # the scratch page; on every exit it is zeroed, unmapped and freed.
+    #   not busy (no list frame taken), the scratch page is all zero
+    # During register* (busy): list_pa is a frame taken from ``frames`` (PA 0
+    # is a frame like any other) and mapped to the scratch page; on every exit
+    # it is zeroed, unmapped and freed.  __init__ is refused while busy.
     cdef FrameTable table
     cdef FrameAllocator frames
     cdef object smc                 # the secure world's entry: smc(msg_pa)
@@ -66,7 +67,8 @@ cdef class SmcDriver:
     cdef uint64_t msg_pa
     cdef int32_t list_sid           # -1: no scratch page (register* refused)
     cdef int64_t list_index
-    cdef uint64_t list_pa
+    cdef uint64_t list_pa           # the list frame in flight (valid while busy)
+    cdef bint busy                  # a register* is in flight (list_pa may be 0)
     cdef double elapsed             # seconds the last register* took
 
     cdef int post(self, uint32_t cmd, uint64_t attr, uint64_t a, uint64_t b,

@@ -158,6 +158,9 @@ cdef class SmcDriver:
     def __init__(self, table, frames, msg_pa, smc, list_sid=-1, list_index=0):
         cdef long long sid = 0, index = 0
         cdef unsigned long long pa = 0
+        if self.busy:
+            # the registration in flight must clean up in its own table and allocator
+            raise Busy(f"a registration is in flight (list frame {self.list_pa:#x})")
         if not isinstance(table, FrameTable):
             raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
         if not isinstance(frames, FrameAllocator):
@@ -244,7 +247,7 @@ cdef class SmcDriver:
     cdef int check_list(self) except -1:
         if self.list_sid < 0:
             raise BadParameters("no scratch list page: a page list needs kernel pages")
-        if self.list_pa != 0:
+        if self.busy:
             raise Busy(f"a registration is in flight (list frame {self.list_pa:#x})")
         return 0
 
@@ -317,6 +320,7 @@ cdef class SmcDriver:
         try:
             _table_map1(self.table, list_pa, self.list_sid, self.list_index)
             self.list_pa = list_pa
+            self.busy = True
             try:
                 dst = self.table.frame_bytes(list_pa, PSV_PAGE_SIZE)
                 if entries != NULL:
@@ -329,6 +333,7 @@ cdef class SmcDriver:
                 self.smc(self.msg_pa_obj)
                 result = self.answer()
             finally:
+                self.busy = False
                 self.list_pa = 0
                 try:
                     memset(self.table.frame_bytes(list_pa, PSV_PAGE_SIZE), 0, PSV_PAGE_SIZE)

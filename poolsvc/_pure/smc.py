@@ -85,12 +85,18 @@ class SmcDriver:
     """The driver's end of the message call (see ``ext/smc.pyx`` for the contract).
 
     ``SmcDriver(table, frames, msg_pa, smc, list_sid=-1, list_index=0)``.
-    Invariant between calls: no list frame taken (``_list_pa == 0``), the
-    scratch page all zero.
+    Invariant between calls: no list frame taken (not ``_busy``; a list frame
+    may be at PA 0), the scratch page all zero.
     """
+
+    _busy = False
+    _list_pa = 0
 
     def __init__(self, table: Any, frames: Any, msg_pa: Any, smc: Callable[[int], Any],
                  list_sid: Any = -1, list_index: Any = 0) -> None:
+        if self._busy:
+            # the registration in flight must clean up in its own table and allocator
+            raise Busy(f"a registration is in flight (list frame {self._list_pa:#x})")
         if not isinstance(table, FrameTable):
             raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
         if not isinstance(frames, FrameAllocator):
@@ -154,7 +160,7 @@ class SmcDriver:
     def _check_list(self) -> None:
         if self._list_sid < 0:
             raise BadParameters("no scratch list page: a page list needs kernel pages")
-        if self._list_pa != 0:
+        if self._busy:
             raise Busy(f"a registration is in flight (list frame {self._list_pa:#x})")
 
     def register(self, pages: Any, offset: Any, size: Any, cookie: Any) -> tuple[int, int]:
@@ -203,12 +209,14 @@ class SmcDriver:
         try:
             table.map_range(list_pa, 1, self._list_sid, self._list_index)
             self._list_pa = list_pa
+            self._busy = True
             try:
                 table.write(list_pa, pagelist_build(entries, 0, list_pa))
                 self._post(CMD_REGISTER, ATTR_REGISTER, list_pa | offset, size, cookie)
                 self._smc(self._msg_pa)
                 result = self._answer()
             finally:
+                self._busy = False
                 self._list_pa = 0
                 try:
                     table.write(list_pa, _ZERO_PAGE)

@@ -1,0 +1,79 @@
+"""Review findings on ``SmcDriver`` / ``SmcEntry`` (both backends): each test
+failed before its fix.
+
+- A list frame at physical address 0 was taken for "no registration in
+  flight": a nested ``register*`` from the secure world was not refused, mapped
+  a second frame onto the same scratch page and zeroed the outer list.
+- ``__init__`` run again while a registration is in flight (from the secure
+  world) switched the table and allocator under it: the list frame was then
+  unmapped and freed in the wrong ones.
+"""
+from __future__ import annotations
+
+import struct
+import pytest
+
+from poolsvc.errors import Busy
+
+PAGE = 4096
+ARG1 = struct.Struct("<8I4Q")
+
+
+def _world(mod, base):
+    table = mod.FrameTable([(base, 64 * PAGE)])
+    storage = bytearray(24 * PAGE)
+    table.attach(7, storage)
+    frames = mod.FrameAllocator(base, 64)
+    return table, storage, frames
+
+
+def test_list_frame_at_pa_zero_still_refuses_nesting(core):
+    table, storage, frames = _world(core, 0)
+    frames.alloc_contig(2)
+    frames.free_contig(0, 1)            # frame 0 free: the next list frame
+    msg_pa = PAGE
+    table.map_range(msg_pa, 1, 7, 16)
+    seen = []
+
+    def smc(pa):
+        if seen:
+            return
+        seen.append(table.read(0, 8))   # the outer list's first entry, at PA 0
+        with pytest.raises(Busy):
+            driver.register_run(0x8000, 1, 0, PAGE, 2)
+        seen.append(table.read(0, 8))   # still the outer list
+        seen.append((frames.used_frames, table.mapped_frames))
+
+    driver = core.SmcDriver(table, frames, msg_pa, smc, 7, 17)
+    assert driver.register_run(0x4000, 1, 0, PAGE, 1) == (0, 0)
+    assert seen == [struct.pack("<Q", 0x4000)] * 2 + [(2, 2)]
+    assert frames.used_frames == 1 and table.mapped_frames == 1
+    assert bytes(storage[17 * PAGE:18 * PAGE]) == bytes(PAGE)
+    # and the nested path works again once nothing is in flight
+    seen.append("done")
+    assert driver.register_run(0x4000, 1, 0, PAGE, 1) == (0, 0)
+
+
+def test_reinit_while_in_flight_is_refused(core):
+    table, storage, frames = _world(core, 0x50000000)
+    msg_pa = frames.alloc_contig(1)
+    table.map_range(msg_pa, 1, 7, 16)
+    other_table, _, other_frames = _world(core, 0x50000000)
+    assert other_frames.alloc_contig(1) == msg_pa
+    other_table.map_range(msg_pa, 1, 7, 16)
+    errors = []
+
+    def smc(pa):
+        try:
+            driver.__init__(other_table, other_frames, msg_pa, smc, 7, 18)
+        except Busy as exc:
+            errors.append(exc)
+
+    driver = core.SmcDriver(table, frames, msg_pa, smc, 7, 17)
+    driver.register_run(0x50000000 + 8 * PAGE, 1, 0, PAGE, 1)
+    assert len(errors) == 1
+    assert (frames.used_frames, table.mapped_frames) == (1, 1)
+    assert (other_frames.used_frames, other_table.mapped_frames) == (1, 1)
+    # outside a registration __init__ still works
+    driver.__init__(other_table, other_frames, msg_pa, lambda pa: None, 7, 18)
+    assert driver.register_run(0x50000000 + 8 * PAGE, 1, 0, PAGE, 1) == (0, 0)
