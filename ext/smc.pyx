@@ -329,6 +329,8 @@ cdef class SmcDriver:
                     for i in range(n):
                         psv_store_le64(dst + 8 * i, run_pa + (<uint64_t>i << PSV_PAGE_SHIFT))
                 memset(dst + 8 * n, 0, PSV_PAGE_SIZE - 8 * n)
+                if n == PL_ENTRIES:     # a full page: next = own PA + 4096, as pagelist_build
+                    psv_store_le64(dst + PL_NEXT_OFFSET, list_pa + PSV_PAGE_SIZE)
                 self.post(SMC_CMD_REGISTER, SMC_ATTR_REGISTER, list_pa | offset, size, cookie)
                 self.smc(self.msg_pa_obj)
                 result = self.answer()

@@ -4,6 +4,8 @@ failed before its fix.
 - A list frame at physical address 0 was taken for "no registration in
   flight": a nested ``register*`` from the secure world was not refused, mapped
   a second frame onto the same scratch page and zeroed the outer list.
+- The compiled driver wrote a full (511-entry) list page with ``next`` 0,
+  the pure twin (``pagelist_build``, the contract) with ``next = list_pa + 4096``.
 - ``__init__`` run again while a registration is in flight (from the secure
   world) switched the table and allocator under it: the list frame was then
   unmapped and freed in the wrong ones.
@@ -52,6 +54,25 @@ def test_list_frame_at_pa_zero_still_refuses_nesting(core):
     # and the nested path works again once nothing is in flight
     seen.append("done")
     assert driver.register_run(0x4000, 1, 0, PAGE, 1) == (0, 0)
+
+
+@pytest.mark.parametrize("n", [510, 511])
+def test_full_list_page_matches_pagelist_build(core, n):
+    table, _, frames = _world(core, 0x50000000)
+    msg_pa = frames.alloc_contig(1)
+    table.map_range(msg_pa, 1, 7, 16)
+    lists = []
+
+    def smc(pa):
+        list_pa = ARG1.unpack(table.read(pa, 64))[9] & ~0xFFF
+        lists.append((list_pa, table.read(list_pa, PAGE)))
+
+    driver = core.SmcDriver(table, frames, msg_pa, smc, 7, 17)
+    pages = [0x50000000 + (8 + i) * PAGE for i in range(n)]
+    driver.register_run(pages[0], n, 0, n * PAGE, 1)
+    driver.register(pages, 0, n * PAGE, 2)
+    for list_pa, data in lists:
+        assert data == core.pagelist_build(pages, 0, list_pa)
 
 
 def test_reinit_while_in_flight_is_refused(core):
