@@ -197,6 +197,8 @@ cdef class SmcDriver:
                   uint64_t c) except -1:
         """Write the one-parameter message (ret, ret_origin 0) at msg_pa."""
         cdef char msg[SMC_ARG1_SIZE]
+        if self.table is None:      # made by __new__ alone: no table to write through
+            raise InternalError("SmcDriver is not initialised")
         memset(msg, 0, SMC_ARG1_SIZE)
         psv_store_le32(msg, cmd)
         psv_store_le32(msg + SMC_NUM_PARAMS_OFFSET, 1)
@@ -245,6 +247,8 @@ cdef class SmcDriver:
         return self.elapsed
 
     cdef int check_list(self) except -1:
+        if self.table is None:      # made by __new__ alone: no table, no frames
+            raise InternalError("SmcDriver is not initialised")
         if self.list_sid < 0:
             raise BadParameters("no scratch list page: a page list needs kernel pages")
         if self.busy:
@@ -478,6 +482,8 @@ cdef class SmcEntry:
         """
         cdef unsigned long long pa = 0, r = 0, o = 0
         cdef char pair[8]
+        if self.table is None:      # made by __new__ alone: no table to write through
+            raise InternalError("SmcEntry is not initialised")
         if _smc_u64(arg_pa, &pa) != 1 or pa > PSV_U64_MAX - SMC_ARG1_SIZE:
             raise BadParameters(f"message address {arg_pa!r} is not a u64")
         if (_smc_u64(ret, &r) != 1 or r > 0xFFFFFFFF

@@ -6,6 +6,8 @@ failed before its fix.
   a second frame onto the same scratch page and zeroed the outer list.
 - The compiled driver wrote a full (511-entry) list page with ``next`` 0,
   the pure twin (``pagelist_build``, the contract) with ``next = list_pa + 4096``.
+- An object made with ``__new__`` (``__init__`` never run) crashed the
+  interpreter (a NULL frame table) instead of raising.
 - ``__init__`` run again while a registration is in flight (from the secure
   world) switched the table and allocator under it: the list frame was then
   unmapped and freed in the wrong ones.
@@ -13,9 +15,11 @@ failed before its fix.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import pytest
 
-from poolsvc.errors import Busy
+from poolsvc.errors import Busy, InternalError
 
 PAGE = 4096
 ARG1 = struct.Struct("<8I4Q")
@@ -75,6 +79,29 @@ def test_full_list_page_matches_pagelist_build(core, n):
         assert data == core.pagelist_build(pages, 0, list_pa)
 
 
+@pytest.mark.parametrize("call", [
+    "SmcEntry.__new__(SmcEntry).answer(0, 0, 0)",
+    "SmcEntry.__new__(SmcEntry).fetch1(0)",
+    "SmcDriver.__new__(SmcDriver).call1(0, 0, 0, 0, 0)",
+    "SmcDriver.__new__(SmcDriver).unregister(0)",
+    "SmcDriver.__new__(SmcDriver).register([0], 0, 1, 0)",
+    "SmcDriver.__new__(SmcDriver).register_run(0, 1, 0, 1, 0)",
+])
+@pytest.mark.parametrize("backend", ["_core", "_pure"])
+def test_uninitialised_objects_raise(call, backend):
+    if backend == "_core":
+        pytest.importorskip("poolsvc._core")
+    code = (f"from poolsvc.{backend} import SmcDriver, SmcEntry\n"
+            "from poolsvc.errors import InternalError\n"
+            f"try:\n    r = {call}\n"
+            "except InternalError:\n    print('InternalError')\n"
+            "else:\n    print('ok', r)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    expected = "ok -1" if "fetch1" in call else "InternalError"
+    assert out.stdout.strip() == expected
+
+
 def test_reinit_while_in_flight_is_refused(core):
     table, storage, frames = _world(core, 0x50000000)
     msg_pa = frames.alloc_contig(1)
@@ -98,3 +125,5 @@ def test_reinit_while_in_flight_is_refused(core):
     # outside a registration __init__ still works
     driver.__init__(other_table, other_frames, msg_pa, lambda pa: None, 7, 18)
     assert driver.register_run(0x50000000 + 8 * PAGE, 1, 0, PAGE, 1) == (0, 0)
+    with pytest.raises(InternalError):
+        core.SmcEntry.__new__(core.SmcEntry).answer(0, 0, 0)

@@ -91,6 +91,7 @@ class SmcDriver:
 
     _busy = False
     _list_pa = 0
+    _table: Any = None          # None: made by __new__ alone (InternalError, as compiled)
 
     def __init__(self, table: Any, frames: Any, msg_pa: Any, smc: Callable[[int], Any],
                  list_sid: Any = -1, list_index: Any = 0) -> None:
@@ -131,6 +132,8 @@ class SmcDriver:
         return self._list_sid >= 0
 
     def _post(self, cmd: int, attr: int, a: int, b: int, c: int) -> None:
+        if self._table is None:
+            raise InternalError("SmcDriver is not initialised")
         self._table.write(self._msg_pa, _ARG1.pack(cmd, 0, 0, 0, 0, 0, 0, 1, attr, a, b, c))
 
     def _answer(self) -> tuple[int, int]:
@@ -158,6 +161,8 @@ class SmcDriver:
         return self._elapsed
 
     def _check_list(self) -> None:
+        if self._table is None:
+            raise InternalError("SmcDriver is not initialised")
         if self._list_sid < 0:
             raise BadParameters("no scratch list page: a page list needs kernel pages")
         if self._busy:
@@ -234,6 +239,11 @@ class SmcEntry:
     ``SmcEntry(table, nonsecure, static_window, dynamic_window)``.
     """
 
+    # made by __new__ alone: no window (fetch1 -1), nothing fetched, answer InternalError
+    _table: Any = None
+    _static = _dynamic = (0, 0)
+    _fetched: tuple[int, int, int, int, int] | None = None
+
     def __init__(self, table: Any, nonsecure: Any, static_window: Any, dynamic_window: Any) -> None:
         if not isinstance(table, FrameTable):
             raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
@@ -242,7 +252,7 @@ class SmcEntry:
         # checked and converted once, here, as the compiled twin does
         self._nonsecure = _check_ranges(nonsecure)
         self._table = table
-        self._fetched: tuple[int, int, int, int, int] | None = None   # cmd, attr, a, b, c
+        self._fetched = None        # cmd, attr, a, b, c
 
     def fetch1(self, arg_pa: Any) -> int:
         """The ``cmd`` (4 or 5) of the one-parameter message at ``arg_pa``, copied; else -1."""
@@ -297,6 +307,8 @@ class SmcEntry:
 
     def answer(self, arg_pa: Any, ret: Any, origin: Any) -> None:
         """Write ``ret`` and ``ret_origin`` (u32s) into the message at ``arg_pa``."""
+        if self._table is None:
+            raise InternalError("SmcEntry is not initialised")
         pa = _int(arg_pa)
         if pa is None or not 0 <= pa <= U64_LIMIT - 1 - ARG1_SIZE:
             raise BadParameters(f"message address {arg_pa!r} is not a u64")
