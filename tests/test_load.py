@@ -158,6 +158,24 @@ def test_worker_detects_a_foreign_tag():
     assert len(w.violations) == 1 and "client 5.2 buffer 77" in w.violations[0]
 
 
+@pytest.mark.parametrize("batch_size", [1, 256])
+def test_drain_with_nothing_held_draws_from_the_mix(batch_size):
+    """After an OutOfMemory with no buffer left to free, the worker goes on with
+    the mix (it used to return no line at all, and its queue.pop() failed)."""
+    import random
+
+    from poolsvc.load.worker import Worker
+
+    w = Worker.__new__(Worker)
+    w.draining, w.exhaust, w.live, w.pending_release = True, True, {}, []
+    w.batch_size, w.rng = batch_size, random.Random(1)
+    w._gen_single = lambda op: f"single {op}"
+    w._gen_batch = lambda choose_batch: "batch"
+    lines = w.generate(lambda: "alloc_user", lambda: "alloc_user")
+    assert lines == (["single alloc_user"] if batch_size == 1 else ["batch"])
+    assert not w.draining
+
+
 def test_mix_sizes_and_spec_validation():
     mix = OpMix.parse("alloc_user=3, free=1")
     assert dict(mix.weights)["alloc_user"] == 3 and dict(mix.weights)["invoke"] == 0

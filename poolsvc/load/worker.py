@@ -492,9 +492,12 @@ class Worker:
                 self.pending_release = []
                 if self.batch_size > 1:
                     toks = releases + [f"f:{h}" for h in victims]
-                    return [f"b {' '.join(toks[i:i + self.batch_size])}"
-                            for i in range(0, len(toks), self.batch_size)]
-                return [f"f {h}" for h in victims]
+                    lines = [f"b {' '.join(toks[i:i + self.batch_size])}"
+                             for i in range(0, len(toks), self.batch_size)]
+                else:
+                    lines = [f"f {h}" for h in victims]
+                if lines:  # nothing held (every buffer already freed): draw from the mix
+                    return lines
         op = choose()
         if self.batch_size > 1 and op in BATCHABLE and choose_batch:
             return [self._gen_batch(choose_batch)]
