@@ -18,7 +18,8 @@ def _mib(n: float) -> str:
 def text(doc: dict[str, Any]) -> str:
     """A readable report of a STATS document."""
     d = doc["daemon"]
-    lines = [f"poolsvc daemon pid {d['pid']} on {d['socket']} (protocol {d['protocol']}, "
+    versions = "/".join(map(str, d.get("protocol_versions", [d["protocol"]])))
+    lines = [f"poolsvc daemon pid {d['pid']} on {d['socket']} (protocol {versions}, "
              f"{d['backend']}, pool {d['pool']}), {d['clients']} connection(s)", "", "pools:"]
     for name, pool in doc["pools"].items():
         lines.append(f"  {name:8} free {_mib(pool['free_bytes']):>11}  used {_mib(pool['used_bytes']):>11}"

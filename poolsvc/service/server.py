@@ -1272,7 +1272,8 @@ class Server:
                              segments_sent=len(conn.tokens.tokens) if conn.tokens else 0)
             clients.append(entry)
         return {
-            "daemon": {"pid": os.getpid(), "socket": self.socket_path, "protocol": P.VERSION,
+            "daemon": {"pid": os.getpid(), "socket": self.socket_path, "protocol": max(P.VERSIONS),
+                       "protocol_versions": list(P.VERSIONS),
                        "backend": BACKEND, "pool": system.pool, "clients": len(self.connections)},
             "pools": pools,
             "ids": sys_stats["ids"],
