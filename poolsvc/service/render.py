@@ -29,13 +29,13 @@ def text(doc: dict[str, Any]) -> str:
                  f"contexts {doc['contexts']}")
     lines += ["", "clients:"]
     header = (f"  {'client':32} {'pid':>7} {'shms':>6} {'ids':>5} {'frames':>8} {'bytes':>12} "
-              f"{'sess':>5} {'requests':>9}")
+              f"{'sess':>5} {'requests':>9}  transport")
     lines.append(header)
     for c in doc["clients"]:
         label = c.get("context") or f"{c['name'] or '-'} ({c['role'].lower()})"
         lines.append(f"  {label[:32]:32} {c['pid']:>7} {c.get('shms', 0):>6} {c.get('ids', 0):>5} "
                      f"{c.get('frames', 0):>8} {c.get('bytes', 0):>12} {c.get('sessions', 0):>5} "
-                     f"{c['requests']:>9}")
+                     f"{c['requests']:>9}  {c.get('transport', '-')}")
     req = doc["requests"]
     lines += ["", f"requests: uptime {req['uptime_s']:.0f} s, {req['connections']} connections, "
                   f"{req['crashes']} ended without GOODBYE, {req['refused']} refused, "
