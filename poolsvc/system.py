@@ -282,23 +282,8 @@ class Context:
                 raise BadParameters(f"size must be an int, got {size!r}")
             if size <= 0:
                 raise BadParameters(f"size {size} must be positive")
-        if system._dynamic_pool:
-            # _adopt inlined: the id is reserved first (idr_alloc with NULL, then
-            # idr_replace, as the kernel does), so a failure frees it and nothing leaks
-            if not with_id:
-                shm = system._alloc_dynamic(self, size, flags)
-            else:
-                ids = system.ids
-                shm_id = ids.alloc(None)
-                try:
-                    shm = system._alloc_dynamic(self, size, flags)
-                except BaseException:
-                    ids.remove(shm_id)
-                    raise
-                shm.id = shm_id
-                ids.replace(shm_id, shm)
-            self.shms[shm.cookie] = shm
-            return shm
+        if system.pool == "dynamic":
+            return self._adopt(with_id, system._alloc_dynamic, self, size, flags)
         # an allocation from the static pool clears DYNAMIC
         return self._adopt(with_id, system._alloc_static, self, size, align,
                            _POOL_STATIC if flags is _POOL_DYNAMIC else flags)
@@ -462,13 +447,11 @@ class System:
         self._intervals: dict[tuple[int, int, str, int], _Interval] = {}
         self._files: dict[tuple[str, int], _FileFrames] = {}
         self.pool = "dynamic" if config.dynamic_shm else "static"
-        self._dynamic_pool = self.pool == "dynamic"
         self.dynamic = core.FrameAllocator(config.dynamic_base, config.dynamic_size // PAGE_SIZE,
                                            config.max_contig_order)
         self.static: Any = None  # core.RangeAllocator when the TEE has a reserved pool
         self._carveout: Storage | None = None
         self._msg: tuple[int, int, Segment, int] | None = None
-        self._msg_view: memoryview | None = None
         # the kernel storage page that backs the list frame of one-list-page
         # registrations (all zero between calls), with dynamic shm
         self._list_scratch_page: tuple[Segment, int] | None = None
@@ -523,12 +506,7 @@ class System:
         self._closed = True
 
     def _teardown(self) -> None:
-        # our views of kernel and carve-out storage go first: mappings with exports cannot close
         self._smc = None
-        held = getattr(self, "_msg_view", None)
-        if held is not None:
-            held.release()
-            self._msg_view = None
         scratch = getattr(self, "_list_scratch_page", None)
         if scratch is not None:
             self.kernel_arena.free(scratch[0], scratch[1], 1)
@@ -578,25 +556,16 @@ class System:
     def _alloc_msg_page(self) -> int:
         """Where the driver places ``struct optee_msg_arg`` for the secure world.
 
-        Also sets ``_msg_view``, the driver's own (kernel) mapping of that page,
-        and, with dynamic shm, the scratch storage page of one-page lists.
+        With dynamic shm, also takes the scratch storage page of one-page lists.
         """
         if self.config.dynamic_shm or self.static is None:
             msg = self._alloc_kernel_pages(1)
             self._msg = msg
-            pa, _, seg, index = msg
-            with memoryview(seg.storage.mm) as whole:
-                self._msg_view = whole[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
             if self.config.dynamic_shm:
                 self._list_scratch_page = self.kernel_arena.alloc(1)
-            return pa
+            return msg[0]
         self._msg = None
-        pa = int(self.static.alloc(PAGE_SIZE, PAGE_SIZE))
-        assert self._carveout is not None
-        start = pa - self.config.static_base
-        with memoryview(self._carveout.mm) as whole:
-            self._msg_view = whole[start:start + PAGE_SIZE]
-        return pa
+        return int(self.static.alloc(PAGE_SIZE, PAGE_SIZE))
 
     def call_tee(self, msg: MsgArg) -> None:
         """Driver path: place ``msg`` in shared memory, call the secure world, check ``ret``.
@@ -611,17 +580,7 @@ class System:
         self.memory.write(self._msg_pa, data)
         self.tee.call_with_arg(self._msg_pa)
         ret, origin = RET.unpack(self.memory.read(self._msg_pa + RET_OFFSET, RET.size))
-        if ret != 0:
-            raise TeeError(f"secure world answered {ret:#x} (origin {origin}) "
-                           f"to command {msg.cmd}", ret, origin)
-
-    def _call_tee1(self, cmd: int, attr: int, a: int, b: int, c: int) -> None:
-        """``call_tee`` of a one-parameter command without building a MsgArg.
-
-        ``core.SmcDriver`` writes the message into the message page and reads
-        ``ret``/``ret_origin`` back.  Raises TeeError as ``call_tee`` does.
-        """
-        self._check_ret(cmd, *self._smc.call1(cmd, attr, a, b, c))
+        self._check_ret(msg.cmd, ret, origin)
 
     @staticmethod
     def _check_ret(cmd: int, ret: int, origin: int) -> None:

@@ -59,9 +59,9 @@ def test_call_with_arg_equals_call(seq):
                 cookie = 0xC0FFEE if cmd == MsgCmd.UNREGISTER_SHM else a_data.cookie
             msg = MsgArg(cmd=cmd, params=[MsgParam(attr, ptr, size, cookie)])
             reply_a = a_sys.tee.call(msg.pack())
-            ARG1.pack_into(b_sys._msg_view, 0, *ARG1.unpack(msg.pack()))
+            b_sys.memory.write(b_sys._msg_pa, msg.pack())
             b_sys.tee.call_with_arg(b_sys._msg_pa)
-            reply_b = bytes(b_sys._msg_view[:ARG1.size])
+            reply_b = b_sys.memory.read(b_sys._msg_pa, ARG1.size)
             assert reply_a == reply_b, (unpack(reply_a), unpack(reply_b))
             assert snapshot(a_sys) == snapshot(b_sys)
             assert a_sys.tee.stats == b_sys.tee.stats
