@@ -81,8 +81,6 @@ DEFAULT_SPIN_US = 0
 _unpack_desc = P.DESC.unpack_from
 _PAGES_FOLLOW = int(P.DescBits.PAGES_FOLLOW)
 _NEW_SEGMENT = int(P.DescBits.NEW_SEGMENT)
-#: Descriptor bits that need Context._make_shm (a segment to map, a page array to read).
-_SLOW_BITS = _NEW_SEGMENT | _PAGES_FOLLOW
 _REGISTERED = int(P.DescBits.REGISTERED)
 _ARENA = int(P.Backing.ARENA)
 _USER = int(P.Backing.USER)
@@ -113,8 +111,6 @@ _SHM_CLOSE = int(P.MsgType.SHM_CLOSE)
 _pack_cookie = P.COOKIE.pack
 _unpack_closed = P.CLOSED.unpack
 _unpack_closed_from = P.CLOSED.unpack_from
-_unpack_desc_from = P.DESC.unpack_from
-_DESC_SIZE = P.DESC.size
 _CLOSED_SIZE = P.CLOSED.size
 _GOODBYE = int(P.MsgType.GOODBYE)
 _W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = P.W_REQ_SEQ, P.W_REQ_LEN, P.W_CLIENT_SLEEPING
@@ -610,20 +606,18 @@ class Shm:
         self._refs = refs
         ctx = self.context
         if refs == 0:
-            if self._views or self._user_view is not None:
-                self._release_local()
-            else:  # nothing exported: just forget it
-                ctx.shms.pop(self.cookie, None)
+            self._release_local()
         ctx._post_close(self)
 
     def _release_local(self) -> None:
         self._refs = 0
-        for view in self._views:
-            try:
-                view.release()
-            except BufferError:
-                pass
-        self._views.clear()
+        if self._views:
+            for view in self._views:
+                try:
+                    view.release()
+                except BufferError:
+                    pass
+            self._views.clear()
         if self._user_view is not None:
             try:
                 self._user_view.release()
@@ -1118,11 +1112,14 @@ class Batch:
         raise BadParameters(f"batch already holds {len(self.kinds)} operations, the daemon's "
                             "limit (max_batch)")
 
-    def _add(self, msg_type: int, body: bytes, extra: Any = None) -> None:
+    def _push(self, frame: bytes, kind: tuple[int, Any]) -> None:
         if len(self.parts) >= self.limit:
             self._full()
-        self.parts.append(_pack_header(len(body), msg_type, 0) + body)
-        self.kinds.append((msg_type, extra))
+        self.parts.append(frame)
+        self.kinds.append(kind)
+
+    def _add(self, msg_type: int, body: bytes, extra: Any = None) -> None:
+        self._push(_pack_header(len(body), msg_type, 0) + body, (msg_type, extra))
 
     def _refused(self, exc: PoolsvcError) -> None:
         """An operation whose arguments cannot even be encoded: its result is ``exc``."""
@@ -1131,10 +1128,7 @@ class Batch:
     def _alloc(self, kind: int, size: int) -> None:
         # the hot path: one struct call per frame (the checks of _check_size)
         if type(size) is int and 0 < size < 1 << 63:
-            if len(self.parts) >= self.limit:
-                self._full()
-            self.parts.append(_pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size))
-            self.kinds.append(_ALLOC_KIND)
+            self._push(_pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size), _ALLOC_KIND)
             return
         try:
             _check_size(size)
@@ -1161,10 +1155,7 @@ class Batch:
             raise BadParameters(f"{shm!r} is not a shm of context {self.ctx.name}")
         if shm._refs <= 0:
             shm._check()  # raises Closed
-        if len(self.parts) >= self.limit:
-            self._full()
-        self.parts.append(_pack_close_frame(_COOKIE_BODY, _SHM_CLOSE, 0, shm.cookie))
-        self.kinds.append((_SHM_CLOSE, shm))
+        self._push(_pack_close_frame(_COOKIE_BODY, _SHM_CLOSE, 0, shm.cookie), (_SHM_CLOSE, shm))
 
     def run(self) -> list[Any]:
         """Send the batch; one result per operation (Shm, None, or an exception)."""
@@ -1174,15 +1165,11 @@ class Batch:
         if not self.parts:
             return [extra for _, extra in kinds]
         # Closes take effect locally first, exactly as Shm.close() does.
-        shms = ctx.shms
         for msg_type, shm in kinds:
             if msg_type == _SHM_CLOSE:
                 shm._refs -= 1
                 if shm._refs == 0:
-                    if shm._views or shm._user_view is not None:
-                        shm._release_local()
-                    else:
-                        shms.pop(shm.cookie, None)
+                    shm._release_local()
         body = b"".join(self.parts)
         sent = len(self.parts)
         self.parts = []
@@ -1215,15 +1202,6 @@ class Batch:
                 append(None)
             elif msg_type == _PING:
                 append(bytes(reply[start:end]))
-            elif end - start == _DESC_SIZE:
-                # a contiguous buffer (no page array follows): decoded in place
-                desc = _unpack_desc_from(reply, start)
-                if desc[12] & _SLOW_BITS or desc[0] in shms:
-                    append(make_shm(reply[start:end]))
-                else:
-                    shm = Shm(ctx, desc, None, None)
-                    shms[desc[0]] = shm
-                    append(shm)
             else:
                 append(make_shm(reply[start:end]))
         return results
