@@ -11,6 +11,7 @@ between ``cdef`` functions stay direct C calls; each has a ``.pxd`` twin
     pagelist.pyx   OP-TEE non-contiguous page lists: build, parse, segments
     copy.pyx       gather / scatter through the frame table
     smc.pyx        both ends of the one-parameter message call (REGISTER/UNREGISTER_SHM)
+    wire.pyx       framing of batched requests: split a BATCH body, run it, frame the replies
 
 Concurrency: nothing here takes a lock.  Every object belongs to one thread at
 a time (the System serialises access); the GIL is held throughout except where
@@ -24,7 +25,7 @@ cnp.import_array()
 
 from poolsvc.errors import (
     AddressError, AlignmentError, BadParameters, CorruptionError, DoubleFree,
-    InternalError, ItemNotFound, OutOfMemory, SecureMemoryError, SizeOverflow,
+    InternalError, ItemNotFound, OutOfMemory, ProtocolError, SecureMemoryError, SizeOverflow,
 )
 
 include "freemap.pyx"
@@ -33,3 +34,4 @@ include "tables.pyx"
 include "pagelist.pyx"
 include "copy.pyx"
 include "smc.pyx"
+include "wire.pyx"

@@ -16,6 +16,7 @@ from .pagelist import (
 )
 from .smc import SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
+from .wire import run_batch, split_frames
 
 __all__ = [
     "AddressMap",
@@ -31,5 +32,7 @@ __all__ = [
     "pagelist_parse",
     "pagelist_parse_frames",
     "pagelist_segments",
+    "run_batch",
     "scatter",
+    "split_frames",
 ]

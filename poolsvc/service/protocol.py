@@ -40,6 +40,7 @@ from enum import IntEnum, IntFlag
 from typing import Iterator
 
 from .. import errors
+from .._backend import core
 from ..errors import PoolsvcError, ProtocolError
 
 #: ``b"PSVC"`` read as a little-endian u32; the first field of HELLO.
@@ -376,33 +377,12 @@ def parse_header(buf: bytes | bytearray | memoryview, pos: int, max_frame: int) 
     return length, msg_type
 
 
-def split_frames(body: bytes | bytearray | memoryview, limit: int,
-                 max_frame: int) -> list[tuple[int, int, int]]:
-    """``(type, start, end)`` of each frame's body in a BATCH or BATCH_REPLY body.
-
-    Every header is checked before anything is returned, so a malformed batch
-    runs nothing.  Raises ProtocolError for a truncated frame, an oversized
-    one, non-zero flags, or more than ``limit`` frames.
-    """
-    frames: list[tuple[int, int, int]] = []
-    append = frames.append
-    unpack = _unpack_header
-    pos, end = 0, len(body)
-    while pos < end:
-        if end - pos < HEADER_SIZE:
-            raise ProtocolError(f"batch ends with a truncated header of {end - pos} bytes")
-        length, msg_type, flags = unpack(body, pos)
-        if length > max_frame or flags:
-            parse_header(body, pos, max_frame)  # raises, saying which
-        pos += HEADER_SIZE
-        if end - pos < length:
-            raise ProtocolError(f"batch frame {len(frames)} of type {msg_type} announces {length} bytes "
-                                f"but only {end - pos} remain")
-        if len(frames) >= limit:
-            raise ProtocolError(f"batch holds more than {limit} requests")
-        append((msg_type, pos, pos + length))
-        pos += length
-    return frames
+#: ``split_frames(body, limit, max_frame) -> [(type, start, end), ...]``: the frames of a
+#: BATCH or BATCH_REPLY body, every header checked before anything is returned
+#: (ProtocolError for a truncated frame, an oversized one, non-zero flags, or
+#: more than ``limit`` frames).  A compiled kernel (``ext/wire.pyx``; twin
+#: ``poolsvc/_pure/wire.py``), shared by both sides.
+split_frames = core.split_frames
 
 
 def iter_frames(body: bytes | memoryview, limit: int, max_frame: int) -> Iterator[tuple[int, memoryview]]:

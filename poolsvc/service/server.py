@@ -44,7 +44,6 @@ import array
 import fcntl
 import json
 import logging
-import operator
 import os
 import select
 import socket
@@ -56,7 +55,7 @@ from collections import deque
 from enum import IntEnum
 from typing import Any, Callable
 
-from .._backend import BACKEND
+from .._backend import BACKEND, core
 from ..config import Config
 from ..errors import BadParameters, ConfigError, InternalError, ItemNotFound, PoolsvcError, ProtocolError
 from ..storage import LIVE, Storage
@@ -96,7 +95,7 @@ _REP_OFF, _REP_CAP = P.SLOT_REP_OFF, P.SLOT_REP_CAP
 _fence_lock = threading.Lock()
 _fence_acquire, _fence_release = _fence_lock.acquire, _fence_lock.release
 _clock_ns = time.perf_counter_ns
-_first = operator.itemgetter(0)
+_run_batch = core.run_batch
 
 
 def fence() -> None:
@@ -1106,35 +1105,22 @@ class Server:
             raise
 
     def _op_batch(self, conn: Connection, body: Any) -> bytes:
-        # Split every frame first: a malformed batch runs nothing.
-        frames = P.split_frames(body, self.settings.max_batch, self._max_frame)
-        parts: list[bytes] = []
-        append = parts.append
-        pack = _pack_header
-        handlers = self._batch_handlers
-        max_output = self._max_output
-        size = 0
-        for msg_type, start, end in frames:
-            handler = handlers.get(msg_type)
-            if handler is not None and size <= max_output:
-                try:
-                    reply = handler(conn, body[start:end])
-                except Exception as exc:
-                    reply = self._error(conn, msg_type, exc)
-                    append(pack(len(reply), _ERROR, 0))
-                else:
-                    append(pack(len(reply), _OK, 0))
-            else:
-                reply = self._error(conn, msg_type, P.UnknownType(
-                    f"message type {P.type_name(msg_type)} ({msg_type}) may not appear in a BATCH")
-                    if handler is None else P.LimitExceeded(
-                    f"batch reply exceeds {max_output} bytes (max_output); request not run"))
-                append(pack(len(reply), _ERROR, 0))
-            append(reply)
-            size += 8 + len(reply)
-        # every operation counts, failed or not (as a request outside a BATCH does)
-        self.metrics.ops.update(map(_first, frames))
-        return b"".join(parts)
+        # The loop is the compiled ``run_batch`` (ext/wire.pyx): it splits every frame
+        # first (a malformed batch runs nothing), then calls the handlers in order.
+        # Every operation counts in metrics.ops, failed or not (as outside a BATCH).
+        return _run_batch(body, self.settings.max_batch, self._max_frame, self._batch_handlers, conn,
+                          self._refuse_in_batch, self._error, self._max_output, self.metrics.ops)
+
+    def _refuse_in_batch(self, conn: Connection, msg_type: int, unbatchable: bool) -> bytes:
+        """The ERROR body of a BATCH operation that is not run: a type that may not be
+        batched, or one that would take the reply over ``max_output``."""
+        if unbatchable:
+            exc: PoolsvcError = P.UnknownType(f"message type {P.type_name(msg_type)} ({msg_type}) "
+                                              "may not appear in a BATCH")
+        else:
+            exc = P.LimitExceeded(f"batch reply exceeds {self._max_output} bytes (max_output); "
+                                  "request not run")
+        return self._error(conn, msg_type, exc)
 
     # -- sessions ------------------------------------------------------------------------------------
     def _session_params(self, conn: Connection, body: Any, pos: int) -> list[Any]:

@@ -1,0 +1,178 @@
+# wire.pyx: framing of batched requests (BATCH / BATCH_REPLY bodies).
+#
+# Owns: split_frames (every header checked before any frame is returned) and
+# run_batch (walk the frames, call the caller's per-type handlers, frame the
+# replies into one body).  The policy (what a frame means, which types may be
+# batched, error bodies) stays with the caller, in Python: this file only
+# runs the loop.  Plain-Python twin: poolsvc/_pure/wire.py (same messages).
+#
+# Concurrency: none; the GIL is held throughout.  The body's buffer is held
+# (Py_buffer) for the whole call, so a handler cannot resize it under us.
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+
+
+cdef Py_ssize_t _wire_split(const unsigned char *data, Py_ssize_t end, Py_ssize_t limit,
+                            unsigned long long max_frame, wire_frame *out) except -1:
+    """Check every header of ``data[0:end]``; fill ``out`` (room for ``limit``
+    frames) and return the frame count, or raise ProtocolError."""
+    cdef Py_ssize_t pos = 0, n = 0
+    cdef unsigned int length, msg_type, flags
+    while pos < end:
+        if end - pos < WIRE_HEADER_SIZE:
+            raise ProtocolError(f"batch ends with a truncated header of {end - pos} bytes")
+        length = psv_load_le32(<const char *>data + pos)
+        msg_type = data[pos + 4] | (<unsigned int>data[pos + 5] << 8)
+        flags = data[pos + 6] | (<unsigned int>data[pos + 7] << 8)
+        if length > max_frame:
+            raise ProtocolError(f"frame of type {msg_type} announces {length} bytes, "
+                                f"more than the limit {max_frame}")
+        if flags:
+            raise ProtocolError(f"frame of type {msg_type} has flags {flags:#x}; "
+                                "the protocol defines none")
+        pos += WIRE_HEADER_SIZE
+        if <unsigned long long>(end - pos) < length:
+            raise ProtocolError(f"batch frame {n} of type {msg_type} announces "
+                                f"{length} bytes but only {end - pos} remain")
+        if n >= limit:
+            raise ProtocolError(f"batch holds more than {limit} requests")
+        if out != NULL:
+            out[n].start = pos
+            out[n].end = pos + length
+            out[n].msg_type = msg_type
+        n += 1
+        pos += length
+    return n
+
+
+cdef Py_ssize_t _wire_limit(object limit, object max_frame, unsigned long long *max_out) except -1:
+    cdef long long lim = 0, mf = 0
+    # (an int beyond 64 bits is clamped, which means "no limit")
+    psv_i64_from_obj(limit, &lim)
+    psv_i64_from_obj(max_frame, &mf)
+    if lim < 0 or mf < 0:
+        raise BadParameters(f"limit {limit!r} and max_frame {max_frame!r} must not be negative")
+    max_out[0] = <unsigned long long>mf
+    return <Py_ssize_t>lim
+
+
+def split_frames(body, limit, max_frame):
+    """``(type, start, end)`` of each frame's body in a batch body.
+
+    ``body``: any C-contiguous bytes-like object.  ``limit``: the most frames
+    allowed; ``max_frame``: the largest body a frame may announce.  Every
+    header is checked before anything is returned.  Raises ProtocolError for
+    a truncated header or body, an oversized frame, non-zero flags, or more
+    than ``limit`` frames.
+    """
+    cdef Py_buffer view
+    cdef unsigned long long mf = 0
+    cdef Py_ssize_t lim = _wire_limit(limit, max_frame, &mf)
+    cdef Py_ssize_t n, i, cap
+    cdef wire_frame *frames = NULL
+    cdef list result
+    PyObject_GetBuffer(body, &view, PyBUF_C_CONTIGUOUS)
+    try:
+        # room for every frame the body could hold (headers alone), capped by the limit
+        cap = min(lim, view.len // WIRE_HEADER_SIZE + 1)
+        frames = <wire_frame *>malloc((cap + 1) * sizeof(wire_frame))
+        if frames == NULL:
+            raise MemoryError()
+        n = _wire_split(<const unsigned char *>view.buf, view.len, lim, mf, frames)
+        result = [None] * n
+        for i in range(n):
+            result[i] = (frames[i].msg_type, frames[i].start, frames[i].end)
+        return result
+    finally:
+        free(frames)
+        PyBuffer_Release(&view)
+
+
+def run_batch(body, limit, max_frame, dict handlers not None, conn, refuse, on_error,
+              max_output, counts):
+    """Run every frame of a batch body; the reply body (one reply frame per request).
+
+    The body is split first (``split_frames``: a malformed batch runs
+    nothing).  Then, in order, each frame of type ``t``:
+      - ``handlers[t](conn, body_bytes)`` when ``t`` has a handler and the
+        reply so far is at most ``max_output`` bytes; its return value (bytes)
+        becomes an OK reply frame, or, if it raises an Exception ``exc``,
+        ``on_error(conn, t, exc)`` becomes an ERROR reply frame;
+      - otherwise ``refuse(conn, t, t not in handlers)`` becomes an ERROR frame
+        (no handler: the type may not be batched; else the output limit).
+    ``counts[t]`` grows by one per frame, run or refused (``counts``: a dict or
+    a subclass such as Counter, updated with dict's own get and set).  Returns
+    the concatenated reply frames.  Raises what ``split_frames`` raises, and
+    whatever BaseException (not Exception) a callback raises.
+    """
+    cdef Py_buffer view
+    cdef unsigned long long mf = 0
+    cdef Py_ssize_t lim = _wire_limit(limit, max_frame, &mf)
+    cdef long long out_limit = 0
+    cdef Py_ssize_t n, i, cap, size = 0, total = 0, k
+    cdef wire_frame *frames = NULL
+    cdef unsigned int code
+    cdef const char *src
+    cdef char *dst
+    cdef list replies
+    cdef bytes reply, out
+    cdef object handler, key, count
+    psv_i64_from_obj(max_output, &out_limit)
+    if not isinstance(counts, dict):
+        raise BadParameters(f"counts must be a dict, got {type(counts).__name__}")
+    PyObject_GetBuffer(body, &view, PyBUF_C_CONTIGUOUS)
+    try:
+        cap = min(lim, view.len // WIRE_HEADER_SIZE + 1)
+        frames = <wire_frame *>malloc((cap + 1) * sizeof(wire_frame))
+        if frames == NULL:
+            raise MemoryError()
+        n = _wire_split(<const unsigned char *>view.buf, view.len, lim, mf, frames)
+        src = <const char *>view.buf
+        replies = [None] * n
+        for i in range(n):
+            key = frames[i].msg_type
+            handler = handlers.get(key)
+            if handler is not None and size <= out_limit:
+                try:
+                    reply = _wire_bytes(handler(conn, PyBytes_FromStringAndSize(
+                        src + frames[i].start, frames[i].end - frames[i].start)))
+                    code = WIRE_REPLY_OK
+                except Exception as exc:
+                    reply = _wire_bytes(on_error(conn, key, exc))
+                    code = WIRE_REPLY_ERROR
+            else:
+                reply = _wire_bytes(refuse(conn, key, handler is None))
+                code = WIRE_REPLY_ERROR
+            if PyBytes_GET_SIZE(reply) > 0xFFFFFFFF:
+                raise ProtocolError(f"a reply of {PyBytes_GET_SIZE(reply)} bytes does not fit a frame")
+            replies[i] = reply
+            # the type of a reply frame rides in the otherwise unused end field
+            frames[i].end = code
+            size += WIRE_HEADER_SIZE + PyBytes_GET_SIZE(reply)
+            count = dict.get(counts, key)
+            dict.__setitem__(counts, key, 1 if count is None else count + 1)
+        total = size
+        out = PyBytes_FromStringAndSize(NULL, total)
+        dst = PyBytes_AS_STRING(out)
+        for i in range(n):
+            reply = replies[i]
+            k = PyBytes_GET_SIZE(reply)
+            psv_store_le32(dst, <unsigned int>k)
+            dst[4] = <char>(frames[i].end & 0xFF)
+            dst[5] = <char>((frames[i].end >> 8) & 0xFF)
+            dst[6] = 0
+            dst[7] = 0
+            memcpy(dst + WIRE_HEADER_SIZE, PyBytes_AS_STRING(reply), k)
+            dst += WIRE_HEADER_SIZE + k
+        return out
+    finally:
+        free(frames)
+        PyBuffer_Release(&view)
+
+
+cdef inline bytes _wire_bytes(object value):
+    if type(value) is bytes:
+        return <bytes>value
+    return bytes(value)
