@@ -79,6 +79,7 @@ DEFAULT_SPIN_US = 0
 
 
 _unpack_desc = P.DESC.unpack_from
+_DESC_SIZE = P.DESC.size
 _PAGES_FOLLOW = int(P.DescBits.PAGES_FOLLOW)
 _NEW_SEGMENT = int(P.DescBits.NEW_SEGMENT)
 _REGISTERED = int(P.DescBits.REGISTERED)
@@ -713,13 +714,21 @@ class Context:
             raise Closed(f"context {self.name} is closed")
 
     # -- replies -------------------------------------------------------------------------------
-    def _make_shm(self, body: memoryview, user_view: memoryview | None = None) -> Shm:
-        desc = _unpack_desc(body)
+    def _make_shm(self, body: Any, user_view: memoryview | None = None, start: int = 0,
+                  end: int = -1) -> Shm:
+        """The Shm described by the DESC reply ``body[start:end]`` (``end`` -1: to the end)."""
+        if end < 0:
+            end = len(body)
+        if end - start < _DESC_SIZE:
+            raise ProtocolError(f"shm descriptor of {end - start} bytes, expected at least {_DESC_SIZE}")
+        desc = _unpack_desc(body, start)
         bits = desc[12]
         pages = None
         if bits & _PAGES_FOLLOW:
             npages = desc[8]
-            pages = np.frombuffer(body, dtype=np.uint64, count=npages, offset=P.DESC.size).copy()
+            if end - start != _DESC_SIZE + 8 * npages:
+                raise ProtocolError(f"shm descriptor of {end - start} bytes for {npages} pages")
+            pages = np.frombuffer(body, dtype=np.uint64, count=npages, offset=start + _DESC_SIZE).copy()
             pages.flags.writeable = False
         if bits & _NEW_SEGMENT:
             self._channel.map_segment(desc[9], desc[6])
@@ -1086,6 +1095,19 @@ _REFUSED = -1
 _ALLOC_KIND = (_ALLOC, None)
 
 
+def _batch_alloc(kind: int, doc: str) -> Callable[["Batch", int], None]:
+    """A Batch method queueing an ALLOC of ``kind`` (the hot path: one struct call per frame)."""
+    def alloc(self: "Batch", size: int) -> None:
+        parts = self.parts
+        if type(size) is int and 0 < size < 1 << 63 and len(parts) < self.limit:
+            parts.append(_pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size))
+            self.kinds.append(_ALLOC_KIND)
+        else:  # a bad size (refused locally) or a full batch (raises)
+            self._alloc(kind, size)
+    alloc.__doc__ = doc
+    return alloc
+
+
 class Batch:
     """Operations collected and sent as one BATCH request (one round trip).
 
@@ -1096,7 +1118,7 @@ class Batch:
     (the others still ran).  A Batch can be run once.
     """
 
-    __slots__ = ("ctx", "parts", "kinds", "limit")
+    __slots__ = ("ctx", "parts", "kinds", "limit", "closing", "refused")
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -1104,6 +1126,9 @@ class Batch:
         self.parts: list[bytes] = []
         self.kinds: list[tuple[int, Any]] = []
         self.limit = ctx._channel.max_batch
+        #: The shms of the queued closes; whether an operation was refused locally.
+        self.closing: list[Shm] = []
+        self.refused = False
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -1124,9 +1149,10 @@ class Batch:
     def _refused(self, exc: PoolsvcError) -> None:
         """An operation whose arguments cannot even be encoded: its result is ``exc``."""
         self.kinds.append((_REFUSED, exc))
+        self.refused = True
 
     def _alloc(self, kind: int, size: int) -> None:
-        # the hot path: one struct call per frame (the checks of _check_size)
+        # the checks of _check_size; a valid size goes through _push (which may raise full)
         if type(size) is int and 0 < size < 1 << 63:
             self._push(_pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size), _ALLOC_KIND)
             return
@@ -1135,14 +1161,9 @@ class Batch:
         except BadParameters as exc:
             self._refused(exc)
 
-    def alloc_user_buf(self, size: int) -> None:
-        self._alloc(_ALLOC_USER, size)
-
-    def alloc_kernel_buf(self, size: int) -> None:
-        self._alloc(_ALLOC_KERNEL, size)
-
-    def alloc_priv_buf(self, size: int) -> None:
-        self._alloc(_ALLOC_PRIV, size)
+    alloc_user_buf = _batch_alloc(_ALLOC_USER, "Queue ``Context.alloc_user_buf(size)``.")
+    alloc_kernel_buf = _batch_alloc(_ALLOC_KERNEL, "Queue ``Context.alloc_kernel_buf(size)``.")
+    alloc_priv_buf = _batch_alloc(_ALLOC_PRIV, "Queue ``Context.alloc_priv_buf(size)``.")
 
     def shm_from_id(self, shm_id: int) -> None:
         if isinstance(shm_id, bool) or not isinstance(shm_id, int) or not -(1 << 63) <= shm_id < 1 << 63:
@@ -1156,6 +1177,7 @@ class Batch:
         if shm._refs <= 0:
             shm._check()  # raises Closed
         self._push(_pack_close_frame(_COOKIE_BODY, _SHM_CLOSE, 0, shm.cookie), (_SHM_CLOSE, shm))
+        self.closing.append(shm)
 
     def run(self) -> list[Any]:
         """Send the batch; one result per operation (Shm, None, or an exception)."""
@@ -1165,11 +1187,11 @@ class Batch:
         if not self.parts:
             return [extra for _, extra in kinds]
         # Closes take effect locally first, exactly as Shm.close() does.
-        for msg_type, shm in kinds:
-            if msg_type == _SHM_CLOSE:
-                shm._refs -= 1
-                if shm._refs == 0:
-                    shm._release_local()
+        closing, self.closing = self.closing, []
+        for shm in closing:
+            shm._refs -= 1
+            if shm._refs == 0:
+                shm._release_local()
         body = b"".join(self.parts)
         sent = len(self.parts)
         self.parts = []
@@ -1181,16 +1203,20 @@ class Batch:
         replies = P.split_frames(reply, sent, P.MAX_REPLY_FRAME)
         if len(replies) != sent:
             raise ProtocolError(f"BATCH_REPLY holds {len(replies)} replies for {sent} requests")
+        if self.refused:  # results of the refused operations go in between
+            answers = iter(replies)
+            pairs = [(kind, None if kind[0] == _REFUSED else next(answers)) for kind in kinds]
+        else:
+            pairs = zip(kinds, replies)  # type: ignore[assignment]
         results: list[Any] = []
         append = results.append
         channel = ctx._channel
         make_shm = ctx._make_shm
-        answers = iter(replies)
-        for msg_type, extra in kinds:
-            if msg_type == _REFUSED:
+        for (msg_type, extra), answer in pairs:
+            if answer is None:
                 append(extra)
                 continue
-            sub_type, start, end = next(answers)
+            sub_type, start, end = answer
             if sub_type == _ERROR:
                 append(P.error_from_body(reply[start:end]))
             elif msg_type == _SHM_CLOSE:
@@ -1203,7 +1229,7 @@ class Batch:
             elif msg_type == _PING:
                 append(bytes(reply[start:end]))
             else:
-                append(make_shm(reply[start:end]))
+                append(make_shm(reply, None, start, end))
         return results
 
 
