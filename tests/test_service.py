@@ -122,6 +122,20 @@ def test_batch_parsing_is_bounded():
         list(P.iter_frames(P.HEADER.pack(10**6, 8, 0), 2, 100))
 
 
+def test_serve_command_line_takes_any_case_and_python_m(capsys):
+    """``--log-level WARNING`` is accepted as ``warning``; ``python -m poolsvc`` is the CLI."""
+    from poolsvc.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--log-level", "WARNING", "--socket", "/tmp/x.sock"])
+    assert args.log_level == "warning"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--log-level", "LOUD"])
+    assert "invalid choice: 'loud'" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "-m", "poolsvc", "serve", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--log-level" in out.stdout
+
+
 # -- settings ----------------------------------------------------------------------------------------
 def test_settings_validation_and_file(tmp_path):
     with pytest.raises(ConfigError, match="max_clients"):

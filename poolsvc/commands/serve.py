@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="TOML file: System keys (flat or [poolsvc]) and a [service] table")
     p.add_argument("--socket", metavar="PATH", help="socket path (overrides the config file)")
-    p.add_argument("--log-level", choices=[level.lower() for level in LOG_LEVELS],
+    p.add_argument("--log-level", type=str.lower, choices=[level.lower() for level in LOG_LEVELS],
                    help="logging level (default info, or the config file's)")
     p.set_defaults(func=run)
 
