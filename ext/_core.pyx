@@ -8,6 +8,7 @@ between ``cdef`` functions stay direct C calls; each has a ``.pxd`` twin
     freemap.pyx    bitmap + tree of free runs: the indexed first-fit index
     alloc.pyx      RangeAllocator (static pool, genalloc) and FrameAllocator
     tables.pyx     FrameTable, IdTable, AddressMap
+    arena.pyx      ArenaPages: storage-page runs of an arena; take/give of a dynamic-pool run
     pagelist.pyx   OP-TEE non-contiguous page lists: build, parse, segments
     copy.pyx       gather / scatter through the frame table
     smc.pyx        both ends of the one-parameter message call (REGISTER/UNREGISTER_SHM)
@@ -31,6 +32,7 @@ from poolsvc.errors import (
 include "freemap.pyx"
 include "alloc.pyx"
 include "tables.pyx"
+include "arena.pyx"
 include "pagelist.pyx"
 include "copy.pyx"
 include "smc.pyx"

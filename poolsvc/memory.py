@@ -8,7 +8,7 @@ to one owner (a context, or the kernel), in segments that grow in large
 pre-faulted steps, so allocation makes no syscall in the steady state.
 
 Invariants (per arena):
-  ``sum(segment.pages) == pages_total``,
+  ``sum(segment.npages) == pages_total``,
   ``used_pages + free_pages == pages_total``,
   every page handed out is zero (pages are zeroed when freed).
 
@@ -19,15 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ._backend import core
 from .config import Config
 from .constants import PAGE_SIZE
 from .errors import BadParameters
 from .storage import Storage
-
-_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class PhysicalMemory:
@@ -93,25 +89,33 @@ class PhysicalMemory:
         return self.table.read(pa, PAGE_SIZE)
 
 
-@dataclass
+@dataclass(eq=False)
 class Segment:
-    """One storage object of an arena, with the allocator of its pages."""
+    """One storage object of an arena (its pages are counted in ``Arena.pages``)."""
 
     storage: Storage
     sid: int
-    pages: Any  # core.FrameAllocator over page indices (base 0)
-    zeros: np.ndarray  # uint8 view of the whole mapping, for zeroing
+    npages: int
 
 
 class Arena:
     """Runs of storage pages for one owner, grown in pre-faulted steps.
 
-    ``alloc(npages)`` returns ``(segment, page_index)``; the run is contiguous
-    inside one segment (one storage object), so a buffer's bytes are one
-    contiguous span of one mapping: ``segment.storage.mm[i*4096 : ...]``.
+    ``take(npages)`` returns a ``core.ArenaRun``: contiguous frames of
+    ``frames`` (the dynamic RAM allocator), a run of storage pages inside one
+    segment (one storage object) and the frame-table mapping between them, so
+    a buffer's bytes are one contiguous span of one mapping:
+    ``run.segment.storage.mm[run.index*4096 : ...]``.  ``give(run)`` undoes it
+    and zeroes the pages.  ``alloc`` / ``free`` hand out storage pages alone.
+    The per-allocation work is one compiled call (``core.ArenaPages``, in
+    ``pages``); the policy is here: growing by ``step`` when no segment has
+    room, and returning an emptied segment to the OS only when another empty
+    one is kept as a spare (so a steady alloc/free pattern does not create and
+    pre-fault storage over and over).
     """
 
-    def __init__(self, memory: PhysicalMemory, step: int, prefix: str, owner: Any = None) -> None:
+    def __init__(self, memory: PhysicalMemory, step: int, prefix: str, owner: Any = None, *,
+                 frames: Any) -> None:
         if step % PAGE_SIZE or step <= 0:
             raise BadParameters(f"arena step {step:#x} is not a positive multiple of 4096")
         self.memory = memory
@@ -119,11 +123,15 @@ class Arena:
         self.prefix = prefix
         self.owner = owner
         self.segments: list[Segment] = []
-        self.used_pages = 0
+        self.pages = core.ArenaPages(memory.table, frames)
+
+    @property
+    def used_pages(self) -> int:
+        return int(self.pages.used_pages)
 
     @property
     def pages_total(self) -> int:
-        return sum(seg.pages.nframes for seg in self.segments)
+        return int(self.pages.pages_total)
 
     @property
     def bytes_total(self) -> int:
@@ -138,54 +146,60 @@ class Arena:
         except BaseException:
             storage.close()
             raise
-        zeros = np.frombuffer(storage.mm, dtype=np.uint8)
-        seg = Segment(storage, sid, core.FrameAllocator(0, count, 30), zeros)
+        seg = Segment(storage, sid, count)
+        try:
+            self.pages.add(seg, sid, count)
+        except BaseException:
+            self.memory.detach(sid)
+            storage.close()
+            raise
         self.segments.append(seg)
         return seg
+
+    def take(self, npages: int) -> Any:
+        """Contiguous frames mapped to a run of zeroed storage pages: a ``core.ArenaRun``.
+
+        Grows when no segment has room.  Errors: those of the frame allocator
+        (BadParameters, OutOfMemory), checked before growing; OutOfMemory when
+        the OS refuses new storage.  Nothing is taken when it raises.
+        """
+        run = self.pages.take(npages)
+        if run is None:
+            self._grow(npages)
+            run = self.pages.take(npages)
+        return run
+
+    def give(self, run: Any) -> None:
+        """Undo :meth:`take` (the pages are zeroed)."""
+        if self.pages.give(run) > 1:  # run's segment emptied, and another is empty too
+            self._drop(run.segment)
 
     def alloc(self, npages: int) -> tuple[Segment, int]:
         """A run of ``npages`` zeroed storage pages: ``(segment, first page index)``."""
         if npages <= 0:
             raise BadParameters(f"arena request of {npages} pages")
-        for seg in self.segments:
-            if seg.pages.largest_free_run >= npages:
-                index = seg.pages.alloc_contig(npages) // PAGE_SIZE
-                self.used_pages += npages
-                return seg, index
-        seg = self._grow(npages)
-        index = seg.pages.alloc_contig(npages) // PAGE_SIZE
-        self.used_pages += npages
+        found = self.pages.alloc(npages)
+        if found is None:
+            self._grow(npages)
+            found = self.pages.alloc(npages)
+        seg, index = found
         return seg, index
 
     def reserve(self, nbytes: int) -> None:
         """Grow (pre-faulted) until ``nbytes`` more could be handed out without growing."""
-        free = sum(seg.pages.free_frames for seg in self.segments) * PAGE_SIZE
+        free = self.pages.free_pages * PAGE_SIZE
         while free < nbytes:
             seg = self._grow(min(self.step, nbytes - free) // PAGE_SIZE or 1)
-            free += seg.pages.nframes * PAGE_SIZE
+            free += seg.npages * PAGE_SIZE
 
     def free(self, seg: Segment, index: int, npages: int) -> None:
-        """Zero and release a run.
-
-        A segment that becomes empty is returned to the OS only when another empty
-        segment is already kept as a spare (so a steady alloc/free pattern does not
-        create and pre-fault storage over and over).
-        """
-        start = index * PAGE_SIZE
-        if npages == 1:  # a bytes slice assignment: about half the cost of numpy's for one page
-            seg.storage.mm[start:start + PAGE_SIZE] = _ZERO_PAGE
-        else:
-            seg.zeros[start:start + npages * PAGE_SIZE] = 0
-        seg.pages.free_contig(index * PAGE_SIZE, npages)
-        self.used_pages -= npages
-        if seg.pages.used_frames == 0 and len(self.segments) > 1:
-            spares = sum(1 for other in self.segments if other.pages.used_frames == 0)
-            if spares > 1:
-                self._drop(seg)
+        """Zero and release a run of storage pages."""
+        if self.pages.free(seg, index, npages) > 1:
+            self._drop(seg)
 
     def _drop(self, seg: Segment) -> None:
         self.segments.remove(seg)
-        del seg.zeros
+        self.pages.remove(seg)
         self.memory.detach(seg.sid)
         seg.storage.close()
 
@@ -193,4 +207,3 @@ class Arena:
         """Release every segment (the owner's frames must be unmapped first)."""
         for seg in list(self.segments):
             self._drop(seg)
-        self.used_pages = 0

@@ -87,6 +87,10 @@ _UNREGISTER_ATTR = int(Attr.RMEM_INPUT)
 _LIST_ENTRIES = pagelist.ENTRIES_PER_LIST_PAGE
 
 
+#: The backing of a dynamic-pool Shm: frames + storage pages + mapping (ext/arena.pyx).
+_ArenaRun = core.ArenaRun
+
+
 def _npages(offset: int, size: int) -> int:
     return (offset + size + PAGE_MASK) // PAGE_SIZE
 
@@ -94,14 +98,6 @@ def _npages(offset: int, size: int) -> int:
 # ---------------------------------------------------------------------------------------
 # Backing of an Shm: where its frames came from and where its bytes live
 # ---------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _DynamicBacking:
-    pa: int
-    npages: int
-    segment: Segment
-    index: int
-
-
 @dataclass
 class _StaticBacking:
     pa: int
@@ -194,7 +190,7 @@ class Shm:
         self._check()
         backing = self._backing
         system = self.context.system
-        if isinstance(backing, _DynamicBacking):
+        if type(backing) is _ArenaRun:
             start = backing.index * PAGE_SIZE + self.offset
             base = memoryview(backing.segment.storage.mm)
             view = base[start:start + self.size]
@@ -251,7 +247,7 @@ class Context:
         self.name = name or f"ctx{cid}"
         self.shms: dict[int, Shm] = {}  # by cookie
         self.arena = Arena(system.memory, system.config.arena_step, system.config.shm_prefix,
-                           owner=self)
+                           owner=self, frames=system.dynamic)
         self.closed = False
         self.sessions: dict[int, Any] = {}
 
@@ -457,7 +453,7 @@ class System:
         self._list_scratch_page: tuple[Segment, int] | None = None
         self._smc: Any = None  # core.SmcDriver: the driver's end of the message call
         self.kernel_arena = Arena(self.memory, min(config.arena_step, 4 << 20),
-                                  config.shm_prefix, owner="kernel")
+                                  config.shm_prefix, owner="kernel", frames=self.dynamic)
         try:
             if config.reserved_shm:
                 self.static = core.RangeAllocator(config.static_base, config.static_size,
@@ -538,7 +534,11 @@ class System:
 
     # -- kernel-owned pages (page lists, message buffers) ------------------------------------
     def _alloc_kernel_pages(self, npages: int) -> tuple[int, int, Segment, int]:
-        """Contiguous dynamic frames backed by the kernel arena: (pa, npages, seg, index)."""
+        """Contiguous dynamic frames backed by the kernel arena: (pa, npages, seg, index).
+
+        Not a hot path (page lists longer than one page, the message page);
+        poolsvc.tee.driver uses the tuple too.
+        """
         pa = self.dynamic.alloc_contig(npages)
         try:
             seg, index = self.kernel_arena.alloc(npages)
@@ -639,15 +639,9 @@ class System:
     # -- pools ---------------------------------------------------------------------------------
     def _alloc_dynamic(self, ctx: Context, size: int, flags: ShmFlags) -> Shm:
         npages = (size + PAGE_MASK) // PAGE_SIZE
-        pa = self.dynamic.alloc_contig(npages)
-        try:
-            seg, index = ctx.arena.alloc(npages)
-        except BaseException:
-            self.dynamic.free_contig(pa, npages)
-            raise
-        self.memory.table.map_range(pa, npages, seg.sid, index)
-        shm = Shm(ctx, flags, npages * PAGE_SIZE, 0, None, next(self._cookies),
-                  _DynamicBacking(pa, npages, seg, index), (pa, npages))
+        run = ctx.arena.take(npages)
+        pa = run.pa
+        shm = Shm(ctx, flags, npages * PAGE_SIZE, 0, None, next(self._cookies), run, (pa, npages))
         if flags is not _POOL_PRIV:
             try:
                 self._tee_register_run(pa, npages, shm.size, shm.cookie)
@@ -658,10 +652,7 @@ class System:
         return shm
 
     def _free_dynamic(self, shm: Shm) -> None:
-        b: _DynamicBacking = shm._backing
-        self.memory.table.unmap_range(b.pa, b.npages)
-        shm.context.arena.free(b.segment, b.index, b.npages)
-        self.dynamic.free_contig(b.pa, b.npages)
+        shm.context.arena.give(shm._backing)
 
     def _alloc_static(self, ctx: Context, size: int, align: int, flags: ShmFlags) -> Shm:
         assert self.static is not None
@@ -819,7 +810,7 @@ class System:
                 raise
             shm.registered = False
         backing = shm._backing
-        if isinstance(backing, _DynamicBacking):
+        if type(backing) is _ArenaRun:
             self._free_dynamic(shm)
         elif isinstance(backing, _StaticBacking):
             self._free_static(shm)

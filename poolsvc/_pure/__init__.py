@@ -6,6 +6,7 @@ the oracle for the compiled core, the benchmarks as the baseline of the
 speed-up ratios, and ``POOLSVC_PUREPYTHON=1`` runs the whole package on them.
 """
 from .alloc import FrameAllocator, RangeAllocator
+from .arena import ArenaPages, ArenaRun
 from .copy import gather, scatter
 from .pagelist import (
     pagelist_build,
@@ -20,6 +21,8 @@ from .wire import run_batch, split_frames
 
 __all__ = [
     "AddressMap",
+    "ArenaPages",
+    "ArenaRun",
     "FrameAllocator",
     "FrameTable",
     "IdTable",
