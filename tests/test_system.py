@@ -432,3 +432,87 @@ def test_registration_around_an_existing_one(dyn_system, shmem):
     outer.close()
     ctx.close()
     assert_idle(dyn_system)
+
+
+# -- the dynamic pool's all-or-nothing path (core.ArenaPages.take / give) ------------------
+def _snapshot(system):
+    stats = system.stats()
+    del stats["pid"]
+    ctx_arenas = {ctx.name: (ctx.arena.used_pages, ctx.arena.pages_total, len(ctx.arena.segments))
+                  for ctx in system.contexts.values()}
+    return stats, ctx_arenas, system.dynamic.used_map().tobytes()
+
+
+def test_refused_registration_frees_everything(dyn_system, monkeypatch):
+    from poolsvc.errors import TeeError
+
+    ctx = dyn_system.open_context("c")
+    keep = ctx.alloc_user_buf(4096)
+    before = _snapshot(dyn_system)
+
+    def refuse(*args):
+        raise TeeError("refused", 0xFFFF000C, 4)
+
+    monkeypatch.setattr(dyn_system, "_tee_register_run", refuse)
+    for alloc in (ctx.alloc_user_buf, ctx.alloc_kernel_buf):
+        with pytest.raises(TeeError):
+            alloc(3 * 4096)
+        assert _snapshot(dyn_system) == before
+        assert_accounting(dyn_system)
+    monkeypatch.undo()
+    shm = ctx.alloc_user_buf(3 * 4096)
+    assert shm.id == 2 and bytes(shm.view()) == bytes(3 * 4096)
+    shm.close()
+    keep.close()
+    ctx.close()
+    assert_idle(dyn_system)
+
+
+def test_refused_storage_frees_id_and_frames(dyn_system, monkeypatch):
+    from poolsvc.storage import Storage
+
+    ctx = dyn_system.open_context("c")
+    held = [ctx.alloc_user_buf(128 * 4096) for _ in range(2)]  # the 1 MiB segment is full
+    before = _snapshot(dyn_system)
+
+    def refuse(*args, **kwargs):
+        raise OutOfMemory("no storage")
+
+    monkeypatch.setattr(Storage, "create", refuse)
+    with pytest.raises(OutOfMemory, match="no storage"):
+        ctx.alloc_user_buf(4096)
+    assert _snapshot(dyn_system) == before
+    assert_accounting(dyn_system)
+    monkeypatch.undo()
+    for shm in held:
+        shm.close()
+    ctx.close()
+    assert_idle(dyn_system)
+
+
+def test_frames_exhausted_before_the_arena_grows(leaks):
+    with System(Config(dynamic_size=1 * MiB, arena_step=1 * MiB)) as s:
+        ctx = s.open_context("c")
+        free = s.dynamic.free_frames
+        with pytest.raises(OutOfMemory):
+            ctx.alloc_priv_buf((free + 1) * 4096)
+        assert ctx.arena.pages_total == 0  # nothing created for a request the frames refuse
+        assert_accounting(s)
+
+
+def test_freed_pages_are_zeroed_and_spares_kept(dyn_system):
+    ctx = dyn_system.open_context("c")
+    a = ctx.alloc_priv_buf(200 * 4096)
+    b = ctx.alloc_priv_buf(200 * 4096)      # does not fit beside a: a second segment
+    assert len(ctx.arena.segments) == 2
+    pa = a.paddr
+    a.view()[:5] = b"dirty"
+    a.close()
+    assert len(ctx.arena.segments) == 2     # an empty segment is kept as the spare
+    again = ctx.alloc_priv_buf(4096)
+    assert again.paddr == pa and bytes(again.view()[:5]) == bytes(5)
+    again.close()
+    b.close()                               # a second empty segment goes back to the OS
+    assert len(ctx.arena.segments) == 1 and ctx.arena.used_pages == 0
+    ctx.close()
+    assert_idle(dyn_system)

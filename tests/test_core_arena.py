@@ -1,0 +1,277 @@
+"""Tests of the arena kernel of the core: ArenaPages and ArenaRun (docs/core.md).
+
+Owns: (a) a differential test that drives the compiled core and the
+plain-Python reference with the same random operation sequences (segments
+added and removed, storage runs, take/give of dynamic-pool runs, bogus
+arguments) and requires identical results, error types, frame maps, frame
+tables and storage bytes, with nothing changed by a failing call; (b) one
+hand-written case per error and per all-or-nothing promise, on both backends.
+
+Concurrency: none; every test builds its own objects.
+"""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolsvc.errors import (
+    AddressError,
+    BadParameters,
+    DoubleFree,
+    ItemNotFound,
+    OutOfMemory,
+    PoolsvcError,
+)
+
+PAGE = 4096
+DYN = 0x50000000
+NFRAMES = 64
+
+
+class World:
+    """A frame table, a frame allocator and an arena of one backend."""
+
+    def __init__(self, core, nframes=NFRAMES, max_order=4):
+        self.core = core
+        self.table = core.FrameTable([(0x1000, 16 * PAGE), (DYN, nframes * PAGE)])
+        self.frames = core.FrameAllocator(DYN, nframes, max_order)
+        self.arena = core.ArenaPages(self.table, self.frames)
+        self.buffers: dict[int, bytearray] = {}
+
+    def add(self, label, sid, npages, spare=0):
+        buf = bytearray((npages + spare) * PAGE)
+        self.table.attach(sid, buf)
+        self.buffers[sid] = buf
+        self.arena.add(label, sid, npages)
+
+    def state(self):
+        a = self.arena
+        mapped = []
+        for pa in range(DYN, DYN + self.frames.nframes * PAGE, PAGE):
+            mapped.append(self.table.lookup(pa) if self.table.is_mapped(pa) else None)
+        return (a.pages_total, a.free_pages, a.used_pages, a.empty_segments,
+                [id(s) for s in a.segments()], [a.used(s) for s in a.segments()],
+                self.frames.used_map().tobytes(), mapped, self.table.mapped_frames,
+                {sid: bytes(b) for sid, b in self.buffers.items()})
+
+
+def run_key(value):
+    """A comparable form of a result: ArenaRun as its fields, tuples as lists."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, tuple):
+        return ("pair", id(value[0]), value[1])
+    return ("run", value.pa, value.npages, id(value.segment), value.index)
+
+
+def outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except PoolsvcError as exc:
+        return ("err", type(exc))
+
+
+# ---------------------------------------------------------------------------
+# (a) differential
+# ---------------------------------------------------------------------------
+
+@given(data=st.data(), nframes=st.integers(1, 64), max_order=st.integers(0, 6))
+def test_arena_matches_reference(compiled, pure, data, nframes, max_order):
+    wc, wp = World(compiled, nframes, max_order), World(pure, nframes, max_order)
+    draw = data.draw
+    labels: list[str] = []          # segments ever added (the same objects for both)
+    runs: list[tuple] = []          # (compiled run, pure run), given back or not
+    pairs: list[tuple] = []         # (segment, index, npages) from alloc
+    count = st.integers(-1, 10) | st.sampled_from([2 ** 70, -(2 ** 70), 1 << 30])
+
+    def both(name, *args, c_args=None, p_args=None):
+        before = wc.state()
+        rc = outcome(getattr(wc.arena, name), *(c_args if c_args is not None else args))
+        rp = outcome(getattr(wp.arena, name), *(p_args if p_args is not None else args))
+        kc = (rc[0], run_key(rc[1]) if rc[0] == "ok" else rc[1])
+        kp = (rp[0], run_key(rp[1]) if rp[0] == "ok" else rp[1])
+        assert kc == kp, f"{name}{args}: compiled {rc} != pure {rp}"
+        if rc[0] == "err" or (rc[1] is None and name in ("alloc", "take")):
+            assert wc.state() == before, f"{name}{args} changed state"
+        assert wc.state() == wp.state()
+        return rc, rp
+
+    for _ in range(draw(st.integers(1, 40))):
+        op = draw(st.sampled_from(["add", "remove", "alloc", "free", "take", "take",
+                                   "give", "give", "scribble", "bogus"]))
+        if op == "add":
+            label = f"seg{len(labels)}"
+            labels.append(label)
+            sid, npages, spare = draw(st.integers(10, 14)), draw(st.integers(1, 12)), draw(st.integers(0, 2))
+            for w in (wc, wp):
+                if sid not in w.buffers:         # else the storage may be too short
+                    w.buffers[sid] = bytearray((npages + spare) * PAGE)
+                    w.table.attach(sid, w.buffers[sid])
+            both("add", label, sid, npages)
+        elif op == "remove" and labels:
+            both("remove", draw(st.sampled_from(labels)))
+        elif op == "alloc":
+            (rc, _) = both("alloc", draw(count))
+            if rc[0] == "ok" and rc[1] is not None:
+                pairs.append((rc[1][0], rc[1][1], draw(st.integers(1, 3))))
+        elif op == "free" and (pairs or labels):
+            if pairs and draw(st.booleans()):
+                seg, index, n = draw(st.sampled_from(pairs))
+            else:
+                seg = draw(st.sampled_from(labels)) if labels else "nobody"
+                index, n = draw(st.integers(-2, 14)), draw(count)
+            both("free", seg, index, n)
+        elif op == "take":
+            (rc, rp) = both("take", draw(count))
+            if rc[0] == "ok" and rc[1] is not None:
+                runs.append((rc[1], rp[1]))
+        elif op == "give" and runs:
+            c_run, p_run = draw(st.sampled_from(runs))
+            both("give", c_args=(c_run,), p_args=(p_run,))
+        elif op == "scribble" and runs:
+            # write through the frame table into a live run: give must zero it
+            c_run, p_run = draw(st.sampled_from(runs))
+            for w in (wc, wp):
+                if w.table.is_mapped(c_run.pa):
+                    w.table.write(c_run.pa, b"\xa5" * 100)
+        elif op == "bogus":
+            both("give", "not a run")
+            both("free", "nobody", 0, 1)
+            if draw(st.booleans()):
+                both("alloc", "x")
+            else:
+                both("take", 1.5)
+
+
+# ---------------------------------------------------------------------------
+# (b) hand-written cases, both backends
+# ---------------------------------------------------------------------------
+
+def test_take_give_round_trip_zeroes(core):
+    w = World(core)
+    w.add("a", 1, 8)
+    run = w.arena.take(3)
+    assert (run.pa, run.npages, run.segment, run.index) == (DYN, 3, "a", 0)
+    assert [w.table.lookup(run.pa + k * PAGE) for k in range(3)] == [(1, 0), (1, 1), (1, 2)]
+    w.table.write(run.pa + PAGE, b"secret")
+    assert w.buffers[1][PAGE:PAGE + 6] == b"secret"
+    assert w.arena.used_pages == 3 and w.frames.used_frames == 3
+    assert w.arena.give(run) == 1              # the segment emptied: one empty segment
+    assert bytes(w.buffers[1]) == bytes(8 * PAGE)
+    assert w.table.mapped_frames == 0 and w.frames.used_frames == 0
+    with pytest.raises(DoubleFree):
+        w.arena.give(run)
+
+
+def test_take_without_room_changes_nothing(core):
+    w = World(core)
+    assert w.arena.take(1) is None             # no segment at all
+    w.add("a", 1, 2)
+    assert w.arena.take(3) is None             # no run of 3 pages
+    assert w.frames.used_frames == 0 and w.table.mapped_frames == 0
+    second = w.arena.take(2)
+    assert second is not None and second.pa == DYN
+
+
+def test_take_checks_frames_first(core):
+    w = World(core, nframes=4, max_order=1)
+    with pytest.raises(OutOfMemory):           # beyond max_order, though no segment has room
+        w.arena.take(4)
+    with pytest.raises(BadParameters):
+        w.arena.take(0)
+    w.add("a", 1, 8)
+    w.frames.claim(DYN, 3)
+    with pytest.raises(OutOfMemory):
+        w.arena.take(2)
+    assert w.arena.used_pages == 0 and w.table.mapped_frames == 0
+
+
+def test_take_refused_mapping_takes_nothing(core):
+    w = World(core)
+    w.add("a", 1, 8)
+    w.table.map_range(DYN, 1, 1, 7)            # the frame is mapped but not allocated
+    with pytest.raises(BadParameters):
+        w.arena.take(1)
+    assert w.arena.used_pages == 0 and w.frames.used_frames == 0
+    assert w.table.mapped_frames == 1
+
+
+def test_first_fit_across_segments_and_spares(core):
+    w = World(core)
+    w.add("a", 1, 2)
+    w.add("b", 2, 4)
+    assert w.arena.empty_segments == 2
+    r1 = w.arena.take(2)                       # fills a
+    r2 = w.arena.take(1)                       # goes to b
+    assert (r1.segment, r2.segment, r2.index) == ("a", "b", 0)
+    assert w.arena.alloc(3) == ("b", 1)
+    assert w.arena.alloc(1) is None
+    assert w.arena.give(r1) == 1               # a empty, b not
+    assert w.arena.free("b", 1, 3) == 0        # b still holds r2
+    assert w.arena.give(r2) == 2               # both empty now
+    assert w.arena.pages_total == 6 and w.arena.free_pages == 6
+
+
+def test_free_errors_change_nothing(core):
+    w = World(core)
+    w.add("a", 1, 4)
+    seg, index = w.arena.alloc(2)
+    w.buffers[1][0:3] = b"abc"
+    for args, exc in [(("b", 0, 1), ItemNotFound), (("a", 0, 0), BadParameters),
+                      (("a", "x", 1), BadParameters), (("a", 3, 2), AddressError),
+                      (("a", -1, 1), AddressError), (("a", 1, 2), DoubleFree)]:
+        with pytest.raises(exc):
+            w.arena.free(*args)
+    assert w.arena.used_pages == 2 and w.buffers[1][0:3] == b"abc"
+    assert w.arena.free("a", 0, 2) == 1 and w.buffers[1][0:3] == bytes(3)
+
+
+def test_give_errors(core):
+    w = World(core)
+    w.add("a", 1, 4)
+    run = w.arena.take(1)
+    other = core.ArenaPages(w.table, w.frames)
+    with pytest.raises(ItemNotFound):          # not this arena's
+        other.give(run)
+    with pytest.raises(BadParameters):
+        w.arena.give((run.pa, 1))
+    with pytest.raises(BadParameters):
+        core.ArenaRun()
+    w.table.detach(1)
+    with pytest.raises(AddressError):          # storage detached: nothing changes
+        w.arena.give(run)
+    assert w.frames.used_frames == 1 and w.table.mapped_frames == 1
+    w.table.attach(1, w.buffers[1])
+    w.arena.give(run)
+    run2 = w.arena.take(1)
+    w.arena.remove("a")
+    with pytest.raises(ItemNotFound):          # its segment is gone
+        w.arena.give(run2)
+
+
+def test_add_and_remove_errors(core):
+    w = World(core)
+    with pytest.raises(BadParameters):
+        w.arena.add("a", 3, 1)                 # storage 3 not attached
+    w.table.attach(3, bytearray(2 * PAGE))
+    with pytest.raises(BadParameters):
+        w.arena.add("a", 3, 3)                 # too short
+    with pytest.raises(BadParameters):
+        w.arena.add("a", 70000, 1)
+    with pytest.raises(BadParameters):
+        w.arena.add("a", 3, 0)
+    w.arena.add("a", 3, 2)
+    with pytest.raises(BadParameters):
+        w.arena.add("a", 3, 2)                 # twice
+    with pytest.raises(ItemNotFound):
+        w.arena.remove("b")
+    with pytest.raises(ItemNotFound):
+        w.arena.used("b")
+    with pytest.raises(BadParameters):
+        core.ArenaPages(w.table, None)
+    with pytest.raises(BadParameters):
+        core.ArenaPages(None, w.frames)
+    w.arena.alloc(1)
+    w.arena.remove("a")                        # allowed while it holds pages
+    assert w.arena.pages_total == 0 and w.arena.segments() == []
