@@ -26,10 +26,12 @@
 # throughout.  SmcDriver calls back into Python (the secure world) with a
 # list frame taken: a nested register* meanwhile is refused with Busy.
 # The plain-Python twin, same checks in the same order, is poolsvc/_pure/smc.py.
+cimport cython
 from libc.string cimport memcpy, memset
+from libc.stdint cimport INT64_MAX
 from cpython.long cimport PyLong_FromUnsignedLongLong
 
-from poolsvc.errors import NotSupported
+from poolsvc.errors import Busy, NotSupported, PoolsvcError
 
 
 cdef object _SMC_MAX_PAGES = 1 << 20     # the page limit of a registration (docs/tee.md)
@@ -176,6 +178,8 @@ cdef class SmcDriver:
         self.table = <FrameTable>table
         self.frames = <FrameAllocator>frames
         self.smc = smc
+        # the secure world's compiled entry is called in C (same call, no Python frame)
+        self.entry = <SmcEntry>smc if type(smc) is SmcEntry else None
         self.msg_pa = pa
         self.msg_pa_obj = PyLong_FromUnsignedLongLong(pa)
         self.list_sid = <int32_t>sid
@@ -215,6 +219,14 @@ cdef class SmcDriver:
         _smc_io(self.table, self.msg_pa + SMC_RET_OFFSET, pair, 8, False)
         return (psv_load_le32(pair), psv_load_le32(pair + 4))
 
+    cdef int call_secure(self) except -1:
+        """``smc(msg_pa)``; an SmcEntry is served without the Python call protocol."""
+        if self.entry is not None:
+            self.entry.serve(self.msg_pa_obj)
+        else:
+            self.smc(self.msg_pa_obj)
+        return 0
+
     def call1(self, cmd, attr, a, b, c):
         """Send a one-parameter message: write it, call the secure world, read the answer.
 
@@ -228,7 +240,7 @@ cdef class SmcDriver:
             raise BadParameters(f"cmd {cmd!r} is not a u32")
         self.post(<uint32_t>v, _u64_arg(attr, "attr"), _u64_arg(a, "a"), _u64_arg(b, "b"),
                   _u64_arg(c, "c"))
-        self.smc(self.msg_pa_obj)
+        self.call_secure()
         return self.answer()
 
     def unregister(self, cookie):
@@ -237,7 +249,7 @@ cdef class SmcDriver:
         Returns ``(ret, ret_origin)``; errors as ``call1``.
         """
         self.post(SMC_CMD_UNREGISTER, SMC_ATTR_UNREGISTER, 0, 0, _u64_arg(cookie, "cookie"))
-        self.smc(self.msg_pa_obj)
+        self.call_secure()
         return self.answer()
 
     @property
@@ -336,7 +348,7 @@ cdef class SmcDriver:
                 if n == PL_ENTRIES:     # a full page: next = own PA + 4096, as pagelist_build
                     psv_store_le64(dst + PL_NEXT_OFFSET, list_pa + PSV_PAGE_SIZE)
                 self.post(SMC_CMD_REGISTER, SMC_ATTR_REGISTER, list_pa | offset, size, cookie)
-                self.smc(self.msg_pa_obj)
+                self.call_secure()
                 result = self.answer()
             finally:
                 self.busy = False
@@ -351,6 +363,28 @@ cdef class SmcDriver:
         return result
 
 
+@cython.freelist(16)
+cdef class RegisteredShm:
+    """A shared-memory object the normal world registered (OP-TEE's ``mobj_reg_shm``).
+
+    ``RegisteredShm(cookie, pages, offset, size, inflight=0)``: plain public
+    fields, no checks (the secure world fills them from a checked message).
+    ``size == len(pages) * 4096 - offset``; ``inflight`` counts running calls'
+    parameters that use it (it cannot be unregistered while ``inflight > 0``).
+    """
+
+    def __init__(self, cookie, pages, offset, size, inflight=0):
+        self.cookie = cookie
+        self.pages = pages
+        self.offset = offset
+        self.size = size
+        self.inflight = inflight
+
+    def __repr__(self):
+        return (f"RegisteredShm(cookie={self.cookie!r}, pages={self.pages!r}, "
+                f"offset={self.offset!r}, size={self.size!r}, inflight={self.inflight!r})")
+
+
 cdef class SmcEntry:
     """The secure world's end: one-parameter REGISTER_SHM / UNREGISTER_SHM, checked
     from a private copy of the message.
@@ -361,10 +395,17 @@ cdef class SmcEntry:
     messages are accepted: the static carve-out (8-byte aligned) and dynamic
     RAM (page-aligned).
     Errors: BadParameters (wrong types, bad ranges or windows).
+
+    Bound to a secure world (``bind``), the entry is itself the world's
+    ``call_with_arg``: ``entry(arg_pa)`` serves the one-parameter
+    REGISTER_SHM / UNREGISTER_SHM completely (checks, cookie table, call
+    counter, refusal counts, the RPC server's ``call_done``, the answer) and
+    hands every other message to the world's generic path.
     """
 
     def __cinit__(self):
         self.ranges = NULL
+        self.caps_obj = 0
 
     def __init__(self, table, nonsecure, static_window, dynamic_window):
         cdef pl_range *ranges = NULL
@@ -381,30 +422,88 @@ cdef class SmcEntry:
     def __dealloc__(self):
         free(self.ranges)
 
-    def fetch1(self, arg_pa):
-        """Copy the one-parameter REGISTER_SHM / UNREGISTER_SHM message at ``arg_pa``.
+    # -- the secure world's state, for call_with_arg ---------------------------------------------
+    def bind(self, dict registered not None, dict rpc_shms not None, generic, stats):
+        """Bind the secure world's state that ``entry(arg_pa)`` reads and updates.
 
-        Params: ``arg_pa`` the message's PA.
-        Returns its ``cmd`` (4 or 5) after copying header and parameter into
-        this object, or -1, copying nothing, when ``arg_pa`` is not an int
-        whose 64 bytes lie in a window (dynamic RAM page-aligned, the
-        carve-out 8-byte aligned), and after the copy, when ``num_params`` is
-        not 1 or the command is another: the message is for the generic path.
-        Errors: AddressError (a page of the message unmapped or unattached,
-        as ``FrameTable.read``).
+        Params: ``registered`` (cookie -> RegisteredShm) and ``rpc_shms`` (its
+        keys are the cookies of RPC memory), the dicts ``register1`` /
+        ``unregister1`` take; ``generic(arg_pa)`` the world's path for every
+        message that is not a one-parameter REGISTER_SHM / UNREGISTER_SHM;
+        ``stats`` an object whose ``errors`` dict counts refusals by code.
+        Errors: TypeError (not dicts), BadParameters (``generic`` not callable).
         """
-        cdef unsigned long long pa = 0, end
+        if not callable(generic):
+            raise BadParameters(f"generic must be callable, not {type(generic).__name__}")
+        self.shms = registered
+        self.rpc_cookies = rpc_shms
+        self.generic = generic
+        self.stats = stats
+
+    @property
+    def registered(self):
+        """The bound cookie table (cookie -> RegisteredShm), or None."""
+        return self.shms
+
+    @registered.setter
+    def registered(self, dict value not None):
+        self.shms = value
+
+    @property
+    def rpc_shms(self):
+        """The bound dict whose keys are the cookies of RPC memory, or None."""
+        return self.rpc_cookies
+
+    @rpc_shms.setter
+    def rpc_shms(self, dict value not None):
+        self.rpc_cookies = value
+
+    @property
+    def caps(self):
+        """The capability bits ``entry(arg_pa)`` checks (DYNAMIC_SHM); 0 at first."""
+        return self.caps_obj
+
+    @caps.setter
+    def caps(self, value):
+        self.dynamic_shm = bool(value & SMC_CAP_DYNAMIC_SHM)
+        self.caps_obj = value
+
+    @property
+    def rpc(self):
+        """The RPC server (or None); after each call its ``call_done()``, if it has one."""
+        return self.rpc_port
+
+    @rpc.setter
+    def rpc(self, value):
+        self.rpc_port = value
+
+    @property
+    def calls(self):
+        """Messages served (the secure world's ``stats.calls``; the generic path adds its own)."""
+        return self.ncalls
+
+    @calls.setter
+    def calls(self, value):
+        cdef long long n = 0
+        if _smc_small(value, 0, INT64_MAX, &n) != 1:
+            raise BadParameters(f"calls {value!r} is not a count")
+        self.ncalls = n
+
+    # -- the message ---------------------------------------------------------------------------------
+    cdef int fetch(self, object arg_pa, unsigned long long *pa) except -2:
+        """fetch1, with the message's PA stored in ``*pa`` when it is not -1."""
+        cdef unsigned long long end
         cdef char msg[SMC_ARG1_SIZE]
         cdef uint32_t cmd
-        if type(arg_pa) is not int or psv_u64_from_obj(arg_pa, &pa) != 1:
+        if type(arg_pa) is not int or psv_u64_from_obj(arg_pa, pa) != 1:
             return -1
-        if pa > PSV_U64_MAX - SMC_ARG1_SIZE:
+        if pa[0] > PSV_U64_MAX - SMC_ARG1_SIZE:
             return -1
-        end = pa + SMC_ARG1_SIZE
-        if not ((self.dynamic_lo <= pa and end <= self.dynamic_hi and not pa & PSV_PAGE_MASK)
-                or (self.static_lo <= pa and end <= self.static_hi and not pa & 7)):
+        end = pa[0] + SMC_ARG1_SIZE
+        if not ((self.dynamic_lo <= pa[0] and end <= self.dynamic_hi and not pa[0] & PSV_PAGE_MASK)
+                or (self.static_lo <= pa[0] and end <= self.static_hi and not pa[0] & 7)):
             return -1
-        _smc_io(self.table, pa, msg, SMC_ARG1_SIZE, False)
+        _smc_io(self.table, pa[0], msg, SMC_ARG1_SIZE, False)
         self.fetched = False
         cmd = psv_load_le32(msg)
         if psv_load_le32(msg + SMC_NUM_PARAMS_OFFSET) != 1 or (
@@ -418,11 +517,63 @@ cdef class SmcEntry:
         self.fetched = True
         return <int>cmd
 
+    def fetch1(self, arg_pa):
+        """Copy the one-parameter REGISTER_SHM / UNREGISTER_SHM message at ``arg_pa``.
+
+        Params: ``arg_pa`` the message's PA.
+        Returns its ``cmd`` (4 or 5) after copying header and parameter into
+        this object, or -1, copying nothing, when ``arg_pa`` is not an int
+        whose 64 bytes lie in a window (dynamic RAM page-aligned, the
+        carve-out 8-byte aligned), and after the copy, when ``num_params`` is
+        not 1 or the command is another: the message is for the generic path.
+        Errors: AddressError (a page of the message unmapped or unattached,
+        as ``FrameTable.read``).
+        """
+        cdef unsigned long long pa = 0
+        return self.fetch(arg_pa, &pa)
+
     cdef int take(self, uint32_t cmd) except -1:
         if not self.fetched or self.cmd != cmd:
             raise InternalError(f"no command {cmd} fetched")
         self.fetched = False
         return 0
+
+    cdef RegisteredShm check_register(self, bint dynamic_shm, dict registered, dict rpc_shms):
+        """REGISTER_SHM's checks on the taken copy; the object to store (nothing changed)."""
+        cdef object cookie
+        cdef cnp.ndarray pages
+        cdef RegisteredShm shm
+        cdef uint64_t offset = self.a & PSV_PAGE_MASK
+        if not dynamic_shm:
+            raise NotSupported("REGISTER_SHM without dynamic shared memory")
+        if self.attr != SMC_ATTR_REGISTER:
+            raise BadParameters(f"REGISTER_SHM attr {self.attr:#x} is not TMEM_OUTPUT|NONCONTIG")
+        cookie = PyLong_FromUnsignedLongLong(self.c)
+        if cookie in registered or cookie in rpc_shms:
+            raise BadParameters(f"cookie {self.c:#x} is already registered")
+        pages = _pl_result(self.a, self.b, _SMC_MAX_PAGES)
+        _pl_walk(pages, self.a, None, self.table, self.ranges, self.nranges)
+        shm = RegisteredShm.__new__(RegisteredShm)
+        shm.cookie = cookie
+        shm.pages = pages
+        shm.offset = offset
+        # num_pages <= 2**20, so the size fits easily
+        shm.size = (<int64_t>cnp.PyArray_DIM(pages, 0) << PSV_PAGE_SHIFT) - <int64_t>offset
+        shm.inflight = 0
+        return shm
+
+    cdef object check_unregister(self, dict registered):
+        """UNREGISTER_SHM's checks on the taken copy; the cookie to remove (nothing changed)."""
+        cdef object cookie, entry
+        if self.attr != SMC_ATTR_UNREGISTER:
+            raise BadParameters(f"UNREGISTER_SHM attr {self.attr:#x} is not RMEM_INPUT")
+        cookie = PyLong_FromUnsignedLongLong(self.c)
+        entry = registered.get(cookie)
+        if entry is None:
+            raise BadParameters(f"cookie {self.c:#x} is not registered")
+        if entry.inflight:
+            raise Busy(f"cookie {self.c:#x} is in use by {entry.inflight} running call(s)")
+        return cookie
 
     def register1(self, caps, dict registered not None, dict rpc_shms not None):
         """REGISTER_SHM's checks on the fetched message, in OP-TEE's order.
@@ -438,19 +589,10 @@ cdef class SmcEntry:
         those of ``pagelist_parse_frames`` with the non-secure ranges and
         ``max_pages = 2**20``.  InternalError if no REGISTER_SHM was fetched.
         """
-        cdef object cookie
-        cdef cnp.ndarray pages
+        cdef RegisteredShm shm
         self.take(SMC_CMD_REGISTER)
-        if not caps & SMC_CAP_DYNAMIC_SHM:
-            raise NotSupported("REGISTER_SHM without dynamic shared memory")
-        if self.attr != SMC_ATTR_REGISTER:
-            raise BadParameters(f"REGISTER_SHM attr {self.attr:#x} is not TMEM_OUTPUT|NONCONTIG")
-        cookie = PyLong_FromUnsignedLongLong(self.c)
-        if cookie in registered or cookie in rpc_shms:
-            raise BadParameters(f"cookie {self.c:#x} is already registered")
-        pages = _pl_result(self.a, self.b, _SMC_MAX_PAGES)
-        _pl_walk(pages, self.a, None, self.table, self.ranges, self.nranges)
-        return (cookie, pages, self.a & PSV_PAGE_MASK)
+        shm = self.check_register(bool(caps & SMC_CAP_DYNAMIC_SHM), registered, rpc_shms)
+        return (shm.cookie, shm.pages, shm.offset)
 
     def unregister1(self, dict registered not None):
         """UNREGISTER_SHM's checks on the fetched message, in OP-TEE's order.
@@ -462,17 +604,8 @@ cdef class SmcEntry:
         RMEM_INPUT; unknown cookie); Busy (the object is in use by a running
         call).  InternalError if no UNREGISTER_SHM was fetched.
         """
-        cdef object cookie, entry
         self.take(SMC_CMD_UNREGISTER)
-        if self.attr != SMC_ATTR_UNREGISTER:
-            raise BadParameters(f"UNREGISTER_SHM attr {self.attr:#x} is not RMEM_INPUT")
-        cookie = PyLong_FromUnsignedLongLong(self.c)
-        entry = registered.get(cookie)
-        if entry is None:
-            raise BadParameters(f"cookie {self.c:#x} is not registered")
-        if entry.inflight:
-            raise Busy(f"cookie {self.c:#x} is in use by {entry.inflight} running call(s)")
-        return cookie
+        return self.check_unregister(registered)
 
     def answer(self, arg_pa, ret, origin):
         """Write ``ret`` and ``ret_origin`` (u32s) into the message at ``arg_pa``.
@@ -492,3 +625,59 @@ cdef class SmcEntry:
         psv_store_le32(pair, <uint32_t>r)
         psv_store_le32(pair + 4, <uint32_t>o)
         _smc_io(self.table, pa + SMC_RET_OFFSET, pair, 8, True)
+
+    # -- call_with_arg -------------------------------------------------------------------------------
+    cdef int serve(self, object arg_pa) except -1:
+        """``entry(arg_pa)``: what ``SecureWorld.call_with_arg`` did with fetch1,
+        register1 / unregister1 and answer, and its bookkeeping, in one C call."""
+        cdef unsigned long long pa = 0
+        cdef int cmd
+        cdef RegisteredShm shm
+        cdef object ret = None, origin = SMC_ORIGIN_TEE, done, errors
+        cdef char pair[8]
+        if self.shms is None:
+            raise InternalError("SmcEntry is not bound to a secure world")
+        cmd = self.fetch(arg_pa, &pa)
+        if cmd < 0:
+            self.generic(arg_pa)
+            return 0
+        self.ncalls += 1
+        try:
+            self.take(<uint32_t>cmd)
+            if cmd == SMC_CMD_REGISTER:
+                shm = self.check_register(self.dynamic_shm, self.shms, self.rpc_cookies)
+                self.shms[shm.cookie] = shm
+            else:
+                del self.shms[self.check_unregister(self.shms)]
+        except PoolsvcError as exc:
+            ret = exc.tee_code
+            origin = getattr(exc, "origin", SMC_ORIGIN_TEE)
+        finally:
+            if self.rpc_port is not None:
+                done = getattr(self.rpc_port, "call_done", None)
+                if done is not None:
+                    done()
+        if ret is None:     # success: ret 0, origin TEE
+            psv_store_le32(pair, 0)
+            psv_store_le32(pair + 4, SMC_ORIGIN_TEE)
+            _smc_io(self.table, pa + SMC_RET_OFFSET, pair, 8, True)
+            return 0
+        if ret != 0:
+            errors = self.stats.errors
+            errors[ret] = errors.get(ret, 0) + 1
+        self.answer(arg_pa, ret, origin)
+        return 0
+
+    def __call__(self, arg_pa):
+        """Process the message the normal world placed at ``arg_pa`` (``call_with_arg``).
+
+        A one-parameter REGISTER_SHM / UNREGISTER_SHM inside a window is copied,
+        checked (``register1`` / ``unregister1``), applied to the bound cookie
+        table (a RegisteredShm stored, or the cookie removed), counted
+        (``calls``; a refusal also in ``stats.errors`` by code), followed by the
+        RPC server's ``call_done()`` and answered (``ret``, ``ret_origin``
+        only).  Anything else goes to ``generic(arg_pa)``.
+        Errors: InternalError (not bound); AddressError (the message unreadable,
+        nothing counted); whatever ``generic`` or ``call_done`` raise.
+        """
+        self.serve(arg_pa)

@@ -11,7 +11,11 @@ driver's hot path (REGISTER_SHM, UNREGISTER_SHM):
 - :class:`SmcEntry`, the secure world: copies the 64 bytes of a message out
   of shared memory and checks REGISTER_SHM / UNREGISTER_SHM from the copy in
   OP-TEE's order (the page list with ``pagelist_parse_frames``); writes
-  ``ret``/``ret_origin`` back.
+  ``ret``/``ret_origin`` back.  Bound to a secure world (``bind``) it is the
+  world's ``call_with_arg``: ``entry(arg_pa)`` serves those messages with
+  the bookkeeping (cookie table of :class:`RegisteredShm`, call counter,
+  refusal counts, the RPC server's ``call_done``) and hands the rest to the
+  world's generic path.
 
 Same checks, same order, same error types and messages as the compiled
 twin; ``docs/core.md`` is the contract.
@@ -29,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import AlignmentError, BadParameters, Busy, InternalError, NotSupported
+from ..errors import AlignmentError, BadParameters, Busy, InternalError, NotSupported, PoolsvcError
 from .alloc import FrameAllocator
 from .pagelist import ENTRIES_PER_LIST_PAGE, pagelist_build, pagelist_parse_frames
 from .tables import MAX_PAGE_INDEX, MAX_STORAGE_ID, PAGE_MASK, PAGE_SIZE, U64_LIMIT, FrameTable
@@ -41,6 +45,8 @@ CMD_UNREGISTER = 5           # OPTEE_MSG_CMD_UNREGISTER_SHM
 ATTR_REGISTER = 0x20A        # TMEM_OUTPUT | NONCONTIG
 ATTR_UNREGISTER = 0x5        # RMEM_INPUT
 CAP_DYNAMIC_SHM = 1 << 2
+ORIGIN_TEE = 3               # TEE_ORIGIN_TEE
+INT64_MAX = (1 << 63) - 1
 MAX_PAGES = 1 << 20          # the page limit of a registration
 
 _ARG1 = struct.Struct("<8I4Q")
@@ -233,16 +239,49 @@ class SmcDriver:
         return result
 
 
+class RegisteredShm:
+    """A shared-memory object the normal world registered (OP-TEE's ``mobj_reg_shm``).
+
+    ``RegisteredShm(cookie, pages, offset, size, inflight=0)``: plain fields,
+    no checks.  ``size == len(pages) * 4096 - offset``; ``inflight`` counts
+    running calls' parameters that use it (it cannot be unregistered while
+    ``inflight > 0``).
+    """
+
+    __slots__ = ("cookie", "pages", "offset", "size", "inflight")
+
+    def __init__(self, cookie: Any, pages: Any, offset: Any, size: Any, inflight: Any = 0) -> None:
+        self.cookie = cookie
+        self.pages = pages
+        self.offset = offset
+        self.size = size
+        self.inflight = inflight
+
+    def __repr__(self) -> str:
+        return (f"RegisteredShm(cookie={self.cookie!r}, pages={self.pages!r}, "
+                f"offset={self.offset!r}, size={self.size!r}, inflight={self.inflight!r})")
+
+
 class SmcEntry:
     """The secure world's end (see ``ext/smc.pyx`` for the contract).
 
-    ``SmcEntry(table, nonsecure, static_window, dynamic_window)``.
+    ``SmcEntry(table, nonsecure, static_window, dynamic_window)``; bound to a
+    secure world (``bind``), ``entry(arg_pa)`` is its ``call_with_arg``.
     """
 
     # made by __new__ alone: no window (fetch1 -1), nothing fetched, answer InternalError
     _table: Any = None
     _static = _dynamic = (0, 0)
     _fetched: tuple[int, int, int, int, int] | None = None
+    # the secure world's state (bind); None until bound
+    _registered: dict[int, Any] | None = None
+    _rpc_shms: dict[int, Any] | None = None
+    _generic: Any = None
+    _stats: Any = None
+    _rpc: Any = None
+    _caps: Any = 0
+    _dynamic_shm = False
+    _calls = 0
 
     def __init__(self, table: Any, nonsecure: Any, static_window: Any, dynamic_window: Any) -> None:
         if not isinstance(table, FrameTable):
@@ -254,6 +293,70 @@ class SmcEntry:
         self._table = table
         self._fetched = None        # cmd, attr, a, b, c
 
+    # -- the secure world's state, for call_with_arg ---------------------------------------------
+    def bind(self, registered: dict[int, Any], rpc_shms: dict[int, Any], generic: Callable[[int], Any],
+             stats: Any) -> None:
+        """Bind the cookie tables, the generic path and the stats (``errors``) of a secure world."""
+        _check_dicts(registered, rpc_shms)
+        if not callable(generic):
+            raise BadParameters(f"generic must be callable, not {type(generic).__name__}")
+        self._registered = registered
+        self._rpc_shms = rpc_shms
+        self._generic = generic
+        self._stats = stats
+
+    @property
+    def registered(self) -> dict[int, Any] | None:
+        """The bound cookie table (cookie -> RegisteredShm), or None."""
+        return self._registered
+
+    @registered.setter
+    def registered(self, value: dict[int, Any]) -> None:
+        _check_dict(value)
+        self._registered = value
+
+    @property
+    def rpc_shms(self) -> dict[int, Any] | None:
+        """The bound dict whose keys are the cookies of RPC memory, or None."""
+        return self._rpc_shms
+
+    @rpc_shms.setter
+    def rpc_shms(self, value: dict[int, Any]) -> None:
+        _check_dict(value)
+        self._rpc_shms = value
+
+    @property
+    def caps(self) -> Any:
+        """The capability bits ``entry(arg_pa)`` checks (DYNAMIC_SHM); 0 at first."""
+        return self._caps
+
+    @caps.setter
+    def caps(self, value: Any) -> None:
+        self._dynamic_shm = bool(value & CAP_DYNAMIC_SHM)
+        self._caps = value
+
+    @property
+    def rpc(self) -> Any:
+        """The RPC server (or None); after each call its ``call_done()``, if it has one."""
+        return self._rpc
+
+    @rpc.setter
+    def rpc(self, value: Any) -> None:
+        self._rpc = value
+
+    @property
+    def calls(self) -> int:
+        """Messages served (the secure world's ``stats.calls``)."""
+        return self._calls
+
+    @calls.setter
+    def calls(self, value: Any) -> None:
+        n = _in(value, 0, INT64_MAX)
+        if n is None:
+            raise BadParameters(f"calls {value!r} is not a count")
+        self._calls = n
+
+    # -- the message ---------------------------------------------------------------------------------
     def fetch1(self, arg_pa: Any) -> int:
         """The ``cmd`` (4 or 5) of the one-parameter message at ``arg_pa``, copied; else -1."""
         if type(arg_pa) is not int or not 0 <= arg_pa <= U64_LIMIT - 1 - ARG1_SIZE:
@@ -278,24 +381,22 @@ class SmcEntry:
         self._fetched = None
         return fetched
 
-    def register1(self, caps: Any, registered: dict[int, Any],
-                  rpc_shms: dict[int, Any]) -> tuple[int, np.ndarray, int]:
-        """REGISTER_SHM's checks on the fetched message: ``(cookie, pages, offset)``."""
-        _, attr, buf_ptr, size, cookie = self._take(CMD_REGISTER)
-        _check_dicts(registered, rpc_shms)
-        if not caps & CAP_DYNAMIC_SHM:
+    def _check_register(self, fetched: tuple[int, int, int, int, int], dynamic_shm: bool,
+                        registered: dict[int, Any], rpc_shms: dict[int, Any]) -> RegisteredShm:
+        _, attr, buf_ptr, size, cookie = fetched
+        if not dynamic_shm:
             raise NotSupported("REGISTER_SHM without dynamic shared memory")
         if attr != ATTR_REGISTER:
             raise BadParameters(f"REGISTER_SHM attr {attr:#x} is not TMEM_OUTPUT|NONCONTIG")
         if cookie in registered or cookie in rpc_shms:
             raise BadParameters(f"cookie {cookie:#x} is already registered")
         pages = pagelist_parse_frames(buf_ptr, size, self._table, self._nonsecure, MAX_PAGES)
-        return cookie, pages, buf_ptr & PAGE_MASK
+        offset = buf_ptr & PAGE_MASK
+        return RegisteredShm(cookie, pages, offset, len(pages) * PAGE_SIZE - offset)
 
-    def unregister1(self, registered: dict[int, Any]) -> int:
-        """UNREGISTER_SHM's checks on the fetched message: the cookie to remove."""
-        _, attr, _, _, cookie = self._take(CMD_UNREGISTER)
-        _check_dicts(registered)
+    @staticmethod
+    def _check_unregister(fetched: tuple[int, int, int, int, int], registered: dict[int, Any]) -> int:
+        _, attr, _, _, cookie = fetched
         if attr != ATTR_UNREGISTER:
             raise BadParameters(f"UNREGISTER_SHM attr {attr:#x} is not RMEM_INPUT")
         entry = registered.get(cookie)
@@ -304,6 +405,20 @@ class SmcEntry:
         if entry.inflight:
             raise Busy(f"cookie {cookie:#x} is in use by {entry.inflight} running call(s)")
         return cookie
+
+    def register1(self, caps: Any, registered: dict[int, Any],
+                  rpc_shms: dict[int, Any]) -> tuple[int, np.ndarray, int]:
+        """REGISTER_SHM's checks on the fetched message: ``(cookie, pages, offset)``."""
+        fetched = self._take(CMD_REGISTER)
+        _check_dicts(registered, rpc_shms)
+        shm = self._check_register(fetched, bool(caps & CAP_DYNAMIC_SHM), registered, rpc_shms)
+        return shm.cookie, shm.pages, shm.offset
+
+    def unregister1(self, registered: dict[int, Any]) -> int:
+        """UNREGISTER_SHM's checks on the fetched message: the cookie to remove."""
+        fetched = self._take(CMD_UNREGISTER)
+        _check_dicts(registered)
+        return self._check_unregister(fetched, registered)
 
     def answer(self, arg_pa: Any, ret: Any, origin: Any) -> None:
         """Write ``ret`` and ``ret_origin`` (u32s) into the message at ``arg_pa``."""
@@ -317,11 +432,59 @@ class SmcEntry:
             raise BadParameters(f"ret {ret!r} / origin {origin!r} are not u32s")
         self._table.write(pa + RET_OFFSET, _RET.pack(r, o))
 
+    # -- call_with_arg -------------------------------------------------------------------------------
+    def __call__(self, arg_pa: Any) -> None:
+        """Process the message at ``arg_pa`` (the secure world's ``call_with_arg``).
+
+        A one-parameter REGISTER_SHM / UNREGISTER_SHM in a window: checked,
+        applied to the bound cookie table, counted (``calls``; a refusal also
+        in ``stats.errors``), the RPC server's ``call_done()``, then answered
+        (``ret``, ``ret_origin``).  Anything else: ``generic(arg_pa)``.
+        Errors: InternalError (not bound); AddressError (the message
+        unreadable, nothing counted); whatever ``generic`` or ``call_done`` raise.
+        """
+        registered = self._registered
+        if registered is None:
+            raise InternalError("SmcEntry is not bound to a secure world")
+        cmd = self.fetch1(arg_pa)
+        if cmd < 0:
+            self._generic(arg_pa)
+            return
+        self._calls += 1
+        ret, origin = 0, ORIGIN_TEE
+        try:
+            fetched = self._take(cmd)
+            if cmd == CMD_REGISTER:
+                assert self._rpc_shms is not None
+                shm = self._check_register(fetched, self._dynamic_shm, registered, self._rpc_shms)
+                registered[shm.cookie] = shm
+            else:
+                del registered[self._check_unregister(fetched, registered)]
+        except PoolsvcError as exc:
+            ret = exc.tee_code
+            origin = getattr(exc, "origin", ORIGIN_TEE)
+        finally:
+            if self._rpc is not None:
+                done = getattr(self._rpc, "call_done", None)
+                if done is not None:
+                    done()
+        if ret != 0:
+            errors = self._stats.errors
+            errors[ret] = errors.get(ret, 0) + 1
+        self.answer(arg_pa, ret, origin)
+
 
 def _check_dicts(*dicts: Any) -> None:
+    """TypeError unless each is exactly a dict, as a Cython ``dict`` argument."""
     for d in dicts:
         if type(d) is not dict:
             raise TypeError(f"Argument must be dict, not {type(d).__name__}")
+
+
+def _check_dict(value: Any) -> None:
+    """A Cython ``dict`` attribute's setter: TypeError unless a dict (not None)."""
+    if type(value) is not dict:
+        raise TypeError(f"Expected dict, got {type(value).__name__}")
 
 
 def _check_ranges(nonsecure: Any) -> list[tuple[int, int]]:
@@ -337,4 +500,4 @@ def _check_ranges(nonsecure: Any) -> list[tuple[int, int]]:
     return pairs
 
 
-__all__ = ["SmcDriver", "SmcEntry"]
+__all__ = ["RegisteredShm", "SmcDriver", "SmcEntry"]

@@ -68,11 +68,11 @@ import itertools
 import operator
 import uuid as uuidlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .._backend import core
+from .._backend import PURE, core
 from ..constants import (
     ATTR_META,
     ATTR_NONCONTIG,
@@ -120,29 +120,22 @@ _META_ATTR = Attr.VALUE_INPUT | ATTR_META
 _OUT_VALUE_TYPES = (Attr.VALUE_OUTPUT, Attr.VALUE_INOUT)
 _OUT_MEMREF_TYPES = (Attr.RMEM_OUTPUT, Attr.RMEM_INOUT, Attr.TMEM_OUTPUT, Attr.TMEM_INOUT)
 
-# Plain ints for the one-parameter fast path (enum arithmetic costs ~0.3 us a go).
-_REGISTER = int(MsgCmd.REGISTER_SHM)
-_UNREGISTER = int(MsgCmd.UNREGISTER_SHM)
+# Plain ints for the checks of REGISTER_SHM / UNREGISTER_SHM (enum arithmetic costs ~0.3 us a go).
 _REGISTER_ATTR = int(Attr.TMEM_OUTPUT | ATTR_NONCONTIG)
 _UNREGISTER_ATTR = int(Attr.RMEM_INPUT)
 _DYNAMIC_SHM = int(SecCaps.DYNAMIC_SHM)
-_ORIGIN_TEE = int(Origin.TEE)
 _NO_PARAM = MsgParam()
 
 
-@dataclass(slots=True)
-class RegisteredShm:
-    """A shared-memory object the normal world registered (OP-TEE's ``mobj_reg_shm``).
-
-    ``size == len(pages) * 4096 - offset``; ``inflight`` counts running calls'
-    parameters that use it (it cannot be unregistered while ``inflight > 0``).
-    """
-
-    cookie: int
-    pages: np.ndarray
-    offset: int
-    size: int
-    inflight: int = 0
+# A shared-memory object the normal world registered (OP-TEE's ``mobj_reg_shm``):
+# ``RegisteredShm(cookie, pages, offset, size, inflight=0)`` with
+# ``size == len(pages) * 4096 - offset`` and ``inflight`` the running calls'
+# parameters that use it (it cannot be unregistered while ``inflight > 0``).
+# It is the backend's (compiled: a C struct the entry builds without Python).
+if TYPE_CHECKING or PURE:
+    from .._pure.smc import RegisteredShm
+else:
+    RegisteredShm = core.RegisteredShm
 
 
 class RpcMemory(Memref):
@@ -175,12 +168,53 @@ class TaSession:
     rpc: dict[int, RpcMemory] = field(default_factory=dict)
 
 
-@dataclass
+class _Counter:
+    """Where a SecureStats not bound to a secure world keeps ``calls``."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: int) -> None:
+        self.calls = calls
+
+
 class SecureStats:
-    calls: int = 0
-    errors: dict[int, int] = field(default_factory=dict)
-    rpc_alloc: int = 0
-    rpc_free: int = 0
+    """The secure world's counters: ``calls`` (messages processed), ``errors``
+    (refusals by return code), ``rpc_alloc``, ``rpc_free``.
+
+    Bound to a secure world, ``calls`` is the counter its compiled entry
+    keeps (``SmcEntry.calls``), so the fast path counts in C.  Compares and
+    prints as the dataclass it was.
+    """
+
+    __slots__ = ("_counter", "errors", "rpc_alloc", "rpc_free")
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __init__(self, calls: int = 0, errors: dict[int, int] | None = None, rpc_alloc: int = 0,
+                 rpc_free: int = 0) -> None:
+        self._counter: Any = _Counter(calls)
+        self.errors: dict[int, int] = {} if errors is None else errors
+        self.rpc_alloc = rpc_alloc
+        self.rpc_free = rpc_free
+
+    @property
+    def calls(self) -> int:
+        return self._counter.calls
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self._counter.calls = value
+
+    def _astuple(self) -> tuple[int, dict[int, int], int, int]:
+        return (self.calls, self.errors, self.rpc_alloc, self.rpc_free)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._astuple() == other._astuple()
+
+    def __repr__(self) -> str:
+        return (f"SecureStats(calls={self.calls!r}, errors={self.errors!r}, "
+                f"rpc_alloc={self.rpc_alloc!r}, rpc_free={self.rpc_free!r})")
 
 
 class SessionEnv:
@@ -231,21 +265,23 @@ class SecureWorld:
 
     def __init__(self, memory: Any, caps: SecCaps) -> None:
         self.memory = memory
-        self.caps = caps
         # fixed for the memory's life: what call_with_arg and the page-list checks use
         self._table = memory.table
         self._nonsecure = tuple(memory.nonsecure_ranges())
-        # the compiled end of call_with_arg: where messages are accepted (as _read_arg)
+        # The compiled end of call_with_arg: where messages are accepted (as _read_arg).
+        # It holds the state its fast path reads and updates (the cookie tables, the
+        # DYNAMIC_SHM bit, the RPC server, the call counter); the properties below
+        # keep it in step with the attributes of the same names.
         self._entry = core.SmcEntry(self._table, self._nonsecure, memory.regions["static"],
                                     memory.regions["dynamic"])
+        self.caps = caps
         self.system: Any = None
-        self.rpc: Any = None
-        self.registered: dict[int, RegisteredShm] = {}
         self.sessions: dict[int, TaSession] = {}
-        self.rpc_shms: dict[int, RpcMemory] = {}
         self.apps: dict[uuidlib.UUID, type[TrustedApp]] = {}
         self.temp_live = 0
-        self.stats = SecureStats()
+        self._stats = SecureStats()
+        self._entry.bind({}, {}, self._call_generic, self._stats)
+        self._stats._counter = self._entry
         self._session_ids = itertools.count(1)
         self._handlers: dict[int, Callable[[MsgArg], None]] = {
             MsgCmd.OPEN_SESSION: self._open_session,
@@ -267,6 +303,47 @@ class SecureWorld:
     def caps(self, value: SecCaps) -> None:
         self._caps = value
         self._caps_bits = int(value)
+        self._entry.caps = self._caps_bits
+
+    @property
+    def registered(self) -> dict[int, RegisteredShm]:
+        """Registered shared memory by cookie (the compiled entry's table)."""
+        return self._entry.registered
+
+    @registered.setter
+    def registered(self, value: dict[int, RegisteredShm]) -> None:
+        self._entry.registered = value
+
+    @property
+    def rpc_shms(self) -> dict[int, RpcMemory]:
+        """RPC memory of live sessions by cookie."""
+        return self._entry.rpc_shms
+
+    @rpc_shms.setter
+    def rpc_shms(self, value: dict[int, RpcMemory]) -> None:
+        self._entry.rpc_shms = value
+
+    @property
+    def rpc(self) -> Any:
+        """The normal world's RPC server (None until first used); its ``call_done()``
+        runs after every call."""
+        return self._entry.rpc
+
+    @rpc.setter
+    def rpc(self, value: Any) -> None:
+        self._entry.rpc = value
+
+    @property
+    def stats(self) -> SecureStats:
+        """The counters; ``stats.calls`` is the compiled entry's call counter."""
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: SecureStats) -> None:
+        self._entry.calls = value.calls
+        value._counter = self._entry
+        self._stats = value
+        self._entry.bind(self.registered, self.rpc_shms, self._call_generic, value)
 
     # -- apps ------------------------------------------------------------------------
     def install(self, app: type[TrustedApp], uuid: uuidlib.UUID | str | None = None) -> uuidlib.UUID:
@@ -300,46 +377,28 @@ class SecureWorld:
         self.process(msg)
         return msg.pack()
 
-    def call_with_arg(self, arg_pa: int) -> None:
-        """Process the message the normal world placed at physical address ``arg_pa``.
+    @property
+    def call_with_arg(self) -> Callable[[int], None]:
+        """``call_with_arg(arg_pa)``: process the message the normal world placed at
+        physical address ``arg_pa``.
 
         The argument must lie inside the static carve-out (8-byte aligned), or
         start a page-aligned page of non-secure RAM and fit in it; otherwise
         BadParameters (OP-TEE answers such a call with an error at the SMC
         level, before any message exists).
+
+        The callable is the compiled entry itself (``core.SmcEntry``, which the
+        driver's ``SmcDriver`` then calls in C): a one-parameter REGISTER_SHM /
+        UNREGISTER_SHM is copied out, checked in the order and with the codes of
+        ``_register`` / ``_unregister``, and applied with the bookkeeping of
+        :meth:`process` (cookie table, ``stats``, the RPC server's
+        ``call_done``); only ``ret`` and ``ret_origin`` are written back (those
+        commands' only outputs).  Anything else takes :meth:`_call_generic`.
         """
-        # REGISTER_SHM / UNREGISTER_SHM with one parameter: copied out and checked by
-        # the compiled entry (core.SmcEntry, in the order and with the codes of
-        # _register / _unregister); here the bookkeeping of process(), inlined, and
-        # the answer, of which only ret and ret_origin are written back (those
-        # commands' only outputs).  Anything else takes the generic path.
-        entry = self._entry
-        cmd = entry.fetch1(arg_pa)
-        if cmd >= 0:
-            stats = self.stats
-            stats.calls += 1
-            ret = TEE_SUCCESS
-            origin = _ORIGIN_TEE
-            try:
-                if cmd == _REGISTER:
-                    cookie, pages, offset = entry.register1(self._caps_bits, self.registered, self.rpc_shms)
-                    self.registered[cookie] = RegisteredShm(cookie, pages, offset,
-                                                            len(pages) * PAGE_SIZE - offset)
-                else:
-                    del self.registered[entry.unregister1(self.registered)]
-            except PoolsvcError as exc:
-                ret = exc.tee_code
-                origin = getattr(exc, "origin", _ORIGIN_TEE)
-            finally:
-                rpc = self.rpc
-                if rpc is not None:
-                    done = getattr(rpc, "call_done", None)
-                    if done is not None:
-                        done()
-            if ret != TEE_SUCCESS:
-                stats.errors[ret] = stats.errors.get(ret, 0) + 1
-            entry.answer(arg_pa, ret, origin)
-            return
+        return self._entry
+
+    def _call_generic(self, arg_pa: int) -> None:
+        """``call_with_arg`` of every message the compiled entry does not serve."""
         if not isinstance(arg_pa, int) or arg_pa < 0 or arg_pa >= 1 << 64:
             raise BadParameters(f"message address {arg_pa!r} is not a u64")
         header = self._read_arg(arg_pa, MSG_ARG_HEADER_SIZE)
