@@ -47,7 +47,7 @@ import numpy as np
 from . import pagelist
 from ._backend import BACKEND, core
 from .config import Config
-from .constants import ATTR_NONCONTIG, PAGE_MASK, PAGE_SIZE, Attr, MsgCmd, ShmFlags
+from .constants import ATTR_NONCONTIG, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, Attr, MsgCmd, ShmFlags
 from .errors import (
     BadParameters,
     Closed,
@@ -142,7 +142,7 @@ class Shm:
         self.registered = False  # known to the secure world by cookie
         self._refs = 1
         self._backing = backing
-        self._views: list[memoryview] = []
+        self._views: list[memoryview] | tuple[()] = ()  # a list from the first view() on
         self._pages: np.ndarray | None
         self._run: tuple[int, int] | None
         self.paddr: int | None
@@ -203,7 +203,10 @@ class Shm:
             base.release()
         else:
             view = backing.view[:]
-        self._views.append(view)
+        if self._views:
+            self._views.append(view)
+        else:
+            self._views = [view]
         return view
 
     def close(self) -> None:
@@ -231,6 +234,29 @@ class Shm:
                 f"flags={self.flags!r} pages={len(self.pages)} paddr={paddr} {state}>")
 
 
+_new_shm = object.__new__
+
+
+def _pool_shm(context: "Context", flags: ShmFlags, run: Any, npages: int, cookie: int) -> Shm:
+    """``Shm.__init__`` for a dynamic-pool run at offset 0, minus its branches (hot path)."""
+    shm: Shm = _new_shm(Shm)
+    pa = run.pa
+    shm.context = context
+    shm.id = -1
+    shm.flags = flags
+    shm.size = npages << PAGE_SHIFT
+    shm.offset = 0
+    shm.cookie = cookie
+    shm.registered = False
+    shm._refs = 1
+    shm._backing = run
+    shm._views = ()
+    shm._pages = None
+    shm._run = (pa, npages)
+    shm.paddr = pa
+    return shm
+
+
 # ---------------------------------------------------------------------------------------
 # Context
 # ---------------------------------------------------------------------------------------
@@ -248,6 +274,9 @@ class Context:
         self.shms: dict[int, Shm] = {}  # by cookie
         self.arena = Arena(system.memory, system.config.arena_step, system.config.shm_prefix,
                            owner=self, frames=system.dynamic)
+        # the compiled halves of Arena.take / Arena.give, for the allocation hot path
+        self._take = self.arena.pages.take
+        self._give = self.arena.pages.give
         self.closed = False
         self.sessions: dict[int, Any] = {}
 
@@ -638,21 +667,21 @@ class System:
 
     # -- pools ---------------------------------------------------------------------------------
     def _alloc_dynamic(self, ctx: Context, size: int, flags: ShmFlags) -> Shm:
-        npages = (size + PAGE_MASK) // PAGE_SIZE
-        run = ctx.arena.take(npages)
-        pa = run.pa
-        shm = Shm(ctx, flags, npages * PAGE_SIZE, 0, None, next(self._cookies), run, (pa, npages))
+        """alloc_pages_exact + registration (unless PRIV): frames, zeroed storage pages
+        and their mapping come from one compiled call (``core.ArenaPages.take``)."""
+        npages = (size + PAGE_MASK) >> PAGE_SHIFT
+        run = ctx._take(npages)
+        if run is None:  # no segment has room: the Arena grows (policy) and takes
+            run = ctx.arena.take(npages)
+        shm = _pool_shm(ctx, flags, run, npages, next(self._cookies))
         if flags is not _POOL_PRIV:
             try:
-                self._tee_register_run(pa, npages, shm.size, shm.cookie)
+                self._tee_register_run(run.pa, npages, shm.size, shm.cookie)
             except BaseException:
-                self._free_dynamic(shm)
+                ctx.arena.give(run)
                 raise
             shm.registered = True
         return shm
-
-    def _free_dynamic(self, shm: Shm) -> None:
-        shm.context.arena.give(shm._backing)
 
     def _alloc_static(self, ctx: Context, size: int, align: int, flags: ShmFlags) -> Shm:
         assert self.static is not None
@@ -798,7 +827,7 @@ class System:
                     view.release()
                 except BufferError:
                     LIVE["exported_views"] += 1
-            shm._views.clear()
+            shm._views = ()
         if shm.registered:
             try:
                 self._tee_unregister(shm.cookie)
@@ -811,7 +840,9 @@ class System:
             shm.registered = False
         backing = shm._backing
         if type(backing) is _ArenaRun:
-            self._free_dynamic(shm)
+            ctx = shm.context  # Arena.give, inlined: zero, unmap and free in one call
+            if ctx._give(backing) > 1:  # its segment emptied, and another is empty too
+                ctx.arena._drop(backing.segment)
         elif isinstance(backing, _StaticBacking):
             self._free_static(shm)
         else:
