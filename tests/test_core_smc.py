@@ -259,3 +259,231 @@ def test_entry_message_page_unmapped(core):
     with pytest.raises(AddressError):
         w.entry.fetch1(w.msg_pa)
     assert w.entry.fetch1(w.msg_pa + 8) == -1       # not where messages are accepted
+
+
+# -- the bound entry: call_with_arg in one call ----------------------------------------------------
+class Done:
+    """An RPC server stand-in: counts ``call_done`` and may raise from it."""
+
+    def __init__(self, fail=None):
+        self.n = 0
+        self.fail = fail
+
+    def call_done(self):
+        self.n += 1
+        if self.fail is not None:
+            raise self.fail
+
+
+class Stats:
+    def __init__(self):
+        self.errors = {}
+
+
+def registered_type(mod):
+    """The backend's RegisteredShm (``poolsvc._pure`` keeps it in its ``smc`` module)."""
+    return mod.smc.RegisteredShm if hasattr(mod, "smc") else mod.RegisteredShm
+
+
+class BoundWorld(World):
+    """A World whose entry is bound to a secure world's state, with a driver that
+    calls the entry (``via="entry"``: the entry itself, the compiled driver then
+    serves it in C; ``via="python"``: a Python function around it)."""
+
+    def __init__(self, mod, via="entry"):
+        super().__init__(mod)
+        reg = registered_type(mod)
+        self.registered = {0x10: reg(0x10, np.array([DYNAMIC[0] + 8 * PAGE], dtype=np.uint64), 0, PAGE),
+                           0x11: reg(0x11, np.array([DYNAMIC[0] + 9 * PAGE], dtype=np.uint64), 0x10,
+                                     PAGE - 0x10, 2)}
+        self.rpc_shms = {0x12: object()}
+        self.generic_log = []
+        self.generic_fail = None
+        self.stats = Stats()
+        self.dones = []
+        self.entry.bind(self.registered, self.rpc_shms, self.generic, self.stats)
+        self.entry.caps = 4
+        smc = self.entry if via == "entry" else (lambda pa: self.entry(pa))
+        self.bdriver = mod.SmcDriver(self.table, self.frames, self.msg_pa, smc, SID, SCRATCH)
+
+    def generic(self, pa):
+        self.generic_log.append(pa)
+        if self.generic_fail is not None:
+            raise self.generic_fail
+
+    def bound_state(self):
+        assert self.entry.registered is self.registered and self.entry.rpc_shms is self.rpc_shms
+        return (bytes(self.storage), self.frames.used_frames, self.table.mapped_frames,
+                {c: (type(r).__name__, r.cookie, [int(p) for p in r.pages], r.offset, r.size, r.inflight)
+                 for c, r in self.registered.items()},
+                sorted(self.rpc_shms), self.entry.calls, dict(self.stats.errors), list(self.generic_log),
+                [d.n for d in self.dones], self.entry.caps)
+
+
+msg_step = st.tuples(
+    st.just("msg"),
+    weighted("msg", "static", "static-straddle", "static-misaligned", "dynamic-unaligned",
+             "secure", "unmapped", "negative", "float"),
+    st.sampled_from([4, 5, 4, 5, 4, 5, 1, 99]),
+    weighted(1, 0, 2),
+    st.sampled_from(["right", "right", "right", REG_ATTR, UNREG_ATTR, 0x20B, 0]),
+    pages_st,
+    st.sampled_from([0, 0x10, 0xFFF]),
+    st.sampled_from(["good", "good", 0, 1, PAGE, (1 << 64) - 1]),
+    weighted("static", "unmapped", "secure", "misaligned"),
+    st.sampled_from([0x13, 0x14, 0x10, 0x11, 0x12, (1 << 64) - 1]),
+)
+other_step = st.one_of(
+    st.tuples(st.just("caps"), st.sampled_from([4, 0, 5, 1 << 70])),
+    st.tuples(st.just("rpc"), st.sampled_from([None, "done", "plain", "raises"])),
+    st.tuples(st.just("generic_fail"), st.booleans()),
+    st.tuples(st.just("inflight"), st.sampled_from([0x10, 0x11, 0x13]), st.sampled_from([0, 1])),
+    st.tuples(st.just("driver"), st.sampled_from(["register_run", "unregister"]),
+              st.sampled_from([0x13, 0x14, 0x10, 0x12]), st.integers(1, 3)),
+)
+
+
+def bound_step(w, step):
+    """Apply one step to a BoundWorld; the outcome (result or exception type and message)."""
+    kind = step[0]
+    if kind == "caps":
+        w.entry.caps = step[1]
+        return None
+    if kind == "rpc":
+        rpc = {None: None, "plain": object(), "done": Done(), "raises": Done(OutOfMemory("rpc"))}[step[1]]
+        if isinstance(rpc, Done):
+            w.dones.append(rpc)
+        w.entry.rpc = rpc
+        return None
+    if kind == "generic_fail":
+        w.generic_fail = KeyError("generic") if step[1] else None
+        return None
+    if kind == "inflight":
+        if step[1] in w.registered:
+            w.registered[step[1]].inflight = step[2]
+        return None
+    if kind == "driver":
+        _, call, cookie, n = step
+        if call == "register_run":
+            return outcome(w.bdriver.register_run, DYNAMIC[0] + 20 * PAGE, n, 0, n * PAGE, cookie)
+        return outcome(w.bdriver.unregister, cookie)
+    _, where, cmd, num, attr, entries, offset, size, list_at, cookie = step
+    if attr == "right":
+        attr = REG_ATTR if cmd == 4 else UNREG_ATTR
+    if size == "good":
+        size = max(1, len(entries) * PAGE - offset)
+    list_pa = {"static": STATIC[0] + 3 * PAGE, "unmapped": DYNAMIC[0] + 40 * PAGE,
+               "secure": SECURE[0], "misaligned": STATIC[0] + 3 * PAGE + 8}[list_at]
+    blob = bytearray(PAGE)
+    for i, pa in enumerate(entries):
+        struct.pack_into("<Q", blob, 8 * i, pa)
+    w.storage[3 * PAGE:4 * PAGE] = blob
+    arg_pa = {"msg": w.msg_pa, "static": STATIC[0] + 5 * PAGE + 64,
+              "static-straddle": STATIC[0] + 6 * PAGE - 32, "static-misaligned": STATIC[0] + 4,
+              "dynamic-unaligned": w.msg_pa + 64, "secure": SECURE[0],
+              "unmapped": DYNAMIC[0] + 50 * PAGE, "negative": -PAGE, "float": float(w.msg_pa)}[where]
+    if where not in ("unmapped", "negative", "float", "secure"):
+        w.table.write(arg_pa, ARG1.pack(cmd, 1, 2, 3, 4, 5, 6, num, attr, list_pa | offset, size, cookie))
+    before = w.bound_state()
+    result = outcome(w.entry, arg_pa)
+    after = w.bound_state()
+    # the accounting, exactly: a message the entry serves counts once and, if refused,
+    # once under its code with the cookie table unchanged; anything else is the
+    # generic path's (nothing counted here); an unreadable message changes nothing
+    calls, errors, generic = before[5], before[6], before[7]
+    if after[7] != generic:
+        assert after[7] == generic + [arg_pa] and after[5] == calls and after[6] == errors
+        assert after[3] == before[3]
+    elif result[0] == "err" and result[1] == "AddressError":
+        assert after[3:8] == before[3:8]
+    elif result[0] == "err":    # call_done raised: counted, applied, neither answered nor refused
+        assert result[1:] == ("OutOfMemory", "rpc")
+        assert after[5] == calls + 1 and after[6] == errors
+        assert ARG1.unpack(w.table.read(arg_pa, 64))[5:7] == (5, 6)
+    else:
+        assert after[5] == calls + 1
+        ret = struct.unpack("<I", w.table.read(arg_pa + 20, 4))[0]
+        if ret == 0:
+            assert after[6] == errors
+            assert len(after[3]) == len(before[3]) + (1 if cmd == 4 else -1)
+        else:
+            assert after[6] == {**errors, ret: errors.get(ret, 0) + 1}
+            assert after[3] == before[3]
+        # only ret and ret_origin are written: the rest of the message as the normal world left it
+        words = ARG1.unpack(w.table.read(arg_pa, 64))
+        assert words[:5] + words[7:] == (cmd, 1, 2, 3, 4, num, attr, list_pa | offset, size, cookie)
+    return result
+
+
+@given(steps=st.lists(st.one_of(msg_step, msg_step, other_step), min_size=1, max_size=10))
+def test_bound_entry_compiled_equals_pure(compiled, pure, steps):
+    """``entry(arg_pa)`` (call_with_arg) on random messages, capabilities, RPC servers,
+    busy cookies and driver calls: the compiled entry called from Python, the compiled
+    driver calling it in C, the same behind a Python function, and the pure twin agree
+    on every outcome, every byte, the cookie table, the counters and the hooks."""
+    worlds = [BoundWorld(compiled), BoundWorld(compiled, via="python"), BoundWorld(pure)]
+    for step in steps:
+        results = [(bound_step(w, step), w.bound_state()) for w in worlds]
+        assert results[0] == results[1] == results[2], step
+        for w in worlds:     # between calls: no list frame taken, the scratch page zero
+            assert w.storage[SCRATCH * PAGE:(SCRATCH + 1) * PAGE] == bytes(PAGE)
+            assert w.frames.used_frames == 1 and w.table.mapped_frames == 17
+
+
+def test_bound_entry_register_unregister(core):
+    w = BoundWorld(core)
+    reg = registered_type(core)
+    done = Done()
+    w.entry.rpc = done
+    assert w.bdriver.register_run(DYNAMIC[0] + 20 * PAGE, 2, 0x10, 2 * PAGE - 0x10, 0x13) == (0, 3)
+    shm = w.registered[0x13]
+    assert type(shm) is reg and (shm.cookie, shm.offset, shm.size, shm.inflight) == (0x13, 0x10, 2 * PAGE - 0x10, 0)
+    assert shm.pages.dtype == np.uint64 and shm.pages.tolist() == [DYNAMIC[0] + 20 * PAGE, DYNAMIC[0] + 21 * PAGE]
+    assert repr(shm).startswith("RegisteredShm(cookie=19, pages=array(")
+    assert w.bdriver.register_run(DYNAMIC[0] + 20 * PAGE, 1, 0, PAGE, 0x13) == (0xFFFF0006, 3)  # in use
+    shm.inflight = 1
+    assert w.bdriver.unregister(0x13) == (0xFFFF000D, 3)        # BUSY: stays registered
+    shm.inflight = 0
+    assert w.bdriver.unregister(0x13) == (0, 3) and 0x13 not in w.registered
+    w.entry.caps = 0
+    assert w.bdriver.register_run(DYNAMIC[0] + 20 * PAGE, 1, 0, PAGE, 0x14) == (0xFFFF000A, 3)
+    assert (w.entry.calls, w.stats.errors, done.n) == (5, {0xFFFF0006: 1, 0xFFFF000D: 1, 0xFFFF000A: 1}, 5)
+    # another command: the generic path, nothing counted here
+    assert w.bdriver.call1(1, 0, 0, 0, 0) == (0, 0) and w.generic_log == [w.msg_pa]
+    assert w.entry.calls == 5 and done.n == 5
+    # a call_done that raises: the cookie table is updated, the message not answered
+    done.fail = OutOfMemory("rpc")
+    w.entry.caps = 4
+    with pytest.raises(OutOfMemory, match="rpc"):
+        w.bdriver.register_run(DYNAMIC[0] + 20 * PAGE, 1, 0, PAGE, 0x15)
+    assert 0x15 in w.registered and w.entry.calls == 6
+    assert w.frames.used_frames == 1 and w.table.mapped_frames == 17
+
+
+def test_bound_entry_properties_and_errors(core):
+    w = World(core)
+    with pytest.raises(InternalError, match="not bound"):
+        w.entry(w.msg_pa)
+    assert (w.entry.registered, w.entry.rpc_shms, w.entry.rpc, w.entry.caps, w.entry.calls) == \
+        (None, None, None, 0, 0)
+    with pytest.raises(BadParameters):
+        w.entry.bind({}, {}, 5, Stats())
+    for bad in (None, [], type("D", (dict,), {})()):
+        with pytest.raises(TypeError):
+            w.entry.bind(bad, {}, print, Stats())
+        with pytest.raises(TypeError):
+            w.entry.registered = bad
+        with pytest.raises(TypeError):
+            w.entry.rpc_shms = bad
+    for bad in (-1, 1 << 63, "3", 2.0):
+        with pytest.raises(BadParameters):
+            w.entry.calls = bad
+    w.entry.calls = 7
+    w.entry.caps = 1 << 70 | 4
+    assert (w.entry.calls, w.entry.caps) == (7, 1 << 70 | 4)
+    # an entry made by __new__ alone and bound: no window, so everything is generic
+    bare = core.SmcEntry.__new__(core.SmcEntry)
+    seen = []
+    bare.bind({}, {}, seen.append, Stats())
+    bare(w.msg_pa)
+    assert seen == [w.msg_pa]

@@ -176,3 +176,99 @@ def test_driver_register_paths_keep_accounting(seq):
             system.tee.registered.pop(0xC0FFEE, None)
             system.tee.registered.pop(0xC0FFEF, None)
             system.close()
+
+
+class CallDone:
+    """An RPC server stand-in: counts ``call_done``."""
+
+    def __init__(self):
+        self.n = 0
+
+    def call_done(self):
+        self.n += 1
+
+
+knobs = st.one_of(
+    st.tuples(st.just("caps"), st.booleans()),                  # DYNAMIC_SHM on / off
+    st.tuples(st.just("inflight"), st.sampled_from([0, 1])),    # 0xC0FFEE in use by a call
+    st.tuples(st.just("rpc"), st.sampled_from([None, "counting", "plain"])),
+)
+
+
+@settings(max_examples=40)
+@given(st.lists(st.one_of(messages, messages, knobs), min_size=1, max_size=14))
+def test_fast_path_bookkeeping_equals_generic(seq):
+    """The knobs of the fast path's bookkeeping turned alike on both Systems: the
+    capabilities (no DYNAMIC_SHM), a registered object in use by a running call
+    (UNREGISTER_SHM answers BUSY), an RPC server with and without ``call_done``.
+    ``call_with_arg`` and ``call(bytes)`` still agree on every answer, the state, the
+    stats and the number of ``call_done`` calls."""
+    from poolsvc.constants import SecCaps
+
+    a_sys, _, a_data, good = make_world()
+    b_sys, _, _, _ = make_world()
+    caps = a_sys.tee.caps
+    rpcs = []
+    try:
+        for step in seq:
+            if step[0] == "caps":
+                for system in (a_sys, b_sys):
+                    system.tee.caps = caps if step[1] else SecCaps(caps & ~SecCaps.DYNAMIC_SHM)
+                continue
+            if step[0] == "inflight":
+                for system in (a_sys, b_sys):
+                    if 0xC0FFEE in system.tee.registered:
+                        system.tee.registered[0xC0FFEE].inflight = step[1]
+                continue
+            if step[0] == "rpc":
+                pair = [None, None] if step[1] is None else \
+                    [CallDone(), CallDone()] if step[1] == "counting" else [object(), object()]
+                rpcs.append(pair)
+                a_sys.tee.rpc, b_sys.tee.rpc = pair
+                continue
+            cmd, attr, ptr, size, cookie = step
+            ptr = {"good": good, "good+off": good | 0x10, "bad-list": good + PAGE_SIZE,
+                   "secure": 0x0E000000, "misaligned-list": good + 8}.get(ptr, ptr)
+            if cookie == "data":  # the System's own registration: never unregistered behind its back
+                cookie = 0xC0FFEE if cmd == MsgCmd.UNREGISTER_SHM else a_data.cookie
+            msg = MsgArg(cmd=cmd, params=[MsgParam(attr, ptr, size, cookie)])
+            reply_a = a_sys.tee.call(msg.pack())
+            b_sys.memory.write(b_sys._msg_pa, msg.pack())
+            b_sys.tee.call_with_arg(b_sys._msg_pa)
+            reply_b = b_sys.memory.read(b_sys._msg_pa, ARG1.size)
+            assert reply_a == reply_b, (unpack(reply_a), unpack(reply_b))
+            assert snapshot(a_sys) == snapshot(b_sys)
+            assert a_sys.tee.stats == b_sys.tee.stats
+            assert [getattr(r, "n", None) for pair in rpcs for r in pair[:1]] == \
+                [getattr(r, "n", None) for pair in rpcs for r in pair[1:]]
+    finally:
+        for system in (a_sys, b_sys):
+            system.tee.rpc = None
+            system.tee.caps = caps
+            system.tee.registered.pop(0xC0FFEE, None)
+            system.tee.registered.pop(0xC0FFEF, None)
+            system.close()
+
+
+def test_stats_calls_is_the_entry_counter():
+    """``stats.calls`` counts both paths in one counter; a replaced SecureStats takes over."""
+    from poolsvc.tee.secure import SecureStats
+
+    with System(Config(**SMALL)) as system:
+        tee = system.tee
+        msg = MsgArg(cmd=MsgCmd.UNREGISTER_SHM, params=[MsgParam(Attr.RMEM_INPUT, 0, 0, 0x77)])
+        calls = tee.stats.calls
+        system.phys.write(system._msg_pa, msg.pack())
+        tee.call_with_arg(system._msg_pa)                       # fast path
+        tee.call(MsgArg(cmd=MsgCmd.CANCEL).pack())              # generic path
+        assert tee.stats == SecureStats(calls + 2, {0xFFFF0006: 1, 0xFFFF000A: 1})
+        assert repr(tee.stats) == (f"SecureStats(calls={calls + 2}, errors={{4294901766: 1, "
+                                   "4294901770: 1}, rpc_alloc=0, rpc_free=0)")
+        tee.stats = SecureStats(calls=10)
+        tee.call_with_arg(system._msg_pa)
+        tee.call(MsgArg(cmd=MsgCmd.CANCEL).pack())
+        assert tee.stats == SecureStats(12, {0xFFFF0006: 1, 0xFFFF000A: 1})
+        tee.stats.calls = 0
+        assert tee.stats.calls == 0 and SecureStats() == SecureStats(0, {}, 0, 0)
+        assert SecureStats() != SecureStats(1) and SecureStats().__eq__(object()) is NotImplemented
+        assert tee.call_with_arg is tee._entry
