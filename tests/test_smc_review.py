@@ -82,6 +82,7 @@ def test_full_list_page_matches_pagelist_build(core, n):
 @pytest.mark.parametrize("call", [
     "SmcEntry.__new__(SmcEntry).answer(0, 0, 0)",
     "SmcEntry.__new__(SmcEntry).fetch1(0)",
+    "SmcEntry.__new__(SmcEntry)(0)",
     "SmcDriver.__new__(SmcDriver).call1(0, 0, 0, 0, 0)",
     "SmcDriver.__new__(SmcDriver).unregister(0)",
     "SmcDriver.__new__(SmcDriver).register([0], 0, 1, 0)",
@@ -127,3 +128,20 @@ def test_reinit_while_in_flight_is_refused(core):
     assert driver.register_run(0x50000000 + 8 * PAGE, 1, 0, PAGE, 1) == (0, 0)
     with pytest.raises(InternalError):
         core.SmcEntry.__new__(core.SmcEntry).answer(0, 0, 0)
+
+
+def test_driver_calling_an_unbound_entry(core):
+    """A driver whose secure world is an SmcEntry not bound to a world (or made by
+    ``__new__`` alone): InternalError, and the list frame is given back all the same."""
+    table, storage, frames = _world(core, 0x50000000)
+    msg_pa = frames.alloc_contig(1)
+    table.map_range(msg_pa, 1, 7, 16)
+    unbound = core.SmcEntry(table, [(0x50000000, 64 * PAGE)], (0, 0), (0x50000000, 64 * PAGE))
+    for entry in (unbound, core.SmcEntry.__new__(core.SmcEntry)):
+        driver = core.SmcDriver(table, frames, msg_pa, entry, 7, 17)
+        with pytest.raises(InternalError, match="not bound"):
+            driver.register_run(0x50000000 + 8 * PAGE, 1, 0, PAGE, 1)
+        with pytest.raises(InternalError, match="not bound"):
+            driver.unregister(1)
+        assert (frames.used_frames, table.mapped_frames) == (1, 1)
+        assert bytes(storage[17 * PAGE:18 * PAGE]) == bytes(PAGE)
