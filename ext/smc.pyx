@@ -12,10 +12,15 @@
 #               a one-parameter message out of shared memory, and checks a
 #               REGISTER_SHM / UNREGISTER_SHM from that copy in OP-TEE's
 #               order (DESIGN.md section 6), the page list with the same walk
-#               as pagelist_parse_frames; writes ret/ret_origin back.
+#               as pagelist_parse_frames; writes ret/ret_origin back.  Bound
+#               to a secure world it is that world's call_with_arg: the
+#               bookkeeping (cookie table of RegisteredShm, call counter,
+#               refusal counts, the RPC server's call_done) in the same call;
+#               every other message goes to the world's generic path.
+#   RegisteredShm  the cookie table's value, a C struct the entry fills.
 #
-# Policy stays in Python (poolsvc/system.py, poolsvc/tee/secure.py): which
-# path to take, the cookie table's entries, stats, RPC bookkeeping, TeeError.
+# Policy stays in Python (poolsvc/system.py, poolsvc/tee/secure.py): every
+# message but the two above, sessions, apps, RPC, TeeError.
 #
 # Errors follow docs/core.md: arguments are checked before anything changes.
 # SmcEntry's register1/unregister1 raise the error the secure world answers
@@ -25,6 +30,9 @@
 # Concurrency: one thread at a time (the System's); the GIL is held
 # throughout.  SmcDriver calls back into Python (the secure world) with a
 # list frame taken: a nested register* meanwhile is refused with Busy.
+# SmcEntry calls Python only through generic() and call_done(), after its
+# checks; a nested entry(arg_pa) from there fetches, checks and answers its
+# own message (the outer call keeps its address and answer in C locals).
 # The plain-Python twin, same checks in the same order, is poolsvc/_pure/smc.py.
 cimport cython
 from libc.string cimport memcpy, memset

@@ -37,7 +37,10 @@ address the way OP-TEE does (DESIGN.md section 6):
 Every refusal answers with the exact return code (origin TEE) and leaves the
 state as it was: references taken for earlier parameters are dropped and
 temporary objects freed.  Errors are :mod:`poolsvc.errors` exceptions
-inside; they become return codes at one boundary, :meth:`SecureWorld.process`.
+inside; they become return codes at one boundary, :meth:`SecureWorld.process`
+(and its compiled twin for REGISTER_SHM / UNREGISTER_SHM, ``core.SmcEntry``,
+which is ``call_with_arg``: the same checks, codes and bookkeeping in C, over
+the cookie tables, counter and RPC server it holds for this world).
 A trusted app's own errors carry origin TRUSTED_APP; an app that raises
 anything else, or whose code is not a u32 (or is 0 on an error), has
 panicked: TARGET_DEAD, and its session is dead.  The app gets a copy of the
