@@ -4,7 +4,8 @@ Owns: embedded ``alloc_user_buf`` + ``close`` (contiguous frames, storage,
 REGISTER_SHM and UNREGISTER_SHM through a real message and page list),
 ``alloc_priv_buf`` + ``close`` (no registration), ``register_user_buf`` +
 ``close`` of a POSIX shm buffer, and, in the same run, the floors: the
-frame allocator's own ``alloc_contig`` + ``free_contig`` pair and one
+frame allocator's own ``alloc_contig`` + ``free_contig`` pair, the arena
+kernel's ``take`` + ``give`` (frames, storage pages and mapping), and one
 REGISTER/UNREGISTER message round trip through the secure world (page array
 and contiguous-run forms); the secure side's page-list check of that message
 (``pagelist_parse_frames``, list pages read through the frame table), and the
@@ -89,6 +90,23 @@ def test_floor_frame_allocator_pair(benchmark, system):
 
     benchmark(run)
     record(benchmark, OPS)
+
+
+def test_floor_arena_take_give(benchmark, system):
+    """What the dynamic pool does per alloc + free besides the Shm: ``ArenaPages.take``
+    (frames + storage pages + mapping) and ``give`` (zero + unmap + free), one page."""
+    ctx = system.open_context("arena-floor")
+    pages = ctx.arena.pages
+    ctx.arena.give(ctx.arena.take(1))  # the first segment exists before the timing
+
+    def run():
+        for _ in range(OPS):
+            pages.give(pages.take(1))
+
+    benchmark(run)
+    record(benchmark, OPS)
+    assert pages.used_pages == 0
+    ctx.close()
 
 
 def test_floor_register_message_round_trip(benchmark, system):
