@@ -244,7 +244,7 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
       ``{t}_batched_{kind}_ops``: 256 allocs in one BATCH, then 256 closes in one;
       ``{t}_batch_gain_{kind}``: batched over single (target >= 10).
     """
-    rounds, n, reps = (1, 20, 1) if smoke else (15, 300, 4)
+    rounds, n, reps = (1, 20, 1) if smoke else (15, 300, 10)
     rows: dict[str, list[float]] = {}
     sock_client = connect(daemon, name="ratios", transport="socket")
     shm_client = connect(daemon, name="ratios-shm", transport="shm")

@@ -9,7 +9,8 @@ Both modules export the same names with the same behaviour (the tests use the
 pure one as an oracle for the compiled one):
 ``RangeAllocator, FrameAllocator, FrameTable, IdTable, AddressMap,
 pagelist_build, pagelist_build_into, pagelist_parse, pagelist_parse_frames, pagelist_segments,
-gather, scatter, SmcDriver, SmcEntry, split_frames, run_batch, ArenaPages, ArenaRun``.
+gather, scatter, SmcDriver, SmcEntry, RegisteredShm, split_frames, run_batch, ArenaPages,
+ArenaRun``.
 """
 from __future__ import annotations
 

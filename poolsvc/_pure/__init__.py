@@ -15,7 +15,7 @@ from .pagelist import (
     pagelist_parse_frames,
     pagelist_segments,
 )
-from .smc import SmcDriver, SmcEntry
+from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
 from .wire import run_batch, split_frames
 
@@ -27,6 +27,7 @@ __all__ = [
     "FrameTable",
     "IdTable",
     "RangeAllocator",
+    "RegisteredShm",
     "SmcDriver",
     "SmcEntry",
     "gather",

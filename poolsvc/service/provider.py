@@ -105,7 +105,7 @@ def describe(shm: Any, tokens: SegmentTokens | None) -> tuple[bytes, int]:
         if token is not None:  # the usual case: an arena run in a segment the client maps
             body = _pack_desc(shm.cookie, shm.id, shm.size, run[0], shm.paddr,
                               backing.index * PAGE_SIZE + shm.offset, 0, shm.offset, run[1], token,
-                              int(shm.flags), _ARENA,
+                              shm.flags, _ARENA,  # (an IntFlag packs as its int)
                               (_REGISTERED | _CONTIGUOUS) if shm.registered else _CONTIGUOUS)
             return body, -1
     paddr = shm.paddr

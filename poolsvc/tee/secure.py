@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .._backend import PURE, core
+from .._backend import core
 from ..constants import (
     ATTR_META,
     ATTR_NONCONTIG,
@@ -135,7 +135,7 @@ _NO_PARAM = MsgParam()
 # ``size == len(pages) * 4096 - offset`` and ``inflight`` the running calls'
 # parameters that use it (it cannot be unregistered while ``inflight > 0``).
 # It is the backend's (compiled: a C struct the entry builds without Python).
-if TYPE_CHECKING or PURE:
+if TYPE_CHECKING:
     from .._pure.smc import RegisteredShm
 else:
     RegisteredShm = core.RegisteredShm
