@@ -417,13 +417,20 @@ cdef class SmcEntry:
 
     def __init__(self, table, nonsecure, static_window, dynamic_window):
         cdef pl_range *ranges = NULL
+        cdef Py_ssize_t nranges
+        cdef uint64_t static_lo, static_hi, dynamic_lo, dynamic_hi
         if not isinstance(table, FrameTable):
             raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
-        self.static_lo, self.static_hi = _smc_window(static_window, "static_window")
-        self.dynamic_lo, self.dynamic_hi = _smc_window(dynamic_window, "dynamic_window")
-        self.nranges = _parse_ranges(nonsecure, &ranges)
+        # every argument is checked before a field changes: a refused (re-)__init__
+        # must not leave windows without a table (fetch1 would read through NULL)
+        static_lo, static_hi = _smc_window(static_window, "static_window")
+        dynamic_lo, dynamic_hi = _smc_window(dynamic_window, "dynamic_window")
+        nranges = _parse_ranges(nonsecure, &ranges)
         free(self.ranges)
         self.ranges = ranges
+        self.nranges = nranges
+        self.static_lo, self.static_hi = static_lo, static_hi
+        self.dynamic_lo, self.dynamic_hi = dynamic_lo, dynamic_hi
         self.table = <FrameTable>table
         self.fetched = False
 
@@ -641,9 +648,13 @@ cdef class SmcEntry:
         cdef unsigned long long pa = 0
         cdef int cmd
         cdef RegisteredShm shm
-        cdef object ret = None, origin = SMC_ORIGIN_TEE, done, errors
+        cdef object ret = None, origin = SMC_ORIGIN_TEE, done, errors, cookie
         cdef char pair[8]
-        if self.shms is None:
+        # the table this call checks and updates, taken once: Python code that runs
+        # between the check and the update (an ``inflight`` property, a finaliser)
+        # may rebind ``registered``, and the cookie checked must be the one removed
+        cdef dict shms = self.shms
+        if self.generic is None:    # only bind() sets it (the setters set one dict each)
             raise InternalError("SmcEntry is not bound to a secure world")
         cmd = self.fetch(arg_pa, &pa)
         if cmd < 0:
@@ -653,10 +664,11 @@ cdef class SmcEntry:
         try:
             self.take(<uint32_t>cmd)
             if cmd == SMC_CMD_REGISTER:
-                shm = self.check_register(self.dynamic_shm, self.shms, self.rpc_cookies)
-                self.shms[shm.cookie] = shm
+                shm = self.check_register(self.dynamic_shm, shms, self.rpc_cookies)
+                shms[shm.cookie] = shm
             else:
-                del self.shms[self.check_unregister(self.shms)]
+                cookie = self.check_unregister(shms)
+                del shms[cookie]
         except PoolsvcError as exc:
             ret = exc.tee_code
             origin = getattr(exc, "origin", SMC_ORIGIN_TEE)

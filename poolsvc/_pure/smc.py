@@ -286,10 +286,11 @@ class SmcEntry:
     def __init__(self, table: Any, nonsecure: Any, static_window: Any, dynamic_window: Any) -> None:
         if not isinstance(table, FrameTable):
             raise BadParameters(f"table must be a FrameTable, not {type(table).__name__}")
-        self._static = _window(static_window, "static_window")
-        self._dynamic = _window(dynamic_window, "dynamic_window")
-        # checked and converted once, here, as the compiled twin does
-        self._nonsecure = _check_ranges(nonsecure)
+        # every argument checked before a field changes, as the compiled twin does
+        static = _window(static_window, "static_window")
+        dynamic = _window(dynamic_window, "dynamic_window")
+        nonsecure = _check_ranges(nonsecure)    # checked and converted once, here
+        self._static, self._dynamic, self._nonsecure = static, dynamic, nonsecure
         self._table = table
         self._fetched = None        # cmd, attr, a, b, c
 
@@ -444,8 +445,9 @@ class SmcEntry:
         unreadable, nothing counted); whatever ``generic`` or ``call_done`` raise.
         """
         registered = self._registered
-        if registered is None:
+        if self._generic is None:   # only bind() sets it (the setters set one dict each)
             raise InternalError("SmcEntry is not bound to a secure world")
+        assert registered is not None and self._rpc_shms is not None  # bind() set them too
         cmd = self.fetch1(arg_pa)
         if cmd < 0:
             self._generic(arg_pa)
@@ -455,7 +457,6 @@ class SmcEntry:
         try:
             fetched = self._take(cmd)
             if cmd == CMD_REGISTER:
-                assert self._rpc_shms is not None
                 shm = self._check_register(fetched, self._dynamic_shm, registered, self._rpc_shms)
                 registered[shm.cookie] = shm
             else:
