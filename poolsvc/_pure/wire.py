@@ -12,8 +12,9 @@ endian), then ``length`` body bytes (docs/protocol.md).
 """
 from __future__ import annotations
 
+import operator
 import struct
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from ..errors import BadParameters, ProtocolError
 
@@ -21,6 +22,15 @@ _HEADER = struct.Struct("<IHH")
 HEADER_SIZE = 8
 #: Reply frame types (the wire protocol's MsgType.OK and MsgType.ERROR).
 REPLY_OK, REPLY_ERROR = 3, 4
+
+
+def _limits(limit: Any, max_frame: Any) -> tuple[int, int]:
+    """``limit`` and ``max_frame`` as ints (``__index__``: TypeError otherwise, as the
+    compiled twin's conversion), BadParameters if either is negative."""
+    lim, mf = operator.index(limit), operator.index(max_frame)
+    if lim < 0 or mf < 0:
+        raise BadParameters(f"limit {limit!r} and max_frame {max_frame!r} must not be negative")
+    return lim, mf
 
 
 def split_frames(body: Any, limit: int, max_frame: int) -> list[tuple[int, int, int]]:
@@ -32,8 +42,7 @@ def split_frames(body: Any, limit: int, max_frame: int) -> list[tuple[int, int, 
     truncated header or body, an oversized frame, non-zero flags, or more
     than ``limit`` frames.
     """
-    if limit < 0 or max_frame < 0:
-        raise BadParameters(f"limit {limit!r} and max_frame {max_frame!r} must not be negative")
+    limit, max_frame = _limits(limit, max_frame)
     with memoryview(body) as view:
         data = view.cast("B") if view.format != "B" or view.ndim != 1 else view
         frames: list[tuple[int, int, int]] = []
@@ -60,7 +69,7 @@ def split_frames(body: Any, limit: int, max_frame: int) -> list[tuple[int, int, 
 
 
 def run_batch(body: Any, limit: int, max_frame: int,
-              handlers: Mapping[int, Callable[[Any, bytes], Any]], conn: Any,
+              handlers: dict[int, Callable[[Any, bytes], Any]], conn: Any,
               refuse: Callable[[Any, int, bool], Any],
               on_error: Callable[[Any, int, Exception], Any],
               max_output: int, counts: dict[int, int]) -> bytes:
@@ -77,8 +86,17 @@ def run_batch(body: Any, limit: int, max_frame: int,
     ``counts[t]`` grows by one per frame, run or refused (``counts``: a dict or
     a subclass such as Counter, updated with dict's own get and set).  Returns
     the concatenated reply frames.  Raises what ``split_frames`` raises, and
-    whatever BaseException (not Exception) a callback raises.
+    whatever BaseException (not Exception) a callback raises.  The arguments are
+    checked first, in the compiled twin's order: ``handlers`` exactly a dict
+    (TypeError), ``limit`` and ``max_frame`` ints (TypeError) not negative
+    (BadParameters), ``max_output`` an int (TypeError), ``counts`` a dict
+    (BadParameters).
     """
+    if type(handlers) is not dict:
+        raise TypeError(f"Argument 'handlers' has incorrect type (expected dict, "
+                        f"got {type(handlers).__name__})")
+    limit, max_frame = _limits(limit, max_frame)
+    max_output = operator.index(max_output)
     if not isinstance(counts, dict):
         raise BadParameters(f"counts must be a dict, got {type(counts).__name__}")
     frames = split_frames(body, limit, max_frame)
