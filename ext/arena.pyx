@@ -134,10 +134,12 @@ cdef class ArenaPages:
         Params: ``segment`` any object (``alloc`` and ``take`` hand it back);
         ``0 <= storage_id < 65536`` attached to the table with at least
         ``npages * 4096`` bytes; ``1 <= npages <= 2**30``.
-        Errors: BadParameters (the segment already here, ids, counts, storage
-        not attached or too short).
+        Errors: BadParameters (the segment already here, ids, the storage
+        already backing a segment here, counts, storage not attached or too
+        short).
         """
         cdef int64_t n = 0, sid = 0
+        cdef Py_ssize_t i
         cdef int rn = _arg_i64(npages, &n, "npages")
         cdef int rs = _arg_i64(storage_id, &sid, "storage_id")
         cdef FrameTable t = self.table
@@ -145,6 +147,10 @@ cdef class ArenaPages:
             raise BadParameters("the segment is already in this arena")
         if rs != ARG_FITS or sid < 0 or sid > FT_MAX_STORAGE_ID:
             raise BadParameters(f"storage id {storage_id} is not in 0..{FT_MAX_STORAGE_ID}")
+        for i in range(PyList_GET_SIZE(self.segs)):
+            # two segments on one storage would hand out the same bytes twice
+            if (<_ArenaSegment>PyList_GET_ITEM(self.segs, i)).sid == sid:
+                raise BadParameters(f"storage {sid} already backs a segment of this arena")
         if rn != ARG_FITS or n <= 0 or n > FM_MAX_BITS:
             raise BadParameters(f"npages must be in 1..{FM_MAX_BITS}, got {npages}")
         if sid >= t.nstorage_slots or t.storages[sid].base == NULL:

@@ -17,6 +17,9 @@
 - ``run_batch`` / ``split_frames``: the pure twin accepted what the compiled one
   refuses (float limits, a ``max_output`` that is not an int, handlers that are
   not a dict) and checked ``counts`` before the limits.
+- ``ArenaPages.add`` took a second segment on a storage id already backing one:
+  both then handed out the same storage pages (two live runs on the same
+  bytes; giving one back zeroed the other's data).
 """
 from __future__ import annotations
 
@@ -193,3 +196,27 @@ def test_split_frames_argument_checks_agree(compiled, pure, limit, max_frame):
             return ("err", type(exc).__name__)
 
     assert outcome(compiled) == outcome(pure)
+
+
+# ---------------------------------------------------------------------------
+# ArenaPages
+# ---------------------------------------------------------------------------
+
+def test_two_segments_on_one_storage_are_refused(core):
+    # Both would hand out storage page 0: a run of each mapped onto the same
+    # bytes, and giving one back zeroed the other's live data.
+    table = core.FrameTable([DYNAMIC])
+    frames = core.FrameAllocator(DYNAMIC[0], 64)
+    arena = core.ArenaPages(table, frames)
+    storage = bytearray(8 * PAGE)
+    table.attach(3, storage)
+    arena.add("a", 3, 4)
+    with pytest.raises(BadParameters):
+        arena.add("b", 3, 4)
+    assert arena.segments() == ["a"] and arena.pages_total == 4
+    first = arena.take(4)
+    assert first is not None and arena.take(1) is None     # no second copy of the pages
+    table.write(first.pa, b"live")
+    arena.remove("a")
+    arena.add("b", 3, 8)                            # once "a" is gone, the storage is free
+    assert arena.segments() == ["b"]

@@ -145,6 +145,8 @@ class ArenaPages:
             raise BadParameters("the segment is already in this arena")
         if not 0 <= sid <= MAX_STORAGE_ID:
             raise BadParameters(f"storage id {storage_id} is not in 0..{MAX_STORAGE_ID}")
+        if any(s.sid == sid for s in self._segs):  # else the same bytes handed out twice
+            raise BadParameters(f"storage {sid} already backs a segment of this arena")
         if not 0 < n <= MAX_UNITS:
             raise BadParameters(f"npages must be in 1..{MAX_UNITS}, got {npages}")
         view = self._table._storage.get(sid)
