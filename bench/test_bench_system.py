@@ -224,6 +224,48 @@ def test_smc_entry_kernels(benchmark, backend):
 
 
 @pytest.mark.parametrize("backend", ["compiled", "pure"])
+def test_smc_entry_call(benchmark, backend):
+    """The secure world's end as the driver calls it: the bound entry's ``entry(arg_pa)``
+    (fetch, OP-TEE's checks, the cookie table, the answer), REGISTER then UNREGISTER."""
+    import struct
+
+    import numpy as np
+
+    from poolsvc import _core, _pure
+
+    mod = _core if backend == "compiled" else _pure
+    cfg, table, frames, msg_pa, entry = _smc_world(mod)
+    list_pa = cfg.static_base + (2 << 12)
+    pages = np.array([cfg.dynamic_base + (5 << 12)], dtype=np.uint64)
+    table.write(list_pa, mod.pagelist_build(pages, 0, list_pa))
+    reg_pa, unreg_pa = cfg.static_base + (4 << 12), cfg.static_base + (5 << 12)
+    arg = struct.Struct("<8I4Q")
+    table.write(reg_pa, arg.pack(4, 0, 0, 0, 0, 0, 0, 1, 0x20A, list_pa, 4096, 0xC0FFEE))
+    table.write(unreg_pa, arg.pack(5, 0, 0, 0, 0, 0, 0, 1, 0x5, 0, 0, 0xC0FFEE))
+
+    class Stats:
+        errors: dict = {}
+
+    registered: dict = {}
+
+    def generic(pa):  # pragma: no cover - not reached
+        raise AssertionError(f"message at {pa:#x} left the fast path")
+
+    entry.bind(registered, {}, generic, Stats())
+    entry.caps = 4
+
+    def run():
+        for _ in range(OPS):
+            entry(reg_pa)
+            entry(unreg_pa)
+
+    benchmark(run)
+    record(benchmark, OPS)
+    assert not registered and not Stats.errors
+    assert table.read(reg_pa + 20, 8) == bytes(4) + struct.pack("<I", 3)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "pure"])
 def test_parse_frames_one_page(benchmark, backend):
     """The secure side's check of a one-page REGISTER_SHM list, compiled vs the pure twin."""
     import numpy as np
