@@ -574,7 +574,12 @@ class System:
         except BaseException:
             self.dynamic.free_contig(pa, npages)
             raise
-        self.memory.table.map_range(pa, npages, seg.sid, index)
+        try:
+            self.memory.table.map_range(pa, npages, seg.sid, index)
+        except BaseException:  # (a frame the table still maps: a bug elsewhere; leak nothing)
+            self.kernel_arena.free(seg, index, npages)
+            self.dynamic.free_contig(pa, npages)
+            raise
         return pa, npages, seg, index
 
     def _free_kernel_pages(self, pa: int, npages: int, seg: Segment, index: int) -> None:

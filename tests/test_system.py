@@ -516,3 +516,20 @@ def test_freed_pages_are_zeroed_and_spares_kept(dyn_system):
     assert len(ctx.arena.segments) == 1 and ctx.arena.used_pages == 0
     ctx.close()
     assert_idle(dyn_system)
+
+
+def test_kernel_pages_whose_mapping_is_refused_leak_nothing():
+    """_alloc_kernel_pages: a frame the table still maps (a bug elsewhere) makes the
+    mapping fail; the frames and the kernel arena's pages go back."""
+    with poolsvc.System(poolsvc.Config(dynamic_size=16 << 20, arena_step=1 << 20)) as system:
+        table, frames, arena = system.memory.table, system.dynamic, system.kernel_arena
+        pa = frames.alloc_contig(1)
+        frames.free_contig(pa, 1)  # the frame the next allocation takes
+        table.map_range(pa, 1, arena.segments[0].sid, 0)
+        used = (frames.used_frames, arena.used_pages, table.mapped_frames)
+        with pytest.raises(BadParameters, match="already mapped"):
+            system._alloc_kernel_pages(1)
+        assert (frames.used_frames, arena.used_pages, table.mapped_frames) == used
+        table.unmap_range(pa, 1)
+        pages = system._alloc_kernel_pages(1)  # and the next one works
+        system._free_kernel_pages(*pages)
