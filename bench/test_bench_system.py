@@ -156,6 +156,24 @@ def _smc_world(mod):
     return cfg, table, frames, msg_pa, entry
 
 
+def _smc_messages(mod):
+    """``_smc_world`` plus a one-page list and the REGISTER_SHM and UNREGISTER_SHM
+    messages of cookie 0xC0FFEE in place: (table, entry, reg_pa, unreg_pa)."""
+    import struct
+
+    import numpy as np
+
+    cfg, table, frames, msg_pa, entry = _smc_world(mod)
+    list_pa = cfg.static_base + (2 << 12)
+    pages = np.array([cfg.dynamic_base + (5 << 12)], dtype=np.uint64)
+    table.write(list_pa, mod.pagelist_build(pages, 0, list_pa))
+    reg_pa, unreg_pa = cfg.static_base + (4 << 12), cfg.static_base + (5 << 12)
+    arg = struct.Struct("<8I4Q")
+    table.write(reg_pa, arg.pack(4, 0, 0, 0, 0, 0, 0, 1, 0x20A, list_pa, 4096, 0xC0FFEE))
+    table.write(unreg_pa, arg.pack(5, 0, 0, 0, 0, 0, 0, 1, 0x5, 0, 0, 0xC0FFEE))
+    return table, entry, reg_pa, unreg_pa
+
+
 @pytest.mark.parametrize("backend", ["compiled", "pure"])
 def test_smc_driver_kernels(benchmark, backend):
     """The driver's end alone: register (one-page list, list frame taken and given back)
@@ -184,21 +202,12 @@ def test_smc_driver_kernels(benchmark, backend):
 def test_smc_entry_kernels(benchmark, backend):
     """The secure world's end alone: fetch1 + register1 + answer, then fetch1 +
     unregister1 + answer, on messages already in place (one-page list)."""
-    import struct
 
-    import numpy as np
 
     from poolsvc import _core, _pure
 
     mod = _core if backend == "compiled" else _pure
-    cfg, table, frames, msg_pa, entry = _smc_world(mod)
-    list_pa = cfg.static_base + (2 << 12)
-    pages = np.array([cfg.dynamic_base + (5 << 12)], dtype=np.uint64)
-    table.write(list_pa, mod.pagelist_build(pages, 0, list_pa))
-    reg_pa, unreg_pa = cfg.static_base + (4 << 12), cfg.static_base + (5 << 12)
-    arg = struct.Struct("<8I4Q")
-    table.write(reg_pa, arg.pack(4, 0, 0, 0, 0, 0, 0, 1, 0x20A, list_pa, 4096, 0xC0FFEE))
-    table.write(unreg_pa, arg.pack(5, 0, 0, 0, 0, 0, 0, 1, 0x5, 0, 0, 0xC0FFEE))
+    table, entry, reg_pa, unreg_pa = _smc_messages(mod)
     registered: dict = {}
     rpc_shms: dict = {}
 
@@ -229,19 +238,11 @@ def test_smc_entry_call(benchmark, backend):
     (fetch, OP-TEE's checks, the cookie table, the answer), REGISTER then UNREGISTER."""
     import struct
 
-    import numpy as np
 
     from poolsvc import _core, _pure
 
     mod = _core if backend == "compiled" else _pure
-    cfg, table, frames, msg_pa, entry = _smc_world(mod)
-    list_pa = cfg.static_base + (2 << 12)
-    pages = np.array([cfg.dynamic_base + (5 << 12)], dtype=np.uint64)
-    table.write(list_pa, mod.pagelist_build(pages, 0, list_pa))
-    reg_pa, unreg_pa = cfg.static_base + (4 << 12), cfg.static_base + (5 << 12)
-    arg = struct.Struct("<8I4Q")
-    table.write(reg_pa, arg.pack(4, 0, 0, 0, 0, 0, 0, 1, 0x20A, list_pa, 4096, 0xC0FFEE))
-    table.write(unreg_pa, arg.pack(5, 0, 0, 0, 0, 0, 0, 1, 0x5, 0, 0, 0xC0FFEE))
+    table, entry, reg_pa, unreg_pa = _smc_messages(mod)
 
     class Stats:
         errors: dict = {}

@@ -50,6 +50,23 @@ cdef class ArenaRun:
                 f"{'live' if self.live else 'given back'})")
 
 
+cdef inline Py_ssize_t _arena_run_slot(FrameTable t, uint64_t pa, int64_t n, bint mapped) noexcept:
+    """The table slot of frame ``pa`` when the ``n`` frames from it lie in one region
+    and are all mapped (``mapped``) or all unmapped; else -1 (the caller then lets
+    map_range / unmap_range raise the precise error)."""
+    cdef uint64_t pfn = pa >> PSV_PAGE_SHIFT
+    cdef int rg = ft_region_index(t.rgn, t.nregions, pfn)
+    cdef Py_ssize_t slot
+    cdef int64_t k
+    if rg < 0 or <uint64_t>n > t.rgn[rg].count - (pfn - t.rgn[rg].base_pfn):
+        return -1
+    slot = t.rgn[rg].first + <Py_ssize_t>(pfn - t.rgn[rg].base_pfn)
+    for k in range(n):
+        if (t.frame_sid[slot + k] < 0 if mapped else t.frame_sid[slot + k] != FT_UNMAPPED):
+            return -1
+    return slot
+
+
 @cython.auto_pickle(False)
 cdef class ArenaPages:
     """Runs of storage pages over an owner's segments, first-fit.
@@ -288,15 +305,7 @@ cdef class ArenaPages:
         if s is None:
             return None
         pa = <uint64_t>(frames.base_pa_ + (p << PSV_PAGE_SHIFT))
-        pfn = pa >> PSV_PAGE_SHIFT
-        rg = ft_region_index(t.rgn, t.nregions, pfn)
-        slot = -1
-        if rg >= 0 and <uint64_t>n <= t.rgn[rg].count - (pfn - t.rgn[rg].base_pfn):
-            slot = t.rgn[rg].first + <Py_ssize_t>(pfn - t.rgn[rg].base_pfn)
-            for k in range(n):
-                if t.frame_sid[slot + k] != FT_UNMAPPED:
-                    slot = -1
-                    break
+        slot = _arena_run_slot(t, pa, n, False)
         if slot < 0:
             t.map_range(pa, n, s.sid, index)    # raises its error
             t.unmap_range(pa, n)
@@ -348,15 +357,7 @@ cdef class ArenaPages:
         if q >= 0:
             raise DoubleFree(f"storage page {q} of the segment is not in use")
         pa = <uint64_t>r.pa
-        pfn = pa >> PSV_PAGE_SHIFT
-        rg = ft_region_index(t.rgn, t.nregions, pfn)
-        slot = -1
-        if rg >= 0 and <uint64_t>n <= t.rgn[rg].count - (pfn - t.rgn[rg].base_pfn):
-            slot = t.rgn[rg].first + <Py_ssize_t>(pfn - t.rgn[rg].base_pfn)
-            for k in range(n):
-                if t.frame_sid[slot + k] < 0:
-                    slot = -1
-                    break
+        slot = _arena_run_slot(t, pa, n, True)
         if slot < 0:
             t.unmap_range(pa, n)                # raises its error
             raise InternalError(f"frames at {pa:#x} should not have been unmappable")

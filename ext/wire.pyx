@@ -47,6 +47,23 @@ cdef Py_ssize_t _wire_split(const unsigned char *data, Py_ssize_t end, Py_ssize_
     return n
 
 
+cdef wire_frame *_wire_frames(Py_buffer *view, Py_ssize_t limit, unsigned long long max_frame,
+                              Py_ssize_t *n) except NULL:
+    """The frames of ``view`` (every header checked) in a malloc'd array the caller
+    frees; their count in ``n``.  Raises ProtocolError (nothing allocated then)."""
+    # room for every frame the body could hold (headers alone), capped by the limit
+    cdef Py_ssize_t cap = min(limit, view.len // WIRE_HEADER_SIZE + 1)
+    cdef wire_frame *frames = <wire_frame *>malloc((cap + 1) * sizeof(wire_frame))
+    if frames == NULL:
+        raise MemoryError()
+    try:
+        n[0] = _wire_split(<const unsigned char *>view.buf, view.len, limit, max_frame, frames)
+    except BaseException:
+        free(frames)
+        raise
+    return frames
+
+
 cdef Py_ssize_t _wire_limit(object limit, object max_frame, unsigned long long *max_out) except -1:
     cdef long long lim = 0, mf = 0
     # (an int beyond 64 bits is clamped, which means "no limit")
@@ -70,17 +87,12 @@ def split_frames(body, limit, max_frame):
     cdef Py_buffer view
     cdef unsigned long long mf = 0
     cdef Py_ssize_t lim = _wire_limit(limit, max_frame, &mf)
-    cdef Py_ssize_t n, i, cap
+    cdef Py_ssize_t n = 0, i
     cdef wire_frame *frames = NULL
     cdef list result
     PyObject_GetBuffer(body, &view, PyBUF_C_CONTIGUOUS)
     try:
-        # room for every frame the body could hold (headers alone), capped by the limit
-        cap = min(lim, view.len // WIRE_HEADER_SIZE + 1)
-        frames = <wire_frame *>malloc((cap + 1) * sizeof(wire_frame))
-        if frames == NULL:
-            raise MemoryError()
-        n = _wire_split(<const unsigned char *>view.buf, view.len, lim, mf, frames)
+        frames = _wire_frames(&view, lim, mf, &n)
         result = [None] * n
         for i in range(n):
             result[i] = (frames[i].msg_type, frames[i].start, frames[i].end)
@@ -111,7 +123,7 @@ def run_batch(body, limit, max_frame, dict handlers not None, conn, refuse, on_e
     cdef unsigned long long mf = 0
     cdef Py_ssize_t lim = _wire_limit(limit, max_frame, &mf)
     cdef long long out_limit = 0
-    cdef Py_ssize_t n, i, cap, size = 0, total = 0, k
+    cdef Py_ssize_t n = 0, i, size = 0, total = 0, k
     cdef wire_frame *frames = NULL
     cdef unsigned int code
     cdef const char *src
@@ -124,11 +136,7 @@ def run_batch(body, limit, max_frame, dict handlers not None, conn, refuse, on_e
         raise BadParameters(f"counts must be a dict, got {type(counts).__name__}")
     PyObject_GetBuffer(body, &view, PyBUF_C_CONTIGUOUS)
     try:
-        cap = min(lim, view.len // WIRE_HEADER_SIZE + 1)
-        frames = <wire_frame *>malloc((cap + 1) * sizeof(wire_frame))
-        if frames == NULL:
-            raise MemoryError()
-        n = _wire_split(<const unsigned char *>view.buf, view.len, lim, mf, frames)
+        frames = _wire_frames(&view, lim, mf, &n)
         src = <const char *>view.buf
         replies = [None] * n
         for i in range(n):
