@@ -481,6 +481,30 @@ def test_pipelined_requests_beyond_the_output_bound(tmp_path):
         d.stop()
 
 
+def test_batch_reply_over_max_output_refuses_the_rest(tmp_path):
+    """Once a BATCH's replies pass max_output, its remaining operations are not run:
+    each gets a LIMIT error (the compiled loop's refusal path), and the daemon goes on."""
+    d = DaemonThread(tmp_path / "b.sock", max_output=64 << 10)
+    try:
+        sock = raw_conn(d)
+        payload = b"q" * 30000
+        body = b"".join(P.frame(P.MsgType.PING, payload + bytes([i])) for i in range(4))
+        sock.sendall(P.frame(P.MsgType.BATCH, body))
+        [(kind, reply)] = read_frames(sock, 1)
+        assert kind == P.MsgType.BATCH_REPLY
+        subs = [(t, bytes(b)) for t, b in P.iter_frames(reply, 10, 1 << 20)]
+        # 2 x 30 KiB fit under 64 KiB; after the third the reply is over it
+        assert [t for t, _ in subs] == [P.MsgType.OK] * 3 + [P.MsgType.ERROR]
+        assert [b[-1] for _, b in subs[:3]] == [0, 1, 2]
+        assert error_of(subs[3]) == P.ErrorCode.LIMIT
+        assert b"max_output" in subs[3][1]
+        sock.sendall(P.frame(P.MsgType.PING, b"still here"))
+        assert read_frames(sock, 1) == [(P.MsgType.OK, b"still here")]
+        sock.close()
+    finally:
+        d.stop()
+
+
 # -- registration across the process boundary --------------------------------------------------------
 def test_register_by_descriptor_unlinked_and_memfd(daemon):
     with connect(daemon.path) as client:
