@@ -217,3 +217,113 @@ def test_trace_reader_names_the_bad_line(tmp_path):
     path.write_text("not a trace\n")
     with pytest.raises(BadParameters, match="header"):
         trace.read(str(path))
+
+
+# -- the worker's checks, on doctored buffers (they must still bite) ------------------------------
+def _bare_worker(dynamic: bool = True):
+    from poolsvc.load.worker import Worker
+
+    w = Worker.__new__(Worker)
+    w.slot, w.gen, w.violations, w.unverified, w.skipped = 3, 1, [], 0, 0
+    w.dynamic, w.live, w.live_list, w.pages, w.free_regions = dynamic, {}, [], {}, []
+    return w
+
+
+class _FakeShm:
+    """What Worker._hold reads of a service Shm: one page run (``_first``, ``_npages``)."""
+
+    def __init__(self, first: int, npages: int, size: int, cookie: int = 0x99) -> None:
+        self._pages, self._first, self._npages = None, first, npages
+        self.cookie, self.id, self.buf = cookie, 1, bytearray(size)
+
+    def view(self) -> memoryview:
+        return memoryview(self.buf)
+
+
+def test_worker_batched_ends_catch_a_changed_head_or_tail():
+    from poolsvc.load.worker import TAG, TAG_MAGIC
+
+    w = _bare_worker()
+    for size, spot in ((5000, 0), (5000, 4999), (4103, 4090), (33, 32)):
+        shm = _FakeShm(0x100000, 2, size)
+        held = w._hold(shm, "u", size, 7, full=False)
+        assert held.full == (size <= 32)
+        pattern = (TAG.pack(TAG_MAGIC, 3, 1, 7) * (size // 16 + 1))[:size]
+        assert bytes(shm.buf[:16]) == pattern[:16] and bytes(shm.buf[-16:]) == pattern[-16:]
+        w._verify(held, "free")
+        assert w.violations == []
+        shm.buf[spot] ^= 0xFF
+        w._verify(held, "free")
+        assert len(w.violations) == 1 and "changed under its owner" in w.violations[0]
+        w.violations.clear()
+        w._forget(held)
+    assert w.live == {} and w.live_list == [] and w.pages == {}
+
+
+def test_worker_catches_a_page_given_twice():
+    import numpy as np
+
+    w = _bare_worker()
+    a = w._hold(_FakeShm(0x200000, 3, 3 * 4096), "u", 3 * 4096, 1, full=False)
+    assert sorted(w.pages) == [0x200000, 0x201000, 0x202000] and w.violations == []
+    # a scattered buffer (its page array came in the reply) sharing one page with buffer 1
+    scattered = _FakeShm(0, 2, 8192)
+    scattered._pages = np.array([0x500000, 0x201000], dtype=np.uint64)
+    scattered.pages = scattered._pages
+    w._hold(scattered, "k", 8192, 2, full=False)
+    assert len(w.violations) == 1 and "page 0x201000 of new buffer 2" in w.violations[0] \
+        and "live buffer 1" in w.violations[0]
+    # an overlapping run caught as well; priv buffers have no pages to check
+    w._hold(_FakeShm(0x202000, 1, 100), "k", 100, 3, full=False)
+    assert len(w.violations) == 2 and "page 0x202000 of new buffer 3" in w.violations[1]
+    w._hold(_FakeShm(0x200000, 1, 100), "p", 100, 4, full=False)
+    assert len(w.violations) == 2
+    w._forget(a)
+    assert 0x200000 not in w.pages and w.pages[0x201000] == 2 and w.pages[0x202000] == 3
+
+
+def test_worker_batches_are_seeded_and_use_a_buffer_once():
+    from poolsvc.load.mix import BATCHABLE
+    from poolsvc.load.worker import Held
+
+    def batches(seed: int) -> list:
+        w = _bare_worker()
+        w.rng = random.Random(seed)
+        w.size = SizeDist.parse("log:64:64KiB").sampler(w.rng)
+        w.exhaust, w.max_live, w.batch_size, w.serial, w.next_handle = False, 40, 64, 0, 100
+        w.pending_release = []
+        for h in range(1, 41):
+            held = Held(type("S", (), {"id": h % 3})(), "u", 64, h)
+            held.index = len(w.live_list)
+            w.live[h] = held
+            w.live_list.append(held)
+        choose = OpMix.parse("alloc_user=2,alloc_priv=1,free=4,lookup=3").chooser(w.rng, BATCHABLE)
+        out = [w._gen_batch(choose) for _ in range(5)]
+        for code, toks, count in out:
+            assert code == "b" and count == len(toks) == 64
+            used = [t[1] for t in toks if t[0] in "fl"]
+            assert len(used) == len(set(used))  # at most once among frees and lookups
+            assert all(w.live[h].shm.id > 0 for c, h in (t[:2] for t in toks) if c == "l")
+        return out
+
+    assert batches(4) == batches(4)
+    assert batches(4) != batches(5)
+
+
+def test_trace_text_round_trips_the_operation_tuples():
+    ops = [("a", "u", 4096, 7), ("r", "U", 100, 12, 8), ("f", 7), ("l", 8), ("i", 8),
+           ("b", [("x", 3), ("a", "k", 64, 9), ("f", 4), ("l", 5)], 3), ("b", [("x", 1)], 0)]
+    lines = [trace.format_op(op) for op in ops]
+    assert lines[0] == "a u 4096 7" and lines[5] == "b x:3 a:k:64:9 f:4 l:5"
+    assert [trace.parse_op(line) for line in lines] == ops
+    for bad in ("a u 12", "b a:u:1", "f x", "q 1", ""):
+        with pytest.raises(BadParameters):
+            trace.parse_op(bad)
+
+
+def test_histogram_weighted_add_equals_repeated_adds():
+    one, many = Histogram(), Histogram()
+    one.add(12345, 40)
+    for _ in range(40):
+        many.add(12345)
+    assert one.to_wire() == many.to_wire()

@@ -23,6 +23,13 @@ by cookie or id, so they mean the same under any configuration:
                             the extra reference a previous ``l:H`` in a batch took)
 ==========================  ============================================================
 
+In memory a worker holds an operation as a tuple, and writes or reads its text
+only at the trace's edge (:func:`format_op`, :func:`parse_op`; one is the
+inverse of the other): ``("a", K, SIZE, H)``, ``("r", K, SIZE, OFF, H)``,
+``("f", H)``, ``("l", H)``, ``("i", H)``, ``("x", H)`` (batch tokens only),
+and ``("b", [TOKEN_TUPLE, ...], OPS)`` with OPS the operations the batch
+stands for (its tokens but ``x``).
+
 A worker appends its lines to its own file and flushes them at every
 progress tick; operations after the last flush of a killed worker are lost
 (their effects died with the worker's connection anyway).  The runner joins
@@ -106,6 +113,45 @@ class Trace:
 def op_count(line: str) -> int:
     """Operations one trace line stands for (a batch counts each of its tokens)."""
     return len(line.split()) - 1 if line.startswith("b") else 1
+
+
+def format_op(op: tuple[Any, ...]) -> str:
+    """The trace line of one operation tuple (see the module doc)."""
+    if op[0] == "b":
+        return "b " + " ".join(":".join(map(str, tok)) for tok in op[1])
+    return " ".join(map(str, op))
+
+
+def parse_op(line: str) -> tuple[Any, ...]:
+    """The operation tuple of one trace line; BadParameters when it is not one.
+
+    ``parse_op(format_op(op)) == op`` for every operation a worker generates.
+    """
+    p = line.split()
+    try:
+        code = p[0]
+        if code == "b":
+            toks: list[tuple[Any, ...]] = []
+            count = 0
+            for text in p[1:]:
+                t = text.split(":")
+                if t[0] == "a" and len(t) == 4:
+                    toks.append(("a", t[1], int(t[2]), int(t[3])))
+                elif t[0] in ("f", "l", "x") and len(t) == 2:
+                    toks.append((t[0], int(t[1])))
+                else:
+                    raise ValueError(text)
+                count += t[0] != "x"
+            return ("b", toks, count)
+        if code == "a" and len(p) == 4:
+            return ("a", p[1], int(p[2]), int(p[3]))
+        if code == "r" and len(p) == 5:
+            return ("r", p[1], int(p[2]), int(p[3]), int(p[4]))
+        if code in ("f", "l", "i") and len(p) == 2:
+            return (code, int(p[1]))
+    except (ValueError, IndexError):
+        pass
+    raise BadParameters(f"trace: {line[:80]!r} is not an operation line")
 
 
 def write(path: str, header: dict[str, Any], parts: list[tuple[int, int, str, str]]) -> int:

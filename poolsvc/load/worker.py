@@ -44,23 +44,45 @@ import signal
 import struct
 import sys
 import time
+from bisect import bisect_right
 from typing import Any
 
+from ..constants import PAGE_SIZE
 from ..errors import Closed, NotSupported, OutOfMemory, PoolsvcError
 from .histogram import Histogram
 from .mix import BATCHABLE, REGION_SIZE, OpMix, SizeDist
+from .trace import format_op, parse_op
 
 TAG = struct.Struct("<4sHHQ")
 TAG_MAGIC = b"PLDT"
 KIND_OPS = {"u": "alloc_user", "k": "alloc_kernel", "p": "alloc_priv",
             "U": "register_user", "K": "register_kernel"}
+ALLOC_KINDS = {"alloc_user": "u", "alloc_kernel": "k", "alloc_priv": "p"}
 EXIT_LOST = 3
+Op = tuple  # an operation tuple, see poolsvc.load.trace
+
+
+def page_addresses(shm: Any) -> Any:
+    """The physical address of each page of ``shm``, as ints: the values of
+    ``shm.pages``, without building its numpy array when the buffer is one
+    run (the service client then holds only its first page and count)."""
+    if getattr(shm, "_pages", False) is None:
+        first = shm._first
+        return range(first, first + shm._npages * PAGE_SIZE, PAGE_SIZE)
+    return shm.pages.tolist()
 
 
 class Held:
-    """One buffer this worker holds: the Shm and what it must contain."""
+    """One buffer this worker holds: the Shm and what it must contain.
 
-    __slots__ = ("shm", "kind", "size", "handle", "full", "view", "region", "extra_refs")
+    ``head``/``tail``: the 16 bytes the owner wrote at each end (both
+    patterns), kept so that a check does not rebuild them; ``index``: the
+    buffer's place in ``Worker.live_list``; ``busy``: the number of the
+    batch being generated that already uses it.
+    """
+
+    __slots__ = ("shm", "kind", "size", "handle", "full", "view", "region", "extra_refs",
+                 "index", "busy", "head", "tail", "pages")
 
     def __init__(self, shm: Any, kind: str, size: int, handle: int, region: int = -1) -> None:
         self.shm = shm
@@ -71,6 +93,10 @@ class Held:
         self.view: Any = None
         self.region = region
         self.extra_refs = 0
+        self.index = -1
+        self.busy = 0
+        self.head = self.tail = b""
+        self.pages: Any = ()
 
 
 class Worker:
@@ -100,13 +126,15 @@ class Worker:
         self.done = 0
         self.skipped = 0
         self.unverified = 0
-        # what this worker holds
+        # what this worker holds: live[h] is live_list[live[h].index], and
+        # pages[pa] == h for each page pa of each live buffer h (dynamic pool, u/k)
         self.live: dict[int, Held] = {}
-        self.live_keys: list[int] = []
+        self.live_list: list[Held] = []
         self.pages: dict[int, int] = {}
         self.next_handle = 1
         self.pending_release: list[Held] = []
         self.draining = False
+        self.serial = 0
         self.trace = None
         if spec.get("trace"):
             from .trace import TraceWriter
@@ -156,11 +184,12 @@ class Worker:
         self.area_view = memoryview(self.area)
 
     # -- reporting ----------------------------------------------------------------------------------
-    def _time(self, op: str, ns: int, n: int = 1) -> None:
+    def _time(self, op: str, ns: int, n: int = 1, weight: int = 1) -> None:
+        """Count ``n`` operations ``op`` and ``weight`` latencies of ``ns`` each."""
         h = self.hists.get(op)
         if h is None:
             h = self.hists[op] = Histogram()
-        h.add(ns)
+        h.add(ns, weight)
         self.counts[op] = self.counts.get(op, 0) + n
 
     def _error(self, op: str, exc: BaseException) -> None:
@@ -186,6 +215,9 @@ class Worker:
         self.skipped = self.unverified = 0
 
     # -- patterns --------------------------------------------------------------------------------
+    # A buffer's pattern is its owner's 16-byte tag repeated from byte 0, cut at its
+    # size.  Single operations write and check all of it, batched ones its first and
+    # last 16 bytes (``Held.head`` and ``Held.tail``, set when written).
     def _tag(self, handle: int) -> bytes:
         return TAG.pack(TAG_MAGIC, self.slot, self.gen & 0xFFFF, handle)
 
@@ -197,19 +229,17 @@ class Worker:
         view = held.view
         if view is None:
             return
-        if full or held.size <= 32:
-            view[:held.size] = self._pattern(held)
+        size = held.size
+        if full or size <= 32:
+            view[:size] = self._pattern(held)
             held.full = True
         else:
-            pat = self._pattern_ends(held)
-            view[:16] = pat[0]
-            view[held.size - 16:held.size] = pat[1]
-
-    def _pattern_ends(self, held: Held) -> tuple[bytes, bytes]:
-        tag = self._tag(held.handle)
-        tail_start = held.size - 16
-        phase = tail_start % 16
-        return tag, (tag + tag)[phase:phase + 16]
+            tag = self._tag(held.handle)
+            phase = size & 15  # the tail starts at size - 16, phase (size - 16) % 16 of the tag
+            held.head = tag
+            held.tail = tail = (tag + tag)[phase:phase + 16]
+            view[:16] = tag
+            view[size - 16:size] = tail
 
     def _verify(self, held: Held, what: str) -> None:
         """Read the pattern back through this process's view; a violation if it changed."""
@@ -217,11 +247,11 @@ class Worker:
         if view is None:
             self.unverified += 1
             return
-        if held.full:
-            ok = view[:held.size] == self._pattern(held)
+        size = held.size
+        if held.full:  # (tobytes: a memoryview compares bytewise, 100x slower)
+            ok = view[:size].tobytes() == self._pattern(held)
         else:
-            head, tail = self._pattern_ends(held)
-            ok = view[:16] == head and view[held.size - 16:held.size] == tail
+            ok = view[:16] == held.head and view[size - 16:size] == held.tail
         if not ok:
             self.violate(f"{what}: buffer {held.handle} ({KIND_OPS[held.kind]}, {held.size} bytes, "
                          f"cookie {held.shm.cookie:#x}) changed under its owner: "
@@ -247,44 +277,53 @@ class Worker:
             except NotSupported:
                 held.view = None
             if self.dynamic and kind != "p":
-                pages = shm.pages.tolist()
+                held.pages = pages = page_addresses(shm)
+                owner = self.pages
                 for pa in pages:
-                    other = self.pages.get(pa)
+                    other = owner.get(pa)
                     if other is not None:
                         self.violate(f"page {pa:#x} of new buffer {handle} already belongs to this "
                                      f"client's live buffer {other}")
-                    self.pages[pa] = handle
+                    owner[pa] = handle
             self._write(held, full)
         self.live[handle] = held
-        self.live_keys.append(handle)
+        held.index = len(self.live_list)
+        self.live_list.append(held)
         return held
 
     def _forget(self, held: Held) -> None:
-        self.live.pop(held.handle, None)
-        if self.dynamic and held.kind in "uk":
-            for pa in held.shm.pages.tolist():
-                if self.pages.get(pa) == held.handle:
-                    del self.pages[pa]
+        if self.live.pop(held.handle, None) is held:
+            live_list = self.live_list
+            last = live_list.pop()
+            if last is not held:
+                live_list[held.index] = last
+                last.index = held.index
+        handle = held.handle
+        owner = self.pages
+        for pa in held.pages:
+            if owner.get(pa) == handle:
+                del owner[pa]
         if held.view is not None:
             held.view.release()
             held.view = None
         if held.region >= 0:
             self.free_regions.append(held.region)
 
-    def _pick(self, want: Any = None) -> Held | None:
-        """A random live buffer (satisfying ``want`` if given), or None."""
-        keys = self.live_keys
+    def _pick(self, need_id: bool = False, no_priv: bool = False, serial: int = -1) -> Held | None:
+        """A random live buffer, or None (after 8 draws that did not fit).
+
+        ``need_id``: with an id (lookup); ``no_priv``: not alloc_priv (invoke);
+        ``serial``: not already used by the batch being generated.
+        """
+        live_list = self.live_list
+        rnd = self.rng.random
         for _ in range(8):
-            if not keys:
+            n = len(live_list)
+            if not n:
                 return None
-            i = self.rng.randrange(len(keys))
-            handle = keys[i]
-            held = self.live.get(handle)
-            if held is None:  # freed: drop the stale key
-                keys[i] = keys[-1]
-                keys.pop()
-                continue
-            if want is None or want(held):
+            held = live_list[int(rnd() * n)]
+            if held.busy != serial and (not need_id or held.shm.id > 0) and \
+                    (not no_priv or held.kind != "p"):
                 return held
         return None
 
@@ -385,7 +424,8 @@ class Worker:
         if self.digest_view is None or held.view is None:
             self.unverified += 1
             return
-        expected = hashlib.sha256(self._pattern(held)[:length]).digest()
+        pattern = self._pattern(held)
+        expected = hashlib.sha256(pattern if length == held.size else pattern[:length]).digest()
         if self.digest_view[:32] != expected:
             self.violate(f"invoke: SHA-256 of buffer {handle} ({KIND_OPS[held.kind]}, {length} bytes) "
                          f"in the secure world is {bytes(self.digest_view[:32]).hex()[:16]}..., "
@@ -393,36 +433,38 @@ class Worker:
                          f"{self._whose(bytes(held.view[:16]))}")
 
     # -- batches -------------------------------------------------------------------------------------
-    def op_batch(self, tokens: list[str]) -> None:
-        """Run one BATCH of ``a:K:SIZE:H``, ``f:H``, ``l:H``, ``x:H`` tokens."""
+    def op_batch(self, tokens: list[Op]) -> None:
+        """Run one BATCH of ``("a", K, SIZE, H)``, ``("f", H)``, ``("l", H)``, ``("x", H)``."""
         b = self.ctx.batch()
-        plan: list[tuple[str, Any]] = []
+        alloc = {"u": b.alloc_user_buf, "k": b.alloc_kernel_buf, "p": b.alloc_priv_buf}
+        close = b.close
+        live_get = self.live.get
+        plan: list[tuple[Any, ...]] = []  # the alloc tokens themselves, ("f"|"l"|"x", Held)
+        append = plan.append
         for tok in tokens:
-            parts = tok.split(":")
-            code = parts[0]
+            code = tok[0]
             if code == "a":
-                kind, size, handle = parts[1], int(parts[2]), int(parts[3])
-                getattr(b, KIND_OPS[kind] + "_buf")(size)
-                plan.append(("a", (kind, size, handle)))
+                alloc[tok[1]](tok[2])
+                append(tok)
                 continue
-            held = self.live.get(int(parts[1]))
+            held = live_get(tok[1])
             if held is None or (code == "x" and held.extra_refs <= 0) or (code == "l" and held.shm.id <= 0):
                 self.skipped += 1
                 continue
             if code == "f":
                 self._verify(held, "free")
                 self._forget(held)
-                b.close(held.shm)
+                close(held.shm)
                 for _ in range(held.extra_refs):
-                    b.close(held.shm)
-                plan.append(("f", held))
+                    close(held.shm)
+                append(("f", held))
             elif code == "l":
                 b.shm_from_id(held.shm.id)
-                plan.append(("l", held))
+                append(("l", held))
             elif code == "x":
                 held.extra_refs -= 1
-                b.close(held.shm)
-                plan.append(("x", held))
+                close(held.shm)
+                append(("x", held))
         if not plan:
             return
         t0 = time.perf_counter_ns()
@@ -434,43 +476,51 @@ class Worker:
         ns = time.perf_counter_ns() - t0
         self._time("batch", ns, 0)
         per_op = ns // len(plan)
-        results_iter = iter(results)
-        for code, arg in plan:
+        nxt = iter(results).__next__
+        frees = lookups = 0
+        allocs = {"u": 0, "k": 0, "p": 0}
+        hold = self._hold
+        for entry in plan:
+            code = entry[0]
+            result = nxt()
             if code == "f":
-                result = next(results_iter)
-                for _ in range(arg.extra_refs):
-                    next(results_iter)
-                arg.extra_refs = 0
+                held = entry[1]
+                for _ in range(held.extra_refs):
+                    nxt()
+                held.extra_refs = 0
                 if isinstance(result, PoolsvcError):
                     self._error("free", result)
-                self._time("free", per_op)
-                continue
-            result = next(results_iter)
-            if code == "x":
+                frees += 1
+            elif code == "a":
+                allocs[entry[1]] += 1
                 if isinstance(result, PoolsvcError):
-                    self._error("free", result)
-                continue
-            if code == "a":
-                kind, size, handle = arg
-                op = KIND_OPS[kind]
-                self._time(op, per_op)
-                if isinstance(result, PoolsvcError):
-                    self._error(op, result)
+                    self._error(KIND_OPS[entry[1]], result)
                     if isinstance(result, OutOfMemory):
                         self.draining = True
                 else:
-                    self._hold(result, kind, size, handle, full=False)
+                    hold(result, entry[1], entry[2], entry[3], full=False)
             elif code == "l":
-                self._time("lookup", per_op)
+                lookups += 1
+                held = entry[1]
                 if isinstance(result, PoolsvcError):
                     self._error("lookup", result)
-                elif result is not arg.shm:
-                    self.violate(f"batched lookup of id {arg.shm.id} returned cookie "
-                                 f"{result.cookie:#x}, not {arg.shm.cookie:#x}")
+                elif result is not held.shm:
+                    self.violate(f"batched lookup of id {held.shm.id} returned cookie "
+                                 f"{result.cookie:#x}, not {held.shm.cookie:#x}")
                     result.close()
                 else:
-                    arg.extra_refs += 1
-                    self.pending_release.append(arg)
+                    held.extra_refs += 1
+                    self.pending_release.append(held)
+            elif isinstance(result, PoolsvcError):  # x: the release of a lookup's reference
+                self._error("free", result)
+        # one histogram entry per operation kind: each operation's latency is per_op
+        if frees:
+            self._time("free", per_op, frees, frees)
+        if lookups:
+            self._time("lookup", per_op, lookups, lookups)
+        for kind, n in allocs.items():
+            if n:
+                self._time(KIND_OPS[kind], per_op, n, n)
 
     # -- generation ------------------------------------------------------------------------------
     def _new_handle(self) -> int:
@@ -478,26 +528,28 @@ class Worker:
         self.next_handle += 1
         return h
 
-    def _gen_alloc(self, op: str) -> str:
-        kind = {"alloc_user": "u", "alloc_kernel": "k", "alloc_priv": "p"}[op]
-        return f"a {kind} {self.size()} {self._new_handle()}"
+    def _gen_alloc(self, op: str) -> Op:
+        return ("a", ALLOC_KINDS[op], self.size(), self._new_handle())
 
-    def generate(self, choose: Any, choose_batch: Any) -> list[str]:
-        """The next trace line(s) to run, drawn from the mix."""
+    def generate(self, choose: Any, choose_batch: Any) -> list[Op]:
+        """The next operation(s) to run, drawn from the mix."""
         if self.draining:  # after an OutOfMemory: free a random half of what we hold
             self.draining = False
             if self.exhaust or len(self.live) > 0:
                 victims = [h for h in list(self.live) if self.rng.random() < 0.5] or list(self.live)[:1]
-                releases = [f"x:{h.handle}" for h in self.pending_release]
+                releases: list[Op] = [("x", h.handle) for h in self.pending_release]
                 self.pending_release = []
+                ops: list[Op]
                 if self.batch_size > 1:
-                    toks = releases + [f"f:{h}" for h in victims]
-                    lines = [f"b {' '.join(toks[i:i + self.batch_size])}"
-                             for i in range(0, len(toks), self.batch_size)]
+                    toks = releases + [("f", h) for h in victims]
+                    ops = []
+                    for i in range(0, len(toks), self.batch_size):
+                        part = toks[i:i + self.batch_size]
+                        ops.append(("b", part, sum(t[0] != "x" for t in part)))
                 else:
-                    lines = [f"f {h}" for h in victims]
-                if lines:  # nothing held (every buffer already freed): draw from the mix
-                    return lines
+                    ops = [("f", h) for h in victims]
+                if ops:  # nothing held (every buffer already freed): draw from the mix
+                    return ops
         op = choose()
         if self.batch_size > 1 and op in BATCHABLE and choose_batch:
             return [self._gen_batch(choose_batch)]
@@ -506,11 +558,11 @@ class Worker:
     def _full(self) -> bool:
         return not self.exhaust and len(self.live) >= self.max_live
 
-    def _gen_single(self, op: str) -> str:
+    def _gen_single(self, op: str) -> Op:
         if op == "free" or (self._full() and op != "invoke" and op != "lookup"):
             held = self._pick()
             if held is not None:
-                return f"f {held.handle}"
+                return ("f", held.handle)
             op = "alloc_user"
         if op.startswith("alloc"):
             return self._gen_alloc(op)
@@ -521,59 +573,81 @@ class Worker:
             size = min(size, REGION_SIZE - 4096)
             offset = self.rng.randrange(0, REGION_SIZE - size + 1) if size < REGION_SIZE else 0
             offset = min(offset, REGION_SIZE - size)
-            return f"r {'U' if op == 'register_user' else 'K'} {size} {offset} {self._new_handle()}"
+            return ("r", "U" if op == "register_user" else "K", size, offset, self._new_handle())
         if op == "lookup":
-            held = self._pick(lambda h: h.shm.id > 0)
-            return f"l {held.handle}" if held is not None else self._gen_alloc("alloc_user")
-        held = self._pick(lambda h: h.kind != "p")
-        return f"i {held.handle}" if held is not None else self._gen_alloc("alloc_kernel")
+            held = self._pick(need_id=True)
+            return ("l", held.handle) if held is not None else self._gen_alloc("alloc_user")
+        held = self._pick(no_priv=True)
+        return ("i", held.handle) if held is not None else self._gen_alloc("alloc_kernel")
 
-    def _gen_batch(self, choose_batch: Any) -> str:
-        toks = [f"x:{h.handle}" for h in self.pending_release]
+    def _gen_batch(self, choose_batch: Any) -> Op:
+        """One batch: the releases of earlier lookups, then ``batch_size`` operations.
+
+        A buffer appears at most once among a batch's frees and lookups
+        (``Held.busy``): a free later in the batch would run first locally.
+        """
+        toks: list[Op] = [("x", h.handle) for h in self.pending_release]
         self.pending_release = []
-        busy: set[int] = set()
+        self.serial = serial = self.serial + 1
+        cum, total, names = choose_batch.cum, choose_batch.total, choose_batch.names
+        names = names + names[-1:]  # random() * total rounded up to total: the last name
+        rnd = self.rng.random
+        size = self.size
+        live_list = self.live_list
+        append = toks.append
+        bounded = not self.exhaust
+        max_live = self.max_live
         planned = len(self.live)
+        handle = self.next_handle
         for _ in range(self.batch_size):
-            op = choose_batch()
-            if op == "free" or (not self.exhaust and planned >= self.max_live and op != "lookup"):
-                held = self._pick(lambda h: h.handle not in busy)
+            op = names[bisect_right(cum, rnd() * total)]
+            free = op == "free" or (bounded and planned >= max_live and op != "lookup")
+            if free or op == "lookup":
+                # self._pick(need_id=not free, serial=serial), inlined (the hot path)
+                n = len(live_list)  # (constant here: frees take effect when the batch runs)
+                for _ in range(8 if n else 0):
+                    held = live_list[int(rnd() * n)]
+                    if held.busy != serial and (free or held.shm.id > 0):
+                        break
+                else:  # nothing fit: allocate instead
+                    held = None
                 if held is not None:
-                    busy.add(held.handle)
-                    toks.append(f"f:{held.handle}")
-                    planned -= 1
+                    held.busy = serial
+                    if free:
+                        append(("f", held.handle))
+                        planned -= 1
+                    else:
+                        append(("l", held.handle))
                     continue
                 op = "alloc_user"
-            if op == "lookup":
-                held = self._pick(lambda h: h.shm.id > 0 and h.handle not in busy)
-                if held is not None:  # busy: a free later in this batch would run first locally
-                    busy.add(held.handle)
-                    toks.append(f"l:{held.handle}")
-                    continue
-                op = "alloc_user"
-            kind = {"alloc_user": "u", "alloc_kernel": "k", "alloc_priv": "p"}[op]
-            toks.append(f"a:{kind}:{self.size()}:{self._new_handle()}")
+            append(("a", ALLOC_KINDS[op], size(), handle))
+            handle += 1
             planned += 1
-        return "b " + " ".join(toks)
+        self.next_handle = handle
+        return ("b", toks, len(toks) - sum(1 for t in toks if t[0] == "x"))
 
     # -- running ---------------------------------------------------------------------------------
+    def run_op(self, op: Op) -> int:
+        """Run one operation tuple; returns the operations it stands for."""
+        code = op[0]
+        if code == "b":
+            self.op_batch(op[1])
+            return op[2]
+        if code == "a":
+            self.op_alloc(op[1], op[2], op[3])
+        elif code == "f":
+            self.op_free(op[1])
+        elif code == "l":
+            self.op_lookup(op[1])
+        elif code == "i":
+            self.op_invoke(op[1])
+        elif code == "r":
+            self.op_register(op[1], op[2], op[3], op[4])
+        return 1
+
     def run_line(self, line: str) -> int:
         """Run one trace line; returns the operations it stands for."""
-        p = line.split()
-        code = p[0]
-        if code == "a":
-            self.op_alloc(p[1], int(p[2]), int(p[3]))
-        elif code == "f":
-            self.op_free(int(p[1]))
-        elif code == "l":
-            self.op_lookup(int(p[1]))
-        elif code == "i":
-            self.op_invoke(int(p[1]))
-        elif code == "r":
-            self.op_register(p[1], int(p[2]), int(p[3]), int(p[4]))
-        elif code == "b":
-            self.op_batch(p[1:])
-            return sum(1 for t in p[1:] if not t.startswith("x"))
-        return 1
+        return self.run_op(parse_op(line))
 
     def run(self) -> int:
         self.out.write(json.dumps({"k": "ready", "pid": os.getpid(), "pool": self.client.pool}) + "\n")
@@ -582,7 +656,7 @@ class Worker:
         replay = self.spec.get("replay")
         if replay:
             with open(replay, encoding="ascii") as fh:
-                lines = iter([line.strip() for line in fh if line.strip()])
+                replayed = iter([parse_op(line) for line in fh if line.strip()])
         else:
             choose = self.mix.chooser(self.rng, None if not self.exhaust else
                                       frozenset(o for o, _ in self.mix.weights if o != "free"))
@@ -590,12 +664,13 @@ class Worker:
                 choose = self.mix.chooser(self.rng)
             choose_batch = self.mix.chooser(self.rng, BATCHABLE if not self.exhaust else
                                             BATCHABLE - {"free"})
-            lines = None
-        queue: list[str] = []
+            replayed = None
+        queue: list[Op] = []
+        trace = self.trace
         while self.done < self.budget:
-            if lines is not None:
-                line = next(lines, None)
-                if line is None:
+            if replayed is not None:
+                op = next(replayed, None)
+                if op is None:
                     break
             else:
                 if time.time() >= self.deadline:
@@ -603,10 +678,10 @@ class Worker:
                 if not queue:
                     queue = self.generate(choose, choose_batch)
                     queue.reverse()
-                line = queue.pop()
-                if self.trace is not None:
-                    self.trace.add(line)
-            self.done += self.run_line(line)
+                op = queue.pop()
+                if trace is not None:
+                    trace.add(format_op(op))
+            self.done += self.run_op(op)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self.tick_s
                 self.report("tick")
