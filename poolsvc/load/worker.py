@@ -452,7 +452,10 @@ class Worker:
                 self.skipped += 1
                 continue
             if code == "f":
-                self._verify(held, "free")
+                view = held.view
+                if view is None or held.full or view[:16] != held.head or \
+                        view[held.size - 16:held.size] != held.tail:
+                    self._verify(held, "free")  # (the ends matched: nothing for it to find)
                 self._forget(held)
                 close(held.shm)
                 for _ in range(held.extra_refs):
@@ -480,6 +483,12 @@ class Worker:
         frees = lookups = 0
         allocs = {"u": 0, "k": 0, "p": 0}
         hold = self._hold
+        # what _hold(shm, kind, size, handle, full=False) does, inlined for the common
+        # case (a dynamic-pool buffer of more than 32 bytes with a view); else _hold
+        live, live_list, owner = self.live, self.live_list, self.pages
+        owner_get = owner.get
+        pack, slot, gen = TAG.pack, self.slot, self.gen & 0xFFFF
+        fast = self.dynamic
         for entry in plan:
             code = entry[0]
             result = nxt()
@@ -497,6 +506,31 @@ class Worker:
                     self._error(KIND_OPS[entry[1]], result)
                     if isinstance(result, OutOfMemory):
                         self.draining = True
+                elif fast and entry[2] > 32:
+                    kind, size, handle = entry[1], entry[2], entry[3]
+                    try:
+                        view = result.view()
+                    except NotSupported:
+                        hold(result, kind, size, handle, full=False)
+                        continue
+                    held = Held(result, kind, size, handle)
+                    held.view = view
+                    if kind != "p":
+                        held.pages = pages = page_addresses(result)
+                        for pa in pages:
+                            if owner_get(pa) is not None:
+                                self.violate(f"page {pa:#x} of new buffer {handle} already belongs "
+                                             f"to this client's live buffer {owner_get(pa)}")
+                            owner[pa] = handle
+                    tag = pack(TAG_MAGIC, slot, gen, handle)
+                    phase = size & 15
+                    held.head = tag
+                    held.tail = tail = (tag + tag)[phase:phase + 16]
+                    view[:16] = tag
+                    view[size - 16:size] = tail
+                    live[handle] = held
+                    held.index = len(live_list)
+                    live_list.append(held)
                 else:
                     hold(result, entry[1], entry[2], entry[3], full=False)
             elif code == "l":
