@@ -438,7 +438,8 @@ class Worker:
         b = self.ctx.batch()
         alloc = {"u": b.alloc_user_buf, "k": b.alloc_kernel_buf, "p": b.alloc_priv_buf}
         close = b.close
-        live_get = self.live.get
+        live, live_list, owner = self.live, self.live_list, self.pages
+        live_get, live_pop, owner_get = live.get, live.pop, owner.get
         plan: list[tuple[Any, ...]] = []  # the alloc tokens themselves, ("f"|"l"|"x", Held)
         append = plan.append
         for tok in tokens:
@@ -456,7 +457,21 @@ class Worker:
                 if view is None or held.full or view[:16] != held.head or \
                         view[held.size - 16:held.size] != held.tail:
                     self._verify(held, "free")  # (the ends matched: nothing for it to find)
-                self._forget(held)
+                if held.region < 0 and held.view is not None:
+                    # self._forget(held), inlined for a buffer this worker allocated
+                    handle = held.handle
+                    if live_pop(handle, None) is held:
+                        last = live_list.pop()
+                        if last is not held:
+                            live_list[held.index] = last
+                            last.index = held.index
+                    for pa in held.pages:
+                        if owner_get(pa) == handle:
+                            del owner[pa]
+                    held.view.release()
+                    held.view = None
+                else:
+                    self._forget(held)
                 close(held.shm)
                 for _ in range(held.extra_refs):
                     close(held.shm)
@@ -485,8 +500,6 @@ class Worker:
         hold = self._hold
         # what _hold(shm, kind, size, handle, full=False) does, inlined for the common
         # case (a dynamic-pool buffer of more than 32 bytes with a view); else _hold
-        live, live_list, owner = self.live, self.live_list, self.pages
-        owner_get = owner.get
         pack, slot, gen = TAG.pack, self.slot, self.gen & 0xFFFF
         fast = self.dynamic
         for entry in plan:
@@ -623,8 +636,10 @@ class Worker:
         toks: list[Op] = [("x", h.handle) for h in self.pending_release]
         self.pending_release = []
         self.serial = serial = self.serial + 1
-        cum, total, names = choose_batch.cum, choose_batch.total, choose_batch.names
-        names = names + names[-1:]  # random() * total rounded up to total: the last name
+        # each operation's token code: "f", "l", or the kind of an alloc ("u", "k", "p")
+        codes = [{"free": "f", "lookup": "l"}.get(n) or ALLOC_KINDS[n] for n in choose_batch.names]
+        codes.append(codes[-1])  # random() * total rounded up to total: the last one
+        cum, total = choose_batch.cum, choose_batch.total
         rnd = self.rng.random
         size = self.size
         live_list = self.live_list
@@ -634,9 +649,9 @@ class Worker:
         planned = len(self.live)
         handle = self.next_handle
         for _ in range(self.batch_size):
-            op = names[bisect_right(cum, rnd() * total)]
-            free = op == "free" or (bounded and planned >= max_live and op != "lookup")
-            if free or op == "lookup":
+            op = codes[bisect_right(cum, rnd() * total)]
+            free = op == "f" or (bounded and planned >= max_live and op != "l")
+            if free or op == "l":
                 # self._pick(need_id=not free, serial=serial), inlined (the hot path)
                 n = len(live_list)  # (constant here: frees take effect when the batch runs)
                 for _ in range(8 if n else 0):
@@ -653,8 +668,8 @@ class Worker:
                     else:
                         append(("l", held.handle))
                     continue
-                op = "alloc_user"
-            append(("a", ALLOC_KINDS[op], size(), handle))
+                op = "u"  # nothing fit: alloc_user
+            append(("a", op, size(), handle))
             handle += 1
             planned += 1
         self.next_handle = handle
