@@ -22,9 +22,10 @@ What it checks (each failure is a *violation* line, never an exception):
 - ``lookup`` by id gives back the same buffer.
 
 Generation: with ``replay`` empty, the worker draws operations from the mix
-(seeded ``random.Random``) and, with ``trace`` set, writes each one as a
-trace line (:mod:`poolsvc.load.trace`).  With ``replay`` set it runs that
-file's lines instead, skipping those whose buffer does not exist here (an
+(seeded ``random.Random``) as tuples and, with ``trace`` set, writes each one
+as a trace line (:mod:`poolsvc.load.trace`: ``format_op``; text is made only
+then).  With ``replay`` set it parses that file's lines into the same tuples
+(``parse_op``) and runs them instead, skipping those whose buffer does not exist here (an
 allocation that failed under this configuration), and with
 ``replay_end == "kill"`` SIGKILLs itself after the last line, as the
 recorded process was.
