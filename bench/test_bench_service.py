@@ -303,6 +303,17 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
     for key, value in medians.items():
         print(f"  {key:26} {value:>12}")
     print("section 7 targets:")
-    for key, value, target, met in verdicts(medians):
+    rows = verdicts(medians)
+    for key, value, target, met in rows:
         benchmark.extra_info[f"met_{key}"] = met
         print(f"  {key:26} {value:>12}  target {target:6}  {'met' if met else 'NOT MET'}")
+    # Per target: on which transports it holds for both kinds (bench/README.md explains why
+    # no one transport can meet both on a VM whose bare round trip is ~10 us co-located).
+    for name, (target, op) in TARGETS.items():
+        where = [t for t in ("sock", "shm")
+                 if all(met for key, _, _, met in rows if key.startswith(f"{t}_{name}_"))
+                 and any(key.startswith(f"{t}_{name}_") for key, _, _, _ in rows)]
+        label = {"sock": "socket", "shm": "shm"}
+        print(f"  {name} {op} {target:g}: met for both kinds on "
+              f"{', '.join(label[t] for t in where) or 'no transport'}")
+        benchmark.extra_info[f"met_{name}_on"] = [label[t] for t in where]
