@@ -121,6 +121,7 @@ class Shm:
     the buffer within its first page), ``flags`` (:class:`ShmFlags`),
     ``pages`` (numpy uint64, the PA of each 4 KiB page), ``paddr`` (PA of the
     first byte when the pages are physically contiguous, else None),
+    ``page_run`` (``(first page PA, count)`` when contiguous, else None),
     ``cookie`` (what the secure world knows it by).
 
     ``close()`` drops one reference (``Context.shm_from_id`` takes one); the
@@ -172,6 +173,17 @@ class Shm:
             pages.flags.writeable = False
             self._pages = pages
         return self._pages
+
+    @property
+    def page_run(self) -> tuple[int, int] | None:
+        """``(PA of the first page, page count)`` when the pages are physically
+        consecutive, else None (read ``pages`` then); builds no array."""
+        if self._run is not None:
+            return self._run
+        if self.paddr is None:
+            return None
+        pages = self.pages
+        return int(pages[0]), len(pages)
 
     @property
     def closed(self) -> bool:

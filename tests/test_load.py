@@ -230,10 +230,10 @@ def _bare_worker(dynamic: bool = True):
 
 
 class _FakeShm:
-    """What Worker._hold reads of a service Shm: one page run (``_first``, ``_npages``)."""
+    """What Worker._hold reads of a service Shm: one page run (``page_run``)."""
 
     def __init__(self, first: int, npages: int, size: int, cookie: int = 0x99) -> None:
-        self._pages, self._first, self._npages = None, first, npages
+        self.page_run = (first, npages)
         self.cookie, self.id, self.buf = cookie, 1, bytearray(size)
 
     def view(self) -> memoryview:
@@ -268,8 +268,8 @@ def test_worker_catches_a_page_given_twice():
     assert sorted(w.pages) == [0x200000, 0x201000, 0x202000] and w.violations == []
     # a scattered buffer (its page array came in the reply) sharing one page with buffer 1
     scattered = _FakeShm(0, 2, 8192)
-    scattered._pages = np.array([0x500000, 0x201000], dtype=np.uint64)
-    scattered.pages = scattered._pages
+    scattered.page_run = None
+    scattered.pages = np.array([0x500000, 0x201000], dtype=np.uint64)
     w._hold(scattered, "k", 8192, 2, full=False)
     assert len(w.violations) == 1 and "page 0x201000 of new buffer 2" in w.violations[0] \
         and "live buffer 1" in w.violations[0]

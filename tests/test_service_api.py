@@ -58,6 +58,7 @@ def exercise(system: Any, tag: str = "body", exclusive: bool = True) -> None:
         assert shm.id >= 1 and shm.size == 8192 and shm.offset == 0
         assert shm.paddr is not None and shm.paddr % 4096 == 0
         assert list(shm.pages) == [shm.paddr, shm.paddr + 4096]
+        assert shm.page_run == (shm.paddr, 2)
         view = shm.view()
         assert bytes(view) == bytes(8192)  # zeroed
         view[:5] = b"hello"
@@ -100,6 +101,10 @@ def exercise(system: Any, tag: str = "body", exclusive: bool = True) -> None:
         assert reg.flags == ShmFlags.USER_MAPPED | ShmFlags.DYNAMIC
         assert reg.id >= 1 and reg.offset == 123 and reg.size == length
         assert len(reg.pages) == pagelist.num_pages(length, 123) == 4
+        run = reg.page_run  # registered pages: consecutive or not, as the frames fell
+        assert (run is None) == (reg.paddr is None)
+        if run is not None:
+            assert run == (int(reg.pages[0]), 4) and reg.paddr == run[0] + 123
         seg.buf[start:start + 5] = b"world"
         assert bytes(reg.view()[:5]) == b"world"
         reg.view()[-3:] = b"xyz"

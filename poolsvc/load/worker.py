@@ -66,10 +66,11 @@ Op = tuple  # an operation tuple, see poolsvc.load.trace
 def page_addresses(shm: Any) -> Any:
     """The physical address of each page of ``shm``, as ints: the values of
     ``shm.pages``, without building its numpy array when the buffer is one
-    run (the service client then holds only its first page and count)."""
-    if getattr(shm, "_pages", False) is None:
-        first = shm._first
-        return range(first, first + shm._npages * PAGE_SIZE, PAGE_SIZE)
+    run (``Shm.page_run``)."""
+    run = shm.page_run
+    if run is not None:
+        first, count = run
+        return range(first, first + count * PAGE_SIZE, PAGE_SIZE)
     return shm.pages.tolist()
 
 

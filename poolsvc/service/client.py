@@ -569,6 +569,12 @@ class Shm:
         return self._pages
 
     @property
+    def page_run(self) -> tuple[int, int] | None:
+        """``(PA of the first page, page count)`` when the pages are physically
+        consecutive, else None (read ``pages`` then); builds no array."""
+        return None if self.paddr is None else (self._first, self._npages)
+
+    @property
     def closed(self) -> bool:
         return self._refs <= 0
 
