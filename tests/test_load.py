@@ -327,3 +327,39 @@ def test_histogram_weighted_add_equals_repeated_adds():
     for _ in range(40):
         many.add(12345)
     assert one.to_wire() == many.to_wire()
+
+
+class _FakeBatch:
+    """A Context.batch() stand-in: records the calls, ``run`` gives the canned results."""
+
+    def __init__(self, results: list) -> None:
+        self.results, self.calls = results, []
+        for name in ("alloc_user_buf", "alloc_kernel_buf", "alloc_priv_buf", "close", "shm_from_id"):
+            setattr(self, name, lambda *a, _n=name: self.calls.append((_n, *a)))
+
+    def run(self) -> list:
+        assert len(self.calls) == len(self.results)
+        return self.results
+
+
+def test_worker_batched_page_check_follows_the_batch_order():
+    """A batch runs its operations in order: an alloc placed before a free in the
+    same batch must not get that buffer's pages (it was still live then); an alloc
+    after it may.  (The frees used to forget their pages before the batch ran.)"""
+    w = _bare_worker()
+    w.hists, w.counts, w.errors, w.pending_release, w.draining = {}, {}, {}, [], False
+    w._hold(_FakeShm(0x200000, 2, 8192), "u", 8192, 1, full=False)
+    w._hold(_FakeShm(0x300000, 2, 8192), "u", 8192, 2, full=False)
+    # alloc then free of buffer 1: the daemon gave the new buffer 3 one of 1's pages
+    w.ctx = type("C", (), {"batch": lambda self: _FakeBatch([_FakeShm(0x201000, 1, 100), None])})()
+    w.op_batch([("a", "u", 100, 3), ("f", 1)])
+    assert len(w.violations) == 1 and "page 0x201000 of new buffer 3" in w.violations[0] \
+        and "live buffer 1" in w.violations[0]
+    w.violations.clear()
+    # free of buffer 2 then alloc: its pages may come back at once
+    w.ctx = type("C", (), {"batch": lambda self: _FakeBatch([None, _FakeShm(0x300000, 2, 5000)])})()
+    w.op_batch([("f", 2), ("a", "k", 5000, 4)])
+    assert w.violations == []
+    assert w.pages == {0x201000: 3, 0x300000: 4, 0x301000: 4}
+    assert sorted(w.live) == [3, 4]
+    assert w.counts == {"batch": 0, "alloc_user": 1, "alloc_kernel": 1, "free": 2}

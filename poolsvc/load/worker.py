@@ -293,23 +293,30 @@ class Worker:
         self.live_list.append(held)
         return held
 
-    def _forget(self, held: Held) -> None:
+    def _forget(self, held: Held, pages: bool = True) -> None:
+        """Drop ``held`` from the live set; ``pages``: its pages too (else the caller
+        gives them up with :meth:`_give_pages`, as a batch does at its free's turn)."""
         if self.live.pop(held.handle, None) is held:
             live_list = self.live_list
             last = live_list.pop()
             if last is not held:
                 live_list[held.index] = last
                 last.index = held.index
-        handle = held.handle
-        owner = self.pages
-        for pa in held.pages:
-            if owner.get(pa) == handle:
-                del owner[pa]
+        if pages:
+            self._give_pages(held)
         if held.view is not None:
             held.view.release()
             held.view = None
         if held.region >= 0:
             self.free_regions.append(held.region)
+
+    def _give_pages(self, held: Held) -> None:
+        """Forget that ``held``'s pages are this client's (those still mapped to it)."""
+        handle = held.handle
+        owner = self.pages
+        for pa in held.pages:
+            if owner.get(pa) == handle:
+                del owner[pa]
 
     def _pick(self, need_id: bool = False, no_priv: bool = False, serial: int = -1) -> Held | None:
         """A random live buffer, or None (after 8 draws that did not fit).
@@ -459,21 +466,20 @@ class Worker:
                 if view is None or held.full or view[:16] != held.head or \
                         view[held.size - 16:held.size] != held.tail:
                     self._verify(held, "free")  # (the ends matched: nothing for it to find)
+                # Its pages stay this client's until the free's turn in the batch (the
+                # results loop below): the daemon runs the operations in order, so an
+                # alloc placed before this free must not get them.
                 if held.region < 0 and held.view is not None:
-                    # self._forget(held), inlined for a buffer this worker allocated
-                    handle = held.handle
-                    if live_pop(handle, None) is held:
+                    # self._forget(held, pages=False), inlined for a buffer this worker allocated
+                    if live_pop(held.handle, None) is held:
                         last = live_list.pop()
                         if last is not held:
                             live_list[held.index] = last
                             last.index = held.index
-                    for pa in held.pages:
-                        if owner_get(pa) == handle:
-                            del owner[pa]
                     held.view.release()
                     held.view = None
                 else:
-                    self._forget(held)
+                    self._forget(held, pages=False)
                 close(held.shm)
                 for _ in range(held.extra_refs):
                     close(held.shm)
@@ -491,6 +497,9 @@ class Worker:
         try:
             results = b.run()
         except PoolsvcError as exc:
+            for entry in plan:
+                if entry[0] == "f":
+                    self._give_pages(entry[1])
             self._error("batch", exc)
             return
         ns = time.perf_counter_ns() - t0
@@ -512,6 +521,11 @@ class Worker:
                 for _ in range(held.extra_refs):
                     nxt()
                 held.extra_refs = 0
+                if held.pages:  # the free's turn: its pages may now go to a later alloc
+                    handle = held.handle
+                    for pa in held.pages:
+                        if owner_get(pa) == handle:
+                            del owner[pa]
                 if isinstance(result, PoolsvcError):
                     self._error("free", result)
                 frees += 1
