@@ -15,7 +15,7 @@ by cookie or id, so they mean the same under any configuration:
 
 ==========================  ============================================================
 ``a K SIZE H``              alloc of kind K (``u`` user, ``k`` kernel, ``p`` priv) -> H
-``r K SIZE OFF H``          register (K ``u``/``k``) SIZE bytes at OFF of a free region -> H
+``r K SIZE OFF H``          register (K ``U``/``K``) SIZE bytes at OFF of a free region -> H
 ``f H``                     free (close) H
 ``l H``                     lookup by H's id (shm_from_id), then release that reference
 ``i H``                     SHA-256 of H in the secure world, compared with the pattern
