@@ -47,24 +47,31 @@ messages = st.tuples(
 
 
 @settings(max_examples=40)
+def both_paths(a_sys, b_sys, a_data, good, cmd, attr, ptr, size, cookie):
+    """One message through ``a_sys.tee.call(bytes)`` (generic) and ``b_sys``'s fast
+    ``call_with_arg``: the same reply, the same System state, the same statistics.
+    ``ptr`` and ``cookie`` may be the strategies' symbolic names."""
+    ptr = {"good": good, "good+off": good | 0x10, "bad-list": good + PAGE_SIZE,
+           "secure": 0x0E000000, "misaligned-list": good + 8}.get(ptr, ptr)
+    if cookie == "data":  # the System's own registration: never unregistered behind its back
+        cookie = 0xC0FFEE if cmd == MsgCmd.UNREGISTER_SHM else a_data.cookie
+    msg = MsgArg(cmd=cmd, params=[MsgParam(attr, ptr, size, cookie)])
+    reply_a = a_sys.tee.call(msg.pack())
+    b_sys.memory.write(b_sys._msg_pa, msg.pack())
+    b_sys.tee.call_with_arg(b_sys._msg_pa)
+    reply_b = b_sys.memory.read(b_sys._msg_pa, ARG1.size)
+    assert reply_a == reply_b, (unpack(reply_a), unpack(reply_b))
+    assert snapshot(a_sys) == snapshot(b_sys)
+    assert a_sys.tee.stats == b_sys.tee.stats
+
+
 @given(st.lists(messages, min_size=1, max_size=12))
 def test_call_with_arg_equals_call(seq):
     a_sys, _, a_data, good = make_world()
     b_sys, _, _, _ = make_world()
     try:
         for cmd, attr, ptr, size, cookie in seq:
-            ptr = {"good": good, "good+off": good | 0x10, "bad-list": good + PAGE_SIZE,
-                   "secure": 0x0E000000, "misaligned-list": good + 8}.get(ptr, ptr)
-            if cookie == "data":  # the System's own registration: never unregistered behind its back
-                cookie = 0xC0FFEE if cmd == MsgCmd.UNREGISTER_SHM else a_data.cookie
-            msg = MsgArg(cmd=cmd, params=[MsgParam(attr, ptr, size, cookie)])
-            reply_a = a_sys.tee.call(msg.pack())
-            b_sys.memory.write(b_sys._msg_pa, msg.pack())
-            b_sys.tee.call_with_arg(b_sys._msg_pa)
-            reply_b = b_sys.memory.read(b_sys._msg_pa, ARG1.size)
-            assert reply_a == reply_b, (unpack(reply_a), unpack(reply_b))
-            assert snapshot(a_sys) == snapshot(b_sys)
-            assert a_sys.tee.stats == b_sys.tee.stats
+            both_paths(a_sys, b_sys, a_data, good, cmd, attr, ptr, size, cookie)
             dyn = b_sys.dynamic
             assert dyn.free_frames + dyn.used_frames == dyn.nframes
     finally:
@@ -227,18 +234,7 @@ def test_fast_path_bookkeeping_equals_generic(seq):
                 a_sys.tee.rpc, b_sys.tee.rpc = pair
                 continue
             cmd, attr, ptr, size, cookie = step
-            ptr = {"good": good, "good+off": good | 0x10, "bad-list": good + PAGE_SIZE,
-                   "secure": 0x0E000000, "misaligned-list": good + 8}.get(ptr, ptr)
-            if cookie == "data":  # the System's own registration: never unregistered behind its back
-                cookie = 0xC0FFEE if cmd == MsgCmd.UNREGISTER_SHM else a_data.cookie
-            msg = MsgArg(cmd=cmd, params=[MsgParam(attr, ptr, size, cookie)])
-            reply_a = a_sys.tee.call(msg.pack())
-            b_sys.memory.write(b_sys._msg_pa, msg.pack())
-            b_sys.tee.call_with_arg(b_sys._msg_pa)
-            reply_b = b_sys.memory.read(b_sys._msg_pa, ARG1.size)
-            assert reply_a == reply_b, (unpack(reply_a), unpack(reply_b))
-            assert snapshot(a_sys) == snapshot(b_sys)
-            assert a_sys.tee.stats == b_sys.tee.stats
+            both_paths(a_sys, b_sys, a_data, good, cmd, attr, ptr, size, cookie)
             assert [getattr(r, "n", None) for pair in rpcs for r in pair[:1]] == \
                 [getattr(r, "n", None) for pair in rpcs for r in pair[1:]]
     finally:
