@@ -1026,14 +1026,7 @@ class Server:
         if limit:
             conn.pool_bytes += shm.size
             conn.alloc_sizes[shm.cookie] = shm.size
-        try:
-            desc, fd = describe(shm, conn.tokens)
-        except BaseException:
-            self._close_shm(conn, shm)
-            raise
-        if fd >= 0:
-            self._reply_fds.append(fd)
-        return desc
+        return self._describe(conn, shm, fresh=True)
 
     def _describe(self, conn: Connection, shm: Any, fresh: bool) -> bytes:
         try:
