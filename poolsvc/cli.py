@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+from ._backend import BACKEND
 from .errors import PoolsvcError
 
 #: Subcommand modules, in the order --help lists them.
@@ -23,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "scattered allocation, page lists, a simulated secure world and a "
                     "pool service.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__} ({BACKEND} core, Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
