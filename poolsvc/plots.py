@@ -62,7 +62,9 @@ def latency(report: Report, path: str) -> str:
                         markersize=5, label=f"{strategy} p50")
                 ax.fill_between(xs, [r.p50_us for _, r in ok], [r.p99_us for _, r in ok],
                                 color=COLOURS[strategy], alpha=0.18, linewidth=0)
-            refused = [x for x, r in cells if r.p50_us is None]
+            # refusals sit on the panel's floor, each strategy a little apart so none hides another
+            shift = (STRATEGIES.index(strategy) - 1) * 0.12
+            refused = [x + shift for x, r in cells if r.p50_us is None]
             if refused:
                 ax.plot(refused, [low * 1.4] * len(refused), linestyle="none", marker="x", markersize=9,
                         markeredgewidth=2, color=COLOURS[strategy], label=f"{strategy}: all refused")

@@ -438,6 +438,8 @@ def summary_lines(report: Report) -> list[str]:
                 f"({first.failure_rate:.0%} refused)")
         if total:
             text += f"; refuses every attempt from {human_size(total[0].size)}"
+            if total[0].failure_reason and "order" in total[0].failure_reason:
+                text += " (above MAX_ORDER, as alloc_pages_exact)"
         out.append(text + f" (largest free run {human_size(lv.largest_free_run * PAGE_SIZE)}).")
     # 2. what scattered pages cost, at the most fragmented level, against contiguous on a fresh system
     if levels:
@@ -445,7 +447,13 @@ def summary_lines(report: Report) -> list[str]:
         for size in sizes:
             sc = report.cell(worst.level, size, "scattered")
             co = report.cell(best.level, size, "contiguous")
-            if sc is None or sc.frames is None:
+            if sc is None:
+                continue
+            if sc.frames is None:
+                out.append(f"scattered {human_size(size)} at {level_label(worst)}: every attempt refused "
+                           f"({sc.failure_reason}): the page list itself needs "
+                           f"{pagelist.list_pages_needed(size // PAGE_SIZE)} contiguous list pages, as "
+                           f"Linux allocates it.")
                 continue
             text = (f"scattered {human_size(size)} at {level_label(worst)}: {sc.frames} frames in "
                     f"{sc.segments} runs (longest {sc.longest_run_pages} pages), {sc.list_pages} page-list "
