@@ -469,16 +469,16 @@ def summary_lines(report: Report) -> list[str]:
     static = [r for r in report.results if r.strategy == "static"]
     if static:
         pool = report.params.get("static_size", 0)
-        by_size = {}
+        by_size: dict[int, list[Result]] = {}
         for r in static:
             by_size.setdefault(r.size, []).append(r)
         parts = []
         for size in sizes:
-            cells = by_size.get(size, [])
-            if not cells:
+            same_size = by_size.get(size, [])
+            if not same_size:
                 continue
-            held = max(c.max_live for c in cells)
-            worst_rate = max(c.failure_rate for c in cells)
+            held = max(c.max_live for c in same_size)
+            worst_rate = max(c.failure_rate for c in same_size)
             parts.append(f"{human_size(size)}: {held} held, {worst_rate:.0%} refused")
         same = len({(r.size, r.failures) for r in static}) == len(by_size)
         out.append(f"static pool ({human_size(pool)}) runs out by capacity, not fragmentation "

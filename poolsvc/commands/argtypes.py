@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import Any
 
 from ..config import parse_size
 from ..errors import ConfigError
@@ -24,22 +25,6 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
 def _real(text: str) -> float:
     try:
         value = float(text)
@@ -50,20 +35,28 @@ def _real(text: str) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = _real(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
+def _checked(parse: Callable[[str], Any], accept: Callable[[Any], bool], rule: str,
+             name: str) -> Callable[[str], Any]:
+    """A type function: ``parse`` the text, then refuse it unless ``accept(value)``."""
+    def check(text: str) -> Any:
+        value = parse(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    check.__name__ = name  # argparse names the type in some of its messages
+    return check
 
 
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _real(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
+#: An integer >= 1.
+positive_int: Callable[[str], int] = _checked(_integer, lambda v: v >= 1, "a positive integer", "positive_int")
+#: An integer >= 0.
+nonnegative_int: Callable[[str], int] = _checked(_integer, lambda v: v >= 0, "an integer >= 0", "nonnegative_int")
+#: A finite number > 0.
+positive_float: Callable[[str], float] = _checked(_real, lambda v: v > 0, "a number > 0", "positive_float")
+#: A finite number >= 0.
+nonnegative_float: Callable[[str], float] = _checked(_real, lambda v: v >= 0, "a number >= 0",
+                                                     "nonnegative_float")
 
 
 def size(text: str) -> int:
@@ -88,12 +81,4 @@ def size_list(text: str) -> list[int]:
 
 def choice_of(*values: int) -> Callable[[str], int]:
     """An integer that must be one of ``values`` (listed in the error)."""
-    def check(text: str) -> int:
-        value = _integer(text)
-        if value not in values:
-            raise argparse.ArgumentTypeError(
-                f"must be one of {', '.join(str(v) for v in values)}, got {text!r}")
-        return value
-
-    check.__name__ = "choice"
-    return check
+    return _checked(_integer, lambda v: v in values, f"one of {', '.join(str(v) for v in values)}", "choice")
