@@ -2,7 +2,9 @@
 
 Each subcommand module exposes ``add_parser(subparsers)`` which registers its
 parser and sets ``func`` (a callable taking the parsed arguments and returning
-an exit status).  Errors of poolsvc become a one-line message and exit status 2.
+an exit status).  Errors of poolsvc become a one-line message and exit status 2
+(a TeeError's return code and origin by their GlobalPlatform names); bad option
+values are argparse usage errors, also exit status 2.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import sys
 
 from . import __version__
 from ._backend import BACKEND
-from .errors import PoolsvcError
+from .errors import PoolsvcError, TeeError
+from .teecodes import annotate
 
 #: Subcommand modules, in the order --help lists them.
 COMMANDS = ["bench", "demo", "serve", "stat", "load", "tee"]
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PoolsvcError as exc:
-        print(f"poolsvc {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        message = annotate(str(exc), exc.code, exc.origin) if isinstance(exc, TeeError) else str(exc)
+        print(f"poolsvc {args.command}: {type(exc).__name__}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"poolsvc {args.command}: interrupted", file=sys.stderr)

@@ -47,3 +47,16 @@ def test_bad_number_is_a_usage_error_not_a_traceback():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "must be a size > 0" in out.stderr
+
+
+def test_tee_errors_are_printed_with_code_and_origin_names(capsys, monkeypatch):
+    from poolsvc.commands import demo
+    from poolsvc.errors import TeeError
+
+    def refuse(args):
+        raise TeeError("secure world answered 0xffff0008 (origin 3) to command 5", 0xFFFF0008, 3)
+
+    monkeypatch.setattr(demo, "run", refuse)
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "TEE_ERROR_ITEM_NOT_FOUND (0xffff0008) from TEEC_ORIGIN_TEE (3)" in err

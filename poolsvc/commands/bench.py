@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -27,19 +28,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="the main study: contiguous, static-pool and scattered shared memory under fragmentation",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Runs the study on an embedded System (no daemon). For buffer sizes from 4 KiB to "
-                    "64 MiB and fragmentation levels from a fresh system to a severely fragmented one "
-                    "(a seeded ageing workload run until the unusable free space index reaches each "
-                    "level), it compares contiguous allocation from the dynamic pool, the reserved "
-                    "static pool, and scattered pages registered with a page list. It prints a legend, "
-                    "one row per (level, size, strategy) -- latency p50/p99, failure rate, and the "
-                    "mechanism's costs: frames, contiguous runs, page-list pages, messages to the secure "
-                    "world, pages pinned -- and a summary answering where contiguous allocation fails, "
-                    "what scattered pages cost and where the static pool runs out.\n\n"
-                    f"Run time: the default run takes {DEFAULT_RUN}; --quick takes a few seconds.\n"
-                    "Results (results.json, report.md, latency.png, failure.png) are saved in "
-                    "./poolsvc-results/<UTC time>/ unless --out or --no-save says otherwise; plots need "
-                    "matplotlib (pip install 'poolsvc[plot]').",
+        description="\n\n".join(textwrap.fill(paragraph, 88, break_on_hyphens=False) for paragraph in (
+            "Runs the study on an embedded System (no daemon). For buffer sizes from 4 KiB to "
+            "64 MiB and fragmentation levels from a fresh system to a severely fragmented one (a "
+            "seeded ageing workload run until the unusable free space index reaches each level), it "
+            "compares contiguous allocation from the dynamic pool, the reserved static pool, and "
+            "scattered pages registered with a page list.",
+            "It prints a legend, one row per (level, size, strategy) -- latency p50/p99, failure "
+            "rate, and the mechanism's costs: frames, contiguous runs, page-list pages, messages to "
+            "the secure world, pages pinned -- and a summary: where contiguous allocation fails, "
+            "what scattered pages cost, where the static pool runs out.",
+            f"Run time: {DEFAULT_RUN}; --quick takes a few seconds.",
+            "Results (results.json, report.md, latency.png, failure.png) are saved in "
+            "./poolsvc-results/<UTC time>/ unless --out or --no-save says otherwise; the plots "
+            "need matplotlib (pip install 'poolsvc[plot]').")),
         epilog="examples:\n"
                "  poolsvc bench                                   # the full study, saved\n"
                "  poolsvc bench --quick --no-save                 # a few seconds, printed only\n"
