@@ -348,7 +348,10 @@ def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = No
 
 
 def human_size(n: int) -> str:
-    return f"{n // MiB} MiB" if n >= MiB and n % MiB == 0 else f"{n // KiB} KiB"
+    """``4 KiB``, ``1 MiB``, ``1023.9 MiB``: whole units where exact, else MiB to one decimal."""
+    if n >= MiB:
+        return f"{n // MiB} MiB" if n % MiB == 0 else f"{n / MiB:.1f} MiB"
+    return f"{n // KiB} KiB"
 
 
 def level_label(lv: LevelMetrics) -> str:
@@ -434,37 +437,46 @@ def summary_lines(report: Report) -> list[str]:
             continue
         first = failing[0]
         total = [c for c in failing if c.failure_rate == 1.0]
-        text = (f"contiguous at {level_label(lv)}: starts failing at {human_size(first.size)} "
-                f"({first.failure_rate:.0%} refused)")
-        if total:
-            text += f"; refuses every attempt from {human_size(total[0].size)}"
-            if total[0].failure_reason and "order" in total[0].failure_reason:
-                text += " (above MAX_ORDER, as alloc_pages_exact)"
+        if total and total[0] is first:
+            text = f"contiguous at {level_label(lv)}: refuses every attempt from {human_size(first.size)}"
+        else:
+            text = (f"contiguous at {level_label(lv)}: starts failing at {human_size(first.size)} "
+                    f"({first.failure_rate:.0%} refused)")
+            if total:
+                text += f", refuses every attempt from {human_size(total[0].size)}"
+        if total and total[0].failure_reason and "order" in total[0].failure_reason:
+            text += " (above MAX_ORDER, as alloc_pages_exact)"
         out.append(text + f" (largest free run {human_size(lv.largest_free_run * PAGE_SIZE)}).")
     # 2. what scattered pages cost, at the most fragmented level, against contiguous on a fresh system
     if levels:
         worst, best = levels[-1], levels[0]
+        per_size, refused = [], []
         for size in sizes:
             sc = report.cell(worst.level, size, "scattered")
-            co = report.cell(best.level, size, "contiguous")
             if sc is None:
                 continue
             if sc.frames is None:
-                out.append(f"scattered {human_size(size)} at {level_label(worst)}: every attempt refused "
-                           f"({sc.failure_reason}): the page list itself needs "
-                           f"{pagelist.list_pages_needed(size // PAGE_SIZE)} contiguous list pages, as "
-                           f"Linux allocates it.")
+                refused.append(f"{human_size(size)} is refused ({sc.failure_reason}): its page list needs "
+                               f"{pagelist.list_pages_needed(size // PAGE_SIZE)} contiguous list pages, "
+                               f"allocated as Linux does")
                 continue
-            text = (f"scattered {human_size(size)} at {level_label(worst)}: {sc.frames} frames in "
-                    f"{sc.segments} runs (longest {sc.longest_run_pages} pages), {sc.list_pages} page-list "
-                    f"page(s) = {sc.list_bytes} bytes, {sc.messages} messages, {sc.pinned_pages} pages pinned, "
-                    f"0 bytes copied, set-up {_f(sc.setup_us)} µs")
-            if co is not None and co.frames is not None:
-                text += (f"; contiguous on a {best.level} system: {co.segments} run, {co.list_pages} list "
-                         f"page(s), {co.messages} messages, 0 pinned, set-up {_f(co.setup_us)} µs")
-            if sc.failures:
-                text += f"; {sc.failure_rate:.0%} refused ({sc.failure_reason})"
-            out.append(text + ".")
+            per_size.append(f"{human_size(size)} = {sc.frames} frames in {sc.segments} runs, "
+                            f"{sc.list_pages} list page{'s' if sc.list_pages != 1 else ''}, "
+                            f"set-up {_f(sc.setup_us)} µs")
+        if per_size:
+            sample = next((r for r in report.results if r.level == worst.level and r.strategy == "scattered"
+                           and r.messages is not None), None)
+            fresh = [r for r in report.results if r.level == best.level and r.strategy == "contiguous"
+                     and r.setup_us is not None]
+            text = (f"scattered at {level_label(worst)}: " + "; ".join(per_size) +
+                    f". Every buffer: {sample.messages if sample else 2} messages to the secure world, "
+                    f"one pinned page per frame, 0 bytes copied.")
+            if fresh:
+                text += (f" Contiguous buffers on a {best.level} system: 1 run, the same list pages and "
+                         f"messages, nothing pinned, set-up {_f(min(r.setup_us or 0 for r in fresh))}-"
+                         f"{_f(max(r.setup_us or 0 for r in fresh))} µs.")
+            out.append(text)
+        out += [f"scattered at {level_label(worst)}: {line}." for line in refused]
     # 3. where the static pool runs out
     static = [r for r in report.results if r.strategy == "static"]
     if static:
@@ -479,7 +491,8 @@ def summary_lines(report: Report) -> list[str]:
                 continue
             held = max(c.max_live for c in same_size)
             worst_rate = max(c.failure_rate for c in same_size)
-            parts.append(f"{human_size(size)}: {held} held, {worst_rate:.0%} refused")
+            parts.append(f"{human_size(size)} never refused" if worst_rate == 0 else
+                         f"{human_size(size)}: {held} held at most, {worst_rate:.0%} of attempts refused")
         same = len({(r.size, r.failures) for r in static}) == len(by_size)
         out.append(f"static pool ({human_size(pool)}) runs out by capacity, not fragmentation "
                    f"({'the same at every level' if same else 'varies by level'}): " + "; ".join(parts) + ".")

@@ -114,8 +114,9 @@ def test_copy_layout_replays_a_layout_onto_a_system():
 def test_summary_answers_the_question(report):
     lines = study.summary_lines(report)
     text = "\n".join(lines)
-    assert "contiguous at severe (index" in text and "starts failing at 1 MiB" in text
-    assert "scattered 1 MiB at severe" in text and "256 pages pinned" in text and "2 messages" in text
+    assert "contiguous at severe (index" in text and "refuses every attempt from 1 MiB" in text
+    assert "scattered at severe (index" in text and "1 MiB = 256 frames in" in text
+    assert "2 messages to the secure world, one pinned page per frame" in text
     assert "static pool (4 MiB) runs out by capacity" in text
 
 
