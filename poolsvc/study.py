@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing import shared_memory
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -53,8 +53,9 @@ from .config import Config
 from .constants import PAGE_SIZE, ShmFlags
 from .errors import InternalError, PoolsvcError
 from .fragmentation import INDEX_ORDER, Ageing, copy_layout, unusable_indices
-from .system import System
-from .tee.ta import Sha256App
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .system import System
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -307,6 +308,9 @@ def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = No
               trials: int = DEFAULT_TRIALS, seed: int = 1, dynamic_size: int = 1 << 30,
               progress: Callable[[str], None] | None = None) -> Report:
     """Run the study; ``progress(label)`` is called once per finished cell."""
+    from .system import System  # the CLI imports this module to build --help: keep that light
+    from .tee.ta import Sha256App
+
     sizes = sizes or SIZES
     levels = sorted(levels or LEVELS, key=lambda lv: lv.target)
     base = Config().dynamic_base
