@@ -151,6 +151,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("wire", "Batch framing and arena kernels", ("bench/test_bench_wire.py",),
            "The kernels of the service's batched path (`split_frames`, `run_batch`) and the dynamic "
            "pool's per-allocation kernel (`ArenaPages.take` / `give`), compiled beside pure."),
+    Family("tee", "Sessions with the secure world", ("bench/test_bench_tee.py",),
+           "The SHA-256 trusted app over a 32 MiB registered buffer beside `hashlib` in the "
+           "benchmark process, and one `invoke` on 64 bytes with each kind of memref the driver "
+           "converts (registered, temporary private memory bounced through the pool, temporary "
+           "POSIX shared memory registered for the call)."),
     Family("service", "Pool service", ("bench/test_bench_service.py",),
            "Round trips through a `poolsvc serve` daemon on both transports (socket, shm slot), "
            "against a bare Unix-socket echo between two Python processes in the same run. "
@@ -169,7 +174,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 #: Families run by default: everything that pytest-benchmark measures.
-PYTEST_FAMILIES = ("alloc", "pagelist", "tables", "copy", "system", "wire", "service")
+PYTEST_FAMILIES = ("alloc", "pagelist", "tables", "copy", "system", "wire", "tee", "service")
 
 LOAD_RUNS = (
     ("single requests", ["--clients", "8", "--duration", "60", "--kill-rate", "0.5",
