@@ -226,7 +226,8 @@ def commit() -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                               check=False).stdout.strip()
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "ext", "poolsvc", "bench")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "ext", "poolsvc", "bench",
+                ":(exclude)bench/results")
     return rev + (" (with uncommitted changes)" if dirty else "")
 
 
@@ -290,36 +291,50 @@ def group_tables(benchmarks: list[dict[str, Any]]) -> list[str]:
     the ratio to the group's reference row (its first compiled row, else its first row)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for b in benchmarks:
+        if _many_figures(b):
+            continue                 # rendered by figure_tables
         groups.setdefault(b.get("group") or b["name"].split("[")[0], []).append(b)
     out: list[str] = []
     for name, rows in groups.items():
         ref = next((b for b in rows if "compiled" in b["name"]), rows[0])
         ref_ns = per_op(ref)[0]
-        out += [f"### {name}", "",
-                f"| benchmark | what | median per op | vs `{ref['name']}` | extra | rounds |",
-                "|---|---|---:|---:|---|---:|"]
+        cols = [("benchmark", "---"), ("what", "---"), ("median per op", "---:"),
+                (f"vs `{ref['name']}`", "---:"), ("extra", "---"), ("rounds", "---:")]
+        table = []
         for b in rows:
             ns, _ = per_op(b)
-            extra = b.get("extra_info", {})
-            shown = {k: v for k, v in extra.items()
-                     if k in ("GB_per_s", "GB_per_s_in_out", "ratio_median", "target")}
-            extras = ", ".join(f"{k} {fmt_value(v)}" for k, v in shown.items())
-            out.append(f"| `{b['name']}` | {what(b)} | {fmt_ns(ns)} | {ns / ref_ns:.2f}x | "
-                       f"{extras} | {b['stats']['rounds']} |")
+            extra = ", ".join(f"{k} {fmt_value(v)}" for k, v in b.get("extra_info", {}).items()
+                              if k in ("GB_per_s", "GB_per_s_in_out", "ratio_median", "target"))
+            table.append([f"`{b['name']}`", what(b), fmt_ns(ns), f"{ns / ref_ns:.2f}x", extra,
+                          str(b["stats"]["rounds"])])
+        # drop the optional columns this group leaves empty, and the ratio of a lone row
+        keep = [k for k in range(len(cols))
+                if not (k in (1, 4) and not any(row[k] for row in table)) and not (k == 3 and len(rows) == 1)]
+        out += [f"### {name}", "", "| " + " | ".join(cols[k][0] for k in keep) + " |",
+                "|" + "|".join(cols[k][1] for k in keep) + "|"]
+        out += ["| " + " | ".join(row[k] for k in keep) + " |" for row in table]
         out.append("")
     return out
 
 
+def _numeric_extra(b: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in b.get("extra_info", {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _many_figures(b: dict[str, Any]) -> bool:
+    """True for a benchmark that records figures of its own (``test_service_ratios``)
+    rather than one timed operation."""
+    return len(_numeric_extra(b)) >= 6
+
+
 def figure_tables(benchmarks: list[dict[str, Any]]) -> list[str]:
-    """Benchmarks that record many figures of their own (``test_service_ratios``): every
-    numeric ``extra_info`` entry as a row."""
+    """Every numeric ``extra_info`` entry of the benchmarks that record many figures."""
     out: list[str] = []
     for b in benchmarks:
-        extra = b.get("extra_info", {})
-        numeric = {k: v for k, v in extra.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if len(numeric) < 6:
+        if not _many_figures(b):
             continue
+        numeric = _numeric_extra(b)
         out += [f"### Figures of `{b['name']}`", "", "| figure | median |", "|---|---:|"]
         out += [f"| `{k}` | {fmt_value(v)} |" for k, v in numeric.items()]
         out.append("")
