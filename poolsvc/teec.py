@@ -398,8 +398,13 @@ def TEEC_AllocateSharedMemory(context: TEEC_Context, sharedMem: TEEC_SharedMemor
             shm = context._ctx.alloc_user_buf(size or _EMPTY_ALLOC)
         except PoolsvcError as exc:
             return _fail(exc)[0]
+        try:
+            buffer = shm.view()[:size]
+        except PoolsvcError as exc:  # memory this process cannot map
+            shm.close()
+            return _fail(exc)[0]
         sharedMem._shm, sharedMem._context, sharedMem.kind = shm, context, "allocated"
-        sharedMem.buffer = shm.view()[:size]
+        sharedMem.buffer = buffer
     return TEEC_SUCCESS
 
 
@@ -433,6 +438,11 @@ def TEEC_RegisterSharedMemory(context: TEEC_Context, sharedMem: TEEC_SharedMemor
             try:
                 shm = context._ctx.alloc_user_buf(size or _EMPTY_ALLOC)
             except PoolsvcError as exc:
+                return _fail(exc)[0]
+            try:
+                shm.view().release()  # the copies go through it: refuse memory this process cannot map
+            except PoolsvcError as exc:
+                shm.close()
                 return _fail(exc)[0]
             kind = "shadow"
         sharedMem._shm, sharedMem._context, sharedMem.kind = shm, context, kind
@@ -592,7 +602,10 @@ def _run(context: TEEC_Context, operation: TEEC_Operation | None, call: Any) -> 
     marshal = _Marshal(context, operation)
     with context._lock:
         try:
-            res = marshal.convert()
+            try:
+                res = marshal.convert()
+            except PoolsvcError as exc:
+                return _fail(exc)[0], TEEC_ORIGIN_API
             if res != TEEC_SUCCESS:
                 return res, TEEC_ORIGIN_API
             try:
