@@ -27,7 +27,8 @@ from poolsvc.errors import (
     NotSharedMemory,
     TeeError,
 )
-from poolsvc.service.client import batch, connect
+from poolsvc.service.batch import batch
+from poolsvc.service.client import connect
 from poolsvc.tee.driver import RegisteredMemref, TempMemref, Value
 from poolsvc.tee.ta import CopyApp, FillApp, Sha256App
 

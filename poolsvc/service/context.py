@@ -1,0 +1,368 @@
+"""The service client's Context and Session: one connection to the daemon each.
+
+:class:`Context` is a context in the daemon's System over its own
+:class:`~.channel.Channel` (as opening ``/dev/tee0`` gives one file): it
+allocates and registers :class:`~.shm.Shm` objects, looks them up by id,
+opens :class:`Session` objects with trusted apps, and collects
+:class:`~.batch.Batch` operations.  ``register_*_buf(obj)`` finds the POSIX
+shm object behind ``obj`` in this process's memory maps and sends its
+descriptor, offset and length; the daemon maps the same object.
+
+``Shm.close()`` is pipelined here: the SHM_CLOSE request is queued and
+leaves in the same ``sendmsg`` (or slot exchange) as the context's next
+request, or on :meth:`Context.flush`; its reply is read with that
+request's.
+
+Concurrency: a context belongs to one thread at a time; different contexts
+are different sockets and may be used from different threads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid as uuidlib
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+
+import numpy as np
+
+from ..errors import BadParameters, Closed, NotSharedMemory, NotSupported, PoolsvcError, ProtocolError
+from . import protocol as P
+from .batch import Batch
+from .channel import (
+    MAX_IN_FLIGHT,
+    Channel,
+    check_reply,
+    pack_alloc_frame,
+    pack_close_frame,
+    refuse_pickle,
+)
+from .params import Params
+from .shm import Shm, check_size
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("poolsvc.client")
+
+_unpack_desc = P.DESC.unpack_from
+_DESC_SIZE = P.DESC.size
+_PAGES_FOLLOW = int(P.DescBits.PAGES_FOLLOW)
+_NEW_SEGMENT = int(P.DescBits.NEW_SEGMENT)
+_OK = int(P.MsgType.OK)
+_ALLOC = int(P.MsgType.ALLOC)
+_ALLOC_BODY, _COOKIE_BODY = P.ALLOC.size, P.COOKIE.size
+_ALLOC_USER, _ALLOC_KERNEL, _ALLOC_PRIV = int(P.AllocKind.USER), int(P.AllocKind.KERNEL), int(P.AllocKind.PRIV)
+_SHM_CLOSE = int(P.MsgType.SHM_CLOSE)
+_unpack_closed = P.CLOSED.unpack
+_CLOSED_SIZE = P.CLOSED.size
+
+
+class Session:
+    """A session with a trusted app in the daemon's secure world."""
+
+    def __init__(self, context: "Context", session_id: int, uuid: Any) -> None:
+        self.context = context
+        self.id = session_id
+        self.uuid = uuid
+        self.closed = False
+        self.open_result: Any = None
+
+    def invoke(self, func: int, params: Sequence[Any] = ()) -> Any:
+        """INVOKE_COMMAND ``func`` with up to 4 params; returns an InvokeResult.
+
+        Raises TeeError (with ``result``) on a non-zero answer, like the embedded Session.
+        """
+        if self.closed:
+            raise Closed(f"session {self.id} is closed")
+        return self.context._invoke(self, func, params)
+
+    def close(self) -> None:
+        """CLOSE_SESSION. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        ctx = self.context
+        ctx.sessions.pop(self.id, None)
+        if ctx.closed:
+            return
+        reply_type, body = ctx._channel.call(P.MsgType.CLOSE_SESSION, P.COOKIE.pack(self.id))
+        check_reply(reply_type, body, "CLOSE_SESSION")
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> NoReturn:
+        refuse_pickle(self)
+
+    def __repr__(self) -> str:
+        return f"<remote Session {self.id} {self.uuid}{' closed' if self.closed else ''}>"
+
+
+class Context:
+    """A context in the daemon's System, over its own connection."""
+
+    def __init__(self, client: "Client", name: str = "") -> None:
+        self.client = client
+        self._channel = Channel(client.path, P.Role.CONTEXT, name, client.spin_us, client.timeout,
+                                client.transport, client.shm_spin_us, client.connect_timeout)
+        self.cid = self._channel.cid
+        self.name = self._channel.context_name
+        self.shms: dict[int, Shm] = {}
+        self.sessions: dict[int, Session] = {}
+        self.closed = False
+        #: Errors of pipelined closes, as (cookie, exception); normally empty.
+        self.deferred_errors: list[tuple[int, PoolsvcError]] = []
+        self._channel.on_lost = self._lost
+
+    def __reduce__(self) -> NoReturn:
+        refuse_pickle(self)
+
+    def _lost(self) -> None:
+        """The daemon is gone: so is everything it held for us."""
+        if self.closed:
+            return
+        self.closed = True
+        for session in self.sessions.values():
+            session.closed = True
+        self.sessions.clear()
+        for shm in list(self.shms.values()):
+            shm._release_local()
+        self.client._forget(self)
+
+    def _check(self) -> None:
+        if self.closed:
+            raise Closed(f"context {self.name} is closed")
+
+    # -- replies -------------------------------------------------------------------------------
+    def _make_shm(self, body: Any, user_view: memoryview | None = None, start: int = 0,
+                  end: int = -1) -> Shm:
+        """The Shm described by the DESC reply ``body[start:end]`` (``end`` -1: to the end)."""
+        if end < 0:
+            end = len(body)
+        if end - start < _DESC_SIZE:
+            raise ProtocolError(f"shm descriptor of {end - start} bytes, expected at least {_DESC_SIZE}")
+        desc = _unpack_desc(body, start)
+        bits = desc[12]
+        pages = None
+        if bits & _PAGES_FOLLOW:
+            npages = desc[8]
+            if end - start != _DESC_SIZE + 8 * npages:
+                raise ProtocolError(f"shm descriptor of {end - start} bytes for {npages} pages")
+            pages = np.frombuffer(body, dtype=np.uint64, count=npages, offset=start + _DESC_SIZE).copy()
+            pages.flags.writeable = False
+        if bits & _NEW_SEGMENT:
+            self._channel.map_segment(desc[9], desc[6])
+        cookie = desc[0]
+        known = self.shms.get(cookie)
+        if known is not None:  # shm_from_id of a buffer we hold: same object, one more reference
+            known._refs += 1
+            return known
+        shm = Shm(self, desc, pages, user_view)
+        self.shms[cookie] = shm
+        return shm
+
+    def _request_shm(self, msg_type: int, body: bytes, what: str, fds: Sequence[int] = (),
+                     user_view: memoryview | None = None) -> Shm:
+        self._check()
+        reply_type, reply = self._channel.call(msg_type, body, fds)
+        return self._make_shm(check_reply(reply_type, reply, what), user_view)
+
+    def _post_close(self, shm: Shm) -> None:
+        if self.closed:
+            return
+        channel = self._channel
+        channel.outbox += pack_close_frame(_COOKIE_BODY, _SHM_CLOSE, 0, shm.cookie)
+        channel.pending.append(self._on_close_reply)
+        channel.close_cookies.append(shm.cookie)
+        if len(channel.pending) >= MAX_IN_FLIGHT:
+            channel.drain()
+
+    def _on_close_reply(self, reply_type: int, body: memoryview) -> None:
+        channel = self._channel
+        cookie = channel.close_cookies.popleft()
+        if reply_type == _OK and len(body) == _CLOSED_SIZE:
+            dropped = _unpack_closed(body)[1]
+            if dropped:
+                channel.unmap_segment(dropped)
+            return
+        exc = (P.error_from_body(body) if reply_type == P.MsgType.ERROR
+               else ProtocolError(f"unexpected {P.type_name(reply_type)} reply to SHM_CLOSE"))
+        log.warning("closing shm %#x failed in the daemon: %s", cookie, exc)
+        self.deferred_errors.append((cookie, exc))
+
+    # -- allocation ------------------------------------------------------------------------------
+    def alloc_user_buf(self, size: int) -> Shm:
+        """Allocate a buffer user space can map; it gets an id (DYNAMIC | POOL)."""
+        return self._alloc(_ALLOC_USER, size)
+
+    def alloc_kernel_buf(self, size: int) -> Shm:
+        """Allocate a driver buffer shared with the TEE; no id (DYNAMIC | POOL)."""
+        return self._alloc(_ALLOC_KERNEL, size)
+
+    def alloc_priv_buf(self, size: int) -> Shm:
+        """Allocate a driver-private buffer, never registered (PRIV | POOL)."""
+        return self._alloc(_ALLOC_PRIV, size)
+
+    def _alloc(self, kind: int, size: int) -> Shm:
+        if type(size) is not int or not 0 < size < 1 << 63:
+            check_size(size)
+        if self.closed:
+            self._check()  # raises Closed
+        reply_type, reply = self._channel.call_frame(pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size))
+        if reply_type != _OK:
+            check_reply(reply_type, reply, "ALLOC")
+        return self._make_shm(reply)
+
+    # -- registration ------------------------------------------------------------------------------
+    def register_user_buf(self, obj: Any, fd: int | None = None) -> Shm:
+        """Register a writable buffer backed by POSIX shm; it gets an id.
+
+        The object's descriptor goes to the daemon: ``fd`` if given, else
+        the object is reopened from this process's memory maps.
+        """
+        return self._register(obj, P.RegisterKind.USER, fd)
+
+    def register_kernel_buf(self, obj: Any, fd: int | None = None) -> Shm:
+        """Register a buffer backed by POSIX shm for the driver's use; no id."""
+        return self._register(obj, P.RegisterKind.KERNEL, fd)
+
+    def _register(self, obj: Any, kind: P.RegisterKind, fd: int | None) -> Shm:
+        from ..mapping import buffer_span, find_mapping
+
+        self._check()
+        if not self.client.gen_caps & 0x4:  # REG_MEM
+            raise NotSupported("registering memory needs REG_MEM, which this TEE does not offer "
+                               "(no DYNAMIC_SHM capability)")
+        view, addr, length = buffer_span(obj)
+        own_fd = -1
+        try:
+            mapping = find_mapping(addr, length)
+            if not mapping.writable:
+                raise NotSharedMemory(f"buffer at {addr:#x} is in a read-only mapping; "
+                                      "a registered buffer must be writable")
+            if view.readonly:
+                raise NotSharedMemory("buffer object is read-only; a registered buffer must be writable")
+            if fd is None:
+                fd = own_fd = _open_mapping(mapping)
+            file_offset = mapping.file_offset + (addr - mapping.start)
+            return self._request_shm(P.MsgType.REGISTER, P.REGISTER.pack(kind, file_offset, length),
+                                     "REGISTER", fds=[fd], user_view=view)
+        except BaseException:
+            view.release()
+            raise
+        finally:
+            if own_fd >= 0:
+                os.close(own_fd)
+
+    # -- lookup -----------------------------------------------------------------------------------
+    def shm_from_id(self, shm_id: int) -> Shm:
+        """The shm with this id, with one more reference (close() it when done)."""
+        if isinstance(shm_id, bool) or not isinstance(shm_id, int):
+            raise BadParameters(f"id must be an int, got {shm_id!r}")
+        if not -(1 << 63) <= shm_id < 1 << 63:
+            raise BadParameters(f"id {shm_id} does not fit in the 64-bit field of the protocol")
+        return self._request_shm(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id), "SHM_FROM_ID")
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def open_session(self, uuid: Any, params: Sequence[Any] = (), login: int = 0) -> Session:
+        """Open a session with the trusted app ``uuid`` in the daemon's secure world."""
+        self._check()
+        try:
+            ta_uuid = uuid if isinstance(uuid, uuidlib.UUID) else uuidlib.UUID(str(uuid))
+        except ValueError:
+            raise BadParameters(f"{uuid!r} is not a UUID") from None
+        if isinstance(login, bool) or not isinstance(login, int) or not 0 <= login <= 0xFFFFFFFF:
+            raise BadParameters(f"login {login!r} is not a u32")
+        with Params(self, params) as conv:
+            body = ta_uuid.bytes + P.COOKIE.pack(login) + conv.encode()
+            reply_type, reply = self._channel.call(P.MsgType.OPEN_SESSION, body)
+            reply = check_reply(reply_type, reply, "OPEN_SESSION")
+            session_id = P.COOKIE.unpack_from(reply)[0]
+            result = conv.decode(reply[P.COOKIE.size:], f"open session with {ta_uuid}")
+        session = Session(self, session_id, ta_uuid)
+        session.open_result = result
+        self.sessions[session_id] = session
+        return session
+
+    def _invoke(self, session: Session, func: int, params: Sequence[Any]) -> Any:
+        self._check()
+        if isinstance(func, bool) or not isinstance(func, int) or not 0 <= func <= 0xFFFFFFFF:
+            raise BadParameters(f"command {func!r} is not a u32")
+        with Params(self, params) as conv:
+            body = P.SESSION.pack(session.id, func, 0) + conv.encode()
+            reply_type, reply = self._channel.call(P.MsgType.INVOKE, body)
+            reply = check_reply(reply_type, reply, "INVOKE")
+            return conv.decode(reply, f"invoke {func} on session {session.id}")
+
+    def flush(self) -> None:
+        """Send pipelined closes now and wait for their replies (``stats()`` does this)."""
+        if not self.closed and not self._channel.closed:
+            self._channel.drain()
+
+    # -- batches ----------------------------------------------------------------------------------
+    def batch(self) -> "Batch":
+        """A :class:`Batch` of operations sent as one request."""
+        self._check()
+        return Batch(self)
+
+    # -- release ----------------------------------------------------------------------------------
+    def usage(self) -> dict[str, int]:
+        """Bytes and objects this context holds (as the client sees them)."""
+        return {"shms": len(self.shms), "bytes": sum(s.size for s in self.shms.values()),
+                "sessions": len(self.sessions)}
+
+    def close(self) -> None:
+        """Release every shm and session of this context and hang up. Idempotent."""
+        if self.closed:
+            return
+        channel = self._channel
+        try:
+            if not channel.closed:
+                channel.drain()
+                channel.call(P.MsgType.GOODBYE)
+        except Closed:
+            pass
+        finally:
+            self.closed = True
+            for session in self.sessions.values():
+                session.closed = True
+            self.sessions.clear()
+            for shm in list(self.shms.values()):
+                shm._release_local()
+            channel.close()
+            self.client._forget(self)
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<remote Context {self.name} shms={len(self.shms)}{' closed' if self.closed else ''}>"
+
+
+def _open_mapping(mapping: Any) -> int:
+    """A read-write descriptor of the object behind one of this process's mappings."""
+    path = mapping.path
+    if path.startswith("/dev/shm/") and not path.endswith(" (deleted)"):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            if os.fstat(fd).st_ino == mapping.inode:
+                return fd
+            os.close(fd)
+    try:
+        return os.open(f"/proc/self/map_files/{mapping.start:x}-{mapping.end:x}",
+                       os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NotSharedMemory(
+            f"cannot reopen the shared-memory object mapped at {mapping.start:#x} ({path}): "
+            f"{exc.strerror}; pass its descriptor as register_*_buf(obj, fd=...)") from exc
+
+

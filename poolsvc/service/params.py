@@ -1,0 +1,163 @@
+"""The service client's session parameters: the driver's kinds to the wire and back.
+
+:class:`Params` encodes up to four parameters of OPEN_SESSION or INVOKE
+(``poolsvc.tee.driver`` Value, RegisteredMemref or a bare Shm, TempMemref,
+None) into the protocol's PARAM records, and decodes the RESULT that comes
+back: output values and sizes are written into the caller's parameter
+objects, and bounced temporary memrefs are copied back.
+
+Concurrency: one Params serves one call of one Context (its thread).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..errors import TEE_SUCCESS, BadParameters, NotSharedMemory, NotSupported, TeeError
+from . import protocol as P
+from .shm import Shm
+
+if TYPE_CHECKING:
+    from .context import Context
+
+
+class Params:
+    """Session parameters of the driver's kinds, to the wire and back.
+
+    Value, RegisteredMemref (or a bare Shm) and NULL memrefs travel as they
+    are; a TempMemref is registered for the call when it lies in POSIX shared
+    memory, else bounced through a kernel buffer of the pool (as libteec does
+    without REG_MEM), and travels as a registered memref.
+    """
+
+    def __init__(self, ctx: "Context", params: Sequence[Any]) -> None:
+        from ..tee import driver
+
+        if len(params) > 4:
+            raise BadParameters(f"{len(params)} parameters; a trusted app takes at most 4")
+        self.ctx = ctx
+        self.driver = driver
+        self.params = list(params)
+        self.after: list[Any] = []
+        self.temps: list[Shm] = []
+
+    def __enter__(self) -> "Params":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for shm in self.temps:
+            if not shm.closed:
+                shm.close()
+
+    def encode(self) -> bytes:
+        d = self.driver
+        out = [P.COOKIE.pack(len(self.params))]
+        for param in self.params:
+            if param is None:
+                out.append(P.PARAM.pack(P.ParamKind.NONE, 0, 0, 0))
+                self.after.append(None)
+            elif isinstance(param, d.Value):
+                direction = _direction(param.direction)
+                for what, v in (("value a", param.a), ("value b", param.b)):
+                    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFFFFFF:
+                        raise BadParameters(f"{what} {v!r} is not a u32")
+                out.append(P.PARAM.pack(P.ParamKind.VALUE | direction << 8, param.a, param.b, 0))
+                self.after.append(("value", param, direction))
+            elif isinstance(param, d.RegisteredMemref) or isinstance(param, Shm):
+                ref = param if isinstance(param, d.RegisteredMemref) else d.RegisteredMemref(param)
+                out.append(self._memref(ref, ref.shm, ref.offset, ref.size, ref.direction))
+                self.after.append(("memref", ref, _direction(ref.direction)))
+            elif isinstance(param, d.TempMemref):
+                out.append(self._temp(param))
+            else:
+                raise BadParameters(f"parameter {param!r} is not None, Value, RegisteredMemref, "
+                                    "TempMemref or Shm")
+        return b"".join(out)
+
+    def _memref(self, ref: Any, shm: Any, offset: Any, size: Any, direction: str) -> bytes:
+        d = _direction(direction)
+        if not isinstance(shm, Shm) or shm.context is not self.ctx:
+            raise BadParameters(f"shm {shm!r} does not belong to context {self.ctx.name}")
+        shm._check()
+        for what, v in (("offset", offset), ("size", size)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise BadParameters(f"memref {what} {v!r} is not a non-negative int")
+        whole = size is None
+        return P.PARAM.pack(P.ParamKind.MEMREF | d << 8 | (P.PARAM_WHOLE if whole else 0),
+                            shm.cookie, offset or 0, 0 if whole else size)
+
+    def _temp(self, ref: Any) -> bytes:
+        d = _direction(ref.direction)
+        if ref.buffer is None:
+            size = 0 if ref.size is None else ref.size
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise BadParameters(f"NULL memref size {size!r}")
+            self.after.append(("memref", ref, d))
+            return P.PARAM.pack(P.ParamKind.NULL_MEMREF | d << 8, 0, 0, size)
+        try:
+            view = memoryview(ref.buffer)
+        except TypeError:
+            raise BadParameters(f"{type(ref.buffer).__name__} does not support the buffer protocol") from None
+        with view:
+            length = view.nbytes
+        if ref.size is not None and ref.size != length:
+            raise BadParameters(f"temporary memref size {ref.size!r} differs from the buffer's "
+                                f"{length} bytes")
+        if length == 0:
+            self.after.append(("memref", ref, d))
+            return P.PARAM.pack(P.ParamKind.NULL_MEMREF | d << 8, 0, 0, 0)
+        shm: Shm | None = None
+        if self.ctx.client.gen_caps & 0x4:
+            try:
+                shm = self.ctx.register_kernel_buf(ref.buffer)
+            except (NotSharedMemory, NotSupported):
+                shm = None
+        bounce = shm is None
+        if shm is None:
+            shm = self.ctx.alloc_kernel_buf(length)
+            if d != 1:
+                with memoryview(ref.buffer) as src, shm.view() as dst:
+                    dst[:length] = src.cast("B")
+        self.temps.append(shm)
+        self.after.append(("bounce" if bounce else "memref", (ref, shm) if bounce else ref, d))
+        return P.PARAM.pack(P.ParamKind.MEMREF | d << 8, shm.cookie, 0, length)
+
+    def decode(self, body: memoryview, what: str) -> Any:
+        ret, origin, count = P.RESULT.unpack_from(body)
+        result = self.driver.InvokeResult(ret, origin)
+        pos = P.RESULT.size
+        for i in range(count):
+            kind, a, b = P.OUTPUT.unpack_from(body, pos)
+            pos += P.OUTPUT.size
+            value = size = None
+            entry = self.after[i] if i < len(self.after) else None
+            if kind == P.OutputKind.VALUE:
+                value = (a, b)
+                if entry is not None and entry[0] == "value":
+                    entry[1].a, entry[1].b = a, b
+            elif kind == P.OutputKind.SIZE:
+                size = a
+                if entry is not None:
+                    obj = entry[1]
+                    if entry[0] == "bounce":
+                        ref, shm = obj
+                        if ret == TEE_SUCCESS:
+                            with memoryview(ref.buffer) as dst, shm.view() as src:
+                                flat = dst.cast("B")
+                                n = min(size, len(flat))
+                                flat[:n] = src[:n]
+                        obj = ref
+                    obj.size = size
+            result.values.append(value)
+            result.sizes.append(size)
+        if ret != TEE_SUCCESS:
+            exc = TeeError(f"{what}: secure world answered {ret:#x} (origin {origin})", ret, origin)
+            exc.result = result  # type: ignore[attr-defined]
+            raise exc
+        return result
+
+
+def _direction(value: str) -> int:
+    try:
+        return {"in": 0, "out": 1, "inout": 2}[value]
+    except (KeyError, TypeError):
+        raise BadParameters(f"direction {value!r} is not 'in', 'out' or 'inout'") from None
