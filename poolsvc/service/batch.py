@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
+from ..api import check_shm_id, check_size
 from ..errors import BadParameters, PoolsvcError, ProtocolError
 from . import protocol as P
 from .channel import pack_alloc_frame, pack_close_frame, pack_header, refuse_pickle
-from .shm import Shm, check_size
+from .shm import Shm
 
 if TYPE_CHECKING:
     from .context import Context
@@ -108,8 +109,10 @@ class Batch:
     alloc_priv_buf = _batch_alloc(_ALLOC_PRIV, "Queue ``Context.alloc_priv_buf(size)``.")
 
     def shm_from_id(self, shm_id: int) -> None:
-        if isinstance(shm_id, bool) or not isinstance(shm_id, int) or not -(1 << 63) <= shm_id < 1 << 63:
-            self._refused(BadParameters(f"id must be a 64-bit int, got {shm_id!r}"))
+        try:
+            check_shm_id(shm_id)
+        except BadParameters as exc:
+            self._refused(exc)
             return
         self._add(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id))
 

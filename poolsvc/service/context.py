@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import numpy as np
 
-from ..errors import BadParameters, Closed, NotSharedMemory, NotSupported, PoolsvcError, ProtocolError
+from ..api import check_shm_id, check_u32, check_writable, check_size, parse_uuid, require_reg_mem
+from ..errors import Closed, NotSharedMemory, PoolsvcError, ProtocolError
 from . import protocol as P
 from .batch import Batch
 from .channel import (
@@ -37,7 +37,7 @@ from .channel import (
     refuse_pickle,
 )
 from .params import Params
-from .shm import Shm, check_size
+from .shm import Shm
 
 if TYPE_CHECKING:
     from .client import Client
@@ -233,18 +233,12 @@ class Context:
         from ..mapping import buffer_span, find_mapping
 
         self._check()
-        if not self.client.gen_caps & 0x4:  # REG_MEM
-            raise NotSupported("registering memory needs REG_MEM, which this TEE does not offer "
-                               "(no DYNAMIC_SHM capability)")
+        require_reg_mem(self.client.gen_caps)
         view, addr, length = buffer_span(obj)
         own_fd = -1
         try:
             mapping = find_mapping(addr, length)
-            if not mapping.writable:
-                raise NotSharedMemory(f"buffer at {addr:#x} is in a read-only mapping; "
-                                      "a registered buffer must be writable")
-            if view.readonly:
-                raise NotSharedMemory("buffer object is read-only; a registered buffer must be writable")
+            check_writable(view, addr, mapping.writable)
             if fd is None:
                 fd = own_fd = _open_mapping(mapping)
             file_offset = mapping.file_offset + (addr - mapping.start)
@@ -260,22 +254,15 @@ class Context:
     # -- lookup -----------------------------------------------------------------------------------
     def shm_from_id(self, shm_id: int) -> Shm:
         """The shm with this id, with one more reference (close() it when done)."""
-        if isinstance(shm_id, bool) or not isinstance(shm_id, int):
-            raise BadParameters(f"id must be an int, got {shm_id!r}")
-        if not -(1 << 63) <= shm_id < 1 << 63:
-            raise BadParameters(f"id {shm_id} does not fit in the 64-bit field of the protocol")
+        check_shm_id(shm_id)
         return self._request_shm(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id), "SHM_FROM_ID")
 
     # -- sessions ---------------------------------------------------------------------------------
     def open_session(self, uuid: Any, params: Sequence[Any] = (), login: int = 0) -> Session:
         """Open a session with the trusted app ``uuid`` in the daemon's secure world."""
         self._check()
-        try:
-            ta_uuid = uuid if isinstance(uuid, uuidlib.UUID) else uuidlib.UUID(str(uuid))
-        except ValueError:
-            raise BadParameters(f"{uuid!r} is not a UUID") from None
-        if isinstance(login, bool) or not isinstance(login, int) or not 0 <= login <= 0xFFFFFFFF:
-            raise BadParameters(f"login {login!r} is not a u32")
+        ta_uuid = parse_uuid(uuid)
+        check_u32(login, "login")
         with Params(self, params) as conv:
             body = ta_uuid.bytes + P.COOKIE.pack(login) + conv.encode()
             reply_type, reply = self._channel.call(P.MsgType.OPEN_SESSION, body)
@@ -289,8 +276,7 @@ class Context:
 
     def _invoke(self, session: Session, func: int, params: Sequence[Any]) -> Any:
         self._check()
-        if isinstance(func, bool) or not isinstance(func, int) or not 0 <= func <= 0xFFFFFFFF:
-            raise BadParameters(f"command {func!r} is not a u32")
+        check_u32(func, "command")
         with Params(self, params) as conv:
             body = P.SESSION.pack(session.id, func, 0) + conv.encode()
             reply_type, reply = self._channel.call(P.MsgType.INVOKE, body)

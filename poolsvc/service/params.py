@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..api import check_param_count, check_u32
 from ..errors import TEE_SUCCESS, BadParameters, NotSharedMemory, NotSupported, TeeError
 from . import protocol as P
 from .shm import Shm
@@ -32,8 +33,7 @@ class Params:
     def __init__(self, ctx: "Context", params: Sequence[Any]) -> None:
         from ..tee import driver
 
-        if len(params) > 4:
-            raise BadParameters(f"{len(params)} parameters; a trusted app takes at most 4")
+        check_param_count(params)
         self.ctx = ctx
         self.driver = driver
         self.params = list(params)
@@ -57,9 +57,8 @@ class Params:
                 self.after.append(None)
             elif isinstance(param, d.Value):
                 direction = _direction(param.direction)
-                for what, v in (("value a", param.a), ("value b", param.b)):
-                    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFFFFFF:
-                        raise BadParameters(f"{what} {v!r} is not a u32")
+                check_u32(param.a, "value a")
+                check_u32(param.b, "value b")
                 out.append(P.PARAM.pack(P.ParamKind.VALUE | direction << 8, param.a, param.b, 0))
                 self.after.append(("value", param, direction))
             elif isinstance(param, d.RegisteredMemref) or isinstance(param, Shm):
@@ -105,12 +104,11 @@ class Params:
         if length == 0:
             self.after.append(("memref", ref, d))
             return P.PARAM.pack(P.ParamKind.NULL_MEMREF | d << 8, 0, 0, 0)
-        shm: Shm | None = None
-        if self.ctx.client.gen_caps & 0x4:
-            try:
-                shm = self.ctx.register_kernel_buf(ref.buffer)
-            except (NotSharedMemory, NotSupported):
-                shm = None
+        shm: Shm | None
+        try:  # NotSupported without REG_MEM (api.require_reg_mem)
+            shm = self.ctx.register_kernel_buf(ref.buffer)
+        except (NotSharedMemory, NotSupported):
+            shm = None
         bounce = shm is None
         if shm is None:
             shm = self.ctx.alloc_kernel_buf(length)

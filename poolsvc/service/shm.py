@@ -11,12 +11,12 @@ Concurrency: as its Context (one thread at a time).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
 from ..constants import PAGE_SIZE, ShmFlags
-from ..errors import BadParameters, Closed, NotSupported
+from ..errors import Closed, NotSupported
 from . import protocol as P
 from .channel import refuse_pickle
 
@@ -28,16 +28,6 @@ _ARENA = int(P.Backing.ARENA)
 _USER = int(P.Backing.USER)
 #: ShmFlags values by int (building an IntFlag costs microseconds).
 _FLAGS: dict[int, ShmFlags] = {}
-
-
-def check_size(size: Any) -> None:
-    """BadParameters unless ``size`` is an int in 1..2**63-1 (the protocol's field)."""
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise BadParameters(f"size must be an int, got {size!r}")
-    if size <= 0:
-        raise BadParameters(f"size {size} must be positive")
-    if size >= 1 << 63:
-        raise BadParameters(f"size {size} does not fit in the 64-bit field of the protocol")
 
 
 class Shm:
