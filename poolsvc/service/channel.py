@@ -32,7 +32,7 @@ import stat
 import struct
 import time
 from collections import deque
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Self, Sequence
 
 from ..errors import BadParameters, Closed, NotSupported, ProtocolError
 from . import protocol as P
@@ -95,6 +95,24 @@ def refuse_pickle(what: object) -> NoReturn:
     """``__reduce__`` of the objects holding a channel: they cannot cross processes."""
     raise NotSupported(f"{type(what).__name__} objects hold a connection of this process and "
                        "cannot be sent to another process; call poolsvc.connect() there")
+
+
+class Handle:
+    """Base of the client's closable objects: ``with`` closes them, pickling is refused."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> NoReturn:
+        refuse_pickle(self)
 
 
 def check_timeout(what: str, value: Any) -> float | None:

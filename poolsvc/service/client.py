@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, NoReturn
+from typing import Any
 
 from ..errors import BadParameters, Closed, NotSupported
 from . import protocol as P
@@ -67,13 +67,15 @@ from .channel import (
     UsedAfterFork,
     check_reply,
     check_timeout,
-    refuse_pickle,
+    Handle,
 )
-from .context import Context
+from .batch import Batch, LocalBatch, batch
+from .context import Context, Session
+from .shm import Shm
 from .settings import default_socket_path
 
 
-class Client:
+class Client(Handle):
     """A System-like handle on a running ``poolsvc serve`` (see :func:`connect`)."""
 
     def __init__(self, path: str, name: str = "", spin_us: float = DEFAULT_SPIN_US,
@@ -164,15 +166,6 @@ class Client:
             self._closed = True
             self._monitor.close()
 
-    def __reduce__(self) -> NoReturn:
-        refuse_pickle(self)
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<Client {self.path} pool={self.pool} contexts={len(self.contexts)}>"
 
@@ -221,4 +214,6 @@ def connect(socket_path: str | os.PathLike[str] | None = None, *, name: str = ""
                   shm_spin_us=shm_spin_us, connect_timeout=connect_timeout)
 
 
-__all__ = ["Client", "DaemonTimeout", "UsedAfterFork", "connect"]
+#: The client's public API (its classes live in the modules named in the module doc).
+__all__ = ["Batch", "Client", "Context", "DaemonTimeout", "LocalBatch", "Session", "Shm", "UsedAfterFork",
+           "batch", "connect"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from .channel import (
     check_reply,
     pack_alloc_frame,
     pack_close_frame,
-    refuse_pickle,
+    Handle,
 )
 from .params import Params
 from .shm import Shm
@@ -57,7 +57,7 @@ _unpack_closed = P.CLOSED.unpack
 _CLOSED_SIZE = P.CLOSED.size
 
 
-class Session:
+class Session(Handle):
     """A session with a trusted app in the daemon's secure world."""
 
     def __init__(self, context: "Context", session_id: int, uuid: Any) -> None:
@@ -88,20 +88,11 @@ class Session:
         reply_type, body = ctx._channel.call(P.MsgType.CLOSE_SESSION, P.COOKIE.pack(self.id))
         check_reply(reply_type, body, "CLOSE_SESSION")
 
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __reduce__(self) -> NoReturn:
-        refuse_pickle(self)
-
     def __repr__(self) -> str:
         return f"<remote Session {self.id} {self.uuid}{' closed' if self.closed else ''}>"
 
 
-class Context:
+class Context(Handle):
     """A context in the daemon's System, over its own connection."""
 
     def __init__(self, client: "Client", name: str = "") -> None:
@@ -117,11 +108,8 @@ class Context:
         self.deferred_errors: list[tuple[int, PoolsvcError]] = []
         self._channel.on_lost = self._lost
 
-    def __reduce__(self) -> NoReturn:
-        refuse_pickle(self)
-
     def _lost(self) -> None:
-        """The daemon is gone: so is everything it held for us."""
+        """The daemon is gone (or the context closes): so is everything it held for us."""
         if self.closed:
             return
         self.closed = True
@@ -312,20 +300,8 @@ class Context:
         except Closed:
             pass
         finally:
-            self.closed = True
-            for session in self.sessions.values():
-                session.closed = True
-            self.sessions.clear()
-            for shm in list(self.shms.values()):
-                shm._release_local()
+            self._lost()
             channel.close()
-            self.client._forget(self)
-
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<remote Context {self.name} shms={len(self.shms)}{' closed' if self.closed else ''}>"

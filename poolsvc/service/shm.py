@@ -11,14 +11,14 @@ Concurrency: as its Context (one thread at a time).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..constants import PAGE_SIZE, ShmFlags
 from ..errors import Closed, NotSupported
 from . import protocol as P
-from .channel import refuse_pickle
+from .channel import Handle
 
 if TYPE_CHECKING:
     from .context import Context
@@ -30,7 +30,7 @@ _USER = int(P.Backing.USER)
 _FLAGS: dict[int, ShmFlags] = {}
 
 
-class Shm:
+class Shm(Handle):
     """A shared-memory object held through the daemon (the embedded Shm's API).
 
     Attributes: ``id``, ``size``, ``offset``, ``flags``, ``pages`` (numpy
@@ -151,15 +151,6 @@ class Shm:
             except BufferError:
                 pass
         self.context.shms.pop(self.cookie, None)
-
-    def __enter__(self) -> "Shm":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __reduce__(self) -> NoReturn:
-        refuse_pickle(self)
 
     def __repr__(self) -> str:
         state = "released" if self.closed else f"refs={self._refs}"
