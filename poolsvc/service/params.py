@@ -4,7 +4,9 @@
 (``poolsvc.tee.driver`` Value, RegisteredMemref or a bare Shm, TempMemref,
 None) into the protocol's PARAM records, and decodes the RESULT that comes
 back: output values and sizes are written into the caller's parameter
-objects, and bounced temporary memrefs are copied back.
+objects, and bounced temporary memrefs are copied back.  Directions, the
+copy-back and the TeeError of a failed call come from the GP parameter codec
+(:mod:`poolsvc.tee.params`).
 
 Concurrency: one Params serves one call of one Context (its thread).
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..api import check_param_count, check_u32
-from ..errors import TEE_SUCCESS, BadParameters, NotSharedMemory, NotSupported, TeeError
+from ..errors import TEE_SUCCESS, BadParameters, NotSharedMemory, NotSupported
+from ..tee.params import OUT, InvokeResult, copy_back, direction, raise_for
 from . import protocol as P
 from .shm import Shm
 
@@ -56,15 +59,15 @@ class Params:
                 out.append(P.PARAM.pack(P.ParamKind.NONE, 0, 0, 0))
                 self.after.append(None)
             elif isinstance(param, d.Value):
-                direction = _direction(param.direction)
+                flow = direction(param.direction)
                 check_u32(param.a, "value a")
                 check_u32(param.b, "value b")
-                out.append(P.PARAM.pack(P.ParamKind.VALUE | direction << 8, param.a, param.b, 0))
-                self.after.append(("value", param, direction))
+                out.append(P.PARAM.pack(P.ParamKind.VALUE | flow << 8, param.a, param.b, 0))
+                self.after.append(("value", param, flow))
             elif isinstance(param, d.RegisteredMemref) or isinstance(param, Shm):
                 ref = param if isinstance(param, d.RegisteredMemref) else d.RegisteredMemref(param)
                 out.append(self._memref(ref, ref.shm, ref.offset, ref.size, ref.direction))
-                self.after.append(("memref", ref, _direction(ref.direction)))
+                self.after.append(("memref", ref, direction(ref.direction)))
             elif isinstance(param, d.TempMemref):
                 out.append(self._temp(param))
             else:
@@ -72,8 +75,8 @@ class Params:
                                     "TempMemref or Shm")
         return b"".join(out)
 
-    def _memref(self, ref: Any, shm: Any, offset: Any, size: Any, direction: str) -> bytes:
-        d = _direction(direction)
+    def _memref(self, ref: Any, shm: Any, offset: Any, size: Any, way: str) -> bytes:
+        d = direction(way)
         if not isinstance(shm, Shm) or shm.context is not self.ctx:
             raise BadParameters(f"shm {shm!r} does not belong to context {self.ctx.name}")
         shm._check()
@@ -85,7 +88,7 @@ class Params:
                             shm.cookie, offset or 0, 0 if whole else size)
 
     def _temp(self, ref: Any) -> bytes:
-        d = _direction(ref.direction)
+        d = direction(ref.direction)
         if ref.buffer is None:
             size = 0 if ref.size is None else ref.size
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -112,7 +115,7 @@ class Params:
         bounce = shm is None
         if shm is None:
             shm = self.ctx.alloc_kernel_buf(length)
-            if d != 1:
+            if d != OUT:  # in, inout: copy in
                 with memoryview(ref.buffer) as src, shm.view() as dst:
                     dst[:length] = src.cast("B")
         self.temps.append(shm)
@@ -121,7 +124,7 @@ class Params:
 
     def decode(self, body: memoryview, what: str) -> Any:
         ret, origin, count = P.RESULT.unpack_from(body)
-        result = self.driver.InvokeResult(ret, origin)
+        result = InvokeResult(ret, origin)
         pos = P.RESULT.size
         for i in range(count):
             kind, a, b = P.OUTPUT.unpack_from(body, pos)
@@ -139,23 +142,10 @@ class Params:
                     if entry[0] == "bounce":
                         ref, shm = obj
                         if ret == TEE_SUCCESS:
-                            with memoryview(ref.buffer) as dst, shm.view() as src:
-                                flat = dst.cast("B")
-                                n = min(size, len(flat))
-                                flat[:n] = src[:n]
+                            copy_back(ref, shm, size)
                         obj = ref
                     obj.size = size
             result.values.append(value)
             result.sizes.append(size)
-        if ret != TEE_SUCCESS:
-            exc = TeeError(f"{what}: secure world answered {ret:#x} (origin {origin})", ret, origin)
-            exc.result = result  # type: ignore[attr-defined]
-            raise exc
+        raise_for(what, result)
         return result
-
-
-def _direction(value: str) -> int:
-    try:
-        return {"in": 0, "out": 1, "inout": 2}[value]
-    except (KeyError, TypeError):
-        raise BadParameters(f"direction {value!r} is not 'in', 'out' or 'inout'") from None
