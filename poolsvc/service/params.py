@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..api import check_param_count, check_u32
-from ..errors import TEE_SUCCESS, BadParameters, NotSharedMemory, NotSupported
-from ..tee.params import OUT, InvokeResult, copy_back, direction, raise_for
+from ..errors import BadParameters, NotSharedMemory, NotSupported
+from ..tee.params import OUT, ParamCall, direction, raise_for
 from . import protocol as P
 from .shm import Shm
 
@@ -24,32 +24,24 @@ if TYPE_CHECKING:
     from .context import Context
 
 
-class Params:
+class Params(ParamCall):
     """Session parameters of the driver's kinds, to the wire and back.
 
     Value, RegisteredMemref (or a bare Shm) and NULL memrefs travel as they
     are; a TempMemref is registered for the call when it lies in POSIX shared
     memory, else bounced through a kernel buffer of the pool (as libteec does
-    without REG_MEM), and travels as a registered memref.
+    without REG_MEM), and travels as a registered memref.  The outputs are
+    applied by the codec's :meth:`~poolsvc.tee.params.ParamCall.finish`, and
+    leaving the ``with`` block releases the temporary shms.
     """
 
     def __init__(self, ctx: "Context", params: Sequence[Any]) -> None:
         from ..tee import driver
 
         check_param_count(params)
-        self.ctx = ctx
+        super().__init__(ctx, can_register=True, memref_null=None)
         self.driver = driver
         self.params = list(params)
-        self.after: list[Any] = []
-        self.temps: list[Shm] = []
-
-    def __enter__(self) -> "Params":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for shm in self.temps:
-            if not shm.closed:
-                shm.close()
 
     def encode(self) -> bytes:
         d = self.driver
@@ -66,16 +58,16 @@ class Params:
                 self.after.append(("value", param, flow))
             elif isinstance(param, d.RegisteredMemref) or isinstance(param, Shm):
                 ref = param if isinstance(param, d.RegisteredMemref) else d.RegisteredMemref(param)
-                out.append(self._memref(ref, ref.shm, ref.offset, ref.size, ref.direction))
+                out.append(self._encode_memref(ref, ref.shm, ref.offset, ref.size, ref.direction))
                 self.after.append(("memref", ref, direction(ref.direction)))
             elif isinstance(param, d.TempMemref):
-                out.append(self._temp(param))
+                out.append(self._encode_temp(param))
             else:
                 raise BadParameters(f"parameter {param!r} is not None, Value, RegisteredMemref, "
                                     "TempMemref or Shm")
         return b"".join(out)
 
-    def _memref(self, ref: Any, shm: Any, offset: Any, size: Any, way: str) -> bytes:
+    def _encode_memref(self, ref: Any, shm: Any, offset: Any, size: Any, way: str) -> bytes:
         d = direction(way)
         if not isinstance(shm, Shm) or shm.context is not self.ctx:
             raise BadParameters(f"shm {shm!r} does not belong to context {self.ctx.name}")
@@ -87,7 +79,7 @@ class Params:
         return P.PARAM.pack(P.ParamKind.MEMREF | d << 8 | (P.PARAM_WHOLE if whole else 0),
                             shm.cookie, offset or 0, 0 if whole else size)
 
-    def _temp(self, ref: Any) -> bytes:
+    def _encode_temp(self, ref: Any) -> bytes:
         d = direction(ref.direction)
         if ref.buffer is None:
             size = 0 if ref.size is None else ref.size
@@ -123,29 +115,16 @@ class Params:
         return P.PARAM.pack(P.ParamKind.MEMREF | d << 8, shm.cookie, 0, length)
 
     def decode(self, body: memoryview, what: str) -> Any:
+        """Apply the RESULT record ``body`` to the parameters; the InvokeResult, or
+        TeeError (with ``result``) when the secure world did not answer TEE_SUCCESS."""
         ret, origin, count = P.RESULT.unpack_from(body)
-        result = InvokeResult(ret, origin)
+        outputs: list[tuple[tuple[int, int] | None, int | None]] = []
         pos = P.RESULT.size
-        for i in range(count):
+        for _ in range(count):
             kind, a, b = P.OUTPUT.unpack_from(body, pos)
             pos += P.OUTPUT.size
-            value = size = None
-            entry = self.after[i] if i < len(self.after) else None
-            if kind == P.OutputKind.VALUE:
-                value = (a, b)
-                if entry is not None and entry[0] == "value":
-                    entry[1].a, entry[1].b = a, b
-            elif kind == P.OutputKind.SIZE:
-                size = a
-                if entry is not None:
-                    obj = entry[1]
-                    if entry[0] == "bounce":
-                        ref, shm = obj
-                        if ret == TEE_SUCCESS:
-                            copy_back(ref, shm, size)
-                        obj = ref
-                    obj.size = size
-            result.values.append(value)
-            result.sizes.append(size)
+            outputs.append(((a, b), None) if kind == P.OutputKind.VALUE else
+                           (None, a) if kind == P.OutputKind.SIZE else (None, None))
+        result = self.finish(ret, origin, outputs)
         raise_for(what, result)
         return result
