@@ -182,7 +182,7 @@ class Channel:
         if transport not in TRANSPORTS:
             self.closed = True
             raise BadParameters(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
-        self.sock = self._connect()
+        self._connect()
         self.buf = bytearray()
         #: Receive into one preallocated buffer: recvmsg(n) allocates n bytes per call.
         self.rview = memoryview(bytearray(_RECV_SIZE))
@@ -207,7 +207,7 @@ class Channel:
                     # A version-1 daemon: it has hung up; speak version 1 on a new connection.
                     self.sock.close()
                     self.buf.clear()
-                    self.sock = self._connect()
+                    self._connect()
                     transport = "socket"
             if transport == "socket":
                 reply_type, body = self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role)
@@ -237,7 +237,8 @@ class Channel:
         self.pool = "dynamic" if pool == 0 else "static"
         self.context_name = bytes(body[name_at:]).decode("utf-8", "replace")
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> None:
+        """Open ``self.sock``: connected, its waits bounded by the connect timeout."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(self.connect_timeout)
@@ -254,7 +255,6 @@ class Channel:
         # The handshake is bounded by the connect timeout, later waits by ``timeout``.
         self.sock = sock
         self._set_timeouts(self.connect_timeout)
-        return sock
 
     def _set_timeouts(self, seconds: float | None) -> None:
         """Bound every blocking receive and send on the socket (kernel timeouts:
