@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poolsvc.errors import Closed
+from poolsvc.errors import Closed, ProtocolError
 from poolsvc.service import protocol as P
 from poolsvc.service import slot as S
 from poolsvc.service.client import connect
@@ -396,3 +396,45 @@ def test_slot_client_over_the_output_bound_waits_without_busy_looping(tmp_path):
         sock.close()
     finally:
         d.stop()
+
+
+def _slot_fd(size: int = S.SLOT_BYTES, header: tuple[int, ...] | None = None) -> int:
+    fd = os.memfd_create("slot-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    if header is not None:
+        os.pwrite(fd, array.array("Q", header).tobytes(), 0)
+    return fd
+
+
+def test_client_slot_checks_what_the_daemon_sent():
+    fd = _slot_fd(header=S.slot_header())
+    try:
+        slot = S.ClientSlot(fd, S.SLOT_BYTES, 0.0)
+    finally:
+        os.close(fd)
+    try:
+        seq = slot.publish(P.frame(P.MsgType.PING))
+        assert seq == 1 and slot.words[S.W_REQ_SEQ] == 1 and slot.words[S.W_REQ_LEN] == P.HEADER_SIZE
+        assert not slot.answered(seq) and not slot.daemon_sleeping()
+        slot.words[S.W_REP_LEN] = 3
+        slot.mm[S.SLOT_REP_OFF:S.SLOT_REP_OFF + 3] = b"abc"
+        slot.words[S.W_REP_SEQ] = seq
+        assert slot.answered(seq)
+        slot.wait(seq, lambda _seq: pytest.fail("slept on a published reply"))
+        assert slot.reply() == b"abc"
+        slot.words[S.W_REP_LEN] = S.REP_ON_SOCKET
+        assert slot.reply() is None
+        slot.words[S.W_REP_LEN] = S.SLOT_REP_CAP + 1
+        with pytest.raises(ProtocolError, match="more than"):
+            slot.reply()
+    finally:
+        slot.close()
+    for size, header, message in [(S.SLOT_BYTES, S.slot_header()[:5] + (0,), "unknown layout"),
+                                  (S.SLOT_BYTES + 4096, S.slot_header(), "expected"),
+                                  (S.SLOT_BYTES, None, "unknown layout")]:
+        fd = _slot_fd(size, header)
+        try:
+            with pytest.raises(ProtocolError, match=message):
+                S.ClientSlot(fd, S.SLOT_BYTES, 0.0)
+        finally:
+            os.close(fd)
