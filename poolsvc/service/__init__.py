@@ -13,6 +13,6 @@ Modules, one concern each:
 - :mod:`.server` - the single-threaded event loop, one Context per connection;
 - :mod:`.client` - ``connect(path)`` and the Client handle, over
   :mod:`.channel` (socket, framing, descriptors, timeouts, fork checks),
-  :mod:`.context` (Context, Session), :mod:`.shm` (Shm), :mod:`.params`
+  :mod:`.objects` (Context, Session, Shm), :mod:`.params`
   (session parameters) and :mod:`.batch` (Batch, LocalBatch).
 """

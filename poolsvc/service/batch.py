@@ -10,16 +10,12 @@ Concurrency: a batch belongs to its context's thread.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Protocol
 
 from ..api import check_shm_id, check_size
 from ..errors import BadParameters, PoolsvcError, ProtocolError
 from . import protocol as P
-from .channel import pack_alloc_frame, pack_close_frame, pack_header, refuse_pickle
-from .shm import Shm
-
-if TYPE_CHECKING:
-    from .context import Context
+from .channel import Channel, pack_alloc_frame, pack_close_frame, pack_header, refuse_pickle
 
 _ALLOC = int(P.MsgType.ALLOC)
 _ERROR = int(P.MsgType.ERROR)
@@ -33,6 +29,20 @@ _CLOSED_SIZE = P.CLOSED.size
 _REFUSED = -1
 #: The ``kinds`` entry of every ALLOC in a Batch.
 _ALLOC_KIND = (_ALLOC, None)
+
+
+class BatchOwner(Protocol):
+    """What a Batch uses of its context (a :class:`.objects.Context`)."""
+
+    _channel: Channel
+
+    @property
+    def name(self) -> str: ...
+
+    def _check(self) -> None: ...
+
+    def _make_shm(self, body: Any, user_view: memoryview | None = None, start: int = 0,
+                  end: int = -1) -> Any: ...
 
 
 def _batch_alloc(kind: int, doc: str) -> Callable[["Batch", int], None]:
@@ -60,14 +70,14 @@ class Batch:
 
     __slots__ = ("ctx", "parts", "kinds", "limit", "closing", "refused")
 
-    def __init__(self, ctx: "Context") -> None:
+    def __init__(self, ctx: BatchOwner) -> None:
         self.ctx = ctx
         #: Encoded request frames, and per operation ``(message type, extra)``.
         self.parts: list[bytes] = []
         self.kinds: list[tuple[int, Any]] = []
         self.limit = ctx._channel.max_batch
         #: The shms of the queued closes; whether an operation was refused locally.
-        self.closing: list[Shm] = []
+        self.closing: list[Any] = []
         self.refused = False
 
     def __len__(self) -> int:
@@ -116,8 +126,8 @@ class Batch:
             return
         self._add(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id))
 
-    def close(self, shm: Shm) -> None:
-        if type(shm) is not Shm or shm.context is not self.ctx:
+    def close(self, shm: Any) -> None:
+        if getattr(shm, "context", None) is not self.ctx:
             raise BadParameters(f"{shm!r} is not a shm of context {self.ctx.name}")
         if shm._refs <= 0:
             shm._check()  # raises Closed

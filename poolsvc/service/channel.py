@@ -32,6 +32,7 @@ import stat
 import struct
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Self, Sequence
 
 from ..errors import BadParameters, Closed, NotSupported, ProtocolError
@@ -158,6 +159,24 @@ def _why_unreachable(path: str, exc: OSError) -> str:
     if not stat.S_ISSOCK(mode):
         return "it is a regular file, not a socket" if stat.S_ISREG(mode) else "it is not a socket"
     return exc.strerror or str(exc)
+
+
+@dataclass(frozen=True)
+class Dialer:
+    """How a client reaches its daemon: the socket path and the connection options
+    of :func:`~.client.connect`; :meth:`open` makes one connection."""
+
+    path: str
+    spin_us: float = DEFAULT_SPIN_US
+    timeout: float | None = DEFAULT_TIMEOUT
+    transport: str = DEFAULT_TRANSPORT
+    shm_spin_us: float = DEFAULT_SHM_SPIN_US
+    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT
+
+    def open(self, role: P.Role, name: str) -> "Channel":
+        """A new connection in ``role`` whose context (or monitor) is called ``name``."""
+        return Channel(self.path, role, name, self.spin_us, self.timeout, self.transport,
+                       self.shm_spin_us, self.connect_timeout)
 
 
 class Channel:

@@ -17,7 +17,7 @@ System's API (docs/design.md section 9), so that code written against
 
 The client is split by concern: :mod:`.channel` (socket, framing,
 descriptors, timeouts, fork checks), :mod:`.slot` (the shared-memory slot),
-:mod:`.context` (Context, Session), :mod:`.shm` (Shm), :mod:`.params`
+:mod:`.objects` (Context, Session, Shm), :mod:`.params`
 (session parameters) and :mod:`.batch` (Batch, LocalBatch).
 
 Differences from the embedded System, by design: ``phys`` and ``tee`` (raw
@@ -62,7 +62,7 @@ from .channel import (
     DEFAULT_SPIN_US,
     DEFAULT_TIMEOUT,
     DEFAULT_TRANSPORT,
-    Channel,
+    Dialer,
     DaemonTimeout,
     UsedAfterFork,
     check_reply,
@@ -70,8 +70,7 @@ from .channel import (
     Handle,
 )
 from .batch import Batch, LocalBatch, batch
-from .context import Context, Session
-from .shm import Shm
+from .objects import Context, Session, Shm
 from .settings import default_socket_path
 
 
@@ -84,15 +83,11 @@ class Client(Handle):
                  connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT) -> None:
         self.path = path
         self.name = name
-        self.spin_us = spin_us
-        self.timeout = check_timeout("timeout", timeout)
-        self.connect_timeout = check_timeout("connect_timeout", connect_timeout)
-        self.transport = transport
-        self.shm_spin_us = shm_spin_us
+        self.dialer = Dialer(path, spin_us, check_timeout("timeout", timeout), transport, shm_spin_us,
+                             check_timeout("connect_timeout", connect_timeout))
         self.contexts: dict[int, Context] = {}
         self._closed = False
-        self._monitor = Channel(path, P.Role.MONITOR, name, spin_us, self.timeout, transport,
-                                shm_spin_us, self.connect_timeout)
+        self._monitor = self.dialer.open(P.Role.MONITOR, name)
         m = self._monitor
         self.pool = m.pool
         self.sec_caps = m.sec_caps
@@ -113,7 +108,7 @@ class Client(Handle):
     def open_context(self, name: str = "") -> Context:
         """A new context in the daemon (one connection)."""
         self._check()
-        ctx = Context(self, name or self.name)
+        ctx = Context(self.dialer, name or self.name, self._forget)
         self.contexts[ctx.cid] = ctx
         return ctx
 

@@ -14,18 +14,18 @@ Concurrency: one Params serves one call of one Context (its thread).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from ..api import check_param_count, check_u32
+from ..api import Context, check_param_count, check_u32
 from ..errors import BadParameters
 from ..tee.params import ParamCall, direction, raise_for
 from . import protocol as P
-from .shm import Shm
-
-if TYPE_CHECKING:
-    from .context import Context
-
 _pack_param = P.PARAM.pack
+
+
+def _is_shm(param: Any) -> bool:
+    """Whether ``param`` is a bare Shm (of any context: the codec checks whose)."""
+    return hasattr(param, "cookie") and hasattr(param, "context")
 
 
 class Params(ParamCall):
@@ -39,7 +39,7 @@ class Params(ParamCall):
     leaving the ``with`` block releases the temporary shms.
     """
 
-    def __init__(self, ctx: "Context", params: Sequence[Any]) -> None:
+    def __init__(self, ctx: Context, params: Sequence[Any]) -> None:
         from ..tee import driver
 
         check_param_count(params)
@@ -61,7 +61,7 @@ class Params(ParamCall):
                 flow = direction(param.direction)
                 self.emit_value(check_u32(param.a, "value a"), check_u32(param.b, "value b"), flow)
                 self.after.append(("value", param, flow))
-            elif isinstance(param, d.RegisteredMemref) or isinstance(param, Shm):
+            elif isinstance(param, d.RegisteredMemref) or _is_shm(param):
                 ref = param if isinstance(param, d.RegisteredMemref) else d.RegisteredMemref(param)
                 flow = direction(ref.direction)
                 self._registered(ref, flow)
