@@ -15,20 +15,30 @@ from typing import Any, Callable, NoReturn, Protocol
 from ..api import check_shm_id, check_size
 from ..errors import BadParameters, PoolsvcError, ProtocolError
 from . import protocol as P
-from .channel import Channel, pack_alloc_frame, pack_close_frame, pack_header, refuse_pickle
+from .channel import (
+    ALLOC,
+    ALLOC_BODY,
+    ALLOC_KERNEL,
+    ALLOC_PRIV,
+    ALLOC_USER,
+    CLOSED_SIZE,
+    COOKIE_BODY,
+    SHM_CLOSE,
+    Channel,
+    pack_alloc_frame,
+    pack_close_frame,
+    pack_header,
+    refuse_pickle,
+)
 
-_ALLOC = int(P.MsgType.ALLOC)
 _ERROR = int(P.MsgType.ERROR)
 _PING = int(P.MsgType.PING)
-_SHM_CLOSE = int(P.MsgType.SHM_CLOSE)
-_ALLOC_BODY, _COOKIE_BODY = P.ALLOC.size, P.COOKIE.size
-_ALLOC_USER, _ALLOC_KERNEL, _ALLOC_PRIV = int(P.AllocKind.USER), int(P.AllocKind.KERNEL), int(P.AllocKind.PRIV)
 _unpack_closed_from = P.CLOSED.unpack_from
-_CLOSED_SIZE = P.CLOSED.size
+
 
 _REFUSED = -1
 #: The ``kinds`` entry of every ALLOC in a Batch.
-_ALLOC_KIND = (_ALLOC, None)
+_ALLOC_KIND = (ALLOC, None)
 
 
 class BatchOwner(Protocol):
@@ -50,7 +60,7 @@ def _batch_alloc(kind: int, doc: str) -> Callable[["Batch", int], None]:
     def alloc(self: "Batch", size: int) -> None:
         parts = self.parts
         if type(size) is int and 0 < size < 1 << 63 and len(parts) < self.limit:
-            parts.append(pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size))
+            parts.append(pack_alloc_frame(ALLOC_BODY, ALLOC, 0, kind, size))
             self.kinds.append(_ALLOC_KIND)
         else:  # a bad size (refused locally) or a full batch (raises)
             self._alloc(kind, size)
@@ -107,16 +117,16 @@ class Batch:
     def _alloc(self, kind: int, size: int) -> None:
         # the checks of check_size; a valid size goes through _push (which may raise full)
         if type(size) is int and 0 < size < 1 << 63:
-            self._push(pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size), _ALLOC_KIND)
+            self._push(pack_alloc_frame(ALLOC_BODY, ALLOC, 0, kind, size), _ALLOC_KIND)
             return
         try:
             check_size(size)
         except BadParameters as exc:
             self._refused(exc)
 
-    alloc_user_buf = _batch_alloc(_ALLOC_USER, "Queue ``Context.alloc_user_buf(size)``.")
-    alloc_kernel_buf = _batch_alloc(_ALLOC_KERNEL, "Queue ``Context.alloc_kernel_buf(size)``.")
-    alloc_priv_buf = _batch_alloc(_ALLOC_PRIV, "Queue ``Context.alloc_priv_buf(size)``.")
+    alloc_user_buf = _batch_alloc(ALLOC_USER, "Queue ``Context.alloc_user_buf(size)``.")
+    alloc_kernel_buf = _batch_alloc(ALLOC_KERNEL, "Queue ``Context.alloc_kernel_buf(size)``.")
+    alloc_priv_buf = _batch_alloc(ALLOC_PRIV, "Queue ``Context.alloc_priv_buf(size)``.")
 
     def shm_from_id(self, shm_id: int) -> None:
         try:
@@ -131,7 +141,7 @@ class Batch:
             raise BadParameters(f"{shm!r} is not a shm of context {self.ctx.name}")
         if shm._refs <= 0:
             shm._check()  # raises Closed
-        self._push(pack_close_frame(_COOKIE_BODY, _SHM_CLOSE, 0, shm.cookie), (_SHM_CLOSE, shm))
+        self._push(pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie), (SHM_CLOSE, shm))
         self.closing.append(shm)
 
     def run(self) -> list[Any]:
@@ -174,8 +184,8 @@ class Batch:
             sub_type, start, end = answer
             if sub_type == _ERROR:
                 append(P.error_from_body(reply[start:end]))
-            elif msg_type == _SHM_CLOSE:
-                if end - start != _CLOSED_SIZE:
+            elif msg_type == SHM_CLOSE:
+                if end - start != CLOSED_SIZE:
                     raise ProtocolError(f"SHM_CLOSE reply of {end - start} bytes in a BATCH_REPLY")
                 dropped = _unpack_closed_from(reply, start)[1]
                 if dropped:

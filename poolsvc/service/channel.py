@@ -63,6 +63,11 @@ _unpack_header = P.HEADER.unpack_from
 pack_header = P.HEADER.pack
 _DOORBELL = int(P.MsgType.DOORBELL)
 _GOODBYE = int(P.MsgType.GOODBYE)
+#: Message types, ALLOC kinds and body sizes as ints, for the hot request paths
+#: (an IntEnum member costs an attribute lookup and a conversion per use).
+ALLOC, SHM_CLOSE = int(P.MsgType.ALLOC), int(P.MsgType.SHM_CLOSE)
+ALLOC_USER, ALLOC_KERNEL, ALLOC_PRIV = int(P.AllocKind.USER), int(P.AllocKind.KERNEL), int(P.AllocKind.PRIV)
+ALLOC_BODY, COOKIE_BODY, CLOSED_SIZE = P.ALLOC.size, P.COOKIE.size, P.CLOSED.size
 #: Whole ALLOC and SHM_CLOSE frames (header and body) in one struct call.
 pack_alloc_frame = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.ALLOC.format.lstrip("<")).pack
 pack_close_frame = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.COOKIE.format.lstrip("<")).pack

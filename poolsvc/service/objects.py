@@ -34,19 +34,27 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..api import check_shm_id, check_u32, check_writable, check_size, parse_uuid, require_reg_mem
+from ..api import check_shm_id, check_size, check_u32, check_writable, parse_uuid, require_reg_mem
 from ..constants import PAGE_SIZE, ShmFlags
 from ..errors import Closed, NotSharedMemory, NotSupported, PoolsvcError, ProtocolError
 from . import protocol as P
+from .batch import Batch
 from .channel import (
+    ALLOC,
+    ALLOC_BODY,
+    ALLOC_KERNEL,
+    ALLOC_PRIV,
+    ALLOC_USER,
+    CLOSED_SIZE,
+    COOKIE_BODY,
     MAX_IN_FLIGHT,
+    SHM_CLOSE,
     Dialer,
+    Handle,
     check_reply,
     pack_alloc_frame,
     pack_close_frame,
-    Handle,
 )
-from .batch import Batch
 from .params import Params
 
 log = logging.getLogger("poolsvc.client")
@@ -56,12 +64,7 @@ _DESC_SIZE = P.DESC.size
 _PAGES_FOLLOW = int(P.DescBits.PAGES_FOLLOW)
 _NEW_SEGMENT = int(P.DescBits.NEW_SEGMENT)
 _OK = int(P.MsgType.OK)
-_ALLOC = int(P.MsgType.ALLOC)
-_ALLOC_BODY, _COOKIE_BODY = P.ALLOC.size, P.COOKIE.size
-_ALLOC_USER, _ALLOC_KERNEL, _ALLOC_PRIV = int(P.AllocKind.USER), int(P.AllocKind.KERNEL), int(P.AllocKind.PRIV)
-_SHM_CLOSE = int(P.MsgType.SHM_CLOSE)
 _unpack_closed = P.CLOSED.unpack
-_CLOSED_SIZE = P.CLOSED.size
 
 _REGISTERED = int(P.DescBits.REGISTERED)
 _ARENA = int(P.Backing.ARENA)
@@ -306,7 +309,7 @@ class Context(Handle):
         if self.closed:
             return
         channel = self._channel
-        channel.outbox += pack_close_frame(_COOKIE_BODY, _SHM_CLOSE, 0, shm.cookie)
+        channel.outbox += pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie)
         channel.pending.append(self._on_close_reply)
         channel.close_cookies.append(shm.cookie)
         if len(channel.pending) >= MAX_IN_FLIGHT:
@@ -315,7 +318,7 @@ class Context(Handle):
     def _on_close_reply(self, reply_type: int, body: memoryview) -> None:
         channel = self._channel
         cookie = channel.close_cookies.popleft()
-        if reply_type == _OK and len(body) == _CLOSED_SIZE:
+        if reply_type == _OK and len(body) == CLOSED_SIZE:
             dropped = _unpack_closed(body)[1]
             if dropped:
                 channel.unmap_segment(dropped)
@@ -328,22 +331,22 @@ class Context(Handle):
     # -- allocation ------------------------------------------------------------------------------
     def alloc_user_buf(self, size: int) -> Shm:
         """Allocate a buffer user space can map; it gets an id (DYNAMIC | POOL)."""
-        return self._alloc(_ALLOC_USER, size)
+        return self._alloc(ALLOC_USER, size)
 
     def alloc_kernel_buf(self, size: int) -> Shm:
         """Allocate a driver buffer shared with the TEE; no id (DYNAMIC | POOL)."""
-        return self._alloc(_ALLOC_KERNEL, size)
+        return self._alloc(ALLOC_KERNEL, size)
 
     def alloc_priv_buf(self, size: int) -> Shm:
         """Allocate a driver-private buffer, never registered (PRIV | POOL)."""
-        return self._alloc(_ALLOC_PRIV, size)
+        return self._alloc(ALLOC_PRIV, size)
 
     def _alloc(self, kind: int, size: int) -> Shm:
         if type(size) is not int or not 0 < size < 1 << 63:
             check_size(size)
         if self.closed:
             self._check()  # raises Closed
-        reply_type, reply = self._channel.call_frame(pack_alloc_frame(_ALLOC_BODY, _ALLOC, 0, kind, size))
+        reply_type, reply = self._channel.call_frame(pack_alloc_frame(ALLOC_BODY, ALLOC, 0, kind, size))
         if reply_type != _OK:
             check_reply(reply_type, reply, "ALLOC")
         return self._make_shm(reply)
