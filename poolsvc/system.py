@@ -46,14 +46,13 @@ import numpy as np
 
 from . import pagelist
 from ._backend import BACKEND, core
+from .api import SIZE_LIMIT, check_shm_id, check_size, check_writable, require_reg_mem
 from .config import Config
 from .constants import ATTR_NONCONTIG, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, Attr, MsgCmd, ShmFlags
 from .errors import (
     BadParameters,
     Closed,
     ItemNotFound,
-    NotSharedMemory,
-    NotSupported,
     TeeError,
 )
 from .fragmentation import unusable_indices
@@ -314,11 +313,8 @@ class Context:
         system = self.system
         if self.closed or system._closed:
             self._check()  # raises Closed
-        if type(size) is not int or size <= 0:  # (bool is not int here)
-            if isinstance(size, bool) or not isinstance(size, int):
-                raise BadParameters(f"size must be an int, got {size!r}")
-            if size <= 0:
-                raise BadParameters(f"size {size} must be positive")
+        if type(size) is not int or not 0 < size < SIZE_LIMIT:  # (bool is not int here)
+            check_size(size)
         if system.pool == "dynamic":
             return self._adopt(with_id, system._alloc_dynamic, self, size, flags)
         # an allocation from the static pool clears DYNAMIC
@@ -358,9 +354,7 @@ class Context:
     def _register(self, obj: Any, flags: ShmFlags, with_id: bool) -> Shm:
         self._check()
         system = self.system
-        if not system.config.dynamic_shm:
-            raise NotSupported("registering memory needs REG_MEM, which this TEE does not offer "
-                               "(no DYNAMIC_SHM capability)")
+        require_reg_mem(system.config.gen_caps)
         return self._adopt(with_id, system._register, self, obj, flags)
 
     # -- lookup -------------------------------------------------------------------------
@@ -370,8 +364,7 @@ class Context:
         ItemNotFound (EINVAL in the kernel) for a free, reserved or foreign id.
         """
         self._check()
-        if isinstance(shm_id, bool) or not isinstance(shm_id, int):
-            raise BadParameters(f"id must be an int, got {shm_id!r}")
+        check_shm_id(shm_id)
         shm = self.system.ids.find(shm_id)
         if shm is None or shm.context is not self or shm.closed:
             raise ItemNotFound(f"no shm with id {shm_id} in context {self.name}")
@@ -720,11 +713,7 @@ class System:
         view, addr, length = buffer_span(obj)
         try:
             mapping = find_mapping(addr, length)
-            if not mapping.writable:
-                raise NotSharedMemory(f"buffer at {addr:#x} is in a read-only mapping; "
-                                      "a registered buffer must be writable")
-            if view.readonly:
-                raise NotSharedMemory("buffer object is read-only; a registered buffer must be writable")
+            check_writable(view, addr, mapping.writable)
             return self._register_span(ctx, view, mapping, addr, length, flags)
         except BaseException:
             view.release()

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .. import pagelist
+from ..api import check_param_count, check_u32, parse_uuid
 from ..constants import ATTR_META, ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd, RpcCmd, RpcShmType, ShmFlags
 from ..errors import (
     TEE_SUCCESS,
@@ -118,12 +119,6 @@ class InvokeResult:
     sizes: list[int | None] = field(default_factory=list)
 
 
-def _u32(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
-        raise BadParameters(f"{what} {value!r} is not a u32")
-    return value
-
-
 class _Call:
     """One call's conversions: the message parameters and what to undo afterwards."""
 
@@ -141,8 +136,8 @@ class _Call:
             self.after.append(None)
         elif isinstance(param, Value):
             d = _direction(param.direction)
-            self.msg_params.append(MsgParam(Attr.VALUE_INPUT + d, _u32(param.a, "value a"),
-                                            _u32(param.b, "value b"), 0))
+            self.msg_params.append(MsgParam(Attr.VALUE_INPUT + d, check_u32(param.a, "value a"),
+                                            check_u32(param.b, "value b"), 0))
             self.after.append(("value", param, d))
         elif isinstance(param, RegisteredMemref):
             self._registered(param)
@@ -316,13 +311,10 @@ class Session:
         context.
         """
         context._check()
-        try:
-            ta_uuid = uuid if isinstance(uuid, uuidlib.UUID) else uuidlib.UUID(str(uuid))
-            client = uuidlib.UUID(int=0) if client_uuid is None else uuidlib.UUID(str(client_uuid))
-        except ValueError:
-            raise BadParameters(f"{uuid!r} / {client_uuid!r} is not a UUID") from None
-        if len(params) > 4:
-            raise BadParameters(f"{len(params)} parameters; a trusted app takes at most 4")
+        ta_uuid = parse_uuid(uuid)
+        client = uuidlib.UUID(int=0) if client_uuid is None else parse_uuid(client_uuid)
+        login = check_u32(login, "login")
+        check_param_count(params)
         meta = [MsgParam(Attr.VALUE_INPUT | ATTR_META, *uuid_to_value(ta_uuid), 0),
                 MsgParam(Attr.VALUE_INPUT | ATTR_META, *uuid_to_value(client), int(login))]
         conv = _Call(context)
@@ -347,9 +339,8 @@ class Session:
         BadParameters for bad params, Closed after close().
         """
         self._check()
-        func = _u32(func, "command")
-        if len(params) > 4:
-            raise BadParameters(f"{len(params)} parameters; a trusted app takes at most 4")
+        func = check_u32(func, "command")
+        check_param_count(params)
         conv = _Call(self.context)
         try:
             for p in params:
