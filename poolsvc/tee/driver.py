@@ -44,224 +44,92 @@ serialises everything); an RPC is served inside the call that makes it.
 from __future__ import annotations
 
 import uuid as uuidlib
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .. import pagelist
-from ..api import check_param_count, check_u32, parse_uuid
+from ..api import check_u32, parse_uuid
 from ..constants import ATTR_META, ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd, RpcCmd, RpcShmType, ShmFlags
 from ..errors import (
     TEE_SUCCESS,
     BadParameters,
     Closed,
-    NotSharedMemory,
     NotSupported,
     PoolsvcError,
     TeeError,
 )
 from .msg import MsgArg, MsgParam, unpack
+from .params import IN, InvokeResult, ParamCall, RegisteredMemref, TempMemref, Value, raise_for
 from .secure import uuid_to_value
 from .ta import Login
 
-_DIRECTIONS = {"in": 0, "out": 1, "inout": 2}
+_U32 = 0xFFFFFFFF
 
 
-def _direction(value: str) -> int:
-    try:
-        return _DIRECTIONS[value]
-    except (KeyError, TypeError):
-        raise BadParameters(f"direction {value!r} is not 'in', 'out' or 'inout'") from None
+class _Call(ParamCall):
+    """One call's parameters as message parameters (the codec's driver side).
 
-
-@dataclass
-class Value:
-    """A value parameter (``TEEC_VALUE_*``): ``a``, ``b`` (u32), direction."""
-
-    a: int = 0
-    b: int = 0
-    direction: str = "in"
-
-
-@dataclass
-class RegisteredMemref:
-    """A range of a Shm (``TEEC_MEMREF_PARTIAL_*``; the whole Shm when size is None).
-
-    After the call ``size`` holds what the secure world reported (OUTPUT/INOUT).
+    A RegisteredMemref becomes RMEM (offs, size, cookie) when its Shm is DYNAMIC
+    and registered, else TMEM (the physical address); a registered temporary
+    memref becomes a NONCONTIG TMEM whose page list lives in kernel pages until
+    the call's ``close()``.
     """
-
-    shm: Any
-    offset: int = 0
-    size: int | None = None
-    direction: str = "inout"
-
-
-@dataclass
-class TempMemref:
-    """A temporary memory reference (``TEEC_MEMREF_TEMP_*``) to a buffer-protocol object.
-
-    ``buffer=None`` with a ``size`` is a NULL memref.  After the call ``size``
-    holds what the secure world reported (OUTPUT/INOUT).
-    """
-
-    buffer: Any
-    direction: str = "inout"
-    size: int | None = None
-
-
-@dataclass
-class InvokeResult:
-    """What a call returned: ``ret``, ``origin``, and per parameter ``values`` ((a, b)
-    for output values, else None) and ``sizes`` (for output memrefs, else None)."""
-
-    ret: int
-    origin: int
-    values: list[tuple[int, int] | None] = field(default_factory=list)
-    sizes: list[int | None] = field(default_factory=list)
-
-
-class _Call:
-    """One call's conversions: the message parameters and what to undo afterwards."""
 
     def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.system = ctx.system
+        system = ctx.system
+        super().__init__(ctx, can_register=system.config.dynamic_shm,
+                         memref_null=system.config.memref_null)
+        self.system = system
         self.msg_params: list[MsgParam] = []
-        self.after: list[Any] = []  # per param: (kind, param, extra)
-        self.cleanups: list[Any] = []
+        self.lists: list[Any] = []  # kernel pages of this call's page lists
 
-    # -- to the message ------------------------------------------------------------------
-    def add(self, param: Any) -> None:
-        if param is None:
-            self.msg_params.append(MsgParam(Attr.NONE))
-            self.after.append(None)
-        elif isinstance(param, Value):
-            d = _direction(param.direction)
-            self.msg_params.append(MsgParam(Attr.VALUE_INPUT + d, check_u32(param.a, "value a"),
-                                            check_u32(param.b, "value b"), 0))
-            self.after.append(("value", param, d))
-        elif isinstance(param, RegisteredMemref):
-            self._registered(param)
-        elif isinstance(param, TempMemref):
-            self._temp(param)
-        elif hasattr(param, "cookie") and hasattr(param, "pages"):  # a bare Shm: whole, inout
-            self._registered(RegisteredMemref(param))
-        else:
-            raise BadParameters(f"parameter {param!r} is not None, Value, RegisteredMemref, "
-                                "TempMemref or Shm")
+    def emit_none(self) -> None:
+        self.msg_params.append(MsgParam(Attr.NONE))
 
-    def _registered(self, ref: RegisteredMemref, bounce: tuple[Any, Any] | None = None) -> None:
-        shm = ref.shm
-        d = _direction(ref.direction)
-        if getattr(shm, "context", None) is not self.ctx:
-            raise BadParameters(f"shm {shm!r} does not belong to context {self.ctx.name}")
-        if shm.closed:
-            raise Closed(f"shm {shm!r} is released")
-        size = shm.size - ref.offset if ref.size is None else ref.size
-        for what, v in (("offset", ref.offset), ("size", size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise BadParameters(f"memref {what} {v!r} is not a non-negative int")
-        if ref.offset + size > shm.size:
-            raise BadParameters(f"memref [{ref.offset:#x}, {ref.offset + size:#x}) is beyond the "
-                                f"{shm.size:#x} bytes of the shm")
+    def emit_value(self, a: int, b: int, d: int) -> None:
+        self.msg_params.append(MsgParam(Attr.VALUE_INPUT + d, a, b, 0))
+
+    def emit_memref(self, shm: Any, offset: int, size: int | None, d: int) -> None:
+        if size is None:
+            size = shm.size - offset
         if shm.flags & ShmFlags.DYNAMIC and shm.registered:
-            self.msg_params.append(MsgParam(Attr.RMEM_INPUT + d, ref.offset, size, shm.cookie))
+            self.msg_params.append(MsgParam(Attr.RMEM_INPUT + d, offset, size, shm.cookie))
         else:
-            pos = shm.offset + ref.offset
+            pos = shm.offset + offset
             pa = int(shm.pages[min(pos // PAGE_SIZE, len(shm.pages) - 1)]) + pos % PAGE_SIZE
             self.msg_params.append(MsgParam(Attr.TMEM_INPUT + d, pa, size, shm.cookie))
-        self.after.append(("memref", ref, d) if bounce is None else ("bounce", bounce, d))
 
-    def _temp(self, ref: TempMemref) -> None:
-        d = _direction(ref.direction)
-        config = self.system.config
-        if ref.buffer is None:
-            size = 0 if ref.size is None else ref.size
-            if not config.memref_null:
-                raise BadParameters("NULL memref without the MEMREF_NULL capability")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise BadParameters(f"NULL memref size {size!r}")
-            self.msg_params.append(MsgParam(Attr.TMEM_INPUT + d, 0, size, 0))
-            self.after.append(("memref", ref, d))
-            return
-        try:
-            view = memoryview(ref.buffer)
-        except TypeError:
-            raise BadParameters(f"{type(ref.buffer).__name__} does not support the buffer protocol") from None
-        with view:
-            length = view.nbytes
-            readonly = view.readonly
-        if ref.size is not None and ref.size != length:
-            raise BadParameters(f"temporary memref size {ref.size!r} differs from the buffer's "
-                                f"{length} bytes")
-        if length == 0:
-            if not config.memref_null:
-                raise BadParameters("empty temporary memref without the MEMREF_NULL capability")
-            self.msg_params.append(MsgParam(Attr.TMEM_INPUT + d, 0, 0, 0))
-            self.after.append(("memref", ref, d))
-            return
-        shm = None
-        if config.dynamic_shm and not readonly:  # read-only memory cannot be registered
-            try:
-                shm = self.ctx.register_kernel_buf(ref.buffer)
-            except (NotSharedMemory, NotSupported):
-                shm = None
-        if shm is not None:
-            self.cleanups.append(shm.close)
-            nlist = pagelist.list_pages_needed(len(shm.pages))
-            list_pages = self.system._alloc_kernel_pages(nlist)
-            self.cleanups.append(lambda: self.system._free_kernel_pages(*list_pages))
-            list_pa, _, seg, index = list_pages
-            with memoryview(seg.storage.mm) as whole:
-                with whole[index * PAGE_SIZE:(index + nlist) * PAGE_SIZE] as out:
-                    pagelist.build_into(shm.pages, shm.offset, list_pa, out)
-            self.msg_params.append(MsgParam(Attr.TMEM_INPUT + d | ATTR_NONCONTIG,
-                                            list_pa | shm.offset, length, shm.cookie))
-            self.after.append(("memref", ref, d))
-            return
-        bounce = self.ctx.alloc_kernel_buf(length)
-        self.cleanups.append(bounce.close)
-        if d != 1:  # in, inout: copy in
-            with memoryview(ref.buffer) as src, bounce.view() as dst:
-                dst[:length] = src.cast("B")
-        self._registered(RegisteredMemref(bounce, 0, length, ref.direction), bounce=(ref, bounce))
+    def emit_null(self, size: int, d: int) -> None:
+        self.msg_params.append(MsgParam(Attr.TMEM_INPUT + d, 0, size, 0))
 
-    # -- from the message ------------------------------------------------------------------
+    def emit_temp(self, shm: Any, length: int, d: int) -> None:
+        nlist = pagelist.list_pages_needed(len(shm.pages))
+        list_pages = self.system._alloc_kernel_pages(nlist)
+        self.lists.append(list_pages)
+        list_pa, _, seg, index = list_pages
+        with memoryview(seg.storage.mm) as whole:
+            with whole[index * PAGE_SIZE:(index + nlist) * PAGE_SIZE] as out:
+                pagelist.build_into(shm.pages, shm.offset, list_pa, out)
+        self.msg_params.append(MsgParam(Attr.TMEM_INPUT + d | ATTR_NONCONTIG,
+                                        list_pa | shm.offset, length, shm.cookie))
+
     def results(self, reply: MsgArg, first: int) -> InvokeResult:
-        result = InvokeResult(reply.ret, reply.ret_origin)
+        """The InvokeResult of ``reply`` (whose TA parameters start at ``first``), applied."""
+        outputs: list[tuple[tuple[int, int] | None, int | None]] = []
         for entry, p in zip(self.after, reply.params[first:]):
-            value: tuple[int, int] | None = None
-            size: int | None = None
-            if entry is not None:
-                kind, obj, d = entry
-                if kind == "value":
-                    if d != 0:
-                        obj.a, obj.b = p.a & 0xFFFFFFFF, p.b & 0xFFFFFFFF
-                        value = (obj.a, obj.b)
-                elif d != 0:
-                    size = p.b
-                    if kind == "bounce":
-                        ref, bounce = obj
-                        if reply.ret == TEE_SUCCESS:
-                            with memoryview(ref.buffer) as dst, bounce.view() as src:
-                                flat = dst.cast("B")
-                                n = min(size, len(flat))
-                                flat[:n] = src[:n]
-                        obj = ref
-                    obj.size = size
-            result.values.append(value)
-            result.sizes.append(size)
-        return result
+            if entry is None or entry[2] == IN:
+                outputs.append((None, None))
+            elif entry[0] == "value":
+                outputs.append(((p.a & _U32, p.b & _U32), None))
+            else:
+                outputs.append((None, p.b))
+        return self.finish(reply.ret, reply.ret_origin, outputs)
 
-    def cleanup(self) -> None:
-        errors = []
-        for fn in reversed(self.cleanups):
-            try:
-                fn()
-            except PoolsvcError as exc:
-                errors.append(exc)
-        self.cleanups.clear()
-        if errors:
-            raise errors[0]
+    def close(self) -> None:
+        try:
+            while self.lists:
+                self.system._free_kernel_pages(*self.lists.pop())
+        finally:
+            super().close()
 
 
 def call(system: Any, msg: MsgArg) -> MsgArg:
@@ -276,13 +144,6 @@ def call(system: Any, msg: MsgArg) -> MsgArg:
     system.memory.write(system._msg_pa, data)
     system.tee.call_with_arg(system._msg_pa)
     return unpack(system.memory.read(system._msg_pa, len(data)))
-
-
-def _raise(what: str, result: InvokeResult) -> None:
-    exc = TeeError(f"{what}: secure world answered {result.ret:#x} (origin {result.origin})",
-                   result.ret, result.origin)
-    exc.result = result  # type: ignore[attr-defined]
-    raise exc
 
 
 class Session:
@@ -314,19 +175,13 @@ class Session:
         ta_uuid = parse_uuid(uuid)
         client = uuidlib.UUID(int=0) if client_uuid is None else parse_uuid(client_uuid)
         login = check_u32(login, "login")
-        check_param_count(params)
         meta = [MsgParam(Attr.VALUE_INPUT | ATTR_META, *uuid_to_value(ta_uuid), 0),
                 MsgParam(Attr.VALUE_INPUT | ATTR_META, *uuid_to_value(client), int(login))]
-        conv = _Call(context)
-        try:
-            for p in params:
-                conv.add(p)
+        with _Call(context) as conv:
+            conv.add_all(params)
             reply = call(context.system, MsgArg(cmd=MsgCmd.OPEN_SESSION, params=meta + conv.msg_params))
             result = conv.results(reply, 2)
-        finally:
-            conv.cleanup()
-        if result.ret != TEE_SUCCESS:
-            _raise(f"open session with {ta_uuid}", result)
+        raise_for(f"open session with {ta_uuid}", result)
         session = cls(context, reply.session, ta_uuid)
         session.open_result = result
         context.sessions[session.id] = session
@@ -340,18 +195,12 @@ class Session:
         """
         self._check()
         func = check_u32(func, "command")
-        check_param_count(params)
-        conv = _Call(self.context)
-        try:
-            for p in params:
-                conv.add(p)
+        with _Call(self.context) as conv:
+            conv.add_all(params)
             reply = call(self.context.system, MsgArg(cmd=MsgCmd.INVOKE_COMMAND, func=func,
                                                      session=self.id, params=conv.msg_params))
             result = conv.results(reply, 0)
-        finally:
-            conv.cleanup()
-        if result.ret != TEE_SUCCESS:
-            _raise(f"invoke {func} on session {self.id}", result)
+        raise_for(f"invoke {func} on session {self.id}", result)
         return result
 
     def _check(self) -> None:
