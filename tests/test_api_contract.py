@@ -1,6 +1,7 @@
 """Both implementations of the API satisfy the contract in ``poolsvc/api.py``.
 
-The embedded System (``poolsvc.system``, ``poolsvc.tee.driver.Session``) and
+The embedded System (``poolsvc.system``, ``poolsvc.context``, ``poolsvc.shm``,
+``poolsvc.tee.session``) and
 the pool-service client (``poolsvc.service.client``) must each be usable
 where an ``api.System`` / ``api.Context`` / ``api.Shm`` / ``api.Session`` is
 expected.  mypy checks it statically on a small typed module (the same mypy
@@ -23,25 +24,27 @@ from teeutil import SMALL
 ROOT = Path(__file__).resolve().parent.parent
 
 CONTRACT = '''
-from poolsvc import Config, System, api
+from poolsvc import api
+from poolsvc.context import Context
 from poolsvc.service import client
-from poolsvc import system
-from poolsvc.tee import driver
+from poolsvc.shm import Shm
+from poolsvc.system import System
+from poolsvc.tee.session import Session
 
 
-def embedded_system(x: system.System) -> api.System:
+def embedded_system(x: System) -> api.System:
     return x
 
 
-def embedded_context(x: system.Context) -> api.Context:
+def embedded_context(x: Context) -> api.Context:
     return x
 
 
-def embedded_shm(x: system.Shm) -> api.Shm:
+def embedded_shm(x: Shm) -> api.Shm:
     return x
 
 
-def embedded_session(x: driver.Session) -> api.Session:
+def embedded_session(x: Session) -> api.Session:
     return x
 
 

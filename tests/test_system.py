@@ -1,4 +1,4 @@
-"""The kernel-semantics layer: System, Context, Shm (DESIGN.md sections 4 and 9)."""
+"""The kernel-semantics layer: System, Context, Shm (docs/design.md sections 4 and 9)."""
 from __future__ import annotations
 
 import os
@@ -453,7 +453,7 @@ def test_refused_registration_frees_everything(dyn_system, monkeypatch):
     def refuse(*args):
         raise TeeError("refused", 0xFFFF000C, 4)
 
-    monkeypatch.setattr(dyn_system, "_tee_register_run", refuse)
+    monkeypatch.setattr(dyn_system.driver, "register_run", refuse)
     for alloc in (ctx.alloc_user_buf, ctx.alloc_kernel_buf):
         with pytest.raises(TeeError):
             alloc(3 * 4096)
@@ -519,7 +519,7 @@ def test_freed_pages_are_zeroed_and_spares_kept(dyn_system):
 
 
 def test_kernel_pages_whose_mapping_is_refused_leak_nothing():
-    """_alloc_kernel_pages: a frame the table still maps (a bug elsewhere) makes the
+    """Driver.alloc_kernel_pages: a frame the table still maps (a bug elsewhere) makes the
     mapping fail; the frames and the kernel arena's pages go back."""
     with poolsvc.System(poolsvc.Config(dynamic_size=16 << 20, arena_step=1 << 20)) as system:
         table, frames, arena = system.memory.table, system.dynamic, system.kernel_arena
@@ -528,8 +528,8 @@ def test_kernel_pages_whose_mapping_is_refused_leak_nothing():
         table.map_range(pa, 1, arena.segments[0].sid, 0)
         used = (frames.used_frames, arena.used_pages, table.mapped_frames)
         with pytest.raises(BadParameters, match="already mapped"):
-            system._alloc_kernel_pages(1)
+            system.driver.alloc_kernel_pages(1)
         assert (frames.used_frames, arena.used_pages, table.mapped_frames) == used
         table.unmap_range(pa, 1)
-        pages = system._alloc_kernel_pages(1)  # and the next one works
-        system._free_kernel_pages(*pages)
+        pages = system.driver.alloc_kernel_pages(1)  # and the next one works
+        system.driver.free_kernel_pages(pages)

@@ -3,7 +3,7 @@
 It owns the registered shared-memory objects (by cookie), the sessions with
 trusted apps, the per-call temporary memory objects and the memory it got
 from the normal world by RPC, and validates every page list and every
-address the way OP-TEE does (DESIGN.md section 6):
+address the way OP-TEE does (docs/design.md section 6):
 
 - REGISTER_SHM: exactly one parameter whose ``attr`` is exactly
   ``TMEM_OUTPUT | NONCONTIG``; the page list is parsed and checked (alignment
@@ -49,7 +49,7 @@ params list; what is written back is decided by the message's attrs.
 RPC: during a call an app may ask the normal world for memory
 (:meth:`SessionEnv.rpc_alloc`): the secure world sends SHM_ALLOC (value
 a=type, b=size, c=align) through ``self.rpc`` (the System's
-:class:`~poolsvc.tee.driver.RpcServer`, created on first use) and checks the
+:class:`~poolsvc.tee.rpc.RpcServer`, made on first use by ``rpc_factory``) and checks the
 answer as OP-TEE does: ``ret == 0``, one parameter, attr TMEM_OUTPUT (plain:
 inside the carve-out) or TMEM_OUTPUT|NONCONTIG (a page list, parsed and
 checked), size at least what was asked.  A bad answer is freed again
@@ -103,7 +103,7 @@ from ..errors import (
     ProtocolError,
     SecurityViolation,
 )
-from .msg import MsgArg, MsgParam, arg_size, peek_num_params, unpack
+from .msg import MsgArg, MsgParam, arg_size, peek_num_params, unpack, uuid_from_value
 from .ta import (
     BUILTIN_APPS,
     TEE_ERROR_TARGET_DEAD,
@@ -261,9 +261,9 @@ class SecureWorld:
 
     ``caps`` are the capability bits it reports (``SecCaps``).  Trusted apps
     are installed by UUID (:meth:`install`); the built-in apps are installed
-    from the start.  ``system`` (set by the System) lets it reach the
-    normal world's RPC server; ``rpc`` may be set to any callable taking an
-    RPC :class:`MsgArg` to replace it.
+    from the start.  ``rpc_factory`` (set by the System) makes the normal
+    world's RPC server on first use; ``rpc`` may be set to any callable taking
+    an RPC :class:`MsgArg` to replace it.
     """
 
     def __init__(self, memory: Any, caps: SecCaps) -> None:
@@ -278,7 +278,8 @@ class SecureWorld:
         self._entry = core.SmcEntry(self._table, self._nonsecure, memory.regions["static"],
                                     memory.regions["dynamic"])
         self.caps = caps
-        self.system: Any = None
+        #: Makes the normal world's RPC server on first use (the System hands it over).
+        self.rpc_factory: Callable[[], Any] | None = None
         self.sessions: dict[int, TaSession] = {}
         self.apps: dict[uuidlib.UUID, type[TrustedApp]] = {}
         self.temp_live = 0
@@ -725,10 +726,8 @@ class SecureWorld:
 
     # -- RPC ----------------------------------------------------------------------------------
     def _rpc_port(self) -> Any:
-        if self.rpc is None and self.system is not None:
-            from .driver import RpcServer
-
-            self.rpc = RpcServer(self.system)
+        if self.rpc is None and self.rpc_factory is not None:
+            self.rpc = self.rpc_factory()
         if self.rpc is None:
             raise OutOfMemory("no normal world to serve RPC")
         return self.rpc
@@ -848,17 +847,5 @@ def _app_code(value: Any) -> int:
     return code if 0 <= code <= 0xFFFFFFFF else -1
 
 
-def uuid_to_value(uuid: uuidlib.UUID | str) -> tuple[int, int]:
-    """``(a, b)`` of a META value carrying ``uuid`` (RFC 4122 octets, as ``export_uuid``)."""
-    u = uuid if isinstance(uuid, uuidlib.UUID) else uuidlib.UUID(str(uuid))
-    octets = u.bytes
-    return int.from_bytes(octets[:8], "little"), int.from_bytes(octets[8:], "little")
-
-
-def uuid_from_value(a: int, b: int) -> uuidlib.UUID:
-    """The UUID whose octets are the little-endian bytes of ``a`` then ``b``."""
-    return uuidlib.UUID(bytes=(a & U64_MAX).to_bytes(8, "little") + (b & U64_MAX).to_bytes(8, "little"))
-
-
 __all__ = ["ProtocolError", "RegisteredShm", "RpcMemory", "SecureWorld", "SessionEnv",
-           "TaSession", "uuid_from_value", "uuid_to_value"]
+           "TaSession"]
