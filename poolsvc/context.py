@@ -22,7 +22,7 @@ Concurrency: a Context belongs to its System's thread.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from .api import SIZE_LIMIT, check_shm_id, check_size, require_reg_mem
 from .constants import PAGE_SIZE, ShmFlags
@@ -30,9 +30,6 @@ from .errors import Closed, ItemNotFound
 from .memory import Arena
 from .shm import Shm
 from .tee.session import Session, close_context_sessions
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .system import System
 
 #: Alignment of alloc_priv_buf (2 * sizeof(long) on 64-bit).
 PRIV_ALIGN = 16
@@ -53,7 +50,7 @@ class Context:
     reference counts, and its storage).
     """
 
-    def __init__(self, system: "System", cid: int, name: str = "") -> None:
+    def __init__(self, system: Any, cid: int, name: str = "") -> None:
         self.system = system
         self.cid = cid
         self.name = name or f"ctx{cid}"

@@ -19,7 +19,7 @@ Concurrency: a Shm belongs to its System's thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -27,9 +27,6 @@ from ._backend import core
 from .constants import PAGE_SHIFT, PAGE_SIZE, ShmFlags
 from .errors import Closed
 from .storage import LIVE, Storage
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .context import Context
 
 #: The backing of a dynamic-pool Shm: frames + storage pages + mapping (ext/arena.pyx).
 ArenaRun = core.ArenaRun
@@ -78,7 +75,7 @@ class Shm:
     __slots__ = ("context", "id", "size", "offset", "flags", "_pages", "_run", "paddr", "cookie",
                  "registered", "_refs", "_backing", "_views", "__weakref__")
 
-    def __init__(self, context: "Context", flags: ShmFlags, size: int, offset: int,
+    def __init__(self, context: Any, flags: ShmFlags, size: int, offset: int,
                  pages: np.ndarray | None, cookie: int, backing: Any,
                  run: tuple[int, int] | None = None) -> None:
         self.context = context
@@ -222,7 +219,7 @@ class Shm:
 _new_shm = object.__new__
 
 
-def pool_shm(context: "Context", flags: ShmFlags, run: Any, npages: int, cookie: int) -> Shm:
+def pool_shm(context: Any, flags: ShmFlags, run: Any, npages: int, cookie: int) -> Shm:
     """``Shm.__init__`` for a dynamic-pool run at offset 0, minus its branches (hot path)."""
     shm: Shm = _new_shm(Shm)
     pa = run.pa
