@@ -60,6 +60,11 @@ class Context:
         # the compiled halves of Arena.take / Arena.give, for the allocation hot path
         self.take_pages = self.arena.pages.take
         self.give_pages = self.arena.pages.give
+        # the pool's allocators, bound once for the allocation hot path
+        pools = system.pools
+        self._dynamic_pool = pools.dynamic_pool
+        self._alloc_dynamic = pools.alloc_dynamic
+        self._alloc_static = pools.alloc_static
         self.closed = False
         self.sessions: dict[int, Session] = {}
 
@@ -87,11 +92,10 @@ class Context:
             self._check()  # raises Closed
         if type(size) is not int or not 0 < size < SIZE_LIMIT:  # (bool is not int here)
             check_size(size)
-        pools = system.pools
-        if pools.dynamic_pool:
-            return self._adopt(with_id, pools.alloc_dynamic, self, size, flags)
+        if self._dynamic_pool:
+            return self._adopt(with_id, self._alloc_dynamic, self, size, flags)
         # an allocation from the static pool clears DYNAMIC
-        return self._adopt(with_id, pools.alloc_static, self, size, align,
+        return self._adopt(with_id, self._alloc_static, self, size, align,
                            POOL_STATIC if flags is POOL_DYNAMIC else flags)
 
     def _adopt(self, with_id: bool, make: Any, *args: Any) -> Shm:
@@ -184,8 +188,9 @@ class Context:
         close_context_sessions(self)
         release = self.system.release
         for shm in list(self.shms.values()):
+            shm.retire()
             self.shms.pop(shm.cookie, None)
-            release(shm)
+            release(shm, shm.backing)
         self.arena.close()
         self.closed = True
         self.system.contexts.pop(self.cid, None)

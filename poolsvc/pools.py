@@ -17,7 +17,7 @@ Concurrency: one thread (the System's).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -30,7 +30,6 @@ from .storage import Storage
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Context
-    from .tee.driver import Driver
 
 _POOL_PRIV = ShmFlags.PRIV | ShmFlags.POOL
 
@@ -39,8 +38,10 @@ class Pools:
     """The pools of one System.
 
     ``Pools(config, memory, cookies)`` makes the static pool when the TEE has a
-    reserved carve-out; :meth:`alloc_dynamic` needs ``driver`` (set by the
-    System once its driver exists) to register what it allocates.
+    reserved carve-out; :meth:`alloc_dynamic` needs ``register_run`` (set by
+    the System once its driver exists) to register what it allocates.  A
+    dynamic-pool run is given back by ``System.release`` through its
+    context's arena.
     Attributes: ``dynamic_pool`` (whether allocations come from the dynamic
     pool), ``static`` (``core.RangeAllocator`` or None), ``carveout``
     (its Storage or None).
@@ -51,7 +52,8 @@ class Pools:
         self.memory = memory
         self.cookies = cookies
         self.dynamic_pool = config.dynamic_shm
-        self.driver: Driver | None = None
+        #: ``Driver.register_run``, set by the System once its driver exists.
+        self.register_run: Callable[[int, int, int, int], None] | None = None
         self.static: Any = None
         self.carveout: Storage | None = None
         self._carveout_bytes: np.ndarray | None = None
@@ -92,19 +94,12 @@ class Pools:
         shm = pool_shm(ctx, flags, run, npages, next(self.cookies))
         if flags is not _POOL_PRIV:
             try:
-                assert self.driver is not None
-                self.driver.register_run(run.pa, npages, shm.size, shm.cookie)
+                self.register_run(run.pa, npages, shm.size, shm.cookie)  # type: ignore[misc]
             except BaseException:
                 ctx.arena.give(run)
                 raise
             shm.registered = True
         return shm
-
-    @staticmethod
-    def free_dynamic(ctx: "Context", run: Any) -> None:
-        """Give a dynamic-pool run back (Arena.give, inlined: zero, unmap and free in one call)."""
-        if ctx.give_pages(run) > 1:  # its segment emptied, and another is empty too
-            ctx.arena.drop(run.segment)
 
     # -- the static pool --------------------------------------------------------------------------
     def alloc_static(self, ctx: "Context", size: int, align: int, flags: ShmFlags) -> Shm:

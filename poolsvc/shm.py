@@ -173,7 +173,7 @@ class Shm:
         self._refs += 1
 
     def retire(self) -> None:
-        """Mark the Shm released and release the views handed out (``System.release``).
+        """Mark the Shm released and release the views handed out (before ``System.release``).
 
         A view still exported (a numpy array over it) cannot be released; it is
         counted in ``LIVE["exported_views"]``.
@@ -198,9 +198,11 @@ class Shm:
             self._check()  # raises Closed
         self._refs = refs
         if refs == 0:
+            if self._views:
+                self.retire()
             ctx = self.context
             ctx.shms.pop(self.cookie, None)
-            ctx.system.release(self)
+            ctx.system.release(self, self._backing)
 
     def __enter__(self) -> "Shm":
         return self

@@ -85,7 +85,9 @@ class System:
             self.tee.rpc_factory = lambda: RpcServer(self)
             self.driver = Driver(self.memory, self.dynamic, self.kernel_arena, self.static,
                                  config.dynamic_shm, self.tee.call_with_arg)
-            self.pools.driver = self.usermem.driver = self.driver
+            self.pools.register_run = self.driver.register_run
+            self.usermem.driver = self.driver
+            self._unregister = self.driver.unregister
             # kept for tests/test_tee_review.py until it reads system.driver.msg_pa
             self._msg_pa = self.driver.msg_pa
         except BaseException:
@@ -146,26 +148,27 @@ class System:
             pass
 
     # -- release -----------------------------------------------------------------------------------
-    def release(self, shm: Shm) -> None:
+    def release(self, shm: Shm, backing: Any) -> None:
         """tee_shm_release: unregister (if registered), free memory, drop the id.
 
-        The caller has taken ``shm`` out of its context's table.  When the
+        ``backing`` is ``shm.backing``.  The caller has retired ``shm``
+        (``Shm.retire``) and taken it out of its context's table.  When the
         secure world refuses the unregistration (a running call uses the
         cookie), the shm stays alive and owned, so that a later close() can
         finish the job, and the TeeError is raised.
         """
-        shm.retire()
         if shm.registered:
             try:
-                self.driver.unregister(shm.cookie)
+                self._unregister(shm.cookie)
             except BaseException:
                 shm.revive()
                 shm.context.shms[shm.cookie] = shm
                 raise
             shm.registered = False
-        backing = shm.backing
         if type(backing) is ArenaRun:
-            self.pools.free_dynamic(shm.context, backing)
+            ctx = shm.context  # Arena.give, inlined: zero, unmap and free in one call
+            if ctx.give_pages(backing) > 1:  # its segment emptied, and another is empty too
+                ctx.arena.drop(backing.segment)
         elif type(backing) is StaticBacking:
             self.pools.free_static(backing)
         else:
