@@ -19,6 +19,10 @@ import pytest
 from poolsvc import Config, System, api
 from poolsvc.errors import BadParameters, NotSharedMemory, NotSupported
 
+from poolsvc.service.client import connect
+from poolsvc.tee.ta import CopyApp
+
+from svcutil import DaemonThread
 from teeutil import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,14 +103,31 @@ def test_mypy_rejects_an_incomplete_implementation(tmp_path):
     assert out.returncode != 0 and "HalfShm" in out.stdout, out.stdout + out.stderr
 
 
+def _check_instances(system):
+    assert isinstance(system, api.System)
+    ctx = system.open_context()
+    assert isinstance(ctx, api.Context)
+    shm = ctx.alloc_user_buf(100)
+    assert isinstance(shm, api.Shm)
+    with ctx.open_session(CopyApp.UUID) as session:
+        assert isinstance(session, api.Session)
+    shm.close()
+    ctx.close()
+
+
 def test_embedded_objects_are_instances_of_the_protocols():
     with System(Config(**SMALL)) as system:
-        assert isinstance(system, api.System)
-        ctx = system.open_context()
-        assert isinstance(ctx, api.Context)
-        shm = ctx.alloc_user_buf(100)
-        assert isinstance(shm, api.Shm)
-        assert not isinstance(object(), api.Shm)
+        _check_instances(system)
+    assert not isinstance(object(), api.Shm)
+
+
+def test_service_objects_are_instances_of_the_protocols(tmp_path):
+    daemon = DaemonThread(tmp_path / "d.sock")
+    try:
+        with connect(str(tmp_path / "d.sock")) as client:
+            _check_instances(client)
+    finally:
+        daemon.stop()
 
 
 @pytest.mark.parametrize("size", [0, -1, True, 1.0, "8", 1 << 63])
