@@ -138,45 +138,15 @@ cdef class FrameAllocator:
         Errors: BadParameters (npages <= 0 or not an int); OutOfMemory if
             fewer than npages frames are free (nothing is taken).
         """
-        cdef int64_t n = 0, k = 0, pos = 0, p, w, nw = 0, bit
-        cdef uint64_t x, taken
-        cdef uint64_t* out
-        cdef int64_t* widx
+        cdef int64_t n = 0
         cdef int r = arg_i64(npages, &n, "npages")
         if r == ARG_BELOW or (r == ARG_FITS and n <= 0):
             raise BadParameters(f"npages must be > 0, got {npages}")
         if r == ARG_ABOVE or n > self.fm.nfree:
             raise OutOfMemory(f"{npages} frames requested, {self.fm.nfree} free")
         result = np.empty(n, dtype=np.uint64)
-        out = <uint64_t*>cnp.PyArray_DATA(result)
-        widx = <int64_t*>malloc(<size_t>n * sizeof(int64_t))
-        if widx == NULL:
-            raise MemoryError()
-        try:
-            while k < n:
-                # skip used regions through the tree: it is stale for the
-                # words taken so far, but find(1, pos) reads only nodes that
-                # lie wholly at or after pos, and those are untouched
-                p = self.fm.find(1, pos)
-                if p < 0:
-                    raise InternalError("free frame count disagrees with the bitmap")
-                w = p >> 6
-                x = ~self.fm.words[w] & ((<uint64_t>0xFFFFFFFFFFFFFFFF) << (p & 63))
-                taken = 0
-                while x and k < n:
-                    bit = poolsvc_ctz64(x)
-                    taken |= (<uint64_t>1) << bit
-                    x &= x - 1
-                    out[k] = <uint64_t>(self.base_pa_ + (((w << 6) + bit) << PSV_PAGE_SHIFT))
-                    k += 1
-                self.fm.words[w] |= taken
-                self.fm.nfree -= poolsvc_popcount64(taken)
-                widx[nw] = w
-                nw += 1
-                pos = (w + 1) << 6
-            self.fm._fix_words(widx, nw)
-        finally:
-            c_free(widx)
+        self.fm.take_lowest(n, <uint64_t*>cnp.PyArray_DATA(result),
+                            <uint64_t>self.base_pa_, PSV_PAGE_SHIFT)
         return result
 
     def claim(self, pa, npages):
@@ -250,7 +220,7 @@ cdef class FrameAllocator:
                 idx = <int64_t>((pa - base) >> PSV_PAGE_SHIFT)
                 self.fm.mark(idx, False)
                 widx[i] = idx >> 6
-            self.fm._fix_words(widx, k)
+            self.fm.fix_words(widx, k)
         finally:
             c_free(widx)
         return None
@@ -313,11 +283,8 @@ cdef class FrameAllocator:
     @cython.wraparound(False)
     def used_map(self):
         """numpy uint8 array of length nframes: 1 where the frame is used."""
-        cdef int64_t i
         result = np.empty(self.nframes_, dtype=np.uint8)
-        cdef unsigned char* out = <unsigned char*>cnp.PyArray_DATA(result)
-        for i in range(self.nframes_):
-            out[i] = (self.fm.words[i >> 6] >> (i & 63)) & 1
+        self.fm.used_bytes(<unsigned char*>cnp.PyArray_DATA(result))
         return result
 
     def _check(self):
