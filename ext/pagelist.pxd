@@ -12,6 +12,7 @@ cdef extern from "psv_pagelist.h" nogil:
     enum:
         PL_ENTRIES "PSV_PL_ENTRIES"
         PL_NEXT_OFFSET "PSV_PL_NEXT_OFFSET"
+    void psv_pl_close_page(char *dst, Py_ssize_t chunk, unsigned long long page_pa) noexcept
     unsigned long long psv_or_reduce(const unsigned long long *src, Py_ssize_t n) noexcept
     unsigned long long psv_or_min_max(const unsigned long long *src, Py_ssize_t n,
                                       unsigned long long *lo, unsigned long long *hi) noexcept

@@ -41,11 +41,21 @@ static inline unsigned long long psv_or_min_max(const unsigned long long *src, P
     return acc;
 }
 
+/* The tail of list page dst (at page_pa) after its chunk entries: a full
+   page gets next = page_pa + 4096 (the list pages are contiguous, as Linux's
+   optee_fill_pages_list writes them); a partial one, the last, zeros in
+   its unused slots and its next. */
+static inline void psv_pl_close_page(char *dst, Py_ssize_t chunk, unsigned long long page_pa) {
+    if (chunk == PSV_PL_ENTRIES) {
+        psv_store_le64(dst + PSV_PL_NEXT_OFFSET, page_pa + 4096);
+    } else {
+        memset(dst + 8 * chunk, 0, 4096 - 8 * (size_t)chunk);
+    }
+}
+
 /* Write the page list of entries[0:n] into dst (nlist * 4096 bytes,
    nlist = ceil(n / 511)) for list pages at list_pa, list_pa + 4096, ...
-   A full list page gets next = its own PA + 4096 (as Linux's
-   optee_fill_pages_list does); the unused slots and the next of the
-   last, partial page are zero.  Entries are not checked here. */
+   (each closed by psv_pl_close_page).  Entries are not checked here. */
 static inline void psv_fill_page_list(char *dst, const unsigned long long *entries,
                                       Py_ssize_t n, unsigned long long list_pa) {
     Py_ssize_t done = 0, chunk;
@@ -53,11 +63,7 @@ static inline void psv_fill_page_list(char *dst, const unsigned long long *entri
     while (done < n) {
         chunk = n - done < PSV_PL_ENTRIES ? n - done : PSV_PL_ENTRIES;
         psv_store_le64_array(dst, entries + done, chunk);
-        if (chunk == PSV_PL_ENTRIES) {
-            psv_store_le64(dst + PSV_PL_NEXT_OFFSET, page_pa + 4096);
-        } else {
-            memset(dst + 8 * chunk, 0, 4096 - 8 * (size_t)chunk);
-        }
+        psv_pl_close_page(dst, chunk, page_pa);
         done += chunk;
         dst += 4096;
         page_pa += 4096;
@@ -86,11 +92,7 @@ static inline unsigned long long psv_fill_page_list_or_blocked(char *dst,
             acc |= psv_or_reduce(entries + done + i, b);
             psv_store_le64_array(dst + 8 * i, entries + done + i, b);
         }
-        if (chunk == PSV_PL_ENTRIES) {
-            psv_store_le64(dst + PSV_PL_NEXT_OFFSET, page_pa + 4096);
-        } else {
-            memset(dst + 8 * chunk, 0, 4096 - 8 * (size_t)chunk);
-        }
+        psv_pl_close_page(dst, chunk, page_pa);
         done += chunk;
         dst += 4096;
         page_pa += 4096;
@@ -112,12 +114,7 @@ static unsigned long long psv_fill_page_list_or_avx2(char *dst,
             acc |= v;
             memcpy(dst + 8 * i, &v, 8);
         }
-        if (chunk == PSV_PL_ENTRIES) {
-            v = page_pa + 4096;
-            memcpy(dst + PSV_PL_NEXT_OFFSET, &v, 8);
-        } else {
-            memset(dst + 8 * chunk, 0, 4096 - 8 * (size_t)chunk);
-        }
+        psv_pl_close_page(dst, chunk, page_pa);
         done += chunk;
         dst += 4096;
         page_pa += 4096;

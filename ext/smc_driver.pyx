@@ -267,9 +267,7 @@ cdef class SmcDriver:
                 else:
                     for i in range(n):
                         psv_store_le64(dst + 8 * i, run_pa + (<uint64_t>i << PSV_PAGE_SHIFT))
-                memset(dst + 8 * n, 0, PSV_PAGE_SIZE - 8 * n)
-                if n == PL_ENTRIES:     # a full page: next = own PA + 4096, as pagelist_build
-                    psv_store_le64(dst + PL_NEXT_OFFSET, list_pa + PSV_PAGE_SIZE)
+                psv_pl_close_page(dst, n, list_pa)    # as pagelist_build closes a page
                 self.post(SMC_CMD_REGISTER, SMC_ATTR_REGISTER, list_pa | offset, size, cookie)
                 self.call_secure()
                 result = self.answer()
