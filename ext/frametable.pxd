@@ -78,7 +78,6 @@ cdef class FrameTable:
     cdef Py_ssize_t page_slot(self, uint64_t pa, Py_ssize_t i) except -2
     cdef char *frame_bytes(self, uint64_t pa, Py_ssize_t end_in_page) except NULL
     cdef int resolve_range(self, uint64_t pa, Py_ssize_t n, char **ptrs) except -1
-    cdef int copy_small(self, uint64_t pa, char *buf, Py_ssize_t n, bint write) except -1
     cdef Py_ssize_t mapped_slot(self, object pa, unsigned long long* a) except -1
     cdef int raise_unmapped(self, uint64_t pa, Py_ssize_t slot) except -1
 

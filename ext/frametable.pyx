@@ -173,28 +173,6 @@ cdef class FrameTable:
             k += 1
         return 0
 
-    cdef int copy_small(self, uint64_t pa, char *buf, Py_ssize_t n, bint write) except -1:
-        """Copy ``n`` (<= 4096) bytes between ``buf`` and physical ``pa`` (to ``pa``
-        when ``write``).
-
-        Every page touched is resolved before a byte moves (AddressError as
-        ``read`` / ``write`` give it).  ``pa + n`` must not wrap.
-        """
-        cdef char *ptrs[2]
-        cdef Py_ssize_t first = <Py_ssize_t>PSV_PAGE_SIZE - <Py_ssize_t>(pa & PSV_PAGE_MASK)
-        if first > n:
-            first = n
-        self.resolve_range(pa, n, ptrs)
-        if write:
-            memcpy(ptrs[0], buf, first)
-            if first < n:
-                memcpy(ptrs[1], buf + first, n - first)
-        else:
-            memcpy(buf, ptrs[0], first)
-            if first < n:
-                memcpy(buf + first, ptrs[1], n - first)
-        return 0
-
     # -- mapping -----------------------------------------------------------
 
     def map_range(self, pa, npages, storage_id, first_index):
@@ -567,3 +545,26 @@ cdef class FrameTable:
         finally:
             free(ptrs)
             PyBuffer_Release(&src)
+
+
+cdef int ft_copy_small(FrameTable t, uint64_t pa, char *buf, Py_ssize_t n, bint write) except -1:
+    """Copy ``n`` (<= 4096) bytes between ``buf`` and physical ``pa`` (to ``pa``
+    when ``write``).
+
+    Every page touched is resolved before a byte moves (AddressError as
+    ``FrameTable.read`` / ``write`` give it).  ``pa + n`` must not wrap.
+    """
+    cdef char *ptrs[2]
+    cdef Py_ssize_t first = <Py_ssize_t>PSV_PAGE_SIZE - <Py_ssize_t>(pa & PSV_PAGE_MASK)
+    if first > n:
+        first = n
+    t.resolve_range(pa, n, ptrs)
+    if write:
+        memcpy(ptrs[0], buf, first)
+        if first < n:
+            memcpy(ptrs[1], buf + first, n - first)
+    else:
+        memcpy(buf, ptrs[0], first)
+        if first < n:
+            memcpy(buf + first, ptrs[1], n - first)
+    return 0

@@ -133,13 +133,13 @@ cdef class SmcDriver:
         psv_store_le64(msg + SMC_PARAM_OFFSET + 8, a)
         psv_store_le64(msg + SMC_PARAM_OFFSET + 16, b)
         psv_store_le64(msg + SMC_PARAM_OFFSET + 24, c)
-        self.table.copy_small(self.msg_pa, msg, SMC_ARG1_SIZE, True)
+        ft_copy_small(self.table, self.msg_pa, msg, SMC_ARG1_SIZE, True)
         return 0
 
     cdef tuple answer(self):
         """``(ret, ret_origin)`` read back from the message."""
         cdef char pair[8]
-        self.table.copy_small(self.msg_pa + SMC_RET_OFFSET, pair, 8, False)
+        ft_copy_small(self.table, self.msg_pa + SMC_RET_OFFSET, pair, 8, False)
         return (psv_load_le32(pair), psv_load_le32(pair + 4))
 
     cdef int call_secure(self) except -1:

@@ -194,7 +194,7 @@ cdef class SmcEntry:
         if not ((self.dynamic_lo <= pa[0] and end <= self.dynamic_hi and not pa[0] & PSV_PAGE_MASK)
                 or (self.static_lo <= pa[0] and end <= self.static_hi and not pa[0] & 7)):
             return -1
-        self.table.copy_small(pa[0], msg, SMC_ARG1_SIZE, False)
+        ft_copy_small(self.table, pa[0], msg, SMC_ARG1_SIZE, False)
         self.fetched = False
         cmd = psv_load_le32(msg)
         if psv_load_le32(msg + SMC_NUM_PARAMS_OFFSET) != 1 or (
@@ -315,7 +315,7 @@ cdef class SmcEntry:
             raise BadParameters(f"ret {ret!r} / origin {origin!r} are not u32s")
         psv_store_le32(pair, <uint32_t>r)
         psv_store_le32(pair + 4, <uint32_t>o)
-        self.table.copy_small(pa + SMC_RET_OFFSET, pair, 8, True)
+        ft_copy_small(self.table, pa + SMC_RET_OFFSET, pair, 8, True)
 
     # -- call_with_arg -------------------------------------------------------------------------------
     cdef int serve(self, object arg_pa) except -1:
@@ -356,7 +356,7 @@ cdef class SmcEntry:
         if ret is None:     # success: ret 0, origin TEE
             psv_store_le32(pair, 0)
             psv_store_le32(pair + 4, SMC_ORIGIN_TEE)
-            self.table.copy_small(pa + SMC_RET_OFFSET, pair, 8, True)
+            ft_copy_small(self.table, pa + SMC_RET_OFFSET, pair, 8, True)
             return 0
         if ret != 0:
             errors = self.stats.errors
