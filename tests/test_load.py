@@ -143,7 +143,8 @@ def test_snapshot_checker_reports_broken_accounting(tmp_path):
 
 
 def test_worker_detects_a_foreign_tag():
-    from poolsvc.load.worker import TAG, TAG_MAGIC, Held, Worker
+    from poolsvc.load.ledger import TAG, TAG_MAGIC, Held
+    from poolsvc.load.worker import Worker
 
     w = Worker.__new__(Worker)
     w.slot, w.gen, w.violations, w.unverified = 1, 0, [], 0
@@ -241,7 +242,7 @@ class _FakeShm:
 
 
 def test_worker_batched_ends_catch_a_changed_head_or_tail():
-    from poolsvc.load.worker import TAG, TAG_MAGIC
+    from poolsvc.load.ledger import TAG, TAG_MAGIC
 
     w = _bare_worker()
     for size, spot in ((5000, 0), (5000, 4999), (4103, 4090), (33, 32)):
@@ -284,7 +285,7 @@ def test_worker_catches_a_page_given_twice():
 
 def test_worker_batches_are_seeded_and_use_a_buffer_once():
     from poolsvc.load.mix import BATCHABLE
-    from poolsvc.load.worker import Held
+    from poolsvc.load.ledger import Held
 
     def batches(seed: int) -> list:
         w = _bare_worker()
