@@ -195,15 +195,7 @@ class Operations(Ledger):
     def op_batch(self, tokens: list[Op]) -> None:
         """Run one BATCH of ``("a", K, SIZE, H)``, ``("f", H)``, ``("l", H)``, ``("x", H)``."""
         b = self.ctx.batch()
-        queue = self._BATCH_QUEUE
-        plan: list[tuple[Any, ...]] = []  # the alloc tokens themselves, ("f"|"l"|"x", Held)
-        append = plan.append
-        for tok in tokens:
-            entry = queue[tok[0]](self, b, tok)
-            if entry is None:
-                self.skipped += 1
-            else:
-                append(entry)
+        plan = self._batch_plan(b, tokens)
         if not plan:
             return
         t0 = _now()
@@ -217,6 +209,25 @@ class Operations(Ledger):
             return
         ns = _now() - t0
         self._time("batch", ns, 0)
+        self._batch_take(plan, results, ns // len(plan))
+
+    def _batch_plan(self, b: Any, tokens: list[Op]) -> list[Op]:
+        """Queue each token on ``b``; the plan: the alloc tokens themselves and
+        ``("f"|"l"|"x", Held)`` entries (tokens on buffers not held are skipped)."""
+        queue = self._BATCH_QUEUE
+        plan: list[Op] = []
+        append = plan.append
+        for tok in tokens:
+            entry = queue[tok[0]](self, b, tok)
+            if entry is None:
+                self.skipped += 1
+            else:
+                append(entry)
+        return plan
+
+    def _batch_take(self, plan: list[Op], results: list[Any], per_op: int) -> None:
+        """Take in a batch's results in order; one histogram entry per operation kind,
+        each at ``per_op`` nanoseconds."""
         done = self._BATCH_DONE
         nxt = iter(results).__next__
         tally: dict[str, int] = {}
@@ -224,7 +235,6 @@ class Operations(Ledger):
             op = done[entry[0]](self, entry, nxt(), nxt)
             if op is not None:
                 tally[op] = tally.get(op, 0) + 1
-        per_op = ns // len(plan)  # one histogram entry per operation kind, each at per_op
         for op, n in tally.items():
             self._time(op, per_op, n, n)
 
