@@ -18,7 +18,6 @@ from poolsvc.cli import main
 from poolsvc.errors import BadParameters, ConfigError
 from poolsvc.load import invariants, report, trace
 from poolsvc.load.faults import CASES, run_case
-from poolsvc.load.histogram import Histogram
 from poolsvc.load.mix import LoadSpec, OpMix, SizeDist
 from poolsvc.load.runner import LoadRunner
 
@@ -196,17 +195,6 @@ def test_mix_sizes_and_spec_validation():
         LoadSpec(batch=5000)
 
 
-def test_histogram_percentiles_within_a_bucket():
-    h = Histogram()
-    for ns in range(1000, 101000, 100):
-        h.add(ns)
-    assert abs(h.percentile(0.5) - 51000) / 51000 < 0.1
-    assert abs(h.percentile(0.99) - 99000) / 99000 < 0.1
-    again = Histogram.from_wire(json.loads(json.dumps(h.to_wire())))
-    again.merge(h)
-    assert again.count == 2 * h.count and again.max_ns == h.max_ns
-
-
 def test_trace_reader_names_the_bad_line(tmp_path):
     path = tmp_path / "t.trace"
     path.write_text('#poolsvc-trace 1 {}\n@ 0 0 exit 2\na u 4096 1\n')
@@ -320,14 +308,6 @@ def test_trace_text_round_trips_the_operation_tuples():
     for bad in ("a u 12", "b a:u:1", "f x", "q 1", ""):
         with pytest.raises(BadParameters):
             trace.parse_op(bad)
-
-
-def test_histogram_weighted_add_equals_repeated_adds():
-    one, many = Histogram(), Histogram()
-    one.add(12345, 40)
-    for _ in range(40):
-        many.add(12345)
-    assert one.to_wire() == many.to_wire()
 
 
 class _FakeBatch:
