@@ -194,7 +194,7 @@ class LoadSpec:
             if isinstance(value, bool) or not ok_type or not low <= value <= high:
                 raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is outside {low:g}..{high:g}")
 
-        number("clients", 1, 256, True)
+        number("clients", 1, 1024, True)
         number("duration", 0.1, 24 * 3600, False)
         number("ops", 0, 1 << 40, True)
         number("batch", 1, 4096, True)

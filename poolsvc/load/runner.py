@@ -43,6 +43,7 @@ from . import invariants, trace
 from .faults import MalformedInjector
 from .histogram import Histogram
 from .mix import TIMED, LoadSpec, OpMix, SizeDist
+from .progress import Progress
 
 #: Seconds the workers get past the duration to free what they hold and exit.
 GRACE = 30.0
@@ -51,6 +52,11 @@ DAEMON_START = 20.0
 DAEMON_STOP = 15.0
 #: Seconds after the last worker exits for the daemon to release everything.
 SETTLE = 15.0
+#: Workers connecting at once while a run starts (each start costs an interpreter and numpy).
+START_WINDOW = 2 * (os.cpu_count() or 1)
+#: Seconds the initial workers get to connect: START_LIMIT + START_PER_CLIENT per client.
+START_LIMIT = 30.0
+START_PER_CLIENT = 0.5
 #: A worker is not killed before it has run this long (it must get past start-up).
 MIN_LIFE = 0.3
 #: Errors a well-formed operation may get from a healthy daemon.
@@ -85,6 +91,7 @@ class Incarnation:
     done_ops: int = 0
     stderr_path: str = ""
     exit_seen: bool = False
+    waiting: bool = False
 
     @property
     def stdout(self) -> IO[bytes]:
@@ -128,7 +135,7 @@ class LoadRunner:
         self.record = record
         self.replay_path = replay
         self.replay: trace.Trace | None = trace.read(replay) if replay else None
-        self.progress = progress
+        self.progress = Progress(progress, spec.duration, label) if progress is not None else None
         self.label = label
         self.rng = random.Random(f"runner/{spec.seed}")
         self.workdir = ""
@@ -149,10 +156,9 @@ class LoadRunner:
         self.sel = selectors.DefaultSelector()
         self.t0 = 0.0
         self.end = 0.0
+        self.start_s = 0.0
         self.injector: MalformedInjector | None = None
         self.service_info: dict[str, Any] = {}
-        self._last_progress = 0.0
-        self._last_line = 0.0
 
     # -- violations ------------------------------------------------------------------------------
     def violate(self, text: str) -> None:
@@ -170,7 +176,11 @@ class LoadRunner:
             lines = [f'dynamic_size = "{self.dynamic_size}"', 'arena_step = "4MiB"']
             if self.no_dynamic:
                 lines.append("dynamic_shm = false")
-            lines += ["", "[service]", 'log_level = "WARNING"']
+            # a client process may hold two connections; the monitor and the malformed
+            # requests need a few more
+            clients = self.replay.clients if self.replay is not None else self.spec.clients
+            lines += ["", "[service]", 'log_level = "WARNING"',
+                      f"max_clients = {max(256, 2 * clients + 64)}"]
             with open(cfg, "w") as fh:
                 fh.write("\n".join(lines) + "\n")
         log = open(os.path.join(self.workdir, "daemon.log"), "w")
@@ -232,7 +242,10 @@ class LoadRunner:
         return out
 
     # -- workers ---------------------------------------------------------------------------------
-    def _spawn(self, slot: int, budget: int, replay: trace.Incarnation | None = None) -> None:
+    def _spawn(self, slot: int, budget: int, replay: trace.Incarnation | None = None,
+               wait: bool = False) -> None:
+        """Start a worker for ``slot``; ``wait``: it waits, once connected, for the
+        start line (:meth:`_go`) that gives every initial worker the same deadline."""
         gen = self.next_gen.get(slot, 0)
         self.next_gen[slot] = gen + 1
         spec = self.spec
@@ -240,7 +253,7 @@ class LoadRunner:
             "socket": self.socket, "slot": slot, "gen": gen, "seed": spec.seed, "mix": spec.mix,
             "sizes": spec.sizes, "batch": spec.batch, "max_live": spec.max_live,
             "exhaust": spec.exhaust, "deadline": time.time() + max(0.0, self.end - time.monotonic()),
-            "ops": budget, "tick": 0.25,
+            "ops": budget, "tick": self._tick_s(), "start": "wait" if wait else "now",
         }
         part = ""
         if replay is not None:
@@ -256,13 +269,79 @@ class LoadRunner:
         err_path = os.path.join(self.workdir, f"worker-{slot}-{gen}.err")
         with open(err_path, "w") as err:
             proc = subprocess.Popen([sys.executable, "-m", "poolsvc.load.worker", json.dumps(doc)],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=err,
                                     close_fds=True, env=_worker_env())
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
-        inc = Incarnation(slot, gen, proc, time.monotonic(), budget, part, stderr_path=err_path)
+        inc = Incarnation(slot, gen, proc, time.monotonic(), budget, part, stderr_path=err_path,
+                          waiting=wait)
         self.running.append(inc)
         self.sel.register(proc.stdout, selectors.EVENT_READ, inc)
+
+    def _tick_s(self) -> float:
+        """Seconds between two report lines of a worker: 0.25, longer past 64 clients
+        (the runner reads every line)."""
+        return max(0.25, self.spec.clients / 256)
+
+    def _go(self, inc: Incarnation) -> None:
+        """Send a waiting worker its start line: run until the run's end."""
+        inc.waiting = False
+        stdin = inc.proc.stdin
+        if stdin is None:
+            return
+        deadline = time.time() + max(0.0, self.end - time.monotonic())
+        try:
+            stdin.write(f"go {deadline!r}\n".encode())
+            stdin.close()
+        except OSError:  # it died meanwhile: _reap says how
+            pass
+
+    def _start_clients(self, own: dict[str, int]) -> None:
+        """Start the initial workers, at most :data:`START_WINDOW` connecting at once,
+        and wait until every one is connected (or gone); the run's clock starts then."""
+        spec = self.spec
+        todo: list[tuple[int, int, trace.Incarnation | None]] = []
+        if self.replay is not None:
+            by_slot = self.replay.by_slot()
+            for slot in sorted(by_slot):
+                queue = list(by_slot[slot])
+                self.pending[slot] = queue
+                todo.append((slot, 0, queue.pop(0)))
+        else:
+            todo = [(slot, self._slot_budget(), None) for slot in range(spec.clients)]
+        total = len(todo)
+        self.t0 = time.monotonic()
+        limit = self.t0 + START_LIMIT + START_PER_CLIENT * total
+        next_check = self.t0 + spec.check_interval
+        while todo or any(inc.waiting and not inc.ready for inc in self.running):
+            while todo and sum(not inc.ready for inc in self.running) < START_WINDOW:
+                self._spawn(*todo.pop(0), wait=True)
+            self._pump()
+            now = time.monotonic()
+            if now >= next_check:
+                self._check(own)
+                next_check = now + spec.check_interval
+            self._status(now, phase=f"starting {sum(i.ready for i in self.running)}/{total}")
+            if now > limit:
+                self.violate(f"{len(todo) + sum(not i.ready for i in self.running)} of {total} "
+                             f"clients were not connected within {limit - self.t0:.0f} s")
+                break
+        self.start_s = time.monotonic() - self.t0
+        self.t0 = time.monotonic()
+        self.end = self.t0 + spec.duration
+        self.totals.timeline.clear()  # (nothing ran yet: every worker waited)
+        for inc in self.running:
+            if inc.ready:
+                self._go(inc)
+
+    def _pump(self) -> None:
+        """Read what the workers wrote (up to 50 ms) and reap those that ended."""
+        for key, _ in self.sel.select(timeout=0.05):
+            self._read(key.data)
+        for inc in list(self.running):
+            if inc.proc.poll() is not None:
+                self._reap(inc)
 
     def _slot_budget(self) -> int:
         if not self.spec.ops:
@@ -297,6 +376,8 @@ class LoadRunner:
         if kind == "ready":
             inc.ready = True
             self.service_info.setdefault("pool", doc.get("pool"))
+            if inc.waiting and self.end:  # ready after the start: it runs what is left
+                self._go(inc)
             return
         tot = self.totals
         second = int(time.monotonic() - self.t0)
@@ -378,27 +459,20 @@ class LoadRunner:
             self.violate(f"at {time.monotonic() - self.t0:.1f} s: {text}")
         return stats
 
-    def _status(self, now: float, final: bool = False) -> None:
+    def _status(self, now: float, final: bool = False, phase: str = "running") -> None:
+        """Show the run's status (:class:`~poolsvc.load.progress.Progress`)."""
         if self.progress is None:
             return
-        tty = getattr(self.progress, "isatty", lambda: False)()
-        if not final and now - self._last_progress < (0.5 if tty else 5.0):
-            return
-        self._last_progress = now
-        elapsed = now - self.t0
+        elapsed = now - self.t0 if self.end else 0.0
         ops = sum(self.totals.counts.get(op, 0) for op in TIMED)
         recent = [self.totals.timeline.get(s, {}).get("ops", 0) for s in
                   range(max(0, int(elapsed) - 3), max(1, int(elapsed)))]
         rate = sum(recent) / max(1, len(recent))
-        line = (f"{self.label}[{elapsed:5.1f}/{self.end - self.t0:.0f}s] clients {len(self.running)} "
-                f"ops {ops:,} ({rate:,.0f}/s) errors {sum(self.totals.errors.values())} "
-                f"kills {self.kills} malformed {self.injector.sent if self.injector else 0} "
-                f"violations {self.violation_count}")
-        if tty:
-            self.progress.write("\r" + line.ljust(118)[:118] + ("\n" if final else ""))
-        else:
-            self.progress.write(line + "\n")
-        self.progress.flush()
+        figures = (f"clients {len(self.running)} ops {ops:,} ({rate:,.0f}/s) "
+                   f"errors {sum(self.totals.errors.values())} kills {self.kills} "
+                   f"malformed {self.injector.sent if self.injector else 0} "
+                   f"violations {self.violation_count}")
+        self.progress.update(phase, elapsed, figures, final)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -429,17 +503,7 @@ class LoadRunner:
                                      started_by_load=self.daemon is not None,
                                      config=self.config_path or ("no-dynamic" if self.no_dynamic else
                                                                  f"dynamic_size={self.dynamic_size}"))
-            self.t0 = time.monotonic()
-            self.end = self.t0 + spec.duration
-            if self.replay is not None:
-                by_slot = self.replay.by_slot()
-                for slot in sorted(by_slot):
-                    queue = list(by_slot[slot])
-                    self.pending[slot] = queue
-                    self._spawn(slot, 0, queue.pop(0))
-            else:
-                for slot in range(spec.clients):
-                    self._spawn(slot, self._slot_budget())
+            self._start_clients(own)
             self.injector = MalformedInjector(self.socket, spec.malformed_rate, spec.seed)
             self.injector.start()
             kill_rate = spec.kill_rate if self.replay is None else 0.0
@@ -447,11 +511,7 @@ class LoadRunner:
             next_check = self.t0 + spec.check_interval
             hard_end = self.end + GRACE
             while self.running:
-                for key, _ in self.sel.select(timeout=0.05):
-                    self._read(key.data)
-                for inc in list(self.running):
-                    if inc.proc.poll() is not None:
-                        self._reap(inc)
+                self._pump()
                 now = time.monotonic()
                 if now >= next_kill:
                     if now < self.end - 0.5:
@@ -472,7 +532,7 @@ class LoadRunner:
             self.injector.stop()
             for text in self.injector.violations:
                 self.violate(text)
-            self._status(time.monotonic(), final=True)
+            self._status(time.monotonic(), final=True, phase="done")
             # -- after every client exited: nothing may be left ------------------------------
             self._check(own)
             settle_end = time.monotonic() + SETTLE
@@ -493,6 +553,8 @@ class LoadRunner:
                              f"({delta:+d})")
             report = self._report(elapsed, final_stats)
         finally:
+            if self.progress is not None:
+                self.progress.close()
             self._cleanup()
             if self.monitor is not None:
                 self.monitor.close()

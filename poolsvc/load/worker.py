@@ -4,7 +4,9 @@ Run by the runner as ``python -m poolsvc.load.worker SPEC_JSON``; it talks
 to the daemon only through ``poolsvc.connect(path)`` (the public client
 API), and to the runner only through its stdout, one JSON object per line:
 
-- ``{"k": "ready", "pid": ..., "pool": ...}`` once connected;
+- ``{"k": "ready", "pid": ..., "pool": ...}`` once connected; with
+  ``start == "wait"`` it then waits for ``go DEADLINE`` (wall clock) on its
+  stdin, so that every client of a run starts at once;
 - ``{"k": "tick", ...}`` every ``tick`` seconds: operation counts, errors by
   type, latency histograms and violations *since the previous line*;
 - ``{"k": "exit", ...}`` the last delta, after every buffer was freed.
@@ -166,6 +168,9 @@ class Worker(Generator, Operations):
         the exit status (:data:`EXIT_LOST` when the connection to the daemon was lost)."""
         self.out.write(json.dumps({"k": "ready", "pid": os.getpid(), "pool": self.client.pool}) + "\n")
         self.out.flush()
+        if self.spec.get("start") == "wait" and not self._wait_for_start():
+            self.finish()
+            return 0
         try:
             self._loop()
             if self.spec.get("replay") and self.spec.get("replay_end") == "kill":
@@ -176,6 +181,15 @@ class Worker(Generator, Operations):
             self.report("tick")
             return EXIT_LOST
         return 0
+
+    def _wait_for_start(self) -> bool:
+        """Wait for the runner's start line ``go DEADLINE`` on stdin; False if stdin
+        closed without one (the runner is gone: nothing to run)."""
+        line = sys.stdin.readline().split()
+        if len(line) != 2 or line[0] != "go":
+            return False
+        self.deadline = float(line[1])
+        return True
 
     def _loop(self) -> None:
         """Run operations until the budget or the source ends; a report line every tick."""
