@@ -2,15 +2,18 @@
 
 :class:`LoadRunner` owns every process of a run:
 
-- the daemon, when it starts one: ``poolsvc serve`` in a subprocess on a
-  socket in a fresh temporary directory (or none, with ``socket=``: an
-  existing daemon, which it never stops);
+- the daemon, when it starts one (:mod:`.daemon`: ``poolsvc serve`` in a
+  subprocess on a socket in a fresh temporary directory), or none, with
+  ``socket=``: an existing daemon, which it never stops;
 - one worker process per client slot (:mod:`.worker`), restarted with a new
   generation number after each SIGKILL it deals while time remains;
 - a monitor connection (``poolsvc.connect``) for STATS, through which the
   invariants of :mod:`.invariants` are checked every ``check_interval``;
 - the malformed-request thread (:mod:`.faults`).
 
+The initial workers start :data:`START_WINDOW` at a time and wait, connected,
+until all are (their start-up, an interpreter each, is not load); the run's
+``duration`` counts from then, and the report gives the start-up's length.
 The main loop is single-threaded: it reads the workers' report lines from
 their stdout pipes (``selectors``), deals kills at Poisson-distributed
 moments, checks a snapshot, prints one status line on stderr, and ends when
@@ -38,25 +41,23 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, TextIO
 
-from ..errors import Closed, PoolsvcError
+from ..errors import PoolsvcError
 from . import invariants, trace
+from .daemon import LoadDaemon, tail
 from .faults import MalformedInjector
 from .histogram import Histogram
-from .mix import TIMED, LoadSpec, OpMix, SizeDist
+from .mix import TIMED, LoadSpec
 from .progress import Progress
 
 #: Seconds the workers get past the duration to free what they hold and exit.
 GRACE = 30.0
-#: Seconds the daemon gets to start, and to stop on SIGTERM.
-DAEMON_START = 20.0
-DAEMON_STOP = 15.0
 #: Seconds after the last worker exits for the daemon to release everything.
 SETTLE = 15.0
 #: Workers connecting at once while a run starts (each start costs an interpreter and numpy).
 START_WINDOW = 2 * (os.cpu_count() or 1)
 #: Seconds the initial workers get to connect: START_LIMIT + START_PER_CLIENT per client.
 START_LIMIT = 30.0
-START_PER_CLIENT = 0.5
+START_PER_CLIENT = 1.0
 #: A worker is not killed before it has run this long (it must get past start-up).
 MIN_LIFE = 0.3
 #: Errors a well-formed operation may get from a healthy daemon.
@@ -93,6 +94,12 @@ class Incarnation:
     exit_seen: bool = False
     waiting: bool = False
 
+    def close_pipes(self) -> None:
+        """Close the runner's ends of the worker's pipes (stdin is open while it waits)."""
+        self.stdout.close()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
     @property
     def stdout(self) -> IO[bytes]:
         """The worker's stdout pipe (always a pipe: the runner starts it so)."""
@@ -121,13 +128,16 @@ class LoadRunner:
     operations instead of drawing them (the spec's mix, sizes, seed, kill
     rate are then the trace's, its duration is only a bound).
     ``progress``: a stream for the one-line status (None: silent).
+    ``transport``: the workers' client transport (``"socket"`` or ``"shm"``;
+    None: the client library's default).
     """
 
     def __init__(self, spec: LoadSpec, *, socket: str | None = None, config_path: str | None = None,
                  no_dynamic: bool = False, dynamic_size: str | None = None, record: str | None = None,
                  replay: str | None = None, progress: TextIO | None = None,
-                 label: str = "") -> None:
+                 label: str = "", transport: str | None = None) -> None:
         self.spec = spec
+        self.transport = transport
         self.socket = socket
         self.config_path = config_path
         self.no_dynamic = no_dynamic
@@ -139,8 +149,7 @@ class LoadRunner:
         self.label = label
         self.rng = random.Random(f"runner/{spec.seed}")
         self.workdir = ""
-        self.daemon: subprocess.Popen | None = None
-        self.daemon_pid = 0
+        self.daemon: LoadDaemon | None = None
         self.monitor: Any = None
         self.running: list[Incarnation] = []
         self.finished: list[Incarnation] = []
@@ -166,81 +175,6 @@ class LoadRunner:
         if len(self.violations) < MAX_QUOTED:
             self.violations.append(text)
 
-    # -- the daemon --------------------------------------------------------------------------------
-    def _start_daemon(self) -> str:
-        path = os.path.join(self.workdir, "poolsvc.sock")
-        if self.config_path:
-            cfg = self.config_path
-        else:
-            cfg = os.path.join(self.workdir, "service.toml")
-            lines = [f'dynamic_size = "{self.dynamic_size}"', 'arena_step = "4MiB"']
-            if self.no_dynamic:
-                lines.append("dynamic_shm = false")
-            # a client process may hold two connections; the monitor and the malformed
-            # requests need a few more
-            clients = self.replay.clients if self.replay is not None else self.spec.clients
-            lines += ["", "[service]", 'log_level = "WARNING"',
-                      f"max_clients = {max(256, 2 * clients + 64)}"]
-            with open(cfg, "w") as fh:
-                fh.write("\n".join(lines) + "\n")
-        log = open(os.path.join(self.workdir, "daemon.log"), "w")
-        try:
-            self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "poolsvc.cli", "serve", "--config", cfg, "--socket", path,
-                 "--log-level", "warning"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
-        finally:
-            log.close()
-        deadline = time.monotonic() + DAEMON_START
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise PoolsvcError(f"poolsvc serve exited with status {self.daemon.returncode} at "
-                                   f"start: {self._tail('daemon.log')}")
-            if os.path.exists(path):
-                try:
-                    import poolsvc
-
-                    poolsvc.connect(path, name="load-probe", spin_us=0, timeout=5).close()
-                    return path
-                except Closed:
-                    pass
-            time.sleep(0.05)
-        raise PoolsvcError(f"poolsvc serve did not open {path} within {DAEMON_START} s")
-
-    def _tail(self, name: str, limit: int = 1500) -> str:
-        try:
-            with open(os.path.join(self.workdir, name), errors="replace") as fh:
-                text = fh.read()
-        except OSError:
-            return ""
-        return text[-limit:].strip()
-
-    def _stop_daemon(self) -> dict[str, Any]:
-        """SIGTERM the daemon we started; its exit status and what it left behind."""
-        out: dict[str, Any] = {}
-        proc = self.daemon
-        if proc is None:
-            return out
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(DAEMON_STOP)
-            except subprocess.TimeoutExpired:
-                self.violate(f"the daemon did not stop within {DAEMON_STOP} s of SIGTERM")
-                proc.kill()
-                proc.wait()
-        out["exit_status"] = proc.returncode
-        if proc.returncode != 0:
-            self.violate(f"the daemon exited with status {proc.returncode}: {self._tail('daemon.log')}")
-        sock = os.path.join(self.workdir, "poolsvc.sock")
-        if os.path.exists(sock):
-            self.violate(f"the daemon left its socket {sock} behind")
-        left = sorted(n for n, pid in invariants.shm_objects().items() if pid == proc.pid)
-        out["dev_shm_left"] = left
-        if left:
-            self.violate(f"the daemon left /dev/shm objects after it stopped: {', '.join(left)}")
-        return out
-
     # -- workers ---------------------------------------------------------------------------------
     def _spawn(self, slot: int, budget: int, replay: trace.Incarnation | None = None,
                wait: bool = False) -> None:
@@ -254,6 +188,7 @@ class LoadRunner:
             "sizes": spec.sizes, "batch": spec.batch, "max_live": spec.max_live,
             "exhaust": spec.exhaust, "deadline": time.time() + max(0.0, self.end - time.monotonic()),
             "ops": budget, "tick": self._tick_s(), "start": "wait" if wait else "now",
+            "transport": self.transport,
         }
         part = ""
         if replay is not None:
@@ -410,7 +345,7 @@ class LoadRunner:
             self.sel.unregister(inc.stdout)
         except (KeyError, ValueError):
             pass
-        inc.stdout.close()
+        inc.close_pipes()
         self.running.remove(inc)
         self.finished.append(inc)
         rc = inc.proc.returncode
@@ -422,7 +357,7 @@ class LoadRunner:
             pass
         elif rc != 0 or not inc.exit_seen:
             self.violate(f"client {inc.slot}.{inc.gen} (pid {inc.proc.pid}) exited with status {rc} "
-                         f"without finishing: {self._tail(os.path.basename(inc.stderr_path))}")
+                         f"without finishing: {tail(inc.stderr_path)}")
         if self.replay is not None:
             queue = self.pending.get(inc.slot)
             if queue:
@@ -490,8 +425,11 @@ class LoadRunner:
         final_stats: dict[str, Any] = {}
         try:
             if self.socket is None:
-                self.socket = self._start_daemon()
-                self.daemon_pid = self.daemon.pid if self.daemon else 0
+                self.daemon = LoadDaemon(
+                    self.workdir, config_path=self.config_path, dynamic_size=self.dynamic_size,
+                    no_dynamic=self.no_dynamic,
+                    clients=self.replay.clients if self.replay is not None else spec.clients)
+                self.socket = self.daemon.start()
             self.monitor = poolsvc.connect(self.socket, name="load-monitor", spin_us=0, timeout=30)
             start_stats = self.monitor.service_stats()
             baseline = invariants.summary(start_stats)
@@ -501,6 +439,7 @@ class LoadRunner:
                                      pid=start_stats["daemon"]["pid"],
                                      pools={k: v.get("size") for k, v in start_stats["pools"].items()},
                                      started_by_load=self.daemon is not None,
+                                     transport=self.transport or "default",
                                      config=self.config_path or ("no-dynamic" if self.no_dynamic else
                                                                  f"dynamic_size={self.dynamic_size}"))
             self._start_clients(own)
@@ -560,10 +499,14 @@ class LoadRunner:
                 self.monitor.close()
             if self.injector is not None:
                 self.injector.stop()
-            daemon_end = self._stop_daemon()
+            if self.daemon is not None:
+                daemon_end, problems = self.daemon.stop()
+                for text in problems:
+                    self.violate(text)
             self.sel.close()
         worker_pids = {inc.proc.pid for inc in self.finished}
-        shm_left = invariants.shm_leftovers(shm_before, worker_pids | ({self.daemon_pid} if self.daemon_pid else set()))
+        daemon_pid = self.daemon.pid if self.daemon is not None else 0
+        shm_left = invariants.shm_leftovers(shm_before, worker_pids | ({daemon_pid} if daemon_pid else set()))
         if shm_left:
             leaks["dev_shm"] = len(shm_left)
             self.violate(f"/dev/shm objects left by the run: {', '.join(shm_left[:10])}")
@@ -596,7 +539,7 @@ class LoadRunner:
                 self.sel.unregister(inc.stdout)
             except (KeyError, ValueError):
                 pass
-            inc.stdout.close()
+            inc.close_pipes()
             self.running.remove(inc)
             self.finished.append(inc)
         for inc in self.finished:
@@ -609,6 +552,10 @@ class LoadRunner:
         tot = self.totals
         ops_total = sum(n for op, n in tot.counts.items() if op != "batch")
         per_op = {}
+        every = Histogram()  # every operation's latency (a batch's round trip apart)
+        for op, hist in tot.hists.items():
+            if op != "batch":
+                every.merge(hist)
         for op in TIMED:
             h = tot.hists.get(op)
             if h is None:
@@ -648,6 +595,8 @@ class LoadRunner:
                         "python": platform.python_version(), "processor": platform.processor()},
             "service": self.service_info,
             "elapsed_s": round(elapsed, 3),
+            "start_s": round(self.start_s, 3),
+            "latency_us": every.summary_us(),
             "ops_total": ops_total,
             "ops_per_s": round(ops_total / elapsed, 1) if elapsed else 0.0,
             "ops": per_op,
@@ -662,12 +611,3 @@ class LoadRunner:
             "timeline": timeline,
             "daemon_requests": final_stats.get("requests", {}),
         }
-
-
-def describe_spec(spec: LoadSpec) -> str:
-    """One line: what a spec does (for the report's heading)."""
-    mix = OpMix.parse(spec.mix).text()
-    sizes = SizeDist.parse(spec.sizes).text()
-    return (f"{spec.clients} clients, {spec.duration:g} s{f', {spec.ops} ops' if spec.ops else ''}, "
-            f"batch {spec.batch}, sizes {sizes}, mix {mix}")
-

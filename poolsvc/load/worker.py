@@ -105,7 +105,8 @@ class Worker(Generator, Operations):
             self.trace = TraceWriter(spec["trace"])
         # the daemon
         self.client = poolsvc.connect(spec["socket"], name=f"load-{self.slot}.{self.gen}",
-                                      timeout=float(spec.get("timeout", 30)))
+                                      timeout=float(spec.get("timeout", 30)),
+                                      transport=spec.get("transport"))
         self.ctx = self.client.open_context(f"load-{self.slot}.{self.gen}")
         self.dynamic = self.client.pool == "dynamic"
         self.can_register = bool(self.client.gen_caps & 0x4)
