@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 
@@ -26,7 +27,7 @@ def _fake_report(spec: LoadSpec) -> dict:
             "ok": spec.clients != 64}
 
 
-def test_sweep_rows_ratios_and_tables():
+def test_sweep_rows_ratios_tables_and_plot(tmp_path):
     result = sweep.run(LoadSpec(duration=2.0), [1, 8, 64], _fake_report)
     assert result["format"] == sweep.FORMAT and result["reference_clients"] == 8
     rows = {r["clients"]: r for r in result["rows"]}
@@ -36,6 +37,7 @@ def test_sweep_rows_ratios_and_tables():
     assert result["ok"] is False  # one run failed
     text = sweep.text(result)
     assert "75%" in text and "RESULT: FAILED" in text and "of ref" in text
+    assert os.path.getsize(sweep.plot(result, str(tmp_path / "plots"))[0]) > 1000
     md = sweep.markdown(result).splitlines()
     assert md[2].startswith("| clients | ops/s |") and md[3].startswith("|---:|")
     assert md[4:] == ["| 1 | 1,000 | 25% | 10.0 | 99.0 | 0.5 | 0 | OK |",
@@ -65,7 +67,7 @@ def test_sweep_counts_are_checked():
     (["--malformed-rate", "1e9"], "--malformed-rate"),
     (["--sweep", "1,two"], "--sweep"),
     (["--sweep", "1,8", "--clients", "4"], "--clients applies to a single run"),
-    (["--sweep", "1,8", "--plot", "dir"], "--plot applies to a single run"),
+    (["--sweep", "1,8", "--record", "t.trace"], "--record applies to a single run"),
     (["--markdown", "t.md"], "--markdown writes the table of a --sweep"),
 ])
 def test_bad_numbers_and_combinations_exit_2_with_the_reason(args, reason, capsys):

@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sweep", metavar="N,N,...",
                    help="a scaling study: one run of --duration per client count (e.g. 1,8,64,256), "
                         "each on a daemon of its own, then a table of throughput and p50/p99 per "
-                        "count (--json and --markdown write it)")
+                        "count (--json, --markdown and --plot write it)")
     g.add_argument("--duration", type=float, default=None,
                    help="seconds of load (default 10; with --replay, only a bound: 600)")
     g.add_argument("--ops", type=int, default=0,
@@ -105,7 +105,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "configurations like for like")
     t.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
     t.add_argument("--markdown", metavar="FILE", help="with --sweep: write its table as markdown")
-    t.add_argument("--plot", metavar="DIR", help="write throughput.png and latency.png over time")
+    t.add_argument("--plot", metavar="DIR", help="write throughput.png and latency.png over time "
+                                                 "(with --sweep: sweep.png against clients)")
     t.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="print two saved reports side by side and exit (runs nothing)")
     t.add_argument("--label", default="", help="a name for this run in the report")
@@ -124,8 +125,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise BadParameters("--record and --replay together: record the original run instead")
     if args.sweep is not None:
         clash = [name for name, given in (("--clients", args.clients is not None),
-                                          ("--replay", args.replay), ("--record", args.record),
-                                          ("--plot", args.plot)) if given]
+                                          ("--replay", args.replay), ("--record", args.record))
+                 if given]
         if clash:
             raise BadParameters(f"--sweep runs one load per client count: {', '.join(clash)} "
                                 "applies to a single run")
@@ -158,12 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 if k in recorded}
         spec = spec.replace(kill_rate=0.0, **keep)
     report = _runner(args, spec).run()
-    if args.json == "-":
-        print(json.dumps(report, indent=1, sort_keys=True))
-    else:
-        print(rep.text(report), end="")
-        if args.json:
-            _write(args.json, json.dumps(report, indent=1, sort_keys=True))
+    _emit(args, report, rep.text)
     if args.plot:
         for path in rep.plot(report, args.plot):
             print(f"wrote {path}", file=sys.stderr if args.json == "-" else sys.stdout)
@@ -188,15 +184,24 @@ def _run_sweep(args: argparse.Namespace, spec: Any) -> int:
 
     counts = sweep.parse_counts(args.sweep)
     result = sweep.run(spec, counts, lambda one: _runner(args, one).run())
-    if args.json == "-":
-        print(json.dumps(result, indent=1, sort_keys=True))
-    else:
-        print(sweep.text(result), end="")
-        if args.json:
-            _write(args.json, json.dumps(result, indent=1, sort_keys=True))
+    _emit(args, result, sweep.text)
     if args.markdown:
         _write(args.markdown, sweep.markdown(result), stdout=args.json != "-")
+    if args.plot:
+        for path in sweep.plot(result, args.plot):
+            print(f"wrote {path}", file=sys.stderr if args.json == "-" else sys.stdout)
     return 0 if result["ok"] else 1
+
+
+def _emit(args: argparse.Namespace, doc: dict[str, Any], render: Any) -> None:
+    """Print ``doc`` as JSON (``--json -``) or as ``render(doc)``, and write it to
+    ``--json FILE`` when asked."""
+    if args.json == "-":
+        print(json.dumps(doc, indent=1, sort_keys=True))
+        return
+    print(render(doc), end="")
+    if args.json:
+        _write(args.json, json.dumps(doc, indent=1, sort_keys=True))
 
 
 def _write(path: str, text: str, stdout: bool = True) -> None:

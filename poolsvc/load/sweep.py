@@ -108,3 +108,48 @@ def markdown(sweep: dict[str, Any]) -> str:
              "|" + "|".join("---:" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in _cells(sweep)]
     return "\n".join(lines) + "\n"
+
+
+def plot(sweep: dict[str, Any], directory: str) -> list[str]:
+    """``sweep.png`` in ``directory``: throughput, and p50 with its p99 above it, against
+    the number of clients (log scales; a run that failed is marked with an x); returns
+    its path."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    rows = sweep["rows"]
+    clients = [r["clients"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    top.plot(clients, [r["ops_per_s"] for r in rows], marker="o", color="black", label="ops/s")
+    bottom.plot(clients, [r["p50_us"] for r in rows], marker="o", color="tab:blue", label="p50")
+    bottom.fill_between(clients, [r["p50_us"] for r in rows], [r["p99_us"] for r in rows],
+                        color="tab:blue", alpha=0.2, label="p50 to p99")
+    bottom.plot(clients, [r["p99_us"] for r in rows], linestyle=":", color="tab:blue", label="p99")
+    failed = [r for r in rows if not r["ok"]]
+    if failed:
+        top.scatter([r["clients"] for r in failed], [max(r["ops_per_s"], 1.0) for r in failed],
+                    marker="x", s=80, color="red", zorder=3, label="run failed (violations or leaks)")
+    top.set_ylabel("operations per second, all clients")
+    bottom.set_ylabel("latency of one operation (µs)")
+    bottom.set_xlabel("client processes")
+    for ax in (top, bottom):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(clients, [str(n) for n in clients])
+        ax.minorticks_off()
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    spec = sweep["spec"]
+    top.set_title(f"poolsvc load --sweep: {spec['duration']:g} s per count, batch {spec['batch']}, "
+                  f"{sweep['service'].get('transport', 'default')} transport, "
+                  f"{sweep['machine']['cpus']} CPUs", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(directory, "sweep.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
