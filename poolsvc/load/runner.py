@@ -17,8 +17,8 @@ until all are (their start-up, an interpreter each, is not load); the run's
 The main loop is single-threaded: it reads the workers' report lines from
 their stdout pipes (``selectors``), deals kills at Poisson-distributed
 moments, checks a snapshot, prints one status line on stderr, and ends when
-every slot is done or at ``duration + GRACE`` seconds, whichever comes
-first.  Whatever happens, the ``finally`` of :meth:`LoadRunner.run` kills
+every slot is done or :meth:`LoadRunner.grace` seconds past the duration,
+whichever comes first.  Whatever happens, the ``finally`` of :meth:`LoadRunner.run` kills
 and reaps every worker and the daemon it started: no child outlives a run.
 
 Concurrency: one thread, plus the injector's thread (which only touches its
@@ -51,6 +51,8 @@ from .progress import Progress
 
 #: Seconds the workers get past the duration to free what they hold and exit.
 GRACE = 30.0
+#: More seconds of grace per client: the daemon serves every client's frees and closes at the end.
+GRACE_PER_CLIENT = 0.25
 #: Seconds after the last worker exits for the daemon to release everything.
 SETTLE = 15.0
 #: Workers connecting at once while a run starts (each start costs an interpreter and numpy).
@@ -278,6 +280,10 @@ class LoadRunner:
             if inc.proc.poll() is not None:
                 self._reap(inc)
 
+    def grace(self) -> float:
+        """Seconds the workers get past the duration to free what they hold and exit."""
+        return GRACE + GRACE_PER_CLIENT * len(self.next_gen)
+
     def _slot_budget(self) -> int:
         if not self.spec.ops:
             return 0
@@ -448,7 +454,7 @@ class LoadRunner:
             kill_rate = spec.kill_rate if self.replay is None else 0.0
             next_kill = self.t0 + self.rng.expovariate(kill_rate) if kill_rate else math.inf
             next_check = self.t0 + spec.check_interval
-            hard_end = self.end + GRACE
+            hard_end = self.end + self.grace()
             while self.running:
                 self._pump()
                 now = time.monotonic()
@@ -462,7 +468,7 @@ class LoadRunner:
                 self._status(now)
                 if now > hard_end:
                     for inc in self.running:
-                        self.violate(f"client {inc.slot}.{inc.gen} did not finish within {GRACE} s "
+                        self.violate(f"client {inc.slot}.{inc.gen} did not finish within {self.grace():g} s "
                                      "of the end; killed")
                         inc.killed = True
                         inc.proc.kill()
