@@ -52,6 +52,7 @@ import sys
 import time
 from typing import Any, Iterator
 
+from ..constants import GenCaps
 from ..errors import NotSupported, PoolsvcError
 from .generate import Generator, Op
 from .histogram import Histogram
@@ -109,7 +110,7 @@ class Worker(Generator, Operations):
                                       transport=spec.get("transport"))
         self.ctx = self.client.open_context(f"load-{self.slot}.{self.gen}")
         self.dynamic = self.client.pool == "dynamic"
-        self.can_register = bool(self.client.gen_caps & 0x4)
+        self.can_register = bool(self.client.gen_caps & GenCaps.REG_MEM)
         self.session: Any = None
         self.digest: Any = None
         self.digest_view = None
@@ -141,7 +142,7 @@ class Worker(Generator, Operations):
         obj = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=0o600,
                                      size=self.regions * REGION_SIZE)
         try:
-            obj.unlink()  # section 8: unlink early, so that a SIGKILL leaves nothing in /dev/shm
+            obj.unlink()  # docs/design.md section 8: unlink early, so that a SIGKILL leaves nothing in /dev/shm
             self.area = mmap.mmap(obj.fd, self.regions * REGION_SIZE)
             self.area_fd = os.dup(obj.fd)
         finally:
