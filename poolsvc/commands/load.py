@@ -2,6 +2,7 @@
 
 The work is in :mod:`poolsvc.load`; this module only maps the command line
 onto :class:`~poolsvc.load.mix.LoadSpec` and :class:`~poolsvc.load.runner.LoadRunner`
+(one run, or one per client count with ``--sweep``: :mod:`poolsvc.load.sweep`)
 and prints.  Exit status: 0 when the run kept every invariant and leaked
 nothing, 1 when it did not (the report says what), 2 for bad arguments.
 """
