@@ -172,3 +172,13 @@ def test_progress_drives_a_tqdm_bar_on_a_terminal(monkeypatch):
     assert ("desc", "64 clients: starting 3/64") in bar.calls and ("postfix", "ops 100") in bar.calls
     assert ("refresh", 8.0) in bar.calls  # elapsed beyond the total: the bar is full, not over
     assert bar.closed and p.bar is None
+
+
+def test_progress_with_the_real_tqdm():
+    pytest.importorskip("tqdm")
+    out = _Tty()
+    p = progress.Progress(out, 10.0, "8 clients: ")
+    p.update("running", 4.0, "ops 1,234")
+    p.update("done", 10.3, "ops 3,000", final=True)
+    last = out.getvalue().rstrip("\n").split("\r")[-1]
+    assert last.startswith("8 clients: done") and "10/10 s" in last and last.endswith("ops 3,000")

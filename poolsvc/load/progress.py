@@ -47,7 +47,7 @@ class Progress:
             tqdm = _tqdm()
             if tqdm is not None:
                 self.bar = tqdm(total=round(total_s, 1), file=stream, desc=label.strip() or "load",
-                                bar_format="{desc} {bar} {n:.0f}/{total:.0f} s {postfix}",
+                                bar_format="{desc} {bar} {n:.0f}/{total:.0f} s{postfix}",
                                 leave=True, dynamic_ncols=True)
 
     def update(self, phase: str, elapsed: float, figures: str, final: bool = False) -> None:
