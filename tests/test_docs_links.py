@@ -7,7 +7,7 @@ Owns three checks over the tracked tree (``git ls-files``):
   ``docs/design.md``; the pattern is assembled below so this file does not
   match itself);
 - no ``*.md``, ``*.py`` or ``*.pyx`` file narrates work sessions
-  ("session 3"): history belongs in git;
+  ("session" and a number): history belongs in git;
 - every relative link and image in the user documents (``docs/*.md``,
   ``bench/README.md``, ``README.md``) points at a tracked file or folder, and
   a ``#fragment`` into a Markdown file names one of its headings.
