@@ -1,17 +1,10 @@
 """Shared test configuration: hypothesis profiles, the CI seed, backend fixtures.
 
-Profiles (chosen by ``HYPOTHESIS_PROFILE``, else ``ci`` when ``CI`` is set, else ``dev``):
-
-``dev``       100 examples, random seed, the example database in ``.hypothesis/``
-              kept between local runs (a failure found once is replayed first).
-``ci``        100 examples, no database, and one random seed per run, printed in the
-              report header and again after the run, so a CI failure replays with
-              ``CI=true python -m pytest --hypothesis-seed=N ...`` (``HYPOTHESIS_SEED=N``
-              in the environment does the same).
-``thorough``  1000 examples, random seed, database kept.
-
-Tests whose single example is expensive (state machines, fuzzers) scale their own
-count from the profile's with :func:`examples` rather than fixing a number.
+The hypothesis profiles live in tests/profiles.py (loaded on import).  In the
+``ci`` profile every run draws one random seed, printed in the report header and
+again after the run, so a CI failure replays with
+``CI=true python -m pytest --hypothesis-seed=N ...`` (``HYPOTHESIS_SEED=N`` in the
+environment does the same).
 
 Concurrency: none; pytest runs the tests of one process in sequence.
 """
@@ -22,22 +15,9 @@ import random
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import core as hypothesis_core
 
-_COMMON: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                               print_blob=True)
-settings.register_profile("dev", max_examples=100, **_COMMON)
-settings.register_profile("ci", max_examples=100, database=None, **_COMMON)
-settings.register_profile("thorough", max_examples=1000, **_COMMON)
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
-settings.load_profile(PROFILE)
-
-
-def examples(fraction: float, at_least: int = 10) -> int:
-    """``max_examples`` for a test whose examples are costly: a share of the profile's."""
-    return max(at_least, int(settings.default.max_examples * fraction))
-
+from profiles import PROFILE
 
 # -- the seed of a CI run --------------------------------------------------------------------
 def _ci_seed(config: pytest.Config) -> int | None:
