@@ -234,6 +234,17 @@ def message_strategy(world):
                       st.sampled_from(meta), st.lists(params, max_size=5))
     cfg = world.system.config
     small = st.integers(0, 3 * PAGE_SIZE)
+
+    def unaligned_entry(attrs, cookies):
+        """A NONCONTIG param whose list's only entry read is unaligned: the spec refuses it."""
+        return st.integers(0, PAGE_MASK).flatmap(lambda o: st.builds(
+            MsgParam, attrs, st.just(world.list_bad | o), st.integers(1, PAGE_SIZE - o), cookies))
+
+    fresh = st.integers(1 << 40, 1 << 41)
+    registers = st.builds(lambda p: MsgArg(cmd=MsgCmd.REGISTER_SHM, params=[p]), st.one_of(
+        st.builds(MsgParam, st.just(Attr.TMEM_OUTPUT | ATTR_NONCONTIG),
+                  st.integers(0, PAGE_MASK).map(lambda o: world.list_pa | o), st.integers(1, 7 * PAGE_SIZE), fresh),
+        unaligned_entry(st.just(Attr.TMEM_OUTPUT | ATTR_NONCONTIG), fresh)))
     plausible = st.one_of(
         st.builds(MsgParam, st.sampled_from([1, 2, 3]), st.integers(0, 5), st.integers(0, 5), st.just(0)),
         st.builds(MsgParam, st.sampled_from([9, 10, 11]), st.integers(0, cfg.static_size).map(
@@ -241,10 +252,7 @@ def message_strategy(world):
         st.builds(MsgParam, st.sampled_from([9, 10, 11]).map(lambda t: t | ATTR_NONCONTIG),
                   st.sampled_from([world.list_pa, world.list_bad]).flatmap(
                       lambda pa: st.integers(0, PAGE_MASK).map(lambda o: pa | o)), small, st.just(0)),
-        # a list whose only entry read is unaligned: the spec refuses it
-        st.integers(0, PAGE_MASK).flatmap(lambda o: st.builds(
-            MsgParam, st.sampled_from([9, 10, 11]).map(lambda t: t | ATTR_NONCONTIG),
-            st.just(world.list_bad | o), st.integers(1, PAGE_SIZE - o), st.just(0))),
+        unaligned_entry(st.sampled_from([9, 10, 11]).map(lambda t: t | ATTR_NONCONTIG), st.just(0)),
         st.builds(MsgParam, st.sampled_from([5, 6, 7]), small, small,
                   st.sampled_from(world.cookies or [0])),
         st.builds(MsgParam, st.sampled_from([9, 10, 11]), st.just(0), small, st.just(0)),
@@ -273,7 +281,7 @@ def message_strategy(world):
     typed = st.one_of(*[st.builds(lambda ps, i=i, f=f: MsgArg(cmd=MsgCmd.INVOKE_COMMAND, func=f,
                                                              session=world.sessions[i], params=list(ps)), t)
                         for i, f, t in templates])
-    return st.one_of(plain, opens, invokes, typed).map(lambda m: m.pack())
+    return st.one_of(plain, opens, invokes, typed, registers).map(lambda m: m.pack())
 
 
 @pytest.mark.parametrize("pool", ["dynamic", "static"])
