@@ -7,7 +7,8 @@ run before it is given back) checked against a model of the pages handed out
 each backend alone and on the compiled core and the plain-Python reference side
 by side (identical results, error types, frame maps, frame tables and storage
 bytes); (b) one hand-written case per error and per all-or-nothing promise, on
-both backends.
+both backends, among them: a second segment on a storage id that already backs
+one is refused (both would hand out the same storage pages).
 
 Concurrency: none; every test builds its own objects.
 """
@@ -344,3 +345,23 @@ def test_add_and_remove_errors(core):
     w.arena.alloc(1)
     w.arena.remove("a")                        # allowed while it holds pages
     assert w.arena.pages_total == 0 and w.arena.segments() == []
+
+
+def test_two_segments_on_one_storage_are_refused(core):
+    # Both would hand out storage page 0: a run of each mapped onto the same
+    # bytes, and giving one back zeroed the other's live data.
+    table = core.FrameTable([(DYN, NFRAMES * PAGE)])
+    frames = core.FrameAllocator(DYN, NFRAMES)
+    arena = core.ArenaPages(table, frames)
+    storage = bytearray(8 * PAGE)
+    table.attach(3, storage)
+    arena.add("a", 3, 4)
+    with pytest.raises(BadParameters):
+        arena.add("b", 3, 4)
+    assert arena.segments() == ["a"] and arena.pages_total == 4
+    first = arena.take(4)
+    assert first is not None and arena.take(1) is None     # no second copy of the pages
+    table.write(first.pa, b"live")
+    arena.remove("a")
+    arena.add("b", 3, 8)                            # once "a" is gone, the storage is free
+    assert arena.segments() == ["b"]
