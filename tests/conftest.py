@@ -17,17 +17,21 @@ from typing import Any
 import pytest
 from hypothesis import core as hypothesis_core
 
-from profiles import PROFILE
+from profiles import PROFILE, SEEDED
 
 # -- the seed of a CI run --------------------------------------------------------------------
 def _ci_seed(config: pytest.Config) -> int | None:
-    """The run's seed: ``--hypothesis-seed``, else ``HYPOTHESIS_SEED``, else a fresh one (CI only)."""
+    """The run's seed: ``--hypothesis-seed``, else ``HYPOTHESIS_SEED``, else a fresh one (CI only).
+
+    None in the local profiles: hypothesis then draws a seed per test and replays
+    the failures its database remembers.
+    """
     given = config.getoption("hypothesis_seed", default=None)
     if given is not None:
         return int(given)
     if os.environ.get("HYPOTHESIS_SEED"):
         return int(os.environ["HYPOTHESIS_SEED"])
-    if PROFILE == "ci":
+    if SEEDED:
         return random.SystemRandom().randrange(1 << 32)
     return None
 

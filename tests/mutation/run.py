@@ -5,7 +5,8 @@ list, the id table, the arena, the pools' zeroing and the service's ownership
 checks, and the loop that tries each: copy the repository to a temporary
 directory, replace one text by another in one or more files, rebuild the compiled
 core when ``ext/`` changed, run the tests named for that mutation under the CI
-hypothesis profile (``CI=true``) against the named backend, and report the mutant
+hypothesis profile (``CI=true``; its ``mutation`` variant, which skips shrinking)
+against the named backend, and report the mutant
 *killed* (a test failed), *survived* (every test passed) or *invalid* (the text to
 replace is not in the file, or the build failed).
 
@@ -183,8 +184,7 @@ def apply(mutation: Mutation, tree: Path) -> str | None:
 
 
 def run_tests(mutation: Mutation, tree: Path, timeout: float) -> tuple[int, str]:
-    env = dict(os.environ, CI="true")
-    env.pop("HYPOTHESIS_PROFILE", None)
+    env = dict(os.environ, CI="true", HYPOTHESIS_PROFILE="mutation")   # the CI profile, no shrinking
     if mutation.backend == "pure":
         env["POOLSVC_PUREPYTHON"] = "1"
     else:
