@@ -7,8 +7,9 @@ directory, replace one text by another in one or more files, rebuild the compile
 core when ``ext/`` changed, run the tests named for that mutation under the CI
 hypothesis profile (``CI=true``; its ``mutation`` variant, which skips shrinking)
 against the named backend, and report the mutant
-*killed* (a test failed), *survived* (every test passed) or *invalid* (the text to
-replace is not in the file, or the build failed).
+*killed* (a test failed), *survived* (every test passed), *timeout* (the tests did
+not finish) or *invalid* (the text to replace is not in the file, the build failed,
+or pytest could not run).
 
 Run from the repository root (not collected by pytest: the file is not named test_*)::
 
@@ -18,7 +19,7 @@ Run from the repository root (not collected by pytest: the file is not named tes
     python tests/mutation/run.py --baseline ...  # also run each test set unmutated first
 
 Exit status: 0 when every mutant was killed, 1 when one survived, 2 when one was
-invalid.  Survivors and their explanations are listed in docs/testing.md.
+invalid or timed out.  Survivors and their explanations are listed in docs/testing.md.
 
 Concurrency: mutants run one after another, each in its own copy; the working tree
 is never modified.
@@ -202,7 +203,7 @@ def failed_tests(output: str) -> list[str]:
 
 
 def try_mutation(mutation: Mutation, baseline: bool, timeout: float, keep: bool) -> tuple[str, str]:
-    """``(status, detail)`` with status killed / survived / invalid."""
+    """``(status, detail)`` with status killed / survived / timeout / invalid."""
     tmp = Path(tempfile.mkdtemp(prefix=f"poolsvc-mut-{mutation.name}-"))
     tree = tmp / "repo"
     try:
@@ -226,7 +227,9 @@ def try_mutation(mutation: Mutation, baseline: bool, timeout: float, keep: bool)
             return "survived", ""
         if rc == 1:
             return "killed", ", ".join(failed_tests(out)) or out[-500:]
-        return "killed" if rc == -1 else "invalid", f"pytest exit status {rc}:\n{out[-2000:]}"
+        if rc == -1:
+            return "timeout", f"the tests ran longer than {timeout} s"
+        return "invalid", f"pytest exit status {rc}:\n{out[-2000:]}"
     finally:
         if keep:
             print(f"  kept {tree}")
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--baseline", action="store_true", help="run each test set unmutated first")
     parser.add_argument("--keep", action="store_true", help="keep the mutated copies (paths printed)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per build or test run")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per build or test run")
     args = parser.parse_args(argv)
     by_name = {m.name: m for m in MUTATIONS}
     unknown = [n for n in args.names if n not in by_name]
@@ -260,13 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{status:9} {m.name:40} {m.backend:9} {time.monotonic() - start:6.1f} s  {first_line}", flush=True)
         if status == "invalid":
             print(detail)
-    counts = {s: sum(1 for _, st in results if st == s) for s in ("killed", "survived", "invalid")}
-    print(f"\n{counts['killed']} killed, {counts['survived']} survived, {counts['invalid']} invalid "
-          f"of {len(results)}")
+    counts = {s: sum(1 for _, st in results if st == s) for s in ("killed", "survived", "timeout", "invalid")}
+    print(f"\n{counts['killed']} killed, {counts['survived']} survived, {counts['timeout']} timed out, "
+          f"{counts['invalid']} invalid of {len(results)}")
     for m, status in results:
         if status != "killed":
             print(f"  {status}: {m.name} ({m.what})")
-    if counts["invalid"]:
+    if counts["invalid"] or counts["timeout"]:
         return 2
     return 1 if counts["survived"] else 0
 
