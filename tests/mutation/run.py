@@ -81,7 +81,7 @@ MUTATIONS: list[Mutation] = [
         "        return self._freed(s, i, n)")),
     _m("static-pool-no-zero", "compiled", "static-pool memory is not zeroed when freed",
        _SYSTEM_PROPS,
-       ("poolsvc/system.py", "self._carveout_zero[start:start + b.length] = 0", "pass")),
+       ("poolsvc/pools.py", "self._carveout_bytes[backing.start:backing.start + backing.length] = 0", "pass")),
     _m("pagelist-entry-alignment-pure", "pure", "the pure page-list parser accepts unaligned entries",
        _FUZZ_PROPS,
        ("poolsvc/_pure/pagelist.py",
@@ -94,11 +94,11 @@ MUTATIONS: list[Mutation] = [
         "shm = next((c.shms[cookie] for c in self.system.contexts.values() if cookie in c.shms), None)")),
     _m("system-refuses-everything", "pure", "every allocation and registration is refused",
        _SYSTEM_PROPS,
-       ("poolsvc/system.py", "        ids = self.system.ids\n        shm_id = ids.alloc(None) if with_id else -1",
+       ("poolsvc/context.py", "        ids = self.system.ids\n        shm_id = ids.alloc(None) if with_id else -1",
         "        raise OutOfMemory('planted: refuse everything')\n        ids = self.system.ids\n"
         "        shm_id = ids.alloc(None) if with_id else -1"),
-       ("poolsvc/system.py", "from .errors import (\n    BadParameters,", "from .errors import (\n    OutOfMemory,\n"
-        "    BadParameters,")),
+       ("poolsvc/context.py", "from .errors import Closed, ItemNotFound\n",
+        "from .errors import Closed, ItemNotFound, OutOfMemory\n")),
 
     # -- more mutants of the same kernels, under their whole test files -----------------------
     _m("rangealloc-best-fit-takes-largest", "pure", "best-fit picks the largest free run",
@@ -162,7 +162,7 @@ MUTATIONS: list[Mutation] = [
         "        q = s.used.find(b\"\\x00\", i, i + n)\n        if False:")),
     _m("system-foreign-id-found", "pure", "shm_from_id finds another context's id",
        ("tests/test_system_props.py", "tests/test_system.py"),
-       ("poolsvc/system.py", "if shm is None or shm.context is not self or shm.closed:",
+       ("poolsvc/context.py", "if shm is None or shm.context is not self or shm.closed:",
         "if shm is None or shm.closed:")),
     _m("service-foreign-memref", "compiled", "INVOKE accepts a memref on another client's cookie",
        _OWNER_PROPS + ("tests/test_service.py",),
