@@ -27,6 +27,8 @@ from poolsvc.errors import (
     PoolsvcError,
 )
 
+from bytecheck import assert_bytes
+
 PAGE = 4096
 DYN = 0x50000000
 NFRAMES = 64
@@ -153,7 +155,7 @@ def drive_arenas(data, worlds):
             if rc[0] == "ok" and rc[1] is not None:
                 label, index = rc[1]
                 assert not any(used[label][index:index + n]), "alloc handed out used pages"
-                assert pages(label, index, n) == bytes(n * PAGE), "alloc handed out pages not zeroed"
+                assert_bytes(pages(label, index, n), bytes(n * PAGE), "pages handed out by alloc")
                 used[label][index:index + n] = b"\x01" * n
                 pairs.append((label, index, n))
         elif op == "free" and (pairs or labels):
@@ -167,7 +169,7 @@ def drive_arenas(data, worlds):
             if rc[0] == "ok":
                 assert all(used[label][index:index + n]), "free accepted pages not handed out"
                 used[label][index:index + n] = bytes(n)
-                assert pages(label, index, n) == bytes(n * PAGE), "freed pages not zeroed"
+                assert_bytes(pages(label, index, n), bytes(n * PAGE), "freed pages")
         elif op == "take":
             n = draw(count)
             results = step("take", n)
@@ -175,8 +177,8 @@ def drive_arenas(data, worlds):
             if rc[0] == "ok" and rc[1] is not None:
                 run = rc[1]
                 assert not any(used[run.segment][run.index:run.index + n]), "take handed out used pages"
-                assert pages(run.segment, run.index, n) == bytes(n * PAGE), "take handed out pages not zeroed"
-                assert first.table.read(run.pa, n * PAGE) == bytes(n * PAGE)
+                assert_bytes(pages(run.segment, run.index, n), bytes(n * PAGE), "pages handed out by take")
+                assert_bytes(first.table.read(run.pa, n * PAGE), bytes(n * PAGE), "a run through its frames")
                 used[run.segment][run.index:run.index + n] = b"\x01" * n
                 runs.append(tuple(r[1] for r in results))
         elif op == "give" and runs:
@@ -186,8 +188,8 @@ def drive_arenas(data, worlds):
             rc = step("give", per_world=[(r,) for r in chosen])[0]
             if rc[0] == "ok":
                 used[run.segment][run.index:run.index + run.npages] = bytes(run.npages)
-                assert pages(run.segment, run.index, run.npages) == bytes(run.npages * PAGE), \
-                    "given-back pages not zeroed"
+                assert_bytes(pages(run.segment, run.index, run.npages), bytes(run.npages * PAGE),
+                             "given-back pages")
         elif op == "scribble" and runs:
             # write through the frame table into a live run
             run = draw(st.sampled_from(runs))[0]

@@ -26,6 +26,7 @@ from poolsvc import Config, ShmFlags, System
 from poolsvc.errors import BadParameters, Closed, ItemNotFound, NotSupported, OutOfMemory
 
 from profiles import examples
+from bytecheck import assert_bytes
 from sysutil import LeakCheck, assert_accounting
 
 PAGE = 4096
@@ -103,7 +104,7 @@ class SystemMachine(RuleBasedStateMachine):
         if kind != "alloc_priv_buf":
             assert shm.size % PAGE == 0 and shm.offset == 0
         view = shm.view()
-        assert bytes(view) == bytes(shm.size), "a new buffer is not zeroed"
+        assert_bytes(view, bytes(shm.size), "a new buffer")
         self.counter += 1
         stamp = 1 + self.counter % 255
         view[:] = bytes([stamp]) * shm.size                    # all of it: its reuse must be zeroed
@@ -213,9 +214,10 @@ class SystemMachine(RuleBasedStateMachine):
             view = shm.view()
             n = min(shm.size, 64)
             if shm.flags & ShmFlags.POOL:          # its first and last bytes
-                assert bytes(view[:n]) == bytes(view[-n:]) == bytes([stamp]) * n
+                assert_bytes(view[:n], bytes([stamp]) * n, "the start of a live buffer")
+                assert_bytes(view[-n:], bytes([stamp]) * n, "the end of a live buffer")
             else:  # registered: the client's bytes, seen through the view
-                assert bytes(view) == bytes(self.client.buf[stamp:stamp + shm.size])
+                assert_bytes(view, self.client.buf[stamp:stamp + shm.size], "a registered buffer")
             view.release()
 
 
