@@ -173,7 +173,7 @@ class Pools:
         and its arena pages are zeroed and freed (the arena may then return
         an emptied segment to the OS).
         """
-        if type(backing) is StaticRun:
+        if isinstance(backing, StaticRun):
             self._take_back(backing.pa, backing.npages)
             ctx.arena.free(backing.segment, backing.index, backing.npages)
         else:
