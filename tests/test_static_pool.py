@@ -23,16 +23,14 @@ from poolsvc import Config, System
 from poolsvc._backend import core
 from poolsvc.constants import PAGE_SIZE, ShmFlags
 from poolsvc.errors import BadParameters, ItemNotFound, NotSupported, OutOfMemory
-from poolsvc.mapping import find_mapping
 from poolsvc.service import protocol as P
 from poolsvc.service.client import connect
 from poolsvc.shm import StaticBacking, StaticRun
-from poolsvc.storage import LIVE
 from poolsvc.tee.driver import RegisteredMemref, Value
 from poolsvc.tee.ta import FillApp, Sha256App
 
-from svcutil import SMALL, DaemonThread, idle, spawn_client, summary
-from sysutil import LeakCheck, assert_accounting, shm_leftovers
+from svcutil import SMALL, DaemonThread, checked_daemon, idle, spawn_client, summary
+from sysutil import LeakCheck, assert_accounting
 
 STATIC = dict(SMALL, dynamic_shm=False)
 STATIC_BASE = Config().static_base
@@ -163,38 +161,40 @@ def test_a_failure_takes_nothing(system, monkeypatch):
 
 
 def test_the_carve_out_runs_out_and_comes_back(system):
+    """Mixed kinds until the carve-out refuses; the arena never outgrows the carve-out."""
     ctx = system.open_context()
+    makers = (ctx.alloc_user_buf, ctx.alloc_kernel_buf, ctx.alloc_priv_buf)
     held = []
-    with pytest.raises(OutOfMemory):
-        while True:
-            held.append(ctx.alloc_user_buf(64 << 10))
-    assert system.static.largest_free < 64 << 10
-    assert ctx.arena.bytes_total <= system.config.static_size + system.config.arena_step
+    for step in range(system.config.static_size // (16 << 10) + 3):
+        try:
+            held.append(makers[step % 3](40 << 10))
+        except OutOfMemory:
+            break
+    else:
+        pytest.fail("the carve-out never ran out")
+    assert system.static.largest_free < 40 << 10
+    assert ctx.arena.bytes_total <= system.config.static_size
+    assert ctx.arena.used_pages * PAGE_SIZE == sum(s.size for s in held if not s.flags & ShmFlags.PRIV)
     for shm in held:
         shm.close()
     assert_accounting(system)
     assert system.static.used_bytes == PAGE_SIZE  # the driver's message page
 
 
+def test_a_context_s_arena_grows_by_at_most_the_carve_out():
+    with System(Config(**dict(STATIC, arena_step=16 << 20, static_size=1 << 20))) as system:
+        ctx = system.open_context()
+        shm = ctx.alloc_user_buf(1)
+        assert ctx.arena.bytes_total == system.config.static_size
+        shm.close()
+
+
 # -- through the daemon -----------------------------------------------------------------------
 @pytest.fixture(params=["socket", "shm"])
 def daemon(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonThread]:
     monkeypatch.setenv("POOLSVC_TRANSPORT", request.param)
-    before_storage, before_shm = LIVE["storage"], shm_leftovers()
-    d = DaemonThread(tmp_path / "d.sock", Config(**STATIC))
-    d.baseline = summary(d.stats())
-    yield d
-    d.stop()
-    assert LIVE["storage"] == before_storage, "daemon storage objects leaked"
-    assert shm_leftovers() == before_shm
-
-
-def _segment_inodes(ctx: Any) -> set[int]:
-    inodes = set()
-    for mm in ctx._channel.segments.values():
-        addr = np.frombuffer(mm, np.uint8).__array_interface__["data"][0]
-        inodes.add(find_mapping(addr, 1).inode)
-    return inodes
+    with checked_daemon(tmp_path / "d.sock", Config(**STATIC)) as d:
+        yield d
 
 
 def test_bytes_agree_through_view_and_the_secure_world(daemon):
@@ -239,10 +239,11 @@ def test_another_client_cannot_reach_them(daemon):
             shm.view()[:] = secret
         sb = [cb.alloc_user_buf(2 * PAGE_SIZE), cb.alloc_kernel_buf(PAGE_SIZE)]
         assert all(bytes(s.view()) == bytes(s.size) for s in sb)
-        assert _segment_inodes(ca) and _segment_inodes(cb)
-        assert not _segment_inodes(ca) & _segment_inodes(cb)  # no storage of A was sent to B
-        for mm in cb._channel.segments.values():  # nothing B maps holds A's bytes
-            assert secret[:64] not in bytes(mm)
+        # B maps exactly its own arena (the daemon's figure), and none of it holds A's bytes
+        [entry] = [c for c in daemon.stats()["clients"] if c["name"] == "b" and c["role"] == "CONTEXT"]
+        mapped = list(cb._channel.segments.values())
+        assert sum(len(mm) for mm in mapped) == entry["arena_bytes"] > 0
+        assert all(secret[:64] not in bytes(mm) for mm in mapped)
         with pytest.raises(ItemNotFound):
             cb.shm_from_id(sa[0].id)
         raw = cb._channel  # B names A's cookie directly: refused, A's buffer untouched
