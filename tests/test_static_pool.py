@@ -29,8 +29,12 @@ from poolsvc.shm import StaticBacking, StaticRun
 from poolsvc.tee.driver import RegisteredMemref, Value
 from poolsvc.tee.ta import FillApp, Sha256App
 
+from poolsvc.load.mix import LoadSpec
+from poolsvc.load.runner import LoadRunner
+
 from svcutil import SMALL, DaemonThread, checked_daemon, idle, spawn_client, summary
 from sysutil import LeakCheck, assert_accounting
+from test_load import _assert_clean, _bare_worker, _FakeShm
 
 STATIC = dict(SMALL, dynamic_shm=False)
 STATIC_BASE = Config().static_base
@@ -329,3 +333,40 @@ def test_crash_reclaim(daemon):
         assert bytes(shm.view()) == bytes(shm.size)
         shm.close()
     daemon.wait_for(idle(daemon.baseline))
+
+
+# -- the load harness -------------------------------------------------------------------------
+class _PrivateShm(_FakeShm):
+    """A static-pool private buffer as the client sees it: no view."""
+
+    def view(self) -> memoryview:
+        raise NotSupported("a private buffer of the reserved static pool stays in the daemon")
+
+
+def test_load_ledger_checks_static_buffers_like_dynamic_ones():
+    w = _bare_worker(dynamic=False)
+    user = w._hold(_FakeShm(0x42001000, 2, 8192), "u", 8192, 1)
+    assert sorted(w.pages) == [0x42001000, 0x42002000] and w.violations == []
+    w._hold(_FakeShm(0x42002000, 1, 4096), "k", 4096, 2, full=False)  # a page given twice
+    assert len(w.violations) == 1 and "page 0x42002000 of new buffer 2" in w.violations[0]
+    private = w._hold(_PrivateShm(0x42003000, 1, 512), "p", 512, 3)
+    w._verify(private, "free")
+    assert w.unverified == 0  # nothing of it is the client's to check
+    user.shm.buf[100] ^= 1
+    w._verify(user, "free")
+    assert len(w.violations) == 2 and "changed under its owner" in w.violations[1]
+    blind = w._hold(_PrivateShm(0x42004000, 1, 4096), "u", 4096, 4)  # a user buffer without a view
+    w._verify(blind, "free")
+    assert w.unverified == 1
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_load_without_dynamic_shm_skips_nothing_and_checks_everything(batch):
+    rep = LoadRunner(LoadSpec(clients=2, duration=3.0, kill_rate=1.0, batch=batch, seed=11),
+                     no_dynamic=True).run()
+    _assert_clean(rep)
+    assert rep["service"]["pool"] == "static"
+    assert rep["skipped_ops"] == 0 and rep["unverified_checks"] == 0
+    ops = ("alloc_user", "alloc_kernel", "alloc_priv", "free", "lookup") + (("invoke",) if batch == 1 else ())
+    for op in ops:
+        assert rep["ops"][op]["count"] > 0, op
