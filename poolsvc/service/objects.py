@@ -155,9 +155,9 @@ class Shm(Handle):
             assert self._user_view is not None
             view = self._user_view[:]
         else:
-            raise NotSupported("a private buffer of the reserved static pool may share its page "
-                               "with other clients' buffers, so it stays in the daemon: view() of "
-                               "it is not available through the pool service")
+            raise NotSupported("a private buffer of the reserved static pool may share its "
+                               "carve-out page with other clients' buffers, so it stays in the "
+                               "daemon: view() of it is not available through the pool service")
         self._views.append(view)
         return view
 
