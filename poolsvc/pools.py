@@ -13,14 +13,14 @@ page-rounded (as Linux's pool rounds it to its page alignment), so it owns
 its frames outright: its bytes live in pages of its context's arena, mapped
 at those addresses in the frame table while it lives, exactly as a dynamic
 pool run's are, and a client of the pool service maps them as it maps a
-dynamic buffer.  A private buffer (16-byte aligned, 512-byte granular) may
-share a page with others, so it lives in the carve-out's own storage object,
+dynamic buffer.  A private buffer (16-byte aligned, rounded to the pool's
+granule) may share a page with others, so it lives in the carve-out's own storage object,
 which backs every carve-out frame no buffer has taken, and never leaves the
 process that holds the System.
 
 Memory is zeroed when freed, so every allocation starts zeroed.
 
-Invariants (checked by the tests after every operation):
+Invariants (checked by the tests: tests/sysutil.py, tests/test_static_pool.py):
   ``dynamic.free_frames + dynamic.used_frames == dynamic.nframes``
   ``static.free_bytes + static.used_bytes == static.size``
   every carve-out frame is mapped: to a live StaticRun's arena page, or else

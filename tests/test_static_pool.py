@@ -53,6 +53,28 @@ def system() -> Iterator[System]:
     leaks.assert_balanced()
 
 
+def _assert_carve_out_mapping(system: System) -> None:
+    """Each carve-out frame maps to a live StaticRun's arena page, else to its own
+    carve-out page; the carve-out pages under a live run are zero (poolsvc/pools.py)."""
+    table, base = system.memory.table, system.config.static_base
+    carveout = system.pools.carveout.mm
+    lent = {}
+    for ctx in system.contexts.values():
+        for shm in ctx.shms.values():
+            if type(shm.backing) is StaticRun:
+                run = shm.backing
+                for k in range(run.npages):
+                    lent[run.pa + k * PAGE_SIZE] = (run.segment.sid, run.index + k)
+    [carveout_sid] = [sid for sid, buf in system.memory.storages.items() if buf is carveout]
+    for k in range(system.config.static_size // PAGE_SIZE):
+        pa = base + k * PAGE_SIZE
+        if pa in lent:
+            assert table.lookup(pa) == lent[pa], hex(pa)
+            assert carveout[k * PAGE_SIZE:(k + 1) * PAGE_SIZE] == bytes(PAGE_SIZE), hex(pa)
+        else:
+            assert table.lookup(pa) == (carveout_sid, k), hex(pa)
+
+
 def test_addresses_are_genalloc_s(system):
     """Every buffer gets the address a lone range allocator gives the same requests;
     user and kernel buffers are page-aligned and page-rounded, as Linux's pool makes them."""
@@ -83,8 +105,11 @@ def test_addresses_are_genalloc_s(system):
                 assert shm.paddr % PAGE_SIZE == 0 and shm.offset == 0
                 assert shm.size == -(-size // PAGE_SIZE) * PAGE_SIZE == oracle.allocation_at(expected)[1]
             held.append(shm)
+            if kind != 2:
+                shm.view()[:] = _pattern(step, shm.size)
         assert_accounting(system)
         assert system.static.used_bytes == oracle.used_bytes
+        _assert_carve_out_mapping(system)
     for shm in held:
         shm.close()
 
