@@ -1,0 +1,125 @@
+"""The daemon's listening socket and the lock that makes it one daemon's.
+
+:class:`Listener` takes ``{socket_path}.lock`` (``flock``, non-blocking: a
+second daemon on the same path fails at once), removes a socket a crashed
+predecessor left (only a socket: anything else at the path is refused),
+binds with the configured mode and group, and on :meth:`Listener.close`
+removes the socket only if it is still the one it bound, then the lock.
+
+Concurrency: used by the daemon's loop thread (opened in ``Server.start``,
+closed in ``Server.close``).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import stat
+
+from ..errors import ConfigError, PoolsvcError
+from .settings import ServiceSettings
+
+log = logging.getLogger("poolsvc.service")
+
+
+class Listener:
+    """The bound, listening Unix socket of one daemon, and its lock file."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.path = settings.socket_path
+        self.sock: socket.socket | None = None
+        self._socket_id: tuple[int, int] | None = None
+        self._lock_fd = -1
+
+    def open(self) -> socket.socket:
+        """Take the lock, remove a crashed predecessor's socket, bind and listen (non-blocking)."""
+        self._take_lock()
+        try:
+            self._bind()
+        except BaseException:
+            self._release_lock()
+            raise
+        assert self.sock is not None
+        return self.sock
+
+    def close(self) -> None:
+        """Close the socket, remove it if it is still ours, release the lock. Idempotent."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            self._remove_socket()
+        self._release_lock()
+
+    def _take_lock(self) -> None:
+        path = self.path
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        lock_path = path + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PoolsvcError(f"another poolsvc daemon serves {path} (its lock {lock_path} is held)") from None
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            try:
+                os.unlink(self.path + ".lock")
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _bind(self) -> None:
+        path = self.path
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            info = None
+        if info is not None:
+            if not stat.S_ISSOCK(info.st_mode):
+                raise ConfigError(f"socket_path: {path} exists and is not a socket; refusing to remove it")
+            # We hold the lock, so no live daemon owns it: a crashed predecessor left it.
+            log.warning("removing %s, left by a daemon that did not shut down", path)
+            os.unlink(path)
+        gid = self.settings.gid()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        try:
+            if gid is not None:
+                os.chown(path, -1, gid)
+            os.chmod(path, self.settings.mode)
+            sock.listen(128)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            os.unlink(path)
+            raise
+        info = os.stat(path)
+        self._socket_id = (info.st_dev, info.st_ino)
+        self.sock = sock
+
+    def _remove_socket(self) -> None:
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (info.st_dev, info.st_ino) == self._socket_id:
+            os.unlink(self.path)
+
+
+__all__ = ["Listener"]
