@@ -410,7 +410,7 @@ def test_bad_requests_get_errors_and_the_connection_stays(daemon):
         (P.frame(P.MsgType.ALLOC, b"\x00\x01\x02"), P.ErrorCode.PROTOCOL),
         (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(7, 4096)), P.ErrorCode.BAD_PARAMETERS),
         (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(0, -5)), P.ErrorCode.BAD_PARAMETERS),
-        (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(0, 1 << 40)), P.ErrorCode.OUT_OF_MEMORY),
+        (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(0, 1 << 40)), P.ErrorCode.LIMIT),  # over the default quota
         (P.frame(P.MsgType.REGISTER, P.REGISTER.pack(0, 0, 4096)), P.ErrorCode.BAD_PARAMETERS),
         (P.frame(P.MsgType.SHM_CLOSE, P.COOKIE.pack(12345)), P.ErrorCode.ITEM_NOT_FOUND),
         (P.frame(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(0)), P.ErrorCode.ITEM_NOT_FOUND),
@@ -547,7 +547,7 @@ def test_register_by_descriptor_unlinked_and_memfd(daemon):
 # -- limits -----------------------------------------------------------------------------------------------
 def test_per_client_limits(tmp_path):
     d = DaemonThread(tmp_path / "l.sock", max_shms_per_client=5, max_bytes_per_client=5 * 4096,
-                     max_clients=3, handshake_timeout=0.3)
+                     max_clients=1, max_monitors=2, max_pending=1, handshake_timeout=0.3)
     try:
         with connect(d.path) as client:
             ctx = client.open_context()
@@ -558,17 +558,22 @@ def test_per_client_limits(tmp_path):
             with pytest.raises(OutOfMemory, match="max_bytes_per_client"):
                 ctx.alloc_user_buf(8192)
             ctx.alloc_user_buf(4096)
+            with connect(d.path) as second:  # a second monitor: allowed
+                with pytest.raises(OutOfMemory, match="max_clients"):
+                    second.open_context()  # a second context: over max_clients
+                with pytest.raises(OutOfMemory, match="max_monitors"):
+                    connect(d.path)  # a third monitor
             silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             silent.settimeout(10)
-            silent.connect(d.path)  # third connection: allowed, but says nothing
+            silent.connect(d.path)  # waits without a HELLO
             extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             extra.settimeout(10)
-            extra.connect(d.path)  # fourth: refused
-            assert error_of(read_frames(extra)[-1]) == P.ErrorCode.LIMIT
-            extra.close()
-            assert read_frames(silent) == []  # dropped after handshake_timeout
+            extra.connect(d.path)  # over max_pending: the silent one makes room
+            assert read_frames(silent) == []
             silent.close()
-            assert client.stats()["service"]["requests"]["refused"] == 2
+            assert read_frames(extra) == []  # dropped after handshake_timeout
+            extra.close()
+            assert client.stats()["service"]["requests"]["refused"] == 4
     finally:
         d.stop()
 

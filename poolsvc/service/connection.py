@@ -10,7 +10,7 @@ hang up once it is written) -> CLOSED.  A CONTEXT connection owns one
 Context; when the connection ends for any reason (GOODBYE, EOF, reset,
 SIGKILL of the client mid-request, a protocol violation) the Context is
 closed, which releases its shms, ids, frames, sessions and storage, and the
-daemon's mappings of objects it registered.
+daemon's shadows of objects it registered.
 
 :class:`ServerParts` declares the attributes and methods the daemon's parts
 (the loop in :mod:`.server`, connection I/O in :mod:`.transport`, slot
@@ -25,7 +25,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections import deque
+from collections import Counter, deque
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,7 +34,7 @@ from ..errors import ProtocolError
 from ..storage import Storage
 from . import protocol as P
 from .metrics import Metrics
-from .provider import RegisteredFiles, SegmentTokens
+from .provider import RegisteredFiles, Registration, SegmentTokens
 from .settings import ServiceSettings
 
 _PEERCRED = struct.Struct("3i")
@@ -58,9 +58,9 @@ class Connection:
 
     __slots__ = ("sock", "fileno", "serial", "state", "role", "pid", "uid", "gid", "name", "context",
                  "tokens", "inbuf", "out", "out_bytes", "fds", "registered", "alloc_fns",
-                 "register_fns", "pool_bytes", "alloc_sizes", "requests", "accepted",
+                 "register_fns", "pool_bytes", "registered_bytes", "alloc_sizes", "requests", "accepted",
                  "reading", "writing", "goodbye", "handlers", "version",
-                 "slot", "words", "seq", "bell")
+                 "slot", "words", "seq", "bell", "batch", "counted")
 
     def __init__(self, sock: socket.socket, serial: int) -> None:
         self.sock = sock
@@ -83,11 +83,15 @@ class Connection:
         self.out_bytes = 0
         #: Descriptors received and not yet claimed by a REGISTER.
         self.fds: deque[int] = deque()
-        #: cookie -> object key, for shms this client registered.
-        self.registered: dict[int, tuple[int, int]] = {}
+        #: cookie -> where the bytes live, for shms this client registered.
+        self.registered: dict[int, Registration] = {}
         self.alloc_fns: tuple[Callable[[int], Any], ...] = ()
         self.register_fns: tuple[Callable[[Any], Any], ...] = ()
+        #: Quota figures: bytes of the shms this client allocated (by cookie in
+        #: ``alloc_sizes``) and of the page spans it registered (in ``registered``).
+        #: ``pool_bytes == sum(alloc_sizes.values())``.
         self.pool_bytes = 0
+        self.registered_bytes = 0
         self.alloc_sizes: dict[int, int] = {}
         self.requests = 0
         self.accepted = time.monotonic()
@@ -104,6 +108,10 @@ class Connection:
         self.seq = 0
         #: The eventfd the client rings to wake the daemon (-1: none).
         self.bell = -1
+        #: A BATCH being served in slices (see ``Handlers._start_batch``), or None.
+        self.batch: Any = None
+        #: Counted in the server's census of READY connections per role.
+        self.counted = False
 
     def label(self) -> str:
         return f"client #{self.serial} (pid {self.pid}{', ' + self.name if self.name else ''})"
@@ -137,6 +145,11 @@ class ServerParts:
     _max_frame: int
     _max_shms: int
     _max_bytes: int
+    _max_sessions: int
+    _batch_slice: int
+    _census: Counter[P.Role]
+    #: Connections with a BATCH being served in slices.
+    _batches: list[Connection]
     _batch_handlers: dict[int, Handler]
     _context_handlers: dict[int, Handler]
     _monitor_handlers: dict[int, Handler]
@@ -150,6 +163,11 @@ class ServerParts:
         def _error(self, conn: Connection, msg_type: int, exc: Exception) -> bytes: ...
         def _queue(self, conn: Connection, data: bytes) -> None: ...
         def _flush(self, conn: Connection) -> None: ...
+        def _update_interest(self, conn: Connection) -> None: ...
+        def _start_batch(self, conn: Connection, body: Any) -> bool: ...
+        def _run_batch_slice(self, conn: Connection) -> None: ...
+        def _count_as(self, conn: Connection, role: P.Role) -> None: ...
+        def _log_limited(self, key: str, level: int, msg: str, *args: Any) -> None: ...
         def _violation(self, conn: Connection, exc: ProtocolError) -> None: ...
         def _make_slot(self, conn: Connection, bell: bool) -> None: ...
         def _drop_slot(self, conn: Connection) -> None: ...

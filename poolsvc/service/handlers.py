@@ -6,8 +6,18 @@ that becomes an ERROR reply (see :mod:`.transport`).  Descriptors a reply
 carries are appended to ``_reply_fds`` last, once nothing can fail.  The
 handlers of sessions with trusted apps are in :mod:`.sessions`.
 
-Per-client bounds checked here: live shms (``max_shms_per_client``) and pool
-bytes (``max_bytes_per_client``).
+Per-client bounds checked here: CONTEXT and MONITOR connections
+(``max_clients``, ``max_monitors``, at HELLO), live shms
+(``max_shms_per_client``) and pinned bytes (``max_bytes_per_client``: pool
+memory allocated plus pages registered).  Each refusal is a LIMIT error that
+names the setting.
+
+A BATCH on the socket with more than ``batch_slice`` requests is served in
+slices: :meth:`Handlers._start_batch` checks the whole body (a malformed
+batch runs nothing), :meth:`Handlers._run_batch_slice` runs the next slice,
+and the loop serves other clients between slices.  The connection reads
+nothing more until its batch is done, so replies stay in request order.  A
+BATCH in a shm slot runs whole: the slot's request area bounds it.
 
 Concurrency: the daemon's loop thread only.
 """
@@ -16,9 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 from .._backend import core
+from ..constants import PAGE_SIZE
 from ..errors import BadParameters, ItemNotFound, PoolsvcError, ProtocolError
 from . import protocol as P
 from .connection import CLOSING, READY, Connection, ServerParts
@@ -32,6 +44,35 @@ _pack_closed = P.CLOSED.pack
 #: SHM_CLOSE replies: references remain; freed, no segment dropped.
 _CLOSED_KEPT, _CLOSED_FREED = _pack_closed(0, 0), _pack_closed(1, 0)
 _run_batch = core.run_batch
+_split_frames = core.split_frames
+_pack_header = P.HEADER.pack
+_BATCH, _BATCH_REPLY = int(P.MsgType.BATCH), int(P.MsgType.BATCH_REPLY)
+_clock_ns = time.perf_counter_ns
+
+
+def page_span(offset: int, length: int) -> int:
+    """Bytes of the whole pages that ``[offset, offset+length)`` of an object touches."""
+    if length <= 0:
+        return 0
+    return (-(-(offset + length) // PAGE_SIZE) - offset // PAGE_SIZE) * PAGE_SIZE
+
+
+class PendingBatch:
+    """A socket BATCH being served in slices: its body, its frames
+    (``split_frames``), the next frame to run, the reply parts so far."""
+
+    __slots__ = ("body", "frames", "next", "parts", "size", "ns", "counts")
+
+    def __init__(self, body: bytes, frames: list[tuple[int, int, int]]) -> None:
+        self.body = body
+        self.frames = frames
+        self.next = 0
+        self.parts: list[bytes] = []
+        #: ``size == sum(len(p) for p in parts)``
+        self.size = 0
+        self.ns = 0
+        #: Operations run so far, by type (counted in the metrics when the batch is done).
+        self.counts: dict[int, int] = {}
 
 
 class Handlers(ServerParts):
@@ -63,6 +104,12 @@ class Handlers(ServerParts):
             name_at = P.HELLO2.size
         conn.version = version
         conn.name = P.decode_name(body[name_at:])
+        if conn.role == P.Role.CONTEXT:
+            limit, setting = self.settings.max_clients, "max_clients"
+        else:
+            limit, setting = self.settings.max_monitors, "max_monitors"
+        if self._census[conn.role] >= limit:
+            raise P.LimitExceeded(f"daemon serves {limit} {conn.role.name} connections already ({setting})")
         granted = 0
         if features & P.Feature.SHM_SLOT and self.settings.shm_slots:
             self._make_slot(conn, bool(features & P.Feature.EVENTFD_BELL))
@@ -80,6 +127,7 @@ class Handlers(ServerParts):
             conn.register_fns = (ctx.register_user_buf, ctx.register_kernel_buf)
             cid = ctx.cid
         conn.state = READY
+        self._count_as(conn, conn.role)
         conn.handlers = (self._context_handlers if conn.role == P.Role.CONTEXT
                          else self._monitor_handlers)
         if conn.slot is not None:
@@ -121,14 +169,19 @@ class Handlers(ServerParts):
             raise P.LimitExceeded(f"client holds {held} shms, the daemon's limit "
                                   "(max_shms_per_client)")
         limit = self._max_bytes
-        if limit and conn.pool_bytes + size > limit:
-            raise P.LimitExceeded(f"allocating {size} bytes would take this client to "
-                                  f"{conn.pool_bytes + size} bytes, over max_bytes_per_client {limit}")
+        if limit and conn.pool_bytes + conn.registered_bytes + size > limit:
+            self._over_quota(conn, f"allocating {size} bytes", size)
         shm = fns[kind](size)
-        if limit:
-            conn.pool_bytes += shm.size
-            conn.alloc_sizes[shm.cookie] = shm.size
+        conn.pool_bytes += shm.size
+        conn.alloc_sizes[shm.cookie] = shm.size
         return self._describe(conn, shm, fresh=True)
+
+    def _over_quota(self, conn: Connection, what: str, size: int) -> None:
+        """Raise the LIMIT error of a request that would take ``conn`` over its byte quota."""
+        raise P.LimitExceeded(f"{what} would take this client to "
+                              f"{conn.pool_bytes + conn.registered_bytes + size} bytes pinned "
+                              f"({conn.pool_bytes} allocated, {conn.registered_bytes} registered), "
+                              f"over max_bytes_per_client {self._max_bytes}")
 
     def _describe(self, conn: Connection, shm: Any, fresh: bool) -> bytes:
         try:
@@ -150,21 +203,25 @@ class Handlers(ServerParts):
             kind, offset, length = P.REGISTER.unpack(body)
             if kind >= len(conn.register_fns):
                 raise BadParameters(f"registration kind {kind} is not 0 (USER) or 1 (KERNEL)")
-            if len(conn.context.shms) >= self.settings.max_shms_per_client:
+            if len(conn.context.shms) >= self._max_shms:
                 raise P.LimitExceeded(f"client holds {len(conn.context.shms)} shms, the daemon's limit "
                                       "(max_shms_per_client)")
-            key, view = self.files.map(fd, offset, length)
+            pinned = page_span(offset, length)
+            if self._max_bytes and conn.pool_bytes + conn.registered_bytes + pinned > self._max_bytes:
+                self._over_quota(conn, f"registering {pinned} bytes of pages", pinned)
+            reg, view = self.files.map(fd, offset, length)
         finally:
             os.close(fd)
         try:
             shm = conn.register_fns[kind](view)
         except BaseException:
             view.release()
-            self.files.forget_unused(key)
+            self.files.forget_unused(reg.key)
             raise
         view.release()
-        self.files.get(key)
-        conn.registered[shm.cookie] = key
+        self.files.get(reg.key)
+        conn.registered[shm.cookie] = reg
+        conn.registered_bytes += pinned
         return self._describe(conn, shm, fresh=True)
 
     def _op_shm_close(self, conn: Connection, body: Any) -> bytes:
@@ -182,9 +239,10 @@ class Handlers(ServerParts):
         if conn.alloc_sizes:
             conn.pool_bytes -= conn.alloc_sizes.pop(cookie, 0)
         if conn.registered:
-            key = conn.registered.pop(cookie, None)
-            if key is not None:
-                self.files.put(key)
+            reg = conn.registered.pop(cookie, None)
+            if reg is not None:
+                conn.registered_bytes -= page_span(reg.offset, reg.length)
+                self.files.put(reg.key)
         segment = getattr(shm._backing, "segment", None)
         if segment is None or segment.storage.fd >= 0 or conn.tokens is None:
             return _CLOSED_FREED  # no segment, or its storage lives on
@@ -203,8 +261,53 @@ class Handlers(ServerParts):
         # The loop is the compiled ``run_batch`` (ext/wire.pyx): it splits every frame
         # first (a malformed batch runs nothing), then calls the handlers in order.
         # Every operation counts in metrics.ops, failed or not (as outside a BATCH).
-        return _run_batch(body, self.settings.max_batch, self._max_frame, self._batch_handlers, conn,
-                          self._refuse_in_batch, self._error, self._max_output, self.metrics.ops)
+        counts: dict[int, int] = {}
+        reply = _run_batch(body, self.settings.max_batch, self._max_frame, self._batch_handlers, conn,
+                           self._refuse_in_batch, self._error, self._max_output, counts)
+        self.metrics.add_ops(counts)
+        return reply
+
+    def _start_batch(self, conn: Connection, body: Any) -> bool:
+        """Begin serving a socket BATCH in slices; False if it is to run whole
+        (no more requests than a slice, or malformed: the ordinary path replies)."""
+        if len(body) <= self._batch_slice * P.HEADER_SIZE:
+            return False
+        try:
+            frames = _split_frames(body, self.settings.max_batch, self._max_frame)
+        except Exception:
+            return False
+        if len(frames) <= self._batch_slice:
+            return False
+        conn.requests += 1
+        conn.batch = PendingBatch(bytes(body), frames)
+        self._batches.append(conn)
+        self._update_interest(conn)  # read nothing more until the batch is done
+        return True
+
+    def _run_batch_slice(self, conn: Connection) -> None:
+        """Run the next slice of ``conn``'s pending BATCH; queue the reply after the last."""
+        batch: PendingBatch = conn.batch
+        frames = batch.frames
+        first = batch.next
+        last = min(len(frames), first + self._batch_slice)
+        batch.next = last
+        t0 = _clock_ns()
+        with memoryview(batch.body) as view:
+            part = _run_batch(view[frames[first][1] - P.HEADER_SIZE:frames[last - 1][2]], last - first,
+                              self._max_frame, self._batch_handlers, conn, self._refuse_in_batch,
+                              self._error, self._max_output - batch.size, batch.counts)
+        batch.parts.append(part)
+        batch.size += len(part)
+        batch.ns += _clock_ns() - t0
+        if last < len(frames):
+            return
+        conn.batch = None
+        self._batches.remove(conn)
+        self.metrics.add_ops(batch.counts)
+        self.metrics.record(_BATCH, batch.ns)
+        self._queue(conn, _pack_header(batch.size, _BATCH_REPLY, 0))
+        self._queue(conn, b"".join(batch.parts))
+        self._flush(conn)  # writes, then runs the requests that waited behind the batch
 
     def _refuse_in_batch(self, conn: Connection, msg_type: int, unbatchable: bool) -> bytes:
         """The ERROR body of a BATCH operation that is not run: a type that may not be
@@ -218,4 +321,4 @@ class Handlers(ServerParts):
         return self._error(conn, msg_type, exc)
 
 
-__all__ = ["Handlers"]
+__all__ = ["Handlers", "PendingBatch", "page_span"]

@@ -26,20 +26,23 @@ which any thread or a signal handler may call (it writes one byte to a pipe).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from .._backend import BACKEND
 from ..config import Config
+from ..errors import PoolsvcError, SecurityViolation
 from . import protocol as P
 from .connection import CLOSED, HANDSHAKE, Connection, Handler
 from .handlers import Handlers
 from .listener import Listener
-from .metrics import Metrics
+from .metrics import Metrics, RateLimit
 from .provider import RegisteredFiles
 from .sessions import SessionHandlers
 from .settings import ServiceSettings
@@ -53,6 +56,8 @@ _EPOLLIN = select.EPOLLIN
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _W_REQ_SEQ = P.W_REQ_SEQ
+#: Seconds the listener is left alone when even the reserve descriptor cannot take a connection.
+_ACCEPT_PAUSE = 0.1
 _WAKE = object()
 _LISTEN = object()
 
@@ -72,12 +77,23 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         self._max_output = self.settings.max_output
         self._max_frame = self.settings.max_frame
         self._max_shms = self.settings.max_shms_per_client
-        self._max_bytes = self.settings.max_bytes_per_client
+        self._max_bytes = 0  # set by start(), from the pool's size
+        self._max_sessions = self.settings.max_sessions_per_client
+        self._batch_slice = self.settings.batch_slice
+        self._batches = []
         self.system: Any = None
         self.metrics = Metrics(self.settings.latency_window)
-        self.files = RegisteredFiles()
+        self.files = RegisteredFiles(self.config.shm_prefix)
         self.connections = {}
+        #: Connections that have not said HELLO, oldest first (fileno -> Connection).
+        self._pending: dict[int, Connection] = {}
+        #: READY connections per role.
+        self._census: Counter[P.Role] = Counter()
         self._serials = 0
+        #: A descriptor kept open to be given up when accept() hits the descriptor limit.
+        self._reserve_fd = -1
+        self._listen_paused_until = 0.0
+        self._log_limit = RateLimit(10.0)
         self._listener = Listener(self.settings)
         self._wake_r = self._wake_w = -1
         self._stopping = False
@@ -122,6 +138,10 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         listener = self._listener.open()
         try:
             self.system = System(self.config)
+            cfg = self.config
+            pool_bytes = cfg.dynamic_size if self.system.pool == "dynamic" else cfg.static_size
+            self._max_bytes = self.settings.bytes_quota(pool_bytes)
+            self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._ep = select.epoll()
             self._ep_register(listener.fileno(), _EPOLLIN, _LISTEN)
@@ -129,8 +149,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         except BaseException:
             self.close()
             raise
-        log.info("serving %s (pool %s, backend %s, pid %d)", self.socket_path, self.system.pool,
-                 BACKEND, os.getpid())
+        log.info("serving %s (pool %s, backend %s, pid %d, %s bytes per client)", self.socket_path,
+                 self.system.pool, BACKEND, os.getpid(), self._max_bytes or "unbounded")
         self.started.set()
 
     def run(self) -> None:
@@ -161,6 +181,9 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
     def serve_forever(self) -> None:
         """Serve until :meth:`stop`; then release every client, the System and the socket.
 
+        A BATCH being served in slices gets one slice per turn of the loop,
+        and the loop does not block while one is pending.
+
         With shm-slot clients, the loop polls their slots after serving one,
         for an adaptive window of at most ``shm_spin_us`` (checking epoll
         every few polls, so that socket clients are served meanwhile); then
@@ -172,6 +195,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         poll = self._ep.poll
         fdmap = self._fdmap
         slots = self._slots
+        batches = self._batches
+        run_slice = self._run_batch_slice
         spin = self.settings.spin_us / 1e6
         max_slot_spin = self.settings.shm_spin_us / 1e6
         min_slot_spin = min(2e-6, max_slot_spin)
@@ -183,6 +208,9 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         polls = 0
         try:
             while not self._stopping:
+                if batches:  # one slice of each pending BATCH, then the others' turn
+                    for conn in tuple(batches):
+                        run_slice(conn)
                 if slots:
                     served = False
                     for conn in tuple(slots):
@@ -216,7 +244,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                             self._slot_spin = max(min_slot_spin, self._slot_spin / 2)
                             slot_until = 0.0
                         events = poll(0)
-                        if not events:
+                        if not events and not batches:
                             events = self._sleep(poll)
                             # Woken up (by a DOORBELL, mostly): the next window is full
                             # width again.  Learning only from gaps seen while polling
@@ -226,7 +254,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         if events is None:
                             continue
                 else:
-                    events = poll(0 if clock() < spin_until else 1.0)
+                    events = poll(0 if batches or clock() < spin_until else 1.0)
                 if not events:
                     self._expire_handshakes()
                     continue
@@ -272,10 +300,10 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
             self._ep = None
         self._fdmap.clear()
         self._listener.close()
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._reserve_fd):
             if fd >= 0:
                 os.close(fd)
-        self._wake_r = self._wake_w = -1
+        self._wake_r = self._wake_w = self._reserve_fd = -1
 
     # -- connections ----------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -287,37 +315,99 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: keep serving the others
-                log.error("accept failed: %s", exc)
+                self._accept_failed(listener, exc)
                 return
             sock.setblocking(False)
             self._serials += 1
             conn = Connection(sock, self._serials)
             self.metrics.connections += 1
-            if len(self.connections) >= self.settings.max_clients:
+            refusal = self._refusal(conn)
+            if refusal is not None:
                 self.metrics.refused += 1
-                log.warning("refusing %s: %d clients already", conn.label(), len(self.connections))
+                self._log_limited("refuse", logging.WARNING, "refusing %s: %s", conn.label(), refusal)
                 try:
-                    sock.send(P.frame(P.MsgType.ERROR, P.error_body(P.LimitExceeded(
-                        f"daemon serves {self.settings.max_clients} clients already"))))
+                    sock.send(P.frame(P.MsgType.ERROR, P.error_body(refusal)))
                 except OSError:
                     pass
                 sock.close()
                 continue
+            if len(self._pending) >= self.settings.max_pending:
+                # Make room by dropping the connection that has waited longest
+                # without a HELLO: silent connections cannot lock others out.
+                oldest = next(iter(self._pending.values()))
+                self.metrics.refused += 1
+                self._disconnect(oldest, f"no HELLO while {len(self._pending)} connections waited "
+                                         "for theirs (max_pending)")
             self.connections[conn.fileno] = conn
+            self._pending[conn.fileno] = conn
             conn.handlers = self._hello_handlers
             self._ep_register(conn.fileno, _EPOLLIN, conn)
             log.debug("accepted %s", conn.label())
 
+    def _refusal(self, conn: Connection) -> PoolsvcError | None:
+        """Why a new connection is refused at once (its peer is not allowed), or None."""
+        uids, gids = self.settings.allowed_uids, self.settings.allowed_gids
+        if uids is not None and conn.uid not in uids:
+            return SecurityViolation(f"uid {conn.uid} may not use this daemon (allowed_uids)")
+        if gids is not None and conn.gid not in gids:
+            return SecurityViolation(f"gid {conn.gid} may not use this daemon (allowed_gids)")
+        return None
+
+    def _accept_failed(self, listener: Any, exc: OSError) -> None:
+        """accept() failed: under the descriptor limit, give up the reserve descriptor,
+        accept and close one connection (its client sees the refusal at once instead
+        of waiting), take the reserve back; if even that fails, stop watching the
+        listener for a moment.  Never a busy loop; logged at most once per interval."""
+        self.metrics.refused += 1
+        self._log_limited("accept", logging.ERROR, "accept failed: %s", exc)
+        if exc.errno in (errno.EMFILE, errno.ENFILE) and self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+            try:
+                sock, _ = listener.accept()
+                sock.close()
+            except OSError:
+                pass
+            try:
+                self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+            if self._reserve_fd >= 0:
+                return
+        self._listen_paused_until = time.monotonic() + _ACCEPT_PAUSE
+        self._ep.modify(listener.fileno(), 0)
+
+    def _log_limited(self, key: str, level: int, msg: str, *args: Any) -> None:
+        """``log.log`` at most once per interval per ``key`` (with a count of the dropped)."""
+        dropped = self._log_limit.allow(key)
+        if dropped is None:
+            return
+        if dropped:
+            msg += f" ({dropped} similar messages suppressed)"
+        log.log(level, msg, *args)
+
     def _expire_handshakes(self) -> None:
         now = time.monotonic()
-        if not self.connections or now - self._last_expiry < 0.5:
+        if self._listen_paused_until and now >= self._listen_paused_until:
+            self._listen_paused_until = 0.0
+            if self._listener.sock is not None:
+                self._ep.modify(self._listener.sock.fileno(), _EPOLLIN)
+        if not self._pending or now - self._last_expiry < 0.1:
             return
         self._last_expiry = now
         limit = self.settings.handshake_timeout
-        for conn in list(self.connections.values()):
-            if conn.state == HANDSHAKE and now - conn.accepted > limit:
+        for conn in list(self._pending.values()):
+            if now - conn.accepted <= limit:
+                break  # oldest first: the rest are younger
+            if conn.state == HANDSHAKE:
                 self.metrics.refused += 1
                 self._disconnect(conn, f"no HELLO within {limit} s")
+
+    def _count_as(self, conn: Connection, role: P.Role) -> None:
+        """``conn`` has said HELLO: count it under its role, no longer as pending."""
+        self._pending.pop(conn.fileno, None)
+        self._census[role] += 1
+        conn.counted = True
 
     def _disconnect(self, conn: Connection, reason: str) -> None:
         """Forget a connection and release everything its client held."""
@@ -326,6 +416,11 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         was = conn.state
         conn.state = CLOSED
         self.connections.pop(conn.fileno, None)
+        if self._pending.pop(conn.fileno, None) is None and conn.counted:
+            self._census[conn.role] -= 1
+        if conn.batch is not None:
+            conn.batch = None
+            self._batches.remove(conn)
         self._ep_unregister(conn.fileno)
         conn.sock.close()
         self._drop_slot(conn)
@@ -354,8 +449,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
             ctx.close()
         except Exception:  # keep serving the others; the System's tests own this path
             log.exception("closing the context of %s failed", conn.label())
-        for key in conn.registered.values():
-            self.files.put(key)
+        for reg in conn.registered.values():
+            self.files.put(reg.key)
         conn.registered.clear()
         if conn.tokens is not None:
             conn.tokens.clear()

@@ -6,22 +6,36 @@ a memref names one of the client's *own* shms by cookie, never another's.
 A trusted app's non-zero return code travels in an OK reply with its
 outputs (see ``protocol``, RESULT).
 
+A memref to a buffer the client *registered* is bounced (see
+:class:`~.provider.RegisteredFiles`): its range is copied from the client's
+object into the daemon's shadow before the call (every direction, so that
+bytes the app does not write keep the client's values) and back after it
+(OUTPUT and INOUT).  An object the client shrank fails the request with
+NotSharedMemory; the daemon never faults on it.  Open sessions per client
+are bounded (``max_sessions_per_client``).
+
 Concurrency: the daemon's loop thread only.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from ..errors import BadParameters, ItemNotFound, ProtocolError
+from ..errors import BadParameters, ItemNotFound, ProtocolError, TeeError
 from . import protocol as P
 from .connection import Connection, ServerParts
+from .provider import RegisteredFiles, Registration
+
+#: A registered memref's bounce: (registration, start, end, copy back after the call).
+Bounce = tuple[Registration, int, int, bool]
+_DIRECTIONS = ("in", "out", "inout")
 
 
 class SessionHandlers(ServerParts):
     """Request handlers for OPEN_SESSION, INVOKE and CLOSE_SESSION."""
 
-    def _session_params(self, conn: Connection, body: Any, pos: int) -> list[Any]:
-        """Driver parameters from the wire; memrefs name the client's own shms only."""
+    def _session_params(self, conn: Connection, body: Any, pos: int) -> tuple[list[Any], list[Bounce]]:
+        """Driver parameters from the wire (memrefs name the client's own shms only),
+        and the bounces of the registered buffers they name."""
         from ..tee import driver
 
         (count,) = P.COOKIE.unpack_from(body, pos)
@@ -32,13 +46,14 @@ class SessionHandlers(ServerParts):
             raise ProtocolError(f"{count} parameters need {pos + count * P.PARAM.size} bytes of "
                                 f"body, got {len(body)}")
         params: list[Any] = []
+        bounces: list[Bounce] = []
         shms = conn.context.shms
         for i in range(count):
             word, a, b, c = P.PARAM.unpack_from(body, pos + i * P.PARAM.size)
             kind, direction = word & 0xFF, (word >> 8) & 0xFF
             if direction > 2 or word & ~(0xFFFF | P.PARAM_WHOLE):
                 raise BadParameters(f"parameter {i}: kind word {word:#x} is malformed")
-            dname = ("in", "out", "inout")[direction]
+            dname = _DIRECTIONS[direction]
             if kind == P.ParamKind.NONE:
                 params.append(None)
             elif kind == P.ParamKind.VALUE:
@@ -47,12 +62,30 @@ class SessionHandlers(ServerParts):
                 shm = shms.get(a)
                 if shm is None:
                     raise ItemNotFound(f"parameter {i}: no shm with cookie {a:#x} in this client's context")
-                params.append(driver.RegisteredMemref(shm, b, None if word & P.PARAM_WHOLE else c, dname))
+                size = None if word & P.PARAM_WHOLE else c
+                params.append(driver.RegisteredMemref(shm, b, size, dname))
+                reg = conn.registered.get(a)
+                if reg is not None:
+                    bounces.append((reg, b, reg.length if size is None else b + size, direction != 0))
             elif kind == P.ParamKind.NULL_MEMREF:
                 params.append(driver.TempMemref(None, dname, c))
             else:
                 raise BadParameters(f"parameter {i}: unknown kind {kind}")
-        return params
+        return params, bounces
+
+    @staticmethod
+    def _bounced(bounces: list[Bounce], call: Callable[[], Any]) -> Any:
+        """``call()`` with the registered buffers it names copied in before and out after."""
+        if not bounces:
+            return call()
+        for reg, start, end, _ in bounces:
+            RegisteredFiles.copy_in(reg, start, end)
+        try:
+            return call()
+        finally:
+            for reg, start, end, back in bounces:
+                if back:
+                    RegisteredFiles.copy_out(reg, start, end)
 
     @staticmethod
     def _session_result(result: Any) -> bytes:
@@ -69,17 +102,19 @@ class SessionHandlers(ServerParts):
     def _op_open_session(self, conn: Connection, body: Any) -> bytes:
         import uuid as uuidlib
 
-        from ..errors import TeeError
-
+        ctx = conn.context
+        if len(ctx.sessions) >= self._max_sessions:
+            raise P.LimitExceeded(f"client has {len(ctx.sessions)} sessions open, the daemon's limit "
+                                  f"(max_sessions_per_client {self._max_sessions})")
         if len(body) < 16 + P.COOKIE.size * 2:
             raise ProtocolError(f"OPEN_SESSION body of {len(body)} bytes is shorter than 32")
         ta_uuid = uuidlib.UUID(bytes=bytes(body[:16]))
         (login,) = P.COOKIE.unpack_from(body, 16)
         if login > 0xFFFFFFFF:
             raise BadParameters(f"login {login:#x} is not a u32")
-        params = self._session_params(conn, body, 16 + P.COOKIE.size)
+        params, bounces = self._session_params(conn, body, 16 + P.COOKIE.size)
         try:
-            session = conn.context.open_session(ta_uuid, params, login)
+            session = self._bounced(bounces, lambda: ctx.open_session(ta_uuid, params, login))
         except TeeError as exc:
             result = getattr(exc, "result", None)
             if result is None:
@@ -88,15 +123,13 @@ class SessionHandlers(ServerParts):
         return P.COOKIE.pack(session.id) + self._session_result(session.open_result)
 
     def _op_invoke(self, conn: Connection, body: Any) -> bytes:
-        from ..errors import TeeError
-
         session_id, func, _ = P.SESSION.unpack_from(body)
         session = conn.context.sessions.get(session_id)
         if session is None:
             raise ItemNotFound(f"no session {session_id} in this client's context")
-        params = self._session_params(conn, body, P.SESSION.size)
+        params, bounces = self._session_params(conn, body, P.SESSION.size)
         try:
-            result = session.invoke(func, params)
+            result = self._bounced(bounces, lambda: session.invoke(func, params))
         except TeeError as exc:
             result = getattr(exc, "result", None)
             if result is None:

@@ -118,7 +118,7 @@ class SlotServing(ServerParts):
         field is a protocol violation (ERROR on the socket, then hang-up).
         """
         words = conn.words
-        if words is None or conn.state != READY:
+        if words is None or conn.state != READY or conn.batch is not None:
             return False
         seq = words[_W_REQ_SEQ]
         expected = conn.seq + 1

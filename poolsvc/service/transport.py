@@ -124,6 +124,8 @@ class ConnectionIO(ServerParts):
         Stops early when the client's unread replies exceed ``max_output``
         (the rest waits in the input buffer until the client reads).
         """
+        if conn.batch is not None:
+            return 0  # a BATCH is being served in slices: the rest waits for it
         pos, end = 0, len(buf)
         max_frame = self.settings.max_frame
         max_output = self.settings.max_output
@@ -144,6 +146,8 @@ class ConnectionIO(ServerParts):
             pos = start + length
             if msg_type == _DOORBELL and slot:
                 continue  # a wake-up: the loop polls the slot next
+            if msg_type == _BATCH and self._start_batch(conn, buf[start:pos]):
+                break
             queue(conn, request(conn, msg_type, buf[start:pos]))
             if conn.state != READY or conn.out_bytes > max_output:
                 break
@@ -153,7 +157,7 @@ class ConnectionIO(ServerParts):
         """A client broke the framing: queue an ERROR saying why, then hang up."""
         self.metrics.protocol_errors += 1
         self.metrics.errors[P.code_of(exc)] += 1
-        log.warning("%s: %s; disconnecting it", conn.label(), exc)
+        self._log_limited("violation", logging.WARNING, "%s: %s; disconnecting it", conn.label(), exc)
         conn.inbuf = bytearray()
         conn.state = CLOSING
         self._drop_slot(conn)
@@ -186,13 +190,14 @@ class ConnectionIO(ServerParts):
             reply = self._error(conn, msg_type, exc)
         metrics = self.metrics
         ring = metrics.rings.get(msg_type)
-        if ring is None:
-            ring = metrics.ring(msg_type)
-        count = ring.count
-        ring.samples[count % ring.size] = _clock_ns() - t0
-        ring.count = count + 1
-        if msg_type != _BATCH:
-            metrics.ops[msg_type] += 1
+        if ring is None:  # first of its type, or not a type at all: bounded either way
+            metrics.record(msg_type, _clock_ns() - t0)
+        else:
+            count = ring.count
+            ring.samples[count % ring.size] = _clock_ns() - t0
+            ring.count = count + 1
+            if msg_type != _BATCH:
+                metrics.ops[msg_type] += 1
         return _pack_header(len(reply), reply_type, 0) + reply
 
     def _error(self, conn: Connection, msg_type: int, exc: Exception) -> bytes:
@@ -253,7 +258,7 @@ class ConnectionIO(ServerParts):
                 self._disconnect(conn, "goodbye" if conn.goodbye else "refused")
                 return
             # Frames left waiting for the client to read its replies?
-            if (conn.inbuf and conn.state == READY
+            if (conn.inbuf and conn.state == READY and conn.batch is None
                     and conn.out_bytes <= self.settings.max_output
                     and len(conn.inbuf) >= _HEADER_SIZE):
                 before = len(conn.inbuf)
@@ -267,16 +272,16 @@ class ConnectionIO(ServerParts):
 
     def _update_interest(self, conn: Connection) -> None:
         want_write = bool(conn.out)
-        want_read = conn.out_bytes <= self.settings.max_output and conn.state == READY
+        want_read = (conn.out_bytes <= self._max_output and conn.state == READY
+                     and conn.batch is None)
         if want_write == conn.writing and want_read == conn.reading:
             return
         conn.writing, conn.reading = want_write, want_read
         events = (_EPOLLIN if want_read else 0) | (_EPOLLOUT if want_write else 0)
         assert self._ep is not None
-        if events:
-            self._ep.modify(conn.fileno, events)
-        else:  # pragma: no cover - a CLOSING connection with nothing to write is gone already
-            self._ep_unregister(conn.fileno)
+        # No events at all (a BATCH in slices, nothing to write): the registration
+        # stays, and epoll still reports a hang-up.
+        self._ep.modify(conn.fileno, events)
 
 
 __all__ = ["RECV_SIZE", "ConnectionIO"]
