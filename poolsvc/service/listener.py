@@ -1,5 +1,9 @@
 """The daemon's listening socket and the lock that makes it one daemon's.
 
+The socket's directory must exist, except the default runtime directory
+(:func:`~.settings.default_runtime_dir`), which is made with mode 0700 and
+refused if another user owns it or it is open to others.
+
 :class:`Listener` takes ``{socket_path}.lock`` (``flock``, non-blocking: a
 second daemon on the same path fails at once), removes a socket a crashed
 predecessor left (only a socket: anything else at the path is refused),
@@ -18,7 +22,7 @@ import socket
 import stat
 
 from ..errors import ConfigError, PoolsvcError
-from .settings import ServiceSettings
+from .settings import ServiceSettings, default_runtime_dir
 
 log = logging.getLogger("poolsvc.service")
 
@@ -54,9 +58,7 @@ class Listener:
 
     def _take_lock(self) -> None:
         path = self.path
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._check_directory()
         lock_path = path + ".lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -67,6 +69,24 @@ class Listener:
         self._lock_fd = fd
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+
+    def _check_directory(self) -> None:
+        """The socket's directory must exist; only the default runtime directory is
+        made (0700), and it must then be this user's and closed to others."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if directory != default_runtime_dir():
+            if not os.path.isdir(directory):
+                raise ConfigError(f"socket_path: {self.path}: directory {directory} does not exist")
+            return
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ConfigError(f"socket_path: runtime directory {directory} is not a directory owned by "
+                              f"uid {os.getuid()} with mode 0700 (mode {info.st_mode:#o}, uid "
+                              f"{info.st_uid}); refusing to serve from it")
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
@@ -85,7 +105,10 @@ class Listener:
             info = None
         if info is not None:
             if not stat.S_ISSOCK(info.st_mode):
-                raise ConfigError(f"socket_path: {path} exists and is not a socket; refusing to remove it")
+                kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a regular file" \
+                    if stat.S_ISREG(info.st_mode) else f"file mode {info.st_mode:#o}"
+                raise ConfigError(f"socket_path: {path} is not a socket ({kind}); refusing to "
+                                  "remove it")
             # We hold the lock, so no live daemon owns it: a crashed predecessor left it.
             log.warning("removing %s, left by a daemon that did not shut down", path)
             os.unlink(path)

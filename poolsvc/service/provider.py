@@ -31,6 +31,12 @@ Invariants:
   every window registered of object key lies inside one shadow in ``files[key].shadows``;
   every token in ``SegmentTokens.tokens`` names a storage of that connection's arena.
 
+Arena segments come from :mod:`poolsvc.storage`; :meth:`SegmentTokens.token_for`
+seals each one before its descriptor leaves (:func:`seal`), which holds as
+soon as storage objects are memfds created with MFD_ALLOW_SEALING; a POSIX
+shm object from ``shm_open`` cannot be sealed (docs/security.md says what
+that leaves open).
+
 Concurrency: the daemon's loop thread only.
 """
 from __future__ import annotations
@@ -72,6 +78,7 @@ class SegmentTokens:
         if storage.fd < 0 or not any(seg.storage is storage for seg in self.arena.segments):
             raise InternalError(f"refusing to send storage {storage.name}: not a live segment of "
                                 "this client's arena")
+        seal(storage.fd)
         token = self.next_token
         self.next_token += 1
         self.tokens[storage] = token
@@ -352,6 +359,16 @@ def sealed_storage(size: int, name: str) -> Storage:
 
 #: The seals of daemon-owned memory that clients map.
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def seal(fd: int) -> bool:
+    """Seal the object behind ``fd`` against shrinking and growing, if the OS lets us
+    (a memfd made with MFD_ALLOW_SEALING); whether it is sealed now."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except OSError:
+        pass
+    return is_sealed(fd)
 
 
 def is_sealed(fd: int) -> bool:

@@ -43,6 +43,7 @@ from .connection import CLOSED, HANDSHAKE, Connection, Handler
 from .handlers import Handlers
 from .listener import Listener
 from .metrics import Metrics, RateLimit
+from .process import disable_tracing
 from .provider import RegisteredFiles
 from .sessions import SessionHandlers
 from .settings import ServiceSettings
@@ -457,6 +458,18 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         conn.alloc_fns = conn.register_fns = ()
         return held
 
+    @property
+    def bytes_quota(self) -> int:
+        """Bytes one client may pin (allocated plus registered); 0: no bound."""
+        return self._max_bytes
+
+    def connection_counts(self) -> dict[str, int]:
+        """Connections waiting for their HELLO, and READY ones per role."""
+        counts = {"pending": len(self._pending)}
+        for role in P.Role:
+            counts[role.name.lower()] = self._census[role]
+        return counts
+
     def stats(self) -> dict[str, Any]:
         """The daemon's figures (see :func:`.stats.stats_document`)."""
         return stats_document(self)
@@ -464,9 +477,14 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
 
 def serve(config: Config | None = None, settings: ServiceSettings | None = None,
           install_signals: bool = True) -> None:
-    """Run a daemon in this thread until SIGTERM or SIGINT (or ``Server.stop``)."""
+    """Run a daemon in this thread until SIGTERM or SIGINT (or ``Server.stop``).
+
+    The daemon process's entry point: it makes the process not dumpable first
+    (:mod:`.process`), so that same-uid processes cannot open its ``/proc`` files.
+    """
     import signal
 
+    disable_tracing()  # before any client's memory is in this process
     server = Server(config, settings)
     server.start()
     previous = {}

@@ -36,6 +36,12 @@ from .protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_FRAME, HEADER_SIZE
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def default_runtime_dir() -> str:
+    """The directory ``poolsvc serve`` creates (mode 0700) for the default socket when
+    neither ``$POOLSVC_SOCKET`` nor ``$XDG_RUNTIME_DIR`` names one."""
+    return f"/tmp/poolsvc-{os.getuid()}"
+
+
 def default_socket_path() -> str:
     """``$POOLSVC_SOCKET``, else ``$XDG_RUNTIME_DIR/poolsvc.sock``, else
     ``/tmp/poolsvc-{uid}/poolsvc.sock``."""
@@ -45,7 +51,7 @@ def default_socket_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return os.path.join(runtime, "poolsvc.sock")
-    return os.path.join(f"/tmp/poolsvc-{os.getuid()}", "poolsvc.sock")
+    return os.path.join(default_runtime_dir(), "poolsvc.sock")
 
 
 @dataclass(frozen=True)

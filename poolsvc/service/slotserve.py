@@ -9,6 +9,9 @@ its eventfd).  Nothing read from a slot is trusted: sequence, length and
 every frame are checked, and the request bytes are copied out before they
 are parsed.
 
+The slot is a sealed memfd (:func:`~.provider.sealed_storage`): the client
+maps it read-write but cannot shrink it under the daemon's mapping.
+
 Concurrency: the daemon's loop thread only; the client process writes its
 own line of the slot at any moment (see ``protocol``, "The shm slot").
 """
@@ -21,9 +24,9 @@ import threading
 from typing import Callable
 
 from ..errors import ProtocolError
-from ..storage import Storage
 from . import protocol as P
 from .connection import CLOSING, READY, Connection, ServerParts
+from .provider import sealed_storage
 
 _EPOLLIN = select.EPOLLIN
 _HEADER_SIZE = P.HEADER_SIZE
@@ -68,7 +71,7 @@ class SlotServing(ServerParts):
         waits for a yield.  An eventfd wake-up carries no such hint, so the
         daemon resumes on its own (idle) CPU.
         """
-        storage = Storage.create(P.SLOT_BYTES, self.config.shm_prefix)
+        storage = sealed_storage(P.SLOT_BYTES, "poolsvc-slot")  # the client cannot resize it
         efd = fd = -1
         try:
             words = memoryview(storage.mm)[:P.SLOT_WORDS * 8].cast("Q")

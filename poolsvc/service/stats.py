@@ -17,6 +17,7 @@ from .._backend import BACKEND
 from ..storage import LIVE
 from . import protocol as P
 from .connection import ConnState
+from .process import dumpable
 
 
 def stats_document(server: Any) -> dict[str, Any]:
@@ -46,10 +47,12 @@ def stats_document(server: Any) -> dict[str, Any]:
             "allocations": st["allocations"],
             "fragmentation": 0.0 if not st["free"] else 1.0 - st["largest_free"] / st["free"],
         }
+    settings = server.settings
     clients = []
     for conn in sorted(server.connections.values(), key=lambda c: c.serial):
         entry: dict[str, Any] = {"serial": conn.serial, "name": conn.name, "pid": conn.pid,
-                                 "uid": conn.uid, "role": conn.role.name, "state": ConnState(conn.state).name,
+                                 "uid": conn.uid, "gid": conn.gid,
+                                 "role": conn.role.name, "state": ConnState(conn.state).name,
                                  "transport": "shm" if conn.slot is not None else "socket",
                                  "requests": conn.requests,
                                  "connected_s": round(time.monotonic() - conn.accepted, 3)}
@@ -62,12 +65,24 @@ def stats_document(server: Any) -> dict[str, Any]:
                          registered=sum(1 for s in shms if s.cookie in conn.registered),
                          ids=sum(1 for s in shms if s.id > 0),
                          arena_bytes=usage["arena_bytes"], sessions=usage["sessions"],
-                         segments_sent=len(conn.tokens.tokens) if conn.tokens else 0)
+                         segments_sent=len(conn.tokens.tokens) if conn.tokens else 0,
+                         quota={"pinned_bytes": conn.pool_bytes + conn.registered_bytes,
+                                "allocated_bytes": conn.pool_bytes,
+                                "registered_bytes": conn.registered_bytes,
+                                "max_bytes": server.bytes_quota,
+                                "shms": usage["shms"], "max_shms": settings.max_shms_per_client,
+                                "sessions": usage["sessions"],
+                                "max_sessions": settings.max_sessions_per_client})
+        if conn.batch is not None:
+            entry["batch_ops_left"] = len(conn.batch.frames) - conn.batch.next
         clients.append(entry)
     return {
         "daemon": {"pid": os.getpid(), "socket": server.socket_path, "protocol": max(P.VERSIONS),
                    "protocol_versions": list(P.VERSIONS),
-                   "backend": BACKEND, "pool": system.pool, "clients": len(server.connections)},
+                   "backend": BACKEND, "pool": system.pool, "clients": len(server.connections),
+                   "dumpable": dumpable(),
+                   "connections": server.connection_counts(),
+                   "limits": limits(server)},
         "pools": pools,
         "ids": sys_stats["ids"],
         "registered_cookies": sys_stats["registered_cookies"],
@@ -83,6 +98,22 @@ def stats_document(server: Any) -> dict[str, Any]:
     }
 
 
+def limits(server: Any) -> dict[str, Any]:
+    """Every bound the daemon enforces, with its value (0 or None: unbounded)."""
+    settings = server.settings
+    return {
+        "max_clients": settings.max_clients, "max_monitors": settings.max_monitors,
+        "max_pending": settings.max_pending, "handshake_timeout": settings.handshake_timeout,
+        "max_bytes_per_client": server.bytes_quota, "max_shms_per_client": settings.max_shms_per_client,
+        "max_sessions_per_client": settings.max_sessions_per_client,
+        "max_frame": settings.max_frame, "max_batch": settings.max_batch,
+        "batch_slice": settings.batch_slice, "max_output": settings.max_output,
+        "max_pending_fds": P.MAX_PENDING_FDS,
+        "allowed_uids": list(settings.allowed_uids) if settings.allowed_uids is not None else None,
+        "allowed_gids": list(settings.allowed_gids) if settings.allowed_gids is not None else None,
+    }
+
+
 def _count_fds() -> int:
     try:
         return len(os.listdir("/proc/self/fd"))
@@ -90,4 +121,4 @@ def _count_fds() -> int:
         return -1
 
 
-__all__ = ["stats_document"]
+__all__ = ["limits", "stats_document"]
