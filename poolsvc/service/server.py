@@ -486,9 +486,8 @@ def serve(config: Config | None = None, settings: ServiceSettings | None = None,
 
     disable_tracing()  # before any client's memory is in this process
     server = Server(config, settings)
-    server.start()
     previous = {}
-    if install_signals:
+    if install_signals:  # before the socket exists: a client may signal as soon as it sees it
         def on_signal(signum: int, frame: Any) -> None:
             log.info("received %s; shutting down", signal.Signals(signum).name)
             server.stop()
@@ -496,6 +495,7 @@ def serve(config: Config | None = None, settings: ServiceSettings | None = None,
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, on_signal)
     try:
+        server.start()
         server.serve_forever()
     finally:
         for signum, handler in previous.items():
