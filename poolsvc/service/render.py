@@ -96,6 +96,13 @@ def prometheus(doc: dict[str, Any]) -> str:
                            ("sessions", "Open sessions per client.")):
         family(f"client_{key}", "gauge", help_text,
                [({"client": c["context"], "pid": c["pid"]}, c[key]) for c in ctx_clients])
+    quota_clients = [c for c in ctx_clients if "quota" in c]
+    family("client_pinned_bytes", "gauge", "Bytes a client pins: allocated plus registered.",
+           [({"client": c["context"], "pid": c["pid"], "uid": c["uid"]}, c["quota"]["pinned_bytes"])
+            for c in quota_clients])
+    family("client_quota_bytes", "gauge", "Bytes a client may pin (0: unbounded).",
+           [({"client": c["context"], "pid": c["pid"], "uid": c["uid"]}, c["quota"]["max_bytes"])
+            for c in quota_clients])
     req = doc["requests"]
     family("requests_total", "counter", "Requests served, per message type.",
            [({"type": t}, n) for t, n in req["ops"].items()])
