@@ -75,12 +75,16 @@ class DaemonProcess:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env=env, preexec_fn=preexec_fn)
         deadline = time.monotonic() + 60
-        while not os.path.exists(self.path):
+        while True:  # until it answers (the socket file exists a moment before it listens)
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}: {self.proc.stderr.read()}")
             if time.monotonic() > deadline:
-                raise AssertionError("daemon socket never appeared")
-            time.sleep(0.02)
+                raise AssertionError("daemon never answered on its socket")
+            try:
+                stats_of(self.path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.02)
         self.pid = self.proc.pid
 
     def alive(self) -> bool:

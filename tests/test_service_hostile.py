@@ -87,13 +87,20 @@ def bystander_of():
 
 
 # -- daemon-owned memory cannot be resized ----------------------------------------------------------------
+def _assert_cannot_resize(fd: int) -> None:
+    """The object behind ``fd`` (a descriptor a client holds) can neither shrink nor grow."""
+    size = os.fstat(fd).st_size
+    assert is_sealed(fd)
+    for new_size in (0, 4096, 2 * size):
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, new_size)
+    assert os.fstat(fd).st_size == size
+
+
 def test_sealed_storage_and_seal():
     storage = sealed_storage(8192, "psvctest")
     try:
-        assert is_sealed(storage.fd)
-        for size in (0, 4096, 16384):
-            with pytest.raises(PermissionError):
-                os.ftruncate(storage.fd, size)
+        _assert_cannot_resize(storage.fd)
         storage.mm[8191] = 7  # still mapped whole
     finally:
         storage.close()
@@ -111,44 +118,29 @@ def test_sealed_storage_and_seal():
         obj.close_fd()
 
 
-def test_slot_cannot_be_resized_by_its_client(tmp_path, bystander_of):
+@pytest.mark.parametrize("handed_out", ["slot", "arena segment"])
+def test_memory_the_daemon_hands_out_cannot_be_resized_by_its_client(tmp_path, bystander_of, handed_out):
     d = DaemonProcess(tmp_path / "h.sock")
     try:
         bystander = bystander_of(d.path)
-        raw = RawClient(d.path, features=P.Feature.SHM_SLOT)
-        assert raw.welcome[0] == P.MsgType.WELCOME
-        [slot_fd] = raw.fds
-        assert is_sealed(slot_fd)
-        for size in (0, 4096, 2 * P.SLOT_BYTES):
-            with pytest.raises(PermissionError):
-                os.ftruncate(slot_fd, size)
-        assert os.fstat(slot_fd).st_size == P.SLOT_BYTES
-        # The daemon polls that slot from now on; it lives and serves the client.
+        if handed_out == "slot":
+            raw = RawClient(d.path, features=P.Feature.SHM_SLOT)
+            assert raw.welcome[0] == P.MsgType.WELCOME
+            [fd] = raw.fds
+            assert os.fstat(fd).st_size == P.SLOT_BYTES
+        else:
+            raw = RawClient(d.path)
+            kind, body = raw.call(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, 4096))
+            assert kind == P.MsgType.OK and P.DESC.unpack_from(body)[-1] & P.DescBits.NEW_SEGMENT
+            fd = raw.fds[-1]
+            if not is_sealed(fd):
+                raw.close()
+                pytest.skip("arena segments are POSIX shm objects from poolsvc/storage.py, which cannot "
+                            "be sealed; they need Storage.create on a memfd (docs/security.md)")
+        _assert_cannot_resize(fd)
+        # The daemon polls the slot, and zeroes the segment's pages at hang-up: it lives.
         assert raw.call(P.MsgType.PING, b"alive") == (P.MsgType.OK, b"alive")
         raw.close()
-        assert d.alive()
-        bystander.check()
-    finally:
-        d.stop()
-
-
-def test_arena_segment_cannot_be_resized_by_its_client(tmp_path, bystander_of):
-    d = DaemonProcess(tmp_path / "h.sock")
-    try:
-        bystander = bystander_of(d.path)
-        raw = RawClient(d.path)
-        kind, body = raw.call(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, 4096))
-        assert kind == P.MsgType.OK
-        assert P.DESC.unpack_from(body)[-1] & P.DescBits.NEW_SEGMENT
-        seg_fd = raw.fds[-1]
-        if not is_sealed(seg_fd):
-            raw.close()
-            pytest.skip("arena segments are POSIX shm objects from poolsvc/storage.py, which cannot be "
-                        "sealed; they need Storage.create on a memfd (docs/security.md)")
-        for size in (0, 4096):
-            with pytest.raises(PermissionError):
-                os.ftruncate(seg_fd, size)
-        raw.close()  # hang-up: the daemon zeroes and frees those pages
         assert d.alive()
         bystander.check()
     finally:

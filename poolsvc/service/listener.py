@@ -114,9 +114,10 @@ class Listener:
             os.unlink(path)
         gid = self.settings.gid()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # 0600 from the start; widened to the configured mode below
         try:
             sock.bind(path)
+            sock.listen(128)  # at once: a client may connect as soon as the file exists
         except OSError:
             sock.close()
             raise
@@ -126,7 +127,6 @@ class Listener:
             if gid is not None:
                 os.chown(path, -1, gid)
             os.chmod(path, self.settings.mode)
-            sock.listen(128)
             sock.setblocking(False)
         except BaseException:
             sock.close()
