@@ -30,6 +30,7 @@ import pytest
 
 from poolsvc.errors import NotSharedMemory, OutOfMemory, PoolsvcError
 from poolsvc.service import protocol as P
+from poolsvc.service import slot as S
 from poolsvc.service.client import connect
 from poolsvc.service.provider import is_sealed, seal, sealed_storage
 from poolsvc.tee.driver import RegisteredMemref
@@ -127,7 +128,7 @@ def test_memory_the_daemon_hands_out_cannot_be_resized_by_its_client(tmp_path, b
             raw = RawClient(d.path, features=P.Feature.SHM_SLOT)
             assert raw.welcome[0] == P.MsgType.WELCOME
             [fd] = raw.fds
-            assert os.fstat(fd).st_size == P.SLOT_BYTES
+            assert os.fstat(fd).st_size == S.SLOT_BYTES
         else:
             raw = RawClient(d.path)
             kind, body = raw.call(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, 4096))
@@ -247,26 +248,26 @@ def _flood_socket(raw: RawClient, frames: list[bytes]) -> None:
 
 def _flood_slot(raw: RawClient, frames: list[bytes]) -> None:
     """Send ``frames`` through the connection's shm slot, a slot request at a time."""
-    words_map = mmap.mmap(raw.fds[0], P.SLOT_BYTES)
-    words = memoryview(words_map)[:P.SLOT_WORDS * 8].cast("Q")
+    words_map = mmap.mmap(raw.fds[0], S.SLOT_BYTES)
+    words = memoryview(words_map)[:S.SLOT_WORDS * 8].cast("Q")
     try:
-        seq = words[P.W_REP_SEQ]  # the last request served on this slot
+        seq = words[S.W_REP_SEQ]  # the last request served on this slot
         pos = 0
         while pos < len(frames):
             request = bytearray()
             first = pos
-            while pos < len(frames) and len(request) + len(frames[pos]) <= P.SLOT_REQ_CAP // 4:
+            while pos < len(frames) and len(request) + len(frames[pos]) <= S.SLOT_REQ_CAP // 4:
                 request += frames[pos]
                 pos += 1
-            words_map[P.SLOT_REQ_OFF:P.SLOT_REQ_OFF + len(request)] = request
-            words[P.W_REQ_LEN] = len(request)
+            words_map[S.SLOT_REQ_OFF:S.SLOT_REQ_OFF + len(request)] = request
+            words[S.W_REQ_LEN] = len(request)
             seq += 1
-            words[P.W_REQ_SEQ] = seq
+            words[S.W_REQ_SEQ] = seq
             raw.send(P.DOORBELL_FRAME)  # wakes a sleeping daemon; ignored by a polling one
-            _wait(lambda seq=seq: words[P.W_REP_SEQ] == seq, "slot reply")
-            length = words[P.W_REP_LEN]
-            assert length != P.REP_ON_SOCKET
-            replies = read_frames_from(words_map[P.SLOT_REP_OFF:P.SLOT_REP_OFF + length])
+            _wait(lambda seq=seq: words[S.W_REP_SEQ] == seq, "slot reply")
+            length = words[S.W_REP_LEN]
+            assert length != S.REP_ON_SOCKET
+            replies = read_frames_from(words_map[S.SLOT_REP_OFF:S.SLOT_REP_OFF + length])
             assert len(replies) == pos - first
             assert all(_error(r)[0] == P.ErrorCode.UNKNOWN_TYPE for r in replies)
     finally:

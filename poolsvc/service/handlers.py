@@ -33,6 +33,7 @@ from .._backend import core
 from ..constants import PAGE_SIZE
 from ..errors import BadParameters, ItemNotFound, PoolsvcError, ProtocolError
 from . import protocol as P
+from . import slot as S
 from .connection import CLOSING, READY, Connection, ServerParts
 from .provider import SegmentTokens, describe
 
@@ -140,7 +141,7 @@ class Handlers(ServerParts):
                                  self.settings.max_frame, cfg.dynamic_base, cfg.dynamic_size,
                                  cfg.static_base, cfg.static_size)
         if version >= P.VERSION_2:
-            welcome += P.WELCOME_EXT.pack(granted, P.SLOT_BYTES if granted & P.Feature.SHM_SLOT else 0)
+            welcome += P.WELCOME_EXT.pack(granted, S.SLOT_BYTES if granted & P.Feature.SHM_SLOT else 0)
         return welcome + name.encode()
 
     def _op_ping(self, conn: Connection, body: Any) -> bytes:

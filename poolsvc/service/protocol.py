@@ -316,44 +316,37 @@ class OutputKind(IntEnum):
 
 
 # ---------------------------------------------------------------------------------------
-# The shm slot (version 2, Feature.SHM_SLOT)
+# The shm slot (version 2, Feature.SHM_SLOT): its layout is in ``slot``
 # ---------------------------------------------------------------------------------------
-# One POSIX shm object per connection, created by the daemon (O_EXCL, 0600,
-# unlinked at once) and passed with WELCOME.  The first page holds u64 words
-# (native little-endian, 8-byte aligned, so that each is read and written by
-# one instruction); the request and reply areas follow.  Offsets only, never
-# pointers.  Each side writes only its own line; the daemon keeps its own
-# copy of every field it relies on and validates everything it reads.
-SLOT_MAGIC = 0x544C5350        # b"PSLT"
-SLOT_VERSION = 1
-#: Word indexes.  Header (daemon, at creation): magic | version << 32, size,
-#: request area offset and capacity, reply area offset and capacity.
-W_MAGIC, W_SIZE, W_REQ_OFF, W_REQ_CAP, W_REP_OFF, W_REP_CAP = 0, 1, 2, 3, 4, 5
-#: Client line (its own cache line): sequence of the latest request (the
-#: daemon serves ``last + 1`` only), its length in bytes (complete request
-#: frames, back to back), 1 while the client sleeps waiting for a reply.
-W_REQ_SEQ, W_REQ_LEN, W_CLIENT_SLEEPING = 8, 9, 10
-#: Daemon line: sequence of the latest reply (equal to the request's), its
-#: length (reply frames back to back, or REP_ON_SOCKET), 1 while the daemon
-#: sleeps in epoll.
-W_REP_SEQ, W_REP_LEN, W_DAEMON_SLEEPING = 16, 17, 18
-#: Words of the first page read through a ``memoryview.cast("Q")``.
-SLOT_WORDS = 32
-SLOT_REQ_OFF = 4096
-SLOT_REQ_CAP = 32 << 10
-SLOT_REP_OFF = SLOT_REQ_OFF + SLOT_REQ_CAP
-SLOT_REP_CAP = 64 << 10
-SLOT_BYTES = SLOT_REP_OFF + SLOT_REP_CAP
-#: W_REP_LEN when the replies did not fit: they follow on the socket, in order.
-REP_ON_SOCKET = (1 << 64) - 1
 #: The DOORBELL frame (empty body).
 DOORBELL_FRAME = HEADER.pack(0, 9, 0)
-
-
-def slot_header() -> tuple[int, ...]:
-    """The six header words a daemon writes into a new slot and a client checks."""
-    return (SLOT_MAGIC | SLOT_VERSION << 32, SLOT_BYTES, SLOT_REQ_OFF, SLOT_REQ_CAP,
-            SLOT_REP_OFF, SLOT_REP_CAP)
+# Code written against this module (the client and its tests on this branch)
+# names the slot's layout through it; the layout itself, and the code both
+# ends share, is ``slot``'s alone.
+from .slot import (  # noqa: E402,F401
+    REP_ON_SOCKET,
+    SLOT_BYTES,
+    SLOT_MAGIC,
+    SLOT_REP_CAP,
+    SLOT_REP_OFF,
+    SLOT_REQ_CAP,
+    SLOT_REQ_OFF,
+    SLOT_VERSION,
+    SLOT_WORDS,
+    W_CLIENT_SLEEPING,
+    W_DAEMON_SLEEPING,
+    W_MAGIC,
+    W_REP_CAP,
+    W_REP_LEN,
+    W_REP_OFF,
+    W_REP_SEQ,
+    W_REQ_CAP,
+    W_REQ_LEN,
+    W_REQ_OFF,
+    W_REQ_SEQ,
+    W_SIZE,
+    slot_header,
+)
 
 
 def frame(msg_type: int, body: bytes | bytearray | memoryview = b"") -> bytes:

@@ -39,6 +39,7 @@ from .._backend import BACKEND
 from ..config import Config
 from ..errors import PoolsvcError, SecurityViolation
 from . import protocol as P
+from . import slot as S
 from .connection import CLOSED, HANDSHAKE, Connection, Handler
 from .handlers import Handlers
 from .listener import Listener
@@ -56,7 +57,7 @@ log = logging.getLogger("poolsvc.service")
 _EPOLLIN = select.EPOLLIN
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-_W_REQ_SEQ = P.W_REQ_SEQ
+_W_REQ_SEQ = S.W_REQ_SEQ
 #: Seconds the listener is left alone when even the reserve descriptor cannot take a connection.
 _ACCEPT_PAUSE = 0.1
 _WAKE = object()

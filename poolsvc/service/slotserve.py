@@ -1,5 +1,8 @@
 """The daemon's side of the shm slot: create it, serve requests from it, sleep around it.
 
+The slot's layout, the fence and the header both ends check are in
+:mod:`.slot`; this module is the daemon's end.
+
 Shm slots (protocol version 2): a connection may ask for a shared-memory
 request/reply slot (``protocol`` documents the layout).  The loop polls the
 slots of such clients for a short adaptive window after serving one, then
@@ -20,11 +23,11 @@ from __future__ import annotations
 import array
 import os
 import select
-import threading
 from typing import Callable
 
 from ..errors import ProtocolError
 from . import protocol as P
+from . import slot as S
 from .connection import CLOSING, READY, Connection, ServerParts
 from .provider import sealed_storage
 
@@ -33,19 +36,11 @@ _HEADER_SIZE = P.HEADER_SIZE
 _unpack_header = P.HEADER.unpack_from
 _pack_header = P.HEADER.pack
 _ERROR = int(P.MsgType.ERROR)
-_W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = P.W_REQ_SEQ, P.W_REQ_LEN, P.W_CLIENT_SLEEPING
-_W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = P.W_REP_SEQ, P.W_REP_LEN, P.W_DAEMON_SLEEPING
-_REQ_OFF, _REQ_CAP = P.SLOT_REQ_OFF, P.SLOT_REQ_CAP
-_REP_OFF, _REP_CAP = P.SLOT_REP_OFF, P.SLOT_REP_CAP
-_fence_lock = threading.Lock()
-_fence_acquire, _fence_release = _fence_lock.acquire, _fence_lock.release
-
-
-def fence() -> None:
-    """A full memory barrier (a locked instruction on x86): orders our slot
-    store before the load of the peer's "sleeping" word (Dekker's handshake)."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+_W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = S.W_REQ_SEQ, S.W_REQ_LEN, S.W_CLIENT_SLEEPING
+_W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = S.W_REP_SEQ, S.W_REP_LEN, S.W_DAEMON_SLEEPING
+_REQ_OFF, _REQ_CAP = S.SLOT_REQ_OFF, S.SLOT_REQ_CAP
+_REP_OFF, _REP_CAP = S.SLOT_REP_OFF, S.SLOT_REP_CAP
+_fence_acquire, _fence_release = S.fence_lock.acquire, S.fence_lock.release
 
 
 class Bell:
@@ -71,11 +66,11 @@ class SlotServing(ServerParts):
         waits for a yield.  An eventfd wake-up carries no such hint, so the
         daemon resumes on its own (idle) CPU.
         """
-        storage = sealed_storage(P.SLOT_BYTES, "poolsvc-slot")  # the client cannot resize it
+        storage = sealed_storage(S.SLOT_BYTES, "poolsvc-slot")  # the client cannot resize it
         efd = fd = -1
         try:
-            words = memoryview(storage.mm)[:P.SLOT_WORDS * 8].cast("Q")
-            words[:6] = array.array("Q", P.slot_header())
+            words = S.words_of(storage.mm)
+            words[:6] = array.array("Q", S.slot_header())
             fd = os.dup(storage.fd)
             if bell:
                 efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -181,7 +176,7 @@ class SlotServing(ServerParts):
             words[_W_REP_LEN] = n
         else:
             self._queue(conn, bytes(out))
-            words[_W_REP_LEN] = P.REP_ON_SOCKET
+            words[_W_REP_LEN] = S.REP_ON_SOCKET
         words[_W_REP_SEQ] = seq
         _fence_acquire()  # fence(), inlined
         _fence_release()
@@ -198,7 +193,7 @@ class SlotServing(ServerParts):
         for conn in slots:
             if conn.words is not None:
                 conn.words[_W_DAEMON_SLEEPING] = 1
-        fence()
+        S.fence()
         # Only requests the loop would serve now count: a client over max_output
         # waits until it has read its socket (an EPOLLOUT wakes us then).
         max_output = self._max_output
@@ -211,4 +206,4 @@ class SlotServing(ServerParts):
         return events
 
 
-__all__ = ["Bell", "SlotServing", "fence"]
+__all__ = ["Bell", "SlotServing"]

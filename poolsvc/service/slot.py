@@ -1,0 +1,204 @@
+"""The shared-memory request/reply slot: its layout and the code both ends use.
+
+A version-2 connection that is granted :attr:`~.protocol.Feature.SHM_SLOT`
+gets one POSIX shm object, created by the daemon (O_EXCL, 0600, unlinked at
+once) and passed with WELCOME.  The first page holds u64 words (native
+little-endian, 8-byte aligned, so that each is read and written by one
+instruction); the request and reply areas follow.  Offsets only, never
+pointers.  Each side writes only its own line of words; the daemon keeps its
+own copy of every field it relies on and validates everything it reads.
+
+One exchange::
+
+    client: request frames -> request area, W_REQ_LEN, W_REQ_SEQ = seq + 1
+            fence; if W_DAEMON_SLEEPING: ring the doorbell
+    daemon: serves W_REQ_SEQ == its seq + 1 only; reply frames -> reply area
+            (or REP_ON_SOCKET and the frames on the socket), W_REP_LEN,
+            W_REP_SEQ = seq; fence; if W_CLIENT_SLEEPING: DOORBELL on the socket
+
+Each party sets its "sleeping" word, fences, then looks once more at the
+peer's sequence before it sleeps (Dekker's handshake), so a reply or request
+published meanwhile is never missed.
+
+This module owns the layout (word indexes, areas, :func:`slot_header`),
+:func:`fence`, :func:`words_of` and :func:`check_header`, which both ends
+use, and :class:`ClientSlot`, the client's end.  The daemon's end (creating
+slots, serving requests) lives in ``server.py``.
+
+Concurrency: one slot belongs to one connection; each end drives its half
+from one thread.  The words are shared with another process: read each one
+once per decision, and order stores before loads with :func:`fence`.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from typing import Callable
+
+from ..errors import ProtocolError
+
+SLOT_MAGIC = 0x544C5350        # b"PSLT"
+SLOT_VERSION = 1
+#: Word indexes.  Header (daemon, at creation): magic | version << 32, size,
+#: request area offset and capacity, reply area offset and capacity.
+W_MAGIC, W_SIZE, W_REQ_OFF, W_REQ_CAP, W_REP_OFF, W_REP_CAP = 0, 1, 2, 3, 4, 5
+#: Client line (its own cache line): sequence of the latest request (the
+#: daemon serves ``last + 1`` only), its length in bytes (complete request
+#: frames, back to back), 1 while the client sleeps waiting for a reply.
+W_REQ_SEQ, W_REQ_LEN, W_CLIENT_SLEEPING = 8, 9, 10
+#: Daemon line: sequence of the latest reply (equal to the request's), its
+#: length (reply frames back to back, or REP_ON_SOCKET), 1 while the daemon
+#: sleeps in epoll.
+W_REP_SEQ, W_REP_LEN, W_DAEMON_SLEEPING = 16, 17, 18
+#: Words of the first page read through a ``memoryview.cast("Q")``.
+SLOT_WORDS = 32
+SLOT_REQ_OFF = 4096
+SLOT_REQ_CAP = 32 << 10
+SLOT_REP_OFF = SLOT_REQ_OFF + SLOT_REQ_CAP
+SLOT_REP_CAP = 64 << 10
+SLOT_BYTES = SLOT_REP_OFF + SLOT_REP_CAP
+#: W_REP_LEN when the replies did not fit: they follow on the socket, in order.
+REP_ON_SOCKET = (1 << 64) - 1
+
+#: The lock behind :func:`fence`; hot loops may inline ``acquire(); release()``.
+fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier (a locked instruction on x86): orders our slot
+    store before the load of the peer's "sleeping" word (Dekker's handshake)."""
+    fence_lock.acquire()
+    fence_lock.release()
+
+
+def slot_header() -> tuple[int, ...]:
+    """The six header words a daemon writes into a new slot and a client checks."""
+    return (SLOT_MAGIC | SLOT_VERSION << 32, SLOT_BYTES, SLOT_REQ_OFF, SLOT_REQ_CAP,
+            SLOT_REP_OFF, SLOT_REP_CAP)
+
+
+def words_of(mm: mmap.mmap) -> memoryview:
+    """The slot's first page as u64 words (release it before closing ``mm``)."""
+    return memoryview(mm)[:SLOT_WORDS * 8].cast("Q")
+
+
+def check_header(words: memoryview) -> None:
+    """Raise ProtocolError unless ``words`` start with :func:`slot_header`."""
+    if tuple(words[:6]) != slot_header():
+        raise ProtocolError("daemon's shm slot has an unknown layout")
+
+
+class ClientSlot:
+    """The client's end of one slot: publishes requests, waits for replies.
+
+    The wait polls the daemon's reply sequence for an adaptive window (at
+    most ``max_spin`` seconds), yielding the CPU between polls, then calls
+    the channel's ``sleep(seq)``, which marks the client sleeping and blocks
+    on the socket until a DOORBELL.
+    """
+
+    __slots__ = ("mm", "words", "seq", "spin", "max_spin")
+
+    def __init__(self, fd: int, size: int, max_spin: float) -> None:
+        """Map the slot behind ``fd`` (announced as ``size`` bytes) and check it.
+
+        ``fd`` stays the caller's to close.  Raises ProtocolError on a size or
+        layout this end does not know.
+        """
+        actual = os.fstat(fd).st_size
+        if size != SLOT_BYTES or actual != size:
+            raise ProtocolError(f"daemon's shm slot is {actual} bytes, announced {size}, "
+                                f"expected {SLOT_BYTES}")
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        words = words_of(mm)
+        try:
+            check_header(words)
+        except ProtocolError:
+            words.release()
+            mm.close()
+            raise
+        self.mm = mm
+        self.words = words
+        self.seq: int = words[W_REQ_SEQ]
+        self.max_spin = max_spin
+        self.spin = max_spin
+
+    def publish(self, data: bytes) -> int:
+        """Write request frames (at most SLOT_REQ_CAP bytes) and announce them.
+
+        Returns the request's sequence number; the caller rings the doorbell
+        when :meth:`daemon_sleeping` says so.
+        """
+        words = self.words
+        n = len(data)
+        self.mm[SLOT_REQ_OFF:SLOT_REQ_OFF + n] = data
+        words[W_REQ_LEN] = n
+        seq = self.seq = self.seq + 1
+        words[W_REQ_SEQ] = seq
+        fence_lock.acquire()  # fence(), inlined
+        fence_lock.release()
+        return seq
+
+    def daemon_sleeping(self) -> bool:
+        """Whether the daemon sleeps in epoll (read after :meth:`publish`'s fence)."""
+        return bool(self.words[W_DAEMON_SLEEPING])
+
+    def answered(self, seq: int) -> bool:
+        """Whether the reply to request ``seq`` is published."""
+        return self.words[W_REP_SEQ] == seq
+
+    def wait(self, seq: int, sleep: Callable[[int], None]) -> None:
+        """Return once the reply to ``seq`` is published, polling then ``sleep(seq)``.
+
+        The window is widened to twice the latest wait when that was within
+        ``max_spin`` (polling would have caught it) and halved after a wait
+        beyond it (the daemon is busy: sleep sooner).
+        """
+        words = self.words
+        if words[W_REP_SEQ] == seq:
+            return
+        clock = time.perf_counter
+        start = clock()
+        deadline = start + self.spin
+        yield_ = os.sched_yield
+        # Yield every few polls: alone on its CPU a yield returns at once, and
+        # when the scheduler has put the daemon on this CPU it lets the daemon
+        # run instead of waiting for preemption.
+        polls = 0
+        while words[W_REP_SEQ] != seq:
+            polls += 1
+            if not polls & 3:
+                if clock() > deadline:
+                    sleep(seq)
+                    break
+                yield_()
+        waited = clock() - start
+        if waited <= self.max_spin:
+            self.spin = min(self.max_spin, max(self.spin, 2 * waited))
+        else:
+            self.spin = max(2e-6, self.spin / 2)
+
+    def set_sleeping(self, sleeping: bool) -> None:
+        """Mark (then fence) or clear the client's "sleeping" word."""
+        self.words[W_CLIENT_SLEEPING] = int(sleeping)
+        if sleeping:
+            fence()
+
+    def reply(self) -> bytes | None:
+        """The published reply frames, or None when they follow on the socket.
+
+        Raises ProtocolError when the daemon announces more than the reply area holds.
+        """
+        length = self.words[W_REP_LEN]
+        if length == REP_ON_SOCKET:
+            return None
+        if length > SLOT_REP_CAP:
+            raise ProtocolError(f"daemon wrote a slot reply of {length} bytes, more than {SLOT_REP_CAP}")
+        return self.mm[SLOT_REP_OFF:SLOT_REP_OFF + length]
+
+    def close(self) -> None:
+        """Unmap the slot (idempotent)."""
+        self.words.release()
+        self.mm.close()
