@@ -6,7 +6,8 @@ Smoke mode (CI, no timing):  python -m pytest bench --benchmark-disable
 Single figures on a shared 2-core machine deserve scepticism: compare the
 compiled kernel with its pure-Python reference or floor *in the same run*,
 and read medians.  Each benchmark records what it measures per operation in
-``benchmark.extra_info``; ``bench/README.md`` lists the latest figures.
+``benchmark.extra_info``; ``python bench/results.py`` renders them into the
+results files of ``bench/results/``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Benchmarks of the allocators (DESIGN.md section 7, "Allocators").
+"""Benchmarks of the allocators (docs/design.md section 7, "Allocators").
 
 Owns: alloc+free pairs of 1-16 pages from Python at 50% occupancy (a seeded
 random live set) on a 262,144-frame FrameAllocator and a 4 MiB

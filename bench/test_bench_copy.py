@@ -1,4 +1,4 @@
-"""Benchmarks of gather / scatter through the frame table (DESIGN.md section 7).
+"""Benchmarks of gather / scatter through the frame table (docs/design.md section 7, "Gather / scatter").
 
 Owns: gather and scatter of 1 MiB and 64 MiB buffers whose pages are
 scattered at random over a 64 MiB storage (frame -> storage translation on

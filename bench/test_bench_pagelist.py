@@ -1,4 +1,4 @@
-"""Benchmarks of the page-list kernels (DESIGN.md section 7, "Page list").
+"""Benchmarks of the page-list kernels (docs/design.md section 7, "Page list").
 
 Owns: pagelist_build for a 1 GiB buffer (262,144 scattered pages, 514 list
 pages) and a 1 MiB buffer (256 pages), each next to its floor, a numpy copy

@@ -3,7 +3,7 @@
 Everything talks to real processes: a ``poolsvc serve`` daemon, and a bare
 echo server (two Python processes, one blocking ``recv``/``sendall`` loop),
 so that the daemon's cost is read against the floor of the same machine in
-the same run (DESIGN.md section 7: alloc+free within 1.5x of a bare round
+the same run (docs/design.md section 7: alloc+free within 1.5x of a bare round
 trip; batched requests >= 10x the operations per second of single ones).
 Both transports are measured: ``socket`` (every frame on the Unix socket)
 and ``shm`` (ordinary requests through the connection's shared-memory slot,
@@ -30,7 +30,6 @@ import pytest
 
 import poolsvc
 from poolsvc.service import protocol as P
-from poolsvc.service.client import connect
 
 ECHO = textwrap.dedent("""
     import os, socket, sys
@@ -98,9 +97,9 @@ def _bare_placed(sock: "_EchoSocket", apart: bool, n: int) -> float | None:
     (``apart=False``) or to two (``apart=True``); None on a one-CPU machine.
 
     A blocking ping-pong is bimodal on a VM: on one CPU each side hands over with a
-    "sync" wake-up and no idle CPU is woken (~10 us here); on two, every message
-    wakes an idle vCPU (~40 us here; DESIGN.md's 46 us).  The affinities are
-    restored afterwards.
+    "sync" wake-up and no idle CPU is woken; on two, every message wakes an idle
+    vCPU, which costs several times more.  The affinities are restored
+    afterwards.
     """
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -159,7 +158,7 @@ def test_bare_socket_round_trip(benchmark, echo):
 
 @pytest.mark.parametrize("transport", ["socket", "shm"])
 def test_service_ping(benchmark, daemon, transport):
-    with connect(daemon, transport=transport) as client:
+    with poolsvc.connect(daemon, transport=transport) as client:
         benchmark.extra_info["what"] = f"PING round trip through the daemon, {transport} transport"
         benchmark(client.ping)
 
@@ -167,7 +166,7 @@ def test_service_ping(benchmark, daemon, transport):
 @pytest.mark.parametrize("transport", ["socket", "shm"])
 @pytest.mark.parametrize("kind", ["alloc_user_buf", "alloc_priv_buf"])
 def test_service_alloc_free(benchmark, daemon, kind, transport):
-    with connect(daemon, transport=transport) as client:
+    with poolsvc.connect(daemon, transport=transport) as client:
         ctx = client.open_context("bench")
         alloc = getattr(ctx, kind)
         alloc(4096).close()
@@ -179,7 +178,7 @@ def test_service_alloc_free(benchmark, daemon, kind, transport):
 @pytest.mark.parametrize("transport", ["socket", "shm"])
 @pytest.mark.parametrize("kind", ["alloc_user_buf", "alloc_priv_buf"])
 def test_service_batched(benchmark, daemon, kind, transport):
-    with connect(daemon, transport=transport) as client:
+    with poolsvc.connect(daemon, transport=transport) as client:
         ctx = client.open_context("bench")
 
         def pair_batches():
@@ -233,7 +232,7 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
       placed by the scheduler (the figure the targets are judged against);
       ``bare_together_us`` / ``bare_apart_us``: the same pinned to one CPU / two
       (see ``_bare_placed``), and ``{t}_pair_vs_apart_{kind}`` the pair over the
-      latter (DESIGN.md's conditions: its 46 us is the wake-up of the other vCPU);
+      latter (the placement in which each message wakes the other vCPU);
       ``{t}_{kind}_us``: alloc_{kind}_buf(4096) + close() through the daemon with
       transport ``t`` (``emb``: the embedded System, no daemon); the close is
       pipelined, as ``Shm.close`` does, so the pair costs one round trip;
@@ -246,8 +245,8 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
     """
     rounds, n, reps = (1, 20, 1) if smoke else (15, 300, 10)
     rows: dict[str, list[float]] = {}
-    sock_client = connect(daemon, name="ratios", transport="socket")
-    shm_client = connect(daemon, name="ratios-shm", transport="shm")
+    sock_client = poolsvc.connect(daemon, name="ratios", transport="socket")
+    shm_client = poolsvc.connect(daemon, name="ratios-shm", transport="shm")
     embedded = poolsvc.System(poolsvc.Config(dynamic_size=256 << 20, arena_step=4 << 20))
     try:
         assert shm_client._monitor.transport == "shm"
@@ -308,7 +307,7 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
         benchmark.extra_info[f"met_{key}"] = met
         print(f"  {key:26} {value:>12}  target {target:6}  {'met' if met else 'NOT MET'}")
     # Per target: on which transports it holds for both kinds (bench/README.md explains why
-    # no one transport can meet both on a VM whose bare round trip is ~10 us co-located).
+    # one transport may not meet both when the co-located bare round trip is short).
     for name, (target, op) in TARGETS.items():
         where = [t for t in ("sock", "shm")
                  if all(met for key, _, _, met in rows if key.startswith(f"{t}_{name}_"))

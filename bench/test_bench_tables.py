@@ -1,4 +1,4 @@
-"""Benchmarks of the lookup tables (DESIGN.md section 7, "Lookups").
+"""Benchmarks of the lookup tables (docs/design.md section 7, "Lookups").
 
 Owns: per-call cost from Python of FrameTable.lookup / translate,
 IdTable.find and AddressMap.lookup (target <= 100 ns per call, tuple

@@ -4,9 +4,10 @@ Owns the speed-up ratios of the kernels the pool service's batched path added:
 ``split_frames`` / ``run_batch`` (ext/wire.pyx, the daemon's BATCH loop and
 both sides' frame splitting) and ``ArenaPages.take`` / ``give``
 (ext/arena.pyx, the dynamic pool's per-allocation work).  Per-frame or
-per-pair medians go in ``extra_info["ns_per_op"]``; ``bench/README.md`` has
-the figures.  In smoke mode (``--benchmark-disable``) each runs once and its
-result is checked against the other backend.
+per-pair medians go in ``extra_info["ns_per_op"]``; ``bench/results/wire.md``
+has the figures (``python bench/results.py --family wire``).  In smoke mode
+(``--benchmark-disable``) each runs once and its result is checked against
+the other backend.
 
 Concurrency: single-threaded.  Figures from a shared 2-core machine deserve
 scepticism: compare the two backends within one run, read medians.

@@ -2,7 +2,9 @@
 
 Each subcommand module exposes ``add_parser(subparsers)`` which registers its
 parser and sets ``func`` (a callable taking the parsed arguments and returning
-an exit status).  Errors of poolsvc become a one-line message and exit status 2.
+an exit status).  Errors of poolsvc become a one-line message and exit status 2
+(a TeeError's return code and origin by their GlobalPlatform names); bad option
+values are argparse usage errors, also exit status 2.
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import argparse
 import importlib
 import sys
 
-from .errors import PoolsvcError
+from . import __version__
+from ._backend import BACKEND
+from .errors import PoolsvcError, TeeError
+from .teecodes import annotate
 
 #: Subcommand modules, in the order --help lists them.
 COMMANDS = ["bench", "demo", "serve", "stat", "load", "tee"]
@@ -23,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "scattered allocation, page lists, a simulated secure world and a "
                     "pool service.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__} ({BACKEND} core, Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -44,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PoolsvcError as exc:
-        print(f"poolsvc {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        message = annotate(str(exc), exc.code, exc.origin) if isinstance(exc, TeeError) else str(exc)
+        print(f"poolsvc {args.command}: {type(exc).__name__}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"poolsvc {args.command}: interrupted", file=sys.stderr)

@@ -17,15 +17,22 @@ successes in a FIFO window of a quarter of dynamic RAM (``dynamic_size // 4``
 bytes: e.g. 64 buffers of 4 MiB on 1 GiB), as a workload that keeps buffers
 alive would; the failure rate is the fraction of attempts refused, so it
 measures how many buffers of that size the aged memory can hold at once.
-It records the allocation latency (p50, p99), the failure rate, the set-up
-cost (page-list build and REGISTER_SHM, as the driver does them), the memory
-overhead (list pages and rounding), the secure-side access cost (the SHA-256
-trusted app over the buffer) and the buffer's page-list segments and longest
-contiguous run.
 
-The ageing workload: allocate blocks of 1..``2**max_block_order`` pages
-(geometric sizes) until ``fill`` of dynamic RAM is used, then free random
-blocks until only ``keep`` is; the freed holes are what fragments memory.
+Beside the measured times (allocation latency p50/p99, the page-list +
+REGISTER_SHM set-up, the secure world's SHA-256 over the buffer) each cell
+reports what the mechanism costs a real system, counted on every success:
+frames taken, contiguous runs (scatterlist segments), page-list pages and
+bytes, messages to the secure world per buffer lifetime (alloc + close) and
+pages pinned.  Those counts transfer to hardware; the times are this model's.
+
+Fragmentation: :class:`poolsvc.fragmentation.Ageing`, seeded, runs once on a
+scratch frame allocator the size of dynamic RAM, level after level, until the
+unusable free space index at order ``INDEX_ORDER`` (64 KiB) reaches each
+level's target; each System then gets that layout (``copy_layout``).  Levels
+are reported as the index reached.
+
+Formatting (table, legend, summary, Markdown) is in this module; plots in
+:mod:`poolsvc.plots`.
 """
 from __future__ import annotations
 
@@ -36,46 +43,53 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing import shared_memory
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from . import pagelist
-from ._backend import BACKEND
+from ._backend import BACKEND, core
 from .config import Config
-from .constants import PAGE_SIZE
+from .constants import PAGE_SIZE, ShmFlags
 from .errors import InternalError, PoolsvcError
-from .fragmentation import unusable_indices
-from .system import System
-from .tee.ta import Sha256App
+from .fragmentation import INDEX_ORDER, Ageing, copy_layout, unusable_indices
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .system import System
 
 KiB, MiB = 1 << 10, 1 << 20
 
 
 @dataclass(frozen=True)
 class Level:
-    """One fragmentation level of the ageing workload."""
+    """One fragmentation level: the ageing runs until the index at ``INDEX_ORDER`` reaches ``target``."""
 
     name: str
-    fill: float  # occupancy reached before the frees
-    keep: float  # occupancy left after the frees
-    max_block_order: int = 3
+    target: float
 
 
 LEVELS = [
-    Level("fresh", 0.0, 0.0),
-    Level("light", 0.60, 0.45),                       # a 40% tail stays untouched
-    Level("moderate", 0.95, 0.45),                    # a 5% tail stays untouched
-    Level("heavy", 1.00, 0.50),                       # holes only: runs of freed blocks
-    Level("severe", 1.00, 0.60, max_block_order=0),   # single-page holes
+    Level("fresh", 0.0),
+    Level("light", 0.10),
+    Level("moderate", 0.50),
+    Level("heavy", 0.90),
+    Level("severe", 0.99),
 ]
 SIZES = [4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]
 QUICK_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
+QUICK_LEVELS = ["fresh", "moderate", "severe"]
 STRATEGIES = ["contiguous", "static", "scattered"]
+DEFAULT_TRIALS, QUICK_TRIALS = 400, 20
 
 
 @dataclass
 class Result:
+    """One cell: a strategy at one size and fragmentation level.
+
+    Times are medians/percentiles of the successes (µs); mechanism counts are
+    medians over the successes (None when every attempt failed).
+    """
+
     level: str
     size: int
     strategy: str
@@ -84,25 +98,35 @@ class Result:
     p50_us: float | None
     p99_us: float | None
     setup_us: float | None  # page list + REGISTER_SHM as the driver does it, median
-    build_us: float | None  # page list build alone, median
-    overhead_bytes: int | None  # list pages + rounding
-    access_mb_s: float | None  # SHA-256 through the frame table
-    segments: int | None
+    access_mb_s: float | None  # the secure world's SHA-256 over the first buffer
+    max_live: int  # most buffers held at once (the FIFO window caps it)
+    frames: int | None  # frames the buffer takes
+    segments: int | None  # contiguous runs = scatterlist entries
     longest_run_pages: int | None
+    list_pages: int | None  # OP-TEE page-list pages built for REGISTER_SHM
+    messages: int | None  # messages to the secure world per buffer (alloc + close)
+    pinned_pages: int | None  # user pages pinned while registered
     failure_reason: str | None = None
 
     @property
     def failure_rate(self) -> float:
         return self.failures / self.trials if self.trials else 0.0
 
+    @property
+    def list_bytes(self) -> int | None:
+        return None if self.list_pages is None else self.list_pages * PAGE_SIZE
+
 
 @dataclass
 class LevelMetrics:
     level: str
+    target: float
+    index: float  # unusable free space index at INDEX_ORDER, as reached
     free_frames: int
     largest_free_run: int
     unusable_index: list[float]
     free_blocks_per_order: list[int]
+    ageing_steps: int
 
 
 @dataclass
@@ -117,9 +141,20 @@ class Report:
         for r in self.results:
             d = asdict(r)
             d["failure_rate"] = r.failure_rate
+            d["list_bytes"] = r.list_bytes
             results.append(d)
-        return {"machine": self.machine, "params": self.params,
-                "levels": [asdict(x) for x in self.levels], "results": results}
+        return {"machine": self.machine, "params": self.params, "legend": LEGEND,
+                "levels": [asdict(x) for x in self.levels], "results": results,
+                "summary": summary_lines(self)}
+
+    def level(self, name: str) -> LevelMetrics:
+        return next(lv for lv in self.levels if lv.level == name)
+
+    def cell(self, level: str, size: int, strategy: str) -> Result | None:
+        for r in self.results:
+            if r.level == level and r.size == size and r.strategy == strategy:
+                return r
+        return None
 
 
 def machine_description() -> dict[str, Any]:
@@ -134,56 +169,24 @@ def machine_description() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0],
-            "platform": platform.platform(), "backend": BACKEND, "numpy": np.__version__}
+            "platform": platform.platform(), "backend": BACKEND, "numpy": np.__version__,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
 
 
-class Ager:
-    """The seeded ageing workload on a System's dynamic frame allocator.
+def age_levels(levels: list[Level], dynamic_size: int, seed: int,
+               base_pa: int) -> list[tuple[Level, np.ndarray, int]]:
+    """Run the ageing workload through ``levels`` (sorted by target) on a scratch allocator.
 
-    The aged blocks are kept in numpy arrays, not Python objects: hundreds of
-    thousands of tuples would make the garbage collector's full passes land
-    inside the timed allocations.
+    Returns ``(level, used frame map, ageing steps so far)`` per level.
     """
-
-    def __init__(self, dynamic: Any, rng: np.random.Generator, level: Level) -> None:
-        self.dynamic = dynamic
-        self.rng = rng
-        self.level = level
-        self.pas = np.zeros(0, dtype=np.uint64)
-        self.sizes = np.zeros(0, dtype=np.int64)
-
-    def _blocks(self, count: int) -> np.ndarray:
-        orders = np.minimum(self.rng.geometric(0.5, size=count) - 1, self.level.max_block_order)
-        return (1 << orders).astype(np.int64)
-
-    def run(self) -> None:
-        dyn, lv = self.dynamic, self.level
-        if lv.fill <= 0:
-            return
-        target = int(dyn.nframes * lv.fill)
-        pas: list[int] = []
-        sizes: list[int] = []
-        while dyn.used_frames < target:
-            for n in self._blocks(4096).tolist():
-                if dyn.used_frames >= target:
-                    break
-                try:
-                    pas.append(dyn.alloc_contig(n))
-                except PoolsvcError:
-                    target = 0
-                    break
-                sizes.append(n)
-        self.pas = np.array(pas, dtype=np.uint64)
-        self.sizes = np.array(sizes, dtype=np.int64)
-        del pas, sizes
-        keep = int(dyn.nframes * lv.keep)
-        alive = np.ones(len(self.pas), dtype=bool)
-        for i in self.rng.permutation(len(self.pas)).tolist():
-            if dyn.used_frames <= keep:
-                break
-            dyn.free_contig(int(self.pas[i]), int(self.sizes[i]))
-            alive[i] = False
-        self.pas, self.sizes = self.pas[alive], self.sizes[alive]
+    frames = core.FrameAllocator(base_pa, dynamic_size // PAGE_SIZE, 10)
+    ageing = Ageing(frames, np.random.default_rng(seed))
+    out = []
+    for level in sorted(levels, key=lambda lv: lv.target):
+        if level.target > 0:
+            ageing.run_until(level.target)
+        out.append((level, frames.used_map().copy(), ageing.steps))
+    return out
 
 
 def _warm_up(ctx: Any, strategy: str, client_buf: Any, hold_bytes: int) -> None:
@@ -219,30 +222,39 @@ def _sha256_secure(ctx: Any, session: Any, digest: Any, shm: Any) -> float:
     return secs
 
 
-def _longest_run(pages: np.ndarray) -> int:
-    if len(pages) == 0:
-        return 0
-    breaks = np.flatnonzero(np.diff(pages.astype(np.int64)) != PAGE_SIZE)
-    edges = np.concatenate([[-1], breaks, [len(pages) - 1]])
-    return int(np.max(np.diff(edges)))
+def _longest_run(segments: list[tuple[int, int]]) -> int:
+    return max((length for _, length in segments), default=0) // PAGE_SIZE
+
+
+def _median(values: list[int]) -> int | None:
+    return int(np.median(values)) if values else None
 
 
 def _measure(system: System, ctx: Any, strategy: str, size: int, trials: int,
              client_buf: Any, tee: tuple[Any, Any], level: str, hold_bytes: int) -> Result:
     """``trials`` attempts, holding the last ``hold_bytes // size`` successes (FIFO)."""
+    stats = system.tee.stats
     lat: list[float] = []
     setup: list[float] = []
-    build: list[float] = []
+    frames: list[int] = []
+    segments: list[int] = []
+    longest: list[int] = []
+    list_pages: list[int] = []
+    pinned: list[int] = []
+    messages = 0
     failures = 0
     reason = None
-    first_ok: Any = None
     access = None
     held: list[Any] = []
+    max_live = 0
     window = max(1, hold_bytes // size)
     try:
         for trial in range(trials):
             if len(held) >= window:
+                calls = stats.calls
                 held.pop(0).close()
+                messages += stats.calls - calls
+            calls = stats.calls
             t0 = time.perf_counter()
             try:
                 if strategy == "scattered":
@@ -255,25 +267,29 @@ def _measure(system: System, ctx: Any, strategy: str, size: int, trials: int,
                 failures += 1
                 reason = f"{type(exc).__name__}: {exc}"
                 continue
-            t1 = time.perf_counter()
-            lat.append(t1 - t0)
-            if strategy != "static":
-                tb = time.perf_counter()
-                pagelist.build(shm.pages, shm.offset, system.config.dynamic_base)
-                build.append(time.perf_counter() - tb)
+            lat.append(time.perf_counter() - t0)
+            messages += stats.calls - calls
+            registered = bool(shm.flags & ShmFlags.DYNAMIC)
+            npages = len(shm.pages)
+            if registered:
                 setup.append(system.last_register_seconds)
-            if first_ok is None:
-                npages = len(shm.pages)
-                list_bytes = pagelist.list_pages_needed(npages) * PAGE_SIZE if strategy != "static" else 0
-                rounding = npages * PAGE_SIZE - size if strategy != "static" else shm.size - size
-                first_ok = {
-                    "overhead": list_bytes + max(rounding, 0),
-                    "segments": len(pagelist.segments(shm.pages)),
-                    "longest": _longest_run(shm.pages),
-                }
+            run = shm.page_run
+            segs = [(run[0], run[1] * PAGE_SIZE)] if run is not None else pagelist.segments(shm.pages)
+            frames.append(npages)
+            segments.append(len(segs))
+            longest.append(_longest_run(segs))
+            list_pages.append(pagelist.list_pages_needed(npages) if registered else 0)
+            pinned.append(npages if shm.flags & ShmFlags.USER_MAPPED else 0)
+            if access is None:
                 secs = _sha256_secure(ctx, tee[0], tee[1], shm)
                 access = size / secs / 1e6 if secs > 0 else None
             held.append(shm)
+            max_live = max(max_live, len(held))
+        calls = stats.calls
+        for shm in held:
+            shm.close()
+        messages += stats.calls - calls
+        held = []
     finally:
         for shm in held:
             shm.close()
@@ -281,40 +297,43 @@ def _measure(system: System, ctx: Any, strategy: str, size: int, trials: int,
     def pct(values: list[float], q: float) -> float | None:
         return float(np.percentile(np.array(values) * 1e6, q)) if values else None
 
-    return Result(level, size, strategy, trials, failures, pct(lat, 50), pct(lat, 99),
-                  pct(setup, 50), pct(build, 50),
-                  first_ok["overhead"] if first_ok else None, access,
-                  first_ok["segments"] if first_ok else None,
-                  first_ok["longest"] if first_ok else None,
+    ok = len(lat)
+    return Result(level, size, strategy, trials, failures, pct(lat, 50), pct(lat, 99), pct(setup, 50),
+                  access, max_live, _median(frames), _median(segments), _median(longest),
+                  _median(list_pages), round(messages / ok) if ok else None, _median(pinned),
                   reason if failures else None)
 
 
 def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = None,
-              trials: int = 1000, seed: int = 1, dynamic_size: int = 1 << 30,
+              trials: int = DEFAULT_TRIALS, seed: int = 1, dynamic_size: int = 1 << 30,
               progress: Callable[[str], None] | None = None) -> Report:
     """Run the study; ``progress(label)`` is called once per finished cell."""
+    from .system import System  # the CLI imports this module to build --help: keep that light
+    from .tee.ta import Sha256App
+
     sizes = sizes or SIZES
-    levels = levels or LEVELS
+    levels = sorted(levels or LEVELS, key=lambda lv: lv.target)
+    base = Config().dynamic_base
     report = Report(machine_description(),
                     {"sizes": sizes, "levels": [asdict(lv) for lv in levels], "trials": trials,
-                     "seed": seed, "dynamic_size": dynamic_size, "strategies": STRATEGIES})
+                     "seed": seed, "dynamic_size": dynamic_size, "strategies": STRATEGIES,
+                     "index_order": INDEX_ORDER, "static_size": Config().static_size})
     max_size = max(sizes)
     hold_bytes = dynamic_size // 4
     client = shared_memory.SharedMemory(create=True, size=max(max_size, hold_bytes))
     try:
-        for li, level in enumerate(levels):
+        for level, layout, steps in age_levels(levels, dynamic_size, seed, base):
             for strategy in STRATEGIES:
                 cfg = Config(dynamic_size=dynamic_size, dynamic_shm=strategy != "static",
                              arena_step=64 * MiB)
-                rng = np.random.default_rng([seed, li])
                 with System(cfg) as system:
-                    ager = Ager(system.dynamic, rng, level)
-                    ager.run()
+                    copy_layout(layout, system.dynamic)
                     if strategy == "contiguous":
                         blocks = system.dynamic.free_blocks_per_order()
+                        indices = unusable_indices(blocks)
                         report.levels.append(LevelMetrics(
-                            level.name, system.dynamic.free_frames, system.dynamic.largest_free_run,
-                            unusable_indices(blocks), [int(b) for b in blocks]))
+                            level.name, level.target, indices[INDEX_ORDER], system.dynamic.free_frames,
+                            system.dynamic.largest_free_run, indices, [int(b) for b in blocks], steps))
                     ctx = system.open_context(f"{strategy}-{level.name}")
                     _warm_up(ctx, strategy, client.buf, hold_bytes)
                     session = ctx.open_session(Sha256App.UUID)
@@ -324,7 +343,7 @@ def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = No
                                        (session, digest), level.name, hold_bytes)
                         report.results.append(res)
                         if progress:
-                            progress(f"{level.name} {strategy} {size // KiB} KiB")
+                            progress(f"{level.name} {strategy} {human_size(size)}")
                     ctx.close()
     finally:
         client.close()
@@ -333,113 +352,188 @@ def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = No
 
 
 def human_size(n: int) -> str:
-    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+    """``4 KiB``, ``1 MiB``, ``1023.9 MiB``: whole units where exact, else MiB to one decimal."""
+    if n >= MiB:
+        return f"{n // MiB} MiB" if n % MiB == 0 else f"{n / MiB:.1f} MiB"
+    return f"{n // KiB} KiB"
 
 
-def format_table(report: Report) -> str:
-    """The results as a fixed-width text table."""
-    lines = []
-    lines.append("fragmentation (dynamic RAM after ageing):")
-    lines.append(f"  {'level':<9} {'free MiB':>9} {'largest run':>12} {'unusable@4':>11} {'unusable@10':>12}")
+def level_label(lv: LevelMetrics) -> str:
+    """``moderate (index 0.50)``: a level's name and the index it reached."""
+    return f"{lv.level} (index {lv.index:.2f})"
+
+
+#: What each column means (printed above the table, saved in the JSON and the report).
+LEGEND: dict[str, str] = {
+    "level": f"fragmentation level; index = unusable free space index at order {INDEX_ORDER} "
+             f"({(PAGE_SIZE << INDEX_ORDER) // KiB} KiB): the fraction of free memory that cannot serve "
+             "such a request (Linux mm/vmstat.c); 0 = fresh, 1 = none can",
+    "size": "buffer size requested",
+    "strategy": "contiguous = alloc_user_buf from dynamic RAM (alloc_pages_exact, then REGISTER_SHM); "
+                "static = alloc_user_buf from the reserved carve-out (no registration); "
+                "scattered = register_user_buf of the caller's pages (page list, REGISTER_SHM)",
+    "p50/p99 us": "allocation (or registration) latency of the successful attempts, microseconds, "
+                  "this model in Python: compare strategies with each other, not with a kernel",
+    "fail": "fraction of attempts refused while the last successes stay alive (a FIFO window "
+            "of a quarter of dynamic RAM)",
+    "live": "most buffers of that size held at once",
+    "frames": "4 KiB frames the buffer takes (median)",
+    "segs": "contiguous runs of those frames = scatterlist entries a device would need (median)",
+    "list pg": "OP-TEE page-list pages built for REGISTER_SHM (511 entries each; bytes = pages x 4096)",
+    "msgs": "messages to the secure world per buffer: REGISTER_SHM at alloc + UNREGISTER_SHM at close",
+    "pinned": "user pages pinned while registered (pin_user_pages)",
+    "setup us": "page-list build + REGISTER_SHM round trip through the simulated secure world (median)",
+    "sha MB/s": "the secure world's SHA-256 app reading the first buffer through the frame table",
+    "copied": "bytes copied: none in any cell (embedded, every buffer is shared zero-copy; shadow "
+              "copies happen only through the daemon, for memory it cannot share)",
+}
+
+
+def _f(x: float | int | None, fmt: str = "{:.1f}", none: str = "-") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def format_legend() -> str:
+    width = max(len(k) for k in LEGEND)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in LEGEND.items())
+
+
+def format_levels(report: Report) -> str:
+    lines = [f"  {'level':<9} {'index':>6} {'free MiB':>9} {'largest free run':>17} "
+             f"{'index@order 10 (4 MiB)':>23}"]
     for lv in report.levels:
-        lines.append(f"  {lv.level:<9} {lv.free_frames * PAGE_SIZE / MiB:>9.1f} "
-                     f"{lv.largest_free_run * PAGE_SIZE // KiB:>9} KiB "
-                     f"{lv.unusable_index[4]:>11.3f} {lv.unusable_index[-1]:>12.3f}")
-    lines.append("")
-    head = (f"{'level':<9} {'size':>7} {'strategy':<11} {'p50 us':>9} {'p99 us':>9} {'fail':>6} "
-            f"{'setup us':>9} {'overhead':>9} {'sha MB/s':>9} {'segs':>6} {'run pg':>7}")
-    lines.append(head)
-    lines.append("-" * len(head))
-
-    def f(x: float | None, fmt: str = "{:.1f}") -> str:
-        return "-" if x is None else fmt.format(x)
-
-    for r in report.results:
-        lines.append(f"{r.level:<9} {human_size(r.size):>7} {r.strategy:<11} {f(r.p50_us):>9} "
-                     f"{f(r.p99_us):>9} {r.failure_rate:>6.1%} {f(r.setup_us):>9} "
-                     f"{f(r.overhead_bytes, '{:d}'):>9} {f(r.access_mb_s, '{:.0f}'):>9} "
-                     f"{f(r.segments, '{:d}'):>6} {f(r.longest_run_pages, '{:d}'):>7}")
+        lines.append(f"  {lv.level:<9} {lv.index:>6.2f} {lv.free_frames * PAGE_SIZE / MiB:>9.1f} "
+                     f"{human_size(lv.largest_free_run * PAGE_SIZE):>17} {lv.unusable_index[-1]:>23.2f}")
     return "\n".join(lines)
 
 
-def format_markdown(report: Report) -> str:
-    """The fragmentation levels and the results as Markdown tables."""
-    out = ["| level | free MiB | largest free run | unusable index, order 4 | order 10 |",
-           "|---|---:|---:|---:|---:|"]
-    for lv in report.levels:
-        out.append(f"| {lv.level} | {lv.free_frames * PAGE_SIZE / MiB:.1f} | "
-                   f"{human_size(lv.largest_free_run * PAGE_SIZE)} | {lv.unusable_index[4]:.3f} | "
-                   f"{lv.unusable_index[-1]:.3f} |")
-    out += ["", "| level | size | strategy | p50 µs | p99 µs | failed | set-up µs | overhead B | "
-                "SHA-256 MB/s | segments | longest run (pages) |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def f(x: float | None, fmt: str = "{:.1f}") -> str:
-        return "–" if x is None else fmt.format(x)
-
+def format_table(report: Report) -> str:
+    """The legend, the levels and the results as fixed-width text."""
+    lines = ["columns:", format_legend(), "",
+             f"fragmentation of dynamic RAM after ageing (index = unusable free space index at "
+             f"order {INDEX_ORDER}):", format_levels(report), ""]
+    head = (f"{'level':<9} {'index':>5} {'size':>7} {'strategy':<10} {'p50 us':>8} {'p99 us':>8} "
+            f"{'fail':>6} {'live':>6} {'frames':>6} {'segs':>6} {'list pg':>7} {'msgs':>4} "
+            f"{'pinned':>6} {'setup us':>8} {'sha MB/s':>8}")
+    lines += [head, "-" * len(head)]
+    index = {lv.level: lv.index for lv in report.levels}
     for r in report.results:
-        out.append(f"| {r.level} | {human_size(r.size)} | {r.strategy} | {f(r.p50_us)} | {f(r.p99_us)} | "
-                   f"{r.failure_rate:.1%} | {f(r.setup_us)} | {f(r.overhead_bytes, '{:d}')} | "
-                   f"{f(r.access_mb_s, '{:.0f}')} | {f(r.segments, '{:d}')} | "
-                   f"{f(r.longest_run_pages, '{:d}')} |")
-    return "\n".join(out) + "\n"
+        lines.append(
+            f"{r.level:<9} {index.get(r.level, 0.0):>5.2f} {human_size(r.size):>7} {r.strategy:<10} "
+            f"{_f(r.p50_us):>8} {_f(r.p99_us):>8} {r.failure_rate:>6.1%} {r.max_live:>6} "
+            f"{_f(r.frames, '{:d}'):>6} {_f(r.segments, '{:d}'):>6} {_f(r.list_pages, '{:d}'):>7} "
+            f"{_f(r.messages, '{:d}'):>4} {_f(r.pinned_pages, '{:d}'):>6} {_f(r.setup_us):>8} "
+            f"{_f(r.access_mb_s, '{:.0f}'):>8}")
+    return "\n".join(lines)
 
 
-def plot(report: Report, directory: str) -> list[str]:
-    """Latency and failure rate against fragmentation, one panel per size; returns files.
-
-    The x axis is the fragmentation level, labelled with the level's unusable
-    free-space index at orders 4 and 10 (Linux's definition).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    os.makedirs(directory, exist_ok=True)
-    levels = [lv.level for lv in report.levels]
-    xpos = {name: i for i, name in enumerate(levels)}
-    ticks = [f"{lv.level}\nu4={lv.unusable_index[4]:.2f}\nu10={lv.unusable_index[-1]:.2f}"
-             for lv in report.levels]
+def summary_lines(report: Report) -> list[str]:
+    """The study's answer, in the mechanism's terms: one sentence per finding."""
+    out: list[str] = []
     sizes = sorted({r.size for r in report.results})
-    styles = {"static": dict(marker="s", linestyle=":", markersize=9, alpha=0.8),
-              "contiguous": dict(marker="o", linestyle="-", markersize=7),
-              "scattered": dict(marker="d", linestyle="--", markersize=6)}
-    files = []
-    for metric, ylabel, fname in (("p50_us", "allocation latency p50 (µs, log scale)", "latency.png"),
-                                  ("failure_rate", "failure rate (fraction of attempts)", "failure.png")):
-        cols = min(4, len(sizes))
-        rows = -(-len(sizes) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
-        for ax, size in zip(axes.flat, sizes):
-            for strategy in ("static", "contiguous", "scattered"):
-                pts = sorted((xpos[r.level], getattr(r, metric)) for r in report.results
-                             if r.size == size and r.strategy == strategy)
-                ys = [p[1] if p[1] is not None else float("nan") for p in pts]
-                ax.plot([p[0] for p in pts], ys, label=strategy, **styles[strategy])
-            ax.set_title(f"buffer {human_size(size)}")
-            ax.set_xticks(range(len(levels)), ticks, fontsize=7)
-            ax.set_ylabel(ylabel, fontsize=8)
-            if metric == "p50_us":
-                ax.set_yscale("log")
-                plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-                ax.yaxis.set_major_formatter(plain)
-                ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
-                ax.yaxis.set_minor_formatter(plain)
-                ax.tick_params(axis="y", which="both", labelsize=7)
-            else:
-                ax.set_ylim(-0.05, 1.05)
-            ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(sizes):]:
-            ax.axis("off")
-        axes.flat[0].legend(loc="best", fontsize=8)
-        title = ylabel.split(" (")[0]
-        fig.suptitle(f"{title} by fragmentation level: contiguous (dynamic pool), static "
-                     f"(reserved pool), scattered (registered pages)", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(directory, fname)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
-    return files
+    levels = report.levels
+    # 1. where contiguous allocation starts failing
+    for lv in levels:
+        cells = [report.cell(lv.level, s, "contiguous") for s in sizes]
+        failing = [c for c in cells if c is not None and c.failures]
+        if not failing:
+            out.append(f"contiguous at {level_label(lv)}: every size served.")
+            continue
+        first = failing[0]
+        total = [c for c in failing if c.failure_rate == 1.0]
+        if total and total[0] is first:
+            text = f"contiguous at {level_label(lv)}: refuses every attempt from {human_size(first.size)}"
+        else:
+            text = (f"contiguous at {level_label(lv)}: starts failing at {human_size(first.size)} "
+                    f"({first.failure_rate:.0%} refused)")
+            if total:
+                text += f", refuses every attempt from {human_size(total[0].size)}"
+        if total and total[0].failure_reason and "order" in total[0].failure_reason:
+            text += " (above MAX_ORDER, as alloc_pages_exact)"
+        out.append(text + f" (largest free run {human_size(lv.largest_free_run * PAGE_SIZE)}).")
+    # 2. what scattered pages cost, at the most fragmented level, against contiguous on a fresh system
+    if levels:
+        worst, best = levels[-1], levels[0]
+        per_size, refused = [], []
+        for size in sizes:
+            sc = report.cell(worst.level, size, "scattered")
+            if sc is None:
+                continue
+            if sc.frames is None:
+                refused.append(f"{human_size(size)} is refused ({sc.failure_reason}): its page list needs "
+                               f"{pagelist.list_pages_needed(size // PAGE_SIZE)} contiguous list pages, "
+                               f"allocated as Linux does")
+                continue
+            per_size.append(f"{human_size(size)} = {sc.frames} frames in {sc.segments} runs, "
+                            f"{sc.list_pages} list page{'s' if sc.list_pages != 1 else ''}, "
+                            f"set-up {_f(sc.setup_us)} µs")
+        if per_size:
+            sample = next((r for r in report.results if r.level == worst.level and r.strategy == "scattered"
+                           and r.messages is not None), None)
+            fresh = [r for r in report.results if r.level == best.level and r.strategy == "contiguous"
+                     and r.setup_us is not None]
+            text = (f"scattered at {level_label(worst)}: " + "; ".join(per_size) +
+                    f". Every buffer: {sample.messages if sample else 2} messages to the secure world, "
+                    f"one pinned page per frame, 0 bytes copied.")
+            if fresh:
+                text += (f" Contiguous buffers on a {best.level} system: 1 run, the same list pages and "
+                         f"messages, nothing pinned, set-up {_f(min(r.setup_us or 0 for r in fresh))}-"
+                         f"{_f(max(r.setup_us or 0 for r in fresh))} µs.")
+            out.append(text)
+        out += [f"scattered at {level_label(worst)}: {line}." for line in refused]
+    # 3. where the static pool runs out
+    static = [r for r in report.results if r.strategy == "static"]
+    if static:
+        pool = report.params.get("static_size", 0)
+        by_size: dict[int, list[Result]] = {}
+        for r in static:
+            by_size.setdefault(r.size, []).append(r)
+        parts = []
+        for size in sizes:
+            same_size = by_size.get(size, [])
+            if not same_size:
+                continue
+            held = max(c.max_live for c in same_size)
+            worst_rate = max(c.failure_rate for c in same_size)
+            parts.append(f"{human_size(size)} never refused" if worst_rate == 0 else
+                         f"{human_size(size)}: {held} held at most, {worst_rate:.0%} of attempts refused")
+        same = len({(r.size, r.failures) for r in static}) == len(by_size)
+        out.append(f"static pool ({human_size(pool)}) runs out by capacity, not fragmentation "
+                   f"({'the same at every level' if same else 'varies by level'}): " + "; ".join(parts) + ".")
+    return out
+
+
+def format_summary(report: Report) -> str:
+    return "summary:\n" + "\n".join(f"  - {line}" for line in summary_lines(report))
+
+
+def format_markdown(report: Report) -> str:
+    """A self-contained report: machine, legend, levels, summary, results, plots."""
+    m, p = report.machine, report.params
+    out = ["# poolsvc bench: contiguous, static pool or scattered pages", "",
+           f"Measured {m.get('date_utc', '')} UTC on {m['cpu']} ({m['cores']} cores), Python {m['python']}, "
+           f"numpy {m['numpy']}, {m['backend']} core; seed {p['seed']}, {p['trials']} attempts per cell, "
+           f"{human_size(p['dynamic_size'])} of dynamic RAM. Times are this model's; counts transfer to "
+           f"hardware.", "", "## Summary", ""]
+    out += [f"- {line}" for line in summary_lines(report)]
+    out += ["", "## Columns", ""] + [f"- **{k}**: {v}" for k, v in LEGEND.items()]
+    out += ["", "## Fragmentation levels", "",
+            f"| level | index (order {INDEX_ORDER}) | target | free MiB | largest free run | index, order 10 |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for lv in report.levels:
+        out.append(f"| {lv.level} | {lv.index:.3f} | {lv.target:.2f} | {lv.free_frames * PAGE_SIZE / MiB:.1f} | "
+                   f"{human_size(lv.largest_free_run * PAGE_SIZE)} | {lv.unusable_index[-1]:.3f} |")
+    out += ["", "## Results", "",
+            "| level | size | strategy | p50 µs | p99 µs | failed | live | frames | segments | list pages | "
+            "messages | pinned | set-up µs | SHA-256 MB/s |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report.results:
+        out.append(f"| {r.level} | {human_size(r.size)} | {r.strategy} | {_f(r.p50_us, none='–')} | "
+                   f"{_f(r.p99_us, none='–')} | {r.failure_rate:.1%} | {r.max_live} | "
+                   f"{_f(r.frames, '{:d}', '–')} | {_f(r.segments, '{:d}', '–')} | "
+                   f"{_f(r.list_pages, '{:d}', '–')} | {_f(r.messages, '{:d}', '–')} | "
+                   f"{_f(r.pinned_pages, '{:d}', '–')} | {_f(r.setup_us, none='–')} | "
+                   f"{_f(r.access_mb_s, '{:.0f}', '–')} |")
+    out += ["", "## Plots", "", "![latency p50 with p99 band](latency.png)", "",
+            "![failure rate by size and fragmentation](failure.png)", ""]
+    return "\n".join(out)

@@ -509,8 +509,31 @@ class StorageApp(TrustedApp):
 
 
 #: The apps every SecureWorld starts with.
-BUILTIN_APPS: tuple[type[TrustedApp], ...] = (Sha256App, FillApp, CopyApp, StorageApp)
+class HelloWorldApp(TrustedApp):
+    """OP-TEE's "hello world" example app, under its UUID: add or subtract 1.
 
-__all__ = ["BUILTIN_APPS", "CopyApp", "FillApp", "Login", "Memref", "Param", "ParamType",
+    Command 0 (INC_VALUE) and command 1 (DEC_VALUE): VALUE_INOUT ``a``,
+    changed by one (modulo 2**32).
+    """
+
+    UUID = uuidlib.UUID("8aaaf200-2450-11e4-abe2-0002a5d5c51b")
+    NAME = "hello_world"
+    INC_VALUE = 0
+    DEC_VALUE = 1
+
+    def invoke(self, func: int, params: Sequence[Param]) -> None:
+        check_types(params, ParamType.VALUE_INOUT)
+        value = _value(params[0])
+        if func == self.INC_VALUE:
+            value.a = (value.a + 1) & 0xFFFFFFFF
+        elif func == self.DEC_VALUE:
+            value.a = (value.a - 1) & 0xFFFFFFFF
+        else:
+            raise BadParameters(f"hello_world: unknown command {func}")
+
+
+BUILTIN_APPS: tuple[type[TrustedApp], ...] = (Sha256App, FillApp, CopyApp, StorageApp, HelloWorldApp)
+
+__all__ = ["BUILTIN_APPS", "CopyApp", "FillApp", "HelloWorldApp", "Login", "Memref", "Param", "ParamType",
            "Sha256App", "StorageApp", "TEE_ERROR_TARGET_DEAD", "TrustedApp", "Value",
            "check_types"]

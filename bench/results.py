@@ -1,0 +1,483 @@
+"""Regenerate the results files in ``bench/results/``: one Markdown file per benchmark family.
+
+Usage (from the repository root)::
+
+    python bench/results.py                      # every pytest-benchmark family
+    python bench/results.py --family alloc       # one family (repeat --family for more)
+    python bench/results.py --family study       # the study behind `poolsvc bench`
+    python bench/results.py --family load        # two 60 s `poolsvc load` runs
+    POOLSVC_PUREPYTHON=1 python bench/results.py --family system   # the pure backend
+
+Owns: the list of families (which benchmark files or commands make each), running
+them (pytest with ``--benchmark-json`` to a temporary file, or the ``poolsvc``
+command with ``--json``), and rendering each family's figures as
+``bench/results/<family>.md`` under a header that names the machine (CPU model,
+cores, Python, numpy, backend), the date, the commit and the command that
+regenerates the file.  The figures are whatever the run measured; nothing here
+edits them.
+
+Single figures on a shared machine deserve scepticism: each benchmark compares a
+kernel with its floor or its pure twin in the same run, and the ratios are the
+figures to read.  The header records the load average before the run.
+
+Concurrency: runs the families one after the other, each in its own subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One docs/design.md section 7 target, read from a family's benchmarks."""
+
+    name: str
+    target: str
+    #: benchmarks -> the measured value, or None when the run did not produce it
+    measure: Callable[[list[dict[str, Any]]], float | None]
+    met: Callable[[float], bool]
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A benchmark family: what runs it and what its results file says about it."""
+
+    name: str
+    title: str
+    files: tuple[str, ...] = ()
+    about: str = ""
+    targets: tuple[Target, ...] = field(default_factory=tuple)
+
+
+def _find(benchmarks: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    for b in benchmarks:
+        if b["name"] == name:
+            return b
+    return None
+
+
+def _extra(name: str, key: str, scale: float = 1.0) -> Callable[[list[dict[str, Any]]], float | None]:
+    """The ``extra_info[key]`` of benchmark ``name`` times ``scale``."""
+    def get(benchmarks: list[dict[str, Any]]) -> float | None:
+        b = _find(benchmarks, name)
+        if b is None or key not in b.get("extra_info", {}):
+            return None
+        return float(b["extra_info"][key]) * scale
+    return get
+
+
+def _share(name: str, floor: str) -> Callable[[list[dict[str, Any]]], float | None]:
+    """Bandwidth of benchmark ``name`` as a fraction of benchmark ``floor``'s."""
+    def get(benchmarks: list[dict[str, Any]]) -> float | None:
+        a, b = _find(benchmarks, name), _find(benchmarks, floor)
+        if a is None or b is None:
+            return None
+        return b["stats"]["median"] / a["stats"]["median"]
+    return get
+
+
+def _at_most(limit: float) -> Callable[[float], bool]:
+    return lambda v: v <= limit
+
+
+def _at_least(limit: float) -> Callable[[float], bool]:
+    return lambda v: v >= limit
+
+
+def _service_targets() -> tuple[Target, ...]:
+    out = []
+    for transport, label in (("sock", "socket"), ("shm", "shm")):
+        for kind in ("priv", "user"):
+            out.append(Target(f"{label}: alloc_{kind}_buf + close / bare round trip", "<= 1.5",
+                              _extra("test_service_ratios", f"{transport}_ratio_{kind}"), _at_most(1.5), "x"))
+            out.append(Target(f"{label}: alloc_{kind}_buf batched / single ops/s", ">= 10",
+                              _extra("test_service_ratios", f"{transport}_batch_gain_{kind}"),
+                              _at_least(10), "x"))
+    return tuple(out)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("alloc", "Allocators", ("bench/test_bench_alloc.py",),
+           "Alloc + free pairs of 1-16 pages from Python on pools held at 50% occupancy, beside "
+           "the floors (pure-Python first-fit, a word-scan bitmap, `multiprocessing.heap`, the "
+           "compiled call itself).",
+           (Target("FrameAllocator alloc_contig + free_contig pair", "<= 150 ns",
+                   _extra("test_frames_pair_compiled", "ns_per_op"), _at_most(150), " ns"),)),
+    Family("pagelist", "Page lists", ("bench/test_bench_pagelist.py",),
+           "Build, parse and merge of OP-TEE page lists for 1 GiB and 1 MiB buffers, beside a "
+           "numpy copy of the same list bytes and the pure-Python twin.",
+           (Target("build 1 GiB / copy of its 2 MiB list", "<= 1.25",
+                   _extra("test_build_ratio_1gib_vs_copy", "ratio_median"), _at_most(1.25), "x"),
+            Target("build 1 MiB", "<= 1 µs",
+                   _extra("test_build_1mib_compiled", "us_per_call"), _at_most(1.0), " µs"),
+            Target("compiled / pure build", ">= 200",
+                   _extra("test_build_ratio_compiled_vs_pure", "ratio_median"), _at_least(200), "x"))),
+    Family("tables", "Lookups", ("bench/test_bench_tables.py",),
+           "Per-call cost from Python of the frame table, id table and address map, and the "
+           "frame table's batch translation, beside the pure-Python twin.",
+           tuple(Target(f"{label} per call", "<= 100 ns", _extra(name, "ns_per_call"), _at_most(100), " ns")
+                 for name, label in (
+                     ("test_frame_table[lookup-compiled]", "FrameTable.lookup"),
+                     ("test_frame_table[translate-compiled]", "FrameTable.translate"),
+                     ("test_id_table_find[compiled]", "IdTable.find"),
+                     ("test_address_map_lookup[compiled]", "AddressMap.lookup")))),
+    Family("copy", "Gather / scatter", ("bench/test_bench_copy.py",),
+           "Gather and scatter through the frame table of buffers whose pages are scattered over "
+           "their storage, beside `numpy.copyto` of the same size.",
+           tuple(Target(f"{op} {size} / numpy.copyto bandwidth", ">= 60%",
+                        _share(f"test_copy[compiled-{op}-{size}]", f"test_copyto_floor[{size}]"),
+                        _at_least(0.6), "x")
+                 for size in ("1MiB", "64MiB") for op in ("gather", "scatter"))),
+    Family("system", "The embedded System", ("bench/test_bench_system.py",),
+           "The System's allocation and registration paths (alloc + close, register + close), "
+           "beside their floors: the frame allocator pair, the arena kernel, the REGISTER / "
+           "UNREGISTER message round trip, and both ends of the message call alone."),
+    Family("wire", "Batch framing and arena kernels", ("bench/test_bench_wire.py",),
+           "The kernels of the service's batched path (`split_frames`, `run_batch`) and the dynamic "
+           "pool's per-allocation kernel (`ArenaPages.take` / `give`), compiled beside pure."),
+    Family("tee", "Sessions with the secure world", ("bench/test_bench_tee.py",),
+           "The SHA-256 trusted app over a 32 MiB registered buffer beside `hashlib` in the "
+           "benchmark process, and one `invoke` on 64 bytes with each kind of memref the driver "
+           "converts (registered, temporary private memory bounced through the pool, temporary "
+           "POSIX shared memory registered for the call)."),
+    Family("service", "Pool service", ("bench/test_bench_service.py",),
+           "Round trips through a `poolsvc serve` daemon on both transports (socket, shm slot), "
+           "against a bare Unix-socket echo between two Python processes in the same run. "
+           "`test_service_ratios` interleaves everything round by round; its figures are "
+           "medians over rounds (`bench/README.md` defines each one).",
+           _service_targets()),
+    Family("study", "The study behind `poolsvc bench`",
+           about="Contiguous allocation, the reserved static pool and registered scattered pages, "
+                 "by buffer size and fragmentation level (`docs/benchmarks.md` explains the "
+                 "columns). Failure rates, overheads, segments and runs depend only on the seed; "
+                 "latencies and bandwidths on the machine."),
+    Family("load", "Load: `poolsvc load`",
+           about="Eight client processes for 60 s against a `poolsvc serve` daemon started for "
+                 "the run, with SIGKILLs and malformed requests (`docs/load.md`): single requests, "
+                 "then batches of 256."),
+)}
+
+#: Families run by default: everything that pytest-benchmark measures.
+PYTEST_FAMILIES = ("alloc", "pagelist", "tables", "copy", "system", "wire", "tee", "service")
+
+LOAD_RUNS = (
+    ("single requests", ["--clients", "8", "--duration", "60", "--kill-rate", "0.5",
+                         "--malformed-rate", "5"]),
+    ("batched (256)", ["--clients", "8", "--duration", "60", "--batch", "256", "--max-live", "512",
+                       "--kill-rate", "0.5", "--malformed-rate", "5"]),
+)
+
+
+# -- the machine --------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine(backend: str) -> dict[str, str]:
+    import numpy
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count() or 0
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = f"{mem / (1 << 30):.0f} GiB"
+    except (ValueError, OSError):  # pragma: no cover
+        memory = "unknown"
+    return {
+        "CPU": cpu_model(),
+        "cores": f"{os.cpu_count()} ({usable} usable by this process)",
+        "memory": memory,
+        "OS": f"{platform.system()} {platform.release()}",
+        "Python": f"{platform.python_implementation()} {platform.python_version()}",
+        "numpy": numpy.__version__,
+        "backend": backend,
+        "load average before the run": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=False).stdout.strip()
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "ext", "poolsvc", "bench",
+                ":(exclude)bench/results")
+    return rev + (" (with uncommitted changes)" if dirty else "")
+
+
+def header(family: Family, info: dict[str, str], command: str, started: datetime.datetime,
+           seconds: float) -> list[str]:
+    out = [f"# Results: {family.title}", "",
+           "Generated by `bench/results.py`; do not edit by hand. Regenerate with:", "",
+           "```sh", command, "```", "",
+           "| | |", "|---|---|",
+           f"| date | {started.strftime('%Y-%m-%d %H:%M UTC')} |",
+           f"| run time | {seconds // 60:.0f} min {seconds % 60:.0f} s |",
+           f"| commit | {commit()} |"]
+    out += [f"| {k} | {v} |" for k, v in info.items()]
+    out += ["",
+            "The machine may be shared with other jobs, so single figures deserve scepticism: "
+            "compare figures taken in the same run (each benchmark sits beside its floor or its "
+            "pure-Python twin) and read the ratios rather than absolute times.", ""]
+    if family.about:
+        out += [family.about, ""]
+    return out
+
+
+# -- pytest-benchmark families ------------------------------------------------------------------
+
+def per_op(b: dict[str, Any]) -> tuple[float, str]:
+    """The benchmark's cost per operation in nanoseconds, and what the operation is."""
+    extra = b.get("extra_info", {})
+    for key, scale in (("ns_per_op", 1.0), ("ns_per_call", 1.0), ("us_per_op", 1e3), ("us_per_call", 1e3)):
+        if key in extra:
+            return float(extra[key]) * scale, "op"
+    ops = extra.get("ops_per_call") or extra.get("ops_per_round") or extra.get("calls_per_round") or 1
+    return b["stats"]["median"] * 1e9 / ops, ("op" if ops != 1 else "call")
+
+
+def fmt_ns(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:,.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:,.2f} µs"
+    return f"{ns:,.1f} ns"
+
+
+def fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, list):
+        return ", ".join(str(x) for x in v) or "none"
+    return str(v).replace("|", "\\|")
+
+
+def what(b: dict[str, Any]) -> str:
+    extra = b.get("extra_info", {})
+    text = extra.get("op") or extra.get("what") or ""
+    return str(text).replace("|", "\\|")
+
+
+def group_tables(benchmarks: list[dict[str, Any]]) -> list[str]:
+    """One table per pytest-benchmark group (else per test function): median per operation, and
+    the ratio to the group's reference row (its first compiled row, else its first row)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for b in benchmarks:
+        if _many_figures(b):
+            continue                 # rendered by figure_tables
+        groups.setdefault(b.get("group") or b["name"].split("[")[0], []).append(b)
+    out: list[str] = []
+    for name, rows in groups.items():
+        ref = next((b for b in rows if "compiled" in b["name"]), rows[0])
+        ref_ns = per_op(ref)[0]
+        cols = [("benchmark", "---"), ("what", "---"), ("median per op", "---:"),
+                (f"vs `{ref['name']}`", "---:"), ("extra", "---"), ("rounds", "---:")]
+        table = []
+        for b in rows:
+            ns, _ = per_op(b)
+            extra = ", ".join(f"{k} {fmt_value(v)}" for k, v in b.get("extra_info", {}).items()
+                              if k in ("GB_per_s", "GB_per_s_in_out", "ratio_median", "target"))
+            table.append([f"`{b['name']}`", what(b), fmt_ns(ns), f"{ns / ref_ns:.2f}x", extra,
+                          str(b["stats"]["rounds"])])
+        # drop the optional columns this group leaves empty, and the ratio of a lone row
+        keep = [k for k in range(len(cols))
+                if not (k in (1, 4) and not any(row[k] for row in table)) and not (k == 3 and len(rows) == 1)]
+        out += [f"### {name}", "", "| " + " | ".join(cols[k][0] for k in keep) + " |",
+                "|" + "|".join(cols[k][1] for k in keep) + "|"]
+        out += ["| " + " | ".join(row[k] for k in keep) + " |" for row in table]
+        out.append("")
+    return out
+
+
+def _numeric_extra(b: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in b.get("extra_info", {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _many_figures(b: dict[str, Any]) -> bool:
+    """True for a benchmark that records figures of its own (``test_service_ratios``)
+    rather than one timed operation."""
+    return len(_numeric_extra(b)) >= 6
+
+
+def figure_tables(benchmarks: list[dict[str, Any]]) -> list[str]:
+    """Every numeric ``extra_info`` entry of the benchmarks that record many figures."""
+    out: list[str] = []
+    for b in benchmarks:
+        if not _many_figures(b):
+            continue
+        numeric = _numeric_extra(b)
+        out += [f"### Figures of `{b['name']}`", "", "| figure | median |", "|---|---:|"]
+        out += [f"| `{k}` | {fmt_value(v)} |" for k, v in numeric.items()]
+        out.append("")
+    return out
+
+
+def target_table(family: Family, benchmarks: list[dict[str, Any]]) -> list[str]:
+    if not family.targets:
+        return []
+    out = ["## Targets (docs/design.md section 7)", "",
+           "| target | measured | wanted | met |", "|---|---:|---|---|"]
+    for t in family.targets:
+        value = t.measure(benchmarks)
+        if value is None:
+            out.append(f"| {t.name} | not measured | {t.target} | - |")
+            continue
+        shown = f"{value:.0%}" if t.target.endswith("%") else f"{value:,.3g}{t.unit}"
+        out.append(f"| {t.name} | {shown} | {t.target} | {'yes' if t.met(value) else '**no**'} |")
+    return out + [""]
+
+
+def render_pytest(family: Family, doc: dict[str, Any]) -> list[str]:
+    """The body of a pytest-benchmark family's results file."""
+    benchmarks = doc["benchmarks"]
+    out = target_table(family, benchmarks)
+    out += ["## All benchmarks", "",
+            "Medians per operation (pytest-benchmark's median round divided by the operations "
+            "the round performs); ratios are of medians of this run.", ""]
+    out += group_tables(benchmarks)
+    out += figure_tables(benchmarks)
+    return out
+
+
+def run_pytest(family: Family, pytest_args: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="poolsvc-results-") as tmp:
+        path = os.path.join(tmp, "benchmark.json")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *family.files,
+               f"--benchmark-json={path}", *pytest_args]
+        print("running:", shlex.join(cmd), flush=True)
+        proc = subprocess.run(cmd, cwd=ROOT, check=False)
+        if proc.returncode != 0 or not os.path.exists(path):
+            raise SystemExit(f"{family.name}: pytest exited with status {proc.returncode}")
+        with open(path) as fh:
+            return json.load(fh)
+
+
+# -- command families ---------------------------------------------------------------------------
+
+def run_study(output: Path) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="poolsvc-results-") as tmp:
+        md = os.path.join(tmp, "study.md")
+        plots = output / "study"
+        cmd = [sys.executable, "-m", "poolsvc", "bench", "--markdown", md, "--plot", str(plots)]
+        print("running:", shlex.join(cmd), flush=True)
+        proc = subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise SystemExit(f"study: poolsvc bench exited with status {proc.returncode}")
+        body = Path(md).read_text()
+    pngs = sorted(p.name for p in plots.glob("*.png"))
+    out = ["Command run: `python -m poolsvc bench` with its defaults (`--seed 1`, 1,000 attempts "
+           "per cell).", ""]
+    out += [f"![{p[:-4]}](study/{p})" for p in pngs] + [""] if pngs else []
+    return out + [body]
+
+
+def run_load() -> list[str]:
+    from poolsvc.load.mix import TIMED
+
+    out = ["| run | command options | ops/s | kills | malformed | violations | leaks | result |",
+           "|---|---|---:|---:|---:|---:|---|---|"]
+    latency: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="poolsvc-results-") as tmp:
+        for label, options in LOAD_RUNS:
+            path = os.path.join(tmp, "load.json")
+            cmd = [sys.executable, "-m", "poolsvc", "load", *options, "--json", path]
+            print("running:", shlex.join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+            if not os.path.exists(path):
+                raise SystemExit(f"load: {label}: no report written")
+            with open(path) as fh:
+                report = json.load(fh)
+            os.unlink(path)
+            leaks = report.get("leaks", {})
+            out.append(f"| {label} | `{' '.join(options)}` | {report['ops_per_s']:,.0f} | "
+                       f"{report['faults']['kills']} | {report['faults']['malformed_sent']} | "
+                       f"{report.get('violations', {}).get('count', '?')} | "
+                       f"{', '.join(f'{k} {v:+d}' for k, v in leaks.items()) or 'none'} | "
+                       f"{'OK' if report.get('ok') else 'FAILED'} |")
+            latency += [f"### Latency seen by the clients, {label} (µs)", "",
+                        "| operation | count | p50 | p90 | p99 | p99.9 |", "|---|---:|---:|---:|---:|---:|"]
+            for op in TIMED:
+                e = report["ops"].get(op)
+                if e:
+                    latency.append(f"| {op} | {e['count']:,} | {e['p50_us']:,.1f} | {e['p90_us']:,.1f} | "
+                                   f"{e['p99_us']:,.1f} | {e['p999_us']:,.1f} |")
+            latency.append("")
+    return ["The load targets are in docs/design.md section 7.", ""] + out + [""] + latency
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+def generate(name: str, backend: str, pytest_args: list[str], output: Path) -> Path:
+    family = FAMILIES[name]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    info = machine(backend)          # the load average before this family's run
+    command = f"python bench/results.py --family {name}"
+    if backend == "pure":
+        command = "POOLSVC_PUREPYTHON=1 " + command
+    t0 = time.monotonic()
+    if family.files:
+        body = render_pytest(family, run_pytest(family, pytest_args))
+    else:
+        body = run_study(output) if name == "study" else run_load()
+    lines = header(family, info, command, started, time.monotonic() - t0) + body
+    text = "\n".join(lines).rstrip() + "\n"
+    suffix = "-pure" if backend == "pure" else ""
+    path = output / f"{name}{suffix}.md"
+    path.write_text(text)
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", action="append", choices=sorted(FAMILIES),
+                        help="family to run (repeatable; default: " + ", ".join(PYTEST_FAMILIES) + ")")
+    parser.add_argument("--output", type=Path, default=RESULTS,
+                        help="directory of the results files (default bench/results)")
+    parser.add_argument("pytest_args", nargs="*",
+                        help="extra pytest arguments, after --")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from poolsvc import BACKEND
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    for name in args.family or PYTEST_FAMILIES:
+        generate(name, str(BACKEND), args.pytest_args, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
