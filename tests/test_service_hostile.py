@@ -305,6 +305,38 @@ def test_ten_thousand_unknown_frames_leave_rss_bounded(tmp_path, transport):
         d.stop()
 
 
+def test_rss_returns_to_its_baseline_after_a_greedy_client_leaves(tmp_path):
+    d = DaemonProcess(tmp_path / "g.sock")
+    name = f"/psvctest-{os.getpid()}-greedy"
+    try:
+        baseline = summary(d.stats())
+        before = d.rss_kib()
+        for _ in range(2):
+            with connect(d.path) as client:
+                ctx = client.open_context("greedy")
+                held = []
+                with pytest.raises(OutOfMemory, match="max_bytes_per_client"):
+                    while True:  # up to its quota, every page touched
+                        shm = ctx.alloc_user_buf(1 * MiB)
+                        shm.view()[:1 * MiB] = b"x" * MiB
+                        held.append(shm)
+                for shm in held[:8]:
+                    shm.close()
+                obj = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=0o600, size=8 * MiB)
+                obj.unlink()
+                area = mmap.mmap(obj.fd, 8 * MiB)
+                ctx.register_user_buf(memoryview(area), fd=obj.fd)
+                ctx.flush()
+                assert d.rss_kib() > before + 24 * 1024
+            area.close()
+            obj.close_fd()
+            d.wait_for(idle(baseline))
+            grown = d.rss_kib() - before
+            assert grown < 8 * 1024, f"daemon RSS stayed {grown} KiB above its baseline"
+    finally:
+        d.stop()
+
+
 # -- isolation ---------------------------------------------------------------------------------------------
 _PR_CAPBSET_DROP, _CAP_SYS_PTRACE = 24, 19
 ATTACKER = """
