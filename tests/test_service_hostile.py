@@ -560,3 +560,40 @@ def test_a_large_batch_is_served_in_slices_between_other_clients_requests(tmp_pa
         b.close()
     finally:
         d.stop()
+
+
+def test_descriptors_of_a_batch_in_slices_go_with_its_reply_only(tmp_path):
+    """Replies queued for another client between the slices of A's batch carry none
+    of the segment descriptors A's allocations produce; A gets every one."""
+    d = DaemonThread(tmp_path / "s.sock", batch_slice=64)
+    try:
+        a = RawClient(d.path, name=b"allocator")
+        b = RawClient(d.path, P.Role.MONITOR, name=b"pinger")
+        alloc = d.server._batch_handlers[P.MsgType.ALLOC]
+        calls = [0]
+
+        def alloc_that_lets_b_in(conn, body):  # runs on the daemon's loop thread
+            calls[0] += 1
+            if calls[0] in (300, 700):
+                b.send(P.frame(P.MsgType.PING, b"between"))
+            return alloc(conn, body)
+
+        d.server._batch_handlers[P.MsgType.ALLOC] = alloc_that_lets_b_in
+        count = 2048  # 8 MiB of 4 KiB buffers: several new 1 MiB segments
+        a.send(P.frame(P.MsgType.BATCH, b"".join(P.frame(P.MsgType.ALLOC, P.ALLOC.pack(0, 4096))
+                                                 for _ in range(count))))
+        assert b.recv() == (P.MsgType.OK, b"between")
+        assert b.recv() == (P.MsgType.OK, b"between")
+        kind, body = a.recv()
+        assert kind == P.MsgType.BATCH_REPLY
+        replies = list(P.iter_frames(body, count, 1 << 26))
+        assert len(replies) == count and all(t == P.MsgType.OK for t, _ in replies)
+        new_segments = sum(1 for _, r in replies if P.DESC.unpack_from(r)[-1] & P.DescBits.NEW_SEGMENT)
+        assert new_segments >= 8
+        assert len(a.fds) == new_segments and b.fds == []
+        for fd in a.fds:
+            assert os.fstat(fd).st_size >= MiB
+        a.close()
+        b.close()
+    finally:
+        d.stop()

@@ -62,7 +62,7 @@ class PendingBatch:
     """A socket BATCH being served in slices: its body, its frames
     (``split_frames``), the next frame to run, the reply parts so far."""
 
-    __slots__ = ("body", "frames", "next", "parts", "size", "ns", "counts")
+    __slots__ = ("body", "frames", "next", "parts", "size", "ns", "counts", "fds")
 
     def __init__(self, body: bytes, frames: list[tuple[int, int, int]]) -> None:
         self.body = body
@@ -74,6 +74,8 @@ class PendingBatch:
         self.ns = 0
         #: Operations run so far, by type (counted in the metrics when the batch is done).
         self.counts: dict[int, int] = {}
+        #: Descriptors the replies so far carry (sent with the BATCH_REPLY).
+        self.fds: list[int] = []
 
 
 class Handlers(ServerParts):
@@ -293,10 +295,17 @@ class Handlers(ServerParts):
         last = min(len(frames), first + self._batch_slice)
         batch.next = last
         t0 = _clock_ns()
-        with memoryview(batch.body) as view:
-            part = _run_batch(view[frames[first][1] - P.HEADER_SIZE:frames[last - 1][2]], last - first,
-                              self._max_frame, self._batch_handlers, conn, self._refuse_in_batch,
-                              self._error, self._max_output - batch.size, batch.counts)
+        # The descriptors this slice's replies carry wait with the batch, not in
+        # _reply_fds, where the next reply queued for any client would take them.
+        self._reply_fds = batch.fds
+        try:
+            with memoryview(batch.body) as view:
+                part = _run_batch(view[frames[first][1] - P.HEADER_SIZE:frames[last - 1][2]],
+                                  last - first, self._max_frame, self._batch_handlers, conn,
+                                  self._refuse_in_batch, self._error, self._max_output - batch.size,
+                                  batch.counts)
+        finally:
+            self._reply_fds = []
         batch.parts.append(part)
         batch.size += len(part)
         batch.ns += _clock_ns() - t0
@@ -306,8 +315,8 @@ class Handlers(ServerParts):
         self._batches.remove(conn)
         self.metrics.add_ops(batch.counts)
         self.metrics.record(_BATCH, batch.ns)
-        self._queue(conn, _pack_header(batch.size, _BATCH_REPLY, 0))
-        self._queue(conn, b"".join(batch.parts))
+        self._reply_fds = batch.fds  # sent with the reply's first byte
+        self._queue(conn, _pack_header(batch.size, _BATCH_REPLY, 0) + b"".join(batch.parts))
         self._flush(conn)  # writes, then runs the requests that waited behind the batch
 
     def _refuse_in_batch(self, conn: Connection, msg_type: int, unbatchable: bool) -> bytes:

@@ -421,6 +421,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         if self._pending.pop(conn.fileno, None) is None and conn.counted:
             self._census[conn.role] -= 1
         if conn.batch is not None:
+            for fd in conn.batch.fds:
+                os.close(fd)
             conn.batch = None
             self._batches.remove(conn)
         self._ep_unregister(conn.fileno)
