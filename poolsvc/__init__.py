@@ -1,6 +1,6 @@
 """poolsvc: a fast userspace model of TEE shared memory.
 
-The embedded API (DESIGN.md section 9)::
+The embedded API (docs/design.md section 9)::
 
     import poolsvc
     with poolsvc.System() as system:
@@ -22,10 +22,12 @@ from .constants import PAGE_SIZE, ShmFlags
 if TYPE_CHECKING:  # pragma: no cover
     from . import pagelist
     from .config import Config
-    from .system import Context, Shm, System
+    from .context import Context
+    from .shm import Shm
+    from .system import System
 
 # Loaded on first use, so that importing a kernel module stays cheap.
-_LAZY = {"Config": "config", "System": "system", "Context": "system", "Shm": "system",
+_LAZY = {"Config": "config", "System": "system", "Context": "context", "Shm": "shm",
          "pagelist": None, "connect": "client"}
 
 

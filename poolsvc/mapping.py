@@ -41,9 +41,19 @@ class Mapping:
     path: str
 
     @property
-    def key(self) -> tuple[str, int]:
-        """Identity of the backing object: (device, inode)."""
-        return (self.dev, self.inode)
+    def key(self) -> "ObjectKey":
+        """Identity of the backing object: ``(st_dev, st_ino)``, as ``os.fstat`` gives them."""
+        return (_dev_number(self.dev), self.inode)
+
+
+#: The identity of a backing object, ``(st_dev, st_ino)``: one key format for every
+#: place that names a registered object.
+ObjectKey = tuple[int, int]
+
+
+def dev_string(st_dev: int) -> str:
+    """``st_dev`` as ``/proc/self/maps`` prints it (``major:minor`` in hex)."""
+    return f"{os.major(st_dev):02x}:{os.minor(st_dev):02x}"
 
 
 def buffer_span(obj: Any) -> tuple[memoryview, int, int]:

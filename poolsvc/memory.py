@@ -1,6 +1,6 @@
 """The memory model: physical address space, storage registry and arenas.
 
-Frames are identities, storage is POSIX shared memory (DESIGN.md section 2).
+Frames are identities, storage is POSIX shared memory (docs/design.md section 2).
 :class:`PhysicalMemory` owns the frame table, which maps each 4 KiB frame of
 the simulated physical address space to ``(storage id, page index)``, and the
 registry of attached storage.  :class:`Arena` hands out runs of storage pages
@@ -172,7 +172,7 @@ class Arena:
     def give(self, run: Any) -> None:
         """Undo :meth:`take` (the pages are zeroed)."""
         if self.pages.give(run) > 1:  # run's segment emptied, and another is empty too
-            self._drop(run.segment)
+            self.drop(run.segment)
 
     def alloc(self, npages: int) -> tuple[Segment, int]:
         """A run of ``npages`` zeroed storage pages: ``(segment, first page index)``."""
@@ -195,9 +195,10 @@ class Arena:
     def free(self, seg: Segment, index: int, npages: int) -> None:
         """Zero and release a run of storage pages."""
         if self.pages.free(seg, index, npages) > 1:
-            self._drop(seg)
+            self.drop(seg)
 
-    def _drop(self, seg: Segment) -> None:
+    def drop(self, seg: Segment) -> None:
+        """Return an emptied segment to the OS."""
         self.segments.remove(seg)
         self.pages.remove(seg)
         self.memory.detach(seg.sid)
@@ -206,4 +207,4 @@ class Arena:
     def close(self) -> None:
         """Release every segment (the owner's frames must be unmapped first)."""
         for seg in list(self.segments):
-            self._drop(seg)
+            self.drop(seg)

@@ -8,7 +8,7 @@ import numpy as np
 
 from poolsvc.constants import ATTR_META, ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd
 from poolsvc.tee.msg import MsgArg, MsgParam, unpack
-from poolsvc.tee.secure import uuid_to_value
+from poolsvc.tee.msg import uuid_to_value
 
 MiB = 1 << 20
 SMALL = dict(dynamic_size=16 * MiB, static_size=1 * MiB, arena_step=1 * MiB)

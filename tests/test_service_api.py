@@ -27,7 +27,8 @@ from poolsvc.errors import (
     NotSharedMemory,
     TeeError,
 )
-from poolsvc.service.client import batch, connect
+from poolsvc.service.batch import batch
+from poolsvc.service.client import connect
 from poolsvc.tee.driver import RegisteredMemref, TempMemref, Value
 from poolsvc.tee.ta import CopyApp, FillApp, Sha256App
 
@@ -197,5 +198,40 @@ def test_shared_body_daemon(tmp_path):
         with connect(daemon.path) as client:
             exercise(client)
             assert client.stats()["service"]["requests"]["crashes"] == 0
+    finally:
+        daemon.stop()
+
+
+def test_service_shm_len_buf_and_idempotent_close(tmp_path):
+    """The service Shm as ``multiprocessing.shared_memory.SharedMemory``: ``len()``,
+    ``.buf`` and a ``close()`` that does nothing once the Shm is released."""
+    daemon = DaemonThread(tmp_path / "d.sock")
+    try:
+        with connect(daemon.path) as client:
+            ctx = client.open_context()
+            shm = ctx.alloc_user_buf(5000)
+            assert len(shm) == shm.size == 8192
+            shm.buf[:4] = b"abcd"
+            assert bytes(shm.view()[:4]) == b"abcd" and len(shm.buf) == shm.size
+            same = ctx.shm_from_id(shm.id)
+            assert same is shm
+            shm.close()  # one reference of two
+            assert not shm.closed and bytes(shm.buf[:4]) == b"abcd"
+            shm.close()
+            assert shm.closed
+            shm.close()  # released: nothing more happens
+            with shm:
+                pass
+            assert ctx.usage()["shms"] == 0
+            with pytest.raises(Closed):
+                shm.view()
+            with ctx.alloc_priv_buf(4096) as priv:
+                priv.close()  # the with block's close then does nothing
+            ctx.flush()
+            assert client.stats()["contexts"][ctx.name]["shms"] == 0
+            assert ctx.deferred_errors == []
+            ctx.close()
+            ctx.close()
+        client.close()
     finally:
         daemon.stop()

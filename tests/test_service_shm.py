@@ -20,8 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poolsvc.errors import Closed
+from poolsvc.errors import Closed, ProtocolError
 from poolsvc.service import protocol as P
+from poolsvc.service import slot as S
 from poolsvc.service.client import connect
 from poolsvc.storage import LIVE
 
@@ -69,7 +70,7 @@ def test_round_trips_through_the_slot(daemon):
         for s in got:
             b.close(s)
         assert b.run() == [None] * 100
-        seq = ctx._channel.seq
+        seq = ctx._channel.slot.seq
         assert seq > 1000, "requests did not go through the slot"
         stats = client.stats()
         assert _transports(stats["service"]) == ["shm", "shm"]
@@ -118,10 +119,10 @@ def test_fallback_to_the_socket_when_spinning_times_out(tmp_path, client_spin, d
             for _ in range(200):
                 assert client.ping(b"p") == b"p"
             time.sleep(0.05)  # the daemon goes to sleep and says so in the slot
-            words = ctx._channel.words
-            assert words is not None
+            assert ctx._channel.slot is not None
+            words = ctx._channel.slot.words
             if daemon_spin == 0 or client_spin == 0:
-                assert words[P.W_DAEMON_SLEEPING] == 1
+                assert words[S.W_DAEMON_SLEEPING] == 1
             assert ctx.alloc_priv_buf(4096).size == 4096
         d.wait_for(idle(base))
     finally:
@@ -139,10 +140,10 @@ def test_eventfd_doorbell_wakes_a_sleeping_daemon(daemon, monkeypatch):
         real_send = channel._send
         monkeypatch.setattr(channel, "_send", lambda data, fds=(): (sent.append(bytes(data)),
                                                                     real_send(data, fds)))
-        words = channel.words
+        words = channel.slot.words
         for _ in range(5):
             deadline = time.monotonic() + 5
-            while not words[P.W_DAEMON_SLEEPING]:
+            while not words[S.W_DAEMON_SLEEPING]:
                 assert time.monotonic() < deadline, "the daemon never went to sleep"
                 time.sleep(0.001)
             shm = ctx.alloc_priv_buf(4096)  # published while the daemon sleeps: the bell wakes it
@@ -155,7 +156,7 @@ def test_eventfd_doorbell_wakes_a_sleeping_daemon(daemon, monkeypatch):
 def test_requests_and_replies_too_big_for_the_slot(daemon):
     with connect(daemon.path, transport="shm") as client:
         ctx = client.open_context()
-        big = b"x" * (P.SLOT_REQ_CAP + 100)
+        big = b"x" * (S.SLOT_REQ_CAP + 100)
         assert client.ping(big) == big  # request over the socket
         b = ctx.batch()
         for _ in range(1500):  # 30 KB of requests, ~130 KB of replies: REP_ON_SOCKET
@@ -197,19 +198,19 @@ def _raw_shm_conn(d: DaemonThread) -> tuple[socket.socket, mmap.mmap]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[:len(payload) - len(payload) % 4])
     assert len(fds) == 1 and P.HEADER.unpack_from(data)[1] == P.MsgType.WELCOME
-    mm = mmap.mmap(fds[0], P.SLOT_BYTES)
+    mm = mmap.mmap(fds[0], S.SLOT_BYTES)
     os.close(fds[0])
     return sock, mm
 
 
 _WORD = st.one_of(st.integers(0, 4), st.integers(0, (1 << 64) - 1),
-                  st.sampled_from([P.SLOT_REQ_CAP, P.SLOT_REQ_CAP + 1, P.HEADER_SIZE - 1]))
+                  st.sampled_from([S.SLOT_REQ_CAP, S.SLOT_REQ_CAP + 1, P.HEADER_SIZE - 1]))
 _FRAMES = st.lists(st.tuples(st.sampled_from([int(t) for t in P.MsgType] + [0, 99, 0xFFFF]),
                              st.binary(max_size=40)), max_size=6).map(
     lambda fs: b"".join(P.frame(t, body) for t, body in fs))
 _WRITES = st.lists(st.one_of(
-    st.tuples(st.just("word"), st.integers(0, P.SLOT_WORDS - 1), _WORD),
-    st.tuples(st.just("bytes"), st.integers(0, P.SLOT_BYTES - 1), st.binary(min_size=1, max_size=200)),
+    st.tuples(st.just("word"), st.integers(0, S.SLOT_WORDS - 1), _WORD),
+    st.tuples(st.just("bytes"), st.integers(0, S.SLOT_BYTES - 1), st.binary(min_size=1, max_size=200)),
     st.tuples(st.just("request"), _FRAMES, st.integers(-8, 8)),
 ), min_size=1, max_size=6)
 
@@ -235,7 +236,7 @@ def scribble_daemon(tmp_path_factory):
 def test_garbage_in_the_slot_never_hurts_the_daemon(scribble_daemon, writes, ring):
     d = scribble_daemon
     sock, mm = _raw_shm_conn(d)
-    words = memoryview(mm)[:P.SLOT_WORDS * 8].cast("Q")
+    words = S.words_of(mm)
     try:
         seq = 0
         for write in writes:
@@ -243,19 +244,19 @@ def test_garbage_in_the_slot_never_hurts_the_daemon(scribble_daemon, writes, rin
                 words[write[1]] = write[2]
             elif write[0] == "bytes":
                 off = write[1]
-                mm[off:off + len(write[2][:P.SLOT_BYTES - off])] = write[2][:P.SLOT_BYTES - off]
+                mm[off:off + len(write[2][:S.SLOT_BYTES - off])] = write[2][:S.SLOT_BYTES - off]
             else:
                 frames, skew = write[1], write[2]
-                n = min(len(frames), P.SLOT_REQ_CAP)
-                mm[P.SLOT_REQ_OFF:P.SLOT_REQ_OFF + n] = frames[:n]
-                words[P.W_REQ_LEN] = max(0, n + skew)
+                n = min(len(frames), S.SLOT_REQ_CAP)
+                mm[S.SLOT_REQ_OFF:S.SLOT_REQ_OFF + n] = frames[:n]
+                words[S.W_REQ_LEN] = max(0, n + skew)
                 seq += 1
-                words[P.W_REQ_SEQ] = seq
+                words[S.W_REQ_SEQ] = seq
         if ring:
             sock.sendall(P.DOORBELL_FRAME)
         # The daemon either answers in the slot or hangs up; both are fine.
         deadline = time.monotonic() + 0.2
-        while time.monotonic() < deadline and words[P.W_REP_SEQ] != words[P.W_REQ_SEQ]:
+        while time.monotonic() < deadline and words[S.W_REP_SEQ] != words[S.W_REQ_SEQ]:
             time.sleep(0.002)
     finally:
         words.release()
@@ -269,14 +270,14 @@ def test_garbage_in_the_slot_never_hurts_the_daemon(scribble_daemon, writes, rin
 
 
 def test_bad_slot_fields_are_protocol_errors(daemon):
-    for field, value in ((P.W_REQ_SEQ, 5), (P.W_REQ_LEN, P.SLOT_REQ_CAP + 1), (P.W_REQ_LEN, 3)):
+    for field, value in ((S.W_REQ_SEQ, 5), (S.W_REQ_LEN, S.SLOT_REQ_CAP + 1), (S.W_REQ_LEN, 3)):
         sock, mm = _raw_shm_conn(daemon)
-        words = memoryview(mm)[:P.SLOT_WORDS * 8].cast("Q")
-        mm[P.SLOT_REQ_OFF:P.SLOT_REQ_OFF + 8] = P.frame(P.MsgType.PING)
-        words[P.W_REQ_LEN] = 8
+        words = S.words_of(mm)
+        mm[S.SLOT_REQ_OFF:S.SLOT_REQ_OFF + 8] = P.frame(P.MsgType.PING)
+        words[S.W_REQ_LEN] = 8
         words[field] = value
-        if field != P.W_REQ_SEQ:
-            words[P.W_REQ_SEQ] = 1
+        if field != S.W_REQ_SEQ:
+            words[S.W_REQ_SEQ] = 1
         sock.sendall(P.DOORBELL_FRAME)
         frames = read_frames(sock)  # until the daemon hangs up
         assert frames and frames[-1][0] == P.MsgType.ERROR
@@ -286,18 +287,18 @@ def test_bad_slot_fields_are_protocol_errors(daemon):
         sock.close()
     # A well-formed request in a raw slot is answered in the slot.
     sock, mm = _raw_shm_conn(daemon)
-    words = memoryview(mm)[:P.SLOT_WORDS * 8].cast("Q")
+    words = S.words_of(mm)
     req = P.frame(P.MsgType.PING, b"raw") + P.frame(P.MsgType.ALLOC, P.ALLOC.pack(2, 4096))
-    mm[P.SLOT_REQ_OFF:P.SLOT_REQ_OFF + len(req)] = req
-    words[P.W_REQ_LEN] = len(req)
-    words[P.W_REQ_SEQ] = 1
+    mm[S.SLOT_REQ_OFF:S.SLOT_REQ_OFF + len(req)] = req
+    words[S.W_REQ_LEN] = len(req)
+    words[S.W_REQ_SEQ] = 1
     sock.sendall(P.DOORBELL_FRAME)
     deadline = time.monotonic() + 10
-    while words[P.W_REP_SEQ] != 1:
+    while words[S.W_REP_SEQ] != 1:
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    n = words[P.W_REP_LEN]
-    reply = mm[P.SLOT_REP_OFF:P.SLOT_REP_OFF + n]
+    n = words[S.W_REP_LEN]
+    reply = mm[S.SLOT_REP_OFF:S.SLOT_REP_OFF + n]
     length, kind, _ = P.HEADER.unpack_from(reply)
     assert kind == P.MsgType.OK and reply[8:8 + length] == b"raw"
     assert P.HEADER.unpack_from(reply, 8 + length)[1] == P.MsgType.OK
@@ -325,6 +326,7 @@ def test_sigkill_of_shm_clients_then_exact_accounting(daemon):
 KILL_IN_SLOT = """
 import os, signal, sys
 from poolsvc.service import protocol as P
+from poolsvc.service import slot as S
 from poolsvc.service.client import connect
 client = connect(sys.argv[1], transport="shm")
 ctx = client.open_context("victim")
@@ -332,9 +334,9 @@ held = [ctx.alloc_user_buf(4096) for _ in range(50)]
 ch = ctx._channel
 allocs = b"".join(P.frame(P.MsgType.ALLOC, P.ALLOC.pack(0, 4096)) for _ in range(1500))
 req = P.frame(P.MsgType.BATCH, allocs)
-ch.slot[P.SLOT_REQ_OFF:P.SLOT_REQ_OFF + len(req)] = req
-ch.words[P.W_REQ_LEN] = len(req)
-ch.words[P.W_REQ_SEQ] = ch.seq + 1
+ch.slot.mm[S.SLOT_REQ_OFF:S.SLOT_REQ_OFF + len(req)] = req
+ch.slot.words[S.W_REQ_LEN] = len(req)
+ch.slot.words[S.W_REQ_SEQ] = ch.slot.seq + 1
 if sys.argv[2] == "ring":
     os.write(ch.sock.fileno(), P.DOORBELL_FRAME)
 os.kill(os.getpid(), signal.SIGKILL)   # die while the daemon works on it
@@ -366,27 +368,27 @@ def test_slot_client_over_the_output_bound_waits_without_busy_looping(tmp_path):
     d = DaemonThread(tmp_path / "d.sock", max_output=64 << 10)
     try:
         sock, mm = _raw_shm_conn(d)
-        words = memoryview(mm)[:P.SLOT_WORDS * 8].cast("Q")
+        words = S.words_of(mm)
         req = P.frame(P.MsgType.BATCH, P.frame(P.MsgType.ALLOC, P.ALLOC.pack(2, 4096)) * 1500)
-        mm[P.SLOT_REQ_OFF:P.SLOT_REQ_OFF + len(req)] = req
+        mm[S.SLOT_REQ_OFF:S.SLOT_REQ_OFF + len(req)] = req
         last = 6  # 6 x 120 KB of replies: more than the kernel's socket buffer plus max_output
         for seq in range(1, last + 1):
-            words[P.W_REQ_LEN] = len(req)
-            words[P.W_REQ_SEQ] = seq
+            words[S.W_REQ_LEN] = len(req)
+            words[S.W_REQ_SEQ] = seq
             sock.sendall(P.DOORBELL_FRAME)
             deadline = time.monotonic() + 0.3
-            while words[P.W_REP_SEQ] != seq and time.monotonic() < deadline:
+            while words[S.W_REP_SEQ] != seq and time.monotonic() < deadline:
                 time.sleep(0.001)
-            if words[P.W_REP_SEQ] != seq:
+            if words[S.W_REP_SEQ] != seq:
                 break
-        assert words[P.W_REP_SEQ] < last, "the daemon kept serving a client that reads none of its replies"
+        assert words[S.W_REP_SEQ] < last, "the daemon kept serving a client that reads none of its replies"
         cpu0 = sum(os.times()[:2])
         time.sleep(0.5)
         assert sum(os.times()[:2]) - cpu0 < 0.25, "the daemon busy-looped on a blocked slot"
         # Reading the socket unblocks it.
         sock.settimeout(5)
         got = 0
-        while words[P.W_REP_SEQ] != seq:
+        while words[S.W_REP_SEQ] != seq:
             got += len(sock.recv(1 << 20))
         assert got > 0
         words.release()
@@ -394,3 +396,45 @@ def test_slot_client_over_the_output_bound_waits_without_busy_looping(tmp_path):
         sock.close()
     finally:
         d.stop()
+
+
+def _slot_fd(size: int = S.SLOT_BYTES, header: tuple[int, ...] | None = None) -> int:
+    fd = os.memfd_create("slot-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    if header is not None:
+        os.pwrite(fd, array.array("Q", header).tobytes(), 0)
+    return fd
+
+
+def test_client_slot_checks_what_the_daemon_sent():
+    fd = _slot_fd(header=S.slot_header())
+    try:
+        slot = S.ClientSlot(fd, S.SLOT_BYTES, 0.0)
+    finally:
+        os.close(fd)
+    try:
+        seq = slot.publish(P.frame(P.MsgType.PING))
+        assert seq == 1 and slot.words[S.W_REQ_SEQ] == 1 and slot.words[S.W_REQ_LEN] == P.HEADER_SIZE
+        assert not slot.answered(seq) and not slot.daemon_sleeping()
+        slot.words[S.W_REP_LEN] = 3
+        slot.mm[S.SLOT_REP_OFF:S.SLOT_REP_OFF + 3] = b"abc"
+        slot.words[S.W_REP_SEQ] = seq
+        assert slot.answered(seq)
+        slot.wait(seq, lambda _seq: pytest.fail("slept on a published reply"))
+        assert slot.reply() == b"abc"
+        slot.words[S.W_REP_LEN] = S.REP_ON_SOCKET
+        assert slot.reply() is None
+        slot.words[S.W_REP_LEN] = S.SLOT_REP_CAP + 1
+        with pytest.raises(ProtocolError, match="more than"):
+            slot.reply()
+    finally:
+        slot.close()
+    for size, header, message in [(S.SLOT_BYTES, S.slot_header()[:5] + (0,), "unknown layout"),
+                                  (S.SLOT_BYTES + 4096, S.slot_header(), "expected"),
+                                  (S.SLOT_BYTES, None, "unknown layout")]:
+        fd = _slot_fd(size, header)
+        try:
+            with pytest.raises(ProtocolError, match=message):
+                S.ClientSlot(fd, S.SLOT_BYTES, 0.0)
+        finally:
+            os.close(fd)

@@ -1,4 +1,4 @@
-"""The kernel-semantics layer: System, Context, Shm (DESIGN.md sections 4 and 9)."""
+"""The kernel-semantics layer: System, Context, Shm (docs/design.md sections 4 and 9)."""
 from __future__ import annotations
 
 import os
@@ -434,6 +434,83 @@ def test_registration_around_an_existing_one(dyn_system, shmem):
     assert_idle(dyn_system)
 
 
+def _ledger(system):
+    """Per backing object: (pages referenced, references, live windows) of the user-memory registry."""
+    return {key: (int((obj.refs > 0).sum()), int(obj.refs.sum()), len(obj.windows))
+            for key, obj in system.usermem.objects.items()}
+
+
+def test_register_fd_shares_frames_with_register_by_buffer(dyn_system, shmem):
+    """Registration by descriptor (the pool service's path) names the object by fstat and
+    shares frames with a registration of the same pages through this process's mapping."""
+    seg = shmem(8 * 4096)
+    seg.buf[:] = bytes(range(256)) * 128
+    fd = os.open(f"/dev/shm/{seg.name.lstrip('/')}", os.O_RDWR)
+    try:
+        ctx = dyn_system.open_context()
+        window = seg.buf[4096 + 100:3 * 4096]
+        by_buf = ctx.register_kernel_buf(window)
+        by_fd = ctx.register_fd(fd, 4096 + 100, 2 * 4096 - 100, user=True)
+        assert by_fd.flags == ShmFlags.USER_MAPPED | ShmFlags.DYNAMIC and by_fd.id == 1
+        assert by_fd.offset == 100 and by_fd.size == 2 * 4096 - 100
+        assert list(by_fd.pages) == list(by_buf.pages)            # one object, one ledger
+        key = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        assert _ledger(dyn_system) == {key: (2, 4, 1)}
+        assert bytes(by_fd.view()[:8]) == bytes(seg.buf[4096 + 100:4096 + 108])
+        by_fd.view()[:3] = b"abc"
+        assert bytes(seg.buf[4096 + 100:4096 + 103]) == b"abc"
+        wide = ctx.register_fd(fd, 0, 8 * 4096, user=False)       # new frames around them
+        assert list(wide.pages[1:3]) == list(by_buf.pages) and wide.id == -1
+        assert _ledger(dyn_system)[key][:2] == (8, 12)
+        by_buf.close()
+        window.release()
+        by_fd.close()
+        assert _ledger(dyn_system)[key][:2] == (8, 8)
+        assert dyn_system.phys.read(int(wide.pages[1]) + 100, 3) == b"abc"
+        wide.close()
+        assert _ledger(dyn_system) == {key: (0, 0, 0)}
+        ctx.close()
+        assert_idle(dyn_system)
+    finally:
+        os.close(fd)
+
+
+def test_register_fd_refusals(dyn_system, shmem, tmp_path):
+    seg = shmem(2 * 4096)
+    fd = os.open(f"/dev/shm/{seg.name.lstrip('/')}", os.O_RDWR)
+    rfd = os.open(f"/dev/shm/{seg.name.lstrip('/')}", os.O_RDONLY)
+    r, w = os.pipe()
+    try:
+        ctx = dyn_system.open_context()
+        with pytest.raises(BadParameters, match="beyond"):
+            ctx.register_fd(fd, 4096, 4097)
+        with pytest.raises(BadParameters, match="empty"):
+            ctx.register_fd(fd, 0, 0)
+        with pytest.raises(BadParameters, match="file offset"):
+            ctx.register_fd(fd, -1, 10)
+        with pytest.raises(NotSharedMemory, match="not a shared-memory object"):
+            ctx.register_fd(r, 0, 10)
+        with pytest.raises(NotSharedMemory, match="writable"):
+            ctx.register_fd(rfd, 0, 10)
+        assert not ctx.shms and not dyn_system.ids
+        ctx.close()
+        assert_idle(dyn_system)
+    finally:
+        for x in (fd, rfd, r, w):
+            os.close(x)
+
+
+def test_register_fd_needs_reg_mem(leaks, shmem):
+    seg = shmem(4096)
+    fd = os.open(f"/dev/shm/{seg.name.lstrip('/')}", os.O_RDWR)
+    try:
+        with System(Config(**SMALL, dynamic_shm=False)) as system:
+            with pytest.raises(NotSupported, match="REG_MEM"):
+                system.open_context().register_fd(fd, 0, 10)
+    finally:
+        os.close(fd)
+
+
 # -- the dynamic pool's all-or-nothing path (core.ArenaPages.take / give) ------------------
 def _snapshot(system):
     stats = system.stats()
@@ -453,7 +530,7 @@ def test_refused_registration_frees_everything(dyn_system, monkeypatch):
     def refuse(*args):
         raise TeeError("refused", 0xFFFF000C, 4)
 
-    monkeypatch.setattr(dyn_system, "_tee_register_run", refuse)
+    monkeypatch.setattr(dyn_system.pools, "register_run", refuse)  # the driver call the pool makes
     for alloc in (ctx.alloc_user_buf, ctx.alloc_kernel_buf):
         with pytest.raises(TeeError):
             alloc(3 * 4096)
@@ -519,7 +596,7 @@ def test_freed_pages_are_zeroed_and_spares_kept(dyn_system):
 
 
 def test_kernel_pages_whose_mapping_is_refused_leak_nothing():
-    """_alloc_kernel_pages: a frame the table still maps (a bug elsewhere) makes the
+    """Driver.alloc_kernel_pages: a frame the table still maps (a bug elsewhere) makes the
     mapping fail; the frames and the kernel arena's pages go back."""
     with poolsvc.System(poolsvc.Config(dynamic_size=16 << 20, arena_step=1 << 20)) as system:
         table, frames, arena = system.memory.table, system.dynamic, system.kernel_arena
@@ -528,8 +605,8 @@ def test_kernel_pages_whose_mapping_is_refused_leak_nothing():
         table.map_range(pa, 1, arena.segments[0].sid, 0)
         used = (frames.used_frames, arena.used_pages, table.mapped_frames)
         with pytest.raises(BadParameters, match="already mapped"):
-            system._alloc_kernel_pages(1)
+            system.driver.alloc_kernel_pages(1)
         assert (frames.used_frames, arena.used_pages, table.mapped_frames) == used
         table.unmap_range(pa, 1)
-        pages = system._alloc_kernel_pages(1)  # and the next one works
-        system._free_kernel_pages(*pages)
+        pages = system.driver.alloc_kernel_pages(1)  # and the next one works
+        system.driver.free_kernel_pages(pages)

@@ -57,9 +57,9 @@ def both_paths(a_sys, b_sys, a_data, good, cmd, attr, ptr, size, cookie):
         cookie = 0xC0FFEE if cmd == MsgCmd.UNREGISTER_SHM else a_data.cookie
     msg = MsgArg(cmd=cmd, params=[MsgParam(attr, ptr, size, cookie)])
     reply_a = a_sys.tee.call(msg.pack())
-    b_sys.memory.write(b_sys._msg_pa, msg.pack())
-    b_sys.tee.call_with_arg(b_sys._msg_pa)
-    reply_b = b_sys.memory.read(b_sys._msg_pa, ARG1.size)
+    b_sys.memory.write(b_sys.driver.msg_pa, msg.pack())
+    b_sys.tee.call_with_arg(b_sys.driver.msg_pa)
+    reply_b = b_sys.memory.read(b_sys.driver.msg_pa, ARG1.size)
     assert reply_a == reply_b, (unpack(reply_a), unpack(reply_b))
     assert snapshot(a_sys) == snapshot(b_sys)
     assert a_sys.tee.stats == b_sys.tee.stats
@@ -84,8 +84,8 @@ def test_fast_path_address_rules():
         tee, cfg = system.tee, system.config
         msg = MsgArg(cmd=MsgCmd.UNREGISTER_SHM, params=[MsgParam(Attr.RMEM_INPUT, 0, 0, 0x77)])
         static_end = cfg.static_base + cfg.static_size
-        for pa in (system._msg_pa + 8, cfg.static_base + 4, static_end - 16, -1, 1 << 64,
-                   cfg.secure_base, float(system._msg_pa), True):
+        for pa in (system.driver.msg_pa + 8, cfg.static_base + 4, static_end - 16, -1, 1 << 64,
+                   cfg.secure_base, float(system.driver.msg_pa), True):
             with pytest.raises(BadParameters):
                 tee.call_with_arg(pa)
         # the last 64 bytes of the carve-out, 8-byte aligned: a valid place
@@ -94,9 +94,9 @@ def test_fast_path_address_rules():
         assert unpack(system.phys.read(static_end - 64, 64)).ret == 0xFFFF0006  # unknown cookie
         # the message page itself, then again (the remembered address)
         for _ in range(2):
-            system.phys.write(system._msg_pa, msg.pack())
-            tee.call_with_arg(system._msg_pa)
-            assert unpack(system.phys.read(system._msg_pa, 64)).ret == 0xFFFF0006
+            system.phys.write(system.driver.msg_pa, msg.pack())
+            tee.call_with_arg(system.driver.msg_pa)
+            assert unpack(system.phys.read(system.driver.msg_pa, 64)).ret == 0xFFFF0006
         assert tee.stats.calls == 3
 
 
@@ -127,7 +127,7 @@ def test_call_with_arg_in_the_carveout_equals_call(seq):
 
 
 def accounting(system):
-    scratch_seg, scratch_index = system._list_scratch_page
+    scratch_seg, scratch_index = system.driver.list_scratch_page
     scratch = bytes(memoryview(scratch_seg.storage.mm)[scratch_index * PAGE_SIZE:(scratch_index + 1) * PAGE_SIZE])
     return (system.dynamic.used_frames, system.memory.table.mapped_frames, scratch == bytes(PAGE_SIZE),
             system.tee.state())
@@ -141,8 +141,8 @@ def accounting(system):
     st.sampled_from([0xC0FFEE, 0xC0FFEF, "data"]),
 ), min_size=1, max_size=8))
 def test_driver_register_paths_keep_accounting(seq):
-    """``_tee_register`` (page array), ``_tee_register_run`` (contiguous run) and
-    ``_tee_unregister``: on every answer and refusal the list frame is freed, the scratch
+    """``Driver.register`` (page array), ``Driver.register_run`` (contiguous run) and
+    ``Driver.unregister``: on every answer and refusal the list frame is freed, the scratch
     page zero and unmapped, and the run form registers exactly what the array form does."""
     from poolsvc.errors import PoolsvcError
 
@@ -162,14 +162,14 @@ def test_driver_register_paths_keep_accounting(seq):
             for system, run in ((a_sys, False), (b_sys, kind == "run")):
                 try:
                     if kind == "unregister":
-                        system._tee_unregister(cookie)
+                        system.driver.unregister(cookie)
                     elif run:
                         if offset or "misaligned" in spec or len(set(spec)) > 1:
-                            system._tee_register(pages, offset, size, cookie)
+                            system.driver.register(pages, offset, size, cookie)
                         else:
-                            system._tee_register_run(int(pages[0]), len(pages), size, cookie)
+                            system.driver.register_run(int(pages[0]), len(pages), size, cookie)
                     else:
-                        system._tee_register(pages, offset, size, cookie)
+                        system.driver.register(pages, offset, size, cookie)
                     outcomes.append(None)
                 except PoolsvcError as exc:
                     outcomes.append((type(exc).__name__, getattr(exc, "tee_code", None)))
@@ -254,14 +254,14 @@ def test_stats_calls_is_the_entry_counter():
         tee = system.tee
         msg = MsgArg(cmd=MsgCmd.UNREGISTER_SHM, params=[MsgParam(Attr.RMEM_INPUT, 0, 0, 0x77)])
         calls = tee.stats.calls
-        system.phys.write(system._msg_pa, msg.pack())
-        tee.call_with_arg(system._msg_pa)                       # fast path
+        system.phys.write(system.driver.msg_pa, msg.pack())
+        tee.call_with_arg(system.driver.msg_pa)                       # fast path
         tee.call(MsgArg(cmd=MsgCmd.CANCEL).pack())              # generic path
         assert tee.stats == SecureStats(calls + 2, {0xFFFF0006: 1, 0xFFFF000A: 1})
         assert repr(tee.stats) == (f"SecureStats(calls={calls + 2}, errors={{4294901766: 1, "
                                    "4294901770: 1}, rpc_alloc=0, rpc_free=0)")
         tee.stats = SecureStats(calls=10)
-        tee.call_with_arg(system._msg_pa)
+        tee.call_with_arg(system.driver.msg_pa)
         tee.call(MsgArg(cmd=MsgCmd.CANCEL).pack())
         assert tee.stats == SecureStats(12, {0xFFFF0006: 1, 0xFFFF000A: 1})
         tee.stats.calls = 0

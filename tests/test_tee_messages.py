@@ -1,4 +1,4 @@
-"""The secure world's checks (DESIGN.md section 6), one hand-crafted raw message per rejection.
+"""The secure world's checks (docs/design.md section 6), one hand-crafted raw message per rejection.
 
 Every refusal must give the exact return code AND leave the secure world's
 state (cookies, inflight counts, sessions, temporary objects, RPC memory)
@@ -353,7 +353,7 @@ def test_open_session_bad_login(world):
 
 def test_uuid_octets_match_export_uuid(world):
     # export_uuid copies the 16 RFC 4122 octets: a holds octets 0..7 as a little-endian u64
-    from poolsvc.tee.secure import uuid_from_value, uuid_to_value
+    from poolsvc.tee.msg import uuid_from_value, uuid_to_value
     u = Sha256App.UUID
     a, b = uuid_to_value(u)
     assert a.to_bytes(8, "little") + b.to_bytes(8, "little") == u.bytes

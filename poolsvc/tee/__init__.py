@@ -1,3 +1,9 @@
-"""The simulated secure world (an OP-TEE-like TEE) and its message ABI."""
-from .msg import MsgArg, MsgParam, unpack  # noqa: F401
-from .secure import SecureWorld  # noqa: F401
+"""The TEE: the normal world's driver end and an OP-TEE-like simulated secure world.
+
+Normal world: ``driver`` (message page, kernel pages, calls), ``params`` (the
+GP parameter codec), ``session`` (sessions with trusted apps), ``rpc`` (the
+RPC server the secure world calls), ``daemon`` (the secure world served over a
+socket).  Secure world: ``secure`` (dispatch, entry points, registration),
+``secure_sessions``, ``secure_params``, ``secure_rpc``, ``ta`` (trusted apps).
+Both: ``msg`` (the message ABI).
+"""

@@ -48,7 +48,7 @@ import socket
 from typing import Any
 
 from ..errors import BadParameters, PoolsvcError, ProtocolError, TeeError
-from .driver import TempMemref, Value
+from .params import TempMemref, Value
 
 PROTOCOL_VERSION = 1
 #: Longest request line accepted (bytes); a longer one closes the connection.

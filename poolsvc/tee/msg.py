@@ -9,6 +9,9 @@ Layout (little-endian, facts of OP-TEE's message ABI):
 :func:`unpack` never trusts its input: a short buffer, or a ``num_params``
 that does not match the bytes present, is a ``ProtocolError``.
 
+:func:`uuid_to_value` / :func:`uuid_from_value` lay a UUID out in the two
+words of a META value (OPEN_SESSION's TA and client identities).
+
 ``ARG1`` packs and unpacks a whole one-parameter message (64 bytes) as 12
 words, ``RET`` the ``ret``/``ret_origin`` pair.  The driver's hot path
 (REGISTER_SHM, UNREGISTER_SHM) does neither in Python: both ends are the
@@ -17,6 +20,7 @@ compiled ``core.SmcDriver`` / ``core.SmcEntry`` (``ext/smc.pyx``).
 from __future__ import annotations
 
 import struct
+import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from ..constants import ATTR_TYPE_MASK, MSG_ARG_HEADER_SIZE, MSG_PARAM_SIZE
@@ -136,3 +140,15 @@ def unpack(data: bytes | bytearray | memoryview) -> MsgArg:
     w = _layout(num).unpack_from(data, 0)
     params = [MsgParam(w[i], w[i + 1], w[i + 2], w[i + 3]) for i in range(8, 8 + 4 * num, 4)]
     return MsgArg(w[0], w[1], w[2], w[3], w[4], w[5], w[6], params)
+
+
+def uuid_to_value(uuid: uuidlib.UUID | str) -> tuple[int, int]:
+    """``(a, b)`` of a META value carrying ``uuid`` (RFC 4122 octets, as ``export_uuid``)."""
+    u = uuid if isinstance(uuid, uuidlib.UUID) else uuidlib.UUID(str(uuid))
+    octets = u.bytes
+    return int.from_bytes(octets[:8], "little"), int.from_bytes(octets[8:], "little")
+
+
+def uuid_from_value(a: int, b: int) -> uuidlib.UUID:
+    """The UUID whose octets are the little-endian bytes of ``a`` then ``b``."""
+    return uuidlib.UUID(bytes=(a & _U64).to_bytes(8, "little") + (b & _U64).to_bytes(8, "little"))

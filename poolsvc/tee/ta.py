@@ -306,7 +306,7 @@ class TrustedApp:
     Subclass it, set ``UUID`` (a :class:`uuid.UUID`) and ``NAME``, and install
     the class with ``system.tee.install(MyApp)``.  The secure world creates
     one instance per session: ``MyApp(env)``, where ``env`` is the session's
-    :class:`~poolsvc.tee.secure.SessionEnv` (session id, client identity,
+    :class:`~poolsvc.tee.secure_sessions.SessionEnv` (session id, client identity,
     ``rpc_alloc``/``rpc_free``).
 
     ``open_session(params)`` and ``invoke(func, params)`` get four params

@@ -1,0 +1,122 @@
+"""The shared-memory pools: the dynamic pool and the reserved static pool.
+
+The pool is chosen from the TEE's capabilities: DYNAMIC_SHM gives the
+dynamic pool (contiguous frames of dynamic RAM, registered with the secure
+world through a REGISTER_SHM page list unless PRIV); otherwise the reserved
+static pool, a carve-out of physical memory the secure world knows from the
+start (``core.RangeAllocator`` over one storage object mapped at
+``static_base``).
+
+Memory is zeroed when freed, so every allocation starts zeroed.
+
+Accounting invariants (checked by the tests after every operation):
+  ``dynamic.free_frames + dynamic.used_frames == dynamic.nframes``
+  ``static.free_bytes + static.used_bytes == static.size``
+
+Concurrency: one thread (the System's).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from ._backend import core
+from .config import Config
+from .constants import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, ShmFlags
+from .memory import PhysicalMemory
+from .shm import Shm, StaticBacking, pool_shm
+from .storage import Storage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import Context
+
+_POOL_PRIV = ShmFlags.PRIV | ShmFlags.POOL
+
+
+class Pools:
+    """The pools of one System.
+
+    ``Pools(config, memory, cookies)`` makes the static pool when the TEE has a
+    reserved carve-out; :meth:`alloc_dynamic` needs ``register_run`` (set by
+    the System once its driver exists) to register what it allocates.  A
+    dynamic-pool run is given back by ``System.release`` through its
+    context's arena.
+    Attributes: ``dynamic_pool`` (whether allocations come from the dynamic
+    pool), ``static`` (``core.RangeAllocator`` or None), ``carveout``
+    (its Storage or None).
+    """
+
+    def __init__(self, config: Config, memory: PhysicalMemory, cookies: Iterator[int]) -> None:
+        self.config = config
+        self.memory = memory
+        self.cookies = cookies
+        self.dynamic_pool = config.dynamic_shm
+        #: ``Driver.register_run``, set by the System once its driver exists.
+        self.register_run: Callable[[int, int, int, int], None] | None = None
+        self.static: Any = None
+        self.carveout: Storage | None = None
+        self._carveout_bytes: np.ndarray | None = None
+        self._carveout_sid = -1
+        if config.reserved_shm:
+            self.static = core.RangeAllocator(config.static_base, config.static_size,
+                                              config.min_alloc_order, config.static_policy)
+            self.carveout = Storage.create(config.static_size, config.shm_prefix)
+            self._carveout_bytes = np.frombuffer(self.carveout.mm, dtype=np.uint8)
+            try:
+                self._carveout_sid = memory.attach(self.carveout.mm, "carveout")
+                memory.table.map_range(config.static_base, config.static_size // PAGE_SIZE,
+                                       self._carveout_sid, 0)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        """Unmap and release the carve-out. Idempotent."""
+        if self.carveout is None:
+            return
+        if self._carveout_sid >= 0:
+            self.memory.table.unmap_range(self.config.static_base, self.config.static_size // PAGE_SIZE)
+            self.memory.detach(self._carveout_sid)
+            self._carveout_sid = -1
+        self._carveout_bytes = None
+        self.carveout.close()
+        self.carveout = None
+
+    # -- the dynamic pool -----------------------------------------------------------------------
+    def alloc_dynamic(self, ctx: "Context", size: int, flags: ShmFlags) -> Shm:
+        """alloc_pages_exact + registration (unless PRIV): frames, zeroed storage pages
+        and their mapping come from one compiled call (``core.ArenaPages.take``)."""
+        npages = (size + PAGE_MASK) >> PAGE_SHIFT
+        run = ctx.take_pages(npages)
+        if run is None:  # no segment has room: the Arena grows (policy) and takes
+            run = ctx.arena.take(npages)
+        shm = pool_shm(ctx, flags, run, npages, next(self.cookies))
+        if flags is not _POOL_PRIV:
+            try:
+                self.register_run(run.pa, npages, shm.size, shm.cookie)  # type: ignore[misc]
+            except BaseException:
+                ctx.arena.give(run)
+                raise
+            shm.registered = True
+        return shm
+
+    # -- the static pool --------------------------------------------------------------------------
+    def alloc_static(self, ctx: "Context", size: int, align: int, flags: ShmFlags) -> Shm:
+        """A range of the carve-out, ``align``-aligned; the Shm is never registered."""
+        assert self.static is not None and self.carveout is not None
+        pa = self.static.alloc(size, align)
+        length = self.static.allocation_at(pa)[1]
+        offset = pa & PAGE_MASK
+        npages = (offset + length + PAGE_MASK) // PAGE_SIZE
+        backing = StaticBacking(pa, length, pa - self.config.static_base, self.carveout)
+        return Shm(ctx, flags, length, offset, None, next(self.cookies), backing, (pa - offset, npages))
+
+    def free_static(self, backing: StaticBacking) -> None:
+        """Zero a static-pool range and give it back."""
+        assert self._carveout_bytes is not None
+        self._carveout_bytes[backing.start:backing.start + backing.length] = 0
+        self.static.free(backing.pa)
+
+
+__all__ = ["Pools"]

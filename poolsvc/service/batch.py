@@ -1,0 +1,241 @@
+"""Batches: many operations, one round trip.
+
+:class:`Batch` collects ALLOC, SHM_FROM_ID and SHM_CLOSE operations of one
+service Context and sends them as one BATCH request; :class:`LocalBatch`
+offers the same API over an embedded Context (operations run one by one on
+``run()``); :func:`batch` gives whichever fits a context, so that code using
+batches runs against both the embedded System and the daemon.
+
+Concurrency: a batch belongs to its context's thread.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NoReturn, Protocol
+
+from ..api import check_shm_id, check_size
+from ..errors import BadParameters, PoolsvcError, ProtocolError
+from . import protocol as P
+from .channel import (
+    ALLOC,
+    ALLOC_BODY,
+    ALLOC_KERNEL,
+    ALLOC_PRIV,
+    ALLOC_USER,
+    CLOSED_SIZE,
+    COOKIE_BODY,
+    SHM_CLOSE,
+    Channel,
+    pack_alloc_frame,
+    pack_close_frame,
+    pack_header,
+    refuse_pickle,
+)
+
+_ERROR = int(P.MsgType.ERROR)
+_PING = int(P.MsgType.PING)
+_unpack_closed_from = P.CLOSED.unpack_from
+
+
+_REFUSED = -1
+#: The ``kinds`` entry of every ALLOC in a Batch.
+_ALLOC_KIND = (ALLOC, None)
+
+
+class BatchOwner(Protocol):
+    """What a Batch uses of its context (a :class:`.objects.Context`)."""
+
+    _channel: Channel
+
+    @property
+    def name(self) -> str: ...
+
+    def _check(self) -> None: ...
+
+    def _make_shm(self, body: Any, user_view: memoryview | None = None, start: int = 0,
+                  end: int = -1) -> Any: ...
+
+
+def _batch_alloc(kind: int, doc: str) -> Callable[["Batch", int], None]:
+    """A Batch method queueing an ALLOC of ``kind`` (the hot path: one struct call per frame)."""
+    def alloc(self: "Batch", size: int) -> None:
+        parts = self.parts
+        if type(size) is int and 0 < size < 1 << 63 and len(parts) < self.limit:
+            parts.append(pack_alloc_frame(ALLOC_BODY, ALLOC, 0, kind, size))
+            self.kinds.append(_ALLOC_KIND)
+        else:  # a bad size (refused locally) or a full batch (raises)
+            self._alloc(kind, size)
+    alloc.__doc__ = doc
+    return alloc
+
+
+class Batch:
+    """Operations collected and sent as one BATCH request (one round trip).
+
+    ``alloc_user_buf(size)``, ``alloc_kernel_buf``, ``alloc_priv_buf``,
+    ``shm_from_id(id)`` and ``close(shm)`` queue an operation; ``run()``
+    sends them and returns one result per operation, in order: an Shm, None
+    for a close, or the PoolsvcError instance of an operation that failed
+    (the others still ran).  A Batch can be run once.
+    """
+
+    __slots__ = ("ctx", "parts", "kinds", "limit", "closing", "refused")
+
+    def __init__(self, ctx: BatchOwner) -> None:
+        self.ctx = ctx
+        #: Encoded request frames, and per operation ``(message type, extra)``.
+        self.parts: list[bytes] = []
+        self.kinds: list[tuple[int, Any]] = []
+        self.limit = ctx._channel.max_batch
+        #: The shms of the queued closes; whether an operation was refused locally.
+        self.closing: list[Any] = []
+        self.refused = False
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def __reduce__(self) -> NoReturn:
+        refuse_pickle(self)
+
+    def _full(self) -> None:
+        raise BadParameters(f"batch already holds {len(self.kinds)} operations, the daemon's "
+                            "limit (max_batch)")
+
+    def _push(self, frame: bytes, kind: tuple[int, Any]) -> None:
+        if len(self.parts) >= self.limit:
+            self._full()
+        self.parts.append(frame)
+        self.kinds.append(kind)
+
+    def _add(self, msg_type: int, body: bytes, extra: Any = None) -> None:
+        self._push(pack_header(len(body), msg_type, 0) + body, (msg_type, extra))
+
+    def _refused(self, exc: PoolsvcError) -> None:
+        """An operation whose arguments cannot even be encoded: its result is ``exc``."""
+        self.kinds.append((_REFUSED, exc))
+        self.refused = True
+
+    def _alloc(self, kind: int, size: int) -> None:
+        # the checks of check_size; a valid size goes through _push (which may raise full)
+        if type(size) is int and 0 < size < 1 << 63:
+            self._push(pack_alloc_frame(ALLOC_BODY, ALLOC, 0, kind, size), _ALLOC_KIND)
+            return
+        try:
+            check_size(size)
+        except BadParameters as exc:
+            self._refused(exc)
+
+    alloc_user_buf = _batch_alloc(ALLOC_USER, "Queue ``Context.alloc_user_buf(size)``.")
+    alloc_kernel_buf = _batch_alloc(ALLOC_KERNEL, "Queue ``Context.alloc_kernel_buf(size)``.")
+    alloc_priv_buf = _batch_alloc(ALLOC_PRIV, "Queue ``Context.alloc_priv_buf(size)``.")
+
+    def shm_from_id(self, shm_id: int) -> None:
+        try:
+            check_shm_id(shm_id)
+        except BadParameters as exc:
+            self._refused(exc)
+            return
+        self._add(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id))
+
+    def close(self, shm: Any) -> None:
+        if getattr(shm, "context", None) is not self.ctx:
+            raise BadParameters(f"{shm!r} is not a shm of context {self.ctx.name}")
+        if shm._refs <= 0:
+            shm._check()  # raises Closed
+        self._push(pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie), (SHM_CLOSE, shm))
+        self.closing.append(shm)
+
+    def run(self) -> list[Any]:
+        """Send the batch; one result per operation (Shm, None, or an exception)."""
+        ctx = self.ctx
+        ctx._check()
+        kinds, self.kinds = self.kinds, []
+        if not self.parts:
+            return [extra for _, extra in kinds]
+        # Closes take effect locally first, exactly as Shm.close() does.
+        closing, self.closing = self.closing, []
+        for shm in closing:
+            shm._refs -= 1
+            if shm._refs == 0:
+                shm._release_local()
+        body = b"".join(self.parts)
+        sent = len(self.parts)
+        self.parts = []
+        reply_type, reply = ctx._channel.call(P.MsgType.BATCH, body)
+        if reply_type == P.MsgType.ERROR:
+            raise P.error_from_body(reply)
+        if reply_type != P.MsgType.BATCH_REPLY:
+            raise ProtocolError(f"daemon answered BATCH with {P.type_name(reply_type)}")
+        replies = P.split_frames(reply, sent, P.MAX_REPLY_FRAME)
+        if len(replies) != sent:
+            raise ProtocolError(f"BATCH_REPLY holds {len(replies)} replies for {sent} requests")
+        if self.refused:  # results of the refused operations go in between
+            answers = iter(replies)
+            pairs = [(kind, None if kind[0] == _REFUSED else next(answers)) for kind in kinds]
+        else:
+            pairs = zip(kinds, replies)  # type: ignore[assignment]
+        results: list[Any] = []
+        append = results.append
+        channel = ctx._channel
+        make_shm = ctx._make_shm
+        for (msg_type, extra), answer in pairs:
+            if answer is None:
+                append(extra)
+                continue
+            sub_type, start, end = answer
+            if sub_type == _ERROR:
+                append(P.error_from_body(reply[start:end]))
+            elif msg_type == SHM_CLOSE:
+                if end - start != CLOSED_SIZE:
+                    raise ProtocolError(f"SHM_CLOSE reply of {end - start} bytes in a BATCH_REPLY")
+                dropped = _unpack_closed_from(reply, start)[1]
+                if dropped:
+                    channel.unmap_segment(dropped)
+                append(None)
+            elif msg_type == _PING:
+                append(bytes(reply[start:end]))
+            else:
+                append(make_shm(reply, None, start, end))
+        return results
+
+
+class LocalBatch:
+    """The :class:`Batch` API over an embedded Context (operations run at once on ``run()``),
+    so that code using batches runs against both the embedded System and the daemon."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.ops: list[tuple[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def alloc_user_buf(self, size: int) -> None:
+        self.ops.append(("alloc_user_buf", size))
+
+    def alloc_kernel_buf(self, size: int) -> None:
+        self.ops.append(("alloc_kernel_buf", size))
+
+    def alloc_priv_buf(self, size: int) -> None:
+        self.ops.append(("alloc_priv_buf", size))
+
+    def shm_from_id(self, shm_id: int) -> None:
+        self.ops.append(("shm_from_id", shm_id))
+
+    def close(self, shm: Any) -> None:
+        self.ops.append(("close", shm))
+
+    def run(self) -> list[Any]:
+        results: list[Any] = []
+        for op, arg in self.ops:
+            try:
+                results.append(arg.close() if op == "close" else getattr(self.ctx, op)(arg))
+            except PoolsvcError as exc:
+                results.append(exc)
+        self.ops = []
+        return results
+
+
+def batch(ctx: Any) -> Any:
+    """A batch for any context: ``ctx.batch()`` for a daemon's, a LocalBatch for an embedded one."""
+    make = getattr(ctx, "batch", None)
+    return make() if make is not None else LocalBatch(ctx)

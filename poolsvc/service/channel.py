@@ -1,0 +1,563 @@
+"""The client's connection to the pool service: socket, framing, descriptors, slot.
+
+A :class:`Channel` is one Unix-socket connection speaking the protocol of
+:mod:`.protocol`: the handshake, request frames (pipelined or not), reply
+frames in order, descriptors (sent with ``socket.send_fds``, received as
+SCM_RIGHTS data of ``recvmsg_into``) queued for the frames that announce them, the storage
+segments those descriptors map, and (with the shm transport) the client end
+of the connection's request/reply slot (:class:`.slot.ClientSlot`).
+
+Timeouts: ``connect_timeout`` bounds the socket connect and the handshake,
+``timeout`` every later wait for the daemon; both are kernel socket timeouts
+(``SO_RCVTIMEO`` / ``SO_SNDTIMEO``), so a request costs no extra system call.
+A wait that runs out closes the channel (its stream position is unknown) and
+raises :class:`DaemonTimeout`.
+
+Processes: a channel belongs to the process that opened it.  In a forked
+child every request raises :class:`UsedAfterFork` before anything is sent or
+written into the slot, so the parent's connection is never disturbed;
+``close()`` there only drops the child's copies of the descriptors and
+mappings.  Objects holding a channel refuse to be pickled (spawn and
+forkserver children must call ``connect()`` themselves).
+
+Concurrency: a channel belongs to one thread at a time.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, NoReturn, Self, Sequence
+
+from ..errors import BadParameters, Closed, NotSupported, ProtocolError
+from . import protocol as P
+from .slot import SLOT_REQ_CAP, ClientSlot
+
+_RECV_SIZE = 256 << 10
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+#: Pipelined requests whose replies a channel reads before sending more.
+MAX_IN_FLIGHT = 64
+#: Default time a client polls for a reply before sleeping in ``recvmsg``,
+#: in microseconds (see :func:`~.client.connect`).
+DEFAULT_SPIN_US = 0
+#: Transports a client may ask for (see :func:`~.client.connect`).
+TRANSPORTS = ("socket", "shm")
+#: Default transport of :func:`~.client.connect`.
+DEFAULT_TRANSPORT = "shm"
+#: Default longest time a shm-slot client polls its slot for a reply before
+#: it sleeps on the socket, in microseconds (adaptive below that).
+DEFAULT_SHM_SPIN_US = 200
+#: Default bound, in seconds, on connecting and on the handshake.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Default bound, in seconds, on each later wait for the daemon.
+DEFAULT_TIMEOUT = 60.0
+
+_HEADER_SIZE = P.HEADER_SIZE
+_unpack_header = P.HEADER.unpack_from
+pack_header = P.HEADER.pack
+_DOORBELL = int(P.MsgType.DOORBELL)
+_GOODBYE = int(P.MsgType.GOODBYE)
+#: Message types, ALLOC kinds and body sizes as ints, for the hot request paths
+#: (an IntEnum member costs an attribute lookup and a conversion per use).
+ALLOC, SHM_CLOSE = int(P.MsgType.ALLOC), int(P.MsgType.SHM_CLOSE)
+ALLOC_USER, ALLOC_KERNEL, ALLOC_PRIV = int(P.AllocKind.USER), int(P.AllocKind.KERNEL), int(P.AllocKind.PRIV)
+ALLOC_BODY, COOKIE_BODY, CLOSED_SIZE = P.ALLOC.size, P.COOKIE.size, P.CLOSED.size
+#: Whole ALLOC and SHM_CLOSE frames (header and body) in one struct call.
+pack_alloc_frame = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.ALLOC.format.lstrip("<")).pack
+pack_close_frame = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.COOKIE.format.lstrip("<")).pack
+
+
+class UsedAfterFork(Closed):
+    """A client object was used in a process forked from the one that connected it.
+
+    The connection belongs to the parent; the child must ``connect()`` on its own.
+    """
+
+
+class DaemonTimeout(Closed):
+    """The daemon did not answer within the client's timeout; the connection is closed."""
+
+
+#: Forks this process has gone through (counted in the child); a channel
+#: opened at another count belongs to an ancestor.
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
+def refuse_pickle(what: object) -> NoReturn:
+    """``__reduce__`` of the objects holding a channel: they cannot cross processes."""
+    raise NotSupported(f"{type(what).__name__} objects hold a connection of this process and "
+                       "cannot be sent to another process; call poolsvc.connect() there")
+
+
+class Handle:
+    """Base of the client's closable objects: ``with`` closes them, pickling is refused."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> NoReturn:
+        refuse_pickle(self)
+
+
+def check_timeout(what: str, value: Any) -> float | None:
+    """``value`` as a timeout in seconds (None: wait forever); BadParameters otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise BadParameters(f"{what} {value!r} is not a positive number of seconds or None")
+    return float(value)
+
+
+def check_reply(reply_type: int, body: memoryview, what: str) -> memoryview:
+    """``body`` of an OK reply; the daemon's error (or ProtocolError) otherwise."""
+    if reply_type == P.MsgType.OK:
+        return body
+    if reply_type == P.MsgType.ERROR:
+        raise P.error_from_body(body)
+    raise ProtocolError(f"daemon answered {what} with {P.type_name(reply_type)}")
+
+
+def _timeval(seconds: float | None) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO (zero: no bound)."""
+    if seconds is None:
+        return struct.pack("ll", 0, 0)
+    whole = int(seconds)
+    micros = int((seconds - whole) * 1e6)
+    return struct.pack("ll", whole, micros if whole or micros else 1)
+
+
+def _why_unreachable(path: str, exc: OSError) -> str:
+    """Why ``connect(path)`` failed, naming a path that is not a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            return f"directory {parent} does not exist"
+        return "no socket there (is the daemon running?)"
+    except OSError:
+        return exc.strerror or str(exc)
+    if stat.S_ISDIR(mode):
+        return "it is a directory, not a socket"
+    if not stat.S_ISSOCK(mode):
+        return "it is a regular file, not a socket" if stat.S_ISREG(mode) else "it is not a socket"
+    return exc.strerror or str(exc)
+
+
+@dataclass(frozen=True)
+class Dialer:
+    """How a client reaches its daemon: the socket path and the connection options
+    of :func:`~.client.connect`; :meth:`open` makes one connection."""
+
+    path: str
+    spin_us: float = DEFAULT_SPIN_US
+    timeout: float | None = DEFAULT_TIMEOUT
+    transport: str = DEFAULT_TRANSPORT
+    shm_spin_us: float = DEFAULT_SHM_SPIN_US
+    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT
+
+    def open(self, role: P.Role, name: str) -> "Channel":
+        """A new connection in ``role`` whose context (or monitor) is called ``name``."""
+        return Channel(self.path, role, name, self.spin_us, self.timeout, self.transport,
+                       self.shm_spin_us, self.connect_timeout)
+
+
+class Channel:
+    """One connection: framing, descriptor queue, pipelined replies, mapped segments."""
+
+    def __init__(self, path: str, role: P.Role, name: str, spin_us: float,
+                 timeout: float | None, transport: str = DEFAULT_TRANSPORT,
+                 shm_spin_us: float = DEFAULT_SHM_SPIN_US,
+                 connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT) -> None:
+        self.path = path
+        self.spin = max(0.0, spin_us) / 1e6
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.forks = _forks
+        self.closed = False
+        self.slot: ClientSlot | None = None
+        #: The daemon's eventfd doorbell for this connection (-1: DOORBELL frames).
+        self.bell = -1
+        self.fds: deque[int] = deque()
+        self.segments: dict[int, mmap.mmap] = {}
+        self.stale: list[mmap.mmap] = []
+        if transport not in TRANSPORTS:
+            self.closed = True
+            raise BadParameters(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        self._connect()
+        self.buf = bytearray()
+        #: Receive into one preallocated buffer: recvmsg(n) allocates n bytes per call.
+        self.rview = memoryview(bytearray(_RECV_SIZE))
+        self.rbufs = [self.rview]
+        #: Replies read from the slot, not yet handed out, and the read position.
+        self.sbuf = b""
+        self.spos = 0
+        self.shm_spin = max(0.0, shm_spin_us) / 1e6
+        self.outbox = bytearray()
+        self.pending: deque[Callable[[int, memoryview], None]] = deque()
+        #: Cookies of the pipelined SHM_CLOSE requests, in order.
+        self.close_cookies: deque[int] = deque()
+        self.on_lost: Callable[[], None] | None = None
+        self.max_frame = P.DEFAULT_MAX_FRAME
+        raw_name = P.encode_name(name)
+        try:
+            if transport == "shm":
+                hello = P.HELLO2.pack(P.MAGIC, P.VERSION_2, role,
+                                      P.Feature.SHM_SLOT | P.Feature.EVENTFD_BELL) + raw_name
+                reply_type, body = self.call(P.MsgType.HELLO, hello)
+                if reply_type == P.MsgType.ERROR and P.ERROR.unpack_from(body)[0] == P.ErrorCode.VERSION:
+                    # A version-1 daemon: it has hung up; speak version 1 on a new connection.
+                    self.sock.close()
+                    self.buf.clear()
+                    self._connect()
+                    transport = "socket"
+            if transport == "socket":
+                reply_type, body = self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role)
+                                             + raw_name)
+            if reply_type != P.MsgType.WELCOME or len(body) < P.WELCOME.size:
+                if reply_type == P.MsgType.ERROR:
+                    raise P.error_from_body(body)
+                raise ProtocolError(f"daemon answered HELLO with {P.type_name(reply_type)} of "
+                                    f"{len(body)} bytes")
+            fields = P.WELCOME.unpack_from(body)
+            name_at = P.WELCOME.size
+            if fields[0] >= P.VERSION_2:
+                if len(body) < name_at + P.WELCOME_EXT.size:
+                    raise ProtocolError(f"version {fields[0]} WELCOME of {len(body)} bytes is too short")
+                granted, slot_bytes = P.WELCOME_EXT.unpack_from(body, name_at)
+                name_at += P.WELCOME_EXT.size
+                if granted & P.Feature.SHM_SLOT:
+                    self._map_slot(slot_bytes, bool(granted & P.Feature.EVENTFD_BELL))
+            self._set_timeouts(timeout)
+        except BaseException:
+            self.close()
+            raise
+        (self.version, pool, self.daemon_pid, self.cid, self.sec_caps, self.gen_caps,
+         self.max_batch, self.max_frame, self.dynamic_base, self.dynamic_size, self.static_base,
+         self.static_size) = fields
+        self.transport = "shm" if self.slot is not None else "socket"
+        self.pool = "dynamic" if pool == 0 else "static"
+        self.context_name = bytes(body[name_at:]).decode("utf-8", "replace")
+
+    def _connect(self) -> None:
+        """Open ``self.sock``: connected, its waits bounded by the connect timeout."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self.connect_timeout)
+            sock.connect(self.path)
+            sock.settimeout(None)
+        except socket.timeout as exc:
+            sock.close()
+            raise DaemonTimeout(f"cannot connect to the pool service at {self.path}: no answer "
+                                f"within {self.connect_timeout} s") from exc
+        except OSError as exc:
+            sock.close()
+            raise Closed(f"cannot connect to the pool service at {self.path}: "
+                         f"{_why_unreachable(self.path, exc)}") from exc
+        # The handshake is bounded by the connect timeout, later waits by ``timeout``.
+        self.sock = sock
+        self._set_timeouts(self.connect_timeout)
+
+    def _set_timeouts(self, seconds: float | None) -> None:
+        """Bound every blocking receive and send on the socket (kernel timeouts:
+        the socket stays in blocking mode, so no poll precedes each call)."""
+        self.wait_limit = seconds
+        value = _timeval(seconds)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+    def _map_slot(self, size: int, bell: bool) -> None:
+        """Map the slot whose descriptor came with WELCOME; keep the eventfd
+        doorbell that follows it when granted."""
+        if len(self.fds) < 1 + bell:
+            raise ProtocolError("daemon granted a shm slot without sending its descriptor(s)")
+        fd = self.fds.popleft()
+        if bell:
+            self.bell = self.fds.popleft()
+        try:
+            self.slot = ClientSlot(fd, size, self.shm_spin)
+        finally:
+            os.close(fd)
+
+    def check_process(self) -> None:
+        """UsedAfterFork in a process forked from the one that opened the channel."""
+        if self.forks != _forks:
+            self._forked()
+
+    def _forked(self) -> NoReturn:
+        raise UsedAfterFork(f"this connection to the pool service at {self.path} was opened by "
+                            f"another process (pid {os.getppid()} or an ancestor) before a fork; "
+                            "call poolsvc.connect() in this process")
+
+    # -- sending -----------------------------------------------------------------------------
+    def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if self.closed:
+            raise Closed("connection to the pool service is closed")
+        try:
+            if fds:
+                sent = socket.send_fds(self.sock, [data], list(fds))
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
+            else:
+                self.sock.sendall(data)
+        except BlockingIOError:
+            self._lost(f"the daemon took no data for {self.wait_limit} s", DaemonTimeout)
+        except OSError as exc:
+            self._lost(f"send failed: {exc.strerror or exc}")
+
+    def post(self, msg_type: int, body: bytes, on_reply: Callable[[int, memoryview], None]) -> None:
+        """Queue a request without waiting; it leaves with the next call (or :meth:`drain`).
+
+        ``on_reply`` runs when its reply is read, in order.  Queued requests
+        ride in the same ``sendmsg`` as the next request, so a pipelined
+        close costs no system call and no wake-up of its own.
+        """
+        self.outbox += pack_header(len(body), msg_type, 0) + body
+        self.pending.append(on_reply)
+        if len(self.pending) >= MAX_IN_FLIGHT:
+            self.drain()
+
+    def call_frame(self, frame: bytes, fds: Sequence[int] = (), slot_ok: bool = True) -> tuple[int, memoryview]:
+        """Send one request already framed and return its reply ``(type, body)``
+        (the replies of earlier pipelined requests are handled first).
+
+        Through the slot when there is one and ``slot_ok`` (no descriptors, not
+        GOODBYE, room in the request area); else on the socket.
+        """
+        if self.forks != _forks:
+            self._forked()
+        if slot_ok and self.slot is not None and len(self.outbox) + len(frame) <= SLOT_REQ_CAP:
+            if self.outbox:
+                frame = bytes(self.outbox) + frame
+                self.outbox.clear()
+            self._slot_send(frame)
+        else:
+            if self.outbox:
+                if fds:  # descriptors ride on the first byte: send the queue first
+                    self._send(bytes(self.outbox))
+                else:
+                    frame = bytes(self.outbox) + frame
+                self.outbox.clear()
+            self._send(frame, fds)
+        while self.pending:
+            handler = self.pending.popleft()
+            handler(*self._read_frame())
+        return self._read_frame()
+
+    def call(self, msg_type: int, body: bytes = b"", fds: Sequence[int] = ()) -> tuple[int, memoryview]:
+        """Send a request and return its reply ``(type, body)`` (earlier replies first)."""
+        return self.call_frame(pack_header(len(body), msg_type, 0) + body, fds,
+                               not fds and msg_type != _GOODBYE)
+
+    def drain(self) -> None:
+        """Send queued requests and read the replies of every pipelined request."""
+        if self.forks != _forks:
+            self._forked()
+        if self.outbox:
+            data = bytes(self.outbox)
+            self.outbox.clear()
+            if self.slot is not None and len(data) <= SLOT_REQ_CAP:
+                self._slot_send(data)
+            else:
+                self._send(data)
+        while self.pending:
+            handler = self.pending.popleft()
+            handler(*self._read_frame())
+
+    # -- the shm slot --------------------------------------------------------------------------
+    def _slot_send(self, data: bytes) -> None:
+        """Publish request frames in the slot, wait for the reply, stage it in ``sbuf``."""
+        if self.closed:
+            raise Closed("connection to the pool service is closed")
+        slot = self.slot
+        assert slot is not None
+        seq = slot.publish(data)
+        if slot.daemon_sleeping():
+            if self.bell >= 0:
+                try:
+                    os.eventfd_write(self.bell, 1)
+                except OSError as exc:  # EAGAIN: the counter is full, the daemon is awake anyway
+                    if exc.errno != errno.EAGAIN:
+                        self._lost(f"doorbell failed: {exc.strerror or exc}")
+            else:
+                self._send(P.DOORBELL_FRAME)
+        slot.wait(seq, self._slot_sleep)
+        try:
+            reply = slot.reply()
+        except ProtocolError as exc:
+            self._lost(str(exc))
+        if reply is not None:  # else the replies follow on the socket
+            self.sbuf = reply
+            self.spos = 0
+
+    def _slot_sleep(self, seq: int) -> None:
+        """Sleep on the socket until the reply to ``seq`` is in the slot (DOORBELL)."""
+        slot = self.slot
+        assert slot is not None
+        slot.set_sleeping(True)
+        try:
+            while not slot.answered(seq):
+                self._fill()
+                self._skip_doorbells()
+        finally:
+            if self.slot is not None:
+                slot.set_sleeping(False)
+
+    def _skip_doorbells(self) -> None:
+        buf = self.buf
+        while len(buf) >= _HEADER_SIZE and buf[:_HEADER_SIZE] == P.DOORBELL_FRAME:
+            del buf[:_HEADER_SIZE]
+
+    # -- receiving ---------------------------------------------------------------------------
+    def _read_frame(self) -> tuple[int, memoryview]:
+        sbuf = self.sbuf
+        if sbuf:
+            pos = self.spos
+            if len(sbuf) - pos >= _HEADER_SIZE:
+                length, msg_type, flags = _unpack_header(sbuf, pos)
+                end = pos + _HEADER_SIZE + length
+                if not flags and end <= len(sbuf):
+                    if end == len(sbuf):
+                        self.sbuf = b""
+                    else:
+                        self.spos = end
+                    return msg_type, memoryview(sbuf)[pos + _HEADER_SIZE:end]
+            self._lost(f"daemon wrote a malformed reply into the slot at byte {pos}")
+        buf = self.buf
+        while True:
+            if len(buf) >= _HEADER_SIZE:
+                length, msg_type, flags = _unpack_header(buf)
+                if length > P.MAX_REPLY_FRAME or flags:
+                    self._lost(f"daemon sent a malformed header (length {length}, flags {flags:#x})")
+                end = _HEADER_SIZE + length
+                if len(buf) >= end:
+                    body = memoryview(bytes(buf[_HEADER_SIZE:end]))
+                    del buf[:end]
+                    if msg_type == _DOORBELL and self.slot is not None:
+                        continue
+                    return msg_type, body
+            self._fill()
+
+    def _fill(self) -> None:
+        """Receive what the socket holds (waiting up to the timeout); queue its descriptors."""
+        sock = self.sock
+        nbytes = -1
+        fds: list[int] = []
+        try:
+            if self.spin:
+                deadline = time.perf_counter() + self.spin
+                while True:
+                    try:
+                        nbytes, fds = _recv_fds_into(sock, self.rbufs, socket.MSG_DONTWAIT | _CLOEXEC)
+                        break
+                    except BlockingIOError:
+                        if time.perf_counter() > deadline:
+                            break
+                        os.sched_yield()
+            if nbytes < 0:
+                nbytes, fds = _recv_fds_into(sock, self.rbufs, _CLOEXEC)
+        except BlockingIOError:
+            self._lost(f"no answer from the daemon within {self.wait_limit} s", DaemonTimeout)
+        except OSError as exc:
+            self._lost(f"receive failed: {exc.strerror or exc}")
+        if fds:
+            self.fds.extend(fds)
+        if not nbytes:
+            self._lost("the daemon closed the connection")
+        self.buf += self.rview[:nbytes]
+
+    def _lost(self, why: str, kind: type[Closed] = Closed) -> NoReturn:
+        self.close()
+        if self.on_lost is not None:
+            self.on_lost()
+        raise kind(f"connection to the pool service at {self.path} lost: {why}")
+
+    # -- segments ------------------------------------------------------------------------------
+    def map_segment(self, token: int, size: int) -> None:
+        """Map the segment whose descriptor came with the reply just read."""
+        while not self.fds and self.slot is not None:  # it comes on the socket, ahead of the slot reply
+            self._fill()
+            self._skip_doorbells()
+        if not self.fds:
+            raise ProtocolError(f"daemon announced segment {token} without sending its descriptor")
+        fd = self.fds.popleft()
+        try:
+            self.segments[token] = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
+                                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def unmap_segment(self, token: int) -> None:
+        mm = self.segments.pop(token, None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive; retry at close
+                self.stale.append(mm)
+
+    def close(self) -> None:
+        """Drop the socket, slot, descriptors and segments (idempotent; sends nothing)."""
+        if self.closed:
+            return
+        self.closed = True
+        sock = getattr(self, "sock", None)
+        if sock is not None:
+            sock.close()
+        if self.bell >= 0:
+            os.close(self.bell)
+            self.bell = -1
+        self.sbuf = b""
+        if self.slot is not None:
+            self.slot.close()
+            self.slot = None
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        for token in list(self.segments):
+            self.unmap_segment(token)
+        for mm in self.stale:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        self.stale.clear()
+
+
+_ANC_SIZE = socket.CMSG_SPACE(P.MAX_FDS_PER_SEND * 4)
+
+
+def _recv_fds_into(sock: socket.socket, buffers: list[memoryview], flags: int) -> tuple[int, list[int]]:
+    """``recvmsg_into`` the preallocated ``buffers``; the byte count and the
+    descriptors of its SCM_RIGHTS data.
+
+    ``socket.recv_fds`` would decode the same, but it allocates a new receive
+    buffer of the full size on every call, which the reply path cannot afford.
+    """
+    nbytes, anc, _msg_flags, _ = sock.recvmsg_into(buffers, _ANC_SIZE, flags)
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))
+    return nbytes, fds

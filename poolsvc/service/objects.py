@@ -1,0 +1,477 @@
+"""The service client's API objects: Context, Session and Shm.
+
+:class:`Context` is a context in the daemon's System over its own
+:class:`~.channel.Channel` (as opening ``/dev/tee0`` gives one file): it
+allocates and registers :class:`Shm` objects, looks them up by id, opens
+:class:`Session` objects with trusted apps, and collects
+:class:`~.batch.Batch` operations.  ``register_*_buf(obj)`` finds the POSIX
+shm object behind ``obj`` in this process's memory maps and sends its
+descriptor, offset and length; the daemon maps the same object.
+
+:class:`Shm` mirrors the embedded ``poolsvc.Shm`` (docs/design.md section 9):
+``id``, ``size``, ``offset``, ``flags``, ``pages``, ``paddr``, ``cookie``,
+``registered``; ``view()`` (also ``.buf``), ``len()``, ``close()`` and
+``with``.  Its bytes are a zero-copy window on the context's storage segment
+(mapped from the descriptor the daemon sent) or on the caller's own
+registered object.
+
+``Shm.close()`` is pipelined: the SHM_CLOSE request is queued and leaves in
+the same ``sendmsg`` (or slot exchange) as the context's next request, or on
+:meth:`Context.flush`; its reply is read with that request's.
+
+The three live in one module because each reaches into the others' state
+(a Shm's references and views, a Context's table of Shms and its channel).
+
+Concurrency: a context (with its shms and sessions) belongs to one thread at
+a time; different contexts are different sockets and may be used from
+different threads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..api import check_shm_id, check_size, check_u32, check_writable, parse_uuid, require_reg_mem
+from ..constants import PAGE_SIZE, ShmFlags
+from ..errors import Closed, NotSharedMemory, NotSupported, PoolsvcError, ProtocolError
+from . import protocol as P
+from .batch import Batch
+from .channel import (
+    ALLOC,
+    ALLOC_BODY,
+    ALLOC_KERNEL,
+    ALLOC_PRIV,
+    ALLOC_USER,
+    CLOSED_SIZE,
+    COOKIE_BODY,
+    MAX_IN_FLIGHT,
+    SHM_CLOSE,
+    Dialer,
+    Handle,
+    check_reply,
+    pack_alloc_frame,
+    pack_close_frame,
+)
+from .params import Params
+
+log = logging.getLogger("poolsvc.client")
+
+_unpack_desc = P.DESC.unpack_from
+_DESC_SIZE = P.DESC.size
+_PAGES_FOLLOW = int(P.DescBits.PAGES_FOLLOW)
+_NEW_SEGMENT = int(P.DescBits.NEW_SEGMENT)
+_OK = int(P.MsgType.OK)
+_unpack_closed = P.CLOSED.unpack
+
+_REGISTERED = int(P.DescBits.REGISTERED)
+_ARENA = int(P.Backing.ARENA)
+_USER = int(P.Backing.USER)
+#: ShmFlags values by int (building an IntFlag costs microseconds).
+_FLAGS: dict[int, ShmFlags] = {}
+
+
+class Shm(Handle):
+    """A shared-memory object held through the daemon (the embedded Shm's API).
+
+    Attributes: ``id``, ``size``, ``offset``, ``flags``, ``pages`` (numpy
+    uint64), ``paddr``, ``cookie``, ``registered``; ``view()``, ``buf``,
+    ``len()`` and ``close()``.
+    """
+
+    __slots__ = ("context", "id", "size", "offset", "flags", "cookie", "paddr", "registered",
+                 "_first", "_npages", "_pages", "_refs", "_backing", "_token", "_seg_offset",
+                 "_user_view", "_views", "__weakref__")
+
+    def __init__(self, context: "Context", desc: tuple, pages: np.ndarray | None,
+                 user_view: memoryview | None) -> None:
+        (cookie, shm_id, size, first, paddr, seg_offset, _seg_bytes, offset, npages, token, flags,
+         backing, bits) = desc
+        self.context = context
+        self.cookie = cookie
+        self.id = shm_id
+        self.size = size
+        self.offset = offset
+        known = _FLAGS.get(flags)
+        self.flags = known if known is not None else _FLAGS.setdefault(flags, ShmFlags(flags))
+        self.paddr = None if paddr == P.NO_PADDR else paddr
+        self.registered = bool(bits & _REGISTERED)
+        self._first = first
+        self._npages = npages
+        self._pages = pages
+        self._refs = 1
+        self._backing = backing
+        self._token = token
+        self._seg_offset = seg_offset
+        self._user_view = user_view
+        self._views: list[memoryview] = []
+
+    @property
+    def pages(self) -> np.ndarray:
+        """Physical address of each 4 KiB page (numpy uint64, read-only)."""
+        if self._pages is None:
+            pages = np.arange(self._first, self._first + self._npages * PAGE_SIZE, PAGE_SIZE,
+                              dtype=np.uint64)
+            pages.flags.writeable = False
+            self._pages = pages
+        return self._pages
+
+    @property
+    def page_run(self) -> tuple[int, int] | None:
+        """``(PA of the first page, page count)`` when the pages are physically
+        consecutive, else None (read ``pages`` then); builds no array."""
+        return None if self.paddr is None else (self._first, self._npages)
+
+    @property
+    def closed(self) -> bool:
+        return self._refs <= 0
+
+    def _check(self) -> None:
+        if self._refs <= 0:
+            raise Closed(f"shm (id {self.id}, cookie {self.cookie:#x}) is released")
+
+    def __len__(self) -> int:
+        """The buffer's size in bytes (``size``)."""
+        return self.size
+
+    def view(self) -> memoryview:
+        """A writable zero-copy memoryview of the buffer (released when the Shm is).
+
+        NotSupported for a buffer of the reserved static pool: the carve-out is
+        one object shared by every client, so its descriptor is never sent.
+        """
+        self._check()
+        if self._backing == _ARENA:
+            mm = self.context._channel.segments.get(self._token)
+            if mm is None:
+                raise Closed(f"storage segment {self._token} of shm {self.cookie:#x} is not mapped")
+            base = memoryview(mm)
+            view = base[self._seg_offset:self._seg_offset + self.size]
+            base.release()
+        elif self._backing == _USER:
+            assert self._user_view is not None
+            view = self._user_view[:]
+        else:
+            raise NotSupported("the reserved static carve-out is shared by every client of the "
+                               "daemon, so its descriptor is never sent: view() of a static-pool "
+                               "buffer is not available through the pool service")
+        self._views.append(view)
+        return view
+
+    @property
+    def buf(self) -> memoryview:
+        """The same as :meth:`view` (the name ``multiprocessing.shared_memory`` uses)."""
+        return self.view()
+
+    def close(self) -> None:
+        """Drop one reference; the last one frees the memory (pipelined: no round trip).
+
+        Closing a released Shm does nothing (like ``SharedMemory.close()``).
+        """
+        refs = self._refs - 1
+        if refs < 0:
+            return
+        self.context._channel.check_process()
+        self._refs = refs
+        if refs == 0:
+            self._release_local()
+        self.context._post_close(self)
+
+    def _release_local(self) -> None:
+        self._refs = 0
+        if self._views:
+            for view in self._views:
+                try:
+                    view.release()
+                except BufferError:
+                    pass
+            self._views.clear()
+        if self._user_view is not None:
+            try:
+                self._user_view.release()
+            except BufferError:
+                pass
+        self.context.shms.pop(self.cookie, None)
+
+    def __repr__(self) -> str:
+        state = "released" if self.closed else f"refs={self._refs}"
+        paddr = f"{self.paddr:#x}" if self.paddr is not None else "scattered"
+        return (f"<remote Shm id={self.id} size={self.size:#x} offset={self.offset:#x} "
+                f"flags={self.flags!r} pages={self._npages} paddr={paddr} {state}>")
+
+
+class Session(Handle):
+    """A session with a trusted app in the daemon's secure world."""
+
+    def __init__(self, context: "Context", session_id: int, uuid: Any) -> None:
+        self.context = context
+        self.id = session_id
+        self.uuid = uuid
+        self.closed = False
+        self.open_result: Any = None
+
+    def invoke(self, func: int, params: Sequence[Any] = ()) -> Any:
+        """INVOKE_COMMAND ``func`` with up to 4 params; returns an InvokeResult.
+
+        Raises TeeError (with ``result``) on a non-zero answer, like the embedded Session.
+        """
+        if self.closed:
+            raise Closed(f"session {self.id} is closed")
+        return self.context._invoke(self, func, params)
+
+    def close(self) -> None:
+        """CLOSE_SESSION. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        ctx = self.context
+        ctx.sessions.pop(self.id, None)
+        if ctx.closed:
+            return
+        reply_type, body = ctx._channel.call(P.MsgType.CLOSE_SESSION, P.COOKIE.pack(self.id))
+        check_reply(reply_type, body, "CLOSE_SESSION")
+
+    def __repr__(self) -> str:
+        return f"<remote Session {self.id} {self.uuid}{' closed' if self.closed else ''}>"
+
+
+class Context(Handle):
+    """A context in the daemon's System, over its own connection."""
+
+    def __init__(self, dialer: Dialer, name: str = "",
+                 forget: Callable[["Context"], None] | None = None) -> None:
+        """A new context of the daemon ``dialer`` reaches; ``forget(ctx)`` runs once it closes."""
+        self._forget = forget
+        self._channel = dialer.open(P.Role.CONTEXT, name)
+        self.cid = self._channel.cid
+        self.name = self._channel.context_name
+        self.shms: dict[int, Shm] = {}
+        self.sessions: dict[int, Session] = {}
+        self.closed = False
+        #: Errors of pipelined closes, as (cookie, exception); normally empty.
+        self.deferred_errors: list[tuple[int, PoolsvcError]] = []
+        self._channel.on_lost = self._lost
+
+    def _lost(self) -> None:
+        """The daemon is gone (or the context closes): so is everything it held for us."""
+        if self.closed:
+            return
+        self.closed = True
+        for session in self.sessions.values():
+            session.closed = True
+        self.sessions.clear()
+        for shm in list(self.shms.values()):
+            shm._release_local()
+        if self._forget is not None:
+            self._forget(self)
+
+    def _check(self) -> None:
+        if self.closed:
+            raise Closed(f"context {self.name} is closed")
+
+    # -- replies -------------------------------------------------------------------------------
+    def _make_shm(self, body: Any, user_view: memoryview | None = None, start: int = 0,
+                  end: int = -1) -> Shm:
+        """The Shm described by the DESC reply ``body[start:end]`` (``end`` -1: to the end)."""
+        if end < 0:
+            end = len(body)
+        if end - start < _DESC_SIZE:
+            raise ProtocolError(f"shm descriptor of {end - start} bytes, expected at least {_DESC_SIZE}")
+        desc = _unpack_desc(body, start)
+        bits = desc[12]
+        pages = None
+        if bits & _PAGES_FOLLOW:
+            npages = desc[8]
+            if end - start != _DESC_SIZE + 8 * npages:
+                raise ProtocolError(f"shm descriptor of {end - start} bytes for {npages} pages")
+            pages = np.frombuffer(body, dtype=np.uint64, count=npages, offset=start + _DESC_SIZE).copy()
+            pages.flags.writeable = False
+        if bits & _NEW_SEGMENT:
+            self._channel.map_segment(desc[9], desc[6])
+        cookie = desc[0]
+        known = self.shms.get(cookie)
+        if known is not None:  # shm_from_id of a buffer we hold: same object, one more reference
+            known._refs += 1
+            return known
+        shm = Shm(self, desc, pages, user_view)
+        self.shms[cookie] = shm
+        return shm
+
+    def _request_shm(self, msg_type: int, body: bytes, what: str, fds: Sequence[int] = (),
+                     user_view: memoryview | None = None) -> Shm:
+        self._check()
+        reply_type, reply = self._channel.call(msg_type, body, fds)
+        return self._make_shm(check_reply(reply_type, reply, what), user_view)
+
+    def _post_close(self, shm: Shm) -> None:
+        if self.closed:
+            return
+        channel = self._channel
+        channel.outbox += pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie)
+        channel.pending.append(self._on_close_reply)
+        channel.close_cookies.append(shm.cookie)
+        if len(channel.pending) >= MAX_IN_FLIGHT:
+            channel.drain()
+
+    def _on_close_reply(self, reply_type: int, body: memoryview) -> None:
+        channel = self._channel
+        cookie = channel.close_cookies.popleft()
+        if reply_type == _OK and len(body) == CLOSED_SIZE:
+            dropped = _unpack_closed(body)[1]
+            if dropped:
+                channel.unmap_segment(dropped)
+            return
+        exc = (P.error_from_body(body) if reply_type == P.MsgType.ERROR
+               else ProtocolError(f"unexpected {P.type_name(reply_type)} reply to SHM_CLOSE"))
+        log.warning("closing shm %#x failed in the daemon: %s", cookie, exc)
+        self.deferred_errors.append((cookie, exc))
+
+    # -- allocation ------------------------------------------------------------------------------
+    def alloc_user_buf(self, size: int) -> Shm:
+        """Allocate a buffer user space can map; it gets an id (DYNAMIC | POOL)."""
+        return self._alloc(ALLOC_USER, size)
+
+    def alloc_kernel_buf(self, size: int) -> Shm:
+        """Allocate a driver buffer shared with the TEE; no id (DYNAMIC | POOL)."""
+        return self._alloc(ALLOC_KERNEL, size)
+
+    def alloc_priv_buf(self, size: int) -> Shm:
+        """Allocate a driver-private buffer, never registered (PRIV | POOL)."""
+        return self._alloc(ALLOC_PRIV, size)
+
+    def _alloc(self, kind: int, size: int) -> Shm:
+        if type(size) is not int or not 0 < size < 1 << 63:
+            check_size(size)
+        if self.closed:
+            self._check()  # raises Closed
+        reply_type, reply = self._channel.call_frame(pack_alloc_frame(ALLOC_BODY, ALLOC, 0, kind, size))
+        if reply_type != _OK:
+            check_reply(reply_type, reply, "ALLOC")
+        return self._make_shm(reply)
+
+    # -- registration ------------------------------------------------------------------------------
+    def register_user_buf(self, obj: Any, fd: int | None = None) -> Shm:
+        """Register a writable buffer backed by POSIX shm; it gets an id.
+
+        The object's descriptor goes to the daemon: ``fd`` if given, else
+        the object is reopened from this process's memory maps.
+        """
+        return self._register(obj, P.RegisterKind.USER, fd)
+
+    def register_kernel_buf(self, obj: Any, fd: int | None = None) -> Shm:
+        """Register a buffer backed by POSIX shm for the driver's use; no id."""
+        return self._register(obj, P.RegisterKind.KERNEL, fd)
+
+    def _register(self, obj: Any, kind: P.RegisterKind, fd: int | None) -> Shm:
+        from ..mapping import buffer_span, find_mapping
+
+        self._check()
+        require_reg_mem(self._channel.gen_caps)
+        view, addr, length = buffer_span(obj)
+        own_fd = -1
+        try:
+            mapping = find_mapping(addr, length)
+            check_writable(view, addr, mapping.writable)
+            if fd is None:
+                fd = own_fd = _open_mapping(mapping)
+            file_offset = mapping.file_offset + (addr - mapping.start)
+            return self._request_shm(P.MsgType.REGISTER, P.REGISTER.pack(kind, file_offset, length),
+                                     "REGISTER", fds=[fd], user_view=view)
+        except BaseException:
+            view.release()
+            raise
+        finally:
+            if own_fd >= 0:
+                os.close(own_fd)
+
+    # -- lookup -----------------------------------------------------------------------------------
+    def shm_from_id(self, shm_id: int) -> Shm:
+        """The shm with this id, with one more reference (close() it when done)."""
+        check_shm_id(shm_id)
+        return self._request_shm(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id), "SHM_FROM_ID")
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def open_session(self, uuid: Any, params: Sequence[Any] = (), login: int = 0) -> Session:
+        """Open a session with the trusted app ``uuid`` in the daemon's secure world."""
+        self._check()
+        ta_uuid = parse_uuid(uuid)
+        check_u32(login, "login")
+        with Params(self, params) as conv:
+            body = ta_uuid.bytes + P.COOKIE.pack(login) + conv.encode()
+            reply_type, reply = self._channel.call(P.MsgType.OPEN_SESSION, body)
+            reply = check_reply(reply_type, reply, "OPEN_SESSION")
+            session_id = P.COOKIE.unpack_from(reply)[0]
+            result = conv.decode(reply[P.COOKIE.size:], f"open session with {ta_uuid}")
+        session = Session(self, session_id, ta_uuid)
+        session.open_result = result
+        self.sessions[session_id] = session
+        return session
+
+    def _invoke(self, session: Session, func: int, params: Sequence[Any]) -> Any:
+        self._check()
+        check_u32(func, "command")
+        with Params(self, params) as conv:
+            body = P.SESSION.pack(session.id, func, 0) + conv.encode()
+            reply_type, reply = self._channel.call(P.MsgType.INVOKE, body)
+            reply = check_reply(reply_type, reply, "INVOKE")
+            return conv.decode(reply, f"invoke {func} on session {session.id}")
+
+    def flush(self) -> None:
+        """Send pipelined closes now and wait for their replies (``stats()`` does this)."""
+        if not self.closed and not self._channel.closed:
+            self._channel.drain()
+
+    # -- batches ----------------------------------------------------------------------------------
+    def batch(self) -> Batch:
+        """A :class:`Batch` of operations sent as one request."""
+        self._check()
+        return Batch(self)
+
+    # -- release ----------------------------------------------------------------------------------
+    def usage(self) -> dict[str, int]:
+        """Bytes and objects this context holds (as the client sees them)."""
+        return {"shms": len(self.shms), "bytes": sum(s.size for s in self.shms.values()),
+                "sessions": len(self.sessions)}
+
+    def close(self) -> None:
+        """Release every shm and session of this context and hang up. Idempotent."""
+        if self.closed:
+            return
+        channel = self._channel
+        try:
+            if not channel.closed:
+                channel.drain()
+                channel.call(P.MsgType.GOODBYE)
+        except Closed:
+            pass
+        finally:
+            self._lost()
+            channel.close()
+
+    def __repr__(self) -> str:
+        return f"<remote Context {self.name} shms={len(self.shms)}{' closed' if self.closed else ''}>"
+
+
+def _open_mapping(mapping: Any) -> int:
+    """A read-write descriptor of the object behind one of this process's mappings."""
+    path = mapping.path
+    if path.startswith("/dev/shm/") and not path.endswith(" (deleted)"):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            if os.fstat(fd).st_ino == mapping.inode:
+                return fd
+            os.close(fd)
+    try:
+        return os.open(f"/proc/self/map_files/{mapping.start:x}-{mapping.end:x}",
+                       os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NotSharedMemory(
+            f"cannot reopen the shared-memory object mapped at {mapping.start:#x} ({path}): "
+            f"{exc.strerror}; pass its descriptor as register_*_buf(obj, fd=...)") from exc
+
+

@@ -1,0 +1,267 @@
+"""The user-memory registry: registration of existing POSIX shared-memory buffers.
+
+``register_user_buf`` / ``register_kernel_buf`` pin a caller's buffer: each of
+its pages gets a physical frame of dynamic RAM, mapped in the frame table to
+the page's bytes, and the page list is registered with the secure world.
+
+One registry, keyed by the backing object's identity (``ObjectKey``:
+``(st_dev, st_ino)``), with one reference-count ledger: per object, per page
+of the object, the frame given to it (``pa``), the storage it is mapped to
+(``sid``) and how many live registrations cover it (``refs``).  Two
+registrations that share pages of one object share their frames, whichever
+mapping or descriptor they came through.  The storage of a page is a
+*window*: one mapping of the object in this process, attached as storage;
+a window lives while a page with ``refs > 0`` is mapped to it, so its
+liveness follows from the same ledger.
+
+Invariants (per object):
+  ``refs[p] > 0  <=>  pa[p] != 0``, and then ``sid[p]`` is a live window's
+  ``sum over live registrations of their pages == sum(refs)``
+
+Two entry points resolve the object and call the same pinning:
+:meth:`UserMemory.register` finds the caller's mapping of a buffer in this
+process's memory maps (``poolsvc/mapping.py``); :meth:`UserMemory.register_fd`
+maps the object from a descriptor the caller already holds (the pool service
+daemon, which receives the descriptor from its client), naming it by
+``fstat`` without reading the maps.
+
+Concurrency: one thread (the System's).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from .api import check_writable
+from .constants import PAGE_MASK, PAGE_SIZE, ShmFlags
+from .errors import BadParameters, NotSharedMemory
+from .mapping import Mapping, ObjectKey, buffer_span, dev_string, find_mapping, mapping_view
+from .memory import PhysicalMemory
+from .shm import Shm, UserBacking
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import Context
+    from .tee.driver import Driver
+
+#: Per-object frame tables up to this many pages are kept when their last registration goes.
+_KEEP_FILE_FRAMES = 4096
+
+
+@dataclass
+class _Window:
+    """One mapping of an object in this process, attached as storage ``sid``.
+
+    ``first_page`` is the object's page index at the mapping's start.
+    """
+
+    sid: int
+    view: memoryview
+    first_page: int
+
+
+@dataclass
+class _UserObject:
+    """The ledger of one backing object: per page, frame PA, storage id and references."""
+
+    pa: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    refs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    sid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    #: by (mapping start, end, file offset)
+    windows: dict[tuple[int, int, int], _Window] = field(default_factory=dict)
+
+    def grow(self, n: int) -> None:
+        if n > len(self.pa):
+            extra = n - len(self.pa)
+            self.pa = np.concatenate([self.pa, np.zeros(extra, np.uint64)])
+            self.refs = np.concatenate([self.refs, np.zeros(extra, np.uint32)])
+            self.sid = np.concatenate([self.sid, np.full(extra, -1, np.int32)])
+
+
+def _non_negative(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadParameters(f"{what} {value!r} is not a non-negative int")
+    return value
+
+
+class UserMemory:
+    """The registry of one System (see the module doc).
+
+    ``UserMemory(memory, dynamic, cookies)``; ``driver`` is set by the System
+    once its driver exists (registration needs it).
+    """
+
+    def __init__(self, memory: PhysicalMemory, dynamic: Any, cookies: Iterator[int]) -> None:
+        self.memory = memory
+        self.dynamic = dynamic
+        self.cookies = cookies
+        self.driver: Driver | None = None
+        self.objects: dict[ObjectKey, _UserObject] = {}
+
+    # -- entry points ------------------------------------------------------------------------
+    def register(self, ctx: "Context", obj: Any, flags: ShmFlags) -> Shm:
+        """Register the buffer ``obj`` found in this process's shared mappings.
+
+        Raises BadParameters (not a contiguous non-empty buffer),
+        NotSharedMemory (private or read-only memory), OutOfMemory, TeeError.
+        """
+        view, addr, length = buffer_span(obj)
+        try:
+            mapping = find_mapping(addr, length)
+            check_writable(view, addr, mapping.writable)
+            return self._pin(ctx, view, mapping, addr, length, flags, None)
+        except BaseException:
+            view.release()
+            raise
+
+    def register_fd(self, ctx: "Context", spec: tuple[int, int, int], flags: ShmFlags) -> Shm:
+        """Register ``length`` bytes at ``file_offset`` of the object open as ``fd``:
+        ``spec = (fd, file_offset, length)``.
+
+        The object is mapped read-write from ``fd`` (the descriptor stays the
+        caller's) and named by ``os.fstat(fd)``.  Raises BadParameters for a bad
+        range, NotSharedMemory for a descriptor that cannot be mapped shared
+        and writable, OutOfMemory, TeeError.
+        """
+        fd, file_offset, length = spec
+        _non_negative(fd, "descriptor")
+        _non_negative(file_offset, "file offset")
+        if _non_negative(length, "length") == 0:
+            raise BadParameters("buffer is empty")
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise BadParameters(f"descriptor {fd}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotSharedMemory(f"descriptor {fd} is not a shared-memory object")
+        if file_offset + length > st.st_size:
+            raise BadParameters(f"range [{file_offset:#x}, {file_offset + length:#x}) is beyond the "
+                                f"object's {st.st_size:#x} bytes")
+        start = file_offset & ~PAGE_MASK
+        span = file_offset - start + length
+        try:
+            mm = mmap.mmap(fd, span, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=start)
+        except OSError as exc:
+            raise NotSharedMemory(f"cannot map descriptor {fd} shared and writable: "
+                                  f"{exc.strerror}") from None
+        whole = memoryview(mm)
+        base = int(np.frombuffer(whole, dtype=np.uint8).__array_interface__["data"][0])
+        view = whole[file_offset - start:]
+        mapping = Mapping(base, base + ((span + PAGE_MASK) & ~PAGE_MASK), True, start,
+                          dev_string(st.st_dev), st.st_ino, f"/proc/self/fd/{fd}")
+        try:
+            return self._pin(ctx, view, mapping, base + file_offset - start, length, flags, whole)
+        except BaseException:
+            view.release()
+            whole.release()
+            raise
+
+    # -- pinning --------------------------------------------------------------------------------
+    def _window(self, obj: _UserObject, m: Mapping, whole: memoryview | None) -> _Window:
+        key = (m.start, m.end, m.file_offset)
+        window = obj.windows.get(key)
+        if window is None:
+            view = whole[:] if whole is not None else mapping_view(m)
+            sid = self.memory.attach(view, "user")
+            window = obj.windows[key] = _Window(sid, view, m.file_offset // PAGE_SIZE)
+        return window
+
+    def _drop_unused_windows(self, obj: _UserObject) -> None:
+        """Detach the windows no referenced page is mapped to."""
+        live = set(np.unique(obj.sid[obj.refs > 0]).tolist())
+        for key, window in list(obj.windows.items()):
+            if window.sid not in live:
+                del obj.windows[key]
+                self.memory.detach(window.sid)
+                window.view.release()
+
+    def _pin(self, ctx: "Context", view: memoryview, m: Mapping, addr: int, length: int,
+             flags: ShmFlags, whole: memoryview | None) -> Shm:
+        """Frames for the pages of ``[addr, addr+length)`` of mapping ``m``, then REGISTER_SHM.
+
+        ``whole`` is the mapping made by :meth:`register_fd` (None for the
+        caller's own mapping); the Shm keeps it until released.
+        """
+        offset = addr & PAGE_MASK
+        npages = (offset + length + PAGE_MASK) // PAGE_SIZE
+        first_fpage = m.file_offset // PAGE_SIZE + (addr - m.start) // PAGE_SIZE  # within the object
+        file_pages = np.arange(first_fpage, first_fpage + npages, dtype=np.int64)
+        key = m.key
+        obj = self.objects.get(key)
+        if obj is None:
+            obj = self.objects[key] = _UserObject()
+        obj.grow(int(file_pages[-1]) + 1)
+        fresh = file_pages[obj.refs[file_pages] == 0]
+        try:
+            if len(fresh):
+                window = self._window(obj, m, whole)
+                new_pa = self.dynamic.alloc_scattered(len(fresh))
+                try:
+                    self._map_file_pages(new_pa, fresh - window.first_page, window.sid)
+                except BaseException:
+                    self.dynamic.free_pages(new_pa)
+                    raise
+                obj.pa[fresh] = new_pa
+                obj.sid[fresh] = window.sid
+            obj.refs[file_pages] += 1
+        finally:
+            self._drop_unused_windows(obj)
+        pages = obj.pa[file_pages].copy()
+        backing = UserBacking(view, key, file_pages, whole)
+        shm = Shm(ctx, flags, length, offset, pages, next(self.cookies), backing)
+        try:
+            assert self.driver is not None
+            self.driver.register(pages, offset, length, shm.cookie)
+        except BaseException:
+            self.unpin(backing)
+            raise
+        shm.registered = True
+        return shm
+
+    def _map_file_pages(self, pas: np.ndarray, vpages: np.ndarray, sid: int) -> None:
+        """Map frames ``pas[i]`` to page ``vpages[i]`` of storage ``sid``, run by run."""
+        table = self.memory.table
+        if int(vpages[-1]) - int(vpages[0]) == len(vpages) - 1:  # one run: the usual case
+            table.map_pages(pas, sid, int(vpages[0]))
+            return
+        breaks = np.flatnonzero(np.diff(vpages) != 1) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(vpages)]])
+        done = 0
+        try:
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                table.map_pages(pas[s:e], sid, int(vpages[s]))
+                done = e
+        except BaseException:
+            if done:
+                table.unmap_pages(pas[:done])
+            raise
+
+    def unpin(self, backing: UserBacking) -> None:
+        """Drop a registration's references: pages no longer referenced give their frames
+        back, windows no page uses are detached, and the buffer's view is released."""
+        key = backing.key
+        obj = self.objects[key]
+        file_pages = backing.file_pages
+        obj.refs[file_pages] -= 1
+        gone = file_pages[obj.refs[file_pages] == 0]
+        if len(gone):
+            pas = obj.pa[gone].copy()
+            self.memory.table.unmap_pages(pas)
+            self.dynamic.free_pages(pas)
+            obj.pa[gone] = 0
+            obj.sid[gone] = -1
+        self._drop_unused_windows(obj)
+        if len(obj.pa) > _KEEP_FILE_FRAMES and not obj.refs.any():
+            del self.objects[key]  # small tables stay, to spare the next registration
+        backing.view.release()
+        if backing.mm is not None:
+            backing.mm.release()
+
+
+__all__ = ["UserMemory"]
