@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import mmap
@@ -34,7 +35,7 @@ from poolsvc.service import slot as S
 from poolsvc.service.client import connect
 from poolsvc.service.provider import is_sealed, seal, sealed_storage
 from poolsvc.tee.driver import RegisteredMemref
-from poolsvc.tee.ta import Sha256App
+from poolsvc.tee.ta import FillApp, Sha256App
 
 from svcutil import DaemonProcess, DaemonThread, RawClient, idle, read_frames, spawn_client, summary
 
@@ -224,6 +225,40 @@ def test_registered_object_shrunk_by_its_client(tmp_path, bystander_of, stage, s
         posix_ipc.unlink_shared_memory(name)
         if d.alive():
             d.stop()
+
+
+def test_memory_the_client_sealed_is_registered_zero_copy(tmp_path):
+    """A memfd sealed against shrinking cannot fault the daemon: it is registered as it
+    is (no shadow), and a trusted app's writes land in the client's pages at once."""
+    d = DaemonThread(tmp_path / "z.sock")
+    memfd = os.memfd_create("psvctest-sealed", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(memfd, 3 * 4096)
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        area = mmap.mmap(memfd, 3 * 4096)
+        raw = RawClient(d.path)
+        kind, body = raw.call(P.MsgType.REGISTER, P.REGISTER.pack(P.RegisterKind.USER, 100, 8000), [memfd])
+        assert kind == P.MsgType.OK, _error((kind, body))
+        cookie = P.DESC.unpack_from(body)[0]
+        assert d.stats()["resources"]["registered_mappings"] == 0  # no shadow
+        kind, body = raw.call(P.MsgType.OPEN_SESSION, FillApp.UUID.bytes + P.COOKIE.pack(0) + P.COOKIE.pack(0))
+        assert kind == P.MsgType.OK
+        session = P.COOKIE.unpack_from(body)[0]
+        params = (P.PARAM.pack(P.ParamKind.MEMREF | 1 << 8, cookie, 0, 64)
+                  + P.PARAM.pack(P.ParamKind.VALUE, 0x41, 1, 0))
+        kind, body = raw.call(P.MsgType.INVOKE, P.SESSION.pack(session, FillApp.FILL, 0)
+                              + P.COOKIE.pack(2) + params)
+        assert kind == P.MsgType.OK and P.RESULT.unpack_from(body)[0] == 0
+        assert area[100:164] == b"A" * 64 and area[164] == 0
+        with pytest.raises(PermissionError):
+            os.ftruncate(memfd, 0)
+        assert raw.call(P.MsgType.SHM_CLOSE, P.COOKIE.pack(cookie))[0] == P.MsgType.OK
+        raw.close()
+        area.close()
+        assert d.stats()["registered_cookies"] == 0
+    finally:
+        os.close(memfd)
+        d.stop()
 
 
 # -- bounded state -------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class Connection:
         #: cookie -> where the bytes live, for shms this client registered.
         self.registered: dict[int, Registration] = {}
         self.alloc_fns: tuple[Callable[[int], Any], ...] = ()
-        self.register_fns: tuple[Callable[[Any], Any], ...] = ()
+        self.register_fns: tuple[Callable[[int, int, int], Any], ...] = ()
         #: Quota figures: bytes of the shms this client allocated (by cookie in
         #: ``alloc_sizes``) and of the page spans it registered (in ``registered``).
         #: ``pool_bytes == sum(alloc_sizes.values())``.

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 from typing import Any
 
 from .._backend import core
@@ -35,7 +36,7 @@ from ..errors import BadParameters, ItemNotFound, PoolsvcError, ProtocolError
 from . import protocol as P
 from . import slot as S
 from .connection import CLOSING, READY, Connection, ServerParts
-from .provider import SegmentTokens, describe
+from .provider import ZERO_COPY, Registration, SegmentTokens, cannot_shrink, describe
 
 log = logging.getLogger("poolsvc.service")
 
@@ -127,7 +128,7 @@ class Handlers(ServerParts):
             conn.context = ctx
             conn.tokens = SegmentTokens(ctx.arena)
             conn.alloc_fns = (ctx.alloc_user_buf, ctx.alloc_kernel_buf, ctx.alloc_priv_buf)
-            conn.register_fns = (ctx.register_user_buf, ctx.register_kernel_buf)
+            conn.register_fns = (partial(ctx.register_fd, user=True), partial(ctx.register_fd, user=False))
             cid = ctx.cid
         conn.state = READY
         self._count_as(conn, conn.role)
@@ -212,17 +213,20 @@ class Handlers(ServerParts):
             pinned = page_span(offset, length)
             if self._max_bytes and conn.pool_bytes + conn.registered_bytes + pinned > self._max_bytes:
                 self._over_quota(conn, f"registering {pinned} bytes of pages", pinned)
-            reg, view = self.files.map(fd, offset, length)
+            if cannot_shrink(fd):  # sealed by the client: the System may map it, zero-copy
+                shm = conn.register_fns[kind](fd, offset, length)
+                reg = Registration(ZERO_COPY, -1, offset, length, None, 0)
+            else:  # the System registers the daemon's shadow, never the client's object
+                reg = self.files.map(fd, offset, length)
+                assert reg.storage is not None
+                try:
+                    shm = conn.register_fns[kind](reg.storage.fd, reg.shadow_offset, length)
+                except BaseException:
+                    self.files.forget_unused(reg.key)
+                    raise
+                self.files.get(reg.key)
         finally:
             os.close(fd)
-        try:
-            shm = conn.register_fns[kind](view)
-        except BaseException:
-            view.release()
-            self.files.forget_unused(reg.key)
-            raise
-        view.release()
-        self.files.get(reg.key)
         conn.registered[shm.cookie] = reg
         conn.registered_bytes += pinned
         return self._describe(conn, shm, fresh=True)
@@ -245,7 +249,8 @@ class Handlers(ServerParts):
             reg = conn.registered.pop(cookie, None)
             if reg is not None:
                 conn.registered_bytes -= page_span(reg.offset, reg.length)
-                self.files.put(reg.key)
+                if reg.storage is not None:
+                    self.files.put(reg.key)
         segment = getattr(shm._backing, "segment", None)
         if segment is None or segment.storage.fd >= 0 or conn.tokens is None:
             return _CLOSED_FREED  # no segment, or its storage lives on

@@ -14,17 +14,17 @@ Four pieces sit between the System and the wire:
 - :func:`describe`: the DESC body of an Shm, plus the descriptor to send.
 - :class:`RegisteredFiles` (one per daemon): objects that clients register.
   A client sends a descriptor of its own POSIX shm object; the daemon never
-  maps it (the client could shrink it under the mapping: SIGBUS).  It
-  registers a daemon-owned shadow of the window instead, which appears in
-  its ``/proc/self/maps`` as ``/dev/shm/...`` so that the System's ordinary
-  ``register_*_buf`` path finds it, and moves the bytes with ``pread`` /
-  ``pwrite`` around each call that names the buffer.
+  maps it (the client could shrink it under the mapping: SIGBUS).  It has
+  the System register a daemon-owned shadow of the window instead, by the
+  shadow's descriptor (``Context.register_fd``), and moves the bytes with
+  ``pread`` / ``pwrite`` around each call that names the buffer.
 - :func:`sealed_storage`: daemon-owned memory that clients map (the shm
   slots): a memfd sealed against shrinking and growing.
 
 Memory safety against clients (docs/security.md): memory the daemon owns and
 hands out is sealed; memory a client owns is only ever read and written
-through its descriptor, never through a mapping.
+through its descriptor, never through a mapping, unless the client sealed it
+against shrinking (:func:`cannot_shrink`: then it is registered zero-copy).
 
 Invariants:
   ``RegisteredFiles.files[key].refs == live registrations of object key`` (all clients);
@@ -178,14 +178,19 @@ class _Object:
 @dataclass(frozen=True)
 class Registration:
     """Where one registered buffer's bytes live: ``length`` bytes at ``offset`` of the
-    client's object (descriptor ``fd``), shadowed at ``shadow_offset`` of ``storage``."""
+    client's object (descriptor ``fd``), shadowed at ``shadow_offset`` of ``storage``;
+    ``storage`` None for a zero-copy registration of a sealed object (no shadow)."""
 
     key: tuple[int, int]
     fd: int
     offset: int
     length: int
-    storage: Storage
+    storage: Storage | None
     shadow_offset: int
+
+
+#: The key of a zero-copy registration (it has no entry in RegisteredFiles).
+ZERO_COPY = (-1, -1)
 
 
 def _check_shared_memory(fd: int) -> os.stat_result:
@@ -215,7 +220,7 @@ class RegisteredFiles:
     mapped page past its end raises SIGBUS in whoever touches it.  So the
     daemon never maps a client's object: it keeps a descriptor of it and
     registers, with the System, a *shadow* of the registered window (its own
-    unlinked POSIX shm object, which no client holds).  The bytes move at the
+    unlinked shm object, which no client holds), by the shadow's descriptor.  The bytes move at the
     only moments the secure world may look at them: :meth:`copy_in` before a
     call that names the buffer, :meth:`copy_out` after it (``pread`` and
     ``pwrite``, which report a short object instead of faulting).
@@ -235,9 +240,9 @@ class RegisteredFiles:
         """Number of shadows held (for stats and leak checks)."""
         return sum(len(entry.shadows) for entry in self.files.values())
 
-    def map(self, fd: int, offset: int, length: int) -> tuple[Registration, memoryview]:
-        """The registration of ``[offset, offset+length)`` of the object behind ``fd``,
-        and a view of its shadow to hand to the System.
+    def map(self, fd: int, offset: int, length: int) -> Registration:
+        """The registration of ``[offset, offset+length)`` of the object behind ``fd``:
+        where its shadow is, for the System to register by descriptor.
 
         Does not take a reference (call :meth:`get` once the registration
         stands) and does not close ``fd``.  NotSharedMemory for a descriptor
@@ -265,8 +270,7 @@ class RegisteredFiles:
                 entry = self.files[key] = _Object(os.dup(fd))
             entry.shadows.append(shadow)
         assert entry is not None
-        reg = Registration(key, entry.fd, offset, length, shadow.storage, offset - shadow.base)
-        return reg, memoryview(shadow.storage.mm)[reg.shadow_offset:reg.shadow_offset + length]
+        return Registration(key, entry.fd, offset, length, shadow.storage, offset - shadow.base)
 
     @staticmethod
     def copy_in(reg: Registration, start: int, end: int) -> None:
@@ -277,6 +281,7 @@ class RegisteredFiles:
         start, end = max(0, start), min(reg.length, end)
         if start >= end:
             return
+        assert reg.storage is not None
         view = memoryview(reg.storage.mm)[reg.shadow_offset + start:reg.shadow_offset + end]
         try:
             got = os.preadv(reg.fd, [view], reg.offset + start)
@@ -298,6 +303,7 @@ class RegisteredFiles:
             return
         if start >= end:
             return
+        assert reg.storage is not None
         view = memoryview(reg.storage.mm)[reg.shadow_offset + start:reg.shadow_offset + end]
         try:
             os.pwritev(reg.fd, [view], reg.offset + start)
@@ -369,6 +375,15 @@ def seal(fd: int) -> bool:
     except OSError:
         pass
     return is_sealed(fd)
+
+
+def cannot_shrink(fd: int) -> bool:
+    """Whether the object behind ``fd`` is sealed against shrinking (F_SEAL_SHRINK): a
+    mapping of it can never lose pages, so mapping it is safe whoever else holds it."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
 
 
 def is_sealed(fd: int) -> bool:

@@ -454,7 +454,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         except Exception:  # keep serving the others; the System's tests own this path
             log.exception("closing the context of %s failed", conn.label())
         for reg in conn.registered.values():
-            self.files.put(reg.key)
+            if reg.storage is not None:
+                self.files.put(reg.key)
         conn.registered.clear()
         if conn.tokens is not None:
             conn.tokens.clear()

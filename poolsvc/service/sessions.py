@@ -65,7 +65,7 @@ class SessionHandlers(ServerParts):
                 size = None if word & P.PARAM_WHOLE else c
                 params.append(driver.RegisteredMemref(shm, b, size, dname))
                 reg = conn.registered.get(a)
-                if reg is not None:
+                if reg is not None and reg.storage is not None:
                     bounces.append((reg, b, reg.length if size is None else b + size, direction != 0))
             elif kind == P.ParamKind.NULL_MEMREF:
                 params.append(driver.TempMemref(None, dname, c))
