@@ -222,9 +222,9 @@ class Handlers(ServerParts):
                 try:
                     shm = conn.register_fns[kind](reg.storage.fd, reg.shadow_offset, length)
                 except BaseException:
-                    self.files.forget_unused(reg.key)
+                    self.files.forget_unused(reg)
                     raise
-                self.files.get(reg.key)
+                self.files.get(reg)
         finally:
             os.close(fd)
         conn.registered[shm.cookie] = reg
@@ -250,7 +250,7 @@ class Handlers(ServerParts):
             if reg is not None:
                 conn.registered_bytes -= page_span(reg.offset, reg.length)
                 if reg.storage is not None:
-                    self.files.put(reg.key)
+                    self.files.put(reg)
         segment = getattr(shm._backing, "segment", None)
         if segment is None or segment.storage.fd >= 0 or conn.tokens is None:
             return _CLOSED_FREED  # no segment, or its storage lives on

@@ -27,7 +27,8 @@ through its descriptor, never through a mapping, unless the client sealed it
 against shrinking (:func:`cannot_shrink`: then it is registered zero-copy).
 
 Invariants:
-  ``RegisteredFiles.files[key].refs == live registrations of object key`` (all clients);
+  ``RegisteredFiles.files[key].refs == live registrations of object key`` (all clients)
+  ``== sum(shadow.refs for shadow in files[key].shadows)``, and every shadow's refs > 0;
   every window registered of object key lies inside one shadow in ``files[key].shadows``;
   every token in ``SegmentTokens.tokens`` names a storage of that connection's arena.
 
@@ -161,6 +162,8 @@ class _Shadow:
     storage: Storage
     #: Offset in the client's object of the shadow's first byte (a page multiple).
     base: int
+    #: Live registrations in this shadow.
+    refs: int = 0
 
     def covers(self, offset: int, length: int) -> bool:
         return self.base <= offset and offset + length <= self.base + self.storage.size
@@ -226,9 +229,10 @@ class RegisteredFiles:
     ``pwrite``, which report a short object instead of faulting).
 
     Two registrations of one object whose windows fit one shadow share it,
-    so the same bytes keep the same physical pages.  Every shadow of an
-    object stays until the last registration of that object is released
-    (the System may tie one registration's frames to another's mapping).
+    so the same bytes keep the same physical pages.  A shadow goes with the
+    last registration in it; the object's descriptor with the last of the
+    object's.  So what a client holds here is bounded by what it has
+    registered (and counted in its quota).
     """
 
     def __init__(self, prefix: str = "/poolsvc") -> None:
@@ -310,36 +314,54 @@ class RegisteredFiles:
         finally:
             view.release()
 
-    def get(self, key: tuple[int, int]) -> None:
-        """One more live registration of object ``key``."""
-        self.files[key].refs += 1
+    def get(self, reg: Registration) -> None:
+        """One more live registration: ``reg``."""
+        entry = self.files[reg.key]
+        entry.refs += 1
+        self._shadow(entry, reg).refs += 1
 
-    def put(self, key: tuple[int, int]) -> None:
-        """One registration of ``key`` released; the last one drops the shadows."""
-        entry = self.files.get(key)
+    def put(self, reg: Registration) -> None:
+        """Registration ``reg`` released; the last one of a shadow drops it, the last
+        one of an object forgets the object."""
+        entry = self.files.get(reg.key)
         if entry is None:
-            raise InternalError(f"registered object {key} released more often than registered")
+            raise InternalError(f"registered object {reg.key} released more often than registered")
         entry.refs -= 1
-        if entry.refs <= 0:
-            self._drop(key, entry)
+        self._shadow(entry, reg).refs -= 1
+        self.forget_unused(reg)
 
-    def forget_unused(self, key: tuple[int, int]) -> None:
-        """Drop ``key``'s shadows if no registration uses them (after a failed registration)."""
-        entry = self.files.get(key)
-        if entry is not None and entry.refs <= 0:
-            self._drop(key, entry)
+    def forget_unused(self, reg: Registration) -> None:
+        """Drop ``reg``'s shadow, and its object, if no registration uses them (after a
+        release, or a registration that failed)."""
+        entry = self.files.get(reg.key)
+        if entry is None:
+            return
+        for shadow in [s for s in entry.shadows if s.refs <= 0]:
+            entry.shadows.remove(shadow)
+            self._close_shadow(reg.key, shadow)
+        if entry.refs <= 0 and not entry.shadows:
+            del self.files[reg.key]
+            os.close(entry.fd)
 
-    def _drop(self, key: tuple[int, int], entry: _Object) -> None:
-        del self.files[key]
-        os.close(entry.fd)
+    @staticmethod
+    def _shadow(entry: _Object, reg: Registration) -> _Shadow:
         for shadow in entry.shadows:
-            if not shadow.storage.close():  # pragma: no cover - a view outlived every registration
-                log.warning("shadow of registered object %s still exported; left to the GC", key)
+            if shadow.storage is reg.storage:
+                return shadow
+        raise InternalError(f"registration of {reg.key} names a shadow its object does not have")
+
+    @staticmethod
+    def _close_shadow(key: tuple[int, int], shadow: _Shadow) -> None:
+        if not shadow.storage.close():  # pragma: no cover - a view outlived every registration
+            log.warning("shadow of registered object %s still exported; left to the GC", key)
 
     def close(self) -> None:
         """Drop everything (the System must have released every registration)."""
         for key, entry in list(self.files.items()):
-            self._drop(key, entry)
+            del self.files[key]
+            os.close(entry.fd)
+            for shadow in entry.shadows:
+                self._close_shadow(key, shadow)
 
 
 def sealed_storage(size: int, name: str) -> Storage:

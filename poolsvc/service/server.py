@@ -455,7 +455,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
             log.exception("closing the context of %s failed", conn.label())
         for reg in conn.registered.values():
             if reg.storage is not None:
-                self.files.put(reg.key)
+                self.files.put(reg)
         conn.registered.clear()
         if conn.tokens is not None:
             conn.tokens.clear()
