@@ -51,7 +51,7 @@ VERSION = 1
 #: Version 2 adds a u32 ``features`` word to HELLO (after the role) and a
 #: WELCOME_EXT after WELCOME's fixed part; with :attr:`Feature.SHM_SLOT`
 #: granted, WELCOME carries the descriptor of the connection's shared-memory
-#: request/reply slot (see "The shm slot" below).
+#: request/reply slot (its layout: module ``slot``).
 VERSION_2 = 2
 #: Versions a daemon of this module accepts in HELLO.
 VERSIONS = (VERSION, VERSION_2)
@@ -320,33 +320,6 @@ class OutputKind(IntEnum):
 # ---------------------------------------------------------------------------------------
 #: The DOORBELL frame (empty body).
 DOORBELL_FRAME = HEADER.pack(0, 9, 0)
-# Code written against this module (the client and its tests on this branch)
-# names the slot's layout through it; the layout itself, and the code both
-# ends share, is ``slot``'s alone.
-from .slot import (  # noqa: E402,F401
-    REP_ON_SOCKET,
-    SLOT_BYTES,
-    SLOT_MAGIC,
-    SLOT_REP_CAP,
-    SLOT_REP_OFF,
-    SLOT_REQ_CAP,
-    SLOT_REQ_OFF,
-    SLOT_VERSION,
-    SLOT_WORDS,
-    W_CLIENT_SLEEPING,
-    W_DAEMON_SLEEPING,
-    W_MAGIC,
-    W_REP_CAP,
-    W_REP_LEN,
-    W_REP_OFF,
-    W_REP_SEQ,
-    W_REQ_CAP,
-    W_REQ_LEN,
-    W_REQ_OFF,
-    W_REQ_SEQ,
-    W_SIZE,
-    slot_header,
-)
 
 
 def frame(msg_type: int, body: bytes | bytearray | memoryview = b"") -> bytes:
