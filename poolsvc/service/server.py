@@ -9,17 +9,24 @@ slow or hostile client cannot stall the others.
 
 The daemon in parts, one concern each, combined here:
 
-- this module: lifecycle (start, stop, close), the loop, accepting and
-  ending connections, the handshake timeout;
+- this module: lifecycle (start, stop, close), the loop (which serves a
+  BATCH in slices between other clients' requests), accepting and ending
+  connections: the peer allow-list, connections that have not said HELLO
+  (at most ``max_pending``, the longest-waiting one evicted for a new one,
+  each timed out after ``handshake_timeout``), ``accept()`` under descriptor
+  exhaustion (a reserve descriptor, no busy loop, logs rate-limited);
 - :mod:`.listener`: the socket file and its lock;
 - :mod:`.connection`: the per-connection state;
 - :mod:`.transport`: reading frames, running requests, writing replies;
 - :mod:`.slotserve`: the shm request/reply slots of version-2 clients;
 - :mod:`.handlers` and :mod:`.sessions`: the request handlers;
-- :mod:`.stats`: the STATS document.
+- :mod:`.stats`: the STATS document;
+- :mod:`.process`: not dumpable (applied by :func:`serve`, the process's
+  entry point).
 
 Bounded memory per connection: see :mod:`.transport` (input and output
-bounds, pending descriptors) and :mod:`.handlers` (live shms, pool bytes).
+bounds, pending descriptors) and :mod:`.handlers` (roles, live shms, pinned
+bytes, batches); the threat model and every limit: docs/security.md.
 
 Concurrency: everything here runs on the loop thread, except :meth:`Server.stop`,
 which any thread or a signal handler may call (it writes one byte to a pipe).
