@@ -527,6 +527,31 @@ def test_silent_connections_and_monitor_floods_do_not_lock_clients_out(tmp_path)
         d.stop()
 
 
+def test_connections_per_uid(tmp_path):
+    d = DaemonThread(tmp_path / "u.sock", max_connections_per_uid=3)
+    try:
+        held = [RawClient(d.path, P.Role.MONITOR) for _ in range(3)]
+        assert all(raw.welcome[0] == P.MsgType.WELCOME for raw in held)
+        over = RawClient(d.path, P.Role.MONITOR)
+        code, message = _error(over.welcome)
+        assert code == P.ErrorCode.LIMIT and f"uid {os.getuid()}" in message
+        assert "max_connections_per_uid" in message
+        over.close()
+        held.pop().close()
+        deadline = time.monotonic() + 30
+        while True:  # the place is given back once the daemon has seen the hang-up
+            again = RawClient(d.path, P.Role.MONITOR)
+            if again.welcome[0] == P.MsgType.WELCOME:
+                break
+            again.close()
+            assert time.monotonic() < deadline, "the place never came back"
+            time.sleep(0.01)
+        for raw in held + [again]:
+            raw.close()
+    finally:
+        d.stop()
+
+
 def test_accept_under_descriptor_exhaustion_refuses_without_spinning(tmp_path):
     def low_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))

@@ -98,6 +98,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         self._pending: dict[int, Connection] = {}
         #: READY connections per role.
         self._census: Counter[P.Role] = Counter()
+        #: Connections per peer uid (every state but CLOSED).
+        self._per_uid: Counter[int] = Counter()
         self._serials = 0
         #: A descriptor kept open to be given up when accept() hits the descriptor limit.
         self._reserve_fd = -1
@@ -349,6 +351,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                                          "for theirs (max_pending)")
             self.connections[conn.fileno] = conn
             self._pending[conn.fileno] = conn
+            self._per_uid[conn.uid] += 1
             conn.handlers = self._hello_handlers
             self._ep_register(conn.fileno, _EPOLLIN, conn)
             log.debug("accepted %s", conn.label())
@@ -360,6 +363,10 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
             return SecurityViolation(f"uid {conn.uid} may not use this daemon (allowed_uids)")
         if gids is not None and conn.gid not in gids:
             return SecurityViolation(f"gid {conn.gid} may not use this daemon (allowed_gids)")
+        limit = self.settings.max_connections_per_uid
+        if limit and self._per_uid[conn.uid] >= limit:
+            return P.LimitExceeded(f"uid {conn.uid} holds {limit} connections already "
+                                   "(max_connections_per_uid)")
         return None
 
     def _accept_failed(self, listener: Any, exc: OSError) -> None:
@@ -425,6 +432,9 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         was = conn.state
         conn.state = CLOSED
         self.connections.pop(conn.fileno, None)
+        self._per_uid[conn.uid] -= 1
+        if not self._per_uid[conn.uid]:
+            del self._per_uid[conn.uid]
         if self._pending.pop(conn.fileno, None) is None and conn.counted:
             self._census[conn.role] -= 1
         if conn.batch is not None:

@@ -69,8 +69,12 @@ class ServiceSettings:
     #: MONITOR connections served at once (counted apart from clients: every
     #: ``connect()`` holds one, ``poolsvc stat`` opens one).
     max_monitors: int = 256
-    #: Connections that have not yet said HELLO; more are refused at accept.
+    #: Connections that have not yet said HELLO; a new one beyond evicts the oldest.
     max_pending: int = 16
+    #: Connections one peer uid may hold at once, in any role (0: no bound but the
+    #: others).  For daemons shared by several users: one user cannot take every
+    #: client or monitor place.
+    max_connections_per_uid: int = 0
     #: If set, only peers whose uid is listed may connect (SO_PEERCRED).
     allowed_uids: tuple[int, ...] | None = None
     #: If set, only peers whose gid is listed may connect (SO_PEERCRED).
@@ -165,6 +169,7 @@ class ServiceSettings:
             "max_clients": (1, 65536),
             "max_monitors": (1, 65536),
             "max_pending": (1, 65536),
+            "max_connections_per_uid": (0, 1 << 20),
             "max_sessions_per_client": (1, 65536),
             "batch_slice": (1, 1 << 20),
             "max_frame": (HEADER_SIZE * 16, 1 << 30),

@@ -104,6 +104,7 @@ def limits(server: Any) -> dict[str, Any]:
     return {
         "max_clients": settings.max_clients, "max_monitors": settings.max_monitors,
         "max_pending": settings.max_pending, "handshake_timeout": settings.handshake_timeout,
+        "max_connections_per_uid": settings.max_connections_per_uid,
         "max_bytes_per_client": server.bytes_quota, "max_shms_per_client": settings.max_shms_per_client,
         "max_sessions_per_client": settings.max_sessions_per_client,
         "max_frame": settings.max_frame, "max_batch": settings.max_batch,
