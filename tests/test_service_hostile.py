@@ -448,13 +448,23 @@ def _client(d, name: str) -> dict:
 
 
 # -- quotas ------------------------------------------------------------------------------------------------
+OTHER_PROCESS = """
+import sys
+from poolsvc.service.client import connect
+with connect(sys.argv[1]) as client:
+    ctx = client.open_context("other")
+    held = [ctx.alloc_user_buf(4 << 20) for _ in range(4)]
+    print(sum(s.size for s in held) >> 20, "MiB")
+"""
+
+
 def test_quota_is_on_by_default_and_counts_allocations_registrations_and_sessions(tmp_path):
     d = DaemonThread(tmp_path / "q.sock", max_sessions_per_client=2)  # pool of 64 MiB
     name = f"/psvctest-{os.getpid()}-sparse"
     try:
         quota = d.stats()["daemon"]["limits"]["max_bytes_per_client"]
         assert quota == 32 * MiB  # half of the pool
-        with connect(d.path) as greedy, connect(d.path) as other:
+        with connect(d.path) as greedy:
             ctx = greedy.open_context("greedy")
             held = []
             with pytest.raises(OutOfMemory, match="max_bytes_per_client") as info:
@@ -463,9 +473,13 @@ def test_quota_is_on_by_default_and_counts_allocations_registrations_and_session
             assert len(held) == 32 and f"{32 * MiB} allocated, 0 registered" in str(info.value)
             entry = _client(d, "greedy")
             assert entry["quota"]["pinned_bytes"] == 32 * MiB and entry["quota"]["max_bytes"] == quota
-            other_ctx = other.open_context("other")
-            for _ in range(4):  # the rest of the pool is still there
-                other_ctx.alloc_user_buf(4 * MiB)
+            # A second context of the same process shares that process's quota ...
+            with pytest.raises(OutOfMemory, match=f"pid {os.getpid()}, over its 2 context"):
+                greedy.open_context("second").alloc_user_buf(4096)
+            # ... and another process has its own: the rest of the pool is still there.
+            other = spawn_client(OTHER_PROCESS, d.path)
+            out, err = other.communicate(timeout=120)
+            assert other.returncode == 0 and out.strip() == "16 MiB", err
             for shm in held[16:]:
                 shm.close()
             # Registered pages count too: a sparse object bigger than what is left.

@@ -60,7 +60,7 @@ class Connection:
                  "tokens", "inbuf", "out", "out_bytes", "fds", "registered", "alloc_fns",
                  "register_fns", "pool_bytes", "registered_bytes", "alloc_sizes", "requests", "accepted",
                  "reading", "writing", "goodbye", "handlers", "version",
-                 "slot", "words", "seq", "bell", "batch", "counted")
+                 "slot", "words", "seq", "bell", "batch", "counted", "pinned")
 
     def __init__(self, sock: socket.socket, serial: int) -> None:
         self.sock = sock
@@ -112,6 +112,9 @@ class Connection:
         self.batch: Any = None
         #: Counted in the server's census of READY connections per role.
         self.counted = False
+        #: The quota figures (a Pinned) of the client process, shared by all its
+        #: CONTEXT connections; None until HELLO, and for monitors.
+        self.pinned: Any = None
 
     def label(self) -> str:
         return f"client #{self.serial} (pid {self.pid}{', ' + self.name if self.name else ''})"
@@ -119,6 +122,23 @@ class Connection:
 
 _WAKE = object()
 _LISTEN = object()
+
+
+class Pinned:
+    """What one client process (peer pid) pins over all its CONTEXT connections: the
+    figures its byte quota is checked against.
+
+    ``allocated == sum(c.pool_bytes)`` and ``registered == sum(c.registered_bytes)``
+    over the ``users`` live connections of that pid.
+    """
+
+    __slots__ = ("pid", "allocated", "registered", "users")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.allocated = 0
+        self.registered = 0
+        self.users = 0
 
 
 #: A request handler: (connection, body) -> reply body.
@@ -166,6 +186,7 @@ class ServerParts:
         def _update_interest(self, conn: Connection) -> None: ...
         def _start_batch(self, conn: Connection, body: Any) -> bool: ...
         def _run_batch_slice(self, conn: Connection) -> None: ...
+        def _pinned_of(self, pid: int) -> Pinned: ...
         def _count_as(self, conn: Connection, role: P.Role) -> None: ...
         def _log_limited(self, key: str, level: int, msg: str, *args: Any) -> None: ...
         def _violation(self, conn: Connection, exc: ProtocolError) -> None: ...
@@ -175,4 +196,5 @@ class ServerParts:
         def stats(self) -> dict[str, Any]: ...
 
 
-__all__ = ["CLOSED", "CLOSING", "HANDSHAKE", "READY", "ConnState", "Connection", "Handler", "ServerParts"]
+__all__ = ["CLOSED", "CLOSING", "HANDSHAKE", "READY", "ConnState", "Connection", "Handler", "Pinned",
+           "ServerParts"]

@@ -35,7 +35,7 @@ from ..constants import PAGE_SIZE
 from ..errors import BadParameters, ItemNotFound, PoolsvcError, ProtocolError
 from . import protocol as P
 from . import slot as S
-from .connection import CLOSING, READY, Connection, ServerParts
+from .connection import CLOSING, READY, Connection, Pinned, ServerParts
 from .provider import ZERO_COPY, Registration, SegmentTokens, cannot_shrink, describe
 
 log = logging.getLogger("poolsvc.service")
@@ -126,6 +126,7 @@ class Handlers(ServerParts):
             name = f"{conn.name or 'client'}@{conn.pid}#{conn.serial}"
             ctx = self.system.open_context(name)
             conn.context = ctx
+            conn.pinned = self._pinned_of(conn.pid)
             conn.tokens = SegmentTokens(ctx.arena)
             conn.alloc_fns = (ctx.alloc_user_buf, ctx.alloc_kernel_buf, ctx.alloc_priv_buf)
             conn.register_fns = (partial(ctx.register_fd, user=True), partial(ctx.register_fd, user=False))
@@ -173,18 +174,20 @@ class Handlers(ServerParts):
             raise P.LimitExceeded(f"client holds {held} shms, the daemon's limit "
                                   "(max_shms_per_client)")
         limit = self._max_bytes
-        if limit and conn.pool_bytes + conn.registered_bytes + size > limit:
-            self._over_quota(conn, f"allocating {size} bytes", size)
+        pinned = conn.pinned
+        if limit and pinned.allocated + pinned.registered + size > limit:
+            self._over_quota(pinned, f"allocating {size} bytes", size)
         shm = fns[kind](size)
         conn.pool_bytes += shm.size
+        pinned.allocated += shm.size
         conn.alloc_sizes[shm.cookie] = shm.size
         return self._describe(conn, shm, fresh=True)
 
-    def _over_quota(self, conn: Connection, what: str, size: int) -> None:
-        """Raise the LIMIT error of a request that would take ``conn`` over its byte quota."""
-        raise P.LimitExceeded(f"{what} would take this client to "
-                              f"{conn.pool_bytes + conn.registered_bytes + size} bytes pinned "
-                              f"({conn.pool_bytes} allocated, {conn.registered_bytes} registered), "
+    def _over_quota(self, pinned: Pinned, what: str, size: int) -> None:
+        """Raise the LIMIT error of a request that would take a client over its byte quota."""
+        raise P.LimitExceeded(f"{what} would take this client (pid {pinned.pid}, over its {pinned.users} "
+                              f"context(s)) to {pinned.allocated + pinned.registered + size} bytes "
+                              f"pinned ({pinned.allocated} allocated, {pinned.registered} registered), "
                               f"over max_bytes_per_client {self._max_bytes}")
 
     def _describe(self, conn: Connection, shm: Any, fresh: bool) -> bytes:
@@ -211,8 +214,9 @@ class Handlers(ServerParts):
                 raise P.LimitExceeded(f"client holds {len(conn.context.shms)} shms, the daemon's limit "
                                       "(max_shms_per_client)")
             pinned = page_span(offset, length)
-            if self._max_bytes and conn.pool_bytes + conn.registered_bytes + pinned > self._max_bytes:
-                self._over_quota(conn, f"registering {pinned} bytes of pages", pinned)
+            held = conn.pinned
+            if self._max_bytes and held.allocated + held.registered + pinned > self._max_bytes:
+                self._over_quota(held, f"registering {pinned} bytes of pages", pinned)
             if cannot_shrink(fd):  # sealed by the client: the System may map it, zero-copy
                 shm = conn.register_fns[kind](fd, offset, length)
                 reg = Registration(ZERO_COPY, -1, offset, length, None, 0)
@@ -229,6 +233,7 @@ class Handlers(ServerParts):
             os.close(fd)
         conn.registered[shm.cookie] = reg
         conn.registered_bytes += pinned
+        held.registered += pinned
         return self._describe(conn, shm, fresh=True)
 
     def _op_shm_close(self, conn: Connection, body: Any) -> bytes:
@@ -244,11 +249,15 @@ class Handlers(ServerParts):
             return _CLOSED_KEPT
         cookie = shm.cookie
         if conn.alloc_sizes:
-            conn.pool_bytes -= conn.alloc_sizes.pop(cookie, 0)
+            size = conn.alloc_sizes.pop(cookie, 0)
+            conn.pool_bytes -= size
+            conn.pinned.allocated -= size
         if conn.registered:
             reg = conn.registered.pop(cookie, None)
             if reg is not None:
-                conn.registered_bytes -= page_span(reg.offset, reg.length)
+                span = page_span(reg.offset, reg.length)
+                conn.registered_bytes -= span
+                conn.pinned.registered -= span
                 if reg.storage is not None:
                     self.files.put(reg)
         segment = getattr(shm._backing, "segment", None)

@@ -42,7 +42,7 @@ def text(doc: dict[str, Any]) -> str:
         pinned = "-"
         if quota is not None:
             limit = _mib(quota["max_bytes"]) if quota["max_bytes"] else "unbounded"
-            pinned = (f"{_mib(quota['pinned_bytes'])} / {limit}, sessions "
+            pinned = (f"{_mib(quota.get('process_pinned_bytes', quota['pinned_bytes']))} / {limit}, sessions "
                       f"{quota['sessions']} / {quota['max_sessions']}")
         lines.append(f"  {label[:32]:32} {c['pid']:>7} {c['uid']:>6} {c.get('gid', -1):>6} "
                      f"{c.get('shms', 0):>6} {c.get('ids', 0):>5} "

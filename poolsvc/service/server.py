@@ -47,7 +47,7 @@ from ..config import Config
 from ..errors import PoolsvcError, SecurityViolation
 from . import protocol as P
 from . import slot as S
-from .connection import CLOSED, HANDSHAKE, Connection, Handler
+from .connection import CLOSED, HANDSHAKE, Connection, Handler, Pinned
 from .handlers import Handlers
 from .listener import Listener
 from .metrics import Metrics, RateLimit
@@ -100,6 +100,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         self._census: Counter[P.Role] = Counter()
         #: Connections per peer uid (every state but CLOSED).
         self._per_uid: Counter[int] = Counter()
+        #: Quota figures per client process (peer pid) with a live context.
+        self._pinned: dict[int, Pinned] = {}
         self._serials = 0
         #: A descriptor kept open to be given up when accept() hits the descriptor limit.
         self._reserve_fd = -1
@@ -419,6 +421,14 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                 self.metrics.refused += 1
                 self._disconnect(conn, f"no HELLO within {limit} s")
 
+    def _pinned_of(self, pid: int) -> Pinned:
+        """The quota figures of client process ``pid``, with one more connection using them."""
+        pinned = self._pinned.get(pid)
+        if pinned is None:
+            pinned = self._pinned[pid] = Pinned(pid)
+        pinned.users += 1
+        return pinned
+
     def _count_as(self, conn: Connection, role: P.Role) -> None:
         """``conn`` has said HELLO: count it under its role, no longer as pending."""
         self._pending.pop(conn.fileno, None)
@@ -466,6 +476,16 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
             return 0
         conn.context = None
         held = len(ctx.shms)
+        pinned = conn.pinned
+        if pinned is not None:  # closing the context releases everything it pinned
+            pinned.allocated -= conn.pool_bytes
+            pinned.registered -= conn.registered_bytes
+            pinned.users -= 1
+            if not pinned.users:
+                del self._pinned[pinned.pid]
+            conn.pinned = None
+        conn.pool_bytes = conn.registered_bytes = 0
+        conn.alloc_sizes.clear()
         try:
             ctx.close()
         except Exception:  # keep serving the others; the System's tests own this path

@@ -69,6 +69,8 @@ def stats_document(server: Any) -> dict[str, Any]:
                          quota={"pinned_bytes": conn.pool_bytes + conn.registered_bytes,
                                 "allocated_bytes": conn.pool_bytes,
                                 "registered_bytes": conn.registered_bytes,
+                                "process_pinned_bytes": (conn.pinned.allocated + conn.pinned.registered
+                                                         if conn.pinned is not None else 0),
                                 "max_bytes": server.bytes_quota,
                                 "shms": usage["shms"], "max_shms": settings.max_shms_per_client,
                                 "sessions": usage["sessions"],
