@@ -417,9 +417,10 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         for conn in list(self._pending.values()):
             if now - conn.accepted <= limit:
                 break  # oldest first: the rest are younger
-            if conn.state == HANDSHAKE:
+            # Silent, or refused at HELLO and not reading its ERROR: gone either way.
+            if conn.state == HANDSHAKE:  # (one refused at HELLO is counted already)
                 self.metrics.refused += 1
-                self._disconnect(conn, f"no HELLO within {limit} s")
+            self._disconnect(conn, f"no HELLO within {limit} s")
 
     def _pinned_of(self, pid: int) -> Pinned:
         """The quota figures of client process ``pid``, with one more connection using them."""
