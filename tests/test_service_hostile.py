@@ -135,10 +135,7 @@ def test_memory_the_daemon_hands_out_cannot_be_resized_by_its_client(tmp_path, b
             kind, body = raw.call(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, 4096))
             assert kind == P.MsgType.OK and P.DESC.unpack_from(body)[-1] & P.DescBits.NEW_SEGMENT
             fd = raw.fds[-1]
-            if not is_sealed(fd):
-                raw.close()
-                pytest.skip("arena segments are POSIX shm objects from poolsvc/storage.py, which cannot "
-                            "be sealed; they need Storage.create on a memfd (docs/security.md)")
+            assert is_sealed(fd)
         _assert_cannot_resize(fd)
         # The daemon polls the slot, and zeroes the segment's pages at hang-up: it lives.
         assert raw.call(P.MsgType.PING, b"alive") == (P.MsgType.OK, b"alive")

@@ -32,11 +32,10 @@ Invariants:
   every window registered of object key lies inside one shadow in ``files[key].shadows``;
   every token in ``SegmentTokens.tokens`` names a storage of that connection's arena.
 
-Arena segments come from :mod:`poolsvc.storage`; :meth:`SegmentTokens.token_for`
-seals each one before its descriptor leaves (:func:`seal`), which holds as
-soon as storage objects are memfds created with MFD_ALLOW_SEALING; a POSIX
-shm object from ``shm_open`` cannot be sealed (docs/security.md says what
-that leaves open).
+Arena segments come from :mod:`poolsvc.storage`, which creates them as memfds
+sealed against resizing; :meth:`SegmentTokens.token_for` seals again
+(:func:`seal`, idempotent) before a descriptor leaves and refuses a segment
+that cannot be sealed.
 
 Concurrency: the daemon's loop thread only.
 """
@@ -79,7 +78,9 @@ class SegmentTokens:
         if storage.fd < 0 or not any(seg.storage is storage for seg in self.arena.segments):
             raise InternalError(f"refusing to send storage {storage.name}: not a live segment of "
                                 "this client's arena")
-        seal(storage.fd)
+        if not seal(storage.fd):
+            raise InternalError(f"refusing to send storage {storage.name}: it cannot be sealed against "
+                                "resizing")
         token = self.next_token
         self.next_token += 1
         self.tokens[storage] = token
