@@ -25,7 +25,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from .constants import TEE_NUM_PARAMS, GenCaps, ShmFlags
-from .errors import BadParameters, NotSharedMemory, NotSupported
+from .errors import BadParameters, NotSharedMemory, NotSupported, OutOfMemory
 
 #: Sizes and ids travel as 64-bit fields (``size_t`` in the driver, u64/s64 on the wire);
 #: a size must stay below this bound.
@@ -193,10 +193,17 @@ class System(Protocol):
 # Argument checks both implementations call
 # ---------------------------------------------------------------------------------------
 def check_size(size: Any) -> None:
-    """An allocation size: a positive int (not bool) below :data:`SIZE_LIMIT`."""
+    """An allocation size: a positive int (not bool) below :data:`SIZE_LIMIT`.
+
+    Size 0 raises OutOfMemory: the kernel's pools refuse it and the ioctl fails
+    with ENOMEM (``tee_shm_alloc_user_buf`` / ``pool_op_alloc``); a negative or
+    non-int size raises BadParameters.
+    """
     if isinstance(size, bool) or not isinstance(size, int):
         raise BadParameters(f"size must be an int, got {size!r}")
-    if size <= 0:
+    if size == 0:
+        raise OutOfMemory("size 0: the pools cannot allocate 0 bytes (ENOMEM)")
+    if size < 0:
         raise BadParameters(f"size {size} must be positive")
     if size >= SIZE_LIMIT:
         raise BadParameters(f"size {size} does not fit in a signed 64-bit field")
@@ -234,7 +241,13 @@ def parse_uuid(value: Any) -> uuidlib.UUID:
 
 
 def require_reg_mem(gen_caps: int) -> None:
-    """NotSupported unless the driver offers REG_MEM (registration of existing buffers)."""
+    """NotSupported unless the driver offers REG_MEM (registration of existing buffers).
+
+    This is libteec's check (``TEEC_RegisterSharedMemory`` reads REG_MEM), for
+    callers that model libteec; the kernel does not make it: the embedded
+    System sends REGISTER_SHM all the same and the secure world refuses it
+    (RegistrationRefused, a BadParameters).
+    """
     if not gen_caps & GenCaps.REG_MEM:
         raise NotSupported("registering memory needs REG_MEM, which this TEE does not offer "
                            "(no DYNAMIC_SHM capability)")
