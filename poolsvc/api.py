@@ -25,7 +25,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from .constants import TEE_NUM_PARAMS, GenCaps, ShmFlags
-from .errors import BadParameters, NotSharedMemory, NotSupported, OutOfMemory
+from .errors import BadParameters, NotSharedMemory, NotSupported
 
 #: Sizes and ids travel as 64-bit fields (``size_t`` in the driver, u64/s64 on the wire);
 #: a size must stay below this bound.
@@ -195,15 +195,12 @@ class System(Protocol):
 def check_size(size: Any) -> None:
     """An allocation size: a positive int (not bool) below :data:`SIZE_LIMIT`.
 
-    Size 0 raises OutOfMemory: the kernel's pools refuse it and the ioctl fails
-    with ENOMEM (``tee_shm_alloc_user_buf`` / ``pool_op_alloc``); a negative or
-    non-int size raises BadParameters.
+    Size 0 raises BadParameters here, where the kernel's pools refuse it and
+    the ioctl fails with ENOMEM (docs/fidelity.md lists the difference).
     """
     if isinstance(size, bool) or not isinstance(size, int):
         raise BadParameters(f"size must be an int, got {size!r}")
-    if size == 0:
-        raise OutOfMemory("size 0: the pools cannot allocate 0 bytes (ENOMEM)")
-    if size < 0:
+    if size <= 0:
         raise BadParameters(f"size {size} must be positive")
     if size >= SIZE_LIMIT:
         raise BadParameters(f"size {size} does not fit in a signed 64-bit field")
@@ -246,7 +243,7 @@ def require_reg_mem(gen_caps: int) -> None:
     This is libteec's check (``TEEC_RegisterSharedMemory`` reads REG_MEM), for
     callers that model libteec; the kernel does not make it: the embedded
     System sends REGISTER_SHM all the same and the secure world refuses it
-    (RegistrationRefused, a BadParameters).
+    (BadParameters, the kernel's ``-EINVAL``).
     """
     if not gen_caps & GenCaps.REG_MEM:
         raise NotSupported("registering memory needs REG_MEM, which this TEE does not offer "

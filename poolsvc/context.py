@@ -120,7 +120,7 @@ class Context:
         """Register a writable buffer backed by POSIX shm; it gets an id.
 
         Flags USER_MAPPED | DYNAMIC.  Raises NotSharedMemory for private or
-        read-only memory, RegistrationRefused (a BadParameters: ``-EINVAL``)
+        read-only memory, BadParameters (``-EINVAL``)
         when the secure world refuses it, e.g. without DYNAMIC_SHM: the kernel
         does not look at REG_MEM, it sends REGISTER_SHM all the same.
         """
@@ -137,7 +137,7 @@ class Context:
         a buffer, for a caller that holds the object's descriptor (the pool
         service): the object is mapped from ``fd`` and named by its identity,
         without reading this process's memory maps.  ``fd`` stays the caller's.
-        Raises RegistrationRefused as ``register_user_buf``, NotSharedMemory for a descriptor
+        Raises BadParameters when refused, as ``register_user_buf``, NotSharedMemory for a descriptor
         that is not a writable shared-memory object, BadParameters for a range
         outside it.
         """

@@ -144,21 +144,6 @@ class TeeError(PoolsvcError):
         self.tee_code = code
 
 
-class RegistrationRefused(TeeError, BadParameters):
-    """The secure world refused REGISTER_SHM: ``-EINVAL`` from the kernel's
-    ``optee_shm_register``, whatever the reason, so it is a BadParameters.
-
-    ``code`` / ``origin`` are the message's ``ret`` / ``ret_origin``, and
-    ``smc_result`` the SMC-level result (non-zero when the secure world refused
-    the call itself, e.g. EBADCMD without DYNAMIC_SHM; then ``code`` is 0).
-    """
-
-    def __init__(self, message: str, code: int, origin: int, smc_result: int = 0) -> None:
-        super().__init__(message, code, origin)
-        self.tee_code = TEE_ERROR_BAD_PARAMETERS
-        self.smc_result = smc_result
-
-
 __all__ = [name for name in dir() if name[0].isupper() and not name.startswith("TEE_")] + [
     name for name in dir() if name.startswith("TEE_")
 ]

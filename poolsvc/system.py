@@ -18,7 +18,7 @@ world are on a real machine, in one process.  It builds and owns
 
 Registration of existing buffers is offered (REG_MEM) only with DYNAMIC_SHM;
 without it the driver still sends REGISTER_SHM, which the secure world
-refuses (``RegistrationRefused``, a BadParameters: ``-EINVAL``).
+refuses (BadParameters: ``-EINVAL``).
 
 Release order (``tee_shm_release``, :meth:`System.release`): a pool buffer is
 unregistered from the secure world (if it was registered) and its memory

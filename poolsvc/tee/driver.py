@@ -15,7 +15,7 @@ to talk to the secure world.
   TEEC_ERROR_COMMUNICATION / origin COMMS, as ``optee_open_session`` and
   ``optee_invoke_func`` do), :meth:`Driver.register` /
   :meth:`Driver.register_run` (REGISTER_SHM: any refusal is ``-EINVAL``,
-  :class:`~poolsvc.errors.RegistrationRefused`, as in ``optee_shm_register``)
+  a :class:`~poolsvc.errors.BadParameters`, as in ``optee_shm_register``)
   and :meth:`Driver.unregister` (UNREGISTER_SHM).  With DYNAMIC_SHM the
   one-parameter commands go through the compiled ``core.SmcDriver``; a list
   of one list page (up to 511 pages) is built by it in a fresh frame backed
@@ -50,7 +50,7 @@ import numpy as np
 from .. import pagelist
 from .._backend import core
 from ..constants import ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd, Origin
-from ..errors import TEE_ERROR_COMMUNICATION, BadParameters, Closed, RegistrationRefused, TeeError
+from ..errors import TEE_ERROR_COMMUNICATION, BadParameters, Closed, TeeError
 from ..memory import Arena, PhysicalMemory, Segment
 from .msg import SMC_RETURN_OK, MsgArg, MsgParam, unpack
 from .params import InvokeResult, RegisteredMemref, TempMemref, Value
@@ -73,12 +73,12 @@ class KernelPages(NamedTuple):
 
 
 def check_ret(cmd: int, ret: int, origin: int) -> None:
-    """TeeError when the secure world answered ``cmd`` with a non-zero ``ret``
-    (RegistrationRefused for REGISTER_SHM)."""
+    """TeeError when the secure world answered ``cmd`` with a non-zero ``ret``;
+    for REGISTER_SHM BadParameters (``optee_shm_register``'s ``-EINVAL``)."""
     if ret != 0:
         what = f"secure world answered {ret:#x} (origin {origin}) to command {cmd}"
         if cmd == _REGISTER:
-            raise RegistrationRefused(what, ret, origin)
+            raise BadParameters(f"registration refused (EINVAL): {what}")
         raise TeeError(what, ret, origin)
 
 
@@ -219,8 +219,8 @@ class Driver:
                 rc, reply = self.call_smc(MsgArg(cmd=_REGISTER, params=[
                     MsgParam(_REGISTER_ATTR, kpages.pa | offset, size, cookie)]))
                 if rc != SMC_RETURN_OK:
-                    raise RegistrationRefused(f"secure world refused command {_REGISTER} at the "
-                                              f"SMC level ({rc:#x})", 0, 0, rc)
+                    raise BadParameters(f"registration refused (EINVAL): secure world refused "
+                                        f"command {_REGISTER} at the SMC level ({rc:#x})")
                 ret, origin = reply.ret, reply.ret_origin
         finally:
             self.free_kernel_pages(kpages)
