@@ -272,3 +272,20 @@ def test_call_with_arg_is_the_compiled_entry_only_when_strict(world):
     tee = world.system.tee
     assert (tee.call_with_arg is tee._entry) == world.strict
     assert tee.driver_entry is tee._entry
+
+
+# -- msg_param.c:msg_param_mobj_from_noncontig: size 0 at an offset is one page --------------------
+def test_size_0_at_an_offset_is_one_page_unless_strict(world):
+    tee = world.system.tee
+    params = _register_msg(world, 0, 0x66)
+    params[0].a |= 0x10
+    params[0].b = 0
+    reply = raw(world.system, MsgCmd.REGISTER_SHM, params)
+    if world.strict:
+        assert reply.ret == BAD and 0x66 not in tee.registered
+    else:
+        entry = tee.registered.pop(0x66)
+        assert reply.ret == TEE_SUCCESS
+        assert (len(entry.pages), entry.offset, entry.size) == (1, 0x10, PAGE_SIZE - 0x10)
+    params[0].a &= ~0xFFF  # size 0 at offset 0: (0 - 1) / 4096 + 1 pages, refused
+    assert raw(world.system, MsgCmd.REGISTER_SHM, params).ret == BAD

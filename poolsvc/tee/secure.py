@@ -8,8 +8,9 @@ address the way OP-TEE does (docs/design.md section 6):
 - REGISTER_SHM: exactly one parameter whose ``attr`` is exactly
   ``TMEM_OUTPUT | NONCONTIG``; the page list is parsed and checked (alignment
   of list pages, ``next`` pointers and entries; every page in non-secure
-  memory; size+offset and num_pages*8 overflow; zero pages); the object's size
-  is ``num_pages*4096 - offset``.  A cookie already registered is shadowed:
+  memory; size+offset and num_pages*8 overflow; zero pages; size 0 at an
+  offset is one page); the object's size is ``num_pages*4096 - offset``.  A
+  cookie already registered is shadowed:
   the newer registration answers to it until it is unregistered, then the
   older one again (OP-TEE's ``reg_shm_list`` is searched newest first).
 - UNREGISTER_SHM: exactly one parameter naming a known cookie (else
@@ -24,8 +25,9 @@ address the way OP-TEE does (docs/design.md section 6):
   returns ``SMC_RETURN_EBADCMD`` and ``ret`` / ``ret_origin`` are left as
   the normal world wrote them (``thread_optee_smc.c``'s ``call_entry_std``).
 - ``strict`` (``Config.strict``) adds poolsvc's stricter checks: a reused
-  cookie is refused, UNREGISTER_SHM must carry ``RMEM_INPUT``, and both
-  commands answer with origin TEE.
+  cookie is refused, UNREGISTER_SHM must carry ``RMEM_INPUT``, a page list of
+  size 0 is refused at any offset, and both registration commands answer with
+  origin TEE.
 - sessions and app code: ``poolsvc/tee/secure_sessions.py``
   (:class:`~poolsvc.tee.secure_sessions.SecureSessions`);
 - the copies of TA parameters in and out: ``poolsvc/tee/secure_params.py``
@@ -387,8 +389,7 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         registered = self.registered
         if self.strict and (cookie in registered or cookie in self.rpc_shms):
             raise BadParameters(f"cookie {cookie:#x} is already registered (strict)")
-        pages = core.pagelist_parse_frames(buf_ptr, size, self._table, self._nonsecure)
-        offset = buf_ptr & PAGE_MASK
+        pages, offset = self.parse_noncontig(buf_ptr, size)
         older = registered.get(cookie)
         if older is not None:  # shadowed until the newer one is unregistered
             self.shadowed.setdefault(cookie, []).append(older)
