@@ -29,9 +29,10 @@ from ..errors import ProtocolError
 _HEADER = struct.Struct("<8I")
 
 #: Largest number of parameters a message may carry (bounds the parsing work).
-#: The most parameters a message may carry: as many as fit in one 4 KiB page with the
-#: header (32 + 127 * 32 = 4096), the bound OP-TEE's ``map_cmd_buffer`` and the Linux
-#: driver's page-sized message buffers put on ``num_params``.
+#: The most parameters a message may carry, OPTEE_MSG_MAX_NUM_PARAMS: as many as fit in
+#: one 4 KiB page with the header (32 + 127 * 32 = 4096), the bound OP-TEE's
+#: ``std_entry_with_parg`` / ``get_msg_arg`` and the Linux driver's page-sized message
+#: buffers put on ``num_params``.
 MAX_PARAMS = 127
 #: ``OPTEE_SMC_RETURN_OK``: the message was processed (its answer is in ``ret``).
 SMC_RETURN_OK = 0x0
