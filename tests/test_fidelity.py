@@ -289,3 +289,12 @@ def test_size_0_at_an_offset_is_one_page_unless_strict(world):
         assert (len(entry.pages), entry.offset, entry.size) == (1, 0x10, PAGE_SIZE - 0x10)
     params[0].a &= ~0xFFF  # size 0 at offset 0: (0 - 1) / 4096 + 1 pages, refused
     assert raw(world.system, MsgCmd.REGISTER_SHM, params).ret == BAD
+
+
+def test_unregister_without_dynamic_shm_reads_the_smc_result(leaks):
+    from poolsvc.errors import TeeError
+
+    with System(Config(**SMALL, dynamic_shm=False)) as system:
+        with pytest.raises(TeeError) as info:
+            system.driver.unregister(0x1234)
+        assert (info.value.code, info.value.origin) == (TEE_ERROR_COMMUNICATION, Origin.COMMS)

@@ -240,8 +240,17 @@ class Driver:
         self.last_register_seconds = smc.last_seconds
 
     def unregister(self, cookie: int) -> None:
-        """UNREGISTER_SHM of ``cookie``; TeeError (e.g. BUSY) when the secure world refuses."""
-        ret, origin = self.smc.unregister(cookie)
+        """UNREGISTER_SHM of ``cookie``; TeeError (e.g. BUSY) when the secure world refuses
+        (COMMUNICATION, origin COMMS, when it refuses the call at the SMC level)."""
+        if self.list_scratch_page is not None:
+            ret, origin = self.smc.unregister(cookie)
+        else:  # no DYNAMIC_SHM: the generic call, whose SMC-level result is read
+            rc, reply = self.call_smc(MsgArg(cmd=_UNREGISTER, params=[
+                MsgParam(int(Attr.RMEM_INPUT), 0, 0, cookie)]))
+            if rc != SMC_RETURN_OK:
+                raise TeeError(f"secure world refused command {_UNREGISTER} at the SMC level "
+                               f"({rc:#x})", TEE_ERROR_COMMUNICATION, Origin.COMMS)
+            ret, origin = reply.ret, reply.ret_origin
         if ret != 0:
             check_ret(_UNREGISTER, ret, origin)
 
