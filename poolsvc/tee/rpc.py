@@ -112,7 +112,7 @@ class RpcServer:
             raise BadParameters("RPC SHM_FREE expects one VALUE_INPUT parameter")
         p = msg.params[0]
         known_type = p.a in (RpcShmType.APPL, RpcShmType.KERNEL)
-        if self.system.config.strict:
+        if self.system.tee.strict:  # Config.strict, as the secure world holds it
             if not known_type:
                 raise BadParameters(f"RPC SHM_FREE type {p.a} is not APPL or KERNEL (strict)")
             if p.b not in self.shms:
