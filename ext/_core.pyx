@@ -3,16 +3,24 @@
 
 Each concern lives in its own file, textually included here so that calls
 between ``cdef`` functions stay direct C calls; each has a ``.pxd`` twin
-(included from ``_core.pxd``) that declares its typed fields.
+(included from ``_core.pxd``) that declares its typed fields and invariants.
+A type's fields are written only by its own ``.pyx`` and by the ``cdef
+inline`` helpers its ``.pxd`` offers the others.  C kernels are in
+``psv_*.h`` headers, declared in the ``psv_*.pxd`` of the same name.
 
-    freemap.pyx    bitmap + tree of free runs: the indexed first-fit index
-    alloc.pyx      RangeAllocator (static pool, genalloc) and FrameAllocator
-    tables.pyx     FrameTable, IdTable, AddressMap
-    arena.pyx      ArenaPages: storage-page runs of an arena; take/give of a dynamic-pool run
-    pagelist.pyx   OP-TEE non-contiguous page lists: build, parse, segments
-    copy.pyx       gather / scatter through the frame table
-    smc.pyx        both ends of the one-parameter message call (REGISTER/UNREGISTER_SHM)
-    wire.pyx       framing of batched requests: split a BATCH body, run it, frame the replies
+    convert.pyx     argument converters shared by every later file (first)
+    freemap.pyx     bitmap + tree of free runs: the indexed first-fit index
+    rangealloc.pyx  RangeAllocator: the static pool (genalloc)
+    framealloc.pyx  FrameAllocator: page frames of dynamic RAM
+    frametable.pyx  FrameTable: frame -> storage page, attached storage, read/write
+    idtable.pyx     IdTable: the kernel's idr
+    addressmap.pyx  AddressMap: virtual-address intervals -> storage
+    arena.pyx       ArenaPages: storage-page runs of an arena; take/give of a dynamic-pool run
+    pagelist.pyx    OP-TEE non-contiguous page lists: build, parse, segments
+    copy.pyx        gather / scatter through the frame table
+    smc_entry.pyx   the secure world's end of the one-parameter message call
+    smc_driver.pyx  the normal world's end of it (REGISTER/UNREGISTER_SHM)
+    wire.pyx        framing of batched requests: split a BATCH body, run it, frame the replies
 
 Concurrency: nothing here takes a lock.  Every object belongs to one thread at
 a time (the System serialises access); the GIL is held throughout except where
@@ -29,11 +37,16 @@ from poolsvc.errors import (
     InternalError, ItemNotFound, OutOfMemory, ProtocolError, SecureMemoryError, SizeOverflow,
 )
 
+include "convert.pyx"
 include "freemap.pyx"
-include "alloc.pyx"
-include "tables.pyx"
+include "rangealloc.pyx"
+include "framealloc.pyx"
+include "frametable.pyx"
+include "idtable.pyx"
+include "addressmap.pyx"
 include "arena.pyx"
 include "pagelist.pyx"
 include "copy.pyx"
-include "smc.pyx"
+include "smc_entry.pyx"
+include "smc_driver.pyx"
 include "wire.pyx"

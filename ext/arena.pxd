@@ -1,5 +1,5 @@
 # arena.pxd: typed fields of ArenaPages and ArenaRun (logic in arena.pyx).
-# Included textually from _core.pxd after tables.pxd (it names FreeMap,
+# Included textually from _core.pxd after frametable.pxd (it names FreeMap,
 # FrameTable and FrameAllocator).
 #
 # Concurrency: an ArenaPages belongs to one thread at a time (the System's);

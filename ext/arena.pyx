@@ -15,6 +15,9 @@
 # a failing call leaves the arena, the frames and the table as they were.
 # Where a check is one a FrameAllocator or FrameTable method makes, the error
 # is raised by calling that method (which then refuses, changing nothing).
+# Frames and mappings change only through the owners' inline helpers
+# (framealloc.pxd: fa_*, frametable.pxd: ft_*); this file writes only the
+# fields of its own types (arena.pxd).
 #
 # Concurrency: one thread at a time (the System's); the GIL is held
 # throughout.  The plain-Python twin, same checks in the same order, is
@@ -48,23 +51,6 @@ cdef class ArenaRun:
     def __repr__(self):
         return (f"ArenaRun(pa={self.pa:#x}, npages={self.npages}, index={self.index}, "
                 f"{'live' if self.live else 'given back'})")
-
-
-cdef inline Py_ssize_t _arena_run_slot(FrameTable t, uint64_t pa, int64_t n, bint mapped) noexcept:
-    """The table slot of frame ``pa`` when the ``n`` frames from it lie in one region
-    and are all mapped (``mapped``) or all unmapped; else -1 (the caller then lets
-    map_range / unmap_range raise the precise error)."""
-    cdef uint64_t pfn = pa >> PSV_PAGE_SHIFT
-    cdef int rg = ft_region_index(t.rgn, t.nregions, pfn)
-    cdef Py_ssize_t slot
-    cdef int64_t k
-    if rg < 0 or <uint64_t>n > t.rgn[rg].count - (pfn - t.rgn[rg].base_pfn):
-        return -1
-    slot = t.rgn[rg].first + <Py_ssize_t>(pfn - t.rgn[rg].base_pfn)
-    for k in range(n):
-        if (t.frame_sid[slot + k] < 0 if mapped else t.frame_sid[slot + k] != FT_UNMAPPED):
-            return -1
-    return slot
 
 
 @cython.auto_pickle(False)
@@ -118,14 +104,14 @@ cdef class ArenaPages:
     cdef char *_storage_run(self, _ArenaSegment s, int64_t index, int64_t n) except NULL:
         """Address of storage pages ``[index, index + n)`` of ``s`` (AddressError if
         its storage is not attached or too short)."""
-        cdef FrameTable t = self.table
         cdef int32_t sid = s.sid
-        if sid >= t.nstorage_slots or t.storages[sid].base == NULL:
+        cdef Py_ssize_t length = ft_storage_length(self.table, sid)
+        if length < 0:
             raise AddressError(f"storage {sid} of the segment is not attached")
-        if (index + n) * PSV_PAGE_SIZE > t.storages[sid].length:
-            raise AddressError(f"storage {sid} holds {t.storages[sid].length} bytes; pages "
+        if (index + n) * PSV_PAGE_SIZE > length:
+            raise AddressError(f"storage {sid} holds {length} bytes; pages "
                                f"{index}..{index + n} need {(index + n) * PSV_PAGE_SIZE}")
-        return t.storages[sid].base + index * PSV_PAGE_SIZE
+        return ft_storage_page(self.table, sid, index)
 
     cdef Py_ssize_t _took(self, _ArenaSegment s, int64_t index, int64_t n) except -1:
         if s.fm.nfree == s.npages:
@@ -156,10 +142,9 @@ cdef class ArenaPages:
         short).
         """
         cdef int64_t n = 0, sid = 0
-        cdef Py_ssize_t i
-        cdef int rn = _arg_i64(npages, &n, "npages")
-        cdef int rs = _arg_i64(storage_id, &sid, "storage_id")
-        cdef FrameTable t = self.table
+        cdef Py_ssize_t i, length
+        cdef int rn = arg_i64(npages, &n, "npages")
+        cdef int rs = arg_i64(storage_id, &sid, "storage_id")
         if self._find_segment(segment) is not None:
             raise BadParameters("the segment is already in this arena")
         if rs != ARG_FITS or sid < 0 or sid > FT_MAX_STORAGE_ID:
@@ -170,10 +155,11 @@ cdef class ArenaPages:
                 raise BadParameters(f"storage {sid} already backs a segment of this arena")
         if rn != ARG_FITS or n <= 0 or n > FM_MAX_BITS:
             raise BadParameters(f"npages must be in 1..{FM_MAX_BITS}, got {npages}")
-        if sid >= t.nstorage_slots or t.storages[sid].base == NULL:
+        length = ft_storage_length(self.table, sid)
+        if length < 0:
             raise BadParameters(f"storage {sid} is not attached to the frame table")
-        if t.storages[sid].length < n * PSV_PAGE_SIZE:
-            raise BadParameters(f"storage {sid} holds {t.storages[sid].length} bytes, "
+        if length < n * PSV_PAGE_SIZE:
+            raise BadParameters(f"storage {sid} holds {length} bytes, "
                                 f"fewer than {n} pages")
         self.segs.append(_ArenaSegment(segment, <int32_t>sid, n, self))
         self.pages_total_ += n
@@ -233,7 +219,7 @@ cdef class ArenaPages:
         (nothing changed).  Errors: BadParameters (``npages <= 0``, not an int).
         """
         cdef int64_t n = 0, index = 0
-        cdef int r = _arg_i64(npages, &n, "npages")
+        cdef int r = arg_i64(npages, &n, "npages")
         cdef _ArenaSegment s
         if r == ARG_BELOW or (r == ARG_FITS and n <= 0):
             raise BadParameters(f"npages must be > 0, got {npages}")
@@ -260,8 +246,8 @@ cdef class ArenaPages:
         cdef char *data
         if s is None:
             raise ItemNotFound("the segment is not in this arena")
-        ri = _arg_i64(index, &i, "index")
-        rn = _arg_i64(npages, &n, "npages")
+        ri = arg_i64(index, &i, "index")
+        rn = arg_i64(npages, &n, "npages")
         if rn == ARG_BELOW or (rn == ARG_FITS and n <= 0):
             raise BadParameters(f"npages must be > 0, got {npages}")
         if ri != ARG_FITS or rn != ARG_FITS or i < 0 or n > s.npages or i > s.npages - n:
@@ -287,35 +273,28 @@ cdef class ArenaPages:
         """
         cdef FrameAllocator frames = self.frames
         cdef FrameTable t = self.table
-        cdef int64_t n = 0, p, index = 0, k
-        cdef int r = _arg_i64(npages, &n, "npages")
-        cdef int rg
-        cdef uint64_t pa, pfn
+        cdef int64_t n = 0, p, index = 0
+        cdef int r = arg_i64(npages, &n, "npages")
+        cdef uint64_t pa
         cdef Py_ssize_t slot
         cdef _ArenaSegment s
         cdef ArenaRun run
-        if r != ARG_FITS or n <= 0 or n > (<int64_t>1 << frames.max_order_):
-            frames.alloc_contig(npages)     # raises BadParameters or OutOfMemory
-            raise InternalError(f"alloc_contig({npages}) should have failed")
-        p = frames.fm.find(n, 0)
+        p = fa_find_run(frames, n) if r == ARG_FITS else -1
         if p < 0:
-            frames.alloc_contig(npages)     # raises OutOfMemory
+            frames.alloc_contig(npages)     # raises BadParameters or OutOfMemory
             raise InternalError(f"alloc_contig({npages}) should have failed")
         s = self._first_fit(n, &index)
         if s is None:
             return None
-        pa = <uint64_t>(frames.base_pa_ + (p << PSV_PAGE_SHIFT))
-        slot = _arena_run_slot(t, pa, n, False)
+        pa = fa_pa(frames, p)
+        slot = ft_run_slot(t, pa, n, False)
         if slot < 0:
             t.map_range(pa, n, s.sid, index)    # raises its error
             t.unmap_range(pa, n)
             raise InternalError(f"frames at {pa:#x} should not have been mappable")
-        frames.fm.set_range(p, n)
+        fa_take_run(frames, p, n)
         self._took(s, index, n)
-        for k in range(n):
-            t.frame_sid[slot + k] = s.sid
-            t.frame_index[slot + k] = index + k
-        t.mapped += n
+        ft_map_run(t, slot, n, s.sid, index)
         run = ArenaRun.__new__(ArenaRun)
         run.pa = <int64_t>pa
         run.npages = n
@@ -338,10 +317,9 @@ cdef class ArenaPages:
         cdef _ArenaSegment s
         cdef FrameAllocator frames = self.frames
         cdef FrameTable t = self.table
-        cdef int64_t n, i, k, q
-        cdef uint64_t pa, pfn
+        cdef int64_t n, i, q
+        cdef uint64_t pa
         cdef Py_ssize_t slot
-        cdef int rg
         cdef char *data
         if type(run) is not ArenaRun:
             raise BadParameters(f"run must be an ArenaRun, got {type(run).__name__}")
@@ -357,19 +335,16 @@ cdef class ArenaPages:
         if q >= 0:
             raise DoubleFree(f"storage page {q} of the segment is not in use")
         pa = <uint64_t>r.pa
-        slot = _arena_run_slot(t, pa, n, True)
+        slot = ft_run_slot(t, pa, n, True)
         if slot < 0:
             t.unmap_range(pa, n)                # raises its error
             raise InternalError(f"frames at {pa:#x} should not have been unmappable")
-        i = (r.pa - frames.base_pa_) >> PSV_PAGE_SHIFT
-        if r.pa < frames.base_pa_ or i > frames.nframes_ - n or frames.fm.first_free(i, n) >= 0:
+        i = fa_used_run(frames, pa, n)
+        if i < 0:
             frames.free_contig(pa, n)           # raises its error
             raise InternalError(f"frames at {pa:#x} should not have been free")
         memset(data, 0, <size_t>(n * PSV_PAGE_SIZE))
-        for k in range(n):
-            t.frame_sid[slot + k] = FT_UNMAPPED
-            t.frame_index[slot + k] = 0
-        t.mapped -= n
-        frames.fm.clear_range(i, n)
+        ft_unmap_run(t, slot, n)
+        fa_give_run(frames, i, n)
         r.live = False
         return self._freed(s, r.index, n)

@@ -1,7 +1,8 @@
 # copy.pxd: declarations for copy.pyx (gather / scatter through a FrameTable).
 #
-# copy.pyx uses FrameTable's typed fields (tables.pxd) directly and keeps no
-# state of its own.
+# copy.pyx keeps no state of its own: it resolves pages with FrameTable's
+# frame_bytes and counts a copy without the GIL with ft_copy_begin /
+# ft_copy_end (frametable.pxd).
 
 cdef enum:
     # copies of at least this many bytes run with the GIL released

@@ -102,10 +102,10 @@ cdef Py_ssize_t _gather_scatter(FrameTable table, object pages, object offset, o
                                         &view, &ptrs, &off)
     try:
         if count >= CP_NOGIL_BYTES:
-            table.busy += 1
+            ft_copy_begin(table)
             with nogil:
                 _copy_pages(ptrs, <char *>view.buf, count, off, to_flat)
-            table.busy -= 1
+            ft_copy_end(table)
         elif count > 0:
             _copy_pages(ptrs, <char *>view.buf, count, off, to_flat)
     finally:

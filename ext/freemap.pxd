@@ -48,7 +48,9 @@ cdef class FreeMap:
     cdef int clear_range(self, int64_t p, int64_t n) except -1 nogil
     cdef void _write_range(self, int64_t p, int64_t n, bint used) noexcept nogil
     cdef void _fix_span(self, int64_t w0, int64_t w1) noexcept nogil
-    cdef int _fix_words(self, int64_t* widx, int64_t k) except -1
+    cdef int fix_words(self, int64_t* widx, int64_t k) except -1
+    cdef int take_lowest(self, int64_t n, uint64_t* out, uint64_t base, int shift) except -1
+    cdef void used_bytes(self, unsigned char* out) noexcept nogil
     cdef bint test(self, int64_t p) noexcept nogil
     cdef void mark(self, int64_t p, bint used) noexcept nogil
     cdef int64_t first_used(self, int64_t p, int64_t n) noexcept nogil

@@ -377,7 +377,7 @@ cdef class FreeMap:
                     changed = True
             half <<= 1
 
-    cdef int _fix_words(self, int64_t* widx, int64_t k) except -1:
+    cdef int fix_words(self, int64_t* widx, int64_t k) except -1:
         """Recompute the tree after mark() changed the words listed in widx.
 
         widx holds k word indices in any order, duplicates allowed; it is
@@ -419,10 +419,54 @@ cdef class FreeMap:
             half <<= 1
         return 0
 
+    cdef int take_lowest(self, int64_t n, uint64_t* out, uint64_t base, int shift) except -1:
+        """Mark the n lowest free units used (0 < n <= nfree) and write
+        base + (unit << shift) for each into out[0:n], ascending.
+
+        Word by word: O(n + touched words * log N).
+        """
+        cdef int64_t k = 0, pos = 0, p, w, nw = 0, bit
+        cdef uint64_t x, taken
+        cdef int64_t* widx = <int64_t*>malloc(<size_t>n * sizeof(int64_t))
+        if widx == NULL:
+            raise MemoryError()
+        try:
+            while k < n:
+                # skip used regions through the tree: it is stale for the
+                # words taken so far, but find(1, pos) reads only nodes that
+                # lie wholly at or after pos, and those are untouched
+                p = self.find(1, pos)
+                if p < 0:
+                    raise InternalError("free unit count disagrees with the bitmap")
+                w = p >> 6
+                x = ~self.words[w] & ((<uint64_t>0xFFFFFFFFFFFFFFFF) << (p & 63))
+                taken = 0
+                while x and k < n:
+                    bit = poolsvc_ctz64(x)
+                    taken |= (<uint64_t>1) << bit
+                    x &= x - 1
+                    out[k] = base + ((<uint64_t>((w << 6) + bit)) << shift)
+                    k += 1
+                self.words[w] |= taken
+                self.nfree -= poolsvc_popcount64(taken)
+                widx[nw] = w
+                nw += 1
+                pos = (w + 1) << 6
+            self.fix_words(widx, nw)
+        finally:
+            c_free(widx)
+        return 0
+
+    cdef void used_bytes(self, unsigned char* out) noexcept nogil:
+        """out[0:nbits]: 1 where the unit is used, else 0."""
+        cdef int64_t i
+        for i in range(self.nbits):
+            out[i] = (self.words[i >> 6] >> (i & 63)) & 1
+
     cdef void mark(self, int64_t p, bint used) noexcept nogil:
         """Set or clear one unit's bit (0 <= p < nbits) without fixing the tree.
 
-        Callers batch these and then call _fix_words() on the touched words.
+        Callers batch these and then call fix_words() on the touched words.
         """
         cdef uint64_t bit = (<uint64_t>1) << (p & 63)
         cdef uint64_t old = self.words[p >> 6]

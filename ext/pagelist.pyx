@@ -10,18 +10,15 @@
 # holding the PA of the next list page.  buf_ptr = PA of the first list page |
 # offset of the buffer in its first page.
 #
+# The C kernels (building a list, the alignment checks) are in psv_pagelist.h.
+#
 # Concurrency: no shared state; every function holds the GIL except that
 # pagelist_build copies without it for lists longer than a few pages.
 # The plain-Python twin is poolsvc/_pure/pagelist.py (same checks, same order).
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport uint64_t, int64_t
-
-cdef extern from *:
-    """
-    #define PSV_U64_MAX 0xffffffffffffffffULL
-    """
-    unsigned long long PSV_U64_MAX
+from libc.stdlib cimport malloc, free
 
 # lists of at least this many list pages are copied without the GIL
 cdef enum:
@@ -136,12 +133,9 @@ cdef Py_ssize_t _parse_ranges_slow(object nonsecure, pl_range **out) except -1:
     cdef list pairs
     cdef Py_ssize_t i
     cdef pl_range *ranges
-    try:
-        pairs = [(int(b.__index__()), int(s.__index__())) for b, s in nonsecure]
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise BadParameters(f"nonsecure must be (base, size) pairs of ints: {exc}") from None
+    pairs = as_int_pairs(nonsecure, "nonsecure must be (base, size) pairs of ints")
     for base, size in pairs:
-        if base < 0 or size < 0 or base + size > _U64_LIMIT:
+        if base < 0 or size < 0 or base + size > U64_LIMIT:
             raise BadParameters(f"nonsecure range {base:#x}+{size:#x} is outside the "
                                 "64-bit address space")
     # Empty ranges hold no page: dropped, so that every kept one has an inclusive

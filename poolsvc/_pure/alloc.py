@@ -1,12 +1,12 @@
 """Plain-Python reference allocators: RangeAllocator and FrameAllocator.
 
-Owns the oracle twins of ``ext/alloc.pyx`` (contract: ``docs/core.md``).  The
-state is a ``bytearray`` with one byte per unit (chunk or frame), 0 = free,
-1 = used; first fit is ``bytearray.find(b"\\0" * n, start)``, which is by
-definition the lowest run of n free units at or after ``start`` -- exactly
-what a plain first-fit scan returns, only done by a C loop, so a
-262,144-frame pool stays usable.  Written to be obviously correct rather
-than fast.
+Owns the oracle twins of ``ext/rangealloc.pyx`` and ``ext/framealloc.pyx``
+(contract: ``docs/core.md``).  The state is a ``bytearray`` with one byte
+per unit (chunk or frame), 0 = free, 1 = used; first fit is
+``bytearray.find(b"\\0" * n, start)``, which is by definition the lowest run
+of n free units at or after ``start`` -- exactly what a plain first-fit scan
+returns, only done by a C loop, so a 262,144-frame pool stays usable.
+Written to be obviously correct rather than fast.
 
 Concurrency: an allocator belongs to one thread at a time; no locks.
 

@@ -1,4 +1,5 @@
-"""Plain-Python reference of the compiled message-call kernels (``ext/smc.pyx``).
+"""Plain-Python reference of the compiled message-call kernels
+(``ext/smc_driver.pyx``, ``ext/smc_entry.pyx``).
 
 Owns both ends of the one-parameter ``struct optee_msg_arg`` call of the
 driver's hot path (REGISTER_SHM, UNREGISTER_SHM):
@@ -88,7 +89,7 @@ def _window(window: Any, what: str) -> tuple[int, int]:
 
 
 class SmcDriver:
-    """The driver's end of the message call (see ``ext/smc.pyx`` for the contract).
+    """The driver's end of the message call (see ``ext/smc_driver.pyx`` for the contract).
 
     ``SmcDriver(table, frames, msg_pa, smc, list_sid=-1, list_index=0)``.
     Invariant between calls: no list frame taken (not ``_busy``; a list frame
@@ -263,7 +264,7 @@ class RegisteredShm:
 
 
 class SmcEntry:
-    """The secure world's end (see ``ext/smc.pyx`` for the contract).
+    """The secure world's end (see ``ext/smc_entry.pyx`` for the contract).
 
     ``SmcEntry(table, nonsecure, static_window, dynamic_window)``; bound to a
     secure world (``bind``), ``entry(arg_pa)`` is its ``call_with_arg``.

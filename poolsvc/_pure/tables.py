@@ -1,4 +1,5 @@
-"""Plain-Python reference of the compiled tables (``ext/tables.pyx``).
+"""Plain-Python reference of the compiled tables (``ext/frametable.pyx``,
+``ext/idtable.pyx``, ``ext/addressmap.pyx``).
 
 Owns: FrameTable (frame -> storage id and page index, attached storage),
 IdTable (the kernel's idr: lowest free id from 1) and AddressMap (virtual

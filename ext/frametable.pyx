@@ -1,21 +1,17 @@
-# tables.pyx: the lookup tables of the compiled core.
+# frametable.pyx: FrameTable, physical frame -> (storage id, page index),
+# and the attached storage buffers that read / write / gather / scatter copy
+# through.  Fields, invariants and the inline helpers the other kernels use
+# to change it (arena.pyx, smc_driver.pyx, copy.pyx): frametable.pxd.
 #
-#   FrameTable   physical frame -> (storage id, page index), plus the attached
-#                storage buffers that read/write/gather/scatter copy through
-#   IdTable      the kernel's idr as the TEE subsystem uses it (lowest free id)
-#   AddressMap   sorted virtual-address intervals -> (storage key, file offset)
-#
-# Also the helpers the later files of the extension share: page-array
-# conversion and hex formatting of addresses.
-#
-# Concurrency: no locks.  Each object belongs to one thread at a time.  The
-# only code that runs without the GIL is the copy loop of copy.pyx, which
-# resolves every page to a pointer first and counts itself in FrameTable.busy;
-# attach/detach refuse with Busy while busy > 0, so no storage buffer goes away
-# under a running copy.  map/unmap never move storage bytes and stay allowed.
+# Concurrency: no locks.  A table belongs to one thread at a time.  The only
+# code that runs without the GIL is the copy loop of copy.pyx, which resolves
+# every page to a pointer first and counts itself in busy (ft_copy_begin /
+# ft_copy_end); attach/detach refuse with Busy while busy > 0, so no storage
+# buffer goes away under a running copy.  map/unmap never move storage bytes
+# and stay allowed.
 #
 # Errors follow docs/core.md: validate everything first, then mutate, so a
-# failing call leaves the object as it was.  The plain-Python twin, with the
+# failing call leaves the table as it was.  The plain-Python twin, with the
 # same checks in the same order, is poolsvc/_pure/tables.py.
 cimport cython
 from libc.stdlib cimport malloc, calloc, realloc, free
@@ -23,61 +19,11 @@ from libc.string cimport memset, memmove, memcpy
 from libc.stdint cimport uint64_t, int64_t, int32_t
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
-from cpython.ref cimport Py_INCREF, Py_DECREF
-from cpython.number cimport PyIndex_Check
 
 import numpy as np
 
 from poolsvc.errors import Busy
 
-cdef extern from *:
-    """
-    #define PSV_I64_MAX 0x7fffffffffffffffLL
-    """
-    long long PSV_I64_MAX
-
-cdef object _U64_LIMIT = 1 << 64
-
-
-# --------------------------------------------------------------------------
-# shared helpers
-# --------------------------------------------------------------------------
-
-cdef object _as_page_array_slow(object pages, str what):
-    try:
-        arr = np.asarray(pages, dtype=np.uint64)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise BadParameters(f"{what} is not convertible to uint64: {exc}") from None
-    if arr.ndim != 1:
-        raise BadParameters(f"{what} must be 1-D, got {arr.ndim} dimensions")
-    return np.ascontiguousarray(arr)
-
-
-cdef inline cnp.ndarray as_page_array(object pages, str what):
-    """``pages`` as a 1-D C-contiguous native uint64 array (no copy if it is one).
-
-    BadParameters if it cannot be converted or is not 1-D.
-    """
-    cdef cnp.ndarray arr
-    if cnp.PyArray_Check(pages):
-        arr = <cnp.ndarray>pages
-        if (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_TYPE(arr) == cnp.NPY_UINT64
-                and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISNOTSWAPPED(arr)):
-            return arr
-    return <cnp.ndarray>_as_page_array_slow(pages, what)
-
-
-cdef inline int64_t arg_i64(object value) except? -1:
-    """An int argument clamped to int64 (TypeError for a non-int)."""
-    cdef long long v = 0
-    psv_i64_from_obj(value, &v)
-    return v
-
-
-# --------------------------------------------------------------------------
-# FrameTable
-# --------------------------------------------------------------------------
 
 @cython.auto_pickle(False)
 cdef class FrameTable:
@@ -105,10 +51,7 @@ cdef class FrameTable:
         cdef list pairs
         cdef Py_ssize_t total = 0, i
         cdef int r
-        try:
-            pairs = [(int(b.__index__()), int(s.__index__())) for b, s in regions]
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise BadParameters(f"regions must be (base_pa, size) pairs of ints: {exc}") from None
+        pairs = as_int_pairs(regions, "regions must be (base_pa, size) pairs of ints")
         if not pairs:
             raise BadParameters("a frame table needs at least one region")
         if len(pairs) > FT_MAX_REGIONS:
@@ -117,7 +60,7 @@ cdef class FrameTable:
         for base, size in pairs:
             if size <= 0:
                 raise BadParameters(f"region at {base:#x} has size {size}, must be > 0")
-            if base < 0 or base + size > _U64_LIMIT:
+            if base < 0 or base + size > U64_LIMIT:
                 raise BadParameters(f"region {base:#x}+{size:#x} is outside the 64-bit "
                                     "physical address space")
             if base & PSV_PAGE_MASK or size & PSV_PAGE_MASK:
@@ -169,7 +112,7 @@ cdef class FrameTable:
     cdef Py_ssize_t range_slot(self, object pa_obj, object npages_obj, uint64_t *pa_out) except -2:
         """Slot of the first frame of ``npages`` frames at ``pa``, all in one region."""
         cdef unsigned long long pa = 0
-        cdef int64_t npages = arg_i64(npages_obj)
+        cdef int64_t npages = clamp_i64(npages_obj)
         cdef int r
         if psv_u64_from_obj(pa_obj, &pa) == 0:
             raise AddressError(f"physical address {pa_obj:#x} is outside every region")
@@ -241,7 +184,7 @@ cdef class FrameTable:
         AddressError (outside every region, or straddling its end);
         AlignmentError (``pa`` misaligned).
         """
-        cdef int64_t n = arg_i64(npages), sid = arg_i64(storage_id), first = arg_i64(first_index)
+        cdef int64_t n = clamp_i64(npages), sid = clamp_i64(storage_id), first = clamp_i64(first_index)
         cdef uint64_t a = 0
         cdef Py_ssize_t slot, k
         self.check_ids(sid, first, n)
@@ -266,7 +209,7 @@ cdef class FrameTable:
         cdef cnp.ndarray arr = as_page_array(pages, "pages")
         cdef const uint64_t *pa = <const uint64_t *>cnp.PyArray_DATA(arr)
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0), i, slot, bad = -1
-        cdef int64_t sid = arg_i64(storage_id), first = arg_i64(first_index)
+        cdef int64_t sid = clamp_i64(storage_id), first = clamp_i64(first_index)
         self.check_ids(sid, first, n)
         # validation pass: mark each slot -2 ("claimed by this call") so that
         # a duplicate shows; undo the marks on failure
@@ -295,7 +238,7 @@ cdef class FrameTable:
         Errors: BadParameters (``npages <= 0``); AlignmentError; AddressError
         (outside a region, or a frame not mapped).
         """
-        cdef int64_t n = arg_i64(npages)
+        cdef int64_t n = clamp_i64(npages)
         cdef uint64_t a = 0
         cdef Py_ssize_t slot, k
         if n <= 0:
@@ -467,7 +410,7 @@ cdef class FrameTable:
         Errors: BadParameters (id out of range, not a buffer, read-only, not
         contiguous); Busy (a copy is running without the GIL).
         """
-        cdef int64_t sid = arg_i64(storage_id)
+        cdef int64_t sid = clamp_i64(storage_id)
         cdef Py_buffer view
         cdef ft_storage *grown
         cdef Py_ssize_t k, new_slots
@@ -515,7 +458,7 @@ cdef class FrameTable:
 
         Errors: ItemNotFound (none attached); Busy (a copy is running).
         """
-        cdef int64_t sid = arg_i64(storage_id)
+        cdef int64_t sid = clamp_i64(storage_id)
         if sid not in self.views:
             raise ItemNotFound(f"storage {storage_id} is not attached")
         if self.busy:
@@ -534,7 +477,7 @@ cdef class FrameTable:
         Errors: BadParameters (``n < 0``); AddressError (a page touched is
         outside, unmapped, unattached or beyond its storage's end).
         """
-        cdef int64_t count = arg_i64(n)
+        cdef int64_t count = clamp_i64(n)
         cdef unsigned long long a = 0
         cdef Py_ssize_t npg, k, done = 0, chunk, off
         cdef char **ptrs
@@ -604,306 +547,24 @@ cdef class FrameTable:
             PyBuffer_Release(&src)
 
 
-# --------------------------------------------------------------------------
-# IdTable
-# --------------------------------------------------------------------------
+cdef int ft_copy_small(FrameTable t, uint64_t pa, char *buf, Py_ssize_t n, bint write) except -1:
+    """Copy ``n`` (<= 4096) bytes between ``buf`` and physical ``pa`` (to ``pa``
+    when ``write``).
 
-cdef object _IDT_FREE = object()       # objects[i] of a free id
-cdef object _IDT_RESERVED = object()   # objects[i] of an id allocated without object
-
-
-@cython.auto_pickle(False)
-cdef class IdTable:
-    """The kernel's ``idr``: ids from 1 up, always the lowest free one.
-
-    ``IdTable(max_id=2**31 - 1)``; ``max_id`` in 1..2**31-1 else BadParameters.
+    Every page touched is resolved before a byte moves (AddressError as
+    ``FrameTable.read`` / ``write`` give it).  ``pa + n`` must not wrap.
     """
-
-    def __cinit__(self):
-        self.heap = NULL
-        self.heap_len = 0
-        self.heap_cap = 0
-        self.objects = [_IDT_FREE]       # slot 0: id 0 is never handed out
-        self.hwm = 1
-        self.count = 0
-        self.id_limit = 0
-
-    def __init__(self, max_id=2**31 - 1):
-        cdef int64_t m = arg_i64(max_id)
-        if m < 1 or m > 0x7fffffff:
-            raise BadParameters(f"max_id is {max_id}, must be in 1..{0x7fffffff}")
-        self.id_limit = m
-
-    def __dealloc__(self):
-        free(self.heap)
-
-    cdef bint allocated(self, int64_t i) noexcept:
-        return 1 <= i < self.hwm and (<object>PyList_GET_ITEM(self.objects, i)) is not _IDT_FREE
-
-    cdef int64_t heap_pop(self) noexcept:
-        # remove and return the smallest free id (heap_len > 0)
-        cdef int32_t top = self.heap[0], moved
-        cdef Py_ssize_t i = 0, child, n
-        self.heap_len -= 1
-        n = self.heap_len
-        if n == 0:
-            return top
-        moved = self.heap[n]
-        while True:
-            child = 2 * i + 1
-            if child >= n:
-                break
-            if child + 1 < n and self.heap[child + 1] < self.heap[child]:
-                child += 1
-            if self.heap[child] >= moved:
-                break
-            self.heap[i] = self.heap[child]
-            i = child
-        self.heap[i] = moved
-        return top
-
-    cdef int heap_push(self, int32_t value) except -1:
-        cdef Py_ssize_t i, parent, cap
-        cdef int32_t *grown
-        if self.heap_len == self.heap_cap:
-            cap = max(16, 2 * self.heap_cap)
-            grown = <int32_t *>realloc(self.heap, cap * sizeof(int32_t))
-            if grown == NULL:
-                raise OutOfMemory(f"cannot grow the free-id heap to {cap} entries")
-            self.heap = grown
-            self.heap_cap = cap
-        i = self.heap_len
-        self.heap_len += 1
-        while i > 0:
-            parent = (i - 1) >> 1
-            if self.heap[parent] <= value:
-                break
-            self.heap[i] = self.heap[parent]
-            i = parent
-        self.heap[i] = value
-        return 0
-
-    def alloc(self, obj=None):
-        """Allocate the lowest free id ``>= 1`` for ``obj``.
-
-        ``obj=None`` reserves the id: ``find`` gives None until ``replace``.
-        Returns the id.  Errors: OutOfMemory when all ``max_id`` ids are in use.
-        """
-        cdef int64_t i
-        cdef object stored = _IDT_RESERVED if obj is None else obj
-        cdef object old
-        if self.heap_len > 0:
-            i = self.heap_pop()
-            old = <object>PyList_GET_ITEM(self.objects, i)
-            Py_INCREF(stored)
-            PyList_SET_ITEM(self.objects, i, stored)
-            Py_DECREF(old)
-        elif self.hwm <= self.id_limit:
-            i = self.hwm
-            self.objects.append(stored)
-            self.hwm += 1
-        else:
-            raise OutOfMemory(f"no free id: all {self.id_limit} ids are in use")
-        self.count += 1
-        return i
-
-    def replace(self, id, obj):
-        """Set the object of allocated ``id``; return the old one (None if reserved).
-
-        ``obj=None`` makes the id reserved again.  Errors: ItemNotFound.
-        """
-        cdef int64_t i = 0
-        cdef object old
-        if psv_i64_from_obj(id, <long long *>&i) == 0 or not self.allocated(i):
-            raise ItemNotFound(f"id {id} is not allocated")
-        old = self.objects[i]
-        self.objects[i] = _IDT_RESERVED if obj is None else obj
-        return None if old is _IDT_RESERVED else old
-
-    def remove(self, id):
-        """Free ``id`` and return its object (None if it was reserved).
-
-        Errors: ItemNotFound when ``id`` is not allocated.
-        """
-        cdef int64_t i = 0
-        cdef object old
-        if psv_i64_from_obj(id, <long long *>&i) == 0 or not self.allocated(i):
-            raise ItemNotFound(f"id {id} is not allocated")
-        self.heap_push(<int32_t>i)
-        old = self.objects[i]
-        self.objects[i] = _IDT_FREE
-        self.count -= 1
-        return None if old is _IDT_RESERVED else old
-
-    def find(self, id):
-        """The object of ``id``, or None (reserved, free or out of range; any int)."""
-        cdef long long i = 0
-        cdef object obj
-        if psv_i64_from_obj(id, &i) == 0 or i < 1 or i >= self.hwm:
-            return None
-        obj = <object>PyList_GET_ITEM(self.objects, i)
-        if obj is _IDT_FREE or obj is _IDT_RESERVED:
-            return None
-        return obj
-
-    def __contains__(self, id):
-        cdef long long i = 0
-        if not PyIndex_Check(id):
-            return False
-        if psv_i64_from_obj(id, &i) == 0:
-            return False
-        return self.allocated(i)
-
-    def __len__(self):
-        return self.count
-
-    def ids(self):
-        """The allocated ids (reserved included), ascending."""
-        cdef Py_ssize_t i
-        objects = self.objects
-        return [i for i in range(1, self.hwm) if objects[i] is not _IDT_FREE]
-
-    @property
-    def max_id(self):
-        """The largest id this table hands out."""
-        return self.id_limit
-
-
-# --------------------------------------------------------------------------
-# AddressMap
-# --------------------------------------------------------------------------
-
-cdef inline Py_ssize_t am_upper_bound(const uint64_t *starts, Py_ssize_t n, uint64_t addr) noexcept nogil:
-    # number of intervals with start <= addr; branch-free halving (the
-    # compiler turns the select into a cmov), ceil(log2(n)) steps
-    cdef const uint64_t *base = starts
-    cdef Py_ssize_t half
-    if n == 0:
-        return 0
-    while n > 1:
-        half = n >> 1
-        base = base + half if base[half] <= addr else base
-        n -= half
-    return (base - starts) + (base[0] <= addr)
-
-
-@cython.auto_pickle(False)
-cdef class AddressMap:
-    """Sorted, non-overlapping virtual-address intervals -> (storage key, file offset)."""
-
-    def __cinit__(self):
-        self.starts = NULL
-        self.ends = NULL
-        self.keys = NULL
-        self.offsets = NULL
-        self.n = 0
-        self.cap = 0
-
-    def __dealloc__(self):
-        free(self.starts)
-        free(self.ends)
-        free(self.keys)
-        free(self.offsets)
-
-    cdef int grow(self) except -1:
-        cdef Py_ssize_t cap = max(16, 2 * self.cap)
-        cdef void *p
-        p = realloc(self.starts, cap * sizeof(uint64_t))
-        if p == NULL:
-            raise OutOfMemory(f"cannot grow the address map to {cap} intervals")
-        self.starts = <uint64_t *>p
-        p = realloc(self.ends, cap * sizeof(uint64_t))
-        if p == NULL:
-            raise OutOfMemory(f"cannot grow the address map to {cap} intervals")
-        self.ends = <uint64_t *>p
-        p = realloc(self.keys, cap * sizeof(int64_t))
-        if p == NULL:
-            raise OutOfMemory(f"cannot grow the address map to {cap} intervals")
-        self.keys = <int64_t *>p
-        p = realloc(self.offsets, cap * sizeof(uint64_t))
-        if p == NULL:
-            raise OutOfMemory(f"cannot grow the address map to {cap} intervals")
-        self.offsets = <uint64_t *>p
-        self.cap = cap
-        return 0
-
-    def add(self, start, end, key, file_offset):
-        """Add ``[start, end)`` -> ``(key, file_offset)``.
-
-        Params: ``0 <= start < end < 2**64``; ``key`` an int64; ``file_offset >= 0``
-        with ``file_offset + (end - start) <= 2**64``.
-        Errors: BadParameters (bad values, or overlapping an existing interval).
-        """
-        cdef unsigned long long s = 0, e = 0, off = 0
-        cdef long long k = 0
-        cdef Py_ssize_t i, tail
-        if (psv_u64_from_obj(start, &s) == 0 or psv_u64_from_obj(end, &e) == 0
-                or s >= e):
-            raise BadParameters(f"interval [{start:#x}, {end:#x}) is empty or outside "
-                                "the 64-bit address space")
-        if psv_i64_from_obj(key, &k) == 0:
-            raise BadParameters(f"key {key} does not fit in 64 bits")
-        if psv_u64_from_obj(file_offset, &off) == 0 or off > 0xffffffffffffffff - (e - s) + 1:
-            raise BadParameters(f"file offset {file_offset:#x} for [{s:#x}, {e:#x}) is out of range")
-        i = am_upper_bound(self.starts, self.n, s)
-        if i > 0 and self.ends[i - 1] > s:
-            raise BadParameters(f"interval [{s:#x}, {e:#x}) overlaps [{self.starts[i - 1]:#x}, "
-                                f"{self.ends[i - 1]:#x})")
-        if i < self.n and self.starts[i] < e:
-            raise BadParameters(f"interval [{s:#x}, {e:#x}) overlaps [{self.starts[i]:#x}, "
-                                f"{self.ends[i]:#x})")
-        if self.n == self.cap:
-            self.grow()
-        tail = self.n - i
-        memmove(&self.starts[i + 1], &self.starts[i], tail * sizeof(uint64_t))
-        memmove(&self.ends[i + 1], &self.ends[i], tail * sizeof(uint64_t))
-        memmove(&self.keys[i + 1], &self.keys[i], tail * sizeof(int64_t))
-        memmove(&self.offsets[i + 1], &self.offsets[i], tail * sizeof(uint64_t))
-        self.starts[i] = s
-        self.ends[i] = e
-        self.keys[i] = k
-        self.offsets[i] = off
-        self.n += 1
-
-    def remove(self, start):
-        """Remove the interval that starts exactly at ``start``.
-
-        Errors: ItemNotFound when no interval starts there.
-        """
-        cdef unsigned long long s = 0
-        cdef Py_ssize_t i, tail
-        if psv_u64_from_obj(start, &s) == 0:
-            raise ItemNotFound(f"no interval starts at {start:#x}")
-        i = am_upper_bound(self.starts, self.n, s) - 1
-        if i < 0 or self.starts[i] != s:
-            raise ItemNotFound(f"no interval starts at {s:#x}")
-        tail = self.n - i - 1
-        memmove(&self.starts[i], &self.starts[i + 1], tail * sizeof(uint64_t))
-        memmove(&self.ends[i], &self.ends[i + 1], tail * sizeof(uint64_t))
-        memmove(&self.keys[i], &self.keys[i + 1], tail * sizeof(int64_t))
-        memmove(&self.offsets[i], &self.offsets[i + 1], tail * sizeof(uint64_t))
-        self.n -= 1
-
-    def lookup(self, addr):
-        """``(key, file_offset + addr - start)`` of the interval holding ``addr``, or None."""
-        cdef unsigned long long a = 0
-        cdef Py_ssize_t i
-        if psv_u64_from_obj(addr, &a) == 0:
-            return None
-        i = am_upper_bound(self.starts, self.n, a) - 1
-        if i < 0 or a >= self.ends[i]:
-            return None
-        return (self.keys[i], self.offsets[i] + (a - self.starts[i]))
-
-    def clear(self):
-        """Remove every interval."""
-        self.n = 0
-
-    def __len__(self):
-        return self.n
-
-    def intervals(self):
-        """``[(start, end, key, file_offset), ...]`` ascending."""
-        cdef Py_ssize_t i
-        return [(self.starts[i], self.ends[i], self.keys[i], self.offsets[i])
-                for i in range(self.n)]
+    cdef char *ptrs[2]
+    cdef Py_ssize_t first = <Py_ssize_t>PSV_PAGE_SIZE - <Py_ssize_t>(pa & PSV_PAGE_MASK)
+    if first > n:
+        first = n
+    t.resolve_range(pa, n, ptrs)
+    if write:
+        memcpy(ptrs[0], buf, first)
+        if first < n:
+            memcpy(ptrs[1], buf + first, n - first)
+    else:
+        memcpy(buf, ptrs[0], first)
+        if first < n:
+            memcpy(buf + first, ptrs[1], n - first)
+    return 0

@@ -1,11 +1,11 @@
-# alloc.pxd: typed fields of RangeAllocator and FrameAllocator (logic in
-# alloc.pyx).  Included textually from _core.pxd after freemap.pxd.
+# rangealloc.pxd: typed fields of RangeAllocator (logic in rangealloc.pyx).
 #
-# Concurrency: each allocator belongs to one thread at a time; no locks.
-from libc.stdint cimport uint64_t, int64_t, int32_t
+# Concurrency: an allocator belongs to one thread at a time; no locks.
+from libc.stdint cimport int64_t, int32_t
 
-# Addresses handled by the allocators stay below 2**63 so that every
-# address, size and unit index fits an int64 (checked by the constructors).
+# Addresses handled by the allocators stay below 2**63 (ADDR_LIMIT,
+# convert.pyx) so that every address, size and unit index fits an int64
+# (checked by the constructors).
 cdef enum:
     ALLOC_FIT_FIRST = 0
     ALLOC_FIT_BEST = 1
@@ -32,19 +32,3 @@ cdef class RangeAllocator:
     cdef int64_t _place(self, int64_t n, int64_t a_units) noexcept nogil
     cdef int64_t _place_first(self, int64_t n, int64_t a_units) noexcept nogil
     cdef int64_t _place_best(self, int64_t n, int64_t a_units) noexcept nogil
-
-
-cdef class FrameAllocator:
-    # Frames [base_pa, base_pa + nframes * 4096); fm has one unit per frame.
-    # Invariants:
-    #   frame i is at base_pa + (i << 12), pfn base_pfn + i
-    #   fm.nfree + used_frames == nframes
-    cdef FreeMap fm
-    cdef int64_t base_pa_
-    cdef int64_t nframes_
-    cdef int64_t base_pfn
-    cdef int max_order_
-
-    cdef int _frame_index(self, object pa, int64_t* index) except -1
-    cdef int _run_index(self, object pa, object npages, int64_t* index,
-                        int64_t* n) except -1
