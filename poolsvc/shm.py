@@ -14,7 +14,8 @@ one of four kinds, and ``view()`` reads the bytes from it:
   by a memoryview of it (``poolsvc/usermem.py``).
 
 References: ``_refs`` counts ``close()`` calls still due (one from the
-constructor, one per ``Context.shm_from_id``); the last ``close()`` hands the
+constructor, one per ``Context.shm_from_id``, one per memref of a running
+call, as ``params_from_user`` takes them); the last ``close()`` hands the
 Shm to ``System.release``.
 
 Concurrency: a Shm belongs to its System's thread.
@@ -213,10 +214,6 @@ class Shm:
                 except BufferError:
                     LIVE["exported_views"] += 1
             self._views = ()
-
-    def revive(self) -> None:
-        """Undo :meth:`retire` when the release was refused (one reference again)."""
-        self._refs = 1
 
     def close(self) -> None:
         """Drop one reference; the last one frees the memory."""
