@@ -121,6 +121,15 @@ class Handle:
         refuse_pickle(self)
 
 
+def check_process(forks: int, path: str) -> None:
+    """UsedAfterFork unless this process is the one that counted ``forks``
+    (the ``forks`` of a channel it opened) when connecting to ``path``."""
+    if forks != _forks:
+        raise UsedAfterFork(f"this connection to the pool service at {path} was opened by "
+                            f"another process (pid {os.getppid()} or an ancestor) before a fork; "
+                            "call poolsvc.connect() in this process")
+
+
 def check_timeout(what: str, value: Any) -> float | None:
     """``value`` as a timeout in seconds (None: wait forever); BadParameters otherwise."""
     if value is None:
@@ -262,13 +271,19 @@ class Channel:
         self.context_name = bytes(body[name_at:]).decode("utf-8", "replace")
 
     def _connect(self) -> None:
-        """Open ``self.sock``: connected, its waits bounded by the connect timeout."""
+        """Open ``self.sock``: connected, its waits bounded by the connect timeout.
+
+        The socket stays blocking with kernel timeouts, so a connect that
+        finds the daemon's listen backlog full waits (up to the connect
+        timeout) for room instead of failing with EAGAIN.
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.settimeout(self.connect_timeout)
+            # The connect and the handshake are bounded by the connect timeout,
+            # later waits by ``timeout``.
+            self._set_timeouts(self.connect_timeout, sock)
             sock.connect(self.path)
-            sock.settimeout(None)
-        except socket.timeout as exc:
+        except BlockingIOError as exc:
             sock.close()
             raise DaemonTimeout(f"cannot connect to the pool service at {self.path}: no answer "
                                 f"within {self.connect_timeout} s") from exc
@@ -276,17 +291,18 @@ class Channel:
             sock.close()
             raise Closed(f"cannot connect to the pool service at {self.path}: "
                          f"{_why_unreachable(self.path, exc)}") from exc
-        # The handshake is bounded by the connect timeout, later waits by ``timeout``.
         self.sock = sock
-        self._set_timeouts(self.connect_timeout)
 
-    def _set_timeouts(self, seconds: float | None) -> None:
-        """Bound every blocking receive and send on the socket (kernel timeouts:
-        the socket stays in blocking mode, so no poll precedes each call)."""
+    def _set_timeouts(self, seconds: float | None, sock: socket.socket | None = None) -> None:
+        """Bound every blocking connect, receive and send on ``sock`` (default:
+        the channel's) by kernel timeouts: the socket stays in blocking mode,
+        so no poll precedes each call."""
         self.wait_limit = seconds
         value = _timeval(seconds)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        if sock is None:
+            sock = self.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
     def _map_slot(self, size: int, bell: bool) -> None:
         """Map the slot whose descriptor came with WELCOME; keep the eventfd
@@ -307,9 +323,8 @@ class Channel:
             self._forked()
 
     def _forked(self) -> NoReturn:
-        raise UsedAfterFork(f"this connection to the pool service at {self.path} was opened by "
-                            f"another process (pid {os.getppid()} or an ancestor) before a fork; "
-                            "call poolsvc.connect() in this process")
+        check_process(self.forks, self.path)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- sending -----------------------------------------------------------------------------
     def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -394,7 +409,8 @@ class Channel:
         slot = self.slot
         assert slot is not None
         seq = slot.publish(data)
-        if slot.daemon_sleeping():
+        asleep = slot.daemon_sleeping()
+        if asleep:
             if self.bell >= 0:
                 try:
                     os.eventfd_write(self.bell, 1)
@@ -403,7 +419,7 @@ class Channel:
                         self._lost(f"doorbell failed: {exc.strerror or exc}")
             else:
                 self._send(P.DOORBELL_FRAME)
-        slot.wait(seq, self._slot_sleep)
+        slot.wait(seq, self._slot_sleep, asleep)
         try:
             reply = slot.reply()
         except ProtocolError as exc:

@@ -62,9 +62,11 @@ from .channel import (
     DEFAULT_SPIN_US,
     DEFAULT_TIMEOUT,
     DEFAULT_TRANSPORT,
+    Channel,
     Dialer,
     DaemonTimeout,
     UsedAfterFork,
+    check_process,
     check_reply,
     check_timeout,
     Handle,
@@ -87,8 +89,10 @@ class Client(Handle):
                              check_timeout("connect_timeout", connect_timeout))
         self.contexts: dict[int, Context] = {}
         self._closed = False
-        self._monitor = self.dialer.open(P.Role.MONITOR, name)
-        m = self._monitor
+        m = self.dialer.open(P.Role.MONITOR, name)
+        #: The MONITOR connection, open only while no context is.
+        self._monitor: Channel | None = m
+        self._forks = m.forks
         self.pool = m.pool
         self.sec_caps = m.sec_caps
         self.gen_caps = m.gen_caps
@@ -106,11 +110,33 @@ class Client(Handle):
             raise Closed("client is closed")
 
     def open_context(self, name: str = "") -> Context:
-        """A new context in the daemon (one connection)."""
+        """A new context in the daemon (one connection).
+
+        The first context's connection also carries this handle's PING and
+        STATS, so the MONITOR connection is closed once a context is open.
+        """
         self._check()
+        check_process(self._forks, self.path)
         ctx = Context(self.dialer, name or self.name, self._forget)
         self.contexts[ctx.cid] = ctx
+        monitor = self._monitor
+        if monitor is not None:
+            self._monitor = None
+            monitor.close()
         return ctx
+
+    def _service_channel(self) -> Channel:
+        """The connection for PING and STATS: a context's, else the MONITOR
+        connection (opened again when every context has closed)."""
+        self._check()
+        check_process(self._forks, self.path)
+        for ctx in self.contexts.values():
+            if not ctx._channel.closed:
+                return ctx._channel
+        monitor = self._monitor
+        if monitor is None or monitor.closed:
+            monitor = self._monitor = self.dialer.open(P.Role.MONITOR, self.name)
+        return monitor
 
     def _forget(self, ctx: Context) -> None:
         self.contexts.pop(ctx.cid, None)
@@ -121,10 +147,10 @@ class Client(Handle):
         Pipelined closes of this handle's contexts are flushed first, so the
         figures include them.
         """
-        self._check()
+        channel = self._service_channel()
         for ctx in list(self.contexts.values()):
             ctx.flush()
-        reply_type, body = self._monitor.call(P.MsgType.STATS)
+        reply_type, body = channel.call(P.MsgType.STATS)
         return json.loads(bytes(check_reply(reply_type, body, "STATS")))
 
     def stats(self) -> dict[str, Any]:
@@ -136,8 +162,7 @@ class Client(Handle):
 
     def ping(self, payload: bytes = b"") -> bytes:
         """One round trip to the daemon; returns the echoed payload."""
-        self._check()
-        reply_type, body = self._monitor.call(P.MsgType.PING, payload)
+        reply_type, body = self._service_channel().call(P.MsgType.PING, payload)
         return bytes(check_reply(reply_type, body, "PING"))
 
     @property
@@ -159,7 +184,9 @@ class Client(Handle):
                 ctx.close()
         finally:
             self._closed = True
-            self._monitor.close()
+            if self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
 
     def __repr__(self) -> str:
         return f"<Client {self.path} pool={self.pool} contexts={len(self.contexts)}>"
