@@ -51,7 +51,8 @@ TRANSPORTS = ("socket", "shm")
 #: Default transport of :func:`~.client.connect`.
 DEFAULT_TRANSPORT = "shm"
 #: Default longest time a shm-slot client polls its slot for a reply before
-#: it sleeps on the socket, in microseconds (adaptive below that).
+#: it sleeps on the socket, in microseconds (see :class:`~.slot.ClientSlot`
+#: for when it polls at all).
 DEFAULT_SHM_SPIN_US = 200
 #: Default bound, in seconds, on connecting and on the handshake.
 DEFAULT_CONNECT_TIMEOUT = 10.0

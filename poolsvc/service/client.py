@@ -6,6 +6,11 @@ System's API (docs/design.md section 9), so that code written against
 
 - ``Client.open_context()`` opens one connection to the daemon, which owns
   one Context for it (as opening ``/dev/tee0`` gives one file);
+- the Client's own requests (``ping``, ``stats``) ride on its first open
+  context's connection; only while it has no context does it hold a
+  MONITOR connection (the one ``connect()`` opens, closed when the first
+  context opens, opened again when needed), so a process with one context
+  holds one connection;
 - ``Context.alloc_*_buf`` return Shm handles whose ``view()`` is a
   zero-copy window on the context's own storage, mapped from descriptors
   the daemon passes with ``SCM_RIGHTS`` (never another client's);
@@ -29,10 +34,11 @@ System's figures plus a ``"service"`` entry with the daemon's own.
 
 Transports (``connect(path, transport=...)``): ``"shm"``, the default, asks
 the daemon (protocol version 2) for a shared-memory request/reply slot per
-connection; ordinary requests and replies then go through the slot, with a
-short adaptive poll for the reply before sleeping on the socket until a
-DOORBELL, and the socket carries only descriptors, wake-ups and what does not
-fit the slot.  ``"socket"`` sends every frame on the Unix socket (version 1).
+connection; ordinary requests and replies then go through the slot, and
+the socket carries only descriptors, wake-ups and what does not fit the
+slot.  A client polls the slot for its reply only when that pays (the daemon
+is awake and recent waits were short: :class:`~.slot.ClientSlot`), else it
+sleeps on the socket until a DOORBELL.  ``"socket"`` sends every frame on the Unix socket (version 1).
 A daemon that offers no slot gives the socket transport either way.
 
 Processes: a Client and everything it opened belong to the process that
@@ -46,7 +52,8 @@ gives :class:`~.channel.DaemonTimeout` (a Closed) and the connection is closed.
 
 Concurrency: a Client and its contexts belong to one thread at a time (as
 an embedded System does).  Each context is its own socket, so different
-threads may use different contexts.
+threads may use different contexts; the Client's ``ping`` and ``stats`` use
+the first open context's socket, so they belong to that context's thread.
 """
 from __future__ import annotations
 
@@ -215,7 +222,8 @@ def connect(socket_path: str | os.PathLike[str] | None = None, *, name: str = ""
     oversized replies; a daemon that does not offer slots gives the socket
     transport).  None takes ``$POOLSVC_TRANSPORT``, else DEFAULT_TRANSPORT.
     ``shm_spin_us``: the longest a shm client polls its slot for a reply
-    before sleeping on the socket (adaptive below that).
+    before sleeping on the socket; it polls only while the daemon is awake
+    and recent waits fit that window (0: never polls).
 
     Raises BadParameters for arguments of the wrong type or range, Closed
     when nothing serves the path (saying so when the path is not a socket
