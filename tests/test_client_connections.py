@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import threading
 
 import pytest
 
@@ -188,3 +189,72 @@ def test_slot_that_never_spins(slot):
     slept = []
     slot.wait(seq, lambda s: (slept.append(s), _answer(slot, s)))  # a probe turn: still no polling
     assert slept == [seq]
+
+
+def _hang_up_server(path, drops, then=None):
+    """A listener on ``path`` that hangs up on its first ``drops`` connections
+    (after reading their HELLO) and hands later ones to ``then(sock)``."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    seen = []
+
+    def serve():
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            seen.append(sock)
+            if len(seen) <= drops or then is None:
+                sock.recv(4096)
+                sock.close()
+            else:
+                then(sock)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, seen
+
+
+def test_connect_says_hello_again_when_the_daemon_hangs_up_unanswered(daemon, tmp_path):
+    def forward(sock):  # splice the connection to the real daemon (descriptors included)
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(daemon.path)
+
+        def pump(src, dst):
+            try:
+                while True:
+                    data, fds, _flags, _addr = socket.recv_fds(src, 1 << 16, 8)
+                    if not data:
+                        break
+                    socket.send_fds(dst, [data], fds) if fds else dst.sendall(data)
+                    for fd in fds:
+                        os.close(fd)
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        threading.Thread(target=pump, args=(sock, upstream), daemon=True).start()
+        threading.Thread(target=pump, args=(upstream, sock), daemon=True).start()
+
+    path = str(tmp_path / "flaky.sock")
+    listener, seen = _hang_up_server(path, drops=2, then=forward)
+    try:
+        with connect(path, name="retried", transport="socket") as client:
+            assert len(seen) == 3  # two hang-ups, then the daemon answered
+            assert client.ping(b"through") == b"through"
+    finally:
+        listener.close()
+
+
+def test_connect_gives_up_on_a_daemon_that_always_hangs_up(tmp_path):
+    path = str(tmp_path / "rude.sock")
+    listener, seen = _hang_up_server(path, drops=1 << 30)
+    try:
+        with pytest.raises(Closed, match=r"hung up before answering HELLO \d+ times within 0.3 s"):
+            connect(path, connect_timeout=0.3)
+        assert len(seen) > 1
+    finally:
+        listener.close()

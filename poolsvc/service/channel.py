@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import random
 import socket
 import stat
 import struct
@@ -54,6 +55,9 @@ DEFAULT_TRANSPORT = "shm"
 #: it sleeps on the socket, in microseconds (see :class:`~.slot.ClientSlot`
 #: for when it polls at all).
 DEFAULT_SHM_SPIN_US = 200
+#: First and longest pause, in seconds, before saying HELLO again on a new
+#: connection when the daemon hung up without answering (see ``Channel._greet``).
+RETRY_FIRST, RETRY_MAX = 0.002, 0.2
 #: Default bound, in seconds, on connecting and on the handshake.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Default bound, in seconds, on each later wait for the daemon.
@@ -233,19 +237,7 @@ class Channel:
         self.max_frame = P.DEFAULT_MAX_FRAME
         raw_name = P.encode_name(name)
         try:
-            if transport == "shm":
-                hello = P.HELLO2.pack(P.MAGIC, P.VERSION_2, role,
-                                      P.Feature.SHM_SLOT | P.Feature.EVENTFD_BELL) + raw_name
-                reply_type, body = self.call(P.MsgType.HELLO, hello)
-                if reply_type == P.MsgType.ERROR and P.ERROR.unpack_from(body)[0] == P.ErrorCode.VERSION:
-                    # A version-1 daemon: it has hung up; speak version 1 on a new connection.
-                    self.sock.close()
-                    self.buf.clear()
-                    self._connect()
-                    transport = "socket"
-            if transport == "socket":
-                reply_type, body = self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role)
-                                             + raw_name)
+            reply_type, body = self._greet(role, raw_name, transport)
             if reply_type != P.MsgType.WELCOME or len(body) < P.WELCOME.size:
                 if reply_type == P.MsgType.ERROR:
                     raise P.error_from_body(body)
@@ -271,8 +263,59 @@ class Channel:
         self.pool = "dynamic" if pool == 0 else "static"
         self.context_name = bytes(body[name_at:]).decode("utf-8", "replace")
 
-    def _connect(self) -> None:
-        """Open ``self.sock``: connected, its waits bounded by the connect timeout.
+    def _hello(self, role: P.Role, raw_name: bytes, transport: str) -> tuple[int, memoryview]:
+        """Say HELLO on the connected socket; the daemon's answer ``(type, body)``.
+
+        A version-1 daemon refuses a version-2 HELLO and hangs up: then say
+        a version-1 HELLO on a new connection (the socket transport).
+        """
+        if transport == "shm":
+            hello = P.HELLO2.pack(P.MAGIC, P.VERSION_2, role,
+                                  P.Feature.SHM_SLOT | P.Feature.EVENTFD_BELL) + raw_name
+            reply_type, body = self.call(P.MsgType.HELLO, hello)
+            if reply_type != P.MsgType.ERROR or P.ERROR.unpack_from(body)[0] != P.ErrorCode.VERSION:
+                return reply_type, body
+            self.sock.close()
+            self.buf.clear()
+            self._connect()
+        return self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role) + raw_name)
+
+    def _greet(self, role: P.Role, raw_name: bytes, transport: str) -> tuple[int, memoryview]:
+        """:meth:`_hello`, on new connections while the daemon hangs up without an answer.
+
+        A daemon flooded with new connections may drop one before reading its
+        HELLO (it bounds the connections that have not said HELLO); a refusal,
+        by contrast, comes as an ERROR and is not retried.  Retries back off
+        (RETRY_FIRST doubling up to RETRY_MAX seconds, jittered) within the
+        connect timeout; then the last hang-up is raised as Closed.
+        """
+        start = time.monotonic()
+        limit = self.connect_timeout
+        delay = RETRY_FIRST
+        tries = 1
+        while True:
+            try:
+                return self._hello(role, raw_name, transport)
+            except DaemonTimeout:
+                raise
+            except UsedAfterFork:  # pragma: no cover - a channel is greeted in its own process
+                raise
+            except Closed as exc:
+                pause = delay * (0.5 + random.random())
+                left = None if limit is None else limit - (time.monotonic() - start) - pause
+                if left is not None and left <= 0:
+                    raise Closed(f"the pool service at {self.path} hung up before answering HELLO "
+                                 f"{tries} times within {limit} s; last: {exc}") from exc
+            time.sleep(pause)
+            delay = min(2 * delay, RETRY_MAX)
+            tries += 1
+            self.closed = False
+            self.buf.clear()
+            self._connect(left)
+
+    def _connect(self, limit: float | None = None) -> None:
+        """Open ``self.sock``: connected, its waits bounded by the connect
+        timeout (or by ``limit`` seconds, what a retry has left of it).
 
         The socket stays blocking with kernel timeouts, so a connect that
         finds the daemon's listen backlog full waits (up to the connect
@@ -282,7 +325,7 @@ class Channel:
         try:
             # The connect and the handshake are bounded by the connect timeout,
             # later waits by ``timeout``.
-            self._set_timeouts(self.connect_timeout, sock)
+            self._set_timeouts(self.connect_timeout if limit is None else limit, sock)
             sock.connect(self.path)
         except BlockingIOError as exc:
             sock.close()
