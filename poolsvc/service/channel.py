@@ -7,6 +7,11 @@ SCM_RIGHTS data of ``recvmsg_into``) queued for the frames that announce them, t
 segments those descriptors map, and (with the shm transport) the client end
 of the connection's request/reply slot (:class:`.slot.ClientSlot`).
 
+Handshake: one HELLO (version 2 with the shm transport, version 1 when the
+daemon only speaks that), said again on a new connection, backing off, when
+the daemon hangs up without answering (a daemon flooded with connections
+drops some before their HELLO); a refusal comes as an ERROR and is raised.
+
 Timeouts: ``connect_timeout`` bounds the socket connect and the handshake,
 ``timeout`` every later wait for the daemon; both are kernel socket timeouts
 (``SO_RCVTIMEO`` / ``SO_SNDTIMEO``), so a request costs no extra system call.
@@ -21,6 +26,10 @@ mappings.  Objects holding a channel refuse to be pickled (spawn and
 forkserver children must call ``connect()`` themselves).
 
 Concurrency: a channel belongs to one thread at a time.
+
+Length: over 600 lines because a Channel is one state machine (socket, slot,
+descriptor queue, mapped segments) whose request paths read each other's
+fields; split, one connection's state would live in several modules.
 """
 from __future__ import annotations
 
@@ -298,8 +307,6 @@ class Channel:
                 return self._hello(role, raw_name, transport)
             except DaemonTimeout:
                 raise
-            except UsedAfterFork:  # pragma: no cover - a channel is greeted in its own process
-                raise
             except Closed as exc:
                 pause = delay * (0.5 + random.random())
                 left = None if limit is None else limit - (time.monotonic() - start) - pause
@@ -363,12 +370,7 @@ class Channel:
 
     def check_process(self) -> None:
         """UsedAfterFork in a process forked from the one that opened the channel."""
-        if self.forks != _forks:
-            self._forked()
-
-    def _forked(self) -> NoReturn:
         check_process(self.forks, self.path)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- sending -----------------------------------------------------------------------------
     def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -406,7 +408,7 @@ class Channel:
         GOODBYE, room in the request area); else on the socket.
         """
         if self.forks != _forks:
-            self._forked()
+            check_process(self.forks, self.path)
         if slot_ok and self.slot is not None and len(self.outbox) + len(frame) <= SLOT_REQ_CAP:
             if self.outbox:
                 frame = bytes(self.outbox) + frame
@@ -433,7 +435,7 @@ class Channel:
     def drain(self) -> None:
         """Send queued requests and read the replies of every pipelined request."""
         if self.forks != _forks:
-            self._forked()
+            check_process(self.forks, self.path)
         if self.outbox:
             data = bytes(self.outbox)
             self.outbox.clear()
