@@ -36,6 +36,7 @@ from poolsvc.service.server import Server
 from poolsvc.service.settings import ServiceSettings, load
 from poolsvc.storage import LIVE
 
+from waiting import wait_until
 from svcutil import SMALL, DaemonThread, idle, kill_at_random_moments, read_frames, spawn_client, summary
 from sysutil import shm_leftovers
 
@@ -556,10 +557,11 @@ def test_register_by_descriptor_unlinked_and_memfd(daemon):
 # -- limits -----------------------------------------------------------------------------------------------
 def test_per_client_limits(tmp_path):
     d = DaemonThread(tmp_path / "l.sock", max_shms_per_client=5, max_bytes_per_client=5 * 4096,
-                     max_clients=1, max_monitors=2, max_pending=1, handshake_timeout=0.3)
+                     max_clients=1, max_monitors=1, max_pending=1, handshake_timeout=0.3)
     try:
         with connect(d.path) as client:
-            ctx = client.open_context()
+            ctx = client.open_context()  # the client's monitor connection closes: one connection
+            wait_until(lambda: d.server._census[P.Role.MONITOR] == 0, what="the client's monitor gone")
             held = [ctx.alloc_user_buf(4096) for _ in range(5)]
             with pytest.raises(OutOfMemory, match="max_shms_per_client"):
                 ctx.alloc_user_buf(4096)
@@ -567,11 +569,11 @@ def test_per_client_limits(tmp_path):
             with pytest.raises(OutOfMemory, match="max_bytes_per_client"):
                 ctx.alloc_user_buf(8192)
             ctx.alloc_user_buf(4096)
-            with connect(d.path) as second:  # a second monitor: allowed
+            with connect(d.path) as second:  # a monitor: allowed
                 with pytest.raises(OutOfMemory, match="max_clients"):
                     second.open_context()  # a second context: over max_clients
                 with pytest.raises(OutOfMemory, match="max_monitors"):
-                    connect(d.path)  # a third monitor
+                    connect(d.path)  # a second monitor
             silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             silent.settimeout(10)
             silent.connect(d.path)  # waits without a HELLO
