@@ -35,6 +35,8 @@ if str(ROOT) not in sys.path:
 import atheris  # noqa: E402  (after the path fix: the checkout, not an installed copy)
 
 PAGE = 4096
+#: The seed corpus kept in the repository: one folder per target.
+CORPUS = pathlib.Path(__file__).resolve().parent / "corpus"
 
 
 class Finding(AssertionError):
