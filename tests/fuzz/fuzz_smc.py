@@ -11,8 +11,9 @@ Input layout (little-endian), :func:`encode` writes it::
 
 The image (up to 16 pages) is mapped from MEMORY_BASE in each backend's
 FrameTable: the static carve-out is its first page, dynamic RAM the other
-15 (pages past the image's end are unmapped; a short last page reads as zeros).  ``mode`` bit 0: ``arg_pa`` is an offset into the image (else a raw PA).
-``cookies`` bit 0: cookie 1 registered; bit 1: cookie 2 registered with a
+15 (pages past the image's end are unmapped; a short last page reads as
+zeros).  ``mode`` bit 0: ``arg_pa`` is an offset into the image (else a
+raw PA).  ``cookies`` bit 0: cookie 1 registered; bit 1: cookie 2 registered with a
 call in flight; bit 2: cookie 3 is RPC memory.  ``nonsecure`` (mod 4) picks
 the non-secure ranges.
 
