@@ -9,6 +9,7 @@ touching the System from the test thread.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -18,12 +19,15 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from poolsvc import Config
 from poolsvc.service import protocol as P
 from poolsvc.service.server import Server
 from poolsvc.service.settings import ServiceSettings
+from poolsvc.storage import LIVE
+
+from sysutil import shm_leftovers
 
 MiB = 1 << 20
 SMALL = dict(dynamic_size=64 * MiB, arena_step=1 * MiB)
@@ -74,6 +78,19 @@ class DaemonThread:
                 raise AssertionError(f"daemon state never satisfied the condition: "
                                      f"{json.dumps(summary(stats), indent=1)}")
             time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def checked_daemon(path: str | Path, config: Config | None = None, **settings: Any) -> Iterator[DaemonThread]:
+    """A :class:`DaemonThread` with ``baseline`` (its idle :func:`summary`) set; after
+    it stops, no storage object of this process and nothing in ``/dev/shm`` is left."""
+    before_storage, before_shm = LIVE["storage"], shm_leftovers()
+    d = DaemonThread(path, config, **settings)
+    d.baseline = summary(d.stats())
+    yield d
+    d.stop()
+    assert LIVE["storage"] == before_storage, "daemon storage objects leaked"
+    assert shm_leftovers() == before_shm
 
 
 def read_frames(sock: socket.socket, count: int | None = None) -> list[tuple[int, bytes]]:

@@ -91,8 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--config", metavar="FILE", help="TOML config for the daemon this run starts")
     s.add_argument("--no-dynamic", action="store_true",
                    help="start the daemon without dynamic shm: every buffer from the reserved "
-                        "static pool, no registration (content checks need a view, so most "
-                        "become impossible and are counted as such)")
+                        "static pool, no registration (a private buffer stays in the daemon, so "
+                        "its content is not checked)")
     s.add_argument("--transport", choices=("socket", "shm"),
                    help="the clients' transport (default: the client library's, "
                         "$POOLSVC_TRANSPORT or shm)")

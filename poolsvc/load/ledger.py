@@ -6,10 +6,10 @@ daemon kept it:
 
 - ``live[h]`` is the :class:`Held` buffer with handle ``h``, and
   ``live_list[live[h].index] is live[h]`` (a list for uniform random picks);
-- ``pages[pa] == h`` for each page address ``pa`` of each live buffer ``h``
-  of the dynamic pool (user and kernel kinds): a new buffer whose page is
-  already in ``pages`` means the daemon gave one frame to two of this
-  client's buffers;
+- ``pages[pa] == h`` for each page address ``pa`` of each live user or
+  kernel buffer ``h`` (in either pool such a buffer owns whole pages): a new
+  buffer whose page is already in ``pages`` means the daemon gave one frame
+  to two of this client's buffers;
 - every buffer carries a pattern naming its owner (:data:`TAG`: slot,
   generation, handle), over the whole buffer (``Held.full``) or its first
   and last 16 bytes (``Held.head`` / ``Held.tail``); :meth:`Ledger._verify`
@@ -17,6 +17,10 @@ daemon kept it:
 
 A failed check is a *violation* line (``violations``), never an exception;
 a check that needs a view the buffer does not have counts as ``unverified``.
+A private buffer of the reserved static pool has no view by design: it may
+share its carve-out page with other clients' buffers, so it stays in the
+daemon (docs/design.md section 2) and its owner has no bytes to check; it
+counts in the daemon's accounting checks only.
 
 Concurrency: one thread (a worker process is single-threaded).
 """
@@ -131,7 +135,8 @@ class Ledger:
         """Read the pattern back through this process's view; a violation if it changed."""
         view = held.view
         if view is None:
-            self.unverified += 1
+            if self.dynamic or held.kind != "p":  # (a static-pool private buffer: see above)
+                self.unverified += 1
             return
         size = held.size
         if held.full:  # (tobytes: a memoryview compares bytewise, 100x slower)
@@ -181,9 +186,9 @@ class Ledger:
         else:
             try:
                 held.view = shm.view()
-            except NotSupported:
+            except NotSupported:  # a private buffer of the static pool
                 held.view = None
-            if self.dynamic and kind != "p":
+            if kind != "p":
                 self._claim_pages(held, shm)
             self._write(held, full)
         self._enlist(held)
@@ -191,8 +196,8 @@ class Ledger:
 
     def _hold_batched(self, shm: Any, kind: str, size: int, handle: int) -> None:
         """:meth:`_hold` with ``full=False``, shortened for the common case of a batch
-        (a dynamic-pool buffer of more than 32 bytes with a view)."""
-        if not self.dynamic or size <= 32:
+        (a buffer of more than 32 bytes with a view)."""
+        if size <= 32:
             self._hold(shm, kind, size, handle, full=False)
             return
         try:

@@ -19,8 +19,8 @@ What it checks (each failure is a *violation* line, never an exception):
   read back, and ``invoke`` has the secure world's SHA-256 app hash the
   buffer and compares the digest with the pattern's.  Bytes written by
   another client mean one physical frame had two owners;
-- in the dynamic pool, no page address of a new buffer belongs to one of its
-  own live buffers;
+- no page address of a new user or kernel buffer (which owns whole pages,
+  in either pool) belongs to one of its own live buffers;
 - ``lookup`` by id gives back the same buffer.
 
 The worker is assembled from one module per concern: :mod:`.ledger` (what
@@ -53,7 +53,7 @@ import time
 from typing import Any, Iterator
 
 from ..constants import GenCaps
-from ..errors import NotSupported, PoolsvcError
+from ..errors import PoolsvcError
 from .generate import Generator, Op
 from .histogram import Histogram
 from .ledger import Held
@@ -123,10 +123,7 @@ class Worker(Generator, Operations):
 
         self.session = self.ctx.open_session(Sha256App.UUID)
         self.digest = self.ctx.alloc_kernel_buf(32)
-        try:
-            self.digest_view = self.digest.view()
-        except NotSupported:  # static pool: the digest cannot be read back
-            self.digest_view = None
+        self.digest_view = self.digest.view()
 
     def _open_area(self) -> None:
         """This worker's own POSIX shm object for registrations, unlinked at once."""
