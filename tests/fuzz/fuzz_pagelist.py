@@ -11,7 +11,10 @@ Input layout (little-endian), :func:`encode` writes it::
     memory image                        the rest: up to 8 pages from MEMORY_BASE
 
 ``mode`` bit 0: pass the ranges as ``nonsecure`` (else None); bit 3: pass
-``max_segment`` (``size``) to ``pagelist_segments``.
+``max_segment`` (``size``) to ``pagelist_segments``; bit 4: pass the ranges
+as lists (the compiled kernel's slow path) instead of tuples; bit 6: pass
+``max_pages`` negative (``-1 - max_pages``); bit 7: beyond 64 bits
+(``max_pages + 2**64``; only when ``size`` is at most 4096 pages).
 
 Each input checks, compiled against pure (same result or same error class
 and message; any exception that is not a PoolsvcError is a finding):
@@ -65,7 +68,15 @@ def decode(data: bytes) -> tuple[int, int, int, int, list[tuple[int, int]] | Non
         ranges.append(RANGE.unpack(chunk + bytes(RANGE.size - len(chunk))))
         pos += RANGE.size
     image = data[pos:pos + MEMORY_PAGES * PAGE]
-    return buf_ptr, size, max_pages % MAX_PAGES_CAP, mode, ranges if mode & 1 else None, image
+    max_pages %= MAX_PAGES_CAP
+    if mode & 0x40:
+        max_pages = -1 - max_pages
+    elif mode & 0x80 and size <= MAX_PAGES_CAP * PAGE:
+        max_pages += 1 << 64
+    nonsecure = None
+    if mode & 1:
+        nonsecure = [list(r) for r in ranges] if mode & 0x10 else ranges
+    return buf_ptr, size, max_pages, mode, nonsecure, image
 
 
 def _pages_of(image: bytes) -> dict[int, bytes]:
@@ -115,7 +126,7 @@ def _check_parse(buf_ptr, size, max_pages, nonsecure, image) -> None:
 
 def _check_build(buf_ptr, size, max_pages, mode, image) -> None:
     words = np.frombuffer(image[:len(image) // 8 * 8], dtype="<u8")
-    entries = words[:1 + max_pages % MAX_ENTRIES].astype(np.uint64)
+    entries = words[:1 + abs(max_pages) % MAX_ENTRIES].astype(np.uint64)
     max_segment = size if mode & 8 else None
     agree("pagelist_segments",
           outcome("compiled pagelist_segments", compiled.pagelist_segments, entries, max_segment),
