@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Coverage-guided fuzzing of the message decoder ``poolsvc/tee/msg.py``
 (``struct optee_msg_arg``: ``unpack``, ``peek_num_params``).
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Coverage-guided fuzzing of the OP-TEE page-list kernels (``ext/pagelist.pyx``
 against its twin ``poolsvc/_pure/pagelist.py``).
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Coverage-guided fuzzing of the service protocol's decoders
 (``poolsvc/service/protocol.py``).
 

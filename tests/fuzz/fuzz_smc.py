@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Coverage-guided fuzzing of the secure world's message entry (``ext/smc_entry.pyx``:
 ``SmcEntry``, against its twin in ``poolsvc/_pure/smc.py``) and of the message
 decoder ``poolsvc/tee/msg.py`` on the same bytes.

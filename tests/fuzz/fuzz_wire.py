@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Coverage-guided fuzzing of the batch framing (``ext/wire.pyx``: ``split_frames``,
 ``run_batch``, against its twin ``poolsvc/_pure/wire.py``).
 
