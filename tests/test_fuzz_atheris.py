@@ -9,11 +9,8 @@ PoolsvcError, a disagreement between the compiled and the pure-Python
 kernels, a crash, a hang past libFuzzer's ``-timeout``) fails the test with
 the harness's report and the input in base64.
 
-``tests/fuzz/findings/<target>/`` holds reproducers of open findings in code
-this suite does not fix; each is run with ``POOLSVC_FUZZ_OPEN_FINDINGS=1`` and
-expected to fail (strict xfail: once the fix lands the test fails until the
-reproducer moves into the corpus).  docs/fuzzing.md describes the harnesses
-and how to run them for longer.
+A fixed finding's reproducer stays in its target's corpus.  docs/fuzzing.md
+describes the harnesses and how to run them for longer.
 
 atheris is in the ``test`` extra; these tests skip only when it cannot be imported.
 """
@@ -30,7 +27,6 @@ pytest.importorskip("atheris")
 
 FUZZ = pathlib.Path(__file__).resolve().parent / "fuzz"
 TARGETS = sorted(p.stem.removeprefix("fuzz_") for p in FUZZ.glob("fuzz_*.py"))
-FINDINGS = sorted((FUZZ / "findings").glob("*/*"))
 RUNS = int(os.environ.get("POOLSVC_FUZZ_RUNS", "2000"))
 SEED = int(os.environ.get("POOLSVC_FUZZ_SEED", "1"))
 #: Bound on one harness process; libFuzzer's own -timeout (per input) catches hangs first.
@@ -68,10 +64,3 @@ def test_seed_corpus_is_current(compiled):
     proc = subprocess.run([sys.executable, str(FUZZ / "make_corpus.py"), "--check"],
                           capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-@pytest.mark.parametrize("finding", FINDINGS, ids=[f"{p.parent.name}/{p.name}" for p in FINDINGS])
-@pytest.mark.xfail(strict=True, reason="an open finding in code this suite does not fix (docs/fuzzing.md)")
-def test_open_finding(finding, compiled):
-    proc = _harness(finding.parent.name, str(finding), env={"POOLSVC_FUZZ_OPEN_FINDINGS": "1"})
-    assert proc.returncode == 0, _report(proc)

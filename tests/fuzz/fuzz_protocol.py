@@ -50,10 +50,6 @@ def decode(data: bytes) -> tuple[int, int, int, bytes]:
 
 
 def _check_header(wire: bytes, pos: int, max_frame: int) -> None:
-    if len(wire) - pos < P.HEADER_SIZE and not fuzzlib.OPEN_FINDINGS:
-        # open finding (protocol.py): a short header raises struct.error, not
-        # ProtocolError; reproducer tests/fuzz/findings/protocol/parse-header-short
-        return
     header = outcome("parse_header", P.parse_header, wire, pos, max_frame)
     if header[0] != "ok":
         if header[1] != "ProtocolError":

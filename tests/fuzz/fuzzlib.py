@@ -24,7 +24,6 @@ Concurrency: a harness is one process, one thread.
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
 import sys
 from typing import Any, Callable, Iterator
@@ -36,11 +35,6 @@ if str(ROOT) not in sys.path:
 import atheris  # noqa: E402  (after the path fix: the checkout, not an installed copy)
 
 PAGE = 4096
-#: Set (to 1) to check the inputs of open findings too: findings in files this
-#: suite does not fix, each with a reproducer in ``tests/fuzz/findings/<target>/``
-#: (docs/fuzzing.md).  Unset, a harness steers around them, so that the bounded
-#: CI run keeps finding new faults instead of the known ones.
-OPEN_FINDINGS = os.environ.get("POOLSVC_FUZZ_OPEN_FINDINGS", "") not in ("", "0")
 #: The harnesses, ``tests/fuzz/fuzz_<target>.py``.
 TARGETS = ("msg", "pagelist", "protocol", "smc", "wire")
 #: The seed corpus kept in the repository: one folder per target.
