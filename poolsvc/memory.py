@@ -114,9 +114,10 @@ class Arena:
     The per-allocation work is one compiled call (``core.ArenaPages``, in
     ``pages``); the policy is here: growing when no segment has room, by a
     segment as large as the arena already is (from ARENA_FIRST_PAGES up to
-    ``step``; a larger request gets a segment of its own size), and returning an emptied segment to the OS only when another empty
-    one is kept as a spare (so a steady alloc/free pattern does not create and
-    pre-fault storage over and over).
+    ``step``; a larger request gets a segment of its own size), and returning
+    an emptied segment to the OS only when another empty one is kept as a
+    spare (so a steady alloc/free pattern does not create and pre-fault
+    storage over and over).
     """
 
     def __init__(self, memory: PhysicalMemory, step: int, prefix: str, owner: Any = None, *,
