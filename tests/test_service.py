@@ -479,8 +479,10 @@ def test_pipelined_requests_beyond_the_output_bound(tmp_path):
         data = b"".join(P.frame(P.MsgType.PING, payload + i.to_bytes(4, "little")) for i in range(n))
         sender = threading.Thread(target=sock.sendall, args=(data,))
         sender.start()
-        time.sleep(0.3)  # the daemon stops reading us after ~64 KiB of unread replies...
-        assert sender.is_alive()  # ...so our send blocks, and its memory for us stays bounded
+        # the daemon stops reading us after ~64 KiB of unread replies, so our send blocks
+        # (its memory for us stays bounded): the sender cannot finish before we read
+        sender.join(timeout=0.3)
+        assert sender.is_alive()
         with connect(d.path) as other:
             assert other.ping(b"meanwhile") == b"meanwhile"
         replies = read_frames(sock, n)
