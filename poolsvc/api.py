@@ -82,8 +82,15 @@ class Shm(Protocol):
     def view(self) -> memoryview:
         """A writable zero-copy view of the buffer's bytes, released with the Shm."""
 
+    @property
+    def buf(self) -> memoryview:
+        """The same as :meth:`view`."""
+
+    def __len__(self) -> int:
+        """The buffer's size in bytes."""
+
     def close(self) -> None:
-        """Drop one reference; the last one frees the memory."""
+        """Drop one reference; the last one frees the memory; a released Shm's does nothing."""
 
     def __enter__(self) -> Any: ...
 

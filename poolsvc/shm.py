@@ -191,6 +191,15 @@ class Shm:
             self._views = [view]
         return view
 
+    def __len__(self) -> int:
+        """The buffer's size in bytes (``size``)."""
+        return self.size
+
+    @property
+    def buf(self) -> memoryview:
+        """The same as :meth:`view` (the name ``multiprocessing.shared_memory`` uses)."""
+        return self.view()
+
     @property
     def backing(self) -> Any:
         """Where the bytes live: an ArenaRun, a StaticRun, a StaticBacking or a UserBacking."""
@@ -216,10 +225,13 @@ class Shm:
             self._views = ()
 
     def close(self) -> None:
-        """Drop one reference; the last one frees the memory."""
+        """Drop one reference; the last one frees the memory.
+
+        Closing a released Shm does nothing (like ``SharedMemory.close()``).
+        """
         refs = self._refs - 1
         if refs < 0:
-            self._check()  # raises Closed
+            return
         self._refs = refs
         if refs == 0:
             if self._views:
