@@ -25,7 +25,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from .constants import TEE_NUM_PARAMS, GenCaps, ShmFlags
-from .errors import BadParameters, NotSharedMemory, NotSupported
+from .errors import BadParameters, Closed, NotSharedMemory, NotSupported
 
 #: Sizes and ids travel as 64-bit fields (``size_t`` in the driver, u64/s64 on the wire);
 #: a size must stay below this bound.
@@ -269,6 +269,41 @@ def check_writable(view: memoryview, addr: int, mapping_writable: bool) -> None:
     if view.readonly:
         raise NotSharedMemory("buffer object is read-only; a registered buffer must be writable")
 
+
+
+class ShmBase:
+    """What both Shm implementations share: the reference count's reading, ``len()``, ``.buf``.
+
+    A subclass keeps ``_refs`` (live references), ``id``, ``cookie`` and
+    ``size``, and defines ``view()``.
+    """
+
+    __slots__ = ()
+    _refs: int
+    id: int
+    cookie: int
+    size: int
+
+    @property
+    def closed(self) -> bool:
+        """True once the last reference is dropped."""
+        return self._refs <= 0
+
+    def _check(self) -> None:
+        if self._refs <= 0:
+            raise Closed(f"shm (id {self.id}, cookie {self.cookie:#x}) is released")
+
+    def __len__(self) -> int:
+        """The buffer's size in bytes (``size``)."""
+        return self.size
+
+    def view(self) -> memoryview:
+        raise NotImplementedError
+
+    @property
+    def buf(self) -> memoryview:
+        """The same as :meth:`view` (the name ``multiprocessing.shared_memory`` uses)."""
+        return self.view()
 
 __all__ = ["SIZE_LIMIT", "Context", "Session", "Shm", "System", "check_param_count", "check_shm_id",
            "check_size", "check_u32", "check_writable", "parse_uuid", "require_reg_mem"]

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from ._backend import core
+from .api import ShmBase
 from .constants import PAGE_SHIFT, PAGE_SIZE, ShmFlags
-from .errors import Closed
 from .storage import LIVE, Storage
 
 #: The backing of a dynamic-pool Shm: frames + storage pages + mapping (ext/arena.pyx).
@@ -86,7 +86,7 @@ class UserBacking:
     mm: Any = None
 
 
-class Shm:
+class Shm(ShmBase):
     """A shared-memory object (``struct tee_shm``).
 
     Attributes: ``id`` (-1 when none), ``size`` (bytes), ``offset`` (start of
@@ -157,14 +157,6 @@ class Shm:
         pages = self.pages
         return int(pages[0]), len(pages)
 
-    @property
-    def closed(self) -> bool:
-        return self._refs <= 0
-
-    def _check(self) -> None:
-        if self._refs <= 0:
-            raise Closed(f"shm (id {self.id}, cookie {self.cookie:#x}) is released")
-
     def view(self) -> memoryview:
         """A writable memoryview of the buffer's bytes (zero-copy).
 
@@ -190,15 +182,6 @@ class Shm:
         else:
             self._views = [view]
         return view
-
-    def __len__(self) -> int:
-        """The buffer's size in bytes (``size``)."""
-        return self.size
-
-    @property
-    def buf(self) -> memoryview:
-        """The same as :meth:`view` (the name ``multiprocessing.shared_memory`` uses)."""
-        return self.view()
 
     @property
     def backing(self) -> Any:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..api import check_shm_id, check_size, check_u32, check_writable, parse_uuid, require_reg_mem
+from ..api import ShmBase, check_shm_id, check_size, check_u32, check_writable, parse_uuid, require_reg_mem
 from ..constants import PAGE_SIZE, ShmFlags
 from ..errors import Closed, NotSharedMemory, NotSupported, PoolsvcError, ProtocolError
 from . import protocol as P
@@ -73,7 +73,7 @@ _USER = int(P.Backing.USER)
 _FLAGS: dict[int, ShmFlags] = {}
 
 
-class Shm(Handle):
+class Shm(ShmBase, Handle):
     """A shared-memory object held through the daemon (the embedded Shm's API).
 
     Attributes: ``id``, ``size``, ``offset``, ``flags``, ``pages`` (numpy
@@ -124,18 +124,6 @@ class Shm(Handle):
         consecutive, else None (read ``pages`` then); builds no array."""
         return None if self.paddr is None else (self._first, self._npages)
 
-    @property
-    def closed(self) -> bool:
-        return self._refs <= 0
-
-    def _check(self) -> None:
-        if self._refs <= 0:
-            raise Closed(f"shm (id {self.id}, cookie {self.cookie:#x}) is released")
-
-    def __len__(self) -> int:
-        """The buffer's size in bytes (``size``)."""
-        return self.size
-
     def view(self) -> memoryview:
         """A writable zero-copy memoryview of the buffer (released when the Shm is).
 
@@ -160,11 +148,6 @@ class Shm(Handle):
                                "daemon: view() of it is not available through the pool service")
         self._views.append(view)
         return view
-
-    @property
-    def buf(self) -> memoryview:
-        """The same as :meth:`view` (the name ``multiprocessing.shared_memory`` uses)."""
-        return self.view()
 
     def close(self) -> None:
         """Drop one reference; the last one frees the memory (pipelined: no round trip).
