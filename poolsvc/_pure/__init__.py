@@ -17,6 +17,7 @@ from .pagelist import (
 )
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
+from .userpages import UserPages, buffer_address
 from .wire import run_batch, split_frames
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "RegisteredShm",
     "SmcDriver",
     "SmcEntry",
+    "UserPages",
+    "buffer_address",
     "gather",
     "pagelist_build",
     "pagelist_build_into",

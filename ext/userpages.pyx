@@ -1,0 +1,307 @@
+# userpages.pyx: UserPages, the frames of one registered backing object's
+# pages, pinned and released in one call each way (poolsvc/usermem.py's
+# per-object ledger), and buffer_address, the address of a caller's buffer.
+#
+# A registration pins pages [first, first + n) of an object: each page not
+# pinned yet gets one of the lowest free frames, mapped in the frame table to
+# that page of the storage (a mapping of the object) the caller names; every
+# page's reference count goes up.  Releasing is the reverse: counts go down,
+# and the frames of pages no registration covers any more are unmapped and
+# freed.  Policy (which storage, when a storage is attached or detached)
+# stays in Python.
+#
+# Errors follow docs/core.md: every check comes before the first change.
+# Frames are taken and freed through the FrameAllocator's own methods
+# (alloc_scattered / free_pages); mappings change through frametable.pxd's
+# ft_* helpers.  This file writes only its own type's fields (userpages.pxd).
+#
+# Concurrency: one thread at a time (the System's); the GIL is held
+# throughout.  The plain-Python twin, same checks in the same order, is
+# poolsvc/_pure/userpages.py.
+from libc.stdlib cimport realloc
+from libc.string cimport memset
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+
+cdef enum:
+    UP_MAX_PAGES = 1 << 30         # first_page + npages <= UP_MAX_PAGES
+
+
+def buffer_address(obj):
+    """The address of the first byte of the non-empty C-contiguous buffer ``obj`` exports.
+
+    Errors: BadParameters (no buffer protocol, not C-contiguous, or empty).
+    """
+    cdef Py_buffer view
+    cdef size_t addr
+    cdef bint empty
+    try:
+        PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE)
+    except (TypeError, BufferError, ValueError):
+        raise BadParameters(f"{type(obj).__name__} is not a contiguous buffer") from None
+    addr = <size_t>view.buf
+    empty = view.len == 0
+    PyBuffer_Release(&view)
+    if empty:
+        raise BadParameters(f"{type(obj).__name__} is an empty buffer")
+    return addr
+
+
+@cython.auto_pickle(False)
+cdef class UserPages:
+    """The frames of one backing object's pages, with a reference count per page.
+
+    ``UserPages(table, frames)``: ``table`` the FrameTable the object's
+    storage is attached to, ``frames`` the FrameAllocator frames come from;
+    both of this backend, else BadParameters.
+    """
+
+    def __cinit__(self, table, frames):
+        if not isinstance(table, FrameTable):
+            raise BadParameters(f"table must be a FrameTable, got {type(table).__name__}")
+        if not isinstance(frames, FrameAllocator):
+            raise BadParameters(f"frames must be a FrameAllocator, got {type(frames).__name__}")
+        self.table = <FrameTable>table
+        self.frames = <FrameAllocator>frames
+        self.pa = NULL
+        self.refs = NULL
+        self.sid = NULL
+        self.n = self.cap = self.pinned = self.nrefs = 0
+        self.store_sid = NULL
+        self.store_pages = NULL
+        self.nstore = self.store_cap = 0
+
+    def __dealloc__(self):
+        c_free(self.pa)
+        c_free(self.refs)
+        c_free(self.sid)
+        c_free(self.store_sid)
+        c_free(self.store_pages)
+
+    # -- internal ------------------------------------------------------------
+
+    cdef int _grow(self, int64_t n) except -1:
+        """Room for ``n`` pages (new pages unpinned)."""
+        cdef int64_t cap = max(n, 2 * self.cap, 16), k
+        cdef void *p
+        if n <= self.n:
+            return 0
+        if n > self.cap:
+            p = realloc(self.pa, <size_t>cap * sizeof(uint64_t))
+            if p == NULL:
+                raise OutOfMemory(f"cannot grow the ledger to {cap} pages")
+            self.pa = <uint64_t *>p
+            p = realloc(self.refs, <size_t>cap * sizeof(uint32_t))
+            if p == NULL:
+                raise OutOfMemory(f"cannot grow the ledger to {cap} pages")
+            self.refs = <uint32_t *>p
+            p = realloc(self.sid, <size_t>cap * sizeof(int32_t))
+            if p == NULL:
+                raise OutOfMemory(f"cannot grow the ledger to {cap} pages")
+            self.sid = <int32_t *>p
+            self.cap = cap
+        memset(&self.pa[self.n], 0, <size_t>(n - self.n) * sizeof(uint64_t))
+        memset(&self.refs[self.n], 0, <size_t>(n - self.n) * sizeof(uint32_t))
+        for k in range(self.n, n):
+            self.sid[k] = -1
+        self.n = n
+        return 0
+
+    cdef Py_ssize_t _store(self, int32_t sid) except -1:
+        """Index of ``sid``'s pair in the store arrays, added with a zero count if new."""
+        cdef Py_ssize_t i
+        cdef Py_ssize_t cap
+        cdef void *p
+        for i in range(self.nstore):
+            if self.store_sid[i] == sid:
+                return i
+        if self.nstore == self.store_cap:
+            cap = max(4, 2 * self.store_cap)
+            p = realloc(self.store_sid, <size_t>cap * sizeof(int32_t))
+            if p == NULL:
+                raise OutOfMemory("cannot grow the ledger's storage counts")
+            self.store_sid = <int32_t *>p
+            p = realloc(self.store_pages, <size_t>cap * sizeof(int64_t))
+            if p == NULL:
+                raise OutOfMemory("cannot grow the ledger's storage counts")
+            self.store_pages = <int64_t *>p
+            self.store_cap = cap
+        self.store_sid[self.nstore] = sid
+        self.store_pages[self.nstore] = 0
+        self.nstore += 1
+        return self.nstore - 1
+
+    # -- pinning -------------------------------------------------------------
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def pin(self, first_page, npages, storage_id, storage_first):
+        """One more reference to pages ``[first_page, first_page + npages)``;
+        each page not pinned yet gets a frame mapped to page
+        ``p - storage_first`` of storage ``storage_id``.
+
+        Params: ints with ``0 <= first_page``, ``1 <= npages``,
+        ``first_page + npages <= 2**30``, ``0 <= storage_id <= 65535``,
+        ``0 <= storage_first <= first_page``.
+        Returns: a new numpy uint64 array, the frame of each page.  New frames
+        are the lowest free ones, ascending in page order.
+        Errors, in this order, nothing changed: BadParameters (the params);
+        AddressError (some page is new and the storage is not attached or
+        holds fewer than ``first_page + npages - storage_first`` pages);
+        OutOfMemory (fewer free frames than new pages, as
+        ``frames.alloc_scattered``); BadParameters (a new frame already
+        mapped, as ``table.map_pages``).
+        """
+        cdef long long first = 0, n = 0, sid = 0, sfirst = 0
+        cdef int64_t k, fresh = 0, end, j
+        cdef Py_ssize_t length, slot, st
+        cdef uint64_t *out
+        cdef const uint64_t *new_pa
+        cdef uint64_t fpa
+        cdef FrameTable t = self.table
+        if not try_in_range(first_page, 0, UP_MAX_PAGES - 1, &first):
+            raise BadParameters(f"first_page must be in 0..{UP_MAX_PAGES - 1}, got {first_page!r}")
+        if not try_in_range(npages, 1, UP_MAX_PAGES - first, &n):
+            raise BadParameters(f"npages must be in 1..{UP_MAX_PAGES - first}, got {npages!r}")
+        if not try_in_range(storage_id, 0, FT_MAX_STORAGE_ID, &sid):
+            raise BadParameters(f"storage id {storage_id!r} is not in 0..{FT_MAX_STORAGE_ID}")
+        if not try_in_range(storage_first, 0, first, &sfirst):
+            raise BadParameters(f"storage_first must be in 0..{first}, got {storage_first!r}")
+        end = first + n
+        for k in range(first, min(end, self.n)):
+            if self.refs[k] == 0:
+                fresh += 1
+        if end > self.n:
+            fresh += end - max(first, self.n)
+        if fresh:
+            length = ft_storage_length(t, sid)
+            if length < 0:
+                raise AddressError(f"storage {sid} is not attached")
+            if (end - sfirst) * PSV_PAGE_SIZE > length:
+                raise AddressError(f"storage {sid} holds {length} bytes; pages up to "
+                                   f"{end - sfirst} need {(end - sfirst) * PSV_PAGE_SIZE}")
+            self._grow(end)
+            st = self._store(<int32_t>sid)
+            taken = self.frames.alloc_scattered(fresh)     # OutOfMemory: nothing taken
+            new_pa = <const uint64_t *>cnp.PyArray_DATA(taken)
+            for j in range(fresh):
+                if ft_run_slot(t, new_pa[j], 1, False) < 0:
+                    self.frames.free_pages(taken)
+                    t.map_pages(taken, sid, 0)             # raises its error
+                    raise InternalError(f"frame {new_pa[j]:#x} should not have been mappable")
+            j = 0
+            for k in range(first, end):
+                if self.refs[k] == 0:
+                    fpa = new_pa[j]
+                    j += 1
+                    ft_map_run(t, ft_run_slot(t, fpa, 1, False), 1, <int32_t>sid, k - sfirst)
+                    self.pa[k] = fpa
+                    self.sid[k] = <int32_t>sid
+            self.pinned += fresh
+            self.store_pages[st] += fresh
+        result = np.empty(n, dtype=np.uint64)
+        out = <uint64_t *>cnp.PyArray_DATA(result)
+        for k in range(first, end):
+            self.refs[k] += 1
+            out[k - first] = self.pa[k]
+        self.nrefs += n
+        return result
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def unpin(self, first_page, npages):
+        """One reference less to pages ``[first_page, first_page + npages)``;
+        the frames of pages left with none are unmapped and freed.
+
+        Returns: the number of frames freed.
+        Errors, nothing changed: BadParameters (params as ``pin``); DoubleFree
+        (a page of the range not pinned); AddressError / DoubleFree (a frame
+        to free not mapped or not in use, as ``table.unmap_pages`` /
+        ``frames.free_pages``).
+        """
+        cdef long long first = 0, n = 0
+        cdef int64_t k, gone = 0, j
+        cdef Py_ssize_t st, slot
+        cdef uint64_t *gpa
+        cdef FrameTable t = self.table
+        if not try_in_range(first_page, 0, UP_MAX_PAGES - 1, &first):
+            raise BadParameters(f"first_page must be in 0..{UP_MAX_PAGES - 1}, got {first_page!r}")
+        if not try_in_range(npages, 1, UP_MAX_PAGES - first, &n):
+            raise BadParameters(f"npages must be in 1..{UP_MAX_PAGES - first}, got {npages!r}")
+        if first + n > self.n:
+            raise DoubleFree(f"page {max(first, self.n)} of the object is not pinned")
+        for k in range(first, first + n):
+            if self.refs[k] == 0:
+                raise DoubleFree(f"page {k} of the object is not pinned")
+            if self.refs[k] == 1:
+                gone += 1
+        if gone:
+            freed = np.empty(gone, dtype=np.uint64)
+            gpa = <uint64_t *>cnp.PyArray_DATA(freed)
+            j = 0
+            for k in range(first, first + n):
+                if self.refs[k] == 1:
+                    gpa[j] = self.pa[k]
+                    j += 1
+                    if ft_run_slot(t, self.pa[k], 1, True) < 0:
+                        t.unmap_pages(freed[:j])           # raises its error
+                        raise InternalError(f"frame {self.pa[k]:#x} should not have been unmappable")
+                    if fa_used_run(self.frames, self.pa[k], 1) < 0:
+                        self.frames.free_pages(freed[:j])  # raises its error
+                        raise InternalError(f"frame {self.pa[k]:#x} should not have been free")
+            self.frames.free_pages(freed)
+            for k in range(first, first + n):
+                if self.refs[k] == 1:
+                    ft_unmap_run(t, ft_run_slot(t, self.pa[k], 1, True), 1)
+                    st = self._store(self.sid[k])
+                    self.store_pages[st] -= 1
+                    self.pa[k] = 0
+                    self.sid[k] = -1
+            self.pinned -= gone
+        for k in range(first, first + n):
+            self.refs[k] -= 1
+        self.nrefs -= n
+        return gone
+
+    # -- reading -------------------------------------------------------------
+
+    def storage_pages(self, storage_id):
+        """Pinned pages mapped to storage ``storage_id`` (0 for any other int)."""
+        cdef long long sid = 0
+        cdef Py_ssize_t i
+        if not try_in_range(storage_id, 0, FT_MAX_STORAGE_ID, &sid):
+            return 0
+        for i in range(self.nstore):
+            if self.store_sid[i] == sid:
+                return self.store_pages[i]
+        return 0
+
+    def refs_array(self):
+        """The reference count of each page of the ledger (numpy uint32, a copy)."""
+        cdef Py_ssize_t k
+        out = np.zeros(self.n, dtype=np.uint32)
+        for k in range(self.n):
+            out[k] = self.refs[k]
+        return out
+
+    def frames_array(self):
+        """The frame of each page of the ledger, 0 when unpinned (numpy uint64, a copy)."""
+        cdef Py_ssize_t k
+        out = np.zeros(self.n, dtype=np.uint64)
+        for k in range(self.n):
+            out[k] = self.pa[k]
+        return out
+
+    @property
+    def npages(self):
+        """Pages the ledger covers (the highest page ever pinned, plus one)."""
+        return self.n
+
+    @property
+    def pinned_pages(self):
+        """Pages with a reference."""
+        return self.pinned
+
+    @property
+    def references(self):
+        """The sum of the pages' references."""
+        return self.nrefs
