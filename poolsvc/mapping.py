@@ -134,7 +134,8 @@ class _Known:
         registration holds its export, the mmap can be neither closed nor resized.
         """
         ref = self.exporter
-        return (ref is not None and ref() is exporter and not exporter.closed
+        return (ref is not None and type(exporter) is mmap.mmap and ref() is exporter
+                and not exporter.closed
                 and len(exporter) == self.size and core.buffer_address(exporter) == self.base)
 
 

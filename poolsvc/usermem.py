@@ -51,18 +51,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Per-object frame tables up to this many pages are kept when their last registration goes.
 _KEEP_FILE_FRAMES = 4096
+#: Windows of the caller's mappings kept attached when no page uses them.
+_IDLE_WINDOWS = 16
 
 
 @dataclass
 class _Window:
     """One mapping of an object in this process, attached as storage ``sid``.
 
-    ``first_page`` is the object's page index at the mapping's start.
+    ``first_page`` is the object's page index at the mapping's start; ``own``
+    is True for a mapping the registry made itself (:meth:`UserMemory.register_fd`).
     """
 
     sid: int
     view: memoryview
     first_page: int
+    own: bool
 
 
 class _UserObject:
@@ -100,6 +104,8 @@ class UserMemory:
         self.cookies = cookies
         self.driver: Driver | None = None
         self.objects: dict[ObjectKey, _UserObject] = {}
+        #: idle windows of caller mappings, oldest first, by (object, start, end, file offset)
+        self.idle: dict[tuple[ObjectKey, int, int, int], _Window] = {}
 
     # -- entry points ------------------------------------------------------------------------
     def register(self, ctx: "Context", obj: Any, flags: ShmFlags) -> Shm:
@@ -161,23 +167,40 @@ class UserMemory:
             raise
 
     # -- pinning --------------------------------------------------------------------------------
-    def _window(self, obj: _UserObject, m: Mapping, whole: memoryview | None) -> _Window:
-        key = (m.start, m.end, m.file_offset)
-        window = obj.windows.get(key)
+    def _window(self, obj: _UserObject, key: ObjectKey, m: Mapping,
+                whole: memoryview | None) -> _Window:
+        """The live window of mapping ``m`` of object ``key``: a live one, an idle one
+        (``m`` was just confirmed to be that mapping), or a new one."""
+        where = (m.start, m.end, m.file_offset)
+        window = obj.windows.get(where)
         if window is None:
-            view = whole[:] if whole is not None else mapping_view(m)
-            sid = self.memory.attach(view, "user")
-            window = obj.windows[key] = _Window(sid, view, m.file_offset // PAGE_SIZE)
+            window = self.idle.pop((key, *where), None)
+            if window is None:
+                view = whole[:] if whole is not None else mapping_view(m)
+                sid = self.memory.attach(view, "user")
+                window = _Window(sid, view, m.file_offset // PAGE_SIZE, whole is not None)
+            obj.windows[where] = window
         return window
 
-    def _drop_unused_windows(self, obj: _UserObject) -> None:
-        """Detach the windows no pinned page is mapped to."""
+    def _drop_unused_windows(self, key: ObjectKey, obj: _UserObject) -> None:
+        """Retire the windows no pinned page is mapped to: a window of the caller's
+        mapping stays attached, idle, for the next registration through that
+        mapping (at most ``_IDLE_WINDOWS`` of them, the oldest detached first);
+        a mapping made by :meth:`register_fd` is detached and released."""
         storage_pages = obj.pages.storage_pages
-        for key, window in list(obj.windows.items()):
-            if not storage_pages(window.sid):
-                del obj.windows[key]
-                self.memory.detach(window.sid)
-                window.view.release()
+        unused = [item for item in obj.windows.items() if not storage_pages(item[1].sid)]
+        for where, window in unused:
+            del obj.windows[where]
+            if window.own:
+                self._detach(window)
+                continue
+            self.idle[(key, *where)] = window
+            if len(self.idle) > _IDLE_WINDOWS:
+                self._detach(self.idle.pop(next(iter(self.idle))))
+
+    def _detach(self, window: _Window) -> None:
+        self.memory.detach(window.sid)
+        window.view.release()
 
     def _pin(self, ctx: "Context", view: memoryview, m: Mapping, addr: int, length: int,
              flags: ShmFlags, whole: memoryview | None) -> Shm:
@@ -195,13 +218,13 @@ class UserMemory:
         obj = self.objects.get(key)
         if obj is None:
             obj = self.objects[key] = _UserObject(core.UserPages(self.memory.table, self.dynamic))
-        window = self._window(obj, m, whole)
+        window = self._window(obj, key, m, whole)
         try:
             pages = obj.pages.pin(first_fpage, npages, window.sid, window.first_page)
         finally:
             if not obj.pages.storage_pages(window.sid):
-                self._drop_unused_windows(obj)
-        backing = UserBacking(view, key, np.arange(first_fpage, first_fpage + npages), whole)
+                self._drop_unused_windows(key, obj)
+        backing = UserBacking(view, key, first_fpage, npages, whole)
         shm = Shm(ctx, flags, length, offset, pages, next(self.cookies), backing)
         try:
             assert self.driver is not None
@@ -218,9 +241,8 @@ class UserMemory:
         buffer's view is released."""
         key = backing.key
         obj = self.objects[key]
-        file_pages = backing.file_pages
-        if obj.pages.unpin(int(file_pages[0]), len(file_pages)):
-            self._drop_unused_windows(obj)
+        if obj.pages.unpin(backing.first_page, backing.npages):
+            self._drop_unused_windows(key, obj)
             if obj.pages.npages > _KEEP_FILE_FRAMES and not obj.pages.pinned_pages:
                 del self.objects[key]  # small ledgers stay, to spare the next registration
         backing.view.release()
