@@ -179,15 +179,18 @@ cdef class UserPages:
             if (end - sfirst) * PSV_PAGE_SIZE > length:
                 raise AddressError(f"storage {sid} holds {length} bytes; pages up to "
                                    f"{end - sfirst} need {(end - sfirst) * PSV_PAGE_SIZE}")
-            self._grow(end)
-            st = self._store(<int32_t>sid)
             taken = self.frames.alloc_scattered(fresh)     # OutOfMemory: nothing taken
             new_pa = <const uint64_t *>cnp.PyArray_DATA(taken)
-            for j in range(fresh):
-                if ft_run_slot(t, new_pa[j], 1, False) < 0:
-                    self.frames.free_pages(taken)
-                    t.map_pages(taken, sid, 0)             # raises its error
-                    raise InternalError(f"frame {new_pa[j]:#x} should not have been mappable")
+            try:
+                for j in range(fresh):
+                    if ft_run_slot(t, new_pa[j], 1, False) < 0:
+                        t.map_pages(taken, sid, 0)         # raises its error
+                        raise InternalError(f"frame {new_pa[j]:#x} should not have been mappable")
+                self._grow(end)
+                st = self._store(<int32_t>sid)
+            except BaseException:
+                self.frames.free_pages(taken)
+                raise
             j = 0
             for k in range(first, end):
                 if self.refs[k] == 0:

@@ -102,13 +102,13 @@ class UserPages:
             if (end - sfirst) * PAGE_SIZE > len(view):
                 raise AddressError(f"storage {sid} holds {len(view)} bytes; pages up to "
                                    f"{end - sfirst} need {(end - sfirst) * PAGE_SIZE}")
-            self._grow(end)
             taken = self._frames.alloc_scattered(len(fresh))
             for pa in taken.tolist():
                 if self._table.region_index(pa) < 0 or self._table.is_mapped(pa):
                     self._frames.free_pages(taken)
                     self._table.map_pages(taken, sid, 0)
                     raise InternalError(f"frame {pa:#x} should not have been mappable")
+            self._grow(end)
             for pa, p in zip(taken.tolist(), fresh):
                 self._table.map_range(pa, 1, sid, p - sfirst)
                 self._pa[p] = pa
