@@ -8,8 +8,8 @@ frames; and the kernel alone (``UserPages.pin`` + ``unpin`` of 1 and 256
 pages), compiled beside its pure twin.
 
 ``test_register_ratios`` measures the six System cases in one run,
-interleaved round by round so that the load of a shared machine falls on all
-of them alike, and records in ``extra_info`` the medians (us per operation)
+interleaved round by round, each round about as long as the others, so that
+the load of a shared machine falls on all of them alike, and records in ``extra_info`` the medians (us per operation)
 and the ratios:
 
 - ``ratio_4k`` = register 4 KiB / alloc 4 KiB,
@@ -37,7 +37,9 @@ from poolsvc import Config, System
 PAGE = 4096
 MIB = 1 << 20
 OPS = 200
-ROUNDS = 40
+ROUNDS = 200
+#: the length of one round of test_register_ratios, in microseconds
+ROUND_US = 400
 
 
 def record(benchmark, ops: int) -> None:
@@ -83,20 +85,30 @@ def _cases(system, client):
     return ctx, (small, whole), cases
 
 
+def _calibrate(op, target_us: float) -> int:
+    """Operations per round so that a round lasts about ``target_us`` (best of 5 tries)."""
+    best = min(_time(op, 5) for _ in range(5))
+    return max(1, int(target_us / best))
+
+
+def _time(op, ops: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(ops):
+        op()
+    return (time.perf_counter() - t0) / ops * 1e6
+
+
 def test_register_ratios(benchmark, system, client, smoke):
     ctx, views, cases = _cases(system, client)
-    for op, _ in cases.values():
-        op()                                   # segments, windows and mappings exist first
+    # rounds of equal length, so that preemption on a loaded machine hits every case alike
+    ops = {name: 1 if smoke else _calibrate(op, ROUND_US) for name, (op, _) in cases.items()}
     rounds = 1 if smoke else ROUNDS
     times: dict[str, list[float]] = {name: [] for name in cases}
 
     def run():
         for _ in range(rounds):
-            for name, (op, ops) in cases.items():
-                t0 = time.perf_counter()
-                for _ in range(ops):
-                    op()
-                times[name].append((time.perf_counter() - t0) / ops * 1e6)
+            for name, (op, _) in cases.items():
+                times[name].append(_time(op, ops[name]))
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     med = {name: statistics.median(v) for name, v in times.items()}

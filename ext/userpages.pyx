@@ -46,6 +46,26 @@ def buffer_address(obj):
     return addr
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def page_run_start(pages):
+    """``pages[0]`` when the page array holds consecutive frames
+    (``pages[i] == pages[0] + i * 4096``), else None.
+
+    Errors: as ``FrameTable.map_pages`` for an array that is not one
+    (BadParameters: empty, not 1-D integers).
+    """
+    cdef cnp.ndarray arr = as_page_array(pages, "pages")
+    cdef const uint64_t *pa = <const uint64_t *>cnp.PyArray_DATA(arr)
+    cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0), i
+    if n == 0:
+        raise BadParameters("pages is empty")
+    for i in range(1, n):
+        if pa[i] != pa[0] + <uint64_t>i * PSV_PAGE_SIZE:
+            return None
+    return pa[0]
+
+
 @cython.auto_pickle(False)
 cdef class UserPages:
     """The frames of one backing object's pages, with a reference count per page.
@@ -152,8 +172,8 @@ cdef class UserPages:
         mapped, as ``table.map_pages``).
         """
         cdef long long first = 0, n = 0, sid = 0, sfirst = 0
-        cdef int64_t k, fresh = 0, end, j
-        cdef Py_ssize_t length, slot, st
+        cdef int64_t k, q, fresh = 0, end, j, old_n
+        cdef Py_ssize_t length, slot, st = 0
         cdef uint64_t *out
         cdef const uint64_t *new_pa
         cdef uint64_t fpa
@@ -181,24 +201,31 @@ cdef class UserPages:
                                    f"{end - sfirst} need {(end - sfirst) * PSV_PAGE_SIZE}")
             taken = self.frames.alloc_scattered(fresh)     # OutOfMemory: nothing taken
             new_pa = <const uint64_t *>cnp.PyArray_DATA(taken)
+            old_n = self.n
             try:
-                for j in range(fresh):
-                    if ft_run_slot(t, new_pa[j], 1, False) < 0:
-                        t.map_pages(taken, sid, 0)         # raises its error
-                        raise InternalError(f"frame {new_pa[j]:#x} should not have been mappable")
                 self._grow(end)
                 st = self._store(<int32_t>sid)
+                # map new frame j to its page, in page order; undone if a frame refuses
+                j = 0
+                for k in range(first, end):
+                    if self.refs[k] == 0:
+                        slot = ft_run_slot(t, new_pa[j], 1, False)
+                        if slot < 0:
+                            for q in range(first, k):
+                                if self.refs[q] == 0:
+                                    ft_unmap_run(t, ft_run_slot(t, self.pa[q], 1, True), 1)
+                                    self.pa[q] = 0
+                                    self.sid[q] = -1
+                            t.map_pages(taken, sid, 0)     # raises its error
+                            raise InternalError(f"frame {new_pa[j]:#x} should not have been mappable")
+                        ft_map_run(t, slot, 1, <int32_t>sid, k - sfirst)
+                        self.pa[k] = new_pa[j]
+                        self.sid[k] = <int32_t>sid
+                        j += 1
             except BaseException:
+                self.n = old_n                             # pages past it are unpinned again
                 self.frames.free_pages(taken)
                 raise
-            j = 0
-            for k in range(first, end):
-                if self.refs[k] == 0:
-                    fpa = new_pa[j]
-                    j += 1
-                    ft_map_run(t, ft_run_slot(t, fpa, 1, False), 1, <int32_t>sid, k - sfirst)
-                    self.pa[k] = fpa
-                    self.sid[k] = <int32_t>sid
             self.pinned += fresh
             self.store_pages[st] += fresh
         result = np.empty(n, dtype=np.uint64)
@@ -216,14 +243,15 @@ cdef class UserPages:
         the frames of pages left with none are unmapped and freed.
 
         Returns: the number of frames freed.
-        Errors, nothing changed: BadParameters (params as ``pin``); DoubleFree
-        (a page of the range not pinned); AddressError / DoubleFree (a frame
-        to free not mapped or not in use, as ``table.unmap_pages`` /
-        ``frames.free_pages``).
+        Errors, in this order, nothing changed: BadParameters (params as
+        ``pin``); DoubleFree (a page of the range not pinned); AddressError
+        (a frame to free not mapped, as ``table.unmap_pages``); DoubleFree (a
+        frame to free not in use, as ``frames.free_pages``).
         """
         cdef long long first = 0, n = 0
         cdef int64_t k, gone = 0, j
-        cdef Py_ssize_t st, slot
+        cdef Py_ssize_t st = 0
+        cdef int32_t last
         cdef uint64_t *gpa
         cdef FrameTable t = self.table
         if not try_in_range(first_page, 0, UP_MAX_PAGES - 1, &first):
@@ -248,14 +276,14 @@ cdef class UserPages:
                     if ft_run_slot(t, self.pa[k], 1, True) < 0:
                         t.unmap_pages(freed[:j])           # raises its error
                         raise InternalError(f"frame {self.pa[k]:#x} should not have been unmappable")
-                    if fa_used_run(self.frames, self.pa[k], 1) < 0:
-                        self.frames.free_pages(freed[:j])  # raises its error
-                        raise InternalError(f"frame {self.pa[k]:#x} should not have been free")
-            self.frames.free_pages(freed)
+            self.frames.free_pages(freed)                  # DoubleFree: nothing freed
+            last = -2
             for k in range(first, first + n):
                 if self.refs[k] == 1:
                     ft_unmap_run(t, ft_run_slot(t, self.pa[k], 1, True), 1)
-                    st = self._store(self.sid[k])
+                    if self.sid[k] != last:
+                        last = self.sid[k]
+                        st = self._store(last)
                     self.store_pages[st] -= 1
                     self.pa[k] = 0
                     self.sid[k] = -1

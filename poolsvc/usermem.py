@@ -225,7 +225,12 @@ class UserMemory:
             if not obj.pages.storage_pages(window.sid):
                 self._drop_unused_windows(key, obj)
         backing = UserBacking(view, key, first_fpage, npages, whole)
-        shm = Shm(ctx, flags, length, offset, pages, next(self.cookies), backing)
+        start = core.page_run_start(pages)
+        if start is None:
+            shm = Shm(ctx, flags, length, offset, pages, next(self.cookies), backing)
+        else:  # consecutive frames: described as a run, as the pool's buffers are
+            shm = Shm(ctx, flags, length, offset, None, next(self.cookies), backing,
+                      run=(start, npages))
         try:
             assert self.driver is not None
             self.driver.register(pages, offset, length, shm.cookie)
@@ -241,7 +246,8 @@ class UserMemory:
         buffer's view is released."""
         key = backing.key
         obj = self.objects[key]
-        if obj.pages.unpin(backing.first_page, backing.npages):
+        if obj.pages.unpin(backing.first_page, backing.npages) and (
+                len(obj.windows) > 1 or not obj.pages.pinned_pages):
             self._drop_unused_windows(key, obj)
             if obj.pages.npages > _KEEP_FILE_FRAMES and not obj.pages.pinned_pages:
                 del self.objects[key]  # small ledgers stay, to spare the next registration

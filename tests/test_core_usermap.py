@@ -189,10 +189,11 @@ def test_pin_refusals_change_nothing(core):
 
 def test_pin_refuses_a_mapped_frame(core):
     w = World(core, nframes=4)
-    w.table.map_range(DYN, 1, 9, 0)        # a free frame someone mapped: refused, all given back
+    w.table.map_range(DYN + PAGE, 1, 9, 0)  # a free frame someone mapped: refused, all given back
+    before = w.state()
     with pytest.raises(BadParameters, match="already mapped"):
-        w.pages.pin(0, 2, 3, 0)
-    assert w.frames.used_frames == 0 and w.pages.references == 0
+        w.pages.pin(0, 3, 3, 0)
+    assert w.state() == before and w.table.mapped_frames == 1
 
 
 def test_unpin_refusals_change_nothing(core):
@@ -223,6 +224,15 @@ def test_constructor_checks_its_parts(core):
         core.UserPages(f, f)
     with pytest.raises(BadParameters):
         core.UserPages(t, t)
+
+
+def test_page_run_start(core):
+    assert core.page_run_start(np.array([DYN], np.uint64)) == DYN
+    assert core.page_run_start([DYN, DYN + PAGE, DYN + 2 * PAGE]) == DYN
+    assert core.page_run_start([DYN, DYN + 2 * PAGE]) is None
+    assert core.page_run_start([DYN + PAGE, DYN]) is None
+    with pytest.raises(BadParameters):
+        core.page_run_start([])
 
 
 def test_buffer_address(core):

@@ -17,7 +17,7 @@ from .pagelist import (
 )
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
-from .userpages import UserPages, buffer_address
+from .userpages import UserPages, buffer_address, page_run_start
 from .wire import run_batch, split_frames
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "pagelist_build_into",
     "pagelist_parse",
     "pagelist_parse_frames",
+    "page_run_start",
     "pagelist_segments",
     "run_batch",
     "scatter",

@@ -1,8 +1,8 @@
 """Plain-Python reference of the compiled user-pages kernel (``ext/userpages.pyx``).
 
 Owns: UserPages (the frames of one registered backing object's pages, with a
-reference count per page; ``pin`` / ``unpin`` in one call each way) and
-buffer_address (the address of a caller's buffer).  The contract is
+reference count per page; ``pin`` / ``unpin`` in one call each way), buffer_address (the address of a
+caller's buffer) and page_run_start (whether a page array is one run).  The contract is
 ``docs/core.md``; same checks, same order and same error types as the compiled
 twin.  It reads the storage lengths through the pure FrameTable's ``_storage``
 dict (both files are the reference backend).
@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import AddressError, BadParameters, DoubleFree, InternalError
 from .alloc import FrameAllocator
-from .tables import MAX_STORAGE_ID, FrameTable
+from .tables import MAX_STORAGE_ID, FrameTable, as_page_array
 
 PAGE_SIZE = 4096
 MAX_PAGES = 1 << 30  # first_page + npages <= MAX_PAGES
@@ -40,6 +40,14 @@ def buffer_address(obj: Any) -> int:
             raise BadParameters(f"{type(obj).__name__} is an empty buffer")
         with view.cast("B") as flat:
             return int(np.frombuffer(flat, np.uint8).__array_interface__["data"][0])
+
+
+def page_run_start(pages: Any) -> int | None:
+    """``pages[0]`` when the page array holds consecutive frames, else None."""
+    arr = [int(p) for p in as_page_array(pages)]
+    if not arr:
+        raise BadParameters("pages is empty")
+    return arr[0] if all(p == arr[0] + i * PAGE_SIZE for i, p in enumerate(arr)) else None
 
 
 def _in_range(value: Any, lo: int, hi: int) -> int | None:
@@ -133,9 +141,6 @@ class UserPages:
                 if not self._table.is_mapped(pa):
                     self._table.unmap_pages(freed[:j + 1])
                     raise InternalError(f"frame {pa:#x} should not have been unmappable")
-                if self._frames.is_free(pa):
-                    self._frames.free_pages(freed[:j + 1])
-                    raise InternalError(f"frame {pa:#x} should not have been free")
             self._frames.free_pages(freed)
             self._table.unmap_pages(freed)
             for p in gone:
@@ -175,4 +180,4 @@ class UserPages:
         return int(self._refs.sum())
 
 
-__all__ = ["UserPages", "buffer_address"]
+__all__ = ["UserPages", "buffer_address", "page_run_start"]
