@@ -172,7 +172,8 @@ cdef class UserPages:
         mapped, as ``table.map_pages``).
         """
         cdef long long first = 0, n = 0, sid = 0, sfirst = 0
-        cdef int64_t k, q, fresh = 0, end, j, old_n
+        cdef int64_t k, q, fresh = 0, end, j, old_n, one = -1
+        cdef uint64_t one_pa = 0
         cdef Py_ssize_t length, slot, st = 0
         cdef uint64_t *out
         cdef const uint64_t *new_pa
@@ -199,8 +200,18 @@ cdef class UserPages:
             if (end - sfirst) * PSV_PAGE_SIZE > length:
                 raise AddressError(f"storage {sid} holds {length} bytes; pages up to "
                                    f"{end - sfirst} need {(end - sfirst) * PSV_PAGE_SIZE}")
-            taken = self.frames.alloc_scattered(fresh)     # OutOfMemory: nothing taken
-            new_pa = <const uint64_t *>cnp.PyArray_DATA(taken)
+            if fresh == 1:                                 # one frame: no array
+                one = fa_find_run(self.frames, 1)
+                if one < 0:
+                    self.frames.alloc_scattered(1)         # raises OutOfMemory
+                    raise InternalError("a free frame should have been found")
+                fa_take_run(self.frames, one, 1)
+                one_pa = fa_pa(self.frames, one)
+                new_pa = &one_pa
+                taken = None
+            else:
+                taken = self.frames.alloc_scattered(fresh) # OutOfMemory: nothing taken
+                new_pa = <const uint64_t *>cnp.PyArray_DATA(taken)
             old_n = self.n
             try:
                 self._grow(end)
@@ -216,7 +227,8 @@ cdef class UserPages:
                                     ft_unmap_run(t, ft_run_slot(t, self.pa[q], 1, True), 1)
                                     self.pa[q] = 0
                                     self.sid[q] = -1
-                            t.map_pages(taken, sid, 0)     # raises its error
+                            t.map_pages(np.array([new_pa[q] for q in range(fresh)], np.uint64),
+                                        sid, 0)            # raises its error
                             raise InternalError(f"frame {new_pa[j]:#x} should not have been mappable")
                         ft_map_run(t, slot, 1, <int32_t>sid, k - sfirst)
                         self.pa[k] = new_pa[j]
@@ -224,7 +236,10 @@ cdef class UserPages:
                         j += 1
             except BaseException:
                 self.n = old_n                             # pages past it are unpinned again
-                self.frames.free_pages(taken)
+                if taken is None:
+                    fa_give_run(self.frames, one, 1)
+                else:
+                    self.frames.free_pages(taken)
                 raise
             self.pinned += fresh
             self.store_pages[st] += fresh
@@ -249,7 +264,8 @@ cdef class UserPages:
         frame to free not in use, as ``frames.free_pages``).
         """
         cdef long long first = 0, n = 0
-        cdef int64_t k, gone = 0, j
+        cdef int64_t k, q, gone = 0, j, one
+        cdef uint64_t one_pa = 0
         cdef Py_ssize_t st = 0
         cdef int32_t last
         cdef uint64_t *gpa
@@ -266,17 +282,28 @@ cdef class UserPages:
             if self.refs[k] == 1:
                 gone += 1
         if gone:
-            freed = np.empty(gone, dtype=np.uint64)
-            gpa = <uint64_t *>cnp.PyArray_DATA(freed)
+            if gone == 1:                                  # one frame: no array
+                freed = None
+                gpa = &one_pa
+            else:
+                freed = np.empty(gone, dtype=np.uint64)
+                gpa = <uint64_t *>cnp.PyArray_DATA(freed)
             j = 0
             for k in range(first, first + n):
                 if self.refs[k] == 1:
                     gpa[j] = self.pa[k]
                     j += 1
                     if ft_run_slot(t, self.pa[k], 1, True) < 0:
-                        t.unmap_pages(freed[:j])           # raises its error
+                        t.unmap_pages(np.array([gpa[q] for q in range(j)], np.uint64))  # raises
                         raise InternalError(f"frame {self.pa[k]:#x} should not have been unmappable")
-            self.frames.free_pages(freed)                  # DoubleFree: nothing freed
+            if freed is None:
+                one = fa_used_run(self.frames, one_pa, 1)
+                if one < 0:
+                    self.frames.free_pages(np.array([one_pa], np.uint64))  # raises DoubleFree
+                    raise InternalError(f"frame {one_pa:#x} should not have been free")
+                fa_give_run(self.frames, one, 1)
+            else:
+                self.frames.free_pages(freed)              # DoubleFree: nothing freed
             last = -2
             for k in range(first, first + n):
                 if self.refs[k] == 1:
