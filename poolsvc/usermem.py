@@ -55,29 +55,38 @@ _KEEP_FILE_FRAMES = 4096
 _IDLE_WINDOWS = 16
 
 
-@dataclass
+@dataclass(eq=False)
 class _Window:
     """One mapping of an object in this process, attached as storage ``sid``.
 
-    ``first_page`` is the object's page index at the mapping's start; ``own``
-    is True for a mapping the registry made itself (:meth:`UserMemory.register_fd`).
+    ``where`` is ``(mapping start, end, file offset)``; ``first_page`` the
+    object's page index at the mapping's start; ``own`` is True for a mapping
+    the registry made itself (:meth:`UserMemory.register_fd`); ``idle`` while
+    no pinned page is mapped to it (then it is in ``UserMemory.idle``).
     """
 
     sid: int
     view: memoryview
     first_page: int
     own: bool
+    where: tuple[int, int, int]
+    idle: bool = False
 
 
 class _UserObject:
     """The ledger of one backing object (``core.UserPages``) and its windows."""
 
-    __slots__ = ("pages", "windows")
+    __slots__ = ("pages", "attached")
 
     def __init__(self, pages: Any) -> None:
         self.pages = pages
-        #: by (mapping start, end, file offset)
-        self.windows: dict[tuple[int, int, int], _Window] = {}
+        #: live and idle windows, by (mapping start, end, file offset)
+        self.attached: dict[tuple[int, int, int], _Window] = {}
+
+    @property
+    def windows(self) -> dict[tuple[int, int, int], _Window]:
+        """The live windows: those a pinned page is mapped to."""
+        return {where: w for where, w in self.attached.items() if not w.idle}
 
     @property
     def refs(self) -> np.ndarray:
@@ -104,8 +113,8 @@ class UserMemory:
         self.cookies = cookies
         self.driver: Driver | None = None
         self.objects: dict[ObjectKey, _UserObject] = {}
-        #: idle windows of caller mappings, oldest first, by (object, start, end, file offset)
-        self.idle: dict[tuple[ObjectKey, int, int, int], _Window] = {}
+        #: idle windows of caller mappings, oldest first, each with its object
+        self.idle: dict[_Window, _UserObject] = {}
 
     # -- entry points ------------------------------------------------------------------------
     def register(self, ctx: "Context", obj: Any, flags: ShmFlags) -> Shm:
@@ -167,36 +176,38 @@ class UserMemory:
             raise
 
     # -- pinning --------------------------------------------------------------------------------
-    def _window(self, obj: _UserObject, key: ObjectKey, m: Mapping,
-                whole: memoryview | None) -> _Window:
-        """The live window of mapping ``m`` of object ``key``: a live one, an idle one
-        (``m`` was just confirmed to be that mapping), or a new one."""
+    def _window(self, obj: _UserObject, m: Mapping, whole: memoryview | None) -> _Window:
+        """The window of mapping ``m`` of ``obj``, live from here on: an attached one
+        (live, or idle: ``m`` was just confirmed to be that mapping), or a new one."""
         where = (m.start, m.end, m.file_offset)
-        window = obj.windows.get(where)
+        window = obj.attached.get(where)
         if window is None:
-            window = self.idle.pop((key, *where), None)
-            if window is None:
-                view = whole[:] if whole is not None else mapping_view(m)
-                sid = self.memory.attach(view, "user")
-                window = _Window(sid, view, m.file_offset // PAGE_SIZE, whole is not None)
-            obj.windows[where] = window
+            view = whole[:] if whole is not None else mapping_view(m)
+            sid = self.memory.attach(view, "user")
+            window = _Window(sid, view, m.file_offset // PAGE_SIZE, whole is not None, where)
+            obj.attached[where] = window
+        elif window.idle:
+            window.idle = False
+            del self.idle[window]
         return window
 
-    def _drop_unused_windows(self, key: ObjectKey, obj: _UserObject) -> None:
-        """Retire the windows no pinned page is mapped to: a window of the caller's
-        mapping stays attached, idle, for the next registration through that
-        mapping (at most ``_IDLE_WINDOWS`` of them, the oldest detached first);
-        a mapping made by :meth:`register_fd` is detached and released."""
+    def _drop_unused_windows(self, obj: _UserObject) -> None:
+        """Retire the live windows no pinned page is mapped to: a window of the
+        caller's mapping stays attached, idle, for the next registration through
+        that mapping (at most ``_IDLE_WINDOWS`` of them, the oldest detached
+        first); a mapping made by :meth:`register_fd` is detached and released."""
         storage_pages = obj.pages.storage_pages
-        unused = [item for item in obj.windows.items() if not storage_pages(item[1].sid)]
-        for where, window in unused:
-            del obj.windows[where]
+        for window in [w for w in obj.attached.values() if not w.idle and not storage_pages(w.sid)]:
             if window.own:
+                del obj.attached[window.where]
                 self._detach(window)
                 continue
-            self.idle[(key, *where)] = window
+            window.idle = True
+            self.idle[window] = obj
             if len(self.idle) > _IDLE_WINDOWS:
-                self._detach(self.idle.pop(next(iter(self.idle))))
+                oldest = next(iter(self.idle))
+                del self.idle.pop(oldest).attached[oldest.where]
+                self._detach(oldest)
 
     def _detach(self, window: _Window) -> None:
         self.memory.detach(window.sid)
@@ -218,12 +229,12 @@ class UserMemory:
         obj = self.objects.get(key)
         if obj is None:
             obj = self.objects[key] = _UserObject(core.UserPages(self.memory.table, self.dynamic))
-        window = self._window(obj, key, m, whole)
+        window = self._window(obj, m, whole)
         try:
             pages = obj.pages.pin(first_fpage, npages, window.sid, window.first_page)
         finally:
             if not obj.pages.storage_pages(window.sid):
-                self._drop_unused_windows(key, obj)
+                self._drop_unused_windows(obj)
         backing = UserBacking(view, key, first_fpage, npages, whole)
         start = core.page_run_start(pages)
         if start is None:
@@ -247,10 +258,13 @@ class UserMemory:
         key = backing.key
         obj = self.objects[key]
         if obj.pages.unpin(backing.first_page, backing.npages) and (
-                len(obj.windows) > 1 or not obj.pages.pinned_pages):
-            self._drop_unused_windows(key, obj)
+                len(obj.attached) > 1 or not obj.pages.pinned_pages):
+            self._drop_unused_windows(obj)
             if obj.pages.npages > _KEEP_FILE_FRAMES and not obj.pages.pinned_pages:
                 del self.objects[key]  # small ledgers stay, to spare the next registration
+                for window in obj.attached.values():
+                    del self.idle[window]
+                    self._detach(window)
         backing.view.release()
         if backing.mm is not None:
             backing.mm.release()

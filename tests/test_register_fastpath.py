@@ -142,7 +142,7 @@ def test_idle_window_is_reused_and_bounded(system, objects):
     um = system.usermem
     ctx.register_user_buf(a.buf[:PAGE]).close()
     assert len(um.idle) == 1
-    (window,) = um.idle.values()
+    (window,) = um.idle
     with ctx.register_user_buf(a.buf[PAGE:2 * PAGE]) as shm:
         assert not um.idle and system.memory.table.lookup(int(shm.pages[0]))[0] == window.sid
     maps = [mmap.mmap(a._fd, SIZE) for _ in range(_IDLE_WINDOWS + 2)]
