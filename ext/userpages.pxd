@@ -33,3 +33,4 @@ cdef class UserPages:
 
     cdef int _grow(self, int64_t n) except -1
     cdef Py_ssize_t _store(self, int32_t sid) except -1
+    cdef int _give_frames(self, object freed, const uint64_t *pas, int64_t n) except -1

@@ -18,7 +18,7 @@
 # Concurrency: one thread at a time (the System's); the GIL is held
 # throughout.  The plain-Python twin, same checks in the same order, is
 # poolsvc/_pure/userpages.py.
-from libc.stdlib cimport realloc
+from libc.stdlib cimport malloc, realloc
 from libc.string cimport memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
@@ -150,6 +150,36 @@ cdef class UserPages:
         self.nstore += 1
         return self.nstore - 1
 
+    cdef int _give_frames(self, object freed, const uint64_t *pas, int64_t n) except -1:
+        """Free the ``n`` frames ``pas`` (in page order; ``freed`` the same as a page
+        array, or None when ``n == 1``); all or nothing (DoubleFree as
+        ``frames.free_pages``).  Runs of consecutive frames are given back a run
+        at a time when they are few; else one ``free_pages`` call."""
+        cdef int64_t i, e, q, nruns = 1
+        for i in range(1, n):
+            if pas[i] != pas[i - 1] + PSV_PAGE_SIZE:
+                nruns += 1
+        if freed is not None and nruns * 8 > n:
+            self.frames.free_pages(freed)
+            return 0
+        i = 0
+        while i < n:                                       # check every run first
+            e = i + 1
+            while e < n and pas[e] == pas[e - 1] + PSV_PAGE_SIZE:
+                e += 1
+            if fa_used_run(self.frames, pas[i], e - i) < 0:
+                self.frames.free_pages(np.array([pas[q] for q in range(n)], np.uint64))  # raises
+                raise InternalError(f"frames at {pas[i]:#x} should not have been free")
+            i = e
+        i = 0
+        while i < n:
+            e = i + 1
+            while e < n and pas[e] == pas[e - 1] + PSV_PAGE_SIZE:
+                e += 1
+            fa_give_run(self.frames, fa_used_run(self.frames, pas[i], e - i), e - i)
+            i = e
+        return 0
+
     # -- pinning -------------------------------------------------------------
 
     @cython.boundscheck(False)
@@ -264,9 +294,10 @@ cdef class UserPages:
         frame to free not in use, as ``frames.free_pages``).
         """
         cdef long long first = 0, n = 0
-        cdef int64_t k, q, gone = 0, j, one
+        cdef int64_t k, q, gone = 0, j
         cdef uint64_t one_pa = 0
         cdef Py_ssize_t st = 0
+        cdef Py_ssize_t *slots
         cdef int32_t last
         cdef uint64_t *gpa
         cdef FrameTable t = self.table
@@ -288,32 +319,34 @@ cdef class UserPages:
             else:
                 freed = np.empty(gone, dtype=np.uint64)
                 gpa = <uint64_t *>cnp.PyArray_DATA(freed)
-            j = 0
-            for k in range(first, first + n):
-                if self.refs[k] == 1:
-                    gpa[j] = self.pa[k]
-                    j += 1
-                    if ft_run_slot(t, self.pa[k], 1, True) < 0:
-                        t.unmap_pages(np.array([gpa[q] for q in range(j)], np.uint64))  # raises
-                        raise InternalError(f"frame {self.pa[k]:#x} should not have been unmappable")
-            if freed is None:
-                one = fa_used_run(self.frames, one_pa, 1)
-                if one < 0:
-                    self.frames.free_pages(np.array([one_pa], np.uint64))  # raises DoubleFree
-                    raise InternalError(f"frame {one_pa:#x} should not have been free")
-                fa_give_run(self.frames, one, 1)
-            else:
-                self.frames.free_pages(freed)              # DoubleFree: nothing freed
-            last = -2
-            for k in range(first, first + n):
-                if self.refs[k] == 1:
-                    ft_unmap_run(t, ft_run_slot(t, self.pa[k], 1, True), 1)
-                    if self.sid[k] != last:
-                        last = self.sid[k]
-                        st = self._store(last)
-                    self.store_pages[st] -= 1
-                    self.pa[k] = 0
-                    self.sid[k] = -1
+            slots = <Py_ssize_t *>malloc(<size_t>gone * sizeof(Py_ssize_t))
+            if slots == NULL:
+                raise MemoryError()
+            try:
+                j = 0
+                for k in range(first, first + n):
+                    if self.refs[k] == 1:
+                        gpa[j] = self.pa[k]
+                        slots[j] = ft_run_slot(t, self.pa[k], 1, True)
+                        j += 1
+                        if slots[j - 1] < 0:
+                            t.unmap_pages(np.array([gpa[q] for q in range(j)], np.uint64))  # raises
+                            raise InternalError(f"frame {self.pa[k]:#x} should not have been unmappable")
+                self._give_frames(freed, gpa, gone)
+                last = -2
+                j = 0
+                for k in range(first, first + n):
+                    if self.refs[k] == 1:
+                        ft_unmap_run(t, slots[j], 1)
+                        j += 1
+                        if self.sid[k] != last:
+                            last = self.sid[k]
+                            st = self._store(last)
+                        self.store_pages[st] -= 1
+                        self.pa[k] = 0
+                        self.sid[k] = -1
+            finally:
+                c_free(slots)
             self.pinned -= gone
         for k in range(first, first + n):
             self.refs[k] -= 1
