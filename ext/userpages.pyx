@@ -368,19 +368,15 @@ cdef class UserPages:
 
     def refs_array(self):
         """The reference count of each page of the ledger (numpy uint32, a copy)."""
-        cdef Py_ssize_t k
-        out = np.zeros(self.n, dtype=np.uint32)
-        for k in range(self.n):
-            out[k] = self.refs[k]
-        return out
+        if self.n == 0:
+            return np.zeros(0, dtype=np.uint32)
+        return np.array(<uint32_t[:self.n]> self.refs)
 
     def frames_array(self):
         """The frame of each page of the ledger, 0 when unpinned (numpy uint64, a copy)."""
-        cdef Py_ssize_t k
-        out = np.zeros(self.n, dtype=np.uint64)
-        for k in range(self.n):
-            out[k] = self.pa[k]
-        return out
+        if self.n == 0:
+            return np.zeros(0, dtype=np.uint64)
+        return np.array(<uint64_t[:self.n]> self.pa)
 
     @property
     def npages(self):

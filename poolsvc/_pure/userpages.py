@@ -11,13 +11,13 @@ Concurrency: none; an object belongs to one thread at a time.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import numpy as np
 
 from ..errors import AddressError, BadParameters, DoubleFree, InternalError
 from .alloc import FrameAllocator
+from .smc import _in
 from .tables import MAX_STORAGE_ID, FrameTable, as_page_array
 
 PAGE_SIZE = 4096
@@ -50,15 +50,6 @@ def page_run_start(pages: Any) -> int | None:
     return arr[0] if all(p == arr[0] + i * PAGE_SIZE for i, p in enumerate(arr)) else None
 
 
-def _in_range(value: Any, lo: int, hi: int) -> int | None:
-    """``value`` as an int when it is one in ``[lo, hi]``, else None."""
-    try:
-        x = operator.index(value)
-    except TypeError:
-        return None
-    return x if lo <= x <= hi else None
-
-
 class UserPages:
     """The frames of one backing object's pages, with a reference count per page."""
 
@@ -75,10 +66,10 @@ class UserPages:
         self._store: dict[int, int] = {}
 
     def _range(self, first_page: Any, npages: Any) -> tuple[int, int]:
-        first = _in_range(first_page, 0, MAX_PAGES - 1)
+        first = _in(first_page, 0, MAX_PAGES - 1)
         if first is None:
             raise BadParameters(f"first_page must be in 0..{MAX_PAGES - 1}, got {first_page!r}")
-        n = _in_range(npages, 1, MAX_PAGES - first)
+        n = _in(npages, 1, MAX_PAGES - first)
         if n is None:
             raise BadParameters(f"npages must be in 1..{MAX_PAGES - first}, got {npages!r}")
         return first, n
@@ -94,10 +85,10 @@ class UserPages:
         """One more reference to pages ``[first_page, first_page + npages)``; new pages
         get the lowest free frames, mapped to page ``p - storage_first`` of the storage."""
         first, n = self._range(first_page, npages)
-        sid = _in_range(storage_id, 0, MAX_STORAGE_ID)
+        sid = _in(storage_id, 0, MAX_STORAGE_ID)
         if sid is None:
             raise BadParameters(f"storage id {storage_id!r} is not in 0..{MAX_STORAGE_ID}")
-        sfirst = _in_range(storage_first, 0, first)
+        sfirst = _in(storage_first, 0, first)
         if sfirst is None:
             raise BadParameters(f"storage_first must be in 0..{first}, got {storage_first!r}")
         end = first + n
@@ -153,7 +144,7 @@ class UserPages:
 
     def storage_pages(self, storage_id: Any) -> int:
         """Pinned pages mapped to storage ``storage_id`` (0 for any other int)."""
-        sid = _in_range(storage_id, 0, MAX_STORAGE_ID)
+        sid = _in(storage_id, 0, MAX_STORAGE_ID)
         return 0 if sid is None else self._store.get(sid, 0)
 
     def refs_array(self) -> np.ndarray:
