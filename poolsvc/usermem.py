@@ -9,10 +9,16 @@ One registry, keyed by the backing object's identity (``ObjectKey``:
 of the object, the frame given to it (``pa``), the storage it is mapped to
 (``sid``) and how many live registrations cover it (``refs``).  Two
 registrations that share pages of one object share their frames, whichever
-mapping or descriptor they came through.  The storage of a page is a
+mapping or descriptor they came through.  The ledger is the compiled
+``core.UserPages`` (docs/core.md): a registration's frames are taken and
+mapped in one call and given back in one call.  The storage of a page is a
 *window*: one mapping of the object in this process, attached as storage;
-a window lives while a page with ``refs > 0`` is mapped to it, so its
-liveness follows from the same ledger.
+a window is live while a page with ``refs > 0`` is mapped to it, so its
+liveness follows from the same ledger.  A window of the caller's own mapping
+stays attached, idle, when its last page goes (at most ``_IDLE_WINDOWS``),
+and is used again only for the mapping it was made for, once
+``poolsvc/mapping.py`` has confirmed that mapping current; a mapping the
+registry made from a descriptor is released with its last page.
 
 Invariants (per object):
   ``refs[p] > 0  <=>  pa[p] != 0``, and then ``sid[p]`` is a live window's
