@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -166,12 +167,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("study", "The study behind `poolsvc bench`",
            about="Contiguous allocation, the reserved static pool and registered scattered pages, "
                  "by buffer size and fragmentation level (`docs/benchmarks.md` explains the "
-                 "columns). Failure rates, overheads, segments and runs depend only on the seed; "
-                 "latencies and bandwidths on the machine."),
+                 "columns and the plots). Failure rates and the mechanism's counts (frames, runs, "
+                 "list pages, messages, pinned pages) depend only on the seed; times and "
+                 "bandwidths on the machine."),
     Family("load", "Load: `poolsvc load`",
-           about="Eight client processes for 60 s against a `poolsvc serve` daemon started for "
-                 "the run, with SIGKILLs and malformed requests (`docs/load.md`): single requests, "
-                 "then batches of 256."),
+           about="Eight client processes for 60 s (counted once every client is connected) "
+                 "against a `poolsvc serve` daemon started for the run, with SIGKILLs and "
+                 "malformed requests (`docs/load.md`): single requests, then batches of 256."),
 )}
 
 #: Families run by default: everything that pytest-benchmark measures.
@@ -386,28 +388,48 @@ def run_pytest(family: Family, pytest_args: list[str]) -> dict[str, Any]:
 
 # -- command families ---------------------------------------------------------------------------
 
+def study_body(report: str, folder: str) -> list[str]:
+    """The body of ``study.md`` from the study's ``report.md`` (saved in ``folder``, beside
+    ``study.md``): its own title dropped, and its links to files beside it (``latency.png``)
+    made relative to ``study.md`` (``study/latency.png``)."""
+    lines = report.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    text = "\n".join(lines).strip("\n")
+    return [re.sub(r"\]\((?![a-z]+:|/|#)([^)]+)\)", lambda m: f"]({folder}/{m.group(1)})", text)]
+
+
 def run_study(output: Path) -> list[str]:
-    with tempfile.TemporaryDirectory(prefix="poolsvc-results-") as tmp:
-        md = os.path.join(tmp, "study.md")
-        plots = output / "study"
-        cmd = [sys.executable, "-m", "poolsvc", "bench", "--markdown", md, "--plot", str(plots)]
-        print("running:", shlex.join(cmd), flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise SystemExit(f"study: poolsvc bench exited with status {proc.returncode}")
-        body = Path(md).read_text()
-    pngs = sorted(p.name for p in plots.glob("*.png"))
-    out = ["Command run: `python -m poolsvc bench` with its defaults (`--seed 1`, 1,000 attempts "
-           "per cell).", ""]
-    out += [f"![{p[:-4]}](study/{p})" for p in pngs] + [""] if pngs else []
-    return out + [body]
+    """Run ``poolsvc bench`` with its defaults, saving its folder (report.md, results.json and
+    the plots) as ``<output>/study/``; returns the body of ``study.md``."""
+    from poolsvc.study import DEFAULT_TRIALS
+
+    folder = output / "study"
+    for old in folder.glob("*"):
+        old.unlink()                 # the folder holds this run's files only
+    cmd = [sys.executable, "-m", "poolsvc", "bench", "--out", str(folder)]
+    print("running:", shlex.join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise SystemExit(f"study: poolsvc bench exited with status {proc.returncode}")
+    shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+    out = [f"Command run: `python -m poolsvc bench --out {shown}` with its defaults "
+           f"(`--seed 1`, {DEFAULT_TRIALS:,} attempts per cell). That folder holds its report "
+           f"([study/report.md](study/report.md)), every figure as JSON "
+           f"([study/results.json](study/results.json)) and the plots.", ""]
+    return out + study_body((folder / "report.md").read_text(), folder.name)
 
 
 def run_load() -> list[str]:
+    """Run the two standard loads of ``LOAD_RUNS``; returns the body of ``load.md``: one row per
+    run (throughput beside its docs/design.md section 7 target, faults, checks), then the latency
+    percentiles of each run per operation and over every operation."""
     from poolsvc.load.mix import TIMED
+    from poolsvc.load.report import TARGET_BATCHED, TARGET_SINGLE
 
-    out = ["| run | command options | ops/s | kills | malformed | violations | leaks | result |",
-           "|---|---|---:|---:|---:|---:|---|---|"]
+    out = ["| run | command options | ops/s | target ops/s | of target | connect s | kills | "
+           "malformed | violations | leaks | result |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     latency: list[str] = []
     with tempfile.TemporaryDirectory(prefix="poolsvc-results-") as tmp:
         for label, options in LOAD_RUNS:
@@ -421,20 +443,27 @@ def run_load() -> list[str]:
                 report = json.load(fh)
             os.unlink(path)
             leaks = report.get("leaks", {})
-            out.append(f"| {label} | `{' '.join(options)}` | {report['ops_per_s']:,.0f} | "
+            target = TARGET_BATCHED if report["spec"]["batch"] > 1 else TARGET_SINGLE
+            out.append(f"| {label} | `{' '.join(options)}` | {report['ops_per_s']:,.0f} | {target:,} | "
+                       f"{report['ops_per_s'] / target:.0%} | {report.get('start_s', 0.0):.1f} | "
                        f"{report['faults']['kills']} | {report['faults']['malformed_sent']} | "
                        f"{report.get('violations', {}).get('count', '?')} | "
                        f"{', '.join(f'{k} {v:+d}' for k, v in leaks.items()) or 'none'} | "
                        f"{'OK' if report.get('ok') else 'FAILED'} |")
             latency += [f"### Latency seen by the clients, {label} (µs)", "",
                         "| operation | count | p50 | p90 | p99 | p99.9 |", "|---|---:|---:|---:|---:|---:|"]
-            for op in TIMED:
-                e = report["ops"].get(op)
+            rows = [(op, report["ops"].get(op)) for op in TIMED]
+            rows.append(("every operation", report.get("latency_us")))
+            for op, e in rows:
                 if e:
                     latency.append(f"| {op} | {e['count']:,} | {e['p50_us']:,.1f} | {e['p90_us']:,.1f} | "
                                    f"{e['p99_us']:,.1f} | {e['p999_us']:,.1f} |")
             latency.append("")
-    return ["The load targets are in docs/design.md section 7.", ""] + out + [""] + latency
+    return ["The load targets are those of docs/design.md section 7. 'connect s': the time the "
+            "clients took to connect before the run's clock started (not counted). A batched "
+            "operation's latency is its batch's round trip divided by its size; the `batch` row "
+            "is the round trip itself (docs/load.md). Percentiles are exact to 3 significant "
+            "digits.", ""] + out + [""] + latency
 
 
 # -- main ---------------------------------------------------------------------------------------

@@ -118,8 +118,8 @@ def test_floor_register_message_round_trip(benchmark, system):
 
     def run():
         for _ in range(OPS):
-            system._tee_register(pages, 0, 4096, cookie)
-            system._tee_unregister(cookie)
+            system.driver.register(pages, 0, 4096, cookie)
+            system.driver.unregister(cookie)
 
     benchmark(run)
     record(benchmark, OPS)
@@ -133,8 +133,8 @@ def test_floor_register_run_round_trip(benchmark, system):
 
     def run():
         for _ in range(OPS):
-            system._tee_register_run(pa, 1, 4096, cookie)
-            system._tee_unregister(cookie)
+            system.driver.register_run(pa, 1, 4096, cookie)
+            system.driver.unregister(cookie)
 
     benchmark(run)
     record(benchmark, OPS)

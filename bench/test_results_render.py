@@ -2,7 +2,8 @@
 
 Owns: the checks that a results file names the machine, the date and the
 command, that per-operation figures come from ``extra_info`` when a benchmark
-records them, and that targets are judged from the right benchmarks.  No
+records them, that targets are judged from the right benchmarks, and that the
+study's report keeps working links inside ``study.md``.  No
 benchmark runs here; the documents are built in the test.
 """
 from __future__ import annotations
@@ -82,3 +83,13 @@ def test_figure_benchmarks_listed_apart():
     assert "### Figures of `test_service_ratios`" in text
     assert "| `k7` | 7 |" in text
     assert "### test_service_ratios" not in text
+
+
+def test_study_body_links_relative_to_the_results_file():
+    report = ("# poolsvc bench: title\n\nMeasured on a machine.\n\n"
+              "![latency p50 with p99 band](latency.png)\n\n[web](https://example.org/a.png) [here](#summary)\n")
+    (body,) = results.study_body(report, "study")
+    assert not body.startswith("# ")            # study.md has its own title
+    assert body.startswith("Measured on a machine.")
+    assert "![latency p50 with p99 band](study/latency.png)" in body
+    assert "[web](https://example.org/a.png) [here](#summary)" in body

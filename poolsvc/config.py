@@ -5,7 +5,7 @@
 ``Config.from_toml(path)`` reads a flat TOML table (keys as the field names;
 sizes may be integers or strings such as ``"16MiB"`` or ``"0x1000"``).
 
-Default layout (DESIGN.md section 2): secure RAM at PA 0x0e000000 (16 MiB),
+Default layout (docs/design.md section 2): secure RAM at PA 0x0e000000 (16 MiB),
 the reserved static shm carve-out at 0x42000000 (4 MiB), dynamic non-secure
 RAM at 0x50000000 (1 GiB).
 """

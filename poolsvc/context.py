@@ -16,7 +16,8 @@ register_kernel_buf    DYNAMIC               any alignment; no id
 An allocation served by the reserved static pool clears DYNAMIC.  The memory
 comes from the System's pools (``poolsvc/pools.py``) and user-memory registry
 (``poolsvc/usermem.py``); the context owns its shms (by cookie), its sessions
-and its arena (the storage of its dynamic-pool buffers).
+and its arena (the storage of its pool buffers: dynamic-pool runs, and the
+static pool's user and kernel buffers).
 
 Concurrency: a Context belongs to its System's thread.
 """
@@ -55,8 +56,13 @@ class Context:
         self.cid = cid
         self.name = name or f"ctx{cid}"
         self.shms: dict[int, Shm] = {}  # by cookie
-        self.arena = Arena(system.memory, system.config.arena_step, system.config.shm_prefix,
-                           owner=self, frames=system.dynamic)
+        config = system.config
+        # the static pool's user and kernel buffers live in the arena too: a context can
+        # never hold more of them than the carve-out, so its arena grows by no more
+        step = config.arena_step
+        if not system.pools.dynamic_pool and system.pools.static is not None:
+            step = min(step, config.static_size)
+        self.arena = Arena(system.memory, step, config.shm_prefix, owner=self, frames=system.dynamic)
         # the compiled halves of Arena.take / Arena.give, for the allocation hot path
         self.take_pages = self.arena.pages.take
         self.give_pages = self.arena.pages.give

@@ -3,7 +3,8 @@
 ``register_*_buf(obj)`` accepts any buffer-protocol object backed by POSIX
 shared memory.  This module finds, from the buffer's virtual address, the
 mapping that holds it by reading the process's memory maps
-(``/proc/self/maps``): a shared (``s``) mapping of a file under ``/dev/shm``.
+(``/proc/self/maps``): a shared (``s``) mapping of a file under ``/dev/shm``
+or of a memfd (poolsvc's own storage, or a caller's).
 Private memory (heap, anonymous, ``MAP_PRIVATE``) and read-only mappings are
 refused with :class:`~poolsvc.errors.NotSharedMemory`.
 
@@ -78,11 +79,11 @@ def buffer_span(obj: Any) -> tuple[memoryview, int, int]:
 
 
 def shm_mappings() -> list[Mapping]:
-    """The shared mappings of ``/dev/shm`` objects in this process."""
+    """The shared mappings of ``/dev/shm`` objects and memfds in this process."""
     found: list[Mapping] = []
     with open("/proc/self/maps", "rb") as fh:
         for raw in fh:
-            if b"/dev/shm/" not in raw:
+            if b"/dev/shm/" not in raw and b"/memfd:" not in raw:
                 continue
             parts = raw.decode("utf-8", "replace").split(None, 5)
             if len(parts) < 6:

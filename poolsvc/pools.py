@@ -4,14 +4,28 @@ The pool is chosen from the TEE's capabilities: DYNAMIC_SHM gives the
 dynamic pool (contiguous frames of dynamic RAM, registered with the secure
 world through a REGISTER_SHM page list unless PRIV); otherwise the reserved
 static pool, a carve-out of physical memory the secure world knows from the
-start (``core.RangeAllocator`` over one storage object mapped at
-``static_base``).
+start.
+
+Frames are identities in both pools (docs/design.md section 2).  The static
+pool's allocator (``core.RangeAllocator``, genalloc semantics) only decides
+a buffer's carve-out addresses.  A user or kernel buffer is page-aligned and
+page-rounded (as Linux's pool rounds it to its page alignment), so it owns
+its frames outright: its bytes live in pages of its context's arena, mapped
+at those addresses in the frame table while it lives, exactly as a dynamic
+pool run's are, and a client of the pool service maps them as it maps a
+dynamic buffer.  A private buffer (16-byte aligned, rounded to the pool's
+granule) may share a page with others, so it lives in the carve-out's own storage object,
+which backs every carve-out frame no buffer has taken, and never leaves the
+process that holds the System.
 
 Memory is zeroed when freed, so every allocation starts zeroed.
 
-Accounting invariants (checked by the tests after every operation):
+Invariants (checked by the tests: tests/sysutil.py, tests/test_static_pool.py):
   ``dynamic.free_frames + dynamic.used_frames == dynamic.nframes``
   ``static.free_bytes + static.used_bytes == static.size``
+  every carve-out frame is mapped: to a live StaticRun's arena page, or else
+  to its own page of the carve-out storage;
+  a carve-out storage page under a live StaticRun is zero.
 
 Concurrency: one thread (the System's).
 """
@@ -25,7 +39,7 @@ from ._backend import core
 from .config import Config
 from .constants import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, ShmFlags
 from .memory import PhysicalMemory
-from .shm import Shm, StaticBacking, pool_shm
+from .shm import Shm, StaticBacking, StaticRun, pool_shm
 from .storage import Storage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,19 +117,68 @@ class Pools:
 
     # -- the static pool --------------------------------------------------------------------------
     def alloc_static(self, ctx: "Context", size: int, align: int, flags: ShmFlags) -> Shm:
-        """A range of the carve-out, ``align``-aligned; the Shm is never registered."""
+        """A range of the carve-out, ``align``-aligned; the Shm is never registered.
+
+        A user or kernel buffer (``align`` a page) gets its context's arena
+        pages mapped at its carve-out frames (:class:`StaticRun`); a private
+        buffer stays in the carve-out's storage (:class:`StaticBacking`).
+        Errors: those of the range allocator (OutOfMemory, BadParameters) and
+        of the arena (OutOfMemory when the OS refuses storage); nothing is
+        taken when it raises.
+        """
         assert self.static is not None and self.carveout is not None
         pa = self.static.alloc(size, align)
         length = self.static.allocation_at(pa)[1]
-        offset = pa & PAGE_MASK
-        npages = (offset + length + PAGE_MASK) // PAGE_SIZE
-        backing = StaticBacking(pa, length, pa - self.config.static_base, self.carveout)
-        return Shm(ctx, flags, length, offset, None, next(self.cookies), backing, (pa - offset, npages))
+        if flags is _POOL_PRIV:
+            offset = pa & PAGE_MASK
+            npages = (offset + length + PAGE_MASK) // PAGE_SIZE
+            backing = StaticBacking(pa, length, pa - self.config.static_base, self.carveout)
+            return Shm(ctx, flags, length, offset, None, next(self.cookies), backing, (pa - offset, npages))
+        npages = length >> PAGE_SHIFT  # page-aligned and page-rounded: align is a page
+        try:
+            segment, index = ctx.arena.alloc(npages)
+        except BaseException:
+            self.static.free(pa)
+            raise
+        try:
+            self._lend(pa, npages, segment.sid, index)
+        except BaseException:
+            ctx.arena.free(segment, index, npages)
+            self.static.free(pa)
+            raise
+        run = StaticRun(pa, npages, segment, index)
+        return Shm(ctx, flags, length, 0, None, next(self.cookies), run, (pa, npages))
 
-    def free_static(self, backing: StaticBacking) -> None:
-        """Zero a static-pool range and give it back."""
-        assert self._carveout_bytes is not None
-        self._carveout_bytes[backing.start:backing.start + backing.length] = 0
+    def _lend(self, pa: int, npages: int, sid: int, index: int) -> None:
+        """Map carve-out frames ``pa ..`` to storage ``sid`` from page ``index`` (all or nothing)."""
+        table = self.memory.table
+        table.unmap_range(pa, npages)
+        try:
+            table.map_range(pa, npages, sid, index)
+        except BaseException:
+            self._take_back(pa, npages, mapped=False)
+            raise
+
+    def _take_back(self, pa: int, npages: int, mapped: bool = True) -> None:
+        """Map carve-out frames ``pa ..`` to the carve-out's own pages again."""
+        table = self.memory.table
+        if mapped:
+            table.unmap_range(pa, npages)
+        table.map_range(pa, npages, self._carveout_sid, (pa - self.config.static_base) >> PAGE_SHIFT)
+
+    def free_static(self, ctx: "Context", backing: StaticRun | StaticBacking) -> None:
+        """Zero a static-pool buffer's bytes and give its range back.
+
+        A :class:`StaticRun`'s frames return to the carve-out's (zero) pages
+        and its arena pages are zeroed and freed (the arena may then return
+        an emptied segment to the OS).
+        """
+        if isinstance(backing, StaticRun):
+            self._take_back(backing.pa, backing.npages)
+            ctx.arena.free(backing.segment, backing.index, backing.npages)
+        else:
+            assert self._carveout_bytes is not None
+            self._carveout_bytes[backing.start:backing.start + backing.length] = 0
         self.static.free(backing.pa)
 
 

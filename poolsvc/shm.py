@@ -1,12 +1,15 @@
 """A shared-memory object (``struct tee_shm``) and where its bytes live.
 
 :class:`Shm` is what every constructor of a Context returns.  Its backing is
-one of three kinds, and ``view()`` reads the bytes from it:
+one of four kinds, and ``view()`` reads the bytes from it:
 
 - ``ArenaRun`` (``core.ArenaRun``): a dynamic-pool buffer, a run of pages of
   one of its context's arena segments;
-- :class:`StaticBacking`: a buffer of the reserved static pool, a range of the
-  carve-out's storage;
+- :class:`StaticRun`: a page-granular buffer of the reserved static pool (a
+  user or kernel buffer): carve-out addresses whose frames are mapped to a
+  run of pages of one of its context's arena segments, like an ``ArenaRun``;
+- :class:`StaticBacking`: a private buffer of the reserved static pool, a
+  range of the carve-out's own storage (several may share a page);
 - :class:`UserBacking`: a registered buffer, the caller's own object, pinned
   by a memoryview of it (``poolsvc/usermem.py``).
 
@@ -32,9 +35,33 @@ from .storage import LIVE, Storage
 ArenaRun = core.ArenaRun
 
 
+class StaticRun:
+    """A page-granular range of the reserved static pool, backed by its context's arena.
+
+    ``pa`` (first carve-out PA, page-aligned), ``npages``, ``segment`` (the
+    ``poolsvc.memory.Segment`` holding the bytes) and ``index`` (first page
+    of the run in that segment): the frames ``pa .. pa + npages * 4096`` are
+    mapped to those storage pages while the buffer lives, and to the
+    carve-out's own (zero) pages otherwise.  ``segment`` and ``index`` have
+    the meaning they have on an ``ArenaRun``, so the pool service describes
+    both alike.
+    """
+
+    __slots__ = ("pa", "npages", "segment", "index")
+
+    def __init__(self, pa: int, npages: int, segment: Any, index: int) -> None:
+        self.pa = pa
+        self.npages = npages
+        self.segment = segment
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"StaticRun(pa={self.pa:#x}, npages={self.npages}, index={self.index})"
+
+
 @dataclass
 class StaticBacking:
-    """A range of the reserved static pool: PA, length, byte offset in the carve-out."""
+    """A private range of the reserved static pool: PA, length, byte offset in the carve-out."""
 
     pa: int
     length: int
@@ -146,7 +173,7 @@ class Shm:
         """
         self._check()
         backing = self._backing
-        if type(backing) is ArenaRun:
+        if type(backing) is ArenaRun or type(backing) is StaticRun:
             start = backing.index * PAGE_SIZE + self.offset
             base = memoryview(backing.segment.storage.mm)
             view = base[start:start + self.size]
@@ -166,7 +193,7 @@ class Shm:
 
     @property
     def backing(self) -> Any:
-        """Where the bytes live: an ArenaRun, a StaticBacking or a UserBacking."""
+        """Where the bytes live: an ArenaRun, a StaticRun, a StaticBacking or a UserBacking."""
         return self._backing
 
     def acquire(self) -> None:
@@ -242,4 +269,4 @@ def pool_shm(context: Any, flags: ShmFlags, run: Any, npages: int, cookie: int) 
     return shm
 
 
-__all__ = ["ArenaRun", "Shm", "StaticBacking", "UserBacking", "pool_shm"]
+__all__ = ["ArenaRun", "Shm", "StaticBacking", "StaticRun", "UserBacking", "pool_shm"]

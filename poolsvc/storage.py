@@ -1,21 +1,23 @@
 """Storage objects: the OS calls behind poolsvc's memory, in one small module.
 
-Everything that calls ``shm_open``, ``mmap``, ``ftruncate`` or ``shm_unlink``
-lives here; allocator and pool logic never does.  A :class:`Storage` is one
-POSIX shared-memory object, mapped shared and pre-faulted:
+Everything that calls ``memfd_create``, ``mmap`` or ``ftruncate`` lives here;
+allocator and pool logic never does.  A :class:`Storage` is one anonymous
+shared-memory object (a memfd), mapped shared and pre-faulted:
 
-- created with ``O_CREAT|O_EXCL``, mode ``0600``, under a name that cannot be
-  guessed (``{prefix}-{pid}-{128 random bits}``);
-- unlinked at once, before the creator returns: from then on it lives only as
-  open descriptors and mappings, which the kernel frees when the last one goes
-  (a SIGKILL at any later moment leaves nothing in ``/dev/shm``);
+- mode ``0600``, named ``{prefix}-{pid}-{random}`` for ``/proc/<pid>/maps``
+  readers, but with no name in any file system: it lives only as open
+  descriptors and mappings, which the kernel frees when the last one goes
+  (a SIGKILL at any moment leaves nothing in ``/dev/shm``);
+- sealed against shrinking and growing (``F_SEAL_SHRINK | F_SEAL_GROW``), so
+  a process it is shared with (a client of the pool service receives its
+  arena's descriptors) can write it but never truncate it under a mapping;
 - the descriptor is kept open so that it can be passed to another process
   with ``SCM_RIGHTS`` (the pool service does), and closed by :meth:`close`.
 
-The window between create and unlink is a few microseconds; a process killed
-inside it leaves one object whose name carries its pid, which
-:func:`cleanup_stale` removes (every System does on start, as iceoryx's RouDi
-removes what a crashed predecessor left).
+:func:`cleanup_stale` removes ``/dev/shm`` objects named after a dead pid
+with poolsvc's prefix, which a process killed while creating a POSIX shm
+object of that name leaves (every System runs it on start, as iceoryx's
+RouDi removes what a crashed predecessor left).
 
 Concurrency: not thread-safe; each Storage belongs to one owner.
 Counters: ``LIVE`` holds the number of open Storage objects and their
@@ -23,6 +25,7 @@ descriptors; tests assert it balanced.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
@@ -59,29 +62,30 @@ class Storage:
 
     @classmethod
     def create(cls, size: int, prefix: str = "/poolsvc") -> "Storage":
-        """Create, map (pre-faulted) and unlink a new object of ``size`` bytes.
+        """Create, seal, map (pre-faulted) a new anonymous object of ``size`` bytes.
 
-        Raises OutOfMemory when the OS refuses the object or the mapping.
+        The object is a memfd sealed against shrinking and growing, so that a
+        process it is shared with can write it but never resize it under a
+        mapping (no SIGBUS).  Raises OutOfMemory when the OS refuses the object
+        or the mapping.
         """
         if size <= 0 or size % mmap.PAGESIZE:
             raise PoolsvcError(f"storage size {size:#x} is not a positive multiple of the page size")
-        name = f"{prefix}-{os.getpid()}-{secrets.token_hex(16)}"
+        name = f"{prefix.lstrip('/')}-{os.getpid()}-{secrets.token_hex(8)}"
         try:
-            shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=0o600, size=size)
-        except (posix_ipc.Error, OSError, ValueError) as exc:
-            raise OutOfMemory(f"cannot create a {size:#x}-byte shared-memory object: {exc}") from exc
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            raise OutOfMemory(f"cannot create a {size:#x}-byte memory object: {exc.strerror}") from exc
         try:
-            shm.unlink()
-            mm = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED | _POPULATE,
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except (posix_ipc.Error, OSError, ValueError) as exc:
-            try:
-                shm.unlink()
-            except posix_ipc.Error:
-                pass
-            shm.close_fd()
-            raise OutOfMemory(f"cannot map a {size:#x}-byte shared-memory object: {exc}") from exc
-        return cls(name, shm.fd, size, mm)
+        except (OSError, ValueError) as exc:
+            os.close(fd)
+            raise OutOfMemory(f"cannot size, seal and map a {size:#x}-byte memory object: {exc}") from exc
+        return cls(name, fd, size, mm)
 
     @classmethod
     def from_fd(cls, fd: int, size: int, name: str = "<fd>") -> "Storage":

@@ -449,7 +449,7 @@ def summary_lines(report: Report) -> list[str]:
             if total:
                 text += f", refuses every attempt from {human_size(total[0].size)}"
         if total and total[0].failure_reason and "order" in total[0].failure_reason:
-            text += " (above MAX_ORDER, as alloc_pages_exact)"
+            text += ", above MAX_ORDER as alloc_pages_exact"
         out.append(text + f" (largest free run {human_size(lv.largest_free_run * PAGE_SIZE)}).")
     # 2. what scattered pages cost, at the most fragmented level, against contiguous on a fresh system
     if levels:
@@ -464,7 +464,8 @@ def summary_lines(report: Report) -> list[str]:
                                f"{pagelist.list_pages_needed(size // PAGE_SIZE)} contiguous list pages, "
                                f"allocated as Linux does")
                 continue
-            per_size.append(f"{human_size(size)} = {sc.frames} frames in {sc.segments} runs, "
+            per_size.append(f"{human_size(size)} = {sc.frames} frame{'s' if sc.frames != 1 else ''} in "
+                            f"{sc.segments} run{'s' if sc.segments != 1 else ''}, "
                             f"{sc.list_pages} list page{'s' if sc.list_pages != 1 else ''}, "
                             f"set-up {_f(sc.setup_us)} µs")
         if per_size:

@@ -20,7 +20,9 @@ Registration of existing buffers needs REG_MEM, offered only with DYNAMIC_SHM.
 Release order (``tee_shm_release``, :meth:`System.release`): a pool buffer is
 unregistered from the secure world (if it was registered) and its memory
 returned to the pool; a registered buffer is unregistered, then its frames
-released.
+released.  Both pools keep a buffer's bytes in its context's arena (the
+static pool's private buffers excepted, ``poolsvc/pools.py``), so closing a
+context returns its frames and its storage alike.
 
 Accounting invariants, checked by the tests after every operation:
   ``dynamic.free_frames + dynamic.used_frames == dynamic.nframes``
@@ -44,7 +46,7 @@ from .errors import Closed
 from .fragmentation import unusable_indices
 from .memory import Arena, PhysicalMemory
 from .pools import Pools
-from .shm import ArenaRun, Shm, StaticBacking
+from .shm import ArenaRun, Shm, StaticBacking, StaticRun
 from .storage import LIVE, cleanup_stale
 from .tee.driver import Driver
 from .tee.rpc import RpcServer
@@ -169,8 +171,8 @@ class System:
             ctx = shm.context  # Arena.give, inlined: zero, unmap and free in one call
             if ctx.give_pages(backing) > 1:  # its segment emptied, and another is empty too
                 ctx.arena.drop(backing.segment)
-        elif type(backing) is StaticBacking:
-            self.pools.free_static(backing)
+        elif type(backing) is StaticRun or type(backing) is StaticBacking:
+            self.pools.free_static(shm.context, backing)
         else:
             self.usermem.unpin(backing)
         if shm.id > 0:

@@ -1,11 +1,14 @@
 """Tests of the arena kernel of the core: ArenaPages and ArenaRun (docs/core.md).
 
-Owns: (a) a differential test that drives the compiled core and the
-plain-Python reference with the same random operation sequences (segments
-added and removed, storage runs, take/give of dynamic-pool runs, bogus
-arguments) and requires identical results, error types, frame maps, frame
-tables and storage bytes, with nothing changed by a failing call; (b) one
-hand-written case per error and per all-or-nothing promise, on both backends.
+Owns: (a) random operation sequences (segments added and removed, storage
+runs, take/give of dynamic-pool runs, bogus arguments, scribbles over every
+run before it is given back) checked against a model of the pages handed out
+(handed out zeroed, zeroed when freed, nothing changed by a failing call), on
+each backend alone and on the compiled core and the plain-Python reference side
+by side (identical results, error types, frame maps, frame tables and storage
+bytes); (b) one hand-written case per error and per all-or-nothing promise, on
+both backends, among them: a second segment on a storage id that already backs
+one is refused (both would hand out the same storage pages).
 
 Concurrency: none; every test builds its own objects.
 """
@@ -23,6 +26,8 @@ from poolsvc.errors import (
     OutOfMemory,
     PoolsvcError,
 )
+
+from bytecheck import assert_bytes
 
 PAGE = 4096
 DYN = 0x50000000
@@ -76,72 +81,139 @@ def outcome(fn, *args):
 # (a) differential
 # ---------------------------------------------------------------------------
 
-@given(data=st.data(), nframes=st.integers(1, 64), max_order=st.integers(0, 6))
-def test_arena_matches_reference(compiled, pure, data, nframes, max_order):
-    wc, wp = World(compiled, nframes, max_order), World(pure, nframes, max_order)
-    draw = data.draw
-    labels: list[str] = []          # segments ever added (the same objects for both)
-    runs: list[tuple] = []          # (compiled run, pure run), given back or not
-    pairs: list[tuple] = []         # (segment, index, npages) from alloc
-    count = st.integers(-1, 10) | st.sampled_from([2 ** 70, -(2 ** 70), 1 << 30])
+SCRIBBLE = b"\xa5"
 
-    def both(name, *args, c_args=None, p_args=None):
-        before = wc.state()
-        rc = outcome(getattr(wc.arena, name), *(c_args if c_args is not None else args))
-        rp = outcome(getattr(wp.arena, name), *(p_args if p_args is not None else args))
-        kc = (rc[0], run_key(rc[1]) if rc[0] == "ok" else rc[1])
-        kp = (rp[0], run_key(rp[1]) if rp[0] == "ok" else rp[1])
-        assert kc == kp, f"{name}{args}: compiled {rc} != pure {rp}"
+
+def drive_arenas(data, worlds):
+    """Random operations on one or two Worlds, checked against a model of used pages.
+
+    The model (``used[label]``, one byte per storage page) says which pages are
+    handed out.  Before every free and give the test scribbles over the pages it
+    gives back; the spec then requires them zero, and every run handed out zero.
+    With two worlds every step must also give the same result, errors and state on both.
+    """
+    draw = data.draw
+    labels: list[str] = []              # segments ever added (the same objects for every world)
+    sid_of: dict[str, int] = {}         # label -> storage id, for segments in the arena
+    used: dict[str, bytearray] = {}     # label -> 1 per page handed out
+    runs: list[tuple] = []              # one run per world, from take; given back or not
+    pairs: list[tuple] = []             # (segment, index, npages) from alloc
+    count = st.integers(-1, 10) | st.sampled_from([2 ** 70, -(2 ** 70), 1 << 30])
+    first = worlds[0]
+
+    def pages(label, index, n):
+        buf = first.buffers[sid_of[label]]
+        return bytes(buf[index * PAGE:(index + n) * PAGE])
+
+    def scribble(label, index, n):
+        """Write over the handed-out pages among ``[index, index + n)`` of ``label``."""
+        if label not in used or index < 0:
+            return
+        for k in range(index, min(index + n, len(used[label]))):
+            if used[label][k]:
+                for w in worlds:
+                    w.buffers[sid_of[label]][k * PAGE:(k + 1) * PAGE] = SCRIBBLE * PAGE
+
+    def step(name, *args, per_world=None):
+        before = first.state()
+        results = []
+        for i, w in enumerate(worlds):
+            r = outcome(getattr(w.arena, name), *(per_world[i] if per_world else args))
+            results.append(r)
+        keys = [(r[0], run_key(r[1]) if r[0] == "ok" else r[1]) for r in results]
+        assert all(k == keys[0] for k in keys), f"{name}{args}: {results}"
+        rc = results[0]
         if rc[0] == "err" or (rc[1] is None and name in ("alloc", "take")):
-            assert wc.state() == before, f"{name}{args} changed state"
-        assert wc.state() == wp.state()
-        return rc, rp
+            assert first.state() == before, f"{name}{args} changed state"
+        if len(worlds) == 2:
+            assert worlds[0].state() == worlds[1].state()
+        return results
 
     for _ in range(draw(st.integers(1, 40))):
-        op = draw(st.sampled_from(["add", "remove", "alloc", "free", "take", "take",
+        op = draw(st.sampled_from(["add", "add", "remove", "alloc", "alloc", "free", "free", "take", "take",
                                    "give", "give", "scribble", "bogus"]))
         if op == "add":
             label = f"seg{len(labels)}"
             labels.append(label)
             sid, npages, spare = draw(st.integers(10, 14)), draw(st.integers(1, 12)), draw(st.integers(0, 2))
-            for w in (wc, wp):
+            for w in worlds:
                 if sid not in w.buffers:         # else the storage may be too short
                     w.buffers[sid] = bytearray((npages + spare) * PAGE)
                     w.table.attach(sid, w.buffers[sid])
-            both("add", label, sid, npages)
+            if step("add", label, sid, npages)[0][0] == "ok":
+                sid_of[label], used[label] = sid, bytearray(npages)
         elif op == "remove" and labels:
-            both("remove", draw(st.sampled_from(labels)))
+            label = draw(st.sampled_from(labels))
+            if step("remove", label)[0][0] == "ok":
+                # the owner drops the storage of a removed segment: it is zero when used again
+                for w in worlds:
+                    w.buffers[sid_of[label]][:] = bytes(len(w.buffers[sid_of[label]]))
+                del sid_of[label], used[label]
         elif op == "alloc":
-            (rc, _) = both("alloc", draw(count))
+            n = draw(count)
+            rc = step("alloc", n)[0]
             if rc[0] == "ok" and rc[1] is not None:
-                pairs.append((rc[1][0], rc[1][1], draw(st.integers(1, 3))))
+                label, index = rc[1]
+                assert not any(used[label][index:index + n]), "alloc handed out used pages"
+                assert_bytes(pages(label, index, n), bytes(n * PAGE), "pages handed out by alloc")
+                used[label][index:index + n] = b"\x01" * n
+                pairs.append((label, index, n))
         elif op == "free" and (pairs or labels):
             if pairs and draw(st.booleans()):
-                seg, index, n = draw(st.sampled_from(pairs))
+                label, index, n = draw(st.sampled_from(pairs))
             else:
-                seg = draw(st.sampled_from(labels)) if labels else "nobody"
+                label = draw(st.sampled_from(labels)) if labels else "nobody"
                 index, n = draw(st.integers(-2, 14)), draw(count)
-            both("free", seg, index, n)
+            scribble(label, index, n)
+            rc = step("free", label, index, n)[0]
+            if rc[0] == "ok":
+                assert all(used[label][index:index + n]), "free accepted pages not handed out"
+                used[label][index:index + n] = bytes(n)
+                assert_bytes(pages(label, index, n), bytes(n * PAGE), "freed pages")
         elif op == "take":
-            (rc, rp) = both("take", draw(count))
+            n = draw(count)
+            results = step("take", n)
+            rc = results[0]
             if rc[0] == "ok" and rc[1] is not None:
-                runs.append((rc[1], rp[1]))
+                run = rc[1]
+                assert not any(used[run.segment][run.index:run.index + n]), "take handed out used pages"
+                assert_bytes(pages(run.segment, run.index, n), bytes(n * PAGE), "pages handed out by take")
+                assert_bytes(first.table.read(run.pa, n * PAGE), bytes(n * PAGE), "a run through its frames")
+                used[run.segment][run.index:run.index + n] = b"\x01" * n
+                runs.append(tuple(r[1] for r in results))
         elif op == "give" and runs:
-            c_run, p_run = draw(st.sampled_from(runs))
-            both("give", c_args=(c_run,), p_args=(p_run,))
+            chosen = draw(st.sampled_from(runs))
+            run = chosen[0]
+            scribble(run.segment, run.index, run.npages)
+            rc = step("give", per_world=[(r,) for r in chosen])[0]
+            if rc[0] == "ok":
+                used[run.segment][run.index:run.index + run.npages] = bytes(run.npages)
+                assert_bytes(pages(run.segment, run.index, run.npages), bytes(run.npages * PAGE),
+                             "given-back pages")
         elif op == "scribble" and runs:
-            # write through the frame table into a live run: give must zero it
-            c_run, p_run = draw(st.sampled_from(runs))
-            for w in (wc, wp):
-                if w.table.is_mapped(c_run.pa):
-                    w.table.write(c_run.pa, b"\xa5" * 100)
+            # write through the frame table into a live run
+            run = draw(st.sampled_from(runs))[0]
+            for w in worlds:
+                if w.table.is_mapped(run.pa):
+                    w.table.write(run.pa, SCRIBBLE * 100)
         elif op == "bogus":
-            both("give", "not a run")
-            both("free", "nobody", 0, 1)
+            step("give", "not a run")
+            step("free", "nobody", 0, 1)
             if draw(st.booleans()):
-                both("alloc", "x")
+                step("alloc", "x")
             else:
-                both("take", 1.5)
+                step("take", 1.5)
+
+
+@given(data=st.data(), nframes=st.integers(1, 64), max_order=st.integers(0, 6))
+def test_arena_matches_reference(compiled, pure, data, nframes, max_order):
+    drive_arenas(data, [World(compiled, nframes, max_order), World(pure, nframes, max_order)])
+
+
+@given(data=st.data(), nframes=st.integers(1, 64), max_order=st.integers(0, 6))
+def test_arena_against_the_model(core, data, nframes, max_order):
+    """Each backend alone against the model: pages handed out zeroed and zeroed when freed."""
+    drive_arenas(data, [World(core, nframes, max_order)])
 
 
 # ---------------------------------------------------------------------------
@@ -275,3 +347,23 @@ def test_add_and_remove_errors(core):
     w.arena.alloc(1)
     w.arena.remove("a")                        # allowed while it holds pages
     assert w.arena.pages_total == 0 and w.arena.segments() == []
+
+
+def test_two_segments_on_one_storage_are_refused(core):
+    # Both would hand out storage page 0: a run of each mapped onto the same
+    # bytes, and giving one back zeroed the other's live data.
+    table = core.FrameTable([(DYN, NFRAMES * PAGE)])
+    frames = core.FrameAllocator(DYN, NFRAMES)
+    arena = core.ArenaPages(table, frames)
+    storage = bytearray(8 * PAGE)
+    table.attach(3, storage)
+    arena.add("a", 3, 4)
+    with pytest.raises(BadParameters):
+        arena.add("b", 3, 4)
+    assert arena.segments() == ["a"] and arena.pages_total == 4
+    first = arena.take(4)
+    assert first is not None and arena.take(1) is None     # no second copy of the pages
+    table.write(first.pa, b"live")
+    arena.remove("a")
+    arena.add("b", 3, 8)                            # once "a" is gone, the storage is free
+    assert arena.segments() == ["b"]

@@ -1,6 +1,6 @@
 """OP-TEE non-contiguous page lists: build, build_into, parse, segments.
 
-Byte-exact hand-written lists, every rejection of DESIGN.md section 6 with its
+Byte-exact hand-written lists, every rejection of docs/design.md section 6 with its
 typed error, build -> parse round trips, and compiled == pure on random input.
 """
 from __future__ import annotations

@@ -217,6 +217,15 @@ def test_serve_with_two_client_processes_and_sigkill(tmp_path):
         busy = json.loads(run_cli("stat", "--socket", sock, "--json").stdout)
         holders = [c for c in busy["clients"] if c["name"] == "holder" and c["role"] == "CONTEXT"]
         assert len(holders) == 1 and holders[0]["shms"] == 22 and holders[0]["frames"] > 80
+        quota = holders[0]["quota"]
+        assert quota["max_bytes"] == 32 << 20 and quota["shms"] == 22
+        assert quota["pinned_bytes"] == quota["allocated_bytes"] + quota["registered_bytes"] > 0
+        assert (holders[0]["uid"], holders[0]["gid"]) == (os.getuid(), os.getgid())
+        assert busy["daemon"]["dumpable"] == 0
+        text = run_cli("stat", "--socket", sock).stdout
+        assert "pinned / quota" in text and "/ 32.0 MiB, sessions 0 / 64" in text and "not dumpable" in text
+        prom = run_cli("stat", "--socket", sock, "--prometheus").stdout
+        assert f'poolsvc_client_quota_bytes{{client="{holders[0]["context"]}"' in prom
         assert busy["pools"]["dynamic"]["used_frames"] > idle_doc["pools"]["dynamic"]["used_frames"]
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=30)
@@ -410,7 +419,7 @@ def test_bad_requests_get_errors_and_the_connection_stays(daemon):
         (P.frame(P.MsgType.ALLOC, b"\x00\x01\x02"), P.ErrorCode.PROTOCOL),
         (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(7, 4096)), P.ErrorCode.BAD_PARAMETERS),
         (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(0, -5)), P.ErrorCode.BAD_PARAMETERS),
-        (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(0, 1 << 40)), P.ErrorCode.OUT_OF_MEMORY),
+        (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(0, 1 << 40)), P.ErrorCode.LIMIT),  # over the default quota
         (P.frame(P.MsgType.REGISTER, P.REGISTER.pack(0, 0, 4096)), P.ErrorCode.BAD_PARAMETERS),
         (P.frame(P.MsgType.SHM_CLOSE, P.COOKIE.pack(12345)), P.ErrorCode.ITEM_NOT_FOUND),
         (P.frame(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(0)), P.ErrorCode.ITEM_NOT_FOUND),
@@ -547,7 +556,7 @@ def test_register_by_descriptor_unlinked_and_memfd(daemon):
 # -- limits -----------------------------------------------------------------------------------------------
 def test_per_client_limits(tmp_path):
     d = DaemonThread(tmp_path / "l.sock", max_shms_per_client=5, max_bytes_per_client=5 * 4096,
-                     max_clients=3, handshake_timeout=0.3)
+                     max_clients=1, max_monitors=2, max_pending=1, handshake_timeout=0.3)
     try:
         with connect(d.path) as client:
             ctx = client.open_context()
@@ -558,17 +567,22 @@ def test_per_client_limits(tmp_path):
             with pytest.raises(OutOfMemory, match="max_bytes_per_client"):
                 ctx.alloc_user_buf(8192)
             ctx.alloc_user_buf(4096)
+            with connect(d.path) as second:  # a second monitor: allowed
+                with pytest.raises(OutOfMemory, match="max_clients"):
+                    second.open_context()  # a second context: over max_clients
+                with pytest.raises(OutOfMemory, match="max_monitors"):
+                    connect(d.path)  # a third monitor
             silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             silent.settimeout(10)
-            silent.connect(d.path)  # third connection: allowed, but says nothing
+            silent.connect(d.path)  # waits without a HELLO
             extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             extra.settimeout(10)
-            extra.connect(d.path)  # fourth: refused
-            assert error_of(read_frames(extra)[-1]) == P.ErrorCode.LIMIT
-            extra.close()
-            assert read_frames(silent) == []  # dropped after handshake_timeout
+            extra.connect(d.path)  # over max_pending: the silent one makes room
+            assert read_frames(silent) == []
             silent.close()
-            assert client.stats()["service"]["requests"]["refused"] == 2
+            assert read_frames(extra) == []  # dropped after handshake_timeout
+            extra.close()
+            assert client.stats()["service"]["requests"]["refused"] == 4
     finally:
         d.stop()
 
@@ -600,9 +614,30 @@ def test_restart_and_stale_socket(tmp_path):
     finally:
         d.stop()
     path.write_text("not a socket")
-    with pytest.raises(ConfigError, match="not a socket"):
+    with pytest.raises(ConfigError, match="not a socket [(]a regular file[)]"):
         Server(Config(**SMALL), ServiceSettings(socket_path=str(path))).start()
     assert path.read_text() == "not a socket"
+    assert not os.path.exists(str(path) + ".lock")
+
+
+def test_serve_socket_paths_that_cannot_be_served(tmp_path):
+    """``serve --socket``: a missing directory is not created; a path that is a regular
+    file or a directory is "not a socket"; each exits 2 with one line saying so."""
+    missing = tmp_path / "nonexistent" / "dir"
+    directory = tmp_path / "a-directory"
+    directory.mkdir()
+    regular = tmp_path / "a-file"
+    regular.write_text("keep")
+    for path, expected in ((missing / "x.sock", f"directory {missing} does not exist"),
+                           (directory, "is not a socket (a directory)"),
+                           (regular, "is not a socket (a regular file)")):
+        out = subprocess.run([sys.executable, "-m", "poolsvc", "serve", "--socket", str(path)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and expected in out.stderr, (path, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "nonexistent").exists()
+    assert directory.is_dir() and regular.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-directory", "a-file"]  # no lock files left
 
 
 def test_crashed_daemon_leaves_no_shm_and_a_new_one_starts(tmp_path):
@@ -695,3 +730,19 @@ def test_sigkill_closes_sessions_and_frees_rpc_memory(daemon):
     proc.kill()
     proc.communicate(timeout=30)
     daemon.wait_for(idle(baseline))
+
+
+def test_only_the_default_runtime_directory_is_created(tmp_path, monkeypatch):
+    from poolsvc.service import listener
+
+    runtime = tmp_path / "runtime"
+    monkeypatch.setattr(listener, "default_runtime_dir", lambda: str(runtime))
+    d = DaemonThread(runtime / "poolsvc.sock")
+    try:
+        assert runtime.stat().st_mode & 0o777 == 0o700
+    finally:
+        d.stop()
+    runtime.chmod(0o755)  # opened to others (or someone else's): refused, left as it is
+    with pytest.raises(ConfigError, match="mode 0700"):
+        Server(Config(**SMALL), ServiceSettings(socket_path=str(runtime / "poolsvc.sock"))).start()
+    assert runtime.stat().st_mode & 0o777 == 0o755

@@ -7,8 +7,16 @@ world's state and the pools' accounting equal the starting point; and the
 only pages whose bytes changed are pages the message could reach (its
 carve-out TMEM ranges, the pages of its page lists, the registered objects
 its RMEMs name).
+
+Page lists are judged by :func:`spec_page_list`, an independent reading of the
+OP-TEE format and checks (docs/design.md sections 5 and 6) written here, never by
+the page-list parser under test: a message carrying a list the spec refuses must
+not succeed, and a REGISTER_SHM of a list the spec accepts must register exactly
+the spec's pages.
 """
 from __future__ import annotations
+
+import struct
 
 import numpy as np
 import pytest
@@ -16,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poolsvc import Config, System
-from poolsvc._pure import pagelist_parse
 from poolsvc.constants import ATTR_META, ATTR_NONCONTIG, PAGE_MASK, PAGE_SIZE, Attr, MsgCmd
 from poolsvc.errors import PoolsvcError, ProtocolError
 from poolsvc.tee.msg import MsgArg, MsgParam, unpack
@@ -24,6 +31,44 @@ from poolsvc.tee.ta import CopyApp, FillApp, Sha256App, StorageApp
 
 from sysutil import LeakCheck, assert_accounting
 from teeutil import SMALL, changed_pages, open_params, open_raw, raw, snapshot, storage_bytes, write_list
+
+U64_LIMIT = 1 << 64
+MAX_LIST_PAGES = 1 << 20   # the parser's default bound on num_pages (OutOfMemory above)
+
+
+def spec_page_list(buf_ptr: int, size: int, read_page, nonsecure) -> list[int] | None:
+    """The pages of a NONCONTIG buffer as docs/design.md sections 5 and 6 describe them,
+    or None when the secure side must refuse the list.
+
+    ``read_page(pa)``: the 4096 bytes at ``pa`` (raising PoolsvcError if unmapped);
+    ``nonsecure``: the ``(base, size)`` ranges a page may lie in.
+    """
+    def inside(pa: int) -> bool:
+        return any(base <= pa and pa + PAGE_SIZE <= base + length for base, length in nonsecure)
+
+    offset = buf_ptr % PAGE_SIZE                       # buf_ptr = list PA | offset
+    if size == 0 or size + offset >= U64_LIMIT:
+        return None
+    num_pages = (size + offset - 1) // PAGE_SIZE + 1
+    if num_pages > MAX_LIST_PAGES:
+        return None
+    pages: list[int] = []
+    list_pa = buf_ptr - offset
+    while True:
+        if list_pa % PAGE_SIZE or not inside(list_pa):
+            return None
+        try:
+            words = struct.unpack("<512Q", bytes(read_page(list_pa)))   # 511 entries, then next
+        except PoolsvcError:
+            return None
+        for entry in words[:511]:
+            if entry % PAGE_SIZE or not inside(entry):
+                return None
+            pages.append(entry)
+            if len(pages) == num_pages:
+                return pages
+        list_pa = words[511]
+
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 U64 = (1 << 64) - 1
@@ -71,6 +116,36 @@ class World:
             sids.add(int(self.system.memory.table.lookup(self.system.config.static_base)[0]))
         return sorted(sids)
 
+    def spec_pages(self, p: MsgParam) -> list[int] | None:
+        """The spec's pages of a NONCONTIG TMEM parameter (None: must be refused)."""
+        cfg = self.system.config
+        return spec_page_list(p.a, p.b, lambda pa: self.system.memory.table.read(pa, PAGE_SIZE),
+                              [(cfg.static_base, cfg.static_size), (cfg.dynamic_base, cfg.dynamic_size)])
+
+    def page_list_verdict(self, msg: MsgArg, reply: MsgArg, registered0: set[int]) -> str | None:
+        """Where the secure world's verdict on the message's page lists differs from the
+        spec's (None: it agrees).  Read before the test undoes the message's effects."""
+        lists = [(p, self.spec_pages(p)) for p in msg.params
+                 if (p.attr & 0xFF) in (Attr.TMEM_INPUT, Attr.TMEM_OUTPUT, Attr.TMEM_INOUT)
+                 and p.attr & ATTR_NONCONTIG and p.a]
+        if reply.ret == 0 and any(pages is None for _, pages in lists):
+            return f"a page list the spec refuses was accepted: {msg}"
+        if msg.cmd != MsgCmd.REGISTER_SHM or len(msg.params) != 1:
+            return None
+        p = msg.params[0]
+        if p.attr != Attr.TMEM_OUTPUT | ATTR_NONCONTIG or not self.system.config.dynamic_shm \
+                or p.c in registered0 or p.c in self.system.tee.rpc_shms:
+            return None
+        pages = self.spec_pages(p)
+        entry = self.system.tee.registered.get(p.c)
+        if pages is None:
+            return None if entry is None else f"REGISTER_SHM of a list the spec refuses registered: {msg}"
+        if reply.ret != 0 or entry is None:
+            return f"REGISTER_SHM of a list the spec accepts answered {reply.ret:#x}: {msg}"
+        if [int(x) for x in entry.pages] != pages:
+            return f"REGISTER_SHM registered {list(entry.pages)}, the spec's pages are {pages}: {msg}"
+        return None
+
     def reachable(self, msg: MsgArg) -> set[tuple[int, int]]:
         """(storage id, page index) of every page the message's params may reach.
 
@@ -82,11 +157,7 @@ class World:
             kind = p.attr & 0xFF
             if kind in (Attr.TMEM_INPUT, Attr.TMEM_OUTPUT, Attr.TMEM_INOUT) and p.a:
                 if p.attr & ATTR_NONCONTIG:
-                    try:
-                        pas += [int(x) for x in pagelist_parse(p.a, p.b, system.memory.read_page,
-                                                               system.memory.nonsecure_ranges())]
-                    except PoolsvcError:
-                        pass
+                    pas += self.spec_pages(p) or []
                 else:
                     lo = max(p.a, cfg.static_base) & ~PAGE_MASK
                     hi = min(p.a + p.b, cfg.static_base + cfg.static_size)
@@ -123,6 +194,7 @@ class World:
         reply = unpack(system.tee.call(data))
         assert all(not s.dead for s in system.tee.sessions.values()), "a built-in app panicked"
         assert len(reply.params) == len(msg.params)
+        verdict = self.page_list_verdict(msg, reply, registered0)
         for i, sid in enumerate(self.sessions):
             if sid not in system.tee.sessions:  # a valid CLOSE_SESSION: open it again
                 assert (msg.cmd, msg.params, msg.session, reply.ret) == (MsgCmd.CLOSE_SESSION, [], sid, 0)
@@ -139,6 +211,7 @@ class World:
         assert after["temp_live"] == 0
         assert all(r[3] == 0 for r in after["registered"].values())
         assert normal(after) == normal(base)
+        assert verdict is None, verdict   # after the clean-up, so that a replay starts from the same state
 
 
 def params_strategy(world):
@@ -166,6 +239,17 @@ def message_strategy(world):
                       st.sampled_from(meta), st.lists(params, max_size=5))
     cfg = world.system.config
     small = st.integers(0, 3 * PAGE_SIZE)
+
+    def unaligned_entry(attrs, cookies):
+        """A NONCONTIG param whose list's only entry read is unaligned: the spec refuses it."""
+        return st.integers(0, PAGE_MASK).flatmap(lambda o: st.builds(
+            MsgParam, attrs, st.just(world.list_bad | o), st.integers(1, PAGE_SIZE - o), cookies))
+
+    fresh = st.integers(1 << 40, 1 << 41)
+    registers = st.builds(lambda p: MsgArg(cmd=MsgCmd.REGISTER_SHM, params=[p]), st.one_of(
+        st.builds(MsgParam, st.just(Attr.TMEM_OUTPUT | ATTR_NONCONTIG),
+                  st.integers(0, PAGE_MASK).map(lambda o: world.list_pa | o), st.integers(1, 7 * PAGE_SIZE), fresh),
+        unaligned_entry(st.just(Attr.TMEM_OUTPUT | ATTR_NONCONTIG), fresh)))
     plausible = st.one_of(
         st.builds(MsgParam, st.sampled_from([1, 2, 3]), st.integers(0, 5), st.integers(0, 5), st.just(0)),
         st.builds(MsgParam, st.sampled_from([9, 10, 11]), st.integers(0, cfg.static_size).map(
@@ -173,6 +257,7 @@ def message_strategy(world):
         st.builds(MsgParam, st.sampled_from([9, 10, 11]).map(lambda t: t | ATTR_NONCONTIG),
                   st.sampled_from([world.list_pa, world.list_bad]).flatmap(
                       lambda pa: st.integers(0, PAGE_MASK).map(lambda o: pa | o)), small, st.just(0)),
+        unaligned_entry(st.sampled_from([9, 10, 11]).map(lambda t: t | ATTR_NONCONTIG), st.just(0)),
         st.builds(MsgParam, st.sampled_from([5, 6, 7]), small, small,
                   st.sampled_from(world.cookies or [0])),
         st.builds(MsgParam, st.sampled_from([9, 10, 11]), st.just(0), small, st.just(0)),
@@ -201,7 +286,7 @@ def message_strategy(world):
     typed = st.one_of(*[st.builds(lambda ps, i=i, f=f: MsgArg(cmd=MsgCmd.INVOKE_COMMAND, func=f,
                                                              session=world.sessions[i], params=list(ps)), t)
                         for i, f, t in templates])
-    return st.one_of(plain, opens, invokes, typed).map(lambda m: m.pack())
+    return st.one_of(plain, opens, invokes, typed, registers).map(lambda m: m.pack())
 
 
 @pytest.mark.parametrize("pool", ["dynamic", "static"])

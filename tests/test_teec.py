@@ -29,9 +29,8 @@ from svcutil import SMALL, DaemonThread
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
-#: Without dynamic shared memory a daemon's buffers come from the static carve-out, whose
-#: pages a client cannot map yet (view() is NotSupported), so "socket-noreg" is not among these.
-BACKENDS = ["embedded", "embedded-noreg", "socket", "shm"]
+#: "-noreg": a TEE without dynamic shared memory, whose buffers come from the static carve-out.
+BACKENDS = ["embedded", "embedded-noreg", "socket", "shm", "socket-noreg", "shm-noreg"]
 
 
 class FourParams(TrustedApp):
@@ -81,7 +80,7 @@ def tee(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monk
         assert T._Embedded.system is None, "a context of the embedded System was left open"
         T.configure_embedded(None)
         return
-    monkeypatch.setenv("POOLSVC_TRANSPORT", "shm" if kind == "shm" else "socket")
+    monkeypatch.setenv("POOLSVC_TRANSPORT", kind.split("-")[0])
     daemon = DaemonThread(tmp_path / "d.sock", config)
     try:
         yield Tee(daemon.path, reg_mem, lambda ctx: daemon.server.system)

@@ -19,7 +19,8 @@ from . import argtypes
 
 #: What --help says of a default run's length: measured with
 #: ``time python -m poolsvc bench --no-save`` on the project's 2-vCPU VM (compiled core).
-DEFAULT_RUN = "the default run takes about a minute on a 2-vCPU VM (57-76 s measured, about 15 s of CPU)"
+DEFAULT_RUN = ("about a minute on a 2-vCPU machine (bench/results/study.md records the time of its "
+               "last run)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

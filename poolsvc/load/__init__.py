@@ -3,8 +3,10 @@
 Modules, one concern each:
 
 - :mod:`.mix` - the run's spec: operation mix, size distribution, bounds, fault rates;
-- :mod:`.histogram` - mergeable logarithmic latency histograms;
-- :mod:`.worker` - the client process: operations, patterns, its own checks;
+- :mod:`.histogram` - mergeable latency histograms, exact to 3 significant digits;
+- :mod:`.worker` - the client process: set-up, loop, report lines; with
+  :mod:`.ledger` (what it holds, patterns, its own checks), :mod:`.generate`
+  (drawing operations) and :mod:`.operations` (running each kind);
 - :mod:`.faults` - malformed requests on raw sockets, with the replies they must get;
 - :mod:`.invariants` - the daemon-wide checks (accounting equations, leaks);
 - :mod:`.trace` - recording and replaying a run's operation stream;

@@ -192,9 +192,10 @@ class LoadSpec:
             value = getattr(self, name)
             ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok_type or not low <= value <= high:
-                raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is outside {low:g}..{high:g}")
+                span = f"{low}..{high}" if integer else f"{low:g}..{high:g}"
+                raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is outside {span}")
 
-        number("clients", 1, 256, True)
+        number("clients", 1, 1024, True)
         number("duration", 0.1, 24 * 3600, False)
         number("ops", 0, 1 << 40, True)
         number("batch", 1, 4096, True)

@@ -2,20 +2,23 @@
 
 :class:`LoadRunner` owns every process of a run:
 
-- the daemon, when it starts one: ``poolsvc serve`` in a subprocess on a
-  socket in a fresh temporary directory (or none, with ``socket=``: an
-  existing daemon, which it never stops);
+- the daemon, when it starts one (:mod:`.daemon`: ``poolsvc serve`` in a
+  subprocess on a socket in a fresh temporary directory), or none, with
+  ``socket=``: an existing daemon, which it never stops;
 - one worker process per client slot (:mod:`.worker`), restarted with a new
   generation number after each SIGKILL it deals while time remains;
 - a monitor connection (``poolsvc.connect``) for STATS, through which the
   invariants of :mod:`.invariants` are checked every ``check_interval``;
 - the malformed-request thread (:mod:`.faults`).
 
+The initial workers start :data:`START_WINDOW` at a time and wait, connected,
+until all are (their start-up, an interpreter each, is not load); the run's
+``duration`` counts from then, and the report gives the start-up's length.
 The main loop is single-threaded: it reads the workers' report lines from
 their stdout pipes (``selectors``), deals kills at Poisson-distributed
 moments, checks a snapshot, prints one status line on stderr, and ends when
-every slot is done or at ``duration + GRACE`` seconds, whichever comes
-first.  Whatever happens, the ``finally`` of :meth:`LoadRunner.run` kills
+every slot is done or :meth:`LoadRunner.grace` seconds past the duration,
+whichever comes first.  Whatever happens, the ``finally`` of :meth:`LoadRunner.run` kills
 and reaps every worker and the daemon it started: no child outlives a run.
 
 Concurrency: one thread, plus the injector's thread (which only touches its
@@ -38,19 +41,25 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, TextIO
 
-from ..errors import Closed, PoolsvcError
+from ..errors import PoolsvcError
 from . import invariants, trace
+from .daemon import LoadDaemon, tail
 from .faults import MalformedInjector
 from .histogram import Histogram
-from .mix import TIMED, LoadSpec, OpMix, SizeDist
+from .mix import TIMED, LoadSpec
+from .progress import Progress
 
 #: Seconds the workers get past the duration to free what they hold and exit.
 GRACE = 30.0
-#: Seconds the daemon gets to start, and to stop on SIGTERM.
-DAEMON_START = 20.0
-DAEMON_STOP = 15.0
+#: More seconds of grace per client: the daemon serves every client's frees and closes at the end.
+GRACE_PER_CLIENT = 0.25
 #: Seconds after the last worker exits for the daemon to release everything.
 SETTLE = 15.0
+#: Workers connecting at once while a run starts (each start costs an interpreter and numpy).
+START_WINDOW = 2 * (os.cpu_count() or 1)
+#: Seconds the initial workers get to connect: START_LIMIT + START_PER_CLIENT per client.
+START_LIMIT = 30.0
+START_PER_CLIENT = 1.0
 #: A worker is not killed before it has run this long (it must get past start-up).
 MIN_LIFE = 0.3
 #: Errors a well-formed operation may get from a healthy daemon.
@@ -85,6 +94,13 @@ class Incarnation:
     done_ops: int = 0
     stderr_path: str = ""
     exit_seen: bool = False
+    waiting: bool = False
+
+    def close_pipes(self) -> None:
+        """Close the runner's ends of the worker's pipes (stdin is open while it waits)."""
+        self.stdout.close()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
 
     @property
     def stdout(self) -> IO[bytes]:
@@ -114,13 +130,16 @@ class LoadRunner:
     operations instead of drawing them (the spec's mix, sizes, seed, kill
     rate are then the trace's, its duration is only a bound).
     ``progress``: a stream for the one-line status (None: silent).
+    ``transport``: the workers' client transport (``"socket"`` or ``"shm"``;
+    None: the client library's default).
     """
 
     def __init__(self, spec: LoadSpec, *, socket: str | None = None, config_path: str | None = None,
                  no_dynamic: bool = False, dynamic_size: str | None = None, record: str | None = None,
                  replay: str | None = None, progress: TextIO | None = None,
-                 label: str = "") -> None:
+                 label: str = "", transport: str | None = None) -> None:
         self.spec = spec
+        self.transport = transport
         self.socket = socket
         self.config_path = config_path
         self.no_dynamic = no_dynamic
@@ -128,12 +147,11 @@ class LoadRunner:
         self.record = record
         self.replay_path = replay
         self.replay: trace.Trace | None = trace.read(replay) if replay else None
-        self.progress = progress
+        self.progress = Progress(progress, spec.duration, label) if progress is not None else None
         self.label = label
         self.rng = random.Random(f"runner/{spec.seed}")
         self.workdir = ""
-        self.daemon: subprocess.Popen | None = None
-        self.daemon_pid = 0
+        self.daemon: LoadDaemon | None = None
         self.monitor: Any = None
         self.running: list[Incarnation] = []
         self.finished: list[Incarnation] = []
@@ -149,10 +167,9 @@ class LoadRunner:
         self.sel = selectors.DefaultSelector()
         self.t0 = 0.0
         self.end = 0.0
+        self.start_s = 0.0
         self.injector: MalformedInjector | None = None
         self.service_info: dict[str, Any] = {}
-        self._last_progress = 0.0
-        self._last_line = 0.0
 
     # -- violations ------------------------------------------------------------------------------
     def violate(self, text: str) -> None:
@@ -160,79 +177,11 @@ class LoadRunner:
         if len(self.violations) < MAX_QUOTED:
             self.violations.append(text)
 
-    # -- the daemon --------------------------------------------------------------------------------
-    def _start_daemon(self) -> str:
-        path = os.path.join(self.workdir, "poolsvc.sock")
-        if self.config_path:
-            cfg = self.config_path
-        else:
-            cfg = os.path.join(self.workdir, "service.toml")
-            lines = [f'dynamic_size = "{self.dynamic_size}"', 'arena_step = "4MiB"']
-            if self.no_dynamic:
-                lines.append("dynamic_shm = false")
-            lines += ["", "[service]", 'log_level = "WARNING"']
-            with open(cfg, "w") as fh:
-                fh.write("\n".join(lines) + "\n")
-        log = open(os.path.join(self.workdir, "daemon.log"), "w")
-        try:
-            self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "poolsvc.cli", "serve", "--config", cfg, "--socket", path,
-                 "--log-level", "warning"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
-        finally:
-            log.close()
-        deadline = time.monotonic() + DAEMON_START
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise PoolsvcError(f"poolsvc serve exited with status {self.daemon.returncode} at "
-                                   f"start: {self._tail('daemon.log')}")
-            if os.path.exists(path):
-                try:
-                    import poolsvc
-
-                    poolsvc.connect(path, name="load-probe", spin_us=0, timeout=5).close()
-                    return path
-                except Closed:
-                    pass
-            time.sleep(0.05)
-        raise PoolsvcError(f"poolsvc serve did not open {path} within {DAEMON_START} s")
-
-    def _tail(self, name: str, limit: int = 1500) -> str:
-        try:
-            with open(os.path.join(self.workdir, name), errors="replace") as fh:
-                text = fh.read()
-        except OSError:
-            return ""
-        return text[-limit:].strip()
-
-    def _stop_daemon(self) -> dict[str, Any]:
-        """SIGTERM the daemon we started; its exit status and what it left behind."""
-        out: dict[str, Any] = {}
-        proc = self.daemon
-        if proc is None:
-            return out
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(DAEMON_STOP)
-            except subprocess.TimeoutExpired:
-                self.violate(f"the daemon did not stop within {DAEMON_STOP} s of SIGTERM")
-                proc.kill()
-                proc.wait()
-        out["exit_status"] = proc.returncode
-        if proc.returncode != 0:
-            self.violate(f"the daemon exited with status {proc.returncode}: {self._tail('daemon.log')}")
-        sock = os.path.join(self.workdir, "poolsvc.sock")
-        if os.path.exists(sock):
-            self.violate(f"the daemon left its socket {sock} behind")
-        left = sorted(n for n, pid in invariants.shm_objects().items() if pid == proc.pid)
-        out["dev_shm_left"] = left
-        if left:
-            self.violate(f"the daemon left /dev/shm objects after it stopped: {', '.join(left)}")
-        return out
-
     # -- workers ---------------------------------------------------------------------------------
-    def _spawn(self, slot: int, budget: int, replay: trace.Incarnation | None = None) -> None:
+    def _spawn(self, slot: int, budget: int, replay: trace.Incarnation | None = None,
+               wait: bool = False) -> None:
+        """Start a worker for ``slot``; ``wait``: it waits, once connected, for the
+        start line (:meth:`_go`) that gives every initial worker the same deadline."""
         gen = self.next_gen.get(slot, 0)
         self.next_gen[slot] = gen + 1
         spec = self.spec
@@ -240,7 +189,8 @@ class LoadRunner:
             "socket": self.socket, "slot": slot, "gen": gen, "seed": spec.seed, "mix": spec.mix,
             "sizes": spec.sizes, "batch": spec.batch, "max_live": spec.max_live,
             "exhaust": spec.exhaust, "deadline": time.time() + max(0.0, self.end - time.monotonic()),
-            "ops": budget, "tick": 0.25,
+            "ops": budget, "tick": self._tick_s(), "start": "wait" if wait else "now",
+            "transport": self.transport,
         }
         part = ""
         if replay is not None:
@@ -256,13 +206,83 @@ class LoadRunner:
         err_path = os.path.join(self.workdir, f"worker-{slot}-{gen}.err")
         with open(err_path, "w") as err:
             proc = subprocess.Popen([sys.executable, "-m", "poolsvc.load.worker", json.dumps(doc)],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=err,
                                     close_fds=True, env=_worker_env())
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
-        inc = Incarnation(slot, gen, proc, time.monotonic(), budget, part, stderr_path=err_path)
+        inc = Incarnation(slot, gen, proc, time.monotonic(), budget, part, stderr_path=err_path,
+                          waiting=wait)
         self.running.append(inc)
         self.sel.register(proc.stdout, selectors.EVENT_READ, inc)
+
+    def _tick_s(self) -> float:
+        """Seconds between two report lines of a worker: 0.25, longer past 64 clients
+        (the runner reads every line)."""
+        return max(0.25, self.spec.clients / 256)
+
+    def _go(self, inc: Incarnation) -> None:
+        """Send a waiting worker its start line: run until the run's end."""
+        inc.waiting = False
+        stdin = inc.proc.stdin
+        if stdin is None:
+            return
+        deadline = time.time() + max(0.0, self.end - time.monotonic())
+        try:
+            stdin.write(f"go {deadline!r}\n".encode())
+            stdin.close()
+        except OSError:  # it died meanwhile: _reap says how
+            pass
+
+    def _start_clients(self, own: dict[str, int]) -> None:
+        """Start the initial workers, at most :data:`START_WINDOW` connecting at once,
+        and wait until every one is connected (or gone); the run's clock starts then."""
+        spec = self.spec
+        todo: list[tuple[int, int, trace.Incarnation | None]] = []
+        if self.replay is not None:
+            by_slot = self.replay.by_slot()
+            for slot in sorted(by_slot):
+                queue = list(by_slot[slot])
+                self.pending[slot] = queue
+                todo.append((slot, 0, queue.pop(0)))
+        else:
+            todo = [(slot, self._slot_budget(), None) for slot in range(spec.clients)]
+        total = len(todo)
+        self.t0 = time.monotonic()
+        limit = self.t0 + START_LIMIT + START_PER_CLIENT * total
+        next_check = self.t0 + spec.check_interval
+        while todo or any(inc.waiting and not inc.ready for inc in self.running):
+            while todo and sum(not inc.ready for inc in self.running) < START_WINDOW:
+                self._spawn(*todo.pop(0), wait=True)
+            self._pump()
+            now = time.monotonic()
+            if now >= next_check:
+                self._check(own)
+                next_check = now + spec.check_interval
+            self._status(now, phase=f"starting {sum(i.ready for i in self.running)}/{total}")
+            if now > limit:
+                self.violate(f"{len(todo) + sum(not i.ready for i in self.running)} of {total} "
+                             f"clients were not connected within {limit - self.t0:.0f} s")
+                break
+        self.start_s = time.monotonic() - self.t0
+        self.t0 = time.monotonic()
+        self.end = self.t0 + spec.duration
+        self.totals.timeline.clear()  # (nothing ran yet: every worker waited)
+        for inc in self.running:
+            if inc.ready:
+                self._go(inc)
+
+    def _pump(self) -> None:
+        """Read what the workers wrote (up to 50 ms) and reap those that ended."""
+        for key, _ in self.sel.select(timeout=0.05):
+            self._read(key.data)
+        for inc in list(self.running):
+            if inc.proc.poll() is not None:
+                self._reap(inc)
+
+    def grace(self) -> float:
+        """Seconds the workers get past the duration to free what they hold and exit."""
+        return GRACE + GRACE_PER_CLIENT * len(self.next_gen)
 
     def _slot_budget(self) -> int:
         if not self.spec.ops:
@@ -297,6 +317,8 @@ class LoadRunner:
         if kind == "ready":
             inc.ready = True
             self.service_info.setdefault("pool", doc.get("pool"))
+            if inc.waiting and self.end:  # ready after the start: it runs what is left
+                self._go(inc)
             return
         tot = self.totals
         second = int(time.monotonic() - self.t0)
@@ -329,7 +351,7 @@ class LoadRunner:
             self.sel.unregister(inc.stdout)
         except (KeyError, ValueError):
             pass
-        inc.stdout.close()
+        inc.close_pipes()
         self.running.remove(inc)
         self.finished.append(inc)
         rc = inc.proc.returncode
@@ -341,7 +363,7 @@ class LoadRunner:
             pass
         elif rc != 0 or not inc.exit_seen:
             self.violate(f"client {inc.slot}.{inc.gen} (pid {inc.proc.pid}) exited with status {rc} "
-                         f"without finishing: {self._tail(os.path.basename(inc.stderr_path))}")
+                         f"without finishing: {tail(inc.stderr_path)}")
         if self.replay is not None:
             queue = self.pending.get(inc.slot)
             if queue:
@@ -378,27 +400,20 @@ class LoadRunner:
             self.violate(f"at {time.monotonic() - self.t0:.1f} s: {text}")
         return stats
 
-    def _status(self, now: float, final: bool = False) -> None:
+    def _status(self, now: float, final: bool = False, phase: str = "running") -> None:
+        """Show the run's status (:class:`~poolsvc.load.progress.Progress`)."""
         if self.progress is None:
             return
-        tty = getattr(self.progress, "isatty", lambda: False)()
-        if not final and now - self._last_progress < (0.5 if tty else 5.0):
-            return
-        self._last_progress = now
-        elapsed = now - self.t0
+        elapsed = now - self.t0 if self.end else 0.0
         ops = sum(self.totals.counts.get(op, 0) for op in TIMED)
         recent = [self.totals.timeline.get(s, {}).get("ops", 0) for s in
                   range(max(0, int(elapsed) - 3), max(1, int(elapsed)))]
         rate = sum(recent) / max(1, len(recent))
-        line = (f"{self.label}[{elapsed:5.1f}/{self.end - self.t0:.0f}s] clients {len(self.running)} "
-                f"ops {ops:,} ({rate:,.0f}/s) errors {sum(self.totals.errors.values())} "
-                f"kills {self.kills} malformed {self.injector.sent if self.injector else 0} "
-                f"violations {self.violation_count}")
-        if tty:
-            self.progress.write("\r" + line.ljust(118)[:118] + ("\n" if final else ""))
-        else:
-            self.progress.write(line + "\n")
-        self.progress.flush()
+        figures = (f"clients {len(self.running)} ops {ops:,} ({rate:,.0f}/s) "
+                   f"errors {sum(self.totals.errors.values())} kills {self.kills} "
+                   f"malformed {self.injector.sent if self.injector else 0} "
+                   f"violations {self.violation_count}")
+        self.progress.update(phase, elapsed, figures, final)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -416,8 +431,11 @@ class LoadRunner:
         final_stats: dict[str, Any] = {}
         try:
             if self.socket is None:
-                self.socket = self._start_daemon()
-                self.daemon_pid = self.daemon.pid if self.daemon else 0
+                self.daemon = LoadDaemon(
+                    self.workdir, config_path=self.config_path, dynamic_size=self.dynamic_size,
+                    no_dynamic=self.no_dynamic,
+                    clients=self.replay.clients if self.replay is not None else spec.clients)
+                self.socket = self.daemon.start()
             self.monitor = poolsvc.connect(self.socket, name="load-monitor", spin_us=0, timeout=30)
             start_stats = self.monitor.service_stats()
             baseline = invariants.summary(start_stats)
@@ -427,31 +445,18 @@ class LoadRunner:
                                      pid=start_stats["daemon"]["pid"],
                                      pools={k: v.get("size") for k, v in start_stats["pools"].items()},
                                      started_by_load=self.daemon is not None,
+                                     transport=self.transport or "default",
                                      config=self.config_path or ("no-dynamic" if self.no_dynamic else
                                                                  f"dynamic_size={self.dynamic_size}"))
-            self.t0 = time.monotonic()
-            self.end = self.t0 + spec.duration
-            if self.replay is not None:
-                by_slot = self.replay.by_slot()
-                for slot in sorted(by_slot):
-                    queue = list(by_slot[slot])
-                    self.pending[slot] = queue
-                    self._spawn(slot, 0, queue.pop(0))
-            else:
-                for slot in range(spec.clients):
-                    self._spawn(slot, self._slot_budget())
+            self._start_clients(own)
             self.injector = MalformedInjector(self.socket, spec.malformed_rate, spec.seed)
             self.injector.start()
             kill_rate = spec.kill_rate if self.replay is None else 0.0
             next_kill = self.t0 + self.rng.expovariate(kill_rate) if kill_rate else math.inf
             next_check = self.t0 + spec.check_interval
-            hard_end = self.end + GRACE
+            hard_end = self.end + self.grace()
             while self.running:
-                for key, _ in self.sel.select(timeout=0.05):
-                    self._read(key.data)
-                for inc in list(self.running):
-                    if inc.proc.poll() is not None:
-                        self._reap(inc)
+                self._pump()
                 now = time.monotonic()
                 if now >= next_kill:
                     if now < self.end - 0.5:
@@ -463,7 +468,7 @@ class LoadRunner:
                 self._status(now)
                 if now > hard_end:
                     for inc in self.running:
-                        self.violate(f"client {inc.slot}.{inc.gen} did not finish within {GRACE} s "
+                        self.violate(f"client {inc.slot}.{inc.gen} did not finish within {self.grace():g} s "
                                      "of the end; killed")
                         inc.killed = True
                         inc.proc.kill()
@@ -472,7 +477,7 @@ class LoadRunner:
             self.injector.stop()
             for text in self.injector.violations:
                 self.violate(text)
-            self._status(time.monotonic(), final=True)
+            self._status(time.monotonic(), final=True, phase="done")
             # -- after every client exited: nothing may be left ------------------------------
             self._check(own)
             settle_end = time.monotonic() + SETTLE
@@ -493,15 +498,21 @@ class LoadRunner:
                              f"({delta:+d})")
             report = self._report(elapsed, final_stats)
         finally:
+            if self.progress is not None:
+                self.progress.close()
             self._cleanup()
             if self.monitor is not None:
                 self.monitor.close()
             if self.injector is not None:
                 self.injector.stop()
-            daemon_end = self._stop_daemon()
+            if self.daemon is not None:
+                daemon_end, problems = self.daemon.stop()
+                for text in problems:
+                    self.violate(text)
             self.sel.close()
         worker_pids = {inc.proc.pid for inc in self.finished}
-        shm_left = invariants.shm_leftovers(shm_before, worker_pids | ({self.daemon_pid} if self.daemon_pid else set()))
+        daemon_pid = self.daemon.pid if self.daemon is not None else 0
+        shm_left = invariants.shm_leftovers(shm_before, worker_pids | ({daemon_pid} if daemon_pid else set()))
         if shm_left:
             leaks["dev_shm"] = len(shm_left)
             self.violate(f"/dev/shm objects left by the run: {', '.join(shm_left[:10])}")
@@ -534,7 +545,7 @@ class LoadRunner:
                 self.sel.unregister(inc.stdout)
             except (KeyError, ValueError):
                 pass
-            inc.stdout.close()
+            inc.close_pipes()
             self.running.remove(inc)
             self.finished.append(inc)
         for inc in self.finished:
@@ -547,6 +558,10 @@ class LoadRunner:
         tot = self.totals
         ops_total = sum(n for op, n in tot.counts.items() if op != "batch")
         per_op = {}
+        every = Histogram()  # every operation's latency (a batch's round trip apart)
+        for op, hist in tot.hists.items():
+            if op != "batch":
+                every.merge(hist)
         for op in TIMED:
             h = tot.hists.get(op)
             if h is None:
@@ -564,10 +579,10 @@ class LoadRunner:
             for op, h in bucket["hists"].items():
                 if op != "batch":
                     merged.merge(h)
-                row["latency_us"][op] = {"p50": round(h.percentile(0.5) / 1000, 2),
-                                         "p99": round(h.percentile(0.99) / 1000, 2)}
-            row["p50_us"] = round(merged.percentile(0.5) / 1000, 2)
-            row["p99_us"] = round(merged.percentile(0.99) / 1000, 2)
+                p50, p99 = h.percentiles((0.5, 0.99))
+                row["latency_us"][op] = {"p50": round(p50 / 1000, 2), "p99": round(p99 / 1000, 2)}
+            p50, p99 = merged.percentiles((0.5, 0.99))
+            row["p50_us"], row["p99_us"] = round(p50 / 1000, 2), round(p99 / 1000, 2)
             timeline.append(row)
         expected = {k: v for k, v in tot.errors.items() if k.split(":", 1)[1] in EXPECTED_ERRORS}
         unexpected = {k: v for k, v in tot.errors.items() if k not in expected}
@@ -586,6 +601,8 @@ class LoadRunner:
                         "python": platform.python_version(), "processor": platform.processor()},
             "service": self.service_info,
             "elapsed_s": round(elapsed, 3),
+            "start_s": round(self.start_s, 3),
+            "latency_us": every.summary_us(),
             "ops_total": ops_total,
             "ops_per_s": round(ops_total / elapsed, 1) if elapsed else 0.0,
             "ops": per_op,
@@ -600,12 +617,3 @@ class LoadRunner:
             "timeline": timeline,
             "daemon_requests": final_stats.get("requests", {}),
         }
-
-
-def describe_spec(spec: LoadSpec) -> str:
-    """One line: what a spec does (for the report's heading)."""
-    mix = OpMix.parse(spec.mix).text()
-    sizes = SizeDist.parse(spec.sizes).text()
-    return (f"{spec.clients} clients, {spec.duration:g} s{f', {spec.ops} ops' if spec.ops else ''}, "
-            f"batch {spec.batch}, sizes {sizes}, mix {mix}")
-

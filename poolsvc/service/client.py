@@ -22,9 +22,9 @@ descriptors, timeouts, fork checks), :mod:`.slot` (the shared-memory slot),
 
 Differences from the embedded System, by design: ``phys`` and ``tee`` (raw
 physical memory and raw secure-world messages) are not offered, since they
-would reach other clients' memory; ``view()`` of a buffer from the reserved
-static pool raises NotSupported, since the carve-out is one object shared by
-all clients and its descriptor is never sent; ``stats()`` returns the
+would reach other clients' memory; ``view()`` of a private buffer from the
+reserved static pool raises NotSupported, since it may share its page with
+other clients' buffers; ``stats()`` returns the
 System's figures plus a ``"service"`` entry with the daemon's own.
 
 Transports (``connect(path, transport=...)``): ``"shm"``, the default, asks

@@ -7,6 +7,11 @@ latest ``window`` samples of each type are kept in a ring, so percentiles
 cover recent traffic at a fixed memory cost.  Operations inside a BATCH are
 counted per type; the batch's latency is recorded once, under BATCH.
 
+Bounded whatever clients send: rings exist only for the request types of
+:class:`~.protocol.MsgType` (created on first use), and every type number
+that is not one is counted under one key, :data:`UNKNOWN` ("unknown"), with
+no ring.  So the memory here is at most one ring per known type.
+
 Invariant per ring: ``min(count, window) == number of samples held``.
 
 Concurrency: owned by the daemon's loop thread; :meth:`Metrics.snapshot`
@@ -18,10 +23,14 @@ import time
 from collections import Counter
 from typing import Any
 
-from .protocol import ErrorCode, type_name
+from .protocol import ErrorCode, MsgType, type_name
 
 #: Percentiles reported for each message type.
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+#: The key every message type number outside MsgType is counted under.
+UNKNOWN = -1
+#: Type numbers that get a ring and a counter of their own.
+KNOWN_TYPES = frozenset(int(t) for t in MsgType)
 
 
 class LatencyRing:
@@ -67,12 +76,29 @@ class Metrics:
         self.refused = 0          # over max_clients, or failed handshakes
         self.protocol_errors = 0  # clients dropped for malformed traffic
 
-    def ring(self, msg_type: int) -> LatencyRing:
-        """The latency ring of a message type (created on first use)."""
+    def ring(self, msg_type: int) -> LatencyRing | None:
+        """The latency ring of a message type (created on first use); None for a
+        type number outside MsgType."""
         ring = self.rings.get(msg_type)
-        if ring is None:
+        if ring is None and msg_type in KNOWN_TYPES:
             ring = self.rings[msg_type] = LatencyRing(self.window)
         return ring
+
+    def record(self, msg_type: int, ns: int) -> None:
+        """One request of ``msg_type`` served in ``ns`` nanoseconds (its ring and count)."""
+        ring = self.rings.get(msg_type) or self.ring(msg_type)
+        if ring is None:
+            self.ops[UNKNOWN] += 1
+            return
+        ring.add(ns)
+        if msg_type != _BATCH:
+            self.ops[msg_type] += 1
+
+    def add_ops(self, counts: dict[int, int]) -> None:
+        """Count the operations of one BATCH (``counts``: type -> operations)."""
+        ops = self.ops
+        for msg_type, n in counts.items():
+            ops[msg_type if msg_type in KNOWN_TYPES else UNKNOWN] += n
 
     def snapshot(self) -> dict[str, Any]:
         """All figures as plain data (names, not numbers, as keys)."""
@@ -84,10 +110,41 @@ class Metrics:
             "crashes": self.crashes,
             "refused": self.refused,
             "protocol_errors": self.protocol_errors,
-            "ops": {type_name(t): n for t, n in sorted(self.ops.items())},
+            "ops": {_type_name(t): n for t, n in sorted(self.ops.items())},
             "errors": {_error_name(c): n for c, n in sorted(self.errors.items())},
             "latency": {type_name(t): ring.summary() for t, ring in sorted(self.rings.items())},
         }
+
+
+_BATCH = int(MsgType.BATCH)
+
+
+class RateLimit:
+    """At most one event per ``interval`` seconds per key (for logs a client can provoke)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        #: key -> [time of the last event let through, events dropped since]; one
+        #: entry per key the daemon's code names (a fixed set).
+        self.keys: dict[str, list[float]] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None to drop this event; else how many were dropped before it."""
+        now = time.monotonic()
+        entry = self.keys.get(key)
+        if entry is None:
+            self.keys[key] = [now, 0]
+            return 0
+        if now - entry[0] < self.interval:
+            entry[1] += 1
+            return None
+        dropped = int(entry[1])
+        entry[0], entry[1] = now, 0
+        return dropped
+
+
+def _type_name(msg_type: int) -> str:
+    return "unknown" if msg_type == UNKNOWN else type_name(msg_type)
 
 
 def _error_name(code: int) -> str:

@@ -139,8 +139,9 @@ class Shm(Handle):
     def view(self) -> memoryview:
         """A writable zero-copy memoryview of the buffer (released when the Shm is).
 
-        NotSupported for a buffer of the reserved static pool: the carve-out is
-        one object shared by every client, so its descriptor is never sent.
+        NotSupported for a private buffer of the reserved static pool
+        (``alloc_priv_buf`` without dynamic shm): it may share its carve-out
+        page with other clients' buffers, so it stays in the daemon.
         """
         self._check()
         if self._backing == _ARENA:
@@ -154,9 +155,9 @@ class Shm(Handle):
             assert self._user_view is not None
             view = self._user_view[:]
         else:
-            raise NotSupported("the reserved static carve-out is shared by every client of the "
-                               "daemon, so its descriptor is never sent: view() of a static-pool "
-                               "buffer is not available through the pool service")
+            raise NotSupported("a private buffer of the reserved static pool may share its "
+                               "carve-out page with other clients' buffers, so it stays in the "
+                               "daemon: view() of it is not available through the pool service")
         self._views.append(view)
         return view
 

@@ -51,7 +51,7 @@ VERSION = 1
 #: Version 2 adds a u32 ``features`` word to HELLO (after the role) and a
 #: WELCOME_EXT after WELCOME's fixed part; with :attr:`Feature.SHM_SLOT`
 #: granted, WELCOME carries the descriptor of the connection's shared-memory
-#: request/reply slot (see "The shm slot" below).
+#: request/reply slot (its layout: module ``slot``).
 VERSION_2 = 2
 #: Versions a daemon of this module accepts in HELLO.
 VERSIONS = (VERSION, VERSION_2)
@@ -316,44 +316,10 @@ class OutputKind(IntEnum):
 
 
 # ---------------------------------------------------------------------------------------
-# The shm slot (version 2, Feature.SHM_SLOT)
+# The shm slot (version 2, Feature.SHM_SLOT): its layout is in ``slot``
 # ---------------------------------------------------------------------------------------
-# One POSIX shm object per connection, created by the daemon (O_EXCL, 0600,
-# unlinked at once) and passed with WELCOME.  The first page holds u64 words
-# (native little-endian, 8-byte aligned, so that each is read and written by
-# one instruction); the request and reply areas follow.  Offsets only, never
-# pointers.  Each side writes only its own line; the daemon keeps its own
-# copy of every field it relies on and validates everything it reads.
-SLOT_MAGIC = 0x544C5350        # b"PSLT"
-SLOT_VERSION = 1
-#: Word indexes.  Header (daemon, at creation): magic | version << 32, size,
-#: request area offset and capacity, reply area offset and capacity.
-W_MAGIC, W_SIZE, W_REQ_OFF, W_REQ_CAP, W_REP_OFF, W_REP_CAP = 0, 1, 2, 3, 4, 5
-#: Client line (its own cache line): sequence of the latest request (the
-#: daemon serves ``last + 1`` only), its length in bytes (complete request
-#: frames, back to back), 1 while the client sleeps waiting for a reply.
-W_REQ_SEQ, W_REQ_LEN, W_CLIENT_SLEEPING = 8, 9, 10
-#: Daemon line: sequence of the latest reply (equal to the request's), its
-#: length (reply frames back to back, or REP_ON_SOCKET), 1 while the daemon
-#: sleeps in epoll.
-W_REP_SEQ, W_REP_LEN, W_DAEMON_SLEEPING = 16, 17, 18
-#: Words of the first page read through a ``memoryview.cast("Q")``.
-SLOT_WORDS = 32
-SLOT_REQ_OFF = 4096
-SLOT_REQ_CAP = 32 << 10
-SLOT_REP_OFF = SLOT_REQ_OFF + SLOT_REQ_CAP
-SLOT_REP_CAP = 64 << 10
-SLOT_BYTES = SLOT_REP_OFF + SLOT_REP_CAP
-#: W_REP_LEN when the replies did not fit: they follow on the socket, in order.
-REP_ON_SOCKET = (1 << 64) - 1
 #: The DOORBELL frame (empty body).
 DOORBELL_FRAME = HEADER.pack(0, 9, 0)
-
-
-def slot_header() -> tuple[int, ...]:
-    """The six header words a daemon writes into a new slot and a client checks."""
-    return (SLOT_MAGIC | SLOT_VERSION << 32, SLOT_BYTES, SLOT_REQ_OFF, SLOT_REQ_CAP,
-            SLOT_REP_OFF, SLOT_REP_CAP)
 
 
 def frame(msg_type: int, body: bytes | bytearray | memoryview = b"") -> bytes:

@@ -1,6 +1,7 @@
-"""What the daemon hands out: shm descriptors, storage descriptors, client mappings.
+"""What the daemon hands out: shm descriptors, storage descriptors, sealed memory,
+and the shadows of clients' registered objects.
 
-Three pieces sit between the System and the wire:
+Four pieces sit between the System and the wire:
 
 - :class:`SegmentTokens` (one per connection): which storage segments of the
   connection's *own* arena the client has mapped, each under a token that is
@@ -11,34 +12,45 @@ Three pieces sit between the System and the wire:
   sits in :meth:`SegmentTokens.token_for`, at the one place descriptors are
   issued.
 - :func:`describe`: the DESC body of an Shm, plus the descriptor to send.
-- :class:`RegisteredFiles` (one per daemon): the daemon's mappings of
-  objects that clients register.  A client sends a descriptor of its own
-  POSIX shm object; the daemon maps the whole object shared, so that the
-  mapping appears in its ``/proc/self/maps`` as ``/dev/shm/...`` and the
-  System's ordinary ``register_*_buf`` path finds it.  The System may tie
-  the frames of one registration to the mapping another registration made
-  (same object, same pages, same physical addresses), so every mapping of an
-  object stays until the last registration of that object, from any client,
-  is released.
+- :class:`RegisteredFiles` (one per daemon): objects that clients register.
+  A client sends a descriptor of its own POSIX shm object; the daemon never
+  maps it (the client could shrink it under the mapping: SIGBUS).  It has
+  the System register a daemon-owned shadow of the window instead, by the
+  shadow's descriptor (``Context.register_fd``), and moves the bytes with
+  ``pread`` / ``pwrite`` around each call that names the buffer.
+- :func:`sealed_storage`: daemon-owned memory that clients map (the shm
+  slots): a memfd sealed against shrinking and growing.
+
+Memory safety against clients (docs/security.md): memory the daemon owns and
+hands out is sealed; memory a client owns is only ever read and written
+through its descriptor, never through a mapping, unless the client sealed it
+against shrinking (:func:`cannot_shrink`: then it is registered zero-copy).
 
 Invariants:
-  ``RegisteredFiles.files[key].refs == live registrations of object key`` (all clients);
+  ``RegisteredFiles.files[key].refs == live registrations of object key`` (all clients)
+  ``== sum(shadow.refs for shadow in files[key].shadows)``, and every shadow's refs > 0;
+  every window registered of object key lies inside one shadow in ``files[key].shadows``;
   every token in ``SegmentTokens.tokens`` names a storage of that connection's arena.
+
+Arena segments come from :mod:`poolsvc.storage`, which creates them as memfds
+sealed against resizing; :meth:`SegmentTokens.token_for` seals again
+(:func:`seal`, idempotent) before a descriptor leaves and refuses a segment
+that cannot be sealed.
 
 Concurrency: the daemon's loop thread only.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
-import mmap
 import os
 import stat
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..constants import PAGE_SIZE
-from ..errors import BadParameters, InternalError, NotSharedMemory
-from ..storage import Storage
+from ..errors import BadParameters, InternalError, NotSharedMemory, OutOfMemory
+from ..storage import SHM_DIR, Storage
 from .protocol import DESC, NO_PADDR, Backing, DescBits
 
 log = logging.getLogger("poolsvc.service")
@@ -66,6 +78,9 @@ class SegmentTokens:
         if storage.fd < 0 or not any(seg.storage is storage for seg in self.arena.segments):
             raise InternalError(f"refusing to send storage {storage.name}: not a live segment of "
                                 "this client's arena")
+        if not seal(storage.fd):
+            raise InternalError(f"refusing to send storage {storage.name}: it cannot be sealed against "
+                                "resizing")
         token = self.next_token
         self.next_token += 1
         self.tokens[storage] = token
@@ -142,95 +157,262 @@ def describe(shm: Any, tokens: SegmentTokens | None) -> tuple[bytes, int]:
 
 
 @dataclass
-class _ObjectMappings:
-    """The daemon's mappings of one client object, and its live registrations."""
+class _Shadow:
+    """The daemon's own copy of a page-aligned window of a client object."""
 
-    mappings: list[mmap.mmap] = field(default_factory=list)
+    storage: Storage
+    #: Offset in the client's object of the shadow's first byte (a page multiple).
+    base: int
+    #: Live registrations in this shadow.
+    refs: int = 0
+
+    def covers(self, offset: int, length: int) -> bool:
+        return self.base <= offset and offset + length <= self.base + self.storage.size
+
+
+@dataclass
+class _Object:
+    """One client object: the daemon's descriptor of it, its shadows, its live registrations."""
+
+    fd: int
+    shadows: list[_Shadow] = field(default_factory=list)
     refs: int = 0
 
 
-class RegisteredFiles:
-    """The daemon's shared mappings of objects clients registered, by (st_dev, st_ino)."""
+@dataclass(frozen=True)
+class Registration:
+    """Where one registered buffer's bytes live: ``length`` bytes at ``offset`` of the
+    client's object (descriptor ``fd``), shadowed at ``shadow_offset`` of ``storage``;
+    ``storage`` None for a zero-copy registration of a sealed object (no shadow)."""
 
-    def __init__(self) -> None:
-        self.files: dict[tuple[int, int], _ObjectMappings] = {}
+    key: tuple[int, int]
+    fd: int
+    offset: int
+    length: int
+    storage: Storage | None
+    shadow_offset: int
+
+
+#: The key of a zero-copy registration (it has no entry in RegisteredFiles).
+ZERO_COPY = (-1, -1)
+
+
+def _check_shared_memory(fd: int) -> os.stat_result:
+    """fstat of a received descriptor that must be a writable POSIX shm object."""
+    try:
+        info = os.fstat(fd)
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as exc:
+        raise BadParameters(f"received descriptor {fd} cannot be inspected: {exc.strerror}") from exc
+    if not stat.S_ISREG(info.st_mode) or info.st_dev != _shm_device():
+        raise NotSharedMemory(f"received descriptor is not a POSIX shared-memory object under "
+                              f"{SHM_DIR} (file mode {info.st_mode:#o})")
+    if mode != os.O_RDWR:
+        raise NotSharedMemory("received descriptor is not open for reading and writing; a registered "
+                              "buffer must be writable")
+    return info
+
+
+def _shm_device() -> int:
+    return os.stat(SHM_DIR).st_dev
+
+
+class RegisteredFiles:
+    """The objects clients registered, bounced through daemon-owned shadows.
+
+    A client's object can shrink under any mapping of it, and touching a
+    mapped page past its end raises SIGBUS in whoever touches it.  So the
+    daemon never maps a client's object: it keeps a descriptor of it and
+    registers, with the System, a *shadow* of the registered window (its own
+    unlinked shm object, which no client holds), by the shadow's descriptor.  The bytes move at the
+    only moments the secure world may look at them: :meth:`copy_in` before a
+    call that names the buffer, :meth:`copy_out` after it (``pread`` and
+    ``pwrite``, which report a short object instead of faulting).
+
+    Two registrations of one object whose windows fit one shadow share it,
+    so the same bytes keep the same physical pages.  A shadow goes with the
+    last registration in it; the object's descriptor with the last of the
+    object's.  So what a client holds here is bounded by what it has
+    registered (and counted in its quota).
+    """
+
+    def __init__(self, prefix: str = "/poolsvc") -> None:
+        self.prefix = prefix
+        self.files: dict[tuple[int, int], _Object] = {}
 
     @property
     def mapped(self) -> int:
-        """Number of mappings held (for stats and leak checks)."""
-        return sum(len(entry.mappings) for entry in self.files.values())
+        """Number of shadows held (for stats and leak checks)."""
+        return sum(len(entry.shadows) for entry in self.files.values())
 
-    def map(self, fd: int, offset: int, length: int) -> tuple[tuple[int, int], memoryview]:
-        """Map the object behind ``fd``; ``(key, view of [offset, offset+length))``.
+    def map(self, fd: int, offset: int, length: int) -> Registration:
+        """The registration of ``[offset, offset+length)`` of the object behind ``fd``:
+        where its shadow is, for the System to register by descriptor.
 
         Does not take a reference (call :meth:`get` once the registration
         stands) and does not close ``fd``.  NotSharedMemory for a descriptor
-        that is not a writable regular file, BadParameters for a range outside
-        the object.
+        that is not a writable POSIX shm object, BadParameters for a range
+        outside the object, OutOfMemory when no shadow can be made.
         """
-        try:
-            info = os.fstat(fd)
-        except OSError as exc:
-            raise BadParameters(f"received descriptor {fd} cannot be inspected: {exc.strerror}") from exc
-        if not stat.S_ISREG(info.st_mode):
-            raise NotSharedMemory(f"received descriptor is not a shared-memory object "
-                                  f"(file mode {info.st_mode:#o})")
+        info = _check_shared_memory(fd)
         size = info.st_size
         if length <= 0:
             raise BadParameters(f"register length {length} must be positive")
-        if offset + length > size:
+        if offset < 0 or offset + length > size:
             raise BadParameters(f"buffer [{offset:#x}, {offset + length:#x}) runs past the end of "
                                 f"its object ({size:#x} bytes)")
         key = (info.st_dev, info.st_ino)
         entry = self.files.get(key)
-        mm = None
+        shadow = None
         if entry is not None:
-            for candidate in entry.mappings:
-                if len(candidate) >= offset + length:
-                    mm = candidate
-                    break
-        if mm is None:
-            try:
-                mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            except PermissionError as exc:
-                raise NotSharedMemory("received descriptor is not open for writing; a registered "
-                                      "buffer must be writable") from exc
-            except (OSError, ValueError) as exc:
-                raise NotSharedMemory(f"cannot map the received object of {size:#x} bytes: {exc}") from exc
+            shadow = next((s for s in entry.shadows if s.covers(offset, length)), None)
+        if shadow is None:
+            base = offset - offset % PAGE_SIZE
+            end = -(-(offset + length) // PAGE_SIZE) * PAGE_SIZE
+            storage = Storage.create(end - base, self.prefix)
+            shadow = _Shadow(storage, base)
             if entry is None:
-                entry = self.files[key] = _ObjectMappings()
-            entry.mappings.append(mm)
-        return key, memoryview(mm)[offset:offset + length]
+                entry = self.files[key] = _Object(os.dup(fd))
+            entry.shadows.append(shadow)
+        assert entry is not None
+        return Registration(key, entry.fd, offset, length, shadow.storage, offset - shadow.base)
 
-    def get(self, key: tuple[int, int]) -> None:
-        """One more live registration of object ``key``."""
-        self.files[key].refs += 1
+    @staticmethod
+    def copy_in(reg: Registration, start: int, end: int) -> None:
+        """Bytes ``[start, end)`` of the buffer from the client's object into its shadow.
 
-    def put(self, key: tuple[int, int]) -> None:
-        """One registration of ``key`` released; the last one unmaps the object."""
-        entry = self.files.get(key)
+        NotSharedMemory when the object no longer holds them (the client shrank it).
+        """
+        start, end = max(0, start), min(reg.length, end)
+        if start >= end:
+            return
+        assert reg.storage is not None
+        view = memoryview(reg.storage.mm)[reg.shadow_offset + start:reg.shadow_offset + end]
+        try:
+            got = os.preadv(reg.fd, [view], reg.offset + start)
+        finally:
+            view.release()
+        if got != end - start:
+            raise NotSharedMemory(f"registered buffer [{reg.offset + start:#x}, {reg.offset + end:#x}) "
+                                  f"of its object is gone: the object was shrunk to "
+                                  f"{reg.offset + start + got:#x} bytes or less")
+
+    @staticmethod
+    def copy_out(reg: Registration, start: int, end: int) -> None:
+        """Bytes ``[start, end)`` of the shadow back into the client's object (never
+        past the object's current end)."""
+        start, end = max(0, start), min(reg.length, end)
+        try:
+            end = min(end, os.fstat(reg.fd).st_size - reg.offset)
+        except OSError:  # pragma: no cover - the daemon holds the descriptor
+            return
+        if start >= end:
+            return
+        assert reg.storage is not None
+        view = memoryview(reg.storage.mm)[reg.shadow_offset + start:reg.shadow_offset + end]
+        try:
+            os.pwritev(reg.fd, [view], reg.offset + start)
+        finally:
+            view.release()
+
+    def get(self, reg: Registration) -> None:
+        """One more live registration: ``reg``."""
+        entry = self.files[reg.key]
+        entry.refs += 1
+        self._shadow(entry, reg).refs += 1
+
+    def put(self, reg: Registration) -> None:
+        """Registration ``reg`` released; the last one of a shadow drops it, the last
+        one of an object forgets the object."""
+        entry = self.files.get(reg.key)
         if entry is None:
-            raise InternalError(f"registered object {key} released more often than registered")
+            raise InternalError(f"registered object {reg.key} released more often than registered")
         entry.refs -= 1
-        if entry.refs <= 0:
-            self._unmap(key, entry)
+        self._shadow(entry, reg).refs -= 1
+        self.forget_unused(reg)
 
-    def forget_unused(self, key: tuple[int, int]) -> None:
-        """Unmap ``key`` if no registration uses it (after a failed registration)."""
-        entry = self.files.get(key)
-        if entry is not None and entry.refs <= 0:
-            self._unmap(key, entry)
+    def forget_unused(self, reg: Registration) -> None:
+        """Drop ``reg``'s shadow, and its object, if no registration uses them (after a
+        release, or a registration that failed)."""
+        entry = self.files.get(reg.key)
+        if entry is None:
+            return
+        for shadow in [s for s in entry.shadows if s.refs <= 0]:
+            entry.shadows.remove(shadow)
+            self._close_shadow(reg.key, shadow)
+        if entry.refs <= 0 and not entry.shadows:
+            del self.files[reg.key]
+            os.close(entry.fd)
 
-    def _unmap(self, key: tuple[int, int], entry: _ObjectMappings) -> None:
-        del self.files[key]
-        for mm in entry.mappings:
-            try:
-                mm.close()
-            except BufferError:  # pragma: no cover - a view outlived every registration
-                log.warning("mapping of registered object %s still exported; left to the GC", key)
+    @staticmethod
+    def _shadow(entry: _Object, reg: Registration) -> _Shadow:
+        for shadow in entry.shadows:
+            if shadow.storage is reg.storage:
+                return shadow
+        raise InternalError(f"registration of {reg.key} names a shadow its object does not have")
+
+    @staticmethod
+    def _close_shadow(key: tuple[int, int], shadow: _Shadow) -> None:
+        if not shadow.storage.close():  # pragma: no cover - a view outlived every registration
+            log.warning("shadow of registered object %s still exported; left to the GC", key)
 
     def close(self) -> None:
-        """Unmap everything (the System must have released every registration)."""
+        """Drop everything (the System must have released every registration)."""
         for key, entry in list(self.files.items()):
-            self._unmap(key, entry)
+            del self.files[key]
+            os.close(entry.fd)
+            for shadow in entry.shadows:
+                self._close_shadow(key, shadow)
+
+
+def sealed_storage(size: int, name: str) -> Storage:
+    """A new daemon-owned object of ``size`` bytes that nobody can resize: a memfd
+    sealed with ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``, mapped shared.
+
+    A client that receives its descriptor can map and write it, but
+    ``ftruncate`` fails (EPERM), so the daemon's mapping can never lose pages
+    under it (no SIGBUS).  OutOfMemory when the OS refuses.
+    """
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        raise OutOfMemory(f"cannot create a {size:#x}-byte memfd: {exc.strerror}") from exc
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except OSError as exc:
+        os.close(fd)
+        raise OutOfMemory(f"cannot size and seal a {size:#x}-byte memfd: {exc.strerror}") from exc
+    return Storage.from_fd(fd, size, name)
+
+
+#: The seals of daemon-owned memory that clients map.
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def seal(fd: int) -> bool:
+    """Seal the object behind ``fd`` against shrinking and growing, if the OS lets us
+    (a memfd made with MFD_ALLOW_SEALING); whether it is sealed now."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except OSError:
+        pass
+    return is_sealed(fd)
+
+
+def cannot_shrink(fd: int) -> bool:
+    """Whether the object behind ``fd`` is sealed against shrinking (F_SEAL_SHRINK): a
+    mapping of it can never lose pages, so mapping it is safe whoever else holds it."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+
+
+def is_sealed(fd: int) -> bool:
+    """Whether the object behind ``fd`` can neither shrink nor grow."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False
+    return seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) == (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)

@@ -20,7 +20,12 @@ def text(doc: dict[str, Any]) -> str:
     d = doc["daemon"]
     versions = "/".join(map(str, d.get("protocol_versions", [d["protocol"]])))
     lines = [f"poolsvc daemon pid {d['pid']} on {d['socket']} (protocol {versions}, "
-             f"{d['backend']}, pool {d['pool']}), {d['clients']} connection(s)", "", "pools:"]
+             f"{d['backend']}, pool {d['pool']}), {d['clients']} connection(s)"]
+    if "connections" in d:
+        counts = d["connections"]
+        lines.append("  " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
+                     + f"; {'dumpable' if d.get('dumpable') else 'not dumpable'}")
+    lines += ["", "pools:"]
     for name, pool in doc["pools"].items():
         lines.append(f"  {name:8} free {_mib(pool['free_bytes']):>11}  used {_mib(pool['used_bytes']):>11}"
                      f"  largest free {_mib(pool['largest_free_bytes']):>11}"
@@ -28,14 +33,21 @@ def text(doc: dict[str, Any]) -> str:
     lines.append(f"  ids {doc['ids']}, registered cookies {doc['registered_cookies']}, "
                  f"contexts {doc['contexts']}")
     lines += ["", "clients:"]
-    header = (f"  {'client':32} {'pid':>7} {'shms':>6} {'ids':>5} {'frames':>8} {'bytes':>12} "
-              f"{'sess':>5} {'requests':>9}  transport")
+    header = (f"  {'client':32} {'pid':>7} {'uid':>6} {'gid':>6} {'shms':>6} {'ids':>5} {'frames':>8} "
+              f"{'bytes':>12} {'sess':>5} {'requests':>9}  {'transport':9}  pinned / quota")
     lines.append(header)
     for c in doc["clients"]:
         label = c.get("context") or f"{c['name'] or '-'} ({c['role'].lower()})"
-        lines.append(f"  {label[:32]:32} {c['pid']:>7} {c.get('shms', 0):>6} {c.get('ids', 0):>5} "
+        quota = c.get("quota")
+        pinned = "-"
+        if quota is not None:
+            limit = _mib(quota["max_bytes"]) if quota["max_bytes"] else "unbounded"
+            pinned = (f"{_mib(quota.get('process_pinned_bytes', quota['pinned_bytes']))} / {limit}, sessions "
+                      f"{quota['sessions']} / {quota['max_sessions']}")
+        lines.append(f"  {label[:32]:32} {c['pid']:>7} {c['uid']:>6} {c.get('gid', -1):>6} "
+                     f"{c.get('shms', 0):>6} {c.get('ids', 0):>5} "
                      f"{c.get('frames', 0):>8} {c.get('bytes', 0):>12} {c.get('sessions', 0):>5} "
-                     f"{c['requests']:>9}  {c.get('transport', '-')}")
+                     f"{c['requests']:>9}  {c.get('transport', '-'):9}  {pinned}")
     req = doc["requests"]
     lines += ["", f"requests: uptime {req['uptime_s']:.0f} s, {req['connections']} connections, "
                   f"{req['crashes']} ended without GOODBYE, {req['refused']} refused, "
@@ -84,6 +96,13 @@ def prometheus(doc: dict[str, Any]) -> str:
                            ("sessions", "Open sessions per client.")):
         family(f"client_{key}", "gauge", help_text,
                [({"client": c["context"], "pid": c["pid"]}, c[key]) for c in ctx_clients])
+    quota_clients = [c for c in ctx_clients if "quota" in c]
+    family("client_pinned_bytes", "gauge", "Bytes a client pins: allocated plus registered.",
+           [({"client": c["context"], "pid": c["pid"], "uid": c["uid"]}, c["quota"]["pinned_bytes"])
+            for c in quota_clients])
+    family("client_quota_bytes", "gauge", "Bytes a client may pin (0: unbounded).",
+           [({"client": c["context"], "pid": c["pid"], "uid": c["uid"]}, c["quota"]["max_bytes"])
+            for c in quota_clients])
     req = doc["requests"]
     family("requests_total", "counter", "Requests served, per message type.",
            [({"type": t}, n) for t, n in req["ops"].items()])

@@ -36,6 +36,12 @@ from .protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_FRAME, HEADER_SIZE
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def default_runtime_dir() -> str:
+    """The directory ``poolsvc serve`` creates (mode 0700) for the default socket when
+    neither ``$POOLSVC_SOCKET`` nor ``$XDG_RUNTIME_DIR`` names one."""
+    return f"/tmp/poolsvc-{os.getuid()}"
+
+
 def default_socket_path() -> str:
     """``$POOLSVC_SOCKET``, else ``$XDG_RUNTIME_DIR/poolsvc.sock``, else
     ``/tmp/poolsvc-{uid}/poolsvc.sock``."""
@@ -45,7 +51,7 @@ def default_socket_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return os.path.join(runtime, "poolsvc.sock")
-    return os.path.join(f"/tmp/poolsvc-{os.getuid()}", "poolsvc.sock")
+    return os.path.join(default_runtime_dir(), "poolsvc.sock")
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,21 @@ class ServiceSettings:
     socket_mode: int | None = None
     #: Group (name or gid) given access to the socket; None keeps the daemon's.
     socket_group: str | int | None = None
-    #: Connections served at once (monitors included); more are refused.
+    #: CONTEXT connections served at once; a HELLO beyond them is refused.
     max_clients: int = 256
+    #: MONITOR connections served at once (counted apart from clients: every
+    #: ``connect()`` holds one, ``poolsvc stat`` opens one).
+    max_monitors: int = 256
+    #: Connections that have not yet said HELLO; a new one beyond evicts the oldest.
+    max_pending: int = 16
+    #: Connections one peer uid may hold at once, in any role (0: no bound but the
+    #: others).  For daemons shared by several users: one user cannot take every
+    #: client or monitor place.
+    max_connections_per_uid: int = 0
+    #: If set, only peers whose uid is listed may connect (SO_PEERCRED).
+    allowed_uids: tuple[int, ...] | None = None
+    #: If set, only peers whose gid is listed may connect (SO_PEERCRED).
+    allowed_gids: tuple[int, ...] | None = None
     #: Largest request body, in bytes (announced in WELCOME).
     max_frame: int = DEFAULT_MAX_FRAME
     #: Most requests in one BATCH.
@@ -68,10 +87,17 @@ class ServiceSettings:
     max_output: int = 8 << 20
     #: Live shms one client may hold.
     max_shms_per_client: int = 65536
-    #: Bytes of pool memory one client may hold (0: no bound but the pool's).
-    max_bytes_per_client: int = 0
+    #: Bytes one client may pin: pool memory it allocated plus the pages it
+    #: registered.  None: ``client_share`` of the pool; 0: no bound but the pool's.
+    max_bytes_per_client: int | None = None
+    #: The share of the pool one client may pin when ``max_bytes_per_client`` is None.
+    client_share: float = 0.5
+    #: Sessions with trusted apps one client may hold open.
+    max_sessions_per_client: int = 64
     #: Seconds a new connection has to send HELLO.
-    handshake_timeout: float = 5.0
+    handshake_timeout: float = 2.0
+    #: Requests of a socket BATCH run before the loop serves other clients again.
+    batch_slice: int = 64
     #: Latency samples kept per message type for percentiles.
     latency_window: int = 4096
     #: ``logging`` level name.
@@ -108,6 +134,12 @@ class ServiceSettings:
         except KeyError:
             raise ConfigError(f"socket_group: no group named {group!r}") from None
 
+    def bytes_quota(self, pool_bytes: int) -> int:
+        """Bytes one client may pin in a pool of ``pool_bytes`` (0: no bound)."""
+        if self.max_bytes_per_client is not None:
+            return self.max_bytes_per_client
+        return max(4096, int(pool_bytes * self.client_share) // 4096 * 4096)
+
     def validate(self) -> None:
         """Raise ConfigError for the first invalid field."""
         if not isinstance(self.socket_path, str) or not self.socket_path:
@@ -125,8 +157,21 @@ class ServiceSettings:
         if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))
                                   or (isinstance(group, int) and group < 0)):
             raise ConfigError(f"socket_group: expected a group name or gid, got {group!r}")
+        for name in ("allowed_uids", "allowed_gids"):
+            ids = getattr(self, name)
+            if ids is not None and (not isinstance(ids, tuple) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 32 for i in ids)):
+                raise ConfigError(f"{name}: expected a list of ids, got {ids!r}")
+        share = self.client_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(f"client_share: {share!r} is not a fraction in (0, 1]")
         bounds = {
             "max_clients": (1, 65536),
+            "max_monitors": (1, 65536),
+            "max_pending": (1, 65536),
+            "max_connections_per_uid": (0, 1 << 20),
+            "max_sessions_per_client": (1, 65536),
+            "batch_slice": (1, 1 << 20),
             "max_frame": (HEADER_SIZE * 16, 1 << 30),
             "max_batch": (1, 1 << 20),
             "max_output": (64 << 10, 1 << 34),
@@ -140,6 +185,8 @@ class ServiceSettings:
             raise ConfigError(f"shm_slots: expected true or false, got {self.shm_slots!r}")
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
+            if value is None and name == "max_bytes_per_client":
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name}: expected an integer, got {value!r}")
             if not low <= value <= high:
@@ -165,6 +212,8 @@ class ServiceSettings:
                     value = int(value, 8)
                 except ValueError:
                     raise ConfigError(f"socket_mode: {value!r} is not an octal mode") from None
+            if key in ("allowed_uids", "allowed_gids") and isinstance(value, list):
+                value = tuple(value)
             if key == "log_level" and isinstance(value, str):
                 value = value.upper()
             kwargs[key] = value

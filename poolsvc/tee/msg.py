@@ -15,7 +15,7 @@ words of a META value (OPEN_SESSION's TA and client identities).
 ``ARG1`` packs and unpacks a whole one-parameter message (64 bytes) as 12
 words, ``RET`` the ``ret``/``ret_origin`` pair.  The driver's hot path
 (REGISTER_SHM, UNREGISTER_SHM) does neither in Python: both ends are the
-compiled ``core.SmcDriver`` / ``core.SmcEntry`` (``ext/smc.pyx``).
+compiled ``core.SmcDriver`` / ``core.SmcEntry`` (``ext/smc_driver.pyx and ext/smc_entry.pyx``).
 """
 from __future__ import annotations
 

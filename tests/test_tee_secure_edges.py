@@ -1,7 +1,10 @@
-"""Adversarial review of the simulated secure world: one test per finding.
+"""The simulated secure world against misbehaving trusted apps and odd messages.
 
-Each test failed before its fix.  Messages are built by hand with
-poolsvc.tee.msg and sent through ``SecureWorld.call``.
+Apps that answer codes that are not TEE errors or not u32 (a panic), replace or
+tamper with their params, or re-enter a running session (Busy); input values
+never written back; memrefs without a size reporting their capacity; RPC memory
+unreachable once freed; a message in a strided memoryview.  Messages are built
+by hand with poolsvc.tee.msg and sent through ``SecureWorld.call``.
 """
 from __future__ import annotations
 

@@ -1,16 +1,16 @@
-"""Review findings on ``SmcDriver`` / ``SmcEntry`` (both backends): each test
-failed before its fix.
+"""SmcDriver / SmcEntry (both backends): registration in flight, list pages, lifecycle.
 
-- A list frame at physical address 0 was taken for "no registration in
-  flight": a nested ``register*`` from the secure world was not refused, mapped
-  a second frame onto the same scratch page and zeroed the outer list.
-- The compiled driver wrote a full (511-entry) list page with ``next`` 0,
-  the pure twin (``pagelist_build``, the contract) with ``next = list_pa + 4096``.
-- An object made with ``__new__`` (``__init__`` never run) crashed the
-  interpreter (a NULL frame table) instead of raising.
+- A list frame at physical address 0 still counts as a registration in flight:
+  a nested ``register*`` from the secure world is refused (it would map a
+  second frame onto the same scratch page and zero the outer list).
+- A full (511-entry) list page written by the driver has ``next = list_pa +
+  4096``, as ``pagelist_build`` (the contract) writes it.
+- An object made with ``__new__`` (``__init__`` never run) raises instead of
+  crashing the interpreter.
 - ``__init__`` run again while a registration is in flight (from the secure
-  world) switched the table and allocator under it: the list frame was then
-  unmapped and freed in the wrong ones.
+  world) is refused (Busy): the list frame stays in the table and allocator it
+  came from.
+- The driver calling an entry that was never bound raises InternalError.
 """
 from __future__ import annotations
 

@@ -1,0 +1,317 @@
+"""A load worker's operations: running each kind through the client API, timed and checked.
+
+:class:`Operations` (inherited by :class:`~poolsvc.load.worker.Worker`) runs
+one operation tuple (:mod:`poolsvc.load.trace`) against the daemon through
+the public client API, times it into the figures of the current interval
+(``counts``, ``hists``, ``errors``) and keeps the ledger
+(:class:`~poolsvc.load.ledger.Ledger`) in step: a new buffer is held and
+tagged, a freed one verified and forgotten, a lookup must give back the same
+Shm, an invoke's secure-world digest must match the pattern.
+
+A BATCH runs in two table-driven passes: each token is queued on the batch
+(``_BATCH_QUEUE``: its local effects happen then, in token order), and
+after the round trip each result is taken in by its kind (``_BATCH_DONE``).
+A batched free gives up its pages only at its turn among the results, since
+the daemon runs a batch in order: an alloc placed before the free in the
+same batch must not get them.
+
+An operation on a handle this process does not hold (a replayed allocation
+that failed here) is *skipped* and counted.  A lost connection raises
+:class:`ConnectionLost` after recording it as a violation.
+
+Concurrency: one thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Callable
+
+from ..errors import Closed, OutOfMemory, PoolsvcError
+from .histogram import Histogram
+from .ledger import KIND_OPS, Held, Ledger
+from .mix import REGION_SIZE
+
+Op = tuple  # an operation tuple, see poolsvc.load.trace
+#: The Context (and Batch) method that makes a buffer of each kind.
+METHODS = {kind: f"{op}_buf" for kind, op in KIND_OPS.items()}
+_now = time.perf_counter_ns
+
+
+class ConnectionLost(Exception):
+    """The daemon's connection is gone: the worker reports and exits."""
+
+
+class Operations(Ledger):
+    """Runs operation tuples (state set by the worker's constructor)."""
+
+    ctx: Any
+    session: Any
+    digest: Any
+    digest_view: Any
+    area: Any
+    area_view: Any
+    area_fd: int
+    counts: dict[str, int]
+    errors: dict[str, int]
+    hists: dict[str, Histogram]
+    skipped: int
+    draining: bool
+    pending_release: list[Held]
+
+    # -- figures ---------------------------------------------------------------------------------
+    def _time(self, op: str, ns: int, n: int = 1, weight: int = 1) -> None:
+        """Count ``n`` operations ``op`` and ``weight`` latencies of ``ns`` each."""
+        h = self.hists.get(op)
+        if h is None:
+            h = self.hists[op] = Histogram()
+        h.add(ns, weight)
+        self.counts[op] = self.counts.get(op, 0) + n
+
+    def _error(self, op: str, exc: BaseException) -> None:
+        """Count an error of ``op``; an OutOfMemory starts a drain, a lost connection ends
+        the worker (:class:`ConnectionLost`)."""
+        key = f"{op}:{type(exc).__name__}"
+        self.errors[key] = self.errors.get(key, 0) + 1
+        if isinstance(exc, OutOfMemory):
+            self.draining = True
+        elif isinstance(exc, Closed):
+            self.violate(f"{op}: connection to the daemon lost: {exc}")
+            raise ConnectionLost(str(exc))
+
+    def run_op(self, op: Op) -> int:
+        """Run one operation tuple; returns the operations it stands for."""
+        code = op[0]
+        if code == "b":
+            self.op_batch(op[1])
+            return op[2]
+        self._SINGLE[code](self, *op[1:])
+        return 1
+
+    # -- single operations -------------------------------------------------------------------------
+    def op_alloc(self, kind: str, size: int, handle: int) -> bool:
+        op = KIND_OPS[kind]
+        fn = getattr(self.ctx, METHODS[kind])
+        t0 = _now()
+        try:
+            shm = fn(size)
+        except PoolsvcError as exc:
+            self._time(op, _now() - t0)
+            self._error(op, exc)
+            return False
+        self._time(op, _now() - t0)
+        self._hold(shm, kind, size, handle)
+        return True
+
+    def op_register(self, kind: str, size: int, offset: int, handle: int) -> bool:
+        op = KIND_OPS[kind]
+        if self.area is None or not self.free_regions:
+            self.skipped += 1
+            return False
+        region = self.free_regions.pop()
+        start = region * REGION_SIZE + offset
+        tag = self._tag(handle)
+        self.area_view[start:start + size] = (tag * (size // 16 + 1))[:size]
+        fn = getattr(self.ctx, METHODS[kind])
+        t0 = _now()
+        try:
+            shm = fn(self.area_view[start:start + size], fd=self.area_fd)
+        except PoolsvcError as exc:
+            self._time(op, _now() - t0)
+            self.free_regions.append(region)
+            self._error(op, exc)
+            return False
+        self._time(op, _now() - t0)
+        self._hold(shm, kind, size, handle, region)
+        return True
+
+    def op_free(self, handle: int) -> None:
+        held = self.live.get(handle)
+        if held is None:
+            self.skipped += 1
+            return
+        self._verify(held, "free")
+        self._forget(held)
+        t0 = _now()
+        try:
+            held.shm.close()
+            for _ in range(held.extra_refs):
+                held.shm.close()
+        except PoolsvcError as exc:
+            self._error("free", exc)
+        self._time("free", _now() - t0)
+
+    def op_lookup(self, handle: int) -> None:
+        held = self.live.get(handle)
+        if held is None or held.shm.id <= 0:
+            self.skipped += 1
+            return
+        t0 = _now()
+        try:
+            again = self.ctx.shm_from_id(held.shm.id)
+        except PoolsvcError as exc:
+            self._time("lookup", _now() - t0)
+            self._error("lookup", exc)
+            return
+        self._time("lookup", _now() - t0)
+        if again is not held.shm:
+            self.violate(f"lookup of id {held.shm.id} (buffer {handle}) returned cookie "
+                         f"{again.cookie:#x}, not {held.shm.cookie:#x}")
+        again.close()
+
+    def op_invoke(self, handle: int) -> None:
+        from ..tee.driver import RegisteredMemref
+        from ..tee.ta import Sha256App
+
+        held = self.live.get(handle)
+        if held is None or held.kind == "p":
+            self.skipped += 1
+            return
+        length = held.size if held.full else min(16, held.size)
+        t0 = _now()
+        try:
+            self.session.invoke(Sha256App.DIGEST, [RegisteredMemref(held.shm, 0, length, "in"),
+                                                   RegisteredMemref(self.digest, 0, 32, "out")])
+        except PoolsvcError as exc:
+            self._time("invoke", _now() - t0)
+            self._error("invoke", exc)
+            return
+        self._time("invoke", _now() - t0)
+        if self.digest_view is None or held.view is None:
+            self.unverified += 1
+            return
+        pattern = self._pattern(held)
+        expected = hashlib.sha256(pattern if length == held.size else pattern[:length]).digest()
+        if self.digest_view[:32] != expected:
+            self.violate(f"invoke: SHA-256 of buffer {handle} ({KIND_OPS[held.kind]}, {length} bytes) "
+                         f"in the secure world is {bytes(self.digest_view[:32]).hex()[:16]}..., "
+                         f"the owner wrote bytes hashing to {expected.hex()[:16]}...; "
+                         f"{self._whose(bytes(held.view[:16]))}")
+
+    _SINGLE: dict[str, Callable[..., Any]] = {
+        "a": op_alloc, "r": op_register, "f": op_free, "l": op_lookup, "i": op_invoke}
+
+    # -- batches -------------------------------------------------------------------------------------
+    def op_batch(self, tokens: list[Op]) -> None:
+        """Run one BATCH of ``("a", K, SIZE, H)``, ``("f", H)``, ``("l", H)``, ``("x", H)``."""
+        b = self.ctx.batch()
+        plan = self._batch_plan(b, tokens)
+        if not plan:
+            return
+        t0 = _now()
+        try:
+            results = b.run()
+        except PoolsvcError as exc:
+            for entry in plan:
+                if entry[0] == "f":
+                    self._give_pages(entry[1])
+            self._error("batch", exc)
+            return
+        ns = _now() - t0
+        self._time("batch", ns, 0)
+        self._batch_take(plan, results, ns // len(plan))
+
+    def _batch_plan(self, b: Any, tokens: list[Op]) -> list[Op]:
+        """Queue each token on ``b``; the plan: the alloc tokens themselves and
+        ``("f"|"l"|"x", Held)`` entries (tokens on buffers not held are skipped)."""
+        queue = self._BATCH_QUEUE
+        plan: list[Op] = []
+        append = plan.append
+        for tok in tokens:
+            entry = queue[tok[0]](self, b, tok)
+            if entry is None:
+                self.skipped += 1
+            else:
+                append(entry)
+        return plan
+
+    def _batch_take(self, plan: list[Op], results: list[Any], per_op: int) -> None:
+        """Take in a batch's results in order; one histogram entry per operation kind,
+        each at ``per_op`` nanoseconds."""
+        done = self._BATCH_DONE
+        nxt = iter(results).__next__
+        tally: dict[str, int] = {}
+        for entry in plan:
+            op = done[entry[0]](self, entry, nxt(), nxt)
+            if op is not None:
+                tally[op] = tally.get(op, 0) + 1
+        for op, n in tally.items():
+            self._time(op, per_op, n, n)
+
+    # Queueing a token: its local effects, in token order; the plan entry, or None to skip.
+    def _queue_alloc(self, b: Any, tok: Op) -> Op:
+        getattr(b, METHODS[tok[1]])(tok[2])
+        return tok
+
+    def _queue_free(self, b: Any, tok: Op) -> Op | None:
+        held = self.live.get(tok[1])
+        if held is None:
+            return None
+        view = held.view
+        if view is None or held.full or view[:16] != held.head or \
+                view[held.size - 16:held.size] != held.tail:
+            self._verify(held, "free")  # (the ends matched: nothing for it to find)
+        self._forget(held, pages=False)  # its pages: at the free's turn (_done_free)
+        shm = held.shm
+        for _ in range(held.extra_refs + 1):
+            b.close(shm)
+        return ("f", held)
+
+    def _queue_lookup(self, b: Any, tok: Op) -> Op | None:
+        held = self.live.get(tok[1])
+        if held is None or held.shm.id <= 0:
+            return None
+        b.shm_from_id(held.shm.id)
+        return ("l", held)
+
+    def _queue_release(self, b: Any, tok: Op) -> Op | None:
+        held = self.live.get(tok[1])
+        if held is None or held.extra_refs <= 0:
+            return None
+        held.extra_refs -= 1
+        b.close(held.shm)
+        return ("x", held)
+
+    _BATCH_QUEUE: dict[str, Callable[..., Any]] = {
+        "a": _queue_alloc, "f": _queue_free, "l": _queue_lookup, "x": _queue_release}
+
+    # Taking in a result: the operation name it counts under, or None.
+    def _done_alloc(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
+        _, kind, size, handle = entry
+        op = KIND_OPS[kind]
+        if isinstance(result, PoolsvcError):
+            self._error(op, result)
+        else:
+            self._hold_batched(result, kind, size, handle)
+        return op
+
+    def _done_free(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
+        held = entry[1]
+        for _ in range(held.extra_refs):  # the results of closing its lookups' references
+            nxt()
+        held.extra_refs = 0
+        if held.pages:  # the free's turn: its pages may now go to a later alloc
+            self._give_pages(held)
+        if isinstance(result, PoolsvcError):
+            self._error("free", result)
+        return "free"
+
+    def _done_lookup(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
+        held = entry[1]
+        if isinstance(result, PoolsvcError):
+            self._error("lookup", result)
+        elif result is not held.shm:
+            self.violate(f"batched lookup of id {held.shm.id} returned cookie "
+                         f"{result.cookie:#x}, not {held.shm.cookie:#x}")
+            result.close()
+        else:
+            held.extra_refs += 1
+            self.pending_release.append(held)
+        return "lookup"
+
+    def _done_release(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> None:
+        if isinstance(result, PoolsvcError):
+            self._error("free", result)
+
+    _BATCH_DONE: dict[str, Callable[..., Any]] = {
+        "a": _done_alloc, "f": _done_free, "l": _done_lookup, "x": _done_release}

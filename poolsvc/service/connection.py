@@ -1,0 +1,200 @@
+"""One client connection of the pool service, and the state the daemon's parts share.
+
+:class:`Connection` is everything the daemon holds for one client: its socket,
+state (:class:`ConnState`), role, peer credentials, Context, input buffer,
+queued replies, received descriptors, shm slot and per-client counters.
+
+Life of a connection (:class:`ConnState`): HANDSHAKE (only HELLO is accepted,
+within ``handshake_timeout``) -> READY -> CLOSING (a final reply is queued;
+hang up once it is written) -> CLOSED.  A CONTEXT connection owns one
+Context; when the connection ends for any reason (GOODBYE, EOF, reset,
+SIGKILL of the client mid-request, a protocol violation) the Context is
+closed, which releases its shms, ids, frames, sessions and storage, and the
+daemon's shadows of objects it registered.
+
+:class:`ServerParts` declares the attributes and methods the daemon's parts
+(the loop in :mod:`.server`, connection I/O in :mod:`.transport`, slot
+serving in :mod:`.slotserve`, request handlers in :mod:`.handlers` and
+:mod:`.sessions`) use from one another; :class:`~.server.Server` combines
+them.
+
+Concurrency: the daemon's loop thread only.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections import Counter, deque
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..config import Config
+from ..errors import ProtocolError
+from ..storage import Storage
+from . import protocol as P
+from .metrics import Metrics
+from .provider import RegisteredFiles, Registration, SegmentTokens
+from .settings import ServiceSettings
+
+_PEERCRED = struct.Struct("3i")
+
+
+class ConnState(IntEnum):
+    """Life of a connection."""
+
+    HANDSHAKE = 1
+    READY = 2
+    CLOSING = 3
+    CLOSED = 4
+
+
+#: Plain ints on the hot path (Connection.state holds one of these).
+HANDSHAKE, READY, CLOSING, CLOSED = 1, 2, 3, 4
+
+
+class Connection:
+    """One client connection and everything the daemon holds for it."""
+
+    __slots__ = ("sock", "fileno", "serial", "state", "role", "pid", "uid", "gid", "name", "context",
+                 "tokens", "inbuf", "out", "out_bytes", "fds", "registered", "alloc_fns",
+                 "register_fns", "pool_bytes", "registered_bytes", "alloc_sizes", "requests", "accepted",
+                 "reading", "writing", "goodbye", "handlers", "version",
+                 "slot", "words", "seq", "bell", "batch", "counted", "pinned")
+
+    def __init__(self, sock: socket.socket, serial: int) -> None:
+        self.sock = sock
+        self.fileno = sock.fileno()
+        self.serial = serial
+        self.state = HANDSHAKE
+        self.role = P.Role.CONTEXT
+        self.pid = self.uid = self.gid = -1
+        try:
+            self.pid, self.uid, self.gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        except OSError:  # pragma: no cover - always available on Linux
+            pass
+        self.name = ""
+        self.context: Any = None
+        self.tokens: SegmentTokens | None = None
+        self.inbuf = bytearray()
+        #: Queued replies: [bytes, descriptors to send with their first byte].
+        self.out: deque[list[Any]] = deque()
+        self.out_bytes = 0
+        #: Descriptors received and not yet claimed by a REGISTER.
+        self.fds: deque[int] = deque()
+        #: cookie -> where the bytes live, for shms this client registered.
+        self.registered: dict[int, Registration] = {}
+        self.alloc_fns: tuple[Callable[[int], Any], ...] = ()
+        self.register_fns: tuple[Callable[[int, int, int], Any], ...] = ()
+        #: Quota figures: bytes of the shms this client allocated (by cookie in
+        #: ``alloc_sizes``) and of the page spans it registered (in ``registered``).
+        #: ``pool_bytes == sum(alloc_sizes.values())``.
+        self.pool_bytes = 0
+        self.registered_bytes = 0
+        self.alloc_sizes: dict[int, int] = {}
+        self.requests = 0
+        self.accepted = time.monotonic()
+        self.reading = True
+        self.writing = False
+        self.goodbye = False
+        #: Request handlers of this connection's state and role, by message type.
+        self.handlers: dict[int, Handler] = {}
+        self.version = P.VERSION
+        #: The shm slot (Storage) of a version-2 connection that asked for one,
+        #: its first page as u64 words, and the sequence of the last request served.
+        self.slot: Storage | None = None
+        self.words: memoryview | None = None
+        self.seq = 0
+        #: The eventfd the client rings to wake the daemon (-1: none).
+        self.bell = -1
+        #: A BATCH being served in slices (see ``Handlers._start_batch``), or None.
+        self.batch: Any = None
+        #: Counted in the server's census of READY connections per role.
+        self.counted = False
+        #: The quota figures (a Pinned) of the client process, shared by all its
+        #: CONTEXT connections; None until HELLO, and for monitors.
+        self.pinned: Any = None
+
+    def label(self) -> str:
+        return f"client #{self.serial} (pid {self.pid}{', ' + self.name if self.name else ''})"
+
+
+_WAKE = object()
+_LISTEN = object()
+
+
+class Pinned:
+    """What one client process (peer pid) pins over all its CONTEXT connections: the
+    figures its byte quota is checked against.
+
+    ``allocated == sum(c.pool_bytes)`` and ``registered == sum(c.registered_bytes)``
+    over the ``users`` live connections of that pid.
+    """
+
+    __slots__ = ("pid", "allocated", "registered", "users")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.allocated = 0
+        self.registered = 0
+        self.users = 0
+
+
+#: A request handler: (connection, body) -> reply body.
+Handler = Callable[[Connection, Any], bytes]
+
+
+class ServerParts:
+    """What the parts of :class:`~.server.Server` share (declarations for the type checker)."""
+
+    config: Config
+    settings: ServiceSettings
+    system: Any
+    metrics: Metrics
+    files: RegisteredFiles
+    connections: dict[int, Connection]
+    #: Descriptors to send with the next queued reply.
+    _reply_fds: list[int]
+    #: READY connections with a shm slot, polled by the loop.
+    _slots: list[Connection]
+    _stopping: bool
+    _ep: Any
+    # limits read on every request
+    _max_output: int
+    _max_frame: int
+    _max_shms: int
+    _max_bytes: int
+    _max_sessions: int
+    _batch_slice: int
+    _census: Counter[P.Role]
+    #: Connections with a BATCH being served in slices.
+    _batches: list[Connection]
+    _batch_handlers: dict[int, Handler]
+    _context_handlers: dict[int, Handler]
+    _monitor_handlers: dict[int, Handler]
+
+    if TYPE_CHECKING:  # defined by the parts; declared here so that each part type-checks alone
+        def _ep_register(self, fd: int, events: int, data: Any) -> None: ...
+        def _ep_unregister(self, fd: int) -> None: ...
+        def _disconnect(self, conn: Connection, reason: str) -> None: ...
+        def _release_context(self, conn: Connection) -> int: ...
+        def _request(self, conn: Connection, msg_type: int, body: Any) -> bytes: ...
+        def _error(self, conn: Connection, msg_type: int, exc: Exception) -> bytes: ...
+        def _queue(self, conn: Connection, data: bytes) -> None: ...
+        def _flush(self, conn: Connection) -> None: ...
+        def _update_interest(self, conn: Connection) -> None: ...
+        def _start_batch(self, conn: Connection, body: Any) -> bool: ...
+        def _run_batch_slice(self, conn: Connection) -> None: ...
+        def _pinned_of(self, pid: int) -> Pinned: ...
+        def _count_as(self, conn: Connection, role: P.Role) -> None: ...
+        def _log_limited(self, key: str, level: int, msg: str, *args: Any) -> None: ...
+        def _violation(self, conn: Connection, exc: ProtocolError) -> None: ...
+        def _make_slot(self, conn: Connection, bell: bool) -> None: ...
+        def _drop_slot(self, conn: Connection) -> None: ...
+        def _close_shm(self, conn: Connection, shm: Any) -> bytes: ...
+        def stats(self) -> dict[str, Any]: ...
+
+
+__all__ = ["CLOSED", "CLOSING", "HANDSHAKE", "READY", "ConnState", "Connection", "Handler", "Pinned",
+           "ServerParts"]

@@ -1,0 +1,209 @@
+"""The daemon's side of the shm slot: create it, serve requests from it, sleep around it.
+
+The slot's layout, the fence and the header both ends check are in
+:mod:`.slot`; this module is the daemon's end.
+
+Shm slots (protocol version 2): a connection may ask for a shared-memory
+request/reply slot (``protocol`` documents the layout).  The loop polls the
+slots of such clients for a short adaptive window after serving one, then
+marks them "daemon sleeping" and blocks in epoll; a client that publishes a
+request while the mark is set rings with a DOORBELL frame on its socket (or
+its eventfd).  Nothing read from a slot is trusted: sequence, length and
+every frame are checked, and the request bytes are copied out before they
+are parsed.
+
+The slot is a sealed memfd (:func:`~.provider.sealed_storage`): the client
+maps it read-write but cannot shrink it under the daemon's mapping.
+
+Concurrency: the daemon's loop thread only; the client process writes its
+own line of the slot at any moment (see ``protocol``, "The shm slot").
+"""
+from __future__ import annotations
+
+import array
+import os
+import select
+from typing import Callable
+
+from ..errors import ProtocolError
+from . import protocol as P
+from . import slot as S
+from .connection import CLOSING, READY, Connection, ServerParts
+from .provider import sealed_storage
+
+_EPOLLIN = select.EPOLLIN
+_HEADER_SIZE = P.HEADER_SIZE
+_unpack_header = P.HEADER.unpack_from
+_pack_header = P.HEADER.pack
+_ERROR = int(P.MsgType.ERROR)
+_W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = S.W_REQ_SEQ, S.W_REQ_LEN, S.W_CLIENT_SLEEPING
+_W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = S.W_REP_SEQ, S.W_REP_LEN, S.W_DAEMON_SLEEPING
+_REQ_OFF, _REQ_CAP = S.SLOT_REQ_OFF, S.SLOT_REQ_CAP
+_REP_OFF, _REP_CAP = S.SLOT_REP_OFF, S.SLOT_REP_CAP
+_fence_acquire, _fence_release = S.fence_lock.acquire, S.fence_lock.release
+
+
+class Bell:
+    """The epoll tag of a connection's eventfd doorbell."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+
+class SlotServing(ServerParts):
+    """Creating, serving and dropping the shm slots of version-2 connections."""
+
+    def _make_slot(self, conn: Connection, bell: bool) -> None:
+        """Create the connection's slot, and its eventfd doorbell if asked for.
+
+        The descriptors go with WELCOME: the slot, then the eventfd.  A client
+        wakes a sleeping daemon by writing to the eventfd rather than by a
+        DOORBELL frame on the socket: a socket write wakes its reader with the
+        "sync" hint, which tells the scheduler to run the daemon on the
+        client's CPU; with two spinning parties on one CPU each hand-off then
+        waits for a yield.  An eventfd wake-up carries no such hint, so the
+        daemon resumes on its own (idle) CPU.
+        """
+        storage = sealed_storage(S.SLOT_BYTES, "poolsvc-slot")  # the client cannot resize it
+        efd = fd = -1
+        try:
+            words = S.words_of(storage.mm)
+            words[:6] = array.array("Q", S.slot_header())
+            fd = os.dup(storage.fd)
+            if bell:
+                efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._ep_register(efd, _EPOLLIN, Bell(conn))
+                bell_fd = os.dup(efd)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            if efd >= 0:
+                self._ep_unregister(efd)
+                os.close(efd)
+            storage.close()
+            raise
+        conn.slot, conn.words, conn.seq, conn.bell = storage, words, 0, efd
+        self._reply_fds.append(fd)
+        if efd >= 0:
+            self._reply_fds.append(bell_fd)
+
+    def _drop_slot(self, conn: Connection) -> None:
+        """Stop serving a connection's slot and unmap it (idempotent)."""
+        if conn.bell >= 0:
+            self._ep_unregister(conn.bell)
+            os.close(conn.bell)
+            conn.bell = -1
+        if conn.slot is None:
+            return
+        try:
+            self._slots.remove(conn)
+        except ValueError:
+            pass
+        if conn.words is not None:
+            conn.words.release()
+            conn.words = None
+        conn.slot.close()
+        conn.slot = None
+
+    def _serve_slot(self, conn: Connection) -> bool:
+        """Run the request in ``conn``'s slot if a new one is published; True if one was.
+
+        Nothing in the slot is trusted: the sequence must be the next one,
+        the length must fit the request area, the bytes are copied out before
+        they are parsed, and every frame is checked as on the socket.  A bad
+        field is a protocol violation (ERROR on the socket, then hang-up).
+        """
+        words = conn.words
+        if words is None or conn.state != READY or conn.batch is not None:
+            return False
+        seq = words[_W_REQ_SEQ]
+        expected = conn.seq + 1
+        if seq != expected:
+            if seq == conn.seq:
+                return False
+            self._violation(conn, ProtocolError(
+                f"slot request sequence {seq}, expected {expected}"))
+            self._flush(conn)
+            return True
+        max_output = self._max_output
+        if conn.out_bytes > max_output:
+            return False  # the client must read its socket first
+        length = words[_W_REQ_LEN]
+        if not _HEADER_SIZE <= length <= _REQ_CAP:
+            self._violation(conn, ProtocolError(
+                f"slot request length {length} is outside {_HEADER_SIZE}..{_REQ_CAP}"))
+            self._flush(conn)
+            return True
+        assert conn.slot is not None
+        mm = conn.slot.mm
+        data = mm[_REQ_OFF:_REQ_OFF + length]  # a copy: the client may scribble meanwhile
+        conn.seq = seq
+        max_frame = self._max_frame
+        request = self._request
+        out = bytearray()
+        pos = 0
+        while pos < length:
+            if length - pos < _HEADER_SIZE:
+                self._violation(conn, ProtocolError(f"slot request ends with a truncated header of "
+                                                    f"{length - pos} bytes"))
+                self._flush(conn)
+                return True
+            blen, msg_type, flags = _unpack_header(data, pos)
+            if blen > max_frame or flags or length - pos - _HEADER_SIZE < blen:
+                self._violation(conn, ProtocolError(
+                    f"slot frame of type {msg_type} announces {blen} bytes with flags {flags:#x}; "
+                    f"{length - pos - _HEADER_SIZE} remain (limit {max_frame})"))
+                self._flush(conn)
+                return True
+            start = pos + _HEADER_SIZE
+            pos = start + blen
+            if len(out) > max_output:
+                exc = P.LimitExceeded(f"slot replies exceed {max_output} bytes (max_output); "
+                                      "request not run")
+                body = self._error(conn, msg_type, exc)
+                out += _pack_header(len(body), _ERROR, 0) + body
+                continue
+            out += request(conn, msg_type, data[start:pos])
+            if conn.state != READY:
+                break
+        if self._reply_fds:  # descriptors travel on the socket, ahead of the reply
+            self._queue(conn, P.DOORBELL_FRAME)
+        n = len(out)
+        if n <= _REP_CAP:
+            mm[_REP_OFF:_REP_OFF + n] = out
+            words[_W_REP_LEN] = n
+        else:
+            self._queue(conn, bytes(out))
+            words[_W_REP_LEN] = S.REP_ON_SOCKET
+        words[_W_REP_SEQ] = seq
+        _fence_acquire()  # fence(), inlined
+        _fence_release()
+        if words[_W_CLIENT_SLEEPING]:
+            self._queue(conn, P.DOORBELL_FRAME)
+        if conn.out or conn.state == CLOSING:
+            self._flush(conn)
+        return True
+
+    def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
+        """Block in epoll with every slot marked "daemon sleeping"; None if a slot
+        request came in while marking (serve it instead of sleeping)."""
+        slots = self._slots
+        for conn in slots:
+            if conn.words is not None:
+                conn.words[_W_DAEMON_SLEEPING] = 1
+        S.fence()
+        # Only requests the loop would serve now count: a client over max_output
+        # waits until it has read its socket (an EPOLLOUT wakes us then).
+        max_output = self._max_output
+        pending = any(conn.words is not None and conn.words[_W_REQ_SEQ] != conn.seq
+                      and conn.state == READY and conn.out_bytes <= max_output for conn in slots)
+        events = None if pending else poll(1.0)
+        for conn in slots:
+            if conn.words is not None:
+                conn.words[_W_DAEMON_SLEEPING] = 0
+        return events
+
+
+__all__ = ["Bell", "SlotServing"]
