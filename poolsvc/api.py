@@ -82,8 +82,15 @@ class Shm(Protocol):
     def view(self) -> memoryview:
         """A writable zero-copy view of the buffer's bytes, released with the Shm."""
 
+    @property
+    def buf(self) -> memoryview:
+        """The same as :meth:`view`."""
+
+    def __len__(self) -> int:
+        """The buffer's size in bytes."""
+
     def close(self) -> None:
-        """Drop one reference; the last one frees the memory."""
+        """Drop one reference; the last one frees the memory; a released Shm's does nothing."""
 
     def __enter__(self) -> Any: ...
 
@@ -193,7 +200,11 @@ class System(Protocol):
 # Argument checks both implementations call
 # ---------------------------------------------------------------------------------------
 def check_size(size: Any) -> None:
-    """An allocation size: a positive int (not bool) below :data:`SIZE_LIMIT`."""
+    """An allocation size: a positive int (not bool) below :data:`SIZE_LIMIT`.
+
+    Size 0 raises BadParameters here, where the kernel's pools refuse it and
+    the ioctl fails with ENOMEM (docs/fidelity.md lists the difference).
+    """
     if isinstance(size, bool) or not isinstance(size, int):
         raise BadParameters(f"size must be an int, got {size!r}")
     if size <= 0:
@@ -234,7 +245,13 @@ def parse_uuid(value: Any) -> uuidlib.UUID:
 
 
 def require_reg_mem(gen_caps: int) -> None:
-    """NotSupported unless the driver offers REG_MEM (registration of existing buffers)."""
+    """NotSupported unless the driver offers REG_MEM (registration of existing buffers).
+
+    This is libteec's check (``TEEC_RegisterSharedMemory`` reads REG_MEM), for
+    callers that model libteec; the kernel does not make it: the embedded
+    System sends REGISTER_SHM all the same and the secure world refuses it
+    (BadParameters, the kernel's ``-EINVAL``).
+    """
     if not gen_caps & GenCaps.REG_MEM:
         raise NotSupported("registering memory needs REG_MEM, which this TEE does not offer "
                            "(no DYNAMIC_SHM capability)")

@@ -71,6 +71,17 @@ class Config:
     dynamic_shm: bool = True
     reserved_shm: bool = True
     memref_null: bool = True
+    #: poolsvc's stricter checks on top of OP-TEE 4.0's and Linux's (docs/fidelity.md), off
+    #: by default: a REGISTER_SHM or RPC SHM_ALLOC answer reusing a live cookie is refused
+    #: (OP-TEE lets the newer registration shadow the older); UNREGISTER_SHM must carry
+    #: RMEM_INPUT (OP-TEE checks only the parameter count); a NONCONTIG buffer of size 0 is
+    #: refused at any offset (OP-TEE counts one page when the offset is not 0); RPC SHM_FREE
+    #: of an unknown cookie or type is answered BAD_PARAMETERS (Linux answers SUCCESS
+    #: without looking); REGISTER_SHM and UNREGISTER_SHM answers carry origin TEE (OP-TEE
+    #: leaves ``ret_origin`` as the driver wrote it).  The compiled one-parameter entry
+    #: (``core.SmcEntry``) applies exactly these rules, so ``SecureWorld.call_with_arg`` is
+    #: that entry only when strict.
+    strict: bool = False
     #: genalloc granule of the static pool: 1 << 9 = 512 bytes.
     min_alloc_order: int = 9
     #: fit policy of the static pool: "first-fit" (the kernel's) or "best-fit".
@@ -128,7 +139,7 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        for name in ("dynamic_shm", "reserved_shm", "memref_null"):
+        for name in ("dynamic_shm", "reserved_shm", "memref_null", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         for region, (base, size) in self.regions().items():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .api import SIZE_LIMIT, check_shm_id, check_size, require_reg_mem
+from .api import SIZE_LIMIT, check_shm_id, check_size
 from .constants import PAGE_SIZE, ShmFlags
 from .errors import Closed, ItemNotFound
 from .memory import Arena
@@ -125,8 +125,10 @@ class Context:
     def register_user_buf(self, obj: Any) -> Shm:
         """Register a writable buffer backed by POSIX shm; it gets an id.
 
-        Flags USER_MAPPED | DYNAMIC. Raises NotSupported without REG_MEM,
-        NotSharedMemory for private or read-only memory.
+        Flags USER_MAPPED | DYNAMIC.  Raises NotSharedMemory for private or
+        read-only memory, BadParameters (``-EINVAL``)
+        when the secure world refuses it, e.g. without DYNAMIC_SHM: the kernel
+        does not look at REG_MEM, it sends REGISTER_SHM all the same.
         """
         return self._register(self.system.usermem.register, obj, USER_MAPPED, True)
 
@@ -141,7 +143,7 @@ class Context:
         a buffer, for a caller that holds the object's descriptor (the pool
         service): the object is mapped from ``fd`` and named by its identity,
         without reading this process's memory maps.  ``fd`` stays the caller's.
-        Raises NotSupported without REG_MEM, NotSharedMemory for a descriptor
+        Raises BadParameters when refused, as ``register_user_buf``, NotSharedMemory for a descriptor
         that is not a writable shared-memory object, BadParameters for a range
         outside it.
         """
@@ -150,7 +152,6 @@ class Context:
 
     def _register(self, how: Any, what: Any, flags: ShmFlags, with_id: bool) -> Shm:
         self._check()
-        require_reg_mem(self.system.config.gen_caps)
         return self._adopt(with_id, how, self, what, flags)
 
     # -- lookup -------------------------------------------------------------------------

@@ -98,8 +98,12 @@ class Segment:
     npages: int
 
 
+#: The first segment of an arena: 64 KiB (pre-faulted), then each new segment doubles the arena.
+ARENA_FIRST_PAGES = 16
+
+
 class Arena:
-    """Runs of storage pages for one owner, grown in pre-faulted steps.
+    """Runs of storage pages for one owner, grown geometrically in pre-faulted segments.
 
     ``take(npages)`` returns a ``core.ArenaRun``: contiguous frames of
     ``frames`` (the dynamic RAM allocator), a run of storage pages inside one
@@ -108,10 +112,12 @@ class Arena:
     ``run.segment.storage.mm[run.index*4096 : ...]``.  ``give(run)`` undoes it
     and zeroes the pages.  ``alloc`` / ``free`` hand out storage pages alone.
     The per-allocation work is one compiled call (``core.ArenaPages``, in
-    ``pages``); the policy is here: growing by ``step`` when no segment has
-    room, and returning an emptied segment to the OS only when another empty
-    one is kept as a spare (so a steady alloc/free pattern does not create and
-    pre-fault storage over and over).
+    ``pages``); the policy is here: growing when no segment has room, by a
+    segment as large as the arena already is (from ARENA_FIRST_PAGES up to
+    ``step``; a larger request gets a segment of its own size), and returning
+    an emptied segment to the OS only when another empty one is kept as a
+    spare (so a steady alloc/free pattern does not create and pre-fault
+    storage over and over).
     """
 
     def __init__(self, memory: PhysicalMemory, step: int, prefix: str, owner: Any = None, *,
@@ -138,8 +144,11 @@ class Arena:
         return self.pages_total * PAGE_SIZE
 
     def _grow(self, npages: int) -> Segment:
-        step_pages = self.step // PAGE_SIZE
-        count = max(step_pages, -(-npages // step_pages) * step_pages)
+        # geometric: a new segment as large as the arena already is (at least
+        # ARENA_FIRST_PAGES, at most one step), and never smaller than the request,
+        # so an arena that serves one small buffer costs a few pages, not a step
+        want = min(self.step // PAGE_SIZE, max(ARENA_FIRST_PAGES, self.pages_total))
+        count = max(want, npages)
         storage = Storage.create(count * PAGE_SIZE, self.prefix)
         try:
             sid = self.memory.attach(storage.mm, self.owner)

@@ -14,7 +14,8 @@ one of four kinds, and ``view()`` reads the bytes from it:
   by a memoryview of it (``poolsvc/usermem.py``).
 
 References: ``_refs`` counts ``close()`` calls still due (one from the
-constructor, one per ``Context.shm_from_id``); the last ``close()`` hands the
+constructor, one per ``Context.shm_from_id``, one per memref of a running
+call, as ``params_from_user`` takes them); the last ``close()`` hands the
 Shm to ``System.release``.
 
 Concurrency: a Shm belongs to its System's thread.
@@ -191,6 +192,15 @@ class Shm:
             self._views = [view]
         return view
 
+    def __len__(self) -> int:
+        """The buffer's size in bytes (``size``)."""
+        return self.size
+
+    @property
+    def buf(self) -> memoryview:
+        """The same as :meth:`view` (the name ``multiprocessing.shared_memory`` uses)."""
+        return self.view()
+
     @property
     def backing(self) -> Any:
         """Where the bytes live: an ArenaRun, a StaticRun, a StaticBacking or a UserBacking."""
@@ -215,15 +225,14 @@ class Shm:
                     LIVE["exported_views"] += 1
             self._views = ()
 
-    def revive(self) -> None:
-        """Undo :meth:`retire` when the release was refused (one reference again)."""
-        self._refs = 1
-
     def close(self) -> None:
-        """Drop one reference; the last one frees the memory."""
+        """Drop one reference; the last one frees the memory.
+
+        Closing a released Shm does nothing (like ``SharedMemory.close()``).
+        """
         refs = self._refs - 1
         if refs < 0:
-            self._check()  # raises Closed
+            return
         self._refs = refs
         if refs == 0:
             if self._views:

@@ -10,19 +10,23 @@ world are on a real machine, in one process.  It builds and owns
 - ``usermem`` (``poolsvc/usermem.py``: registration of existing buffers);
 - ``tee`` (the secure world, ``poolsvc/tee/secure.py``) and ``driver``
   (``poolsvc/tee/driver.py``: message page, kernel pages, calls), which
-  reaches the secure world only through its ``call_with_arg`` entry; the
-  secure world gets a factory of the RPC server (``poolsvc/tee/rpc.py``);
+  reaches the secure world only through its entries (``serve``, and
+  ``driver_entry`` for the compiled registration path); the secure world
+  gets a factory of the RPC server (``poolsvc/tee/rpc.py``);
 - ``ids`` (the id table of user-visible shms) and the contexts
   (``open_context()``, ``poolsvc/context.py``).
 
-Registration of existing buffers needs REG_MEM, offered only with DYNAMIC_SHM.
+Registration of existing buffers is offered (REG_MEM) only with DYNAMIC_SHM;
+without it the driver still sends REGISTER_SHM, which the secure world
+refuses (BadParameters: ``-EINVAL``).
 
 Release order (``tee_shm_release``, :meth:`System.release`): a pool buffer is
 unregistered from the secure world (if it was registered) and its memory
 returned to the pool; a registered buffer is unregistered, then its frames
-released.  Both pools keep a buffer's bytes in its context's arena (the
-static pool's private buffers excepted, ``poolsvc/pools.py``), so closing a
-context returns its frames and its storage alike.
+released.  A refused unregistration is logged and the memory freed all the
+same, as the kernel does.  Both pools keep a buffer's bytes in its context's
+arena (the static pool's private buffers excepted, ``poolsvc/pools.py``), so
+closing a context returns its frames and its storage alike.
 
 Accounting invariants, checked by the tests after every operation:
   ``dynamic.free_frames + dynamic.used_frames == dynamic.nframes``
@@ -35,6 +39,7 @@ time; the pool service serialises its clients' requests onto one System.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from typing import Any
 
@@ -42,7 +47,7 @@ from ._backend import BACKEND, core
 from .config import Config
 from .constants import PAGE_SIZE
 from .context import Context
-from .errors import Closed
+from .errors import Closed, TeeError
 from .fragmentation import unusable_indices
 from .memory import Arena, PhysicalMemory
 from .pools import Pools
@@ -52,6 +57,8 @@ from .tee.driver import Driver
 from .tee.rpc import RpcServer
 from .tee.secure import SecureWorld
 from .usermem import UserMemory
+
+_log = logging.getLogger(__name__)
 
 
 class System:
@@ -83,10 +90,10 @@ class System:
             self.pools = Pools(config, self.memory, cookies)
             self.static = self.pools.static  # core.RangeAllocator when the TEE has a reserved pool
             self.usermem = UserMemory(self.memory, self.dynamic, cookies)
-            self.tee = SecureWorld(self.memory, config.sec_caps)
+            self.tee = SecureWorld(self.memory, config.sec_caps, config.strict)
             self.tee.rpc_factory = lambda: RpcServer(self)
             self.driver = Driver(self.memory, self.dynamic, self.kernel_arena, self.static,
-                                 config.dynamic_shm, self.tee.call_with_arg)
+                                 config.dynamic_shm, self.tee.serve, self.tee.driver_entry)
             self.pools.register_run = self.driver.register_run
             self.usermem.driver = self.driver
             self._unregister = self.driver.unregister
@@ -155,18 +162,18 @@ class System:
 
         ``backing`` is ``shm.backing``.  The caller has retired ``shm``
         (``Shm.retire``) and taken it out of its context's table.  When the
-        secure world refuses the unregistration (a running call uses the
-        cookie), the shm stays alive and owned, so that a later close() can
-        finish the job, and the TeeError is raised.
+        secure world refuses the unregistration, the refusal is logged and the
+        memory freed all the same (``tee_shm_release`` /
+        ``optee_pool_op_free_helper`` ignore the result but for a message).
+        A memref of a running call holds a reference on its shm, so the
+        driver's own calls never unregister a buffer a call is using.
         """
         if shm.registered:
+            shm.registered = False
             try:
                 self._unregister(shm.cookie)
-            except BaseException:
-                shm.revive()
-                shm.context.shms[shm.cookie] = shm
-                raise
-            shm.registered = False
+            except TeeError as exc:
+                _log.error("unregister shm cookie %#x failed: %s", shm.cookie, exc)
         if type(backing) is ArenaRun:
             ctx = shm.context  # Arena.give, inlined: zero, unmap and free in one call
             if ctx.give_pages(backing) > 1:  # its segment emptied, and another is empty too

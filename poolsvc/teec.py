@@ -50,6 +50,10 @@ with origin API and never reaches the TEE.  The simulated secure world runs
 each call to completion, so a request against a running operation has no
 effect (a trusted app may still finish early on its own).
 
+Size: this module is over 600 lines on purpose: it is the one header a
+ported C client imports (``from poolsvc.teec import *``), so the constants,
+types and functions of the specification stay together.
+
 Concurrency: one context per thread, or a context shared under the caller's
 own lock, as the specification allows.  Contexts of the embedded System are
 serialised by one process-wide lock, since a System is single-threaded.

@@ -98,6 +98,7 @@ def drive_arenas(data, worlds):
     used: dict[str, bytearray] = {}     # label -> 1 per page handed out
     runs: list[tuple] = []              # one run per world, from take; given back or not
     pairs: list[tuple] = []             # (segment, index, npages) from alloc
+    retired: set[int] = set()           # storage ids of segments removed while in use
     count = st.integers(-1, 10) | st.sampled_from([2 ** 70, -(2 ** 70), 1 << 30])
     first = worlds[0]
 
@@ -133,9 +134,11 @@ def drive_arenas(data, worlds):
         op = draw(st.sampled_from(["add", "add", "remove", "alloc", "alloc", "free", "free", "take", "take",
                                    "give", "give", "scribble", "bogus"]))
         if op == "add":
+            sid, npages, spare = draw(st.integers(10, 14)), draw(st.integers(1, 12)), draw(st.integers(0, 2))
+            if sid in retired:
+                continue  # frames of runs on a removed segment may still map this storage
             label = f"seg{len(labels)}"
             labels.append(label)
-            sid, npages, spare = draw(st.integers(10, 14)), draw(st.integers(1, 12)), draw(st.integers(0, 2))
             for w in worlds:
                 if sid not in w.buffers:         # else the storage may be too short
                     w.buffers[sid] = bytearray((npages + spare) * PAGE)
@@ -145,6 +148,8 @@ def drive_arenas(data, worlds):
         elif op == "remove" and labels:
             label = draw(st.sampled_from(labels))
             if step("remove", label)[0][0] == "ok":
+                if any(used[label]):  # removed with pages handed out: its storage id is never reused
+                    retired.add(sid_of[label])
                 # the owner drops the storage of a removed segment: it is zero when used again
                 for w in worlds:
                     w.buffers[sid_of[label]][:] = bytes(len(w.buffers[sid_of[label]]))

@@ -36,6 +36,7 @@ from poolsvc.service.server import Server
 from poolsvc.service.settings import ServiceSettings, load
 from poolsvc.storage import LIVE
 
+from waiting import wait_until
 from svcutil import SMALL, DaemonThread, idle, kill_at_random_moments, read_frames, spawn_client, summary
 from sysutil import shm_leftovers
 
@@ -478,8 +479,10 @@ def test_pipelined_requests_beyond_the_output_bound(tmp_path):
         data = b"".join(P.frame(P.MsgType.PING, payload + i.to_bytes(4, "little")) for i in range(n))
         sender = threading.Thread(target=sock.sendall, args=(data,))
         sender.start()
-        time.sleep(0.3)  # the daemon stops reading us after ~64 KiB of unread replies...
-        assert sender.is_alive()  # ...so our send blocks, and its memory for us stays bounded
+        # the daemon stops reading us after ~64 KiB of unread replies, so our send blocks
+        # (its memory for us stays bounded): the sender cannot finish before we read
+        sender.join(timeout=0.3)
+        assert sender.is_alive()
         with connect(d.path) as other:
             assert other.ping(b"meanwhile") == b"meanwhile"
         replies = read_frames(sock, n)
@@ -556,10 +559,11 @@ def test_register_by_descriptor_unlinked_and_memfd(daemon):
 # -- limits -----------------------------------------------------------------------------------------------
 def test_per_client_limits(tmp_path):
     d = DaemonThread(tmp_path / "l.sock", max_shms_per_client=5, max_bytes_per_client=5 * 4096,
-                     max_clients=1, max_monitors=2, max_pending=1, handshake_timeout=0.3)
+                     max_clients=1, max_monitors=1, max_pending=1, handshake_timeout=0.3)
     try:
         with connect(d.path) as client:
-            ctx = client.open_context()
+            ctx = client.open_context()  # the client's monitor connection closes: one connection
+            wait_until(lambda: d.server._census[P.Role.MONITOR] == 0, what="the client's monitor gone")
             held = [ctx.alloc_user_buf(4096) for _ in range(5)]
             with pytest.raises(OutOfMemory, match="max_shms_per_client"):
                 ctx.alloc_user_buf(4096)
@@ -567,11 +571,11 @@ def test_per_client_limits(tmp_path):
             with pytest.raises(OutOfMemory, match="max_bytes_per_client"):
                 ctx.alloc_user_buf(8192)
             ctx.alloc_user_buf(4096)
-            with connect(d.path) as second:  # a second monitor: allowed
+            with connect(d.path) as second:  # a monitor: allowed
                 with pytest.raises(OutOfMemory, match="max_clients"):
                     second.open_context()  # a second context: over max_clients
                 with pytest.raises(OutOfMemory, match="max_monitors"):
-                    connect(d.path)  # a third monitor
+                    connect(d.path)  # a second monitor
             silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             silent.settimeout(10)
             silent.connect(d.path)  # waits without a HELLO

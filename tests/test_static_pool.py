@@ -23,6 +23,7 @@ from poolsvc import Config, System
 from poolsvc._backend import core
 from poolsvc.constants import PAGE_SIZE, ShmFlags
 from poolsvc.errors import BadParameters, ItemNotFound, NotSupported, OutOfMemory
+from poolsvc.memory import ARENA_FIRST_PAGES
 from poolsvc.service import protocol as P
 from poolsvc.service.client import connect
 from poolsvc.shm import StaticBacking, StaticRun
@@ -210,12 +211,18 @@ def test_the_carve_out_runs_out_and_comes_back(system):
     assert system.static.used_bytes == PAGE_SIZE  # the driver's message page
 
 
-def test_a_context_s_arena_grows_by_at_most_the_carve_out():
+def test_a_context_s_arena_grows_geometrically_and_not_past_the_carve_out():
     with System(Config(**dict(STATIC, arena_step=16 << 20, static_size=1 << 20))) as system:
         ctx = system.open_context()
-        shm = ctx.alloc_user_buf(1)
-        assert ctx.arena.bytes_total == system.config.static_size
-        shm.close()
+        held = [ctx.alloc_user_buf(1)]
+        assert ctx.arena.bytes_total == ARENA_FIRST_PAGES * PAGE_SIZE  # one small buffer: a small arena
+        with pytest.raises(OutOfMemory):
+            while True:
+                held.append(ctx.alloc_user_buf(PAGE_SIZE))
+        assert len(held) == system.config.static_size // PAGE_SIZE - 1  # all but the message page
+        assert ctx.arena.bytes_total <= system.config.static_size
+        for shm in held:
+            shm.close()
 
 
 # -- through the daemon -----------------------------------------------------------------------

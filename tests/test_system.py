@@ -19,7 +19,6 @@ from poolsvc.errors import (
     ConfigError,
     ItemNotFound,
     NotSharedMemory,
-    NotSupported,
     OutOfMemory,
     PoolsvcError,
 )
@@ -195,14 +194,21 @@ def test_register_refuses_private_and_readonly(dyn_system, shmem):
 
 
 def test_register_without_dynamic_shm_is_refused(leaks, shmem):
+    """The kernel does not look at REG_MEM: REGISTER_SHM is sent, the secure world
+    (no CFG_CORE_DYN_SHM) refuses it with EBADCMD, and the ioctl fails with -EINVAL."""
+    from poolsvc.tee.msg import SMC_RETURN_EBADCMD
+
     with System(Config(**SMALL, dynamic_shm=False)) as system:
         ctx = system.open_context()
         seg = shmem(8192)
-        with pytest.raises(NotSupported, match="REG_MEM"):
+        calls = system.tee.stats.calls
+        with pytest.raises(BadParameters, match=f"EINVAL.*SMC level \\({SMC_RETURN_EBADCMD:#x}\\)"):
             ctx.register_user_buf(seg.buf)
-        with pytest.raises(NotSupported):
+        assert system.tee.stats.calls == calls + 1  # the message was sent
+        with pytest.raises(BadParameters):
             ctx.register_kernel_buf(seg.buf)
-        assert len(system.ids) == 0
+        assert len(system.ids) == 0 and not system.tee.registered
+        assert_accounting(system)
 
 
 # -- capabilities ----------------------------------------------------------------------------------
@@ -257,8 +263,8 @@ def test_shm_from_id_takes_a_reference_and_checks_owner(system):
     assert not shm.closed and len(system.ids) == 1
     same.close()
     assert shm.closed and len(system.ids) == 0
-    with pytest.raises(Closed):
-        shm.close()
+    shm.close()  # a released Shm: nothing more to drop (like SharedMemory.close())
+    assert len(system.ids) == 0
     with pytest.raises(Closed):
         shm.view()
     with pytest.raises(ItemNotFound):
@@ -500,12 +506,12 @@ def test_register_fd_refusals(dyn_system, shmem, tmp_path):
             os.close(x)
 
 
-def test_register_fd_needs_reg_mem(leaks, shmem):
+def test_register_fd_without_dynamic_shm_is_refused(leaks, shmem):
     seg = shmem(4096)
     fd = os.open(f"/dev/shm/{seg.name.lstrip('/')}", os.O_RDWR)
     try:
         with System(Config(**SMALL, dynamic_shm=False)) as system:
-            with pytest.raises(NotSupported, match="REG_MEM"):
+            with pytest.raises(BadParameters, match="EINVAL"):
                 system.open_context().register_fd(fd, 0, 10)
     finally:
         os.close(fd)

@@ -8,7 +8,7 @@ are large enough that no allocation of the machine may fail, so every step has
 one expected outcome: a success is checked (flags of the constructor table in
 docs/design.md section 4, the lowest free id, size, alignment, registration, a
 zeroed buffer) and a refusal must be the specific error the state calls for
-(BadParameters, OutOfMemory, NotSupported, ItemNotFound, Closed).  After every
+(BadParameters, OutOfMemory, ItemNotFound, Closed).  After every
 step frames, static-pool bytes, ids and secure-world cookies balance, no frame is
 owned twice and every live buffer still holds what was written over all of it.
 """
@@ -23,7 +23,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from poolsvc import Config, ShmFlags, System
-from poolsvc.errors import BadParameters, Closed, ItemNotFound, NotSupported, OutOfMemory
+from poolsvc.errors import BadParameters, Closed, ItemNotFound, OutOfMemory
 
 from profiles import examples
 from bytecheck import assert_bytes
@@ -116,8 +116,8 @@ class SystemMachine(RuleBasedStateMachine):
         context = self.contexts[ctx]
         end = min(start + length, CLIENT_PAGES * PAGE)
         ids_before, registered_before = len(self.system.ids), len(self.system.tee.registered)
-        if self.POOL == "static":                               # no REG_MEM without DYNAMIC_SHM
-            with pytest.raises(NotSupported):
+        if self.POOL == "static":       # no DYNAMIC_SHM: REGISTER_SHM is sent and refused (EINVAL)
+            with pytest.raises(BadParameters):
                 getattr(context, kind)(self.client.buf[start:end])
             assert len(self.system.ids) == ids_before
             assert len(self.system.tee.registered) == registered_before

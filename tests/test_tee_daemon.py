@@ -68,6 +68,8 @@ def test_poolsvc_tee_daemon(tmp_path):
             # the raw path: a message with the META bit on an invoke param
             bad = MsgArg(cmd=MsgCmd.INVOKE_COMMAND, session=s, params=[MsgParam(0x101)])
             assert unpack(c.call(bad.pack())).ret == 0xFFFF0006
+            unknown = MsgArg(cmd=99, ret=0x42).pack()  # refused at the SMC level, message as sent
+            assert c.call_smc(unknown) == (5, unknown)
             with pytest.raises(ProtocolError):
                 c.request("nonsense")
             stats = c.request("stats")["stats"]

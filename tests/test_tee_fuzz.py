@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from poolsvc import Config, System
 from poolsvc.constants import ATTR_META, ATTR_NONCONTIG, PAGE_MASK, PAGE_SIZE, Attr, MsgCmd
 from poolsvc.errors import PoolsvcError, ProtocolError
-from poolsvc.tee.msg import MsgArg, MsgParam, unpack
+from poolsvc.tee.msg import SMC_RETURN_EBADCMD, SMC_RETURN_OK, MsgArg, MsgParam, unpack
 from poolsvc.tee.ta import CopyApp, FillApp, Sha256App, StorageApp
 
 from sysutil import LeakCheck, assert_accounting
@@ -36,18 +36,20 @@ U64_LIMIT = 1 << 64
 MAX_LIST_PAGES = 1 << 20   # the parser's default bound on num_pages (OutOfMemory above)
 
 
-def spec_page_list(buf_ptr: int, size: int, read_page, nonsecure) -> list[int] | None:
+def spec_page_list(buf_ptr: int, size: int, read_page, nonsecure, strict: bool = False) -> list[int] | None:
     """The pages of a NONCONTIG buffer as docs/design.md sections 5 and 6 describe them,
     or None when the secure side must refuse the list.
 
     ``read_page(pa)``: the 4096 bytes at ``pa`` (raising PoolsvcError if unmapped);
-    ``nonsecure``: the ``(base, size)`` ranges a page may lie in.
+    ``nonsecure``: the ``(base, size)`` ranges a page may lie in.  Size 0 at an
+    offset is one page, as OP-TEE counts ``(size + offset - 1) / 4096 + 1``
+    (docs/fidelity.md); ``strict`` (Config.strict) refuses size 0 at any offset.
     """
     def inside(pa: int) -> bool:
         return any(base <= pa and pa + PAGE_SIZE <= base + length for base, length in nonsecure)
 
     offset = buf_ptr % PAGE_SIZE                       # buf_ptr = list PA | offset
-    if size == 0 or size + offset >= U64_LIMIT:
+    if (size == 0 and (offset == 0 or strict)) or size + offset >= U64_LIMIT:
         return None
     num_pages = (size + offset - 1) // PAGE_SIZE + 1
     if num_pages > MAX_LIST_PAGES:
@@ -120,11 +122,15 @@ class World:
         """The spec's pages of a NONCONTIG TMEM parameter (None: must be refused)."""
         cfg = self.system.config
         return spec_page_list(p.a, p.b, lambda pa: self.system.memory.table.read(pa, PAGE_SIZE),
-                              [(cfg.static_base, cfg.static_size), (cfg.dynamic_base, cfg.dynamic_size)])
+                              [(cfg.static_base, cfg.static_size), (cfg.dynamic_base, cfg.dynamic_size)],
+                              self.system.tee.strict)
 
-    def page_list_verdict(self, msg: MsgArg, reply: MsgArg, registered0: set[int]) -> str | None:
+    def page_list_verdict(self, msg: MsgArg, reply: MsgArg, registered0: set[int], smc: int) -> str | None:
         """Where the secure world's verdict on the message's page lists differs from the
-        spec's (None: it agrees).  Read before the test undoes the message's effects."""
+        spec's (None: it agrees).  Read before the test undoes the message's effects.
+        ``smc`` is the SMC-level result: a message refused there was not served at all."""
+        if smc != SMC_RETURN_OK:
+            return None
         lists = [(p, self.spec_pages(p)) for p in msg.params
                  if (p.attr & 0xFF) in (Attr.TMEM_INPUT, Attr.TMEM_OUTPUT, Attr.TMEM_INOUT)
                  and p.attr & ATTR_NONCONTIG and p.a]
@@ -181,7 +187,8 @@ class World:
     def send_and_check(self, data: bytes) -> None:
         system = self.system
         base = snapshot(system)
-        registered0 = set(system.tee.registered)
+        entries0 = dict(system.tee.registered)
+        registered0 = set(entries0)
         sessions0 = set(system.tee.sessions)
         before = storage_bytes(system, self.watch)
         try:
@@ -191,10 +198,13 @@ class World:
                 system.tee.call(data)
             assert snapshot(system) == base
             return
-        reply = unpack(system.tee.call(data))
+        smc, answer = system.tee.call_smc(data)
+        reply = unpack(answer)
         assert all(not s.dead for s in system.tee.sessions.values()), "a built-in app panicked"
         assert len(reply.params) == len(msg.params)
-        verdict = self.page_list_verdict(msg, reply, registered0)
+        if smc != SMC_RETURN_OK:  # refused at the SMC level: the message comes back as sent
+            assert smc == SMC_RETURN_EBADCMD and answer == data
+        verdict = self.page_list_verdict(msg, reply, registered0, smc)
         for i, sid in enumerate(self.sessions):
             if sid not in system.tee.sessions:  # a valid CLOSE_SESSION: open it again
                 assert (msg.cmd, msg.params, msg.session, reply.ret) == (MsgCmd.CLOSE_SESSION, [], sid, 0)
@@ -205,6 +215,10 @@ class World:
         # undo what a valid message may create, then nothing may be left over
         for cookie in set(system.tee.registered) - registered0:
             assert raw(system, MsgCmd.UNREGISTER_SHM, [MsgParam(Attr.RMEM_INPUT, 0, 0, cookie)]).ret == 0
+        for cookie in list(system.tee.shadowed):  # a REGISTER_SHM reusing a cookie: the newer goes
+            assert raw(system, MsgCmd.UNREGISTER_SHM, [MsgParam(Attr.RMEM_INPUT, 0, 0, cookie)]).ret == 0
+        for cookie in registered0 - set(system.tee.registered):  # a valid UNREGISTER_SHM of ours
+            system.tee.registered[cookie] = entries0[cookie]
         for sid in set(system.tee.sessions) - sessions0:
             assert raw(system, MsgCmd.CLOSE_SESSION, [], session=sid).ret == 0
         after = snapshot(system)

@@ -2,7 +2,9 @@
 
 Every refusal must give the exact return code AND leave the secure world's
 state (cookies, inflight counts, sessions, temporary objects, RPC memory)
-and the pools' accounting exactly as they were.
+and the pools' accounting exactly as they were.  REGISTER_SHM and
+UNREGISTER_SHM leave ``ret_origin`` as the normal world wrote it (OP-TEE's
+``register_shm`` / ``unregister_shm``); the other commands answer origin TEE.
 """
 from __future__ import annotations
 
@@ -14,11 +16,10 @@ from poolsvc.errors import (
     TEE_ERROR_BAD_PARAMETERS,
     TEE_ERROR_BUSY,
     TEE_ERROR_ITEM_NOT_FOUND,
-    TEE_ERROR_NOT_SUPPORTED,
     TEE_ERROR_SECURITY,
     ProtocolError,
 )
-from poolsvc.tee.msg import MsgArg, MsgParam
+from poolsvc.tee.msg import SMC_RETURN_EBADCMD, MsgArg, MsgParam
 from poolsvc.tee.ta import Sha256App, TrustedApp
 
 from sysutil import LeakCheck, assert_accounting
@@ -58,7 +59,8 @@ def expect(env, code, cmd, params, session=0, func=0):
     before = snapshot(env.system)
     reply = raw(env.system, cmd, params, session=session, func=func)
     assert reply.ret == code, f"{reply.ret:#x} != {code:#x}"
-    assert reply.ret_origin == Origin.TEE
+    registration = cmd in (MsgCmd.REGISTER_SHM, MsgCmd.UNREGISTER_SHM)
+    assert reply.ret_origin == (0 if registration and not env.system.tee.strict else Origin.TEE)
     assert snapshot(env.system) == before
     return reply
 
@@ -149,7 +151,10 @@ def test_register_two_params(world):
     expect(world, BAD, MsgCmd.REGISTER_SHM, params + [MsgParam(Attr.NONE)])
 
 
-def test_register_cookie_already_registered(world):
+def test_register_cookie_already_registered_when_strict(world):
+    """Config.strict keeps the check OP-TEE does not make (tests/test_fidelity.py has
+    the shadowing OP-TEE does)."""
+    world.system.tee.strict = True
     expect(world, BAD, MsgCmd.REGISTER_SHM, register(world, data_pages(world), cookie=world.data.cookie))
 
 
@@ -160,9 +165,10 @@ def test_register_without_dynamic_shm(leaks):
         data = ctx.alloc_user_buf(PAGE_SIZE)
         list_pa = write_list(lists, [int(data.pages[0])])
         before = snapshot(system)
-        reply = raw(system, MsgCmd.REGISTER_SHM,
-                    [MsgParam(Attr.TMEM_OUTPUT | ATTR_NONCONTIG, list_pa, PAGE_SIZE, 7)])
-        assert reply.ret == TEE_ERROR_NOT_SUPPORTED
+        msg = MsgArg(cmd=MsgCmd.REGISTER_SHM, ret=0x1234, ret_origin=9,
+                     params=[MsgParam(Attr.TMEM_OUTPUT | ATTR_NONCONTIG, list_pa, PAGE_SIZE, 7)])
+        # an unknown command without CFG_CORE_DYN_SHM: EBADCMD at the SMC level, message untouched
+        assert system.tee.call_smc(msg.pack()) == (SMC_RETURN_EBADCMD, msg.pack())
         assert snapshot(system) == before
 
 
@@ -179,7 +185,10 @@ def test_double_unregister(world):
 
 
 @pytest.mark.parametrize("attr", [Attr.RMEM_INOUT, Attr.TMEM_INPUT, Attr.RMEM_INPUT | ATTR_META])
-def test_unregister_wrong_attr(world, attr):
+def test_unregister_wrong_attr_when_strict(world, attr):
+    """Config.strict keeps the attr check; OP-TEE looks only at the parameter count
+    (tests/test_fidelity.py)."""
+    world.system.tee.strict = True
     expect(world, BAD, MsgCmd.UNREGISTER_SHM, [MsgParam(attr, 0, 0, world.data.cookie)])
 
 
@@ -373,8 +382,14 @@ def test_close_unknown_session(world):
 
 
 def test_cancel_and_unknown_command(world):
-    expect(world, TEE_ERROR_NOT_SUPPORTED, MsgCmd.CANCEL, [], session=world.session)
-    expect(world, TEE_ERROR_NOT_SUPPORTED, 99, [])
+    """CANCEL without an open session or with parameters: BAD_PARAMETERS (``entry_cancel``);
+    an unknown command: EBADCMD at the SMC level, the message left as sent."""
+    expect(world, BAD, MsgCmd.CANCEL, [], session=world.session + 100)
+    expect(world, BAD, MsgCmd.CANCEL, [MsgParam()], session=world.session)
+    before = snapshot(world.system)
+    msg = MsgArg(cmd=99, ret=0x55, ret_origin=2).pack()
+    assert world.system.tee.call_smc(msg) == (SMC_RETURN_EBADCMD, msg)
+    assert snapshot(world.system) == before
 
 
 def test_truncated_message_is_a_protocol_error(world):

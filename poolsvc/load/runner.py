@@ -21,6 +21,10 @@ every slot is done or :meth:`LoadRunner.grace` seconds past the duration,
 whichever comes first.  Whatever happens, the ``finally`` of :meth:`LoadRunner.run` kills
 and reaps every worker and the daemon it started: no child outlives a run.
 
+Size: over 600 lines because the run's lifecycle (start, kills, checks,
+settling, teardown) shares one set of process tables; the daemon, the
+workers, the faults, the sweep and the report live in their own modules.
+
 Concurrency: one thread, plus the injector's thread (which only touches its
 own counters and its own sockets).
 """

@@ -7,6 +7,11 @@ SCM_RIGHTS data of ``recvmsg_into``) queued for the frames that announce them, t
 segments those descriptors map, and (with the shm transport) the client end
 of the connection's request/reply slot (:class:`.slot.ClientSlot`).
 
+Handshake: one HELLO (version 2 with the shm transport, version 1 when the
+daemon only speaks that), said again on a new connection, backing off, when
+the daemon hangs up without answering (a daemon flooded with connections
+drops some before their HELLO); a refusal comes as an ERROR and is raised.
+
 Timeouts: ``connect_timeout`` bounds the socket connect and the handshake,
 ``timeout`` every later wait for the daemon; both are kernel socket timeouts
 (``SO_RCVTIMEO`` / ``SO_SNDTIMEO``), so a request costs no extra system call.
@@ -21,12 +26,17 @@ mappings.  Objects holding a channel refuse to be pickled (spawn and
 forkserver children must call ``connect()`` themselves).
 
 Concurrency: a channel belongs to one thread at a time.
+
+Length: over 600 lines because a Channel is one state machine (socket, slot,
+descriptor queue, mapped segments) whose request paths read each other's
+fields; split, one connection's state would live in several modules.
 """
 from __future__ import annotations
 
 import errno
 import mmap
 import os
+import random
 import socket
 import stat
 import struct
@@ -51,8 +61,12 @@ TRANSPORTS = ("socket", "shm")
 #: Default transport of :func:`~.client.connect`.
 DEFAULT_TRANSPORT = "shm"
 #: Default longest time a shm-slot client polls its slot for a reply before
-#: it sleeps on the socket, in microseconds (adaptive below that).
+#: it sleeps on the socket, in microseconds (see :class:`~.slot.ClientSlot`
+#: for when it polls at all).
 DEFAULT_SHM_SPIN_US = 200
+#: First and longest pause, in seconds, before saying HELLO again on a new
+#: connection when the daemon hung up without answering (see ``Channel._greet``).
+RETRY_FIRST, RETRY_MAX = 0.002, 0.2
 #: Default bound, in seconds, on connecting and on the handshake.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Default bound, in seconds, on each later wait for the daemon.
@@ -119,6 +133,15 @@ class Handle:
 
     def __reduce__(self) -> NoReturn:
         refuse_pickle(self)
+
+
+def check_process(forks: int, path: str) -> None:
+    """UsedAfterFork unless this process is the one that counted ``forks``
+    (the ``forks`` of a channel it opened) when connecting to ``path``."""
+    if forks != _forks:
+        raise UsedAfterFork(f"this connection to the pool service at {path} was opened by "
+                            f"another process (pid {os.getppid()} or an ancestor) before a fork; "
+                            "call poolsvc.connect() in this process")
 
 
 def check_timeout(what: str, value: Any) -> float | None:
@@ -223,19 +246,7 @@ class Channel:
         self.max_frame = P.DEFAULT_MAX_FRAME
         raw_name = P.encode_name(name)
         try:
-            if transport == "shm":
-                hello = P.HELLO2.pack(P.MAGIC, P.VERSION_2, role,
-                                      P.Feature.SHM_SLOT | P.Feature.EVENTFD_BELL) + raw_name
-                reply_type, body = self.call(P.MsgType.HELLO, hello)
-                if reply_type == P.MsgType.ERROR and P.ERROR.unpack_from(body)[0] == P.ErrorCode.VERSION:
-                    # A version-1 daemon: it has hung up; speak version 1 on a new connection.
-                    self.sock.close()
-                    self.buf.clear()
-                    self._connect()
-                    transport = "socket"
-            if transport == "socket":
-                reply_type, body = self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role)
-                                             + raw_name)
+            reply_type, body = self._greet(role, raw_name, transport)
             if reply_type != P.MsgType.WELCOME or len(body) < P.WELCOME.size:
                 if reply_type == P.MsgType.ERROR:
                     raise P.error_from_body(body)
@@ -261,14 +272,69 @@ class Channel:
         self.pool = "dynamic" if pool == 0 else "static"
         self.context_name = bytes(body[name_at:]).decode("utf-8", "replace")
 
-    def _connect(self) -> None:
-        """Open ``self.sock``: connected, its waits bounded by the connect timeout."""
+    def _hello(self, role: P.Role, raw_name: bytes, transport: str) -> tuple[int, memoryview]:
+        """Say HELLO on the connected socket; the daemon's answer ``(type, body)``.
+
+        A version-1 daemon refuses a version-2 HELLO and hangs up: then say
+        a version-1 HELLO on a new connection (the socket transport).
+        """
+        if transport == "shm":
+            hello = P.HELLO2.pack(P.MAGIC, P.VERSION_2, role,
+                                  P.Feature.SHM_SLOT | P.Feature.EVENTFD_BELL) + raw_name
+            reply_type, body = self.call(P.MsgType.HELLO, hello)
+            if reply_type != P.MsgType.ERROR or P.ERROR.unpack_from(body)[0] != P.ErrorCode.VERSION:
+                return reply_type, body
+            self.sock.close()
+            self.buf.clear()
+            self._connect()
+        return self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role) + raw_name)
+
+    def _greet(self, role: P.Role, raw_name: bytes, transport: str) -> tuple[int, memoryview]:
+        """:meth:`_hello`, on new connections while the daemon hangs up without an answer.
+
+        A daemon flooded with new connections may drop one before reading its
+        HELLO (it bounds the connections that have not said HELLO); a refusal,
+        by contrast, comes as an ERROR and is not retried.  Retries back off
+        (RETRY_FIRST doubling up to RETRY_MAX seconds, jittered) within the
+        connect timeout; then the last hang-up is raised as Closed.
+        """
+        start = time.monotonic()
+        limit = self.connect_timeout
+        delay = RETRY_FIRST
+        tries = 1
+        while True:
+            try:
+                return self._hello(role, raw_name, transport)
+            except DaemonTimeout:
+                raise
+            except Closed as exc:
+                pause = delay * (0.5 + random.random())
+                left = None if limit is None else limit - (time.monotonic() - start) - pause
+                if left is not None and left <= 0:
+                    raise Closed(f"the pool service at {self.path} hung up before answering HELLO "
+                                 f"{tries} times within {limit} s; last: {exc}") from exc
+            time.sleep(pause)
+            delay = min(2 * delay, RETRY_MAX)
+            tries += 1
+            self.closed = False
+            self.buf.clear()
+            self._connect(left)
+
+    def _connect(self, limit: float | None = None) -> None:
+        """Open ``self.sock``: connected, its waits bounded by the connect
+        timeout (or by ``limit`` seconds, what a retry has left of it).
+
+        The socket stays blocking with kernel timeouts, so a connect that
+        finds the daemon's listen backlog full waits (up to the connect
+        timeout) for room instead of failing with EAGAIN.
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.settimeout(self.connect_timeout)
+            # The connect and the handshake are bounded by the connect timeout,
+            # later waits by ``timeout``.
+            self._set_timeouts(self.connect_timeout if limit is None else limit, sock)
             sock.connect(self.path)
-            sock.settimeout(None)
-        except socket.timeout as exc:
+        except BlockingIOError as exc:
             sock.close()
             raise DaemonTimeout(f"cannot connect to the pool service at {self.path}: no answer "
                                 f"within {self.connect_timeout} s") from exc
@@ -276,17 +342,18 @@ class Channel:
             sock.close()
             raise Closed(f"cannot connect to the pool service at {self.path}: "
                          f"{_why_unreachable(self.path, exc)}") from exc
-        # The handshake is bounded by the connect timeout, later waits by ``timeout``.
         self.sock = sock
-        self._set_timeouts(self.connect_timeout)
 
-    def _set_timeouts(self, seconds: float | None) -> None:
-        """Bound every blocking receive and send on the socket (kernel timeouts:
-        the socket stays in blocking mode, so no poll precedes each call)."""
+    def _set_timeouts(self, seconds: float | None, sock: socket.socket | None = None) -> None:
+        """Bound every blocking connect, receive and send on ``sock`` (default:
+        the channel's) by kernel timeouts: the socket stays in blocking mode,
+        so no poll precedes each call."""
         self.wait_limit = seconds
         value = _timeval(seconds)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        if sock is None:
+            sock = self.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
     def _map_slot(self, size: int, bell: bool) -> None:
         """Map the slot whose descriptor came with WELCOME; keep the eventfd
@@ -303,13 +370,7 @@ class Channel:
 
     def check_process(self) -> None:
         """UsedAfterFork in a process forked from the one that opened the channel."""
-        if self.forks != _forks:
-            self._forked()
-
-    def _forked(self) -> NoReturn:
-        raise UsedAfterFork(f"this connection to the pool service at {self.path} was opened by "
-                            f"another process (pid {os.getppid()} or an ancestor) before a fork; "
-                            "call poolsvc.connect() in this process")
+        check_process(self.forks, self.path)
 
     # -- sending -----------------------------------------------------------------------------
     def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -347,7 +408,7 @@ class Channel:
         GOODBYE, room in the request area); else on the socket.
         """
         if self.forks != _forks:
-            self._forked()
+            check_process(self.forks, self.path)
         if slot_ok and self.slot is not None and len(self.outbox) + len(frame) <= SLOT_REQ_CAP:
             if self.outbox:
                 frame = bytes(self.outbox) + frame
@@ -374,7 +435,7 @@ class Channel:
     def drain(self) -> None:
         """Send queued requests and read the replies of every pipelined request."""
         if self.forks != _forks:
-            self._forked()
+            check_process(self.forks, self.path)
         if self.outbox:
             data = bytes(self.outbox)
             self.outbox.clear()
@@ -394,7 +455,8 @@ class Channel:
         slot = self.slot
         assert slot is not None
         seq = slot.publish(data)
-        if slot.daemon_sleeping():
+        asleep = slot.daemon_sleeping()
+        if asleep:
             if self.bell >= 0:
                 try:
                     os.eventfd_write(self.bell, 1)
@@ -403,7 +465,7 @@ class Channel:
                         self._lost(f"doorbell failed: {exc.strerror or exc}")
             else:
                 self._send(P.DOORBELL_FRAME)
-        slot.wait(seq, self._slot_sleep)
+        slot.wait(seq, self._slot_sleep, asleep)
         try:
             reply = slot.reply()
         except ProtocolError as exc:

@@ -6,6 +6,11 @@ System's API (docs/design.md section 9), so that code written against
 
 - ``Client.open_context()`` opens one connection to the daemon, which owns
   one Context for it (as opening ``/dev/tee0`` gives one file);
+- the Client's own requests (``ping``, ``stats``) ride on its first open
+  context's connection; only while it has no context does it hold a
+  MONITOR connection (the one ``connect()`` opens, closed when the first
+  context opens, opened again when needed), so a process with one context
+  holds one connection;
 - ``Context.alloc_*_buf`` return Shm handles whose ``view()`` is a
   zero-copy window on the context's own storage, mapped from descriptors
   the daemon passes with ``SCM_RIGHTS`` (never another client's);
@@ -29,10 +34,11 @@ System's figures plus a ``"service"`` entry with the daemon's own.
 
 Transports (``connect(path, transport=...)``): ``"shm"``, the default, asks
 the daemon (protocol version 2) for a shared-memory request/reply slot per
-connection; ordinary requests and replies then go through the slot, with a
-short adaptive poll for the reply before sleeping on the socket until a
-DOORBELL, and the socket carries only descriptors, wake-ups and what does not
-fit the slot.  ``"socket"`` sends every frame on the Unix socket (version 1).
+connection; ordinary requests and replies then go through the slot, and
+the socket carries only descriptors, wake-ups and what does not fit the
+slot.  A client polls the slot for its reply only when that pays (the daemon
+is awake and recent waits were short: :class:`~.slot.ClientSlot`), else it
+sleeps on the socket until a DOORBELL.  ``"socket"`` sends every frame on the Unix socket (version 1).
 A daemon that offers no slot gives the socket transport either way.
 
 Processes: a Client and everything it opened belong to the process that
@@ -46,7 +52,8 @@ gives :class:`~.channel.DaemonTimeout` (a Closed) and the connection is closed.
 
 Concurrency: a Client and its contexts belong to one thread at a time (as
 an embedded System does).  Each context is its own socket, so different
-threads may use different contexts.
+threads may use different contexts; the Client's ``ping`` and ``stats`` use
+the first open context's socket, so they belong to that context's thread.
 """
 from __future__ import annotations
 
@@ -62,9 +69,11 @@ from .channel import (
     DEFAULT_SPIN_US,
     DEFAULT_TIMEOUT,
     DEFAULT_TRANSPORT,
+    Channel,
     Dialer,
     DaemonTimeout,
     UsedAfterFork,
+    check_process,
     check_reply,
     check_timeout,
     Handle,
@@ -87,8 +96,10 @@ class Client(Handle):
                              check_timeout("connect_timeout", connect_timeout))
         self.contexts: dict[int, Context] = {}
         self._closed = False
-        self._monitor = self.dialer.open(P.Role.MONITOR, name)
-        m = self._monitor
+        m = self.dialer.open(P.Role.MONITOR, name)
+        #: The MONITOR connection, open only while no context is.
+        self._monitor: Channel | None = m
+        self._forks = m.forks
         self.pool = m.pool
         self.sec_caps = m.sec_caps
         self.gen_caps = m.gen_caps
@@ -106,11 +117,33 @@ class Client(Handle):
             raise Closed("client is closed")
 
     def open_context(self, name: str = "") -> Context:
-        """A new context in the daemon (one connection)."""
+        """A new context in the daemon (one connection).
+
+        The first context's connection also carries this handle's PING and
+        STATS, so the MONITOR connection is closed once a context is open.
+        """
         self._check()
+        check_process(self._forks, self.path)
         ctx = Context(self.dialer, name or self.name, self._forget)
         self.contexts[ctx.cid] = ctx
+        monitor = self._monitor
+        if monitor is not None:
+            self._monitor = None
+            monitor.close()
         return ctx
+
+    def _service_channel(self) -> Channel:
+        """The connection for PING and STATS: a context's, else the MONITOR
+        connection (opened again when every context has closed)."""
+        self._check()
+        check_process(self._forks, self.path)
+        for ctx in self.contexts.values():
+            if not ctx._channel.closed:
+                return ctx._channel
+        monitor = self._monitor
+        if monitor is None or monitor.closed:
+            monitor = self._monitor = self.dialer.open(P.Role.MONITOR, self.name)
+        return monitor
 
     def _forget(self, ctx: Context) -> None:
         self.contexts.pop(ctx.cid, None)
@@ -121,10 +154,10 @@ class Client(Handle):
         Pipelined closes of this handle's contexts are flushed first, so the
         figures include them.
         """
-        self._check()
+        channel = self._service_channel()
         for ctx in list(self.contexts.values()):
             ctx.flush()
-        reply_type, body = self._monitor.call(P.MsgType.STATS)
+        reply_type, body = channel.call(P.MsgType.STATS)
         return json.loads(bytes(check_reply(reply_type, body, "STATS")))
 
     def stats(self) -> dict[str, Any]:
@@ -136,8 +169,7 @@ class Client(Handle):
 
     def ping(self, payload: bytes = b"") -> bytes:
         """One round trip to the daemon; returns the echoed payload."""
-        self._check()
-        reply_type, body = self._monitor.call(P.MsgType.PING, payload)
+        reply_type, body = self._service_channel().call(P.MsgType.PING, payload)
         return bytes(check_reply(reply_type, body, "PING"))
 
     @property
@@ -159,7 +191,9 @@ class Client(Handle):
                 ctx.close()
         finally:
             self._closed = True
-            self._monitor.close()
+            if self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
 
     def __repr__(self) -> str:
         return f"<Client {self.path} pool={self.pool} contexts={len(self.contexts)}>"
@@ -188,7 +222,8 @@ def connect(socket_path: str | os.PathLike[str] | None = None, *, name: str = ""
     oversized replies; a daemon that does not offer slots gives the socket
     transport).  None takes ``$POOLSVC_TRANSPORT``, else DEFAULT_TRANSPORT.
     ``shm_spin_us``: the longest a shm client polls its slot for a reply
-    before sleeping on the socket (adaptive below that).
+    before sleeping on the socket; it polls only while the daemon is awake
+    and recent waits fit that window (0: never polls).
 
     Raises BadParameters for arguments of the wrong type or range, Closed
     when nothing serves the path (saying so when the path is not a socket

@@ -330,9 +330,11 @@ def frame(msg_type: int, body: bytes | bytearray | memoryview = b"") -> bytes:
 def parse_header(buf: bytes | bytearray | memoryview, pos: int, max_frame: int) -> tuple[int, int]:
     """``(length, type)`` of the header at ``buf[pos:pos+8]``.
 
-    Raises ProtocolError for an oversized length or non-zero flags; the type
-    is returned as an int (unknown types are the dispatcher's business).
+    Raises ProtocolError for a truncated header, an oversized length or non-zero
+    flags; the type is returned as an int (unknown types are the dispatcher's business).
     """
+    if pos < 0 or len(buf) - pos < HEADER.size:
+        raise ProtocolError(f"truncated header: {len(buf) - pos} bytes at {pos}, a header is {HEADER.size}")
     length, msg_type, flags = HEADER.unpack_from(buf, pos)
     if length > max_frame:
         raise ProtocolError(f"frame of type {msg_type} announces {length} bytes, "

@@ -90,22 +90,40 @@ def check_header(words: memoryview) -> None:
         raise ProtocolError("daemon's shm slot has an unknown layout")
 
 
+#: Shortest polling window of a client that spins at all, in seconds.
+MIN_SPIN = 2e-6
+#: A client whose expected wait exceeds its longest window still polls on
+#: one request in PROBE_EVERY (when the daemon is awake), so that a wait
+#: which shrank again (fewer clients ahead) is noticed.
+PROBE_EVERY = 32
+
+
 class ClientSlot:
     """The client's end of one slot: publishes requests, waits for replies.
 
-    The wait polls the daemon's reply sequence for an adaptive window (at
-    most ``max_spin`` seconds), yielding the CPU between polls, then calls
-    the channel's ``sleep(seq)``, which marks the client sleeping and blocks
-    on the socket until a DOORBELL.
+    A wait polls the daemon's reply sequence (yielding the CPU between polls)
+    only when polling pays: the daemon was awake when the request was
+    published (a sleeping daemon first has to be woken by the doorbell) and
+    the expected wait is within ``max_spin`` seconds.  The expected wait,
+    ``expect``, is a moving average of recent waits, however they ended.
+    Otherwise, or once the polling window (twice ``expect``, between
+    MIN_SPIN and ``max_spin``) has passed, it calls the channel's
+    ``sleep(seq)``, which marks the client sleeping and blocks on the socket
+    until a DOORBELL.  With more clients than CPUs the waits grow beyond the
+    window and clients sleep at once instead of taking CPU time from the
+    daemon that serves them.
+
+    Invariant: ``seq == words[W_REQ_SEQ]`` (only this end writes it).
     """
 
-    __slots__ = ("mm", "words", "seq", "spin", "max_spin")
+    __slots__ = ("mm", "words", "seq", "expect", "max_spin", "waits", "slept")
 
     def __init__(self, fd: int, size: int, max_spin: float) -> None:
         """Map the slot behind ``fd`` (announced as ``size`` bytes) and check it.
 
-        ``fd`` stays the caller's to close.  Raises ProtocolError on a size or
-        layout this end does not know.
+        ``fd`` stays the caller's to close; ``max_spin`` is the longest
+        polling window in seconds (0: always sleep).  Raises ProtocolError on
+        a size or layout this end does not know.
         """
         actual = os.fstat(fd).st_size
         if size != SLOT_BYTES or actual != size:
@@ -123,7 +141,11 @@ class ClientSlot:
         self.words = words
         self.seq: int = words[W_REQ_SEQ]
         self.max_spin = max_spin
-        self.spin = max_spin
+        #: Moving average of recent waits for a reply, in seconds.
+        self.expect = 0.0
+        #: Waits that did not find the reply at once, and those that slept.
+        self.waits = 0
+        self.slept = 0
 
     def publish(self, data: bytes) -> int:
         """Write request frames (at most SLOT_REQ_CAP bytes) and announce them.
@@ -149,36 +171,53 @@ class ClientSlot:
         """Whether the reply to request ``seq`` is published."""
         return self.words[W_REP_SEQ] == seq
 
-    def wait(self, seq: int, sleep: Callable[[int], None]) -> None:
-        """Return once the reply to ``seq`` is published, polling then ``sleep(seq)``.
+    def spins(self, daemon_asleep: bool) -> float:
+        """The polling window of the next wait in seconds (0: sleep at once).
 
-        The window is widened to twice the latest wait when that was within
-        ``max_spin`` (polling would have caught it) and halved after a wait
-        beyond it (the daemon is busy: sleep sooner).
+        ``daemon_asleep``: the daemon slept when the request was published.
+        """
+        if daemon_asleep:
+            return 0.0
+        max_spin = self.max_spin
+        expect = self.expect
+        if expect > max_spin and self.waits % PROBE_EVERY:
+            return 0.0
+        return min(max_spin, max(MIN_SPIN, 2 * expect))
+
+    def wait(self, seq: int, sleep: Callable[[int], None], daemon_asleep: bool = False) -> None:
+        """Return once the reply to ``seq`` is published: poll while that pays
+        (see the class doc), else ``sleep(seq)``.
+
+        ``daemon_asleep``: whether :meth:`daemon_sleeping` was true after
+        publishing ``seq`` (the caller rang the doorbell).
         """
         words = self.words
         if words[W_REP_SEQ] == seq:
+            self.expect *= 0.75
             return
+        self.waits += 1
         clock = time.perf_counter
         start = clock()
-        deadline = start + self.spin
-        yield_ = os.sched_yield
-        # Yield every few polls: alone on its CPU a yield returns at once, and
-        # when the scheduler has put the daemon on this CPU it lets the daemon
-        # run instead of waiting for preemption.
-        polls = 0
-        while words[W_REP_SEQ] != seq:
-            polls += 1
-            if not polls & 3:
-                if clock() > deadline:
-                    sleep(seq)
-                    break
-                yield_()
-        waited = clock() - start
-        if waited <= self.max_spin:
-            self.spin = min(self.max_spin, max(self.spin, 2 * waited))
+        window = self.spins(daemon_asleep)
+        if window:
+            deadline = start + window
+            yield_ = os.sched_yield
+            # Yield every few polls: alone on its CPU a yield returns at once, and
+            # when the scheduler has put the daemon on this CPU it lets the daemon
+            # run instead of waiting for preemption.
+            polls = 0
+            while words[W_REP_SEQ] != seq:
+                polls += 1
+                if not polls & 3:
+                    if clock() > deadline:
+                        self.slept += 1
+                        sleep(seq)
+                        break
+                    yield_()
         else:
-            self.spin = max(2e-6, self.spin / 2)
+            self.slept += 1
+            sleep(seq)
+        self.expect += (clock() - start - self.expect) / 4
 
     def set_sleeping(self, sleeping: bool) -> None:
         """Mark (then fence) or clear the client's "sleeping" word."""

@@ -16,7 +16,7 @@ hello            --                                   version, caps, apps [{uuid
 open_session     uuid, params?, login?                session, values, sizes, data
 invoke           session, func, params?               values, sizes, data
 close_session    session                              --
-call             arg (hex ``struct optee_msg_arg``)   arg (hex, with ret and outputs)
+call             arg (hex ``struct optee_msg_arg``)   arg (hex, ret and outputs), smc
 stats            --                                   the System's stats, secure-world state
 ===============  ===================================  ======================================
 
@@ -31,7 +31,9 @@ parameter ``values`` ([a, b] or null), ``sizes`` (int or null) and ``data``
 Each connection gets its own Context; closing the connection closes its
 sessions and frees its memory, as closing ``/dev/tee0`` does.  The raw
 ``call`` op reaches the secure world directly: it exists to drive the
-validation path from other tools and languages.
+validation path from other tools and languages; ``smc`` is the SMC-level
+result (0 OK; 5 EBADCMD for a command the secure world does not serve, the
+message then coming back as sent).
 
 Concurrency: one thread; requests from all connections are served one at a
 time (the System is single-threaded).  ``stop()`` may be called from a
@@ -297,7 +299,8 @@ class TeeDaemon:
             arg = bytes.fromhex(req["arg"])
         except (ValueError, TypeError):
             raise BadParameters("arg is not hex") from None
-        return {"arg": self.system.tee.call(arg).hex()}
+        rc, out = self.system.tee.call_smc(arg)
+        return {"arg": out.hex(), "smc": rc}
 
     def _op_stats(self, ctx: Any, req: dict) -> dict:
         stats = self.system.stats()
@@ -363,7 +366,12 @@ class TeeClient:
         self.request("close_session", session=session)
 
     def call(self, arg: bytes) -> bytes:
-        return bytes.fromhex(self.request("call", arg=arg.hex())["arg"])
+        return self.call_smc(arg)[1]
+
+    def call_smc(self, arg: bytes) -> tuple[int, bytes]:
+        """The raw message ``arg`` answered: ``(SMC-level result, message bytes)``."""
+        reply = self.request("call", arg=arg.hex())
+        return reply["smc"], bytes.fromhex(reply["arg"])
 
     def close(self) -> None:
         self._file.close()

@@ -10,15 +10,25 @@ to talk to the secure world.
   message page and for page lists longer than one list page;
 - :meth:`Driver.page_list`, the one builder of an OP-TEE NONCONTIG page list in
   kernel pages (REGISTER_SHM, temporary memrefs, RPC SHM_ALLOC answers);
-- the calls: :meth:`Driver.call` (any message, its reply read back whatever
-  ``ret``), :meth:`Driver.register` / :meth:`Driver.register_run`
-  (REGISTER_SHM) and :meth:`Driver.unregister` (UNREGISTER_SHM).  The
-  one-parameter commands go through the compiled ``core.SmcDriver``; a list of
-  one list page (up to 511 pages) is built by it in a fresh frame backed by the
-  driver's scratch storage page (zeroed after each use).
+- the calls: :meth:`Driver.call_smc` (any message: the SMC-level result and
+  the reply), :meth:`Driver.call` (a refusal at the SMC level answered
+  TEEC_ERROR_COMMUNICATION / origin COMMS, as ``optee_open_session`` and
+  ``optee_invoke_func`` do), :meth:`Driver.register` /
+  :meth:`Driver.register_run` (REGISTER_SHM: any refusal is ``-EINVAL``,
+  a :class:`~poolsvc.errors.BadParameters`, as in ``optee_shm_register``)
+  and :meth:`Driver.unregister` (UNREGISTER_SHM).  With DYNAMIC_SHM the
+  one-parameter commands go through the compiled ``core.SmcDriver``; a list
+  of one list page (up to 511 pages) is built by it in a fresh frame backed
+  by the driver's scratch storage page (zeroed after each use).  Without it
+  the driver still sends REGISTER_SHM (the kernel does not look at REG_MEM;
+  libteec does), through :meth:`Driver.call_smc`, and the secure world
+  refuses it.
 
-The secure world is reached only through the ``call_with_arg(pa)`` callable
-the System hands over; this module does not import it.
+The secure world is reached only through the callables the System hands
+over: ``call_with_arg(pa)``, which returns the SMC-level result
+(``SMC_RETURN_*``), and ``smc_entry(pa)`` for the compiled ``SmcDriver``
+(the secure world's compiled entry with DYNAMIC_SHM); this module does not
+import the secure world.
 
 This module also offers the client-side parameter kinds of the GlobalPlatform
 API (:class:`Value`, :class:`RegisteredMemref`, :class:`TempMemref`,
@@ -39,10 +49,10 @@ import numpy as np
 
 from .. import pagelist
 from .._backend import core
-from ..constants import ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd
-from ..errors import BadParameters, Closed, TeeError
+from ..constants import ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd, Origin
+from ..errors import TEE_ERROR_COMMUNICATION, BadParameters, Closed, TeeError
 from ..memory import Arena, PhysicalMemory, Segment
-from .msg import MsgArg, unpack
+from .msg import SMC_RETURN_OK, MsgArg, MsgParam, unpack
 from .params import InvokeResult, RegisteredMemref, TempMemref, Value
 
 # The one-parameter commands, as plain ints for the hot path.
@@ -63,22 +73,28 @@ class KernelPages(NamedTuple):
 
 
 def check_ret(cmd: int, ret: int, origin: int) -> None:
-    """TeeError when the secure world answered ``cmd`` with a non-zero ``ret``."""
+    """TeeError when the secure world answered ``cmd`` with a non-zero ``ret``;
+    for REGISTER_SHM BadParameters (``optee_shm_register``'s ``-EINVAL``)."""
     if ret != 0:
-        raise TeeError(f"secure world answered {ret:#x} (origin {origin}) to command {cmd}", ret, origin)
+        what = f"secure world answered {ret:#x} (origin {origin}) to command {cmd}"
+        if cmd == _REGISTER:
+            raise BadParameters(f"registration refused (EINVAL): {what}")
+        raise TeeError(what, ret, origin)
 
 
 class Driver:
     """The driver end of one System (see the module doc).
 
-    ``Driver(memory, dynamic, kernel_arena, static, dynamic_shm, call_with_arg)``:
-    the physical memory, the dynamic frame allocator, the kernel arena, the
-    reserved pool's allocator (or None), whether the TEE has DYNAMIC_SHM, and
-    the secure world's entry.  :meth:`close` gives its pages back.
+    ``Driver(memory, dynamic, kernel_arena, static, dynamic_shm, call_with_arg,
+    smc_entry=None)``: the physical memory, the dynamic frame allocator, the
+    kernel arena, the reserved pool's allocator (or None), whether the TEE has
+    DYNAMIC_SHM, the secure world's entry (returns the SMC-level result) and
+    the entry the compiled ``SmcDriver`` calls (default ``call_with_arg``).
+    :meth:`close` gives its pages back.
     """
 
     def __init__(self, memory: PhysicalMemory, dynamic: Any, kernel_arena: Arena, static: Any,
-                 dynamic_shm: bool, call_with_arg: Any) -> None:
+                 dynamic_shm: bool, call_with_arg: Any, smc_entry: Any = None) -> None:
         self.memory = memory
         self.dynamic = dynamic
         self.kernel_arena = kernel_arena
@@ -99,7 +115,8 @@ class Driver:
         else:
             self.msg_pa = int(static.alloc(PAGE_SIZE, PAGE_SIZE))
         scratch = self.list_scratch_page
-        self.smc = core.SmcDriver(memory.table, dynamic, self.msg_pa, call_with_arg,
+        self.smc = core.SmcDriver(memory.table, dynamic, self.msg_pa,
+                                  call_with_arg if smc_entry is None else smc_entry,
                                   -1 if scratch is None else scratch[0].sid,
                                   0 if scratch is None else scratch[1])
 
@@ -156,11 +173,13 @@ class Driver:
         return kpages
 
     # -- calls -----------------------------------------------------------------------------
-    def call(self, msg: MsgArg) -> MsgArg:
+    def call_smc(self, msg: MsgArg) -> tuple[int, MsgArg]:
         """Place ``msg`` in the message page, call the secure world, read the reply back.
 
-        The reply is returned whatever its ``ret``.  Raises BadParameters for a
-        message that does not fit in a page, Closed after :meth:`close`.
+        Returns ``(SMC-level result, reply)``, the reply whatever its ``ret``
+        (as sent when the call was refused at the SMC level).  Raises
+        BadParameters for a message that does not fit in a page, Closed after
+        :meth:`close`.
         """
         data = msg.pack()
         if len(data) > PAGE_SIZE:
@@ -168,8 +187,17 @@ class Driver:
         if self.closed:
             raise Closed("the driver is closed")
         self.memory.write(self.msg_pa, data)
-        self.call_with_arg(self.msg_pa)
-        return unpack(self.memory.read(self.msg_pa, len(data)))
+        rc = self.call_with_arg(self.msg_pa)
+        return (SMC_RETURN_OK if rc is None else rc), unpack(self.memory.read(self.msg_pa, len(data)))
+
+    def call(self, msg: MsgArg) -> MsgArg:
+        """:meth:`call_smc`'s reply; a call refused at the SMC level is answered
+        TEEC_ERROR_COMMUNICATION with origin COMMS (``optee_open_session``,
+        ``optee_invoke_func``)."""
+        rc, reply = self.call_smc(msg)
+        if rc != SMC_RETURN_OK:
+            reply.ret, reply.ret_origin = TEE_ERROR_COMMUNICATION, Origin.COMMS
+        return reply
 
     def register(self, pages: np.ndarray, offset: int, size: int, cookie: int) -> None:
         """REGISTER_SHM of ``pages`` (buffer of ``size`` bytes from ``offset``) as ``cookie``.
@@ -185,7 +213,15 @@ class Driver:
         t0 = time.perf_counter()
         kpages = self.page_list(pages, offset)
         try:
-            ret, origin = self.smc.call1(_REGISTER, _REGISTER_ATTR, kpages.pa | offset, size, cookie)
+            if self.list_scratch_page is not None:
+                ret, origin = self.smc.call1(_REGISTER, _REGISTER_ATTR, kpages.pa | offset, size, cookie)
+            else:  # no DYNAMIC_SHM: sent all the same, through the generic call
+                rc, reply = self.call_smc(MsgArg(cmd=_REGISTER, params=[
+                    MsgParam(_REGISTER_ATTR, kpages.pa | offset, size, cookie)]))
+                if rc != SMC_RETURN_OK:
+                    raise BadParameters(f"registration refused (EINVAL): secure world refused "
+                                        f"command {_REGISTER} at the SMC level ({rc:#x})")
+                ret, origin = reply.ret, reply.ret_origin
         finally:
             self.free_kernel_pages(kpages)
         check_ret(_REGISTER, ret, origin)
@@ -204,8 +240,17 @@ class Driver:
         self.last_register_seconds = smc.last_seconds
 
     def unregister(self, cookie: int) -> None:
-        """UNREGISTER_SHM of ``cookie``; TeeError (e.g. BUSY) when the secure world refuses."""
-        ret, origin = self.smc.unregister(cookie)
+        """UNREGISTER_SHM of ``cookie``; TeeError (e.g. BUSY) when the secure world refuses
+        (COMMUNICATION, origin COMMS, when it refuses the call at the SMC level)."""
+        if self.list_scratch_page is not None:
+            ret, origin = self.smc.unregister(cookie)
+        else:  # no DYNAMIC_SHM: the generic call, whose SMC-level result is read
+            rc, reply = self.call_smc(MsgArg(cmd=_UNREGISTER, params=[
+                MsgParam(int(Attr.RMEM_INPUT), 0, 0, cookie)]))
+            if rc != SMC_RETURN_OK:
+                raise TeeError(f"secure world refused command {_UNREGISTER} at the SMC level "
+                               f"({rc:#x})", TEE_ERROR_COMMUNICATION, Origin.COMMS)
+            ret, origin = reply.ret, reply.ret_origin
         if ret != 0:
             check_ret(_UNREGISTER, ret, origin)
 

@@ -29,7 +29,15 @@ from ..errors import ProtocolError
 _HEADER = struct.Struct("<8I")
 
 #: Largest number of parameters a message may carry (bounds the parsing work).
-MAX_PARAMS = 64
+#: The most parameters a message may carry, OPTEE_MSG_MAX_NUM_PARAMS: as many as fit in
+#: one 4 KiB page with the header (32 + 127 * 32 = 4096), the bound OP-TEE's
+#: ``std_entry_with_parg`` / ``get_msg_arg`` and the Linux driver's page-sized message
+#: buffers put on ``num_params``.
+MAX_PARAMS = 127
+#: ``OPTEE_SMC_RETURN_OK``: the message was processed (its answer is in ``ret``).
+SMC_RETURN_OK = 0x0
+#: ``OPTEE_SMC_RETURN_EBADCMD``: no such command; ``ret`` / ``ret_origin`` left unwritten.
+SMC_RETURN_EBADCMD = 0x5
 _U64 = (1 << 64) - 1
 _LAYOUTS: dict[int, struct.Struct] = {}
 

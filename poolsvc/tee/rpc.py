@@ -1,16 +1,28 @@
 """The normal world's RPC server: what the secure world asks of it during a call.
 
-:class:`RpcServer` serves SHM_ALLOC (types APPL, KERNEL, GLOBAL) from the
-System's pool as a private buffer of the context ``tee-rpc`` (so it is never
-REGISTER_SHM'd and carries no id), answered in the formats of docs/design.md
-section 5: a NONCONTIG page list (TMEM_OUTPUT|NONCONTIG) from the dynamic
-pool, a plain TMEM_OUTPUT physical address from the reserved pool.  The list
-pages live until the current call returns (``call_done``).  The requested
-alignment is not honoured beyond the pool's own (page for dynamic, 16 bytes
-for static), as in Linux.  SHM_FREE releases a buffer by cookie.  Linux gives
-APPL memory from the supplicant's registered user buffers; here every type is
-a private buffer, charged to ``tee-rpc``, so that the secure world's cookie
-table holds exactly the normal world's registrations.
+:class:`RpcServer` serves SHM_ALLOC and SHM_FREE as the Linux driver does
+(``smc_abi.c``: ``handle_rpc_func_cmd_shm_alloc`` / ``_shm_free``), with
+``ret_origin`` COMMS on every answer:
+
+- SHM_ALLOC: parameter 0 must be VALUE_INPUT and any further ones NONE (else
+  BAD_PARAMETERS); type APPL or KERNEL (GLOBAL and others: BAD_PARAMETERS);
+  a size the pool cannot serve, 0 included, is OUT_OF_MEMORY.  The buffer is
+  a private buffer of the context ``tee-rpc`` (never REGISTER_SHM'd, no id),
+  answered in parameter 0 in the formats of docs/design.md section 5: a
+  NONCONTIG page list (TMEM_OUTPUT|NONCONTIG) from the dynamic pool, a plain
+  TMEM_OUTPUT physical address from the reserved pool.  The list pages live
+  until the current call returns (``call_done``).  The requested alignment
+  is not honoured beyond the pool's own (page for dynamic, 16 bytes for
+  static), as in Linux.  Linux gives APPL memory from the supplicant's
+  registered user buffers; here both types are private buffers, charged to
+  ``tee-rpc``, so that the secure world's cookie table holds exactly the
+  normal world's registrations.
+- SHM_FREE: exactly one VALUE_INPUT parameter (else BAD_PARAMETERS); the
+  buffer of that cookie, if this server handed it out, is released, and the
+  answer is SUCCESS whatever the cookie and type (Linux trusts the cookie as
+  a pointer; poolsvc looks it up so as not to free what it did not hand
+  out).  ``strict`` (``Config.strict``): an unknown cookie or a type other
+  than APPL / KERNEL is answered BAD_PARAMETERS.
 
 The System hands a factory of its RpcServer to the secure world, which makes
 the server on first use; neither imports the other.
@@ -21,8 +33,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..constants import ATTR_NONCONTIG, Attr, RpcCmd, RpcShmType
-from ..errors import TEE_SUCCESS, BadParameters, NotSupported, PoolsvcError
+from ..constants import ATTR_NONCONTIG, Attr, Origin, RpcCmd, RpcShmType
+from ..errors import TEE_SUCCESS, BadParameters, NotSupported, OutOfMemory, PoolsvcError
 from .driver import KernelPages
 from .msg import MsgArg, MsgParam
 
@@ -55,8 +67,9 @@ class RpcServer:
         self.ctx = None
 
     def handle(self, msg: MsgArg) -> None:
-        """Serve one RPC message in place."""
+        """Serve one RPC message in place (``ret``, origin COMMS, the answer)."""
         msg.ret = TEE_SUCCESS
+        msg.ret_origin = Origin.COMMS
         try:
             if msg.cmd == RpcCmd.SHM_ALLOC:
                 self._shm_alloc(msg)
@@ -67,20 +80,18 @@ class RpcServer:
         except PoolsvcError as exc:
             msg.ret = exc.tee_code
 
-    @staticmethod
-    def _value(msg: MsgArg) -> MsgParam:
-        if len(msg.params) != 1 or msg.params[0].attr != Attr.VALUE_INPUT:
-            raise BadParameters("RPC expects one VALUE_INPUT parameter")
-        p = msg.params[0]
-        if p.a not in (RpcShmType.APPL, RpcShmType.KERNEL, RpcShmType.GLOBAL):
-            raise BadParameters(f"RPC shm type {p.a} is not APPL, KERNEL or GLOBAL")
-        return p
-
     def _shm_alloc(self, msg: MsgArg) -> None:
-        p = self._value(msg)
+        params = msg.params
+        if not params or params[0].attr != Attr.VALUE_INPUT:
+            raise BadParameters("RPC SHM_ALLOC: parameter 0 must be VALUE_INPUT")
+        if any(p.attr != Attr.NONE for p in params[1:]):
+            raise BadParameters("RPC SHM_ALLOC: parameters after the first must be NONE")
+        p = params[0]
+        if p.a not in (RpcShmType.APPL, RpcShmType.KERNEL):
+            raise BadParameters(f"RPC SHM_ALLOC type {p.a} is not APPL or KERNEL")
         size = p.b
         if size == 0:
-            raise BadParameters("RPC SHM_ALLOC of 0 bytes")
+            raise OutOfMemory("RPC SHM_ALLOC of 0 bytes: the pools cannot serve it")
         shm = self._context().alloc_priv_buf(size)
         try:
             if self.system.pool == "dynamic":
@@ -97,11 +108,17 @@ class RpcServer:
         msg.params[0] = answer
 
     def _shm_free(self, msg: MsgArg) -> None:
-        p = self._value(msg)
-        shm = self.shms.pop(p.b, None)
-        if shm is None:
-            raise BadParameters(f"RPC SHM_FREE of unknown cookie {p.b:#x}")
-        if not shm.closed:
+        if len(msg.params) != 1 or msg.params[0].attr != Attr.VALUE_INPUT:
+            raise BadParameters("RPC SHM_FREE expects one VALUE_INPUT parameter")
+        p = msg.params[0]
+        known_type = p.a in (RpcShmType.APPL, RpcShmType.KERNEL)
+        if self.system.tee.strict:  # Config.strict, as the secure world holds it
+            if not known_type:
+                raise BadParameters(f"RPC SHM_FREE type {p.a} is not APPL or KERNEL (strict)")
+            if p.b not in self.shms:
+                raise BadParameters(f"RPC SHM_FREE of unknown cookie {p.b:#x} (strict)")
+        shm = self.shms.pop(p.b, None) if known_type else None
+        if shm is not None and not shm.closed:
             shm.close()
 
     def call_done(self) -> None:

@@ -8,14 +8,26 @@ address the way OP-TEE does (docs/design.md section 6):
 - REGISTER_SHM: exactly one parameter whose ``attr`` is exactly
   ``TMEM_OUTPUT | NONCONTIG``; the page list is parsed and checked (alignment
   of list pages, ``next`` pointers and entries; every page in non-secure
-  memory; size+offset and num_pages*8 overflow; zero pages); the object's size
-  is ``num_pages*4096 - offset``; a cookie already registered is refused
-  (BAD_PARAMETERS).
-- UNREGISTER_SHM: exactly one parameter, ``attr == RMEM_INPUT``, a known
-  cookie (else BAD_PARAMETERS).  A cookie in use by a running call is
-  **refused with TEE_ERROR_BUSY** and stays registered: one thread runs the
-  whole machine, so waiting for the call to finish would deadlock; the
-  normal world retries after the call returns.
+  memory; size+offset and num_pages*8 overflow; zero pages; size 0 at an
+  offset is one page); the object's size is ``num_pages*4096 - offset``.  A
+  cookie already registered is shadowed:
+  the newer registration answers to it until it is unregistered, then the
+  older one again (OP-TEE's ``reg_shm_list`` is searched newest first).
+- UNREGISTER_SHM: exactly one parameter naming a known cookie (else
+  BAD_PARAMETERS); its ``attr`` is not looked at.  A cookie in use by a
+  running call is **refused with TEE_ERROR_BUSY** and stays registered: one
+  thread runs the whole machine, so waiting for the call to finish (as
+  OP-TEE does) would deadlock; the normal world retries after the call.
+- Neither command writes ``ret_origin`` (OP-TEE leaves it as the driver
+  wrote it), except UNREGISTER_SHM with a wrong parameter count.
+- Without DYNAMIC_SHM, REGISTER_SHM and UNREGISTER_SHM are unknown commands.
+  An unknown command is refused at the SMC level: :meth:`SecureWorld.serve`
+  returns ``SMC_RETURN_EBADCMD`` and ``ret`` / ``ret_origin`` are left as
+  the normal world wrote them (``thread_optee_smc.c``'s ``call_entry_std``).
+- ``strict`` (``Config.strict``) adds poolsvc's stricter checks: a reused
+  cookie is refused, UNREGISTER_SHM must carry ``RMEM_INPUT``, a page list of
+  size 0 is refused at any offset, and both registration commands answer with
+  origin TEE.
 - sessions and app code: ``poolsvc/tee/secure_sessions.py``
   (:class:`~poolsvc.tee.secure_sessions.SecureSessions`);
 - the copies of TA parameters in and out: ``poolsvc/tee/secure_params.py``
@@ -31,9 +43,18 @@ Every refusal answers with the exact return code (origin TEE) and leaves the
 state as it was: references taken for earlier parameters are dropped and
 temporary objects freed.  Errors are :mod:`poolsvc.errors` exceptions
 inside; they become return codes at one boundary, :meth:`SecureWorld.process`
-(and its compiled twin for REGISTER_SHM / UNREGISTER_SHM, ``core.SmcEntry``,
-which is ``call_with_arg``: the same checks, codes and bookkeeping in C, over
-the cookie tables, counter and RPC server it holds for this world).
+(and its compiled twin for REGISTER_SHM / UNREGISTER_SHM, ``core.SmcEntry``:
+the checks, codes and bookkeeping of the ``strict`` world in C, over the
+cookie tables, counter and RPC server it holds for this world).
+
+Two entries: :meth:`SecureWorld.serve` (every message, Python, returns the
+SMC-level result) and the compiled entry.  ``call_with_arg`` is the compiled
+entry when it answers exactly as ``serve`` would (``strict`` with
+DYNAMIC_SHM), else ``serve``.  ``driver_entry``, what the System's driver
+sends its own REGISTER_SHM / UNREGISTER_SHM through, is the compiled entry
+whenever DYNAMIC_SHM is on: for those well-formed messages with fresh
+cookies its answers differ from ``serve``'s only in ``ret_origin`` (which
+the driver does not read).
 
 Invariants:
   ``registered[c].inflight == number of running-call parameters naming c``
@@ -51,8 +72,8 @@ from typing import Any, Callable
 
 from .._backend import core
 from ..constants import ATTR_NONCONTIG, MSG_ARG_HEADER_SIZE, PAGE_MASK, PAGE_SIZE, Attr, MsgCmd, Origin, SecCaps
-from ..errors import TEE_SUCCESS, BadParameters, Busy, NotSupported, PoolsvcError
-from .msg import MsgArg, MsgParam, arg_size, peek_num_params, unpack
+from ..errors import TEE_SUCCESS, BadParameters, Busy, PoolsvcError
+from .msg import SMC_RETURN_EBADCMD, SMC_RETURN_OK, MsgArg, MsgParam, arg_size, peek_num_params, unpack
 from .secure_params import RegisteredShm, TaParamCopies
 from .secure_rpc import RpcMemory, SecureRpc
 from .secure_sessions import SecureSessions, TaSession
@@ -63,6 +84,7 @@ _REGISTER_ATTR = int(Attr.TMEM_OUTPUT | ATTR_NONCONTIG)
 _UNREGISTER_ATTR = int(Attr.RMEM_INPUT)
 _DYNAMIC_SHM = int(SecCaps.DYNAMIC_SHM)
 _NO_PARAM = MsgParam()
+_REG_CMDS = (int(MsgCmd.REGISTER_SHM), int(MsgCmd.UNREGISTER_SHM))
 
 
 class _Counter:
@@ -117,15 +139,20 @@ class SecureStats:
 class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
     """An OP-TEE-like secure world over a :class:`~poolsvc.memory.PhysicalMemory`.
 
-    ``caps`` are the capability bits it reports (``SecCaps``).  Trusted apps
+    ``caps`` are the capability bits it reports (``SecCaps``); ``strict``
+    turns on poolsvc's stricter checks (the module doc).  Trusted apps
     are installed by UUID (:meth:`install`); the built-in apps are installed
     from the start.  ``rpc_factory`` (set by the System) makes the normal
     world's RPC server on first use; ``rpc`` may be set to any callable taking
     an RPC :class:`MsgArg` to replace it.
     """
 
-    def __init__(self, memory: Any, caps: SecCaps) -> None:
+    def __init__(self, memory: Any, caps: SecCaps, strict: bool = False) -> None:
         self.memory = memory
+        #: poolsvc's stricter checks (``Config.strict``; the module doc lists them).
+        self.strict = strict
+        #: older registrations a reused cookie shadows, oldest first (not strict)
+        self.shadowed: dict[int, list[RegisteredShm]] = {}
         # fixed for the memory's life: what call_with_arg and the page-list checks use
         self._table = memory.table
         self._nonsecure = tuple(memory.nonsecure_ranges())
@@ -231,16 +258,22 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
     def call(self, arg: bytes | bytearray | memoryview) -> bytes:
         """Process one raw ``struct optee_msg_arg``; return it with ret/outputs filled.
 
-        Raises ProtocolError only when the bytes cannot be a message at all
-        (shorter than the header or than ``num_params`` parameters); every
-        other fault is answered in ``ret`` / ``ret_origin``.
+        The SMC-level result is :meth:`call_smc`'s; a message refused at that
+        level comes back as it went in.  Raises ProtocolError only when the
+        bytes cannot be a message at all (shorter than the header or than
+        ``num_params`` parameters); every other fault is answered in ``ret`` /
+        ``ret_origin``.
         """
+        return self.call_smc(arg)[1]
+
+    def call_smc(self, arg: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """:meth:`call` with the SMC-level result: ``(SMC_RETURN_*, message bytes)``."""
         msg = unpack(arg)
-        self.process(msg)
-        return msg.pack()
+        rc = self.process(msg)
+        return rc, msg.pack()
 
     @property
-    def call_with_arg(self) -> Callable[[int], None]:
+    def call_with_arg(self) -> Callable[[int], Any]:
         """``call_with_arg(arg_pa)``: process the message the normal world placed at
         physical address ``arg_pa``.
 
@@ -249,26 +282,52 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         BadParameters (OP-TEE answers such a call with an error at the SMC
         level, before any message exists).
 
-        The callable is the compiled entry itself (``core.SmcEntry``, which the
-        driver's ``SmcDriver`` then calls in C): a one-parameter REGISTER_SHM /
-        UNREGISTER_SHM is copied out, checked in the order and with the codes of
-        ``_register`` / ``_unregister``, and applied with the bookkeeping of
-        :meth:`process` (cookie table, ``stats``, the RPC server's
-        ``call_done``); only ``ret`` and ``ret_origin`` are written back (those
-        commands' only outputs).  Anything else takes :meth:`_call_generic`.
+        This is :meth:`serve`, or, in a ``strict`` world with DYNAMIC_SHM, the
+        compiled entry (``core.SmcEntry``, which the driver's ``SmcDriver``
+        then calls in C), which answers every message exactly as ``serve``
+        does: a one-parameter REGISTER_SHM / UNREGISTER_SHM is copied out,
+        checked in the order and with the codes of ``_register`` /
+        ``_unregister``, and applied with the bookkeeping of :meth:`process`
+        (cookie table, ``stats``, the RPC server's ``call_done``); only
+        ``ret`` and ``ret_origin`` are written back (those commands' only
+        outputs).  Anything else takes :meth:`serve`.  The compiled entry
+        returns None (the SMC result of what it serves is OK).
         """
-        return self._entry
+        if self.strict and self._caps_bits & _DYNAMIC_SHM:
+            return self._entry
+        return self.serve
 
-    def _call_generic(self, arg_pa: int) -> None:
-        """``call_with_arg`` of every message the compiled entry does not serve."""
+    @property
+    def driver_entry(self) -> Callable[[int], Any]:
+        """What the System's driver sends its own one-parameter REGISTER_SHM /
+        UNREGISTER_SHM through: the compiled entry with DYNAMIC_SHM, else :meth:`serve`.
+
+        The driver's messages are well formed and name fresh cookies, so the
+        compiled entry's answers to them differ from :meth:`serve`'s only in
+        ``ret_origin`` (written TEE), which the driver does not read.
+        """
+        return self._entry if self._caps_bits & _DYNAMIC_SHM else self.serve
+
+    def serve(self, arg_pa: int) -> int:
+        """Process the message at physical address ``arg_pa`` (every command, in Python).
+
+        Returns the SMC-level result: ``SMC_RETURN_OK``, or
+        ``SMC_RETURN_EBADCMD`` for a command this world does not serve (then
+        the message is left as it was).  Raises BadParameters for an address
+        :attr:`call_with_arg` does not accept.
+        """
         if not isinstance(arg_pa, int) or arg_pa < 0 or arg_pa >= 1 << 64:
             raise BadParameters(f"message address {arg_pa!r} is not a u64")
         header = self._read_arg(arg_pa, MSG_ARG_HEADER_SIZE)
         size = arg_size(peek_num_params(header))
         data = self._read_arg(arg_pa, size)
         msg = unpack(data)
-        self.process(msg)
-        self.memory.write(arg_pa, msg.pack())
+        rc = self.process(msg)
+        if rc == SMC_RETURN_OK:
+            self.memory.write(arg_pa, msg.pack())
+        return rc
+
+    _call_generic = serve  # the compiled entry's path for what it does not serve
 
     def _read_arg(self, pa: int, size: int) -> bytes:
         mem = self.memory
@@ -284,24 +343,36 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
             raise BadParameters(f"message at {pa:#x}+{size:#x} is not in non-secure shared memory")
         return mem.read(pa, size)
 
-    def process(self, msg: MsgArg) -> None:
-        """Handle a decoded message in place: sets ``ret`` and ``ret_origin``."""
+    def process(self, msg: MsgArg) -> int:
+        """Handle a decoded message in place: sets ``ret`` (and ``ret_origin`` where
+        OP-TEE does); returns the SMC-level result (``SMC_RETURN_*``)."""
         self.stats.calls += 1
-        msg.ret, msg.ret_origin = TEE_SUCCESS, Origin.TEE
-        handler = self._handlers.get(msg.cmd)
+        cmd = msg.cmd
+        handler = self._handlers.get(cmd)
+        registration = cmd in _REG_CMDS
+        if handler is None or (registration and not self._caps_bits & _DYNAMIC_SHM):
+            self._call_done()
+            return SMC_RETURN_EBADCMD
+        writes_origin = self.strict or not registration
+        msg.ret = TEE_SUCCESS
+        if writes_origin:
+            msg.ret_origin = Origin.TEE
         try:
-            if handler is None:
-                raise NotSupported(f"command {msg.cmd} is not supported")
             handler(msg)
         except PoolsvcError as exc:
             msg.ret = exc.tee_code
-            msg.ret_origin = getattr(exc, "origin", Origin.TEE)
+            if writes_origin:
+                msg.ret_origin = getattr(exc, "origin", Origin.TEE)
         finally:
-            done = getattr(self.rpc, "call_done", None)
-            if done is not None:
-                done()
+            self._call_done()
         if msg.ret != TEE_SUCCESS:
             self.stats.errors[msg.ret] = self.stats.errors.get(msg.ret, 0) + 1
+        return SMC_RETURN_OK
+
+    def _call_done(self) -> None:
+        done = getattr(self.rpc, "call_done", None)
+        if done is not None:
+            done()
 
     # -- shared-memory registration ------------------------------------------------
     def _register_shm(self, msg: MsgArg) -> None:
@@ -311,21 +382,23 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
 
     def _register(self, num_params: int, attr: int, buf_ptr: int, size: int, cookie: int) -> None:
         """REGISTER_SHM's checks, in OP-TEE's order (``attr`` etc. of param 0)."""
-        if not self._caps_bits & _DYNAMIC_SHM:
-            raise NotSupported("REGISTER_SHM without dynamic shared memory")
         if num_params != 1:
             raise BadParameters(f"REGISTER_SHM carries {num_params} parameters, not 1")
         if attr != _REGISTER_ATTR:
             raise BadParameters(f"REGISTER_SHM attr {attr:#x} is not TMEM_OUTPUT|NONCONTIG")
-        if cookie in self.registered or cookie in self.rpc_shms:
-            raise BadParameters(f"cookie {cookie:#x} is already registered")
-        pages = core.pagelist_parse_frames(buf_ptr, size, self._table, self._nonsecure)
-        offset = buf_ptr & PAGE_MASK
-        self.registered[cookie] = RegisteredShm(cookie, pages, offset,
-                                                len(pages) * PAGE_SIZE - offset)
+        registered = self.registered
+        if self.strict and (cookie in registered or cookie in self.rpc_shms):
+            raise BadParameters(f"cookie {cookie:#x} is already registered (strict)")
+        pages, offset = self.parse_noncontig(buf_ptr, size)
+        older = registered.get(cookie)
+        if older is not None:  # shadowed until the newer one is unregistered
+            self.shadowed.setdefault(cookie, []).append(older)
+        registered[cookie] = RegisteredShm(cookie, pages, offset, len(pages) * PAGE_SIZE - offset)
 
     def _unregister_shm(self, msg: MsgArg) -> None:
         params = msg.params
+        if len(params) != 1:
+            msg.ret_origin = Origin.TEE  # the one refusal OP-TEE gives an origin
         p = params[0] if len(params) == 1 else _NO_PARAM
         self._unregister(len(params), p.attr, p.a, p.b, p.c)
 
@@ -333,14 +406,20 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         """UNREGISTER_SHM's checks (``attr`` etc. of param 0; ``offs``, ``size`` unused)."""
         if num_params != 1:
             raise BadParameters(f"UNREGISTER_SHM carries {num_params} parameters, not 1")
-        if attr != _UNREGISTER_ATTR:
-            raise BadParameters(f"UNREGISTER_SHM attr {attr:#x} is not RMEM_INPUT")
+        if self.strict and attr != _UNREGISTER_ATTR:
+            raise BadParameters(f"UNREGISTER_SHM attr {attr:#x} is not RMEM_INPUT (strict)")
         entry = self.registered.get(cookie)
         if entry is None:
             raise BadParameters(f"cookie {cookie:#x} is not registered")
         if entry.inflight:
             raise Busy(f"cookie {cookie:#x} is in use by {entry.inflight} running call(s)")
-        del self.registered[cookie]
+        older = self.shadowed.get(cookie)
+        if older:
+            self.registered[cookie] = older.pop()
+            if not older:
+                del self.shadowed[cookie]
+        else:
+            del self.registered[cookie]
 
     def lookup_cookie(self, cookie: int) -> RegisteredShm:
         """The registered object of ``cookie`` (BadParameters if unknown)."""
@@ -355,10 +434,12 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         return {
             "registered": {c: (tuple(int(x) for x in r.pages), r.offset, r.size, r.inflight)
                            for c, r in self.registered.items()},
+            "shadowed": {c: len(older) for c, older in self.shadowed.items()},
             "sessions": {s.id: (str(s.uuid), s.dead, sorted(s.rpc)) for s in self.sessions.values()},
             "rpc_shms": sorted(self.rpc_shms),
             "temp_live": self.temp_live,
         }
 
 
-__all__ = ["RegisteredShm", "RpcMemory", "SecureStats", "SecureWorld", "TaSession"]
+__all__ = ["SMC_RETURN_EBADCMD", "SMC_RETURN_OK", "RegisteredShm", "RpcMemory", "SecureStats",
+           "SecureWorld", "TaSession"]

@@ -68,14 +68,24 @@ class TaParamCopies:
     registered: dict[int, RegisteredShm]
     caps: SecCaps
     temp_live: int
+    strict: bool
     _table: Any
     _nonsecure: tuple[tuple[int, int], ...]
 
     def parse_noncontig(self, buf_ptr: int, size: int) -> tuple[np.ndarray, int]:
-        """Pages and offset of a NONCONTIG buffer, validated as OP-TEE does."""
+        """Pages and offset of a NONCONTIG buffer, validated as OP-TEE does.
+
+        ``msg_param_mobj_from_noncontig`` counts ``(size + offset - 1) / 4096 + 1``
+        pages, so size 0 at an offset within the first page is one page (a 1-byte
+        buffer has the same pages); size 0 at offset 0 is refused.  ``strict``
+        refuses size 0 at any offset.
+        """
+        offset = buf_ptr & PAGE_MASK
+        if size == 0 and offset and not self.strict:
+            size = 1
         # list pages are read straight through the frame table (no read_page callback)
         pages = core.pagelist_parse_frames(buf_ptr, size, self._table, self._nonsecure)
-        return pages, buf_ptr & PAGE_MASK
+        return pages, offset
 
     def _memref(self, ptype: ParamType, pages: np.ndarray | None, offset: int, size: int) -> Memref:
         return Memref(self.memory, ptype, pages, offset, size)

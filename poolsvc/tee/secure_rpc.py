@@ -6,7 +6,8 @@ b=size, c=align) through ``rpc`` (the normal world's RPC server, made on
 first use by ``rpc_factory``) and checks the answer as OP-TEE does:
 ``ret == 0``, one parameter, attr TMEM_OUTPUT (plain: inside the carve-out)
 or TMEM_OUTPUT|NONCONTIG (a page list, parsed and checked), size at least
-what was asked.  A bad answer is freed again (SHM_FREE) and the app gets
+what was asked, a cookie not naming live RPC memory (nor, when ``strict``,
+a registration).  A bad answer is freed again (SHM_FREE) and the app gets
 OUT_OF_MEMORY.  Freed RPC memory is unmapped (``Memref.revoke``): a stale
 reference reaches nothing.  Each RPC travels as bytes and its answer is
 re-read, as through shared memory.
@@ -52,6 +53,7 @@ class SecureRpc:
     rpc_factory: Callable[[], Any] | None
     rpc_shms: dict[int, RpcMemory]
     registered: dict[int, Any]
+    strict: bool
     stats: Any
     parse_noncontig: Callable[[int, int], tuple[np.ndarray, int]]
 
@@ -105,7 +107,10 @@ class SecureRpc:
         if p.b < size:
             raise BadParameters(f"size {p.b:#x} is less than the {size:#x} asked for")
         size = p.b
-        if p.c in self.rpc_shms or p.c in self.registered:
+        # RPC memory is kept by cookie, so a cookie of live RPC memory is refused; OP-TEE
+        # keeps it apart from the registrations, so a registered cookie is only refused
+        # when strict
+        if p.c in self.rpc_shms or (self.strict and p.c in self.registered):
             raise BadParameters(f"cookie {p.c:#x} is already in use")
         if p.attr & ATTR_NONCONTIG:
             pages, offset = self.parse_noncontig(p.a, size)

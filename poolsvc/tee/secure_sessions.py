@@ -6,7 +6,10 @@ CLOSE_SESSION, and running app code.
   in ``c`` of the second), then at most 4 TA parameters.  Unknown UUID:
   ITEM_NOT_FOUND.  INVOKE_COMMAND: at most 4 parameters; unknown session:
   BAD_PARAMETERS.  CLOSE_SESSION: no parameters; unknown session:
-  BAD_PARAMETERS.  CANCEL: NOT_SUPPORTED.
+  BAD_PARAMETERS.  CANCEL: no parameters and an open session (else
+  BAD_PARAMETERS); it sets the session's ``cancel_requested`` flag and
+  answers SUCCESS (``entry_cancel`` / ``tee_ta_cancel_command``); calls run to
+  completion on the System's one thread, so the flag is what an app sees.
 - A trusted app's own errors carry origin TRUSTED_APP; an app that raises
   anything else, or whose code is not a u32 (or is 0 on an error), has
   panicked: TARGET_DEAD, and its session is dead.  The app gets a copy of
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from ..constants import ATTR_META, Attr, Origin, RpcShmType
-from ..errors import TEE_SUCCESS, BadParameters, Busy, Closed, ItemNotFound, NotSupported, PoolsvcError
+from ..errors import TEE_SUCCESS, BadParameters, Busy, Closed, ItemNotFound, PoolsvcError
 from .msg import MsgArg, MsgParam, uuid_from_value
 from .secure_rpc import RpcMemory
 from .ta import TEE_ERROR_TARGET_DEAD, Login, Param, TrustedApp
@@ -44,6 +47,8 @@ class TaSession:
     client_uuid: uuidlib.UUID
     dead: bool = False
     running: int = 0
+    #: set by CANCEL; what the app reads as ``env.cancel_requested``
+    cancel_requested: bool = False
     rpc: dict[int, RpcMemory] = field(default_factory=dict)
 
 
@@ -62,6 +67,11 @@ class SessionEnv:
         self.login = session.login
         self.client_uuid = session.client_uuid
         self.closing = False
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once the normal world sent CANCEL for this session."""
+        return self._session.cancel_requested
 
     def rpc_alloc(self, size: int, shm_type: int = RpcShmType.APPL, align: int = 0) -> RpcMemory:
         """Ask the normal world for ``size`` bytes of shared memory (RPC SHM_ALLOC).
@@ -217,7 +227,12 @@ class SecureSessions:
         return len(users)
 
     def _cancel(self, msg: MsgArg) -> None:
-        raise NotSupported("CANCEL is not supported: calls run to completion")
+        if msg.params:
+            raise BadParameters(f"CANCEL carries {len(msg.params)} parameters, not 0")
+        session = self.sessions.get(msg.session)
+        if session is None:
+            raise BadParameters(f"CANCEL of session {msg.session}, which is not open")
+        session.cancel_requested = True
 
 
 def _app_code(value: Any) -> int:

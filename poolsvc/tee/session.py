@@ -47,7 +47,9 @@ class _Call(ParamCall):
     A RegisteredMemref becomes RMEM (offs, size, cookie) when its Shm is DYNAMIC
     and registered, else TMEM (the physical address); a registered temporary
     memref becomes a NONCONTIG TMEM whose page list lives in kernel pages until
-    the call's ``close()``.
+    the call's ``close()``.  Each memref's Shm is held by one reference until
+    ``close()`` (``tee_core``'s ``params_from_user`` / ``free_params``), so a
+    ``Shm.close()`` during the call takes effect when the call returns.
     """
 
     def __init__(self, ctx: Any) -> None:
@@ -57,6 +59,7 @@ class _Call(ParamCall):
         self.driver = system.driver
         self.msg_params: list[MsgParam] = []
         self.lists: list[KernelPages] = []  # this call's page lists
+        self.held: list[Any] = []  # the memrefs' shms, one reference each
 
     def emit_none(self) -> None:
         self.msg_params.append(MsgParam(Attr.NONE))
@@ -65,6 +68,8 @@ class _Call(ParamCall):
         self.msg_params.append(MsgParam(Attr.VALUE_INPUT + d, a, b, 0))
 
     def emit_memref(self, shm: Any, offset: int, size: int | None, d: int) -> None:
+        shm.acquire()
+        self.held.append(shm)
         if size is None:
             size = shm.size - offset
         if shm.flags & ShmFlags.DYNAMIC and shm.registered:
@@ -99,6 +104,10 @@ class _Call(ParamCall):
         try:
             while self.lists:
                 self.driver.free_kernel_pages(self.lists.pop())
+            while self.held:
+                shm = self.held.pop()
+                if not shm.closed:  # (its context may have closed during the call)
+                    shm.close()
         finally:
             super().close()
 
