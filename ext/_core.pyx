@@ -16,6 +16,7 @@ inline`` helpers its ``.pxd`` offers the others.  C kernels are in
     idtable.pyx     IdTable: the kernel's idr
     addressmap.pyx  AddressMap: virtual-address intervals -> storage
     arena.pyx       ArenaPages: storage-page runs of an arena; take/give of a dynamic-pool run
+    userpages.pyx   UserPages: frames of a registered object's pages, pin/unpin in one call
     pagelist.pyx    OP-TEE non-contiguous page lists: build, parse, segments
     copy.pyx        gather / scatter through the frame table
     smc_entry.pyx   the secure world's end of the one-parameter message call
@@ -45,6 +46,7 @@ include "frametable.pyx"
 include "idtable.pyx"
 include "addressmap.pyx"
 include "arena.pyx"
+include "userpages.pyx"
 include "pagelist.pyx"
 include "copy.pyx"
 include "smc_entry.pyx"

@@ -12,6 +12,7 @@ RAM at 0x50000000 (1 GiB).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -109,9 +110,11 @@ class Config:
             caps |= SecCaps.MEMREF_NULL
         return caps
 
-    @property
+    @functools.cached_property
     def gen_caps(self) -> GenCaps:
-        """The TEE_GEN_CAP_* bits the driver offers (REG_MEM only with DYNAMIC_SHM)."""
+        """The TEE_GEN_CAP_* bits the driver offers (REG_MEM only with DYNAMIC_SHM).
+
+        Computed once (the config is frozen): every registration checks it."""
         caps = GenCaps.GP
         if self.dynamic_shm:
             caps |= GenCaps.REG_MEM

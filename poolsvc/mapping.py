@@ -9,19 +9,23 @@ Private memory (heap, anonymous, ``MAP_PRIVATE``) and read-only mappings are
 refused with :class:`~poolsvc.errors.NotSharedMemory`.
 
 Mappings found are kept in a compiled ``AddressMap`` (the lookup over known
-mappings).  A mapping can be replaced at the same address at any time, so a
-cached hit is confirmed with one ``stat`` of ``/proc/self/map_files/START-END``
-(same device and inode); if that fails (the mapping changed, or the kernel
-refuses map_files to this process) the maps are read again.
+mappings), and the maps are read again only on a miss.  A mapping can be
+replaced at the same address at any time, so a cached hit is confirmed before
+use: by the buffer's exporter when it is the open ``mmap`` confirmed last
+time, unmoved (an open mmap cannot be unmapped from Python), else with one
+``stat`` of ``/proc/self/map_files/START-END`` (same device and inode); if
+that fails (the mapping changed, or the kernel refuses map_files to this
+process) the maps are read again.
 """
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
+import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
-
-import numpy as np
 
 from ._backend import core
 from .errors import BadParameters, NotSharedMemory
@@ -41,7 +45,7 @@ class Mapping:
     inode: int
     path: str
 
-    @property
+    @cached_property
     def key(self) -> "ObjectKey":
         """Identity of the backing object: ``(st_dev, st_ino)``, as ``os.fstat`` gives them."""
         return (_dev_number(self.dev), self.inode)
@@ -71,8 +75,7 @@ def buffer_span(obj: Any) -> tuple[memoryview, int, int]:
     view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
     if view.nbytes == 0:
         raise BadParameters("buffer is empty")
-    addr = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
-    return view, int(addr), view.nbytes
+    return view, core.buffer_address(view), view.nbytes
 
 
 def shm_mappings() -> list[Mapping]:
@@ -99,47 +102,106 @@ def _dev_number(dev: str) -> int:
     return os.makedev(major, minor)
 
 
+class _Known:
+    """A mapping found in the maps, with the exporter last confirmed to hold it.
+
+    ``exporter`` is a weak reference to an ``mmap.mmap`` whose buffer lay in
+    the mapping when it was last confirmed, ``base`` and ``size`` where that
+    mmap was then (None: no such exporter).
+    """
+
+    __slots__ = ("mapping", "exporter", "base", "size")
+
+    def __init__(self, mapping: Mapping) -> None:
+        self.mapping = mapping
+        self.exporter: weakref.ref[mmap.mmap] | None = None
+        self.base = 0
+        self.size = 0
+
+    def note(self, exporter: Any) -> None:
+        """Remember ``exporter`` (whose buffer was just found in this mapping) if it is an mmap."""
+        if type(exporter) is mmap.mmap and not exporter.closed:
+            self.exporter = weakref.ref(exporter)
+            self.base = core.buffer_address(exporter)
+            self.size = len(exporter)
+
+    def pinned_by(self, exporter: Any) -> bool:
+        """True when ``exporter`` is the mmap noted, still open, where it was.
+
+        An open ``mmap.mmap`` keeps its pages mapped where they are (only
+        ``close`` unmaps it, and a ``resize`` that moves or shrinks it changes
+        the base or size checked here), so a buffer it exports lies in the
+        object it lay in when noted, at the same offsets; and while the
+        registration holds its export, the mmap can be neither closed nor resized.
+        """
+        ref = self.exporter
+        return (ref is not None and type(exporter) is mmap.mmap and ref() is exporter
+                and not exporter.closed
+                and len(exporter) == self.size and core.buffer_address(exporter) == self.base)
+
+
 class MappingCache:
-    """Known ``/dev/shm`` mappings of this process, confirmed before each use."""
+    """Known ``/dev/shm`` mappings of this process, confirmed before each use.
+
+    The maps are read only on a miss: a hit is confirmed by the export that
+    pins it (``_Known.pinned_by``) or by one ``stat`` of its ``map_files``
+    entry, and a hit that fails both reads the maps again.
+    """
 
     def __init__(self) -> None:
         self._amap = core.AddressMap()
-        self._mappings: list[Mapping] = []
+        self._known: list[_Known] = []
+        self.refreshes = 0
 
     def refresh(self) -> None:
         """Read ``/proc/self/maps`` again."""
-        self._mappings = shm_mappings()
+        self._known = [_Known(m) for m in shm_mappings()]
         self._amap = core.AddressMap()
-        for i, m in enumerate(self._mappings):
-            self._amap.add(m.start, m.end, i, m.file_offset)
+        for i, known in enumerate(self._known):
+            self._amap.add(known.mapping.start, known.mapping.end, i, known.mapping.file_offset)
+        self.refreshes += 1
 
     def _confirmed(self, m: Mapping) -> bool:
         try:
             st = os.stat(f"/proc/self/map_files/{m.start:x}-{m.end:x}")
         except OSError:
             return False
-        return st.st_ino == m.inode and st.st_dev == _dev_number(m.dev)
+        return st.st_ino == m.inode and st.st_dev == m.key[0]
 
-    def lookup(self, addr: int) -> Mapping | None:
-        """The mapping holding ``addr``, confirmed current, or None."""
+    def lookup(self, addr: int, exporter: Any = None) -> Mapping | None:
+        """The mapping holding ``addr``, confirmed current, or None.
+
+        ``exporter`` is the object whose buffer lies at ``addr`` (a
+        memoryview's ``obj``), or None.
+        """
         hit = self._amap.lookup(addr)
-        if hit is not None and self._confirmed(self._mappings[hit[0]]):
-            return self._mappings[hit[0]]
+        if hit is not None:
+            known = self._known[hit[0]]
+            if known.pinned_by(exporter):
+                return known.mapping
+            if self._confirmed(known.mapping):
+                known.note(exporter)
+                return known.mapping
         self.refresh()
         hit = self._amap.lookup(addr)
-        return None if hit is None else self._mappings[hit[0]]
+        if hit is None:
+            return None
+        known = self._known[hit[0]]
+        known.note(exporter)
+        return known.mapping
 
 
 _CACHE = MappingCache()
 
 
-def find_mapping(addr: int, length: int) -> Mapping:
+def find_mapping(addr: int, length: int, exporter: Any = None) -> Mapping:
     """The shared ``/dev/shm`` mapping holding ``[addr, addr+length)``.
 
-    Raises NotSharedMemory when none does (private memory, or a buffer that
-    straddles two mappings).
+    ``exporter``: the object exporting the buffer (lets an open ``mmap``
+    confirm a known mapping without a system call).  Raises NotSharedMemory
+    when none does (private memory, or a buffer that straddles two mappings).
     """
-    m = _CACHE.lookup(addr)
+    m = _CACHE.lookup(addr, exporter)
     if m is None:
         raise NotSharedMemory(
             f"buffer at {addr:#x} is not in POSIX shared memory (it is private memory); "

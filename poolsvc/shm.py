@@ -70,19 +70,20 @@ class StaticBacking:
     carveout: Storage
 
 
-@dataclass
+@dataclass(slots=True)
 class UserBacking:
     """A registered buffer: the caller's object, pinned by our memoryview of it.
 
-    ``key`` names the backing object in the user-memory registry and
-    ``file_pages`` the page index within that object of each page of the
-    buffer; ``mm`` is the mapping the registry made itself (registration by
-    descriptor), closed with the view, else None.
+    ``key`` names the backing object in the user-memory registry; the buffer
+    covers pages ``[first_page, first_page + npages)`` of that object; ``mm``
+    is the mapping the registry made itself (registration by descriptor),
+    closed with the view, else None.
     """
 
     view: memoryview
     key: tuple[int, int]
-    file_pages: np.ndarray
+    first_page: int
+    npages: int
     mm: Any = None
 
 

@@ -9,10 +9,16 @@ One registry, keyed by the backing object's identity (``ObjectKey``:
 of the object, the frame given to it (``pa``), the storage it is mapped to
 (``sid``) and how many live registrations cover it (``refs``).  Two
 registrations that share pages of one object share their frames, whichever
-mapping or descriptor they came through.  The storage of a page is a
+mapping or descriptor they came through.  The ledger is the compiled
+``core.UserPages`` (docs/core.md): a registration's frames are taken and
+mapped in one call and given back in one call.  The storage of a page is a
 *window*: one mapping of the object in this process, attached as storage;
-a window lives while a page with ``refs > 0`` is mapped to it, so its
-liveness follows from the same ledger.
+a window is live while a page with ``refs > 0`` is mapped to it, so its
+liveness follows from the same ledger.  A window of the caller's own mapping
+stays attached, idle, when its last page goes (at most ``_IDLE_WINDOWS``),
+and is used again only for the mapping it was made for, once
+``poolsvc/mapping.py`` has confirmed that mapping current; a mapping the
+registry made from a descriptor is released with its last page.
 
 Invariants (per object):
   ``refs[p] > 0  <=>  pa[p] != 0``, and then ``sid[p]`` is a live window's
@@ -32,13 +38,14 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from .api import check_writable
-from .constants import PAGE_MASK, PAGE_SIZE, ShmFlags
+from ._backend import core
+from .constants import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, ShmFlags
 from .errors import BadParameters, NotSharedMemory
 from .mapping import Mapping, ObjectKey, buffer_span, dev_string, find_mapping, mapping_view
 from .memory import PhysicalMemory
@@ -50,36 +57,47 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Per-object frame tables up to this many pages are kept when their last registration goes.
 _KEEP_FILE_FRAMES = 4096
+#: Windows of the caller's mappings kept attached when no page uses them.
+_IDLE_WINDOWS = 16
 
 
-@dataclass
+@dataclass(eq=False)
 class _Window:
     """One mapping of an object in this process, attached as storage ``sid``.
 
-    ``first_page`` is the object's page index at the mapping's start.
+    ``where`` is ``(mapping start, end, file offset)``; ``first_page`` the
+    object's page index at the mapping's start; ``own`` is True for a mapping
+    the registry made itself (:meth:`UserMemory.register_fd`); ``idle`` while
+    no pinned page is mapped to it (then it is in ``UserMemory.idle``).
     """
 
     sid: int
     view: memoryview
     first_page: int
+    own: bool
+    where: tuple[int, int, int]
+    idle: bool = False
 
 
-@dataclass
 class _UserObject:
-    """The ledger of one backing object: per page, frame PA, storage id and references."""
+    """The ledger of one backing object (``core.UserPages``) and its windows."""
 
-    pa: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    refs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    sid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    #: by (mapping start, end, file offset)
-    windows: dict[tuple[int, int, int], _Window] = field(default_factory=dict)
+    __slots__ = ("pages", "attached")
 
-    def grow(self, n: int) -> None:
-        if n > len(self.pa):
-            extra = n - len(self.pa)
-            self.pa = np.concatenate([self.pa, np.zeros(extra, np.uint64)])
-            self.refs = np.concatenate([self.refs, np.zeros(extra, np.uint32)])
-            self.sid = np.concatenate([self.sid, np.full(extra, -1, np.int32)])
+    def __init__(self, pages: Any) -> None:
+        self.pages = pages
+        #: live and idle windows, by (mapping start, end, file offset)
+        self.attached: dict[tuple[int, int, int], _Window] = {}
+
+    @property
+    def windows(self) -> dict[tuple[int, int, int], _Window]:
+        """The live windows: those a pinned page is mapped to."""
+        return {where: w for where, w in self.attached.items() if not w.idle}
+
+    @property
+    def refs(self) -> np.ndarray:
+        """The reference count of each page of the object (a copy)."""
+        return self.pages.refs_array()
 
 
 def _non_negative(value: Any, what: str) -> int:
@@ -101,6 +119,8 @@ class UserMemory:
         self.cookies = cookies
         self.driver: Driver | None = None
         self.objects: dict[ObjectKey, _UserObject] = {}
+        #: idle windows of caller mappings, oldest first, each with its object
+        self.idle: dict[_Window, _UserObject] = {}
 
     # -- entry points ------------------------------------------------------------------------
     def register(self, ctx: "Context", obj: Any, flags: ShmFlags) -> Shm:
@@ -111,7 +131,7 @@ class UserMemory:
         """
         view, addr, length = buffer_span(obj)
         try:
-            mapping = find_mapping(addr, length)
+            mapping = find_mapping(addr, length, view.obj)
             check_writable(view, addr, mapping.writable)
             return self._pin(ctx, view, mapping, addr, length, flags, None)
         except BaseException:
@@ -142,7 +162,7 @@ class UserMemory:
             raise BadParameters(f"range [{file_offset:#x}, {file_offset + length:#x}) is beyond the "
                                 f"object's {st.st_size:#x} bytes")
         start = file_offset & ~PAGE_MASK
-        span = file_offset - start + length
+        span = (file_offset - start + length + PAGE_MASK) & ~PAGE_MASK  # whole pages
         try:
             mm = mmap.mmap(fd, span, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                            offset=start)
@@ -150,9 +170,9 @@ class UserMemory:
             raise NotSharedMemory(f"cannot map descriptor {fd} shared and writable: "
                                   f"{exc.strerror}") from None
         whole = memoryview(mm)
-        base = int(np.frombuffer(whole, dtype=np.uint8).__array_interface__["data"][0])
-        view = whole[file_offset - start:]
-        mapping = Mapping(base, base + ((span + PAGE_MASK) & ~PAGE_MASK), True, start,
+        base = core.buffer_address(whole)
+        view = whole[file_offset - start:file_offset - start + length]
+        mapping = Mapping(base, base + span, True, start,
                           dev_string(st.st_dev), st.st_ino, f"/proc/self/fd/{fd}")
         try:
             return self._pin(ctx, view, mapping, base + file_offset - start, length, flags, whole)
@@ -163,57 +183,71 @@ class UserMemory:
 
     # -- pinning --------------------------------------------------------------------------------
     def _window(self, obj: _UserObject, m: Mapping, whole: memoryview | None) -> _Window:
-        key = (m.start, m.end, m.file_offset)
-        window = obj.windows.get(key)
+        """The window of mapping ``m`` of ``obj``, live from here on: an attached one
+        (live, or idle: ``m`` was just confirmed to be that mapping), or a new one."""
+        where = (m.start, m.end, m.file_offset)
+        window = obj.attached.get(where)
         if window is None:
             view = whole[:] if whole is not None else mapping_view(m)
             sid = self.memory.attach(view, "user")
-            window = obj.windows[key] = _Window(sid, view, m.file_offset // PAGE_SIZE)
+            window = _Window(sid, view, m.file_offset // PAGE_SIZE, whole is not None, where)
+            obj.attached[where] = window
+        elif window.idle:
+            window.idle = False
+            del self.idle[window]
         return window
 
     def _drop_unused_windows(self, obj: _UserObject) -> None:
-        """Detach the windows no referenced page is mapped to."""
-        live = set(np.unique(obj.sid[obj.refs > 0]).tolist())
-        for key, window in list(obj.windows.items()):
-            if window.sid not in live:
-                del obj.windows[key]
-                self.memory.detach(window.sid)
-                window.view.release()
+        """Retire the live windows no pinned page is mapped to: a window of the
+        caller's mapping stays attached, idle, for the next registration through
+        that mapping (at most ``_IDLE_WINDOWS`` of them, the oldest detached
+        first); a mapping made by :meth:`register_fd` is detached and released."""
+        storage_pages = obj.pages.storage_pages
+        for window in [w for w in obj.attached.values() if not w.idle and not storage_pages(w.sid)]:
+            if window.own:
+                del obj.attached[window.where]
+                self._detach(window)
+                continue
+            window.idle = True
+            self.idle[window] = obj
+            if len(self.idle) > _IDLE_WINDOWS:
+                oldest = next(iter(self.idle))
+                del self.idle.pop(oldest).attached[oldest.where]
+                self._detach(oldest)
+
+    def _detach(self, window: _Window) -> None:
+        self.memory.detach(window.sid)
+        window.view.release()
 
     def _pin(self, ctx: "Context", view: memoryview, m: Mapping, addr: int, length: int,
              flags: ShmFlags, whole: memoryview | None) -> Shm:
         """Frames for the pages of ``[addr, addr+length)`` of mapping ``m``, then REGISTER_SHM.
 
         ``whole`` is the mapping made by :meth:`register_fd` (None for the
-        caller's own mapping); the Shm keeps it until released.
+        caller's own mapping); the Shm keeps it until released.  The frames
+        are taken and mapped in one call (``core.UserPages.pin``); pages other
+        registrations pinned already keep theirs.
         """
         offset = addr & PAGE_MASK
-        npages = (offset + length + PAGE_MASK) // PAGE_SIZE
-        first_fpage = m.file_offset // PAGE_SIZE + (addr - m.start) // PAGE_SIZE  # within the object
-        file_pages = np.arange(first_fpage, first_fpage + npages, dtype=np.int64)
+        npages = (offset + length + PAGE_MASK) >> PAGE_SHIFT
+        first_fpage = (m.file_offset + addr - m.start) >> PAGE_SHIFT  # within the object
         key = m.key
         obj = self.objects.get(key)
         if obj is None:
-            obj = self.objects[key] = _UserObject()
-        obj.grow(int(file_pages[-1]) + 1)
-        fresh = file_pages[obj.refs[file_pages] == 0]
+            obj = self.objects[key] = _UserObject(core.UserPages(self.memory.table, self.dynamic))
+        window = self._window(obj, m, whole)
         try:
-            if len(fresh):
-                window = self._window(obj, m, whole)
-                new_pa = self.dynamic.alloc_scattered(len(fresh))
-                try:
-                    self._map_file_pages(new_pa, fresh - window.first_page, window.sid)
-                except BaseException:
-                    self.dynamic.free_pages(new_pa)
-                    raise
-                obj.pa[fresh] = new_pa
-                obj.sid[fresh] = window.sid
-            obj.refs[file_pages] += 1
+            pages = obj.pages.pin(first_fpage, npages, window.sid, window.first_page)
         finally:
-            self._drop_unused_windows(obj)
-        pages = obj.pa[file_pages].copy()
-        backing = UserBacking(view, key, file_pages, whole)
-        shm = Shm(ctx, flags, length, offset, pages, next(self.cookies), backing)
+            if not obj.pages.storage_pages(window.sid):
+                self._drop_unused_windows(obj)
+        backing = UserBacking(view, key, first_fpage, npages, whole)
+        start = core.page_run_start(pages)
+        if start is None:
+            shm = Shm(ctx, flags, length, offset, pages, next(self.cookies), backing)
+        else:  # consecutive frames: described as a run, as the pool's buffers are
+            shm = Shm(ctx, flags, length, offset, None, next(self.cookies), backing,
+                      run=(start, npages))
         try:
             assert self.driver is not None
             self.driver.register(pages, offset, length, shm.cookie)
@@ -223,42 +257,20 @@ class UserMemory:
         shm.registered = True
         return shm
 
-    def _map_file_pages(self, pas: np.ndarray, vpages: np.ndarray, sid: int) -> None:
-        """Map frames ``pas[i]`` to page ``vpages[i]`` of storage ``sid``, run by run."""
-        table = self.memory.table
-        if int(vpages[-1]) - int(vpages[0]) == len(vpages) - 1:  # one run: the usual case
-            table.map_pages(pas, sid, int(vpages[0]))
-            return
-        breaks = np.flatnonzero(np.diff(vpages) != 1) + 1
-        starts = np.concatenate([[0], breaks])
-        ends = np.concatenate([breaks, [len(vpages)]])
-        done = 0
-        try:
-            for s, e in zip(starts.tolist(), ends.tolist()):
-                table.map_pages(pas[s:e], sid, int(vpages[s]))
-                done = e
-        except BaseException:
-            if done:
-                table.unmap_pages(pas[:done])
-            raise
-
     def unpin(self, backing: UserBacking) -> None:
         """Drop a registration's references: pages no longer referenced give their frames
-        back, windows no page uses are detached, and the buffer's view is released."""
+        back (``core.UserPages.unpin``), windows no page uses are detached, and the
+        buffer's view is released."""
         key = backing.key
         obj = self.objects[key]
-        file_pages = backing.file_pages
-        obj.refs[file_pages] -= 1
-        gone = file_pages[obj.refs[file_pages] == 0]
-        if len(gone):
-            pas = obj.pa[gone].copy()
-            self.memory.table.unmap_pages(pas)
-            self.dynamic.free_pages(pas)
-            obj.pa[gone] = 0
-            obj.sid[gone] = -1
-        self._drop_unused_windows(obj)
-        if len(obj.pa) > _KEEP_FILE_FRAMES and not obj.refs.any():
-            del self.objects[key]  # small tables stay, to spare the next registration
+        if obj.pages.unpin(backing.first_page, backing.npages) and (
+                len(obj.attached) > 1 or not obj.pages.pinned_pages):
+            self._drop_unused_windows(obj)
+            if obj.pages.npages > _KEEP_FILE_FRAMES and not obj.pages.pinned_pages:
+                del self.objects[key]  # small ledgers stay, to spare the next registration
+                for window in obj.attached.values():
+                    del self.idle[window]
+                    self._detach(window)
         backing.view.release()
         if backing.mm is not None:
             backing.mm.release()

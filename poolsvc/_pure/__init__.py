@@ -17,6 +17,7 @@ from .pagelist import (
 )
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
+from .userpages import UserPages, buffer_address, page_run_start
 from .wire import run_batch, split_frames
 
 __all__ = [
@@ -30,11 +31,14 @@ __all__ = [
     "RegisteredShm",
     "SmcDriver",
     "SmcEntry",
+    "UserPages",
+    "buffer_address",
     "gather",
     "pagelist_build",
     "pagelist_build_into",
     "pagelist_parse",
     "pagelist_parse_frames",
+    "page_run_start",
     "pagelist_segments",
     "run_batch",
     "scatter",
