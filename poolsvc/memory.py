@@ -113,7 +113,7 @@ class Arena:
     and zeroes the pages.  ``alloc`` / ``free`` hand out storage pages alone.
     The per-allocation work is one compiled call (``core.ArenaPages``, in
     ``pages``); the policy is here: growing when no segment has room, by a
-    segment as large as the arena already is (from ARENA_FIRST_PAGES up to
+    segment as large as the arena has ever been (from ARENA_FIRST_PAGES up to
     ``step``; a larger request gets a segment of its own size), and returning
     an emptied segment to the OS only when another empty one is kept as a
     spare (so a steady alloc/free pattern does not create and pre-fault
@@ -130,6 +130,8 @@ class Arena:
         self.owner = owner
         self.segments: list[Segment] = []
         self.pages = core.ArenaPages(memory.table, frames)
+        #: the most pages the arena has held at once (its growth follows it)
+        self.peak_pages = 0
 
     @property
     def used_pages(self) -> int:
@@ -144,11 +146,13 @@ class Arena:
         return self.pages_total * PAGE_SIZE
 
     def _grow(self, npages: int) -> Segment:
-        # geometric: a new segment as large as the arena already is (at least
+        # geometric: a new segment as large as the arena has ever been (at least
         # ARENA_FIRST_PAGES, at most one step), and never smaller than the request,
-        # so an arena that serves one small buffer costs a few pages, not a step
-        want = min(self.step // PAGE_SIZE, max(ARENA_FIRST_PAGES, self.pages_total))
+        # so an arena that serves one small buffer costs a few pages, not a step, and
+        # one whose spare segment was returned does not shrink back and churn
+        want = min(self.step // PAGE_SIZE, max(ARENA_FIRST_PAGES, self.peak_pages))
         count = max(want, npages)
+        self.peak_pages = max(self.peak_pages, self.pages_total + count)
         storage = Storage.create(count * PAGE_SIZE, self.prefix)
         try:
             sid = self.memory.attach(storage.mm, self.owner)
@@ -181,7 +185,12 @@ class Arena:
     def give(self, run: Any) -> None:
         """Undo :meth:`take` (the pages are zeroed)."""
         if self.pages.give(run) > 1:  # run's segment emptied, and another is empty too
-            self.drop(run.segment)
+            self.drop_spare()
+
+    def drop_spare(self) -> None:
+        """Of the empty segments, return the smallest to the OS: the larger one stays the spare."""
+        empty = [seg for seg in self.segments if self.pages.used(seg) == 0]
+        self.drop(min(empty, key=lambda seg: seg.npages))
 
     def alloc(self, npages: int) -> tuple[Segment, int]:
         """A run of ``npages`` zeroed storage pages: ``(segment, first page index)``."""
@@ -204,7 +213,7 @@ class Arena:
     def free(self, seg: Segment, index: int, npages: int) -> None:
         """Zero and release a run of storage pages."""
         if self.pages.free(seg, index, npages) > 1:
-            self.drop(seg)
+            self.drop_spare()
 
     def drop(self, seg: Segment) -> None:
         """Return an emptied segment to the OS."""

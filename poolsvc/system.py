@@ -177,7 +177,7 @@ class System:
         if type(backing) is ArenaRun:
             ctx = shm.context  # Arena.give, inlined: zero, unmap and free in one call
             if ctx.give_pages(backing) > 1:  # its segment emptied, and another is empty too
-                ctx.arena.drop(backing.segment)
+                ctx.arena.drop_spare()
         elif type(backing) is StaticRun or type(backing) is StaticBacking:
             self.pools.free_static(shm.context, backing)
         else:
