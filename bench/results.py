@@ -130,6 +130,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                    _extra("test_build_1mib_compiled", "us_per_call"), _at_most(1.0), " µs"),
             Target("compiled / pure build", ">= 200",
                    _extra("test_build_ratio_compiled_vs_pure", "ratio_median"), _at_least(200), "x"))),
+    Family("register", "Registration", ("bench/test_bench_register.py",),
+           "register_user_buf + close against alloc_user_buf + close of the same size, interleaved "
+           "in one run, and the per-page cost of registration against alloc_scattered's.",
+           (Target("register / alloc + close, 4 KiB", "<= 3",
+                   _extra("test_register_ratios", "ratio_4k"), _at_most(3.0), "x"),
+            Target("register / alloc + close, 1 MiB", "<= 1.5",
+                   _extra("test_register_ratios", "ratio_1m"), _at_most(1.5), "x"),
+            Target("per page: registration / alloc_scattered", "<= 2",
+                   _extra("test_register_ratios", "ratio_per_page"), _at_most(2.0), "x"))),
     Family("tables", "Lookups", ("bench/test_bench_tables.py",),
            "Per-call cost from Python of the frame table, id table and address map, and the "
            "frame table's batch translation, beside the pure-Python twin.",
@@ -177,7 +186,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 #: Families run by default: everything that pytest-benchmark measures.
-PYTEST_FAMILIES = ("alloc", "pagelist", "tables", "copy", "system", "wire", "tee", "service")
+PYTEST_FAMILIES = ("alloc", "pagelist", "tables", "copy", "system", "register", "wire", "tee", "service")
 
 LOAD_RUNS = (
     ("single requests", ["--clients", "8", "--duration", "60", "--kill-rate", "0.5",
