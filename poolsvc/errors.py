@@ -10,6 +10,8 @@ Messages say what was wrong and with which value, e.g.
 """
 from __future__ import annotations
 
+from . import teecodes
+
 # GlobalPlatform TEE Client API return codes (facts, see docs/design).
 TEE_SUCCESS = 0x00000000
 TEE_ERROR_GENERIC = 0xFFFF0000
@@ -138,7 +140,7 @@ class TeeError(PoolsvcError):
     """
 
     def __init__(self, message: str, code: int, origin: int) -> None:
-        super().__init__(message)
+        super().__init__(teecodes.annotate(message, code, origin))
         self.code = code
         self.origin = origin
         self.tee_code = code
