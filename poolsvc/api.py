@@ -289,6 +289,11 @@ class ShmBase:
         """True once the last reference is dropped."""
         return self._refs <= 0
 
+    @property
+    def refs(self) -> int:
+        """Live references (``close()`` drops one; the last frees the memory)."""
+        return self._refs
+
     def _check(self) -> None:
         if self._refs <= 0:
             raise Closed(f"shm (id {self.id}, cookie {self.cookie:#x}) is released")

@@ -148,6 +148,11 @@ class Shm(ShmBase):
         return self._pages
 
     @property
+    def run(self) -> tuple[int, int] | None:
+        """The ``(first page PA, page count)`` the buffer was allocated as; None for a page array."""
+        return self._run
+
+    @property
     def page_run(self) -> tuple[int, int] | None:
         """``(PA of the first page, page count)`` when the pages are physically
         consecutive, else None (read ``pages`` then); builds no array."""

@@ -245,7 +245,7 @@ class Handlers(ServerParts):
 
     def _close_shm(self, conn: Connection, shm: Any) -> bytes:
         shm.close()
-        if shm._refs > 0:  # shm_from_id references remain
+        if shm.refs > 0:  # shm_from_id references remain
             return _CLOSED_KEPT
         cookie = shm.cookie
         if conn.alloc_sizes:
@@ -260,7 +260,7 @@ class Handlers(ServerParts):
                 conn.pinned.registered -= span
                 if reg.storage is not None:
                     self.files.put(reg)
-        segment = getattr(shm._backing, "segment", None)
+        segment = getattr(shm.backing, "segment", None)
         if segment is None or segment.storage.fd >= 0 or conn.tokens is None:
             return _CLOSED_FREED  # no segment, or its storage lives on
         return _pack_closed(1, conn.tokens.dropped(segment.storage))

@@ -111,9 +111,9 @@ def describe(shm: Any, tokens: SegmentTokens | None) -> tuple[bytes, int]:
 
     On the hot path of every ALLOC: plain ints, no enum arithmetic.
     """
-    backing = shm._backing
+    backing = shm.backing
     # A contiguous shm knows its (first page, count): no page array is built.
-    run = shm._run
+    run = shm.run
     segment = getattr(backing, "segment", None)
     if run is not None and segment is not None and tokens is not None:
         token = tokens.tokens.get(segment.storage)

@@ -61,7 +61,7 @@ def stats_document(server: Any) -> dict[str, Any]:
             usage = ctx.usage()
             shms = list(ctx.shms.values())
             entry.update(context=ctx.name, shms=usage["shms"], bytes=usage["bytes"],
-                         frames=sum(len(s.pages) for s in shms if not hasattr(s._backing, "length")),
+                         frames=sum(len(s.pages) for s in shms if not hasattr(s.backing, "length")),
                          registered=sum(1 for s in shms if s.cookie in conn.registered),
                          ids=sum(1 for s in shms if s.id > 0),
                          arena_bytes=usage["arena_bytes"], sessions=usage["sessions"],
