@@ -38,3 +38,23 @@ def pure():
     from poolsvc import _pure
 
     return _pure
+
+
+@pytest.fixture(scope="module")
+def system():
+    """An embedded System with 256 MiB of dynamic RAM, one per benchmark module."""
+    from poolsvc import Config, System
+
+    with System(Config(dynamic_size=256 << 20, arena_step=4 << 20)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A caller's 1 MiB POSIX shared-memory object, to register from."""
+    from multiprocessing import shared_memory
+
+    seg = shared_memory.SharedMemory(create=True, size=1 << 20)
+    yield seg
+    seg.close()
+    seg.unlink()

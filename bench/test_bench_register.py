@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from multiprocessing import shared_memory
 
 import pytest
+from benchutil import record_us_per_op
 
-from poolsvc import Config, System
 
 PAGE = 4096
 MIB = 1 << 20
@@ -40,26 +39,6 @@ OPS = 200
 ROUNDS = 200
 #: the length of one round of test_register_ratios, in microseconds
 ROUND_US = 400
-
-
-def record(benchmark, ops: int) -> None:
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        benchmark.extra_info["us_per_op"] = round(stats.stats.median / ops * 1e6, 3)
-
-
-@pytest.fixture(scope="module")
-def system():
-    with System(Config(dynamic_size=256 << 20, arena_step=4 << 20)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client():
-    seg = shared_memory.SharedMemory(create=True, size=MIB)
-    yield seg
-    seg.close()
-    seg.unlink()
 
 
 def _cases(system, client):
@@ -145,7 +124,7 @@ def test_close(benchmark, system, client, kind, size):
             one()
 
     benchmark(run)
-    record(benchmark, ops)
+    record_us_per_op(benchmark, ops)
     ctx.close()
     view.release()
 
@@ -169,5 +148,5 @@ def test_user_pages_pin_unpin(benchmark, request, backend, npages):
             pages.unpin(0, npages)
 
     benchmark(run)
-    record(benchmark, ops)
+    record_us_per_op(benchmark, ops)
     assert table.mapped_frames == 0 and frames.used_frames == 0

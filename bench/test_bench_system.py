@@ -23,33 +23,12 @@ scepticism: compare within one run.
 """
 from __future__ import annotations
 
-from multiprocessing import shared_memory
-
 import pytest
+from benchutil import record_us_per_op
 
-from poolsvc import Config, System
+from poolsvc import Config
 
 OPS = 500
-
-
-def record(benchmark, ops: int) -> None:
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        benchmark.extra_info["us_per_op"] = round(stats.stats.median / ops * 1e6, 2)
-
-
-@pytest.fixture(scope="module")
-def system():
-    with System(Config(dynamic_size=256 << 20, arena_step=4 << 20)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client():
-    seg = shared_memory.SharedMemory(create=True, size=1 << 20)
-    yield seg
-    seg.close()
-    seg.unlink()
 
 
 @pytest.mark.parametrize("kind", ["alloc_user_buf", "alloc_kernel_buf", "alloc_priv_buf"])
@@ -62,7 +41,7 @@ def test_alloc_close(benchmark, system, kind):
             alloc(4096).close()
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
     assert ctx.usage()["shms"] == 0
     ctx.close()
 
@@ -76,7 +55,7 @@ def test_register_close(benchmark, system, client):
             ctx.register_user_buf(view).close()
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
     ctx.close()
     view.release()
 
@@ -89,7 +68,7 @@ def test_floor_frame_allocator_pair(benchmark, system):
             dyn.free_contig(dyn.alloc_contig(1), 1)
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
 
 
 def test_floor_arena_take_give(benchmark, system):
@@ -104,7 +83,7 @@ def test_floor_arena_take_give(benchmark, system):
             pages.give(pages.take(1))
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
     assert pages.used_pages == 0
     ctx.close()
 
@@ -122,7 +101,7 @@ def test_floor_register_message_round_trip(benchmark, system):
             system.driver.unregister(cookie)
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
     assert cookie not in system.tee.registered
 
 
@@ -137,7 +116,7 @@ def test_floor_register_run_round_trip(benchmark, system):
             system.driver.unregister(cookie)
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
     assert cookie not in system.tee.registered
 
 
@@ -194,7 +173,7 @@ def test_smc_driver_kernels(benchmark, backend):
             call1(5, 5, 0, 0, 0xC0FFEE)
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
     assert frames.used_frames == 1 and table.mapped_frames == 17
 
 
@@ -228,7 +207,7 @@ def test_smc_entry_kernels(benchmark, backend):
             answer(unreg_pa, 0, 3)
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
     assert not registered
 
 
@@ -261,7 +240,7 @@ def test_smc_entry_call(benchmark, backend):
             entry(unreg_pa)
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
     assert not registered and not Stats.errors
     assert table.read(reg_pa + 20, 8) == bytes(4) + struct.pack("<I", 3)
 
@@ -290,5 +269,5 @@ def test_parse_frames_one_page(benchmark, backend):
             parse(base, 4096, table, nonsecure)
 
     benchmark(run)
-    record(benchmark, OPS)
+    record_us_per_op(benchmark, OPS, 2)
     assert parse(base, 4096, table, nonsecure).tolist() == pages.tolist()

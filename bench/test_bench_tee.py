@@ -23,7 +23,6 @@ from multiprocessing import shared_memory
 
 import pytest
 
-from poolsvc import Config, System
 from poolsvc.tee.driver import RegisteredMemref, TempMemref
 from poolsvc.tee.ta import Sha256App
 
@@ -36,12 +35,6 @@ def record(benchmark, what: str) -> None:
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None:
         benchmark.extra_info["us_per_op"] = round(stats.stats.median * 1e6, 2)
-
-
-@pytest.fixture(scope="module")
-def system():
-    with System(Config(dynamic_size=256 << 20, arena_step=4 << 20)) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
