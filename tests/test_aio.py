@@ -293,3 +293,13 @@ def test_a_type_error_in_asyncio_user_code_is_reported(tmp_path):
     out = mypy_strict(bad, tmp_path)
     assert out.returncode == 1, out.stdout
     assert "incompatible types in assignment" in out.stdout.lower() and "spin_us" in out.stdout, out.stdout
+
+
+def test_the_docs_example_runs(served):
+    daemon, transport = served
+    text = (ROOT / "docs" / "aio.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"/run/poolsvc/poolsvc.sock"' in code
+    code = code.replace('"/run/poolsvc/poolsvc.sock"', repr(daemon.path))
+    code = code.replace("aio.connect(path)", f"aio.connect(path, transport={transport!r})")
+    exec(compile(code, "docs/aio.md", "exec"), {"__name__": "docs_example"})
