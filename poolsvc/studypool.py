@@ -15,7 +15,7 @@ p99 of the pair, µs; through the daemon, a client's round trips), then one
 client allocates and holds buffers until it is refused: ``client_*``, the
 buffers and bytes it holds and why it was refused.  Through the daemon a
 client may pin ``client_share`` of the pool (``max_bytes_per_client``,
-docs/design.md section 7), so a second daemon with no per-client bound
+docs/security.md), so a second daemon with no per-client bound
 (``max_bytes_per_client = 0``) gives where the pool itself runs out:
 ``pool_*``.  Embedded there is no such bound and both figures are the same.
 Through the daemon every held buffer is written and read back through its
