@@ -102,7 +102,7 @@ STATIC_HEAD = ("where", "size", "alloc+close p50 us", "p99 us", "one client hold
 
 
 def _static_rows(report: Report) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for f in report.static_pool:
         where = f.where if f.transport is None else f"{f.where} ({f.transport})"
         rows.append((where, human_size(f.size), _f(f.p50_us), _f(f.p99_us),
@@ -251,8 +251,8 @@ def page_size_lines(report: Report) -> list[str]:
     page = report.page_size
     per = page // PAGE_SIZE
     if page == PAGE_SIZE:
-        return [f"kernel pages of 4 KiB: one page-list entry per kernel page, no buffer is rounded beyond "
-                f"its last 4 KiB frame (--page-size 16KiB or 64KiB models arm64's larger pages)."]
+        return ["kernel pages of 4 KiB: one page-list entry per kernel page, no buffer is rounded beyond "
+                "its last 4 KiB frame (--page-size 16KiB or 64KiB models arm64's larger pages)."]
     sizes = sorted({r.size for r in report.results})
     small = next((r for r in report.results if r.size == sizes[0] and r.waste_bytes is not None), None)
     text = (f"kernel pages of {human_size(page)}: each is {per} frames, naturally aligned, and {per} page-list "
