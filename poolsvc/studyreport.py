@@ -171,9 +171,11 @@ def summary_lines(report: Report) -> list[str]:
             if sc is None:
                 continue
             if sc.frames is None:
-                refused.append(f"{human_size(size)} is refused ({sc.failure_reason}): its page list needs "
-                               f"{pagelist.list_pages_needed(size // PAGE_SIZE)} contiguous list pages, "
-                               f"allocated as Linux does")
+                text = f"{human_size(size)} is refused ({sc.failure_reason})"
+                if sc.failure_reason and "free frames" in sc.failure_reason:  # (the list's run)
+                    text += (f": its page list needs {pagelist.list_pages_needed(size // PAGE_SIZE)} "
+                             f"contiguous list pages, allocated as Linux does")
+                refused.append(text)
                 continue
             per_size.append(f"{human_size(size)} = {sc.frames} frame{'s' if sc.frames != 1 else ''} in "
                             f"{sc.segments} run{'s' if sc.segments != 1 else ''}, "

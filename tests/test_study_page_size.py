@@ -165,3 +165,19 @@ def test_summary_says_what_the_page_size_changes(report16):
     assert "one pinned kernel page per 4 frames" in text
     table = studyreport.format_table(report16)
     assert table.startswith("kernel page size 16 KiB") and "kpages" in table
+
+
+def test_summary_blames_the_page_list_only_when_the_list_was_refused(report16):
+    import copy
+
+    report = copy.deepcopy(report16)
+    kernel = study.Result("severe", 32 * MiB, "scattered", 3, 3, None, None, None, None, 0, None, None,
+                          None, None, None, None, failure_reason="OutOfMemory: 2048 kernel pages of 16 KiB "
+                          "requested, 95 free aligned blocks of 4 frames")
+    listed = study.Result("severe", 64 * MiB, "scattered", 3, 3, None, None, None, None, 0, None, None,
+                          None, None, None, None, failure_reason="OutOfMemory: no run of 33 free frames: "
+                          "100 free, longest run 31")
+    report.results += [kernel, listed]
+    lines = [x for x in studyreport.summary_lines(report) if " is refused (" in x]
+    assert lines[0].endswith("95 free aligned blocks of 4 frames).")
+    assert lines[1].endswith("its page list needs 33 contiguous list pages, allocated as Linux does.")
