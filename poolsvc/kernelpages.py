@@ -103,12 +103,20 @@ class KernelPageAllocator:
             raise BadParameters(f"frames start at {frames.base_pa:#x}, not on a "
                                 f"{page_size // KiB} KiB kernel page")
 
-    def free_blocks(self) -> np.ndarray:
-        """Frame index of each free kernel page (a free, aligned block of ``per`` frames)."""
+    def _busy_blocks(self) -> np.ndarray:
+        """Per kernel page of the frames (whole ones only): True where a frame of it is used."""
         used = self.frames.used_map()
         whole = len(used) // self.per * self.per
-        busy = used[:whole].reshape(-1, self.per).any(axis=1)
-        return np.flatnonzero(~busy) * self.per
+        # (4 frames per uint32 word: per is a multiple of 4 above 4 KiB)
+        words = used[:whole].view(np.uint32).reshape(-1, self.per // 4)
+        busy = words[:, 0] != 0
+        for j in range(1, self.per // 4):
+            busy |= words[:, j] != 0
+        return busy
+
+    def free_blocks(self) -> np.ndarray:
+        """Frame index of each free kernel page (a free, aligned block of ``per`` frames)."""
+        return np.flatnonzero(~self._busy_blocks()) * self.per
 
     def alloc_pages(self, count: int) -> np.ndarray:
         """``count`` kernel pages, the lowest free ones; their PAs (``uint64``), ascending.
@@ -140,16 +148,18 @@ class KernelPageAllocator:
                               f"{self.max_order} ({1 << self.max_order} pages of "
                               f"{self.page_size // KiB} KiB)")
         nframes = count * self.per
-        used = self.frames.used_map()
-        if nframes > len(used):
-            raise OutOfMemory(f"{nframes} frames requested, {len(used)} in all")
-        busy = np.concatenate([[0], np.cumsum(used, dtype=np.int64)])
-        starts = np.arange(0, len(used) - nframes + 1, self.per)
-        fits = np.flatnonzero(busy[starts + nframes] == busy[starts])
+        busy = self._busy_blocks()
+        if count > len(busy):
+            raise OutOfMemory(f"{count} kernel pages requested, {len(busy)} in all")
+        if count == 1:
+            fits = np.flatnonzero(~busy)
+        else:  # count consecutive free kernel pages: no busy block in [i, i + count)
+            seen = np.concatenate([[0], np.cumsum(busy, dtype=np.int64)])
+            fits = np.flatnonzero(seen[count:] == seen[:len(seen) - count])
         if not len(fits):
             raise OutOfMemory(f"no free run of {count} kernel pages of {self.page_size // KiB} KiB "
                               f"({nframes} frames) starting on a kernel page")
-        pa = self.frames.base_pa + int(starts[fits[0]]) * PAGE_SIZE
+        pa = self.frames.base_pa + int(fits[0]) * self.page_size
         self.frames.claim(pa, nframes)
         return pa
 
