@@ -181,3 +181,11 @@ def test_summary_blames_the_page_list_only_when_the_list_was_refused(report16):
     lines = [x for x in studyreport.summary_lines(report) if " is refused (" in x]
     assert lines[0].endswith("95 free aligned blocks of 4 frames).")
     assert lines[1].endswith("its page list needs 33 contiguous list pages, allocated as Linux does.")
+
+
+def test_plots_of_a_larger_page_size(report16, tmp_path):
+    pytest.importorskip("matplotlib")
+    from poolsvc import plots
+
+    for path in plots.plot(report16, str(tmp_path)):
+        assert (tmp_path / path.rsplit("/", 1)[-1]).stat().st_size > 10_000
