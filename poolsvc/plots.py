@@ -34,6 +34,13 @@ def _pyplot() -> Any:
     return plt
 
 
+def _page_note(report: Report) -> str:
+    """A second title line, ``kernel pages of 16 KiB``, when the study modelled pages above 4 KiB."""
+    from .study import human_size
+
+    return f"\nkernel pages of {human_size(report.page_size)}" if report.page_size > 4096 else ""
+
+
 def latency(report: Report, path: str) -> str:
     """p50 lines with p99 bands per strategy, one panel per size; returns ``path``."""
     import matplotlib.ticker
@@ -85,8 +92,8 @@ def latency(report: Report, path: str) -> str:
             handles.setdefault(label, handle)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
     fig.suptitle("Allocation latency by fragmentation level (index = unusable free space index, "
-                 f"order {report.params.get('index_order', 4)}): p50 line, p99 band, x = every attempt refused",
-                 fontsize=10)
+                 f"order {report.params.get('index_order', 4)}): p50 line, p99 band, x = every attempt refused"
+                 f"{_page_note(report)}", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -126,7 +133,7 @@ def failure_heatmaps(report: Report, path: str) -> str:
     if image is not None:
         fig.colorbar(image, ax=list(axes[0]), fraction=0.025, label="fraction of attempts refused")
     fig.suptitle("Failure rate by buffer size and fragmentation (unusable free space index, order "
-                 f"{report.params.get('index_order', 4)})", fontsize=10)
+                 f"{report.params.get('index_order', 4)}){_page_note(report)}", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -21,9 +21,29 @@ measures how many buffers of that size the aged memory can hold at once.
 Beside the measured times (allocation latency p50/p99, the page-list +
 REGISTER_SHM set-up, the secure world's SHA-256 over the buffer) each cell
 reports what the mechanism costs a real system, counted on every success:
-frames taken, contiguous runs (scatterlist segments), page-list pages and
-bytes, messages to the secure world per buffer lifetime (alloc + close) and
-pages pinned.  Those counts transfer to hardware; the times are this model's.
+frames taken, contiguous runs (scatterlist segments), kernel pages and the
+bytes wasted rounding to them, page-list pages and bytes, messages to the
+secure world per buffer lifetime (alloc + close) and pages pinned.  Those
+counts transfer to hardware; the times are this model's.
+
+Kernel page size (``page_size``: 4, 16 or 64 KiB, :mod:`poolsvc.kernelpages`).
+With 4 KiB pages every strategy goes through the System's API as above.  With
+larger pages a buffer is rounded to whole kernel pages and each kernel page is
+a naturally aligned run of 4 or 16 frames; the page list still holds one
+4 KiB entry per frame.  The dynamic strategies are then modelled at the
+driver: ``contiguous`` takes one aligned run of kernel pages
+(``KernelPageAllocator.alloc_exact``, up to arm64's MAX_ORDER for that page
+size), ``scattered`` single kernel pages wherever an aligned block is free
+(``alloc_pages``), both from the System's dynamic frames, then the 4 KiB page
+list and REGISTER_SHM through the driver (UNREGISTER_SHM and the frames back
+at close).  No storage is mapped to those frames, so those cells have no
+SHA-256 figure, and their times leave out the storage bookkeeping of the API
+path.  ``static`` stays ``alloc_user_buf``, of the size rounded to kernel
+pages.
+
+The static pool is also measured through the daemon
+(:mod:`poolsvc.studypool`): alloc + close times and where it runs out, for
+one client and for the pool, beside the same figures embedded.
 
 Fragmentation: :class:`poolsvc.fragmentation.Ageing`, seeded, runs once on a
 scratch frame allocator the size of dynamic RAM, level after level, until the
@@ -31,12 +51,13 @@ unusable free space index at order ``INDEX_ORDER`` (64 KiB) reaches each
 level's target; each System then gets that layout (``copy_layout``).  Levels
 are reported as the index reached.
 
-Formatting (table, legend, summary, Markdown) is in this module; plots in
-:mod:`poolsvc.plots`.
+Formatting (table, legend, summary, Markdown) is in :mod:`poolsvc.studyreport`;
+plots in :mod:`poolsvc.plots`.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import platform
 import sys
@@ -47,12 +68,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from . import pagelist
+from . import kernelpages, pagelist
 from ._backend import BACKEND, core
 from .config import Config
 from .constants import PAGE_SIZE, ShmFlags
 from .errors import InternalError, PoolsvcError
 from .fragmentation import INDEX_ORDER, Ageing, copy_layout, unusable_indices
+from .kernelpages import KernelPageAllocator
+from .studypool import StaticFigure, measure_static_pool
 
 if TYPE_CHECKING:  # pragma: no cover
     from .system import System
@@ -105,7 +128,9 @@ class Result:
     longest_run_pages: int | None
     list_pages: int | None  # OP-TEE page-list pages built for REGISTER_SHM
     messages: int | None  # messages to the secure world per buffer (alloc + close)
-    pinned_pages: int | None  # user pages pinned while registered
+    pinned_pages: int | None  # user kernel pages pinned while registered
+    kernel_pages: int | None = None  # kernel pages the buffer takes (= frames with 4 KiB pages)
+    waste_bytes: int | None = None  # bytes taken beyond the size asked: rounding to kernel pages
     failure_reason: str | None = None
 
     @property
@@ -135,8 +160,11 @@ class Report:
     params: dict[str, Any]
     levels: list[LevelMetrics] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
+    static_pool: list[StaticFigure] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        from .studyreport import LEGEND, summary_lines
+
         results: list[dict[str, Any]] = []
         for r in self.results:
             d = asdict(r)
@@ -145,7 +173,13 @@ class Report:
             results.append(d)
         return {"machine": self.machine, "params": self.params, "legend": LEGEND,
                 "levels": [asdict(x) for x in self.levels], "results": results,
+                "static_pool": [asdict(f) for f in self.static_pool],
                 "summary": summary_lines(self)}
+
+    @property
+    def page_size(self) -> int:
+        """The kernel page size the study modelled."""
+        return int(self.params.get("page_size", PAGE_SIZE))
 
     def level(self, name: str) -> LevelMetrics:
         return next(lv for lv in self.levels if lv.level == name)
@@ -189,21 +223,108 @@ def age_levels(levels: list[Level], dynamic_size: int, seed: int,
     return out
 
 
-def _warm_up(ctx: Any, strategy: str, client_buf: Any, hold_bytes: int) -> None:
-    """Grow the context's storage once, so no measured trial pays for pre-faulting it.
+@dataclass
+class _Held:
+    """One success: how to release it and what it costs the mechanism."""
 
-    (Storage growth is the model's cost, not the kernel's: frames are identities.)
+    release: Callable[[], None]
+    shm: Any  # the Shm (API path), None for a buffer modelled at the driver
+    frames: int
+    segments: int
+    longest_run_pages: int
+    kernel_pages: int
+    waste: int
+    list_pages: int
+    pinned: int
+
+
+class _Buffers:
+    """Gets one strategy's buffers from one System: ``acquire(size, trial)`` -> :class:`_Held`.
+
+    With 4 KiB kernel pages, or for the static pool, through the context's API;
+    with larger pages, the dynamic strategies are modelled at the driver (see
+    the module doc).  Raises PoolsvcError when the buffer is refused.
     """
-    if strategy == "contiguous":
-        ctx.arena.reserve(hold_bytes + (4 << 20))
-    # a few hundred untimed operations, so that the first level measured does not
-    # also pay for cold caches and lazily built state
-    for _ in range(300):
-        if strategy == "scattered":
-            ctx.register_user_buf(client_buf[:4096]).close()
-        else:
-            ctx.alloc_user_buf(4096).close()
 
+    def __init__(self, system: System, ctx: Any, strategy: str, page_size: int,
+                 client_buf: Any, window: Callable[[int], int]) -> None:
+        self.system, self.ctx, self.strategy = system, ctx, strategy
+        self.page_size = page_size
+        self.client_buf = client_buf
+        self.window = window
+        self.model = page_size > PAGE_SIZE and strategy != "static"
+        self.kernel = KernelPageAllocator(system.dynamic, page_size) if self.model else None
+        self.cookies = itertools.count(_MODEL_COOKIES)
+
+    def acquire(self, size: int, trial: int) -> _Held:
+        if self.model:
+            return self._modelled(size)
+        asked = kernelpages.rounded(size, self.page_size)
+        if self.strategy == "scattered":
+            # each held buffer gets its own pages of the client object
+            start = (trial % self.window(size)) * size
+            shm = self.ctx.register_user_buf(self.client_buf[start:start + size])
+        else:
+            shm = self.ctx.alloc_user_buf(asked)
+        registered = bool(shm.flags & ShmFlags.DYNAMIC)
+        npages = len(shm.pages)
+        run = shm.page_run
+        segs = [(run[0], run[1] * PAGE_SIZE)] if run is not None else pagelist.segments(shm.pages)
+        taken = npages * PAGE_SIZE
+        return _Held(shm.close, shm, npages, len(segs), _longest_run(segs), taken // self.page_size,
+                     taken - size, pagelist.list_pages_needed(npages) if registered else 0,
+                     npages if shm.flags & ShmFlags.USER_MAPPED else 0)
+
+    def _modelled(self, size: int) -> _Held:
+        """A dynamic buffer of kernel pages above 4 KiB: frames, page list, REGISTER_SHM."""
+        kernel, driver = self.kernel, self.system.driver
+        assert kernel is not None
+        count = -(-size // self.page_size)
+        nframes = count * kernel.per
+        cookie = next(self.cookies)
+        if self.strategy == "scattered":
+            kpages = kernel.alloc_pages(count)
+            frames = kernelpages.list_entries(kpages, self.page_size)
+            try:
+                driver.register(frames, 0, size, cookie)
+            except BaseException:
+                kernel.free_pages(kpages)
+                raise
+            segs = pagelist.segments(frames)
+
+            def release() -> None:
+                driver.unregister(cookie)
+                kernel.free_pages(kpages)
+            pinned = count
+        else:
+            pa = kernel.alloc_exact(count)
+            try:
+                driver.register_run(pa, nframes, size, cookie)
+            except BaseException:
+                kernel.free_exact(pa, count)
+                raise
+            segs = [(pa, nframes * PAGE_SIZE)]
+
+            def release() -> None:
+                driver.unregister(cookie)
+                kernel.free_exact(pa, count)
+            pinned = 0
+        return _Held(release, None, nframes, len(segs), _longest_run(segs), count,
+                     count * self.page_size - size, pagelist.list_pages_needed(nframes), pinned)
+
+    def warm_up(self, hold_bytes: int) -> None:
+        """Grow the context's storage once and run a few hundred untimed operations, so
+        that the first level measured does not also pay for cold caches and lazily
+        built state.  (Storage growth is the model's cost, not the kernel's: frames
+        are identities.)"""
+        if self.strategy == "contiguous" and not self.model:
+            self.ctx.arena.reserve(hold_bytes + (4 << 20))
+        for trial in range(300):
+            self.acquire(PAGE_SIZE, trial).release()
+
+
+#: Cookies of the buffers modelled at the driver: far above the System's own.
+_MODEL_COOKIES = 1 << 48
 
 def _sha256_secure(ctx: Any, session: Any, digest: Any, shm: Any) -> float:
     """Seconds for the secure world's SHA-256 app to hash the whole buffer.
@@ -230,94 +351,88 @@ def _median(values: list[int]) -> int | None:
     return int(np.median(values)) if values else None
 
 
-def _measure(system: System, ctx: Any, strategy: str, size: int, trials: int,
-             client_buf: Any, tee: tuple[Any, Any], level: str, hold_bytes: int) -> Result:
+def _measure(system: System, buffers: _Buffers, size: int, trials: int,
+             tee: tuple[Any, Any], level: str, hold_bytes: int) -> Result:
     """``trials`` attempts, holding the last ``hold_bytes // size`` successes (FIFO)."""
     stats = system.tee.stats
     lat: list[float] = []
     setup: list[float] = []
-    frames: list[int] = []
-    segments: list[int] = []
-    longest: list[int] = []
-    list_pages: list[int] = []
-    pinned: list[int] = []
+    costs: list[_Held] = []
     messages = 0
     failures = 0
     reason = None
     access = None
-    held: list[Any] = []
+    held: list[_Held] = []
     max_live = 0
     window = max(1, hold_bytes // size)
     try:
         for trial in range(trials):
             if len(held) >= window:
                 calls = stats.calls
-                held.pop(0).close()
+                held.pop(0).release()
                 messages += stats.calls - calls
             calls = stats.calls
             t0 = time.perf_counter()
             try:
-                if strategy == "scattered":
-                    # each held buffer gets its own pages of the client object
-                    start = (trial % window) * size
-                    shm = ctx.register_user_buf(client_buf[start:start + size])
-                else:
-                    shm = ctx.alloc_user_buf(size)
+                got = buffers.acquire(size, trial)
             except PoolsvcError as exc:
                 failures += 1
                 reason = f"{type(exc).__name__}: {exc}"
                 continue
             lat.append(time.perf_counter() - t0)
             messages += stats.calls - calls
-            registered = bool(shm.flags & ShmFlags.DYNAMIC)
-            npages = len(shm.pages)
-            if registered:
-                setup.append(system.last_register_seconds)
-            run = shm.page_run
-            segs = [(run[0], run[1] * PAGE_SIZE)] if run is not None else pagelist.segments(shm.pages)
-            frames.append(npages)
-            segments.append(len(segs))
-            longest.append(_longest_run(segs))
-            list_pages.append(pagelist.list_pages_needed(npages) if registered else 0)
-            pinned.append(npages if shm.flags & ShmFlags.USER_MAPPED else 0)
-            if access is None:
-                secs = _sha256_secure(ctx, tee[0], tee[1], shm)
+            if got.list_pages:
+                setup.append(system.driver.last_register_seconds)
+            costs.append(got)
+            if access is None and got.shm is not None:
+                secs = _sha256_secure(buffers.ctx, tee[0], tee[1], got.shm)
                 access = size / secs / 1e6 if secs > 0 else None
-            held.append(shm)
+            held.append(got)
             max_live = max(max_live, len(held))
         calls = stats.calls
-        for shm in held:
-            shm.close()
+        while held:
+            held.pop(0).release()
         messages += stats.calls - calls
-        held = []
     finally:
-        for shm in held:
-            shm.close()
+        for got in held:
+            got.release()
 
     def pct(values: list[float], q: float) -> float | None:
         return float(np.percentile(np.array(values) * 1e6, q)) if values else None
 
+    def med(name: str) -> int | None:
+        return _median([getattr(c, name) for c in costs])
+
     ok = len(lat)
-    return Result(level, size, strategy, trials, failures, pct(lat, 50), pct(lat, 99), pct(setup, 50),
-                  access, max_live, _median(frames), _median(segments), _median(longest),
-                  _median(list_pages), round(messages / ok) if ok else None, _median(pinned),
-                  reason if failures else None)
+    return Result(level, size, buffers.strategy, trials, failures, pct(lat, 50), pct(lat, 99),
+                  pct(setup, 50), access, max_live, med("frames"), med("segments"),
+                  med("longest_run_pages"), med("list_pages"), round(messages / ok) if ok else None,
+                  med("pinned"), med("kernel_pages"), med("waste"), reason if failures else None)
 
 
 def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = None,
               trials: int = DEFAULT_TRIALS, seed: int = 1, dynamic_size: int = 1 << 30,
+              page_size: int = PAGE_SIZE, static_daemon: bool = True, transport: str = "shm",
               progress: Callable[[str], None] | None = None) -> Report:
-    """Run the study; ``progress(label)`` is called once per finished cell."""
+    """Run the study; ``progress(label)`` is called once per finished cell.
+
+    ``page_size``: the kernel page size, 4, 16 or 64 KiB (BadParameters
+    otherwise); ``static_daemon``: also measure the static pool through a
+    ``poolsvc serve`` subprocess on ``transport`` (:mod:`poolsvc.studypool`).
+    """
     from .system import System  # the CLI imports this module to build --help: keep that light
     from .tee.ta import Sha256App
 
+    kernelpages.check_page_size(page_size)
     sizes = sizes or SIZES
     levels = sorted(levels or LEVELS, key=lambda lv: lv.target)
     base = Config().dynamic_base
+    static_size = Config().static_size
     report = Report(machine_description(),
                     {"sizes": sizes, "levels": [asdict(lv) for lv in levels], "trials": trials,
                      "seed": seed, "dynamic_size": dynamic_size, "strategies": STRATEGIES,
-                     "index_order": INDEX_ORDER, "static_size": Config().static_size})
+                     "index_order": INDEX_ORDER, "static_size": static_size, "page_size": page_size,
+                     "static_daemon_transport": transport if static_daemon else None})
     max_size = max(sizes)
     hold_bytes = dynamic_size // 4
     client = shared_memory.SharedMemory(create=True, size=max(max_size, hold_bytes))
@@ -335,12 +450,14 @@ def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = No
                             level.name, level.target, indices[INDEX_ORDER], system.dynamic.free_frames,
                             system.dynamic.largest_free_run, indices, [int(b) for b in blocks], steps))
                     ctx = system.open_context(f"{strategy}-{level.name}")
-                    _warm_up(ctx, strategy, client.buf, hold_bytes)
+                    buffers = _Buffers(system, ctx, strategy, page_size, client.buf,
+                                       lambda size: max(1, hold_bytes // size))
+                    buffers.warm_up(hold_bytes)
                     session = ctx.open_session(Sha256App.UUID)
                     digest = ctx.alloc_kernel_buf(32)
                     for size in sizes:
-                        res = _measure(system, ctx, strategy, size, trials, client.buf,
-                                       (session, digest), level.name, hold_bytes)
+                        res = _measure(system, buffers, size, trials, (session, digest), level.name,
+                                       hold_bytes)
                         report.results.append(res)
                         if progress:
                             progress(f"{level.name} {strategy} {human_size(size)}")
@@ -348,6 +465,11 @@ def run_study(*, sizes: list[int] | None = None, levels: list[Level] | None = No
     finally:
         client.close()
         client.unlink()
+    if static_daemon:
+        pool_sizes = sorted({kernelpages.rounded(s, page_size) for s in sizes if s <= static_size})
+        report.static_pool = measure_static_pool(pool_sizes, trials, static_size, transport)
+        if progress:
+            progress("static pool through the daemon")
     return report
 
 
@@ -356,185 +478,3 @@ def human_size(n: int) -> str:
     if n >= MiB:
         return f"{n // MiB} MiB" if n % MiB == 0 else f"{n / MiB:.1f} MiB"
     return f"{n // KiB} KiB"
-
-
-def level_label(lv: LevelMetrics) -> str:
-    """``moderate (index 0.50)``: a level's name and the index it reached."""
-    return f"{lv.level} (index {lv.index:.2f})"
-
-
-#: What each column means (printed above the table, saved in the JSON and the report).
-LEGEND: dict[str, str] = {
-    "level": f"fragmentation level; index = unusable free space index at order {INDEX_ORDER} "
-             f"({(PAGE_SIZE << INDEX_ORDER) // KiB} KiB): the fraction of free memory that cannot serve "
-             "such a request (Linux mm/vmstat.c); 0 = fresh, 1 = none can",
-    "size": "buffer size requested",
-    "strategy": "contiguous = alloc_user_buf from dynamic RAM (alloc_pages_exact, then REGISTER_SHM); "
-                "static = alloc_user_buf from the reserved carve-out (no registration); "
-                "scattered = register_user_buf of the caller's pages (page list, REGISTER_SHM)",
-    "p50/p99 us": "allocation (or registration) latency of the successful attempts, microseconds, "
-                  "this model in Python: compare strategies with each other, not with a kernel",
-    "fail": "fraction of attempts refused while the last successes stay alive (a FIFO window "
-            "of a quarter of dynamic RAM)",
-    "live": "most buffers of that size held at once",
-    "frames": "4 KiB frames the buffer takes (median)",
-    "segs": "contiguous runs of those frames = scatterlist entries a device would need (median)",
-    "list pg": "OP-TEE page-list pages built for REGISTER_SHM (511 entries each; bytes = pages x 4096)",
-    "msgs": "messages to the secure world per buffer: REGISTER_SHM at alloc + UNREGISTER_SHM at close",
-    "pinned": "user pages pinned while registered (pin_user_pages)",
-    "setup us": "page-list build + REGISTER_SHM round trip through the simulated secure world (median)",
-    "sha MB/s": "the secure world's SHA-256 app reading the first buffer through the frame table",
-    "copied": "bytes copied: none in any cell (embedded, every buffer is shared zero-copy; shadow "
-              "copies happen only through the daemon, for memory it cannot share)",
-}
-
-
-def _f(x: float | int | None, fmt: str = "{:.1f}", none: str = "-") -> str:
-    return none if x is None else fmt.format(x)
-
-
-def format_legend() -> str:
-    width = max(len(k) for k in LEGEND)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in LEGEND.items())
-
-
-def format_levels(report: Report) -> str:
-    lines = [f"  {'level':<9} {'index':>6} {'free MiB':>9} {'largest free run':>17} "
-             f"{'index@order 10 (4 MiB)':>23}"]
-    for lv in report.levels:
-        lines.append(f"  {lv.level:<9} {lv.index:>6.2f} {lv.free_frames * PAGE_SIZE / MiB:>9.1f} "
-                     f"{human_size(lv.largest_free_run * PAGE_SIZE):>17} {lv.unusable_index[-1]:>23.2f}")
-    return "\n".join(lines)
-
-
-def format_table(report: Report) -> str:
-    """The legend, the levels and the results as fixed-width text."""
-    lines = ["columns:", format_legend(), "",
-             f"fragmentation of dynamic RAM after ageing (index = unusable free space index at "
-             f"order {INDEX_ORDER}):", format_levels(report), ""]
-    head = (f"{'level':<9} {'index':>5} {'size':>7} {'strategy':<10} {'p50 us':>8} {'p99 us':>8} "
-            f"{'fail':>6} {'live':>6} {'frames':>6} {'segs':>6} {'list pg':>7} {'msgs':>4} "
-            f"{'pinned':>6} {'setup us':>8} {'sha MB/s':>8}")
-    lines += [head, "-" * len(head)]
-    index = {lv.level: lv.index for lv in report.levels}
-    for r in report.results:
-        lines.append(
-            f"{r.level:<9} {index.get(r.level, 0.0):>5.2f} {human_size(r.size):>7} {r.strategy:<10} "
-            f"{_f(r.p50_us):>8} {_f(r.p99_us):>8} {r.failure_rate:>6.1%} {r.max_live:>6} "
-            f"{_f(r.frames, '{:d}'):>6} {_f(r.segments, '{:d}'):>6} {_f(r.list_pages, '{:d}'):>7} "
-            f"{_f(r.messages, '{:d}'):>4} {_f(r.pinned_pages, '{:d}'):>6} {_f(r.setup_us):>8} "
-            f"{_f(r.access_mb_s, '{:.0f}'):>8}")
-    return "\n".join(lines)
-
-
-def summary_lines(report: Report) -> list[str]:
-    """The study's answer, in the mechanism's terms: one sentence per finding."""
-    out: list[str] = []
-    sizes = sorted({r.size for r in report.results})
-    levels = report.levels
-    # 1. where contiguous allocation starts failing
-    for lv in levels:
-        cells = [report.cell(lv.level, s, "contiguous") for s in sizes]
-        failing = [c for c in cells if c is not None and c.failures]
-        if not failing:
-            out.append(f"contiguous at {level_label(lv)}: every size served.")
-            continue
-        first = failing[0]
-        total = [c for c in failing if c.failure_rate == 1.0]
-        if total and total[0] is first:
-            text = f"contiguous at {level_label(lv)}: refuses every attempt from {human_size(first.size)}"
-        else:
-            text = (f"contiguous at {level_label(lv)}: starts failing at {human_size(first.size)} "
-                    f"({first.failure_rate:.0%} refused)")
-            if total:
-                text += f", refuses every attempt from {human_size(total[0].size)}"
-        if total and total[0].failure_reason and "order" in total[0].failure_reason:
-            text += ", above MAX_ORDER as alloc_pages_exact"
-        out.append(text + f" (largest free run {human_size(lv.largest_free_run * PAGE_SIZE)}).")
-    # 2. what scattered pages cost, at the most fragmented level, against contiguous on a fresh system
-    if levels:
-        worst, best = levels[-1], levels[0]
-        per_size, refused = [], []
-        for size in sizes:
-            sc = report.cell(worst.level, size, "scattered")
-            if sc is None:
-                continue
-            if sc.frames is None:
-                refused.append(f"{human_size(size)} is refused ({sc.failure_reason}): its page list needs "
-                               f"{pagelist.list_pages_needed(size // PAGE_SIZE)} contiguous list pages, "
-                               f"allocated as Linux does")
-                continue
-            per_size.append(f"{human_size(size)} = {sc.frames} frame{'s' if sc.frames != 1 else ''} in "
-                            f"{sc.segments} run{'s' if sc.segments != 1 else ''}, "
-                            f"{sc.list_pages} list page{'s' if sc.list_pages != 1 else ''}, "
-                            f"set-up {_f(sc.setup_us)} µs")
-        if per_size:
-            sample = next((r for r in report.results if r.level == worst.level and r.strategy == "scattered"
-                           and r.messages is not None), None)
-            fresh = [r for r in report.results if r.level == best.level and r.strategy == "contiguous"
-                     and r.setup_us is not None]
-            text = (f"scattered at {level_label(worst)}: " + "; ".join(per_size) +
-                    f". Every buffer: {sample.messages if sample else 2} messages to the secure world, "
-                    f"one pinned page per frame, 0 bytes copied.")
-            if fresh:
-                text += (f" Contiguous buffers on a {best.level} system: 1 run, the same list pages and "
-                         f"messages, nothing pinned, set-up {_f(min(r.setup_us or 0 for r in fresh))}-"
-                         f"{_f(max(r.setup_us or 0 for r in fresh))} µs.")
-            out.append(text)
-        out += [f"scattered at {level_label(worst)}: {line}." for line in refused]
-    # 3. where the static pool runs out
-    static = [r for r in report.results if r.strategy == "static"]
-    if static:
-        pool = report.params.get("static_size", 0)
-        by_size: dict[int, list[Result]] = {}
-        for r in static:
-            by_size.setdefault(r.size, []).append(r)
-        parts = []
-        for size in sizes:
-            same_size = by_size.get(size, [])
-            if not same_size:
-                continue
-            held = max(c.max_live for c in same_size)
-            worst_rate = max(c.failure_rate for c in same_size)
-            parts.append(f"{human_size(size)} never refused" if worst_rate == 0 else
-                         f"{human_size(size)}: {held} held at most, {worst_rate:.0%} of attempts refused")
-        same = len({(r.size, r.failures) for r in static}) == len(by_size)
-        out.append(f"static pool ({human_size(pool)}) runs out by capacity, not fragmentation "
-                   f"({'the same at every level' if same else 'varies by level'}): " + "; ".join(parts) + ".")
-    return out
-
-
-def format_summary(report: Report) -> str:
-    return "summary:\n" + "\n".join(f"  - {line}" for line in summary_lines(report))
-
-
-def format_markdown(report: Report) -> str:
-    """A self-contained report: machine, legend, levels, summary, results, plots."""
-    m, p = report.machine, report.params
-    out = ["# poolsvc bench: contiguous, static pool or scattered pages", "",
-           f"Measured {m.get('date_utc', '')} UTC on {m['cpu']} ({m['cores']} cores), Python {m['python']}, "
-           f"numpy {m['numpy']}, {m['backend']} core; seed {p['seed']}, {p['trials']} attempts per cell, "
-           f"{human_size(p['dynamic_size'])} of dynamic RAM. Times are this model's; counts transfer to "
-           f"hardware.", "", "## Summary", ""]
-    out += [f"- {line}" for line in summary_lines(report)]
-    out += ["", "## Columns", ""] + [f"- **{k}**: {v}" for k, v in LEGEND.items()]
-    out += ["", "## Fragmentation levels", "",
-            f"| level | index (order {INDEX_ORDER}) | target | free MiB | largest free run | index, order 10 |",
-            "|---|---:|---:|---:|---:|---:|"]
-    for lv in report.levels:
-        out.append(f"| {lv.level} | {lv.index:.3f} | {lv.target:.2f} | {lv.free_frames * PAGE_SIZE / MiB:.1f} | "
-                   f"{human_size(lv.largest_free_run * PAGE_SIZE)} | {lv.unusable_index[-1]:.3f} |")
-    out += ["", "## Results", "",
-            "| level | size | strategy | p50 µs | p99 µs | failed | live | frames | segments | list pages | "
-            "messages | pinned | set-up µs | SHA-256 MB/s |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report.results:
-        out.append(f"| {r.level} | {human_size(r.size)} | {r.strategy} | {_f(r.p50_us, none='–')} | "
-                   f"{_f(r.p99_us, none='–')} | {r.failure_rate:.1%} | {r.max_live} | "
-                   f"{_f(r.frames, '{:d}', '–')} | {_f(r.segments, '{:d}', '–')} | "
-                   f"{_f(r.list_pages, '{:d}', '–')} | {_f(r.messages, '{:d}', '–')} | "
-                   f"{_f(r.pinned_pages, '{:d}', '–')} | {_f(r.setup_us, none='–')} | "
-                   f"{_f(r.access_mb_s, '{:.0f}', '–')} |")
-    out += ["", "## Plots", "", "![latency p50 with p99 band](latency.png)", "",
-            "![failure rate by size and fragmentation](failure.png)", ""]
-    return "\n".join(out)

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from poolsvc import Config, System, study
+from poolsvc import Config, System, study, studyreport
 from poolsvc._backend import core
 from poolsvc.cli import main
 from poolsvc.fragmentation import INDEX_ORDER, Ageing, copy_layout, unusable_index
@@ -23,7 +23,7 @@ KiB, MiB = 1 << 10, 1 << 20
 def report():
     levels = [lv for lv in study.LEVELS if lv.name in ("fresh", "severe")]
     return study.run_study(sizes=[4 * KiB, 64 * KiB, 1 * MiB, 8 * MiB], levels=levels, trials=3,
-                           seed=7, dynamic_size=32 * MiB)
+                           seed=7, dynamic_size=32 * MiB, static_daemon=False)
 
 
 def cell(report, level, size, strategy):
@@ -112,7 +112,7 @@ def test_copy_layout_replays_a_layout_onto_a_system():
 
 
 def test_summary_answers_the_question(report):
-    lines = study.summary_lines(report)
+    lines = studyreport.summary_lines(report)
     text = "\n".join(lines)
     assert "contiguous at severe (index" in text and "refuses every attempt from 1 MiB" in text
     assert "scattered at severe (index" in text and "1 MiB = 256 frames in" in text
@@ -122,12 +122,14 @@ def test_summary_answers_the_question(report):
 
 def test_cli_saves_results_in_a_named_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc = main(["bench", "--quick", "--sizes", "4KiB,256KiB", "--trials", "2", "--dynamic-size", "16MiB"])
+    rc = main(["bench", "--quick", "--sizes", "4KiB,256KiB", "--trials", "2", "--dynamic-size", "16MiB",
+               "--transport", "socket"])
     assert rc == 0
     text = capsys.readouterr().out
     (folder,) = (tmp_path / "poolsvc-results").iterdir()
     assert f"results saved in poolsvc-results/{folder.name}/" in text
-    for heading in ("columns:", "summary:", "segs", "pinned", "msgs"):
+    for heading in ("columns:", "summary:", "segs", "pinned", "msgs", "kpages", "waste",
+                    "static pool, embedded and through the daemon:", "daemon (socket)"):
         assert heading in text
     data = json.loads((folder / "results.json").read_text())
     assert data["machine"]["cores"] >= 1 and data["summary"] and "segs" in data["legend"]
@@ -135,6 +137,9 @@ def test_cli_saves_results_in_a_named_folder(tmp_path, capsys, monkeypatch):
     assert [lv["level"] for lv in data["levels"]] == study.QUICK_LEVELS
     report_md = (folder / "report.md").read_text()
     assert "## Summary" in report_md and "| severe | 256 KiB | scattered |" in report_md
+    assert "## The static pool, embedded and through the daemon" in report_md
+    assert [(f["where"], f["size"]) for f in data["static_pool"]] == [
+        ("embedded", 4 * KiB), ("embedded", 256 * KiB), ("daemon", 4 * KiB), ("daemon", 256 * KiB)]
     pytest.importorskip("matplotlib")
     for name in ("latency.png", "failure.png"):
         assert (folder / name).stat().st_size > 10_000
@@ -144,8 +149,9 @@ def test_cli_extra_outputs_and_no_save(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "r.json"
     rc = main(["bench", "--quick", "--sizes", "4KiB", "--trials", "1", "--dynamic-size", "16MiB",
-               "--no-save", "--json", str(out), "--markdown", str(tmp_path / "r.md")])
+               "--no-save", "--no-daemon", "--json", str(out), "--markdown", str(tmp_path / "r.md")])
     assert rc == 0
     assert not (tmp_path / "poolsvc-results").exists()
-    assert json.loads(out.read_text())["params"]["trials"] == 1
+    data = json.loads(out.read_text())
+    assert data["params"]["trials"] == 1 and data["static_pool"] == []
     assert f"wrote {out}" in capsys.readouterr().out

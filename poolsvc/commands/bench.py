@@ -23,6 +23,18 @@ DEFAULT_RUN = ("about a minute on a 2-vCPU machine (bench/results/study.md recor
                "last run)")
 
 
+def page_size(text: str) -> int:
+    """A kernel page size the study models (``--page-size``): 4, 16 or 64 KiB."""
+    from ..errors import BadParameters
+    from ..kernelpages import check_page_size
+
+    value = argtypes.size(text)
+    try:
+        return check_page_size(value)
+    except BadParameters as exc:
+        raise argparse.ArgumentTypeError(f"{exc} ({text!r})") from None
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..study import DEFAULT_TRIALS, QUICK_LEVELS, QUICK_TRIALS
 
@@ -36,9 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "compares contiguous allocation from the dynamic pool, the reserved static pool, and "
             "scattered pages registered with a page list.",
             "It prints a legend, one row per (level, size, strategy) -- latency p50/p99, failure "
-            "rate, and the mechanism's costs: frames, contiguous runs, page-list pages, messages to "
-            "the secure world, pages pinned -- and a summary: where contiguous allocation fails, "
-            "what scattered pages cost, where the static pool runs out.",
+            "rate, and the mechanism's costs: frames, contiguous runs, kernel pages and the bytes "
+            "wasted rounding to them, page-list pages, messages to the secure world, pages pinned "
+            "-- the static pool measured embedded and through a poolsvc serve subprocess, and a "
+            "summary: where contiguous allocation fails, what scattered pages cost, what the "
+            "kernel page size changes, where the static pool runs out.",
             f"Run time: {DEFAULT_RUN}; --quick takes a few seconds.",
             "Results (results.json, report.md, latency.png, failure.png) are saved in "
             "./poolsvc-results/<UTC time>/ unless --out or --no-save says otherwise; the plots "
@@ -46,7 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
                "  poolsvc bench                                   # the full study, saved\n"
                "  poolsvc bench --quick --no-save                 # a few seconds, printed only\n"
-               "  poolsvc bench --seed 7 --sizes 4KiB,1MiB --trials 200 --out my-run/")
+               "  poolsvc bench --seed 7 --sizes 4KiB,1MiB --trials 200 --out my-run/\n"
+               "  poolsvc bench --quick --page-size 16KiB          # arm64 16 KiB kernel pages")
     p.add_argument("--quick", action="store_true",
                    help=f"fewer sizes, levels ({', '.join(QUICK_LEVELS)}) and {QUICK_TRIALS} trials")
     p.add_argument("--seed", type=argtypes.nonnegative_int, default=1,
@@ -57,6 +72,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated buffer sizes, e.g. 4KiB,1MiB,64MiB")
     p.add_argument("--dynamic-size", type=argtypes.size, default=1 << 30,
                    help="dynamic RAM of the simulated machine (default 1GiB)")
+    p.add_argument("--page-size", type=page_size, default=4096, metavar="SIZE",
+                   help="kernel page size: 4KiB (default), 16KiB or 64KiB; a buffer is rounded to whole "
+                        "kernel pages, each one naturally aligned run of 4 KiB frames and as many 4 KiB "
+                        "page-list entries")
+    p.add_argument("--no-daemon", action="store_true",
+                   help="skip the static pool's measurement through a poolsvc serve subprocess")
+    p.add_argument("--transport", choices=("shm", "socket"), default="shm",
+                   help="the transport of that measurement's client (default shm)")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR",
                      help="folder for results.json, report.md and the plots "
@@ -99,7 +122,7 @@ def _have_matplotlib() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import plots, study
+    from .. import plots, study, studyreport
 
     levels = study.LEVELS
     sizes = study.QUICK_SIZES if args.quick else study.SIZES
@@ -114,28 +137,30 @@ def run(args: argparse.Namespace) -> int:
     trials = args.trials or (study.QUICK_TRIALS if args.quick else study.DEFAULT_TRIALS)
     folder = None if args.no_save else (
         args.out or os.path.join("poolsvc-results", time.strftime("%Y%m%d-%H%M%S", time.gmtime())))
-    progress = Progress(len(levels) * len(sizes) * len(study.STRATEGIES))
+    progress = Progress(len(levels) * len(sizes) * len(study.STRATEGIES) + (not args.no_daemon))
     t0 = time.monotonic()
     try:
         report = study.run_study(sizes=sizes, levels=levels, trials=trials, seed=args.seed,
-                                 dynamic_size=args.dynamic_size, progress=progress)
+                                 dynamic_size=args.dynamic_size, page_size=args.page_size,
+                                 static_daemon=not args.no_daemon, transport=args.transport,
+                                 progress=progress)
     finally:
         progress.close()
     report.params["seconds"] = round(time.monotonic() - t0, 1)
-    print(study.format_table(report))
+    print(studyreport.format_table(report))
     print()
-    print(study.format_summary(report))
+    print(studyreport.format_summary(report))
     written: list[str] = []
     if folder:
         os.makedirs(folder, exist_ok=True)
         written += _write_json(report, os.path.join(folder, "results.json"))
-        written += _write_text(study.format_markdown(report), os.path.join(folder, "report.md"))
+        written += _write_text(studyreport.format_markdown(report), os.path.join(folder, "report.md"))
         if _have_matplotlib():
             written += plots.plot(report, folder)
     if args.json:
         written += _write_json(report, args.json)
     if args.markdown:
-        written += _write_text(study.format_markdown(report), args.markdown)
+        written += _write_text(studyreport.format_markdown(report), args.markdown)
     if args.plot:
         written += plots.plot(report, args.plot)
     print(f"\n{report.params['seconds']:.0f} s, {len(report.results)} cells.")
