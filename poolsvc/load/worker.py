@@ -91,6 +91,7 @@ class Worker(Generator, Operations):
         self.done = 0
         self.skipped = 0
         self.unverified = 0
+        self.daemon_private = 0
         # what this worker holds: live[h] is live_list[live[h].index], and
         # pages[pa] == h for each page pa of each live buffer h (dynamic pool, u/k)
         self.live: dict[int, Held] = {}
@@ -150,13 +151,14 @@ class Worker(Generator, Operations):
     def report(self, kind: str) -> None:
         doc = {"k": kind, "t": time.time(), "n": self.counts, "e": self.errors,
                "h": {op: h.to_wire() for op, h in self.hists.items()}, "v": self.violations,
-               "live": len(self.live), "skipped": self.skipped, "unverified": self.unverified}
+               "live": len(self.live), "skipped": self.skipped, "unverified": self.unverified,
+               "private": self.daemon_private}
         if self.trace is not None:
             self.trace.flush()
         self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         self.out.flush()
         self.counts, self.errors, self.hists, self.violations = {}, {}, {}, []
-        self.skipped = self.unverified = 0
+        self.skipped = self.unverified = self.daemon_private = 0
 
     def run_line(self, line: str) -> int:
         """Run one trace line; returns the operations it stands for."""
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps({"k": "tick", "t": time.time(), "n": {}, "e": {}, "h": {},
                                      "v": [f"client {spec.get('slot')}.{spec.get('gen')} could not "
                                            f"start: {type(exc).__name__}: {exc}"],
-                                     "live": 0, "skipped": 0, "unverified": 0}) + "\n")
+                                     "live": 0, "skipped": 0, "unverified": 0, "private": 0}) + "\n")
         sys.stdout.flush()
         return EXIT_LOST
     return worker.run()
