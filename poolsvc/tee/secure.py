@@ -62,11 +62,15 @@ Invariants:
   ``rpc_shms`` holds exactly the RPC memory of live sessions
 
 Concurrency: one call at a time (the System serialises); a call that is
-running marks the objects it uses as in flight.
+running marks the objects it uses as in flight.  The exception is CANCEL,
+which another thread may send while a call runs (``Driver.cancel``, in its
+own message buffer): it touches only a session's cancel event and the
+counters, which ``_count_lock`` guards.
 """
 from __future__ import annotations
 
 import itertools
+import threading
 import uuid as uuidlib
 from typing import Any, Callable
 
@@ -85,6 +89,7 @@ _UNREGISTER_ATTR = int(Attr.RMEM_INPUT)
 _DYNAMIC_SHM = int(SecCaps.DYNAMIC_SHM)
 _NO_PARAM = MsgParam()
 _REG_CMDS = (int(MsgCmd.REGISTER_SHM), int(MsgCmd.UNREGISTER_SHM))
+_CANCEL = int(MsgCmd.CANCEL)
 
 
 class _Counter:
@@ -168,6 +173,8 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         self.sessions: dict[int, TaSession] = {}
         self.apps: dict[uuidlib.UUID, type[TrustedApp]] = {}
         self.temp_live = 0
+        #: guards the counters a CANCEL from another thread updates beside a running call
+        self._count_lock = threading.Lock()
         self._stats = SecureStats()
         self._entry.bind({}, {}, self._call_generic, self._stats)
         self._stats._counter = self._entry
@@ -345,11 +352,19 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
 
     def process(self, msg: MsgArg) -> int:
         """Handle a decoded message in place: sets ``ret`` (and ``ret_origin`` where
-        OP-TEE does); returns the SMC-level result (``SMC_RETURN_*``)."""
-        self.stats.calls += 1
+        OP-TEE does); returns the SMC-level result (``SMC_RETURN_*``).
+
+        A CANCEL may come from another thread while a call runs: it is
+        counted under ``_count_lock`` and does not end the running call's
+        RPC memory (the RPC server's ``call_done`` is for the calls that may
+        make RPCs).
+        """
         cmd = msg.cmd
+        with self._count_lock:
+            self.stats.calls += 1
         handler = self._handlers.get(cmd)
         registration = cmd in _REG_CMDS
+        cancel = cmd == _CANCEL
         if handler is None or (registration and not self._caps_bits & _DYNAMIC_SHM):
             self._call_done()
             return SMC_RETURN_EBADCMD
@@ -364,9 +379,12 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
             if writes_origin:
                 msg.ret_origin = getattr(exc, "origin", Origin.TEE)
         finally:
-            self._call_done()
+            if not cancel:
+                self._call_done()
         if msg.ret != TEE_SUCCESS:
-            self.stats.errors[msg.ret] = self.stats.errors.get(msg.ret, 0) + 1
+            errors = self.stats.errors
+            with self._count_lock:
+                errors[msg.ret] = errors.get(msg.ret, 0) + 1
         return SMC_RETURN_OK
 
     def _call_done(self) -> None:
