@@ -56,7 +56,7 @@ TRUSTED_APP.  As in OP-TEE, the session's cancel flag then stays set.  The
 request goes through the Session's ``cancel()`` (embedded: the driver's
 cancel message); a Session without one (the pool service's client) leaves a
 running operation to finish.  An open in progress has no session yet, so
-it cannot be cancelled once started (libteec's arg carries session 0).
+it cannot be cancelled once started (libteec's request then names no session).
 
 Size: this module is over 600 lines on purpose: it is the one header a
 ported C client imports (``from poolsvc.teec import *``), so the constants,
