@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from poolsvc import Config, System
-from poolsvc.constants import ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd, Origin, RpcCmd, RpcShmType
+from poolsvc.constants import ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd, Origin, RpcCmd, RpcShmType, SecCaps
 from poolsvc.errors import (
     TEE_ERROR_BAD_PARAMETERS,
     TEE_ERROR_CANCEL,
@@ -357,10 +357,16 @@ def test_strict_is_a_validated_config_field():
         Config(strict="yes")
 
 
-def test_call_with_arg_is_the_compiled_entry_only_when_strict(world):
+def test_call_with_arg_is_the_compiled_entry_in_both_modes(world):
     tee = world.system.tee
-    assert (tee.call_with_arg is tee._entry) == world.strict
-    assert tee.driver_entry is tee._entry
+    assert tee.call_with_arg is tee._entry and tee.driver_entry is tee._entry
+    assert tee._entry.strict == world.strict and tee._entry.shadowed is tee.shadowed
+    tee.strict = not world.strict       # the mode is the entry's
+    assert tee._entry.strict != world.strict
+    tee.strict = world.strict
+    tee.caps &= ~SecCaps.DYNAMIC_SHM    # without DYNAMIC_SHM: the Python path
+    assert tee.call_with_arg == tee.serve and tee.driver_entry == tee.serve
+    tee.caps |= SecCaps.DYNAMIC_SHM
 
 
 # -- msg_param.c:msg_param_mobj_from_noncontig: size 0 at an offset is one page --------------------
