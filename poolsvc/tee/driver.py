@@ -6,10 +6,11 @@ to talk to the secure world.
 - the message page, where ``struct optee_msg_arg`` is placed and handed over
   by physical address (a kernel page of dynamic RAM with DYNAMIC_SHM, else a
   page of the reserved static pool), and, while any session is open, the
-  cancel message, a second one of the same kind (a header-sized block in
-  the static pool) that only :meth:`Driver.cancel` uses: Linux takes each
-  call's message from its cache of messages (``optee_get_msg_arg``), so a
-  CANCEL never overwrites the call it cancels;
+  cancel message that only :meth:`Driver.cancel` uses (a header-sized
+  block of the static pool when there is one and it has room, else a
+  kernel page): Linux takes each call's message from its cache of messages
+  (``optee_get_msg_arg``), so a CANCEL never overwrites the call it
+  cancels;
 - kernel pages: contiguous dynamic frames backed by the kernel arena, for the
   message page and for page lists longer than one list page;
 - :meth:`Driver.page_list`, the one builder of an OP-TEE NONCONTIG page list in
@@ -41,8 +42,8 @@ API (:class:`Value`, :class:`RegisteredMemref`, :class:`TempMemref`,
 the public place to import them from (``from poolsvc.tee.driver import Value``).
 
 Accounting: ``kernel pages in use == 1 (message page, with dynamic shm) +
-1 (cancel message, while sessions are open) + pages of the lists of the
-running call``.
+pages of the lists of the running call`` (+ 1 for the cancel message while
+sessions are open, when the static pool has no room for it).
 
 Concurrency: one thread (the System's), except :meth:`Driver.cancel`, which
 any thread may call while that thread is inside a call (it uses only the
@@ -59,7 +60,7 @@ import numpy as np
 from .. import pagelist
 from .._backend import core
 from ..constants import ATTR_NONCONTIG, MSG_ARG_HEADER_SIZE, PAGE_SIZE, Attr, MsgCmd, Origin
-from ..errors import TEE_ERROR_COMMUNICATION, BadParameters, Closed, TeeError
+from ..errors import TEE_ERROR_COMMUNICATION, BadParameters, Closed, OutOfMemory, TeeError
 from ..memory import Arena, PhysicalMemory, Segment
 from .msg import SMC_RETURN_OK, MsgArg, MsgParam, unpack
 from .params import InvokeResult, RegisteredMemref, TempMemref, Value
@@ -117,7 +118,7 @@ class Driver:
         self.list_scratch_page: tuple[Segment, int] | None = None
         self.smc: Any = None  # core.SmcDriver
         self.static = static
-        #: the cancel message while sessions are open: kernel pages, or a static block's address
+        #: the cancel message while sessions are open: a static block's address, or kernel pages
         self.cancel_msg: KernelPages | int | None = None
         #: open sessions, which hold the cancel message (:meth:`hold_cancel`)
         self.cancel_users = 0
@@ -225,9 +226,19 @@ class Driver:
         """
         with self._cancel_lock:
             if self.cancel_users == 0:
-                self.cancel_msg = (self.alloc_kernel_pages(1) if self._kernel_msgs
-                                   else int(self.static.alloc(MSG_ARG_HEADER_SIZE, 8)))
+                self.cancel_msg = self._take_cancel_msg()
             self.cancel_users += 1
+
+    def _take_cancel_msg(self) -> KernelPages | int:
+        """A header-sized block of the static pool (the carve-out takes messages at any
+        8-byte boundary), else, with dynamic shm, a kernel page."""
+        if self.static is not None:
+            try:
+                return int(self.static.alloc(MSG_ARG_HEADER_SIZE, 8))
+            except OutOfMemory:
+                if not self._kernel_msgs:
+                    raise
+        return self.alloc_kernel_pages(1)
 
     def release_cancel(self) -> None:
         """A session closed (System's thread): the last one gives the cancel message back."""
