@@ -39,9 +39,17 @@ cdef class SmcEntry:
     cdef object caps_obj            # the capability bits as set; dynamic_shm = caps & DYNAMIC_SHM
     cdef bint dynamic_shm
     cdef int64_t ncalls             # messages __call__ took (fast path) or counted for others
+    # strict_mode: poolsvc's stricter rules (Config.strict; True at first).  Not strict,
+    # the entry follows OP-TEE 4.0: a reused cookie shadows the older registration (kept
+    # in shadow: cookie -> [older RegisteredShm, oldest first]), UNREGISTER_SHM's attr is
+    # not looked at, size 0 at an offset is one page, ret_origin is left unwritten, and
+    # without DYNAMIC_SHM the two commands go to the generic path (EBADCMD there).
+    cdef bint strict_mode
+    cdef dict shadow
 
     cdef int take(self, uint32_t cmd) except -1
     cdef int fetch(self, object arg_pa, unsigned long long *pa) except -2
     cdef RegisteredShm check_register(self, bint dynamic_shm, dict registered, dict rpc_shms)
     cdef object check_unregister(self, dict registered)
-    cdef int serve(self, object arg_pa) except -1
+    cdef object serve(self, object arg_pa)
+    cdef object peek_origin(self, unsigned long long pa)

@@ -10,6 +10,10 @@
 #                  the bookkeeping (cookie table of RegisteredShm, call
 #                  counter, refusal counts, the RPC server's call_done) in the
 #                  same call; every other message goes to the world's generic path.
+#                  Two modes (``strict``, as Config.strict): poolsvc's stricter
+#                  rules, or OP-TEE 4.0's (cookie shadowing, no attr check on
+#                  UNREGISTER_SHM, size 0 at an offset one page, ret_origin
+#                  unwritten); the secure world's Python path has both too.
 #   RegisteredShm  the cookie table's value, a C struct the entry fills.
 #
 # Fields and invariants: smc_entry.pxd.  Policy stays in Python
@@ -90,6 +94,8 @@ cdef class SmcEntry:
     def __cinit__(self):
         self.ranges = NULL
         self.caps_obj = 0
+        self.strict_mode = True
+        self.shadow = {}
 
     def __init__(self, table, nonsecure, static_window, dynamic_window):
         cdef pl_range *ranges = NULL
@@ -158,6 +164,24 @@ cdef class SmcEntry:
     def caps(self, value):
         self.dynamic_shm = bool(value & SMC_CAP_DYNAMIC_SHM)
         self.caps_obj = value
+
+    @property
+    def strict(self):
+        """poolsvc's stricter rules (True, at first) or OP-TEE 4.0's (False): see smc_entry.pxd."""
+        return self.strict_mode
+
+    @strict.setter
+    def strict(self, value):
+        self.strict_mode = bool(value)
+
+    @property
+    def shadowed(self):
+        """Older registrations a reused cookie shadows (cookie -> list, oldest first)."""
+        return self.shadow
+
+    @shadowed.setter
+    def shadowed(self, dict value not None):
+        self.shadow = value
 
     @property
     def rpc(self):
@@ -235,14 +259,18 @@ cdef class SmcEntry:
         cdef cnp.ndarray pages
         cdef RegisteredShm shm
         cdef uint64_t offset = self.a & PSV_PAGE_MASK
+        cdef uint64_t size = self.b
         if not dynamic_shm:
             raise NotSupported("REGISTER_SHM without dynamic shared memory")
         if self.attr != SMC_ATTR_REGISTER:
             raise BadParameters(f"REGISTER_SHM attr {self.attr:#x} is not TMEM_OUTPUT|NONCONTIG")
         cookie = PyLong_FromUnsignedLongLong(self.c)
-        if cookie in registered or cookie in rpc_shms:
-            raise BadParameters(f"cookie {self.c:#x} is already registered")
-        pages = _pl_result(self.a, self.b, _SMC_MAX_PAGES)
+        if self.strict_mode:
+            if cookie in registered or cookie in rpc_shms:
+                raise BadParameters(f"cookie {self.c:#x} is already registered (strict)")
+        elif size == 0 and offset:  # (size + offset - 1) / 4096 + 1 pages: one, as for 1 byte
+            size = 1
+        pages = _pl_result(self.a, size, _SMC_MAX_PAGES)
         _pl_walk(pages, self.a, None, self.table, self.ranges, self.nranges)
         shm = RegisteredShm.__new__(RegisteredShm)
         shm.cookie = cookie
@@ -256,8 +284,8 @@ cdef class SmcEntry:
     cdef object check_unregister(self, dict registered):
         """UNREGISTER_SHM's checks on the taken copy; the cookie to remove (nothing changed)."""
         cdef object cookie, entry
-        if self.attr != SMC_ATTR_UNREGISTER:
-            raise BadParameters(f"UNREGISTER_SHM attr {self.attr:#x} is not RMEM_INPUT")
+        if self.strict_mode and self.attr != SMC_ATTR_UNREGISTER:
+            raise BadParameters(f"UNREGISTER_SHM attr {self.attr:#x} is not RMEM_INPUT (strict)")
         cookie = PyLong_FromUnsignedLongLong(self.c)
         entry = registered.get(cookie)
         if entry is None:
@@ -276,9 +304,11 @@ cdef class SmcEntry:
         buffer's offset in its first page; the object's size is
         ``len(pages) * 4096 - offset``.  Nothing is changed.
         Errors, the answer to the message: NotSupported (no DYNAMIC_SHM);
-        BadParameters (attr not TMEM_OUTPUT|NONCONTIG; cookie in use); then
-        those of ``pagelist_parse_frames`` with the non-secure ranges and
-        ``max_pages = 2**20``.  InternalError if no REGISTER_SHM was fetched.
+        BadParameters (attr not TMEM_OUTPUT|NONCONTIG; cookie in use, when
+        ``strict``); then those of ``pagelist_parse_frames`` with the
+        non-secure ranges and ``max_pages = 2**20`` (not strict: size 0 at an
+        offset is parsed as one byte).  InternalError if no REGISTER_SHM was
+        fetched.
         """
         cdef RegisteredShm shm
         self.take(SMC_CMD_REGISTER)
@@ -292,8 +322,8 @@ cdef class SmcEntry:
         with an ``inflight`` count).
         Returns the cookie to remove; nothing is changed.
         Errors, the answer to the message: BadParameters (attr not
-        RMEM_INPUT; unknown cookie); Busy (the object is in use by a running
-        call).  InternalError if no UNREGISTER_SHM was fetched.
+        RMEM_INPUT, when ``strict``; unknown cookie); Busy (the object is in
+        use by a running call).  InternalError if no UNREGISTER_SHM was fetched.
         """
         self.take(SMC_CMD_UNREGISTER)
         return self.check_unregister(registered)
@@ -318,33 +348,45 @@ cdef class SmcEntry:
         ft_copy_small(self.table, pa + SMC_RET_OFFSET, pair, 8, True)
 
     # -- call_with_arg -------------------------------------------------------------------------------
-    cdef int serve(self, object arg_pa) except -1:
+    cdef object serve(self, object arg_pa):
         """``entry(arg_pa)``: what ``SecureWorld.call_with_arg`` did with fetch1,
-        register1 / unregister1 and answer, and its bookkeeping, in one C call."""
+        register1 / unregister1 and answer, and its bookkeeping, in one C call.
+        Returns the generic path's result for what it does not serve, else None."""
         cdef unsigned long long pa = 0
         cdef int cmd
         cdef RegisteredShm shm
-        cdef object ret = None, origin = SMC_ORIGIN_TEE, done, errors, cookie
+        cdef object ret = None, origin = SMC_ORIGIN_TEE, done, errors, cookie, older
+        cdef bint strict = self.strict_mode
         cdef char pair[8]
         # the table this call checks and updates, taken once: Python code that runs
         # between the check and the update (an ``inflight`` property, a finaliser)
         # may rebind ``registered``, and the cookie checked must be the one removed
         cdef dict shms = self.shms
+        cdef dict shadow = self.shadow
         if self.generic is None:    # only bind() sets it (the setters set one dict each)
             raise InternalError("SmcEntry is not bound to a secure world")
         cmd = self.fetch(arg_pa, &pa)
-        if cmd < 0:
-            self.generic(arg_pa)
-            return 0
+        if cmd < 0 or not (strict or self.dynamic_shm):
+            self.fetched = False
+            return self.generic(arg_pa)
         self.ncalls += 1
         try:
             self.take(<uint32_t>cmd)
             if cmd == SMC_CMD_REGISTER:
                 shm = self.check_register(self.dynamic_shm, shms, self.rpc_cookies)
+                older = shms.get(shm.cookie)
+                if older is not None:   # (not strict) shadowed until the newer is unregistered
+                    shadow.setdefault(shm.cookie, []).append(older)
                 shms[shm.cookie] = shm
             else:
                 cookie = self.check_unregister(shms)
-                del shms[cookie]
+                older = shadow.get(cookie)
+                if older:
+                    shms[cookie] = older.pop()
+                    if not older:
+                        del shadow[cookie]
+                else:
+                    del shms[cookie]
         except PoolsvcError as exc:
             ret = exc.tee_code
             origin = getattr(exc, "origin", SMC_ORIGIN_TEE)
@@ -353,16 +395,25 @@ cdef class SmcEntry:
                 done = getattr(self.rpc_port, "call_done", None)
                 if done is not None:
                     done()
-        if ret is None:     # success: ret 0, origin TEE
+        if ret is None:     # success: ret 0 (and origin TEE, when strict)
             psv_store_le32(pair, 0)
             psv_store_le32(pair + 4, SMC_ORIGIN_TEE)
-            ft_copy_small(self.table, pa + SMC_RET_OFFSET, pair, 8, True)
-            return 0
+            ft_copy_small(self.table, pa + SMC_RET_OFFSET, pair, 8 if strict else 4, True)
+            return None
         if ret != 0:
             errors = self.stats.errors
             errors[ret] = errors.get(ret, 0) + 1
-        self.answer(arg_pa, ret, origin)
-        return 0
+        if strict:
+            self.answer(arg_pa, ret, origin)
+        else:               # OP-TEE leaves ret_origin as the normal world wrote it
+            self.answer(arg_pa, ret, self.peek_origin(pa))
+        return None
+
+    cdef object peek_origin(self, unsigned long long pa):
+        """The ``ret_origin`` word of the message at ``pa``, as the normal world wrote it."""
+        cdef char pair[8]
+        ft_copy_small(self.table, pa + SMC_RET_OFFSET, pair, 8, False)
+        return psv_load_le32(pair + 4)
 
     def __call__(self, arg_pa):
         """Process the message the normal world placed at ``arg_pa`` (``call_with_arg``).
@@ -371,9 +422,12 @@ cdef class SmcEntry:
         checked (``register1`` / ``unregister1``), applied to the bound cookie
         table (a RegisteredShm stored, or the cookie removed), counted
         (``calls``; a refusal also in ``stats.errors`` by code), followed by the
-        RPC server's ``call_done()`` and answered (``ret``, ``ret_origin``
-        only).  Anything else goes to ``generic(arg_pa)``.
+        RPC server's ``call_done()`` and answered (``ret``, and ``ret_origin``
+        when ``strict``).  Anything else, and when not ``strict`` both commands
+        without DYNAMIC_SHM, goes to ``generic(arg_pa)``.
+        Returns None for what it serves (SMC result OK), else what ``generic``
+        returns.
         Errors: InternalError (not bound); AddressError (the message unreadable,
         nothing counted); whatever ``generic`` or ``call_done`` raise.
         """
-        self.serve(arg_pa)
+        return self.serve(arg_pa)

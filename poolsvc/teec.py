@@ -46,9 +46,17 @@ Behaviour follows libteec (``optee_client/libteec/src/tee_client_api.c``):
 
 Cancellation: ``TEEC_RequestCancellation`` on an operation whose ``started``
 is 0 cancels it before it starts: the call returns ``TEEC_ERROR_CANCEL``
-with origin API and never reaches the TEE.  The simulated secure world runs
-each call to completion, so a request against a running operation has no
-effect (a trusted app may still finish early on its own).
+with origin API and never reaches the TEE.  On an operation that an invoke
+has started, it sends a CANCEL for the operation's session, as libteec's
+``TEE_IOC_CANCEL`` (cancel id 0) does, from the calling thread, while the
+invoking thread is inside the call: an app that checks for cancellation
+(``env.wait``, ``env.cancellation_flag``; the built-in
+:class:`~poolsvc.tee.ta.WaitApp`) returns ``TEEC_ERROR_CANCEL`` with origin
+TRUSTED_APP.  As in OP-TEE, the session's cancel flag then stays set.  The
+request goes through the Session's ``cancel()`` (embedded: the driver's
+cancel message); a Session without one (the pool service's client) leaves a
+running operation to finish.  An open in progress has no session yet, so
+it cannot be cancelled once started (libteec's request then names no session).
 
 Size: this module is over 600 lines on purpose: it is the one header a
 ported C client imports (``from poolsvc.teec import *``), so the constants,
@@ -217,6 +225,7 @@ class TEEC_Operation:
     params: list[TEEC_Parameter] = field(
         default_factory=lambda: [TEEC_Parameter() for _ in range(TEEC_CONFIG_PAYLOAD_REF_COUNT)])
     _cancelled: bool = field(default=False, repr=False)
+    _session: Any = field(default=None, repr=False)  # the Session an invoke runs it in
 
 
 @dataclass
@@ -686,15 +695,29 @@ def TEEC_InvokeCommand(session: TEEC_Session, commandID: int,
     if isinstance(commandID, bool) or not isinstance(commandID, int) or not 0 <= commandID <= 0xFFFFFFFF:
         return TEEC_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_API
     s = session._session
+    if isinstance(operation, TEEC_Operation):
+        operation._session = s  # libteec's operation->session, what a cancellation names
     return _run(session._context, operation, lambda params: s.invoke(commandID, params))
 
 
 def TEEC_RequestCancellation(operation: TEEC_Operation | None) -> None:
-    """Ask that ``operation`` be cancelled: one not yet started returns TEEC_ERROR_CANCEL when started."""
+    """Ask that ``operation`` be cancelled (any thread).
+
+    One not yet started returns TEEC_ERROR_CANCEL (origin API) when started;
+    for one an invoke has started, a CANCEL goes to its session (see the
+    module doc).  Errors are not reported, as in libteec.
+    """
     if operation is None or not isinstance(operation, TEEC_Operation):
         return
     if operation.started == 0:
         operation._cancelled = True
+        return
+    cancel = getattr(operation._session, "cancel", None)
+    if cancel is not None:
+        try:
+            cancel()
+        except PoolsvcError:
+            pass  # a closed session or context: nothing runs to cancel
 
 
 def result_name(code: int) -> str:

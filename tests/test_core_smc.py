@@ -1,9 +1,10 @@
 """``SmcDriver`` / ``SmcEntry``: both ends of the one-parameter message call.
 
-The pure twin (``poolsvc/_pure/smc.py``) is the oracle: the same random
-messages (at random addresses, with random list pages, cookies, attrs and
-capabilities) and the same random driver calls (pages, offsets, secure-world
-answers, a secure world that raises) give the same results or the same
+The pure twin (``poolsvc/_pure/smc.py``) is the oracle: in both modes of the
+entry (``strict`` and OP-TEE's), the same random messages (at random
+addresses, with random list pages, cookies, attrs and capabilities) and the
+same random driver calls (pages, offsets, secure-world answers, a secure
+world that raises) give the same results or the same
 exception type and message, the same bytes in memory and the same frame and
 mapping counts on both backends.  Also: the list frame is zeroed, unmapped
 and freed on every path, and a nested registration is refused.
@@ -109,12 +110,14 @@ def test_entry_compiled_equals_pure(compiled, pure, data):
     list_at = data.draw(weighted("static", "unmapped", "secure", "misaligned"), label="list")
     cookie = data.draw(weighted(0x13, 0x10, 0x11, 0x12, (1 << 64) - 1), label="cookie")
     caps = data.draw(weighted(4, 0, 5, 1 << 70), label="caps")
+    strict = data.draw(st.booleans(), label="strict")
     registered = {0x10: Entry(0), 0x11: Entry(2)}
     rpc_shms = {0x12: object()}
     list_pa = {"static": STATIC[0] + 3 * PAGE, "unmapped": DYNAMIC[0] + 40 * PAGE,
                "secure": SECURE[0], "misaligned": STATIC[0] + 3 * PAGE + 8}[list_at]
     results = []
     for w in worlds:
+        w.entry.strict = strict
         blob = bytearray(PAGE)
         for i, pa in enumerate(entries):
             struct.pack_into("<Q", blob, 8 * i, pa)
@@ -290,7 +293,7 @@ class BoundWorld(World):
     calls the entry (``via="entry"``: the entry itself, the compiled driver then
     serves it in C; ``via="python"``: a Python function around it)."""
 
-    def __init__(self, mod, via="entry"):
+    def __init__(self, mod, via="entry", strict=True):
         super().__init__(mod)
         reg = registered_type(mod)
         self.registered = {0x10: reg(0x10, np.array([DYNAMIC[0] + 8 * PAGE], dtype=np.uint64), 0, PAGE),
@@ -303,6 +306,7 @@ class BoundWorld(World):
         self.dones = []
         self.entry.bind(self.registered, self.rpc_shms, self.generic, self.stats)
         self.entry.caps = 4
+        self.entry.strict = strict
         smc = self.entry if via == "entry" else (lambda pa: self.entry(pa))
         self.bdriver = mod.SmcDriver(self.table, self.frames, self.msg_pa, smc, SID, SCRATCH)
 
@@ -317,7 +321,14 @@ class BoundWorld(World):
                 {c: (type(r).__name__, r.cookie, [int(p) for p in r.pages], r.offset, r.size, r.inflight)
                  for c, r in self.registered.items()},
                 sorted(self.rpc_shms), self.entry.calls, dict(self.stats.errors), list(self.generic_log),
-                [d.n for d in self.dones], self.entry.caps)
+                [d.n for d in self.dones], self.entry.caps, self.entry.strict,
+                {c: [(r.cookie, [int(p) for p in r.pages], r.offset, r.size) for r in older]
+                 for c, older in self.entry.shadowed.items()})
+
+    @staticmethod
+    def objects(state):
+        """Registered objects of a bound_state, the shadowed ones included."""
+        return len(state[3]) + sum(len(older) for older in state[-1].values())
 
 
 msg_step = st.tuples(
@@ -405,23 +416,29 @@ def bound_step(w, step):
         ret = struct.unpack("<I", w.table.read(arg_pa + 20, 4))[0]
         if ret == 0:
             assert after[6] == errors
-            assert len(after[3]) == len(before[3]) + (1 if cmd == 4 else -1)
+            assert w.objects(after) == w.objects(before) + (1 if cmd == 4 else -1)
         else:
             assert after[6] == {**errors, ret: errors.get(ret, 0) + 1}
-            assert after[3] == before[3]
-        # only ret and ret_origin are written: the rest of the message as the normal world left it
+            assert after[3] == before[3] and after[-1] == before[-1]
+        # only ret and ret_origin (strict) are written: the rest as the normal world left it
         words = ARG1.unpack(w.table.read(arg_pa, 64))
         assert words[:5] + words[7:] == (cmd, 1, 2, 3, 4, num, attr, list_pa | offset, size, cookie)
+        if not w.entry.strict:
+            assert words[6] == 6
     return result
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "optee"])
 @given(steps=st.lists(st.one_of(msg_step, msg_step, other_step), min_size=1, max_size=10))
-def test_bound_entry_compiled_equals_pure(compiled, pure, steps):
+def test_bound_entry_compiled_equals_pure(compiled, pure, strict, steps):
     """``entry(arg_pa)`` (call_with_arg) on random messages, capabilities, RPC servers,
-    busy cookies and driver calls: the compiled entry called from Python, the compiled
-    driver calling it in C, the same behind a Python function, and the pure twin agree
-    on every outcome, every byte, the cookie table, the counters and the hooks."""
-    worlds = [BoundWorld(compiled), BoundWorld(compiled, via="python"), BoundWorld(pure)]
+    busy cookies and driver calls, in both modes (``strict``; OP-TEE's: shadowed
+    cookies, no attr check on UNREGISTER_SHM, ``ret_origin`` unwritten): the compiled
+    entry called from Python, the compiled driver calling it in C, the same behind a
+    Python function, and the pure twin agree on every outcome, every byte, the cookie
+    table and its shadowed registrations, the counters and the hooks."""
+    worlds = [BoundWorld(compiled, strict=strict), BoundWorld(compiled, via="python", strict=strict),
+              BoundWorld(pure, strict=strict)]
     for step in steps:
         results = [(bound_step(w, step), w.bound_state()) for w in worlds]
         assert results[0] == results[1] == results[2], step
@@ -475,6 +492,11 @@ def test_bound_entry_properties_and_errors(core):
             w.entry.registered = bad
         with pytest.raises(TypeError):
             w.entry.rpc_shms = bad
+        with pytest.raises(TypeError):
+            w.entry.shadowed = bad
+    assert (w.entry.strict, w.entry.shadowed) == (True, {})    # strict at first
+    w.entry.strict = 0
+    assert w.entry.strict is False
     for bad in (-1, 1 << 63, "3", 2.0):
         with pytest.raises(BadParameters):
             w.entry.calls = bad
@@ -483,6 +505,7 @@ def test_bound_entry_properties_and_errors(core):
     assert (w.entry.calls, w.entry.caps) == (7, 1 << 70 | 4)
     # an entry made by __new__ alone and bound: no window, so everything is generic
     bare = core.SmcEntry.__new__(core.SmcEntry)
+    assert (bare.strict, bare.shadowed) == (True, {})
     seen = []
     bare.bind({}, {}, seen.append, Stats())
     bare(w.msg_pa)

@@ -6,23 +6,28 @@ Each test names the source function whose behaviour it holds poolsvc to.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 
 import pytest
 
 from poolsvc import Config, System
-from poolsvc.constants import ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd, Origin, RpcCmd, RpcShmType
+from poolsvc.constants import ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd, Origin, RpcCmd, RpcShmType, SecCaps
 from poolsvc.errors import (
     TEE_ERROR_BAD_PARAMETERS,
+    TEE_ERROR_CANCEL,
     TEE_ERROR_COMMUNICATION,
     TEE_ERROR_OUT_OF_MEMORY,
     TEE_SUCCESS,
+    BadParameters,
+    Closed,
     ConfigError,
     ProtocolError,
+    TeeError,
 )
-from poolsvc.tee.driver import RegisteredMemref
+from poolsvc.tee.driver import RegisteredMemref, Value
 from poolsvc.tee.msg import MAX_PARAMS, SMC_RETURN_EBADCMD, SMC_RETURN_OK, MsgArg, MsgParam, unpack
-from poolsvc.tee.ta import ParamType, TrustedApp, check_types
+from poolsvc.tee.ta import ParamType, TrustedApp, WaitApp, check_types
 
 from sysutil import LeakCheck, assert_accounting
 from teeutil import SMALL, open_raw, raw, write_list
@@ -187,6 +192,101 @@ def test_cancel_of_an_open_session_succeeds(world):
     assert raw(system, MsgCmd.CANCEL, [], session=sid).ret == BAD
 
 
+# -- call.c:optee_cancel_req, tee_ta_manager.c:tee_ta_cancel_command, a call running -----------
+class _Started(WaitApp):
+    """WaitApp that says when its wait begins (the test's condition to cancel on)."""
+
+    UUID = uuid.uuid5(uuid.NAMESPACE_URL, "https://poolsvc/test/started")
+    started = threading.Event()
+
+    def invoke(self, func, params):
+        type(self).started.set()
+        return super().invoke(func, params)
+
+
+def _wait_in_thread(session, ms, masked=0):
+    """Invoke WAIT in another thread; returns (thread, outcomes): the TeeError or None."""
+    outcomes = []
+
+    def run():
+        try:
+            session.invoke(WaitApp.WAIT, [Value(ms, masked, "in")])
+            outcomes.append(None)
+        except TeeError as exc:
+            outcomes.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcomes
+
+
+@pytest.mark.parametrize("dynamic_shm", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("strict", [False, True], ids=["optee", "strict"])
+def test_cancel_reaches_a_running_call_from_another_thread(leaks, strict, dynamic_shm):
+    with System(Config(**SMALL, strict=strict, dynamic_shm=dynamic_shm)) as system:
+        system.tee.install(_Started)
+        ctx = system.open_context("t")
+        idle = (system.dynamic.used_frames, system.static.used_bytes if system.static else 0)
+        _Started.started.clear()
+        with ctx.open_session(_Started.UUID) as session, ctx.open_session(WaitApp.UUID) as other:
+            # the driver's cancel message exists while sessions are open: a block of the carve-out
+            held = (system.dynamic.used_frames, system.static.used_bytes if system.static else 0)
+            assert held[0] == idle[0] and held[1] > idle[1]
+            calls = system.tee.stats.calls
+            thread, outcomes = _wait_in_thread(session, 0xFFFFFFFF)
+            assert _Started.started.wait(60)
+            session.cancel()                       # this thread, while the call runs
+            thread.join(60)
+            assert not thread.is_alive()
+            (exc,) = outcomes
+            assert (exc.code, exc.origin) == (TEE_ERROR_CANCEL, Origin.TRUSTED_APP)
+            assert system.tee.stats.calls == calls + 2      # the INVOKE and the CANCEL
+            assert system.tee.stats.errors.get(TEE_ERROR_CANCEL) == 1
+            # the flag stays set for the session's life (OP-TEE never clears sess->cancel) ...
+            with pytest.raises(TeeError) as again:
+                session.invoke(WaitApp.WAIT, [Value(0xFFFFFFFF, 0, "in")])
+            assert again.value.code == TEE_ERROR_CANCEL
+            session.invoke(WaitApp.WAIT, [Value(1, 1, "in")])  # ... but a masked wait ignores it
+            other.invoke(WaitApp.WAIT, [Value(1, 0, "in")])    # other sessions are not cancelled
+            assert system.tee.sessions[other.id].cancel_requested is False
+        assert (system.dynamic.used_frames, system.static.used_bytes if system.static else 0) == idle
+        with pytest.raises(Closed):
+            session.cancel()
+        with pytest.raises(BadParameters):                  # no session open: optee_cancel_req's EINVAL
+            system.driver.cancel(session.id)
+
+
+def test_cancel_message_in_a_kernel_page_without_a_carve_out(leaks):
+    with System(Config(**SMALL, reserved_shm=False)) as system:
+        ctx = system.open_context("t")
+        idle = system.dynamic.used_frames
+        with ctx.open_session(WaitApp.UUID) as session:
+            assert system.dynamic.used_frames == idle + 1
+            session.cancel()
+            assert system.tee.sessions[session.id].cancel_requested
+        assert system.dynamic.used_frames == idle
+
+
+def test_cancel_message_is_the_one_optee_cancel_req_sends(world):
+    system, ctx = world.system, world.ctx
+    seen = []
+    entry = system.driver.call_with_arg
+
+    def spy(pa):
+        seen.append(unpack(system.memory.read(pa, 32)))
+        return entry(pa)
+
+    with ctx.open_session(WaitApp.UUID) as session:
+        system.driver.call_with_arg = spy
+        try:
+            session.cancel(7)
+        finally:
+            system.driver.call_with_arg = entry
+        (msg,) = seen
+        assert (msg.cmd, msg.session, msg.cancel_id, msg.params) == (MsgCmd.CANCEL, session.id, 7, [])
+        assert system.tee.sessions[session.id].cancel_requested
+
+
 # -- smc_abi.c:handle_rpc_func_cmd_shm_alloc / _shm_free -----------------------------------------
 def _rpc(system, cmd, params):
     msg = MsgArg(cmd=cmd, params=params)
@@ -268,10 +368,16 @@ def test_strict_is_a_validated_config_field():
         Config(strict="yes")
 
 
-def test_call_with_arg_is_the_compiled_entry_only_when_strict(world):
+def test_call_with_arg_is_the_compiled_entry_in_both_modes(world):
     tee = world.system.tee
-    assert (tee.call_with_arg is tee._entry) == world.strict
-    assert tee.driver_entry is tee._entry
+    assert tee.call_with_arg is tee._entry and tee.driver_entry is tee._entry
+    assert tee._entry.strict == world.strict and tee._entry.shadowed is tee.shadowed
+    tee.strict = not world.strict       # the mode is the entry's
+    assert tee._entry.strict != world.strict
+    tee.strict = world.strict
+    tee.caps &= ~SecCaps.DYNAMIC_SHM    # without DYNAMIC_SHM: the Python path
+    assert tee.call_with_arg == tee.serve and tee.driver_entry == tee.serve
+    tee.caps |= SecCaps.DYNAMIC_SHM
 
 
 # -- msg_param.c:msg_param_mobj_from_noncontig: size 0 at an offset is one page --------------------

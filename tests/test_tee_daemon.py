@@ -8,18 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import uuid
 from pathlib import Path
 
 import pytest
 
 from poolsvc import Config, System
-from poolsvc.constants import MsgCmd
-from poolsvc.errors import ProtocolError, TeeError
+from poolsvc.constants import MsgCmd, Origin
+from poolsvc.errors import TEE_ERROR_CANCEL, ProtocolError, TeeError
 from poolsvc.tee.daemon import TeeClient, TeeDaemon, memref_in, memref_out, value
 from poolsvc.tee.msg import MsgArg, MsgParam, unpack
-from poolsvc.tee.ta import CopyApp, Sha256App, StorageApp
+from poolsvc.tee.ta import CopyApp, Sha256App, StorageApp, WaitApp
 
 from sysutil import shm_leftovers
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,3 +124,75 @@ def test_handle_never_raises(tmp_path):
             answer = daemon.handle(ctx, line)
             assert answer["ok"] is False and answer["error"]
         ctx.close()
+
+
+class _StartedWait(WaitApp):
+    """WaitApp that says when its wait begins (the condition the test cancels on)."""
+
+    UUID = uuid.uuid5(uuid.NAMESPACE_URL, "https://poolsvc/test/daemon-started-wait")
+    started = threading.Event()
+
+    def invoke(self, func, params):
+        type(self).started.set()
+        return super().invoke(func, params)
+
+
+def _in_thread(fn, *args):
+    """Run ``fn(*args)`` in a thread; returns (thread, outcomes): the result or the exception."""
+    outcomes = []
+
+    def run():
+        try:
+            outcomes.append(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            outcomes.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcomes
+
+
+def test_cancel_reaches_a_running_invoke(tmp_path):
+    """An invoke runs in the daemon's worker thread; a cancel sent on the same connection
+    from another thread reaches it, and other clients' requests wait their turn."""
+    path = str(tmp_path / "c.sock")
+    with System(Config(dynamic_size=16 << 20, arena_step=1 << 20)) as system:
+        system.tee.install(_StartedWait)
+        daemon = TeeDaemon(system, path)
+        ready = threading.Event()
+        loop = threading.Thread(target=daemon.serve_forever, kwargs={"ready": ready.set, "poll": 0.05})
+        loop.start()
+        try:
+            assert ready.wait(30)
+            with TeeClient(path) as c, TeeClient(path) as other:
+                s = c.open_session(_StartedWait.UUID)
+                _StartedWait.started.clear()
+                invoke, outcome = _in_thread(c.invoke, s, WaitApp.WAIT, [value(0xFFFFFFFF)])
+                assert _StartedWait.started.wait(30)
+                waiting, other_outcome = _in_thread(other.request, "stats")  # waits for the worker
+                c.cancel(s)                     # answered after the invoke it cancels
+                invoke.join(30)
+                waiting.join(30)
+                assert not invoke.is_alive() and not waiting.is_alive()
+                (exc,) = outcome
+                assert isinstance(exc, TeeError)
+                assert (exc.code, exc.origin) == (TEE_ERROR_CANCEL, Origin.TRUSTED_APP)
+                assert other_outcome[0]["stats"]["tee"]["sessions"] == 1
+                # the flag stays set; a masked wait ignores it; the connection still serves
+                with pytest.raises(TeeError):
+                    c.invoke(s, WaitApp.WAIT, [value(0xFFFFFFFF)])
+                assert c.invoke(s, WaitApp.WAIT, [value(1, 1)])["values"] == [None]
+                with pytest.raises(ProtocolError, match="BadParameters"):
+                    c.cancel(s + 100)
+                # a daemon stopped during an endless invoke cancels it and ends
+                s2 = c.open_session(WaitApp.UUID)
+                _in_thread(c.invoke, s2, WaitApp.WAIT, [value(0xFFFFFFFF)])
+                wait_until(lambda: any(x.running for x in system.tee.sessions.values()),
+                           what="the second wait to start")
+                daemon.stop()
+                loop.join(30)
+                assert not loop.is_alive()
+        finally:
+            daemon.stop()
+            loop.join(30)
+        assert not system.tee.sessions     # the connections' contexts closed

@@ -9,8 +9,10 @@ be the same after every message (raw registrations of unknown cookies
 leave the normal world's bookkeeping aside, so only the frame counts are
 checked).  Also: the address rules of the fast path are those of ``_read_arg``.
 
-The compiled entry is ``call_with_arg`` in a ``strict`` world (Config.strict),
-whose rules it implements; the Systems here are strict.
+The compiled entry is ``call_with_arg`` whenever DYNAMIC_SHM is on, in the
+world's mode: the message tests run in a ``strict`` world (Config.strict)
+and in the default one (OP-TEE's rules: cookie shadowing, no attr check on
+UNREGISTER_SHM, ``ret_origin`` unwritten).
 """
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ from teeutil import SMALL, snapshot, write_list
 REG = Attr.TMEM_OUTPUT | ATTR_NONCONTIG
 
 
-def make_world():
-    system = System(Config(**SMALL, strict=True))
+MODES = pytest.mark.parametrize("strict", [True, False], ids=["strict", "optee"])
+
+
+def make_world(strict=True):
+    system = System(Config(**SMALL, strict=strict))
     ctx = system.open_context("t")
     data = ctx.alloc_user_buf(3 * PAGE_SIZE)
     lists = ctx.alloc_user_buf(2 * PAGE_SIZE)
@@ -68,10 +73,11 @@ def both_paths(a_sys, b_sys, a_data, good, cmd, attr, ptr, size, cookie):
     assert a_sys.tee.stats == b_sys.tee.stats
 
 
+@MODES
 @given(st.lists(messages, min_size=1, max_size=12))
-def test_call_with_arg_equals_call(seq):
-    a_sys, _, a_data, good = make_world()
-    b_sys, _, _, _ = make_world()
+def test_call_with_arg_equals_call(strict, seq):
+    a_sys, _, a_data, good = make_world(strict)
+    b_sys, _, _, _ = make_world(strict)
     try:
         for cmd, attr, ptr, size, cookie in seq:
             both_paths(a_sys, b_sys, a_data, good, cmd, attr, ptr, size, cookie)
@@ -103,12 +109,13 @@ def test_fast_path_address_rules():
         assert tee.stats.calls == 3
 
 
+@MODES
 @settings(max_examples=30)
 @given(st.lists(st.tuples(messages, st.integers(0, 2 * PAGE_SIZE // 8 - 1)), min_size=1, max_size=8))
-def test_call_with_arg_in_the_carveout_equals_call(seq):
+def test_call_with_arg_in_the_carveout_equals_call(strict, seq):
     """Messages placed anywhere 8-byte aligned in the carve-out, across a page boundary too."""
-    a_sys, _, _, good = make_world()
-    b_sys, _, _, _ = make_world()
+    a_sys, _, _, good = make_world(strict)
+    b_sys, _, _, _ = make_world(strict)
     try:
         base = b_sys.config.static_base + 3 * PAGE_SIZE
         for (cmd, attr, ptr, size, cookie), slot in seq:
@@ -205,9 +212,10 @@ knobs = st.one_of(
 )
 
 
+@MODES
 @settings(max_examples=40)
 @given(st.lists(st.one_of(messages, messages, knobs), min_size=1, max_size=14))
-def test_fast_path_bookkeeping_equals_generic(seq):
+def test_fast_path_bookkeeping_equals_generic(strict, seq):
     """The knobs of the fast path's bookkeeping turned alike on both Systems: the
     capabilities (no DYNAMIC_SHM), a registered object in use by a running call
     (UNREGISTER_SHM answers BUSY), an RPC server with and without ``call_done``.
@@ -215,8 +223,8 @@ def test_fast_path_bookkeeping_equals_generic(seq):
     stats and the number of ``call_done`` calls."""
     from poolsvc.constants import SecCaps
 
-    a_sys, _, a_data, good = make_world()
-    b_sys, _, _, _ = make_world()
+    a_sys, _, a_data, good = make_world(strict)
+    b_sys, _, _, _ = make_world(strict)
     caps = a_sys.tee.caps
     rpcs = []
     try:

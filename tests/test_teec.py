@@ -22,7 +22,16 @@ import pytest
 
 from poolsvc import Config
 from poolsvc import teec as T
-from poolsvc.tee.ta import CopyApp, FillApp, HelloWorldApp, ParamType, Sha256App, StorageApp, TrustedApp
+from poolsvc.tee.ta import (
+    CopyApp,
+    FillApp,
+    HelloWorldApp,
+    ParamType,
+    Sha256App,
+    StorageApp,
+    TrustedApp,
+    WaitApp,
+)
 
 from svcutil import SMALL, DaemonThread
 
@@ -523,10 +532,42 @@ def test_cancellation_before_start_cancels_the_operation(ctx: T.TEEC_Context) ->
         T.TEEC_ERROR_CANCEL, T.TEEC_ORIGIN_API)
     assert operation.params[0].value.a == 5  # never reached the TEE
     assert T.TEEC_InvokeCommand(s, HelloWorldApp.INC_VALUE, operation) == (0, 4)
-    T.TEEC_RequestCancellation(operation)  # started: no effect on later calls
+    T.TEEC_RequestCancellation(operation)  # started: a CANCEL its session's app never checks
     assert T.TEEC_InvokeCommand(s, HelloWorldApp.INC_VALUE, operation) == (0, 4)
     assert operation.params[0].value.a == 7
     T.TEEC_CloseSession(s)
+
+
+class StartedWait(WaitApp):
+    """WaitApp that says when its wait begins (the condition the test cancels on)."""
+
+    UUID = uuid.UUID("0c4b9d52-2a3e-4f57-8e0a-6f1d2b3c4d5e")
+    started = threading.Event()
+
+    def invoke(self, func: int, params: Any) -> Any:
+        type(self).started.set()
+        return super().invoke(func, params)
+
+
+def test_cancellation_of_a_running_invoke(tee: Tee, ctx: T.TEEC_Context) -> None:
+    if tee.name is not None:
+        pytest.skip("the pool service's Session has no cancel(): its protocol carries no CANCEL "
+                    "(docs/fidelity.md, Differences that remain)")
+    tee.install(ctx, StartedWait)
+    StartedWait.started.clear()
+    s = open_session(ctx, StartedWait)
+    operation = op((T.TEEC_VALUE_INPUT, val(0xFFFFFFFF)))  # wait until cancelled
+    results: list[tuple[int, int]] = []
+    thread = threading.Thread(target=lambda: results.append(T.TEEC_InvokeCommand(s, WaitApp.WAIT, operation)))
+    thread.start()
+    assert StartedWait.started.wait(60), "the app never started waiting"
+    assert operation.started == 1
+    T.TEEC_RequestCancellation(operation)  # from this thread, while the invoke runs
+    thread.join(60)
+    assert not thread.is_alive()
+    assert results == [(T.TEEC_ERROR_CANCEL, T.TEEC_ORIGIN_TRUSTED_APP)]
+    T.TEEC_CloseSession(s)
+    T.TEEC_RequestCancellation(operation)  # its session is closed: nothing to cancel, no error
 
 
 def test_initialize_without_a_tee_is_item_not_found(tmp_path: Path) -> None:

@@ -16,7 +16,10 @@ driver's hot path (REGISTER_SHM, UNREGISTER_SHM):
   world's ``call_with_arg``: ``entry(arg_pa)`` serves those messages with
   the bookkeeping (cookie table of :class:`RegisteredShm`, call counter,
   refusal counts, the RPC server's ``call_done``) and hands the rest to the
-  world's generic path.
+  world's generic path.  Two modes (``strict``): poolsvc's stricter rules,
+  or OP-TEE 4.0's (cookie shadowing, no attr check on UNREGISTER_SHM, size 0
+  at an offset one page, ``ret_origin`` unwritten, both commands to the
+  generic path without DYNAMIC_SHM).
 
 Same checks, same order, same error types and messages as the compiled
 twin; ``docs/core.md`` is the contract.
@@ -283,6 +286,13 @@ class SmcEntry:
     _caps: Any = 0
     _dynamic_shm = False
     _calls = 0
+    _strict = True
+    _shadowed: dict[int, list[Any]]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "SmcEntry":
+        self = super().__new__(cls)
+        self._shadowed = {}   # as the compiled __cinit__: also for an entry made by __new__ alone
+        return self
 
     def __init__(self, table: Any, nonsecure: Any, static_window: Any, dynamic_window: Any) -> None:
         if not isinstance(table, FrameTable):
@@ -338,6 +348,25 @@ class SmcEntry:
         self._caps = value
 
     @property
+    def strict(self) -> bool:
+        """poolsvc's stricter rules (True, at first) or OP-TEE 4.0's (False)."""
+        return self._strict
+
+    @strict.setter
+    def strict(self, value: Any) -> None:
+        self._strict = bool(value)
+
+    @property
+    def shadowed(self) -> dict[int, list[Any]]:
+        """Older registrations a reused cookie shadows (cookie -> list, oldest first)."""
+        return self._shadowed
+
+    @shadowed.setter
+    def shadowed(self, value: dict[int, list[Any]]) -> None:
+        _check_dict(value)
+        self._shadowed = value
+
+    @property
     def rpc(self) -> Any:
         """The RPC server (or None); after each call its ``call_done()``, if it has one."""
         return self._rpc
@@ -390,17 +419,19 @@ class SmcEntry:
             raise NotSupported("REGISTER_SHM without dynamic shared memory")
         if attr != ATTR_REGISTER:
             raise BadParameters(f"REGISTER_SHM attr {attr:#x} is not TMEM_OUTPUT|NONCONTIG")
-        if cookie in registered or cookie in rpc_shms:
-            raise BadParameters(f"cookie {cookie:#x} is already registered")
-        pages = pagelist_parse_frames(buf_ptr, size, self._table, self._nonsecure, MAX_PAGES)
         offset = buf_ptr & PAGE_MASK
+        if self._strict:
+            if cookie in registered or cookie in rpc_shms:
+                raise BadParameters(f"cookie {cookie:#x} is already registered (strict)")
+        elif size == 0 and offset:  # (size + offset - 1) / 4096 + 1 pages: one, as for 1 byte
+            size = 1
+        pages = pagelist_parse_frames(buf_ptr, size, self._table, self._nonsecure, MAX_PAGES)
         return RegisteredShm(cookie, pages, offset, len(pages) * PAGE_SIZE - offset)
 
-    @staticmethod
-    def _check_unregister(fetched: tuple[int, int, int, int, int], registered: dict[int, Any]) -> int:
+    def _check_unregister(self, fetched: tuple[int, int, int, int, int], registered: dict[int, Any]) -> int:
         _, attr, _, _, cookie = fetched
-        if attr != ATTR_UNREGISTER:
-            raise BadParameters(f"UNREGISTER_SHM attr {attr:#x} is not RMEM_INPUT")
+        if self._strict and attr != ATTR_UNREGISTER:
+            raise BadParameters(f"UNREGISTER_SHM attr {attr:#x} is not RMEM_INPUT (strict)")
         entry = registered.get(cookie)
         if entry is None:
             raise BadParameters(f"cookie {cookie:#x} is not registered")
@@ -435,33 +466,48 @@ class SmcEntry:
         self._table.write(pa + RET_OFFSET, _RET.pack(r, o))
 
     # -- call_with_arg -------------------------------------------------------------------------------
-    def __call__(self, arg_pa: Any) -> None:
+    def __call__(self, arg_pa: Any) -> Any:
         """Process the message at ``arg_pa`` (the secure world's ``call_with_arg``).
 
         A one-parameter REGISTER_SHM / UNREGISTER_SHM in a window: checked,
-        applied to the bound cookie table, counted (``calls``; a refusal also
-        in ``stats.errors``), the RPC server's ``call_done()``, then answered
-        (``ret``, ``ret_origin``).  Anything else: ``generic(arg_pa)``.
+        applied to the bound cookie table (shadowing, when not ``strict``),
+        counted (``calls``; a refusal also in ``stats.errors``), the RPC
+        server's ``call_done()``, then answered (``ret``, and ``ret_origin``
+        when ``strict``).  Anything else, and when not ``strict`` both
+        commands without DYNAMIC_SHM: ``generic(arg_pa)``, whose result is
+        returned (None for what the entry serves).
         Errors: InternalError (not bound); AddressError (the message
         unreadable, nothing counted); whatever ``generic`` or ``call_done`` raise.
         """
         registered = self._registered
+        shadowed = self._shadowed
+        strict = self._strict
         if self._generic is None:   # only bind() sets it (the setters set one dict each)
             raise InternalError("SmcEntry is not bound to a secure world")
         assert registered is not None and self._rpc_shms is not None  # bind() set them too
         cmd = self.fetch1(arg_pa)
-        if cmd < 0:
-            self._generic(arg_pa)
-            return
+        if cmd < 0 or not (strict or self._dynamic_shm):
+            self._fetched = None
+            return self._generic(arg_pa)
         self._calls += 1
         ret, origin = 0, ORIGIN_TEE
         try:
             fetched = self._take(cmd)
             if cmd == CMD_REGISTER:
                 shm = self._check_register(fetched, self._dynamic_shm, registered, self._rpc_shms)
+                older = registered.get(shm.cookie)
+                if older is not None:   # (not strict) shadowed until the newer is unregistered
+                    shadowed.setdefault(shm.cookie, []).append(older)
                 registered[shm.cookie] = shm
             else:
-                del registered[self._check_unregister(fetched, registered)]
+                cookie = self._check_unregister(fetched, registered)
+                olders = shadowed.get(cookie)
+                if olders:
+                    registered[cookie] = olders.pop()
+                    if not olders:
+                        del shadowed[cookie]
+                else:
+                    del registered[cookie]
         except PoolsvcError as exc:
             ret = exc.tee_code
             origin = getattr(exc, "origin", ORIGIN_TEE)
@@ -473,7 +519,10 @@ class SmcEntry:
         if ret != 0:
             errors = self._stats.errors
             errors[ret] = errors.get(ret, 0) + 1
+        if not strict:  # OP-TEE leaves ret_origin as the normal world wrote it
+            origin = _RET.unpack(self._table.read(arg_pa + RET_OFFSET, 8))[1]
         self.answer(arg_pa, ret, origin)
+        return None
 
 
 def _check_dicts(*dicts: Any) -> None:

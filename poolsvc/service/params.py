@@ -39,13 +39,14 @@ class Params(ParamCall):
     leaving the ``with`` block releases the temporary shms.
     """
 
-    def __init__(self, ctx: Context, params: Sequence[Any]) -> None:
+    def __init__(self, ctx: Context, params: Sequence[Any], can_register: bool = True) -> None:
+        """``can_register``: whether the daemon's driver offers REG_MEM (libteec's check
+        for temporary memrefs); with it a temporary that cannot be registered
+        (private memory: NotSharedMemory) is bounced all the same."""
         from ..tee import driver
 
         check_param_count(params)
-        # Registration is always tried: without REG_MEM it raises NotSupported and
-        # the temporary is bounced (api.require_reg_mem decides, in one place).
-        super().__init__(ctx, can_register=True, memref_null=None)
+        super().__init__(ctx, can_register=can_register, memref_null=None)
         self.driver = driver
         self.params = list(params)
         self.records: list[bytes] = []

@@ -15,6 +15,7 @@ op               request fields                       answer fields
 hello            --                                   version, caps, apps [{uuid, name}]
 open_session     uuid, params?, login?                session, values, sizes, data
 invoke           session, func, params?               values, sizes, data
+cancel           session                              --
 close_session    session                              --
 call             arg (hex ``struct optee_msg_arg``)   arg (hex, ret and outputs), smc
 stats            --                                   the System's stats, secure-world state
@@ -35,19 +36,33 @@ validation path from other tools and languages; ``smc`` is the SMC-level
 result (0 OK; 5 EBADCMD for a command the secure world does not serve, the
 message then coming back as sent).
 
-Concurrency: one thread; requests from all connections are served one at a
-time (the System is single-threaded).  ``stop()`` may be called from a
-signal handler.
+``cancel`` sends a CANCEL for one of the connection's sessions
+(``Session.cancel``, TEE_IOC_CANCEL), also while an ``invoke`` of that
+session runs: the app sees the request when it checks for cancellation
+(``WaitApp`` answers TEE_ERROR_CANCEL).  Its answer, like every answer,
+comes in request order, so after the answer of the invoke it cancelled.
+
+Concurrency: requests from all connections are served one at a time, in
+order (the System is single-threaded), by the loop thread, except that an
+``invoke`` runs in a worker thread while the loop keeps reading: a
+``cancel`` is served at once (the one request that may run beside a call),
+and everything else that touches the System (other requests, new
+connections, closed ones) waits in ``_backlog`` until the worker is done.
+The worker's answer reaches the loop through a socket pair.  ``stop()``
+may be called from a signal handler; the loop then cancels a running
+invoke and waits for it.
 """
 from __future__ import annotations
 
 import base64
+import collections
 import errno
 import json
 import os
 import selectors
 import socket
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from ..errors import BadParameters, PoolsvcError, ProtocolError, TeeError
 from .params import TempMemref, Value
@@ -107,6 +122,18 @@ class _Connection:
         self.ctx = ctx
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+        #: one slot per request, in request order: [answer], or [None] while it is pending
+        self.answers: collections.deque[list[Any]] = collections.deque()
+        self.closed = False
+
+
+def _op_of(line: bytes) -> Any:
+    """The ``op`` of a request line, or None when it is not a well-formed request."""
+    try:
+        request = json.loads(line)
+    except ValueError:
+        return None
+    return request.get("op") if isinstance(request, dict) else None
 
 
 class TeeDaemon:
@@ -125,6 +152,14 @@ class TeeDaemon:
         self._conns: dict[int, _Connection] = {}
         self._sel: selectors.BaseSelector | None = None  # made by serve_forever
         self._listener: socket.socket | None = None
+        #: the thread running an invoke (None when the System is free), and its request
+        self._worker: threading.Thread | None = None
+        self._worker_call: tuple[_Connection, Any] | None = None
+        #: System work that waits for the worker, in arrival order
+        self._backlog: collections.deque[Callable[[], None]] = collections.deque()
+        #: (connection, slot, answer) of a finished worker; the worker writes a byte to _wake
+        self._finished: list[tuple[_Connection, list[Any], dict[str, Any]]] = []
+        self._wake: tuple[socket.socket, socket.socket] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def _selector(self) -> selectors.BaseSelector:
@@ -155,6 +190,9 @@ class TeeDaemon:
             raise BadParameters(f"cannot listen on {self.path}: {exc.strerror}") from None
         self._listener = sock
         sel.register(sock, selectors.EVENT_READ, None)
+        self._wake = socket.socketpair()
+        self._wake[0].setblocking(False)
+        sel.register(self._wake[0], selectors.EVENT_READ, "wake")
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler)."""
@@ -170,11 +208,20 @@ class TeeDaemon:
                 for key, events in self._selector().select(timeout=poll):
                     if key.data is None:
                         self._accept()
+                    elif key.data == "wake":
+                        self._worker_done()
                     else:
                         self._service(key.data, events)
         finally:
+            self._stop_worker()
             for conn in list(self._conns.values()):
                 self._drop(conn)
+            while self._backlog:
+                self._backlog.popleft()()
+            if self._wake is not None:
+                for end in self._wake:
+                    end.close()
+                self._wake = None
             if self._sel is not None:
                 self._sel.close()
                 self._sel = None
@@ -186,6 +233,13 @@ class TeeDaemon:
                     pass
 
     # -- connections -------------------------------------------------------------------------
+    def _system_work(self, work: Callable[[], None]) -> None:
+        """Run ``work`` (it uses the System) now, or after the running invoke."""
+        if self._worker is not None:
+            self._backlog.append(work)
+        else:
+            work()
+
     def _accept(self) -> None:
         try:
             assert self._listener is not None, "accept() without a listening socket"
@@ -193,18 +247,30 @@ class TeeDaemon:
         except BlockingIOError:
             return
         sock.setblocking(False)
-        conn = _Connection(sock, self.system.open_context(f"tee-client-{sock.fileno()}"))
+        conn = _Connection(sock, None)
         self._conns[sock.fileno()] = conn
         self._selector().register(sock, selectors.EVENT_READ, conn)
 
+        def open_context() -> None:
+            if not conn.closed:
+                conn.ctx = self.system.open_context(f"tee-client-{sock.fileno()}")
+        self._system_work(open_context)
+
     def _drop(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
         self._conns.pop(conn.sock.fileno(), None)
         try:
             self._selector().unregister(conn.sock)
         except (KeyError, ValueError):
             pass
         conn.sock.close()
-        conn.ctx.close()
+
+        def close_context() -> None:
+            if conn.ctx is not None:
+                conn.ctx.close()
+        self._system_work(close_context)
 
     def _service(self, conn: _Connection, events: int) -> None:
         if events & selectors.EVENT_READ:
@@ -222,10 +288,80 @@ class TeeDaemon:
                 while b"\n" in conn.inbuf:
                     line, _, rest = conn.inbuf.partition(b"\n")
                     conn.inbuf = bytearray(rest)
-                    conn.outbuf += json.dumps(self.handle(conn.ctx, bytes(line))).encode() + b"\n"
+                    self._request(conn, bytes(line))
                 if len(conn.inbuf) > MAX_LINE:
                     self._drop(conn)
                     return
+        self._flush(conn)
+
+    def _request(self, conn: _Connection, line: bytes) -> None:
+        """Serve one request line in its turn; its answer takes the next slot."""
+        slot: list[Any] = [None]
+        conn.answers.append(slot)
+        if _op_of(line) == "cancel":   # served at once, also beside a running invoke
+            slot[0] = self.handle(conn.ctx, line)
+        else:
+            self._system_work(lambda: self._run(conn, line, slot))
+
+    def _run(self, conn: _Connection, line: bytes, slot: list[Any]) -> None:
+        """Serve a request that uses the System (the System is free): an invoke in a worker."""
+        if conn.closed:     # (the daemon stopped, or the client left, before its turn)
+            return
+        if _op_of(line) != "invoke":
+            slot[0] = self.handle(conn.ctx, line)
+            self._flush(conn)
+            return
+
+        def work() -> None:
+            answer = self.handle(conn.ctx, line)
+            self._finished.append((conn, slot, answer))
+            wake = self._wake
+            if wake is not None:
+                wake[1].send(b"x")
+
+        self._worker_call = (conn, json.loads(line).get("session"))
+        self._worker = threading.Thread(target=work, name="tee-invoke", daemon=True)
+        self._worker.start()
+
+    def _worker_done(self) -> None:
+        """The worker's answer is in: deliver it, then the System work that waited for it."""
+        assert self._wake is not None
+        try:
+            self._wake[0].recv(64)
+        except BlockingIOError:
+            pass
+        if self._worker is None or not self._finished:
+            return
+        self._worker.join()
+        self._worker = self._worker_call = None
+        conn, slot, answer = self._finished.pop()
+        slot[0] = answer
+        self._flush(conn)
+        while self._backlog and self._worker is None:
+            self._backlog.popleft()()
+
+    def _stop_worker(self) -> None:
+        """Cancel the running invoke (if any) and wait for it."""
+        worker, call = self._worker, self._worker_call
+        if worker is None or call is None:
+            return
+        conn, session_id = call
+        session = conn.ctx.sessions.get(session_id) if conn.ctx is not None else None
+        if session is not None:
+            try:
+                session.cancel()
+            except PoolsvcError:
+                pass
+        worker.join()
+        self._worker = self._worker_call = None
+        self._finished.clear()
+
+    def _flush(self, conn: _Connection) -> None:
+        """Answers ready in request order go out; the rest wait for the one before them."""
+        if conn.closed:
+            return
+        while conn.answers and conn.answers[0][0] is not None:
+            conn.outbuf += json.dumps(conn.answers.popleft()[0]).encode() + b"\n"
         if conn.outbuf:
             try:
                 sent = conn.sock.send(conn.outbuf)
@@ -275,7 +411,7 @@ class TeeDaemon:
         return {"session": session.id, **_outputs(params, session.open_result)}
 
     def _session(self, ctx: Any, req: dict) -> Any:
-        session = ctx.sessions.get(req.get("session"))
+        session = None if ctx is None else ctx.sessions.get(req.get("session"))
         if session is None:
             raise BadParameters(f"session {req.get('session')!r} is not open on this connection")
         return session
@@ -289,6 +425,10 @@ class TeeDaemon:
             exc.params = params  # type: ignore[attr-defined]
             raise
         return _outputs(params, result)
+
+    def _op_cancel(self, ctx: Any, req: dict) -> dict:
+        self._session(ctx, req).cancel()
+        return {}
 
     def _op_close_session(self, ctx: Any, req: dict) -> dict:
         self._session(ctx, req).close()
@@ -325,6 +465,11 @@ class TeeClient:
     Methods return the answer's fields; a failed request raises TeeError
     (secure-world refusals: ``code``, ``origin``, ``answer``) or
     ProtocolError for anything else.
+
+    Concurrency: any thread may send a request while another waits for an
+    answer (so :meth:`cancel` can reach a running :meth:`invoke`): requests
+    are numbered as they are sent, and whichever thread reads an answer
+    files it under its number (the daemon answers in request order).
     """
 
     def __init__(self, socket_path: str, timeout: float = 30.0) -> None:
@@ -337,14 +482,20 @@ class TeeClient:
             raise ProtocolError(f"cannot connect to {socket_path}: "
                                 f"{errno.errorcode.get(exc.errno or 0, exc)}") from None
         self._file = self.sock.makefile("rb")
+        self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._sent = 0      # requests sent (the next one's number)
+        self._read = 0      # answers read (the next one's number)
+        self._answers: dict[int, dict[str, Any]] = {}
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and return its answer (raises on ``ok: false``)."""
-        self.sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
-        line = self._file.readline()
-        if not line:
-            raise ProtocolError("the daemon closed the connection")
-        answer = json.loads(line)
+        data = json.dumps({"op": op, **fields}).encode() + b"\n"
+        with self._send_lock:
+            number = self._sent
+            self.sock.sendall(data)
+            self._sent += 1
+        answer = self._answer(number)
         if not answer.get("ok"):
             if "code" in answer:
                 exc = TeeError(answer["message"], answer["code"], answer["origin"])
@@ -352,6 +503,18 @@ class TeeClient:
                 raise exc
             raise ProtocolError(f"{answer.get('error')}: {answer.get('message')}")
         return answer
+
+    def _answer(self, number: int) -> dict[str, Any]:
+        """The answer to request ``number``, reading (and filing) answers until it comes."""
+        while True:
+            with self._read_lock:
+                if number in self._answers:
+                    return self._answers.pop(number)
+                line = self._file.readline()
+                if not line:
+                    raise ProtocolError("the daemon closed the connection")
+                self._answers[self._read] = json.loads(line)
+                self._read += 1
 
     def hello(self) -> dict[str, Any]:
         return self.request("hello")
@@ -361,6 +524,10 @@ class TeeClient:
 
     def invoke(self, session: int, func: int, params: list[Any] | None = None) -> dict[str, Any]:
         return self.request("invoke", session=session, func=func, params=params or [])
+
+    def cancel(self, session: int) -> None:
+        """CANCEL for ``session``; any thread, also while an invoke of it runs."""
+        self.request("cancel", session=session)
 
     def close_session(self, session: int) -> None:
         self.request("close_session", session=session)

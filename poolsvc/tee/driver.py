@@ -5,7 +5,12 @@ to talk to the secure world.
 
 - the message page, where ``struct optee_msg_arg`` is placed and handed over
   by physical address (a kernel page of dynamic RAM with DYNAMIC_SHM, else a
-  page of the reserved static pool);
+  page of the reserved static pool), and, while any session is open, the
+  cancel message that only :meth:`Driver.cancel` uses (a header-sized
+  block of the static pool when there is one and it has room, else a
+  kernel page): Linux takes each call's message from its cache of messages
+  (``optee_get_msg_arg``), so a CANCEL never overwrites the call it
+  cancels;
 - kernel pages: contiguous dynamic frames backed by the kernel arena, for the
   message page and for page lists longer than one list page;
 - :meth:`Driver.page_list`, the one builder of an OP-TEE NONCONTIG page list in
@@ -22,7 +27,8 @@ to talk to the secure world.
   by the driver's scratch storage page (zeroed after each use).  Without it
   the driver still sends REGISTER_SHM (the kernel does not look at REG_MEM;
   libteec does), through :meth:`Driver.call_smc`, and the secure world
-  refuses it.
+  refuses it.  :meth:`Driver.cancel` sends OPTEE_MSG_CMD_CANCEL
+  (``optee_cancel_req``).
 
 The secure world is reached only through the callables the System hands
 over: ``call_with_arg(pa)``, which returns the SMC-level result
@@ -36,12 +42,16 @@ API (:class:`Value`, :class:`RegisteredMemref`, :class:`TempMemref`,
 the public place to import them from (``from poolsvc.tee.driver import Value``).
 
 Accounting: ``kernel pages in use == 1 (message page, with dynamic shm) +
-pages of the lists of the running call``.
+pages of the lists of the running call`` (+ 1 for the cancel message while
+sessions are open, when the static pool has no room for it).
 
-Concurrency: one thread (the System's).
+Concurrency: one thread (the System's), except :meth:`Driver.cancel`, which
+any thread may call while that thread is inside a call (it uses only the
+cancel message, under ``_cancel_lock``).
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -49,8 +59,8 @@ import numpy as np
 
 from .. import pagelist
 from .._backend import core
-from ..constants import ATTR_NONCONTIG, PAGE_SIZE, Attr, MsgCmd, Origin
-from ..errors import TEE_ERROR_COMMUNICATION, BadParameters, Closed, TeeError
+from ..constants import ATTR_NONCONTIG, MSG_ARG_HEADER_SIZE, PAGE_SIZE, Attr, MsgCmd, Origin
+from ..errors import TEE_ERROR_COMMUNICATION, BadParameters, Closed, OutOfMemory, TeeError
 from ..memory import Arena, PhysicalMemory, Segment
 from .msg import SMC_RETURN_OK, MsgArg, MsgParam, unpack
 from .params import InvokeResult, RegisteredMemref, TempMemref, Value
@@ -107,7 +117,14 @@ class Driver:
         #: (all zero between calls), with dynamic shm
         self.list_scratch_page: tuple[Segment, int] | None = None
         self.smc: Any = None  # core.SmcDriver
-        if dynamic_shm or static is None:
+        self.static = static
+        #: the cancel message while sessions are open: a static block's address, or kernel pages
+        self.cancel_msg: KernelPages | int | None = None
+        #: open sessions, which hold the cancel message (:meth:`hold_cancel`)
+        self.cancel_users = 0
+        self._cancel_lock = threading.Lock()
+        self._kernel_msgs = dynamic_shm or static is None
+        if self._kernel_msgs:
             self.msg = self.alloc_kernel_pages(1)
             self.msg_pa = self.msg.pa
             if dynamic_shm:
@@ -121,8 +138,10 @@ class Driver:
                                   0 if scratch is None else scratch[1])
 
     def close(self) -> None:
-        """Give back the scratch page and the message page. Idempotent."""
-        self.closed = True
+        """Give back the scratch page and the message pages. Idempotent."""
+        with self._cancel_lock:
+            self.closed = True
+            self._free_cancel_msg()
         self.smc = None
         if self.list_scratch_page is not None:
             self.kernel_arena.free(*self.list_scratch_page, 1)
@@ -198,6 +217,62 @@ class Driver:
         if rc != SMC_RETURN_OK:
             reply.ret, reply.ret_origin = TEE_ERROR_COMMUNICATION, Origin.COMMS
         return reply
+
+    # -- cancellation ------------------------------------------------------------------------
+    def hold_cancel(self) -> None:
+        """A session opened (System's thread): the cancel message exists while any is open.
+
+        Raises OutOfMemory when the message cannot be taken (nothing kept).
+        """
+        with self._cancel_lock:
+            if self.cancel_users == 0:
+                self.cancel_msg = self._take_cancel_msg()
+            self.cancel_users += 1
+
+    def _take_cancel_msg(self) -> KernelPages | int:
+        """A header-sized block of the static pool (the carve-out takes messages at any
+        8-byte boundary), else, with dynamic shm, a kernel page."""
+        if self.static is not None:
+            try:
+                return int(self.static.alloc(MSG_ARG_HEADER_SIZE, 8))
+            except OutOfMemory:
+                if not self._kernel_msgs:
+                    raise
+        return self.alloc_kernel_pages(1)
+
+    def release_cancel(self) -> None:
+        """A session closed (System's thread): the last one gives the cancel message back."""
+        with self._cancel_lock:
+            self.cancel_users -= 1
+            if self.cancel_users == 0 and not self.closed:
+                self._free_cancel_msg()
+
+    def _free_cancel_msg(self) -> None:
+        msg, self.cancel_msg = self.cancel_msg, None
+        if isinstance(msg, KernelPages):
+            self.free_kernel_pages(msg)
+        elif msg is not None:
+            self.static.free(msg)
+
+    def cancel(self, session: int, cancel_id: int = 0) -> None:
+        """OPTEE_MSG_CMD_CANCEL of ``session`` (``optee_cancel_req``), in the cancel message.
+
+        Any thread may call it, also while the System's thread is inside a
+        call of that session: the secure world sets the session's cancel
+        flag, which an app waiting for it wakes on.  The answer is not
+        looked at (Linux ignores it).  Raises Closed after :meth:`close`,
+        BadParameters when no session is open (``-EINVAL``).
+        """
+        data = MsgArg(cmd=MsgCmd.CANCEL, session=session, cancel_id=cancel_id).pack()
+        with self._cancel_lock:
+            if self.closed:
+                raise Closed("the driver is closed")
+            msg = self.cancel_msg
+            if msg is None:
+                raise BadParameters(f"CANCEL of session {session}: no session is open (EINVAL)")
+            pa = msg.pa if isinstance(msg, KernelPages) else msg
+            self.memory.write(pa, data)
+            self.call_with_arg(pa)
 
     def register(self, pages: np.ndarray, offset: int, size: int, cookie: int) -> None:
         """REGISTER_SHM of ``pages`` (buffer of ``size`` bytes from ``offset``) as ``cookie``.

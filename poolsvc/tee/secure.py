@@ -44,17 +44,16 @@ state as it was: references taken for earlier parameters are dropped and
 temporary objects freed.  Errors are :mod:`poolsvc.errors` exceptions
 inside; they become return codes at one boundary, :meth:`SecureWorld.process`
 (and its compiled twin for REGISTER_SHM / UNREGISTER_SHM, ``core.SmcEntry``:
-the checks, codes and bookkeeping of the ``strict`` world in C, over the
-cookie tables, counter and RPC server it holds for this world).
+the checks, codes and bookkeeping of either mode in C, over the cookie
+tables, shadowed registrations, counter and RPC server it holds for this
+world).
 
 Two entries: :meth:`SecureWorld.serve` (every message, Python, returns the
-SMC-level result) and the compiled entry.  ``call_with_arg`` is the compiled
-entry when it answers exactly as ``serve`` would (``strict`` with
-DYNAMIC_SHM), else ``serve``.  ``driver_entry``, what the System's driver
-sends its own REGISTER_SHM / UNREGISTER_SHM through, is the compiled entry
-whenever DYNAMIC_SHM is on: for those well-formed messages with fresh
-cookies its answers differ from ``serve``'s only in ``ret_origin`` (which
-the driver does not read).
+SMC-level result) and the compiled entry, which has both modes (``strict``
+or OP-TEE's) and answers every message exactly as ``serve`` does.
+``call_with_arg`` (and ``driver_entry``, what the System's driver sends its
+own REGISTER_SHM / UNREGISTER_SHM through) is the compiled entry with
+DYNAMIC_SHM, else ``serve``.
 
 Invariants:
   ``registered[c].inflight == number of running-call parameters naming c``
@@ -62,11 +61,15 @@ Invariants:
   ``rpc_shms`` holds exactly the RPC memory of live sessions
 
 Concurrency: one call at a time (the System serialises); a call that is
-running marks the objects it uses as in flight.
+running marks the objects it uses as in flight.  The exception is CANCEL,
+which another thread may send while a call runs (``Driver.cancel``, in its
+own message buffer): it touches only a session's cancel event and the
+counters, which ``_count_lock`` guards.
 """
 from __future__ import annotations
 
 import itertools
+import threading
 import uuid as uuidlib
 from typing import Any, Callable
 
@@ -85,6 +88,7 @@ _UNREGISTER_ATTR = int(Attr.RMEM_INPUT)
 _DYNAMIC_SHM = int(SecCaps.DYNAMIC_SHM)
 _NO_PARAM = MsgParam()
 _REG_CMDS = (int(MsgCmd.REGISTER_SHM), int(MsgCmd.UNREGISTER_SHM))
+_CANCEL = int(MsgCmd.CANCEL)
 
 
 class _Counter:
@@ -149,25 +153,25 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
 
     def __init__(self, memory: Any, caps: SecCaps, strict: bool = False) -> None:
         self.memory = memory
-        #: poolsvc's stricter checks (``Config.strict``; the module doc lists them).
-        self.strict = strict
-        #: older registrations a reused cookie shadows, oldest first (not strict)
-        self.shadowed: dict[int, list[RegisteredShm]] = {}
         # fixed for the memory's life: what call_with_arg and the page-list checks use
         self._table = memory.table
         self._nonsecure = tuple(memory.nonsecure_ranges())
         # The compiled end of call_with_arg: where messages are accepted (as _read_arg).
         # It holds the state its fast path reads and updates (the cookie tables, the
-        # DYNAMIC_SHM bit, the RPC server, the call counter); the properties below
-        # keep it in step with the attributes of the same names.
+        # shadowed registrations, the mode, the DYNAMIC_SHM bit, the RPC server, the
+        # call counter); the properties below keep it in step with the attributes of
+        # the same names.
         self._entry = core.SmcEntry(self._table, self._nonsecure, memory.regions["static"],
                                     memory.regions["dynamic"])
+        self.strict = strict
         self.caps = caps
         #: Makes the normal world's RPC server on first use (the System hands it over).
         self.rpc_factory: Callable[[], Any] | None = None
         self.sessions: dict[int, TaSession] = {}
         self.apps: dict[uuidlib.UUID, type[TrustedApp]] = {}
         self.temp_live = 0
+        #: guards the counters a CANCEL from another thread updates beside a running call
+        self._count_lock = threading.Lock()
         self._stats = SecureStats()
         self._entry.bind({}, {}, self._call_generic, self._stats)
         self._stats._counter = self._entry
@@ -193,6 +197,24 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         self._caps = value
         self._caps_bits = int(value)
         self._entry.caps = self._caps_bits
+
+    @property
+    def strict(self) -> bool:
+        """poolsvc's stricter checks (``Config.strict``; the module doc lists them)."""
+        return bool(self._entry.strict)
+
+    @strict.setter
+    def strict(self, value: bool) -> None:
+        self._entry.strict = value
+
+    @property
+    def shadowed(self) -> dict[int, list[RegisteredShm]]:
+        """Older registrations a reused cookie shadows, oldest first (not strict)."""
+        return self._entry.shadowed
+
+    @shadowed.setter
+    def shadowed(self, value: dict[int, list[RegisteredShm]]) -> None:
+        self._entry.shadowed = value
 
     @property
     def registered(self) -> dict[int, RegisteredShm]:
@@ -282,31 +304,28 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         BadParameters (OP-TEE answers such a call with an error at the SMC
         level, before any message exists).
 
-        This is :meth:`serve`, or, in a ``strict`` world with DYNAMIC_SHM, the
-        compiled entry (``core.SmcEntry``, which the driver's ``SmcDriver``
-        then calls in C), which answers every message exactly as ``serve``
-        does: a one-parameter REGISTER_SHM / UNREGISTER_SHM is copied out,
-        checked in the order and with the codes of ``_register`` /
-        ``_unregister``, and applied with the bookkeeping of :meth:`process`
-        (cookie table, ``stats``, the RPC server's ``call_done``); only
-        ``ret`` and ``ret_origin`` are written back (those commands' only
-        outputs).  Anything else takes :meth:`serve`.  The compiled entry
-        returns None (the SMC result of what it serves is OK).
+        With DYNAMIC_SHM this is the compiled entry (``core.SmcEntry``, which
+        the driver's ``SmcDriver`` then calls in C), in the world's mode
+        (``strict`` or not): a one-parameter REGISTER_SHM / UNREGISTER_SHM is
+        copied out, checked in the order and with the codes of ``_register``
+        / ``_unregister``, and applied with the bookkeeping of
+        :meth:`process` (cookie table and shadowed registrations, ``stats``,
+        the RPC server's ``call_done``); only ``ret`` (and ``ret_origin``
+        when strict) is written back, those commands' only outputs, so the
+        message ends as :meth:`serve` leaves it.  Anything else takes
+        :meth:`serve`, whose SMC-level result it returns; what the entry
+        serves returns None (SMC result OK).  Without DYNAMIC_SHM this is
+        :meth:`serve`.
         """
-        if self.strict and self._caps_bits & _DYNAMIC_SHM:
+        if self._caps_bits & _DYNAMIC_SHM:
             return self._entry
         return self.serve
 
     @property
     def driver_entry(self) -> Callable[[int], Any]:
         """What the System's driver sends its own one-parameter REGISTER_SHM /
-        UNREGISTER_SHM through: the compiled entry with DYNAMIC_SHM, else :meth:`serve`.
-
-        The driver's messages are well formed and name fresh cookies, so the
-        compiled entry's answers to them differ from :meth:`serve`'s only in
-        ``ret_origin`` (written TEE), which the driver does not read.
-        """
-        return self._entry if self._caps_bits & _DYNAMIC_SHM else self.serve
+        UNREGISTER_SHM through: :attr:`call_with_arg`."""
+        return self.call_with_arg
 
     def serve(self, arg_pa: int) -> int:
         """Process the message at physical address ``arg_pa`` (every command, in Python).
@@ -345,11 +364,19 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
 
     def process(self, msg: MsgArg) -> int:
         """Handle a decoded message in place: sets ``ret`` (and ``ret_origin`` where
-        OP-TEE does); returns the SMC-level result (``SMC_RETURN_*``)."""
-        self.stats.calls += 1
+        OP-TEE does); returns the SMC-level result (``SMC_RETURN_*``).
+
+        A CANCEL may come from another thread while a call runs: it is
+        counted under ``_count_lock`` and does not end the running call's
+        RPC memory (the RPC server's ``call_done`` is for the calls that may
+        make RPCs).
+        """
         cmd = msg.cmd
+        with self._count_lock:
+            self.stats.calls += 1
         handler = self._handlers.get(cmd)
         registration = cmd in _REG_CMDS
+        cancel = cmd == _CANCEL
         if handler is None or (registration and not self._caps_bits & _DYNAMIC_SHM):
             self._call_done()
             return SMC_RETURN_EBADCMD
@@ -364,9 +391,12 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
             if writes_origin:
                 msg.ret_origin = getattr(exc, "origin", Origin.TEE)
         finally:
-            self._call_done()
+            if not cancel:
+                self._call_done()
         if msg.ret != TEE_SUCCESS:
-            self.stats.errors[msg.ret] = self.stats.errors.get(msg.ret, 0) + 1
+            errors = self.stats.errors
+            with self._count_lock:
+                errors[msg.ret] = errors.get(msg.ret, 0) + 1
         return SMC_RETURN_OK
 
     def _call_done(self) -> None:

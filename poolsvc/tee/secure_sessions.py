@@ -7,9 +7,14 @@ CLOSE_SESSION, and running app code.
   ITEM_NOT_FOUND.  INVOKE_COMMAND: at most 4 parameters; unknown session:
   BAD_PARAMETERS.  CLOSE_SESSION: no parameters; unknown session:
   BAD_PARAMETERS.  CANCEL: no parameters and an open session (else
-  BAD_PARAMETERS); it sets the session's ``cancel_requested`` flag and
-  answers SUCCESS (``entry_cancel`` / ``tee_ta_cancel_command``); calls run to
-  completion on the System's one thread, so the flag is what an app sees.
+  BAD_PARAMETERS); it sets the session's cancel flag and answers SUCCESS
+  (``entry_cancel`` / ``tee_ta_cancel_command``).  The flag stays set for the
+  session's life (OP-TEE never clears ``sess->cancel``).  An app sees it
+  through its :class:`SessionEnv`: ``cancel_requested`` (the raw flag),
+  ``cancellation_flag`` (TEE_GetCancellationFlag: the flag unless
+  cancellation is masked, which it is when a session starts, as
+  ``tee_ta_init_session`` sets ``cancel_mask``) and :meth:`SessionEnv.wait`
+  (TEE_Wait: TEE_ERROR_CANCEL once the flag is set and unmasked).
 - A trusted app's own errors carry origin TRUSTED_APP; an app that raises
   anything else, or whose code is not a u32 (or is 0 on an error), has
   panicked: TARGET_DEAD, and its session is dead.  The app gets a copy of
@@ -18,17 +23,22 @@ CLOSE_SESSION, and running app code.
   world.
 
 Concurrency: one call at a time (the System serialises); a session inside a
-call is ``running`` and refuses a re-entrant call (BUSY).
+call is ``running`` and refuses a re-entrant call (BUSY).  The one exception
+is CANCEL, which another thread may send while a call runs (the driver's
+``Driver.cancel``, as OP-TEE serves it on another thread): :meth:`_cancel`
+only looks a session up and sets its ``cancelled`` event, which a waiting
+app (:meth:`SessionEnv.wait`) wakes on.
 """
 from __future__ import annotations
 
 import operator
+import threading
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from ..constants import ATTR_META, Attr, Origin, RpcShmType
-from ..errors import TEE_SUCCESS, BadParameters, Busy, Closed, ItemNotFound, PoolsvcError
+from ..errors import TEE_ERROR_CANCEL, TEE_SUCCESS, BadParameters, Busy, Closed, ItemNotFound, PoolsvcError
 from .msg import MsgArg, MsgParam, uuid_from_value
 from .secure_rpc import RpcMemory
 from .ta import TEE_ERROR_TARGET_DEAD, Login, Param, TrustedApp
@@ -47,9 +57,16 @@ class TaSession:
     client_uuid: uuidlib.UUID
     dead: bool = False
     running: int = 0
-    #: set by CANCEL; what the app reads as ``env.cancel_requested``
-    cancel_requested: bool = False
+    #: set by CANCEL, never cleared (OP-TEE's ``sess->cancel``); set from any thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    #: cancellation masked (TEE_MaskCancellation), as every session starts
+    cancel_mask: bool = True
     rpc: dict[int, RpcMemory] = field(default_factory=dict)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once the normal world sent CANCEL for this session."""
+        return self.cancelled.is_set()
 
 
 class SessionEnv:
@@ -70,8 +87,40 @@ class SessionEnv:
 
     @property
     def cancel_requested(self) -> bool:
-        """True once the normal world sent CANCEL for this session."""
+        """True once the normal world sent CANCEL for this session (masked or not)."""
         return self._session.cancel_requested
+
+    @property
+    def cancellation_flag(self) -> bool:
+        """TEE_GetCancellationFlag: the cancel flag, False while cancellation is masked."""
+        return not self._session.cancel_mask and self._session.cancel_requested
+
+    def mask_cancellation(self) -> bool:
+        """TEE_MaskCancellation: mask cancellation; returns whether it was masked."""
+        was, self._session.cancel_mask = self._session.cancel_mask, True
+        return was
+
+    def unmask_cancellation(self) -> bool:
+        """TEE_UnmaskCancellation: unmask cancellation; returns whether it was masked."""
+        was, self._session.cancel_mask = self._session.cancel_mask, False
+        return was
+
+    def wait(self, timeout_ms: int) -> int:
+        """TEE_Wait: wait ``timeout_ms`` milliseconds (0xFFFFFFFF: forever).
+
+        Returns TEE_SUCCESS when the time has passed, TEE_ERROR_CANCEL as soon
+        as the session is cancelled with cancellation unmasked (at once when
+        it already is).  A masked wait is not interrupted.
+        """
+        forever = timeout_ms == 0xFFFFFFFF
+        if self._session.cancel_mask:
+            if forever:
+                raise BadParameters("TEE_Wait forever with cancellation masked would never return")
+            threading.Event().wait(timeout_ms / 1000)
+            return TEE_SUCCESS
+        if self._session.cancelled.wait(None if forever else timeout_ms / 1000):
+            return TEE_ERROR_CANCEL
+        return TEE_SUCCESS
 
     def rpc_alloc(self, size: int, shm_type: int = RpcShmType.APPL, align: int = 0) -> RpcMemory:
         """Ask the normal world for ``size`` bytes of shared memory (RPC SHM_ALLOC).
@@ -232,7 +281,7 @@ class SecureSessions:
         session = self.sessions.get(msg.session)
         if session is None:
             raise BadParameters(f"CANCEL of session {msg.session}, which is not open")
-        session.cancel_requested = True
+        session.cancelled.set()
 
 
 def _app_code(value: Any) -> int:

@@ -23,6 +23,8 @@ objects in place (``Value.a/b``, ``*.size``).  A non-zero return code raises
 
 Concurrency: a Session belongs to its Context's thread (the System
 serialises everything); an RPC is served inside the call that makes it.
+:meth:`Session.cancel` is the exception: any thread may call it while the
+Session's thread is inside a call.
 """
 from __future__ import annotations
 
@@ -143,11 +145,17 @@ class Session:
         login = check_u32(login, "login")
         meta = [MsgParam(Attr.VALUE_INPUT | ATTR_META, *uuid_to_value(ta_uuid), 0),
                 MsgParam(Attr.VALUE_INPUT | ATTR_META, *uuid_to_value(client), int(login))]
-        with _Call(context) as conv:
-            conv.add_all(params)
-            reply = context.system.driver.call(MsgArg(cmd=MsgCmd.OPEN_SESSION, params=meta + conv.msg_params))
-            result = conv.results(reply, 2)
-        raise_for(f"open session with {ta_uuid}", result)
+        driver = context.system.driver
+        driver.hold_cancel()  # the session's CANCEL needs the driver's cancel message
+        try:
+            with _Call(context) as conv:
+                conv.add_all(params)
+                reply = driver.call(MsgArg(cmd=MsgCmd.OPEN_SESSION, params=meta + conv.msg_params))
+                result = conv.results(reply, 2)
+            raise_for(f"open session with {ta_uuid}", result)
+        except BaseException:
+            driver.release_cancel()
+            raise
         session = cls(context, reply.session, ta_uuid)
         session.open_result = result
         context.sessions[session.id] = session
@@ -169,6 +177,18 @@ class Session:
         raise_for(f"invoke {func} on session {self.id}", result)
         return result
 
+    def cancel(self, cancel_id: int = 0) -> None:
+        """Ask the secure world to cancel what this session runs (TEE_IOC_CANCEL).
+
+        Sends OPTEE_MSG_CMD_CANCEL for the session (``optee_cancel_req``);
+        may be called from any thread, also while another thread is inside
+        :meth:`invoke` of this session.  The app sees the request when it
+        checks for cancellation; the flag stays set for the session's life.
+        Raises Closed for a closed session or System.
+        """
+        self._check()
+        self.context.system.driver.cancel(self.id, check_u32(cancel_id, "cancel_id"))
+
     def _check(self) -> None:
         if self.closed:
             raise Closed(f"session {self.id} is closed")
@@ -181,6 +201,8 @@ class Session:
         self.closed = True
         self.context.sessions.pop(self.id, None)
         system = self.context.system
+        if system.driver is not None:
+            system.driver.release_cancel()
         if system.closed or self.id not in system.tee.sessions:
             return
         reply = system.driver.call(MsgArg(cmd=MsgCmd.CLOSE_SESSION, session=self.id))

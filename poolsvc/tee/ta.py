@@ -7,9 +7,10 @@ This module owns what a trusted app (TA) sees of a call:
   ``None`` for a NONE slot);
 - :class:`TrustedApp`, the base class a user subclasses and registers under a
   UUID (``SecureWorld.install(cls)``); one instance lives per session;
-- the built-in apps: :class:`Sha256App`, :class:`FillApp`, :class:`CopyApp`
-  and :class:`StorageApp` (state kept in memory obtained from the normal world
-  by RPC, as a firmware TPM keeps its state in supplicant memory).
+- the built-in apps: :class:`Sha256App`, :class:`FillApp`, :class:`CopyApp`,
+  :class:`StorageApp` (state kept in memory obtained from the normal world
+  by RPC, as a firmware TPM keeps its state in supplicant memory),
+  :class:`HelloWorldApp` and :class:`WaitApp` (a cancellable wait).
 
 Zero copy.  A :class:`Memref` is a window onto physical pages, translated
 through the frame table (the secure world's MMU).  Its bytes are reached as
@@ -532,8 +533,34 @@ class HelloWorldApp(TrustedApp):
             raise BadParameters(f"hello_world: unknown command {func}")
 
 
-BUILTIN_APPS: tuple[type[TrustedApp], ...] = (Sha256App, FillApp, CopyApp, StorageApp, HelloWorldApp)
+class WaitApp(TrustedApp):
+    """Waits until its session is cancelled, as a cancellable TA does (GP TEE_Wait).
+
+    Command 0 (WAIT): VALUE_INPUT ``a`` = milliseconds (0xFFFFFFFF: until
+    cancelled), ``b`` = 1 to wait with cancellation masked.  Unmasks
+    cancellation unless asked not to (``TEE_UnmaskCancellation``) and waits
+    (``env.wait``): TEE_ERROR_CANCEL (origin TRUSTED_APP) once the normal
+    world sends CANCEL for the session, SUCCESS when the time has passed.
+    """
+
+    UUID = _uuid("wait")  # 07358268-6017-5483-960f-d04b43469f0d
+    NAME = "wait"
+    WAIT = 0
+
+    def invoke(self, func: int, params: Sequence[Param]) -> int | None:
+        check_types(params, ParamType.VALUE_INPUT)
+        if func != self.WAIT:
+            raise BadParameters(f"wait: unknown command {func}")
+        value = _value(params[0])
+        if value.b == 1:
+            self.env.mask_cancellation()
+        else:
+            self.env.unmask_cancellation()
+        return self.env.wait(value.a)
+
+
+BUILTIN_APPS: tuple[type[TrustedApp], ...] = (Sha256App, FillApp, CopyApp, StorageApp, HelloWorldApp, WaitApp)
 
 __all__ = ["BUILTIN_APPS", "CopyApp", "FillApp", "HelloWorldApp", "Login", "Memref", "Param", "ParamType",
-           "Sha256App", "StorageApp", "TEE_ERROR_TARGET_DEAD", "TrustedApp", "Value",
+           "Sha256App", "StorageApp", "TEE_ERROR_TARGET_DEAD", "TrustedApp", "Value", "WaitApp",
            "check_types"]
