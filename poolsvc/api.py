@@ -24,8 +24,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .constants import TEE_NUM_PARAMS, GenCaps, ShmFlags
-from .errors import BadParameters, Closed, NotSharedMemory, NotSupported
+from .constants import TEE_NUM_PARAMS, ShmFlags
+from .errors import BadParameters, Closed, NotSharedMemory, OutOfMemory
 
 #: Sizes and ids travel as 64-bit fields (``size_t`` in the driver, u64/s64 on the wire);
 #: a size must stay below this bound.
@@ -202,12 +202,15 @@ class System(Protocol):
 def check_size(size: Any) -> None:
     """An allocation size: a positive int (not bool) below :data:`SIZE_LIMIT`.
 
-    Size 0 raises BadParameters here, where the kernel's pools refuse it and
-    the ioctl fails with ENOMEM (docs/fidelity.md lists the difference).
+    Size 0 raises OutOfMemory, as the kernel's pools refuse it and
+    ``TEE_IOC_SHM_ALLOC`` fails with ENOMEM (``tee_shm_alloc_user_buf``); a
+    negative size, or one that is not an int, BadParameters.
     """
     if isinstance(size, bool) or not isinstance(size, int):
         raise BadParameters(f"size must be an int, got {size!r}")
-    if size <= 0:
+    if size == 0:
+        raise OutOfMemory("size 0: the pools refuse an empty allocation (ENOMEM)")
+    if size < 0:
         raise BadParameters(f"size {size} must be positive")
     if size >= SIZE_LIMIT:
         raise BadParameters(f"size {size} does not fit in a signed 64-bit field")
@@ -242,19 +245,6 @@ def parse_uuid(value: Any) -> uuidlib.UUID:
         return uuidlib.UUID(str(value))
     except ValueError:
         raise BadParameters(f"{value!r} is not a UUID") from None
-
-
-def require_reg_mem(gen_caps: int) -> None:
-    """NotSupported unless the driver offers REG_MEM (registration of existing buffers).
-
-    This is libteec's check (``TEEC_RegisterSharedMemory`` reads REG_MEM), for
-    callers that model libteec; the kernel does not make it: the embedded
-    System sends REGISTER_SHM all the same and the secure world refuses it
-    (BadParameters, the kernel's ``-EINVAL``).
-    """
-    if not gen_caps & GenCaps.REG_MEM:
-        raise NotSupported("registering memory needs REG_MEM, which this TEE does not offer "
-                           "(no DYNAMIC_SHM capability)")
 
 
 def check_writable(view: memoryview, addr: int, mapping_writable: bool) -> None:
@@ -311,4 +301,4 @@ class ShmBase:
         return self.view()
 
 __all__ = ["SIZE_LIMIT", "Context", "Session", "Shm", "System", "check_param_count", "check_shm_id",
-           "check_size", "check_u32", "check_writable", "parse_uuid", "require_reg_mem"]
+           "check_size", "check_u32", "check_writable", "parse_uuid"]

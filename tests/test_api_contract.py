@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import pytest
 
 from poolsvc import Config, System, api
-from poolsvc.errors import BadParameters, NotSharedMemory, NotSupported
+from poolsvc.errors import BadParameters, NotSharedMemory, OutOfMemory
 
 from poolsvc.service.client import connect
 from poolsvc.tee.ta import CopyApp
@@ -130,10 +131,46 @@ def test_service_objects_are_instances_of_the_protocols(tmp_path):
         daemon.stop()
 
 
-@pytest.mark.parametrize("size", [0, -1, True, 1.0, "8", 1 << 63])
+@pytest.mark.parametrize("size", [-1, True, 1.0, "8", 1 << 63])
 def test_check_size_refuses(size):
     with pytest.raises(BadParameters):
         api.check_size(size)
+
+
+def test_check_size_0_is_out_of_memory():
+    """The kernel's pools refuse size 0 and TEE_IOC_SHM_ALLOC fails with ENOMEM."""
+    with pytest.raises(OutOfMemory, match="ENOMEM"):
+        api.check_size(0)
+
+
+def _register_without_reg_mem(system):
+    """REGISTER of POSIX shared memory where the TEE has no DYNAMIC_SHM: the kernel
+    sends REGISTER_SHM, the secure world refuses it, the ioctl is -EINVAL."""
+    ctx = system.open_context()
+    seg = shared_memory.SharedMemory(create=True, size=2 * 4096)
+    try:
+        with pytest.raises(BadParameters, match="EINVAL"):
+            ctx.register_user_buf(seg.buf)
+        with pytest.raises(NotSharedMemory):          # private memory: never sent
+            ctx.register_user_buf(bytearray(4096))
+    finally:
+        seg.close()
+        seg.unlink()
+    ctx.close()
+
+
+def test_register_without_reg_mem_embedded():
+    with System(Config(**SMALL, dynamic_shm=False)) as system:
+        _register_without_reg_mem(system)
+
+
+def test_register_without_reg_mem_daemon(tmp_path):
+    daemon = DaemonThread(tmp_path / "d.sock", config=Config(**SMALL, dynamic_shm=False))
+    try:
+        with connect(str(tmp_path / "d.sock")) as client:
+            _register_without_reg_mem(client)
+    finally:
+        daemon.stop()
 
 
 def test_checks_accept_and_refuse():
@@ -149,9 +186,6 @@ def test_checks_accept_and_refuse():
         api.check_param_count([None] * 5)
     with pytest.raises(BadParameters, match="is not a UUID"):
         api.parse_uuid("nope")
-    with pytest.raises(NotSupported, match="REG_MEM"):
-        api.require_reg_mem(0)
-    api.require_reg_mem(int(api.GenCaps.REG_MEM))
     with pytest.raises(NotSharedMemory, match="read-only mapping"):
         api.check_writable(memoryview(bytearray(1)), 0x1000, False)
     with pytest.raises(NotSharedMemory, match="object is read-only"):

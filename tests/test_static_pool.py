@@ -22,7 +22,7 @@ import pytest
 from poolsvc import Config, System
 from poolsvc._backend import core
 from poolsvc.constants import PAGE_SIZE, ShmFlags
-from poolsvc.errors import BadParameters, ItemNotFound, NotSupported, OutOfMemory
+from poolsvc.errors import ItemNotFound, NotSupported, OutOfMemory
 from poolsvc.memory import ARENA_FIRST_PAGES
 from poolsvc.service import protocol as P
 from poolsvc.service.client import connect
@@ -184,7 +184,7 @@ def test_a_failure_takes_nothing(system, monkeypatch):
     assert (system.static.used_bytes, system.memory.table.mapped_frames, len(system.ids)) == (used, mapped, 0)
     with pytest.raises(OutOfMemory):
         ctx.alloc_user_buf(system.config.static_size)  # more than the carve-out holds
-    with pytest.raises(BadParameters):
+    with pytest.raises(OutOfMemory):
         ctx.alloc_kernel_buf(0)
     assert (system.static.used_bytes, ctx.arena.used_pages) == (used, 0)
     assert_accounting(system)

@@ -182,7 +182,7 @@ class SystemMachine(RuleBasedStateMachine):
         self.contexts[ctx] = self.system.open_context(f"c{ctx}-again")
 
     @rule(ctx=st.integers(0, 2), kind=st.sampled_from(KINDS[:3]),
-          size_error=st.sampled_from([(0, BadParameters), (-5, BadParameters), (1.5, BadParameters),
+          size_error=st.sampled_from([(0, OutOfMemory), (-5, BadParameters), (1.5, BadParameters),
                                       ("4096", BadParameters), (True, BadParameters),
                                       (1 << 40, OutOfMemory)]))
     def bad_alloc(self, ctx, kind, size_error):

@@ -130,7 +130,7 @@ class Batch:
             return
         try:
             check_size(size)
-        except BadParameters as exc:
+        except PoolsvcError as exc:  # BadParameters, or OutOfMemory for size 0
             self._answer_here(exc)
 
     alloc_user_buf = _batch_alloc(ALLOC_USER, "Queue ``Context.alloc_user_buf(size)``.")

@@ -34,8 +34,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..api import ShmBase, check_shm_id, check_size, check_u32, check_writable, parse_uuid, require_reg_mem
-from ..constants import PAGE_SIZE, ShmFlags
+from ..api import ShmBase, check_shm_id, check_size, check_u32, check_writable, parse_uuid
+from ..constants import PAGE_SIZE, GenCaps, ShmFlags
 from ..errors import Closed, NotSharedMemory, NotSupported, PoolsvcError, ProtocolError
 from . import protocol as P
 from .batch import Batch
@@ -242,6 +242,8 @@ class Context(Handle):
         """A new context of the daemon ``dialer`` reaches; ``forget(ctx)`` runs once it closes."""
         self._forget = forget
         self._channel = dialer.open(P.Role.CONTEXT, name)
+        #: TEE_GEN_CAP_REG_MEM: temporary memrefs are registered, else bounced (libteec's check)
+        self._reg_mem = bool(self._channel.gen_caps & GenCaps.REG_MEM)
         self.cid = self._channel.cid
         self.name = self._channel.context_name
         self.shms: dict[int, Shm] = {}
@@ -365,7 +367,6 @@ class Context(Handle):
         from ..mapping import buffer_span, find_mapping
 
         self._check()
-        require_reg_mem(self._channel.gen_caps)
         view, addr, length = buffer_span(obj)
         own_fd = -1
         try:
@@ -395,7 +396,7 @@ class Context(Handle):
         self._check()
         ta_uuid = parse_uuid(uuid)
         check_u32(login, "login")
-        with Params(self, params) as conv:
+        with Params(self, params, self._reg_mem) as conv:
             body = ta_uuid.bytes + P.COOKIE.pack(login) + conv.encode()
             reply_type, reply = self._channel.call(P.MsgType.OPEN_SESSION, body)
             reply = check_reply(reply_type, reply, "OPEN_SESSION")
@@ -409,7 +410,7 @@ class Context(Handle):
     def _invoke(self, session: Session, func: int, params: Sequence[Any]) -> Any:
         self._check()
         check_u32(func, "command")
-        with Params(self, params) as conv:
+        with Params(self, params, self._reg_mem) as conv:
             body = P.SESSION.pack(session.id, func, 0) + conv.encode()
             reply_type, reply = self._channel.call(P.MsgType.INVOKE, body)
             reply = check_reply(reply_type, reply, "INVOKE")
