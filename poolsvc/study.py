@@ -74,6 +74,7 @@ from .config import Config
 from .constants import PAGE_SIZE, ShmFlags
 from .errors import InternalError, PoolsvcError
 from .fragmentation import INDEX_ORDER, Ageing, copy_layout, unusable_indices
+from .histogram import percentiles_us
 from .kernelpages import KernelPageAllocator
 from .studypool import StaticFigure, measure_static_pool
 
@@ -398,7 +399,7 @@ def _measure(system: System, buffers: _Buffers, size: int, trials: int,
             got.release()
 
     def pct(values: list[float], q: float) -> float | None:
-        return float(np.percentile(np.array(values) * 1e6, q)) if values else None
+        return percentiles_us(values, (q / 100,))[0] if values else None
 
     def med(name: str) -> int | None:
         return _median([getattr(c, name) for c in costs])

@@ -31,10 +31,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
 from .config import Config
 from .errors import InternalError, PoolsvcError
+from .histogram import percentiles_us
 
 @dataclass
 class StaticFigure:
@@ -70,8 +69,8 @@ def _timed_pairs(ctx: Any, size: int, trials: int) -> tuple[float | None, float 
         times.append(time.perf_counter() - t0)
     if not times:
         return None, None
-    us = np.array(times) * 1e6
-    return float(np.percentile(us, 50)), float(np.percentile(us, 99))
+    p50, p99 = percentiles_us(times, (0.50, 0.99))
+    return p50, p99
 
 
 def _hold_until_refused(ctx: Any, size: int, held: list[Any], check: bool) -> str | None:
