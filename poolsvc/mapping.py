@@ -1,12 +1,12 @@
 """Finding the POSIX shared-memory object behind a buffer.
 
-``register_*_buf(obj)`` accepts any buffer-protocol object backed by POSIX
-shared memory.  This module finds, from the buffer's virtual address, the
-mapping that holds it by reading the process's memory maps
-(``/proc/self/maps``): a shared (``s``) mapping of a file under ``/dev/shm``
-or of a memfd (poolsvc's own storage, or a caller's).
-Private memory (heap, anonymous, ``MAP_PRIVATE``) and read-only mappings are
-refused with :class:`~poolsvc.errors.NotSharedMemory`.
+``register_*_buf(obj)`` accepts any writable buffer-protocol object.  This
+module finds, from the buffer's virtual address, the mapping that holds it by
+reading the process's memory maps (``/proc/self/maps``): a shared (``s``)
+mapping of a file under ``/dev/shm`` or of a memfd (poolsvc's own storage, or
+a caller's).  A buffer in no such mapping is private memory (heap, anonymous,
+``MAP_PRIVATE``): :func:`private_mapping` describes it, and
+``poolsvc/usermem.py`` registers it zero-copy as well.
 
 Mappings found are kept in a compiled ``AddressMap`` (the lookup over known
 mappings), and the maps are read again only on a miss.  A mapping can be
@@ -28,6 +28,7 @@ from functools import cached_property
 from typing import Any
 
 from ._backend import core
+from .constants import PAGE_MASK, PAGE_SHIFT
 from .errors import BadParameters, NotSharedMemory
 
 SHM_PREFIX = "/dev/shm/"
@@ -194,21 +195,51 @@ class MappingCache:
 _CACHE = MappingCache()
 
 
-def find_mapping(addr: int, length: int, exporter: Any = None) -> Mapping:
-    """The shared ``/dev/shm`` mapping holding ``[addr, addr+length)``.
+#: The ``st_dev`` of private memory's ``ObjectKey``: no file system has device 0.
+PRIVATE_DEV = 0
+
+
+def private_mapping(addr: int, length: int) -> Mapping:
+    """The pages ``[addr, addr+length)`` of private memory, described as a mapping.
+
+    Its key is ``(PRIVATE_DEV, first page number)``: registrations that start
+    in the same page share one ledger, and so share the frames of the pages
+    they share.
+    """
+    start = addr & ~PAGE_MASK
+    end = (addr + length + PAGE_MASK) & ~PAGE_MASK
+    return Mapping(start, end, True, 0, dev_string(PRIVATE_DEV), start >> PAGE_SHIFT, "<private>")
+
+
+def find_shared(addr: int, length: int, exporter: Any = None) -> Mapping | None:
+    """The shared ``/dev/shm`` mapping holding ``[addr, addr+length)``, or None
+    for private memory.
 
     ``exporter``: the object exporting the buffer (lets an open ``mmap``
-    confirm a known mapping without a system call).  Raises NotSharedMemory
-    when none does (private memory, or a buffer that straddles two mappings).
+    confirm a known mapping without a system call; a ``bytearray`` is
+    private memory without a look).  Raises NotSharedMemory for a buffer that
+    straddles the end of a shared mapping.
     """
+    if type(exporter) is bytearray:
+        return None
     m = _CACHE.lookup(addr, exporter)
+    if m is not None and addr + length > m.end:
+        raise NotSharedMemory(
+            f"buffer at {addr:#x}+{length:#x} runs past its mapping's end {m.end:#x}")
+    return m
+
+
+def find_mapping(addr: int, length: int, exporter: Any = None) -> Mapping:
+    """The shared ``/dev/shm`` mapping holding ``[addr, addr+length)`` (:func:`find_shared`).
+
+    Raises NotSharedMemory when none does (private memory, which only the
+    embedded System can register, or a buffer that straddles two mappings).
+    """
+    m = find_shared(addr, length, exporter)
     if m is None:
         raise NotSharedMemory(
             f"buffer at {addr:#x} is not in POSIX shared memory (it is private memory); "
             "use multiprocessing.shared_memory or posix_ipc")
-    if addr + length > m.end:
-        raise NotSharedMemory(
-            f"buffer at {addr:#x}+{length:#x} runs past its mapping's end {m.end:#x}")
     return m
 
 
