@@ -199,15 +199,28 @@ _CACHE = MappingCache()
 PRIVATE_DEV = 0
 
 
-def private_mapping(addr: int, length: int) -> Mapping:
-    """The pages ``[addr, addr+length)`` of private memory, described as a mapping.
+def private_mapping(addr: int, length: int, exporter: Any = None) -> Mapping:
+    """The pages of the private memory holding ``[addr, addr+length)``, described
+    as a mapping: those of ``exporter``'s whole buffer (the object a memoryview
+    of the buffer came from) when it holds the range, else those of the range.
 
-    Its key is ``(PRIVATE_DEV, first page number)``: registrations that start
-    in the same page share one ledger, and so share the frames of the pages
-    they share.
+    Its key is ``(PRIVATE_DEV, first page number)``: registrations of parts of
+    one exporter share one ledger, and so get the same frames for the same
+    pages (registrations through different exporters that share a page get
+    frames of their own for it).
     """
-    start = addr & ~PAGE_MASK
-    end = (addr + length + PAGE_MASK) & ~PAGE_MASK
+    lo, hi = addr, addr + length
+    if exporter is not None:
+        try:
+            with memoryview(exporter) as whole:
+                if whole.c_contiguous and whole.nbytes:
+                    base = core.buffer_address(whole)
+                    if base <= lo and hi <= base + whole.nbytes:
+                        lo, hi = base, base + whole.nbytes
+        except (TypeError, BufferError, BadParameters):
+            pass
+    start = lo & ~PAGE_MASK
+    end = (hi + PAGE_MASK) & ~PAGE_MASK
     return Mapping(start, end, True, 0, dev_string(PRIVATE_DEV), start >> PAGE_SHIFT, "<private>")
 
 

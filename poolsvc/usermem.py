@@ -33,9 +33,10 @@ daemon, which receives the descriptor from its client), naming it by
 
 Private memory (a ``bytearray``, a numpy array, an anonymous or
 ``MAP_PRIVATE`` mmap: anything writable in no shared mapping) is registered
-zero-copy too: it is one object per first page (``mapping.private_mapping``),
-its window is a view of the registration's own pages, detached with its last
-pinned page, and its ledger is dropped when no page is pinned.  The
+zero-copy too: the object is the buffer's exporter (``mapping.private_mapping``:
+a ``bytearray``, array or mmap, named by its first page), its window a view
+of the exporter's pages, detached with its last pinned page, and its ledger is
+dropped when no page is pinned.  The
 registration's memoryview export keeps the buffer where it is: a
 ``bytearray``, numpy array or ``mmap`` with an export can be neither resized
 nor closed.
@@ -176,7 +177,7 @@ class UserMemory:
         try:
             mapping = find_shared(addr, length, view.obj)
             if mapping is None:
-                mapping = private_mapping(addr, length)
+                mapping = private_mapping(addr, length, view.obj)
             check_writable(view, addr, mapping.writable)
             return self._pin(ctx, view, mapping, addr, length, flags, None)
         except BaseException:

@@ -156,6 +156,13 @@ def test_registered_private_pages_read_back_through_the_frame_table(system, data
     view = memoryview(backing)
     shm = ctx.register_kernel_buf(view[start:start + len(data)])
     other = ctx.register_kernel_buf(view[second:second + PAGE_SIZE])  # overlapping or not
+    base = _address(view) & ~(PAGE_SIZE - 1)
+    mine = {(_address(view) + start) // PAGE_SIZE + i - base // PAGE_SIZE: int(pa)
+            for i, pa in enumerate(shm.pages)}
+    theirs = {(_address(view) + second) // PAGE_SIZE + i - base // PAGE_SIZE: int(pa)
+              for i, pa in enumerate(other.pages)}
+    for page in mine.keys() & theirs.keys():  # one exporter: the same page has the same frame
+        assert mine[page] == theirs[page]
     out = bytearray()
     pos = shm.offset
     for pa in shm.pages:
