@@ -142,3 +142,65 @@ def test_a_fault_outside_every_guarded_range_still_ends_the_process() -> None:
     assert child.stdout.strip() == "touching"
     assert child.returncode == -signal.SIGBUS
     assert "Bus error" in child.stderr                # faulthandler ran: the guard chained to it
+
+
+def test_the_guard_module_checks_its_arguments_and_its_exports() -> None:
+    import ctypes
+    import mmap
+
+    from poolsvc import _sigguard as guard
+
+    with pytest.raises(ValueError, match="page-aligned"):
+        guard.add(4096, 4096 + 100)
+    with pytest.raises(ValueError, match="page-aligned"):
+        guard.probe(8192, 4096)
+    with pytest.raises(ValueError, match="not in use"):
+        guard.dead(guard.CAPACITY)
+    anon = mmap.mmap(-1, 2 * 4096)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(anon))
+    view = memoryview(anon)
+    with pytest.raises(ValueError, match="not inside"):
+        guard.GuardedWindow(view, start + 4096, start + 2 * 4096)
+    window = guard.GuardedWindow(view, start, start + 2 * 4096)
+    slot = guard.add(start, start + 2 * 4096)
+    assert not guard.probe(start, start + 2 * 4096) and not guard.dead(slot) and not window.dead()
+    export = memoryview(window)
+    export[5] = 7
+    assert anon[5] == 7 and window.exports == 1
+    with pytest.raises(BufferError, match="exports"):
+        window.release()
+    export.release()
+    guard.remove(slot)
+    window.release()
+    with pytest.raises(BufferError, match="released"):
+        memoryview(window)
+    view.release()
+    anon.close()
+
+
+def test_registrations_beyond_the_guard_table_are_refused(monkeypatch) -> None:
+    from poolsvc import Config, System, _sigguard, usermem
+    from poolsvc.errors import OutOfMemory
+
+    monkeypatch.setattr(usermem, "sigguard", _FullGuard(_sigguard))
+    with System(Config(dynamic_shm=True)) as system:
+        ctx = system.open_context()
+        used = system.dynamic.used_frames
+        with pytest.raises(OutOfMemory, match="guarded already"):
+            ctx.register_user_buf(bytearray(100))
+        assert system.dynamic.used_frames == used and not ctx.shms and not system.usermem.objects
+        ctx.close()
+
+
+class _FullGuard:
+    """The guard module with every slot taken."""
+
+    def __init__(self, module: object) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._module, name)
+
+    @staticmethod
+    def add(start: int, end: int) -> int:
+        return -1
