@@ -1,8 +1,9 @@
 """Registered memory truncated by its owner cannot kill the embedded System (issue 13, item 2).
 
 A POSIX shm object (or a memfd) is registered, then its owner truncates it
-(to 0, and to one page) at each stage: idle, before a trusted app reads it,
-while the frame table copies from it, and at close.  The process lives, the
+(to 0, and to one page) at each stage: idle, before a trusted app reads it
+(also after faulthandler replaced the SIGBUS handler), while the frame table
+copies from it, and at close.  The process lives, the
 call that meets the truncated memory fails with a typed error, the
 registration is dead, accounting returns to baseline and ``/dev/shm`` is clean.
 
@@ -67,7 +68,10 @@ CHILD = textwrap.dedent('''
         seen["before"] = digest() == hashlib.sha256(b"\\x5a" * (PAGES * 4096 - 200)).hexdigest()
         if stage == "idle":
             os.ftruncate(obj.fd, keep)
-        elif stage == "read":
+        elif stage in ("read", "faulthandler"):
+            if stage == "faulthandler":         # SIGBUS handlers replaced since the registration
+                faulthandler.disable()
+                faulthandler.enable()
             os.ftruncate(obj.fd, keep)
             seen["call"] = digest()
             seen["again"] = digest()
@@ -99,7 +103,7 @@ def run_child(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("how", ["buffer", "fd"])
 @pytest.mark.parametrize("keep", [0, 4096])
-@pytest.mark.parametrize("stage", ["idle", "read", "copy", "close"])
+@pytest.mark.parametrize("stage", ["idle", "read", "faulthandler", "copy", "close"])
 def test_truncated_registration_fails_the_call_and_the_process_lives(stage: str, keep: int,
                                                                       how: str) -> None:
     child = run_child(stage, str(keep), how)
@@ -108,7 +112,7 @@ def test_truncated_registration_fails_the_call_and_the_process_lives(stage: str,
     assert seen["before"] is True
     assert seen["used_while_registered"] is True      # a dead registration stays accounted
     assert seen["objects"] in (0, 1)                  # a kept ledger pins nothing (assert_idle)
-    if stage == "read":
+    if stage in ("read", "faulthandler"):
         # the app's view of the memory was refused (NotSharedMemory): BAD_PARAMETERS from the app
         assert seen["call"].startswith("TeeError 0xffff0006") and "TRUSTED_APP" in seen["call"]
         assert seen["again"].startswith("TeeError 0xffff0006")
