@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
+
 from ._backend import core
 from .constants import PAGE_MASK, PAGE_SHIFT
 from .errors import BadParameters, NotSharedMemory
@@ -229,11 +231,12 @@ def find_shared(addr: int, length: int, exporter: Any = None) -> Mapping | None:
     for private memory.
 
     ``exporter``: the object exporting the buffer (lets an open ``mmap``
-    confirm a known mapping without a system call; a ``bytearray`` is
-    private memory without a look).  Raises NotSharedMemory for a buffer that
-    straddles the end of a shared mapping.
+    confirm a known mapping without a system call; a ``bytearray`` and a
+    numpy array that owns its data are private memory without a look at the
+    maps).  Raises NotSharedMemory for a buffer that straddles the end of a
+    shared mapping.
     """
-    if type(exporter) is bytearray:
+    if type(exporter) is bytearray or (type(exporter) is np.ndarray and exporter.flags.owndata):
         return None
     m = _CACHE.lookup(addr, exporter)
     if m is not None and addr + length > m.end:
