@@ -3,7 +3,7 @@
 The core is one extension, ``poolsvc._core``, built from ``ext/_core.pyx``,
 which textually includes one ``.pyx`` per concern (allocators, tables, page
 lists, copies); ``ext/_core.pxd`` includes their ``.pxd`` twins.  A second,
-small one, ``poolsvc._sigguard`` (``ext/sigguard.c``), is the SIGBUS guard over
+small one, ``poolsvc._sigguard`` (``ext/guard/sigguard.c``), is the SIGBUS guard over
 registered client memory, which both backends use.
 
 Environment switches:
@@ -45,8 +45,8 @@ extensions = [
     )
 ]
 # The SIGBUS guard over registered client memory: plain C, a module of its own
-# so that both backends use it (ext/sigguard.c says why).
-guard = Extension("poolsvc._sigguard", ["ext/sigguard.c"], extra_compile_args=compile_args)
+# so that both backends use it (ext/guard/sigguard.c says why).
+guard = Extension("poolsvc._sigguard", ["ext/guard/sigguard.c"], extra_compile_args=compile_args)
 
 setup(
     ext_modules=cythonize(

@@ -1,4 +1,4 @@
-"""Type stub of poolsvc._sigguard, the SIGBUS guard over registered client memory (ext/sigguard.c)."""
+"""Type stub of poolsvc._sigguard, the SIGBUS guard over registered client memory (ext/guard/sigguard.c)."""
 from typing import Any
 
 CAPACITY: int

@@ -41,7 +41,7 @@ registration's memoryview export keeps the buffer where it is: a
 ``bytearray``, numpy array or ``mmap`` with an export can be neither resized
 nor closed.
 
-The SIGBUS guard (``poolsvc._sigguard``, ext/sigguard.c): every live
+The SIGBUS guard (``poolsvc._sigguard``, ext/guard/sigguard.c): every live
 registration's pages are a guarded range, and every window is attached as a
 ``GuardedWindow``.  An owner that truncates a registered object can no longer
 kill this process: a fault on a guarded page maps zero pages over the
