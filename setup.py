@@ -2,7 +2,9 @@
 
 The core is one extension, ``poolsvc._core``, built from ``ext/_core.pyx``,
 which textually includes one ``.pyx`` per concern (allocators, tables, page
-lists, copies); ``ext/_core.pxd`` includes their ``.pxd`` twins.
+lists, copies); ``ext/_core.pxd`` includes their ``.pxd`` twins.  A second,
+small one, ``poolsvc._sigguard`` (``ext/guard/sigguard.c``), is the SIGBUS guard over
+registered client memory, which both backends use.
 
 Environment switches:
   POOLSVC_DEBUG=1   build with C assertions, Cython bounds/wraparound checks
@@ -42,6 +44,9 @@ extensions = [
         extra_compile_args=compile_args,
     )
 ]
+# The SIGBUS guard over registered client memory: plain C, a module of its own
+# so that both backends use it (ext/guard/sigguard.c says why).
+guard = Extension("poolsvc._sigguard", ["ext/guard/sigguard.c"], extra_compile_args=compile_args)
 
 setup(
     ext_modules=cythonize(
@@ -49,5 +54,5 @@ setup(
         compiler_directives=directives,
         compile_time_env={"POOLSVC_DEBUG": DEBUG},
         include_path=["ext"],
-    ),
+    ) + [guard],
 )

@@ -123,17 +123,20 @@ class Context:
 
     # -- registration ------------------------------------------------------------------
     def register_user_buf(self, obj: Any) -> Shm:
-        """Register a writable buffer backed by POSIX shm; it gets an id.
+        """Register a writable buffer, zero-copy; it gets an id.
 
-        Flags USER_MAPPED | DYNAMIC.  Raises NotSharedMemory for private or
-        read-only memory, BadParameters (``-EINVAL``)
-        when the secure world refuses it, e.g. without DYNAMIC_SHM: the kernel
-        does not look at REG_MEM, it sends REGISTER_SHM all the same.
+        Flags USER_MAPPED | DYNAMIC.  Any writable C-contiguous buffer: POSIX
+        shm, or private memory (``bytearray``, numpy array, anonymous mmap),
+        pinned until released (``poolsvc/usermem.py``).  Raises NotSharedMemory
+        for read-only memory, BadParameters for a non-contiguous or empty
+        buffer, and (``-EINVAL``) when the secure world refuses it, e.g. without
+        DYNAMIC_SHM: the kernel does not look at REG_MEM, it sends REGISTER_SHM
+        all the same.
         """
         return self._register(self.system.usermem.register, obj, USER_MAPPED, True)
 
     def register_kernel_buf(self, obj: Any) -> Shm:
-        """Register a buffer backed by POSIX shm for the driver's use; no id (DYNAMIC)."""
+        """Register a writable buffer for the driver's use, as ``register_user_buf``; no id (DYNAMIC)."""
         return self._register(self.system.usermem.register, obj, KERNEL_REG, False)
 
     def register_fd(self, fd: int, file_offset: int, length: int, user: bool = True) -> Shm:

@@ -1,12 +1,12 @@
 """Finding the POSIX shared-memory object behind a buffer.
 
-``register_*_buf(obj)`` accepts any buffer-protocol object backed by POSIX
-shared memory.  This module finds, from the buffer's virtual address, the
-mapping that holds it by reading the process's memory maps
-(``/proc/self/maps``): a shared (``s``) mapping of a file under ``/dev/shm``
-or of a memfd (poolsvc's own storage, or a caller's).
-Private memory (heap, anonymous, ``MAP_PRIVATE``) and read-only mappings are
-refused with :class:`~poolsvc.errors.NotSharedMemory`.
+``register_*_buf(obj)`` accepts any writable buffer-protocol object.  This
+module finds, from the buffer's virtual address, the mapping that holds it by
+reading the process's memory maps (``/proc/self/maps``): a shared (``s``)
+mapping of a file under ``/dev/shm`` or of a memfd (poolsvc's own storage, or
+a caller's).  A buffer in no such mapping is private memory (heap, anonymous,
+``MAP_PRIVATE``): :func:`private_mapping` describes it, and
+``poolsvc/usermem.py`` registers it zero-copy as well.
 
 Mappings found are kept in a compiled ``AddressMap`` (the lookup over known
 mappings), and the maps are read again only on a miss.  A mapping can be
@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
+
 from ._backend import core
+from .constants import PAGE_MASK, PAGE_SHIFT
 from .errors import BadParameters, NotSharedMemory
 
 SHM_PREFIX = "/dev/shm/"
@@ -194,21 +197,65 @@ class MappingCache:
 _CACHE = MappingCache()
 
 
-def find_mapping(addr: int, length: int, exporter: Any = None) -> Mapping:
-    """The shared ``/dev/shm`` mapping holding ``[addr, addr+length)``.
+#: The ``st_dev`` of private memory's ``ObjectKey``: no file system has device 0.
+PRIVATE_DEV = 0
+
+
+def private_mapping(addr: int, length: int, exporter: Any = None) -> Mapping:
+    """The pages of the private memory holding ``[addr, addr+length)``, described
+    as a mapping: those of ``exporter``'s whole buffer (the object a memoryview
+    of the buffer came from) when it holds the range, else those of the range.
+
+    Its key is ``(PRIVATE_DEV, first page number)``: registrations of parts of
+    one exporter share one ledger, and so get the same frames for the same
+    pages (registrations through different exporters that share a page get
+    frames of their own for it).
+    """
+    lo, hi = addr, addr + length
+    if exporter is not None:
+        try:
+            with memoryview(exporter) as whole:
+                if whole.c_contiguous and whole.nbytes:
+                    base = core.buffer_address(whole)
+                    if base <= lo and hi <= base + whole.nbytes:
+                        lo, hi = base, base + whole.nbytes
+        except (TypeError, BufferError, BadParameters):
+            pass
+    start = lo & ~PAGE_MASK
+    end = (hi + PAGE_MASK) & ~PAGE_MASK
+    return Mapping(start, end, True, 0, dev_string(PRIVATE_DEV), start >> PAGE_SHIFT, "<private>")
+
+
+def find_shared(addr: int, length: int, exporter: Any = None) -> Mapping | None:
+    """The shared ``/dev/shm`` mapping holding ``[addr, addr+length)``, or None
+    for private memory.
 
     ``exporter``: the object exporting the buffer (lets an open ``mmap``
-    confirm a known mapping without a system call).  Raises NotSharedMemory
-    when none does (private memory, or a buffer that straddles two mappings).
+    confirm a known mapping without a system call; a ``bytearray`` and a
+    numpy array that owns its data are private memory without a look at the
+    maps).  Raises NotSharedMemory for a buffer that straddles the end of a
+    shared mapping.
     """
+    if type(exporter) is bytearray or (type(exporter) is np.ndarray and exporter.flags.owndata):
+        return None
     m = _CACHE.lookup(addr, exporter)
+    if m is not None and addr + length > m.end:
+        raise NotSharedMemory(
+            f"buffer at {addr:#x}+{length:#x} runs past its mapping's end {m.end:#x}")
+    return m
+
+
+def find_mapping(addr: int, length: int, exporter: Any = None) -> Mapping:
+    """The shared ``/dev/shm`` mapping holding ``[addr, addr+length)`` (:func:`find_shared`).
+
+    Raises NotSharedMemory when none does (private memory, which only the
+    embedded System can register, or a buffer that straddles two mappings).
+    """
+    m = find_shared(addr, length, exporter)
     if m is None:
         raise NotSharedMemory(
             f"buffer at {addr:#x} is not in POSIX shared memory (it is private memory); "
             "use multiprocessing.shared_memory or posix_ipc")
-    if addr + length > m.end:
-        raise NotSharedMemory(
-            f"buffer at {addr:#x}+{length:#x} runs past its mapping's end {m.end:#x}")
     return m
 
 

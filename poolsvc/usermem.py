@@ -1,4 +1,4 @@
-"""The user-memory registry: registration of existing POSIX shared-memory buffers.
+"""The user-memory registry: registration of existing buffers, zero-copy.
 
 ``register_user_buf`` / ``register_kernel_buf`` pin a caller's buffer: each of
 its pages gets a physical frame of dynamic RAM, mapped in the frame table to
@@ -31,6 +31,27 @@ maps the object from a descriptor the caller already holds (the pool service
 daemon, which receives the descriptor from its client), naming it by
 ``fstat`` without reading the maps.
 
+Private memory (a ``bytearray``, a numpy array, an anonymous or
+``MAP_PRIVATE`` mmap: anything writable in no shared mapping) is registered
+zero-copy too: the object is the buffer's exporter (``mapping.private_mapping``:
+a ``bytearray``, array or mmap, named by its first page), its window a view
+of the exporter's pages, detached with its last pinned page, and its ledger is
+dropped when no page is pinned.  The
+registration's memoryview export keeps the buffer where it is: a
+``bytearray``, numpy array or ``mmap`` with an export can be neither resized
+nor closed.
+
+The SIGBUS guard (``poolsvc._sigguard``, ext/guard/sigguard.c): every live
+registration's pages are a guarded range, and every window is attached as a
+``GuardedWindow``.  An owner that truncates a registered object can no longer
+kill this process: a fault on a guarded page maps zero pages over the
+registration's range and marks it dead; every export of a window (a trusted
+app's view of the memory) first probes its registrations' pages, so a
+truncation is found before the access, and a window holding a dead
+registration refuses exports with NotSharedMemory (the request fails; the
+registration stays pinned, and accounted, until its owner releases it).
+Without the guard module (a pure-Python install) registrations are unguarded.
+
 Concurrency: one thread (the System's).
 """
 from __future__ import annotations
@@ -46,10 +67,18 @@ import numpy as np
 from .api import check_writable
 from ._backend import core
 from .constants import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, ShmFlags
-from .errors import BadParameters, NotSharedMemory
-from .mapping import Mapping, ObjectKey, buffer_span, dev_string, find_mapping, mapping_view
+from .errors import BadParameters, NotSharedMemory, OutOfMemory
+from .mapping import (PRIVATE_DEV, Mapping, ObjectKey, buffer_span, dev_string, find_shared,
+                      mapping_view, private_mapping)
 from .memory import PhysicalMemory
 from .shm import Shm, UserBacking
+
+try:  # an OS facility, not a kernel: both backends use it (docs/core.md, "The SIGBUS guard")
+    from . import _sigguard as sigguard
+except ImportError:  # pragma: no cover - a pure-Python install: registrations are unguarded
+    sigguard = None  # type: ignore[assignment]
+else:
+    sigguard.set_error(NotSharedMemory)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Context
@@ -59,6 +88,15 @@ if TYPE_CHECKING:  # pragma: no cover
 _KEEP_FILE_FRAMES = 4096
 #: Windows of the caller's mappings kept attached when no page uses them.
 _IDLE_WINDOWS = 16
+#: Guard registrations against SIGBUS (tests and benchmarks turn it off to measure it).
+GUARD = sigguard is not None
+
+
+@dataclass(slots=True)
+class GuardedBacking(UserBacking):
+    """A registered buffer with its guarded range (``guard``: the slot, -1 when unguarded)."""
+
+    guard: int = -1
 
 
 @dataclass(eq=False)
@@ -66,9 +104,12 @@ class _Window:
     """One mapping of an object in this process, attached as storage ``sid``.
 
     ``where`` is ``(mapping start, end, file offset)``; ``first_page`` the
-    object's page index at the mapping's start; ``own`` is True for a mapping
-    the registry made itself (:meth:`UserMemory.register_fd`); ``idle`` while
-    no pinned page is mapped to it (then it is in ``UserMemory.idle``).
+    object's page index at the mapping's start; ``own`` is True for a window
+    detached with its last pinned page (a mapping the registry made itself,
+    :meth:`UserMemory.register_fd`, or private memory); ``idle`` while no
+    pinned page is mapped to it (then it is in ``UserMemory.idle``);
+    ``storage`` is what is attached: a ``GuardedWindow`` over ``view``, or
+    ``view`` itself when unguarded.
     """
 
     sid: int
@@ -76,6 +117,7 @@ class _Window:
     first_page: int
     own: bool
     where: tuple[int, int, int]
+    storage: Any
     idle: bool = False
 
 
@@ -126,12 +168,16 @@ class UserMemory:
     def register(self, ctx: "Context", obj: Any, flags: ShmFlags) -> Shm:
         """Register the buffer ``obj`` found in this process's shared mappings.
 
+        Private memory is registered zero-copy as well (see the module doc).
         Raises BadParameters (not a contiguous non-empty buffer),
-        NotSharedMemory (private or read-only memory), OutOfMemory, TeeError.
+        NotSharedMemory (read-only memory, or a buffer straddling the end of a
+        shared mapping), OutOfMemory, TeeError.
         """
         view, addr, length = buffer_span(obj)
         try:
-            mapping = find_mapping(addr, length, view.obj)
+            mapping = find_shared(addr, length, view.obj)
+            if mapping is None:
+                mapping = private_mapping(addr, length, view.obj)
             check_writable(view, addr, mapping.writable)
             return self._pin(ctx, view, mapping, addr, length, flags, None)
         except BaseException:
@@ -189,8 +235,18 @@ class UserMemory:
         window = obj.attached.get(where)
         if window is None:
             view = whole[:] if whole is not None else mapping_view(m)
-            sid = self.memory.attach(view, "user")
-            window = _Window(sid, view, m.file_offset // PAGE_SIZE, whole is not None, where)
+            storage: Any = view
+            if GUARD:
+                storage = sigguard.GuardedWindow(view, m.start, m.end)
+            try:
+                sid = self.memory.attach(storage, "user")
+            except BaseException:
+                if storage is not view:
+                    storage.release()
+                view.release()
+                raise
+            window = _Window(sid, view, m.file_offset // PAGE_SIZE,
+                             whole is not None or m.key[0] == PRIVATE_DEV, where, storage)
             obj.attached[where] = window
         elif window.idle:
             window.idle = False
@@ -217,7 +273,34 @@ class UserMemory:
 
     def _detach(self, window: _Window) -> None:
         self.memory.detach(window.sid)
+        if window.storage is not window.view:
+            window.storage.release()
         window.view.release()
+
+    @staticmethod
+    def _guard(addr: int, length: int) -> int:
+        """A guarded range over the pages of ``[addr, addr+length)``, probed: its slot
+        (-1 when unguarded).  NotSharedMemory when a page is not backed (the object
+        ends before the buffer does); OutOfMemory when every slot is taken."""
+        if not GUARD:
+            return -1
+        lo, hi = addr & ~PAGE_MASK, (addr + length + PAGE_MASK) & ~PAGE_MASK
+        slot = sigguard.add(lo, hi)
+        if slot < 0:
+            raise OutOfMemory(f"{sigguard.CAPACITY} registrations are guarded already; "
+                              "release one first")
+        if sigguard.probe(lo, hi):
+            sigguard.remove(slot)
+            raise NotSharedMemory(f"buffer at {addr:#x}+{length:#x} is not backed by its object "
+                                  "(the object is shorter than the mapping)")
+        return slot
+
+    @staticmethod
+    def dead(backing: UserBacking) -> bool:
+        """True when the registration's memory was truncated under it (the guard
+        replaced its pages with zeros): the owner can only release it."""
+        slot = getattr(backing, "guard", -1)
+        return slot >= 0 and bool(sigguard.dead(slot))
 
     def _pin(self, ctx: "Context", view: memoryview, m: Mapping, addr: int, length: int,
              flags: ShmFlags, whole: memoryview | None) -> Shm:
@@ -232,16 +315,23 @@ class UserMemory:
         npages = (offset + length + PAGE_MASK) >> PAGE_SHIFT
         first_fpage = (m.file_offset + addr - m.start) >> PAGE_SHIFT  # within the object
         key = m.key
-        obj = self.objects.get(key)
-        if obj is None:
-            obj = self.objects[key] = _UserObject(core.UserPages(self.memory.table, self.dynamic))
-        window = self._window(obj, m, whole)
+        guard = self._guard(addr, length)
         try:
-            pages = obj.pages.pin(first_fpage, npages, window.sid, window.first_page)
-        finally:
-            if not obj.pages.storage_pages(window.sid):
-                self._drop_unused_windows(obj)
-        backing = UserBacking(view, key, first_fpage, npages, whole)
+            obj = self.objects.get(key)
+            if obj is None:
+                obj = self.objects[key] = _UserObject(core.UserPages(self.memory.table, self.dynamic))
+            window = self._window(obj, m, whole)
+            try:
+                pages = obj.pages.pin(first_fpage, npages, window.sid, window.first_page)
+            finally:
+                if not obj.pages.storage_pages(window.sid):
+                    self._drop_unused_windows(obj)
+                    self._forget_private(key, obj)
+        except BaseException:
+            if guard >= 0:
+                sigguard.remove(guard)
+            raise
+        backing = GuardedBacking(view, key, first_fpage, npages, whole, guard)
         start = core.page_run_start(pages)
         if start is None:
             shm = Shm(ctx, flags, length, offset, pages, next(self.cookies), backing)
@@ -271,9 +361,20 @@ class UserMemory:
                 for window in obj.attached.values():
                     del self.idle[window]
                     self._detach(window)
+            self._forget_private(key, obj)
+        guard = getattr(backing, "guard", -1)
+        if guard >= 0:
+            sigguard.remove(guard)
         backing.view.release()
         if backing.mm is not None:
             backing.mm.release()
+
+    def _forget_private(self, key: ObjectKey, obj: _UserObject) -> None:
+        """Drop the ledger of private memory once no page of it is pinned (its
+        windows went with their last pages): the next registration there may be
+        another buffer."""
+        if key[0] == PRIVATE_DEV and not obj.pages.pinned_pages and self.objects.get(key) is obj:
+            del self.objects[key]
 
 
 __all__ = ["UserMemory"]
