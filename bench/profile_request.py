@@ -502,13 +502,14 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
                 s.add(f"alloc.io_batch.{t}", ns)
                 ns, _ = d.serve(t, P.frame(_BATCH, _close_frames(_cookies(rep, _BATCH))))
                 s.add(f"close.io_batch.{t}", ns)
+        hot = _handler_profile(srv, conn, alloc_body, rounds * batch)
         floors, compiled_op = _compiled_floors(srv.system, emb, pool, kind, max(200, rounds * batch // 4),
                                                timer_ns)
         emb.close()
         latency = srv.metrics.snapshot()["latency"]
     finally:
         d.close()
-    out: dict[str, Any] = {"compiled": floors, "compiled_per_op": compiled_op, "served_p50_us": {
+    out: dict[str, Any] = {"compiled": floors, "compiled_per_op": compiled_op, "hot": hot, "served_p50_us": {
         name: latency[name]["p50_us"] for name in ("ALLOC", "SHM_CLOSE", "PING") if name in latency}}
     for t in transports:
         for op in ("alloc", "close", "ping"):
@@ -530,6 +531,36 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
             out[f"{t}.batched.{op}"] = {
                 "transport": io - op_batch, "dispatch": 0.0, "batch loop": op_batch - handler,
                 "handler": handler - system - encode, "system": system, "encode": encode, "total": io}
+    return out
+
+
+def _handler_profile(srv: Any, conn: Any, alloc_body: bytes, n: int, top: int = 14) -> list[dict[str, Any]]:
+    """cProfile of ``n`` ALLOC + SHM_CLOSE handler pairs: the functions with the most own
+    time, each with its share of the profiled time and its calls per pair.  (cProfile
+    inflates every call alike, so shares, not its times, are the figures to read.)"""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    op_alloc, op_close, pack = srv._op_alloc, srv._op_shm_close, P.COOKIE.pack
+    cookies = []
+    prof.enable()
+    for _ in range(n):
+        cookies.append(pack(P.COOKIE.unpack_from(op_alloc(conn, alloc_body))[0]))
+        if len(cookies) >= 256:
+            for body in cookies:
+                op_close(conn, body)
+            cookies.clear()
+    for body in cookies:
+        op_close(conn, body)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.values()) or 1.0
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    out = []
+    for (filename, line, name), (_cc, calls, tottime, _ct, _callers) in rows:
+        where = f"{Path(filename).name}:{line}" if line else "built-in"
+        out.append({"function": f"{name} ({where})", "share": tottime / total, "calls_per_pair": calls / n})
     return out
 
 
@@ -847,7 +878,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         columns[name] = combine(clients[t], daemon, t, mode, op)
             doc["pools"][pool] = {"daemon": daemon, "client": clients, "columns": columns}
     wake = doc["floors"].get("eventfd ping-pong round trip, placed by the scheduler", 0.0)
-    for pool, entry in doc["pools"].items():
+    for entry in doc["pools"].values():
         entry["bounds"] = {f"{t} {mode}": dict(goal_rows(entry["columns"], entry["daemon"], mode, t, wake))
                            for mode in ("single", "batched") for t in args.transport}
     doc["seconds"] = time.monotonic() - t_start
@@ -897,6 +928,13 @@ def render(doc: dict[str, Any], command: str) -> list[str]:
                 f"{t}: " + ", ".join(f"{k} {_fmt(v)} µs" for k, v in c["served_p50_us"].items()
                                      if k in ("ALLOC", "SHM_CLOSE", "PING", "BATCH"))
                 for t, c in entry["client"].items()) + ".", ""]
+        hot = entry["daemon"]["hot"]
+        out += [f"## {title}: inside the ALLOC and SHM_CLOSE handlers (cProfile)", "",
+                "Functions with the most own time over ALLOC + SHM_CLOSE handler pairs (the handler, "
+                "System and reply-encode rows above), as shares of the profiled time.", "",
+                "| function | share of own time | calls per pair |", "|---|---:|---:|"]
+        out += [f"| `{h['function']}` | {100 * h['share']:.1f}% | {h['calls_per_pair']:.2f} |" for h in hot]
+        out.append("")
         out += [f"## {title}: bounds against the goals (ops/s; each alloc and each close counts one)", "",
                 f"Goals: {GOAL_BATCHED:,} ops/s batched, {GOAL_SINGLE:,} ops/s single, 8 clients on this "
                 "machine.", "", "| bound | " + " | ".join(entry["bounds"]) + " |",
