@@ -762,6 +762,67 @@ def profile_client(path: str, transport: str, kind: str, size: int, batch: int, 
     return out
 
 
+def many_clients(path: str, transport: str, kind: str, size: int, batch: int, clients: int,
+                 seconds: float, mode: str) -> float:
+    """Operations per second of ``clients`` forked client processes for ``seconds``, each
+    allocating and closing as fast as it can: ``single``, ``alloc_*_buf`` then ``close``
+    (pipelined with the next request, as ``Shm.close`` sends it); ``batched``, BATCHes of
+    ``batch`` allocs then of their closes.  Every alloc and every close counts one."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    pids = []
+    try:
+        for _ in range(clients):
+            pid = os.fork()
+            if pid == 0:  # a client: connect, say ready, wait for go, count until the end
+                code = 1
+                try:
+                    with poolsvc.connect(path, name="profile-load", transport=transport) as client:
+                        ctx = client.open_context("profile-load")
+                        alloc = getattr(ctx, f"alloc_{kind}_buf")
+                        os.write(ready_w, b"r")
+                        os.read(go_r, 1)
+                        ops = 0
+                        end = time.perf_counter() + seconds
+                        while time.perf_counter() < end:
+                            if mode == "single":
+                                alloc(size).close()
+                                ops += 2
+                            else:
+                                b = ctx.batch()
+                                queue = getattr(b, f"alloc_{kind}_buf")
+                                for _ in range(batch):
+                                    queue(size)
+                                shms = b.run()
+                                b = ctx.batch()
+                                for shm in shms:
+                                    b.close(shm)
+                                b.run()
+                                ops += 2 * batch
+                        ctx.flush()
+                        os.write(done_w, ops.to_bytes(8, "little"))
+                        code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        for _ in range(clients):
+            if not os.read(ready_r, 1):
+                raise RuntimeError("a load client failed to connect")
+        os.write(go_w, b"g" * clients)
+        total = 0
+        for _ in range(clients):
+            total += int.from_bytes(os.read(done_r, 8), "little")
+        return total / seconds
+    finally:
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            if status:
+                raise RuntimeError(f"load client {pid} exited with status {status:#x}")
+        for fd in (ready_r, ready_w, go_r, go_w, done_r, done_w):
+            os.close(fd)
+
+
 def _served_p50(doc: Any) -> dict[str, float]:
     """The daemon's own p50 of ``_request`` per message type, from a STATS document."""
     if isinstance(doc, dict):
@@ -860,6 +921,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     doc: dict[str, Any] = {"machine": info, "date": started.strftime("%Y-%m-%d %H:%M UTC"),
                            "settings": {"kind": args.kind, "size": args.size, "batch": args.batch,
                                         "rounds": args.rounds, "transports": args.transport,
+                                        "clients": args.clients, "seconds": args.seconds,
                                         "pools": args.pool},
                            "floors": measure_floors(args.floor_n, timer_ns), "pools": {}}
     with tempfile.TemporaryDirectory(prefix="poolsvc-profile-") as folder:
@@ -870,6 +932,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 clients = {t: profile_client(proc.path, t, args.kind, args.size, args.batch, args.rounds,
                                              timer_ns) for t in args.transport}
+                loads = {f"{t} {mode}": many_clients(proc.path, t, args.kind, args.size, args.batch,
+                                                     args.clients, args.seconds, mode)
+                         for mode in ("single", "batched") for t in args.transport} if args.clients else {}
             finally:
                 proc.close()
             columns: dict[str, dict[str, float]] = {}
@@ -880,11 +945,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             continue
                         name = f"{t} {mode} {'CLOSE' if op == 'close' else op.upper()}"
                         columns[name] = combine(clients[t], daemon, t, mode, op)
-            doc["pools"][pool] = {"daemon": daemon, "client": clients, "columns": columns}
+            doc["pools"][pool] = {"daemon": daemon, "client": clients, "columns": columns, "load": loads}
     wake = doc["floors"].get("eventfd ping-pong round trip, placed by the scheduler", 0.0)
     for entry in doc["pools"].values():
         entry["bounds"] = {f"{t} {mode}": dict(goal_rows(entry["columns"], entry["daemon"], mode, t, wake))
                            for mode in ("single", "batched") for t in args.transport}
+        for name, ops in entry["load"].items():
+            entry["bounds"][name][f"{args.clients} clients for {args.seconds:g} s, measured (alloc "
+                                  "+ pipelined close; batches of allocs, then of closes)"] = ops
     doc["seconds"] = time.monotonic() - t_start
     doc["started"] = started
     return doc
@@ -967,6 +1035,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="operations per BATCH, and per group of single requests (default 256)")
     parser.add_argument("--rounds", type=int, default=20, help="groups measured per figure (default 20)")
     parser.add_argument("--floor-n", type=int, default=3000, help="round trips per floor (default 3000)")
+    parser.add_argument("--clients", type=int, default=8,
+                        help="client processes of the throughput runs (default 8; 0: none)")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="length of each throughput run, in seconds (default 3)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
     parser.add_argument("--write", action="store_true", help=f"also write {OUTPUT.relative_to(ROOT)}")
     args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ _SPEC.loader.exec_module(profile)
 
 def test_profile_adds_up():
     args = argparse.Namespace(transport=["socket", "shm"], pool=["dynamic", "static"], kind="user", size=4096,
-                              batch=4, rounds=2, floor_n=20)
+                              batch=4, rounds=2, floor_n=20, clients=2, seconds=0.2)
     doc = profile.run(args)
     assert set(doc["pools"]) == {"dynamic", "static"}
     total = "**total, client-measured**"
@@ -35,6 +35,7 @@ def test_profile_adds_up():
                                     rel_tol=1e-9, abs_tol=1e-9)
         assert entry["daemon"]["hot"], "the handler profile is empty"
         assert entry["daemon"]["compiled_per_op"] > 0
+        assert len(entry["load"]) == 4 and all(ops > 0 for ops in entry["load"].values())
     text = "\n".join(profile.render(doc, "python bench/profile_request.py"))
     assert "| CPU |" in text and "load average" in text
     assert "## Floors" in text and "bounds against the goals" in text
