@@ -256,8 +256,10 @@ def measure_floors(n: int, timer_ns: float) -> dict[str, float]:
 # -- the daemon, in this process ------------------------------------------------------------------
 def pool_config(pool: str) -> Config:
     """The System of every daemon here: 256 MiB of dynamic RAM, 4 MiB arena steps;
-    ``static``: dynamic shared memory off, so allocations come from the carve-out."""
-    return Config(dynamic_size=256 << 20, arena_step=4 << 20, dynamic_shm=(pool == "dynamic"))
+    ``static``: dynamic shared memory off, so allocations come from the carve-out
+    (32 MiB: room for the batches of every throughput client at once)."""
+    return Config(dynamic_size=256 << 20, arena_step=4 << 20, dynamic_shm=(pool == "dynamic"),
+                  static_size=32 << 20)
 
 
 class _Peer:
@@ -621,6 +623,7 @@ class DaemonProcess:
         cfg = pool_config(pool)
         conf = Path(folder) / f"{pool}.toml"
         conf.write_text(f'dynamic_size = {cfg.dynamic_size}\narena_step = {cfg.arena_step}\n'
+                        f'static_size = {cfg.static_size}\n'
                         f'dynamic_shm = {str(cfg.dynamic_shm).lower()}\n'
                         '[service]\nlog_level = "WARNING"\n')
         self.path = os.path.join(folder, f"{pool}.sock")
@@ -803,24 +806,42 @@ def many_clients(path: str, transport: str, kind: str, size: int, batch: int, cl
                         ctx.flush()
                         os.write(done_w, ops.to_bytes(8, "little"))
                         code = 0
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
                 finally:
                     os._exit(code)
             pids.append(pid)
-        for _ in range(clients):
-            if not os.read(ready_r, 1):
-                raise RuntimeError("a load client failed to connect")
+        for fd in (ready_w, done_w):  # the children's ends: a client that dies gives end of file
+            os.close(fd)
+        ready_w = done_w = -1
+        if len(_read_exactly(ready_r, clients)) != clients:
+            raise RuntimeError("a load client failed before it was ready")
         os.write(go_w, b"g" * clients)
-        total = 0
-        for _ in range(clients):
-            total += int.from_bytes(os.read(done_r, 8), "little")
-        return total / seconds
+        counts = _read_exactly(done_r, 8 * clients)
+        if len(counts) != 8 * clients:
+            raise RuntimeError("a load client failed during the run")
+        return sum(int.from_bytes(counts[i:i + 8], "little") for i in range(0, len(counts), 8)) / seconds
     finally:
         for pid in pids:
             _, status = os.waitpid(pid, 0)
             if status:
                 raise RuntimeError(f"load client {pid} exited with status {status:#x}")
         for fd in (ready_r, ready_w, go_r, go_w, done_r, done_w):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from pipe ``fd``: fewer only at end of file."""
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _served_p50(doc: Any) -> dict[str, float]:
