@@ -77,7 +77,7 @@ import results  # noqa: E402  (bench/results.py: machine() and commit())
 
 import poolsvc  # noqa: E402
 from poolsvc import Config  # noqa: E402
-from poolsvc._backend import BACKEND  # noqa: E402
+from poolsvc._backend import BACKEND, core  # noqa: E402
 from poolsvc.service import protocol as P  # noqa: E402
 from poolsvc.service import slot as S  # noqa: E402
 from poolsvc.service.channel import ALLOC_BODY, pack_alloc_frame, pack_close_frame  # noqa: E402
@@ -91,10 +91,14 @@ POOLS = ("dynamic", "static")
 TRANSPORTS = ("socket", "shm")
 #: The issue's goals: 8 clients on this machine, ops/s (each alloc and each close counts one).
 GOAL_BATCHED, GOAL_SINGLE = 400_000, 40_000
+#: Batches measured per round for each batch figure (one batch is one sample).
+BATCH_REPS = 4
 _OK, _ERROR = int(P.MsgType.OK), int(P.MsgType.ERROR)
 _ALLOC, _CLOSE, _PING = int(P.MsgType.ALLOC), int(P.MsgType.SHM_CLOSE), int(P.MsgType.PING)
 _BATCH, _BATCH_REPLY = int(P.MsgType.BATCH), int(P.MsgType.BATCH_REPLY)
 _DOORBELL, _HELLO = int(P.MsgType.DOORBELL), int(P.MsgType.HELLO)
+_CLOSED_REPLY = P.CLOSED.pack(1, 0)
+_run_batch = core.run_batch
 clock = time.perf_counter_ns
 
 
@@ -112,13 +116,6 @@ class Samples:
     def us(self, name: str, per: int = 1) -> float:
         """Median of ``name``'s samples divided by ``per``, timer cost removed, in µs."""
         return (statistics.median(self.data[name]) - self.timer_ns) / per / 1000.0
-
-    def group_us(self, name: str, size: int) -> float:
-        """Median over consecutive groups of ``size`` samples of each group's mean, in µs:
-        what an operation costs on average within a batch (rare slow calls included)."""
-        values = self.data[name]
-        means = [sum(values[i:i + size]) / size for i in range(0, len(values) - size + 1, size)]
-        return (statistics.median(means) - self.timer_ns) / 1000.0
 
 
 def timer_cost(n: int = 20000) -> float:
@@ -433,6 +430,8 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
         # the System alone: the connection's own Context, called directly (the handler's
         # accounting never sees these shms, so it stays balanced)
         emb_alloc = getattr(conn.context, f"alloc_{kind}_buf")
+        desc_reply = bytes(P.DESC.size)
+        constant = {_ALLOC: lambda conn, body: desc_reply, _CLOSE: lambda conn, body: _CLOSED_REPLY}
         for _ in range(rounds):
             shms = []
             for _ in range(batch):
@@ -480,16 +479,6 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
                 t0 = clock()
                 srv._op_ping(conn, b"")
                 s.add("ping.handler", clock() - t0)
-            # the compiled batch loop
-            t0 = clock()
-            rep = srv._op_batch(conn, _alloc_frames(k, size, batch))
-            s.add("alloc.op_batch", clock() - t0)
-            d.reply_fds_done()
-            cookies = _cookies(rep, _ALLOC)
-            body = _close_frames(cookies)
-            t0 = clock()
-            srv._op_batch(conn, body)
-            s.add("close.op_batch", clock() - t0)
             # the transports' whole serve
             for t in transports:
                 cookies = []
@@ -503,10 +492,29 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
                 for _ in range(batch):
                     ns, _ = d.serve(t, P.frame(_PING))
                     s.add(f"ping.io.{t}", ns)
-                ns, rep = d.serve(t, P.frame(_BATCH, _alloc_frames(k, size, batch)))
-                s.add(f"alloc.io_batch.{t}", ns)
-                ns, _ = d.serve(t, P.frame(_BATCH, _close_frames(_cookies(rep, _BATCH))))
-                s.add(f"close.io_batch.{t}", ns)
+            # batches: each figure BATCH_REPS times a round, the measurements side by side
+            for _ in range(BATCH_REPS):
+                # the compiled batch loop around handlers that do nothing but return a reply
+                for op, frames in (("alloc", _alloc_frames(k, size, batch)), ("close", _close_frames([0] * batch))):
+                    t0 = clock()
+                    _run_batch(frames, batch, srv._max_frame, constant, conn, srv._refuse_in_batch, srv._error,
+                               srv._max_output, {})
+                    s.add(f"{op}.loop", clock() - t0)
+                # the batch as the daemon runs it
+                t0 = clock()
+                rep = srv._op_batch(conn, _alloc_frames(k, size, batch))
+                s.add("alloc.op_batch", clock() - t0)
+                d.reply_fds_done()
+                cookies = _cookies(rep, _ALLOC)
+                body = _close_frames(cookies)
+                t0 = clock()
+                srv._op_batch(conn, body)
+                s.add("close.op_batch", clock() - t0)
+                for t in transports:  # the transports' whole serve
+                    ns, rep = d.serve(t, P.frame(_BATCH, _alloc_frames(k, size, batch)))
+                    s.add(f"alloc.io_batch.{t}", ns)
+                    ns, _ = d.serve(t, P.frame(_BATCH, _close_frames(_cookies(rep, _BATCH))))
+                    s.add(f"close.io_batch.{t}", ns)
         hot = _handler_profile(srv, conn, alloc_body, rounds * batch)
         emb = srv.system.open_context("profile-embedded")
         floors, compiled_op = _compiled_floors(srv.system, emb, pool, kind, max(200, rounds * batch // 4),
@@ -527,16 +535,18 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
             out[f"{t}.single.{op}"] = {
                 "transport": io - request, "dispatch": request - handler,
                 "handler": handler - system - encode, "system": system, "encode": encode,
-                "batch loop": 0.0, "total": io}
-        for op in ("alloc", "close"):  # means within a batch, as the batch's own figures are
-            handler = s.group_us(f"{op}.handler", batch)
-            system = s.group_us(f"{op}.system", batch)
-            encode = s.group_us("alloc.encode", batch) if op == "alloc" else 0.0
+                "batch loop": 0.0, "spread": 0.0, "total": io}
+        for op in ("alloc", "close"):
+            handler = s.us(f"{op}.handler")
+            system = s.us(f"{op}.system")
+            encode = s.us("alloc.encode") if op == "alloc" else 0.0
+            loop = s.us(f"{op}.loop", batch)
             op_batch = s.us(f"{op}.op_batch", batch)
             io = s.us(f"{op}.io_batch.{t}", batch)
             out[f"{t}.batched.{op}"] = {
-                "transport": io - op_batch, "dispatch": 0.0, "batch loop": op_batch - handler,
-                "handler": handler - system - encode, "system": system, "encode": encode, "total": io}
+                "transport": io - op_batch, "dispatch": 0.0, "batch loop": loop,
+                "spread": op_batch - loop - handler, "handler": handler - system - encode, "system": system,
+                "encode": encode, "total": io}
     return out
 
 
@@ -726,27 +736,28 @@ def profile_client(path: str, transport: str, kind: str, size: int, batch: int, 
             # batches: queueing is the encode, Batch.run less its round trip the decode
             ch.call = timed_call
             try:
-                b = ctx.batch()
-                queue = getattr(b, f"alloc_{kind}_buf")
-                t0 = clock()
-                for _ in range(batch):
-                    queue(size)
-                t1 = clock()
-                batching = "alloc"
-                shms = b.run()
-                t2 = clock()
-                s.add("alloc.batch_encode", t1 - t0)
-                s.add("alloc.batch_run", t2 - t1)
-                b = ctx.batch()
-                t0 = clock()
-                for shm in shms:
-                    b.close(shm)
-                t1 = clock()
-                batching = "close"
-                b.run()
-                t2 = clock()
-                s.add("close.batch_encode", t1 - t0)
-                s.add("close.batch_run", t2 - t1)
+                for _ in range(BATCH_REPS):
+                    b = ctx.batch()
+                    queue = getattr(b, f"alloc_{kind}_buf")
+                    t0 = clock()
+                    for _ in range(batch):
+                        queue(size)
+                    t1 = clock()
+                    batching = "alloc"
+                    shms = b.run()
+                    t2 = clock()
+                    s.add("alloc.batch_encode", t1 - t0)
+                    s.add("alloc.batch_run", t2 - t1)
+                    b = ctx.batch()
+                    t0 = clock()
+                    for shm in shms:
+                        b.close(shm)
+                    t1 = clock()
+                    batching = "close"
+                    b.run()
+                    t2 = clock()
+                    s.add("close.batch_encode", t1 - t0)
+                    s.add("close.batch_run", t2 - t1)
             finally:
                 del ch.call
         doc = client.service_stats()
@@ -863,7 +874,8 @@ ROWS = (
     ("client: round trip (below)", None, None),
     ("  daemon: transport (receive or copy out, frame split, reply send or publish)", "daemon", "transport"),
     ("  daemon: dispatch (`_request`: handler lookup, latency ring, reply header)", "daemon", "dispatch"),
-    ("  daemon: batch loop (compiled `run_batch`, op counts)", "daemon", "batch loop"),
+    ("  daemon: batch loop (compiled `run_batch` around handlers that return at once)", "daemon", "batch loop"),
+    ("  daemon: calls in a batch above their per-call medians", "daemon", "spread"),
     ("  daemon: handler (body, limits, quota, accounting)", "daemon", "handler"),
     ("  daemon: System (`Context.alloc_*_buf` / `Shm.close`)", "daemon", "system"),
     ("  daemon: reply encode (`describe`)", "daemon", "encode"),
