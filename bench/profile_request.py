@@ -133,6 +133,21 @@ def median_call_ns(fn: Callable[[], Any], n: int) -> float:
     return statistics.median(times)
 
 
+def time_alloc_close(s: Samples, part: str, alloc: Callable[[int], Any], size: int, count: int,
+                     close: Callable[[Any], None]) -> None:
+    """Time ``count`` calls of ``alloc(size)``, then ``close(shm)`` of each, every call alone;
+    the samples go under ``alloc.<part>`` and ``close.<part>``."""
+    shms = []
+    for _ in range(count):
+        t0 = clock()
+        shms.append(alloc(size))
+        s.add(f"alloc.{part}", clock() - t0)
+    for shm in shms:
+        t0 = clock()
+        close(shm)
+        s.add(f"close.{part}", clock() - t0)
+
+
 # -- floors ----------------------------------------------------------------------------------------
 def _ping_pong(kind: str, n: int, cpus: tuple[int, int] | None) -> float:
     """Median ns of one round trip between this process and a forked child over two
@@ -433,15 +448,7 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
         desc_reply = bytes(P.DESC.size)
         constant = {_ALLOC: lambda conn, body: desc_reply, _CLOSE: lambda conn, body: _CLOSED_REPLY}
         for _ in range(rounds):
-            shms = []
-            for _ in range(batch):
-                t0 = clock()
-                shms.append(emb_alloc(size))
-                s.add("alloc.system", clock() - t0)
-            for shm in shms:
-                t0 = clock()
-                shm.close()
-                s.add("close.system", clock() - t0)
+            time_alloc_close(s, "system", emb_alloc, size, batch, lambda shm: shm.close())
             # the handlers, reply encode, dispatch
             cookies = []
             for _ in range(batch):
@@ -672,27 +679,23 @@ def profile_client(path: str, transport: str, kind: str, size: int, batch: int, 
             alloc(size).close()
         ctx.flush()
 
+        call = ch.call
+        batching = ["alloc"]  # which batch the round trip being timed belongs to
+
         def timed_call(msg_type: int, body: bytes = b"", fds: Any = ()) -> Any:
             t0 = clock()
             try:
-                return P_call(msg_type, body, fds)
+                return call(msg_type, body, fds)
             finally:
-                s.add(f"{'alloc' if batching == 'alloc' else 'close'}.batch_rt", clock() - t0)
+                s.add(f"{batching[0]}.batch_rt", clock() - t0)
 
-        P_call = ch.call
-        batching = ""
+        def close_and_flush(shm: Any) -> None:
+            shm.close()
+            ctx.flush()
+
         for _ in range(rounds):
             # the public calls
-            shms = []
-            for _ in range(batch):
-                t0 = clock()
-                shms.append(alloc(size))
-                s.add("alloc.total", clock() - t0)
-            for shm in shms:
-                t0 = clock()
-                shm.close()
-                ctx.flush()
-                s.add("close.total", clock() - t0)
+            time_alloc_close(s, "total", alloc, size, batch, close_and_flush)
             for _ in range(batch):
                 t0 = clock()
                 client.ping()
@@ -743,7 +746,7 @@ def profile_client(path: str, transport: str, kind: str, size: int, batch: int, 
                     for _ in range(batch):
                         queue(size)
                     t1 = clock()
-                    batching = "alloc"
+                    batching[0] = "alloc"
                     shms = b.run()
                     t2 = clock()
                     s.add("alloc.batch_encode", t1 - t0)
@@ -753,7 +756,7 @@ def profile_client(path: str, transport: str, kind: str, size: int, batch: int, 
                     for shm in shms:
                         b.close(shm)
                     t1 = clock()
-                    batching = "close"
+                    batching[0] = "close"
                     b.run()
                     t2 = clock()
                     s.add("close.batch_encode", t1 - t0)
