@@ -25,9 +25,14 @@ transport, in three places:
   (``_on_readable`` with its reply written to the socket, plus the slices
   of a socket BATCH; ``_serve_slot`` for the shm slot), ``_request``
   (dispatch: handler lookup, latency ring, reply header), ``_op_batch``
-  (the compiled batch loop), the handler (``_op_alloc``, ``_op_shm_close``),
-  ``describe`` (reply encode) and the System's own ``Context.alloc_*_buf`` /
-  ``Shm.close`` on a context of the same System;
+  and the compiled ``run_batch`` alone (around handlers that return at
+  once), the handler (``_op_alloc``, ``_op_shm_close``), ``describe``
+  (reply encode) and the System's own ``Context.alloc_*_buf`` /
+  ``Shm.close`` on the connection's context; and a cProfile of the
+  handlers, naming the functions with the most own time;
+- **throughput**: ``--clients`` forked client processes allocating and
+  closing for ``--seconds`` against the daemon subprocess, beside bounds
+  derived from the columns;
 - **floors**: an empty request (PING) on each transport, measured the
   same way; the timer; a Python call; ``eventfd_write`` + ``eventfd_read``
   without a wake-up; an eventfd and a pipe ping-pong between two processes
@@ -46,8 +51,9 @@ Single figures on a shared machine deserve scepticism: compare figures of one
 run, and read the load average in the header.
 
 Concurrency: one thread; the daemon under the client measurements is a
-subprocess, the ping-pong peers are forked children; everything started is
-stopped before the script returns.
+subprocess, the ping-pong peers and the throughput clients are forked
+children; everything started is stopped (and waited for) before the script
+returns.
 """
 from __future__ import annotations
 
