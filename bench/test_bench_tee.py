@@ -4,9 +4,9 @@ Owns: the SHA-256 trusted app hashing a 32 MiB registered buffer, beside
 ``hashlib.sha256`` of the same memory in the benchmark process (the floor:
 the app hashes spans of the backing storage, so the difference is the call
 around it); and one ``invoke`` of that app on 64 bytes with each kind of
-parameter the driver converts: registered memrefs (RMEM), a temporary memref
-of private memory (bounced through a pool buffer) and a temporary memref of
-POSIX shared memory (registered for the call).  ``extra_info["us_per_op"]``
+parameter the driver converts: registered memrefs (RMEM), temporary memrefs
+of private memory and of POSIX shared memory (each registered for the call),
+and a read-only input (bounced through a pool buffer).  ``extra_info["us_per_op"]``
 holds the median round per call.
 
 The backend is the process's (``POOLSVC_PUREPYTHON=1`` for the pure twins);
@@ -85,6 +85,9 @@ def _small_params(ctx, kind: str, keep: list):
     if kind == "temp-private":
         src, out = bytearray(data), bytearray(32)
         return [TempMemref(src, "in"), TempMemref(out, "out")], lambda: bytes(out)
+    if kind == "temp-readonly-in":  # bytes cannot be registered: the input is bounced
+        out = bytearray(32)
+        return [TempMemref(data, "in"), TempMemref(out, "out")], lambda: bytes(out)
     seg = shared_memory.SharedMemory(create=True, size=4096)
     seg.buf[:SMALL] = data
     keep.append(seg)
@@ -93,7 +96,7 @@ def _small_params(ctx, kind: str, keep: list):
 
 
 @pytest.mark.benchmark(group="invoke-64B")
-@pytest.mark.parametrize("kind", ["registered", "temp-private", "temp-posix-shm"])
+@pytest.mark.parametrize("kind", ["registered", "temp-private", "temp-readonly-in", "temp-posix-shm"])
 def test_invoke_small(benchmark, system, kind):
     ctx = system.open_context(f"tee-bench-{kind}")
     keep: list = []

@@ -445,7 +445,9 @@ def TEEC_RegisterSharedMemory(context: TEEC_Context, sharedMem: TEEC_SharedMemor
                 with memoryview(sharedMem.buffer) as whole:
                     shm = context._ctx.register_user_buf(whole.cast("B")[:size])
             except PoolsvcError:
-                shm = None  # not registrable zero-copy (private or read-only memory): shadow it
+                # not registrable zero-copy (read-only memory, or private memory
+                # through a daemon): shadow it
+                shm = None
         kind = "registered"
         if shm is None:
             try:
