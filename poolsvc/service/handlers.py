@@ -14,10 +14,13 @@ names the setting.
 
 A BATCH on the socket with more than ``batch_slice`` requests is served in
 slices: :meth:`Handlers._start_batch` checks the whole body (a malformed
-batch runs nothing), :meth:`Handlers._run_batch_slice` runs the next slice,
-and the loop serves other clients between slices.  The connection reads
-nothing more until its batch is done, so replies stay in request order.  A
-BATCH in a shm slot runs whole: the slot's request area bounds it.
+batch runs nothing), :meth:`Handlers._run_batch_slice` runs the next slice
+(at most ``batch_slice`` requests, and no longer than ``batch_slice_us``
+give or take ``_SLICE_CHECK`` requests), and the loop serves other clients
+between slices.  The connection reads nothing more until its batch is done,
+so replies stay in request order; the reply goes on the socket, or to the
+receiver given to ``_start_batch``.  A BATCH in a shm slot runs whole: the
+slot's request area bounds it.
 
 Concurrency: the daemon's loop thread only.
 """
