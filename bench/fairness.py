@@ -54,6 +54,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 #: Pings slower than this count as "late" (docs/security.md, "Fairness": the goal's bound).
 LATE_MS = 10.0
+#: Upper edges, in milliseconds, of the buckets of the latency distribution table.
+BUCKETS_MS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 
 
 @dataclass
@@ -305,6 +307,21 @@ def table(cells: dict[tuple[str, str, str], Cell], info: dict[str, Any]) -> list
     return out
 
 
+def distribution(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
+    """The share of each cell's pings in each latency bucket."""
+    edges = [f"<= {b:g}" for b in BUCKETS_MS] + [f"> {BUCKETS_MS[-1]:g}"]
+    out = ["| daemon | transport | streamer | " + " | ".join(f"{e} ms" for e in edges) + " |",
+           "|---|---|---|" + "---:|" * len(edges)]
+    for (label, name, mode), cell in cells.items():
+        counts = [0] * len(edges)
+        for ns in cell.pings_ns:
+            ms = ns / 1e6
+            counts[next((i for i, b in enumerate(BUCKETS_MS) if ms <= b), len(BUCKETS_MS))] += 1
+        total = len(cell.pings_ns)
+        out.append(f"| {label} | {name} | {mode} | " + " | ".join(f"{c / total:.2%}" for c in counts) + " |")
+    return out
+
+
 def render(cells: dict[tuple[str, str, str], Cell], info: dict[str, Any], args: argparse.Namespace,
            started: datetime.datetime, seconds: float, load_before: str) -> str:
     from results import Family, header, machine  # bench/results.py
@@ -328,7 +345,10 @@ def render(cells: dict[tuple[str, str, str], Cell], info: dict[str, Any], args: 
         lines += ["Daemon variants: " + ", ".join(f"`{k}` = `{v}`" for k, v in info["variants"].items()), ""]
     if args.set:
         lines += ["Daemon settings: " + ", ".join(f"`{s}`" for s in args.set), ""]
-    return "\n".join(lines + table(cells, info)) + "\n"
+    lines += table(cells, info)
+    lines += ["", "Distribution of the ping round trips (share of each cell's pings):", ""]
+    lines += distribution(cells)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,6 @@ the machine is.  How the bound shows in latencies is measured by
 """
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
 from poolsvc.errors import ConfigError
@@ -35,17 +33,29 @@ def slices(monkeypatch):
     run_slice = H.Handlers._run_batch_slice
 
     def counted(self, conn):  # runs on the daemon's loop thread
-        before = conn.batch.next
+        before, total = conn.batch.next, len(conn.batch.frames)
         run_slice(self, conn)
-        sizes.append((conn.batch.next if conn.batch is not None else COUNT) - before)
+        sizes.append((conn.batch.next if conn.batch is not None else total) - before)
 
     monkeypatch.setattr(H.Handlers, "_run_batch_slice", counted)
     return sizes
 
 
-def _serve_one_batch(tmp_path, **settings):
+def _serve_one_batch(tmp_path, monkeypatch, cost_ns=None, **settings):
+    """Serve one BATCH of COUNT PINGs; with ``cost_ns``, the slices read a clock that
+    advances by that much per request run (and by nothing else)."""
     d = DaemonThread(tmp_path / "b.sock", **settings)
     try:
+        if cost_ns is not None:
+            now = [0]
+            ping = d.server._batch_handlers[P.MsgType.PING]
+
+            def costly_ping(conn, body):  # runs on the daemon's loop thread
+                now[0] += cost_ns
+                return ping(conn, body)
+
+            d.server._batch_handlers[P.MsgType.PING] = costly_ping
+            monkeypatch.setattr(H, "_clock_ns", lambda: now[0])
         a = RawClient(d.path, name=b"batcher")
         a.send(_ping_batch(COUNT) + P.frame(P.MsgType.PING, b"after"))
         kind, body = a.recv()
@@ -59,27 +69,32 @@ def _serve_one_batch(tmp_path, **settings):
 
 
 def test_a_slice_stops_at_its_time_bound(tmp_path, monkeypatch, slices):
-    """Every reading of the clock finds 1 ms gone: each slice runs one check's worth
-    (H._SLICE_CHECK requests) and yields, well before its count bound."""
-    ticks = itertools.count(step=1_000_000)
-    monkeypatch.setattr(H, "_clock_ns", lambda: next(ticks))
-    _serve_one_batch(tmp_path, batch_slice=64, batch_slice_us=500)
-    assert sum(slices) == COUNT
-    assert slices == [H._SLICE_CHECK] * (COUNT // H._SLICE_CHECK)
+    """Requests of 100 us against a bound of 500 us: the batch's first request runs
+    alone (its cost is unknown), then each slice runs the five that fit."""
+    _serve_one_batch(tmp_path, monkeypatch, 100_000, batch_slice=64, batch_slice_us=500)
+    assert slices == [5] * (COUNT // 5) + [COUNT % 5]
 
 
-def test_a_slice_stops_at_its_count_when_time_allows(tmp_path, monkeypatch, slices):
-    """A clock that stands still never ends a slice: the count does."""
-    monkeypatch.setattr(H, "_clock_ns", lambda: 0)
-    _serve_one_batch(tmp_path, batch_slice=64, batch_slice_us=500)
+def test_requests_costlier_than_the_bound_run_one_per_slice(tmp_path, monkeypatch, slices):
+    _serve_one_batch(tmp_path, monkeypatch, 2_000_000, batch_slice=64, batch_slice_us=500)
+    assert slices == [1] * COUNT
+
+
+def test_cheap_requests_fill_the_count(tmp_path, monkeypatch, slices):
+    """Requests of 1 us: the count ends every slice (the first one too, after its
+    single first request and chunks of H._SLICE_CHECK)."""
+    _serve_one_batch(tmp_path, monkeypatch, 1_000, batch_slice=64, batch_slice_us=500)
     assert slices == [64] * (COUNT // 64)
 
 
 def test_no_time_bound_runs_whole_count_slices(tmp_path, monkeypatch, slices):
-    ticks = itertools.count(step=1_000_000)
-    monkeypatch.setattr(H, "_clock_ns", lambda: next(ticks))
-    _serve_one_batch(tmp_path, batch_slice=100, batch_slice_us=0)
+    _serve_one_batch(tmp_path, monkeypatch, 2_000_000, batch_slice=100, batch_slice_us=0)
     assert slices == [100] * (COUNT // 100) + [COUNT % 100]
+
+
+def test_a_still_clock_leaves_the_count_alone_in_charge(tmp_path, monkeypatch, slices):
+    _serve_one_batch(tmp_path, monkeypatch, 0, batch_slice=64, batch_slice_us=500)
+    assert slices == [64] * (COUNT // 64)
 
 
 def test_a_finished_batch_goes_to_its_receiver(tmp_path):

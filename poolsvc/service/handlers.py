@@ -16,7 +16,7 @@ A BATCH on the socket with more than ``batch_slice`` requests is served in
 slices: :meth:`Handlers._start_batch` checks the whole body (a malformed
 batch runs nothing), :meth:`Handlers._run_batch_slice` runs the next slice
 (at most ``batch_slice`` requests, and no longer than ``batch_slice_us``
-give or take ``_SLICE_CHECK`` requests), and the loop serves other clients
+give or take a request), and the loop serves other clients
 between slices.  The connection reads nothing more until its batch is done,
 so replies stay in request order; the reply goes on the socket, or to the
 receiver given to ``_start_batch``.  A BATCH in a shm slot runs whole: the
@@ -53,7 +53,7 @@ _split_frames = core.split_frames
 _pack_header = P.HEADER.pack
 _BATCH, _BATCH_REPLY = int(P.MsgType.BATCH), int(P.MsgType.BATCH_REPLY)
 _clock_ns = time.perf_counter_ns
-#: Requests a time-bounded slice runs between two readings of the clock.
+#: Most requests a time-bounded slice runs between two readings of the clock.
 _SLICE_CHECK = 16
 
 
@@ -320,10 +320,13 @@ class Handlers(ServerParts):
     def _run_batch_slice(self, conn: Connection) -> None:
         """Run the next slice of ``conn``'s pending BATCH; queue the reply after the last.
 
-        A slice ends after ``batch_slice`` requests, or as soon as it has run
-        for ``batch_slice_us`` (the clock is read every ``_SLICE_CHECK``
-        requests, so a slice overruns the time bound by at most that many
-        requests' cost).
+        A slice ends after ``batch_slice`` requests, or once it has run for
+        ``batch_slice_us``.  It runs in chunks with a look at the clock after
+        each: a chunk is as many requests as fit the rest of the time bound at
+        the batch's cost per request so far (one for the batch's first, at
+        most ``_SLICE_CHECK``), so a slice overruns its bound by about one
+        request when requests are expensive and by at most ``_SLICE_CHECK``
+        cheap ones.
         """
         batch: PendingBatch = conn.batch
         frames = batch.frames
@@ -331,13 +334,21 @@ class Handlers(ServerParts):
         end = min(len(frames), first + self._batch_slice)
         budget = self.settings.batch_slice_us * 1000
         t0 = _clock_ns()
+        spent = 0
         # The descriptors this slice's replies carry wait with the batch, not in
         # _reply_fds, where the next reply queued for any client would take them.
         self._reply_fds = batch.fds
         try:
             with memoryview(batch.body) as view:
                 while True:
-                    last = min(end, first + _SLICE_CHECK) if budget else end
+                    if not budget:
+                        last = end
+                    elif first:  # requests that fit the rest of the budget at the cost so far
+                        cost = (batch.ns + spent) // first
+                        last = min(end, first + (_SLICE_CHECK if not cost else
+                                                 max(1, min(_SLICE_CHECK, (budget - spent) // cost))))
+                    else:  # the batch's first request: its cost is not known yet
+                        last = first + 1
                     part = _run_batch(view[frames[first][1] - P.HEADER_SIZE:frames[last - 1][2]],
                                       last - first, self._max_frame, self._batch_handlers, conn,
                                       self._refuse_in_batch, self._error, self._max_output - batch.size,
@@ -345,11 +356,12 @@ class Handlers(ServerParts):
                     batch.next = first = last
                     batch.parts.append(part)
                     batch.size += len(part)
-                    if last >= end or _clock_ns() - t0 >= budget:
+                    spent = _clock_ns() - t0
+                    if last >= end or spent >= budget:
                         break
         finally:
             self._reply_fds = []
-        batch.ns += _clock_ns() - t0
+        batch.ns += spent
         if first < len(frames):
             return
         conn.batch = None
