@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable
 
 from ..errors import Closed, OutOfMemory, PoolsvcError
-from .histogram import Histogram
+from ..histogram import Histogram
 from .ledger import KIND_OPS, Held, Ledger
 from .mix import REGION_SIZE
 

@@ -49,7 +49,7 @@ from ..errors import PoolsvcError
 from . import invariants, trace
 from .daemon import LoadDaemon, tail
 from .faults import MalformedInjector
-from .histogram import Histogram
+from ..histogram import Histogram
 from .mix import TIMED, LoadSpec
 from .progress import Progress
 

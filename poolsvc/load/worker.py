@@ -55,7 +55,7 @@ from typing import Any, Iterator
 from ..constants import GenCaps
 from ..errors import PoolsvcError
 from .generate import Generator, Op
-from .histogram import Histogram
+from ..histogram import Histogram
 from .ledger import Held
 from .mix import BATCHABLE, REGION_SIZE, OpMix, SizeDist
 from .operations import ConnectionLost, Operations

@@ -36,7 +36,10 @@ _PING = int(P.MsgType.PING)
 _unpack_closed_from = P.CLOSED.unpack_from
 
 
-_REFUSED = -1
+#: The ``kinds`` entry type of an operation answered here, without a request: its
+#: result is the entry's ``extra`` (a refused argument's exception, or None for
+#: the close of a released Shm).
+_LOCAL = -1
 #: The ``kinds`` entry of every ALLOC in a Batch.
 _ALLOC_KIND = (ALLOC, None)
 
@@ -76,9 +79,13 @@ class Batch:
     sends them and returns one result per operation, in order: an Shm, None
     for a close, or the PoolsvcError instance of an operation that failed
     (the others still ran).  A Batch can be run once.
+
+    Closes take effect here when the batch runs, as ``Shm.close()`` does; a
+    close of a Shm that is released by then (closed before, or by earlier
+    closes in the batch) does nothing and gives None, as ``Shm.close()``.
     """
 
-    __slots__ = ("ctx", "parts", "kinds", "limit", "closing", "refused")
+    __slots__ = ("ctx", "parts", "kinds", "limit", "closing", "local")
 
     def __init__(self, ctx: BatchOwner) -> None:
         self.ctx = ctx
@@ -86,9 +93,10 @@ class Batch:
         self.parts: list[bytes] = []
         self.kinds: list[tuple[int, Any]] = []
         self.limit = ctx._channel.max_batch
-        #: The shms of the queued closes; whether an operation was refused locally.
-        self.closing: list[Any] = []
-        self.refused = False
+        #: The queued closes as ``(index in kinds, index in parts, shm)``; whether
+        #: some operation is answered here (:data:`_LOCAL`).
+        self.closing: list[tuple[int, int, Any]] = []
+        self.local = False
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -109,10 +117,11 @@ class Batch:
     def _add(self, msg_type: int, body: bytes, extra: Any = None) -> None:
         self._push(pack_header(len(body), msg_type, 0) + body, (msg_type, extra))
 
-    def _refused(self, exc: PoolsvcError) -> None:
-        """An operation whose arguments cannot even be encoded: its result is ``exc``."""
-        self.kinds.append((_REFUSED, exc))
-        self.refused = True
+    def _answer_here(self, result: PoolsvcError | None) -> None:
+        """An operation that sends nothing: its result is ``result`` (the error of
+        arguments that cannot even be encoded, or None)."""
+        self.kinds.append((_LOCAL, result))
+        self.local = True
 
     def _alloc(self, kind: int, size: int) -> None:
         # the checks of check_size; a valid size goes through _push (which may raise full)
@@ -122,7 +131,7 @@ class Batch:
         try:
             check_size(size)
         except BadParameters as exc:
-            self._refused(exc)
+            self._answer_here(exc)
 
     alloc_user_buf = _batch_alloc(ALLOC_USER, "Queue ``Context.alloc_user_buf(size)``.")
     alloc_kernel_buf = _batch_alloc(ALLOC_KERNEL, "Queue ``Context.alloc_kernel_buf(size)``.")
@@ -132,34 +141,41 @@ class Batch:
         try:
             check_shm_id(shm_id)
         except BadParameters as exc:
-            self._refused(exc)
+            self._answer_here(exc)
             return
         self._add(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id))
 
     def close(self, shm: Any) -> None:
+        """Queue ``shm.close()`` (None for a Shm already released: nothing is sent)."""
         if getattr(shm, "context", None) is not self.ctx:
             raise BadParameters(f"{shm!r} is not a shm of context {self.ctx.name}")
-        if shm._refs <= 0:
-            shm._check()  # raises Closed
+        if shm.closed:
+            self._answer_here(None)
+            return
         self._push(pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie), (SHM_CLOSE, shm))
-        self.closing.append(shm)
+        self.closing.append((len(self.kinds) - 1, len(self.parts) - 1, shm))
 
     def run(self) -> list[Any]:
         """Send the batch; one result per operation (Shm, None, or an exception)."""
         ctx = self.ctx
         ctx._check()
+        ctx._channel.check_process()
         kinds, self.kinds = self.kinds, []
-        if not self.parts:
-            return [extra for _, extra in kinds]
-        # Closes take effect locally first, exactly as Shm.close() does.
+        parts, self.parts = self.parts, []
         closing, self.closing = self.closing, []
-        for shm in closing:
-            shm._refs -= 1
-            if shm._refs == 0:
-                shm._release_local()
-        body = b"".join(self.parts)
-        sent = len(self.parts)
-        self.parts = []
+        # Closes take effect locally first, exactly as Shm.close() does; one whose
+        # Shm is released by now sends nothing.
+        for kind_at, part_at, shm in closing:
+            if not shm._drop_ref():
+                kinds[kind_at] = (_LOCAL, None)
+                parts[part_at] = b""
+                self.local = True
+        if self.local:
+            parts = [part for part in parts if part]
+        if not parts:
+            return [extra for _, extra in kinds]
+        body = b"".join(parts)
+        sent = len(parts)
         reply_type, reply = ctx._channel.call(P.MsgType.BATCH, body)
         if reply_type == P.MsgType.ERROR:
             raise P.error_from_body(reply)
@@ -168,9 +184,9 @@ class Batch:
         replies = P.split_frames(reply, sent, P.MAX_REPLY_FRAME)
         if len(replies) != sent:
             raise ProtocolError(f"BATCH_REPLY holds {len(replies)} replies for {sent} requests")
-        if self.refused:  # results of the refused operations go in between
+        if self.local:  # results of the operations answered here go in between
             answers = iter(replies)
-            pairs = [(kind, None if kind[0] == _REFUSED else next(answers)) for kind in kinds]
+            pairs = [(kind, None if kind[0] == _LOCAL else next(answers)) for kind in kinds]
         else:
             pairs = zip(kinds, replies)  # type: ignore[assignment]
         results: list[Any] = []

@@ -3,9 +3,13 @@
 The daemon records, per message type, how many requests it served and how
 long each took from a complete frame to its queued reply (nanoseconds, the
 daemon's own work; the socket round trip is the client's to measure).  The
-latest ``window`` samples of each type are kept in a ring, so percentiles
-cover recent traffic at a fixed memory cost.  Operations inside a BATCH are
-counted per type; the batch's latency is recorded once, under BATCH.
+latest ``window`` samples of each type are kept in a ring (one list store
+per request on the hot path, which the transport inlines), so percentiles
+cover recent traffic at a fixed memory cost.  Percentiles are read, on a
+STATS request, from a :class:`~poolsvc.histogram.Histogram` of the samples
+held: the histogram every latency figure of poolsvc comes from (exact to 3
+significant digits).  Operations inside a BATCH are counted per type; the
+batch's latency is recorded once, under BATCH.
 
 Bounded whatever clients send: rings exist only for the request types of
 :class:`~.protocol.MsgType` (created on first use), and every type number
@@ -23,10 +27,9 @@ import time
 from collections import Counter
 from typing import Any
 
+from ..histogram import Histogram
 from .protocol import ErrorCode, MsgType, type_name
 
-#: Percentiles reported for each message type.
-PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 #: The key every message type number outside MsgType is counted under.
 UNKNOWN = -1
 #: Type numbers that get a ring and a counter of their own.
@@ -48,16 +51,14 @@ class LatencyRing:
         self.count += 1
 
     def summary(self) -> dict[str, float]:
-        """Count, percentiles and max of the samples held, in microseconds."""
-        held = sorted(self.samples[:min(self.count, self.size)])
-        out: dict[str, float] = {"count": self.count}
+        """``count`` (every request of the type so far) and, over the samples held,
+        ``mean_us``, ``p50_us``, ``p90_us``, ``p99_us``, ``p999_us`` and ``max_us``
+        (:meth:`~poolsvc.histogram.Histogram.summary_us`)."""
+        held = min(self.count, self.size)
         if not held:
-            return out
-        for pct in PERCENTILES:
-            rank = min(len(held) - 1, max(0, int(round(pct / 100.0 * len(held) + 0.5)) - 1))
-            out[f"p{pct:g}_us"] = held[rank] / 1000.0
-        out["max_us"] = held[-1] / 1000.0
-        out["mean_us"] = sum(held) / len(held) / 1000.0
+            return {"count": self.count}
+        out = Histogram.from_samples(self.samples[:held]).summary_us()
+        out["count"] = self.count
         return out
 
 

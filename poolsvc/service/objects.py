@@ -154,14 +154,27 @@ class Shm(ShmBase, Handle):
 
         Closing a released Shm does nothing (like ``SharedMemory.close()``).
         """
-        refs = self._refs - 1
-        if refs < 0:
+        if self._refs <= 0:
             return
         self.context._channel.check_process()
+        self._drop_ref()
+        self.context._post_close(self)
+
+    def _add_ref(self) -> None:
+        """One more reference (the daemon gave this process the same shm again)."""
+        self._refs += 1
+
+    def _drop_ref(self) -> bool:
+        """Drop one reference here, without a request (the caller sends SHM_CLOSE);
+        the last one releases the views.  False, and nothing done, when the Shm is
+        already released.  Package-private: :meth:`close` and :class:`~.batch.Batch`."""
+        refs = self._refs - 1
+        if refs < 0:
+            return False
         self._refs = refs
         if refs == 0:
             self._release_local()
-        self.context._post_close(self)
+        return True
 
     def _release_local(self) -> None:
         self._refs = 0
@@ -277,7 +290,7 @@ class Context(Handle):
         cookie = desc[0]
         known = self.shms.get(cookie)
         if known is not None:  # shm_from_id of a buffer we hold: same object, one more reference
-            known._refs += 1
+            known._add_ref()
             return known
         shm = Shm(self, desc, pages, user_view)
         self.shms[cookie] = shm

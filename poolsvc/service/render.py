@@ -52,16 +52,23 @@ def text(doc: dict[str, Any]) -> str:
     lines += ["", f"requests: uptime {req['uptime_s']:.0f} s, {req['connections']} connections, "
                   f"{req['crashes']} ended without GOODBYE, {req['refused']} refused, "
                   f"{req['protocol_errors']} protocol violations"]
-    lines.append(f"  {'type':14} {'count':>10} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'max us':>10}")
+    lines.append(f"  {'type':14} {'count':>10} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'p99.9 us':>9} "
+                 f"{'max us':>10}")
     for name, lat in req["latency"].items():
         lines.append(f"  {name:14} {req['ops'].get(name, lat['count']):>10} {lat.get('p50_us', 0):>9.1f} "
-                     f"{lat.get('p90_us', 0):>9.1f} {lat.get('p99_us', 0):>9.1f} {lat.get('max_us', 0):>10.1f}")
+                     f"{lat.get('p90_us', 0):>9.1f} {lat.get('p99_us', 0):>9.1f} {lat.get('p999_us', 0):>9.1f} "
+                     f"{lat.get('max_us', 0):>10.1f}")
     if req["errors"]:
         lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in req["errors"].items()))
     r = doc["resources"]
     lines += ["", f"resources: {r['storage_objects']} storage objects, {r['open_fds']} open fds, "
                   f"{r['registered_mappings']} mappings of registered objects"]
     return "\n".join(lines) + "\n"
+
+
+#: The STATS latency keys (:meth:`poolsvc.histogram.Histogram.summary_us`) and
+#: the Prometheus quantile label of each.
+_QUANTILES = (("p50_us", "0.5"), ("p90_us", "0.9"), ("p99_us", "0.99"), ("p999_us", "0.999"))
 
 
 def _label(value: Any) -> str:
@@ -115,10 +122,9 @@ def prometheus(doc: dict[str, Any]) -> str:
            [({}, req["protocol_errors"])])
     samples = []
     for t, lat in req["latency"].items():
-        for q in ("50", "90", "99", "99.9"):
-            key = f"p{q}_us"
+        for key, quantile in _QUANTILES:
             if key in lat:
-                samples.append(({"type": t, "quantile": str(float(q) / 100)}, lat[key] / 1e6))
+                samples.append(({"type": t, "quantile": quantile}, lat[key] / 1e6))
     family("request_latency_seconds", "summary",
            "Daemon-side time per request (recent window), by message type.", samples)
     for t, lat in req["latency"].items():

@@ -1,4 +1,6 @@
-"""Latency histograms exact to 3 significant digits, that workers fill and the runner merges.
+"""Latency histograms exact to 3 significant digits: the one place poolsvc's latency
+percentiles are computed (the load harness's workers and runner, the daemon's
+request metrics in :mod:`poolsvc.service.metrics`).
 
 A :class:`Histogram` counts latencies (integer nanoseconds) in log-linear
 buckets, the layout of HdrHistogram with 3 significant digits: values below
@@ -11,12 +13,14 @@ is adding counts.
 
 Bucket index of a latency ``v``: with ``s = max(0, v.bit_length() - 11)``,
 ``index = (s << 10) + (v >> s)`` (:func:`index_of`; :func:`indices` is the
-same over a numpy array).  Buckets are kept sparse (``{index: count}``): a
-worker adds one latency per operation in plain Python; percentiles are
-read with numpy over the occupied buckets.
+same over a numpy array).  Buckets are kept sparse (``{index: count}``):
+adding a latency is one dict update in plain Python; percentiles are read
+with numpy over the occupied buckets.
 
-Workers send the counts of each interval (deltas) to the runner as
-``[count, sum_ns, min_ns, max_ns, [[index, n], ...]]``; nothing is sampled away.
+Histograms travel (the load workers send the counts of each interval to
+the runner) as ``[count, sum_ns, min_ns, max_ns, [[index, n], ...]]``
+(:meth:`Histogram.to_wire`); nothing is sampled away.  Memory: one dict
+entry per occupied bucket, so never more entries than latencies counted.
 
 Invariant: ``count == sum(buckets.values())``; ``sum_ns``, ``min_ns`` and
 ``max_ns`` are exact.  Latencies must be below ``2**53`` ns (104 days).

@@ -1,6 +1,7 @@
-"""Tests of the load harness's latency histogram (poolsvc/load/histogram.py).
+"""Tests of the latency histogram (poolsvc/histogram.py).
 
-Every figure ``poolsvc load`` prints is read from these histograms, so they
+Every latency figure ``poolsvc load`` prints and the daemon's STATS reports
+is read from these histograms, so they
 must be exact to 3 significant digits whatever the scale: each percentile is
 compared with the exact order statistic of the same samples (numpy's
 sorted array), over latencies from nanoseconds to minutes.
@@ -13,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from poolsvc.load.histogram import EXACT_BELOW, Histogram, bucket_bounds, index_of, indices
+from poolsvc.histogram import EXACT_BELOW, Histogram, bucket_bounds, index_of, indices
 
 QS = (0.0, 0.001, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999, 1.0)
 
