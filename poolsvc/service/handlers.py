@@ -16,11 +16,11 @@ A BATCH on the socket with more than ``batch_slice`` requests is served in
 slices: :meth:`Handlers._start_batch` checks the whole body (a malformed
 batch runs nothing), :meth:`Handlers._run_batch_slice` runs the next slice
 (at most ``batch_slice`` requests, and no longer than ``batch_slice_us``
-give or take a request), and the loop serves other clients
-between slices.  The connection reads nothing more until its batch is done,
-so replies stay in request order; the reply goes on the socket, or to the
-receiver given to ``_start_batch``.  A BATCH in a shm slot runs whole: the
-slot's request area bounds it.
+give or take a request), and the loop serves other clients between slices.
+The connection reads nothing more until its batch is done, so replies stay
+in request order; the reply goes on the socket, or to the receiver given to
+``_start_batch``.  A BATCH in a shm slot runs whole: the slot's request area
+bounds it.
 
 Concurrency: the daemon's loop thread only.
 """
@@ -318,7 +318,7 @@ class Handlers(ServerParts):
         return True
 
     def _run_batch_slice(self, conn: Connection) -> None:
-        """Run the next slice of ``conn``'s pending BATCH; queue the reply after the last.
+        """Run the next slice of ``conn``'s pending BATCH; after the last, hand over the reply.
 
         A slice ends after ``batch_slice`` requests, or once it has run for
         ``batch_slice_us``.  It runs in chunks with a look at the clock after
