@@ -14,10 +14,13 @@ names the setting.
 
 A BATCH on the socket with more than ``batch_slice`` requests is served in
 slices: :meth:`Handlers._start_batch` checks the whole body (a malformed
-batch runs nothing), :meth:`Handlers._run_batch_slice` runs the next slice,
-and the loop serves other clients between slices.  The connection reads
-nothing more until its batch is done, so replies stay in request order.  A
-BATCH in a shm slot runs whole: the slot's request area bounds it.
+batch runs nothing), :meth:`Handlers._run_batch_slice` runs the next slice
+(at most ``batch_slice`` requests, and no longer than ``batch_slice_us``
+give or take a request), and the loop serves other clients between slices.
+The connection reads nothing more until its batch is done, so replies stay
+in request order; the reply goes on the socket, or to the receiver given to
+``_start_batch``.  A BATCH in a shm slot runs whole: the slot's request area
+bounds it.
 
 Concurrency: the daemon's loop thread only.
 """
@@ -28,14 +31,14 @@ import logging
 import os
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from .._backend import core
 from ..constants import PAGE_SIZE
 from ..errors import BadParameters, ItemNotFound, PoolsvcError, ProtocolError
 from . import protocol as P
 from . import slot as S
-from .connection import CLOSING, READY, Connection, Pinned, ServerParts
+from .connection import CLOSED, CLOSING, READY, Connection, Pinned, ServerParts
 from .provider import ZERO_COPY, Registration, SegmentTokens, cannot_shrink, describe
 
 log = logging.getLogger("poolsvc.service")
@@ -50,6 +53,8 @@ _split_frames = core.split_frames
 _pack_header = P.HEADER.pack
 _BATCH, _BATCH_REPLY = int(P.MsgType.BATCH), int(P.MsgType.BATCH_REPLY)
 _clock_ns = time.perf_counter_ns
+#: Most requests a time-bounded slice runs between two readings of the clock.
+_SLICE_CHECK = 16
 
 
 def page_span(offset: int, length: int) -> int:
@@ -59,14 +64,21 @@ def page_span(offset: int, length: int) -> int:
     return (-(-(offset + length) // PAGE_SIZE) - offset // PAGE_SIZE) * PAGE_SIZE
 
 
+#: What receives a BATCH served in slices: the connection and the BATCH_REPLY frame
+#: (its descriptors wait in ``_reply_fds``).
+BatchDone = Callable[[Connection, bytes], None]
+
+
 class PendingBatch:
-    """A socket BATCH being served in slices: its body, its frames
-    (``split_frames``), the next frame to run, the reply parts so far."""
+    """A BATCH being served in slices: its body, its frames (``split_frames``),
+    the next frame to run, the reply parts so far, and what receives the reply."""
 
-    __slots__ = ("body", "frames", "next", "parts", "size", "ns", "counts", "fds")
+    __slots__ = ("body", "frames", "next", "parts", "size", "ns", "counts", "fds", "on_done")
 
-    def __init__(self, body: bytes, frames: list[tuple[int, int, int]]) -> None:
+    def __init__(self, body: bytes, frames: list[tuple[int, int, int]], on_done: BatchDone | None) -> None:
         self.body = body
+        #: None: the reply is queued on the socket.
+        self.on_done = on_done
         self.frames = frames
         self.next = 0
         self.parts: list[bytes] = []
@@ -284,9 +296,13 @@ class Handlers(ServerParts):
         self.metrics.add_ops(counts)
         return reply
 
-    def _start_batch(self, conn: Connection, body: Any) -> bool:
-        """Begin serving a socket BATCH in slices; False if it is to run whole
-        (no more requests than a slice, or malformed: the ordinary path replies)."""
+    def _start_batch(self, conn: Connection, body: Any, on_done: BatchDone | None = None) -> bool:
+        """Begin serving a BATCH in slices; False if it is to run whole (no more
+        requests than a slice, or malformed: the ordinary path replies).
+
+        ``on_done(conn, reply_frame)`` receives the BATCH_REPLY frame (its
+        descriptors in ``_reply_fds``); by default it is queued on the socket.
+        """
         if len(body) <= self._batch_slice * P.HEADER_SIZE:
             return False
         try:
@@ -296,42 +312,70 @@ class Handlers(ServerParts):
         if len(frames) <= self._batch_slice:
             return False
         conn.requests += 1
-        conn.batch = PendingBatch(bytes(body), frames)
+        conn.batch = PendingBatch(bytes(body), frames, on_done)
         self._batches.append(conn)
         self._update_interest(conn)  # read nothing more until the batch is done
         return True
 
     def _run_batch_slice(self, conn: Connection) -> None:
-        """Run the next slice of ``conn``'s pending BATCH; queue the reply after the last."""
+        """Run the next slice of ``conn``'s pending BATCH; after the last, hand over the reply.
+
+        A slice ends after ``batch_slice`` requests, or once it has run for
+        ``batch_slice_us``.  It runs in chunks with a look at the clock after
+        each: a chunk is as many requests as fit the rest of the time bound at
+        the batch's cost per request so far (one for the batch's first, at
+        most ``_SLICE_CHECK``), so a slice overruns its bound by about one
+        request when requests are expensive and by at most ``_SLICE_CHECK``
+        cheap ones.
+        """
         batch: PendingBatch = conn.batch
         frames = batch.frames
         first = batch.next
-        last = min(len(frames), first + self._batch_slice)
-        batch.next = last
+        end = min(len(frames), first + self._batch_slice)
+        budget = self.settings.batch_slice_us * 1000
         t0 = _clock_ns()
+        spent = 0
         # The descriptors this slice's replies carry wait with the batch, not in
         # _reply_fds, where the next reply queued for any client would take them.
         self._reply_fds = batch.fds
         try:
             with memoryview(batch.body) as view:
-                part = _run_batch(view[frames[first][1] - P.HEADER_SIZE:frames[last - 1][2]],
-                                  last - first, self._max_frame, self._batch_handlers, conn,
-                                  self._refuse_in_batch, self._error, self._max_output - batch.size,
-                                  batch.counts)
+                while True:
+                    if not budget:
+                        last = end
+                    elif first:  # requests that fit the rest of the budget at the cost so far
+                        cost = (batch.ns + spent) // first
+                        last = min(end, first + (_SLICE_CHECK if not cost else
+                                                 max(1, min(_SLICE_CHECK, (budget - spent) // cost))))
+                    else:  # the batch's first request: its cost is not known yet
+                        last = first + 1
+                    part = _run_batch(view[frames[first][1] - P.HEADER_SIZE:frames[last - 1][2]],
+                                      last - first, self._max_frame, self._batch_handlers, conn,
+                                      self._refuse_in_batch, self._error, self._max_output - batch.size,
+                                      batch.counts)
+                    batch.next = first = last
+                    batch.parts.append(part)
+                    batch.size += len(part)
+                    spent = _clock_ns() - t0
+                    if last >= end or spent >= budget:
+                        break
         finally:
             self._reply_fds = []
-        batch.parts.append(part)
-        batch.size += len(part)
-        batch.ns += _clock_ns() - t0
-        if last < len(frames):
+        batch.ns += spent
+        if first < len(frames):
             return
         conn.batch = None
         self._batches.remove(conn)
         self.metrics.add_ops(batch.counts)
         self.metrics.record(_BATCH, batch.ns)
         self._reply_fds = batch.fds  # sent with the reply's first byte
-        self._queue(conn, _pack_header(batch.size, _BATCH_REPLY, 0) + b"".join(batch.parts))
-        self._flush(conn)  # writes, then runs the requests that waited behind the batch
+        reply = _pack_header(batch.size, _BATCH_REPLY, 0) + b"".join(batch.parts)
+        if batch.on_done is None:
+            self._queue(conn, reply)
+        else:
+            batch.on_done(conn, reply)
+        if conn.state != CLOSED:
+            self._flush(conn)  # writes, then runs the requests that waited behind the batch
 
     def _refuse_in_batch(self, conn: Connection, msg_type: int, unbatchable: bool) -> bytes:
         """The ERROR body of a BATCH operation that is not run: a type that may not be
@@ -345,4 +389,4 @@ class Handlers(ServerParts):
         return self._error(conn, msg_type, exc)
 
 
-__all__ = ["Handlers", "PendingBatch", "page_span"]
+__all__ = ["BatchDone", "Handlers", "PendingBatch", "page_span"]

@@ -98,6 +98,9 @@ class ServiceSettings:
     handshake_timeout: float = 2.0
     #: Requests of a socket BATCH run before the loop serves other clients again.
     batch_slice: int = 64
+    #: Microseconds a slice of a socket BATCH may run before the loop serves other
+    #: clients again, whatever its count (0: the count alone bounds a slice).
+    batch_slice_us: int = 500
     #: Latency samples kept per message type for percentiles.
     latency_window: int = 4096
     #: ``logging`` level name.
@@ -172,6 +175,7 @@ class ServiceSettings:
             "max_connections_per_uid": (0, 1 << 20),
             "max_sessions_per_client": (1, 65536),
             "batch_slice": (1, 1 << 20),
+            "batch_slice_us": (0, 1_000_000),
             "max_frame": (HEADER_SIZE * 16, 1 << 30),
             "max_batch": (1, 1 << 20),
             "max_output": (64 << 10, 1 << 34),

@@ -3,7 +3,9 @@
 :func:`stats_document` builds the plain-data document a STATS request
 returns (``poolsvc stat`` renders it with :mod:`.render`).  Pool figures come
 from the System, per-client figures from each connection and its Context,
-request figures from :class:`~.metrics.Metrics`.
+request figures from :class:`~.metrics.Metrics`.  The RPC memory trusted apps
+hold is shown per client (``quota.rpc_bytes``: that of the client's sessions)
+and in total; no quota counts it (docs/security.md, "Limits").
 
 Concurrency: the daemon's loop thread only (it reads live daemon state).
 """
@@ -48,6 +50,11 @@ def stats_document(server: Any) -> dict[str, Any]:
             "fragmentation": 0.0 if not st["free"] else 1.0 - st["largest_free"] / st["free"],
         }
     settings = server.settings
+    # RPC memory trusted apps hold, by secure-world session (charged to no quota)
+    rpc_by_session: dict[int, int] = {}
+    for memory in system.tee.rpc_shms.values():
+        if not memory.freed:
+            rpc_by_session[memory.session_id] = rpc_by_session.get(memory.session_id, 0) + memory.capacity
     clients = []
     for conn in sorted(server.connections.values(), key=lambda c: c.serial):
         entry: dict[str, Any] = {"serial": conn.serial, "name": conn.name, "pid": conn.pid,
@@ -74,7 +81,8 @@ def stats_document(server: Any) -> dict[str, Any]:
                                 "max_bytes": server.bytes_quota,
                                 "shms": usage["shms"], "max_shms": settings.max_shms_per_client,
                                 "sessions": usage["sessions"],
-                                "max_sessions": settings.max_sessions_per_client})
+                                "max_sessions": settings.max_sessions_per_client,
+                                "rpc_bytes": sum(rpc_by_session.get(sid, 0) for sid in ctx.sessions)})
         if conn.batch is not None:
             entry["batch_ops_left"] = len(conn.batch.frames) - conn.batch.next
         clients.append(entry)
@@ -95,6 +103,7 @@ def stats_document(server: Any) -> dict[str, Any]:
         "resources": {"storage_objects": LIVE["storage"], "storage_fds": LIVE["fd"],
                       "kernel_arena_bytes": sys_stats["storage"]["kernel_arena_bytes"],
                       "registered_mappings": server.files.mapped,
+                      "rpc_bytes": sum(rpc_by_session.values()),
                       "open_fds": _count_fds()},
         "system": sys_stats,
     }
@@ -110,7 +119,8 @@ def limits(server: Any) -> dict[str, Any]:
         "max_bytes_per_client": server.bytes_quota, "max_shms_per_client": settings.max_shms_per_client,
         "max_sessions_per_client": settings.max_sessions_per_client,
         "max_frame": settings.max_frame, "max_batch": settings.max_batch,
-        "batch_slice": settings.batch_slice, "max_output": settings.max_output,
+        "batch_slice": settings.batch_slice, "batch_slice_us": settings.batch_slice_us,
+        "max_output": settings.max_output,
         "max_pending_fds": P.MAX_PENDING_FDS,
         "allowed_uids": list(settings.allowed_uids) if settings.allowed_uids is not None else None,
         "allowed_gids": list(settings.allowed_gids) if settings.allowed_gids is not None else None,
