@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 from ._backend import BACKEND, core
 from .config import Config
@@ -86,6 +86,10 @@ class System:
                                   config.shm_prefix, owner="kernel", frames=self.dynamic)
         self.driver: Any = None
         self.pools: Any = None
+        #: Called with the size of each RPC SHM_ALLOC before it is served; raises
+        #: OutOfMemory to refuse it (the pool service charges RPC memory to the
+        #: quota of the client whose call the trusted app is serving).
+        self.rpc_admit: Callable[[int], None] | None = None
         try:
             self.pools = Pools(config, self.memory, cookies)
             self.static = self.pools.static  # core.RangeAllocator when the TEE has a reserved pool

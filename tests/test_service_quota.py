@@ -2,11 +2,15 @@
 
 The limits themselves (bytes, shms, sessions, refusals naming the setting)
 are attacked in ``tests/test_service_hostile.py`` and ``tests/test_service.py``;
-this file holds the figures that have no limit of their own: the RPC memory a
-trusted app obtains during a client's calls (docs/security.md, "Limits").
+this file holds the RPC memory a trusted app obtains during a client's calls:
+shown per client and in total, and counted against the client's byte quota
+(docs/security.md, "Limits").
 """
 from __future__ import annotations
 
+import pytest
+
+from poolsvc.errors import TEE_ERROR_OUT_OF_MEMORY, OutOfMemory, TeeError
 from poolsvc.service.client import connect
 from poolsvc.tee.driver import Value
 from poolsvc.tee.ta import StorageApp
@@ -55,5 +59,28 @@ def test_rpc_memory_of_a_client_that_hangs_up_is_released(tmp_path):
         client.close()  # its sessions close with its context
         d.wait_for(lambda s: s["resources"]["rpc_bytes"] == 0
                    and not any(c["role"] == "CONTEXT" for c in s["clients"]))
+    finally:
+        d.stop()
+
+
+def test_rpc_memory_counts_against_the_byte_quota(tmp_path):
+    d = DaemonThread(tmp_path / "q.sock", max_bytes_per_client=4 * MiB)
+    try:
+        with connect(d.path) as client:
+            ctx = client.open_context("greedy")
+            store = ctx.open_session(StorageApp.UUID, [Value(3 * MiB)])
+            assert _quota(d, "greedy")["rpc_bytes"] == 3 * MiB
+            with pytest.raises(OutOfMemory, match=r"3145728 RPC.*max_bytes_per_client"):
+                ctx.alloc_user_buf(2 * MiB)
+            with pytest.raises(TeeError) as refused:  # the app's RPC SHM_ALLOC is refused
+                ctx.open_session(StorageApp.UUID, [Value(2 * MiB)])
+            assert refused.value.code == TEE_ERROR_OUT_OF_MEMORY
+            assert d.stats()["resources"]["rpc_bytes"] == 3 * MiB
+            shm = ctx.alloc_user_buf(MiB)  # what is left of the quota
+            store.close()
+            again = ctx.open_session(StorageApp.UUID, [Value(2 * MiB)])
+            assert _quota(d, "greedy")["rpc_bytes"] == 2 * MiB
+            again.close()
+            shm.close()
     finally:
         d.stop()

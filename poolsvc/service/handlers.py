@@ -40,6 +40,7 @@ from . import protocol as P
 from . import slot as S
 from .connection import CLOSED, CLOSING, READY, Connection, Pinned, ServerParts
 from .provider import ZERO_COPY, Registration, SegmentTokens, cannot_shrink, describe
+from .sessions import rpc_bytes_of
 
 log = logging.getLogger("poolsvc.service")
 
@@ -187,7 +188,7 @@ class Handlers(ServerParts):
                                   "(max_shms_per_client)")
         limit = self._max_bytes
         pinned = conn.pinned
-        if limit and pinned.allocated + pinned.registered + size > limit:
+        if limit and self._pinned_bytes(pinned) + size > limit:
             self._over_quota(pinned, f"allocating {size} bytes", size)
         shm = fns[kind](size)
         conn.pool_bytes += shm.size
@@ -195,11 +196,22 @@ class Handlers(ServerParts):
         conn.alloc_sizes[shm.cookie] = shm.size
         return self._describe(conn, shm, fresh=True)
 
+    def _pinned_bytes(self, pinned: Pinned) -> int:
+        """What a client pins against its byte quota: allocated and registered bytes,
+        and the RPC memory trusted apps hold for its sessions (looked up only while
+        some is held: rare)."""
+        held = pinned.allocated + pinned.registered
+        if self.system.tee.rpc_shms:
+            held += rpc_bytes_of(self.connections.values(), self.system.tee, pinned.pid)
+        return held
+
     def _over_quota(self, pinned: Pinned, what: str, size: int) -> None:
         """Raise the LIMIT error of a request that would take a client over its byte quota."""
+        held = self._pinned_bytes(pinned)
+        rpc = held - pinned.allocated - pinned.registered
         raise P.LimitExceeded(f"{what} would take this client (pid {pinned.pid}, over its {pinned.users} "
-                              f"context(s)) to {pinned.allocated + pinned.registered + size} bytes "
-                              f"pinned ({pinned.allocated} allocated, {pinned.registered} registered), "
+                              f"context(s)) to {held + size} bytes pinned ({pinned.allocated} allocated, "
+                              f"{pinned.registered} registered, {rpc} RPC), "
                               f"over max_bytes_per_client {self._max_bytes}")
 
     def _describe(self, conn: Connection, shm: Any, fresh: bool) -> bytes:
@@ -227,7 +239,7 @@ class Handlers(ServerParts):
                                       "(max_shms_per_client)")
             pinned = page_span(offset, length)
             held = conn.pinned
-            if self._max_bytes and held.allocated + held.registered + pinned > self._max_bytes:
+            if self._max_bytes and self._pinned_bytes(held) + pinned > self._max_bytes:
                 self._over_quota(held, f"registering {pinned} bytes of pages", pinned)
             if cannot_shrink(fd):  # sealed by the client: the System may map it, zero-copy
                 shm = conn.register_fns[kind](fd, offset, length)

@@ -18,9 +18,10 @@ Concurrency: the daemon's loop thread only.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+from typing import Any, Callable, Iterable
 
-from ..errors import BadParameters, ItemNotFound, ProtocolError, TeeError
+from ..errors import BadParameters, ItemNotFound, OutOfMemory, ProtocolError, TeeError
 from . import protocol as P
 from .connection import Connection, ServerParts
 from .provider import RegisteredFiles, Registration
@@ -28,6 +29,24 @@ from .provider import RegisteredFiles, Registration
 #: A registered memref's bounce: (registration, start, end, copy back after the call).
 Bounce = tuple[Registration, int, int, bool]
 _DIRECTIONS = ("in", "out", "inout")
+
+
+def rpc_bytes_by_session(tee: Any) -> dict[int, int]:
+    """The RPC memory trusted apps hold, by secure-world session id."""
+    held: dict[int, int] = {}
+    for memory in tee.rpc_shms.values():
+        if not memory.freed:
+            held[memory.session_id] = held.get(memory.session_id, 0) + memory.capacity
+    return held
+
+
+def rpc_bytes_of(connections: Iterable[Connection], tee: Any, pid: int) -> int:
+    """The RPC memory trusted apps hold for the sessions of client process ``pid``."""
+    if not tee.rpc_shms:
+        return 0
+    by_session = rpc_bytes_by_session(tee)
+    return sum(by_session.get(sid, 0) for conn in connections
+               if conn.pid == pid and conn.context is not None for sid in conn.context.sessions)
 
 
 class SessionHandlers(ServerParts):
@@ -73,6 +92,32 @@ class SessionHandlers(ServerParts):
                 raise BadParameters(f"parameter {i}: unknown kind {kind}")
         return params, bounces
 
+    def _charged(self, conn: Connection, call: Callable[[], Any]) -> Any:
+        """``call()`` with the RPC memory a trusted app asks for meanwhile charged to
+        ``conn``'s byte quota: an RPC SHM_ALLOC over it is answered OUT_OF_MEMORY
+        (the app sees it; the refusal is logged, naming the limit)."""
+        limit = self._max_bytes
+        if not limit:
+            return call()
+        pinned = conn.pinned
+        system = self.system
+
+        def admit(size: int) -> None:
+            rpc = rpc_bytes_of(self.connections.values(), system.tee, pinned.pid)
+            held = pinned.allocated + pinned.registered + rpc
+            if held + size > limit:
+                msg = (f"RPC SHM_ALLOC of {size} bytes for client pid {pinned.pid} refused: "
+                       f"{held} bytes pinned ({pinned.allocated} allocated, {pinned.registered} "
+                       f"registered, {rpc} RPC), over max_bytes_per_client {limit}")
+                self._log_limited("rpc-quota", logging.WARNING, "%s", msg)
+                raise OutOfMemory(msg)
+
+        system.rpc_admit = admit
+        try:
+            return call()
+        finally:
+            system.rpc_admit = None
+
     @staticmethod
     def _bounced(bounces: list[Bounce], call: Callable[[], Any]) -> Any:
         """``call()`` with the registered buffers it names copied in before and out after."""
@@ -114,7 +159,8 @@ class SessionHandlers(ServerParts):
             raise BadParameters(f"login {login:#x} is not a u32")
         params, bounces = self._session_params(conn, body, 16 + P.COOKIE.size)
         try:
-            session = self._bounced(bounces, lambda: ctx.open_session(ta_uuid, params, login))
+            session = self._charged(conn, lambda: self._bounced(
+                bounces, lambda: ctx.open_session(ta_uuid, params, login)))
         except TeeError as exc:
             result = getattr(exc, "result", None)
             if result is None:
@@ -129,7 +175,8 @@ class SessionHandlers(ServerParts):
             raise ItemNotFound(f"no session {session_id} in this client's context")
         params, bounces = self._session_params(conn, body, P.SESSION.size)
         try:
-            result = self._bounced(bounces, lambda: session.invoke(func, params))
+            result = self._charged(conn, lambda: self._bounced(
+                bounces, lambda: session.invoke(func, params)))
         except TeeError as exc:
             result = getattr(exc, "result", None)
             if result is None:
@@ -145,4 +192,4 @@ class SessionHandlers(ServerParts):
         return b""
 
 
-__all__ = ["SessionHandlers"]
+__all__ = ["SessionHandlers", "rpc_bytes_by_session", "rpc_bytes_of"]

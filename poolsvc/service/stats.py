@@ -5,7 +5,7 @@ returns (``poolsvc stat`` renders it with :mod:`.render`).  Pool figures come
 from the System, per-client figures from each connection and its Context,
 request figures from :class:`~.metrics.Metrics`.  The RPC memory trusted apps
 hold is shown per client (``quota.rpc_bytes``: that of the client's sessions)
-and in total; no quota counts it (docs/security.md, "Limits").
+and in total; it counts against the client's byte quota (docs/security.md, "Limits").
 
 Concurrency: the daemon's loop thread only (it reads live daemon state).
 """
@@ -20,6 +20,7 @@ from ..storage import LIVE
 from . import protocol as P
 from .connection import ConnState
 from .process import dumpable
+from .sessions import rpc_bytes_by_session
 
 
 def stats_document(server: Any) -> dict[str, Any]:
@@ -50,11 +51,8 @@ def stats_document(server: Any) -> dict[str, Any]:
             "fragmentation": 0.0 if not st["free"] else 1.0 - st["largest_free"] / st["free"],
         }
     settings = server.settings
-    # RPC memory trusted apps hold, by secure-world session (charged to no quota)
-    rpc_by_session: dict[int, int] = {}
-    for memory in system.tee.rpc_shms.values():
-        if not memory.freed:
-            rpc_by_session[memory.session_id] = rpc_by_session.get(memory.session_id, 0) + memory.capacity
+    # RPC memory trusted apps hold, by secure-world session (charged to the client's byte quota)
+    rpc_by_session = rpc_bytes_by_session(system.tee)
     clients = []
     for conn in sorted(server.connections.values(), key=lambda c: c.serial):
         entry: dict[str, Any] = {"serial": conn.serial, "name": conn.name, "pid": conn.pid,

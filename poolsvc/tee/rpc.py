@@ -6,7 +6,8 @@
 
 - SHM_ALLOC: parameter 0 must be VALUE_INPUT and any further ones NONE (else
   BAD_PARAMETERS); type APPL or KERNEL (GLOBAL and others: BAD_PARAMETERS);
-  a size the pool cannot serve, 0 included, is OUT_OF_MEMORY.  The buffer is
+  a size the pool cannot serve, 0 included, is OUT_OF_MEMORY, and so is one
+  the System's ``rpc_admit`` hook refuses (the pool service's quota).  The buffer is
   a private buffer of the context ``tee-rpc`` (never REGISTER_SHM'd, no id),
   answered in parameter 0 in the formats of docs/design.md section 5: a
   NONCONTIG page list (TMEM_OUTPUT|NONCONTIG) from the dynamic pool, a plain
@@ -92,6 +93,9 @@ class RpcServer:
         size = p.b
         if size == 0:
             raise OutOfMemory("RPC SHM_ALLOC of 0 bytes: the pools cannot serve it")
+        admit = self.system.rpc_admit
+        if admit is not None:
+            admit(size)
         shm = self._context().alloc_priv_buf(size)
         try:
             if self.system.pool == "dynamic":
