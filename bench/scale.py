@@ -54,6 +54,8 @@ REFERENCE_CLIENTS = 8
 PAIR_SIZE = 4096
 #: Seconds allowed for a daemon to come up and for every client to connect.
 START_TIMEOUT = 300.0
+#: ``connect(shm_spin_us=...)`` of the clients (None: the library's default); ``--client-spin-us``.
+CLIENT_SPIN_US: float | None = None
 
 
 def _loadavg() -> list[float]:
@@ -119,8 +121,9 @@ def _client(index: int, socket_path: str, transport: str, seconds: float, ready_
     result: dict[str, Any] = {"pairs": 0, "error": None}
     latencies = array.array("d")
     try:
+        spin = {} if CLIENT_SPIN_US is None else {"shm_spin_us": CLIENT_SPIN_US}
         client = poolsvc.connect(socket_path, name=f"scale-{index}", transport=transport,
-                                 connect_timeout=START_TIMEOUT, timeout=START_TIMEOUT)
+                                 connect_timeout=START_TIMEOUT, timeout=START_TIMEOUT, **spin)
         ctx = client.open_context()
         ctx.alloc_user_buf(PAIR_SIZE).close()
         ctx.flush()
@@ -321,11 +324,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="idle clients of the memory cell (default 256; 0: no memory cell)")
     parser.add_argument("--tree", type=Path, default=ROOT,
                         help="checkout whose poolsvc is measured (default this one)")
+    parser.add_argument("--client-spin-us", type=float,
+                        help="the clients' connect(shm_spin_us=...) (default: the library's)")
     parser.add_argument("--json", type=Path, help="write the document here (default stdout)")
     args = parser.parse_args(argv)
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     if not transports or set(transports) - {"socket", "shm"}:
         raise SystemExit(f"--transports: {args.transports!r}: expected socket, shm or both")
+    global CLIENT_SPIN_US
+    CLIENT_SPIN_US = args.client_spin_us
     tree = args.tree.resolve()
     sys.path.insert(0, str(tree))  # the forked clients import the measured tree's poolsvc
     import poolsvc
