@@ -63,7 +63,7 @@ def test_a_client_without_an_eventfd_rings_with_a_doorbell_frame(tmp_path):
                 S.fence()
                 assert words[S.W_DAEMON_SLEEPING] == 1
                 raw.send(P.DOORBELL_FRAME)
-                wait_until(lambda: words[S.W_REP_SEQ] == seq, what=f"the reply to request {seq}")
+                wait_until(lambda seq=seq: words[S.W_REP_SEQ] == seq, what=f"the reply to request {seq}")
                 n = words[S.W_REP_LEN]
                 assert bytes(mm[S.SLOT_REP_OFF:S.SLOT_REP_OFF + n]) == P.frame(P.MsgType.OK, b"p%d" % seq)
             words.release()

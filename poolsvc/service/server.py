@@ -235,7 +235,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                 if slots:
                     served = False
                     if polled:
-                        ready = [conn for conn in polled if conn.words[_W_REQ_SEQ] != conn.seq]
+                        ready = [conn for conn in polled
+                                 if conn.words[_W_REQ_SEQ] != conn.seq]  # type: ignore[index]  # members are mapped
                         now = clock()
                         for conn in ready:
                             if serve_slot(conn):
@@ -293,12 +294,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         continue
                     if data is _LISTEN:
                         self._accept()
-                    elif type(data) is Bell:
-                        try:  # the client published a request in its parked slot
-                            os.eventfd_read(fd)
-                        except BlockingIOError:
-                            pass
-                        unpark(data.conn)
+                    elif type(data) is Bell:  # edge-triggered: nothing to read
+                        unpark(data.conn)  # a request in its parked slot
                     elif data is _WAKE:
                         try:
                             os.read(self._wake_r, 4096)
