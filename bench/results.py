@@ -497,8 +497,8 @@ def scale_body(doc: dict[str, Any], folder: str) -> list[str]:
            f"{doc['cpus']} CPUs; load average {' '.join(map(str, load[0]))} at the start, "
            f"{' '.join(map(str, load[1]))} at the end. 'of {ref}': pairs/s as a fraction of the "
            f"{ref}-process figure of the same transport and round (median over rounds). p50 / p99: "
-           "one pair's round trips, over every pair of every process. CPU µs per pair: the daemon's, "
-           "and the client processes' together.", "",
+           "one pair's round trips, over every pair of every process. Daemon CPU µs / pair: the "
+           "daemon's CPU time over the cell per pair (the clients' is in the JSON).", "",
            f"![pairs/s and latency against client processes]({folder}/scale.png)", "",
            f"| transport | clients | pairs/s | of {ref} | p50 µs | p99 µs | daemon CPU µs / pair | "
            "errors |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
