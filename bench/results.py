@@ -537,6 +537,8 @@ def scale_plot(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from poolsvc.load.sweep import client_axes
+
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for transport, color in zip(doc["transports"], ("tab:blue", "tab:orange")):
         rows = [r for r in doc["rows"] if r["transport"] == transport and r["pairs_per_s"]]
@@ -545,18 +547,9 @@ def scale_plot(doc: dict[str, Any], path: Path) -> None:
         bottom.plot(clients, [r["p50_us"] for r in rows], marker="o", color=color, label=f"{transport} p50")
         bottom.plot(clients, [r["p99_us"] for r in rows], marker="^", linestyle=":", color=color,
                     label=f"{transport} p99")
-    counts = doc["counts"]
     top.set_ylabel("alloc + close pairs per second, all processes")
-    top.set_ylim(bottom=0)
     bottom.set_ylabel("one pair (µs)")
-    bottom.set_yscale("log")
-    bottom.set_xlabel("client processes")
-    for ax in (top, bottom):
-        ax.set_xscale("log")
-        ax.set_xticks(counts, [str(n) for n in counts])
-        ax.minorticks_off()
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
+    client_axes(top, bottom, doc["counts"])
     top.set_title(f"bench/scale.py: {doc['seconds']:g} s per cell, median of {doc['rounds']} round(s), "
                   f"{doc['cpus']} CPUs")
     fig.tight_layout()

@@ -8,8 +8,11 @@ produces; then the loop runs and serves the last one's HELLO.
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 from poolsvc.config import Config
 from poolsvc.service import protocol as P
@@ -29,15 +32,10 @@ def _connect(path: str, hello: bool) -> socket.socket:
 
 
 def test_buffered_hellos_are_served_and_only_silent_connections_evicted(tmp_path):
-    path = str(tmp_path / "a.sock")
-    server = Server(Config(**SMALL), ServiceSettings(socket_path=path, max_pending=2,
-                                                     handshake_timeout=60, log_level="WARNING"))
-    server.start()
-    socks: list[socket.socket] = []
-    try:
-        silent = [_connect(path, hello=False) for _ in range(3)]
-        talking = [_connect(path, hello=True) for _ in range(6)]
-        socks = silent + talking
+    with _unstarted_loop(tmp_path, max_pending=2) as (server, socks):
+        silent = [_connect(server.socket_path, hello=False) for _ in range(3)]
+        talking = [_connect(server.socket_path, hello=True) for _ in range(6)]
+        socks += silent + talking
         server._accept()  # all nine at once, oldest first
         # Each HELLO received made room; the two oldest silent connections were
         # dropped for the third silent one and the first talking one.
@@ -49,26 +47,30 @@ def test_buffered_hellos_are_served_and_only_silent_connections_evicted(tmp_path
             assert msg_type == P.MsgType.WELCOME
         assert read_frames(silent[0]) == [] and read_frames(silent[1]) == []
         assert server.connection_counts()["monitor"] == 6
-    finally:
-        _stop(server)
-        for sock in socks:
-            sock.close()
 
 
 def test_a_full_pending_set_of_buffered_hellos_admits_every_connection(tmp_path):
-    path = str(tmp_path / "b.sock")
-    server = Server(Config(**SMALL), ServiceSettings(socket_path=path, max_pending=1,
-                                                     handshake_timeout=60, log_level="WARNING"))
-    server.start()
-    socks: list[socket.socket] = []
-    try:
-        socks = [_connect(path, hello=True) for _ in range(20)]
+    with _unstarted_loop(tmp_path, max_pending=1) as (server, socks):
+        socks += [_connect(server.socket_path, hello=True) for _ in range(20)]
         server._accept()
         counts = server.connection_counts()
         assert (counts["monitor"], counts["pending"], server.metrics.refused) == (19, 1, 0), counts
         _run(server)
         for sock in socks:
             assert read_frames(sock, 1)[0][0] == P.MsgType.WELCOME
+
+
+@contextlib.contextmanager
+def _unstarted_loop(tmp_path: Path, max_pending: int) -> Iterator[tuple[Server, list[socket.socket]]]:
+    """A daemon bound in ``tmp_path`` whose loop does not run until ``_run``, and a list
+    for the test's sockets; afterwards the loop is stopped and the sockets closed."""
+    server = Server(Config(**SMALL), ServiceSettings(socket_path=str(tmp_path / "a.sock"),
+                                                     max_pending=max_pending, handshake_timeout=60,
+                                                     log_level="WARNING"))
+    server.start()
+    socks: list[socket.socket] = []
+    try:
+        yield server, socks
     finally:
         _stop(server)
         for sock in socks:
