@@ -203,9 +203,10 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         adaptive window of at most ``shm_spin_us`` after serving one
         (checking epoll every few polls, so that socket clients are served
         meanwhile); a slot without a request for ``PARK_AFTER`` windows is
-        parked; when the window passes with no request, the loop parks every
-        polled slot (a request published meanwhile is not missed) and blocks
-        in epoll until a socket event or a client's doorbell.
+        parked; when the window passes with no request, or no slot is polled
+        (nothing to spin on: parked slots ring), the loop parks every polled
+        slot (a request published meanwhile is not missed) and blocks in epoll
+        until a socket event or a client's doorbell.
         """
         assert self._ep is not None, "start() first"
         poll = self._ep.poll
@@ -258,7 +259,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         if polls & 7:
                             continue
                         events = poll(0)
-                    elif now < slot_until:
+                    elif now < slot_until and polled:
                         # Yield between polls: when the scheduler has put a client on
                         # this CPU, a poll that does not yield keeps it from running
                         # until preemption (see _Channel._slot_send in the client).
@@ -267,9 +268,10 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         if polls & 3:
                             continue
                         events = poll(0)
-                    else:
-                        if slot_until:  # a whole window without a request: narrow it
-                            self._slot_spin = max(min_slot_spin, self._slot_spin / 2)
+                    else:  # the window has passed, or every slot is parked: epoll
+                        if slot_until:
+                            if now >= slot_until:  # a whole window without a request: narrow it
+                                self._slot_spin = max(min_slot_spin, self._slot_spin / 2)
                             slot_until = 0.0
                         events = poll(0)
                         if not events and not batches:
