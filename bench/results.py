@@ -6,11 +6,12 @@ Usage (from the repository root)::
     python bench/results.py --family alloc       # one family (repeat --family for more)
     python bench/results.py --family study       # the study behind `poolsvc bench`
     python bench/results.py --family load        # two 60 s `poolsvc load` runs
+    python bench/results.py --family scale       # bench/scale.py: throughput against clients
     POOLSVC_PUREPYTHON=1 python bench/results.py --family system   # the pure backend
 
 Owns: the list of families (which benchmark files or commands make each), running
-them (pytest with ``--benchmark-json`` to a temporary file, or the ``poolsvc``
-command with ``--json``), and rendering each family's figures as
+them (pytest with ``--benchmark-json`` to a temporary file, the ``poolsvc``
+command with ``--json``, or ``bench/scale.py``), and rendering each family's figures as
 ``bench/results/<family>.md`` under a header that names the machine (CPU model,
 cores, Python, numpy, backend), the date, the commit and the command that
 regenerates the file.  The figures are whatever the run measured; nothing here
@@ -183,6 +184,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            about="Eight client processes for 60 s (counted once every client is connected) "
                  "against a `poolsvc serve` daemon started for the run, with SIGKILLs and "
                  "malformed requests (`docs/load.md`): single requests, then batches of 256."),
+    Family("scale", "Scaling: throughput against client processes",
+           about="`bench/scale.py`: N forked client processes (one connection each) against a "
+                 "fresh `poolsvc serve` daemon per cell, each looping `alloc_user_buf(4096)` + "
+                 "`close` for the cell's seconds; both transports; cells alternated round by "
+                 "round, figures are medians over rounds (`docs/load.md`, \"Scaling\"). Then the "
+                 "daemon's RSS per idle connected client."),
 )}
 
 #: Families run by default: everything that pytest-benchmark measures.
@@ -475,6 +482,98 @@ def run_load() -> list[str]:
             "digits.", ""] + out + [""] + latency
 
 
+SCALE_ARGS = ["--counts", "1,8,64,256", "--rounds", "3", "--seconds", "5", "--idle", "256"]
+#: The goals the scale family is judged against (issue "Hundreds of clients without collapse").
+SCALE_RATIO_GOAL = 0.7
+SCALE_RSS_GOAL_KIB = 256
+
+
+def scale_body(doc: dict[str, Any], folder: str) -> list[str]:
+    """The body of ``scale.md`` from a ``bench/scale.py`` document: the throughput table, the
+    goals, the memory table and a link to the plot in ``folder`` (beside ``scale.md``)."""
+    ref = doc["reference_clients"]
+    load = doc["loadavg_start"], doc["loadavg_end"]
+    out = [f"Pair: `{doc['pair']}`; {doc['seconds']:g} s per cell, {doc['rounds']} round(s), "
+           f"{doc['cpus']} CPUs; load average {' '.join(map(str, load[0]))} at the start, "
+           f"{' '.join(map(str, load[1]))} at the end. 'of {ref}': pairs/s as a fraction of the "
+           f"{ref}-process figure of the same transport and round (median over rounds). p50 / p99: "
+           "one pair's round trips, over every pair of every process. Daemon CPU µs / pair: the "
+           "daemon's CPU time over the cell per pair (the clients' is in the JSON).", "",
+           f"![pairs/s and latency against client processes]({folder}/scale.png)", "",
+           f"| transport | clients | pairs/s | of {ref} | p50 µs | p99 µs | daemon CPU µs / pair | "
+           "errors |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in doc["rows"]:
+        ratio = "-" if r["of_reference"] is None else f"{r['of_reference']:.0%}"
+        daemon = "-" if r["daemon_us_per_pair"] is None else f"{r['daemon_us_per_pair']:,.1f}"
+        out.append(f"| {r['transport']} | {r['clients']:,} | {r['pairs_per_s'] or 0:,.0f} | {ratio} | "
+                   f"{r['p50_us'] or 0:,.1f} | {r['p99_us'] or 0:,.1f} | {daemon} | {r['errors']} |")
+    out += ["", f"Goal: with 64 and 256 processes, at least {SCALE_RATIO_GOAL:.0%} of the {ref}-process "
+                "figure.", "", "| transport | clients | of " + str(ref) + " | goal met |", "|---|---:|---:|---|"]
+    for r in doc["rows"]:
+        if r["clients"] in (64, 256):
+            ratio = r["of_reference"]
+            met = "-" if ratio is None else ("yes" if ratio >= SCALE_RATIO_GOAL else "**no**")
+            out.append(f"| {r['transport']} | {r['clients']} | "
+                       f"{'-' if ratio is None else f'{ratio:.0%}'} | {met} |")
+    if doc["memory"]:
+        out += ["", "### Daemon memory per idle connected client", "",
+                "`VmRSS` of the daemon before and after N client processes connected (each with a "
+                f"Context and one 4 KiB alloc + close, then idle). Goal: at most {SCALE_RSS_GOAL_KIB} KiB.",
+                "", "| transport | clients | RSS before KiB | RSS after KiB | KiB per client | goal met |",
+                "|---|---:|---:|---:|---:|---|"]
+        for m in doc["memory"]:
+            per = m["kib_per_client"]
+            met = "-" if per is None else ("yes" if per <= SCALE_RSS_GOAL_KIB else "**no**")
+            out.append(f"| {m['transport']} | {m['ready']:,} of {m['clients']:,} | {m['rss_before_kib']:,} | "
+                       f"{m['rss_after_kib']:,} | {'-' if per is None else f'{per:,.1f}'} | {met} |")
+    return out
+
+
+def scale_plot(doc: dict[str, Any], path: Path) -> None:
+    """``path`` (png): pairs/s (from zero) and p50 with p99 (log scale) against client
+    processes (log scale), one line per transport."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from poolsvc.load.sweep import client_axes
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for transport, color in zip(doc["transports"], ("tab:blue", "tab:orange")):
+        rows = [r for r in doc["rows"] if r["transport"] == transport and r["pairs_per_s"]]
+        clients = [r["clients"] for r in rows]
+        top.plot(clients, [r["pairs_per_s"] for r in rows], marker="o", color=color, label=transport)
+        bottom.plot(clients, [r["p50_us"] for r in rows], marker="o", color=color, label=f"{transport} p50")
+        bottom.plot(clients, [r["p99_us"] for r in rows], marker="^", linestyle=":", color=color,
+                    label=f"{transport} p99")
+    top.set_ylabel("alloc + close pairs per second, all processes")
+    bottom.set_ylabel("one pair (µs)")
+    client_axes(top, bottom, doc["counts"])
+    top.set_title(f"bench/scale.py: {doc['seconds']:g} s per cell, median of {doc['rounds']} round(s), "
+                  f"{doc['cpus']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_scale(output: Path) -> list[str]:
+    """Run ``bench/scale.py`` with ``SCALE_ARGS``, keep its JSON and plot in ``<output>/scale/``;
+    returns the body of ``scale.md``."""
+    folder = output / "scale"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "scale.py"), *SCALE_ARGS, "--json", str(path)]
+    print("running:", shlex.join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, check=False)
+    if proc.returncode != 0 or not path.exists():
+        raise SystemExit(f"scale: bench/scale.py exited with status {proc.returncode}")
+    doc = json.loads(path.read_text())
+    scale_plot(doc, folder / "scale.png")
+    return [f"Command run: `python bench/scale.py {' '.join(SCALE_ARGS)}`; every cell's figures in "
+            f"[scale/results.json](scale/results.json).", ""] + scale_body(doc, folder.name)
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 def generate(name: str, backend: str, pytest_args: list[str], output: Path) -> Path:
@@ -488,7 +587,8 @@ def generate(name: str, backend: str, pytest_args: list[str], output: Path) -> P
     if family.files:
         body = render_pytest(family, run_pytest(family, pytest_args))
     else:
-        body = run_study(output) if name == "study" else run_load()
+        runners = {"study": lambda: run_study(output), "scale": lambda: run_scale(output)}
+        body = runners.get(name, run_load)()
     lines = header(family, info, command, started, time.monotonic() - t0) + body
     text = "\n".join(lines).rstrip() + "\n"
     suffix = "-pure" if backend == "pure" else ""

@@ -110,6 +110,21 @@ def markdown(sweep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def client_axes(top: Any, bottom: Any, clients: list[int]) -> None:
+    """The axes of a plot against client counts: throughput (``top``) from zero, so that
+    a fall reads at its true size; latency (``bottom``) on a log scale; clients on a log
+    scale with one tick per count; grids and legends."""
+    top.set_ylim(bottom=0)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("client processes")
+    for ax in (top, bottom):
+        ax.set_xscale("log")
+        ax.set_xticks(clients, [str(n) for n in clients])
+        ax.minorticks_off()
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+
+
 def plot(sweep: dict[str, Any], directory: str) -> list[str]:
     """``sweep.png`` in ``directory``: throughput (from zero), and p50 with its p99 above
     it (log scale), against the number of clients (log scale; a run that failed is marked
@@ -136,15 +151,7 @@ def plot(sweep: dict[str, Any], directory: str) -> list[str]:
                     marker="x", s=80, color="red", zorder=3, label="run failed (violations or leaks)")
     top.set_ylabel("operations per second, all clients")
     bottom.set_ylabel("latency of one operation (µs)")
-    bottom.set_xlabel("client processes")
-    top.set_ylim(bottom=0)  # throughput from zero: a fall reads at its true size
-    bottom.set_yscale("log")
-    for ax in (top, bottom):
-        ax.set_xscale("log")
-        ax.set_xticks(clients, [str(n) for n in clients])
-        ax.minorticks_off()
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
+    client_axes(top, bottom, clients)
     spec = sweep["spec"]
     top.set_title(f"poolsvc load --sweep: {spec['duration']:g} s per count, batch {spec['batch']}, "
                   f"{sweep['service'].get('transport', 'default')} transport, "

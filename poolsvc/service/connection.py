@@ -12,6 +12,9 @@ SIGKILL of the client mid-request, a protocol violation) the Context is
 closed, which releases its shms, ids, frames, sessions and storage, and the
 daemon's shadows of objects it registered.
 
+:class:`SlotSet` holds the READY connections with a shm slot, polled or
+parked (the rule is in :mod:`.slotserve`).
+
 :class:`ServerParts` declares the attributes and methods the daemon's parts
 (the loop in :mod:`.server`, connection I/O in :mod:`.transport`, slot
 serving in :mod:`.slotserve`, request handlers in :mod:`.handlers` and
@@ -27,12 +30,13 @@ import struct
 import time
 from collections import Counter, deque
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..config import Config
 from ..errors import ProtocolError
 from ..storage import Storage
 from . import protocol as P
+from . import slot as S
 from .metrics import Metrics
 from .provider import RegisteredFiles, Registration, SegmentTokens
 from .settings import ServiceSettings
@@ -60,7 +64,7 @@ class Connection:
                  "tokens", "inbuf", "out", "out_bytes", "fds", "registered", "alloc_fns",
                  "register_fns", "pool_bytes", "registered_bytes", "alloc_sizes", "requests", "accepted",
                  "reading", "writing", "goodbye", "handlers", "version",
-                 "slot", "words", "seq", "bell", "batch", "counted", "pinned")
+                 "slot", "words", "seq", "bell", "served_at", "batch", "counted", "pinned")
 
     def __init__(self, sock: socket.socket, serial: int) -> None:
         self.sock = sock
@@ -108,6 +112,8 @@ class Connection:
         self.seq = 0
         #: The eventfd the client rings to wake the daemon (-1: none).
         self.bell = -1
+        #: When the loop last served (or unparked) the slot (perf_counter seconds).
+        self.served_at = 0.0
         #: A BATCH being served in slices (see ``Handlers._start_batch``), or None.
         self.batch: Any = None
         #: Counted in the server's census of READY connections per role.
@@ -141,6 +147,48 @@ class Pinned:
         self.users = 0
 
 
+class SlotSet:
+    """The READY connections with a shm slot: every one (``members``) and the
+    ones the loop polls (``polled``, a subset); the others are parked.
+
+    Invariants: ``polled <= members``; each member has a mapped slot
+    (``conn.words`` is not None); ``words[W_DAEMON_SLEEPING] == 0`` only for a
+    polled member (a parked one says 1).  The list-like methods (``append``,
+    ``remove``, ``in``) add and drop members; a new member is polled.
+    """
+
+    __slots__ = ("members", "polled")
+
+    def __init__(self) -> None:
+        self.members: dict[Connection, None] = {}
+        self.polled: dict[Connection, None] = {}
+
+    def append(self, conn: Connection) -> None:
+        """Serve ``conn``'s slot, polled at first."""
+        assert conn.words is not None
+        self.members[conn] = None
+        self.polled[conn] = None
+        conn.served_at = time.perf_counter()
+        conn.words[S.W_DAEMON_SLEEPING] = 0
+
+    def remove(self, conn: Connection) -> None:
+        """Stop serving ``conn``'s slot; ValueError if it was not served."""
+        try:
+            del self.members[conn]
+        except KeyError:
+            raise ValueError("connection has no served slot") from None
+        self.polled.pop(conn, None)
+
+    def __contains__(self, conn: object) -> bool:
+        return conn in self.members
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
 #: A request handler: (connection, body) -> reply body.
 Handler = Callable[[Connection, Any], bytes]
 
@@ -156,8 +204,8 @@ class ServerParts:
     connections: dict[int, Connection]
     #: Descriptors to send with the next queued reply.
     _reply_fds: list[int]
-    #: READY connections with a shm slot, polled by the loop.
-    _slots: list[Connection]
+    #: READY connections with a shm slot, polled or parked (see :mod:`.slotserve`).
+    _slots: SlotSet
     _stopping: bool
     _ep: Any
     # limits read on every request
@@ -192,9 +240,10 @@ class ServerParts:
         def _violation(self, conn: Connection, exc: ProtocolError) -> None: ...
         def _make_slot(self, conn: Connection, bell: bool) -> None: ...
         def _drop_slot(self, conn: Connection) -> None: ...
+        def _unpark(self, conn: Connection) -> None: ...
         def _close_shm(self, conn: Connection, shm: Any) -> bytes: ...
         def stats(self) -> dict[str, Any]: ...
 
 
 __all__ = ["CLOSED", "CLOSING", "HANDSHAKE", "READY", "ConnState", "Connection", "Handler", "Pinned",
-           "ServerParts"]
+           "ServerParts", "SlotSet"]

@@ -37,6 +37,11 @@ class Listener:
         self._socket_id: tuple[int, int] | None = None
         self._lock_fd = -1
 
+    @property
+    def backlog(self) -> int:
+        """The listen backlog: room for every client and monitor connecting at once."""
+        return max(128, self.settings.max_clients + self.settings.max_monitors)
+
     def open(self) -> socket.socket:
         """Take the lock, remove a crashed predecessor's socket, bind and listen (non-blocking)."""
         self._take_lock()
@@ -117,7 +122,10 @@ class Listener:
         old = os.umask(0o177)  # 0600 from the start; widened to the configured mode below
         try:
             sock.bind(path)
-            sock.listen(128)  # at once: a client may connect as soon as the file exists
+            # At once: a client may connect as soon as the file exists.  The backlog
+            # holds a burst of every client and monitor connecting together (the
+            # kernel caps it at net.core.somaxconn).
+            sock.listen(self.backlog)
         except OSError:
             sock.close()
             raise

@@ -12,8 +12,9 @@ The daemon in parts, one concern each, combined here:
 - this module: lifecycle (start, stop, close), the loop (which serves a
   BATCH in slices between other clients' requests), accepting and ending
   connections: the peer allow-list, connections that have not said HELLO
-  (at most ``max_pending``, the longest-waiting one evicted for a new one,
-  each timed out after ``handshake_timeout``), ``accept()`` under descriptor
+  (at most ``max_pending``: for a new one, the HELLOs already received are
+  served, else the longest-waiting one is evicted; each times out after
+  ``handshake_timeout``), ``accept()`` under descriptor
   exhaustion (a reserve descriptor, no busy loop, logs rate-limited);
 - :mod:`.listener`: the socket file and its lock;
 - :mod:`.connection`: the per-connection state;
@@ -47,7 +48,7 @@ from ..config import Config
 from ..errors import PoolsvcError, SecurityViolation
 from . import protocol as P
 from . import slot as S
-from .connection import CLOSED, HANDSHAKE, Connection, Handler, Pinned
+from .connection import CLOSED, HANDSHAKE, Connection, Handler, Pinned, SlotSet
 from .handlers import Handlers
 from .listener import Listener
 from .metrics import Metrics, RateLimit
@@ -55,7 +56,7 @@ from .process import disable_tracing
 from .provider import RegisteredFiles
 from .sessions import SessionHandlers
 from .settings import ServiceSettings
-from .slotserve import Bell, SlotServing
+from .slotserve import PARK_AFTER, Bell, SlotServing
 from .stats import stats_document
 from .transport import ConnectionIO
 
@@ -116,7 +117,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         self._ep: Any = None
         #: epoll registrations: fd -> Connection, _LISTEN or _WAKE.
         self._fdmap: dict[int, Any] = {}
-        self._slots = []
+        self._slots = SlotSet()
         #: Current slot-polling window, adapted between 2 us and shm_spin_us.
         self._slot_spin = self.settings.shm_spin_us / 1e6
         self._handlers: dict[int, Handler] = {
@@ -197,23 +198,29 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         A BATCH being served in slices gets one slice per turn of the loop,
         and the loop does not block while one is pending.
 
-        With shm-slot clients, the loop polls their slots after serving one,
-        for an adaptive window of at most ``shm_spin_us`` (checking epoll
-        every few polls, so that socket clients are served meanwhile); then
-        it marks every slot "daemon sleeping", polls them once more (so that
-        a request published before the mark is not missed) and blocks in
-        epoll until a socket event or a client's DOORBELL.
+        With shm-slot clients, the loop polls the slots that had a request
+        recently (:mod:`.slotserve`: the others are parked and rung), for an
+        adaptive window of at most ``shm_spin_us`` after serving one
+        (checking epoll every few polls, so that socket clients are served
+        meanwhile); a slot without a request for ``PARK_AFTER`` windows is
+        parked; when the window passes with no request, or no slot is polled
+        (nothing to spin on: parked slots ring), the loop parks every polled
+        slot (a request published meanwhile is not missed) and blocks in epoll
+        until a socket event or a client's doorbell.
         """
         assert self._ep is not None, "start() first"
         poll = self._ep.poll
         fdmap = self._fdmap
         slots = self._slots
+        polled = slots.polled
         batches = self._batches
         run_slice = self._run_batch_slice
+        unpark = self._unpark
         spin = self.settings.spin_us / 1e6
         max_slot_spin = self.settings.shm_spin_us / 1e6
         min_slot_spin = min(2e-6, max_slot_spin)
-        spin_until = 0.0
+        park_after = PARK_AFTER * max_slot_spin
+        spin_until = park_at = 0.0
         slot_until = last_slot = 0.0
         clock = time.perf_counter
         serve_slot = self._serve_slot
@@ -224,12 +231,21 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                 if batches:  # one slice of each pending BATCH, then the others' turn
                     for conn in tuple(batches):
                         run_slice(conn)
+                        if conn.batch is None and conn.slot is not None:
+                            unpark(conn)  # its slot may hold a request that waited
                 if slots:
                     served = False
-                    for conn in tuple(slots):
-                        words = conn.words
-                        if words is not None and words[_W_REQ_SEQ] != conn.seq:
-                            served = serve_slot(conn) or served
+                    if polled:
+                        ready = [conn for conn in polled
+                                 if conn.words[_W_REQ_SEQ] != conn.seq]  # type: ignore[index]  # members are mapped
+                        now = clock()
+                        for conn in ready:
+                            if serve_slot(conn):
+                                served = True
+                                conn.served_at = now
+                        if now >= park_at:  # park the slots that went quiet
+                            park_at = now + park_after / 2
+                            self._park_idle(now - park_after)
                     now = clock()
                     if served:
                         # Widen the window to twice the gap since the last slot
@@ -243,7 +259,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         if polls & 7:
                             continue
                         events = poll(0)
-                    elif now < slot_until:
+                    elif now < slot_until and polled:
                         # Yield between polls: when the scheduler has put a client on
                         # this CPU, a poll that does not yield keeps it from running
                         # until preemption (see _Channel._slot_send in the client).
@@ -252,14 +268,15 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         if polls & 3:
                             continue
                         events = poll(0)
-                    else:
-                        if slot_until:  # a whole window without a request: narrow it
-                            self._slot_spin = max(min_slot_spin, self._slot_spin / 2)
+                    else:  # the window has passed, or every slot is parked: epoll
+                        if slot_until:
+                            if now >= slot_until:  # a whole window without a request: narrow it
+                                self._slot_spin = max(min_slot_spin, self._slot_spin / 2)
                             slot_until = 0.0
                         events = poll(0)
                         if not events and not batches:
                             events = self._sleep(poll)
-                            # Woken up (by a DOORBELL, mostly): the next window is full
+                            # Woken up (by a doorbell, mostly): the next window is full
                             # width again.  Learning only from gaps seen while polling
                             # would trap a client whose think time exceeds a narrowed
                             # window: every request would ring, and no gap would be short.
@@ -279,11 +296,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         continue
                     if data is _LISTEN:
                         self._accept()
-                    elif type(data) is Bell:
-                        try:  # just a wake-up: the loop polls the slots next
-                            os.eventfd_read(fd)
-                        except BlockingIOError:
-                            pass
+                    elif type(data) is Bell:  # edge-triggered: nothing to read
+                        unpark(data.conn)  # a request in its parked slot
                     elif data is _WAKE:
                         try:
                             os.read(self._wake_r, 4096)
@@ -294,6 +308,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                             self._on_readable(data)
                         if mask & _WRITABLE and data.state < CLOSED and data.out:
                             self._flush(data)
+                            if data.slot is not None:
+                                unpark(data)  # its slot may hold a request that waited
                 self._expire_handshakes()
         finally:
             self.close()
@@ -345,18 +361,31 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                 sock.close()
                 continue
             if len(self._pending) >= self.settings.max_pending:
-                # Make room by dropping the connection that has waited longest
-                # without a HELLO: silent connections cannot lock others out.
-                oldest = next(iter(self._pending.values()))
-                self.metrics.refused += 1
-                self._disconnect(oldest, f"no HELLO while {len(self._pending)} connections waited "
-                                         "for theirs (max_pending)")
+                self._make_room()
             self.connections[conn.fileno] = conn
             self._pending[conn.fileno] = conn
             self._per_uid[conn.uid] += 1
             conn.handlers = self._hello_handlers
             self._ep_register(conn.fileno, _EPOLLIN, conn)
             log.debug("accepted %s", conn.label())
+
+    def _make_room(self) -> None:
+        """Room for one more connection without a HELLO (``max_pending`` are waiting).
+
+        First the HELLOs already received are served (a burst of connections
+        is accepted before the loop reads any of them), which takes those
+        connections out of the pending ones; if none had sent its HELLO, the
+        one that has waited longest is dropped: silent connections cannot lock
+        others out.  At most ``max_pending`` reads per accepted connection.
+        """
+        for conn in list(self._pending.values()):
+            if conn.state == HANDSHAKE:
+                self._on_readable(conn)
+        if len(self._pending) >= self.settings.max_pending:
+            oldest = next(iter(self._pending.values()))
+            self.metrics.refused += 1
+            self._disconnect(oldest, f"no HELLO while {len(self._pending)} connections waited "
+                                     "for theirs (max_pending)")
 
     def _refusal(self, conn: Connection) -> PoolsvcError | None:
         """Why a new connection is refused at once (its peer is not allowed), or None."""

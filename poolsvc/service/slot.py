@@ -23,7 +23,7 @@ published meanwhile is never missed.
 This module owns the layout (word indexes, areas, :func:`slot_header`),
 :func:`fence`, :func:`words_of` and :func:`check_header`, which both ends
 use, and :class:`ClientSlot`, the client's end.  The daemon's end (creating
-slots, serving requests) lives in ``server.py``.
+slots, serving requests, parking idle slots) lives in ``slotserve.py``.
 
 Concurrency: one slot belongs to one connection; each end drives its half
 from one thread.  The words are shared with another process: read each one
@@ -50,7 +50,7 @@ W_MAGIC, W_SIZE, W_REQ_OFF, W_REQ_CAP, W_REP_OFF, W_REP_CAP = 0, 1, 2, 3, 4, 5
 W_REQ_SEQ, W_REQ_LEN, W_CLIENT_SLEEPING = 8, 9, 10
 #: Daemon line: sequence of the latest reply (equal to the request's), its
 #: length (reply frames back to back, or REP_ON_SOCKET), 1 while the daemon
-#: sleeps in epoll.
+#: does not poll this slot (parked, or asleep in epoll: see ``slotserve``).
 W_REP_SEQ, W_REP_LEN, W_DAEMON_SLEEPING = 16, 17, 18
 #: Words of the first page read through a ``memoryview.cast("Q")``.
 SLOT_WORDS = 32
@@ -164,7 +164,8 @@ class ClientSlot:
         return seq
 
     def daemon_sleeping(self) -> bool:
-        """Whether the daemon sleeps in epoll (read after :meth:`publish`'s fence)."""
+        """Whether the daemon does not poll this slot, so that a request must ring
+        (read after :meth:`publish`'s fence)."""
         return bool(self.words[W_DAEMON_SLEEPING])
 
     def answered(self, seq: int) -> bool:

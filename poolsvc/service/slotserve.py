@@ -1,16 +1,37 @@
-"""The daemon's side of the shm slot: create it, serve requests from it, sleep around it.
+"""The daemon's side of the shm slot: create it, serve requests from it, park it.
 
 The slot's layout, the fence and the header both ends check are in
 :mod:`.slot`; this module is the daemon's end.
 
 Shm slots (protocol version 2): a connection may ask for a shared-memory
-request/reply slot (``protocol`` documents the layout).  The loop polls the
-slots of such clients for a short adaptive window after serving one, then
-marks them "daemon sleeping" and blocks in epoll; a client that publishes a
-request while the mark is set rings with a DOORBELL frame on its socket (or
-its eventfd).  Nothing read from a slot is trusted: sequence, length and
-every frame are checked, and the request bytes are copied out before they
-are parsed.
+request/reply slot (``protocol`` documents the layout).  Nothing read from a
+slot is trusted: sequence, length and every frame are checked, and the
+request bytes are copied out before they are parsed.
+
+Polled and parked slots (:class:`SlotSet`).  The loop polls only the slots
+that had a request recently; the others are *parked*: their
+``daemon_sleeping`` word is 1, so their client rings the doorbell (its
+eventfd, or a DOORBELL frame on its socket) after publishing a request, and
+the ring puts the slot back among the polled ones.  The loop's work per turn
+therefore grows with the clients that are active, not with those connected.
+The rule that makes a lost wake-up impossible, for every slot, is the
+Dekker handshake of ``protocol``:
+
+- parking: set ``daemon_sleeping`` = 1, fence, read ``req_seq`` once more;
+  a request that can be served now keeps the slot polled;
+- the client: publish ``req_seq``, fence, read ``daemon_sleeping``; ring if 1;
+- unparking (a ring, a drained socket, the end of a BATCH): the slot joins
+  the polled set, then ``daemon_sleeping`` = 0.
+
+Of "publish, fence, read the mark" and "mark, fence, read the sequence" one
+side always sees the other: the daemon serves the request, or the client
+rings.  A slot is parked when it has had no request for ``PARK_AFTER``
+polling windows (``shm_spin_us``), and every polled slot is parked before
+the loop blocks in epoll.  A slot whose request cannot be served now (its
+client has more than ``max_output`` unread on the socket, or a BATCH of
+its is being served in slices) is parked like an idle one and unparked when
+that ends.  A client that rings at will only puts its own slot into the
+polled set, from which it is parked again.
 
 The slot is a sealed memfd (:func:`~.provider.sealed_storage`): the client
 maps it read-write but cannot shrink it under the daemon's mapping.
@@ -23,6 +44,7 @@ from __future__ import annotations
 import array
 import os
 import select
+import time
 from typing import Callable
 
 from ..errors import ProtocolError
@@ -31,7 +53,10 @@ from . import slot as S
 from .connection import CLOSING, READY, Connection, ServerParts
 from .provider import sealed_storage
 
-_EPOLLIN = select.EPOLLIN
+#: A doorbell is edge-triggered: every write by the client is one event, and the
+#: daemon never reads the counter (one system call fewer per ring).  The counter
+#: would saturate after 2**64 - 2 rings; the client treats EAGAIN as "awake".
+_BELL_EVENTS = select.EPOLLIN | select.EPOLLET
 _HEADER_SIZE = P.HEADER_SIZE
 _unpack_header = P.HEADER.unpack_from
 _pack_header = P.HEADER.pack
@@ -41,6 +66,8 @@ _W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = S.W_REP_SEQ, S.W_REP_LEN, S.W_DAEMO
 _REQ_OFF, _REQ_CAP = S.SLOT_REQ_OFF, S.SLOT_REQ_CAP
 _REP_OFF, _REP_CAP = S.SLOT_REP_OFF, S.SLOT_REP_CAP
 _fence_acquire, _fence_release = S.fence_lock.acquire, S.fence_lock.release
+#: Polling windows (``shm_spin_us``) without a request after which a slot is parked.
+PARK_AFTER = 4
 
 
 class Bell:
@@ -71,10 +98,11 @@ class SlotServing(ServerParts):
         try:
             words = S.words_of(storage.mm)
             words[:6] = array.array("Q", S.slot_header())
+            words[_W_DAEMON_SLEEPING] = 1  # parked until it is served (SlotSet.append)
             fd = os.dup(storage.fd)
             if bell:
                 efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                self._ep_register(efd, _EPOLLIN, Bell(conn))
+                self._ep_register(efd, _BELL_EVENTS, Bell(conn))
                 bell_fd = os.dup(efd)
         except BaseException:
             if fd >= 0:
@@ -186,24 +214,51 @@ class SlotServing(ServerParts):
             self._flush(conn)
         return True
 
-    def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
-        """Block in epoll with every slot marked "daemon sleeping"; None if a slot
-        request came in while marking (serve it instead of sleeping)."""
+    def _servable(self, conn: Connection) -> bool:
+        """Whether ``conn``'s slot holds a request the loop would serve now (a client
+        over ``max_output`` waits until it has read its socket)."""
+        words = conn.words
+        return (words is not None and words[_W_REQ_SEQ] != conn.seq and conn.state == READY
+                and conn.batch is None and conn.out_bytes <= self._max_output)
+
+    def _park(self, conns: list[Connection]) -> bool:
+        """Stop polling ``conns`` (polled members): mark each "daemon sleeping", fence,
+        look once more; a slot with a servable request stays polled.  True if one did."""
+        polled = self._slots.polled
+        for conn in conns:
+            del polled[conn]
+            conn.words[_W_DAEMON_SLEEPING] = 1  # type: ignore[index]
+        _fence_acquire()  # fence(), inlined
+        _fence_release()
+        kept = False
+        for conn in conns:
+            if self._servable(conn):
+                self._unpark(conn)
+                kept = True
+        return kept
+
+    def _park_idle(self, since: float) -> None:
+        """Park the polled slots that had no request since ``since`` (perf_counter)."""
+        idle = [conn for conn in self._slots.polled if conn.served_at < since]
+        if idle:
+            self._park(idle)
+
+    def _unpark(self, conn: Connection) -> None:
+        """Poll ``conn``'s slot again (after its doorbell, or when it can be served again)."""
         slots = self._slots
-        for conn in slots:
-            if conn.words is not None:
-                conn.words[_W_DAEMON_SLEEPING] = 1
-        S.fence()
-        # Only requests the loop would serve now count: a client over max_output
-        # waits until it has read its socket (an EPOLLOUT wakes us then).
-        max_output = self._max_output
-        pending = any(conn.words is not None and conn.words[_W_REQ_SEQ] != conn.seq
-                      and conn.state == READY and conn.out_bytes <= max_output for conn in slots)
-        events = None if pending else poll(1.0)
-        for conn in slots:
-            if conn.words is not None:
-                conn.words[_W_DAEMON_SLEEPING] = 0
-        return events
+        if conn in slots.members and conn not in slots.polled:
+            slots.polled[conn] = None
+            conn.served_at = time.perf_counter()
+            conn.words[_W_DAEMON_SLEEPING] = 0  # type: ignore[index]
+
+    def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
+        """Park every polled slot and block in epoll; None if a slot request came in
+        while parking (serve it instead of sleeping).  Slots stay parked after the
+        wake-up: the ones whose clients ring are polled again."""
+        polled = self._slots.polled
+        if polled and self._park(list(polled)):
+            return None
+        return poll(1.0)
 
 
-__all__ = ["Bell", "SlotServing"]
+__all__ = ["PARK_AFTER", "Bell", "SlotServing"]

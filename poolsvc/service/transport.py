@@ -145,7 +145,8 @@ class ConnectionIO(ServerParts):
             start = pos + _HEADER_SIZE
             pos = start + length
             if msg_type == _DOORBELL and slot:
-                continue  # a wake-up: the loop polls the slot next
+                self._unpark(conn)  # a request in its parked slot: the loop polls it next
+                continue
             if msg_type == _BATCH and self._start_batch(conn, buf[start:pos]):
                 break
             queue(conn, request(conn, msg_type, buf[start:pos]))

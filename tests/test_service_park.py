@@ -1,0 +1,95 @@
+"""Parked shm slots: the daemon polls only the slots with recent requests.
+
+An idle slot is parked (its ``daemon_sleeping`` word set, see
+``poolsvc/service/slotserve.py``); its client's next request rings the
+doorbell (eventfd, or a DOORBELL frame for a client without one) and is
+served.  Covered: idle slots leave the polled set while their connections
+stay, requests in parked slots are served through either doorbell, and
+requests published at random moments around the parking deadline are never
+lost (a lost wake-up would hang the client until its timeout).
+"""
+from __future__ import annotations
+
+import mmap
+import random
+import time
+
+import pytest
+
+from poolsvc.service import protocol as P
+from poolsvc.service import slot as S
+from poolsvc.service.client import connect
+
+from svcutil import RawClient, checked_daemon, idle, summary
+from waiting import wait_until
+
+
+def test_idle_slots_are_parked_and_a_request_rings_its_slot_back(tmp_path):
+    with checked_daemon(tmp_path / "p.sock") as d:
+        server = d.server
+        clients = [connect(d.path, name=f"idle-{i}", transport="shm") for i in range(6)]
+        try:
+            contexts = [c.open_context() for c in clients]
+            for ctx in contexts:
+                ctx.alloc_user_buf(4096).close()
+                ctx.flush()
+            slots = [ctx._channel.slot for ctx in contexts]
+            wait_until(lambda: len(server._slots) >= 6 and not server._slots.polled,
+                       what="every idle slot parked")
+            assert all(slot.daemon_sleeping() for slot in slots)
+            # One client's request wakes its own slot only.
+            assert contexts[2].alloc_user_buf(4096).size == 4096
+            assert clients[2].ping(b"again") == b"again"
+            assert all(slots[i].daemon_sleeping() for i in (0, 1, 3, 4, 5))  # never rung: still parked
+        finally:
+            for c in clients:
+                c.close()
+        d.wait_for(idle(d.baseline))
+
+
+def test_a_client_without_an_eventfd_rings_with_a_doorbell_frame(tmp_path):
+    with checked_daemon(tmp_path / "q.sock") as d:
+        raw = RawClient(d.path, P.Role.CONTEXT, features=P.Feature.SHM_SLOT)
+        try:
+            assert raw.welcome[0] == P.MsgType.WELCOME and len(raw.fds) == 1  # a slot, no eventfd
+            mm = mmap.mmap(raw.fds[0], S.SLOT_BYTES)
+            words = S.words_of(mm)
+            for seq in range(1, 4):
+                wait_until(lambda: words[S.W_DAEMON_SLEEPING] == 1, what="the slot parked")
+                ping = P.frame(P.MsgType.PING, b"p%d" % seq)
+                mm[S.SLOT_REQ_OFF:S.SLOT_REQ_OFF + len(ping)] = ping
+                words[S.W_REQ_LEN] = len(ping)
+                words[S.W_REQ_SEQ] = seq
+                S.fence()
+                assert words[S.W_DAEMON_SLEEPING] == 1
+                raw.send(P.DOORBELL_FRAME)
+                wait_until(lambda seq=seq: words[S.W_REP_SEQ] == seq, what=f"the reply to request {seq}")
+                n = words[S.W_REP_LEN]
+                assert bytes(mm[S.SLOT_REP_OFF:S.SLOT_REP_OFF + n]) == P.frame(P.MsgType.OK, b"p%d" % seq)
+            words.release()
+            mm.close()
+        finally:
+            raw.close()
+        d.wait_for(idle(d.baseline))
+
+
+@pytest.mark.parametrize("shm_spin_us", [0, 20])
+def test_requests_published_around_the_parking_deadline_are_never_lost(tmp_path, shm_spin_us):
+    """With a 20 us window a slot is parked after 80 us without a request: pauses
+    of 0 to 200 us put publications on both sides of the parking, many times."""
+    rng = random.Random(14)
+    with checked_daemon(tmp_path / "r.sock", shm_spin_us=shm_spin_us) as d:
+        base = summary(d.stats())
+        with connect(d.path, transport="shm", shm_spin_us=rng.choice([0, 50]), timeout=30) as client:
+            ctx = client.open_context()
+            for i in range(400):
+                pause = rng.random() * 2e-4
+                end = time.perf_counter() + pause
+                while time.perf_counter() < end:
+                    pass
+                if i % 2:
+                    assert client.ping(b"%d" % i) == b"%d" % i
+                else:
+                    ctx.alloc_user_buf(4096).close()
+            ctx.flush()
+        d.wait_for(idle(base))
