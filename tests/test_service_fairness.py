@@ -13,6 +13,8 @@ import pytest
 from poolsvc.errors import ConfigError
 from poolsvc.service import handlers as H
 from poolsvc.service import protocol as P
+from poolsvc.service import slot as S
+from poolsvc.service.client import connect
 from poolsvc.service.settings import ServiceSettings
 
 from svcutil import DaemonThread, RawClient
@@ -131,3 +133,32 @@ def test_a_finished_batch_goes_to_its_receiver(tmp_path):
 def test_batch_slice_us_is_validated(value):
     with pytest.raises(ConfigError, match="batch_slice_us"):
         ServiceSettings(batch_slice_us=value)
+
+
+def test_a_large_batch_in_a_shm_slot_is_served_in_slices(tmp_path, slices):
+    """A BATCH published in a slot, behind a pipelined close and before nothing else,
+    runs in slices; its replies (with the descriptors of new arena segments) reach
+    the client in order, and the slot serves the next request after it."""
+    d = DaemonThread(tmp_path / "s.sock", batch_slice=64)
+    try:
+        with connect(d.path, transport="shm") as client:
+            ctx = client.open_context("slotted")
+            first = ctx.alloc_user_buf(4096)
+            first.close()  # pipelined: rides in the slot ahead of the BATCH
+            count = (S.SLOT_REQ_CAP - 64) // (P.HEADER_SIZE + P.ALLOC.size)
+            batch = ctx.batch()
+            for _ in range(count):
+                batch.alloc_user_buf(4096)
+            shms = batch.run()
+            assert len(shms) == count and all(s.size == 4096 for s in shms)
+            for i, shm in enumerate(shms):
+                shm.buf[:8] = i.to_bytes(8, "little")
+            assert all(bytes(s.buf[:8]) == i.to_bytes(8, "little") for i, s in enumerate(shms))
+            # (the last slice is counted once run_slice returns, after the reply went out)
+            wait_until(lambda: sum(slices) == count, what="the last slice counted")
+            assert len(slices) >= count // 64
+            [entry] = [c for c in d.stats()["clients"] if c["name"] == "slotted"]
+            assert entry["transport"] == "shm" and entry["shms"] == count
+            assert client.ping(b"after") == b"after"
+    finally:
+        d.stop()

@@ -123,6 +123,7 @@ class Totals:
     timeline: dict[int, dict[str, Any]] = field(default_factory=dict)
     skipped: int = 0
     unverified: int = 0
+    daemon_private: int = 0
 
 
 class LoadRunner:
@@ -344,6 +345,7 @@ class LoadRunner:
             self.violate(text)
         tot.skipped += doc.get("skipped", 0)
         tot.unverified += doc.get("unverified", 0)
+        tot.daemon_private += doc.get("private", 0)
         if kind == "exit":
             inc.exit_seen = True
 
@@ -613,6 +615,7 @@ class LoadRunner:
             "errors": {"by_type": by_type, "expected": expected, "unexpected": unexpected},
             "skipped_ops": tot.skipped,
             "unverified_checks": tot.unverified,
+            "daemon_private_checks": tot.daemon_private,
             "faults": {"kills": self.kills, "restarts": self.restarts,
                        "malformed_sent": self.injector.sent if self.injector else 0,
                        "malformed_by_case": dict(self.injector.by_case) if self.injector else {}},

@@ -19,8 +19,8 @@ batch runs nothing), :meth:`Handlers._run_batch_slice` runs the next slice
 give or take a request), and the loop serves other clients between slices.
 The connection reads nothing more until its batch is done, so replies stay
 in request order; the reply goes on the socket, or to the receiver given to
-``_start_batch``.  A BATCH in a shm slot runs whole: the slot's request area
-bounds it.
+``_start_batch`` (the shm slot's server gives one: a BATCH published in a
+slot is served in slices too).
 
 Concurrency: the daemon's loop thread only.
 """

@@ -1,4 +1,4 @@
-"""Process-wide protections of a daemon process: not dumpable.
+"""Process-wide settings of a daemon process: not dumpable, enough descriptors.
 
 A process that is not dumpable (``prctl(PR_SET_DUMPABLE, 0)``, as OpenSSH's
 ``platform_disable_tracing`` and ssh-agent do) cannot be traced by, and its
@@ -12,6 +12,13 @@ This is applied by the daemon's entry point (``poolsvc serve``, through
 itself: a process that embeds a Server in one of its threads decides for
 itself.
 
+Each client costs the daemon a few descriptors (its socket, its shm slot, its
+eventfd doorbell, an arena segment's memfd, registered objects), so
+:func:`raise_descriptor_limit` lifts the soft ``RLIMIT_NOFILE`` (often 1024)
+towards the hard limit, enough for ``max_clients`` and ``max_monitors``; past
+the hard limit, ``accept()`` under EMFILE is handled by the server (a
+reserve descriptor, no busy loop).
+
 Concurrency: process-wide; call from the main thread at start-up.
 """
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
@@ -41,4 +49,21 @@ def dumpable() -> int:
     return int(_prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
-__all__ = ["disable_tracing", "dumpable"]
+#: Descriptors budgeted per connection (socket, slot, doorbell, segments, registrations).
+FDS_PER_CONNECTION = 8
+
+
+def raise_descriptor_limit(connections: int) -> int:
+    """Lift the soft RLIMIT_NOFILE to ``FDS_PER_CONNECTION`` per connection plus
+    256, capped by the hard limit (never lowered); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FDS_PER_CONNECTION * connections + 256
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return want
+    return soft
+
+
+__all__ = ["FDS_PER_CONNECTION", "disable_tracing", "dumpable", "raise_descriptor_limit"]

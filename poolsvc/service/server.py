@@ -35,6 +35,7 @@ which any thread or a signal handler may call (it writes one byte to a pipe).
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import select
@@ -52,7 +53,7 @@ from .connection import CLOSED, HANDSHAKE, Connection, Handler, Pinned, SlotSet
 from .handlers import Handlers
 from .listener import Listener
 from .metrics import Metrics, RateLimit
-from .process import disable_tracing
+from .process import disable_tracing, raise_descriptor_limit
 from .provider import RegisteredFiles
 from .sessions import SessionHandlers
 from .settings import ServiceSettings
@@ -163,6 +164,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         except BaseException:
             self.close()
             raise
+        gc.freeze()  # the System's tables: out of every later collection
         log.info("serving %s (pool %s, backend %s, pid %d, %s bytes per client)", self.socket_path,
                  self.system.pool, BACKEND, os.getpid(), self._max_bytes or "unbounded")
         self.started.set()
@@ -557,6 +559,8 @@ def serve(config: Config | None = None, settings: ServiceSettings | None = None,
 
     disable_tracing()  # before any client's memory is in this process
     server = Server(config, settings)
+    limits = server.settings
+    raise_descriptor_limit(limits.max_clients + limits.max_monitors + limits.max_pending)
     previous = {}
     if install_signals:  # before the socket exists: a client may signal as soon as it sees it
         def on_signal(signum: int, frame: Any) -> None:

@@ -65,7 +65,7 @@ class ServiceSettings:
     #: Group (name or gid) given access to the socket; None keeps the daemon's.
     socket_group: str | int | None = None
     #: CONTEXT connections served at once; a HELLO beyond them is refused.
-    max_clients: int = 256
+    max_clients: int = 1024
     #: MONITOR connections served at once (counted apart from clients: every
     #: ``connect()`` holds one, ``poolsvc stat`` opens one).
     max_monitors: int = 256

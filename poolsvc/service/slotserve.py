@@ -45,6 +45,7 @@ import array
 import os
 import select
 import time
+from functools import partial
 from typing import Callable
 
 from ..errors import ProtocolError
@@ -60,7 +61,7 @@ _BELL_EVENTS = select.EPOLLIN | select.EPOLLET
 _HEADER_SIZE = P.HEADER_SIZE
 _unpack_header = P.HEADER.unpack_from
 _pack_header = P.HEADER.pack
-_ERROR = int(P.MsgType.ERROR)
+_ERROR, _BATCH = int(P.MsgType.ERROR), int(P.MsgType.BATCH)
 _W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = S.W_REQ_SEQ, S.W_REQ_LEN, S.W_CLIENT_SLEEPING
 _W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = S.W_REP_SEQ, S.W_REP_LEN, S.W_DAEMON_SLEEPING
 _REQ_OFF, _REQ_CAP = S.SLOT_REQ_OFF, S.SLOT_REQ_CAP
@@ -165,26 +166,32 @@ class SlotServing(ServerParts):
             self._flush(conn)
             return True
         assert conn.slot is not None
-        mm = conn.slot.mm
-        data = mm[_REQ_OFF:_REQ_OFF + length]  # a copy: the client may scribble meanwhile
+        data = conn.slot.mm[_REQ_OFF:_REQ_OFF + length]  # a copy: the client may scribble meanwhile
         conn.seq = seq
+        self._slot_frames(conn, data, 0, bytearray(), seq)
+        return True
+
+    def _slot_frames(self, conn: Connection, data: bytes, pos: int, out: bytearray, seq: int) -> None:
+        """Run the frames of slot request ``seq`` from ``pos`` on and publish the replies
+        (``out`` holds those of the frames before ``pos``); a BATCH of more than a slice
+        is served in slices, and the rest of the request runs when it is done."""
+        length = len(data)
         max_frame = self._max_frame
+        max_output = self._max_output
         request = self._request
-        out = bytearray()
-        pos = 0
         while pos < length:
             if length - pos < _HEADER_SIZE:
                 self._violation(conn, ProtocolError(f"slot request ends with a truncated header of "
                                                     f"{length - pos} bytes"))
                 self._flush(conn)
-                return True
+                return
             blen, msg_type, flags = _unpack_header(data, pos)
             if blen > max_frame or flags or length - pos - _HEADER_SIZE < blen:
                 self._violation(conn, ProtocolError(
                     f"slot frame of type {msg_type} announces {blen} bytes with flags {flags:#x}; "
                     f"{length - pos - _HEADER_SIZE} remain (limit {max_frame})"))
                 self._flush(conn)
-                return True
+                return
             start = pos + _HEADER_SIZE
             pos = start + blen
             if len(out) > max_output:
@@ -193,9 +200,19 @@ class SlotServing(ServerParts):
                 body = self._error(conn, msg_type, exc)
                 out += _pack_header(len(body), _ERROR, 0) + body
                 continue
+            if msg_type == _BATCH and self._start_batch(
+                    conn, data[start:pos], partial(self._slot_batch_done, data, pos, out, seq)):
+                return
             out += request(conn, msg_type, data[start:pos])
             if conn.state != READY:
                 break
+        words = conn.words
+        if words is None:  # dropped meanwhile (a violation)
+            if conn.out or conn.state == CLOSING:
+                self._flush(conn)
+            return
+        assert conn.slot is not None  # words and slot go together
+        mm = conn.slot.mm
         if self._reply_fds:  # descriptors travel on the socket, ahead of the reply
             self._queue(conn, P.DOORBELL_FRAME)
         n = len(out)
@@ -212,7 +229,12 @@ class SlotServing(ServerParts):
             self._queue(conn, P.DOORBELL_FRAME)
         if conn.out or conn.state == CLOSING:
             self._flush(conn)
-        return True
+
+    def _slot_batch_done(self, data: bytes, pos: int, out: bytearray, seq: int, conn: Connection,
+                         reply: bytes) -> None:
+        """A BATCH of slot request ``seq`` is done: add its reply, run the frames after it."""
+        out += reply
+        self._slot_frames(conn, data, pos, out, seq)
 
     def _servable(self, conn: Connection) -> bool:
         """Whether ``conn``'s slot holds a request the loop would serve now (a client
