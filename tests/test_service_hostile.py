@@ -29,14 +29,14 @@ import time
 import posix_ipc
 import pytest
 
-from poolsvc.errors import NotSharedMemory, OutOfMemory, PoolsvcError
+from poolsvc.errors import TEE_ERROR_BUSY, NotSharedMemory, OutOfMemory, PoolsvcError, TeeError
 from poolsvc.memory import ARENA_FIRST_PAGES
 from poolsvc.service import protocol as P
 from poolsvc.service import slot as S
 from poolsvc.service.client import connect
 from poolsvc.service.provider import is_sealed, seal, sealed_storage
-from poolsvc.tee.driver import RegisteredMemref
-from poolsvc.tee.ta import FillApp, Sha256App
+from poolsvc.tee.driver import RegisteredMemref, Value
+from poolsvc.tee.ta import FillApp, Sha256App, WaitApp
 
 from svcutil import DaemonProcess, DaemonThread, RawClient, idle, read_frames, spawn_client, summary
 
@@ -667,5 +667,35 @@ def test_descriptors_of_a_batch_in_slices_go_with_its_reply_only(tmp_path):
         assert sizes[0] == ARENA_FIRST_PAGES * 4096 and sizes[-1] == MiB  # from the first segment to a step
         a.close()
         b.close()
+    finally:
+        d.stop()
+
+
+def test_a_trusted_app_waiting_forever_cannot_stall_the_daemon(tmp_path, caplog):
+    """WaitApp asked to wait until cancelled: the daemon refuses the wait (the app runs
+    on its loop's thread; the app sees TEE_ERROR_BUSY, the log names the limit) and
+    goes on serving; a wait within max_ta_wait_ms is served."""
+    d = DaemonThread(tmp_path / "w.sock")
+    try:
+        with connect(d.path) as waiter, connect(d.path) as bystander:
+            ctx = waiter.open_context("waiter")
+            with ctx.open_session(WaitApp.UUID) as session:
+                for ms in (0xFFFFFFFF, 10_000):
+                    with pytest.raises(TeeError) as refused:
+                        session.invoke(WaitApp.WAIT, [Value(ms, 0)])
+                    assert refused.value.code == TEE_ERROR_BUSY
+                assert "max_ta_wait_ms 0" in caplog.text
+                assert session.invoke(WaitApp.WAIT, [Value(0, 0)]).ret == 0
+            bystander.ping()
+    finally:
+        d.stop()
+    d = DaemonThread(tmp_path / "w2.sock", max_ta_wait_ms=20)
+    try:
+        with connect(d.path) as waiter:
+            with waiter.open_context("waiter").open_session(WaitApp.UUID) as session:
+                assert session.invoke(WaitApp.WAIT, [Value(5, 0)]).ret == 0
+                with pytest.raises(TeeError):
+                    session.invoke(WaitApp.WAIT, [Value(21, 0)])
+                assert "TEE_Wait of 21 ms refused" in caplog.text and "max_ta_wait_ms 20" in caplog.text
     finally:
         d.stop()

@@ -153,6 +153,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         listener = self._listener.open()
         try:
             self.system = System(self.config)
+            self.system.tee.max_wait_ms = self.settings.max_ta_wait_ms
             cfg = self.config
             pool_bytes = cfg.dynamic_size if self.system.pool == "dynamic" else cfg.static_size
             self._max_bytes = self.settings.bytes_quota(pool_bytes)

@@ -96,6 +96,10 @@ class ServiceSettings:
     max_sessions_per_client: int = 64
     #: Seconds a new connection has to send HELLO.
     handshake_timeout: float = 2.0
+    #: The longest TEE_Wait (ms) a trusted app may make during a client's call: the
+    #: app runs on the loop's thread, so a wait stalls every client.  A longer
+    #: wait fails the call with TEE_ERROR_BUSY naming this limit.
+    max_ta_wait_ms: int = 0
     #: Requests of a socket BATCH run before the loop serves other clients again.
     batch_slice: int = 64
     #: Microseconds a slice of a socket BATCH may run before the loop serves other
@@ -176,6 +180,7 @@ class ServiceSettings:
             "max_sessions_per_client": (1, 65536),
             "batch_slice": (1, 1 << 20),
             "batch_slice_us": (0, 1_000_000),
+            "max_ta_wait_ms": (0, 60_000),
             "max_frame": (HEADER_SIZE * 16, 1 << 30),
             "max_batch": (1, 1 << 20),
             "max_output": (64 << 10, 1 << 34),

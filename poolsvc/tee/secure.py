@@ -165,6 +165,10 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
                                     memory.regions["dynamic"])
         self.strict = strict
         self.caps = caps
+        #: The longest TEE_Wait a trusted app may make (ms), None for no bound.  A
+        #: process that serves other callers from the thread the app runs on (the
+        #: pool service daemon) bounds it: a waiting app would stall every caller.
+        self.max_wait_ms: int | None = None
         #: Makes the normal world's RPC server on first use (the System hands it over).
         self.rpc_factory: Callable[[], Any] | None = None
         self.sessions: dict[int, TaSession] = {}

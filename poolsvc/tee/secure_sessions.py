@@ -31,6 +31,7 @@ app (:meth:`SessionEnv.wait`) wakes on.
 """
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 import uuid as uuidlib
@@ -44,6 +45,7 @@ from .secure_rpc import RpcMemory
 from .ta import TEE_ERROR_TARGET_DEAD, Login, Param, TrustedApp
 
 _META_ATTR = Attr.VALUE_INPUT | ATTR_META
+log = logging.getLogger("poolsvc.tee")
 
 
 @dataclass
@@ -61,6 +63,8 @@ class TaSession:
     cancelled: threading.Event = field(default_factory=threading.Event)
     #: cancellation masked (TEE_MaskCancellation), as every session starts
     cancel_mask: bool = True
+    #: a TEE_Wait over the world's bound was refused (logged once per session)
+    wait_refused: bool = False
     rpc: dict[int, RpcMemory] = field(default_factory=dict)
 
     @property
@@ -110,9 +114,20 @@ class SessionEnv:
 
         Returns TEE_SUCCESS when the time has passed, TEE_ERROR_CANCEL as soon
         as the session is cancelled with cancellation unmasked (at once when
-        it already is).  A masked wait is not interrupted.
+        it already is).  A masked wait is not interrupted.  A wait longer than
+        the world's ``max_wait_ms`` (forever included) raises Busy at once,
+        unless the session is already cancelled.
         """
         forever = timeout_ms == 0xFFFFFFFF
+        bound = self._world.max_wait_ms
+        if bound is not None and (forever or timeout_ms > bound) and not self.cancellation_flag:
+            msg = (f"session {self.session_id}: TEE_Wait of {'forever' if forever else f'{timeout_ms} ms'} "
+                   f"refused: this secure world serves other callers from the app's thread "
+                   f"(max_ta_wait_ms {bound})")
+            if not self._session.wait_refused:  # the app sees only the code: say why, once
+                self._session.wait_refused = True
+                log.warning("%s", msg)
+            raise Busy(msg)
         if self._session.cancel_mask:
             if forever:
                 raise BadParameters("TEE_Wait forever with cancellation masked would never return")
