@@ -9,9 +9,11 @@ invoking context (socket and shm slot).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 from svcutil import RawClient, checked_daemon, idle, spawn_client
@@ -108,46 +110,47 @@ def test_the_waiting_clients_monitor_is_served_during_the_wait(tmp_path, transpo
         d.wait_for(idle(d.baseline))
 
 
-def test_cancel_of_an_unknown_session_or_with_a_bad_body_is_refused(tmp_path):
-    with checked_daemon(tmp_path / "u.sock", max_ta_wait_ms=30_000) as d:
+@contextlib.contextmanager
+def _refused_cancels(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    """``(daemon, session)`` of a context of this process; afterwards, the session
+    was not cancelled (a wait of 0 ms ends normally) and the daemon is idle again."""
+    with checked_daemon(tmp_path / "r.sock", max_ta_wait_ms=30_000) as d:
         with connect(d.path) as client:
             ctx = client.open_context("owner")
             session = ctx.open_session(WaitApp.UUID)
-            monitor = RawClient(d.path, P.Role.MONITOR)
-            try:
-                for body, code in ((P.SESSION.pack(session.id + 1000, 0, 0), P.ErrorCode.ITEM_NOT_FOUND),
-                                   (P.SESSION.pack(session.id, 0, 1), P.ErrorCode.BAD_PARAMETERS),
-                                   (P.COOKIE.pack(session.id), P.ErrorCode.PROTOCOL)):
-                    reply_type, reply = monitor.call(P.MsgType.CANCEL, body)
-                    assert reply_type == P.MsgType.ERROR
-                    assert P.ERROR.unpack_from(reply)[0] == code, reply
-                assert monitor.call(P.MsgType.PING, b"ok") == (P.MsgType.OK, b"ok")  # still usable
-            finally:
-                monitor.close()
-            # none of them reached the session: a wait of 0 ms ends normally
+            yield d, session
             assert session.invoke(WaitApp.WAIT, [Value(0, 0)]).ret == 0
             ctx.close()
         d.wait_for(idle(d.baseline))
 
 
+def test_cancel_of_an_unknown_session_or_with_a_bad_body_is_refused(tmp_path):
+    with _refused_cancels(tmp_path) as (d, session):
+        monitor = RawClient(d.path, P.Role.MONITOR)
+        try:
+            for body, code in ((P.SESSION.pack(session.id + 1000, 0, 0), P.ErrorCode.ITEM_NOT_FOUND),
+                               (P.SESSION.pack(session.id, 0, 1), P.ErrorCode.BAD_PARAMETERS),
+                               (P.COOKIE.pack(session.id), P.ErrorCode.PROTOCOL)):
+                reply_type, reply = monitor.call(P.MsgType.CANCEL, body)
+                assert reply_type == P.MsgType.ERROR
+                assert P.ERROR.unpack_from(reply)[0] == code, reply
+            assert monitor.call(P.MsgType.PING, b"ok") == (P.MsgType.OK, b"ok")  # still usable
+        finally:
+            monitor.close()
+
+
 def test_cancel_from_another_process_is_refused(tmp_path):
-    with checked_daemon(tmp_path / "p.sock", max_ta_wait_ms=30_000) as d:
-        with connect(d.path) as client:
-            ctx = client.open_context("owner")
-            session = ctx.open_session(WaitApp.UUID)
-            proc = spawn_client("""
-                import sys
-                sys.path.insert(0, sys.argv[3])
-                from svcutil import RawClient
-                from poolsvc.service import protocol as P
-                monitor = RawClient(sys.argv[1], P.Role.MONITOR)
-                reply_type, reply = monitor.call(P.MsgType.CANCEL, P.SESSION.pack(int(sys.argv[2]), 0, 0))
-                print(P.MsgType(reply_type).name, P.ErrorCode(P.ERROR.unpack_from(reply)[0]).name
-                      if reply_type == P.MsgType.ERROR else "")
-            """, d.path, str(session.id), str(__import__("pathlib").Path(__file__).parent))
-            out, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0, err
-            assert out.split() == ["ERROR", "ITEM_NOT_FOUND"]
-            assert session.invoke(WaitApp.WAIT, [Value(0, 0)]).ret == 0  # not cancelled
-            ctx.close()
-        d.wait_for(idle(d.baseline))
+    with _refused_cancels(tmp_path) as (d, session):
+        proc = spawn_client("""
+            import sys
+            sys.path.insert(0, sys.argv[3])
+            from svcutil import RawClient
+            from poolsvc.service import protocol as P
+            monitor = RawClient(sys.argv[1], P.Role.MONITOR)
+            reply_type, reply = monitor.call(P.MsgType.CANCEL, P.SESSION.pack(int(sys.argv[2]), 0, 0))
+            print(P.MsgType(reply_type).name, P.ErrorCode(P.ERROR.unpack_from(reply)[0]).name
+                  if reply_type == P.MsgType.ERROR else "")
+        """, d.path, str(session.id), str(Path(__file__).parent))
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.split() == ["ERROR", "ITEM_NOT_FOUND"]

@@ -34,6 +34,7 @@ from poolsvc.tee.ta import (
 )
 
 from svcutil import SMALL, DaemonThread
+from test_service_cancel import StartedWait
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -538,17 +539,6 @@ def test_cancellation_before_start_cancels_the_operation(ctx: T.TEEC_Context) ->
     assert T.TEEC_InvokeCommand(s, HelloWorldApp.INC_VALUE, operation) == (0, 4)
     assert operation.params[0].value.a == 7
     T.TEEC_CloseSession(s)
-
-
-class StartedWait(WaitApp):
-    """WaitApp that says when its wait begins (the condition the test cancels on)."""
-
-    UUID = uuid.UUID("0c4b9d52-2a3e-4f57-8e0a-6f1d2b3c4d5e")
-    started = threading.Event()
-
-    def invoke(self, func: int, params: Any) -> Any:
-        type(self).started.set()
-        return super().invoke(func, params)
 
 
 def test_cancellation_of_a_running_invoke(tee: Tee, ctx: T.TEEC_Context) -> None:

@@ -429,7 +429,8 @@ class Context(Handle):
         session = Session(self, session_id, ta_uuid)
         session.open_result = result
         try:  # now, while the daemon can accept it: during a wait it reads only this process's monitors
-            self._cancel_line()
+            with self._cancel_lock:
+                self._cancel_line()
         except PoolsvcError as exc:  # e.g. max_monitors: cancel() tries again
             log.debug("context %s: no connection for CANCEL yet: %s", self.name, exc)
         self.sessions[session_id] = session
@@ -446,8 +447,7 @@ class Context(Handle):
 
     def _cancel_line(self) -> Channel:
         """The MONITOR connection for CANCEL, opened on first use (a socket: the
-        daemon reads it while an app waits).  Call under ``_cancel_lock`` or before
-        any session exists."""
+        daemon reads it while an app waits).  Call under ``_cancel_lock``."""
         channel = self._cancel_channel
         if channel is None or channel.closed:
             channel = self._cancel_channel = replace(self._dialer, transport="socket").open(
