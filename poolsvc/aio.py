@@ -39,7 +39,9 @@ were awaited, on its worker; any number of tasks may await them at once.
 The objects belong to one event loop's thread.
 
 Cancellation: a request cannot be interrupted once the worker started it
-(the connection would be left mid-reply).  A task cancelled while awaiting
+(the connection would be left mid-reply); an invoke's trusted app can be
+asked to stop with :meth:`AsyncSession.cancel` (a CANCEL from a thread of its
+own).  A task cancelled while awaiting
 one gets CancelledError at once; a request that had not started is dropped;
 one that had started finishes on the worker, and what it created (a Shm's
 reference, a session, a context, a client) is closed right after, so
@@ -297,6 +299,12 @@ class AsyncSession(_Async):
         synchronous Session."""
         session = self._handle
         return await self.context._worker.run(_with_sync_params, lambda p: session.invoke(func, p), params)
+
+    async def cancel(self, cancel_id: int = 0) -> None:
+        """Ask the secure world to cancel what this session runs (the synchronous
+        ``Session.cancel``).  It runs on a thread of its own, not on the client's
+        worker, which may be inside this session's :meth:`invoke`."""
+        await asyncio.to_thread(self._handle.cancel, cancel_id)
 
     async def close(self) -> None:
         """CLOSE_SESSION; idempotent."""

@@ -54,8 +54,9 @@ invoking thread is inside the call: an app that checks for cancellation
 :class:`~poolsvc.tee.ta.WaitApp`) returns ``TEEC_ERROR_CANCEL`` with origin
 TRUSTED_APP.  As in OP-TEE, the session's cancel flag then stays set.  The
 request goes through the Session's ``cancel()`` (embedded: the driver's
-cancel message); a Session without one (the pool service's client) leaves a
-running operation to finish.  An open in progress has no session yet, so
+cancel message; through a daemon: a CANCEL on the context's MONITOR
+connection, which the daemon reads while the app waits, so a daemon's
+``max_ta_wait_ms`` bounds how long an app may wait for it).  An open in progress has no session yet, so
 it cannot be cancelled once started (libteec's request then names no session).
 
 Size: this module is over 600 lines on purpose: it is the one header a

@@ -4,7 +4,8 @@ Allocation, writing through ``.buf`` and reading the bytes back through the
 daemon's secure world; the error types of the synchronous client; what a
 cancelled task leaves (a request dropped before it ran, or one that ran and
 whose Shm or context is then closed: the client stays usable and the
-daemon's accounting returns to idle); many tasks at once; a forked child;
+daemon's accounting returns to idle); a session's cancel while its invoke
+waits; many tasks at once; a forked child;
 the mirror of the ``poolsvc.api`` Protocols; and ``mypy --strict`` on a
 typical asyncio user script (tests/typing/aio_script.py).
 """
@@ -21,12 +22,13 @@ from pathlib import Path
 import pytest
 
 from poolsvc import aio, api
-from poolsvc.errors import BadParameters, Closed, ItemNotFound, NotSupported, OutOfMemory, TeeError
+from poolsvc.errors import TEE_ERROR_CANCEL, BadParameters, Closed, ItemNotFound, NotSupported, OutOfMemory, TeeError
 from poolsvc.service.channel import UsedAfterFork
-from poolsvc.tee.driver import RegisteredMemref, TempMemref
-from poolsvc.tee.ta import Sha256App
+from poolsvc.tee.driver import RegisteredMemref, TempMemref, Value
+from poolsvc.tee.ta import Sha256App, WaitApp
 
 from svcutil import checked_daemon, idle
+from test_service_cancel import LONG_WAIT_MS, StartedWait
 from test_typing import mypy_strict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +145,30 @@ def test_cancelling_a_queued_request_drops_it(served):
             assert (await client.stats())["service"]["requests"]["ops"].get("ALLOC") == 1
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("transport", ["socket", "shm"])
+def test_session_cancel_ends_a_waiting_invoke(tmp_path, transport):
+    """``AsyncSession.cancel`` runs beside the worker, which is inside the invoke it cancels."""
+    with checked_daemon(tmp_path / "w.sock", max_ta_wait_ms=30_000) as daemon:
+        daemon.server.system.tee.install(StartedWait)
+
+        async def main() -> None:
+            async with await aio.connect(daemon.path, transport=transport) as client:
+                ctx = await client.open_context()
+                session = await ctx.open_session(StartedWait.UUID)
+                StartedWait.started.clear()
+                task = asyncio.create_task(session.invoke(WaitApp.WAIT, [Value(LONG_WAIT_MS, 0)]))
+                assert await asyncio.to_thread(StartedWait.started.wait, 60), "the app never started"
+                await session.cancel()
+                with pytest.raises(TeeError) as cancelled:
+                    await task
+                assert cancelled.value.code == TEE_ERROR_CANCEL
+                await session.close()
+                await ctx.close()
+
+        asyncio.run(main())
+        daemon.wait_for(idle(daemon.baseline))
 
 
 def test_cancelling_after_the_request_ran_closes_what_it_made(served):

@@ -34,6 +34,7 @@ from poolsvc.tee.ta import (
 )
 
 from svcutil import SMALL, DaemonThread
+from test_service_cancel import StartedWait
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -90,7 +91,8 @@ def tee(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monk
         T.configure_embedded(None)
         return
     monkeypatch.setenv("POOLSVC_TRANSPORT", kind.split("-")[0])
-    daemon = DaemonThread(tmp_path / "d.sock", config)
+    # max_ta_wait_ms: an app may wait long enough for the cancellation test to cancel it
+    daemon = DaemonThread(tmp_path / "d.sock", config, max_ta_wait_ms=30_000)
     try:
         yield Tee(daemon.path, reg_mem, lambda ctx: daemon.server.system)
     finally:
@@ -539,25 +541,12 @@ def test_cancellation_before_start_cancels_the_operation(ctx: T.TEEC_Context) ->
     T.TEEC_CloseSession(s)
 
 
-class StartedWait(WaitApp):
-    """WaitApp that says when its wait begins (the condition the test cancels on)."""
-
-    UUID = uuid.UUID("0c4b9d52-2a3e-4f57-8e0a-6f1d2b3c4d5e")
-    started = threading.Event()
-
-    def invoke(self, func: int, params: Any) -> Any:
-        type(self).started.set()
-        return super().invoke(func, params)
-
-
 def test_cancellation_of_a_running_invoke(tee: Tee, ctx: T.TEEC_Context) -> None:
-    if tee.name is not None:
-        pytest.skip("the pool service's Session has no cancel(): its protocol carries no CANCEL "
-                    "(docs/fidelity.md, Differences that remain)")
     tee.install(ctx, StartedWait)
     StartedWait.started.clear()
     s = open_session(ctx, StartedWait)
-    operation = op((T.TEEC_VALUE_INPUT, val(0xFFFFFFFF)))  # wait until cancelled
+    # wait until cancelled: forever embedded; a daemon bounds an app's wait (max_ta_wait_ms)
+    operation = op((T.TEEC_VALUE_INPUT, val(0xFFFFFFFF if tee.name is None else 20_000)))
     results: list[tuple[int, int]] = []
     thread = threading.Thread(target=lambda: results.append(T.TEEC_InvokeCommand(s, WaitApp.WAIT, operation)))
     thread.start()

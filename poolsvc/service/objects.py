@@ -24,12 +24,16 @@ The three live in one module because each reaches into the others' state
 
 Concurrency: a context (with its shms and sessions) belongs to one thread at
 a time; different contexts are different sockets and may be used from
-different threads.
+different threads.  The exception is :meth:`Session.cancel`, which any
+thread may call while another waits in :meth:`Session.invoke`: it uses the
+context's own MONITOR connection, under its own lock.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -49,6 +53,7 @@ from .channel import (
     COOKIE_BODY,
     MAX_IN_FLIGHT,
     SHM_CLOSE,
+    Channel,
     Dialer,
     Handle,
     check_reply,
@@ -218,6 +223,19 @@ class Session(Handle):
             raise Closed(f"session {self.id} is closed")
         return self.context._invoke(self, func, params)
 
+    def cancel(self, cancel_id: int = 0) -> None:
+        """Ask the secure world to cancel what this session runs (TEE_IOC_CANCEL).
+
+        Sends CANCEL on the context's MONITOR connection, so it may be called
+        from another thread while :meth:`invoke` of this session waits for its
+        reply: an app waiting in TEE_Wait with cancellation unmasked returns
+        TEE_ERROR_CANCEL.  The flag stays set for the session's life.  Raises
+        Closed for a closed session or context.
+        """
+        if self.closed:
+            raise Closed(f"session {self.id} is closed")
+        self.context._cancel(self, check_u32(cancel_id, "cancel_id"))
+
     def close(self) -> None:
         """CLOSE_SESSION. Idempotent."""
         if self.closed:
@@ -241,7 +259,12 @@ class Context(Handle):
                  forget: Callable[["Context"], None] | None = None) -> None:
         """A new context of the daemon ``dialer`` reaches; ``forget(ctx)`` runs once it closes."""
         self._forget = forget
+        self._dialer = dialer
         self._channel = dialer.open(P.Role.CONTEXT, name)
+        #: The MONITOR connection that carries CANCEL (the context's own is busy with
+        #: the INVOKE it cancels), opened with the first session; any thread, under the lock.
+        self._cancel_channel: Channel | None = None
+        self._cancel_lock = threading.Lock()
         #: TEE_GEN_CAP_REG_MEM: temporary memrefs are registered, else bounced (libteec's check)
         self._reg_mem = bool(self._channel.gen_caps & GenCaps.REG_MEM)
         self.cid = self._channel.cid
@@ -263,6 +286,7 @@ class Context(Handle):
         self.sessions.clear()
         for shm in list(self.shms.values()):
             shm._release_local()
+        self._close_cancel_line()
         if self._forget is not None:
             self._forget(self)
 
@@ -404,6 +428,11 @@ class Context(Handle):
             result = conv.decode(reply[P.COOKIE.size:], f"open session with {ta_uuid}")
         session = Session(self, session_id, ta_uuid)
         session.open_result = result
+        try:  # now, while the daemon can accept it: during a wait it reads only this process's monitors
+            with self._cancel_lock:
+                self._cancel_line()
+        except PoolsvcError as exc:  # e.g. max_monitors: cancel() tries again
+            log.debug("context %s: no connection for CANCEL yet: %s", self.name, exc)
         self.sessions[session_id] = session
         return session
 
@@ -415,6 +444,29 @@ class Context(Handle):
             reply_type, reply = self._channel.call(P.MsgType.INVOKE, body)
             reply = check_reply(reply_type, reply, "INVOKE")
             return conv.decode(reply, f"invoke {func} on session {session.id}")
+
+    def _cancel_line(self) -> Channel:
+        """The MONITOR connection for CANCEL, opened on first use (a socket: the
+        daemon reads it while an app waits).  Call under ``_cancel_lock``."""
+        channel = self._cancel_channel
+        if channel is None or channel.closed:
+            channel = self._cancel_channel = replace(self._dialer, transport="socket").open(
+                P.Role.MONITOR, self.name)
+        return channel
+
+    def _cancel(self, session: Session, cancel_id: int) -> None:
+        with self._cancel_lock:
+            self._check()
+            self._channel.check_process()
+            reply_type, body = self._cancel_line().call(P.MsgType.CANCEL,
+                                                        P.SESSION.pack(session.id, cancel_id, 0))
+            check_reply(reply_type, body, "CANCEL")
+
+    def _close_cancel_line(self) -> None:
+        with self._cancel_lock:
+            channel, self._cancel_channel = self._cancel_channel, None
+        if channel is not None:
+            channel.close()
 
     def flush(self) -> None:
         """Send pipelined closes now and wait for their replies (``stats()`` does this)."""

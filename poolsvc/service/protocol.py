@@ -104,6 +104,8 @@ class MsgType(IntEnum):
     OPEN_SESSION = 24  # request: uuid (16 bytes)
     INVOKE = 25        # request: session, func, parameters
     CLOSE_SESSION = 26  # request: session
+    CANCEL = 27        # request (any role): session, cancel id; cancels a call of the
+                       # caller's process (TEE_IOC_CANCEL); OK says nothing of the app
     # observability
     STATS = 32         # request (any role): OK with a JSON document
 
@@ -118,7 +120,7 @@ class Role(IntEnum):
     """What a connection is for, chosen in HELLO."""
 
     CONTEXT = 1   # one Context of the daemon's System lives as long as the connection
-    MONITOR = 2   # no Context: STATS and PING only (``poolsvc stat``)
+    MONITOR = 2   # no Context: STATS, PING and CANCEL only (``poolsvc stat``)
 
 
 class Feature(IntFlag):
@@ -280,7 +282,8 @@ DESC = struct.Struct("<QqQQQQQIIIHBB")
 #: INVOKE request head: session id, function, reserved.  Then the parameters:
 #: a u64 count (<= 4) and ``count`` PARAM records.  OPEN_SESSION request: the
 #: app's UUID (16 bytes, RFC 4122 order), login (u64), then the parameters.
-#: CLOSE_SESSION request: the session id (COOKIE).
+#: CLOSE_SESSION request: the session id (COOKIE).  CANCEL request: session
+#: id, cancel id, reserved (0).
 SESSION = struct.Struct("<QII")
 #: One session parameter: kind word (ParamKind in bits 0-7, direction 0 in /
 #: 1 out / 2 inout in bits 8-9, PARAM_WHOLE), then three u64 words:

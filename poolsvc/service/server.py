@@ -133,9 +133,11 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
             P.MsgType.OPEN_SESSION: self._op_open_session,
             P.MsgType.INVOKE: self._op_invoke,
             P.MsgType.CLOSE_SESSION: self._op_close_session,
+            P.MsgType.CANCEL: self._op_cancel,
         }
         self._batch_handlers = {int(k): v for k, v in self._handlers.items() if k in P.BATCHABLE}
-        self._monitor_types = frozenset({P.MsgType.PING, P.MsgType.STATS, P.MsgType.GOODBYE})
+        self._monitor_types = frozenset({P.MsgType.PING, P.MsgType.STATS, P.MsgType.GOODBYE,
+                                         P.MsgType.CANCEL})
         self._context_handlers = {int(k): v for k, v in self._handlers.items()}
         self._monitor_handlers = {int(k): v for k, v in self._handlers.items() if k in self._monitor_types}
         self._hello_handlers: dict[int, Handler] = {int(P.MsgType.HELLO): self._op_hello}
@@ -154,6 +156,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         try:
             self.system = System(self.config)
             self.system.tee.max_wait_ms = self.settings.max_ta_wait_ms
+            self.system.tee.wait_hook = self._wait_serving_cancels  # CANCEL reaches a waiting app
             cfg = self.config
             pool_bytes = cfg.dynamic_size if self.system.pool == "dynamic" else cfg.static_size
             self._max_bytes = self.settings.bytes_quota(pool_bytes)

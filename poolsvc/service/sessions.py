@@ -1,6 +1,9 @@
 """The pool service's handlers of sessions with trusted apps, and their parameter codec.
 
 OPEN_SESSION, INVOKE and CLOSE_SESSION run against the connection's Context.
+CANCEL (on any connection, a MONITOR one in practice: the CONTEXT connection
+is busy with the INVOKE) cancels a session of a context of the sender's own
+process, told by the peer pid each connection records.
 Parameters come off the wire as driver parameters (``poolsvc.tee.driver``);
 a memref names one of the client's *own* shms by cookie, never another's.
 A trusted app's non-zero return code travels in an OK reply with its
@@ -49,8 +52,18 @@ def rpc_bytes_of(connections: Iterable[Connection], tee: Any, pid: int) -> int:
                if conn.pid == pid and conn.context is not None for sid in conn.context.sessions)
 
 
+def session_owner(connections: Iterable[Connection], session_id: int, pid: int | None = None) -> Connection | None:
+    """The CONTEXT connection whose context holds session ``session_id`` (of client
+    process ``pid`` when given), or None."""
+    for conn in connections:
+        ctx = conn.context
+        if ctx is not None and session_id in ctx.sessions and (pid is None or conn.pid == pid):
+            return conn
+    return None
+
+
 class SessionHandlers(ServerParts):
-    """Request handlers for OPEN_SESSION, INVOKE and CLOSE_SESSION."""
+    """Request handlers for OPEN_SESSION, INVOKE, CLOSE_SESSION and CANCEL."""
 
     def _session_params(self, conn: Connection, body: Any, pos: int) -> tuple[list[Any], list[Bounce]]:
         """Driver parameters from the wire (memrefs name the client's own shms only),
@@ -191,5 +204,21 @@ class SessionHandlers(ServerParts):
         session.close()
         return b""
 
+    def _op_cancel(self, conn: Connection, body: Any) -> bytes:
+        """CANCEL of a session of the sender's own process (on any of its connections).
 
-__all__ = ["SessionHandlers", "rpc_bytes_by_session", "rpc_bytes_of"]
+        Sets the session's cancel flag in the secure world (TEE_IOC_CANCEL); the
+        OK says nothing about whether the app saw it.  Raises ItemNotFound when
+        no context of the sender's process holds the session.
+        """
+        session_id, cancel_id, reserved = P.SESSION.unpack(body)
+        if reserved:
+            raise BadParameters(f"CANCEL reserved word is {reserved:#x}, not 0")
+        owner = session_owner(self.connections.values(), session_id, conn.pid)
+        if owner is None:
+            raise ItemNotFound(f"no session {session_id} in a context of client pid {conn.pid}")
+        owner.context.sessions[session_id].cancel(cancel_id)
+        return b""
+
+
+__all__ = ["SessionHandlers", "rpc_bytes_by_session", "rpc_bytes_of", "session_owner"]

@@ -14,6 +14,11 @@ client's socket and the request handlers:
   queued replies beyond ``max_output`` stop the daemon reading that client
   until it reads its replies.
 
+While a trusted app of a call waits (TEE_Wait), the secure world's wait
+hook (:meth:`ConnectionIO._wait_serving_cancels`) reads the socket MONITOR
+connections of the client process that made the call, so that its CANCEL
+reaches the app; every other connection waits for the call to end.
+
 Malformed traffic: a frame header with an oversized length or unknown flags
 cannot be resynchronised, so that client gets an ERROR and is disconnected;
 an unknown type, a short or long body, or bad arguments get an ERROR reply
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import array
 import logging
+import math
 import os
 import select
 import socket
@@ -35,6 +41,7 @@ from typing import Any
 from ..errors import InternalError, PoolsvcError, ProtocolError
 from . import protocol as P
 from .connection import CLOSED, CLOSING, HANDSHAKE, READY, Connection, ServerParts
+from .sessions import session_owner
 
 log = logging.getLogger("poolsvc.service")
 
@@ -163,6 +170,46 @@ class ConnectionIO(ServerParts):
         conn.state = CLOSING
         self._drop_slot(conn)
         self._queue(conn, P.frame(P.MsgType.ERROR, P.error_body(exc)))
+
+    def _wait_serving_cancels(self, session: Any, timeout: float | None) -> bool:
+        """The secure world's wait hook: wait until ``session`` is cancelled (True) or
+        ``timeout`` seconds (None: forever) have passed (False).
+
+        Meanwhile the socket MONITOR connections of the process that owns the
+        session are read and their frames run through the normal path (PING,
+        STATS and CANCEL: none reaches the System's allocation paths), so that
+        its CANCEL reaches the app.  Every other connection waits, as for any
+        trusted-app call (the wait is bounded by ``max_ta_wait_ms``).
+        """
+        cancelled = session.cancelled
+        owner = session_owner(self.connections.values(), session.id)
+        if owner is None:
+            return bool(cancelled.wait(timeout))
+        watched = {conn.fileno: conn for conn in self.connections.values()
+                   if conn.role == P.Role.MONITOR and conn.pid == owner.pid and conn.state == READY
+                   and conn.slot is None and conn.reading}
+        poller = select.poll()
+        for fd in watched:
+            poller.register(fd, select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outer_fds, self._reply_fds = self._reply_fds, []  # the suspended call's reply keeps its own
+        try:
+            while not cancelled.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if not watched:
+                    return bool(cancelled.wait(left))
+                for fd, _ in poller.poll(None if left is None else max(1, math.ceil(left * 1000))):
+                    conn = watched[fd]
+                    if conn.state < CLOSED:
+                        self._on_readable(conn)
+                    if conn.state != READY or not conn.reading:  # gone, or not reading its replies
+                        poller.unregister(fd)
+                        del watched[fd]
+            return True
+        finally:
+            self._reply_fds = outer_fds
 
     # -- requests --------------------------------------------------------------------------------
     def _request(self, conn: Connection, msg_type: int, body: Any) -> bytes:

@@ -169,6 +169,11 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         #: process that serves other callers from the thread the app runs on (the
         #: pool service daemon) bounds it: a waiting app would stall every caller.
         self.max_wait_ms: int | None = None
+        #: How an app's cancellable TEE_Wait waits: ``hook(session, timeout_s)`` returns
+        #: True once ``session.cancelled`` is set, False when ``timeout_s`` (None:
+        #: forever) has passed.  None: wait on the event.  The pool service daemon sets
+        #: it to read CANCEL requests from the waiting client meanwhile.
+        self.wait_hook: Callable[[TaSession, float | None], bool] | None = None
         #: Makes the normal world's RPC server on first use (the System hands it over).
         self.rpc_factory: Callable[[], Any] | None = None
         self.sessions: dict[int, TaSession] = {}

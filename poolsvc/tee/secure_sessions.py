@@ -27,7 +27,9 @@ call is ``running`` and refuses a re-entrant call (BUSY).  The one exception
 is CANCEL, which another thread may send while a call runs (the driver's
 ``Driver.cancel``, as OP-TEE serves it on another thread): :meth:`_cancel`
 only looks a session up and sets its ``cancelled`` event, which a waiting
-app (:meth:`SessionEnv.wait`) wakes on.
+app (:meth:`SessionEnv.wait`) wakes on.  A world whose ``wait_hook`` is set
+waits through it instead (the pool service daemon reads the waiting client's
+CANCEL there, on the thread the app runs on).
 """
 from __future__ import annotations
 
@@ -116,7 +118,8 @@ class SessionEnv:
         as the session is cancelled with cancellation unmasked (at once when
         it already is).  A masked wait is not interrupted.  A wait longer than
         the world's ``max_wait_ms`` (forever included) raises Busy at once,
-        unless the session is already cancelled.
+        unless the session is already cancelled.  An unmasked wait goes
+        through the world's ``wait_hook`` when one is set.
         """
         forever = timeout_ms == 0xFFFFFFFF
         bound = self._world.max_wait_ms
@@ -133,7 +136,9 @@ class SessionEnv:
                 raise BadParameters("TEE_Wait forever with cancellation masked would never return")
             threading.Event().wait(timeout_ms / 1000)
             return TEE_SUCCESS
-        if self._session.cancelled.wait(None if forever else timeout_ms / 1000):
+        timeout = None if forever else timeout_ms / 1000
+        hook = self._world.wait_hook
+        if hook(self._session, timeout) if hook is not None else self._session.cancelled.wait(timeout):
             return TEE_ERROR_CANCEL
         return TEE_SUCCESS
 
