@@ -118,6 +118,10 @@ class Session(Protocol):
         Raises TeeError (with ``result``) on a non-zero answer.
         """
 
+    def cancel(self, cancel_id: int = 0) -> None:
+        """Ask the secure world to cancel what this session runs (TEE_IOC_CANCEL);
+        callable from another thread while ``invoke`` runs.  Closed after close()."""
+
     def close(self) -> None:
         """CLOSE_SESSION; idempotent."""
 

@@ -6,8 +6,9 @@ cancelled task leaves (a request dropped before it ran, or one that ran and
 whose Shm or context is then closed: the client stays usable and the
 daemon's accounting returns to idle); a session's cancel while its invoke
 waits; many tasks at once; a forked child;
-the mirror of the ``poolsvc.api`` Protocols; and ``mypy --strict`` on a
-typical asyncio user script (tests/typing/aio_script.py).
+and the mirror of the ``poolsvc.api`` Protocols.  ``mypy --strict`` on a
+typical asyncio user script (tests/typing/aio_script.py) is in
+tests/test_typing.py, with the other user scripts.
 """
 from __future__ import annotations
 
@@ -29,10 +30,8 @@ from poolsvc.tee.ta import Sha256App, WaitApp
 
 from svcutil import checked_daemon, idle
 from test_service_cancel import LONG_WAIT_MS, StartedWait
-from test_typing import mypy_strict
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "typing" / "aio_script.py"
 
 
 @pytest.fixture(params=["socket", "shm"])
@@ -299,26 +298,6 @@ def test_the_async_classes_mirror_the_api(protocol, mirror, plain):
         assert [(p.name, p.kind, p.default) for p in have[:len(want)]] == \
                [(p.name, p.kind, p.default) for p in want], name
         assert all(p.default is not inspect.Parameter.empty for p in have[len(want):]), name
-
-
-@pytest.mark.slow
-def test_asyncio_user_script_passes_mypy_strict(tmp_path):
-    out = mypy_strict(SCRIPT, tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-@pytest.mark.slow
-def test_a_type_error_in_asyncio_user_code_is_reported(tmp_path):
-    bad = tmp_path / "bad.py"
-    bad.write_text("from poolsvc import aio\n\n\n"
-                   "async def main() -> None:\n"
-                   "    async with await aio.connect('x') as client:\n"
-                   "        ctx = await client.open_context()\n"
-                   "        name: str = (await ctx.alloc_user_buf(4096)).size\n"
-                   "        await aio.connect(spin_us='fast')\n")
-    out = mypy_strict(bad, tmp_path)
-    assert out.returncode == 1, out.stdout
-    assert "incompatible types in assignment" in out.stdout.lower() and "spin_us" in out.stdout, out.stdout
 
 
 def test_the_docs_example_runs(served):

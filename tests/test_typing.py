@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "typing" / "user_script.py"
 
 
 def mypy_strict(path: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -30,17 +29,36 @@ def test_package_is_marked_typed():
     assert (ROOT / "poolsvc" / "_core.pyi").is_file()
 
 
+#: Mistakes a user might make, each with what mypy must say about it: the plain API
+#: (an Shm's size is an int) and the asyncio client (a bad keyword type as well).
+BAD_SCRIPTS = {
+    "sync": ("from poolsvc import System\n\n"
+             "with System() as system:\n"
+             "    name: str = system.open_context('x').alloc_user_buf(4096).size\n",
+             ("incompatible types in assignment",)),
+    "aio": ("from poolsvc import aio\n\n\n"
+            "async def main() -> None:\n"
+            "    async with await aio.connect('x') as client:\n"
+            "        ctx = await client.open_context()\n"
+            "        name: str = (await ctx.alloc_user_buf(4096)).size\n"
+            "        await aio.connect(spin_us='fast')\n",
+            ("incompatible types in assignment", "spin_us")),
+}
+
+
 @pytest.mark.slow
-def test_user_script_passes_mypy_strict(tmp_path):
-    out = mypy_strict(SCRIPT, tmp_path)
+@pytest.mark.parametrize("script", sorted((ROOT / "tests" / "typing").glob("*.py")), ids=lambda p: p.stem)
+def test_user_script_passes_mypy_strict(tmp_path, script):
+    out = mypy_strict(script, tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.slow
-def test_a_type_error_in_user_code_is_reported(tmp_path):
+@pytest.mark.parametrize("name", sorted(BAD_SCRIPTS))
+def test_a_type_error_in_user_code_is_reported(tmp_path, name):
+    text, expected = BAD_SCRIPTS[name]
     bad = tmp_path / "bad.py"
-    bad.write_text("from poolsvc import System\n\n"
-                   "with System() as system:\n"
-                   "    name: str = system.open_context('x').alloc_user_buf(4096).size\n")
+    bad.write_text(text)
     out = mypy_strict(bad, tmp_path)
-    assert out.returncode == 1 and 'incompatible types in assignment' in out.stdout.lower(), out.stdout
+    assert out.returncode == 1, out.stdout
+    assert all(e in out.stdout.lower() for e in expected), out.stdout

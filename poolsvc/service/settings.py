@@ -68,7 +68,7 @@ class ServiceSettings:
     max_clients: int = 1024
     #: MONITOR connections served at once (counted apart from clients: every
     #: ``connect()`` holds one, ``poolsvc stat`` opens one).
-    max_monitors: int = 256
+    max_monitors: int = 1024
     #: Connections that have not yet said HELLO; a new one beyond evicts the oldest.
     max_pending: int = 16
     #: Connections one peer uid may hold at once, in any role (0: no bound but the
