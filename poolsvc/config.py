@@ -108,7 +108,7 @@ class Config:
             caps |= SecCaps.DYNAMIC_SHM
         if self.memref_null:
             caps |= SecCaps.MEMREF_NULL
-        return caps
+        return caps | SecCaps.RPC_ARG  # as OP-TEE 4.0 reports it: always
 
     @functools.cached_property
     def gen_caps(self) -> GenCaps:

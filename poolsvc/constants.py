@@ -32,6 +32,7 @@ class SecCaps(IntFlag):
     UNREGISTERED_SHM = 1 << 1
     DYNAMIC_SHM = 1 << 2
     MEMREF_NULL = 1 << 4
+    RPC_ARG = 1 << 6
 
 
 class GenCaps(IntFlag):
@@ -104,3 +105,7 @@ class Origin(IntEnum):
 #: Size of ``struct optee_msg_arg`` without parameters, and of one parameter.
 MSG_ARG_HEADER_SIZE = 32
 MSG_PARAM_SIZE = 32
+#: Parameters of the RPC argument the driver preallocates after each call's message
+#: when the secure world reports SEC_CAP RPC_ARG (OP-TEE's THREAD_RPC_MAX_NUM_PARAMS,
+#: answered in a3 of EXCHANGE_CAPABILITIES).
+RPC_MAX_PARAMS = 4

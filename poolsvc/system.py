@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 from ._backend import BACKEND, core
 from .config import Config
-from .constants import PAGE_SIZE
+from .constants import PAGE_SIZE, RPC_MAX_PARAMS, SecCaps
 from .context import Context
 from .errors import Closed, TeeError
 from .fragmentation import unusable_indices
@@ -96,8 +96,10 @@ class System:
             self.usermem = UserMemory(self.memory, self.dynamic, cookies)
             self.tee = SecureWorld(self.memory, config.sec_caps, config.strict)
             self.tee.rpc_factory = lambda: RpcServer(self)
+            rpc_params = RPC_MAX_PARAMS if config.sec_caps & SecCaps.RPC_ARG else 0
             self.driver = Driver(self.memory, self.dynamic, self.kernel_arena, self.static,
-                                 config.dynamic_shm, self.tee.serve, self.tee.driver_entry)
+                                 config.dynamic_shm, self.tee.serve, self.tee.driver_entry,
+                                 rpc_param_count=rpc_params)
             self.pools.register_run = self.driver.register_run
             self.usermem.driver = self.driver
             self._unregister = self.driver.unregister

@@ -19,7 +19,7 @@ def test_defaults_match_the_design():
     assert (cfg.static_base, cfg.static_size) == (0x42000000, 4 << 20)
     assert (cfg.dynamic_base, cfg.dynamic_size) == (0x50000000, 1 << 30)
     assert cfg.min_alloc_order == 9
-    assert cfg.sec_caps == SecCaps.HAVE_RESERVED_SHM | SecCaps.DYNAMIC_SHM | SecCaps.MEMREF_NULL
+    assert cfg.sec_caps == SecCaps.HAVE_RESERVED_SHM | SecCaps.DYNAMIC_SHM | SecCaps.MEMREF_NULL | SecCaps.RPC_ARG
     assert cfg.gen_caps & GenCaps.REG_MEM
 
 

@@ -27,7 +27,7 @@ from poolsvc.errors import (
 )
 from poolsvc.tee.driver import RegisteredMemref, Value
 from poolsvc.tee.msg import MAX_PARAMS, SMC_RETURN_EBADCMD, SMC_RETURN_OK, MsgArg, MsgParam, unpack
-from poolsvc.tee.ta import ParamType, TrustedApp, WaitApp, check_types
+from poolsvc.tee.ta import ParamType, StorageApp, TrustedApp, WaitApp, check_types
 
 from sysutil import LeakCheck, assert_accounting
 from teeutil import SMALL, open_raw, raw, write_list
@@ -404,3 +404,49 @@ def test_unregister_without_dynamic_shm_reads_the_smc_result(leaks):
         with pytest.raises(TeeError) as info:
             system.driver.unregister(0x1234)
         assert (info.value.code, info.value.origin) == (TEE_ERROR_COMMUNICATION, Origin.COMMS)
+
+
+def test_rpc_travels_in_the_rpc_argument_after_the_message(world):
+    """SEC_CAP RPC_ARG (entry_fast.c: tee_entry_exchange_capabilities reports it with
+    THREAD_RPC_MAX_NUM_PARAMS in a3): the driver places the RPC argument right after
+    each call's message (smc_abi.c: optee_smc_do_call_with_arg), and the secure
+    world's RPCs travel in it (optee_handle_rpc reads rpc_arg)."""
+    system = world.system
+    assert system.config.sec_caps & SecCaps.RPC_ARG
+    driver = system.driver
+    assert driver.rpc_arg_size == 32 + 4 * 32
+    server = system.tee._rpc_port()
+    seen = []
+    handle_arg = server.handle_arg
+
+    def spy(pa):
+        seen.append((pa, unpack(system.memory.read(pa, 32 + 32))))
+        handle_arg(pa)
+
+    server.handle_arg = spy
+    session = world.ctx.open_session(StorageApp.UUID, [Value(3 * PAGE_SIZE)])
+    [(pa, request)] = seen
+    # OPEN_SESSION carries two meta parameters and the app's one: three in the message
+    assert pa == driver.msg_pa + 32 + 3 * 32
+    assert request.cmd == RpcCmd.SHM_ALLOC and request.params[0].b == 3 * PAGE_SIZE
+    session.close()  # SHM_FREE through the same argument
+    assert len(seen) == 2 and seen[1][1].cmd == RpcCmd.SHM_FREE
+    with pytest.raises(BadParameters, match="RPC argument"):  # misaligned, then secure memory
+        system.tee.serve(driver.msg_pa, driver.msg_pa + 4)
+    with pytest.raises(BadParameters, match="non-secure"):
+        system.tee.serve(driver.msg_pa, system.memory.regions["secure"][0])
+
+
+def test_rpc_without_an_rpc_argument_is_served_as_before(leaks):
+    """A driver that sets no RPC argument (rpc_param_count 0): the RPC is handed over
+    directly, and the app's memory works the same."""
+    with System(Config(**SMALL)) as system:
+        system.driver.rpc_arg_size = 0
+        server = system.tee._rpc_port()
+        server.handle_arg = None  # would fail if called
+        ctx = system.open_context("t")
+        with ctx.open_session(StorageApp.UUID, [Value(PAGE_SIZE)]):
+            pass
+        assert server.stats()["buffers"] == 0
+        ctx.close()
+        assert_accounting(system)

@@ -62,7 +62,7 @@ from .._backend import core
 from ..constants import ATTR_NONCONTIG, MSG_ARG_HEADER_SIZE, PAGE_SIZE, Attr, MsgCmd, Origin
 from ..errors import TEE_ERROR_COMMUNICATION, BadParameters, Closed, OutOfMemory, TeeError
 from ..memory import Arena, PhysicalMemory, Segment
-from .msg import SMC_RETURN_OK, MsgArg, MsgParam, unpack
+from .msg import SMC_RETURN_OK, MsgArg, MsgParam, arg_size, unpack
 from .params import InvokeResult, RegisteredMemref, TempMemref, Value
 
 # The one-parameter commands, as plain ints for the hot path.
@@ -96,16 +96,21 @@ class Driver:
     """The driver end of one System (see the module doc).
 
     ``Driver(memory, dynamic, kernel_arena, static, dynamic_shm, call_with_arg,
-    smc_entry=None)``: the physical memory, the dynamic frame allocator, the
-    kernel arena, the reserved pool's allocator (or None), whether the TEE has
-    DYNAMIC_SHM, the secure world's entry (returns the SMC-level result) and
-    the entry the compiled ``SmcDriver`` calls (default ``call_with_arg``).
+    smc_entry=None, rpc_param_count=0)``: the physical memory, the dynamic
+    frame allocator, the kernel arena, the reserved pool's allocator (or
+    None), whether the TEE has DYNAMIC_SHM, the secure world's entry (returns
+    the SMC-level result), the entry the compiled ``SmcDriver`` calls
+    (default ``call_with_arg``), and the parameters of the RPC argument the
+    secure world asked for (SEC_CAP RPC_ARG; 0: none).
     :meth:`close` gives its pages back.
     """
 
     def __init__(self, memory: PhysicalMemory, dynamic: Any, kernel_arena: Arena, static: Any,
-                 dynamic_shm: bool, call_with_arg: Any, smc_entry: Any = None) -> None:
+                 dynamic_shm: bool, call_with_arg: Any, smc_entry: Any = None,
+                 rpc_param_count: int = 0) -> None:
         self.memory = memory
+        #: bytes of the RPC argument placed after each call's message (0: none)
+        self.rpc_arg_size = arg_size(rpc_param_count) if rpc_param_count else 0
         self.dynamic = dynamic
         self.kernel_arena = kernel_arena
         self.call_with_arg = call_with_arg
@@ -206,7 +211,12 @@ class Driver:
         if self.closed:
             raise Closed("the driver is closed")
         self.memory.write(self.msg_pa, data)
-        rc = self.call_with_arg(self.msg_pa)
+        if self.rpc_arg_size and len(data) + self.rpc_arg_size <= PAGE_SIZE:
+            # OPTEE_SMC_CALL_WITH_RPC_ARG: the RPC argument follows the message, as
+            # optee_smc_do_call_with_arg places it (OPTEE_MSG_GET_ARG_SIZE(num_params) on)
+            rc = self.call_with_arg(self.msg_pa, self.msg_pa + len(data))
+        else:
+            rc = self.call_with_arg(self.msg_pa)
         return (SMC_RETURN_OK if rc is None else rc), unpack(self.memory.read(self.msg_pa, len(data)))
 
     def call(self, msg: MsgArg) -> MsgArg:

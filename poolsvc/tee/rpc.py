@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..constants import ATTR_NONCONTIG, Attr, Origin, RpcCmd, RpcShmType
+from ..constants import ATTR_NONCONTIG, MSG_ARG_HEADER_SIZE, Attr, Origin, RpcCmd, RpcShmType
 from ..errors import TEE_SUCCESS, BadParameters, NotSupported, OutOfMemory, PoolsvcError
 from .driver import KernelPages
-from .msg import MsgArg, MsgParam
+from .msg import MsgArg, MsgParam, arg_size, peek_num_params, unpack
 
 
 class RpcServer:
@@ -80,6 +80,15 @@ class RpcServer:
                 raise NotSupported(f"RPC command {msg.cmd} is not supported")
         except PoolsvcError as exc:
             msg.ret = exc.tee_code
+
+    def handle_arg(self, pa: int) -> None:
+        """Serve the RPC the secure world wrote in the RPC argument at ``pa`` (SEC_CAP
+        RPC_ARG), answering in place, as the driver reads it from its preallocated
+        argument (``optee_handle_rpc`` with ``rpc_arg``)."""
+        memory = self.system.memory
+        request = unpack(memory.read(pa, arg_size(peek_num_params(memory.read(pa, MSG_ARG_HEADER_SIZE)))))
+        self.handle(request)
+        memory.write(pa, request.pack())
 
     def _shm_alloc(self, msg: MsgArg) -> None:
         params = msg.params

@@ -74,7 +74,8 @@ import uuid as uuidlib
 from typing import Any, Callable
 
 from .._backend import core
-from ..constants import ATTR_NONCONTIG, MSG_ARG_HEADER_SIZE, PAGE_MASK, PAGE_SIZE, Attr, MsgCmd, Origin, SecCaps
+from ..constants import (ATTR_NONCONTIG, MSG_ARG_HEADER_SIZE, PAGE_MASK, PAGE_SIZE, RPC_MAX_PARAMS, Attr, MsgCmd,
+                         Origin, SecCaps)
 from ..errors import TEE_SUCCESS, BadParameters, Busy, PoolsvcError
 from .msg import SMC_RETURN_EBADCMD, SMC_RETURN_OK, MsgArg, MsgParam, arg_size, peek_num_params, unpack
 from .secure_params import RegisteredShm, TaParamCopies
@@ -165,6 +166,8 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
                                     memory.regions["dynamic"])
         self.strict = strict
         self.caps = caps
+        #: per thread: the RPC argument of the call that thread is serving (0: none)
+        self._rpc_arg = threading.local()
         #: The longest TEE_Wait a trusted app may make (ms), None for no bound.  A
         #: process that serves other callers from the thread the app runs on (the
         #: pool service daemon) bounds it: a waiting app would stall every caller.
@@ -336,8 +339,14 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         UNREGISTER_SHM through: :attr:`call_with_arg`."""
         return self.call_with_arg
 
-    def serve(self, arg_pa: int) -> int:
+    def serve(self, arg_pa: int, rpc_arg_pa: int = 0) -> int:
         """Process the message at physical address ``arg_pa`` (every command, in Python).
+
+        ``rpc_arg_pa`` (OPTEE_SMC_CALL_WITH_RPC_ARG, with SEC_CAP RPC_ARG) is
+        where the driver preallocated the RPC argument: the RPCs this call
+        makes are written there and their answers read back from there
+        (:meth:`_rpc_send`); it must hold ``RPC_MAX_PARAMS`` parameters of
+        non-secure memory, 8-byte aligned (else BadParameters).  0: none.
 
         Returns the SMC-level result: ``SMC_RETURN_OK``, or
         ``SMC_RETURN_EBADCMD`` for a command this world does not serve (then
@@ -346,14 +355,31 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
         """
         if not isinstance(arg_pa, int) or arg_pa < 0 or arg_pa >= 1 << 64:
             raise BadParameters(f"message address {arg_pa!r} is not a u64")
+        if rpc_arg_pa:
+            self._check_rpc_arg(rpc_arg_pa)
         header = self._read_arg(arg_pa, MSG_ARG_HEADER_SIZE)
         size = arg_size(peek_num_params(header))
         data = self._read_arg(arg_pa, size)
         msg = unpack(data)
-        rc = self.process(msg)
+        tls = self._rpc_arg
+        outer = getattr(tls, "pa", 0)
+        tls.pa = rpc_arg_pa  # this thread's call's RPC argument (a cancel may nest in a wait)
+        try:
+            rc = self.process(msg)
+        finally:
+            tls.pa = outer
         if rc == SMC_RETURN_OK:
             self.memory.write(arg_pa, msg.pack())
         return rc
+
+    def _check_rpc_arg(self, pa: int) -> None:
+        """The RPC argument's area: a u64, 8-byte aligned, in non-secure memory."""
+        if not isinstance(pa, int) or pa < 0 or pa >= 1 << 64 or pa % 8:
+            raise BadParameters(f"RPC argument address {pa!r} is not an 8-byte aligned u64")
+        size = arg_size(RPC_MAX_PARAMS)
+        mem = self.memory
+        if not (mem.in_region("static", pa, size) or mem.in_region("dynamic", pa, size)):
+            raise BadParameters(f"RPC argument at {pa:#x}+{size:#x} is not in non-secure memory")
 
     _call_generic = serve  # the compiled entry's path for what it does not serve
 

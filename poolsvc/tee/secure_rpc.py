@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..constants import ATTR_NONCONTIG, PAGE_MASK, PAGE_SIZE, Attr, RpcCmd, RpcShmType
+from ..constants import ATTR_NONCONTIG, PAGE_MASK, PAGE_SIZE, RPC_MAX_PARAMS, Attr, RpcCmd, RpcShmType
 from ..errors import TEE_SUCCESS, BadParameters, ItemNotFound, OutOfMemory, PoolsvcError
 from .msg import MsgArg, MsgParam, unpack
 from .ta import Memref, ParamType
@@ -50,6 +50,7 @@ class SecureRpc:
 
     memory: Any
     rpc: Any
+    _rpc_arg: Any  # threading.local: ``pa`` of the RPC argument of this thread's call
     rpc_factory: Callable[[], Any] | None
     rpc_shms: dict[int, RpcMemory]
     registered: dict[int, Any]
@@ -65,8 +66,25 @@ class SecureRpc:
         return self.rpc
 
     def _rpc_send(self, msg: MsgArg) -> MsgArg:
-        """One RPC round trip: the request travels as bytes and the answer is re-read."""
+        """One RPC round trip.
+
+        With an RPC argument for the call being served (SEC_CAP RPC_ARG: the
+        driver placed it after the call's message), the request is written
+        there, the normal world reads it and answers in place
+        (``handle_arg``), and the answer is read back from memory; otherwise
+        the request travels as bytes and the answer is re-read.
+        """
         port = self._rpc_port()
+        pa = getattr(self._rpc_arg, "pa", 0)
+        handle_arg = getattr(port, "handle_arg", None)
+        if pa and handle_arg is not None:
+            if len(msg.params) > RPC_MAX_PARAMS:
+                raise BadParameters(f"an RPC of {len(msg.params)} parameters does not fit the "
+                                    f"RPC argument ({RPC_MAX_PARAMS})")
+            data = msg.pack()
+            self.memory.write(pa, data)
+            handle_arg(pa)
+            return unpack(self.memory.read(pa, len(data)))
         request = unpack(msg.pack())
         handle = getattr(port, "handle", port)
         handle(request)
