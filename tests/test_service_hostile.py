@@ -725,3 +725,35 @@ def test_a_trusted_app_waiting_forever_cannot_stall_the_daemon(tmp_path, caplog)
                 assert "TEE_Wait of 21 ms refused" in caplog.text and "max_ta_wait_ms 20" in caplog.text
     finally:
         d.stop()
+
+
+def test_a_failing_request_keeps_the_descriptors_of_earlier_ones_in_its_slot_request(tmp_path):
+    """One slot publication of [ALLOC that succeeds, ALLOC that fails]: the failure
+    closes only its own descriptors; the first reply's arrive on the socket."""
+    d = DaemonThread(tmp_path / "f.sock")
+    try:
+        raw = RawClient(d.path, features=P.Feature.SHM_SLOT)
+        words_map = mmap.mmap(raw.fds[0], S.SLOT_BYTES)
+        words = memoryview(words_map)[:S.SLOT_WORDS * 8].cast("Q")
+        try:
+            request = (P.frame(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, 4096))
+                       + P.frame(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, 1 << 40)))
+            words_map[S.SLOT_REQ_OFF:S.SLOT_REQ_OFF + len(request)] = request
+            words[S.W_REQ_LEN] = len(request)
+            seq = words[S.W_REP_SEQ] + 1
+            words[S.W_REQ_SEQ] = seq
+            raw.send(P.DOORBELL_FRAME)
+            _wait(lambda: words[S.W_REP_SEQ] == seq, "slot reply")
+            replies = read_frames_from(words_map[S.SLOT_REP_OFF:S.SLOT_REP_OFF + words[S.W_REP_LEN]])
+            assert [t for t, _ in replies] == [P.MsgType.OK, P.MsgType.ERROR]
+            before = len(raw.fds)
+            assert raw.recv()[0] == P.MsgType.DOORBELL  # the descriptors travel with it
+            sent = raw.fds[before:]
+            assert sent and all(os.fstat(fd).st_size > 0 for fd in sent)
+        finally:
+            words.release()
+            words_map.close()
+        raw.close()
+        d.wait_for(lambda s: not any(c["role"] == "CONTEXT" for c in s["clients"]))
+    finally:
+        d.stop()

@@ -217,6 +217,7 @@ class ConnectionIO(ServerParts):
         t0 = _clock_ns()
         conn.requests += 1
         handler = conn.handlers.get(msg_type)
+        held = len(self._reply_fds)  # earlier requests' descriptors, due to go with their replies
         try:
             if handler is None:
                 if conn.state == HANDSHAKE:
@@ -227,9 +228,9 @@ class ConnectionIO(ServerParts):
             reply = handler(conn, body)
             reply_type = _REPLY_TYPE.get(msg_type, _OK)
         except Exception as exc:
-            for fd in self._reply_fds:  # none in practice: descriptors are taken last
+            for fd in self._reply_fds[held:]:  # none in practice: descriptors are taken last
                 os.close(fd)
-            self._reply_fds.clear()
+            del self._reply_fds[held:]
             if conn.state == HANDSHAKE:
                 self._drop_slot(conn)
                 conn.state = CLOSING
