@@ -70,6 +70,7 @@ def test_rpc_memory_counts_against_the_byte_quota(tmp_path):
             ctx = client.open_context("greedy")
             store = ctx.open_session(StorageApp.UUID, [Value(3 * MiB)])
             assert _quota(d, "greedy")["rpc_bytes"] == 3 * MiB
+            assert _quota(d, "greedy")["process_pinned_bytes"] == 3 * MiB
             with pytest.raises(OutOfMemory, match=r"3145728 RPC.*max_bytes_per_client"):
                 ctx.alloc_user_buf(2 * MiB)
             with pytest.raises(TeeError) as refused:  # the app's RPC SHM_ALLOC is refused
@@ -77,6 +78,7 @@ def test_rpc_memory_counts_against_the_byte_quota(tmp_path):
             assert refused.value.code == TEE_ERROR_OUT_OF_MEMORY
             assert d.stats()["resources"]["rpc_bytes"] == 3 * MiB
             shm = ctx.alloc_user_buf(MiB)  # what is left of the quota
+            assert _quota(d, "greedy")["process_pinned_bytes"] == 4 * MiB
             store.close()
             again = ctx.open_session(StorageApp.UUID, [Value(2 * MiB)])
             assert _quota(d, "greedy")["rpc_bytes"] == 2 * MiB

@@ -186,9 +186,8 @@ class Handlers(ServerParts):
         if held >= self._max_shms:
             raise P.LimitExceeded(f"client holds {held} shms, the daemon's limit "
                                   "(max_shms_per_client)")
-        limit = self._max_bytes
         pinned = conn.pinned
-        if limit and self._pinned_bytes(pinned) + size > limit:
+        if self._over_limit(pinned, size):
             self._over_quota(pinned, f"allocating {size} bytes", size)
         shm = fns[kind](size)
         conn.pool_bytes += shm.size
@@ -196,10 +195,27 @@ class Handlers(ServerParts):
         conn.alloc_sizes[shm.cookie] = shm.size
         return self._describe(conn, shm, fresh=True)
 
+    def _over_limit(self, pinned: Pinned, size: int) -> bool:
+        """Whether ``size`` more bytes take a client over its byte quota.
+
+        The client's RPC memory is looked up (a walk over the connections) only
+        when all the RPC memory the secure world holds could make the difference;
+        the common case costs two additions and a sum over the live RPC buffers.
+        """
+        limit = self._max_bytes
+        if not limit:
+            return False
+        held = pinned.allocated + pinned.registered + size
+        if held > limit:
+            return True
+        rpc_shms = self.system.tee.rpc_shms
+        if not rpc_shms or held + sum(m.capacity for m in rpc_shms.values() if not m.freed) <= limit:
+            return False
+        return held + rpc_bytes_of(self.connections.values(), self.system.tee, pinned.pid) > limit
+
     def _pinned_bytes(self, pinned: Pinned) -> int:
         """What a client pins against its byte quota: allocated and registered bytes,
-        and the RPC memory trusted apps hold for its sessions (looked up only while
-        some is held: rare)."""
+        and the RPC memory trusted apps hold for its sessions."""
         held = pinned.allocated + pinned.registered
         if self.system.tee.rpc_shms:
             held += rpc_bytes_of(self.connections.values(), self.system.tee, pinned.pid)
@@ -239,7 +255,7 @@ class Handlers(ServerParts):
                                       "(max_shms_per_client)")
             pinned = page_span(offset, length)
             held = conn.pinned
-            if self._max_bytes and self._pinned_bytes(held) + pinned > self._max_bytes:
+            if self._over_limit(held, pinned):
                 self._over_quota(held, f"registering {pinned} bytes of pages", pinned)
             if cannot_shrink(fd):  # sealed by the client: the System may map it, zero-copy
                 shm = conn.register_fns[kind](fd, offset, length)

@@ -53,6 +53,11 @@ def stats_document(server: Any) -> dict[str, Any]:
     settings = server.settings
     # RPC memory trusted apps hold, by secure-world session (charged to the client's byte quota)
     rpc_by_session = rpc_bytes_by_session(system.tee)
+    rpc_of_conn = {conn: sum(rpc_by_session.get(sid, 0) for sid in conn.context.sessions)
+                   for conn in server.connections.values() if conn.context is not None}
+    rpc_by_pid: dict[int, int] = {}
+    for conn, rpc in rpc_of_conn.items():
+        rpc_by_pid[conn.pid] = rpc_by_pid.get(conn.pid, 0) + rpc
     clients = []
     for conn in sorted(server.connections.values(), key=lambda c: c.serial):
         entry: dict[str, Any] = {"serial": conn.serial, "name": conn.name, "pid": conn.pid,
@@ -75,12 +80,13 @@ def stats_document(server: Any) -> dict[str, Any]:
                                 "allocated_bytes": conn.pool_bytes,
                                 "registered_bytes": conn.registered_bytes,
                                 "process_pinned_bytes": (conn.pinned.allocated + conn.pinned.registered
+                                                         + rpc_by_pid.get(conn.pid, 0)
                                                          if conn.pinned is not None else 0),
                                 "max_bytes": server.bytes_quota,
                                 "shms": usage["shms"], "max_shms": settings.max_shms_per_client,
                                 "sessions": usage["sessions"],
                                 "max_sessions": settings.max_sessions_per_client,
-                                "rpc_bytes": sum(rpc_by_session.get(sid, 0) for sid in ctx.sessions)})
+                                "rpc_bytes": rpc_of_conn[conn]})
         if conn.batch is not None:
             entry["batch_ops_left"] = len(conn.batch.frames) - conn.batch.next
         clients.append(entry)
