@@ -25,6 +25,7 @@ from .errors import ConfigError
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+TiB = 1 << 40
 
 #: Upper bound on dynamic RAM (the frame allocator's tables scale with it).
 MAX_DYNAMIC_SIZE = 64 * GiB
@@ -32,7 +33,7 @@ MAX_STATIC_SIZE = 1 * GiB
 MAX_PA = 1 << 48
 
 _UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
-          "g": GiB, "gb": GiB, "gib": GiB}
+          "g": GiB, "gb": GiB, "gib": GiB, "t": TiB, "tb": TiB, "tib": TiB}
 
 
 def parse_size(value: Any, name: str = "size") -> int:
@@ -48,7 +49,8 @@ def parse_size(value: Any, name: str = "size") -> int:
         match = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", text)
         if match and match.group(2).lower() in _UNITS:
             return int(match.group(1)) * _UNITS[match.group(2).lower()]
-    raise ConfigError(f"{name}: cannot read {value!r} as a size (examples: 4096, '16MiB', '0x1000')")
+    raise ConfigError(f"{name}: cannot read {value!r} as a size (examples: 4096, '16MiB', '0x1000'; "
+                      "units B, KiB, MiB, GiB, TiB, powers of 1024)")
 
 
 @dataclass(frozen=True)

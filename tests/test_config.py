@@ -63,7 +63,8 @@ def test_missing_file():
 
 
 @pytest.mark.parametrize("text,value", [("4096", 4096), ("16MiB", 16 << 20), ("4k", 4096),
-                                         ("0x1000", 4096), ("1 GiB", 1 << 30), (8192, 8192)])
+                                         ("0x1000", 4096), ("1 GiB", 1 << 30), (8192, 8192),
+                                         ("64TiB", 64 << 40), ("2t", 2 << 40), ("1_024 KiB", 1 << 20)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
