@@ -36,7 +36,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.long cimport PyLong_FromUnsignedLongLong, PyLong_FromLongLong
 from cpython.dict cimport PyDict_GetItem, PyDict_DelItem, PyDict_SetItem
-from cpython.ref cimport PyObject
+from cpython.ref cimport Py_DECREF
 from libc.string cimport memcpy, memset
 
 import struct as _struct
@@ -67,21 +67,56 @@ cdef object _fp_check_ret = None        # poolsvc.tee.driver.check_ret
 cdef object _fp_tee_error = None        # poolsvc.errors.TeeError
 cdef object _fp_limit_error = None      # poolsvc.service.protocol.LimitExceeded
 cdef object _fp_kinds_text = None       # "0 (USER), 1 (KERNEL), 2 (PRIV)"
-cdef object _fp_closed_kept = PyBytes_FromStringAndSize(b"\0\0\0\0\0\0\0\0", 8)
+cdef fp_shm_slots _fp_slots
 cdef object _fp_closed_freed = PyBytes_FromStringAndSize(b"\x01\0\0\0\0\0\0\0", 8)
 cdef object _fp_no_id = -1
+cdef object _fp_one = 1
+cdef object _fp_zero = 0
 cdef object _fp_views_none = ()
+
+cdef object _fp_member_descriptor = None   # types.MemberDescriptorType
+
+cdef enum:
+    FP_T_OBJECT_EX = 16             # PyMemberDef.type of a __slots__ entry
+
+
+cdef Py_ssize_t _fp_slot(object cls, str name) except -1:
+    """The offset of ``cls``'s object slot ``name`` (InternalError if it has none)."""
+    descr = getattr(cls, name, None)
+    if type(descr) is not _fp_member_descriptor or \
+            (<PyMemberDescrObject *><PyObject *>descr).d_member.type != FP_T_OBJECT_EX:
+        raise InternalError(f"{cls.__name__}.{name} is not a __slots__ attribute")
+    return (<PyMemberDescrObject *><PyObject *>descr).d_member.offset
 
 
 cdef int _fp_bind() except -1:
     global _fp_shm_type, _fp_static_run, _fp_static_backing, _fp_check_ret, _fp_tee_error
-    global _fp_limit_error, _fp_kinds_text
+    global _fp_limit_error, _fp_kinds_text, _fp_member_descriptor
     if _fp_shm_type is not None:
         return 0
+    import types
     from poolsvc.errors import TeeError
     from poolsvc.service.protocol import AllocKind, LimitExceeded
     from poolsvc.shm import Shm, StaticBacking, StaticRun
     from poolsvc.tee.driver import check_ret
+    _fp_member_descriptor = types.MemberDescriptorType
+    _fp_slots.context = _fp_slot(Shm, "context")
+    _fp_slots.id = _fp_slot(Shm, "id")
+    _fp_slots.size = _fp_slot(Shm, "size")
+    _fp_slots.offset = _fp_slot(Shm, "offset")
+    _fp_slots.flags = _fp_slot(Shm, "flags")
+    _fp_slots.pages = _fp_slot(Shm, "_pages")
+    _fp_slots.run = _fp_slot(Shm, "_run")
+    _fp_slots.paddr = _fp_slot(Shm, "paddr")
+    _fp_slots.cookie = _fp_slot(Shm, "cookie")
+    _fp_slots.registered = _fp_slot(Shm, "registered")
+    _fp_slots.refs = _fp_slot(Shm, "_refs")
+    _fp_slots.backing = _fp_slot(Shm, "_backing")
+    _fp_slots.views = _fp_slot(Shm, "_views")
+    _fp_slots.run_pa = _fp_slot(StaticRun, "pa")
+    _fp_slots.run_npages = _fp_slot(StaticRun, "npages")
+    _fp_slots.run_segment = _fp_slot(StaticRun, "segment")
+    _fp_slots.run_index = _fp_slot(StaticRun, "index")
     _fp_static_run = StaticRun
     _fp_static_backing = StaticBacking
     _fp_check_ret = check_ret
@@ -112,46 +147,44 @@ cdef Py_ssize_t _fp_body(object body, char *out, Py_ssize_t want) except -1:
     return n
 
 
-cdef object _fp_new_shm(object context, object flags, int64_t size, int64_t offset, object cookie,
-                        object backing, int64_t first_pa, int64_t npages):
-    """``Shm.__init__`` of a contiguous buffer (``run`` given), by attribute stores."""
-    cdef object shm = object.__new__(_fp_shm_type)
-    shm.context = context
-    shm.id = _fp_no_id
-    shm.flags = flags
-    shm.size = size
-    shm.offset = offset
-    shm.cookie = cookie
-    shm.registered = False
-    shm._refs = 1
-    shm._backing = backing
-    shm._views = _fp_views_none
-    shm._pages = None
-    shm._run = (first_pa, npages)
-    shm.paddr = first_pa + offset
+cdef object _fp_new_shm(object context, object flags, object cookie, object backing, fp_desc *d):
+    """``Shm.__init__`` of a contiguous buffer (``run`` given), by C-level slot stores."""
+    cdef object shm = <object>PyType_GenericAlloc(<PyTypeObject *>_fp_shm_type, 0)
+    Py_DECREF(shm)      # the allocation's own reference: the one ``shm`` holds stays
+    fp_store(shm, _fp_slots.context, context)
+    fp_store(shm, _fp_slots.id, _fp_no_id)
+    fp_store(shm, _fp_slots.flags, flags)
+    fp_store(shm, _fp_slots.size, PyLong_FromLongLong(d.size))
+    fp_store(shm, _fp_slots.offset, PyLong_FromLongLong(d.offset))
+    fp_store(shm, _fp_slots.cookie, cookie)
+    fp_store(shm, _fp_slots.registered, False)
+    fp_store(shm, _fp_slots.refs, _fp_one)
+    fp_store(shm, _fp_slots.backing, backing)
+    fp_store(shm, _fp_slots.views, _fp_views_none)
+    fp_store(shm, _fp_slots.pages, None)
+    fp_store(shm, _fp_slots.run, (PyLong_FromLongLong(d.first_pa), PyLong_FromLongLong(d.npages)))
+    fp_store(shm, _fp_slots.paddr, PyLong_FromLongLong(d.first_pa + d.offset))
     return shm
 
 
-cdef bytes _fp_desc(object cookie, object shm_id, int64_t size, int64_t first_pa, int64_t paddr,
-                    int64_t seg_offset, int64_t offset, int64_t npages, unsigned int token,
-                    int flags, int backing, int bits):
+cdef bytes _fp_desc_body(object cookie, const fp_desc *d, unsigned int token):
     """The DESC body of a contiguous buffer with no new segment (provider.describe's fast case)."""
     cdef bytes out = PyBytes_FromStringAndSize(NULL, FP_DESC_SIZE)
-    cdef char *d = PyBytes_AS_STRING(out)
-    psv_store_le64(d, <unsigned long long>cookie)
-    psv_store_le64(d + 8, <unsigned long long><long long>shm_id)
-    psv_store_le64(d + 16, <unsigned long long>size)
-    psv_store_le64(d + 24, <unsigned long long>first_pa)
-    psv_store_le64(d + 32, <unsigned long long>paddr)
-    psv_store_le64(d + 40, <unsigned long long>seg_offset)
-    psv_store_le64(d + 48, 0)
-    psv_store_le32(d + 56, <unsigned int>offset)
-    psv_store_le32(d + 60, <unsigned int>npages)
-    psv_store_le32(d + 64, token)
-    d[68] = <char>(flags & 0xFF)
-    d[69] = <char>((flags >> 8) & 0xFF)
-    d[70] = <char>backing
-    d[71] = <char>bits
+    cdef char *b = PyBytes_AS_STRING(out)
+    psv_store_le64(b, <unsigned long long>cookie)
+    psv_store_le64(b + 8, <unsigned long long>d.shm_id)
+    psv_store_le64(b + 16, <unsigned long long>d.size)
+    psv_store_le64(b + 24, <unsigned long long>d.first_pa)
+    psv_store_le64(b + 32, <unsigned long long>(d.first_pa + d.offset))
+    psv_store_le64(b + 40, <unsigned long long>d.seg_offset)
+    psv_store_le64(b + 48, 0)
+    psv_store_le32(b + 56, <unsigned int>d.offset)
+    psv_store_le32(b + 60, <unsigned int>d.npages)
+    psv_store_le32(b + 64, token)
+    b[68] = <char>(d.flags & 0xFF)
+    b[69] = <char>((d.flags >> 8) & 0xFF)
+    b[70] = <char>d.backing
+    b[71] = <char>d.bits
     return out
 
 
@@ -202,6 +235,9 @@ cdef class ShmRequests:
         self.flags_dynamic_i = int(POOL_DYNAMIC)
         self.flags_static_i = int(POOL_STATIC)
         self.flags_priv_i = int(POOL_PRIV)
+        self.pool_bytes_slot = _fp_slot(type(conn), "pool_bytes")
+        self.allocated_slot = _fp_slot(type(self.pinned), "allocated")
+        self.registered_slot = _fp_slot(type(self.pinned), "registered")
 
     # -- admission -------------------------------------------------------------------
 
@@ -222,7 +258,8 @@ cdef class ShmRequests:
         if self.max_bytes == 0:
             return 0
         pinned = self.pinned
-        pinned_now = <int64_t>pinned.allocated + <int64_t>pinned.registered
+        pinned_now = <int64_t><object>fp_load(pinned, self.allocated_slot) + \
+            <int64_t><object>fp_load(pinned, self.registered_slot)
         over = nbytes > self.max_bytes - pinned_now
         if not over and self.entry.rpc_cookies:
             over = server._rpc_over_limit(pinned, pinned_now + nbytes)
@@ -245,7 +282,9 @@ cdef class ShmRequests:
         cdef char buf[FP_ALLOC_SIZE]
         cdef unsigned int kind
         cdef int64_t size
-        cdef object shm
+        cdef object shm, nbytes, cookie, backing, segment
+        cdef fp_desc desc
+        cdef PyObject *token
         memset(buf, 0, FP_ALLOC_SIZE)
         if _fp_body(body, buf, FP_ALLOC_SIZE) != FP_ALLOC_SIZE:
             _fp_unpack_alloc(body)      # raises struct.error
@@ -256,18 +295,35 @@ cdef class ShmRequests:
         self.admit_bytes(server, size, None)
         if size <= 0 or self.context.closed or self.system._closed:
             shm = self.alloc_fns[kind](size)    # raises as the API does
-        elif self.dynamic_pool:
-            shm = self.take_dynamic(kind, size)
+            self.account(conn, shm.cookie, shm.size)
+            return server._describe(conn, shm, True)
+        if self.dynamic_pool:
+            shm = self.take_dynamic(kind, size, &desc)
         else:
-            shm = self.take_static(kind, size)
-        nbytes = shm.size
-        conn.pool_bytes += nbytes
-        pinned = self.pinned
-        pinned.allocated += nbytes
-        self.alloc_sizes[shm.cookie] = nbytes
-        return self.describe(server, conn, shm)
+            shm = self.take_static(kind, size, &desc)
+        cookie = <object>fp_load(shm, _fp_slots.cookie)
+        nbytes = <object>fp_load(shm, _fp_slots.size)
+        self.account(conn, cookie, nbytes)
+        backing = <object>fp_load(shm, _fp_slots.backing)
+        if type(backing) is ArenaRun:
+            segment = (<ArenaRun>backing).segment
+        elif type(backing) is _fp_static_run:
+            segment = <object>fp_load(backing, _fp_slots.run_segment)
+        else:                   # the carve-out's own storage: nothing to map
+            return _fp_desc_body(cookie, &desc, 0)
+        token = PyDict_GetItem(self.token_of, segment.storage)
+        if token == NULL:       # a segment the client has not mapped: its descriptor goes too
+            return server._describe(conn, shm, True)
+        return _fp_desc_body(cookie, &desc, <unsigned int><object>token)
 
-    cdef object take_dynamic(self, unsigned int kind, int64_t size):
+    cdef int account(self, object conn, object cookie, object nbytes) except -1:
+        """The daemon's accounting of a new allocation (``Handlers._close_shm`` undoes it)."""
+        fp_store(conn, self.pool_bytes_slot, <object>fp_load(conn, self.pool_bytes_slot) + nbytes)
+        fp_store(self.pinned, self.allocated_slot, <object>fp_load(self.pinned, self.allocated_slot) + nbytes)
+        PyDict_SetItem(self.alloc_sizes, cookie, nbytes)
+        return 0
+
+    cdef object take_dynamic(self, unsigned int kind, int64_t size, fp_desc *desc):
         """Context._adopt of Pools.alloc_dynamic: id reserved first, run, Shm,
         REGISTER_SHM unless PRIV, then the id's object and the context's table."""
         cdef bint with_id = kind == FP_KIND_USER
@@ -281,21 +337,30 @@ cdef class ShmRequests:
                 found = self.arena.take(npages)
             run = <ArenaRun?>found
             cookie = next(self.cookies)
-            shm = _fp_new_shm(self.context, self.flags_priv if priv else self.flags_dynamic,
-                              npages << PSV_PAGE_SHIFT, 0, cookie, run, run.pa, npages)
+            desc.shm_id = shm_id
+            desc.size = npages << PSV_PAGE_SHIFT
+            desc.first_pa = run.pa
+            desc.offset = 0
+            desc.seg_offset = run.index << PSV_PAGE_SHIFT
+            desc.npages = npages
+            desc.flags = self.flags_priv_i if priv else self.flags_dynamic_i
+            desc.backing = FP_BACKING_ARENA
+            desc.bits = FP_BITS_CONTIGUOUS
+            shm = _fp_new_shm(self.context, self.flags_priv if priv else self.flags_dynamic, cookie, run, desc)
             if not priv:
                 try:
                     self.register_run(run.pa, npages, cookie)
                 except BaseException:
                     self.arena.give(run)
                     raise
-                shm.registered = True
+                fp_store(shm, _fp_slots.registered, True)
+                desc.bits = FP_BITS_REGISTERED | FP_BITS_CONTIGUOUS
         except BaseException:
             if with_id:
                 self.ids.remove(shm_id)
             raise
         if with_id:
-            shm.id = shm_id
+            fp_store(shm, _fp_slots.id, shm_id)
             self.ids.replace(shm_id, shm)
         PyDict_SetItem(self.shms, cookie, shm)
         return shm
@@ -316,17 +381,20 @@ cdef class ShmRequests:
         self.driver.last_register_seconds = smc.elapsed
         return 0
 
-    cdef object take_static(self, unsigned int kind, int64_t size):
+    cdef object take_static(self, unsigned int kind, int64_t size, fp_desc *desc):
         """Context._adopt of Pools.alloc_static (the Shm is never registered)."""
         cdef bint with_id = kind == FP_KIND_USER
         cdef bint priv = kind == FP_KIND_PRIV
         cdef RangeAllocator static = self.static
         cdef object shm_id = self.ids.alloc(None) if with_id else _fp_no_id
-        cdef int64_t pa, length, offset, npages
+        cdef int64_t pa, length, offset, npages, index
         try:
             pa = static.alloc(size, FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE)
             length = static.allocation_at(pa)[1]
-            if priv:
+            desc.shm_id = shm_id
+            desc.size = length
+            desc.bits = FP_BITS_CONTIGUOUS
+            if priv:    # a range of the carve-out's own storage (StaticBacking)
                 offset = pa & PSV_PAGE_MASK
                 npages = (offset + length + PSV_PAGE_MASK) >> PSV_PAGE_SHIFT
                 backing = object.__new__(_fp_static_backing)
@@ -334,9 +402,14 @@ cdef class ShmRequests:
                 backing.length = length
                 backing.start = pa - self.static_base
                 backing.carveout = self.carveout
-                shm = _fp_new_shm(self.context, self.flags_priv, length, offset, next(self.cookies),
-                                  backing, pa - offset, npages)
-            else:
+                desc.first_pa = pa - offset
+                desc.offset = offset
+                desc.seg_offset = 0
+                desc.npages = npages
+                desc.flags = self.flags_priv_i
+                desc.backing = FP_BACKING_STATIC
+                shm = _fp_new_shm(self.context, self.flags_priv, next(self.cookies), backing, desc)
+            else:       # arena pages lent to the carve-out frames (StaticRun)
                 npages = length >> PSV_PAGE_SHIFT
                 try:
                     found = self.pages.alloc(npages)
@@ -345,69 +418,39 @@ cdef class ShmRequests:
                 except BaseException:
                     static.free(pa)
                     raise
-                segment, index = found
+                seg, index = found
                 try:
                     self.table.unmap_range(pa, npages)
                     try:
-                        self.table.map_range(pa, npages, segment.sid, index)
+                        self.table.map_range(pa, npages, seg.sid, index)
                     except BaseException:
                         self.pools._take_back(pa, npages, False)
                         raise
                 except BaseException:
-                    self.arena.free(segment, index, npages)
+                    self.arena.free(seg, index, npages)
                     static.free(pa)
                     raise
                 backing = object.__new__(_fp_static_run)
-                backing.pa = pa
-                backing.npages = npages
-                backing.segment = segment
-                backing.index = index
-                shm = _fp_new_shm(self.context, self.flags_static, length, 0, next(self.cookies), backing,
-                                  pa, npages)
+                fp_store(backing, _fp_slots.run_pa, pa)
+                fp_store(backing, _fp_slots.run_npages, npages)
+                fp_store(backing, _fp_slots.run_segment, seg)
+                fp_store(backing, _fp_slots.run_index, index)
+                desc.first_pa = pa
+                desc.offset = 0
+                desc.seg_offset = index << PSV_PAGE_SHIFT
+                desc.npages = npages
+                desc.flags = self.flags_static_i
+                desc.backing = FP_BACKING_ARENA
+                shm = _fp_new_shm(self.context, self.flags_static, next(self.cookies), backing, desc)
         except BaseException:
             if with_id:
                 self.ids.remove(shm_id)
             raise
         if with_id:
-            shm.id = shm_id
+            fp_store(shm, _fp_slots.id, shm_id)
             self.ids.replace(shm_id, shm)
-        PyDict_SetItem(self.shms, shm.cookie, shm)
+        PyDict_SetItem(self.shms, <object>fp_load(shm, _fp_slots.cookie), shm)
         return shm
-
-    cdef bytes describe(self, object server, object conn, object shm):
-        """The DESC body of a fresh pool shm: built here for a buffer in a segment the
-        client maps (or in the carve-out), else by ``server._describe`` (which sends
-        the segment's descriptor, or closes the shm when it fails)."""
-        cdef object backing = shm._backing
-        cdef object run = shm._run
-        cdef int64_t offset = shm.offset
-        cdef int flags = self.flags_priv_i
-        cdef object token
-        cdef PyObject *found
-        flags_obj = shm.flags
-        if flags_obj is self.flags_dynamic:
-            flags = self.flags_dynamic_i
-        elif flags_obj is self.flags_static:
-            flags = self.flags_static_i
-        elif flags_obj is not self.flags_priv:
-            flags = int(flags_obj)
-        if type(backing) is ArenaRun:
-            segment = (<ArenaRun>backing).segment
-            seg_offset = (<ArenaRun>backing).index * PSV_PAGE_SIZE + offset
-        elif type(backing) is _fp_static_run:
-            segment = backing.segment
-            seg_offset = <int64_t>backing.index * PSV_PAGE_SIZE + offset
-        else:
-            return _fp_desc(shm.cookie, shm.id, shm.size, run[0], shm.paddr, 0, offset, run[1], 0,
-                            flags, FP_BACKING_STATIC,
-                            (FP_BITS_REGISTERED | FP_BITS_CONTIGUOUS) if shm.registered else FP_BITS_CONTIGUOUS)
-        found = PyDict_GetItem(self.token_of, segment.storage)
-        if found == NULL:
-            return server._describe(conn, shm, True)
-        token = <object>found
-        return _fp_desc(shm.cookie, shm.id, shm.size, run[0], shm.paddr, seg_offset, offset, run[1],
-                        token, flags, FP_BACKING_ARENA,
-                        (FP_BITS_REGISTERED | FP_BITS_CONTIGUOUS) if shm.registered else FP_BITS_CONTIGUOUS)
 
     # -- SHM_CLOSE ---------------------------------------------------------------------
 
@@ -422,7 +465,8 @@ cdef class ShmRequests:
     cdef bytes serve_close(self, object server, object conn, object body):
         cdef char buf[FP_COOKIE_SIZE]
         cdef PyObject *found
-        cdef object shm, backing, cookie
+        cdef PyObject *views
+        cdef object shm, backing, cookie, segment, nbytes
         cdef int64_t pa, npages
         cdef bytes reply
         cdef tuple answer
@@ -435,18 +479,21 @@ cdef class ShmRequests:
         if found == NULL:
             raise ItemNotFound(f"no shm with cookie {cookie:#x} in this client's context")
         shm = <object>found
-        if type(shm) is not _fp_shm_type or shm._refs != 1 or shm._views or (
-                self.registered and cookie in self.registered):
+        if type(shm) is not _fp_shm_type:
             return server._close_shm(conn, shm)
-        backing = shm._backing
-        if type(backing) is not ArenaRun and type(backing) is not _fp_static_run:
+        views = fp_load(shm, _fp_slots.views)
+        backing = <object>fp_load(shm, _fp_slots.backing)
+        if <object>fp_load(shm, _fp_slots.refs) is not _fp_one or views == NULL or <object>views or \
+                (type(backing) is not ArenaRun and type(backing) is not _fp_static_run) or \
+                (self.registered and cookie in self.registered):
+            # shared (shm_from_id), viewed, registered by the client, or a private static buffer
             return server._close_shm(conn, shm)
         # Shm.close: the last reference
-        shm._refs = 0
+        fp_store(shm, _fp_slots.refs, _fp_zero)
         PyDict_DelItem(self.shms, cookie)
         # System.release: unregister, memory back to the pool, the id
-        if shm.registered:
-            shm.registered = False
+        if <object>fp_load(shm, _fp_slots.registered) is True:
+            fp_store(shm, _fp_slots.registered, False)
             smc = self.smc
             if smc is None:
                 try:
@@ -465,23 +512,23 @@ cdef class ShmRequests:
                 self.arena.drop_spare()
             segment = (<ArenaRun>backing).segment
         else:   # Pools.free_static of a StaticRun
-            pa = backing.pa
-            npages = backing.npages
-            segment = backing.segment
+            pa = <object>fp_load(backing, _fp_slots.run_pa)
+            npages = <object>fp_load(backing, _fp_slots.run_npages)
+            segment = <object>fp_load(backing, _fp_slots.run_segment)
             self.table.unmap_range(pa, npages)
             self.table.map_range(pa, npages, self.carveout_sid, (pa - self.static_base) >> PSV_PAGE_SHIFT)
-            if self.pages.free(segment, backing.index, npages) > 1:
+            if self.pages.free(segment, <object>fp_load(backing, _fp_slots.run_index), npages) > 1:
                 self.arena.drop_spare()
             self.static.free(pa)
-        shm_id = shm.id
+        shm_id = <object>fp_load(shm, _fp_slots.id)
         if shm_id > 0:
             self.ids.remove(shm_id)
         # the daemon's accounting (Handlers._close_shm)
         if self.alloc_sizes:
-            nbytes = self.alloc_sizes.pop(cookie, 0)
-            conn.pool_bytes -= nbytes
-            pinned = self.pinned
-            pinned.allocated -= nbytes
+            nbytes = self.alloc_sizes.pop(cookie, _fp_zero)
+            fp_store(conn, self.pool_bytes_slot, <object>fp_load(conn, self.pool_bytes_slot) - nbytes)
+            fp_store(self.pinned, self.allocated_slot,
+                     <object>fp_load(self.pinned, self.allocated_slot) - nbytes)
         storage = segment.storage
         if storage.fd >= 0:
             return _fp_closed_freed
