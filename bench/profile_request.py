@@ -381,6 +381,8 @@ class InProcessDaemon:
             self.slot.publish(frames)
             t0 = clock()
             srv._serve_slot(conn)
+            while conn.batch is not None:  # a BATCH longer than a slice: the loop's turns
+                srv._run_batch_slice(conn)
             ns = clock() - t0
             reply = self.slot.reply()
             peer.drain()
