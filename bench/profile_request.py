@@ -1042,8 +1042,9 @@ def render(doc: dict[str, Any], command: str) -> list[str]:
         out += [f"## {title}: inside the ALLOC and SHM_CLOSE handlers (cProfile)", "",
                 "Functions with the most own time over ALLOC + SHM_CLOSE handler pairs (the two handler "
                 "rows above), as shares of the profiled time.  The handlers are the compiled kernel "
-                "(ext/fastpath.pyx): each is one built-in call; a Python function appears only when a "
-                "rare path (arena growth, a new segment's descriptor) calls back into Python.", "",
+                "(ext/fastpath.pyx), which cProfile does not see: what it lists is the profiling loop's "
+                "own calls, and a Python function would appear only when a rare path (arena growth, a "
+                "new segment's descriptor) called back into Python.", "",
                 "| function | share of own time | calls per pair |", "|---|---:|---:|"]
         out += [f"| `{h['function']}` | {100 * h['share']:.1f}% | {h['calls_per_pair']:.2f} |" for h in hot]
         out.append("")
