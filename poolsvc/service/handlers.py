@@ -6,11 +6,19 @@ that becomes an ERROR reply (see :mod:`.transport`).  Descriptors a reply
 carries are appended to ``_reply_fds`` last, once nothing can fail.  The
 handlers of sessions with trusted apps are in :mod:`.sessions`.
 
-Per-client bounds checked here: CONTEXT and MONITOR connections
-(``max_clients``, ``max_monitors``, at HELLO), live shms
+ALLOC and SHM_CLOSE are served by the connection's ``core.ShmRequests``
+(compiled: ext/fastpath.pyx; its twin poolsvc/_pure/fastpath.py), made at
+HELLO: ``_op_alloc`` and ``_op_shm_close`` are its module functions, and it
+calls back into :meth:`Handlers._describe`, :meth:`Handlers._close_shm`,
+:meth:`Handlers._over_quota` and :meth:`Handlers._rpc_over_limit` for its
+rare paths.
+
+Per-client bounds: CONTEXT and MONITOR connections (``max_clients``,
+``max_monitors``, checked here at HELLO), live shms
 (``max_shms_per_client``) and pinned bytes (``max_bytes_per_client``: pool
-memory allocated plus pages registered).  Each refusal is a LIMIT error that
-names the setting.
+memory allocated plus pages registered), both checked by
+``ShmRequests.admit`` for ALLOC and REGISTER.  Each refusal is a LIMIT error
+that names the setting.
 
 A BATCH on the socket with more than ``batch_slice`` requests is served in
 slices: :meth:`Handlers._start_batch` checks the whole body (a malformed
