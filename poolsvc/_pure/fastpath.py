@@ -87,7 +87,7 @@ class ShmRequests:
         conn.pool_bytes += shm.size
         self.pinned.allocated += shm.size
         self.alloc_sizes[shm.cookie] = shm.size
-        return server._describe(conn, shm, True)  # type: ignore[no-any-return]
+        return server._describe(conn, shm, True)
 
     def close(self, server: Any, conn: Any, body: Any) -> bytes:
         """Serve SHM_CLOSE ``body`` (cookie u64): the CLOSED reply body."""
@@ -95,17 +95,17 @@ class ShmRequests:
         shm = self.context.shms.get(cookie)
         if shm is None:
             raise ItemNotFound(f"no shm with cookie {cookie:#x} in this client's context")
-        return server._close_shm(conn, shm)  # type: ignore[no-any-return]
+        return server._close_shm(conn, shm)
 
 
 def serve_alloc(server: Any, conn: Any, body: Any) -> bytes:
     """The daemon's ALLOC handler: ``conn.shm_requests.alloc(server, conn, body)``."""
-    return conn.shm_requests.alloc(server, conn, body)  # type: ignore[no-any-return]
+    return conn.shm_requests.alloc(server, conn, body)
 
 
 def serve_shm_close(server: Any, conn: Any, body: Any) -> bytes:
     """The daemon's SHM_CLOSE handler: ``conn.shm_requests.close(server, conn, body)``."""
-    return conn.shm_requests.close(server, conn, body)  # type: ignore[no-any-return]
+    return conn.shm_requests.close(server, conn, body)
 
 
 __all__ = ["ShmRequests", "serve_alloc", "serve_shm_close"]
