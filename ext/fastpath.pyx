@@ -293,8 +293,9 @@ cdef class ShmRequests:
         if kind >= <unsigned int>len(self.alloc_fns):
             raise BadParameters(f"allocation kind {kind} is not one of {_fp_kinds_text}")
         self.admit_bytes(server, size, None)
-        if size <= 0 or self.context.closed or self.system._closed:
-            shm = self.alloc_fns[kind](size)    # raises as the API does
+        if size <= 0 or self.context.closed or self.system._closed or \
+                (not self.dynamic_pool and self.static is None):
+            shm = self.alloc_fns[kind](size)    # raises as the API does (no pool: its assertion)
             self.account(conn, shm.cookie, shm.size)
             return server._describe(conn, shm, True)
         if self.dynamic_pool:
@@ -329,10 +330,11 @@ cdef class ShmRequests:
         cdef bint with_id = kind == FP_KIND_USER
         cdef bint priv = kind == FP_KIND_PRIV
         cdef int64_t npages = (size + PSV_PAGE_MASK) >> PSV_PAGE_SHIFT
-        cdef object shm_id = self.ids.alloc(None) if with_id else _fp_no_id
+        cdef int64_t id_c = self.ids.alloc_id(_IDT_RESERVED) if with_id else -1
+        cdef object shm_id = PyLong_FromLongLong(id_c)
         cdef ArenaRun run
         try:
-            found = self.pages.take(npages)
+            found = self.pages.take_run(npages, PyLong_FromLongLong(npages))
             if found is None:       # no segment has room: the Arena grows (policy) and takes
                 found = self.arena.take(npages)
             run = <ArenaRun?>found
@@ -357,11 +359,11 @@ cdef class ShmRequests:
                 desc.bits = FP_BITS_REGISTERED | FP_BITS_CONTIGUOUS
         except BaseException:
             if with_id:
-                self.ids.remove(shm_id)
+                self.ids.remove_id(id_c)
             raise
         if with_id:
             fp_store(shm, _fp_slots.id, shm_id)
-            self.ids.replace(shm_id, shm)
+            self.ids.replace_id(id_c, shm)
         PyDict_SetItem(self.shms, cookie, shm)
         return shm
 
@@ -386,7 +388,8 @@ cdef class ShmRequests:
         cdef bint with_id = kind == FP_KIND_USER
         cdef bint priv = kind == FP_KIND_PRIV
         cdef RangeAllocator static = self.static
-        cdef object shm_id = self.ids.alloc(None) if with_id else _fp_no_id
+        cdef int64_t id_c = self.ids.alloc_id(_IDT_RESERVED) if with_id else -1
+        cdef object shm_id = PyLong_FromLongLong(id_c)
         cdef int64_t pa, length, offset, npages, index
         try:
             pa = static.alloc(size, FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE)
@@ -444,11 +447,11 @@ cdef class ShmRequests:
                 shm = _fp_new_shm(self.context, self.flags_static, next(self.cookies), backing, desc)
         except BaseException:
             if with_id:
-                self.ids.remove(shm_id)
+                self.ids.remove_id(id_c)
             raise
         if with_id:
             fp_store(shm, _fp_slots.id, shm_id)
-            self.ids.replace(shm_id, shm)
+            self.ids.replace_id(id_c, shm)
         PyDict_SetItem(self.shms, <object>fp_load(shm, _fp_slots.cookie), shm)
         return shm
 
@@ -471,6 +474,8 @@ cdef class ShmRequests:
         cdef bytes reply
         cdef tuple answer
         cdef SmcDriver smc
+        cdef bint dropped = False
+        cdef int64_t id_c
         memset(buf, 0, FP_COOKIE_SIZE)
         if _fp_body(body, buf, FP_COOKIE_SIZE) != FP_COOKIE_SIZE:
             _fp_unpack_cookie(body)     # raises struct.error
@@ -501,15 +506,16 @@ cdef class ShmRequests:
                 except _fp_tee_error as exc:
                     self.system.unregister_failed(cookie, exc)
             else:
-                answer = smc.unregister(cookie)
+                answer = smc.unregister_cookie(<uint64_t>cookie)
                 if answer[0] != 0:
                     try:
                         _fp_check_ret(FP_UNREGISTER_CMD, answer[0], answer[1])
                     except _fp_tee_error as exc:
                         self.system.unregister_failed(cookie, exc)
         if type(backing) is ArenaRun:
-            if self.pages.give(backing) > 1:   # its segment emptied, and another is empty too
+            if self.pages.give_run(<ArenaRun>backing) > 1:   # its segment emptied, another is empty too
                 self.arena.drop_spare()
+                dropped = True
             segment = (<ArenaRun>backing).segment
         else:   # Pools.free_static of a StaticRun
             pa = <object>fp_load(backing, _fp_slots.run_pa)
@@ -519,16 +525,23 @@ cdef class ShmRequests:
             self.table.map_range(pa, npages, self.carveout_sid, (pa - self.static_base) >> PSV_PAGE_SHIFT)
             if self.pages.free(segment, <object>fp_load(backing, _fp_slots.run_index), npages) > 1:
                 self.arena.drop_spare()
+                dropped = True
             self.static.free(pa)
         shm_id = <object>fp_load(shm, _fp_slots.id)
         if shm_id > 0:
-            self.ids.remove(shm_id)
+            id_c = shm_id
+            if self.ids.allocated(id_c):
+                self.ids.remove_id(id_c)
+            else:
+                self.ids.remove(shm_id)     # raises ItemNotFound
         # the daemon's accounting (Handlers._close_shm)
         if self.alloc_sizes:
             nbytes = self.alloc_sizes.pop(cookie, _fp_zero)
             fp_store(conn, self.pool_bytes_slot, <object>fp_load(conn, self.pool_bytes_slot) - nbytes)
             fp_store(self.pinned, self.allocated_slot,
                      <object>fp_load(self.pinned, self.allocated_slot) - nbytes)
+        if not dropped:     # the segment lives on (only drop_spare returns one to the OS)
+            return _fp_closed_freed
         storage = segment.storage
         if storage.fd >= 0:
             return _fp_closed_freed
