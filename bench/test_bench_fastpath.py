@@ -1,7 +1,8 @@
 """The daemon's ALLOC + SHM_CLOSE handlers: the compiled kernel (ext/fastpath.pyx)
 against its plain-Python twin (poolsvc/_pure/fastpath.py), in one run.
 
-An in-process daemon (a Server, its System compiled) serves an ALLOC and
+An in-process daemon (bench/profile_request.py's: a Server, its System
+compiled, real connections accepted from its socket) serves an ALLOC and
 the SHM_CLOSE of what it allocated through the handlers the loop calls
 (``Handlers._op_alloc`` / ``_op_shm_close``: the connection's
 ``ShmRequests``), either the compiled one or the twin swapped in.  The
@@ -15,20 +16,18 @@ scepticism: read the ratio, taken within one run.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
-import socket
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from poolsvc import Config
 from poolsvc._backend import BACKEND
 from poolsvc._pure import fastpath as pure
 from poolsvc.service import protocol as P
-from poolsvc.service.server import Server
-from poolsvc.service.settings import ServiceSettings
 
 pytestmark = pytest.mark.skipif(BACKEND != "compiled", reason="compares the compiled kernel with its twin")
 
@@ -36,26 +35,22 @@ pytestmark = pytest.mark.skipif(BACKEND != "compiled", reason="compares the comp
 PAIRS = 256
 
 
-class InProcess:
-    """A Server in this process and one CONTEXT connection accepted from its socket."""
+_SPEC = importlib.util.spec_from_file_location("profile_request", Path(__file__).with_name("profile_request.py"))
+assert _SPEC is not None and _SPEC.loader is not None
+profile = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(profile)
 
-    def __init__(self, path: str, pool: str) -> None:
-        config = Config(dynamic_size=256 << 20, arena_step=4 << 20, dynamic_shm=(pool == "dynamic"),
-                        static_size=32 << 20)
-        self.server = Server(config, ServiceSettings(socket_path=path, log_level="WARNING"))
-        self.server.start()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.connect(path)
-        srv = self.server
-        srv._accept()
-        self.conn = next(c for c in srv.connections.values() if c.serial == srv._serials)
-        self.sock.sendall(P.frame(int(P.MsgType.HELLO), P.HELLO.pack(P.MAGIC, P.VERSION, P.Role.CONTEXT)))
-        srv._on_readable(self.conn)
-        _, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 16)
-        for fd in fds:
-            os.close(fd)
+
+class InProcess:
+    """The request profile's in-process daemon (bench/profile_request.py), its socket
+    connection served by the compiled ``ShmRequests`` or by the twin."""
+
+    def __init__(self, folder: str, pool: str) -> None:
+        self.daemon = profile.InProcessDaemon(pool, folder)
+        self.server = self.daemon.server
+        self.conn = self.daemon.conns["socket"]
         self.compiled_requests = self.conn.shm_requests
-        self.pure_requests = pure.ShmRequests(srv, self.conn)
+        self.pure_requests = pure.ShmRequests(self.server, self.conn)
 
     def pairs(self, backend: str) -> Callable[[], None]:
         """A round: PAIRS ALLOCs of one page (USER), then their SHM_CLOSEs, by ``backend``'s handlers."""
@@ -81,15 +76,12 @@ class InProcess:
 
     def close(self) -> None:
         self.conn.shm_requests = self.compiled_requests
-        self.sock.close()
-        self.server._on_readable(self.conn)
-        self.server.stop()
-        self.server.close()
+        self.daemon.close()
 
 
 @pytest.fixture(scope="module", params=["dynamic", "static"])
 def daemon(request: Any, tmp_path_factory: Any) -> Iterator[InProcess]:
-    d = InProcess(str(tmp_path_factory.mktemp("fastpath") / "d.sock"), request.param)
+    d = InProcess(str(tmp_path_factory.mktemp("fastpath")), request.param)
     yield d
     d.close()
 

@@ -285,6 +285,7 @@ cdef class ShmRequests:
         cdef object shm, nbytes, cookie, backing, segment
         cdef fp_desc desc
         cdef PyObject *token
+        cdef int64_t id_c
         memset(buf, 0, FP_ALLOC_SIZE)
         if _fp_body(body, buf, FP_ALLOC_SIZE) != FP_ALLOC_SIZE:
             _fp_unpack_alloc(body)      # raises struct.error
@@ -298,11 +299,23 @@ cdef class ShmRequests:
             shm = self.alloc_fns[kind](size)    # raises as the API does (no pool: its assertion)
             self.account(conn, shm.cookie, shm.size)
             return server._describe(conn, shm, True)
-        if self.dynamic_pool:
-            shm = self.take_dynamic(kind, size, &desc)
-        else:
-            shm = self.take_static(kind, size, &desc)
+        # Context._adopt: the id reserved first (idr_alloc with NULL, then idr_replace)
+        id_c = self.ids.alloc_id(_IDT_RESERVED) if kind == FP_KIND_USER else -1
+        try:
+            if self.dynamic_pool:
+                shm = self.take_dynamic(kind, size, &desc)
+            else:
+                shm = self.take_static(kind, size, &desc)
+        except BaseException:
+            if id_c > 0:
+                self.ids.remove_id(id_c)
+            raise
         cookie = <object>fp_load(shm, _fp_slots.cookie)
+        if id_c > 0:
+            desc.shm_id = id_c
+            fp_store(shm, _fp_slots.id, PyLong_FromLongLong(id_c))
+            self.ids.replace_id(id_c, shm)
+        PyDict_SetItem(self.shms, cookie, shm)
         nbytes = <object>fp_load(shm, _fp_slots.size)
         self.account(conn, cookie, nbytes)
         backing = <object>fp_load(shm, _fp_slots.backing)
@@ -325,46 +338,34 @@ cdef class ShmRequests:
         return 0
 
     cdef object take_dynamic(self, unsigned int kind, int64_t size, fp_desc *desc):
-        """Context._adopt of Pools.alloc_dynamic: id reserved first, run, Shm,
-        REGISTER_SHM unless PRIV, then the id's object and the context's table."""
-        cdef bint with_id = kind == FP_KIND_USER
+        """Pools.alloc_dynamic: the run, the Shm, REGISTER_SHM unless PRIV (a failure
+        gives the run back)."""
         cdef bint priv = kind == FP_KIND_PRIV
         cdef int64_t npages = (size + PSV_PAGE_MASK) >> PSV_PAGE_SHIFT
-        cdef int64_t id_c = self.ids.alloc_id(_IDT_RESERVED) if with_id else -1
-        cdef object shm_id = PyLong_FromLongLong(id_c)
         cdef ArenaRun run
-        try:
-            found = self.pages.take_run(npages, PyLong_FromLongLong(npages))
-            if found is None:       # no segment has room: the Arena grows (policy) and takes
-                found = self.arena.take(npages)
-            run = <ArenaRun?>found
-            cookie = next(self.cookies)
-            desc.shm_id = shm_id
-            desc.size = npages << PSV_PAGE_SHIFT
-            desc.first_pa = run.pa
-            desc.offset = 0
-            desc.seg_offset = run.index << PSV_PAGE_SHIFT
-            desc.npages = npages
-            desc.flags = self.flags_priv_i if priv else self.flags_dynamic_i
-            desc.backing = FP_BACKING_ARENA
-            desc.bits = FP_BITS_CONTIGUOUS
-            shm = _fp_new_shm(self.context, self.flags_priv if priv else self.flags_dynamic, cookie, run, desc)
-            if not priv:
-                try:
-                    self.register_run(run.pa, npages, cookie)
-                except BaseException:
-                    self.arena.give(run)
-                    raise
-                fp_store(shm, _fp_slots.registered, True)
-                desc.bits = FP_BITS_REGISTERED | FP_BITS_CONTIGUOUS
-        except BaseException:
-            if with_id:
-                self.ids.remove_id(id_c)
-            raise
-        if with_id:
-            fp_store(shm, _fp_slots.id, shm_id)
-            self.ids.replace_id(id_c, shm)
-        PyDict_SetItem(self.shms, cookie, shm)
+        found = self.pages.take_run(npages, PyLong_FromLongLong(npages))
+        if found is None:       # no segment has room: the Arena grows (policy) and takes
+            found = self.arena.take(npages)
+        run = <ArenaRun?>found
+        cookie = next(self.cookies)
+        desc.shm_id = -1
+        desc.size = npages << PSV_PAGE_SHIFT
+        desc.first_pa = run.pa
+        desc.offset = 0
+        desc.seg_offset = run.index << PSV_PAGE_SHIFT
+        desc.npages = npages
+        desc.flags = self.flags_priv_i if priv else self.flags_dynamic_i
+        desc.backing = FP_BACKING_ARENA
+        desc.bits = FP_BITS_CONTIGUOUS
+        shm = _fp_new_shm(self.context, self.flags_priv if priv else self.flags_dynamic, cookie, run, desc)
+        if not priv:
+            try:
+                self.register_run(run.pa, npages, cookie)
+            except BaseException:
+                self.arena.give(run)
+                raise
+            fp_store(shm, _fp_slots.registered, True)
+            desc.bits = FP_BITS_REGISTERED | FP_BITS_CONTIGUOUS
         return shm
 
     cdef int register_run(self, int64_t pa, int64_t npages, object cookie) except -1:
@@ -384,75 +385,64 @@ cdef class ShmRequests:
         return 0
 
     cdef object take_static(self, unsigned int kind, int64_t size, fp_desc *desc):
-        """Context._adopt of Pools.alloc_static (the Shm is never registered)."""
-        cdef bint with_id = kind == FP_KIND_USER
+        """Pools.alloc_static (the Shm is never registered; a failure gives back what
+        was taken)."""
         cdef bint priv = kind == FP_KIND_PRIV
         cdef RangeAllocator static = self.static
-        cdef int64_t id_c = self.ids.alloc_id(_IDT_RESERVED) if with_id else -1
-        cdef object shm_id = PyLong_FromLongLong(id_c)
         cdef int64_t pa, length, offset, npages, index
-        try:
-            pa = static.alloc(size, FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE)
-            length = static.allocation_at(pa)[1]
-            desc.shm_id = shm_id
-            desc.size = length
-            desc.bits = FP_BITS_CONTIGUOUS
-            if priv:    # a range of the carve-out's own storage (StaticBacking)
-                offset = pa & PSV_PAGE_MASK
-                npages = (offset + length + PSV_PAGE_MASK) >> PSV_PAGE_SHIFT
-                backing = object.__new__(_fp_static_backing)
-                backing.pa = pa
-                backing.length = length
-                backing.start = pa - self.static_base
-                backing.carveout = self.carveout
-                desc.first_pa = pa - offset
-                desc.offset = offset
-                desc.seg_offset = 0
-                desc.npages = npages
-                desc.flags = self.flags_priv_i
-                desc.backing = FP_BACKING_STATIC
-                shm = _fp_new_shm(self.context, self.flags_priv, next(self.cookies), backing, desc)
-            else:       # arena pages lent to the carve-out frames (StaticRun)
-                npages = length >> PSV_PAGE_SHIFT
+        pa = static.alloc(size, FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE)
+        length = static.allocation_at(pa)[1]
+        desc.shm_id = -1
+        desc.size = length
+        desc.bits = FP_BITS_CONTIGUOUS
+        if priv:    # a range of the carve-out's own storage (StaticBacking)
+            offset = pa & PSV_PAGE_MASK
+            npages = (offset + length + PSV_PAGE_MASK) >> PSV_PAGE_SHIFT
+            backing = object.__new__(_fp_static_backing)
+            backing.pa = pa
+            backing.length = length
+            backing.start = pa - self.static_base
+            backing.carveout = self.carveout
+            desc.first_pa = pa - offset
+            desc.offset = offset
+            desc.seg_offset = 0
+            desc.npages = npages
+            desc.flags = self.flags_priv_i
+            desc.backing = FP_BACKING_STATIC
+            shm = _fp_new_shm(self.context, self.flags_priv, next(self.cookies), backing, desc)
+        else:       # arena pages lent to the carve-out frames (StaticRun)
+            npages = length >> PSV_PAGE_SHIFT
+            try:
+                found = self.pages.alloc(npages)
+                if found is None:
+                    found = self.arena.alloc(npages)
+            except BaseException:
+                static.free(pa)
+                raise
+            seg, index = found
+            try:
+                self.table.unmap_range(pa, npages)
                 try:
-                    found = self.pages.alloc(npages)
-                    if found is None:
-                        found = self.arena.alloc(npages)
+                    self.table.map_range(pa, npages, seg.sid, index)
                 except BaseException:
-                    static.free(pa)
+                    self.pools._take_back(pa, npages, False)
                     raise
-                seg, index = found
-                try:
-                    self.table.unmap_range(pa, npages)
-                    try:
-                        self.table.map_range(pa, npages, seg.sid, index)
-                    except BaseException:
-                        self.pools._take_back(pa, npages, False)
-                        raise
-                except BaseException:
-                    self.arena.free(seg, index, npages)
-                    static.free(pa)
-                    raise
-                backing = object.__new__(_fp_static_run)
-                fp_store(backing, _fp_slots.run_pa, pa)
-                fp_store(backing, _fp_slots.run_npages, npages)
-                fp_store(backing, _fp_slots.run_segment, seg)
-                fp_store(backing, _fp_slots.run_index, index)
-                desc.first_pa = pa
-                desc.offset = 0
-                desc.seg_offset = index << PSV_PAGE_SHIFT
-                desc.npages = npages
-                desc.flags = self.flags_static_i
-                desc.backing = FP_BACKING_ARENA
-                shm = _fp_new_shm(self.context, self.flags_static, next(self.cookies), backing, desc)
-        except BaseException:
-            if with_id:
-                self.ids.remove_id(id_c)
-            raise
-        if with_id:
-            fp_store(shm, _fp_slots.id, shm_id)
-            self.ids.replace_id(id_c, shm)
-        PyDict_SetItem(self.shms, <object>fp_load(shm, _fp_slots.cookie), shm)
+            except BaseException:
+                self.arena.free(seg, index, npages)
+                static.free(pa)
+                raise
+            backing = object.__new__(_fp_static_run)
+            fp_store(backing, _fp_slots.run_pa, pa)
+            fp_store(backing, _fp_slots.run_npages, npages)
+            fp_store(backing, _fp_slots.run_segment, seg)
+            fp_store(backing, _fp_slots.run_index, index)
+            desc.first_pa = pa
+            desc.offset = 0
+            desc.seg_offset = index << PSV_PAGE_SHIFT
+            desc.npages = npages
+            desc.flags = self.flags_static_i
+            desc.backing = FP_BACKING_ARENA
+            shm = _fp_new_shm(self.context, self.flags_static, next(self.cookies), backing, desc)
         return shm
 
     # -- SHM_CLOSE ---------------------------------------------------------------------
