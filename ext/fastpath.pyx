@@ -48,7 +48,6 @@ cdef enum:
     FP_ALLOC_SIZE = 12              # ALLOC body: kind u32, size i64
     FP_COOKIE_SIZE = 8              # SHM_CLOSE body: cookie u64
     FP_DESC_SIZE = 72               # DESC "<QqQQQQQIIIHBB" (docs/protocol.md)
-    FP_KINDS = 3                    # AllocKind: USER, KERNEL, PRIV
     FP_KIND_USER = 0
     FP_KIND_PRIV = 2
     FP_PRIV_ALIGN = 16              # alloc_priv_buf's alignment (poolsvc/context.py PRIV_ALIGN)
@@ -56,8 +55,6 @@ cdef enum:
     FP_BACKING_STATIC = 1
     FP_BITS_CONTIGUOUS = 1          # protocol.DescBits
     FP_BITS_REGISTERED = 2
-    FP_REGISTER_CMD = 3             # MsgCmd.REGISTER_SHM, UNREGISTER_SHM (check_ret's cmd)
-    FP_UNREGISTER_CMD = 4
 
 # Bound by _fp_bind() on the first ShmRequests (they live in modules that import this one).
 cdef object _fp_shm_type = None         # poolsvc.shm.Shm
@@ -380,7 +377,7 @@ cdef class ShmRequests:
         answer = smc.register_entries(NULL, <uint64_t>pa, <Py_ssize_t>npages, 0, <uint64_t>size,
                                       <uint64_t>cookie)
         if answer[0] != 0:
-            _fp_check_ret(FP_REGISTER_CMD, answer[0], answer[1])
+            _fp_check_ret(SMC_CMD_REGISTER, answer[0], answer[1])
         self.driver.last_register_seconds = smc.elapsed
         return 0
 
@@ -499,7 +496,7 @@ cdef class ShmRequests:
                 answer = smc.unregister_cookie(<uint64_t>cookie)
                 if answer[0] != 0:
                     try:
-                        _fp_check_ret(FP_UNREGISTER_CMD, answer[0], answer[1])
+                        _fp_check_ret(SMC_CMD_UNREGISTER, answer[0], answer[1])
                     except _fp_tee_error as exc:
                         self.system.unregister_failed(cookie, exc)
         if type(backing) is ArenaRun:

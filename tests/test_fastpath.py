@@ -177,3 +177,25 @@ def test_handlers_are_the_kernel() -> None:
 
     assert Server._op_alloc is serve_alloc
     assert Server._op_shm_close is serve_shm_close
+
+
+def test_refused_unregistration(tmp_path: Any) -> None:
+    """A refused UNREGISTER_SHM (the cookie unknown to the secure world) is logged and the
+    buffer freed all the same, alike in both (as System.release does it)."""
+    compiled = Daemon(str(tmp_path / "c.sock"), "dynamic", twin=False)
+    twin = Daemon(str(tmp_path / "t.sock"), "dynamic", twin=True)
+    try:
+        replies = []
+        for d in (compiled, twin):
+            kind, reply = d.request(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, PAGE))
+            assert kind == "ok"
+            cookie = P.DESC.unpack_from(reply)[0]
+            del d.server.system.tee.registered[cookie]
+            closed = d.request(P.MsgType.SHM_CLOSE, P.COOKIE.pack(cookie))
+            replies.append((reply, closed, d.state()))
+        assert replies[0] == replies[1]
+        assert replies[0][1] == ("ok", P.CLOSED.pack(1, 0))
+        assert not replies[0][2]["shms"] and replies[0][2]["allocated"] == 0
+    finally:
+        compiled.close()
+        twin.close()
