@@ -26,10 +26,13 @@ transport, in three places:
   of a socket BATCH; ``_serve_slot`` for the shm slot), ``_request``
   (dispatch: handler lookup, latency ring, reply header), ``_op_batch``
   and the compiled ``run_batch`` alone (around handlers that return at
-  once), the handler (``_op_alloc``, ``_op_shm_close``), ``describe``
-  (reply encode) and the System's own ``Context.alloc_*_buf`` /
-  ``Shm.close`` on the connection's context; and a cProfile of the
-  handlers, naming the functions with the most own time;
+  once), and the handler (``_op_alloc``, ``_op_shm_close``: the
+  connection's compiled ``ShmRequests``, which does the checks, the
+  allocation or release, the registration, the id, the accounting and the
+  reply, ext/fastpath.pyx), with the part of it that the compiled calls
+  under the System take (their floors, below); and a cProfile of the
+  handlers, naming the Python functions they run (none on their common
+  path: the kernel shows as one built-in call);
 - **throughput**: ``--clients`` forked client processes allocating and
   closing for ``--seconds`` against the daemon subprocess, beside bounds
   derived from the columns;
@@ -87,7 +90,6 @@ from poolsvc._backend import BACKEND, core  # noqa: E402
 from poolsvc.service import protocol as P  # noqa: E402
 from poolsvc.service import slot as S  # noqa: E402
 from poolsvc.service.channel import ALLOC_BODY, pack_alloc_frame, pack_close_frame  # noqa: E402
-from poolsvc.service.provider import describe  # noqa: E402
 from poolsvc.service.server import Server  # noqa: E402
 from poolsvc.service.settings import ServiceSettings  # noqa: E402
 
@@ -379,6 +381,8 @@ class InProcessDaemon:
             self.slot.publish(frames)
             t0 = clock()
             srv._serve_slot(conn)
+            while conn.batch is not None:  # a BATCH longer than a slice: the loop's turns
+                srv._run_batch_slice(conn)
             ns = clock() - t0
             reply = self.slot.reply()
             peer.drain()
@@ -448,14 +452,10 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
     alloc_body = P.ALLOC.pack(k, size)
     try:
         conn = d.conns["socket"]
-        # the System alone: the connection's own Context, called directly (the handler's
-        # accounting never sees these shms, so it stays balanced)
-        emb_alloc = getattr(conn.context, f"alloc_{kind}_buf")
         desc_reply = bytes(P.DESC.size)
         constant = {_ALLOC: lambda conn, body: desc_reply, _CLOSE: lambda conn, body: _CLOSED_REPLY}
         for _ in range(rounds):
-            time_alloc_close(s, "system", emb_alloc, size, batch, lambda shm: shm.close())
-            # the handlers, reply encode, dispatch
+            # the handlers, dispatch
             cookies = []
             for _ in range(batch):
                 t0 = clock()
@@ -463,11 +463,6 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
                 s.add("alloc.handler", clock() - t0)
                 d.reply_fds_done()
                 cookies.append(P.COOKIE.unpack_from(desc)[0])
-            shms = [conn.context.shms[c] for c in cookies]
-            for shm in shms:
-                t0 = clock()
-                describe(shm, conn.tokens)
-                s.add("alloc.encode", clock() - t0)
             for c in cookies:
                 body = P.COOKIE.pack(c)
                 t0 = clock()
@@ -538,28 +533,28 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
         d.close()
     out: dict[str, Any] = {"compiled": floors, "compiled_per_op": compiled_op, "hot": hot, "served_p50_us": {
         name: latency[name]["p50_us"] for name in ("ALLOC", "SHM_CLOSE", "PING") if name in latency}}
+    # the part of a handler that the compiled calls under the System take (their floors),
+    # split evenly between the ALLOC and the SHM_CLOSE of a pair
     for t in transports:
         for op in ("alloc", "close", "ping"):
             handler = s.us(f"{op}.handler")
-            system = s.us(f"{op}.system") if op != "ping" else 0.0
-            encode = s.us("alloc.encode") if op == "alloc" else 0.0
+            system = compiled_op if op != "ping" else 0.0
             request = s.us(f"{op}.request")
             io = s.us(f"{op}.io.{t}")
             out[f"{t}.single.{op}"] = {
                 "transport": io - request, "dispatch": request - handler,
-                "handler": handler - system - encode, "system": system, "encode": encode,
+                "handler": handler - system, "system": system,
                 "batch loop": 0.0, "spread": 0.0, "total": io}
         for op in ("alloc", "close"):
             handler = s.us(f"{op}.handler")
-            system = s.us(f"{op}.system")
-            encode = s.us("alloc.encode") if op == "alloc" else 0.0
+            system = compiled_op
             loop = s.us(f"{op}.loop", batch)
             op_batch = s.us(f"{op}.op_batch", batch)
             io = s.us(f"{op}.io_batch.{t}", batch)
             out[f"{t}.batched.{op}"] = {
                 "transport": io - op_batch, "dispatch": 0.0, "batch loop": loop,
-                "spread": op_batch - loop - handler, "handler": handler - system - encode, "system": system,
-                "encode": encode, "total": io}
+                "spread": op_batch - loop - handler, "handler": handler - system, "system": system,
+                "total": io}
     return out
 
 
@@ -885,9 +880,10 @@ ROWS = (
     ("  daemon: dispatch (`_request`: handler lookup, latency ring, reply header)", "daemon", "dispatch"),
     ("  daemon: batch loop (compiled `run_batch` around handlers that return at once)", "daemon", "batch loop"),
     ("  daemon: calls in a batch above their per-call medians", "daemon", "spread"),
-    ("  daemon: handler (body, limits, quota, accounting)", "daemon", "handler"),
-    ("  daemon: System (`Context.alloc_*_buf` / `Shm.close`)", "daemon", "system"),
-    ("  daemon: reply encode (`describe`)", "daemon", "encode"),
+    ("  daemon: handler, compiled `ShmRequests` (body, limits, quota, Shm, id, accounting, reply)",
+     "daemon", "handler"),
+    ("  daemon: handler, its compiled System calls (floors below: pool pages, REGISTER/UNREGISTER)",
+     "daemon", "system"),
     ("  unattributed: wake-ups, daemon loop, scheduling, kernel", "rest", None),
     ("client: decode", "client", "decode"),
     ("client: other (API layers)", "client", "other"),
@@ -1044,8 +1040,11 @@ def render(doc: dict[str, Any], command: str) -> list[str]:
                 for t, c in entry["client"].items()) + ".", ""]
         hot = entry["daemon"]["hot"]
         out += [f"## {title}: inside the ALLOC and SHM_CLOSE handlers (cProfile)", "",
-                "Functions with the most own time over ALLOC + SHM_CLOSE handler pairs (the handler, "
-                "System and reply-encode rows above), as shares of the profiled time.", "",
+                "Functions with the most own time over ALLOC + SHM_CLOSE handler pairs (the two handler "
+                "rows above), as shares of the profiled time.  The handlers are the compiled kernel "
+                "(ext/fastpath.pyx), which cProfile does not see: what it lists is the profiling loop's "
+                "own calls, and a Python function would appear only when a rare path (arena growth, a "
+                "new segment's descriptor) called back into Python.", "",
                 "| function | share of own time | calls per pair |", "|---|---:|---:|"]
         out += [f"| `{h['function']}` | {100 * h['share']:.1f}% | {h['calls_per_pair']:.2f} |" for h in hot]
         out.append("")

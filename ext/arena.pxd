@@ -53,3 +53,7 @@ cdef class ArenaPages:
     cdef char *_storage_run(self, _ArenaSegment s, int64_t index, int64_t n) except NULL
     cdef Py_ssize_t _took(self, _ArenaSegment s, int64_t index, int64_t n) except -1
     cdef Py_ssize_t _freed(self, _ArenaSegment s, int64_t index, int64_t n) except -1
+    # take / give for a caller that holds the count as a C int and the run typed
+    # (the pool service's compiled ALLOC / SHM_CLOSE, fastpath.pyx)
+    cdef object take_run(self, int64_t n, object npages)
+    cdef Py_ssize_t give_run(self, ArenaRun r) except -1

@@ -271,15 +271,22 @@ cdef class ArenaPages:
         ``frames.alloc_contig`` (checked first: BadParameters, OutOfMemory) and
         of ``table.map_range``; nothing is taken when one is raised.
         """
+        cdef int64_t n = 0
+        if arg_i64(npages, &n, "npages") != ARG_FITS:
+            self.frames.alloc_contig(npages)    # raises BadParameters or OutOfMemory
+            raise InternalError(f"alloc_contig({npages}) should have failed")
+        return self.take_run(n, npages)
+
+    cdef object take_run(self, int64_t n, object npages):
+        """``take`` of ``n`` pages (``npages``, the same count, names it in errors)."""
         cdef FrameAllocator frames = self.frames
         cdef FrameTable t = self.table
-        cdef int64_t n = 0, p, index = 0
-        cdef int r = arg_i64(npages, &n, "npages")
+        cdef int64_t p, index = 0
         cdef uint64_t pa
         cdef Py_ssize_t slot
         cdef _ArenaSegment s
         cdef ArenaRun run
-        p = fa_find_run(frames, n) if r == ARG_FITS else -1
+        p = fa_find_run(frames, n)
         if p < 0:
             frames.alloc_contig(npages)     # raises BadParameters or OutOfMemory
             raise InternalError(f"alloc_contig({npages}) should have failed")
@@ -313,7 +320,12 @@ cdef class ArenaPages:
         attached or too short; a frame not mapped, as ``table.unmap_range``);
         DoubleFree (a frame not in use, as ``frames.free_contig``).
         """
-        cdef ArenaRun r
+        if type(run) is not ArenaRun:
+            raise BadParameters(f"run must be an ArenaRun, got {type(run).__name__}")
+        return self.give_run(<ArenaRun>run)
+
+    cdef Py_ssize_t give_run(self, ArenaRun r) except -1:
+        """``give`` of an ArenaRun."""
         cdef _ArenaSegment s
         cdef FrameAllocator frames = self.frames
         cdef FrameTable t = self.table
@@ -321,9 +333,6 @@ cdef class ArenaPages:
         cdef uint64_t pa
         cdef Py_ssize_t slot
         cdef char *data
-        if type(run) is not ArenaRun:
-            raise BadParameters(f"run must be an ArenaRun, got {type(run).__name__}")
-        r = <ArenaRun>run
         if not r.live:
             raise DoubleFree(f"the run at {r.pa:#x} was given back already")
         s = r.seg

@@ -21,3 +21,8 @@ cdef class IdTable:
     cdef bint allocated(self, int64_t i) noexcept
     cdef int64_t heap_pop(self) noexcept
     cdef int heap_push(self, int32_t value) except -1
+    # alloc / replace / remove for a compiled caller (fastpath.pyx); replace_id and
+    # remove_id take an id the caller checked with allocated()
+    cdef int64_t alloc_id(self, object stored) except -1
+    cdef object replace_id(self, int64_t i, object obj)
+    cdef object remove_id(self, int64_t i)

@@ -90,8 +90,11 @@ cdef class IdTable:
         ``obj=None`` reserves the id: ``find`` gives None until ``replace``.
         Returns the id.  Errors: OutOfMemory when all ``max_id`` ids are in use.
         """
+        return self.alloc_id(_IDT_RESERVED if obj is None else obj)
+
+    cdef int64_t alloc_id(self, object stored) except -1:
+        """``alloc`` storing ``stored`` (``_IDT_RESERVED`` for None)."""
         cdef int64_t i
-        cdef object stored = _IDT_RESERVED if obj is None else obj
         cdef object old
         if self.heap_len > 0:
             i = self.heap_pop()
@@ -114,10 +117,13 @@ cdef class IdTable:
         ``obj=None`` makes the id reserved again.  Errors: ItemNotFound.
         """
         cdef int64_t i = 0
-        cdef object old
         if psv_i64_from_obj(id, <long long *>&i) == 0 or not self.allocated(i):
             raise ItemNotFound(f"id {id} is not allocated")
-        old = self.objects[i]
+        return self.replace_id(i, obj)
+
+    cdef object replace_id(self, int64_t i, object obj):
+        """``replace`` of an allocated id ``i`` (the caller checked ``allocated(i)``)."""
+        cdef object old = self.objects[i]
         self.objects[i] = _IDT_RESERVED if obj is None else obj
         return None if old is _IDT_RESERVED else old
 
@@ -127,9 +133,13 @@ cdef class IdTable:
         Errors: ItemNotFound when ``id`` is not allocated.
         """
         cdef int64_t i = 0
-        cdef object old
         if psv_i64_from_obj(id, <long long *>&i) == 0 or not self.allocated(i):
             raise ItemNotFound(f"id {id} is not allocated")
+        return self.remove_id(i)
+
+    cdef object remove_id(self, int64_t i):
+        """``remove`` of an allocated id ``i`` (the caller checked ``allocated(i)``)."""
+        cdef object old
         self.heap_push(<int32_t>i)
         old = self.objects[i]
         self.objects[i] = _IDT_FREE

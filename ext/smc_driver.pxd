@@ -31,5 +31,6 @@ cdef class SmcDriver:
     cdef tuple answer(self)
     cdef int call_secure(self) except -1
     cdef int check_list(self) except -1
+    cdef tuple unregister_cookie(self, uint64_t cookie)
     cdef tuple register_entries(self, const unsigned long long *entries, uint64_t run_pa,
                                 Py_ssize_t n, uint64_t offset, uint64_t size, uint64_t cookie)

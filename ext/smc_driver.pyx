@@ -171,7 +171,11 @@ cdef class SmcDriver:
 
         Returns ``(ret, ret_origin)``; errors as ``call1``.
         """
-        self.post(SMC_CMD_UNREGISTER, SMC_ATTR_UNREGISTER, 0, 0, arg_u64(cookie, "cookie"))
+        return self.unregister_cookie(arg_u64(cookie, "cookie"))
+
+    cdef tuple unregister_cookie(self, uint64_t cookie):
+        """``unregister`` of a u64 cookie."""
+        self.post(SMC_CMD_UNREGISTER, SMC_ATTR_UNREGISTER, 0, 0, cookie)
         self.call_secure()
         return self.answer()
 

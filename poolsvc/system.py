@@ -179,7 +179,7 @@ class System:
             try:
                 self._unregister(shm.cookie)
             except TeeError as exc:
-                _log.error("unregister shm cookie %#x failed: %s", shm.cookie, exc)
+                self.unregister_failed(shm.cookie, exc)
         if type(backing) is ArenaRun:
             ctx = shm.context  # Arena.give, inlined: zero, unmap and free in one call
             if ctx.give_pages(backing) > 1:  # its segment emptied, and another is empty too
@@ -190,6 +190,11 @@ class System:
             self.usermem.unpin(backing)
         if shm.id > 0:
             self.ids.remove(shm.id)
+
+    @staticmethod
+    def unregister_failed(cookie: int, exc: TeeError) -> None:
+        """Log a refused UNREGISTER_SHM of ``cookie`` (the memory is freed all the same)."""
+        _log.error("unregister shm cookie %#x failed: %s", cookie, exc)
 
     # -- observability ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

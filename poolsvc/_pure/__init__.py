@@ -8,6 +8,7 @@ speed-up ratios, and ``POOLSVC_PUREPYTHON=1`` runs the whole package on them.
 from .alloc import FrameAllocator, RangeAllocator
 from .arena import ArenaPages, ArenaRun
 from .copy import gather, scatter
+from .fastpath import ShmRequests, serve_alloc, serve_shm_close
 from .pagelist import (
     pagelist_build,
     pagelist_build_into,
@@ -30,6 +31,7 @@ __all__ = [
     "RangeAllocator",
     "RegisteredShm",
     "SmcDriver",
+    "ShmRequests",
     "SmcEntry",
     "UserPages",
     "buffer_address",
@@ -42,5 +44,7 @@ __all__ = [
     "pagelist_segments",
     "run_batch",
     "scatter",
+    "serve_alloc",
+    "serve_shm_close",
     "split_frames",
 ]

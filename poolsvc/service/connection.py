@@ -64,7 +64,7 @@ class Connection:
                  "tokens", "inbuf", "out", "out_bytes", "fds", "registered", "alloc_fns",
                  "register_fns", "pool_bytes", "registered_bytes", "alloc_sizes", "requests", "accepted",
                  "reading", "writing", "goodbye", "handlers", "version",
-                 "slot", "words", "seq", "bell", "served_at", "batch", "counted", "pinned")
+                 "slot", "words", "seq", "bell", "served_at", "batch", "counted", "pinned", "shm_requests")
 
     def __init__(self, sock: socket.socket, serial: int) -> None:
         self.sock = sock
@@ -121,6 +121,9 @@ class Connection:
         #: The quota figures (a Pinned) of the client process, shared by all its
         #: CONTEXT connections; None until HELLO, and for monitors.
         self.pinned: Any = None
+        #: The ``core.ShmRequests`` serving this connection's ALLOC and SHM_CLOSE
+        #: (made at HELLO for a CONTEXT connection; None before, and for monitors).
+        self.shm_requests: Any = None
 
     def label(self) -> str:
         return f"client #{self.serial} (pid {self.pid}{', ' + self.name if self.name else ''})"

@@ -6,11 +6,19 @@ that becomes an ERROR reply (see :mod:`.transport`).  Descriptors a reply
 carries are appended to ``_reply_fds`` last, once nothing can fail.  The
 handlers of sessions with trusted apps are in :mod:`.sessions`.
 
-Per-client bounds checked here: CONTEXT and MONITOR connections
-(``max_clients``, ``max_monitors``, at HELLO), live shms
+ALLOC and SHM_CLOSE are served by the connection's ``core.ShmRequests``
+(compiled: ext/fastpath.pyx; its twin poolsvc/_pure/fastpath.py), made at
+HELLO: ``_op_alloc`` and ``_op_shm_close`` are its module functions, and it
+calls back into :meth:`Handlers._describe`, :meth:`Handlers._close_shm`,
+:meth:`Handlers._over_quota` and :meth:`Handlers._rpc_over_limit` for its
+rare paths.
+
+Per-client bounds: CONTEXT and MONITOR connections (``max_clients``,
+``max_monitors``, checked here at HELLO), live shms
 (``max_shms_per_client``) and pinned bytes (``max_bytes_per_client``: pool
-memory allocated plus pages registered).  Each refusal is a LIMIT error that
-names the setting.
+memory allocated plus pages registered), both checked by
+``ShmRequests.admit`` for ALLOC and REGISTER.  Each refusal is a LIMIT error
+that names the setting.
 
 A BATCH on the socket with more than ``batch_slice`` requests is served in
 slices: :meth:`Handlers._start_batch` checks the whole body (a malformed
@@ -35,7 +43,7 @@ from typing import Any, Callable
 
 from .._backend import core
 from ..constants import PAGE_SIZE
-from ..errors import BadParameters, ItemNotFound, PoolsvcError, ProtocolError
+from ..errors import BadParameters, PoolsvcError, ProtocolError
 from . import protocol as P
 from . import slot as S
 from .connection import CLOSED, CLOSING, READY, Connection, Pinned, ServerParts
@@ -44,8 +52,6 @@ from .sessions import rpc_bytes_of
 
 log = logging.getLogger("poolsvc.service")
 
-_unpack_alloc = P.ALLOC.unpack
-_unpack_cookie = P.COOKIE.unpack
 _pack_closed = P.CLOSED.pack
 #: SHM_CLOSE replies: references remain; freed, no segment dropped.
 _CLOSED_KEPT, _CLOSED_FREED = _pack_closed(0, 0), _pack_closed(1, 0)
@@ -143,6 +149,7 @@ class Handlers(ServerParts):
             conn.tokens = SegmentTokens(ctx.arena)
             conn.alloc_fns = (ctx.alloc_user_buf, ctx.alloc_kernel_buf, ctx.alloc_priv_buf)
             conn.register_fns = (partial(ctx.register_fd, user=True), partial(ctx.register_fd, user=False))
+            conn.shm_requests = core.ShmRequests(self, conn)
             cid = ctx.cid
         conn.state = READY
         self._count_as(conn, conn.role)
@@ -175,41 +182,21 @@ class Handlers(ServerParts):
     def _op_stats(self, conn: Connection, body: Any) -> bytes:
         return json.dumps(self.stats(), sort_keys=True).encode()
 
-    def _op_alloc(self, conn: Connection, body: Any) -> bytes:
-        # The hot path of ALLOC (alone or in a BATCH): plain ints, cached limits.
-        kind, size = _unpack_alloc(body)
-        fns = conn.alloc_fns
-        if kind >= len(fns):
-            raise BadParameters(f"allocation kind {kind} is not one of "
-                                f"{', '.join(f'{k.value} ({k.name})' for k in P.AllocKind)}")
-        held = len(conn.context.shms)
-        if held >= self._max_shms:
-            raise P.LimitExceeded(f"client holds {held} shms, the daemon's limit "
-                                  "(max_shms_per_client)")
-        pinned = conn.pinned
-        if self._over_limit(pinned, size):
-            self._over_quota(pinned, f"allocating {size} bytes", size)
-        shm = fns[kind](size)
-        conn.pool_bytes += shm.size
-        pinned.allocated += shm.size
-        conn.alloc_sizes[shm.cookie] = shm.size
-        return self._describe(conn, shm, fresh=True)
+    #: ALLOC and SHM_CLOSE: served by the connection's ``core.ShmRequests`` (compiled:
+    #: ext/fastpath.pyx), which calls back into the methods below only for its rare paths.
+    _op_alloc = core.serve_alloc
+    _op_shm_close = core.serve_shm_close
 
-    def _over_limit(self, pinned: Pinned, size: int) -> bool:
-        """Whether ``size`` more bytes take a client over its byte quota.
+    def _rpc_over_limit(self, pinned: Pinned, held: int) -> bool:
+        """Whether a client that would pin ``held`` bytes without its RPC memory is over
+        its byte quota with it (``ShmRequests.admit`` asks only while RPC memory lives).
 
         The client's RPC memory is looked up (a walk over the connections) only
-        when all the RPC memory the secure world holds could make the difference;
-        the common case costs two additions and a sum over the live RPC buffers.
+        when all the RPC memory the secure world holds could make the difference.
         """
         limit = self._max_bytes
-        if not limit:
-            return False
-        held = pinned.allocated + pinned.registered + size
-        if held > limit:
-            return True
         rpc_shms = self.system.tee.rpc_shms
-        if not rpc_shms or held + sum(m.capacity for m in rpc_shms.values() if not m.freed) <= limit:
+        if held + sum(m.capacity for m in rpc_shms.values() if not m.freed) <= limit:
             return False
         return held + rpc_bytes_of(self.connections.values(), self.system.tee, pinned.pid) > limit
 
@@ -250,13 +237,8 @@ class Handlers(ServerParts):
             kind, offset, length = P.REGISTER.unpack(body)
             if kind >= len(conn.register_fns):
                 raise BadParameters(f"registration kind {kind} is not 0 (USER) or 1 (KERNEL)")
-            if len(conn.context.shms) >= self._max_shms:
-                raise P.LimitExceeded(f"client holds {len(conn.context.shms)} shms, the daemon's limit "
-                                      "(max_shms_per_client)")
             pinned = page_span(offset, length)
-            held = conn.pinned
-            if self._over_limit(held, pinned):
-                self._over_quota(held, f"registering {pinned} bytes of pages", pinned)
+            conn.shm_requests.admit(self, pinned, f"registering {pinned} bytes of pages")
             if cannot_shrink(fd):  # sealed by the client: the System may map it, zero-copy
                 shm = conn.register_fns[kind](fd, offset, length)
                 reg = Registration(ZERO_COPY, -1, offset, length, None, 0)
@@ -273,15 +255,8 @@ class Handlers(ServerParts):
             os.close(fd)
         conn.registered[shm.cookie] = reg
         conn.registered_bytes += pinned
-        held.registered += pinned
+        conn.pinned.registered += pinned
         return self._describe(conn, shm, fresh=True)
-
-    def _op_shm_close(self, conn: Connection, body: Any) -> bytes:
-        (cookie,) = _unpack_cookie(body)
-        shm = conn.context.shms.get(cookie)
-        if shm is None:
-            raise ItemNotFound(f"no shm with cookie {cookie:#x} in this client's context")
-        return self._close_shm(conn, shm)
 
     def _close_shm(self, conn: Connection, shm: Any) -> bytes:
         shm.close()

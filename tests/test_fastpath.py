@@ -1,0 +1,201 @@
+"""The compiled ALLOC / SHM_CLOSE kernel (ext/fastpath.pyx) against its plain-Python
+twin (poolsvc/_pure/fastpath.py) as the oracle.
+
+Two in-process daemons with the same System and limits serve the same random
+sequence of requests on one connection each: one through the daemon's own
+handlers (the compiled ``ShmRequests``), the other through the twin's.  After
+every request the replies must be the same bytes (or the errors the same type
+and message), and so must the accounting (connection and process quota
+figures, the context's shms, ids, segment tokens, descriptors sent) and the
+System's STATS.  The sequences mix every allocation kind, sizes that grow the
+arena, limits near their edges (so that refusals happen), unknown cookies,
+double closes and ``shm_from_id`` references held across a close.
+
+The compiled twin only exists with the compiled backend; under
+``POOLSVC_PUREPYTHON=1`` the daemons' own tests run the twin.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolsvc import Config
+from poolsvc._backend import BACKEND
+from poolsvc._pure import fastpath as pure
+from poolsvc.service import protocol as P
+from poolsvc.service.server import Server
+from poolsvc.service.settings import ServiceSettings
+
+pytestmark = pytest.mark.skipif(BACKEND != "compiled", reason="the compiled kernel against its twin")
+
+PAGE = 4096
+#: Limits near which the sequences run: a few shms, a few arena segments' worth of bytes.
+MAX_SHMS = 6
+MAX_BYTES = 40 * PAGE
+
+
+class Daemon:
+    """An in-process Server and one CONTEXT connection of it (driven by direct handler calls)."""
+
+    def __init__(self, path: str, pool: str, twin: bool) -> None:
+        config = Config(dynamic_size=16 << 20, arena_step=1 << 20, dynamic_shm=(pool == "dynamic"),
+                        static_size=4 << 20)
+        settings = ServiceSettings(socket_path=path, log_level="WARNING", max_shms_per_client=MAX_SHMS,
+                                   max_bytes_per_client=MAX_BYTES)
+        self.server = Server(config, settings)
+        self.server.start()
+        self.twin = twin
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.connect(path)
+        srv = self.server
+        srv._accept()
+        self.conn = next(c for c in srv.connections.values() if c.serial == srv._serials)
+        self.sock.sendall(P.frame(int(P.MsgType.HELLO), P.HELLO.pack(P.MAGIC, P.VERSION, P.Role.CONTEXT)))
+        srv._on_readable(self.conn)
+        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 16)
+        for fd in fds:
+            os.close(fd)
+        assert P.HEADER.unpack_from(data)[1] == int(P.MsgType.WELCOME)
+        if twin:
+            self.conn.shm_requests = pure.ShmRequests(srv, self.conn)
+
+    def request(self, msg_type: int, body: bytes) -> tuple[str, Any]:
+        """Serve one request by its handler: ("ok", reply bytes) or ("error", (type, message))."""
+        srv, conn = self.server, self.conn
+        try:
+            if msg_type == P.MsgType.ALLOC:
+                reply = pure.serve_alloc(srv, conn, body) if self.twin else srv._op_alloc(conn, body)
+            elif msg_type == P.MsgType.SHM_CLOSE:
+                reply = pure.serve_shm_close(srv, conn, body) if self.twin else srv._op_shm_close(conn, body)
+            else:
+                reply = srv._op_shm_from_id(conn, body)
+        except Exception as exc:  # noqa: BLE001 - the oracle compares every error
+            return "error", (type(exc).__name__, str(exc))
+        return "ok", bytes(reply)
+
+    def state(self) -> dict[str, Any]:
+        """The accounting a request may change, without names that differ between daemons."""
+        srv, conn = self.server, self.conn
+        fds = len(srv._reply_fds)
+        for fd in srv._reply_fds:
+            os.close(fd)
+        srv._reply_fds.clear()
+        stats = srv.system.stats()
+        stats.pop("pid")
+        stats["contexts"] = sorted(stats["contexts"].values(), key=repr)
+        stats.pop("storage")  # process-wide counters: both daemons share this process
+        ctx = conn.context
+        return {
+            "pool_bytes": conn.pool_bytes, "allocated": conn.pinned.allocated,
+            "alloc_sizes": dict(conn.alloc_sizes),
+            "shms": {c: (s.id, s.size, s.registered, s.refs) for c, s in ctx.shms.items()},
+            "tokens": sorted(conn.tokens.tokens.values()), "fds_sent": fds,
+            "ids": srv.system.ids.ids(), "stats": stats,
+        }
+
+    def close(self) -> None:
+        self.sock.close()
+        self.server._on_readable(self.conn)  # EOF: the connection and its context go
+        self.server.stop()
+        self.server.close()
+
+
+# An operation: ("alloc", kind, size) | ("close", pick) | ("close_unknown", cookie) |
+# ("from_id", pick) (one more reference, which a later close drops) | ("bad_body", body).
+small = st.one_of(st.sampled_from([1, 15, 16, 17, PAGE - 1, PAGE, PAGE + 1, 3 * PAGE]), st.integers(1, 2 * PAGE))
+sizes = st.one_of(small, small, small, st.integers(1, 24 * PAGE), st.integers(-2, 0),
+                  st.sampled_from([MAX_BYTES - PAGE, MAX_BYTES, MAX_BYTES + 1, 2 ** 62]))
+kinds = st.sampled_from([0, 0, 1, 2, 2, 3])
+alloc = st.tuples(st.just("alloc"), kinds, sizes)
+ops = st.lists(st.one_of(
+    alloc, alloc, alloc,
+    st.tuples(st.just("close"), st.integers(0, 50)),
+    st.tuples(st.just("close_unknown"), st.integers(0, 2 ** 64 - 1)),
+    st.tuples(st.just("from_id"), st.integers(0, 50)),
+    st.tuples(st.just("bad_body"), st.sampled_from([b"", b"\0" * 7, b"\0" * 13])),
+), min_size=10, max_size=80)
+
+
+def run_both(tmp_path: Any, pool: str, sequence: list[tuple[Any, ...]]) -> None:
+    compiled = Daemon(str(tmp_path / "c.sock"), pool, twin=False)
+    twin = Daemon(str(tmp_path / "t.sock"), pool, twin=True)
+    try:
+        issued: list[int] = []  # cookies handed out, closed or not (so closes repeat)
+        ids: list[int] = []
+        for op in sequence:
+            if op[0] == "alloc":
+                requests = [(P.MsgType.ALLOC, P.ALLOC.pack(op[1], op[2]))]
+            elif op[0] == "close":
+                cookie = issued[op[1] % len(issued)] if issued else 0x1000
+                requests = [(P.MsgType.SHM_CLOSE, P.COOKIE.pack(cookie))]
+            elif op[0] == "close_unknown":
+                requests = [(P.MsgType.SHM_CLOSE, P.COOKIE.pack(op[1]))]
+            elif op[0] == "from_id":
+                shm_id = ids[op[1] % len(ids)] if ids else 1
+                requests = [(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id))]
+            else:
+                requests = [(P.MsgType.ALLOC, op[1]), (P.MsgType.SHM_CLOSE, op[1])]
+            for msg_type, body in requests:
+                got = compiled.request(msg_type, body)
+                want = twin.request(msg_type, body)
+                assert got == want, (op, msg_type)
+                assert compiled.state() == twin.state(), (op, msg_type)
+                if got[0] == "ok" and msg_type in (P.MsgType.ALLOC, P.MsgType.SHM_FROM_ID):
+                    cookie, shm_id = P.DESC.unpack_from(got[1])[:2]
+                    issued.append(cookie)
+                    if shm_id > 0:
+                        ids.append(shm_id)
+    finally:
+        compiled.close()
+        twin.close()
+
+
+@pytest.mark.parametrize("pool", ["dynamic", "static"])
+@given(sequence=ops)
+def test_compiled_matches_twin(tmp_path_factory: Any, pool: str, sequence: list[tuple[Any, ...]]) -> None:
+    run_both(tmp_path_factory.mktemp("fastpath"), pool, sequence)
+
+
+@pytest.mark.parametrize("pool", ["dynamic", "static"])
+def test_fill_to_the_limits_and_empty(tmp_path: Any, pool: str) -> None:
+    """Every kind up to max_shms_per_client, then the byte quota, then every close."""
+    sequence: list[tuple[Any, ...]] = [("alloc", k % 3, PAGE * (k + 1)) for k in range(MAX_SHMS + 2)]
+    sequence += [("alloc", 0, MAX_BYTES), ("alloc", 2, MAX_BYTES + 1)]
+    sequence += [("from_id", 0), ("close", 0), ("close", 0)]
+    sequence += [("close", k) for k in range(MAX_SHMS + 2)]
+    run_both(tmp_path, pool, sequence)
+
+
+def test_handlers_are_the_kernel() -> None:
+    """The daemon's ALLOC and SHM_CLOSE handlers are the compiled kernel itself (no Python frame)."""
+    from poolsvc._core import serve_alloc, serve_shm_close
+
+    assert Server._op_alloc is serve_alloc
+    assert Server._op_shm_close is serve_shm_close
+
+
+def test_refused_unregistration(tmp_path: Any) -> None:
+    """A refused UNREGISTER_SHM (the cookie unknown to the secure world) is logged and the
+    buffer freed all the same, alike in both (as System.release does it)."""
+    compiled = Daemon(str(tmp_path / "c.sock"), "dynamic", twin=False)
+    twin = Daemon(str(tmp_path / "t.sock"), "dynamic", twin=True)
+    try:
+        replies = []
+        for d in (compiled, twin):
+            kind, reply = d.request(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, PAGE))
+            assert kind == "ok"
+            cookie = P.DESC.unpack_from(reply)[0]
+            del d.server.system.tee.registered[cookie]
+            closed = d.request(P.MsgType.SHM_CLOSE, P.COOKIE.pack(cookie))
+            replies.append((reply, closed, d.state()))
+        assert replies[0] == replies[1]
+        assert replies[0][1] == ("ok", P.CLOSED.pack(1, 0))
+        assert not replies[0][2]["shms"] and replies[0][2]["allocated"] == 0
+    finally:
+        compiled.close()
+        twin.close()
