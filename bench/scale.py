@@ -88,6 +88,8 @@ START_TIMEOUT = 300.0
 CLIENT_SPIN_US: float | None = None
 #: Niceness the daemon runs at (``--daemon-nice``; None: this process's).
 DAEMON_NICE: int | None = None
+#: Extra ``[service]`` settings of the daemon (``--service KEY=VALUE``, TOML values).
+SERVICE_SETTINGS: list[str] = []
 _CLOCK = time.perf_counter  # CLOCK_MONOTONIC: one clock for every process of the machine
 
 
@@ -165,7 +167,8 @@ class Daemon:
         config = os.path.join(workdir, "scale.toml")
         room = max(256, clients + 16)  # every client process: one context, and a monitor while it connects
         with open(config, "w") as fh:
-            fh.write(f"[service]\nmax_clients = {room}\nmax_monitors = {room}\n")
+            fh.write("\n".join(["[service]", f"max_clients = {room}", f"max_monitors = {room}",
+                                *SERVICE_SETTINGS]) + "\n")
         env = dict(os.environ, PYTHONPATH=str(tree))
         nice = DAEMON_NICE
         self.proc = subprocess.Popen([sys.executable, "-m", "poolsvc", "serve", "--socket", self.path,
@@ -605,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkout whose poolsvc is measured (default this one)")
     parser.add_argument("--client-spin-us", type=float,
                         help="the clients' connect(shm_spin_us=...) (default: the library's)")
+    parser.add_argument("--service", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [service] setting of the daemons (TOML value; repeatable)")
     parser.add_argument("--daemon-nice", type=int,
                         help="run the daemon at this niceness (default: this process's)")
     parser.add_argument("--json", type=Path, help="write the document here (default stdout)")
@@ -614,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     global CLIENT_SPIN_US, START_TIMEOUT, DAEMON_NICE
     CLIENT_SPIN_US = args.client_spin_us
     DAEMON_NICE = args.daemon_nice
+    SERVICE_SETTINGS[:] = [" = ".join(part.strip() for part in kv.split("=", 1)) for kv in args.service]
     START_TIMEOUT = args.start_timeout
     tree = args.tree.resolve()
     sys.path.insert(0, str(tree))  # the forked clients import the measured tree's poolsvc
