@@ -373,7 +373,8 @@ def _client(index: int, daemon_path: str, echo_path: str, transport: str, worklo
                 usage1 = resource.getrusage(resource.RUSAGE_SELF)
                 result.update(cpu_s=usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime,
                               sleeps=usage1.ru_nvcsw - usage0.ru_nvcsw,
-                              preempted=usage1.ru_nivcsw - usage0.ru_nivcsw)
+                              preempted=usage1.ru_nivcsw - usage0.ru_nivcsw,
+                              faults=usage1.ru_minflt - usage0.ru_minflt)
             except BaseException as exc:
                 error = f"{workload}: {type(exc).__name__}: {exc}"
         result["pairs"] = len(mine)
@@ -413,6 +414,7 @@ def _workload_figures(workload: str, results: list[dict[str, Any]], latencies: l
     cpu = sum(r.get("cpu_s", 0.0) for r in results)
     sleeps = sum(r.get("sleeps", 0) for r in results)
     preempted = sum(r.get("preempted", 0) for r in results)
+    faults = sum(r.get("faults", 0) for r in results)
     ordered = array.array("d", sorted(x for lat in latencies for x in lat))
     per = 1 / pairs if pairs else 0.0
     return {"workload": workload, "pairs": pairs, "pairs_per_s": round(pairs / seconds),
@@ -423,6 +425,7 @@ def _workload_figures(workload: str, results: list[dict[str, Any]], latencies: l
             "client_cpu_s": round(cpu, 2), "client_us_per_pair": round(cpu * per * 1e6, 1) if pairs else None,
             "client_sleeps_per_pair": round(sleeps * per, 3) if pairs else None,
             "client_preemptions_per_pair": round(preempted * per, 3) if pairs else None,
+            "client_faults_per_pair": round(faults * per, 3) if pairs else None,
             "errors": len(errors), "first_errors": sorted(set(errors))[:3]}
 
 
@@ -513,7 +516,7 @@ def _progress(text: str) -> None:
 
 #: Per-workload figures summarised as medians over rounds.
 MEDIANS = ("pairs_per_s", "of_reference", "p50_us", "p99_us", "server_us_per_pair", "server_switches_per_pair",
-           "client_us_per_pair", "client_sleeps_per_pair", "client_preemptions_per_pair")
+           "client_us_per_pair", "client_sleeps_per_pair", "client_preemptions_per_pair", "client_faults_per_pair")
 #: Per-cell figures summarised as medians over rounds.
 CELL_MEDIANS = ("fork_s", "start_s", "daemon_kib_per_client", "machine_kib_per_client", "daemon_fds")
 
