@@ -185,11 +185,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  "against a `poolsvc serve` daemon started for the run, with SIGKILLs and "
                  "malformed requests (`docs/load.md`): single requests, then batches of 256."),
     Family("scale", "Scaling: throughput against client processes",
-           about="`bench/scale.py`: N forked client processes (one connection each) against a "
-                 "fresh `poolsvc serve` daemon per cell, each looping `alloc_user_buf(4096)` + "
-                 "`close` for the cell's seconds; both transports; cells alternated round by "
-                 "round, figures are medians over rounds (`docs/load.md`, \"Scaling\"). Then the "
-                 "daemon's RSS per idle connected client."),
+           about="`bench/scale.py`: N forked client processes (1 to 1,024) against a fresh `poolsvc "
+                 "serve` daemon and a fresh plain-Python echo server per cell, both transports; in "
+                 "each cell every process loops `alloc_user_buf(4096)` + `close`, then the two floors "
+                 "(an empty PING through the daemon, a 16-byte echo with the echo server), each in a "
+                 "common window; cells alternated round by round, figures are medians over rounds "
+                 "(`docs/load.md`, \"Scaling\"). Per cell also the start-up time and the daemon's "
+                 "memory and descriptors per connected client."),
 )}
 
 #: Families run by default: everything that pytest-benchmark measures.
