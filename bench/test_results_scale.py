@@ -1,6 +1,7 @@
 """Rendering of ``bench/results/scale.md`` (bench/results.py, family ``scale``) from a
-``bench/scale.py`` document built in the test: the table, the goals judged from the
-ratios, the memory figures and the plot.  No client or daemon runs here.
+``bench/scale.py`` document built in the test: the figures of every workload, the ratios
+beside their floors with the goals judged from them, start-up and memory, skipped cells
+and the plot.  No client or daemon runs here.
 """
 from __future__ import annotations
 
@@ -15,33 +16,51 @@ sys.modules[_SPEC.name] = results          # dataclasses look their module up th
 _SPEC.loader.exec_module(results)
 
 
-def _row(transport: str, clients: int, pairs: int, ratio: float | None) -> dict:
-    return {"transport": transport, "clients": clients, "runs": 3, "pairs_per_s": pairs,
+def _row(transport: str, clients: int, workload: str, pairs: int | None, ratio: float | None) -> dict:
+    return {"transport": transport, "clients": clients, "workload": workload, "runs": 3, "pairs_per_s": pairs,
             "of_reference": ratio, "p50_us": 100.0 * clients, "p99_us": 300.0 * clients,
-            "daemon_us_per_pair": 12.5, "errors": 0}
+            "server_us_per_pair": 12.5, "server_switches_per_pair": 1.0, "client_us_per_pair": 20.0,
+            "client_sleeps_per_pair": 0.5, "client_preemptions_per_pair": 0.25, "errors": 0}
+
+
+def _cell_row(transport: str, clients: int, kib: float) -> dict:
+    return {"transport": transport, "clients": clients, "runs": 3, "fork_s": 0.5, "start_s": 2.0,
+            "daemon_kib_per_client": kib, "machine_kib_per_client": 4096.0, "daemon_fds": 3 * clients,
+            "daemon_fd_limit": 20000, "errors": 0}
 
 
 def _doc() -> dict:
-    return {"format": "poolsvc-bench-scale/1", "counts": [1, 8, 64, 256], "transports": ["socket", "shm"],
-            "seconds": 5.0, "rounds": 3, "reference_clients": 8, "pair": "alloc_user_buf(4096) + close",
-            "cpus": 2, "loadavg_start": [1.0, 2.0, 3.0], "loadavg_end": [4.0, 5.0, 6.0],
-            "rows": [_row("socket", 1, 10_000, 0.5), _row("socket", 8, 20_000, 1.0),
-                     _row("socket", 64, 15_000, 0.75), _row("socket", 256, 6_000, 0.3),
-                     _row("shm", 1, 30_000, 0.6), _row("shm", 8, 50_000, 1.0),
-                     _row("shm", 64, 40_000, 0.8), _row("shm", 256, 0, None)],
-            "memory": [{"transport": "shm", "clients": 256, "ready": 256, "errors": 0, "rss_before_kib": 40_000,
-                        "rss_after_kib": 80_000, "kib_per_client": 156.2}]}
+    rows = []
+    for transport, ratios in (("socket", {1: 0.5, 8: 1.0, 64: 0.75, 256: 0.3}),
+                              ("shm", {1: 0.6, 8: 1.0, 64: 0.8, 256: None})):
+        for clients, ratio in ratios.items():
+            rows.append(_row(transport, clients, "alloc", None if ratio is None else int(20_000 * ratio), ratio))
+            rows.append(_row(transport, clients, "ping", 30_000, 0.9 if clients != 8 else 1.0))
+            rows.append(_row(transport, clients, "raw", 80_000, 0.85 if clients != 8 else 1.0))
+    return {"format": "poolsvc-bench-scale/2", "counts": [1, 8, 64, 256], "transports": ["socket", "shm"],
+            "workloads": ["alloc", "ping", "raw"],
+            "pairs": {"alloc": "alloc_user_buf(4096) + close", "ping": "PING", "raw": "echo"},
+            "seconds": 5.0, "rounds": 3, "reference_clients": 8, "cpus": 2,
+            "loadavg_start": [1.0, 2.0, 3.0], "loadavg_end": [4.0, 5.0, 6.0], "time_limit_s": 600.0,
+            "skipped": [{"round": 2, "transport": "shm", "clients": 256}], "rows": rows,
+            "cell_rows": [_cell_row("socket", 64, 300.0), _cell_row("shm", 256, 156.2),
+                          _cell_row("socket", 256, 300.0)]}
 
 
 def test_scale_body_tables_and_goals():
     text = "\n".join(results.scale_body(_doc(), "scale"))
-    assert "![pairs/s and latency against client processes](scale/scale.png)" in text
-    assert "| socket | 64 | 15,000 | 75% | 6,400.0 | 19,200.0 | 12.5 | 0 |" in text
-    assert "| socket | 256 | 30% | **no** |" in text
-    assert "| shm | 64 | 80% | yes |" in text
-    assert "| shm | 256 | - | - |" in text            # a cell without a ratio is not judged
-    assert "| shm | 256 of 256 | 40,000 | 80,000 | 156.2 | yes |" in text
+    assert "![pairs/s, ratios and latency against client processes](scale/scale.png)" in text
+    assert "| socket | 64 | alloc | 15,000 | 75% | 6,400.0 | 19,200.0 | 12.5 | 1.00 | 20.0 | 0.50 | 0.25 | 0 |" in text
+    assert "| shm | 256 | alloc | - | - |" in text       # a cell without figures
+    assert "| socket | 64 | 75% | 90% | 85% | yes |" in text
+    assert "| socket | 256 | 30% | 90% | 85% | **no** |" in text
+    assert "| shm | 256 | - | 90% | 85% | - |" in text  # a cell without a ratio is not judged
+    assert "| socket | 1 | 50% | 90% | 85% | - |" in text  # nor a count without a goal
+    assert "| shm | 256 | 0.50 | 2.00 | 156.2 | yes | 4,096 | 768 (20,000) | 0 |" in text
+    assert "| socket | 256 | 0.50 | 2.00 | 300.0 | **no** |" in text
+    assert "| socket | 64 | 0.50 | 2.00 | 300.0 | - |" in text  # memory judged from 256 on
     assert "load average 1.0 2.0 3.0 at the start, 4.0 5.0 6.0 at the end" in text
+    assert "round 2 shm 256" in text
 
 
 def test_scale_plot_is_written(tmp_path):

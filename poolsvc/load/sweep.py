@@ -16,7 +16,7 @@ Concurrency: one thread; the runs are one after the other.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
 from .mix import LoadSpec
@@ -110,14 +110,15 @@ def markdown(sweep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def client_axes(top: Any, bottom: Any, clients: list[int]) -> None:
-    """The axes of a plot against client counts: throughput (``top``) from zero, so that
-    a fall reads at its true size; latency (``bottom``) on a log scale; clients on a log
-    scale with one tick per count; grids and legends."""
-    top.set_ylim(bottom=0)
-    bottom.set_yscale("log")
-    bottom.set_xlabel("client processes")
-    for ax in (top, bottom):
+def client_axes(linear: Sequence[Any], latency: Any, clients: list[int]) -> None:
+    """The axes of a plot against client counts: each of ``linear`` (throughput, ratios)
+    from zero, so that a fall reads at its true size; ``latency`` on a log scale; clients
+    on a log scale with one tick per count; grids and legends."""
+    for ax in linear:
+        ax.set_ylim(bottom=0)
+    latency.set_yscale("log")
+    latency.set_xlabel("client processes")
+    for ax in (*linear, latency):
         ax.set_xscale("log")
         ax.set_xticks(clients, [str(n) for n in clients])
         ax.minorticks_off()
@@ -151,7 +152,7 @@ def plot(sweep: dict[str, Any], directory: str) -> list[str]:
                     marker="x", s=80, color="red", zorder=3, label="run failed (violations or leaks)")
     top.set_ylabel("operations per second, all clients")
     bottom.set_ylabel("latency of one operation (µs)")
-    client_axes(top, bottom, clients)
+    client_axes([top], bottom, clients)
     spec = sweep["spec"]
     top.set_title(f"poolsvc load --sweep: {spec['duration']:g} s per count, batch {spec['batch']}, "
                   f"{sweep['service'].get('transport', 'default')} transport, "

@@ -232,6 +232,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         serve_slot = self._serve_slot
         yield_ = os.sched_yield
         polls = 0
+        write_turn = self._write_turn
         try:
             while not self._stopping:
                 if batches:  # one slice of each pending BATCH, then the others' turn
@@ -245,10 +246,14 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         ready = [conn for conn in polled
                                  if conn.words[_W_REQ_SEQ] != conn.seq]  # type: ignore[index]  # members are mapped
                         now = clock()
-                        for conn in ready:
-                            if serve_slot(conn):
-                                served = True
-                                conn.served_at = now
+                        if ready:  # serve every ready slot, then wake the sleepers among them
+                            self._defer_writes = True
+                            for conn in ready:
+                                if serve_slot(conn):
+                                    served = True
+                                    conn.served_at = now
+                            self._defer_writes = False
+                            write_turn()
                         if now >= park_at:  # park the slots that went quiet
                             park_at = now + park_after / 2
                             self._park_idle(now - park_after)
@@ -318,6 +323,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                                 unpark(data)  # its slot may hold a request that waited
                 self._expire_handshakes()
         finally:
+            self._defer_writes = False
+            self._unwritten.clear()
             self.close()
 
     def close(self) -> None:

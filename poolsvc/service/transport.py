@@ -12,7 +12,12 @@ client's socket and the request handlers:
   stays usable;
 - output: replies queue per connection (with the descriptors they carry);
   queued replies beyond ``max_output`` stop the daemon reading that client
-  until it reads its replies.
+  until it reads its replies.  While the loop serves the shm slots that hold
+  a request (``_defer_writes``), :meth:`ConnectionIO._flush` only notes the
+  connection, and the loop writes every noted one once they are all served
+  (:meth:`ConnectionIO._write_turn`): the DOORBELLs that wake sleeping
+  clients go out together, so the clients they wake do not take the CPU from
+  the daemon between two ready requests.
 
 While a trusted app of a call waits (TEE_Wait), the secure world's wait
 hook (:meth:`ConnectionIO._wait_serving_cancels`) reads the socket MONITOR
@@ -72,6 +77,10 @@ class ConnectionIO(ServerParts):
     def _init_io(self) -> None:
         self._rview = memoryview(bytearray(RECV_SIZE))
         self._rbufs = [self._rview]
+        #: True while the loop serves ready slots: :meth:`_flush` notes, :meth:`_write_turn` writes.
+        self._defer_writes = False
+        #: Connections noted by :meth:`_flush` meanwhile, in order (repeats are harmless).
+        self._unwritten: list[Connection] = []
 
     # -- input ------------------------------------------------------------------------------------
     def _on_readable(self, conn: Connection) -> None:
@@ -193,6 +202,8 @@ class ConnectionIO(ServerParts):
             poller.register(fd, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
         outer_fds, self._reply_fds = self._reply_fds, []  # the suspended call's reply keeps its own
+        self._write_turn()  # the slots served before this call do not wait for the app
+        deferring, self._defer_writes = self._defer_writes, False  # replies to CANCEL go out at once
         try:
             while not cancelled.is_set():
                 left = None if deadline is None else deadline - time.monotonic()
@@ -210,6 +221,7 @@ class ConnectionIO(ServerParts):
             return True
         finally:
             self._reply_fds = outer_fds
+            self._defer_writes = deferring
 
     # -- requests --------------------------------------------------------------------------------
     def _request(self, conn: Connection, msg_type: int, body: Any) -> bytes:
@@ -275,6 +287,23 @@ class ConnectionIO(ServerParts):
 
     # -- output -----------------------------------------------------------------------------------
     def _flush(self, conn: Connection) -> None:
+        """Write ``conn``'s queued replies (:meth:`_write`): now, or, while the loop
+        serves ready slots, once they are all served (:meth:`_write_turn`)."""
+        if self._defer_writes:
+            self._unwritten.append(conn)
+        else:
+            self._write(conn)
+
+    def _write_turn(self) -> None:
+        """Write the replies of every connection :meth:`_flush` noted, in order."""
+        noted = self._unwritten
+        if noted:
+            self._unwritten = []
+            for conn in noted:
+                if conn.state < CLOSED:
+                    self._write(conn)
+
+    def _write(self, conn: Connection) -> None:
         """Write queued replies until done or the socket is full; resume reading if drained."""
         sock = conn.sock
         out = conn.out
