@@ -12,10 +12,13 @@ from libc.stdint cimport int64_t, int32_t
 cdef class _ArenaSegment:
     # One storage object of an arena.  Invariants, while owner is not None:
     #   fm.nbits == npages; unit i of fm is storage page i (1 = handed out)
+    #   taken[i] == 1 iff page i belongs to a live run of take (then fm's unit i is 1):
+    #   free refuses such pages, only give frees them
     #   the storage's bytes are attached to owner.table under sid, at least
     #   npages * 4096 of them, and every free page is zero
     cdef object segment           # the caller's object, returned by alloc/take
     cdef FreeMap fm
+    cdef bytearray taken          # npages bytes
     cdef int64_t npages
     cdef int32_t sid
     cdef object owner             # the ArenaPages holding it; None once removed

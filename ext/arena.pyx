@@ -22,8 +22,9 @@
 # Concurrency: one thread at a time (the System's); the GIL is held
 # throughout.  The plain-Python twin, same checks in the same order, is
 # poolsvc/_pure/arena.py.
-from libc.string cimport memset
+from libc.string cimport memchr, memset
 from cpython.list cimport PyList_GET_SIZE, PyList_GET_ITEM
+from cpython.bytearray cimport PyByteArray_AS_STRING
 
 
 cdef class _ArenaSegment:
@@ -34,6 +35,7 @@ cdef class _ArenaSegment:
         self.sid = sid
         self.npages = npages
         self.fm = FreeMap(npages)
+        self.taken = bytearray(npages)
         self.owner = owner
 
 
@@ -238,12 +240,15 @@ cdef class ArenaPages:
         segments now (>= 1).  Errors, in this order: ItemNotFound (segment not
         here); BadParameters (``npages <= 0``, not ints); AddressError (run
         outside the segment, storage not attached or too short); DoubleFree
-        (a page of the run not handed out).
+        (a page of the run not handed out); BadParameters (a page of a live
+        run of ``take``: its frames still map it, only ``give`` frees it).
         """
         cdef _ArenaSegment s = self._find_segment(segment)
         cdef int64_t i = 0, n = 0, q
         cdef int ri, rn
         cdef char *data
+        cdef char *taken
+        cdef const char *hit
         if s is None:
             raise ItemNotFound("the segment is not in this arena")
         ri = arg_i64(index, &i, "index")
@@ -257,6 +262,11 @@ cdef class ArenaPages:
         q = s.fm.first_free(i, n)
         if q >= 0:
             raise DoubleFree(f"storage page {q} of the segment is not in use")
+        taken = PyByteArray_AS_STRING(s.taken)
+        hit = <const char *>memchr(taken + i, 1, <size_t>n)
+        if hit != NULL:
+            raise BadParameters(f"storage page {hit - taken} of the segment belongs to a run of take "
+                                "(its frames still map it): give the run back instead")
         memset(data, 0, <size_t>(n * PSV_PAGE_SIZE))
         return self._freed(s, i, n)
 
@@ -301,6 +311,7 @@ cdef class ArenaPages:
             raise InternalError(f"frames at {pa:#x} should not have been mappable")
         fa_take_run(frames, p, n)
         self._took(s, index, n)
+        memset(PyByteArray_AS_STRING(s.taken) + index, 1, <size_t>n)
         ft_map_run(t, slot, n, s.sid, index)
         run = ArenaRun.__new__(ArenaRun)
         run.pa = <int64_t>pa
@@ -356,4 +367,5 @@ cdef class ArenaPages:
         ft_unmap_run(t, slot, n)
         fa_give_run(frames, i, n)
         r.live = False
+        memset(PyByteArray_AS_STRING(s.taken) + r.index, 0, <size_t>n)
         return self._freed(s, r.index, n)

@@ -7,7 +7,8 @@ run before it is given back) checked against a model of the pages handed out
 each backend alone and on the compiled core and the plain-Python reference side
 by side (identical results, error types, frame maps, frame tables and storage
 bytes); (b) one hand-written case per error and per all-or-nothing promise, on
-both backends, among them: a second segment on a storage id that already backs
+both backends, among them: the pages of a run of take are refused by free;
+a second segment on a storage id that already backs
 one is refused (both would hand out the same storage pages).
 
 Concurrency: none; every test builds its own objects.
@@ -239,6 +240,21 @@ def test_take_give_round_trip_zeroes(core):
     assert w.table.mapped_frames == 0 and w.frames.used_frames == 0
     with pytest.raises(DoubleFree):
         w.arena.give(run)
+
+
+def test_free_refuses_the_pages_of_a_taken_run(core):
+    """A run of take is freed only by give: its frames still map its pages, so
+    freeing them with free would hand out pages a frame still writes to."""
+    w = World(core)
+    w.add("a", 1, 2)
+    run = w.arena.take(1)
+    before = (w.arena.used_pages, w.frames.used_frames, w.table.mapped_frames)
+    with pytest.raises(BadParameters, match="give the run back"):
+        w.arena.free("a", run.index, 1)
+    assert (w.arena.used_pages, w.frames.used_frames, w.table.mapped_frames) == before
+    assert w.arena.give(run) == 1
+    pair = w.arena.alloc(1)
+    assert pair is not None and w.arena.free(*pair, 1) == 1  # the page is free for alloc/free again
 
 
 def test_take_without_room_changes_nothing(core):

@@ -31,15 +31,17 @@ def _int(value: Any, what: str) -> int:
 
 
 class _Segment:
-    """One segment: ``used[i]`` is 1 while storage page i is handed out."""
+    """One segment: ``used[i]`` is 1 while storage page i is handed out,
+    ``taken[i]`` 1 while it belongs to a run of ``take`` (only ``give`` frees it)."""
 
-    __slots__ = ("segment", "sid", "npages", "used", "owner")
+    __slots__ = ("segment", "sid", "npages", "used", "taken", "owner")
 
     def __init__(self, segment: Any, sid: int, npages: int, owner: "ArenaPages") -> None:
         self.segment = segment
         self.sid = sid
         self.npages = npages
         self.used = bytearray(npages)
+        self.taken = bytearray(npages)
         self.owner: ArenaPages | None = owner
 
     @property
@@ -222,6 +224,10 @@ class ArenaPages:
         q = s.used.find(b"\x00", i, i + n)
         if q >= 0:
             raise DoubleFree(f"storage page {q} of the segment is not in use")
+        q = s.taken.find(b"\x01", i, i + n)
+        if q >= 0:
+            raise BadParameters(f"storage page {q} of the segment belongs to a run of take "
+                                "(its frames still map it): give the run back instead")
         self._zero(s, i, n)
         return self._freed(s, i, n)
 
@@ -241,7 +247,7 @@ class ArenaPages:
         except BaseException:
             frames.free_contig(pa, n)
             raise
-        s.used[index:index + n] = b"\x01" * n
+        s.used[index:index + n] = s.taken[index:index + n] = b"\x01" * n
         return ArenaRun._make(pa, n, s, index)
 
     def give(self, run: Any) -> int:
@@ -269,4 +275,5 @@ class ArenaPages:
         table.unmap_range(pa, n)
         frames.free_contig(pa, n)
         run._live = False
+        s.taken[index:index + n] = bytes(n)
         return self._freed(s, index, n)
