@@ -3,7 +3,7 @@
 :class:`Operations` (inherited by :class:`~poolsvc.load.worker.Worker`) runs
 one operation tuple (:mod:`poolsvc.load.trace`) against the daemon through
 the public client API, times it into the figures of the current interval
-(``counts``, ``hists``, ``errors``) and keeps the ledger
+(``samples``, ``counts``, ``hists``, ``errors``) and keeps the ledger
 (:class:`~poolsvc.load.ledger.Ledger`) in step: a new buffer is held and
 tagged, a freed one verified and forgotten, a lookup must give back the same
 Shm, an invoke's secure-world digest must match the pattern.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import defaultdict
 from typing import Any, Callable
 
 from ..errors import Closed, OutOfMemory, PoolsvcError
@@ -52,15 +53,25 @@ class Operations(Ledger):
     area: Any
     area_view: Any
     area_fd: int
+    #: Latencies (ns) of the single operations of this interval, by operation: one
+    #: list append per operation (the histograms are built from them per report line).
+    samples: defaultdict[str, list[int]]
+    #: Operations counted by batches (a single operation counts as its sample).
     counts: dict[str, int]
     errors: dict[str, int]
     hists: dict[str, Histogram]
+    #: The Context method making a buffer of each allocated kind (``"u"``, ``"k"``, ``"p"``).
+    alloc_fns: dict[str, Callable[[int], Any]]
     skipped: int
     draining: bool
     pending_release: list[Held]
 
     # -- figures ---------------------------------------------------------------------------------
-    def _time(self, op: str, ns: int, n: int = 1, weight: int = 1) -> None:
+    def _time(self, op: str, ns: int) -> None:
+        """Count one operation ``op`` that took ``ns`` nanoseconds."""
+        self.samples[op].append(ns)
+
+    def _time_batched(self, op: str, ns: int, n: int, weight: int) -> None:
         """Count ``n`` operations ``op`` and ``weight`` latencies of ``ns`` each."""
         h = self.hists.get(op)
         if h is None:
@@ -85,21 +96,26 @@ class Operations(Ledger):
         if code == "b":
             self.op_batch(op[1])
             return op[2]
-        self._SINGLE[code](self, *op[1:])
+        if code == "a":
+            self.op_alloc(op[1], op[2], op[3])
+        elif code == "f":
+            self.op_free(op[1])
+        else:
+            self._SINGLE[code](self, *op[1:])
         return 1
 
     # -- single operations -------------------------------------------------------------------------
     def op_alloc(self, kind: str, size: int, handle: int) -> bool:
         op = KIND_OPS[kind]
-        fn = getattr(self.ctx, METHODS[kind])
+        fn = self.alloc_fns[kind]
         t0 = _now()
         try:
             shm = fn(size)
         except PoolsvcError as exc:
-            self._time(op, _now() - t0)
+            self.samples[op].append(_now() - t0)
             self._error(op, exc)
             return False
-        self._time(op, _now() - t0)
+        self.samples[op].append(_now() - t0)
         self._hold(shm, kind, size, handle)
         return True
 
@@ -132,14 +148,15 @@ class Operations(Ledger):
             return
         self._verify(held, "free")
         self._forget(held)
+        shm = held.shm
         t0 = _now()
         try:
-            held.shm.close()
+            shm.close()
             for _ in range(held.extra_refs):
-                held.shm.close()
+                shm.close()
         except PoolsvcError as exc:
             self._error("free", exc)
-        self._time("free", _now() - t0)
+        self.samples["free"].append(_now() - t0)
 
     def op_lookup(self, handle: int) -> None:
         held = self.live.get(handle)
@@ -208,7 +225,7 @@ class Operations(Ledger):
             self._error("batch", exc)
             return
         ns = _now() - t0
-        self._time("batch", ns, 0)
+        self._time_batched("batch", ns, 0, 1)
         self._batch_take(plan, results, ns // len(plan))
 
     def _batch_plan(self, b: Any, tokens: list[Op]) -> list[Op]:
@@ -236,7 +253,7 @@ class Operations(Ledger):
             if op is not None:
                 tally[op] = tally.get(op, 0) + 1
         for op, n in tally.items():
-            self._time(op, per_op, n, n)
+            self._time_batched(op, per_op, n, n)
 
     # Queueing a token: its local effects, in token order; the plan entry, or None to skip.
     def _queue_alloc(self, b: Any, tok: Op) -> Op:

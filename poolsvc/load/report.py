@@ -67,6 +67,9 @@ def text(report: dict[str, Any]) -> str:
     target = TARGET_BATCHED if spec["batch"] > 1 else TARGET_SINGLE
     lines.append(f"  section 7 target ({'batched' if spec['batch'] > 1 else 'single'}): "
                  f">= {target:,} ops/s -> {report['ops_per_s'] / target:.0%} of it")
+    if "client_cpu_s" in report:
+        lines.append(f"  client CPU: {report['client_cpu_us_per_op']:.2f} us per operation "
+                     f"({report['client_cpu_s']:.1f} s over all clients, waits for the daemon included)")
     lines.append("")
     errs = report["errors"]["by_type"]
     lines.append("errors: " + (", ".join(f"{k} {v}" for k, v in sorted(errs.items())) or "none")
