@@ -101,8 +101,11 @@ class Generator(Ledger):
             if held is not None:
                 return ("f", held.handle)
             op = "alloc_user"
-        if op.startswith("alloc"):
-            return self._gen_alloc(op)
+        kind = ALLOC_KINDS.get(op)
+        if kind is not None:
+            handle = self.next_handle
+            self.next_handle = handle + 1
+            return ("a", kind, self.size(), handle)
         if op.startswith("register"):
             if self.area is None or not self.free_regions:
                 return self._gen_alloc("alloc_user")
