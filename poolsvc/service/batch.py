@@ -149,11 +149,15 @@ class Batch:
         """Queue ``shm.close()`` (None for a Shm already released: nothing is sent)."""
         if getattr(shm, "context", None) is not self.ctx:
             raise BadParameters(f"{shm!r} is not a shm of context {self.ctx.name}")
-        if shm.closed:
+        if shm._refs <= 0:  # released: nothing to send
             self._answer_here(None)
             return
-        self._push(pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie), (SHM_CLOSE, shm))
-        self.closing.append((len(self.kinds) - 1, len(self.parts) - 1, shm))
+        parts, kinds = self.parts, self.kinds
+        if len(parts) >= self.limit:
+            self._full()
+        parts.append(pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie))
+        kinds.append((SHM_CLOSE, shm))
+        self.closing.append((len(kinds) - 1, len(parts) - 1, shm))
 
     def run(self) -> list[Any]:
         """Send the batch; one result per operation (Shm, None, or an exception)."""
