@@ -127,6 +127,7 @@ class Generator(Ledger):
         (``Held.busy``): a free later in the batch would run first locally.
         """
         toks: list[Op] = [("x", h.handle) for h in self.pending_release]
+        releases = len(toks)
         self.pending_release = []
         self.serial = serial = self.serial + 1
         # each operation's token code: "f", "l", or the kind of an alloc ("u", "k", "p")
@@ -141,14 +142,15 @@ class Generator(Ledger):
         max_live = self.max_live
         planned = len(self.live)
         handle = self.next_handle
+        n = len(live_list)  # (constant here: frees take effect when the batch runs)
+        tries = range(8) if n else ()
         for _ in range(self.batch_size):
             op = codes[bisect_right(cum, rnd() * total)]
             free = op == "f" or (bounded and planned >= max_live and op != "l")
             if free or op == "l":
                 # a random live buffer not yet in this batch (with an id for a lookup);
                 # the hot path, so written out here rather than through _pick
-                n = len(live_list)  # (constant here: frees take effect when the batch runs)
-                for _ in range(8 if n else 0):
+                for _ in tries:
                     held = live_list[int(rnd() * n)]
                     if held.busy != serial and (free or held.shm.id > 0):
                         break
@@ -167,4 +169,4 @@ class Generator(Ledger):
             handle += 1
             planned += 1
         self.next_handle = handle
-        return ("b", toks, len(toks) - sum(1 for t in toks if t[0] == "x"))
+        return ("b", toks, len(toks) - releases)

@@ -8,9 +8,11 @@ the public client API, times it into the figures of the current interval
 tagged, a freed one verified and forgotten, a lookup must give back the same
 Shm, an invoke's secure-world digest must match the pattern.
 
-A BATCH runs in two table-driven passes: each token is queued on the batch
-(``_BATCH_QUEUE``: its local effects happen then, in token order), and
-after the round trip each result is taken in by its kind (``_BATCH_DONE``).
+A BATCH runs in two passes: each token is queued on the batch (its local
+effects happen then, in token order; lookups and releases through the
+``_BATCH_QUEUE`` table), and after the round trip each result is taken in by
+its kind (lookups and releases through ``_BATCH_DONE``).  Allocs and frees,
+the common tokens, skip the tables: the passes are the harness's hot loop.
 A batched free gives up its pages only at its turn among the results, since
 the daemon runs a batch in order: an alloc placed before the free in the
 same batch must not get them.
@@ -230,12 +232,22 @@ class Operations(Ledger):
 
     def _batch_plan(self, b: Any, tokens: list[Op]) -> list[Op]:
         """Queue each token on ``b``; the plan: the alloc tokens themselves and
-        ``("f"|"l"|"x", Held)`` entries (tokens on buffers not held are skipped)."""
+        ``("f"|"l"|"x", Held)`` entries (tokens on buffers not held are skipped).
+
+        Allocs and frees, the common tokens, are queued here without the table.
+        """
         queue = self._BATCH_QUEUE
+        queue_free = self._queue_free
+        allocs = {kind: getattr(b, method) for kind, method in METHODS.items() if kind in "ukp"}
         plan: list[Op] = []
         append = plan.append
         for tok in tokens:
-            entry = queue[tok[0]](self, b, tok)
+            code = tok[0]
+            if code == "a":
+                allocs[tok[1]](tok[2])
+                append(tok)
+                continue
+            entry = queue_free(b, tok) if code == "f" else queue[code](self, b, tok)
             if entry is None:
                 self.skipped += 1
             else:
@@ -244,22 +256,45 @@ class Operations(Ledger):
 
     def _batch_take(self, plan: list[Op], results: list[Any], per_op: int) -> None:
         """Take in a batch's results in order; one histogram entry per operation kind,
-        each at ``per_op`` nanoseconds."""
+        each at ``per_op`` nanoseconds.
+
+        A buffer from an alloc and a free's result are taken in here without the table.
+        """
         done = self._BATCH_DONE
+        hold = self._hold_batched
+        done_free = self._done_free
         nxt = iter(results).__next__
+        made = {"u": 0, "k": 0, "p": 0}
+        freed = 0
         tally: dict[str, int] = {}
         for entry in plan:
-            op = done[entry[0]](self, entry, nxt(), nxt)
-            if op is not None:
-                tally[op] = tally.get(op, 0) + 1
+            code = entry[0]
+            result = nxt()
+            if code == "a":  # a new buffer (or the alloc's error)
+                kind = entry[1]
+                made[kind] += 1
+                if isinstance(result, PoolsvcError):
+                    self._error(KIND_OPS[kind], result)
+                else:
+                    hold(result, kind, entry[2], entry[3])
+            elif code == "f":
+                done_free(entry, result, nxt)
+                freed += 1
+            else:
+                op = done[code](self, entry, result, nxt)
+                if op is not None:
+                    tally[op] = tally.get(op, 0) + 1
+        for kind, n in made.items():
+            if n:
+                op = KIND_OPS[kind]
+                tally[op] = tally.get(op, 0) + n
+        if freed:
+            tally["free"] = tally.get("free", 0) + freed
         for op, n in tally.items():
             self._time_batched(op, per_op, n, n)
 
-    # Queueing a token: its local effects, in token order; the plan entry, or None to skip.
-    def _queue_alloc(self, b: Any, tok: Op) -> Op:
-        getattr(b, METHODS[tok[1]])(tok[2])
-        return tok
-
+    # Queueing a token (allocs: in _batch_plan): its local effects, in token order; the plan
+    # entry, or None to skip.
     def _queue_free(self, b: Any, tok: Op) -> Op | None:
         held = self.live.get(tok[1])
         if held is None:
@@ -290,18 +325,9 @@ class Operations(Ledger):
         return ("x", held)
 
     _BATCH_QUEUE: dict[str, Callable[..., Any]] = {
-        "a": _queue_alloc, "f": _queue_free, "l": _queue_lookup, "x": _queue_release}
+        "f": _queue_free, "l": _queue_lookup, "x": _queue_release}
 
-    # Taking in a result: the operation name it counts under, or None.
-    def _done_alloc(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
-        _, kind, size, handle = entry
-        op = KIND_OPS[kind]
-        if isinstance(result, PoolsvcError):
-            self._error(op, result)
-        else:
-            self._hold_batched(result, kind, size, handle)
-        return op
-
+    # Taking in a result (allocs: in _batch_take): the operation name it counts under, or None.
     def _done_free(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
         held = entry[1]
         for _ in range(held.extra_refs):  # the results of closing its lookups' references
@@ -331,4 +357,4 @@ class Operations(Ledger):
             self._error("free", result)
 
     _BATCH_DONE: dict[str, Callable[..., Any]] = {
-        "a": _done_alloc, "f": _done_free, "l": _done_lookup, "x": _done_release}
+        "f": _done_free, "l": _done_lookup, "x": _done_release}
