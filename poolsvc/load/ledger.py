@@ -132,7 +132,7 @@ class Ledger:
         size = held.size
         phase = size & 15  # the tail starts at size - 16, phase (size - 16) % 16 of the tag
         held.head = tag
-        held.tail = tail = (tag + tag)[phase:phase + 16]
+        held.tail = tail = (tag + tag)[phase:phase + 16] if phase else tag
         view[:16] = tag
         view[size - 16:size] = tail
 
@@ -170,7 +170,9 @@ class Ledger:
     def _claim_pages(self, held: Held, shm: Any) -> None:
         """Note ``shm``'s pages as ``held``'s; a violation for each one a live buffer has."""
         handle = held.handle
-        held.pages = pages = page_addresses(shm)
+        run = shm.page_run
+        # one page (the common case): a 1-tuple, no range to build
+        held.pages = pages = (run[0],) if run is not None and run[1] == 1 else page_addresses(shm)
         owner = self.pages
         owner_get = owner.get
         for pa in pages:

@@ -305,8 +305,10 @@ class Operations(Ledger):
             self._verify(held, "free")  # (the ends matched: nothing for it to find)
         self._forget(held, pages=False)  # its pages: at the free's turn (_done_free)
         shm = held.shm
-        for _ in range(held.extra_refs + 1):
-            b.close(shm)
+        b.close(shm)
+        if held.extra_refs:  # the references its batched lookups took
+            for _ in range(held.extra_refs):
+                b.close(shm)
         return ("f", held)
 
     def _queue_lookup(self, b: Any, tok: Op) -> Op | None:
