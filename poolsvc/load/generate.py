@@ -76,9 +76,6 @@ class Generator(Ledger):
             ops.append(("b", part, sum(t[0] != "x" for t in part)))
         return ops
 
-    def _full(self) -> bool:
-        return not self.exhaust and len(self.live) >= self.max_live
-
     def _pick(self, need_id: bool = False, no_priv: bool = False) -> Held | None:
         """A random live buffer, or None (after 8 draws that did not fit).
 
@@ -96,7 +93,8 @@ class Generator(Ledger):
         return None
 
     def _gen_single(self, op: str) -> Op:
-        if op == "free" or (self._full() and op != "invoke" and op != "lookup"):
+        if op == "free" or (not self.exhaust and len(self.live) >= self.max_live  # full
+                            and op != "invoke" and op != "lookup"):
             held = self._pick()
             if held is not None:
                 return ("f", held.handle)

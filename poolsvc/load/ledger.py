@@ -58,8 +58,9 @@ def page_addresses(shm: Any) -> Any:
 class Held:
     """One buffer this worker holds: the Shm and what it must contain.
 
-    ``head``/``tail``: the 16 bytes the owner wrote at each end (both
-    patterns), kept so that a check does not rebuild them; ``index``: the
+    ``head``/``tail``: the owner's tag and the 16 bytes it wrote at the end
+    (``b""`` until written), kept so that a check does not rebuild them (a
+    whole pattern is rebuilt from ``head``); ``index``: the
     buffer's place in ``Ledger.live_list``; ``busy``: the number of the
     batch being generated that already uses it; ``region``: the registration
     area's region it lies in (-1: allocated); ``extra_refs``: references a
@@ -111,8 +112,9 @@ class Ledger:
         return TAG.pack(TAG_MAGIC, self.slot, self.gen & 0xFFFF, handle)
 
     def _pattern(self, held: Held) -> bytes:
-        tag = self._tag(held.handle)
-        return (tag * (held.size // 16 + 1))[:held.size]
+        tag = held.head or self._tag(held.handle)
+        size = held.size
+        return tag * (size >> 4) if not size & 15 else (tag * (size // 16 + 1))[:size]
 
     def _write(self, held: Held, full: bool) -> None:
         view = held.view
@@ -120,6 +122,7 @@ class Ledger:
             return
         size = held.size
         if full or size <= 32:
+            held.head = self._tag(held.handle)  # (kept: the check rebuilds the pattern from it)
             view[:size] = self._pattern(held)
             held.full = True
         else:
