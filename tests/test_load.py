@@ -278,7 +278,7 @@ def test_worker_batches_are_seeded_and_use_a_buffer_once():
         w = _bare_worker()
         w.rng = random.Random(seed)
         w.size = SizeDist.parse("log:64:64KiB").sampler(w.rng)
-        w.exhaust, w.max_live, w.batch_size, w.serial, w.next_handle = False, 40, 64, 0, 100
+        w.exhaust, w.max_live, w.batch_size, w.next_handle = False, 40, 64, 100
         w.pending_release = []
         for h in range(1, 41):
             held = Held(type("S", (), {"id": h % 3})(), "u", 64, h)

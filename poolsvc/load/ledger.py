@@ -61,14 +61,13 @@ class Held:
     ``head``/``tail``: the owner's tag and the 16 bytes it wrote at the end
     (``b""`` until written), kept so that a check does not rebuild them (a
     whole pattern is rebuilt from ``head``); ``index``: the
-    buffer's place in ``Ledger.live_list``; ``busy``: the number of the
-    batch being generated that already uses it; ``region``: the registration
+    buffer's place in ``Ledger.live_list``; ``region``: the registration
     area's region it lies in (-1: allocated); ``extra_refs``: references a
     batched lookup took, released by a later batch or at its free.
     """
 
     __slots__ = ("shm", "kind", "size", "handle", "full", "view", "region", "extra_refs",
-                 "index", "busy", "head", "tail", "pages")
+                 "index", "head", "tail", "pages")
 
     def __init__(self, shm: Any, kind: str, size: int, handle: int, region: int = -1) -> None:
         self.shm = shm
@@ -80,7 +79,6 @@ class Held:
         self.region = region
         self.extra_refs = 0
         self.index = -1
-        self.busy = 0
         self.head = self.tail = b""
         self.pages: Any = ()
 

@@ -104,7 +104,6 @@ class Worker(Generator, Operations):
         self.next_handle = 1
         self.pending_release: list[Held] = []
         self.draining = False
-        self.serial = 0
         self.trace = None
         if spec.get("trace"):
             from .trace import TraceWriter
