@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import pytest
 
+from poolsvc.constants import ShmFlags
 from poolsvc.service import channel as C
 from poolsvc.service import protocol as P
 from poolsvc.service.objects import Context, Shm
@@ -41,7 +42,7 @@ PAGE = 4096
 TOKEN = 7
 BASE_PA = 0x8000_0000
 _OK = int(P.MsgType.OK)
-_FLAGS = 0x11  # DYNAMIC | POOL, what alloc_user_buf gives
+_FLAGS = int(ShmFlags.DYNAMIC | ShmFlags.POOL)  # what alloc_user_buf gives
 _BITS = int(P.DescBits.CONTIGUOUS | P.DescBits.REGISTERED)
 
 
