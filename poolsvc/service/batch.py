@@ -260,22 +260,6 @@ class LocalBatch:
     def close(self, shm: Any) -> None:
         self.ops.append(("close", shm))
 
-    def _unsend_closes(self, kinds: list[tuple[int, Any]], parts: list[bytes],
-                       kept: list[bool]) -> None:
-        """Answer here (None, nothing sent) the closes whose ``kept`` entry is False
-        (their Shm was released by then); ``kept`` has one entry per queued close."""
-        close_at = part_at = 0
-        for kind_at, (msg_type, _) in enumerate(kinds):
-            if msg_type == _LOCAL:  # (no frame)
-                continue
-            if msg_type == SHM_CLOSE:
-                if not kept[close_at]:
-                    kinds[kind_at] = (_LOCAL, None)
-                    parts[part_at] = b""
-                close_at += 1
-            part_at += 1
-        self.local = True
-
     def run(self) -> list[Any]:
         results: list[Any] = []
         for op, arg in self.ops:
