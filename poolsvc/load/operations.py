@@ -293,8 +293,8 @@ class Operations(Ledger):
         for op, n in tally.items():
             self._time_batched(op, per_op, n, n)
 
-    # Queueing a token (allocs: in _batch_plan): its local effects, in token order; the plan
-    # entry, or None to skip.
+    # Queueing a token (an alloc: in _batch_plan): its local effects, in token order; the
+    # plan entry, or None to skip.
     def _queue_free(self, b: Any, tok: Op) -> Op | None:
         held = self.live.get(tok[1])
         if held is None:
@@ -326,10 +326,9 @@ class Operations(Ledger):
         b.close(held.shm)
         return ("x", held)
 
-    _BATCH_QUEUE: dict[str, Callable[..., Any]] = {
-        "f": _queue_free, "l": _queue_lookup, "x": _queue_release}
+    _BATCH_QUEUE: dict[str, Callable[..., Any]] = {"l": _queue_lookup, "x": _queue_release}
 
-    # Taking in a result (allocs: in _batch_take): the operation name it counts under, or None.
+    # Taking in a result (an alloc's: in _batch_take): the operation name it counts under, or None.
     def _done_free(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
         held = entry[1]
         for _ in range(held.extra_refs):  # the results of closing its lookups' references
@@ -358,5 +357,4 @@ class Operations(Ledger):
         if isinstance(result, PoolsvcError):
             self._error("free", result)
 
-    _BATCH_DONE: dict[str, Callable[..., Any]] = {
-        "f": _done_free, "l": _done_lookup, "x": _done_release}
+    _BATCH_DONE: dict[str, Callable[..., Any]] = {"l": _done_lookup, "x": _done_release}
