@@ -63,6 +63,7 @@ def test_ops_bound_ends_the_run():
     assert 400 <= rep["ops_total"] < 800 and rep["elapsed_s"] < 25
     # the workers' CPU over their operations (the set-up is not counted)
     assert 0 < rep["client_cpu_s"] < 10 * rep["elapsed_s"]
+    assert 0 <= rep["client_cpu_sys_s"] <= rep["client_cpu_s"]
     assert rep["client_cpu_us_per_op"] == pytest.approx(1e6 * rep["client_cpu_s"] / rep["ops_total"], rel=0.05)
     assert "client CPU: " in report.text(rep)
 
@@ -216,14 +217,14 @@ def test_worker_report_line_counts_single_samples_and_batched_figures():
 
     w = _bare_worker()
     w.samples, w.counts, w.errors, w.hists = defaultdict(list), {}, {}, {}
-    w.daemon_private, w.cpu_mark, w.trace, w.out = 0, 0.0, None, io.StringIO()
+    w.daemon_private, w.cpu_mark, w.trace, w.out = 0, (0.0, 0.0), None, io.StringIO()
     for ns in (1000, 3000, 2000):
         w._time("free", ns)
     w._time_batched("free", 500, 4, 4)
     w._time_batched("batch", 9000, 0, 1)
     Worker.report(w, "tick")
     doc = json.loads(w.out.getvalue())
-    assert doc["n"] == {"free": 7, "batch": 0} and doc["cpu"] > 0
+    assert doc["n"] == {"free": 7, "batch": 0} and doc["cpu"] >= doc["cpu_sys"] >= 0 and doc["cpu"] > 0
     free = Histogram.from_wire(doc["h"]["free"])
     assert free.count == 7 and free.min_ns == 500 and free.max_ns == 3000
     assert w.samples == {} and w.counts == {} and w.hists == {}

@@ -47,6 +47,7 @@ import json
 import mmap
 import os
 import random
+import resource
 import signal
 import sys
 import time
@@ -89,8 +90,8 @@ class Worker(Generator, Operations):
         self.counts: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.hists: dict[str, Histogram] = {}
-        #: CPU seconds of this process when the previous report line was written.
-        self.cpu_mark = time.process_time()
+        #: CPU seconds of this process (user, system) when the previous report line was written.
+        self.cpu_mark = _cpu()
         self.violations: list[str] = []
         self.done = 0
         self.skipped = 0
@@ -154,7 +155,8 @@ class Worker(Generator, Operations):
     # -- reporting ----------------------------------------------------------------------------------
     def report(self, kind: str) -> None:
         """Write one report line: the figures since the previous one (then reset), and
-        ``cpu``, the CPU seconds this process spent meanwhile."""
+        ``cpu``, the CPU seconds this process spent meanwhile (``cpu_sys`` of them in
+        the kernel: system calls, and the wake-ups of its waits for the daemon)."""
         counts, hists = self.counts, self.hists
         for op, samples in self.samples.items():
             if samples:
@@ -164,11 +166,13 @@ class Worker(Generator, Operations):
                     hists[op] = Histogram.from_samples(samples)
                 else:
                     h.merge(Histogram.from_samples(samples))
-        cpu = time.process_time()
+        cpu = _cpu()
         doc = {"k": kind, "t": time.time(), "n": counts, "e": self.errors,
                "h": {op: h.to_wire() for op, h in hists.items()}, "v": self.violations,
                "live": len(self.live), "skipped": self.skipped, "unverified": self.unverified,
-               "private": self.daemon_private, "cpu": round(cpu - self.cpu_mark, 6)}
+               "private": self.daemon_private,
+               "cpu": round(cpu[0] + cpu[1] - self.cpu_mark[0] - self.cpu_mark[1], 6),
+               "cpu_sys": round(cpu[1] - self.cpu_mark[1], 6)}
         self.cpu_mark = cpu
         if self.trace is not None:
             self.trace.flush()
@@ -190,7 +194,7 @@ class Worker(Generator, Operations):
         if self.spec.get("start") == "wait" and not self._wait_for_start():
             self.finish()
             return 0
-        self.cpu_mark = time.process_time()  # the CPU of the set-up is not the load's
+        self.cpu_mark = _cpu()  # the CPU of the set-up is not the load's
         try:
             self._loop()
             if self.spec.get("replay") and self.spec.get("replay_end") == "kill":
@@ -281,6 +285,12 @@ class Worker(Generator, Operations):
         self.report("exit")
         if self.trace is not None:
             self.trace.close()
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds this process spent so far: (user, system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
