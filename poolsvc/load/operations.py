@@ -331,9 +331,10 @@ class Operations(Ledger):
     # Taking in a result (an alloc's: in _batch_take): the operation name it counts under, or None.
     def _done_free(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
         held = entry[1]
-        for _ in range(held.extra_refs):  # the results of closing its lookups' references
-            nxt()
-        held.extra_refs = 0
+        if held.extra_refs:
+            for _ in range(held.extra_refs):  # the results of closing its lookups' references
+                nxt()
+            held.extra_refs = 0
         if held.pages:  # the free's turn: its pages may now go to a later alloc
             self._give_pages(held)
         if isinstance(result, PoolsvcError):
