@@ -8,7 +8,8 @@ API), and to the runner only through its stdout, one JSON object per line:
   ``start == "wait"`` it then waits for ``go DEADLINE`` (wall clock) on its
   stdin, so that every client of a run starts at once;
 - ``{"k": "tick", ...}`` every ``tick`` seconds: operation counts, errors by
-  type, latency histograms and violations *since the previous line*;
+  type, latency histograms, violations and the CPU seconds spent (``cpu``,
+  ``cpu_sys`` of them in the kernel) *since the previous line*;
 - ``{"k": "exit", ...}`` the last delta, after every buffer was freed.
 
 What it checks (each failure is a *violation* line, never an exception):
