@@ -154,8 +154,9 @@ class Operations(Ledger):
         t0 = _now()
         try:
             shm.close()
-            for _ in range(held.extra_refs):
-                shm.close()
+            if held.extra_refs:  # the references batched lookups took
+                for _ in range(held.extra_refs):
+                    shm.close()
         except PoolsvcError as exc:
             self._error("free", exc)
         self.samples["free"].append(_now() - t0)
