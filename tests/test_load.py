@@ -61,6 +61,11 @@ def test_ops_bound_ends_the_run():
     rep = LoadRunner(LoadSpec(clients=2, duration=30.0, ops=400)).run()
     _assert_clean(rep)
     assert 400 <= rep["ops_total"] < 800 and rep["elapsed_s"] < 25
+    # the workers' CPU over their operations (the set-up is not counted)
+    assert 0 < rep["client_cpu_s"] < 10 * rep["elapsed_s"]
+    assert 0 <= rep["client_cpu_sys_s"] <= rep["client_cpu_s"]
+    assert rep["client_cpu_us_per_op"] == pytest.approx(1e6 * rep["client_cpu_s"] / rep["ops_total"], rel=0.05)
+    assert "client CPU: " in report.text(rep)
 
 
 def test_record_then_replay_on_two_configurations(tmp_path):
@@ -194,6 +199,37 @@ def test_mix_sizes_and_spec_validation():
         LoadSpec(batch=5000)
 
 
+def test_chooser_draws_by_weight_and_takes_the_last_on_rounding():
+    choose = OpMix.parse("alloc_user=1,free=3").chooser(random.Random(3))
+    draws = [choose() for _ in range(4000)]
+    assert set(draws) == {"alloc_user", "free"} and 0.2 < draws.count("alloc_user") / 4000 < 0.3
+    top = type("Top", (), {"random": lambda self: 1.0})()  # a draw of exactly the total weight
+    assert OpMix.parse("alloc_user=1,free=3").chooser(top)() == "free"
+    assert OpMix.parse("free=1").chooser(random.Random(1), frozenset({"lookup"})).names == []
+
+
+def test_worker_report_line_counts_single_samples_and_batched_figures():
+    from collections import defaultdict
+    import io
+
+    from poolsvc.histogram import Histogram
+    from poolsvc.load.worker import Worker
+
+    w = _bare_worker()
+    w.samples, w.counts, w.errors, w.hists = defaultdict(list), {}, {}, {}
+    w.daemon_private, w.cpu_mark, w.trace, w.out = 0, (0.0, 0.0), None, io.StringIO()
+    for ns in (1000, 3000, 2000):
+        w._time("free", ns)
+    w._time_batched("free", 500, 4, 4)
+    w._time_batched("batch", 9000, 0, 1)
+    Worker.report(w, "tick")
+    doc = json.loads(w.out.getvalue())
+    assert doc["n"] == {"free": 7, "batch": 0} and doc["cpu"] >= doc["cpu_sys"] >= 0 and doc["cpu"] > 0
+    free = Histogram.from_wire(doc["h"]["free"])
+    assert free.count == 7 and free.min_ns == 500 and free.max_ns == 3000
+    assert w.samples == {} and w.counts == {} and w.hists == {}
+
+
 def test_trace_reader_names_the_bad_line(tmp_path):
     path = tmp_path / "t.trace"
     path.write_text('#poolsvc-trace 1 {}\n@ 0 0 exit 2\na u 4096 1\n')
@@ -278,7 +314,7 @@ def test_worker_batches_are_seeded_and_use_a_buffer_once():
         w = _bare_worker()
         w.rng = random.Random(seed)
         w.size = SizeDist.parse("log:64:64KiB").sampler(w.rng)
-        w.exhaust, w.max_live, w.batch_size, w.serial, w.next_handle = False, 40, 64, 0, 100
+        w.exhaust, w.max_live, w.batch_size, w.next_handle = False, 40, 64, 100
         w.pending_release = []
         for h in range(1, 41):
             held = Held(type("S", (), {"id": h % 3})(), "u", 64, h)

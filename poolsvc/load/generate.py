@@ -20,6 +20,9 @@ from typing import Any
 from .ledger import Held, Ledger
 from .mix import BATCHABLE, REGION_SIZE
 
+#: Draws a batched lookup makes for a buffer with an id before it allocates instead.
+_TRIES = range(8)
+
 #: Kind code of each allocation operation.
 ALLOC_KINDS = {"alloc_user": "u", "alloc_kernel": "k", "alloc_priv": "p"}
 Op = tuple  # an operation tuple, see poolsvc.load.trace
@@ -36,7 +39,6 @@ class Generator(Ledger):
     next_handle: int
     pending_release: list[Held]
     draining: bool
-    serial: int
     area: Any
 
     def _new_handle(self) -> int:
@@ -76,9 +78,6 @@ class Generator(Ledger):
             ops.append(("b", part, sum(t[0] != "x" for t in part)))
         return ops
 
-    def _full(self) -> bool:
-        return not self.exhaust and len(self.live) >= self.max_live
-
     def _pick(self, need_id: bool = False, no_priv: bool = False) -> Held | None:
         """A random live buffer, or None (after 8 draws that did not fit).
 
@@ -96,13 +95,17 @@ class Generator(Ledger):
         return None
 
     def _gen_single(self, op: str) -> Op:
-        if op == "free" or (self._full() and op != "invoke" and op != "lookup"):
+        if op == "free" or (not self.exhaust and len(self.live) >= self.max_live  # full
+                            and op != "invoke" and op != "lookup"):
             held = self._pick()
             if held is not None:
                 return ("f", held.handle)
             op = "alloc_user"
-        if op.startswith("alloc"):
-            return self._gen_alloc(op)
+        kind = ALLOC_KINDS.get(op)
+        if kind is not None:
+            handle = self.next_handle
+            self.next_handle = handle + 1
+            return ("a", kind, self.size(), handle)
         if op.startswith("register"):
             if self.area is None or not self.free_regions:
                 return self._gen_alloc("alloc_user")
@@ -120,48 +123,54 @@ class Generator(Ledger):
     def _gen_batch(self, choose_batch: Any) -> Op:
         """One batch: the releases of earlier lookups, then ``batch_size`` operations.
 
-        A buffer appears at most once among a batch's frees and lookups
-        (``Held.busy``): a free later in the batch would run first locally.
+        A buffer appears at most once among a batch's frees and lookups: a free
+        later in the batch would run first locally.  The candidates are a copy
+        of the live list from which each buffer used is swapped out, so that a
+        free takes one draw.
         """
         toks: list[Op] = [("x", h.handle) for h in self.pending_release]
+        releases = len(toks)
         self.pending_release = []
-        self.serial = serial = self.serial + 1
         # each operation's token code: "f", "l", or the kind of an alloc ("u", "k", "p")
         codes = [{"free": "f", "lookup": "l"}.get(n) or ALLOC_KINDS[n] for n in choose_batch.names]
         codes.append(codes[-1])  # random() * total rounded up to total: the last one
         cum, total = choose_batch.cum, choose_batch.total
         rnd = self.rng.random
         size = self.size
-        live_list = self.live_list
         append = toks.append
         bounded = not self.exhaust
         max_live = self.max_live
         planned = len(self.live)
         handle = self.next_handle
+        # pool[:left]: live buffers not yet in this batch (frees take effect when it runs)
+        pool = self.live_list[:]
+        left = len(pool)
         for _ in range(self.batch_size):
             op = codes[bisect_right(cum, rnd() * total)]
             free = op == "f" or (bounded and planned >= max_live and op != "l")
-            if free or op == "l":
-                # a random live buffer not yet in this batch (with an id for a lookup);
-                # the hot path, so written out here rather than through _pick
-                n = len(live_list)  # (constant here: frees take effect when the batch runs)
-                for _ in range(8 if n else 0):
-                    held = live_list[int(rnd() * n)]
-                    if held.busy != serial and (free or held.shm.id > 0):
+            if (free or op == "l") and left:
+                # a random candidate (with an id for a lookup: at most 8 draws); the hot
+                # path, so written out here rather than through _pick
+                for _ in _TRIES:
+                    at = int(rnd() * left)
+                    held = pool[at]
+                    if free or held.shm.id > 0:
+                        left -= 1
+                        pool[at] = pool[left]
                         break
-                else:  # nothing fit: allocate instead
+                else:
                     held = None
                 if held is not None:
-                    held.busy = serial
                     if free:
                         append(("f", held.handle))
                         planned -= 1
                     else:
                         append(("l", held.handle))
                     continue
+            if free or op == "l":
                 op = "u"  # nothing fit: alloc_user
             append(("a", op, size(), handle))
             handle += 1
             planned += 1
         self.next_handle = handle
-        return ("b", toks, len(toks) - sum(1 for t in toks if t[0] == "x"))
+        return ("b", toks, len(toks) - releases)

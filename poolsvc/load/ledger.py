@@ -58,16 +58,16 @@ def page_addresses(shm: Any) -> Any:
 class Held:
     """One buffer this worker holds: the Shm and what it must contain.
 
-    ``head``/``tail``: the 16 bytes the owner wrote at each end (both
-    patterns), kept so that a check does not rebuild them; ``index``: the
-    buffer's place in ``Ledger.live_list``; ``busy``: the number of the
-    batch being generated that already uses it; ``region``: the registration
+    ``head``/``tail``: the owner's tag and the 16 bytes it wrote at the end
+    (``b""`` until written), kept so that a check does not rebuild them (a
+    whole pattern is rebuilt from ``head``); ``index``: the
+    buffer's place in ``Ledger.live_list``; ``region``: the registration
     area's region it lies in (-1: allocated); ``extra_refs``: references a
     batched lookup took, released by a later batch or at its free.
     """
 
     __slots__ = ("shm", "kind", "size", "handle", "full", "view", "region", "extra_refs",
-                 "index", "busy", "head", "tail", "pages")
+                 "index", "head", "tail", "pages")
 
     def __init__(self, shm: Any, kind: str, size: int, handle: int, region: int = -1) -> None:
         self.shm = shm
@@ -79,7 +79,6 @@ class Held:
         self.region = region
         self.extra_refs = 0
         self.index = -1
-        self.busy = 0
         self.head = self.tail = b""
         self.pages: Any = ()
 
@@ -111,8 +110,9 @@ class Ledger:
         return TAG.pack(TAG_MAGIC, self.slot, self.gen & 0xFFFF, handle)
 
     def _pattern(self, held: Held) -> bytes:
-        tag = self._tag(held.handle)
-        return (tag * (held.size // 16 + 1))[:held.size]
+        tag = held.head or self._tag(held.handle)
+        size = held.size
+        return tag * (size >> 4) if not size & 15 else (tag * (size // 16 + 1))[:size]
 
     def _write(self, held: Held, full: bool) -> None:
         view = held.view
@@ -120,6 +120,7 @@ class Ledger:
             return
         size = held.size
         if full or size <= 32:
+            held.head = self._tag(held.handle)  # (kept: the check rebuilds the pattern from it)
             view[:size] = self._pattern(held)
             held.full = True
         else:
@@ -132,7 +133,7 @@ class Ledger:
         size = held.size
         phase = size & 15  # the tail starts at size - 16, phase (size - 16) % 16 of the tag
         held.head = tag
-        held.tail = tail = (tag + tag)[phase:phase + 16]
+        held.tail = tail = (tag + tag)[phase:phase + 16] if phase else tag
         view[:16] = tag
         view[size - 16:size] = tail
 
@@ -170,7 +171,9 @@ class Ledger:
     def _claim_pages(self, held: Held, shm: Any) -> None:
         """Note ``shm``'s pages as ``held``'s; a violation for each one a live buffer has."""
         handle = held.handle
-        held.pages = pages = page_addresses(shm)
+        run = shm.page_run
+        # one page (the common case): a 1-tuple, no range to build
+        held.pages = pages = (run[0],) if run is not None and run[1] == 1 else page_addresses(shm)
         owner = self.pages
         owner_get = owner.get
         for pa in pages:

@@ -81,7 +81,12 @@ class OpMix:
 
 
 class Chooser:
-    """Weighted choice by bisection over cumulative weights (no allocation per call)."""
+    """Weighted choice by bisection over cumulative weights (no allocation per call).
+
+    ``names[i]`` is chosen for a draw in ``[cum[i-1], cum[i])`` of ``[0, total)``;
+    ``_picks`` is ``names`` plus its last name again, for a draw that rounds up to
+    ``total`` (so that a call needs no bounds check).
+    """
 
     def __init__(self, rng: random.Random, pairs: list[tuple[str, float]]) -> None:
         import bisect
@@ -91,14 +96,15 @@ class Chooser:
         self.names = [n for n, _ in pairs]
         self.cum = list(itertools.accumulate(w for _, w in pairs))
         self.total = self.cum[-1] if self.cum else 0.0
+        self._picks = self.names + self.names[-1:]
+        self._random = rng.random
         self._bisect = bisect.bisect_right
 
     def __bool__(self) -> bool:
         return bool(self.names)
 
     def __call__(self) -> str:
-        i = self._bisect(self.cum, self.rng.random() * self.total)
-        return self.names[min(i, len(self.names) - 1)]
+        return self._picks[self._bisect(self.cum, self._random() * self.total)]
 
 
 @dataclass(frozen=True)

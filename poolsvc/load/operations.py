@@ -3,14 +3,16 @@
 :class:`Operations` (inherited by :class:`~poolsvc.load.worker.Worker`) runs
 one operation tuple (:mod:`poolsvc.load.trace`) against the daemon through
 the public client API, times it into the figures of the current interval
-(``counts``, ``hists``, ``errors``) and keeps the ledger
+(``samples``, ``counts``, ``hists``, ``errors``) and keeps the ledger
 (:class:`~poolsvc.load.ledger.Ledger`) in step: a new buffer is held and
 tagged, a freed one verified and forgotten, a lookup must give back the same
 Shm, an invoke's secure-world digest must match the pattern.
 
-A BATCH runs in two table-driven passes: each token is queued on the batch
-(``_BATCH_QUEUE``: its local effects happen then, in token order), and
-after the round trip each result is taken in by its kind (``_BATCH_DONE``).
+A BATCH runs in two passes: each token is queued on the batch (its local
+effects happen then, in token order; lookups and releases through the
+``_BATCH_QUEUE`` table), and after the round trip each result is taken in by
+its kind (lookups and releases through ``_BATCH_DONE``).  Allocs and frees,
+the common tokens, skip the tables: the passes are the harness's hot loop.
 A batched free gives up its pages only at its turn among the results, since
 the daemon runs a batch in order: an alloc placed before the free in the
 same batch must not get them.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import defaultdict
 from typing import Any, Callable
 
 from ..errors import Closed, OutOfMemory, PoolsvcError
@@ -52,15 +55,25 @@ class Operations(Ledger):
     area: Any
     area_view: Any
     area_fd: int
+    #: Latencies (ns) of the single operations of this interval, by operation: one
+    #: list append per operation (the histograms are built from them per report line).
+    samples: defaultdict[str, list[int]]
+    #: Operations counted by batches (a single operation counts as its sample).
     counts: dict[str, int]
     errors: dict[str, int]
     hists: dict[str, Histogram]
+    #: The Context method making a buffer of each allocated kind (``"u"``, ``"k"``, ``"p"``).
+    alloc_fns: dict[str, Callable[[int], Any]]
     skipped: int
     draining: bool
     pending_release: list[Held]
 
     # -- figures ---------------------------------------------------------------------------------
-    def _time(self, op: str, ns: int, n: int = 1, weight: int = 1) -> None:
+    def _time(self, op: str, ns: int) -> None:
+        """Count one operation ``op`` that took ``ns`` nanoseconds."""
+        self.samples[op].append(ns)
+
+    def _time_batched(self, op: str, ns: int, n: int, weight: int) -> None:
         """Count ``n`` operations ``op`` and ``weight`` latencies of ``ns`` each."""
         h = self.hists.get(op)
         if h is None:
@@ -85,21 +98,26 @@ class Operations(Ledger):
         if code == "b":
             self.op_batch(op[1])
             return op[2]
-        self._SINGLE[code](self, *op[1:])
+        if code == "a":
+            self.op_alloc(op[1], op[2], op[3])
+        elif code == "f":
+            self.op_free(op[1])
+        else:
+            self._SINGLE[code](self, *op[1:])
         return 1
 
     # -- single operations -------------------------------------------------------------------------
     def op_alloc(self, kind: str, size: int, handle: int) -> bool:
         op = KIND_OPS[kind]
-        fn = getattr(self.ctx, METHODS[kind])
+        fn = self.alloc_fns[kind]
         t0 = _now()
         try:
             shm = fn(size)
         except PoolsvcError as exc:
-            self._time(op, _now() - t0)
+            self.samples[op].append(_now() - t0)
             self._error(op, exc)
             return False
-        self._time(op, _now() - t0)
+        self.samples[op].append(_now() - t0)
         self._hold(shm, kind, size, handle)
         return True
 
@@ -132,14 +150,16 @@ class Operations(Ledger):
             return
         self._verify(held, "free")
         self._forget(held)
+        shm = held.shm
         t0 = _now()
         try:
-            held.shm.close()
-            for _ in range(held.extra_refs):
-                held.shm.close()
+            shm.close()
+            if held.extra_refs:  # the references batched lookups took
+                for _ in range(held.extra_refs):
+                    shm.close()
         except PoolsvcError as exc:
             self._error("free", exc)
-        self._time("free", _now() - t0)
+        self.samples["free"].append(_now() - t0)
 
     def op_lookup(self, handle: int) -> None:
         held = self.live.get(handle)
@@ -208,17 +228,27 @@ class Operations(Ledger):
             self._error("batch", exc)
             return
         ns = _now() - t0
-        self._time("batch", ns, 0)
+        self._time_batched("batch", ns, 0, 1)
         self._batch_take(plan, results, ns // len(plan))
 
     def _batch_plan(self, b: Any, tokens: list[Op]) -> list[Op]:
         """Queue each token on ``b``; the plan: the alloc tokens themselves and
-        ``("f"|"l"|"x", Held)`` entries (tokens on buffers not held are skipped)."""
+        ``("f"|"l"|"x", Held)`` entries (tokens on buffers not held are skipped).
+
+        Allocs and frees, the common tokens, are queued here without the table.
+        """
         queue = self._BATCH_QUEUE
+        queue_free = self._queue_free
+        allocs = {kind: getattr(b, method) for kind, method in METHODS.items() if kind in "ukp"}
         plan: list[Op] = []
         append = plan.append
         for tok in tokens:
-            entry = queue[tok[0]](self, b, tok)
+            code = tok[0]
+            if code == "a":
+                allocs[tok[1]](tok[2])
+                append(tok)
+                continue
+            entry = queue_free(b, tok) if code == "f" else queue[code](self, b, tok)
             if entry is None:
                 self.skipped += 1
             else:
@@ -227,22 +257,45 @@ class Operations(Ledger):
 
     def _batch_take(self, plan: list[Op], results: list[Any], per_op: int) -> None:
         """Take in a batch's results in order; one histogram entry per operation kind,
-        each at ``per_op`` nanoseconds."""
+        each at ``per_op`` nanoseconds.
+
+        A buffer from an alloc and a free's result are taken in here without the table.
+        """
         done = self._BATCH_DONE
+        hold = self._hold_batched
+        done_free = self._done_free
         nxt = iter(results).__next__
+        made = {"u": 0, "k": 0, "p": 0}
+        freed = 0
         tally: dict[str, int] = {}
         for entry in plan:
-            op = done[entry[0]](self, entry, nxt(), nxt)
-            if op is not None:
-                tally[op] = tally.get(op, 0) + 1
+            code = entry[0]
+            result = nxt()
+            if code == "a":  # a new buffer (or the alloc's error)
+                kind = entry[1]
+                made[kind] += 1
+                if isinstance(result, PoolsvcError):
+                    self._error(KIND_OPS[kind], result)
+                else:
+                    hold(result, kind, entry[2], entry[3])
+            elif code == "f":
+                done_free(entry, result, nxt)
+                freed += 1
+            else:
+                op = done[code](self, entry, result, nxt)
+                if op is not None:
+                    tally[op] = tally.get(op, 0) + 1
+        for kind, n in made.items():
+            if n:
+                op = KIND_OPS[kind]
+                tally[op] = tally.get(op, 0) + n
+        if freed:
+            tally["free"] = tally.get("free", 0) + freed
         for op, n in tally.items():
-            self._time(op, per_op, n, n)
+            self._time_batched(op, per_op, n, n)
 
-    # Queueing a token: its local effects, in token order; the plan entry, or None to skip.
-    def _queue_alloc(self, b: Any, tok: Op) -> Op:
-        getattr(b, METHODS[tok[1]])(tok[2])
-        return tok
-
+    # Queueing a token (an alloc: in _batch_plan): its local effects, in token order; the
+    # plan entry, or None to skip.
     def _queue_free(self, b: Any, tok: Op) -> Op | None:
         held = self.live.get(tok[1])
         if held is None:
@@ -253,8 +306,10 @@ class Operations(Ledger):
             self._verify(held, "free")  # (the ends matched: nothing for it to find)
         self._forget(held, pages=False)  # its pages: at the free's turn (_done_free)
         shm = held.shm
-        for _ in range(held.extra_refs + 1):
-            b.close(shm)
+        b.close(shm)
+        if held.extra_refs:  # the references its batched lookups took
+            for _ in range(held.extra_refs):
+                b.close(shm)
         return ("f", held)
 
     def _queue_lookup(self, b: Any, tok: Op) -> Op | None:
@@ -272,24 +327,15 @@ class Operations(Ledger):
         b.close(held.shm)
         return ("x", held)
 
-    _BATCH_QUEUE: dict[str, Callable[..., Any]] = {
-        "a": _queue_alloc, "f": _queue_free, "l": _queue_lookup, "x": _queue_release}
+    _BATCH_QUEUE: dict[str, Callable[..., Any]] = {"l": _queue_lookup, "x": _queue_release}
 
-    # Taking in a result: the operation name it counts under, or None.
-    def _done_alloc(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
-        _, kind, size, handle = entry
-        op = KIND_OPS[kind]
-        if isinstance(result, PoolsvcError):
-            self._error(op, result)
-        else:
-            self._hold_batched(result, kind, size, handle)
-        return op
-
+    # Taking in a result (an alloc's: in _batch_take): the operation name it counts under, or None.
     def _done_free(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
         held = entry[1]
-        for _ in range(held.extra_refs):  # the results of closing its lookups' references
-            nxt()
-        held.extra_refs = 0
+        if held.extra_refs:
+            for _ in range(held.extra_refs):  # the results of closing its lookups' references
+                nxt()
+            held.extra_refs = 0
         if held.pages:  # the free's turn: its pages may now go to a later alloc
             self._give_pages(held)
         if isinstance(result, PoolsvcError):
@@ -313,5 +359,4 @@ class Operations(Ledger):
         if isinstance(result, PoolsvcError):
             self._error("free", result)
 
-    _BATCH_DONE: dict[str, Callable[..., Any]] = {
-        "a": _done_alloc, "f": _done_free, "l": _done_lookup, "x": _done_release}
+    _BATCH_DONE: dict[str, Callable[..., Any]] = {"l": _done_lookup, "x": _done_release}

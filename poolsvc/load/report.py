@@ -67,6 +67,12 @@ def text(report: dict[str, Any]) -> str:
     target = TARGET_BATCHED if spec["batch"] > 1 else TARGET_SINGLE
     lines.append(f"  section 7 target ({'batched' if spec['batch'] > 1 else 'single'}): "
                  f">= {target:,} ops/s -> {report['ops_per_s'] / target:.0%} of it")
+    if "client_cpu_s" in report:
+        ops = report["ops_total"]
+        in_kernel = 1e6 * report.get("client_cpu_sys_s", 0.0) / ops if ops else 0.0
+        lines.append(f"  client CPU: {report['client_cpu_us_per_op']:.2f} us per operation, "
+                     f"{in_kernel:.2f} of them in the kernel ({report['client_cpu_s']:.1f} s over "
+                     "all clients, waits for the daemon included)")
     lines.append("")
     errs = report["errors"]["by_type"]
     lines.append("errors: " + (", ".join(f"{k} {v}" for k, v in sorted(errs.items())) or "none")

@@ -124,6 +124,10 @@ class Totals:
     skipped: int = 0
     unverified: int = 0
     daemon_private: int = 0
+    #: CPU seconds the workers spent running operations (their ``cpu`` fields), and
+    #: the part of it in the kernel (``cpu_sys``).
+    client_cpu: float = 0.0
+    client_cpu_sys: float = 0.0
 
 
 class LoadRunner:
@@ -346,6 +350,8 @@ class LoadRunner:
         tot.skipped += doc.get("skipped", 0)
         tot.unverified += doc.get("unverified", 0)
         tot.daemon_private += doc.get("private", 0)
+        tot.client_cpu += doc.get("cpu", 0.0)
+        tot.client_cpu_sys += doc.get("cpu_sys", 0.0)
         if kind == "exit":
             inc.exit_seen = True
 
@@ -611,6 +617,9 @@ class LoadRunner:
             "latency_us": every.summary_us(),
             "ops_total": ops_total,
             "ops_per_s": round(ops_total / elapsed, 1) if elapsed else 0.0,
+            "client_cpu_s": round(tot.client_cpu, 3),
+            "client_cpu_sys_s": round(tot.client_cpu_sys, 3),
+            "client_cpu_us_per_op": round(1e6 * tot.client_cpu / ops_total, 2) if ops_total else 0.0,
             "ops": per_op,
             "errors": {"by_type": by_type, "expected": expected, "unexpected": unexpected},
             "skipped_ops": tot.skipped,

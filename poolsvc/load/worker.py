@@ -8,7 +8,8 @@ API), and to the runner only through its stdout, one JSON object per line:
   ``start == "wait"`` it then waits for ``go DEADLINE`` (wall clock) on its
   stdin, so that every client of a run starts at once;
 - ``{"k": "tick", ...}`` every ``tick`` seconds: operation counts, errors by
-  type, latency histograms and violations *since the previous line*;
+  type, latency histograms, violations and the CPU seconds spent (``cpu``,
+  ``cpu_sys`` of them in the kernel) *since the previous line*;
 - ``{"k": "exit", ...}`` the last delta, after every buffer was freed.
 
 What it checks (each failure is a *violation* line, never an exception):
@@ -47,9 +48,11 @@ import json
 import mmap
 import os
 import random
+import resource
 import signal
 import sys
 import time
+from collections import defaultdict
 from typing import Any, Iterator
 
 from ..constants import GenCaps
@@ -58,7 +61,7 @@ from .generate import Generator, Op
 from ..histogram import Histogram
 from .ledger import Held
 from .mix import BATCHABLE, REGION_SIZE, OpMix, SizeDist
-from .operations import ConnectionLost, Operations
+from .operations import METHODS, ConnectionLost, Operations
 from .trace import format_op, parse_op
 
 EXIT_LOST = 3
@@ -84,9 +87,12 @@ class Worker(Generator, Operations):
         self.tick_s = float(spec.get("tick", 0.25))
         self.out = sys.stdout
         # figures since the previous report line
+        self.samples: defaultdict[str, list[int]] = defaultdict(list)
         self.counts: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.hists: dict[str, Histogram] = {}
+        #: CPU seconds of this process (user, system) when the previous report line was written.
+        self.cpu_mark = _cpu()
         self.violations: list[str] = []
         self.done = 0
         self.skipped = 0
@@ -100,7 +106,6 @@ class Worker(Generator, Operations):
         self.next_handle = 1
         self.pending_release: list[Held] = []
         self.draining = False
-        self.serial = 0
         self.trace = None
         if spec.get("trace"):
             from .trace import TraceWriter
@@ -110,6 +115,7 @@ class Worker(Generator, Operations):
                                       timeout=float(spec.get("timeout", 30)),
                                       transport=spec.get("transport"))
         self.ctx = self.client.open_context(f"load-{self.slot}.{self.gen}")
+        self.alloc_fns = {kind: getattr(self.ctx, METHODS[kind]) for kind in "ukp"}
         self.dynamic = self.client.pool == "dynamic"
         self.can_register = bool(self.client.gen_caps & GenCaps.REG_MEM)
         self.session: Any = None
@@ -149,15 +155,32 @@ class Worker(Generator, Operations):
 
     # -- reporting ----------------------------------------------------------------------------------
     def report(self, kind: str) -> None:
-        doc = {"k": kind, "t": time.time(), "n": self.counts, "e": self.errors,
-               "h": {op: h.to_wire() for op, h in self.hists.items()}, "v": self.violations,
+        """Write one report line: the figures since the previous one (then reset), and
+        ``cpu``, the CPU seconds this process spent meanwhile (``cpu_sys`` of them in
+        the kernel: system calls, and the wake-ups of its waits for the daemon)."""
+        counts, hists = self.counts, self.hists
+        for op, samples in self.samples.items():
+            if samples:
+                counts[op] = counts.get(op, 0) + len(samples)
+                h = hists.get(op)
+                if h is None:
+                    hists[op] = Histogram.from_samples(samples)
+                else:
+                    h.merge(Histogram.from_samples(samples))
+        cpu = _cpu()
+        doc = {"k": kind, "t": time.time(), "n": counts, "e": self.errors,
+               "h": {op: h.to_wire() for op, h in hists.items()}, "v": self.violations,
                "live": len(self.live), "skipped": self.skipped, "unverified": self.unverified,
-               "private": self.daemon_private}
+               "private": self.daemon_private,
+               "cpu": round(cpu[0] + cpu[1] - self.cpu_mark[0] - self.cpu_mark[1], 6),
+               "cpu_sys": round(cpu[1] - self.cpu_mark[1], 6)}
+        self.cpu_mark = cpu
         if self.trace is not None:
             self.trace.flush()
         self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         self.out.flush()
-        self.counts, self.errors, self.hists, self.violations = {}, {}, {}, []
+        self.samples, self.counts, self.errors, self.hists, self.violations = \
+            defaultdict(list), {}, {}, {}, []
         self.skipped = self.unverified = self.daemon_private = 0
 
     def run_line(self, line: str) -> int:
@@ -172,6 +195,7 @@ class Worker(Generator, Operations):
         if self.spec.get("start") == "wait" and not self._wait_for_start():
             self.finish()
             return 0
+        self.cpu_mark = _cpu()  # the CPU of the set-up is not the load's
         try:
             self._loop()
             if self.spec.get("replay") and self.spec.get("replay_end") == "kill":
@@ -193,25 +217,37 @@ class Worker(Generator, Operations):
         return True
 
     def _loop(self) -> None:
-        """Run operations until the budget or the source ends; a report line every tick."""
-        next_tick = time.monotonic() + self.tick_s
-        source = self._operations()
-        while self.done < self.budget:
-            op = next(source, None)
-            if op is None:
-                break
-            self.done += self.run_op(op)
-            if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + self.tick_s
-                self.report("tick")
+        """Run operations until the budget, the deadline (drawn operations) or the
+        source ends; a report line every tick.  One clock read per operation."""
+        clock = time.time
+        tick_s = self.tick_s
+        next_tick = clock() + tick_s
+        run_op = self.run_op
+        budget = self.budget
+        replay = bool(self.spec.get("replay"))
+        deadline = float("inf") if replay else self.deadline
+        trace = None if replay else self.trace
+        for ops in self._operations():
+            for op in ops:
+                if self.done >= budget:
+                    return
+                now = clock()
+                if now >= deadline:
+                    return
+                if trace is not None:
+                    trace.add(format_op(op))
+                self.done += run_op(op)
+                if now >= next_tick:
+                    next_tick = now + tick_s
+                    self.report("tick")
 
-    def _operations(self) -> Iterator[Op]:
-        """The operations to run: the replay file's, or drawn from the mix (and traced)
-        until the deadline."""
+    def _operations(self) -> Iterator[list[Op]]:
+        """The operations to run, a list at a time: the replay file's, or drawn from
+        the mix without end (the caller stops at the deadline)."""
         replay = self.spec.get("replay")
         if replay:
             with open(replay, encoding="ascii") as fh:
-                yield from [parse_op(line) for line in fh if line.strip()]
+                yield [parse_op(line) for line in fh if line.strip()]
             return
         choose = self.mix.chooser(self.rng, None if not self.exhaust else
                                   frozenset(o for o, _ in self.mix.weights if o != "free"))
@@ -219,14 +255,9 @@ class Worker(Generator, Operations):
             choose = self.mix.chooser(self.rng)
         choose_batch = self.mix.chooser(self.rng, BATCHABLE if not self.exhaust else
                                         BATCHABLE - {"free"})
-        trace = self.trace
+        generate = self.generate
         while True:
-            for op in self.generate(choose, choose_batch):
-                if time.time() >= self.deadline:
-                    return
-                if trace is not None:
-                    trace.add(format_op(op))
-                yield op
+            yield generate(choose, choose_batch)
 
     def finish(self) -> None:
         """Free everything (verifying each buffer), close the session, hang up, report."""
@@ -255,6 +286,12 @@ class Worker(Generator, Operations):
         self.report("exit")
         if self.trace is not None:
             self.trace.close()
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds this process spent so far: (user, system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:

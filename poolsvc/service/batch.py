@@ -40,8 +40,9 @@ _unpack_closed_from = P.CLOSED.unpack_from
 #: result is the entry's ``extra`` (a refused argument's exception, or None for
 #: the close of a released Shm).
 _LOCAL = -1
-#: The ``kinds`` entry of every ALLOC in a Batch.
+#: The ``kinds`` entry of every ALLOC, and of every SHM_CLOSE, in a Batch.
 _ALLOC_KIND = (ALLOC, None)
+_CLOSE_KIND = (SHM_CLOSE, None)
 
 
 class BatchOwner(Protocol):
@@ -93,9 +94,9 @@ class Batch:
         self.parts: list[bytes] = []
         self.kinds: list[tuple[int, Any]] = []
         self.limit = ctx._channel.max_batch
-        #: The queued closes as ``(index in kinds, index in parts, shm)``; whether
-        #: some operation is answered here (:data:`_LOCAL`).
-        self.closing: list[tuple[int, int, Any]] = []
+        #: The Shm of each queued close, in order; whether some operation is
+        #: answered here (:data:`_LOCAL`).
+        self.closing: list[Any] = []
         self.local = False
 
     def __len__(self) -> int:
@@ -149,11 +150,31 @@ class Batch:
         """Queue ``shm.close()`` (None for a Shm already released: nothing is sent)."""
         if getattr(shm, "context", None) is not self.ctx:
             raise BadParameters(f"{shm!r} is not a shm of context {self.ctx.name}")
-        if shm.closed:
+        if shm._refs <= 0:  # released: nothing to send
             self._answer_here(None)
             return
-        self._push(pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie), (SHM_CLOSE, shm))
-        self.closing.append((len(self.kinds) - 1, len(self.parts) - 1, shm))
+        parts = self.parts
+        if len(parts) >= self.limit:
+            self._full()
+        parts.append(pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie))
+        self.kinds.append(_CLOSE_KIND)
+        self.closing.append(shm)
+
+    def _unsend_closes(self, kinds: list[tuple[int, Any]], parts: list[bytes],
+                       kept: list[bool]) -> None:
+        """Answer here (None, nothing sent) the closes whose ``kept`` entry is False
+        (their Shm was released by then); ``kept`` has one entry per queued close."""
+        close_at = part_at = 0
+        for kind_at, (msg_type, _) in enumerate(kinds):
+            if msg_type == _LOCAL:  # (no frame)
+                continue
+            if msg_type == SHM_CLOSE:
+                if not kept[close_at]:
+                    kinds[kind_at] = (_LOCAL, None)
+                    parts[part_at] = b""
+                close_at += 1
+            part_at += 1
+        self.local = True
 
     def run(self) -> list[Any]:
         """Send the batch; one result per operation (Shm, None, or an exception)."""
@@ -165,11 +186,10 @@ class Batch:
         closing, self.closing = self.closing, []
         # Closes take effect locally first, exactly as Shm.close() does; one whose
         # Shm is released by now sends nothing.
-        for kind_at, part_at, shm in closing:
-            if not shm._drop_ref():
-                kinds[kind_at] = (_LOCAL, None)
-                parts[part_at] = b""
-                self.local = True
+        if closing:
+            kept = [shm._drop_ref() for shm in closing]
+            if not all(kept):
+                self._unsend_closes(kinds, parts, kept)
         if self.local:
             parts = [part for part in parts if part]
         if not parts:

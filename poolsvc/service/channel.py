@@ -497,11 +497,12 @@ class Channel:
         sbuf = self.sbuf
         if sbuf:
             pos = self.spos
-            if len(sbuf) - pos >= _HEADER_SIZE:
+            size = len(sbuf)
+            if size - pos >= _HEADER_SIZE:
                 length, msg_type, flags = _unpack_header(sbuf, pos)
                 end = pos + _HEADER_SIZE + length
-                if not flags and end <= len(sbuf):
-                    if end == len(sbuf):
+                if not flags and end <= size:
+                    if end == size:
                         self.sbuf = b""
                     else:
                         self.spos = end

@@ -41,6 +41,7 @@ import numpy as np
 from ..api import ShmBase, check_shm_id, check_size, check_u32, check_writable, parse_uuid
 from ..constants import PAGE_SIZE, GenCaps, ShmFlags
 from ..errors import Closed, NotSharedMemory, NotSupported, PoolsvcError, ProtocolError
+from . import channel as _channel_mod
 from . import protocol as P
 from .batch import Batch
 from .channel import (
@@ -74,8 +75,12 @@ _unpack_closed = P.CLOSED.unpack
 _REGISTERED = int(P.DescBits.REGISTERED)
 _ARENA = int(P.Backing.ARENA)
 _USER = int(P.Backing.USER)
+_NO_PADDR = P.NO_PADDR
 #: ShmFlags values by int (building an IntFlag costs microseconds).
 _FLAGS: dict[int, ShmFlags] = {}
+#: Fields of a DESC tuple (``P.DESC.unpack``), by index.
+(D_COOKIE, D_ID, D_SIZE, D_FIRST, D_PADDR, D_SEG_OFFSET, D_SEG_BYTES, D_OFFSET, D_NPAGES, D_TOKEN,
+ D_FLAGS, D_BACKING, D_BITS) = range(13)
 
 
 class Shm(ShmBase, Handle):
@@ -83,41 +88,55 @@ class Shm(ShmBase, Handle):
 
     Attributes: ``id``, ``size``, ``offset``, ``flags``, ``pages`` (numpy
     uint64), ``paddr``, ``cookie``, ``registered``; ``view()``, ``buf``,
-    ``len()`` and ``close()``.
+    ``len()`` and ``close()``.  The daemon's descriptor is kept as the tuple
+    it was unpacked into (``_desc``, fields ``D_*``); the attributes a caller
+    reads rarely are properties over it, so that making a Shm is a few stores.
     """
 
-    __slots__ = ("context", "id", "size", "offset", "flags", "cookie", "paddr", "registered",
-                 "_first", "_npages", "_pages", "_refs", "_backing", "_token", "_seg_offset",
-                 "_user_view", "_views", "__weakref__")
+    __slots__ = ("context", "id", "size", "cookie", "_desc", "_pages", "_refs", "_user_view",
+                 "_views", "__weakref__")
 
     def __init__(self, context: "Context", desc: tuple, pages: np.ndarray | None,
                  user_view: memoryview | None) -> None:
-        (cookie, shm_id, size, first, paddr, seg_offset, _seg_bytes, offset, npages, token, flags,
-         backing, bits) = desc
         self.context = context
-        self.cookie = cookie
-        self.id = shm_id
-        self.size = size
-        self.offset = offset
-        known = _FLAGS.get(flags)
-        self.flags = known if known is not None else _FLAGS.setdefault(flags, ShmFlags(flags))
-        self.paddr = None if paddr == P.NO_PADDR else paddr
-        self.registered = bool(bits & _REGISTERED)
-        self._first = first
-        self._npages = npages
+        self.cookie = desc[D_COOKIE]
+        self.id = desc[D_ID]
+        self.size = desc[D_SIZE]
+        self._desc = desc
         self._pages = pages
         self._refs = 1
-        self._backing = backing
-        self._token = token
-        self._seg_offset = seg_offset
         self._user_view = user_view
         self._views: list[memoryview] = []
+
+    @property
+    def offset(self) -> int:
+        """Where the buffer starts within its first page."""
+        return int(self._desc[D_OFFSET])
+
+    @property
+    def flags(self) -> ShmFlags:
+        """The ``TEE_SHM_*`` flags the daemon's constructor set."""
+        flags = self._desc[D_FLAGS]
+        known = _FLAGS.get(flags)
+        return known if known is not None else _FLAGS.setdefault(flags, ShmFlags(flags))
+
+    @property
+    def paddr(self) -> int | None:
+        """PA of the first byte when the pages are physically contiguous, else None."""
+        paddr = self._desc[D_PADDR]
+        return None if paddr == _NO_PADDR else int(paddr)
+
+    @property
+    def registered(self) -> bool:
+        """Whether the secure world knows the buffer by its cookie."""
+        return bool(self._desc[D_BITS] & _REGISTERED)
 
     @property
     def pages(self) -> np.ndarray:
         """Physical address of each 4 KiB page (numpy uint64, read-only)."""
         if self._pages is None:
-            pages = np.arange(self._first, self._first + self._npages * PAGE_SIZE, PAGE_SIZE,
+            first = self._desc[D_FIRST]
+            pages = np.arange(first, first + self._desc[D_NPAGES] * PAGE_SIZE, PAGE_SIZE,
                               dtype=np.uint64)
             pages.flags.writeable = False
             self._pages = pages
@@ -127,7 +146,8 @@ class Shm(ShmBase, Handle):
     def page_run(self) -> tuple[int, int] | None:
         """``(PA of the first page, page count)`` when the pages are physically
         consecutive, else None (read ``pages`` then); builds no array."""
-        return None if self.paddr is None else (self._first, self._npages)
+        desc = self._desc
+        return None if desc[D_PADDR] == _NO_PADDR else (desc[D_FIRST], desc[D_NPAGES])
 
     def view(self) -> memoryview:
         """A writable zero-copy memoryview of the buffer (released when the Shm is).
@@ -136,15 +156,18 @@ class Shm(ShmBase, Handle):
         (``alloc_priv_buf`` without dynamic shm): it may share its carve-out
         page with other clients' buffers, so it stays in the daemon.
         """
-        self._check()
-        if self._backing == _ARENA:
-            mm = self.context._channel.segments.get(self._token)
+        if self._refs <= 0:
+            self._check()  # raises Closed
+        desc = self._desc
+        backing = desc[D_BACKING]
+        if backing == _ARENA:
+            mm = self.context._channel.segments.get(desc[D_TOKEN])
             if mm is None:
-                raise Closed(f"storage segment {self._token} of shm {self.cookie:#x} is not mapped")
-            base = memoryview(mm)
-            view = base[self._seg_offset:self._seg_offset + self.size]
-            base.release()
-        elif self._backing == _USER:
+                raise Closed(f"storage segment {desc[D_TOKEN]} of shm {self.cookie:#x} is not mapped")
+            start = desc[D_SEG_OFFSET]
+            # (the slice holds the mapping; the whole-segment view it is cut from goes at once)
+            view = memoryview(mm)[start:start + self.size]
+        elif backing == _USER:
             assert self._user_view is not None
             view = self._user_view[:]
         else:
@@ -159,11 +182,16 @@ class Shm(ShmBase, Handle):
 
         Closing a released Shm does nothing (like ``SharedMemory.close()``).
         """
-        if self._refs <= 0:
+        refs = self._refs
+        if refs <= 0:
             return
-        self.context._channel.check_process()
-        self._drop_ref()
-        self.context._post_close(self)
+        context = self.context
+        if context._channel.forks != _channel_mod._forks:
+            context._channel.check_process()  # raises UsedAfterFork
+        self._refs = refs - 1
+        if refs == 1:
+            self._release_local()
+        context._post_close(self)
 
     def _add_ref(self) -> None:
         """One more reference (the daemon gave this process the same shm again)."""
@@ -201,7 +229,7 @@ class Shm(ShmBase, Handle):
         state = "released" if self.closed else f"refs={self._refs}"
         paddr = f"{self.paddr:#x}" if self.paddr is not None else "scattered"
         return (f"<remote Shm id={self.id} size={self.size:#x} offset={self.offset:#x} "
-                f"flags={self.flags!r} pages={self._npages} paddr={paddr} {state}>")
+                f"flags={self.flags!r} pages={self._desc[D_NPAGES]} paddr={paddr} {state}>")
 
 
 class Session(Handle):
@@ -275,6 +303,8 @@ class Context(Handle):
         #: Errors of pipelined closes, as (cookie, exception); normally empty.
         self.deferred_errors: list[tuple[int, PoolsvcError]] = []
         self._channel.on_lost = self._lost
+        #: :meth:`_on_close_reply`, bound once (it is queued with every pipelined close).
+        self._close_reply = self._on_close_reply
 
     def _lost(self) -> None:
         """The daemon is gone (or the context closes): so is everything it held for us."""
@@ -303,17 +333,17 @@ class Context(Handle):
         if end - start < _DESC_SIZE:
             raise ProtocolError(f"shm descriptor of {end - start} bytes, expected at least {_DESC_SIZE}")
         desc = _unpack_desc(body, start)
-        bits = desc[12]
+        bits = desc[D_BITS]
         pages = None
         if bits & _PAGES_FOLLOW:
-            npages = desc[8]
+            npages = desc[D_NPAGES]
             if end - start != _DESC_SIZE + 8 * npages:
                 raise ProtocolError(f"shm descriptor of {end - start} bytes for {npages} pages")
             pages = np.frombuffer(body, dtype=np.uint64, count=npages, offset=start + _DESC_SIZE).copy()
             pages.flags.writeable = False
         if bits & _NEW_SEGMENT:
-            self._channel.map_segment(desc[9], desc[6])
-        cookie = desc[0]
+            self._channel.map_segment(desc[D_TOKEN], desc[D_SEG_BYTES])
+        cookie = desc[D_COOKIE]
         known = self.shms.get(cookie)
         if known is not None:  # shm_from_id of a buffer we hold: same object, one more reference
             known._add_ref()
@@ -332,9 +362,10 @@ class Context(Handle):
         if self.closed:
             return
         channel = self._channel
-        channel.outbox += pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, shm.cookie)
-        channel.pending.append(self._on_close_reply)
-        channel.close_cookies.append(shm.cookie)
+        cookie = shm.cookie
+        channel.outbox += pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, cookie)
+        channel.pending.append(self._close_reply)
+        channel.close_cookies.append(cookie)
         if len(channel.pending) >= MAX_IN_FLIGHT:
             channel.drain()
 
