@@ -5,7 +5,7 @@ Usage (from the repository root)::
     python bench/results.py                      # every pytest-benchmark family
     python bench/results.py --family alloc       # one family (repeat --family for more)
     python bench/results.py --family study       # the study behind `poolsvc bench`
-    python bench/results.py --family load        # two 60 s `poolsvc load` runs
+    python bench/results.py --family load        # four 60 s `poolsvc load` runs
     python bench/results.py --family scale       # bench/scale.py: throughput against clients
     POOLSVC_PUREPYTHON=1 python bench/results.py --family system   # the pure backend
 
@@ -174,6 +174,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "`test_service_ratios` interleaves everything round by round; its figures are "
            "medians over rounds (`bench/README.md` defines each one).",
            _service_targets()),
+    Family("fastpath", "The daemon's compiled ALLOC and SHM_CLOSE", ("bench/test_bench_fastpath.py",),
+           "An ALLOC + SHM_CLOSE pair through the handlers of an in-process daemon (real "
+           "connections, the compiled System), served by the compiled `ShmRequests` "
+           "(ext/fastpath.pyx) and by its plain-Python twin, for the dynamic and the static pool; "
+           "`test_fastpath_ratio` interleaves both round by round (`docs/core.md`)."),
+    Family("client", "The client library's CPU per operation", ("bench/test_bench_client.py",),
+           "The client side alone of ALLOC, `view()` and SHM_CLOSE, single and in batches of 256, "
+           "over a channel answered from canned replies (no daemon), beside the floor of the bare "
+           "struct calls a request needs; `test_client_ratios` interleaves them round by round."),
     Family("study", "The study behind `poolsvc bench`",
            about="Contiguous allocation, the reserved static pool and registered scattered pages, "
                  "by buffer size and fragmentation level (`docs/benchmarks.md` explains the "
@@ -183,7 +192,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("load", "Load: `poolsvc load`",
            about="Eight client processes for 60 s (counted once every client is connected) "
                  "against a `poolsvc serve` daemon started for the run, with SIGKILLs and "
-                 "malformed requests (`docs/load.md`): single requests, then batches of 256."),
+                 "malformed requests (`docs/load.md`): the default mix in single requests, then in "
+                 "batches of 256; then ALLOC and CLOSE of 4 KiB alone, single, then batched."),
     Family("scale", "Scaling: throughput against client processes",
            about="`bench/scale.py`: N forked client processes (1 to 1,024) against a fresh `poolsvc "
                  "serve` daemon and a fresh plain-Python echo server per cell, both transports; in "
@@ -195,13 +205,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 #: Families run by default: everything that pytest-benchmark measures.
-PYTEST_FAMILIES = ("alloc", "pagelist", "tables", "copy", "system", "register", "wire", "tee", "service")
+PYTEST_FAMILIES = ("alloc", "pagelist", "tables", "copy", "system", "register", "wire", "tee", "service",
+                   "fastpath", "client")
 
 LOAD_RUNS = (
     ("single requests", ["--clients", "8", "--duration", "60", "--kill-rate", "0.5",
                          "--malformed-rate", "5"]),
     ("batched (256)", ["--clients", "8", "--duration", "60", "--batch", "256", "--max-live", "512",
                        "--kill-rate", "0.5", "--malformed-rate", "5"]),
+    # ALLOC and CLOSE alone against the same targets, with SIGKILLs: the requests the
+    # daemon serves in compiled code (docs/core.md, ShmRequests)
+    ("alloc + close, single", ["--clients", "8", "--duration", "60", "--mix", "alloc_user=1,free=1",
+                               "--sizes", "fixed:4096", "--kill-rate", "1"]),
+    ("alloc + close, batched (256)", ["--clients", "8", "--duration", "60", "--batch", "256",
+                                      "--mix", "alloc_user=1,free=1", "--sizes", "fixed:4096",
+                                      "--kill-rate", "1"]),
 )
 
 
@@ -439,7 +457,7 @@ def run_study(output: Path) -> list[str]:
 
 
 def run_load() -> list[str]:
-    """Run the two standard loads of ``LOAD_RUNS``; returns the body of ``load.md``: one row per
+    """Run the standard loads of ``LOAD_RUNS``; returns the body of ``load.md``: one row per
     run (throughput beside its docs/design.md section 7 target, faults, checks), then the latency
     percentiles of each run per operation and over every operation."""
     from poolsvc.load.mix import TIMED
