@@ -364,9 +364,9 @@ def _numeric_extra(b: dict[str, Any]) -> dict[str, float]:
 
 
 def _many_figures(b: dict[str, Any]) -> bool:
-    """True for a benchmark that records figures of its own (``test_service_ratios``)
-    rather than one timed operation."""
-    return len(_numeric_extra(b)) >= 6
+    """True for a benchmark that records figures of its own (``test_service_ratios``, or any
+    that sets ``extra_info["figures"] = True``) rather than one timed operation."""
+    return b.get("extra_info", {}).get("figures") is True or len(_numeric_extra(b)) >= 6
 
 
 def figure_tables(benchmarks: list[dict[str, Any]]) -> list[str]:

@@ -236,6 +236,7 @@ def test_client_ratios(benchmark, ctx, smoke):
         benchmark.extra_info[f"{k}_ns_per_op"] = round(med[k], 1)
     for k, r in ratio.items():
         benchmark.extra_info[f"{k}_over_floor"] = round(r, 2)
+    benchmark.extra_info["figures"] = True  # bench/results.py lists them, not the timed call
     print(f"\nclient CPU per operation (ns): batched {med['batched']:.0f}, single {med['single']:.0f}, "
           f"floor {med['floor']:.0f}; over the floor: batched {ratio['batched']:.1f}x, "
           f"single {ratio['single']:.1f}x")
