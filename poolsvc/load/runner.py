@@ -5,14 +5,15 @@
 - the daemon, when it starts one (:mod:`.daemon`: ``poolsvc serve`` in a
   subprocess on a socket in a fresh temporary directory), or none, with
   ``socket=``: an existing daemon, which it never stops;
-- one worker process per client slot (:mod:`.worker`), restarted with a new
-  generation number after each SIGKILL it deals while time remains;
+- one worker process per client slot (:mod:`.worker`), forked by the run's
+  fork server (:mod:`.forkserver`, which imported poolsvc once), restarted
+  with a new generation number after each SIGKILL it deals while time remains;
 - a monitor connection (``poolsvc.connect``) for STATS, through which the
   invariants of :mod:`.invariants` are checked every ``check_interval``;
 - the malformed-request thread (:mod:`.faults`).
 
 The initial workers start :data:`START_WINDOW` at a time and wait, connected,
-until all are (their start-up, an interpreter each, is not load); the run's
+until all are (their start-up, a fork and a connection each, is not load); the run's
 ``duration`` counts from then, and the report gives the start-up's length.
 The main loop is single-threaded: it reads the workers' report lines from
 their stdout pipes (``selectors``), deals kills at Poisson-distributed
@@ -38,8 +39,6 @@ import random
 import selectors
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from ..errors import PoolsvcError
 from . import invariants, trace
 from .daemon import LoadDaemon, tail
 from .faults import MalformedInjector
+from .forkserver import ForkServer, Forked
 from ..histogram import Histogram
 from .mix import TIMED, LoadSpec
 from .progress import Progress
@@ -59,7 +59,7 @@ GRACE = 30.0
 GRACE_PER_CLIENT = 0.25
 #: Seconds after the last worker exits for the daemon to release everything.
 SETTLE = 15.0
-#: Workers connecting at once while a run starts (each start costs an interpreter and numpy).
+#: Workers connecting at once while a run starts (each connection costs the daemon a context).
 START_WINDOW = 2 * (os.cpu_count() or 1)
 #: Seconds the initial workers get to connect: START_LIMIT + START_PER_CLIENT per client.
 START_LIMIT = 30.0
@@ -88,7 +88,7 @@ class Incarnation:
 
     slot: int
     gen: int
-    proc: subprocess.Popen
+    proc: Forked
     started: float
     budget: int
     trace_part: str = ""
@@ -108,8 +108,7 @@ class Incarnation:
 
     @property
     def stdout(self) -> IO[bytes]:
-        """The worker's stdout pipe (always a pipe: the runner starts it so)."""
-        assert self.proc.stdout is not None
+        """The worker's stdout pipe."""
         return self.proc.stdout
 
 
@@ -161,6 +160,7 @@ class LoadRunner:
         self.rng = random.Random(f"runner/{spec.seed}")
         self.workdir = ""
         self.daemon: LoadDaemon | None = None
+        self.forks: ForkServer | None = None
         self.monitor: Any = None
         self.running: list[Incarnation] = []
         self.finished: list[Incarnation] = []
@@ -213,12 +213,9 @@ class LoadRunner:
             part = os.path.join(self.workdir, f"record-{slot}-{gen}.trace")
             doc["trace"] = part
         err_path = os.path.join(self.workdir, f"worker-{slot}-{gen}.err")
+        assert self.forks is not None
         with open(err_path, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "poolsvc.load.worker", json.dumps(doc)],
-                                    stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=err,
-                                    close_fds=True, env=_worker_env())
-        assert proc.stdout is not None
+            proc = self.forks.spawn(json.dumps(doc), stdin_pipe=wait, stderr=err)
         os.set_blocking(proc.stdout.fileno(), False)
         inc = Incarnation(slot, gen, proc, time.monotonic(), budget, part, stderr_path=err_path,
                           waiting=wait)
@@ -442,6 +439,7 @@ class LoadRunner:
         baseline: dict[str, Any] = {}
         final_stats: dict[str, Any] = {}
         try:
+            self.forks = ForkServer(_worker_env())  # it imports while the daemon starts
             if self.socket is None:
                 self.daemon = LoadDaemon(
                     self.workdir, config_path=self.config_path, dynamic_size=self.dynamic_size,
@@ -513,6 +511,8 @@ class LoadRunner:
             if self.progress is not None:
                 self.progress.close()
             self._cleanup()
+            if self.forks is not None:
+                self.forks.close()
             if self.monitor is not None:
                 self.monitor.close()
             if self.injector is not None:
