@@ -59,8 +59,9 @@ class Forked:
     def _collect(self, timeout: float | None) -> None:
         if self.returncode is not None:
             return
-        ready, _, _ = select.select([self._status_fd], [], [], timeout)
-        if not ready:
+        waiter = select.poll()  # (select.select stops at descriptor 1023)
+        waiter.register(self._status_fd, select.POLLIN)
+        if not waiter.poll(None if timeout is None else 1000 * timeout):
             return
         data = os.read(self._status_fd, 64)
         self._status += data
