@@ -24,7 +24,8 @@ ends the server once every child it forked has been reaped.
 ``subprocess.Popen``'s interface the runner uses (``pid``, ``stdin``,
 ``stdout``, ``poll``, ``wait``, ``send_signal``, ``kill``, ``returncode``).
 A signal is only sent while the status pipe says the worker was not reaped,
-so a recycled pid is never signalled.
+so a recycled pid is never signalled; the status pipe (``status_fd``) may be
+watched with a selector, like stdout.
 
 Concurrency: the server is single-threaded (its children must be forked from
 a process without threads); the runner's handles are used by its one thread.
@@ -53,17 +54,18 @@ class Forked:
         self.stdin = stdin
         self.stdout = stdout
         self.returncode: int | None = None
-        self._status_fd = status_fd
+        #: The read end of the status pipe (readable once the worker was reaped).
+        self.status_fd = status_fd
         self._status = b""
 
     def _collect(self, timeout: float | None) -> None:
-        if self.returncode is not None:
+        if self.returncode is not None or self.status_fd < 0:
             return
         waiter = select.poll()  # (select.select stops at descriptor 1023)
-        waiter.register(self._status_fd, select.POLLIN)
+        waiter.register(self.status_fd, select.POLLIN)
         if not waiter.poll(None if timeout is None else 1000 * timeout):
             return
-        data = os.read(self._status_fd, 64)
+        data = os.read(self.status_fd, 64)
         self._status += data
         if data:
             if not self._status.endswith(b"\n"):
@@ -71,7 +73,6 @@ class Forked:
             self.returncode = int(self._status)
         else:  # the server ended without a status: it was killed, and so is this worker
             self.returncode = -signal.SIGKILL
-        os.close(self._status_fd)
 
     def poll(self) -> int | None:
         """The exit status once the worker ended and was reaped, else None."""
@@ -82,11 +83,22 @@ class Forked:
         """Wait for the worker's end; its exit status (``subprocess.TimeoutExpired`` past ``timeout``)."""
         end = None if timeout is None else time.monotonic() + timeout
         while self.returncode is None:
+            if self.status_fd < 0:
+                raise OSError(f"worker {self.pid}: its status pipe is closed, its end unknown")
             left = None if end is None else end - time.monotonic()
             if left is not None and left <= 0:
                 raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
             self._collect(left)
         return self.returncode
+
+    def close(self) -> None:
+        """Close the runner's ends of the worker's pipes (stdin, stdout, status)."""
+        self.stdout.close()
+        if self.stdin is not None and not self.stdin.closed:
+            self.stdin.close()
+        if self.status_fd >= 0:
+            os.close(self.status_fd)
+            self.status_fd = -1
 
     def send_signal(self, sig: int) -> None:
         """Signal the worker unless it was reaped already."""
@@ -213,16 +225,19 @@ def serve(control_fd: int) -> int:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    waiter = select.poll()
+    waiter.register(wake_r, select.POLLIN)
+    waiter.register(control, select.POLLIN)
     status: dict[int, int] = {}  # pid -> the write end of its status pipe
     open_ = True
     while open_ or status:
         _reap(status)
         if not open_ and not status:
             break
-        ready, _, _ = select.select([control, wake_r] if open_ else [wake_r], [], [], 1.0)
+        ready = {fd for fd, _ in waiter.poll(1000)}
         if wake_r in ready:
             os.read(wake_r, 4096)
-        if control not in ready:
+        if control.fileno() not in ready:
             continue
         data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST, 4)
         while data and not data.endswith(b"\n") and len(data) < MAX_REQUEST:
@@ -232,6 +247,7 @@ def serve(control_fd: int) -> int:
                 break
         if not data:
             open_ = False
+            waiter.unregister(control)
             for fd in fds:
                 os.close(fd)
             continue

@@ -102,9 +102,7 @@ class Incarnation:
 
     def close_pipes(self) -> None:
         """Close the runner's ends of the worker's pipes (stdin is open while it waits)."""
-        self.stdout.close()
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
+        self.proc.close()
 
     @property
     def stdout(self) -> IO[bytes]:
@@ -221,6 +219,7 @@ class LoadRunner:
                           waiting=wait)
         self.running.append(inc)
         self.sel.register(proc.stdout, selectors.EVENT_READ, inc)
+        self.sel.register(proc.status_fd, selectors.EVENT_READ, inc)
 
     def _tick_s(self) -> float:
         """Seconds between two report lines of a worker: 0.25, longer past 64 clients
@@ -279,11 +278,14 @@ class LoadRunner:
                 self._go(inc)
 
     def _pump(self) -> None:
-        """Read what the workers wrote (up to 50 ms) and reap those that ended."""
+        """Read what the workers wrote (up to 50 ms) and reap those that ended (their
+        status pipes are watched with their stdout)."""
         for key, _ in self.sel.select(timeout=0.05):
-            self._read(key.data)
-        for inc in list(self.running):
-            if inc.proc.poll() is not None:
+            inc = key.data
+            if key.fd != inc.proc.status_fd:
+                if not inc.stdout.closed:  # (not reaped by an earlier event of this pass)
+                    self._read(inc)
+            elif inc.proc.poll() is not None:
                 self._reap(inc)
 
     def grace(self) -> float:
@@ -356,13 +358,7 @@ class LoadRunner:
         """A worker ended: judge how, then restart its slot or retire it."""
         self._read(inc)
         inc.buf = b""  # a line cut short by SIGKILL carries nothing usable
-        try:
-            self.sel.unregister(inc.stdout)
-        except (KeyError, ValueError):
-            pass
-        inc.close_pipes()
-        self.running.remove(inc)
-        self.finished.append(inc)
+        self._retire(inc)
         rc = inc.proc.returncode
         replay_kill = rc == -signal.SIGKILL and self.replay is not None
         if replay_kill:
@@ -553,17 +549,18 @@ class LoadRunner:
                 inc.killed = True
                 inc.proc.kill()
             inc.proc.wait()
+            self._retire(inc)
+
+    def _retire(self, inc: Incarnation) -> None:
+        """Move an ended worker from the running to the finished ones; close its pipes."""
+        for pipe in (inc.stdout, inc.proc.status_fd):
             try:
-                self.sel.unregister(inc.stdout)
+                self.sel.unregister(pipe)
             except (KeyError, ValueError):
                 pass
-            inc.close_pipes()
-            self.running.remove(inc)
-            self.finished.append(inc)
-        for inc in self.finished:
-            if inc.proc.returncode is None:
-                inc.proc.kill()
-                inc.proc.wait()
+        inc.close_pipes()
+        self.running.remove(inc)
+        self.finished.append(inc)
 
     # -- the report ------------------------------------------------------------------------------
     def _report(self, elapsed: float, final_stats: dict[str, Any]) -> dict[str, Any]:
