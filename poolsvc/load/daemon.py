@@ -61,7 +61,8 @@ class LoadDaemon:
         ``connect()``), and the runner's monitor and malformed requests need a few more."""
         return max(256, 2 * self.clients + 64)
 
-    def _config(self) -> str:
+    def write_config(self) -> str:
+        """The config file the daemon runs with: the run's, or one written to the work directory."""
         if self.config_path:
             return self.config_path
         cfg = os.path.join(self.workdir, "service.toml")
@@ -79,7 +80,7 @@ class LoadDaemon:
         path = self.path
         with open(self.log, "w") as log:
             self.proc = proc = subprocess.Popen(
-                [sys.executable, "-m", "poolsvc.cli", "serve", "--config", self._config(),
+                [sys.executable, "-m", "poolsvc.cli", "serve", "--config", self.write_config(),
                  "--socket", path, "--log-level", "warning"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
         deadline = time.monotonic() + DAEMON_START
