@@ -57,7 +57,7 @@ def _pipes(pid: int) -> set[str]:
 
 def test_forked_workers_run_end_and_report_their_status(tmp_path):
     daemon = DaemonThread(tmp_path / "d.sock")
-    forks = ForkServer(dict(os.environ))
+    forks = ForkServer()
     procs: list[Forked] = []
     try:
         with open(tmp_path / "a.err", "w") as err_a, open(tmp_path / "b.err", "w") as err_b:
@@ -90,7 +90,7 @@ def test_forked_workers_run_end_and_report_their_status(tmp_path):
 
 
 def test_a_worker_that_cannot_start_exits_with_a_traceback(tmp_path):
-    forks = ForkServer(dict(os.environ))
+    forks = ForkServer()
     try:
         with open(tmp_path / "w.err", "w") as err:
             proc = forks.spawn(json.dumps({"slot": 0}), stdin_pipe=False, stderr=err)

@@ -114,10 +114,14 @@ class Forked:
 class ForkServer:
     """The runner's side: start the server, fork workers through it, stop it.
 
-    ``env``: the server's environment (and so the workers').
+    The server's environment (and so the workers') is ours, with one OpenBLAS
+    thread unless the caller set a number: a worker does no linear algebra,
+    numpy's import would otherwise start an OpenBLAS thread per CPU, and the
+    server must have no thread when it forks.
     """
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self) -> None:
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(

@@ -72,16 +72,6 @@ EXPECTED_ERRORS = frozenset({"OutOfMemory"})
 MAX_QUOTED = 50
 
 
-def _worker_env() -> dict[str, str]:
-    """A worker's environment: ours, with one OpenBLAS thread unless the caller set it.
-
-    A worker does no linear algebra, and numpy's import would start an
-    OpenBLAS thread per CPU: 0.1 s of CPU per worker start on the 2-vCPU
-    machine (measured), taken from the daemon's share of it.
-    """
-    return dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
-
-
 @dataclass
 class Incarnation:
     """One worker process."""
@@ -435,7 +425,7 @@ class LoadRunner:
         baseline: dict[str, Any] = {}
         final_stats: dict[str, Any] = {}
         try:
-            self.forks = ForkServer(_worker_env())  # it imports while the daemon starts
+            self.forks = ForkServer()  # it imports while the daemon starts
             if self.socket is None:
                 self.daemon = LoadDaemon(
                     self.workdir, config_path=self.config_path, dynamic_size=self.dynamic_size,
