@@ -55,17 +55,22 @@ class LoadDaemon:
     def pid(self) -> int:
         return self.proc.pid if self.proc is not None else 0
 
-    def _config(self) -> str:
+    def places(self) -> int:
+        """The daemon's ``max_clients`` and ``max_monitors``: a client process may hold
+        two connections of either role (a CONTEXT per context, the MONITOR of its
+        ``connect()``), and the runner's monitor and malformed requests need a few more."""
+        return max(256, 2 * self.clients + 64)
+
+    def write_config(self) -> str:
+        """The config file the daemon runs with: the run's, or one written to the work directory."""
         if self.config_path:
             return self.config_path
         cfg = os.path.join(self.workdir, "service.toml")
         lines = [f'dynamic_size = "{self.dynamic_size}"', 'arena_step = "4MiB"']
         if self.no_dynamic:
             lines.append("dynamic_shm = false")
-        # a client process may hold two connections; the monitor and the malformed
-        # requests need a few more
         lines += ["", "[service]", 'log_level = "WARNING"',
-                  f"max_clients = {max(256, 2 * self.clients + 64)}"]
+                  f"max_clients = {self.places()}", f"max_monitors = {self.places()}"]
         with open(cfg, "w") as fh:
             fh.write("\n".join(lines) + "\n")
         return cfg
@@ -75,7 +80,7 @@ class LoadDaemon:
         path = self.path
         with open(self.log, "w") as log:
             self.proc = proc = subprocess.Popen(
-                [sys.executable, "-m", "poolsvc.cli", "serve", "--config", self._config(),
+                [sys.executable, "-m", "poolsvc.cli", "serve", "--config", self.write_config(),
                  "--socket", path, "--log-level", "warning"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
         deadline = time.monotonic() + DAEMON_START

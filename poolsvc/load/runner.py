@@ -5,14 +5,15 @@
 - the daemon, when it starts one (:mod:`.daemon`: ``poolsvc serve`` in a
   subprocess on a socket in a fresh temporary directory), or none, with
   ``socket=``: an existing daemon, which it never stops;
-- one worker process per client slot (:mod:`.worker`), restarted with a new
-  generation number after each SIGKILL it deals while time remains;
+- one worker process per client slot (:mod:`.worker`), forked by the run's
+  fork server (:mod:`.forkserver`, which imported poolsvc once), restarted
+  with a new generation number after each SIGKILL it deals while time remains;
 - a monitor connection (``poolsvc.connect``) for STATS, through which the
   invariants of :mod:`.invariants` are checked every ``check_interval``;
 - the malformed-request thread (:mod:`.faults`).
 
 The initial workers start :data:`START_WINDOW` at a time and wait, connected,
-until all are (their start-up, an interpreter each, is not load); the run's
+until all are (their start-up, a fork and a connection each, is not load); the run's
 ``duration`` counts from then, and the report gives the start-up's length.
 The main loop is single-threaded: it reads the workers' report lines from
 their stdout pipes (``selectors``), deals kills at Poisson-distributed
@@ -38,8 +39,6 @@ import random
 import selectors
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from ..errors import PoolsvcError
 from . import invariants, trace
 from .daemon import LoadDaemon, tail
 from .faults import MalformedInjector
+from .forkserver import ForkServer, Forked
 from ..histogram import Histogram
 from .mix import TIMED, LoadSpec
 from .progress import Progress
@@ -59,7 +59,7 @@ GRACE = 30.0
 GRACE_PER_CLIENT = 0.25
 #: Seconds after the last worker exits for the daemon to release everything.
 SETTLE = 15.0
-#: Workers connecting at once while a run starts (each start costs an interpreter and numpy).
+#: Workers connecting at once while a run starts (each connection costs the daemon a context).
 START_WINDOW = 2 * (os.cpu_count() or 1)
 #: Seconds the initial workers get to connect: START_LIMIT + START_PER_CLIENT per client.
 START_LIMIT = 30.0
@@ -72,23 +72,13 @@ EXPECTED_ERRORS = frozenset({"OutOfMemory"})
 MAX_QUOTED = 50
 
 
-def _worker_env() -> dict[str, str]:
-    """A worker's environment: ours, with one OpenBLAS thread unless the caller set it.
-
-    A worker does no linear algebra, and numpy's import would start an
-    OpenBLAS thread per CPU: 0.1 s of CPU per worker start on the 2-vCPU
-    machine (measured), taken from the daemon's share of it.
-    """
-    return dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
-
-
 @dataclass
 class Incarnation:
     """One worker process."""
 
     slot: int
     gen: int
-    proc: subprocess.Popen
+    proc: Forked
     started: float
     budget: int
     trace_part: str = ""
@@ -102,14 +92,11 @@ class Incarnation:
 
     def close_pipes(self) -> None:
         """Close the runner's ends of the worker's pipes (stdin is open while it waits)."""
-        self.stdout.close()
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
+        self.proc.close()
 
     @property
     def stdout(self) -> IO[bytes]:
-        """The worker's stdout pipe (always a pipe: the runner starts it so)."""
-        assert self.proc.stdout is not None
+        """The worker's stdout pipe."""
         return self.proc.stdout
 
 
@@ -161,6 +148,7 @@ class LoadRunner:
         self.rng = random.Random(f"runner/{spec.seed}")
         self.workdir = ""
         self.daemon: LoadDaemon | None = None
+        self.forks: ForkServer | None = None
         self.monitor: Any = None
         self.running: list[Incarnation] = []
         self.finished: list[Incarnation] = []
@@ -213,17 +201,15 @@ class LoadRunner:
             part = os.path.join(self.workdir, f"record-{slot}-{gen}.trace")
             doc["trace"] = part
         err_path = os.path.join(self.workdir, f"worker-{slot}-{gen}.err")
+        assert self.forks is not None
         with open(err_path, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "poolsvc.load.worker", json.dumps(doc)],
-                                    stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=err,
-                                    close_fds=True, env=_worker_env())
-        assert proc.stdout is not None
+            proc = self.forks.spawn(json.dumps(doc), stdin_pipe=wait, stderr=err)
         os.set_blocking(proc.stdout.fileno(), False)
         inc = Incarnation(slot, gen, proc, time.monotonic(), budget, part, stderr_path=err_path,
                           waiting=wait)
         self.running.append(inc)
         self.sel.register(proc.stdout, selectors.EVENT_READ, inc)
+        self.sel.register(proc.status_fd, selectors.EVENT_READ, inc)
 
     def _tick_s(self) -> float:
         """Seconds between two report lines of a worker: 0.25, longer past 64 clients
@@ -282,11 +268,14 @@ class LoadRunner:
                 self._go(inc)
 
     def _pump(self) -> None:
-        """Read what the workers wrote (up to 50 ms) and reap those that ended."""
+        """Read what the workers wrote (up to 50 ms) and reap those that ended (their
+        status pipes are watched with their stdout)."""
         for key, _ in self.sel.select(timeout=0.05):
-            self._read(key.data)
-        for inc in list(self.running):
-            if inc.proc.poll() is not None:
+            inc = key.data
+            if key.fd != inc.proc.status_fd:
+                if not inc.stdout.closed:  # (not reaped by an earlier event of this pass)
+                    self._read(inc)
+            elif inc.proc.poll() is not None:
                 self._reap(inc)
 
     def grace(self) -> float:
@@ -359,13 +348,7 @@ class LoadRunner:
         """A worker ended: judge how, then restart its slot or retire it."""
         self._read(inc)
         inc.buf = b""  # a line cut short by SIGKILL carries nothing usable
-        try:
-            self.sel.unregister(inc.stdout)
-        except (KeyError, ValueError):
-            pass
-        inc.close_pipes()
-        self.running.remove(inc)
-        self.finished.append(inc)
+        self._retire(inc)
         rc = inc.proc.returncode
         replay_kill = rc == -signal.SIGKILL and self.replay is not None
         if replay_kill:
@@ -442,6 +425,7 @@ class LoadRunner:
         baseline: dict[str, Any] = {}
         final_stats: dict[str, Any] = {}
         try:
+            self.forks = ForkServer()  # it imports while the daemon starts
             if self.socket is None:
                 self.daemon = LoadDaemon(
                     self.workdir, config_path=self.config_path, dynamic_size=self.dynamic_size,
@@ -513,6 +497,8 @@ class LoadRunner:
             if self.progress is not None:
                 self.progress.close()
             self._cleanup()
+            if self.forks is not None:
+                self.forks.close()
             if self.monitor is not None:
                 self.monitor.close()
             if self.injector is not None:
@@ -553,17 +539,18 @@ class LoadRunner:
                 inc.killed = True
                 inc.proc.kill()
             inc.proc.wait()
+            self._retire(inc)
+
+    def _retire(self, inc: Incarnation) -> None:
+        """Move an ended worker from the running to the finished ones; close its pipes."""
+        for pipe in (inc.stdout, inc.proc.status_fd):
             try:
-                self.sel.unregister(inc.stdout)
+                self.sel.unregister(pipe)
             except (KeyError, ValueError):
                 pass
-            inc.close_pipes()
-            self.running.remove(inc)
-            self.finished.append(inc)
-        for inc in self.finished:
-            if inc.proc.returncode is None:
-                inc.proc.kill()
-                inc.proc.wait()
+        inc.close_pipes()
+        self.running.remove(inc)
+        self.finished.append(inc)
 
     # -- the report ------------------------------------------------------------------------------
     def _report(self, elapsed: float, final_stats: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """A load-test client process: drives one context of the daemon and checks its own buffers.
 
-Run by the runner as ``python -m poolsvc.load.worker SPEC_JSON``; it talks
+Forked by the run's fork server (:mod:`.forkserver`), which calls
+:func:`main` with the spec as JSON (``python -m poolsvc.load.worker
+SPEC_JSON`` runs one by hand); it talks
 to the daemon only through ``poolsvc.connect(path)`` (the public client
 API), and to the runner only through its stdout, one JSON object per line:
 
