@@ -52,6 +52,15 @@ def test_a_type_with_fewer_samples_than_the_window():
     assert (lat["count"], lat["p50_us"], lat["max_us"], lat["mean_us"]) == (3, 2.0, 3.0, 2.0)
 
 
+def test_a_ring_sums_every_sample_since_start():
+    m = Metrics(window=4)
+    for ns in range(1000, 11000, 1000):  # ten samples, six of them overwritten
+        m.record(int(P.MsgType.ALLOC), ns)
+    lat = m.snapshot()["latency"]["ALLOC"]
+    assert lat["count"] == 10 and lat["sum_us"] == 55.0
+    assert lat["max_us"] == 10.0 and round(lat["mean_us"], 1) == 8.5  # the window: 7, 8, 9, 10
+
+
 def test_unknown_types_keep_no_state():
     strangers = [n for n in range(0, 1 << 16, 97) if n not in {int(t) for t in P.MsgType}]
     m = Metrics(window=64)
@@ -83,4 +92,7 @@ def test_stats_of_a_live_daemon_render(tmp_path):
     for key, quantile in (("p50_us", "0.5"), ("p999_us", "0.999")):
         line = f'poolsvc_request_latency_seconds{{type="ALLOC",quantile="{quantile}"}} {lat[key] / 1e6}'
         assert line in prom.splitlines()
-    assert 'poolsvc_request_latency_seconds_count{type="ALLOC"} 64' in prom
+    # a summary's _sum and _count cover every request since start, not the window's 64
+    assert 'poolsvc_request_latency_seconds_count{type="ALLOC"} 100' in prom
+    assert f'poolsvc_request_latency_seconds_sum{{type="ALLOC"}} {lat["sum_us"] / 1e6}' in prom
+    assert lat["sum_us"] > 0

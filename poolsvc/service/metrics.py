@@ -16,7 +16,8 @@ Bounded whatever clients send: rings exist only for the request types of
 that is not one is counted under one key, :data:`UNKNOWN` ("unknown"), with
 no ring.  So the memory here is at most one ring per known type.
 
-Invariant per ring: ``min(count, window) == number of samples held``.
+Invariant per ring: ``min(count, window) == number of samples held``;
+``total_ns`` is the sum of all ``count`` samples, held or overwritten.
 
 Concurrency: owned by the daemon's loop thread; :meth:`Metrics.snapshot`
 is called from that thread too (STATS requests).
@@ -37,28 +38,32 @@ KNOWN_TYPES = frozenset(int(t) for t in MsgType)
 
 
 class LatencyRing:
-    """The last ``size`` latency samples (ns) of one message type, and their count."""
+    """The last ``size`` latency samples (ns) of one message type, their count and
+    the sum of every sample since start (``total_ns``)."""
 
-    __slots__ = ("samples", "size", "count")
+    __slots__ = ("samples", "size", "count", "total_ns")
 
     def __init__(self, size: int) -> None:
         self.samples = [0] * size
         self.size = size
         self.count = 0
+        self.total_ns = 0
 
     def add(self, ns: int) -> None:
         self.samples[self.count % self.size] = ns
         self.count += 1
+        self.total_ns += ns
 
     def summary(self) -> dict[str, float]:
-        """``count`` (every request of the type so far) and, over the samples held,
-        ``mean_us``, ``p50_us``, ``p90_us``, ``p99_us``, ``p999_us`` and ``max_us``
-        (:meth:`~poolsvc.histogram.Histogram.summary_us`)."""
+        """``count`` and ``sum_us`` (every request of the type so far) and, over the
+        samples held, ``mean_us``, ``p50_us``, ``p90_us``, ``p99_us``, ``p999_us`` and
+        ``max_us`` (:meth:`~poolsvc.histogram.Histogram.summary_us`)."""
         held = min(self.count, self.size)
         if not held:
-            return {"count": self.count}
+            return {"count": self.count, "sum_us": self.total_ns / 1e3}
         out = Histogram.from_samples(self.samples[:held]).summary_us()
         out["count"] = self.count
+        out["sum_us"] = self.total_ns / 1e3
         return out
 
 

@@ -126,13 +126,12 @@ def prometheus(doc: dict[str, Any]) -> str:
             if key in lat:
                 samples.append(({"type": t, "quantile": quantile}, lat[key] / 1e6))
     family("request_latency_seconds", "summary",
-           "Daemon-side time per request (recent window), by message type.", samples)
+           "Daemon-side time per request by message type: quantiles over the recent window, "
+           "sum and count since start.", samples)
     for t, lat in req["latency"].items():
-        if "mean_us" in lat:
-            held = min(lat["count"], req.get("window", lat["count"]))
-            out.append(f'poolsvc_request_latency_seconds_sum{{type="{_label(t)}"}} '
-                       f'{lat["mean_us"] * held / 1e6}')
-            out.append(f'poolsvc_request_latency_seconds_count{{type="{_label(t)}"}} {held}')
+        if "sum_us" in lat:
+            out.append(f'poolsvc_request_latency_seconds_sum{{type="{_label(t)}"}} {lat["sum_us"] / 1e6}')
+            out.append(f'poolsvc_request_latency_seconds_count{{type="{_label(t)}"}} {lat["count"]}')
     res = doc["resources"]
     family("storage_objects", "gauge", "Open POSIX shm storage objects in the daemon.",
            [({}, res["storage_objects"])])

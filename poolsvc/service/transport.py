@@ -255,8 +255,10 @@ class ConnectionIO(ServerParts):
             metrics.record(msg_type, _clock_ns() - t0)
         else:
             count = ring.count
-            ring.samples[count % ring.size] = _clock_ns() - t0
+            ns = _clock_ns() - t0
+            ring.samples[count % ring.size] = ns
             ring.count = count + 1
+            ring.total_ns += ns
             if msg_type != _BATCH:
                 metrics.ops[msg_type] += 1
         return _pack_header(len(reply), reply_type, 0) + reply
