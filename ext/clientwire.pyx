@@ -186,7 +186,7 @@ cdef class ClientSlot:
                    bint daemon_asleep) except -1:
         """Return once the reply to ``seq`` is published: poll while that pays, else
         sleep (``wire._slot_sleep(seq)`` when ``wire`` is given, else ``sleep(seq)``).
-        The GIL is held while polling, so nothing unmaps the slot meanwhile."""
+        The GIL is released only around sched_yield; the mapping is checked after."""
         cdef double start, deadline, window
         cdef unsigned int polls = 0
         cdef bint asleep = False
@@ -205,7 +205,9 @@ cdef class ClientSlot:
                     if psv_monotonic() > deadline:
                         asleep = True
                         break
-                    sched_yield()
+                    with nogil:  # (lets this process's other threads run, as the twin's yield does)
+                        sched_yield()
+                    self._check_mapped()  # closed meanwhile by another thread: never read the unmapped words
         else:
             asleep = True
         if asleep:
