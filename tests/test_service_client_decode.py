@@ -2,9 +2,10 @@
 
 A :class:`~poolsvc.service.objects.Context` runs over :class:`Scripted`, a
 Channel on the selected backend's wire and a slot of its own, whose
-exchanges record each request and publish the next reply of a script, so that descriptors the daemon rarely sends (scattered pages,
-no paddr, flags the embedded System does not give) and the batch's
-bookkeeping (closes answered here, errors in between) are checked exactly.
+exchanges record each request and publish the next reply of a script, so
+that descriptors the daemon rarely sends (scattered pages, no paddr, flags
+the embedded System does not give) and the batch's bookkeeping (closes
+answered here, errors in between) are checked exactly.
 The same bodies run on both backends (the frame splitter is a compiled
 kernel with a pure-Python twin).
 """
