@@ -100,6 +100,7 @@ cdef class ClientWire:
     cdef readonly int fd
     cdef readonly int bell              # eventfd doorbell (-1: DOORBELL frames)
     cdef readonly bint closed
+    cdef bint receiving                 # a blocking recvmsg runs without the GIL
     cdef public object wait_limit       # seconds (None: no bound), for messages
     cdef public double spin             # socket polling window before sleeping, seconds
     cdef object lost                    # lost(why, kind): closes the connection and raises

@@ -95,6 +95,8 @@ cdef class ClientSlot:
     def __init__(self, int fd, size, double max_spin):
         cdef Py_ssize_t need
         _cw_bind()
+        if self.w != NULL:
+            raise BadParameters("this ClientSlot maps a slot already")
         mm, words = cw_map_client_slot(fd, size)
         try:
             PyObject_GetBuffer(mm, &self.view, PyBUF_WRITABLE)
@@ -285,12 +287,15 @@ cdef class ClientWire:
         self.fd = -1
         self.bell = -1
         self.closed = True
+        self.receiving = False
         self.rbuf = NULL
         self.sbuf = NULL
         self.control = NULL
 
     def __init__(self, lost, timeout_error, fds, double spin=0.0):
         _cw_bind()
+        if self.rbuf != NULL:
+            raise BadParameters("this ClientWire is initialised already")
         self.outbox = bytearray()
         self.pending = _cw_deque()
         self.fds = fds
@@ -503,6 +508,8 @@ cdef class ClientWire:
         cdef Py_ssize_t cap, i, count
         cdef ssize_t r
         cdef int err, fd = self.fd
+        if self.receiving:  # (another thread: the buffer must not move under its recvmsg)
+            raise BadParameters("a ClientWire belongs to one thread at a time: it is receiving already")
         if self.rstart == self.rend:
             self.rstart = self.rend = 0
             if self.rcap > 4 * CW_RECV_SIZE:  # give back what a huge reply took
@@ -532,8 +539,10 @@ cdef class ClientWire:
             if flags & MSG_DONTWAIT:
                 r = recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC)
             else:
+                self.receiving = True
                 with nogil:
                     r = recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC)
+                self.receiving = False
             if r >= 0:
                 break
             err = errno
