@@ -29,7 +29,6 @@ mappings.  Objects holding a channel refuse to be pickled (spawn and
 forkserver children must call ``connect()`` themselves).
 
 Concurrency: a channel belongs to one thread at a time.
-
 """
 from __future__ import annotations
 
