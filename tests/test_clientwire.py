@@ -35,7 +35,7 @@ from collections import deque
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from poolsvc import _pure
@@ -370,6 +370,17 @@ def sequences(draw: Any) -> list[tuple[Any, ...]]:
     return ops
 
 
+def _every_rare_action(test: Any) -> Any:
+    """Explicit examples: each action that breaks the connection, on both transports,
+    after a slot-filling reply and a post whose reply brings descriptors."""
+    for action in RARE:
+        for shm in (False, True):
+            ops = [("call", FILL_SLOT, 0, 0), ("post", WITH_FDS, 1, 0), ("call", action, 3, 0), ("call", REPLY, 1, 0)]
+            test = example(ops=ops, shm=shm, eventfd=shm, spin_us=50.0)(test)
+    return test
+
+
+@_every_rare_action
 @settings(max_examples=examples(0.6))
 @given(ops=sequences(), shm=st.booleans(), eventfd=st.booleans(), spin_us=st.sampled_from([0.0, 50.0, 200.0]))
 def test_compiled_wire_matches_twin(ops: list[tuple[Any, ...]], shm: bool, eventfd: bool, spin_us: float) -> None:
