@@ -72,8 +72,10 @@ cdef int _cw_bind() except -1:
     CW_DOORBELL, CW_DOORBELL_FRAME = int(P.MsgType.DOORBELL), bytes(P.DOORBELL_FRAME)
     CW_MAX_IN_FLIGHT, CW_RECV_SIZE = C.MAX_IN_FLIGHT, C.RECV_SIZE
     cw_map_client_slot = S.map_client_slot
-    if len(CW_DOORBELL_FRAME) != WIRE_HEADER_SIZE or not 0 < CW_MAX_IN_FLIGHT or CW_RECV_SIZE < 4096:
-        raise InternalError("the client wire's constants disagree with the protocol module")
+    if (len(CW_DOORBELL_FRAME) != WIRE_HEADER_SIZE or not 0 < CW_MAX_IN_FLIGHT or CW_RECV_SIZE < 4096
+            or max(CW_W_REQ_SEQ, CW_W_REQ_LEN, CW_W_CLIENT_SLEEPING, CW_W_REP_SEQ, CW_W_REP_LEN,
+                   CW_W_DAEMON_SLEEPING) >= CW_SLOT_WORDS):
+        raise InternalError("the client wire's constants disagree with the slot and protocol modules")
     cw_bound = True
     return 0
 
@@ -93,7 +95,7 @@ cdef class ClientSlot:
     """
 
     def __init__(self, int fd, size, double max_spin):
-        cdef Py_ssize_t need
+        cdef Py_ssize_t need, mapped
         _cw_bind()
         if self.w != NULL:
             raise BadParameters("this ClientSlot maps a slot already")
@@ -105,11 +107,12 @@ cdef class ClientSlot:
             mm.close()
             raise
         need = max(CW_SLOT_WORDS * 8, CW_REQ_OFF + CW_REQ_CAP, CW_REP_OFF + CW_REP_CAP)
-        if self.view.len < need:
+        mapped = self.view.len
+        if mapped < need:
             PyBuffer_Release(&self.view)
             words.release()
             mm.close()
-            raise ProtocolError(f"daemon's shm slot maps {self.view.len} bytes, the layout needs {need}")
+            raise ProtocolError(f"daemon's shm slot maps {mapped} bytes, the layout needs {need}")
         self.mm = mm
         self.words = words
         self.w = <uint64_t *>self.view.buf
