@@ -22,6 +22,11 @@
 # Concurrency: an object belongs to one thread at a time (the channel's rule).
 # Waits are bounded by the socket's kernel timeouts (SO_RCVTIMEO /
 # SO_SNDTIMEO, set by the channel): one system call per blocking wait.
+#
+# Length: over 600 lines because the slot's end and the connection's are one
+# request path whose calls go both ways (the slot's wait sleeps through the
+# wire's socket, the wire's exchange publishes through the slot), kept in one
+# concern with its twin poolsvc/_pure/clientwire.py.
 from collections import deque as _cw_deque
 
 from poolsvc.errors import Closed
