@@ -19,12 +19,15 @@ from .pagelist import (
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
 from .userpages import UserPages, buffer_address, page_run_start
+from .clientwire import ClientSlot, ClientWire
 from .wire import run_batch, split_frames
 
 __all__ = [
     "AddressMap",
     "ArenaPages",
     "ArenaRun",
+    "ClientSlot",
+    "ClientWire",
     "FrameAllocator",
     "FrameTable",
     "IdTable",
