@@ -76,6 +76,7 @@ cdef class ClientSlot:
     cdef public double expect           # moving average of recent waits, seconds
     cdef public long long waits         # waits that did not find the reply at once
     cdef public long long slept         # waits that ended asleep
+    cdef public long long probe_gap     # waits from one probe to the next: PROBE_EVERY << k, <= MAX_PROBE_GAP
 
     cdef int _check_mapped(self) except -1
     cdef unsigned long long _publish(self, const char *head, Py_ssize_t head_len,

@@ -53,7 +53,7 @@ cdef Py_ssize_t CW_W_REP_SEQ, CW_W_REP_LEN, CW_W_DAEMON_SLEEPING, CW_SLOT_WORDS
 cdef Py_ssize_t CW_REQ_OFF, CW_REQ_CAP, CW_REP_OFF, CW_REP_CAP
 cdef unsigned long long CW_REP_ON_SOCKET, CW_MAX_REPLY_FRAME
 cdef double CW_MIN_SPIN
-cdef long long CW_PROBE_EVERY
+cdef long long CW_PROBE_EVERY, CW_MAX_PROBE_GAP
 cdef Py_ssize_t CW_MAX_IN_FLIGHT, CW_MAX_FDS, CW_RECV_SIZE
 cdef unsigned int CW_DOORBELL
 cdef bytes CW_DOORBELL_FRAME
@@ -63,7 +63,7 @@ cdef object cw_map_client_slot
 cdef int _cw_bind() except -1:
     global cw_bound, CW_W_REQ_SEQ, CW_W_REQ_LEN, CW_W_CLIENT_SLEEPING, CW_W_REP_SEQ, CW_W_REP_LEN
     global CW_W_DAEMON_SLEEPING, CW_SLOT_WORDS, CW_REQ_OFF, CW_REQ_CAP, CW_REP_OFF, CW_REP_CAP
-    global CW_REP_ON_SOCKET, CW_MAX_REPLY_FRAME, CW_MIN_SPIN, CW_PROBE_EVERY, CW_MAX_IN_FLIGHT
+    global CW_REP_ON_SOCKET, CW_MAX_REPLY_FRAME, CW_MIN_SPIN, CW_PROBE_EVERY, CW_MAX_PROBE_GAP, CW_MAX_IN_FLIGHT
     global CW_MAX_FDS, CW_RECV_SIZE, CW_DOORBELL, CW_DOORBELL_FRAME, cw_map_client_slot
     if cw_bound:
         return 0
@@ -73,11 +73,13 @@ cdef int _cw_bind() except -1:
     CW_SLOT_WORDS = S.SLOT_WORDS
     CW_REQ_OFF, CW_REQ_CAP, CW_REP_OFF, CW_REP_CAP = S.SLOT_REQ_OFF, S.SLOT_REQ_CAP, S.SLOT_REP_OFF, S.SLOT_REP_CAP
     CW_REP_ON_SOCKET, CW_MIN_SPIN, CW_PROBE_EVERY = S.REP_ON_SOCKET, S.MIN_SPIN, S.PROBE_EVERY
+    CW_MAX_PROBE_GAP = S.MAX_PROBE_GAP
     CW_MAX_REPLY_FRAME, CW_MAX_FDS = P.MAX_REPLY_FRAME, P.MAX_FDS_PER_SEND
     CW_DOORBELL, CW_DOORBELL_FRAME = int(P.MsgType.DOORBELL), bytes(P.DOORBELL_FRAME)
     CW_MAX_IN_FLIGHT, CW_RECV_SIZE = C.MAX_IN_FLIGHT, C.RECV_SIZE
     cw_map_client_slot = S.map_client_slot
     if (len(CW_DOORBELL_FRAME) != WIRE_HEADER_SIZE or not 0 < CW_MAX_IN_FLIGHT or CW_RECV_SIZE < 4096
+            or not 0 < CW_PROBE_EVERY <= CW_MAX_PROBE_GAP or CW_MAX_PROBE_GAP % CW_PROBE_EVERY
             or max(CW_W_REQ_SEQ, CW_W_REQ_LEN, CW_W_CLIENT_SLEEPING, CW_W_REP_SEQ, CW_W_REP_LEN,
                    CW_W_DAEMON_SLEEPING) >= CW_SLOT_WORDS):
         raise InternalError("the client wire's constants disagree with the slot and protocol modules")
@@ -128,6 +130,7 @@ cdef class ClientSlot:
         self.expect = 0.0
         self.waits = 0
         self.slept = 0
+        self.probe_gap = CW_PROBE_EVERY
 
     def __dealloc__(self):
         if self.w != NULL:
@@ -184,7 +187,7 @@ cdef class ClientSlot:
         cdef double expect = self.expect, max_spin = self.max_spin
         if daemon_asleep:
             return 0.0
-        if expect > max_spin and self.waits % CW_PROBE_EVERY:
+        if expect > max_spin and (self.probe_gap <= 0 or self.waits % self.probe_gap):
             return 0.0
         return min(max_spin, max(CW_MIN_SPIN, 2 * expect))
 
@@ -199,7 +202,7 @@ cdef class ClientSlot:
         The GIL is released only around sched_yield; the mapping is checked after."""
         cdef double start, deadline, window
         cdef unsigned int polls = 0
-        cdef bint asleep = False
+        cdef bint asleep = False, probe
         self._check_mapped()
         if cw_load(&self.w[CW_W_REP_SEQ]) == seq:
             self.expect *= 0.75
@@ -207,6 +210,7 @@ cdef class ClientSlot:
         self.waits += 1
         start = psv_monotonic()
         window = self._spins(daemon_asleep)
+        probe = window > 0 and self.expect > self.max_spin
         if window:
             deadline = start + window
             while cw_load(&self.w[CW_W_REP_SEQ]) != seq:
@@ -220,6 +224,8 @@ cdef class ClientSlot:
                     self._check_mapped()  # closed meanwhile by another thread: never read the unmapped words
         else:
             asleep = True
+        if probe:  # a probe pays only while probes catch their replies
+            self.probe_gap = min(2 * self.probe_gap, CW_MAX_PROBE_GAP) if asleep else CW_PROBE_EVERY
         if asleep:
             self.slept += 1
             if wire is not None:

@@ -413,3 +413,110 @@ def test_every_action_is_met(backend_name: str) -> None:
     got = run(backend, True, False, 0.0, [("post", WITH_FDS, 1, 0), ("call", DOORBELLS, 2, 0)])
     assert got["callbacks"] == [(OK, bytes([1]) * 1)] and got["results"][-2] == ("reply", OK, bytes([2]) * 2)
     assert got["received"] == [True, True]
+
+
+# -- the probe policy of ClientSlot.wait ----------------------------------------------------------
+#: Steps of a probe script: the next wait is a probe turn or not (``waits`` set so), the
+#: reply is caught by polling (a thread answers once the request is published and the
+#: polling window is long) or not (nobody answers until the client sleeps; the window is
+#: a microsecond), and the daemon was awake or asleep at publishing; ``gap0`` makes
+#: ``probe_gap`` 0 (never probe).
+PROBE_STEPS = [(turn, outcome, awake) for turn in ("probe", "plain") for outcome in ("miss", "catch")
+               for awake in (True, False)] + [("gap0", "miss", True)]
+
+
+class Answerer(threading.Thread):
+    """Publishes the reply to each request of the slot behind ``mm`` while ``armed``."""
+
+    def __init__(self, mm: Any) -> None:
+        super().__init__(daemon=True)
+        self.words = S.words_of(mm)
+        self.armed = False
+        self.stop = False
+
+    def run(self) -> None:
+        words = self.words
+        while not self.stop:
+            if self.armed and words[S.W_REQ_SEQ] != words[S.W_REP_SEQ]:
+                words[S.W_REP_LEN] = 0
+                words[S.W_REP_SEQ] = words[S.W_REQ_SEQ]
+            select.select([], [], [], 0.0002)
+
+
+def run_probes(backend: Any, steps: list[tuple[str, str, bool]]) -> list[tuple[Any, ...]]:
+    """Each step, whether its wait slept, and the slot's counters after it."""
+    fd = os.memfd_create("clientwire-probe", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, S.SLOT_BYTES)
+        os.pwrite(fd, array.array("Q", S.slot_header()).tobytes(), 0)
+        slot = backend.ClientSlot(fd, S.SLOT_BYTES, 1e-6)
+        mm = mmap.mmap(fd, S.SLOT_BYTES)
+    finally:
+        os.close(fd)
+    answerer = Answerer(mm)
+    answerer.start()
+    out: list[tuple[Any, ...]] = []
+    try:
+        for turn, outcome, awake in steps:
+            if turn == "gap0":
+                slot.probe_gap = 0
+            gap = max(slot.probe_gap, 1)
+            slot.waits = (slot.waits // gap + 1) * gap - (turn != "plain")  # the next wait: a probe turn or not
+            slot.max_spin = 5.0 if outcome == "catch" else 1e-6
+            slot.expect = 100.0  # longer than any window: only probes poll
+            slept: list[int] = []
+            answerer.armed = outcome == "catch"
+
+            def sleep(seq: int) -> None:
+                slept.append(seq)
+                if outcome == "catch":
+                    _until(lambda: slot.answered(seq), "the answerer")
+                else:
+                    _answer_now(mm, seq)
+
+            seq = slot.publish(P.frame(P.MsgType.PING))
+            slot.wait(seq, sleep, not awake)
+            answerer.armed = False
+            out.append((turn, outcome, awake, bool(slept), slot.probe_gap, slot.waits, slot.slept))
+    finally:
+        answerer.stop = True
+        answerer.join()
+        answerer.words.release()
+        slot.close()
+        mm.close()
+    return out
+
+
+def _answer_now(mm: Any, seq: int) -> None:
+    words = S.words_of(mm)
+    words[S.W_REP_LEN] = 0
+    words[S.W_REP_SEQ] = seq
+    words.release()
+
+
+@settings(max_examples=examples(0.3))
+@given(steps=st.lists(st.sampled_from(PROBE_STEPS), max_size=12))
+def test_compiled_probe_policy_matches_twin(steps: list[tuple[str, str, bool]]) -> None:
+    from poolsvc import _core
+
+    assert run_probes(_core, steps) == run_probes(_pure, steps)
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "twin"])
+def test_probes_back_off_while_they_miss_and_reset_when_one_catches(backend_name: str) -> None:
+    from poolsvc import _core
+
+    backend = _core if backend_name == "compiled" else _pure
+    misses = 8
+    steps = ([("probe", "miss", True)] * misses + [("plain", "miss", True), ("probe", "catch", False),
+                                                   ("plain", "catch", True), ("probe", "catch", True),
+                                                   ("gap0", "miss", True)])
+    got = [(slept, gap) for *_, slept, gap, _waits, _slept in run_probes(backend, steps)]
+    backed_off = [min(S.PROBE_EVERY << k, S.MAX_PROBE_GAP) for k in range(1, misses + 1)]
+    assert backed_off[-1] == S.MAX_PROBE_GAP
+    assert got[:misses] == [(True, gap) for gap in backed_off]
+    assert got[misses:] == [(True, S.MAX_PROBE_GAP),   # not a probe turn: the gap stays
+                            (True, S.MAX_PROBE_GAP),   # a probe turn while the daemon sleeps: no probe
+                            (True, S.MAX_PROBE_GAP),
+                            (False, S.PROBE_EVERY),    # a probe that caught its reply
+                            (True, 0)]                 # probe_gap 0: never polls

@@ -51,7 +51,8 @@ class ClientSlot:
     Invariant while mapped: ``seq == words[W_REQ_SEQ]`` (only this end writes it).
     """
 
-    __slots__ = ("mm", "words", "seq", "expect", "max_spin", "waits", "slept", "_mapped", "_S")
+    __slots__ = ("mm", "words", "seq", "expect", "max_spin", "waits", "slept", "probe_gap",
+                 "_mapped", "_S")
 
     def __init__(self, fd: int, size: int, max_spin: float) -> None:
         _P, S, _C = _bound()
@@ -67,6 +68,8 @@ class ClientSlot:
         #: Waits that did not find the reply at once, and those that slept.
         self.waits = 0
         self.slept = 0
+        #: Waits from one probe to the next (PROBE_EVERY << k, at most MAX_PROBE_GAP).
+        self.probe_gap: int = S.PROBE_EVERY
 
     def _check_mapped(self) -> None:
         if not self._mapped:
@@ -113,7 +116,7 @@ class ClientSlot:
             return 0.0
         max_spin = self.max_spin
         expect = self.expect
-        if expect > max_spin and self.waits % self._S.PROBE_EVERY:
+        if expect > max_spin and (self.probe_gap <= 0 or self.waits % self.probe_gap):
             return 0.0
         return min(max_spin, max(self._S.MIN_SPIN, 2 * expect))
 
@@ -130,6 +133,7 @@ class ClientSlot:
         clock = time.perf_counter
         start = clock()
         window = self.spins(daemon_asleep)
+        probe = window > 0 and self.expect > self.max_spin
         asleep = False
         if window:
             deadline = start + window
@@ -143,6 +147,8 @@ class ClientSlot:
                     os.sched_yield()
         else:
             asleep = True
+        if probe:  # a probe pays only while probes catch their replies
+            self.probe_gap = min(2 * self.probe_gap, self._S.MAX_PROBE_GAP) if asleep else self._S.PROBE_EVERY
         if asleep:
             self.slept += 1
             sleep(seq)
