@@ -467,7 +467,7 @@ def run_probes(backend: Any, steps: list[tuple[str, str, bool]]) -> list[tuple[A
             slept: list[int] = []
             answerer.armed = outcome == "catch"
 
-            def sleep(seq: int) -> None:
+            def sleep(seq: int, slept: list[int] = slept, outcome: str = outcome) -> None:
                 slept.append(seq)
                 if outcome == "catch":
                     _until(lambda: slot.answered(seq), "the answerer")
