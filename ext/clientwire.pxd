@@ -105,7 +105,8 @@ cdef class ClientWire:
     cdef public object wait_limit       # seconds (None: no bound), for messages
     cdef public double spin             # socket polling window before sleeping, seconds
     cdef readonly object close_reply    # the reply callback of the latest post_close (None: none yet)
-    cdef readonly object close_cookies  # the deque its cookies queue in
+    cdef readonly object close_cookies  # the deque its cookies queue in: len(close_cookies) ==
+                                        # entries of pending that are close_reply
     cdef object lost                    # lost(why, kind): closes the connection and raises
     cdef object timeout_error           # the `kind` of a wait that ran out
     cdef char *rbuf
