@@ -277,17 +277,23 @@ cdef class ShmRequests:
 
     cdef bytes serve_alloc(self, object server, object conn, object body):
         cdef char buf[FP_ALLOC_SIZE]
-        cdef unsigned int kind
-        cdef int64_t size
+        memset(buf, 0, FP_ALLOC_SIZE)
+        if _fp_body(body, buf, FP_ALLOC_SIZE) != FP_ALLOC_SIZE:
+            _fp_unpack_alloc(body)      # raises struct.error
+        return self.alloc_parsed(server, conn, psv_load_le32(buf), <int64_t>psv_load_le64(buf + 4))
+
+    cdef bytes serve_alloc_at(self, object server, object conn, const char *body, Py_ssize_t n):
+        """``serve_alloc`` of the body ``body[0:n]`` (run_batch's typed entry: no bytes made)."""
+        if n != FP_ALLOC_SIZE:
+            _fp_unpack_alloc(PyBytes_FromStringAndSize(body, n))     # raises struct.error
+        return self.alloc_parsed(server, conn, psv_load_le32(body), <int64_t>psv_load_le64(body + 4))
+
+    cdef bytes alloc_parsed(self, object server, object conn, unsigned int kind, int64_t size):
+        """ALLOC of ``size`` bytes of ``kind``, its body decoded (``serve_alloc``'s checks on)."""
         cdef object shm, nbytes, cookie, backing, segment
         cdef fp_desc desc
         cdef PyObject *token
         cdef int64_t id_c
-        memset(buf, 0, FP_ALLOC_SIZE)
-        if _fp_body(body, buf, FP_ALLOC_SIZE) != FP_ALLOC_SIZE:
-            _fp_unpack_alloc(body)      # raises struct.error
-        kind = psv_load_le32(buf)
-        size = <int64_t>psv_load_le64(buf + 4)
         if kind >= <unsigned int>len(self.alloc_fns):
             raise BadParameters(f"allocation kind {kind} is not one of {_fp_kinds_text}")
         self.admit_bytes(server, size, None)
@@ -454,6 +460,19 @@ cdef class ShmRequests:
 
     cdef bytes serve_close(self, object server, object conn, object body):
         cdef char buf[FP_COOKIE_SIZE]
+        memset(buf, 0, FP_COOKIE_SIZE)
+        if _fp_body(body, buf, FP_COOKIE_SIZE) != FP_COOKIE_SIZE:
+            _fp_unpack_cookie(body)     # raises struct.error
+        return self.close_parsed(server, conn, psv_load_le64(buf))
+
+    cdef bytes serve_close_at(self, object server, object conn, const char *body, Py_ssize_t n):
+        """``serve_close`` of the body ``body[0:n]`` (run_batch's typed entry: no bytes made)."""
+        if n != FP_COOKIE_SIZE:
+            _fp_unpack_cookie(PyBytes_FromStringAndSize(body, n))    # raises struct.error
+        return self.close_parsed(server, conn, psv_load_le64(body))
+
+    cdef bytes close_parsed(self, object server, object conn, uint64_t cookie_u64):
+        """SHM_CLOSE of the cookie ``cookie_u64``, its body decoded (``serve_close``'s checks on)."""
         cdef PyObject *found
         cdef PyObject *views
         cdef object shm, backing, cookie, segment, nbytes
@@ -463,10 +482,7 @@ cdef class ShmRequests:
         cdef SmcDriver smc
         cdef bint dropped = False
         cdef int64_t id_c
-        memset(buf, 0, FP_COOKIE_SIZE)
-        if _fp_body(body, buf, FP_COOKIE_SIZE) != FP_COOKIE_SIZE:
-            _fp_unpack_cookie(body)     # raises struct.error
-        cookie = PyLong_FromUnsignedLongLong(psv_load_le64(buf))
+        cookie = PyLong_FromUnsignedLongLong(cookie_u64)
         found = PyDict_GetItem(self.shms, cookie)
         if found == NULL:
             raise ItemNotFound(f"no shm with cookie {cookie:#x} in this client's context")

@@ -6,12 +6,49 @@
 # batched, error bodies) stays with the caller, in Python: this file only
 # runs the loop.  Plain-Python twin: poolsvc/_pure/wire.py (same messages).
 #
+# Typed entry: a handler that is fastpath.pyx's serve_alloc or serve_shm_close
+# bound to a server (the daemon's own ALLOC and SHM_CLOSE handlers), on a
+# connection whose ``shm_requests`` is a compiled ShmRequests, is served by its
+# ``serve_alloc_at`` / ``serve_close_at`` on the frame's bytes in place: the
+# same call, without a bytes body or the call protocol.  Any other handler
+# (a replaced one, the twin's) is called as above.
+#
 # Concurrency: none; the GIL is held throughout.  The body's buffer is held
 # (Py_buffer) for the whole call, so a handler cannot resize it under us.
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
+from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
+
+# fastpath.pyx's module functions serve_alloc / serve_shm_close (bound at the first run_batch)
+cdef object _wire_serve_alloc = None
+cdef object _wire_serve_close = None
+
+cdef enum:
+    WIRE_CALL = 0                   # handler(conn, body)
+    WIRE_DIRECT_ALLOC = 1           # ShmRequests.serve_alloc_at
+    WIRE_DIRECT_CLOSE = 2           # ShmRequests.serve_close_at
+
+
+cdef inline object _wire_direct(object handler, object conn, int *route):
+    """The connection's ShmRequests when a typed entry serves ``handler(conn, ...)``
+    (``route`` says which), else None (``route``: WIRE_CALL)."""
+    cdef object fn, reqs
+    route[0] = WIRE_CALL
+    if not PyMethod_Check(handler):
+        return None
+    fn = <object>PyMethod_GET_FUNCTION(handler)
+    if fn is not _wire_serve_alloc and fn is not _wire_serve_close:
+        return None
+    try:
+        reqs = conn.shm_requests
+    except Exception:
+        return None                 # (the call raises it, as the handler would)
+    if type(reqs) is not ShmRequests:
+        return None
+    route[0] = WIRE_DIRECT_ALLOC if fn is _wire_serve_alloc else WIRE_DIRECT_CLOSE
+    return reqs
 
 
 cdef Py_ssize_t _wire_split(const unsigned char *data, Py_ssize_t end, Py_ssize_t limit,
@@ -130,7 +167,12 @@ def run_batch(body, limit, max_frame, dict handlers not None, conn, refuse, on_e
     cdef char *dst
     cdef list replies
     cdef bytes reply, out
-    cdef object handler, key, count
+    cdef object handler, key, count, reqs = None
+    cdef int route
+    global _wire_serve_alloc, _wire_serve_close
+    if _wire_serve_alloc is None:
+        _wire_serve_alloc = serve_alloc
+        _wire_serve_close = serve_shm_close
     psv_i64_from_obj(max_output, &out_limit)
     if not isinstance(counts, dict):
         raise BadParameters(f"counts must be a dict, got {type(counts).__name__}")
@@ -143,9 +185,19 @@ def run_batch(body, limit, max_frame, dict handlers not None, conn, refuse, on_e
             key = frames[i].msg_type
             handler = handlers.get(key)
             if handler is not None and size <= out_limit:
+                reqs = _wire_direct(handler, conn, &route)
                 try:
-                    reply = _wire_bytes(handler(conn, PyBytes_FromStringAndSize(
-                        src + frames[i].start, frames[i].end - frames[i].start)))
+                    if route == WIRE_DIRECT_ALLOC:
+                        reply = (<ShmRequests>reqs).serve_alloc_at(
+                            <object>PyMethod_GET_SELF(handler), conn, src + frames[i].start,
+                            frames[i].end - frames[i].start)
+                    elif route == WIRE_DIRECT_CLOSE:
+                        reply = (<ShmRequests>reqs).serve_close_at(
+                            <object>PyMethod_GET_SELF(handler), conn, src + frames[i].start,
+                            frames[i].end - frames[i].start)
+                    else:
+                        reply = _wire_bytes(handler(conn, PyBytes_FromStringAndSize(
+                            src + frames[i].start, frames[i].end - frames[i].start)))
                     code = WIRE_REPLY_OK
                 except Exception as exc:
                     reply = _wire_bytes(on_error(conn, key, exc))
