@@ -393,8 +393,9 @@ cdef class ShmRequests:
         cdef bint priv = kind == FP_KIND_PRIV
         cdef RangeAllocator static = self.static
         cdef int64_t pa, length, offset, npages, index
-        pa = static.alloc(size, FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE)
-        length = static.allocation_at(pa)[1]
+        pa = static.take(size, FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE, PyLong_FromLongLong(size),
+                         FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE)
+        length = static.length_at(pa)
         desc.shm_id = -1
         desc.size = length
         desc.bits = FP_BITS_CONTIGUOUS
@@ -420,20 +421,21 @@ cdef class ShmRequests:
                 if found is None:
                     found = self.arena.alloc(npages)
             except BaseException:
-                static.free(pa)
+                static.release(pa)
                 raise
             seg, index = found
-            try:
-                self.table.unmap_range(pa, npages)
-                try:
-                    self.table.map_range(pa, npages, seg.sid, index)
+            if not ft_remap_run(self.table, <uint64_t>pa, npages, seg.sid, index):
+                try:    # the calls themselves, for their errors
+                    self.table.unmap_range(pa, npages)
+                    try:
+                        self.table.map_range(pa, npages, seg.sid, index)
+                    except BaseException:
+                        self.pools._take_back(pa, npages, False)
+                        raise
                 except BaseException:
-                    self.pools._take_back(pa, npages, False)
+                    self.arena.free(seg, index, npages)
+                    static.release(pa)
                     raise
-            except BaseException:
-                self.arena.free(seg, index, npages)
-                static.free(pa)
-                raise
             backing = object.__new__(_fp_static_run)
             fp_store(backing, _fp_slots.run_pa, pa)
             fp_store(backing, _fp_slots.run_npages, npages)
@@ -524,12 +526,14 @@ cdef class ShmRequests:
             pa = <object>fp_load(backing, _fp_slots.run_pa)
             npages = <object>fp_load(backing, _fp_slots.run_npages)
             segment = <object>fp_load(backing, _fp_slots.run_segment)
-            self.table.unmap_range(pa, npages)
-            self.table.map_range(pa, npages, self.carveout_sid, (pa - self.static_base) >> PSV_PAGE_SHIFT)
+            if not ft_remap_run(self.table, <uint64_t>pa, npages, self.carveout_sid,
+                                (pa - self.static_base) >> PSV_PAGE_SHIFT):
+                self.table.unmap_range(pa, npages)     # (raises what is wrong)
+                self.table.map_range(pa, npages, self.carveout_sid, (pa - self.static_base) >> PSV_PAGE_SHIFT)
             if self.pages.free(segment, <object>fp_load(backing, _fp_slots.run_index), npages) > 1:
                 self.arena.drop_spare()
                 dropped = True
-            self.static.free(pa)
+            self.static.release(pa)
         shm_id = <object>fp_load(shm, _fp_slots.id)
         if shm_id > 0:
             id_c = shm_id
