@@ -58,6 +58,8 @@ class BatchOwner(Protocol):
     def _make_shm(self, body: Any, user_view: memoryview | None = None, start: int = 0,
                   end: int = -1) -> Any: ...
 
+    def _unmap_segment(self, token: int) -> None: ...
+
 
 def _batch_alloc(kind: int, doc: str) -> Callable[["Batch", int], None]:
     """A Batch method queueing an ALLOC of ``kind`` (the hot path: one struct call per frame)."""
@@ -211,7 +213,6 @@ class Batch:
             pairs = zip(kinds, replies)  # type: ignore[assignment]
         results: list[Any] = []
         append = results.append
-        channel = ctx._channel
         make_shm = ctx._make_shm
         for (msg_type, extra), answer in pairs:
             if answer is None:
@@ -225,7 +226,7 @@ class Batch:
                     raise ProtocolError(f"SHM_CLOSE reply of {end - start} bytes in a BATCH_REPLY")
                 dropped = _unpack_closed_from(reply, start)[1]
                 if dropped:
-                    channel.unmap_segment(dropped)
+                    ctx._unmap_segment(dropped)
                 append(None)
             elif msg_type == _PING:
                 append(bytes(reply[start:end]))
