@@ -167,8 +167,10 @@ def run_batch(body, limit, max_frame, dict handlers not None, conn, refuse, on_e
     cdef char *dst
     cdef list replies
     cdef bytes reply, out
-    cdef object handler, key, count, reqs = None
+    cdef object handler, key, reqs = None
     cdef int route
+    cdef unsigned int run_type = 0
+    cdef Py_ssize_t run_len = 0
     global _wire_serve_alloc, _wire_serve_close
     if _wire_serve_alloc is None:
         _wire_serve_alloc = serve_alloc
@@ -211,8 +213,15 @@ def run_batch(body, limit, max_frame, dict handlers not None, conn, refuse, on_e
             # the type of a reply frame rides in the otherwise unused end field
             frames[i].end = code
             size += WIRE_HEADER_SIZE + PyBytes_GET_SIZE(reply)
-            count = dict.get(counts, key)
-            dict.__setitem__(counts, key, 1 if count is None else count + 1)
+            # counted per run of frames of one type (flushed when the type changes, and
+            # at the end, whatever ends the loop)
+            if run_len and frames[i].msg_type != run_type:
+                _wire_count(counts, run_type, run_len)
+                run_len = 0
+            run_type = frames[i].msg_type
+            run_len += 1
+        _wire_count(counts, run_type, run_len)
+        run_len = 0
         total = size
         out = PyBytes_FromStringAndSize(NULL, total)
         dst = PyBytes_AS_STRING(out)
@@ -228,8 +237,19 @@ def run_batch(body, limit, max_frame, dict handlers not None, conn, refuse, on_e
             dst += WIRE_HEADER_SIZE + k
         return out
     finally:
+        if run_len:
+            _wire_count(counts, run_type, run_len)
         free(frames)
         PyBuffer_Release(&view)
+
+
+cdef int _wire_count(object counts, unsigned int msg_type, Py_ssize_t n) except -1:
+    """``counts[msg_type] += n`` with dict's own get and set (0 when absent)."""
+    if n:
+        key = msg_type
+        count = dict.get(counts, key)
+        dict.__setitem__(counts, key, n if count is None else count + n)
+    return 0
 
 
 cdef inline bytes _wire_bytes(object value):
