@@ -11,7 +11,8 @@ it starts a daemon as a load run does (:class:`~poolsvc.load.daemon.LoadDaemon`)
 makes one :class:`~poolsvc.load.worker.Worker` in this process and runs its
 loop for ``--seconds``, then prints this thread's CPU per operation and
 its phases, each measured around the worker's own methods (the CPU clock of
-this thread, so the daemon's CPU is not in them):
+this thread, so the daemon's CPU is not in them), with the garbage collector
+set as a worker's loop has it:
 
 - *generation*: drawing the operations (``Generator.generate``);
 - *queueing*: each token on the batch, the frees' pattern checks and ledger
@@ -37,14 +38,16 @@ deserve scepticism: compare runs made in the same minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import gc
 import io
 import pstats
 import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .daemon import LoadDaemon
 from .mix import LoadSpec
@@ -63,6 +66,20 @@ def _timed(fn: Callable[..., Any], spent: Counter, phase: str) -> Callable[..., 
         finally:
             spent[phase] += _clock() - t0
     return call
+
+
+@contextlib.contextmanager
+def _worker_gc() -> Iterator[None]:
+    """The collector as a worker's loop has it (``worker.quiet_gc``), put back after."""
+    from .worker import quiet_gc
+
+    threshold = gc.get_threshold()
+    quiet_gc()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 def _worker(path: str, spec: LoadSpec, seconds: float) -> Any:
@@ -111,7 +128,8 @@ def profile(path: str, spec: LoadSpec, seconds: float) -> dict[str, Any]:
     batch_mod.Batch.run = run_batch  # type: ignore[method-assign]
     try:
         t0 = _clock()
-        worker._loop()
+        with _worker_gc():
+            worker._loop()
         total = _clock() - t0
     finally:
         batch_mod.Batch.run = batch_run  # type: ignore[method-assign]
@@ -129,9 +147,10 @@ def cprofile_top(path: str, spec: LoadSpec, seconds: float, top: int) -> str:
     """One worker loop under cProfile: the ``top`` functions by own time, as text."""
     worker = _worker(path, spec, seconds)
     prof = cProfile.Profile()
-    prof.enable()
-    worker._loop()
-    prof.disable()
+    with _worker_gc():
+        prof.enable()
+        worker._loop()
+        prof.disable()
     worker.finish()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
