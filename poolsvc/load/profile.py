@@ -125,7 +125,7 @@ def profile(path: str, spec: LoadSpec, seconds: float) -> dict[str, Any]:
     channel = worker.ctx._channel
     channel.call_frame = _timed(channel.call_frame, spent, "round trip")
     channel.drain = _timed(channel.drain, spent, "round trip")
-    batch_mod.Batch.run = run_batch  # type: ignore[method-assign]
+    batch_mod.Batch.run = run_batch  # type: ignore[method-assign,assignment]
     try:
         t0 = _clock()
         with _worker_gc():
