@@ -203,14 +203,12 @@ cdef class RangeAllocator:
         cdef int rs = ARG_FITS
         if size is not None:
             rs = arg_i64(size, &sz, "size")
-        if rx != ARG_FITS or x < self.base_ or x - self.base_ >= self.size_:
+        if rx != ARG_FITS:
             raise AddressError(
                 f"address {hex_of(addr)} is outside the pool "
                 f"[{self.base_:#x}, {self.base_ + self.size_:#x})")
         n = self.length_at(x) >> self.min_order_
-        if n == 0:
-            raise DoubleFree(f"no live allocation starts at {x:#x}")
-        if size is not None:
+        if size is not None and n:   # (no allocation there: release raises why, first)
             if rs != ARG_FITS or sz <= 0 or sz > self.size_ or \
                     ((sz - 1) >> self.min_order_) + 1 != n:
                 raise BadParameters(
