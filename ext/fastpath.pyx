@@ -79,6 +79,10 @@ cdef enum:
 
 cdef Py_ssize_t _fp_slot(object cls, str name) except -1:
     """The offset of ``cls``'s object slot ``name`` (InternalError if it has none)."""
+    global _fp_member_descriptor
+    if _fp_member_descriptor is None:
+        import types
+        _fp_member_descriptor = types.MemberDescriptorType
     descr = getattr(cls, name, None)
     if type(descr) is not _fp_member_descriptor or \
             (<PyMemberDescrObject *><PyObject *>descr).d_member.type != FP_T_OBJECT_EX:
@@ -91,12 +95,10 @@ cdef int _fp_bind() except -1:
     global _fp_limit_error, _fp_kinds_text, _fp_member_descriptor
     if _fp_shm_type is not None:
         return 0
-    import types
     from poolsvc.errors import TeeError
     from poolsvc.service.protocol import AllocKind, LimitExceeded
     from poolsvc.shm import Shm, StaticBacking, StaticRun
     from poolsvc.tee.driver import check_ret
-    _fp_member_descriptor = types.MemberDescriptorType
     _fp_slots.context = _fp_slot(Shm, "context")
     _fp_slots.id = _fp_slot(Shm, "id")
     _fp_slots.size = _fp_slot(Shm, "size")

@@ -20,9 +20,10 @@ from .pattern import _pattern_check_ends, _pattern_fill, _pattern_mismatch, _pat
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
 from .userpages import UserPages, buffer_address, page_run_start
-from .wire import run_batch, split_frames
+from .wire import _batch_results, run_batch, split_frames
 
 __all__ = [
+    "_batch_results",
     "_pattern_check_ends",
     "_pattern_fill",
     "_pattern_mismatch",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NoReturn, Protocol
 
+from .._backend import core
 from ..api import check_shm_id, check_size
 from ..errors import BadParameters, PoolsvcError, ProtocolError
 from . import protocol as P
@@ -34,6 +35,10 @@ from .channel import (
 _ERROR = int(P.MsgType.ERROR)
 _PING = int(P.MsgType.PING)
 _unpack_closed_from = P.CLOSED.unpack_from
+#: ``_batch_results(reply, sent, max_frame, kinds, context, shms, shm_type, fallback)``: a
+#: BATCH_REPLY's results, the common replies (a new buffer's DESC, a plain CLOSED) taken
+#: by a kernel (ext/wire.pyx; twin poolsvc/_pure/wire.py), the rest by ``fallback``.
+_batch_results = core._batch_results
 
 
 #: The ``kinds`` entry type of an operation answered here, without a request: its
@@ -49,9 +54,14 @@ class BatchOwner(Protocol):
     """What a Batch uses of its context (a :class:`.objects.Context`)."""
 
     _channel: Channel
+    #: The Shm class the context makes (``_make_shm``).
+    _shm_type: type
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def shms(self) -> dict[int, Any]: ...
 
     def _check(self) -> None: ...
 
@@ -203,36 +213,34 @@ class Batch:
             raise P.error_from_body(reply)
         if reply_type != P.MsgType.BATCH_REPLY:
             raise ProtocolError(f"daemon answered BATCH with {P.type_name(reply_type)}")
+        if not self.local:  # every operation was sent: the kernel takes the common replies
+            return _batch_results(reply, sent, P.MAX_REPLY_FRAME, kinds, ctx, ctx.shms, ctx._shm_type,
+                                  lambda i, sub_type, start, end:
+                                  _result(ctx, reply, kinds[i][0], sub_type, start, end))
         replies = P.split_frames(reply, sent, P.MAX_REPLY_FRAME)
         if len(replies) != sent:
             raise ProtocolError(f"BATCH_REPLY holds {len(replies)} replies for {sent} requests")
-        if self.local:  # results of the operations answered here go in between
-            answers = iter(replies)
-            pairs = [(kind, None if kind[0] == _LOCAL else next(answers)) for kind in kinds]
-        else:
-            pairs = zip(kinds, replies)  # type: ignore[assignment]
-        results: list[Any] = []
-        append = results.append
-        make_shm = ctx._make_shm
-        for (msg_type, extra), answer in pairs:
-            if answer is None:
-                append(extra)
-                continue
-            sub_type, start, end = answer
-            if sub_type == _ERROR:
-                append(P.error_from_body(reply[start:end]))
-            elif msg_type == SHM_CLOSE:
-                if end - start != CLOSED_SIZE:
-                    raise ProtocolError(f"SHM_CLOSE reply of {end - start} bytes in a BATCH_REPLY")
-                dropped = _unpack_closed_from(reply, start)[1]
-                if dropped:
-                    ctx._unmap_segment(dropped)
-                append(None)
-            elif msg_type == _PING:
-                append(bytes(reply[start:end]))
-            else:
-                append(make_shm(reply, None, start, end))
-        return results
+        # the results of the operations answered here go in between
+        answers = iter(replies)
+        return [extra if msg_type == _LOCAL else _result(ctx, reply, msg_type, *next(answers))
+                for msg_type, extra in kinds]
+
+
+def _result(ctx: BatchOwner, reply: Any, msg_type: int, sub_type: int, start: int, end: int) -> Any:
+    """The result of one reply frame ``reply[start:end]`` of type ``sub_type`` to a request
+    of ``msg_type``: an exception, None (a close), PING's bytes, or a Shm."""
+    if sub_type == _ERROR:
+        return P.error_from_body(reply[start:end])
+    if msg_type == SHM_CLOSE:
+        if end - start != CLOSED_SIZE:
+            raise ProtocolError(f"SHM_CLOSE reply of {end - start} bytes in a BATCH_REPLY")
+        dropped = _unpack_closed_from(reply, start)[1]
+        if dropped:
+            ctx._unmap_segment(dropped)
+        return None
+    if msg_type == _PING:
+        return bytes(reply[start:end])
+    return ctx._make_shm(reply, None, start, end)
 
 
 class LocalBatch:

@@ -98,6 +98,7 @@ class Shm(ShmBase, Handle):
 
     def __init__(self, context: "Context", desc: tuple, pages: np.ndarray | None,
                  user_view: memoryview | None) -> None:
+        # (the compiled _batch_results, ext/wire.pyx, makes a Shm by these same slot stores)
         self.context = context
         self.cookie = desc[D_COOKIE]
         self.id = desc[D_ID]
@@ -285,6 +286,9 @@ class Session(Handle):
 
 class Context(Handle):
     """A context in the daemon's System, over its own connection."""
+
+    #: The class of its Shm objects (a Batch's replies make them: :mod:`.batch`).
+    _shm_type = Shm
 
     def __init__(self, dialer: Dialer, name: str = "",
                  forget: Callable[["Context"], None] | None = None) -> None:
