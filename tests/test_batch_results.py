@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from poolsvc import _pure
 from poolsvc._pure import wire as pure_wire
-from poolsvc.errors import BadParameters, ProtocolError
+from poolsvc.errors import BadParameters
 from poolsvc.service import protocol as P
 from poolsvc.service.objects import Shm
 

@@ -6,6 +6,13 @@ offers the same API over an embedded Context (operations run one by one on
 ``run()``); :func:`batch` gives whichever fits a context, so that code using
 batches runs against both the embedded System and the daemon.
 
+A batch's reply is decoded by a kernel (``_batch_results``: ext/wire.pyx,
+twin poolsvc/_pure/wire.py) that makes the Shm of each new buffer's plain
+DESC and takes each plain CLOSED; the other replies (errors, a DESC with
+pages or a new segment, a buffer the context holds, a dropped segment,
+PING) go through :func:`_result`, as every reply does when some operation
+was answered here.
+
 Concurrency: a batch belongs to its context's thread.
 """
 from __future__ import annotations
@@ -54,8 +61,10 @@ class BatchOwner(Protocol):
     """What a Batch uses of its context (a :class:`.objects.Context`)."""
 
     _channel: Channel
-    #: The Shm class the context makes (``_make_shm``).
-    _shm_type: type
+
+    @property
+    def _shm_type(self) -> type:
+        """The Shm class the context makes (``_make_shm``)."""
 
     @property
     def name(self) -> str: ...
