@@ -723,15 +723,12 @@ def profile_client(path: str, transport: str, kind: str, size: int, batch: int, 
                 t0 = clock()
                 shm.close()  # local release, SHM_CLOSE queued (Context._post_close)
                 t1 = clock()
-                data = bytes(ch.outbox)  # Channel.drain, step by step
-                ch.outbox.clear()
-                if ch.slot is not None:
-                    ch._slot_send(data)
-                else:
-                    ch._send(data)
-                reply_frame = ch._read_frame()
+                on_reply = ch.pending.popleft()  # Channel.drain, the round trip apart from the decode
+                replies: list[tuple[int, memoryview]] = []
+                ch.pending.append(lambda t, body, out=replies: out.append((t, body)))
+                ch.drain()
                 t2 = clock()
-                ch.pending.popleft()(*reply_frame)
+                on_reply(*replies[0])
                 t3 = clock()
                 s.add("close.encode", t1 - t0)
                 s.add("close.rt", t2 - t1)

@@ -22,7 +22,10 @@ Concurrency: single-threaded.
 """
 from __future__ import annotations
 
+import array
 import mmap
+import os
+import socket
 import statistics
 import time
 from collections import deque
@@ -30,9 +33,11 @@ from typing import Any, Callable
 
 import pytest
 
+from poolsvc._backend import core
 from poolsvc.constants import ShmFlags
 from poolsvc.service import channel as C
 from poolsvc.service import protocol as P
+from poolsvc.service import slot as S
 from poolsvc.service.objects import Context, Shm
 
 #: Operations per BATCH request, as in the pool service's benchmarks.
@@ -73,12 +78,12 @@ class CannedChannel(C.Channel):
     ALLOC gets buffer 0's DESC; each SHM_CLOSE the CLOSED of a last
     reference; a BATCH of ALLOCs buffers 0..BATCH-1, a BATCH of SHM_CLOSEs
     as many CLOSEDs.  Every buffer lies in one anonymous mapping, the
-    context's storage segment :data:`TOKEN`.  Only the slot exchange is
-    replaced: the client's encoding, reply framing and decoding run as they do
-    against a daemon.
+    context's storage segment :data:`TOKEN`.  The replies are published in
+    a slot of its own before each exchange: the client's encoding, the wire,
+    the reply framing and decoding run as they do against a daemon.
     """
 
-    def __init__(self) -> None:  # (no socket, no handshake)
+    def __init__(self) -> None:  # (no daemon, no handshake)
         self.path = "canned"
         self.spin = 0.0
         self.timeout = None
@@ -89,22 +94,30 @@ class CannedChannel(C.Channel):
         self.fds: deque[int] = deque()
         self.segments = {TOKEN: mmap.mmap(-1, BATCH * PAGE)}
         self.stale: list[mmap.mmap] = []
-        self.buf = bytearray()
-        self.sbuf = b""
-        self.spos = 0
-        self.outbox = bytearray()
-        self.pending: deque[Callable[[int, memoryview], None]] = deque()
         self.close_cookies: deque[int] = deque()
         self.on_lost = None
         self.max_frame = P.DEFAULT_MAX_FRAME
         self.max_batch = 4096
         self.version, self.daemon_pid, self.cid, self.sec_caps, self.gen_caps = 2, 0, 1, 0, 0
         self.transport, self.pool, self.context_name = "shm", "dynamic", "canned"
-        self.slot = True  # type: ignore[assignment]  # requests take the slot path
         self.exchanges = 0
+        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.wire = core.ClientWire(self._lost, C.DaemonTimeout, self.fds, 0.0)
+        self.wire.attach(self.sock.fileno())
+        self.outbox, self.pending = self.wire.outbox, self.wire.pending
+        fd = os.memfd_create("canned-slot", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, S.SLOT_BYTES)
+            os.pwrite(fd, array.array("Q", S.slot_header()).tobytes(), 0)
+            self.slot = S.ClientSlot(fd, S.SLOT_BYTES, 0.0)
+        finally:
+            os.close(fd)
+        self.wire.set_slot(self.slot, -1)
+        self._words, self._mm = self.slot.words, self.slot.mm
 
-    def _slot_send(self, data: bytes) -> None:
-        """Stage the replies to ``data``: pipelined closes, then one ALLOC or BATCH (or nothing)."""
+    def _stage(self, data: bytes) -> None:
+        """Publish the replies to ``data`` in the slot before it is sent (the wire then
+        finds them at once): pipelined closes, then one ALLOC or BATCH (or nothing)."""
         self.exchanges += 1
         at = 0
         while data[at + 4:at + 6] == _CLOSE_TYPE:
@@ -112,14 +125,27 @@ class CannedChannel(C.Channel):
         last = data[at + 4:at + 6]
         reply = (b"" if at == len(data) else ALLOC_REPLY if last == _ALLOC_TYPE else
                  BATCH_ALLOC_REPLY if data[at + 12:at + 14] == _ALLOC_TYPE else BATCH_CLOSE_REPLY)
-        self.sbuf = CLOSE_REPLY * (at // CLOSE_FRAME) + reply if at else reply
-        self.spos = 0
+        reply = CLOSE_REPLY * (at // CLOSE_FRAME) + reply if at else reply
+        self._mm[S.SLOT_REP_OFF:S.SLOT_REP_OFF + len(reply)] = reply
+        self._words[S.W_REP_LEN] = len(reply)
+        self._words[S.W_REP_SEQ] = self.slot.seq + 1
 
-    def _send(self, data: bytes, fds: Any = ()) -> None:  # pragma: no cover - not reached
-        raise AssertionError("the canned channel has no socket")
+    def call_frame(self, frame: bytes, fds: Any = (), slot_ok: bool = True) -> tuple[int, memoryview]:
+        self._stage(bytes(self.outbox) + frame)
+        return super().call_frame(frame, fds, slot_ok)
+
+    def drain(self) -> None:
+        if self.outbox:
+            self._stage(bytes(self.outbox))
+        super().drain()
 
     def close(self) -> None:
-        self.closed = True
+        if not self.closed:
+            self.closed = True
+            self.wire.close()
+            self.slot.close()
+            self.sock.close()
+            self.peer.close()
 
 
 class _CannedDialer:

@@ -23,6 +23,7 @@ inline`` helpers its ``.pxd`` offers the others.  C kernels are in
     smc_entry.pyx   the secure world's end of the one-parameter message call
     smc_driver.pyx  the normal world's end of it (REGISTER/UNREGISTER_SHM)
     wire.pyx        framing of batched requests: split a BATCH body, run it, frame the replies
+    clientwire.pyx  ClientSlot, ClientWire: the client's request/reply path of one connection
     fastpath.pyx    ShmRequests: the pool service's ALLOC and SHM_CLOSE, end to end (last)
 
 Concurrency: nothing here takes a lock.  Every object belongs to one thread at
@@ -55,4 +56,5 @@ include "pattern.pyx"
 include "smc_entry.pyx"
 include "smc_driver.pyx"
 include "wire.pyx"
+include "clientwire.pyx"
 include "fastpath.pyx"

@@ -20,6 +20,7 @@ from .pattern import _pattern_check_ends, _pattern_fill, _pattern_mismatch, _pat
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
 from .userpages import UserPages, buffer_address, page_run_start
+from .clientwire import ClientSlot, ClientWire
 from .wire import _batch_results, run_batch, split_frames
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "AddressMap",
     "ArenaPages",
     "ArenaRun",
+    "ClientSlot",
+    "ClientWire",
     "FrameAllocator",
     "FrameTable",
     "IdTable",

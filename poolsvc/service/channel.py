@@ -1,11 +1,14 @@
 """The client's connection to the pool service: socket, framing, descriptors, slot.
 
 A :class:`Channel` is one Unix-socket connection speaking the protocol of
-:mod:`.protocol`: the handshake, request frames (pipelined or not), reply
-frames in order, descriptors (sent with ``socket.send_fds``, received as
-SCM_RIGHTS data of ``recvmsg_into``) queued for the frames that announce them, the storage
-segments those descriptors map, and (with the shm transport) the client end
-of the connection's request/reply slot (:class:`.slot.ClientSlot`).
+:mod:`.protocol`: connecting, the handshake, fork checks, the descriptor
+queue, the storage segments those descriptors map, and closing.  The request
+path (pipelined request frames and their reply callbacks, sends with
+SCM_RIGHTS, receives, reply framing, and with the shm transport the client
+end of the connection's request/reply slot) is the wire of the selected
+backend, ``core.ClientWire`` and ``core.ClientSlot`` (``ext/clientwire.pyx``,
+twin ``poolsvc/_pure/clientwire.py``; docs/core.md "The client wire"), to
+which the request methods here delegate.
 
 Handshake: one HELLO (version 2 with the shm transport, version 1 when the
 daemon only speaks that), said again on a new connection, backing off, when
@@ -26,14 +29,9 @@ mappings.  Objects holding a channel refuse to be pickled (spawn and
 forkserver children must call ``connect()`` themselves).
 
 Concurrency: a channel belongs to one thread at a time.
-
-Length: over 600 lines because a Channel is one state machine (socket, slot,
-descriptor queue, mapped segments) whose request paths read each other's
-fields; split, one connection's state would live in several modules.
 """
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import random
@@ -45,12 +43,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Self, Sequence
 
+from .._backend import core
 from ..errors import BadParameters, Closed, NotSupported, ProtocolError
 from . import protocol as P
-from .slot import SLOT_REQ_CAP, ClientSlot
+from .slot import ClientSlot
 
-_RECV_SIZE = 256 << 10
-_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+#: Room a receive asks the kernel to fill, in bytes (one preallocated buffer).
+RECV_SIZE = 256 << 10
 #: Pipelined requests whose replies a channel reads before sending more.
 MAX_IN_FLIGHT = 64
 #: Default time a client polls for a reply before sleeping in ``recvmsg``,
@@ -72,10 +71,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Default bound, in seconds, on each later wait for the daemon.
 DEFAULT_TIMEOUT = 60.0
 
-_HEADER_SIZE = P.HEADER_SIZE
-_unpack_header = P.HEADER.unpack_from
 pack_header = P.HEADER.pack
-_DOORBELL = int(P.MsgType.DOORBELL)
 _GOODBYE = int(P.MsgType.GOODBYE)
 #: Message types, ALLOC kinds and body sizes as ints, for the hot request paths
 #: (an IntEnum member costs an attribute lookup and a conversion per use).
@@ -220,7 +216,8 @@ class Channel:
         self.connect_timeout = connect_timeout
         self.forks = _forks
         self.closed = False
-        self.slot: ClientSlot | None = None
+        #: The client's end of the shm slot (a ``core.ClientSlot``), None on the socket transport.
+        self.slot: Any = None
         #: The daemon's eventfd doorbell for this connection (-1: DOORBELL frames).
         self.bell = -1
         self.fds: deque[int] = deque()
@@ -229,17 +226,13 @@ class Channel:
         if transport not in TRANSPORTS:
             self.closed = True
             raise BadParameters(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        #: The request path (a ``core.ClientWire``); its outbox and reply callbacks
+        #: are this channel's ``outbox`` and ``pending`` (pipelined requests queue there).
+        self.wire: Any = core.ClientWire(self._lost, DaemonTimeout, self.fds, self.spin)
+        self.outbox: bytearray = self.wire.outbox
+        self.pending: deque[Callable[[int, memoryview], None]] = self.wire.pending
         self._connect()
-        self.buf = bytearray()
-        #: Receive into one preallocated buffer: recvmsg(n) allocates n bytes per call.
-        self.rview = memoryview(bytearray(_RECV_SIZE))
-        self.rbufs = [self.rview]
-        #: Replies read from the slot, not yet handed out, and the read position.
-        self.sbuf = b""
-        self.spos = 0
         self.shm_spin = max(0.0, shm_spin_us) / 1e6
-        self.outbox = bytearray()
-        self.pending: deque[Callable[[int, memoryview], None]] = deque()
         #: Cookies of the pipelined SHM_CLOSE requests, in order.
         self.close_cookies: deque[int] = deque()
         self.on_lost: Callable[[], None] | None = None
@@ -284,8 +277,8 @@ class Channel:
             reply_type, body = self.call(P.MsgType.HELLO, hello)
             if reply_type != P.MsgType.ERROR or P.ERROR.unpack_from(body)[0] != P.ErrorCode.VERSION:
                 return reply_type, body
+            self.wire.close()
             self.sock.close()
-            self.buf.clear()
             self._connect()
         return self.call(P.MsgType.HELLO, P.HELLO.pack(P.MAGIC, P.VERSION, role) + raw_name)
 
@@ -317,7 +310,6 @@ class Channel:
             delay = min(2 * delay, RETRY_MAX)
             tries += 1
             self.closed = False
-            self.buf.clear()
             self._connect(left)
 
     def _connect(self, limit: float | None = None) -> None:
@@ -329,6 +321,7 @@ class Channel:
         timeout) for room instead of failing with EAGAIN.
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(True)  # the kernel timeouts bound every wait, whatever socket.setdefaulttimeout says
         try:
             # The connect and the handshake are bounded by the connect timeout,
             # later waits by ``timeout``.
@@ -343,12 +336,13 @@ class Channel:
             raise Closed(f"cannot connect to the pool service at {self.path}: "
                          f"{_why_unreachable(self.path, exc)}") from exc
         self.sock = sock
+        self.wire.attach(sock.fileno())
 
     def _set_timeouts(self, seconds: float | None, sock: socket.socket | None = None) -> None:
         """Bound every blocking connect, receive and send on ``sock`` (default:
         the channel's) by kernel timeouts: the socket stays in blocking mode,
         so no poll precedes each call."""
-        self.wait_limit = seconds
+        self.wire.wait_limit = seconds
         value = _timeval(seconds)
         if sock is None:
             sock = self.sock
@@ -367,38 +361,25 @@ class Channel:
             self.slot = ClientSlot(fd, size, self.shm_spin)
         finally:
             os.close(fd)
+        self.wire.set_slot(self.slot, self.bell)
 
     def check_process(self) -> None:
         """UsedAfterFork in a process forked from the one that opened the channel."""
         check_process(self.forks, self.path)
 
-    # -- sending -----------------------------------------------------------------------------
+    # -- requests (the wire's) ---------------------------------------------------------------
     def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        if self.closed:
-            raise Closed("connection to the pool service is closed")
-        try:
-            if fds:
-                sent = socket.send_fds(self.sock, [data], list(fds))
-                if sent < len(data):
-                    self.sock.sendall(data[sent:])
-            else:
-                self.sock.sendall(data)
-        except BlockingIOError:
-            self._lost(f"the daemon took no data for {self.wait_limit} s", DaemonTimeout)
-        except OSError as exc:
-            self._lost(f"send failed: {exc.strerror or exc}")
+        """Send ``data`` on the socket, with the descriptors ``fds`` on its first byte."""
+        self.wire.send(data, fds)
 
     def post(self, msg_type: int, body: bytes, on_reply: Callable[[int, memoryview], None]) -> None:
         """Queue a request without waiting; it leaves with the next call (or :meth:`drain`).
 
         ``on_reply`` runs when its reply is read, in order.  Queued requests
-        ride in the same ``sendmsg`` as the next request, so a pipelined
-        close costs no system call and no wake-up of its own.
+        ride in the same ``sendmsg`` (or slot exchange) as the next request, so
+        a pipelined close costs no system call and no wake-up of its own.
         """
-        self.outbox += pack_header(len(body), msg_type, 0) + body
-        self.pending.append(on_reply)
-        if len(self.pending) >= MAX_IN_FLIGHT:
-            self.drain()
+        self.wire.post(msg_type, body, on_reply)
 
     def call_frame(self, frame: bytes, fds: Sequence[int] = (), slot_ok: bool = True) -> tuple[int, memoryview]:
         """Send one request already framed and return its reply ``(type, body)``
@@ -409,23 +390,8 @@ class Channel:
         """
         if self.forks != _forks:
             check_process(self.forks, self.path)
-        if slot_ok and self.slot is not None and len(self.outbox) + len(frame) <= SLOT_REQ_CAP:
-            if self.outbox:
-                frame = bytes(self.outbox) + frame
-                self.outbox.clear()
-            self._slot_send(frame)
-        else:
-            if self.outbox:
-                if fds:  # descriptors ride on the first byte: send the queue first
-                    self._send(bytes(self.outbox))
-                else:
-                    frame = bytes(self.outbox) + frame
-                self.outbox.clear()
-            self._send(frame, fds)
-        while self.pending:
-            handler = self.pending.popleft()
-            handler(*self._read_frame())
-        return self._read_frame()
+        result: tuple[int, memoryview] = self.wire.call_frame(frame, fds, slot_ok)
+        return result
 
     def call(self, msg_type: int, body: bytes = b"", fds: Sequence[int] = ()) -> tuple[int, memoryview]:
         """Send a request and return its reply ``(type, body)`` (earlier replies first)."""
@@ -436,122 +402,11 @@ class Channel:
         """Send queued requests and read the replies of every pipelined request."""
         if self.forks != _forks:
             check_process(self.forks, self.path)
-        if self.outbox:
-            data = bytes(self.outbox)
-            self.outbox.clear()
-            if self.slot is not None and len(data) <= SLOT_REQ_CAP:
-                self._slot_send(data)
-            else:
-                self._send(data)
-        while self.pending:
-            handler = self.pending.popleft()
-            handler(*self._read_frame())
-
-    # -- the shm slot --------------------------------------------------------------------------
-    def _slot_send(self, data: bytes) -> None:
-        """Publish request frames in the slot, wait for the reply, stage it in ``sbuf``."""
-        if self.closed:
-            raise Closed("connection to the pool service is closed")
-        slot = self.slot
-        assert slot is not None
-        seq = slot.publish(data)
-        asleep = slot.daemon_sleeping()
-        if asleep:
-            if self.bell >= 0:
-                try:
-                    os.eventfd_write(self.bell, 1)
-                except OSError as exc:  # EAGAIN: the counter is full, the daemon is awake anyway
-                    if exc.errno != errno.EAGAIN:
-                        self._lost(f"doorbell failed: {exc.strerror or exc}")
-            else:
-                self._send(P.DOORBELL_FRAME)
-        slot.wait(seq, self._slot_sleep, asleep)
-        try:
-            reply = slot.reply()
-        except ProtocolError as exc:
-            self._lost(str(exc))
-        if reply is not None:  # else the replies follow on the socket
-            self.sbuf = reply
-            self.spos = 0
-
-    def _slot_sleep(self, seq: int) -> None:
-        """Sleep on the socket until the reply to ``seq`` is in the slot (DOORBELL)."""
-        slot = self.slot
-        assert slot is not None
-        slot.set_sleeping(True)
-        try:
-            while not slot.answered(seq):
-                self._fill()
-                self._skip_doorbells()
-        finally:
-            if self.slot is not None:
-                slot.set_sleeping(False)
-
-    def _skip_doorbells(self) -> None:
-        buf = self.buf
-        while len(buf) >= _HEADER_SIZE and buf[:_HEADER_SIZE] == P.DOORBELL_FRAME:
-            del buf[:_HEADER_SIZE]
-
-    # -- receiving ---------------------------------------------------------------------------
-    def _read_frame(self) -> tuple[int, memoryview]:
-        sbuf = self.sbuf
-        if sbuf:
-            pos = self.spos
-            size = len(sbuf)
-            if size - pos >= _HEADER_SIZE:
-                length, msg_type, flags = _unpack_header(sbuf, pos)
-                end = pos + _HEADER_SIZE + length
-                if not flags and end <= size:
-                    if end == size:
-                        self.sbuf = b""
-                    else:
-                        self.spos = end
-                    return msg_type, memoryview(sbuf)[pos + _HEADER_SIZE:end]
-            self._lost(f"daemon wrote a malformed reply into the slot at byte {pos}")
-        buf = self.buf
-        while True:
-            if len(buf) >= _HEADER_SIZE:
-                length, msg_type, flags = _unpack_header(buf)
-                if length > P.MAX_REPLY_FRAME or flags:
-                    self._lost(f"daemon sent a malformed header (length {length}, flags {flags:#x})")
-                end = _HEADER_SIZE + length
-                if len(buf) >= end:
-                    body = memoryview(bytes(buf[_HEADER_SIZE:end]))
-                    del buf[:end]
-                    if msg_type == _DOORBELL and self.slot is not None:
-                        continue
-                    return msg_type, body
-            self._fill()
-
-    def _fill(self) -> None:
-        """Receive what the socket holds (waiting up to the timeout); queue its descriptors."""
-        sock = self.sock
-        nbytes = -1
-        fds: list[int] = []
-        try:
-            if self.spin:
-                deadline = time.perf_counter() + self.spin
-                while True:
-                    try:
-                        nbytes, fds = _recv_fds_into(sock, self.rbufs, socket.MSG_DONTWAIT | _CLOEXEC)
-                        break
-                    except BlockingIOError:
-                        if time.perf_counter() > deadline:
-                            break
-                        os.sched_yield()
-            if nbytes < 0:
-                nbytes, fds = _recv_fds_into(sock, self.rbufs, _CLOEXEC)
-        except BlockingIOError:
-            self._lost(f"no answer from the daemon within {self.wait_limit} s", DaemonTimeout)
-        except OSError as exc:
-            self._lost(f"receive failed: {exc.strerror or exc}")
-        if fds:
-            self.fds.extend(fds)
-        if not nbytes:
-            self._lost("the daemon closed the connection")
-        self.buf += self.rview[:nbytes]
+        self.wire.drain()
 
     def _lost(self, why: str, kind: type[Closed] = Closed) -> NoReturn:
+        """Close the channel, tell ``on_lost``, raise ``kind`` saying ``why``
+        (the wire calls it when the connection breaks)."""
         self.close()
         if self.on_lost is not None:
             self.on_lost()
@@ -561,8 +416,7 @@ class Channel:
     def map_segment(self, token: int, size: int) -> None:
         """Map the segment whose descriptor came with the reply just read."""
         while not self.fds and self.slot is not None:  # it comes on the socket, ahead of the slot reply
-            self._fill()
-            self._skip_doorbells()
+            self.wire.fill()
         if not self.fds:
             raise ProtocolError(f"daemon announced segment {token} without sending its descriptor")
         fd = self.fds.popleft()
@@ -585,13 +439,15 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        wire = getattr(self, "wire", None)
+        if wire is not None:
+            wire.close()
         sock = getattr(self, "sock", None)
         if sock is not None:
             sock.close()
         if self.bell >= 0:
             os.close(self.bell)
             self.bell = -1
-        self.sbuf = b""
         if self.slot is not None:
             self.slot.close()
             self.slot = None
@@ -607,20 +463,3 @@ class Channel:
                 pass
         self.stale.clear()
 
-
-_ANC_SIZE = socket.CMSG_SPACE(P.MAX_FDS_PER_SEND * 4)
-
-
-def _recv_fds_into(sock: socket.socket, buffers: list[memoryview], flags: int) -> tuple[int, list[int]]:
-    """``recvmsg_into`` the preallocated ``buffers``; the byte count and the
-    descriptors of its SCM_RIGHTS data.
-
-    ``socket.recv_fds`` would decode the same, but it allocates a new receive
-    buffer of the full size on every call, which the reply path cannot afford.
-    """
-    nbytes, anc, _msg_flags, _ = sock.recvmsg_into(buffers, _ANC_SIZE, flags)
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))
-    return nbytes, fds

@@ -20,10 +20,12 @@ System's API (docs/design.md section 9), so that code written against
   ``invoke(func, params)`` runs in the daemon's secure world;
 - ``Context.batch()`` collects many operations into one round trip.
 
-The client is split by concern: :mod:`.channel` (socket, framing,
-descriptors, timeouts, fork checks), :mod:`.slot` (the shared-memory slot),
-:mod:`.objects` (Context, Session, Shm), :mod:`.params`
-(session parameters) and :mod:`.batch` (Batch, LocalBatch).
+The client is split by concern: :mod:`.channel` (connecting, the
+handshake, descriptors, segments, timeouts, fork checks), the backend's
+wire (``ext/clientwire.pyx``, twin ``poolsvc/_pure/clientwire.py``: the
+request path, framing and the client's end of the shared-memory slot),
+:mod:`.slot` (the slot's layout), :mod:`.objects` (Context, Session, Shm),
+:mod:`.params` (session parameters) and :mod:`.batch` (Batch, LocalBatch).
 
 Differences from the embedded System, by design: ``phys`` and ``tee`` (raw
 physical memory and raw secure-world messages) are not offered, since they

@@ -22,8 +22,11 @@ published meanwhile is never missed.
 
 This module owns the layout (word indexes, areas, :func:`slot_header`),
 :func:`fence`, :func:`words_of` and :func:`check_header`, which both ends
-use, and :class:`ClientSlot`, the client's end.  The daemon's end (creating
-slots, serving requests, parking idle slots) lives in ``slotserve.py``.
+use, the client's wait policy constants and :func:`map_client_slot`.  The
+client's end, ``ClientSlot``, is the selected backend's (``ext/clientwire.pyx``
+and its twin ``poolsvc/_pure/clientwire.py``), re-exported here; the daemon's
+end (creating slots, serving requests, parking idle slots) lives in
+``slotserve.py``.
 
 Concurrency: one slot belongs to one connection; each end drives its half
 from one thread.  The words are shared with another process: read each one
@@ -34,9 +37,8 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-import time
-from typing import Callable
 
+from .._backend import core
 from ..errors import ProtocolError
 
 SLOT_MAGIC = 0x544C5350        # b"PSLT"
@@ -98,147 +100,35 @@ MIN_SPIN = 2e-6
 PROBE_EVERY = 32
 
 
-class ClientSlot:
-    """The client's end of one slot: publishes requests, waits for replies.
+def map_client_slot(fd: int, size: int) -> tuple[mmap.mmap, memoryview]:
+    """The client's mapping of the slot behind ``fd`` (announced as ``size``
+    bytes) and its words, checked: ProtocolError on a size or layout this end
+    does not know (nothing stays mapped then).  ``fd`` stays the caller's."""
+    actual = os.fstat(fd).st_size
+    if size != SLOT_BYTES or actual != size:
+        raise ProtocolError(f"daemon's shm slot is {actual} bytes, announced {size}, "
+                            f"expected {SLOT_BYTES}")
+    mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    words = words_of(mm)
+    try:
+        check_header(words)
+    except ProtocolError:
+        words.release()
+        mm.close()
+        raise
+    return mm, words
 
-    A wait polls the daemon's reply sequence (yielding the CPU between polls)
-    only when polling pays: the daemon was awake when the request was
-    published (a sleeping daemon first has to be woken by the doorbell) and
-    the expected wait is within ``max_spin`` seconds.  The expected wait,
-    ``expect``, is a moving average of recent waits, however they ended.
-    Otherwise, or once the polling window (twice ``expect``, between
-    MIN_SPIN and ``max_spin``) has passed, it calls the channel's
-    ``sleep(seq)``, which marks the client sleeping and blocks on the socket
-    until a DOORBELL.  With more clients than CPUs the waits grow beyond the
-    window and clients sleep at once instead of taking CPU time from the
-    daemon that serves them.
 
-    Invariant: ``seq == words[W_REQ_SEQ]`` (only this end writes it).
-    """
-
-    __slots__ = ("mm", "words", "seq", "expect", "max_spin", "waits", "slept")
-
-    def __init__(self, fd: int, size: int, max_spin: float) -> None:
-        """Map the slot behind ``fd`` (announced as ``size`` bytes) and check it.
-
-        ``fd`` stays the caller's to close; ``max_spin`` is the longest
-        polling window in seconds (0: always sleep).  Raises ProtocolError on
-        a size or layout this end does not know.
-        """
-        actual = os.fstat(fd).st_size
-        if size != SLOT_BYTES or actual != size:
-            raise ProtocolError(f"daemon's shm slot is {actual} bytes, announced {size}, "
-                                f"expected {SLOT_BYTES}")
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        words = words_of(mm)
-        try:
-            check_header(words)
-        except ProtocolError:
-            words.release()
-            mm.close()
-            raise
-        self.mm = mm
-        self.words = words
-        self.seq: int = words[W_REQ_SEQ]
-        self.max_spin = max_spin
-        #: Moving average of recent waits for a reply, in seconds.
-        self.expect = 0.0
-        #: Waits that did not find the reply at once, and those that slept.
-        self.waits = 0
-        self.slept = 0
-
-    def publish(self, data: bytes) -> int:
-        """Write request frames (at most SLOT_REQ_CAP bytes) and announce them.
-
-        Returns the request's sequence number; the caller rings the doorbell
-        when :meth:`daemon_sleeping` says so.
-        """
-        words = self.words
-        n = len(data)
-        self.mm[SLOT_REQ_OFF:SLOT_REQ_OFF + n] = data
-        words[W_REQ_LEN] = n
-        seq = self.seq = self.seq + 1
-        words[W_REQ_SEQ] = seq
-        fence_lock.acquire()  # fence(), inlined
-        fence_lock.release()
-        return seq
-
-    def daemon_sleeping(self) -> bool:
-        """Whether the daemon does not poll this slot, so that a request must ring
-        (read after :meth:`publish`'s fence)."""
-        return bool(self.words[W_DAEMON_SLEEPING])
-
-    def answered(self, seq: int) -> bool:
-        """Whether the reply to request ``seq`` is published."""
-        return self.words[W_REP_SEQ] == seq
-
-    def spins(self, daemon_asleep: bool) -> float:
-        """The polling window of the next wait in seconds (0: sleep at once).
-
-        ``daemon_asleep``: the daemon slept when the request was published.
-        """
-        if daemon_asleep:
-            return 0.0
-        max_spin = self.max_spin
-        expect = self.expect
-        if expect > max_spin and self.waits % PROBE_EVERY:
-            return 0.0
-        return min(max_spin, max(MIN_SPIN, 2 * expect))
-
-    def wait(self, seq: int, sleep: Callable[[int], None], daemon_asleep: bool = False) -> None:
-        """Return once the reply to ``seq`` is published: poll while that pays
-        (see the class doc), else ``sleep(seq)``.
-
-        ``daemon_asleep``: whether :meth:`daemon_sleeping` was true after
-        publishing ``seq`` (the caller rang the doorbell).
-        """
-        words = self.words
-        if words[W_REP_SEQ] == seq:
-            self.expect *= 0.75
-            return
-        self.waits += 1
-        clock = time.perf_counter
-        start = clock()
-        window = self.spins(daemon_asleep)
-        if window:
-            deadline = start + window
-            yield_ = os.sched_yield
-            # Yield every few polls: alone on its CPU a yield returns at once, and
-            # when the scheduler has put the daemon on this CPU it lets the daemon
-            # run instead of waiting for preemption.
-            polls = 0
-            while words[W_REP_SEQ] != seq:
-                polls += 1
-                if not polls & 3:
-                    if clock() > deadline:
-                        self.slept += 1
-                        sleep(seq)
-                        break
-                    yield_()
-        else:
-            self.slept += 1
-            sleep(seq)
-        self.expect += (clock() - start - self.expect) / 4
-
-    def set_sleeping(self, sleeping: bool) -> None:
-        """Mark (then fence) or clear the client's "sleeping" word."""
-        self.words[W_CLIENT_SLEEPING] = int(sleeping)
-        if sleeping:
-            fence()
-
-    def reply(self) -> bytes | None:
-        """The published reply frames, or None when they follow on the socket.
-
-        Raises ProtocolError when the daemon announces more than the reply area holds.
-        """
-        length = self.words[W_REP_LEN]
-        if length == REP_ON_SOCKET:
-            return None
-        if length > SLOT_REP_CAP:
-            raise ProtocolError(f"daemon wrote a slot reply of {length} bytes, more than {SLOT_REP_CAP}")
-        return self.mm[SLOT_REP_OFF:SLOT_REP_OFF + length]
-
-    def close(self) -> None:
-        """Unmap the slot (idempotent)."""
-        self.words.release()
-        self.mm.close()
+#: The client's end of a slot, from the selected backend (``ext/clientwire.pyx``
+#: or ``poolsvc/_pure/clientwire.py``): ``ClientSlot(fd, size, max_spin)``
+#: maps the slot with :func:`map_client_slot`; ``publish``, ``daemon_sleeping``,
+#: ``answered``, ``spins``, ``wait``, ``set_sleeping``, ``reply``, ``close``
+#: (docs/core.md "The client wire").  A wait polls the daemon's reply sequence
+#: only when polling pays: the daemon was awake when the request was published
+#: and the expected wait (``expect``, a moving average of recent waits) is
+#: within ``max_spin`` seconds; otherwise, or once the polling window (twice
+#: ``expect``, between MIN_SPIN and ``max_spin``) has passed, it sleeps on the
+#: socket until a DOORBELL.  With more clients than CPUs the waits grow beyond
+#: the window and clients sleep at once instead of taking CPU time from the
+#: daemon that serves them; one wait in PROBE_EVERY still polls.
+ClientSlot = core.ClientSlot
