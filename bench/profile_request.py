@@ -30,7 +30,10 @@ transport, in three places:
   connection's compiled ``ShmRequests``, which does the checks, the
   allocation or release, the registration, the id, the accounting and the
   reply, ext/fastpath.pyx), with the part of it that the compiled calls
-  under the System take (their floors, below); and a cProfile of the
+  under the System take (their floors, below; inside a BATCH the compiled
+  ``run_batch`` enters the kernel through its typed entries, without the
+  call the handler row times, so the batch's "calls above their per-call
+  medians" row can be negative: what those entries save); and a cProfile of the
   handlers, naming the Python functions they run (none on their common
   path: the kernel shows as one built-in call);
 - **throughput**: ``--clients`` forked client processes allocating and

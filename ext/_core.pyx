@@ -19,6 +19,7 @@ inline`` helpers its ``.pxd`` offers the others.  C kernels are in
     userpages.pyx   UserPages: frames of a registered object's pages, pin/unpin in one call
     pagelist.pyx    OP-TEE non-contiguous page lists: build, parse, segments
     copy.pyx        gather / scatter through the frame table
+    pattern.pyx     owner patterns in buffers: the load harness's fill / check (private names)
     smc_entry.pyx   the secure world's end of the one-parameter message call
     smc_driver.pyx  the normal world's end of it (REGISTER/UNREGISTER_SHM)
     wire.pyx        framing of batched requests: split a BATCH body, run it, frame the replies
@@ -51,6 +52,7 @@ include "arena.pyx"
 include "userpages.pyx"
 include "pagelist.pyx"
 include "copy.pyx"
+include "pattern.pyx"
 include "smc_entry.pyx"
 include "smc_driver.pyx"
 include "wire.pyx"

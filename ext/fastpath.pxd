@@ -4,7 +4,7 @@
 # and FrameTable).
 #
 # Concurrency: an object belongs to the daemon's loop thread; no locks.
-from libc.stdint cimport int64_t, int32_t
+from libc.stdint cimport int64_t, int32_t, uint64_t
 from cpython.ref cimport PyObject, PyTypeObject, Py_INCREF, Py_XDECREF
 
 
@@ -100,4 +100,8 @@ cdef class ShmRequests:
     cdef int register_run(self, int64_t pa, int64_t npages, object cookie) except -1
     cdef int account(self, object conn, object cookie, object nbytes) except -1
     cdef bytes serve_alloc(self, object server, object conn, object body)
+    cdef bytes serve_alloc_at(self, object server, object conn, const char *body, Py_ssize_t n)
+    cdef bytes alloc_parsed(self, object server, object conn, unsigned int kind, int64_t size)
     cdef bytes serve_close(self, object server, object conn, object body)
+    cdef bytes serve_close_at(self, object server, object conn, const char *body, Py_ssize_t n)
+    cdef bytes close_parsed(self, object server, object conn, uint64_t cookie)

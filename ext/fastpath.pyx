@@ -79,6 +79,10 @@ cdef enum:
 
 cdef Py_ssize_t _fp_slot(object cls, str name) except -1:
     """The offset of ``cls``'s object slot ``name`` (InternalError if it has none)."""
+    global _fp_member_descriptor
+    if _fp_member_descriptor is None:
+        import types
+        _fp_member_descriptor = types.MemberDescriptorType
     descr = getattr(cls, name, None)
     if type(descr) is not _fp_member_descriptor or \
             (<PyMemberDescrObject *><PyObject *>descr).d_member.type != FP_T_OBJECT_EX:
@@ -91,12 +95,10 @@ cdef int _fp_bind() except -1:
     global _fp_limit_error, _fp_kinds_text, _fp_member_descriptor
     if _fp_shm_type is not None:
         return 0
-    import types
     from poolsvc.errors import TeeError
     from poolsvc.service.protocol import AllocKind, LimitExceeded
     from poolsvc.shm import Shm, StaticBacking, StaticRun
     from poolsvc.tee.driver import check_ret
-    _fp_member_descriptor = types.MemberDescriptorType
     _fp_slots.context = _fp_slot(Shm, "context")
     _fp_slots.id = _fp_slot(Shm, "id")
     _fp_slots.size = _fp_slot(Shm, "size")
@@ -277,17 +279,23 @@ cdef class ShmRequests:
 
     cdef bytes serve_alloc(self, object server, object conn, object body):
         cdef char buf[FP_ALLOC_SIZE]
-        cdef unsigned int kind
-        cdef int64_t size
+        memset(buf, 0, FP_ALLOC_SIZE)
+        if _fp_body(body, buf, FP_ALLOC_SIZE) != FP_ALLOC_SIZE:
+            _fp_unpack_alloc(body)      # raises struct.error
+        return self.alloc_parsed(server, conn, psv_load_le32(buf), <int64_t>psv_load_le64(buf + 4))
+
+    cdef bytes serve_alloc_at(self, object server, object conn, const char *body, Py_ssize_t n):
+        """``serve_alloc`` of the body ``body[0:n]`` (run_batch's typed entry: no bytes made)."""
+        if n != FP_ALLOC_SIZE:
+            _fp_unpack_alloc(PyBytes_FromStringAndSize(body, n))     # raises struct.error
+        return self.alloc_parsed(server, conn, psv_load_le32(body), <int64_t>psv_load_le64(body + 4))
+
+    cdef bytes alloc_parsed(self, object server, object conn, unsigned int kind, int64_t size):
+        """ALLOC of ``size`` bytes of ``kind``, its body decoded (``serve_alloc``'s checks on)."""
         cdef object shm, nbytes, cookie, backing, segment
         cdef fp_desc desc
         cdef PyObject *token
         cdef int64_t id_c
-        memset(buf, 0, FP_ALLOC_SIZE)
-        if _fp_body(body, buf, FP_ALLOC_SIZE) != FP_ALLOC_SIZE:
-            _fp_unpack_alloc(body)      # raises struct.error
-        kind = psv_load_le32(buf)
-        size = <int64_t>psv_load_le64(buf + 4)
         if kind >= <unsigned int>len(self.alloc_fns):
             raise BadParameters(f"allocation kind {kind} is not one of {_fp_kinds_text}")
         self.admit_bytes(server, size, None)
@@ -387,8 +395,9 @@ cdef class ShmRequests:
         cdef bint priv = kind == FP_KIND_PRIV
         cdef RangeAllocator static = self.static
         cdef int64_t pa, length, offset, npages, index
-        pa = static.alloc(size, FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE)
-        length = static.allocation_at(pa)[1]
+        pa = static.take(size, FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE, PyLong_FromLongLong(size),
+                         FP_PRIV_ALIGN if priv else PSV_PAGE_SIZE)
+        length = static.length_at(pa)
         desc.shm_id = -1
         desc.size = length
         desc.bits = FP_BITS_CONTIGUOUS
@@ -414,20 +423,21 @@ cdef class ShmRequests:
                 if found is None:
                     found = self.arena.alloc(npages)
             except BaseException:
-                static.free(pa)
+                static.release(pa)
                 raise
             seg, index = found
-            try:
-                self.table.unmap_range(pa, npages)
-                try:
-                    self.table.map_range(pa, npages, seg.sid, index)
+            if not ft_remap_run(self.table, <uint64_t>pa, npages, seg.sid, index):
+                try:    # the calls themselves, for their errors
+                    self.table.unmap_range(pa, npages)
+                    try:
+                        self.table.map_range(pa, npages, seg.sid, index)
+                    except BaseException:
+                        self.pools._take_back(pa, npages, False)
+                        raise
                 except BaseException:
-                    self.pools._take_back(pa, npages, False)
+                    self.arena.free(seg, index, npages)
+                    static.release(pa)
                     raise
-            except BaseException:
-                self.arena.free(seg, index, npages)
-                static.free(pa)
-                raise
             backing = object.__new__(_fp_static_run)
             fp_store(backing, _fp_slots.run_pa, pa)
             fp_store(backing, _fp_slots.run_npages, npages)
@@ -454,6 +464,19 @@ cdef class ShmRequests:
 
     cdef bytes serve_close(self, object server, object conn, object body):
         cdef char buf[FP_COOKIE_SIZE]
+        memset(buf, 0, FP_COOKIE_SIZE)
+        if _fp_body(body, buf, FP_COOKIE_SIZE) != FP_COOKIE_SIZE:
+            _fp_unpack_cookie(body)     # raises struct.error
+        return self.close_parsed(server, conn, psv_load_le64(buf))
+
+    cdef bytes serve_close_at(self, object server, object conn, const char *body, Py_ssize_t n):
+        """``serve_close`` of the body ``body[0:n]`` (run_batch's typed entry: no bytes made)."""
+        if n != FP_COOKIE_SIZE:
+            _fp_unpack_cookie(PyBytes_FromStringAndSize(body, n))    # raises struct.error
+        return self.close_parsed(server, conn, psv_load_le64(body))
+
+    cdef bytes close_parsed(self, object server, object conn, uint64_t cookie_u64):
+        """SHM_CLOSE of the cookie ``cookie_u64``, its body decoded (``serve_close``'s checks on)."""
         cdef PyObject *found
         cdef PyObject *views
         cdef object shm, backing, cookie, segment, nbytes
@@ -463,10 +486,7 @@ cdef class ShmRequests:
         cdef SmcDriver smc
         cdef bint dropped = False
         cdef int64_t id_c
-        memset(buf, 0, FP_COOKIE_SIZE)
-        if _fp_body(body, buf, FP_COOKIE_SIZE) != FP_COOKIE_SIZE:
-            _fp_unpack_cookie(body)     # raises struct.error
-        cookie = PyLong_FromUnsignedLongLong(psv_load_le64(buf))
+        cookie = PyLong_FromUnsignedLongLong(cookie_u64)
         found = PyDict_GetItem(self.shms, cookie)
         if found == NULL:
             raise ItemNotFound(f"no shm with cookie {cookie:#x} in this client's context")
@@ -508,12 +528,14 @@ cdef class ShmRequests:
             pa = <object>fp_load(backing, _fp_slots.run_pa)
             npages = <object>fp_load(backing, _fp_slots.run_npages)
             segment = <object>fp_load(backing, _fp_slots.run_segment)
-            self.table.unmap_range(pa, npages)
-            self.table.map_range(pa, npages, self.carveout_sid, (pa - self.static_base) >> PSV_PAGE_SHIFT)
+            if not ft_remap_run(self.table, <uint64_t>pa, npages, self.carveout_sid,
+                                (pa - self.static_base) >> PSV_PAGE_SHIFT):
+                self.table.unmap_range(pa, npages)     # (raises what is wrong)
+                self.table.map_range(pa, npages, self.carveout_sid, (pa - self.static_base) >> PSV_PAGE_SHIFT)
             if self.pages.free(segment, <object>fp_load(backing, _fp_slots.run_index), npages) > 1:
                 self.arena.drop_spare()
                 dropped = True
-            self.static.free(pa)
+            self.static.release(pa)
         shm_id = <object>fp_load(shm, _fp_slots.id)
         if shm_id > 0:
             id_c = shm_id

@@ -124,6 +124,24 @@ cdef inline void ft_unmap_run(FrameTable t, Py_ssize_t slot, int64_t n) noexcept
     t.mapped -= n
 
 
+cdef inline bint ft_remap_run(FrameTable t, uint64_t pa, int64_t n, int64_t sid,
+                              int64_t index) noexcept:
+    """``unmap_range(pa, n)`` then ``map_range(pa, n, sid, index)`` in one step: the
+    ``n`` mapped frames from ``pa`` now map storage pages ``(sid, index + k)``.  False,
+    nothing changed, when a check of either call would fail (the caller then makes
+    the two calls, for their errors); the static pool's lend and take-back of frames."""
+    cdef Py_ssize_t slot
+    if n <= 0 or sid < 0 or sid > FT_MAX_STORAGE_ID or index < 0 or \
+            n > PSV_FT_MAX_PAGE_INDEX - index:
+        return False
+    slot = ft_run_slot(t, pa, n, True)
+    if slot < 0:
+        return False
+    ft_unmap_run(t, slot, n)
+    ft_map_run(t, slot, n, <int32_t>sid, index)
+    return True
+
+
 cdef inline Py_ssize_t ft_storage_length(FrameTable t, int64_t sid) noexcept:
     """Bytes of attached storage ``sid`` (0 <= sid), or -1 when it is not attached."""
     if sid >= t.nstorage_slots or t.storages[sid].base == NULL:

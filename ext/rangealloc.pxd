@@ -29,6 +29,11 @@ cdef class RangeAllocator:
     cdef int fit
     cdef int64_t nlive
 
+    # typed entries (alloc / free / the length of an allocation, for checked arguments)
+    cdef int64_t take(self, int64_t size, int64_t align, object size_obj, object align_obj) except -1
+    cdef int64_t release(self, int64_t addr) except -1
+    cdef int64_t length_at(self, int64_t addr) noexcept
+
     cdef int64_t _place(self, int64_t n, int64_t a_units) noexcept nogil
     cdef int64_t _place_first(self, int64_t n, int64_t a_units) noexcept nogil
     cdef int64_t _place_best(self, int64_t n, int64_t a_units) noexcept nogil

@@ -146,8 +146,7 @@ cdef class RangeAllocator:
         Errors: BadParameters (align not 0 or a power of two, size <= 0,
             non-integers); OutOfMemory if no aligned free range fits.
         """
-        cdef int64_t sz = 0, al = 0, a, n, a_units, p
-        cdef int a_shift
+        cdef int64_t sz = 0, al = 0
         cdef int rs = arg_i64(size, &sz, "size")
         cdef int ra = arg_i64(align, &al, "align")
         if ra == ARG_BELOW or (ra == ARG_FITS and (al < 0 or (al & (al - 1)))) or \
@@ -155,8 +154,17 @@ cdef class RangeAllocator:
             raise BadParameters(f"align must be 0 or a power of two, got {hex_of(align)}")
         if rs == ARG_BELOW or (rs == ARG_FITS and sz <= 0):
             raise BadParameters(f"allocation size must be > 0, got {size}")
+        if rs != ARG_FITS or ra != ARG_FITS:
+            self._no_room(size, align)
+        return self.take(sz, al, size, align)
+
+    cdef int64_t take(self, int64_t sz, int64_t al, object size, object align) except -1:
+        """``alloc(size, align)`` with both checked (``sz`` > 0, ``al`` 0 or a power of
+        two): the address; OutOfMemory (naming ``size`` and ``align``) when nothing fits."""
+        cdef int64_t a, n, a_units, p
+        cdef int a_shift
         a = al if al > (<int64_t>1 << self.min_order_) else (<int64_t>1 << self.min_order_)
-        if rs != ARG_FITS or ra != ARG_FITS or sz > self.size_ or a > self.size_:
+        if sz > self.size_ or a > self.size_:
             self._no_room(size, align)
         a_shift = poolsvc_ctz64(<uint64_t>a)
         a_units = a >> self.min_order_
@@ -190,27 +198,43 @@ cdef class RangeAllocator:
             live allocation starts at addr; BadParameters if size is given
             and does not match (or an argument is not an integer).
         """
-        cdef int64_t x = 0, sz = 0, c, n, off
-        cdef int64_t chunk = <int64_t>1 << self.min_order_
+        cdef int64_t x = 0, sz = 0, n
         cdef int rx = arg_i64(addr, &x, "addr")
         cdef int rs = ARG_FITS
         if size is not None:
             rs = arg_i64(size, &sz, "size")
-        if rx != ARG_FITS or x < self.base_ or x - self.base_ >= self.size_:
+        if rx != ARG_FITS:
             raise AddressError(
                 f"address {hex_of(addr)} is outside the pool "
                 f"[{self.base_:#x}, {self.base_ + self.size_:#x})")
-        off = x - self.base_
-        c = off >> self.min_order_
-        if (off & (chunk - 1)) or self.alloc_len[c] == 0:
-            raise DoubleFree(f"no live allocation starts at {x:#x}")
-        n = self.alloc_len[c]
-        if size is not None:
+        n = self.length_at(x) >> self.min_order_
+        if size is not None and n:   # (no allocation there: release raises why, first)
             if rs != ARG_FITS or sz <= 0 or sz > self.size_ or \
                     ((sz - 1) >> self.min_order_) + 1 != n:
                 raise BadParameters(
                     f"size {hex_of(size)} does not match the allocation at {x:#x} "
                     f"of {n << self.min_order_:#x} bytes")
+        return self.release(x)
+
+    cdef int64_t length_at(self, int64_t x) noexcept:
+        """Bytes of the live allocation that starts at ``x``; 0 when none does there."""
+        cdef int64_t off = x - self.base_
+        if x < self.base_ or off >= self.size_ or off & ((<int64_t>1 << self.min_order_) - 1):
+            return 0
+        return <int64_t>self.alloc_len[off >> self.min_order_] << self.min_order_
+
+    cdef int64_t release(self, int64_t x) except -1:
+        """``free(x)``: the allocation's length; AddressError outside the pool,
+        DoubleFree when no live allocation starts at ``x``."""
+        cdef int64_t c, n
+        if x < self.base_ or x - self.base_ >= self.size_:
+            raise AddressError(
+                f"address {x:#x} is outside the pool "
+                f"[{self.base_:#x}, {self.base_ + self.size_:#x})")
+        n = self.length_at(x) >> self.min_order_
+        if n == 0:
+            raise DoubleFree(f"no live allocation starts at {x:#x}")
+        c = (x - self.base_) >> self.min_order_
         self.fm.clear_range(c, n)
         self.alloc_len[c] = 0
         self.nlive -= 1

@@ -11,6 +11,12 @@ System's STATS.  The sequences mix every allocation kind, sizes that grow the
 arena, limits near their edges (so that refusals happen), unknown cookies,
 double closes and ``shm_from_id`` references held across a close.
 
+The same sequences also run batched: each operation's requests as one BATCH,
+served by the compiled ``run_batch`` (ext/wire.pyx), which calls the compiled
+kernel through its typed entries (``serve_alloc_at`` / ``serve_close_at``),
+against the twin's ``run_batch`` and handlers; the reply frames and the
+counts must be the same too.
+
 The compiled twin only exists with the compiled backend; under
 ``POOLSVC_PUREPYTHON=1`` the daemons' own tests run the twin.
 """
@@ -25,8 +31,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolsvc import Config
+from poolsvc._backend import core as _core
 from poolsvc._backend import BACKEND
 from poolsvc._pure import fastpath as pure
+from poolsvc._pure import wire as pure_wire
 from poolsvc.service import protocol as P
 from poolsvc.service.server import Server
 from poolsvc.service.settings import ServiceSettings
@@ -78,6 +86,25 @@ class Daemon:
             return "error", (type(exc).__name__, str(exc))
         return "ok", bytes(reply)
 
+    def batch(self, requests: list[tuple[int, bytes]]) -> tuple[str, Any]:
+        """Serve ``requests`` as one BATCH: ("ok", (reply frames, counts)) or ("error", ...)."""
+        srv, conn = self.server, self.conn
+        body = b"".join(P.frame(int(t), b) for t, b in requests)
+        counts: dict[int, int] = {}
+        try:
+            if self.twin:
+                handlers = dict(srv._batch_handlers)
+                handlers[int(P.MsgType.ALLOC)] = lambda c, b: pure.serve_alloc(srv, c, b)
+                handlers[int(P.MsgType.SHM_CLOSE)] = lambda c, b: pure.serve_shm_close(srv, c, b)
+                reply = pure_wire.run_batch(body, srv.settings.max_batch, srv._max_frame, handlers, conn,
+                                            srv._refuse_in_batch, srv._error, srv._max_output, counts)
+            else:
+                reply = _core.run_batch(body, srv.settings.max_batch, srv._max_frame, srv._batch_handlers,
+                                        conn, srv._refuse_in_batch, srv._error, srv._max_output, counts)
+        except Exception as exc:  # noqa: BLE001 - the oracle compares every error
+            return "error", (type(exc).__name__, str(exc))
+        return "ok", (bytes(reply), counts)
+
     def state(self) -> dict[str, Any]:
         """The accounting a request may change, without names that differ between daemons."""
         srv, conn = self.server, self.conn
@@ -121,7 +148,9 @@ ops = st.lists(st.one_of(
 ), min_size=10, max_size=80)
 
 
-def run_both(tmp_path: Any, pool: str, sequence: list[tuple[Any, ...]]) -> None:
+def run_both(tmp_path: Any, pool: str, sequence: list[tuple[Any, ...]], batched: bool = False) -> None:
+    """Run ``sequence`` on both daemons, each operation's requests one by one or (``batched``)
+    as one BATCH; compare after each."""
     compiled = Daemon(str(tmp_path / "c.sock"), pool, twin=False)
     twin = Daemon(str(tmp_path / "t.sock"), pool, twin=True)
     try:
@@ -140,6 +169,18 @@ def run_both(tmp_path: Any, pool: str, sequence: list[tuple[Any, ...]]) -> None:
                 requests = [(P.MsgType.SHM_FROM_ID, P.SHM_ID.pack(shm_id))]
             else:
                 requests = [(P.MsgType.ALLOC, op[1]), (P.MsgType.SHM_CLOSE, op[1])]
+            if batched:
+                got = compiled.batch(requests)
+                assert got == twin.batch(requests), op
+                assert compiled.state() == twin.state(), op
+                if got[0] == "ok":
+                    for sub_type, start, end in P.split_frames(got[1][0], len(requests), 1 << 20):
+                        if sub_type == P.MsgType.OK and end - start >= P.DESC.size:
+                            cookie, shm_id = P.DESC.unpack_from(got[1][0], start)[:2]
+                            issued.append(cookie)
+                            if shm_id > 0:
+                                ids.append(shm_id)
+                continue
             for msg_type, body in requests:
                 got = compiled.request(msg_type, body)
                 want = twin.request(msg_type, body)
@@ -162,13 +203,22 @@ def test_compiled_matches_twin(tmp_path_factory: Any, pool: str, sequence: list[
 
 
 @pytest.mark.parametrize("pool", ["dynamic", "static"])
-def test_fill_to_the_limits_and_empty(tmp_path: Any, pool: str) -> None:
+@given(sequence=ops)
+def test_compiled_matches_twin_batched(tmp_path_factory: Any, pool: str,
+                                       sequence: list[tuple[Any, ...]]) -> None:
+    """The same in BATCHes: run_batch's typed entries into the kernel against the twin."""
+    run_both(tmp_path_factory.mktemp("fastpath"), pool, sequence, batched=True)
+
+
+@pytest.mark.parametrize("pool", ["dynamic", "static"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_fill_to_the_limits_and_empty(tmp_path: Any, pool: str, batched: bool) -> None:
     """Every kind up to max_shms_per_client, then the byte quota, then every close."""
     sequence: list[tuple[Any, ...]] = [("alloc", k % 3, PAGE * (k + 1)) for k in range(MAX_SHMS + 2)]
     sequence += [("alloc", 0, MAX_BYTES), ("alloc", 2, MAX_BYTES + 1)]
     sequence += [("from_id", 0), ("close", 0), ("close", 0)]
     sequence += [("close", k) for k in range(MAX_SHMS + 2)]
-    run_both(tmp_path, pool, sequence)
+    run_both(tmp_path, pool, sequence, batched)
 
 
 def test_handlers_are_the_kernel() -> None:

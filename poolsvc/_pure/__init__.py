@@ -16,13 +16,19 @@ from .pagelist import (
     pagelist_parse_frames,
     pagelist_segments,
 )
+from .pattern import _pattern_check_ends, _pattern_fill, _pattern_mismatch, _pattern_stamp_ends
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
 from .userpages import UserPages, buffer_address, page_run_start
 from .clientwire import ClientSlot, ClientWire
-from .wire import run_batch, split_frames
+from .wire import _batch_results, run_batch, split_frames
 
 __all__ = [
+    "_batch_results",
+    "_pattern_check_ends",
+    "_pattern_fill",
+    "_pattern_mismatch",
+    "_pattern_stamp_ends",
     "AddressMap",
     "ArenaPages",
     "ArenaRun",

@@ -1,8 +1,10 @@
 """Framing of batched requests (BATCH / BATCH_REPLY bodies): the plain-Python twin.
 
 Owns: splitting a batch body into frames (every header checked before any
-frame is returned or run) and running a batch's frames through per-type
-handlers into one reply body.  The policy (what a frame means, which types
+frame is returned or run), running a batch's frames through per-type
+handlers into one reply body, and, at the client's end, the results of a
+BATCH_REPLY (``_batch_results``: the new Shm objects of plain DESC replies,
+None for plain CLOSED ones, a callback for the rest).  The policy (what a frame means, which types
 may be batched, the error bodies) belongs to the caller: ``run_batch`` only
 walks frames, calls back, and frames the replies.  Compiled twin:
 ``ext/wire.pyx``; contract: ``docs/core.md`` (section "wire").
@@ -121,3 +123,48 @@ def run_batch(body: Any, limit: int, max_frame: int,
             size += HEADER_SIZE + len(reply)
             dict.__setitem__(counts, msg_type, dict.get(counts, msg_type, 0) + 1)
         return b"".join(parts)
+
+
+#: Message types and sizes the client's end reads (protocol.MsgType.PING, SHM_CLOSE; the
+#: DESC and CLOSED bodies; DescBits.PAGES_FOLLOW | NEW_SEGMENT).
+PING, SHM_CLOSE = 8, 18
+_DESC = struct.Struct("<QqQQQQQIIIHBB")
+_DESC_EXTRAS = 8 | 4
+_CLOSED = struct.Struct("<II")
+
+
+def _batch_results(reply: Any, sent: int, max_frame: int, kinds: list[tuple[int, Any]], context: Any,
+                   shms: dict[int, Any], shm_type: Any, fallback: Callable[[int, int, int, int], Any]) -> list[Any]:
+    """The results of a BATCH_REPLY body to ``sent`` requests (``Batch.run``'s decoding).
+
+    ``reply`` is split as ``split_frames(reply, sent, max_frame)`` does (its
+    errors), and must hold ``sent`` frames (ProtocolError otherwise).  Frame
+    ``i`` answers a request of type ``kinds[i][0]``; its result is:
+      - a new ``shm_type(context, desc, None, None)`` for an OK frame of exactly
+        a DESC whose bits name no pages and no new segment and whose cookie is
+        not in ``shms``, to a request that is not SHM_CLOSE or PING (``desc``
+        the DESC tuple), and ``shms[cookie]`` is it;
+      - None for an OK frame of a CLOSED that dropped no segment, to SHM_CLOSE;
+      - otherwise ``fallback(i, frame_type, start, end)``.
+    """
+    frames = split_frames(reply, sent, max_frame)
+    if len(frames) != sent:
+        raise ProtocolError(f"BATCH_REPLY holds {len(frames)} replies for {sent} requests")
+    if len(kinds) < sent:
+        raise BadParameters(f"{len(kinds)} request types for {sent} replies")
+    results: list[Any] = []
+    for i, (frame_type, start, end) in enumerate(frames):
+        msg_type = kinds[i][0]
+        if frame_type == REPLY_OK:
+            if msg_type == SHM_CLOSE:
+                if end - start == _CLOSED.size and _CLOSED.unpack_from(reply, start)[1] == 0:
+                    results.append(None)
+                    continue
+            elif msg_type != PING and end - start == _DESC.size:
+                desc = _DESC.unpack_from(reply, start)
+                if not desc[12] & _DESC_EXTRAS and desc[0] not in shms:
+                    shm = shms[desc[0]] = shm_type(context, desc, None, None)
+                    results.append(shm)
+                    continue
+        results.append(fallback(i, frame_type, start, end))
+    return results

@@ -11,9 +11,12 @@ daemon kept it:
   buffer whose page is already in ``pages`` means the daemon gave one frame
   to two of this client's buffers;
 - every buffer carries a pattern naming its owner (:data:`TAG`: slot,
-  generation, handle), over the whole buffer (``Held.full``) or its first
-  and last 16 bytes (``Held.head`` / ``Held.tail``); :meth:`Ledger._verify`
-  reads it back, and a foreign tag means one frame had two owners.
+  generation, handle), over the whole buffer (``Held.full``) or its *ends*
+  (first and last 16 bytes, all of it up to 32 bytes); :meth:`Ledger._verify`
+  reads it back, and a foreign tag means one frame had two owners.  The
+  per-byte work is the compiled pattern kernels' (``_pattern_*`` of
+  ``poolsvc._backend.core``: ext/pattern.pyx, twin poolsvc/_pure/pattern.py),
+  which also take the ends of a whole batch's buffers in one call.
 
 A failed check is a *violation* line (``violations``), never an exception;
 a check that needs a view the buffer does not have counts as ``unverified``.
@@ -33,6 +36,7 @@ import os
 import struct
 from typing import Any
 
+from .._backend import core
 from ..constants import PAGE_SIZE
 from ..errors import NotSupported
 
@@ -42,6 +46,13 @@ TAG_MAGIC = b"PLDT"
 #: Operation name of each buffer kind (allocated ``u``/``k``/``p``, registered ``U``/``K``).
 KIND_OPS = {"u": "alloc_user", "k": "alloc_kernel", "p": "alloc_priv",
             "U": "register_user", "K": "register_kernel"}
+#: Buffers up to this size get their whole pattern written and checked even when
+#: batched (their ends are all of them).
+WHOLE_ENDS = 32
+fill_pattern = core._pattern_fill
+pattern_mismatch = core._pattern_mismatch
+stamp_ends = core._pattern_stamp_ends
+check_ends = core._pattern_check_ends
 
 
 def page_addresses(shm: Any) -> Any:
@@ -58,28 +69,28 @@ def page_addresses(shm: Any) -> Any:
 class Held:
     """One buffer this worker holds: the Shm and what it must contain.
 
-    ``head``/``tail``: the owner's tag and the 16 bytes it wrote at the end
-    (``b""`` until written), kept so that a check does not rebuild them (a
-    whole pattern is rebuilt from ``head``); ``index``: the
+    ``full``: the whole pattern was written (else its ends); ``view``: this
+    process's view of it (None: none, or forgotten); ``index``: the
     buffer's place in ``Ledger.live_list``; ``region``: the registration
     area's region it lies in (-1: allocated); ``extra_refs``: references a
-    batched lookup took, released by a later batch or at its free.
+    batched lookup took, released by a later batch or at its free;
+    ``pages``: the page addresses it claimed (``Ledger.pages``).
     """
 
     __slots__ = ("shm", "kind", "size", "handle", "full", "view", "region", "extra_refs",
-                 "index", "head", "tail", "pages")
+                 "index", "pages")
 
-    def __init__(self, shm: Any, kind: str, size: int, handle: int, region: int = -1) -> None:
+    def __init__(self, shm: Any, kind: str, size: int, handle: int, region: int = -1,
+                 view: Any = None) -> None:
         self.shm = shm
         self.kind = kind
         self.size = size
         self.handle = handle
         self.full = False
-        self.view: Any = None
+        self.view = view
         self.region = region
         self.extra_refs = 0
         self.index = -1
-        self.head = self.tail = b""
         self.pages: Any = ()
 
 
@@ -104,13 +115,18 @@ class Ledger:
 
     # -- patterns --------------------------------------------------------------------------------
     # A buffer's pattern is its owner's 16-byte tag repeated from byte 0, cut at its
-    # size.  Single operations write and check all of it, batched ones its first and
-    # last 16 bytes (``Held.head`` and ``Held.tail``, set when written).
+    # size.  Single operations write and check all of it, batched ones its ends.
     def _tag(self, handle: int) -> bytes:
         return TAG.pack(TAG_MAGIC, self.slot, self.gen & 0xFFFF, handle)
 
+    @property
+    def tag_prefix(self) -> bytes:
+        """The first 8 bytes of every tag of this worker (magic, slot, generation): the
+        pattern kernels' ``prefix``, the handle completing each tag."""
+        return self._tag(0)[:8]
+
     def _pattern(self, held: Held) -> bytes:
-        tag = held.head or self._tag(held.handle)
+        tag = self._tag(held.handle)
         size = held.size
         return tag * (size >> 4) if not size & 15 else (tag * (size // 16 + 1))[:size]
 
@@ -118,24 +134,11 @@ class Ledger:
         view = held.view
         if view is None:
             return
-        size = held.size
-        if full or size <= 32:
-            held.head = self._tag(held.handle)  # (kept: the check rebuilds the pattern from it)
-            view[:size] = self._pattern(held)
+        if full or held.size <= WHOLE_ENDS:
+            fill_pattern(view, self._tag(held.handle))
             held.full = True
         else:
-            self._write_ends(held, view, self._tag(held.handle))
-
-    @staticmethod
-    def _write_ends(held: Held, view: Any, tag: bytes) -> None:
-        """Write ``tag`` at the start of a buffer of more than 32 bytes and the pattern's
-        last 16 bytes at its end; keep both in ``held`` for the check."""
-        size = held.size
-        phase = size & 15  # the tail starts at size - 16, phase (size - 16) % 16 of the tag
-        held.head = tag
-        held.tail = tail = (tag + tag)[phase:phase + 16] if phase else tag
-        view[:16] = tag
-        view[size - 16:size] = tail
+            stamp_ends([view], self.tag_prefix, [held.handle])
 
     def _verify(self, held: Held, what: str) -> None:
         """Read the pattern back through this process's view; a violation if it changed."""
@@ -146,15 +149,18 @@ class Ledger:
             else:
                 self.unverified += 1
             return
-        size = held.size
-        if held.full:  # (tobytes: a memoryview compares bytewise, 100x slower)
-            ok = view[:size].tobytes() == self._pattern(held)
+        if held.full:
+            ok = pattern_mismatch(view, self._tag(held.handle)) < 0
         else:
-            ok = view[:16] == held.head and view[size - 16:size] == held.tail
+            ok = not check_ends([view], self.tag_prefix, [held.handle])
         if not ok:
-            self.violate(f"{what}: buffer {held.handle} ({KIND_OPS[held.kind]}, {held.size} bytes, "
-                         f"cookie {held.shm.cookie:#x}) changed under its owner: "
-                         f"{self._whose(bytes(view[:16]))}")
+            self._changed(held, what)
+
+    def _changed(self, held: Held, what: str) -> None:
+        """The violation of a buffer whose pattern changed (``held.view`` still open)."""
+        self.violate(f"{what}: buffer {held.handle} ({KIND_OPS[held.kind]}, {held.size} bytes, "
+                     f"cookie {held.shm.cookie:#x}) changed under its owner: "
+                     f"{self._whose(bytes(held.view[:16]))}")
 
     def daemon_private_buffer(self, held: Held) -> bool:
         """True for a private buffer of the static pool: no view for its owner, by design."""
@@ -207,24 +213,6 @@ class Ledger:
             self._write(held, full)
         self._enlist(held)
         return held
-
-    def _hold_batched(self, shm: Any, kind: str, size: int, handle: int) -> None:
-        """:meth:`_hold` with ``full=False``, shortened for the common case of a batch
-        (a buffer of more than 32 bytes with a view)."""
-        if size <= 32:
-            self._hold(shm, kind, size, handle, full=False)
-            return
-        try:
-            view = shm.view()
-        except NotSupported:
-            self._hold(shm, kind, size, handle, full=False)
-            return
-        held = Held(shm, kind, size, handle)
-        held.view = view
-        if kind != "p":
-            self._claim_pages(held, shm)
-        self._write_ends(held, view, TAG.pack(TAG_MAGIC, self.slot, self.gen & 0xFFFF, handle))
-        self._enlist(held)
 
     def _unlist(self, held: Held) -> None:
         """Drop ``held`` from ``live`` and ``live_list`` (if it is there)."""

@@ -30,9 +30,9 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
-from ..errors import Closed, OutOfMemory, PoolsvcError
+from ..errors import Closed, NotSupported, OutOfMemory, PoolsvcError
 from ..histogram import Histogram
-from .ledger import KIND_OPS, Held, Ledger
+from .ledger import KIND_OPS, WHOLE_ENDS, Held, Ledger, check_ends, fill_pattern, stamp_ends
 from .mix import REGION_SIZE
 
 Op = tuple  # an operation tuple, see poolsvc.load.trace
@@ -129,7 +129,7 @@ class Operations(Ledger):
         region = self.free_regions.pop()
         start = region * REGION_SIZE + offset
         tag = self._tag(handle)
-        self.area_view[start:start + size] = (tag * (size // 16 + 1))[:size]
+        fill_pattern(self.area_view[start:start + size], tag)
         fn = getattr(self.ctx, METHODS[kind])
         t0 = _now()
         try:
@@ -235,56 +235,149 @@ class Operations(Ledger):
         """Queue each token on ``b``; the plan: the alloc tokens themselves and
         ``("f"|"l"|"x", Held)`` entries (tokens on buffers not held are skipped).
 
-        Allocs and frees, the common tokens, are queued here without the table.
+        Allocs and frees, the common tokens, are queued here without the table,
+        in one pass: a free leaves the live set at once (its pages at its turn
+        among the results, :meth:`_batch_take`), and the ends of every freed
+        buffer are checked together after the pass (one kernel call), before
+        anything is sent.
         """
         queue = self._BATCH_QUEUE
-        queue_free = self._queue_free
         allocs = {kind: getattr(b, method) for kind, method in METHODS.items() if kind in "ukp"}
+        close = b.close
+        live = self.live
+        live_get = live.get
+        live_pop = live.pop
+        live_list = self.live_list
         plan: list[Op] = []
         append = plan.append
+        # buffers whose ends the kernel checks (written by a batch: views and handles)
+        ends_held: list[Held] = []
+        ends_views: list[Any] = []
+        ends_handles: list[int] = []
+        skipped = 0
         for tok in tokens:
             code = tok[0]
             if code == "a":
                 allocs[tok[1]](tok[2])
                 append(tok)
                 continue
-            entry = queue_free(b, tok) if code == "f" else queue[code](self, b, tok)
-            if entry is None:
-                self.skipped += 1
+            if code != "f":
+                entry = queue[code](self, b, tok)
+                if entry is None:
+                    skipped += 1
+                else:
+                    append(entry)
+                continue
+            held = live_get(tok[1])
+            if held is None:
+                skipped += 1
+                continue
+            view = held.view
+            if view is None or held.full:
+                self._verify(held, "free")
             else:
-                append(entry)
+                ends_held.append(held)
+                ends_views.append(view)
+                ends_handles.append(held.handle)
+            # Ledger._forget without its pages (they go at the free's turn): out of live
+            # and live_list (the last one takes its place)
+            live_pop(held.handle)
+            last = live_list.pop()
+            if last is not held:
+                live_list[held.index] = last
+                last.index = held.index
+            held.view = None  # (released with the Shm, when the batch closes it)
+            if held.region >= 0:
+                self.free_regions.append(held.region)
+            shm = held.shm
+            close(shm)
+            if held.extra_refs:  # the references its batched lookups took
+                for _ in range(held.extra_refs):
+                    close(shm)
+            append(("f", held))
+        if skipped:
+            self.skipped += skipped
+        if ends_views:
+            for at in check_ends(ends_views, self.tag_prefix, ends_handles):
+                held = ends_held[at]
+                held.view = ends_views[at]
+                self._changed(held, "free")
+                held.view = None
         return plan
 
     def _batch_take(self, plan: list[Op], results: list[Any], per_op: int) -> None:
         """Take in a batch's results in order; one histogram entry per operation kind,
         each at ``per_op`` nanoseconds.
 
-        A buffer from an alloc and a free's result are taken in here without the table.
+        A buffer from an alloc and a free's result are taken in here without the
+        table, in one pass: the new buffer's pages are claimed and it joins the live
+        set at its turn, a free's pages are given up at its turn; the ends of every
+        new buffer are written together after the pass (one kernel call).
         """
         done = self._BATCH_DONE
-        hold = self._hold_batched
-        done_free = self._done_free
         nxt = iter(results).__next__
         made = {"u": 0, "k": 0, "p": 0}
         freed = 0
         tally: dict[str, int] = {}
+        live = self.live
+        live_list = self.live_list
+        owner = self.pages
+        owner_get = owner.get
+        claim = self._claim_pages
+        stamp_views: list[Any] = []
+        stamp_handles: list[int] = []
         for entry in plan:
             code = entry[0]
             result = nxt()
             if code == "a":  # a new buffer (or the alloc's error)
-                kind = entry[1]
+                _, kind, size, handle = entry
                 made[kind] += 1
                 if isinstance(result, PoolsvcError):
                     self._error(KIND_OPS[kind], result)
-                else:
-                    hold(result, kind, entry[2], entry[3])
+                    continue
+                if size <= WHOLE_ENDS:
+                    self._hold(result, kind, size, handle, full=False)
+                    continue
+                try:
+                    view = result.view()
+                except NotSupported:  # a private buffer of the static pool: no view
+                    self._hold(result, kind, size, handle, full=False)
+                    continue
+                held = Held(result, kind, size, handle, -1, view)
+                if kind != "p":  # Ledger._claim_pages, written out for one page
+                    run = result.page_run
+                    if run is not None and run[1] == 1:
+                        pa = run[0]
+                        held.pages = (pa,)
+                        other = owner_get(pa)
+                        if other is not None:
+                            self.violate(f"page {pa:#x} of new buffer {handle} already belongs to "
+                                         f"this client's live buffer {other}")
+                        owner[pa] = handle
+                    else:
+                        claim(held, result)
+                live[handle] = held  # Ledger._enlist
+                held.index = len(live_list)
+                live_list.append(held)
+                stamp_views.append(view)
+                stamp_handles.append(handle)
             elif code == "f":
-                done_free(entry, result, nxt)
+                held = entry[1]
+                if held.extra_refs:
+                    for _ in range(held.extra_refs):  # the results of closing its lookups' references
+                        nxt()
+                    held.extra_refs = 0
+                if held.pages:  # the free's turn: its pages may now go to a later alloc
+                    self._give_pages(held)
+                if isinstance(result, PoolsvcError):
+                    self._error("free", result)
                 freed += 1
             else:
                 op = done[code](self, entry, result, nxt)
                 if op is not None:
                     tally[op] = tally.get(op, 0) + 1
+        if stamp_views:
+            stamp_ends(stamp_views, self.tag_prefix, stamp_handles)
         for kind, n in made.items():
             if n:
                 op = KIND_OPS[kind]
@@ -294,24 +387,8 @@ class Operations(Ledger):
         for op, n in tally.items():
             self._time_batched(op, per_op, n, n)
 
-    # Queueing a token (an alloc: in _batch_plan): its local effects, in token order; the
-    # plan entry, or None to skip.
-    def _queue_free(self, b: Any, tok: Op) -> Op | None:
-        held = self.live.get(tok[1])
-        if held is None:
-            return None
-        view = held.view
-        if view is None or held.full or view[:16] != held.head or \
-                view[held.size - 16:held.size] != held.tail:
-            self._verify(held, "free")  # (the ends matched: nothing for it to find)
-        self._forget(held, pages=False)  # its pages: at the free's turn (_done_free)
-        shm = held.shm
-        b.close(shm)
-        if held.extra_refs:  # the references its batched lookups took
-            for _ in range(held.extra_refs):
-                b.close(shm)
-        return ("f", held)
-
+    # Queueing a token (allocs and frees: in _batch_plan): its local effects, in token
+    # order; the plan entry, or None to skip.
     def _queue_lookup(self, b: Any, tok: Op) -> Op | None:
         held = self.live.get(tok[1])
         if held is None or held.shm.id <= 0:
@@ -329,19 +406,8 @@ class Operations(Ledger):
 
     _BATCH_QUEUE: dict[str, Callable[..., Any]] = {"l": _queue_lookup, "x": _queue_release}
 
-    # Taking in a result (an alloc's: in _batch_take): the operation name it counts under, or None.
-    def _done_free(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
-        held = entry[1]
-        if held.extra_refs:
-            for _ in range(held.extra_refs):  # the results of closing its lookups' references
-                nxt()
-            held.extra_refs = 0
-        if held.pages:  # the free's turn: its pages may now go to a later alloc
-            self._give_pages(held)
-        if isinstance(result, PoolsvcError):
-            self._error("free", result)
-        return "free"
-
+    # Taking in a result (allocs' and frees': in _batch_take): the operation name it counts
+    # under, or None.
     def _done_lookup(self, entry: Op, result: Any, nxt: Callable[[], Any]) -> str:
         held = entry[1]
         if isinstance(result, PoolsvcError):

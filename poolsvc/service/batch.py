@@ -6,12 +6,20 @@ offers the same API over an embedded Context (operations run one by one on
 ``run()``); :func:`batch` gives whichever fits a context, so that code using
 batches runs against both the embedded System and the daemon.
 
+A batch's reply is decoded by a kernel (``_batch_results``: ext/wire.pyx,
+twin poolsvc/_pure/wire.py) that makes the Shm of each new buffer's plain
+DESC and takes each plain CLOSED; the other replies (errors, a DESC with
+pages or a new segment, a buffer the context holds, a dropped segment,
+PING) go through :func:`_result`, as every reply does when some operation
+was answered here.
+
 Concurrency: a batch belongs to its context's thread.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, NoReturn, Protocol
 
+from .._backend import core
 from ..api import check_shm_id, check_size
 from ..errors import BadParameters, PoolsvcError, ProtocolError
 from . import protocol as P
@@ -34,6 +42,10 @@ from .channel import (
 _ERROR = int(P.MsgType.ERROR)
 _PING = int(P.MsgType.PING)
 _unpack_closed_from = P.CLOSED.unpack_from
+#: ``_batch_results(reply, sent, max_frame, kinds, context, shms, shm_type, fallback)``: a
+#: BATCH_REPLY's results, the common replies (a new buffer's DESC, a plain CLOSED) taken
+#: by a kernel (ext/wire.pyx; twin poolsvc/_pure/wire.py), the rest by ``fallback``.
+_batch_results = core._batch_results
 
 
 #: The ``kinds`` entry type of an operation answered here, without a request: its
@@ -51,12 +63,21 @@ class BatchOwner(Protocol):
     _channel: Channel
 
     @property
+    def _shm_type(self) -> type:
+        """The Shm class the context makes (``_make_shm``)."""
+
+    @property
     def name(self) -> str: ...
+
+    @property
+    def shms(self) -> dict[int, Any]: ...
 
     def _check(self) -> None: ...
 
     def _make_shm(self, body: Any, user_view: memoryview | None = None, start: int = 0,
                   end: int = -1) -> Any: ...
+
+    def _unmap_segment(self, token: int) -> None: ...
 
 
 def _batch_alloc(kind: int, doc: str) -> Callable[["Batch", int], None]:
@@ -201,37 +222,34 @@ class Batch:
             raise P.error_from_body(reply)
         if reply_type != P.MsgType.BATCH_REPLY:
             raise ProtocolError(f"daemon answered BATCH with {P.type_name(reply_type)}")
+        if not self.local:  # every operation was sent: the kernel takes the common replies
+            return _batch_results(reply, sent, P.MAX_REPLY_FRAME, kinds, ctx, ctx.shms, ctx._shm_type,
+                                  lambda i, sub_type, start, end:
+                                  _result(ctx, reply, kinds[i][0], sub_type, start, end))
         replies = P.split_frames(reply, sent, P.MAX_REPLY_FRAME)
         if len(replies) != sent:
             raise ProtocolError(f"BATCH_REPLY holds {len(replies)} replies for {sent} requests")
-        if self.local:  # results of the operations answered here go in between
-            answers = iter(replies)
-            pairs = [(kind, None if kind[0] == _LOCAL else next(answers)) for kind in kinds]
-        else:
-            pairs = zip(kinds, replies)  # type: ignore[assignment]
-        results: list[Any] = []
-        append = results.append
-        channel = ctx._channel
-        make_shm = ctx._make_shm
-        for (msg_type, extra), answer in pairs:
-            if answer is None:
-                append(extra)
-                continue
-            sub_type, start, end = answer
-            if sub_type == _ERROR:
-                append(P.error_from_body(reply[start:end]))
-            elif msg_type == SHM_CLOSE:
-                if end - start != CLOSED_SIZE:
-                    raise ProtocolError(f"SHM_CLOSE reply of {end - start} bytes in a BATCH_REPLY")
-                dropped = _unpack_closed_from(reply, start)[1]
-                if dropped:
-                    channel.unmap_segment(dropped)
-                append(None)
-            elif msg_type == _PING:
-                append(bytes(reply[start:end]))
-            else:
-                append(make_shm(reply, None, start, end))
-        return results
+        # the results of the operations answered here go in between
+        answers = iter(replies)
+        return [extra if msg_type == _LOCAL else _result(ctx, reply, msg_type, *next(answers))
+                for msg_type, extra in kinds]
+
+
+def _result(ctx: BatchOwner, reply: Any, msg_type: int, sub_type: int, start: int, end: int) -> Any:
+    """The result of one reply frame ``reply[start:end]`` of type ``sub_type`` to a request
+    of ``msg_type``: an exception, None (a close), PING's bytes, or a Shm."""
+    if sub_type == _ERROR:
+        return P.error_from_body(reply[start:end])
+    if msg_type == SHM_CLOSE:
+        if end - start != CLOSED_SIZE:
+            raise ProtocolError(f"SHM_CLOSE reply of {end - start} bytes in a BATCH_REPLY")
+        dropped = _unpack_closed_from(reply, start)[1]
+        if dropped:
+            ctx._unmap_segment(dropped)
+        return None
+    if msg_type == _PING:
+        return bytes(reply[start:end])
+    return ctx._make_shm(reply, None, start, end)
 
 
 class LocalBatch:

@@ -98,6 +98,7 @@ class Shm(ShmBase, Handle):
 
     def __init__(self, context: "Context", desc: tuple, pages: np.ndarray | None,
                  user_view: memoryview | None) -> None:
+        # (the compiled _batch_results, ext/wire.pyx, makes a Shm by these same slot stores)
         self.context = context
         self.cookie = desc[D_COOKIE]
         self.id = desc[D_ID]
@@ -161,12 +162,15 @@ class Shm(ShmBase, Handle):
         desc = self._desc
         backing = desc[D_BACKING]
         if backing == _ARENA:
-            mm = self.context._channel.segments.get(desc[D_TOKEN])
-            if mm is None:
-                raise Closed(f"storage segment {desc[D_TOKEN]} of shm {self.cookie:#x} is not mapped")
+            context = self.context
+            segment = context._segment_views.get(desc[D_TOKEN])
+            if segment is None:
+                segment = context._segment_view(desc[D_TOKEN])
+                if segment is None:
+                    raise Closed(f"storage segment {desc[D_TOKEN]} of shm {self.cookie:#x} is not mapped")
             start = desc[D_SEG_OFFSET]
-            # (the slice holds the mapping; the whole-segment view it is cut from goes at once)
-            view = memoryview(mm)[start:start + self.size]
+            # (the slice holds the mapping, also once the whole-segment view is released)
+            view = segment[start:start + self.size]
         elif backing == _USER:
             assert self._user_view is not None
             view = self._user_view[:]
@@ -283,6 +287,9 @@ class Session(Handle):
 class Context(Handle):
     """A context in the daemon's System, over its own connection."""
 
+    #: The class of its Shm objects (a Batch's replies make them: :mod:`.batch`).
+    _shm_type = Shm
+
     def __init__(self, dialer: Dialer, name: str = "",
                  forget: Callable[["Context"], None] | None = None) -> None:
         """A new context of the daemon ``dialer`` reaches; ``forget(ctx)`` runs once it closes."""
@@ -302,6 +309,10 @@ class Context(Handle):
         self.closed = False
         #: Errors of pipelined closes, as (cookie, exception); normally empty.
         self.deferred_errors: list[tuple[int, PoolsvcError]] = []
+        #: A view of each mapped storage segment, by token, that Shm views are cut from
+        #: (a slice of a live view costs a fraction of a view of the mapping); released
+        #: before the segment is unmapped (:meth:`_unmap_segment`) and when the context goes.
+        self._segment_views: dict[int, memoryview] = {}
         self._channel.on_lost = self._lost
         #: :meth:`_on_close_reply`, bound once (it is queued with every pipelined close).
         self._close_reply = self._on_close_reply
@@ -316,6 +327,7 @@ class Context(Handle):
         self.sessions.clear()
         for shm in list(self.shms.values()):
             shm._release_local()
+        self._release_segment_views()
         self._close_cancel_line()
         if self._forget is not None:
             self._forget(self)
@@ -323,6 +335,28 @@ class Context(Handle):
     def _check(self) -> None:
         if self.closed:
             raise Closed(f"context {self.name} is closed")
+
+    # -- storage segments ----------------------------------------------------------------------
+    def _segment_view(self, token: int) -> memoryview | None:
+        """A view of the whole mapped segment ``token``, kept for later Shm views (None
+        when the segment is not mapped)."""
+        mm = self._channel.segments.get(token)
+        if mm is None:
+            return None
+        view = self._segment_views[token] = memoryview(mm)
+        return view
+
+    def _unmap_segment(self, token: int) -> None:
+        """Unmap the segment ``token`` (the daemon dropped it), its view released first."""
+        view = self._segment_views.pop(token, None)
+        if view is not None:
+            view.release()
+        self._channel.unmap_segment(token)
+
+    def _release_segment_views(self) -> None:
+        for view in self._segment_views.values():
+            view.release()
+        self._segment_views.clear()
 
     # -- replies -------------------------------------------------------------------------------
     def _make_shm(self, body: Any, user_view: memoryview | None = None, start: int = 0,
@@ -375,7 +409,7 @@ class Context(Handle):
         if reply_type == _OK and len(body) == CLOSED_SIZE:
             dropped = _unpack_closed(body)[1]
             if dropped:
-                channel.unmap_segment(dropped)
+                self._unmap_segment(dropped)
             return
         exc = (P.error_from_body(body) if reply_type == P.MsgType.ERROR
                else ProtocolError(f"unexpected {P.type_name(reply_type)} reply to SHM_CLOSE"))
