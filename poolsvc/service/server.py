@@ -49,7 +49,7 @@ from ..config import Config
 from ..errors import PoolsvcError, SecurityViolation
 from . import protocol as P
 from . import slot as S
-from .connection import CLOSED, HANDSHAKE, Connection, Handler, Pinned, SlotSet
+from .connection import CLOSED, HANDSHAKE, Connection, Handler, Pinned
 from .handlers import Handlers
 from .listener import Listener
 from .metrics import Metrics, RateLimit
@@ -118,7 +118,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         self._ep: Any = None
         #: epoll registrations: fd -> Connection, _LISTEN or _WAKE.
         self._fdmap: dict[int, Any] = {}
-        self._slots = SlotSet()
+        self._init_slots()
         #: Current slot-polling window, adapted between 2 us and shm_spin_us.
         self._slot_spin = self.settings.shm_spin_us / 1e6
         self._handlers: dict[int, Handler] = {
@@ -325,6 +325,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         finally:
             self._defer_writes = False
             self._unwritten.clear()
+            self._bells.clear()
             self.close()
 
     def close(self) -> None:
