@@ -212,6 +212,8 @@ class ServerParts:
     #: Connections whose clients are rung once the loop has served every ready slot.
     _bells: list[Connection]
     _ring: Callable[[Any, Connection], None]
+    #: True while the loop serves the ready slots (see :mod:`.transport`).
+    _defer_writes: bool
     _stopping: bool
     _ep: Any
     # limits read on every request

@@ -6,7 +6,12 @@ The slot's layout, the fence and the header both ends check are in
 Shm slots (protocol version 2): a connection may ask for a shared-memory
 request/reply slot (``protocol`` documents the layout).  Nothing read from a
 slot is trusted: sequence, length and every frame are checked, and the
-request bytes are copied out before they are parsed.
+request bytes are copied out before they are parsed.  A request is served by
+the slot kernel (``core.serve_slot``: ext/slotserve.pyx, twin
+poolsvc/_pure/slotserve.py) while its frames are PING, ALLOC and SHM_CLOSE,
+and by the Python frame loop here (:meth:`SlotServing._slot_frames`) from
+the first frame the kernel hands over (docs/core.md, "The daemon's slot
+requests").
 
 Polled and parked slots (:class:`SlotSet`).  The loop polls only the slots
 that had a request recently; the others are *parked*: their

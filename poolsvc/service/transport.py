@@ -14,7 +14,8 @@ client's socket and the request handlers:
   queued replies beyond ``max_output`` stop the daemon reading that client
   until it reads its replies.  While the loop serves the shm slots that hold
   a request (``_defer_writes``), :meth:`ConnectionIO._flush` only notes the
-  connection, and the loop writes every noted one once they are all served
+  connection and the slot kernel puts the clients to ring in ``_bells``; the
+  loop rings and writes them once they are all served
   (:meth:`ConnectionIO._write_turn`): the DOORBELLs that wake sleeping
   clients go out together, so the clients they wake do not take the CPU from
   the daemon between two ready requests.
