@@ -12,6 +12,8 @@
 #                   the DOORBELL
 #   ring_doorbell   the DOORBELL of a sleeping client: one non-blocking send(2)
 #                   when nothing is queued on its socket, else queued as any reply
+#   ready_slots     the polling scan: which polled slots hold a sequence other
+#                   than the one last served
 #
 # A frame it does not own (BATCH, every other type, a handler that is not the
 # daemon's own), a bad frame header, replies over max_output, descriptors to
@@ -32,8 +34,8 @@
 # across a call into the daemon, which may close the slot).
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE
-from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem, PyDict_Next
 from cpython.long cimport PyLong_AsUnsignedLongLong, PyLong_AsLongLong, PyLong_FromUnsignedLongLong
 from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.object cimport PyObject
@@ -327,3 +329,29 @@ def ring_doorbell(server, conn):
             sent = 0
     server._queue(conn, _ss_doorbell[sent:])
     server._write(conn)
+
+
+def ready_slots(dict polled not None):
+    """The connections of ``polled`` (keys: connections with a mapped slot) whose
+    slot's ``req_seq`` differs from ``conn.seq``, in ``polled``'s order."""
+    cdef Py_ssize_t at = 0
+    cdef PyObject *key
+    cdef PyObject *value
+    cdef Py_buffer view
+    cdef uint64_t seq
+    cdef object conn, words
+    cdef list ready = []
+    _ss_bind()
+    while PyDict_Next(polled, &at, &key, &value):
+        conn = <object>key
+        words = _ss_get(conn, _ss_slots.words)
+        PyObject_GetBuffer(words, &view, PyBUF_SIMPLE)
+        try:
+            if view.len < SS_REQ_SEQ + 8:
+                raise InternalError(f"shm slot words of {view.len} bytes")
+            seq = cw_load(<uint64_t *>(<char *>view.buf + SS_REQ_SEQ))
+        finally:
+            PyBuffer_Release(&view)
+        if seq != PyLong_AsUnsignedLongLong(_ss_get(conn, _ss_slots.seq)):
+            ready.append(conn)
+    return ready

@@ -337,3 +337,19 @@ def test_ring_falls_back_to_the_queue(daemon: SlotDaemon) -> None:
 def test_the_loop_uses_the_backends_kernel() -> None:
     server = Server(Config(), ServiceSettings())
     assert server._slot_kernel is core.serve_slot and server._ring is core.ring_doorbell
+
+
+@compiled_only
+def test_ready_slots_alike(tmp_path: Any) -> None:
+    """The polling scan: compiled and twin pick the same slots, in order."""
+    daemons = [SlotDaemon(str(tmp_path / f"{k}.sock"), twin=False) for k in range(4)]
+    try:
+        for d, ahead in zip(daemons, (0, 1, 2, 1 << 63)):
+            d.words[S.W_REQ_SEQ] = d.conn.seq + ahead
+        polled = {d.conn: None for d in reversed(daemons)}
+        want = [d.conn for d in reversed(daemons) if d.words[S.W_REQ_SEQ] != d.conn.seq]
+        assert len(want) == 3
+        assert core.ready_slots(polled) == pure_slotserve.ready_slots(polled) == want
+    finally:
+        for d in daemons:
+            d.close()

@@ -17,7 +17,7 @@ from .pagelist import (
     pagelist_segments,
 )
 from .pattern import _pattern_check_ends, _pattern_fill, _pattern_mismatch, _pattern_stamp_ends
-from .slotserve import ring_doorbell, serve_slot
+from .slotserve import ready_slots, ring_doorbell, serve_slot
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
 from .userpages import UserPages, buffer_address, page_run_start
@@ -52,6 +52,7 @@ __all__ = [
     "pagelist_parse_frames",
     "page_run_start",
     "pagelist_segments",
+    "ready_slots",
     "ring_doorbell",
     "run_batch",
     "scatter",

@@ -8,7 +8,8 @@ rule) while each is one it owns (PING, and ALLOC and SHM_CLOSE of the
 connection's ``ShmRequests``, each by the daemon's own handler), and writes
 the reply area, ``rep_len``, ``rep_seq``, fences, reads ``client_sleeping``
 and rings the doorbell (:func:`ring_doorbell`: a non-blocking send when
-nothing is queued on the socket).  Anything else (BATCH, another type, a bad
+nothing is queued on the socket).  :func:`ready_slots` is the loop's polling
+scan.  Anything else (BATCH, another type, a bad
 frame, replies over ``max_output``, descriptors to send, replies that do
 not fit the reply area) is handed over to the daemon's Python frame loop
 (``SlotServing._slot_frames``) at the frame where it stopped, with the
@@ -151,4 +152,13 @@ def ring_doorbell(server: Any, conn: Any) -> None:
     server._write(conn)
 
 
-__all__ = ["ring_doorbell", "serve_slot"]
+def ready_slots(polled: dict[Any, None]) -> list[Any]:
+    """The connections of ``polled`` (keys: connections with a mapped slot) whose slot's
+    ``req_seq`` differs from ``conn.seq``, in ``polled``'s order."""
+    if not _names:
+        _names.update(_bind())
+    w_req_seq = _names["S"].W_REQ_SEQ
+    return [conn for conn in polled if conn.words[w_req_seq] != conn.seq]
+
+
+__all__ = ["ready_slots", "ring_doorbell", "serve_slot"]

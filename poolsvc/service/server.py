@@ -44,11 +44,10 @@ import time
 from collections import Counter
 from typing import Any
 
-from .._backend import BACKEND
+from .._backend import BACKEND, core
 from ..config import Config
 from ..errors import PoolsvcError, SecurityViolation
 from . import protocol as P
-from . import slot as S
 from .connection import CLOSED, HANDSHAKE, Connection, Handler, Pinned
 from .handlers import Handlers
 from .listener import Listener
@@ -66,7 +65,6 @@ log = logging.getLogger("poolsvc.service")
 _EPOLLIN = select.EPOLLIN
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-_W_REQ_SEQ = S.W_REQ_SEQ
 #: Seconds the listener is left alone when even the reserve descriptor cannot take a connection.
 _ACCEPT_PAUSE = 0.1
 _WAKE = object()
@@ -230,6 +228,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         slot_until = last_slot = 0.0
         clock = time.perf_counter
         serve_slot = self._serve_slot
+        ready_slots = core.ready_slots
         yield_ = os.sched_yield
         polls = 0
         write_turn = self._write_turn
@@ -243,8 +242,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                 if slots:
                     served = False
                     if polled:
-                        ready = [conn for conn in polled
-                                 if conn.words[_W_REQ_SEQ] != conn.seq]  # type: ignore[index]  # members are mapped
+                        ready = ready_slots(polled)
                         now = clock()
                         if ready:  # serve every ready slot, then wake the sleepers among them
                             self._defer_writes = True
