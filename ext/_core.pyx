@@ -25,7 +25,7 @@ inline`` helpers its ``.pxd`` offers the others.  C kernels are in
     wire.pyx        framing of batched requests: split a BATCH body, run it, frame the replies
     clientwire.pyx  ClientSlot, ClientWire: the client's request/reply path of one connection
     fastpath.pyx    ShmRequests: the pool service's ALLOC and SHM_CLOSE, end to end
-    slotserve.pyx   serve_slot, ring_doorbell, ready_slots: the daemon's slot requests (last)
+    slotserve.pyx   serve_slot, ring_doorbell, ready_slots, serve_ready: the daemon's slot requests (last)
 
 Concurrency: nothing here takes a lock.  Every object belongs to one thread at
 a time (the System serialises access); the GIL is held throughout except where

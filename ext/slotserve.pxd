@@ -1,5 +1,5 @@
 # slotserve.pxd: declarations for slotserve.pyx, the daemon's end of a shm slot
-# request (serve_slot, ring_doorbell, ready_slots).  Included after fastpath.pxd
+# request (serve_slot, ring_doorbell, ready_slots, serve_ready).  Included after fastpath.pxd
 # (it calls ShmRequests' typed entries) and clientwire.pxd (it uses cw_load /
 # cw_store / cw_fence on the slot's words).
 #
@@ -38,3 +38,4 @@ cdef enum:
 # Offsets of the Connection slots the kernel reads and writes (fastpath.pxd's fp_load / fp_store).
 ctypedef struct ss_conn_slots:
     Py_ssize_t state, batch, words, slot, seq, out_bytes, out, handlers, shm_requests, requests, fileno
+    Py_ssize_t served_at

@@ -14,6 +14,7 @@
 #                   when nothing is queued on its socket, else queued as any reply
 #   ready_slots     the polling scan: which polled slots hold a sequence other
 #                   than the one last served
+#   serve_ready     the loop's turn: every ready polled slot served
 #
 # A frame it does not own (BATCH, every other type, a handler that is not the
 # daemon's own), a bad frame header, replies over max_output, descriptors to
@@ -77,6 +78,7 @@ cdef int _ss_bind() except -1:
     _ss_slots.shm_requests = _fp_slot(Connection, "shm_requests")
     _ss_slots.requests = _fp_slot(Connection, "requests")
     _ss_slots.fileno = _fp_slot(Connection, "fileno")
+    _ss_slots.served_at = _fp_slot(Connection, "served_at")
     _ss_out = <char *>malloc(SS_REP_CAP)
     if _ss_out == NULL:
         raise MemoryError()
@@ -188,6 +190,12 @@ def serve_slot(server, conn, bells):
     receives the connection when its client is to be rung (the loop rings them
     all once every ready slot is served), or None to ring at once.
     """
+    _ss_bind()
+    return _ss_serve(server, conn, bells)
+
+
+cdef object _ss_serve(object server, object conn, object bells):
+    """``serve_slot`` (bound)."""
     cdef Py_buffer view
     cdef char *base
     cdef const char *src
@@ -201,7 +209,6 @@ def serve_slot(server, conn, bells):
     cdef bytes reply
     cdef bytes data
     cdef Py_ssize_t held
-    _ss_bind()
     if _ss_get(conn, _ss_slots.words) is None or _ss_get(conn, _ss_slots.state) != SS_READY or \
             _ss_get(conn, _ss_slots.batch) is not None:
         return False
@@ -334,6 +341,32 @@ def ring_doorbell(server, conn):
 def ready_slots(dict polled not None):
     """The connections of ``polled`` (keys: connections with a mapped slot) whose
     slot's ``req_seq`` differs from ``conn.seq``, in ``polled``'s order."""
+    _ss_bind()
+    return _ss_ready(polled)
+
+
+def serve_ready(server, dict polled not None, list bells not None, now):
+    """The loop's turn over the polled slots: serve each one ``ready_slots(polled)``
+    gives (``serve_slot(server, conn, bells)``, and ``server._slot_frames`` for the
+    rest of a request handed over), and set ``conn.served_at = now`` for each one
+    served.  Returns whether any was served."""
+    cdef object conn, done
+    cdef bint served = False
+    _ss_bind()
+    for conn in _ss_ready(polled):
+        done = _ss_serve(server, conn, bells)
+        if done is False:
+            continue
+        if done is not True:
+            server._slot_frames(conn, (<tuple>done)[0], (<tuple>done)[1], (<tuple>done)[2],
+                                _ss_get(conn, _ss_slots.seq))
+        served = True
+        fp_store(conn, _ss_slots.served_at, now)
+    return served
+
+
+cdef list _ss_ready(dict polled):
+    """``ready_slots`` (bound)."""
     cdef Py_ssize_t at = 0
     cdef PyObject *key
     cdef PyObject *value
@@ -341,7 +374,6 @@ def ready_slots(dict polled not None):
     cdef uint64_t seq
     cdef object conn, words
     cdef list ready = []
-    _ss_bind()
     while PyDict_Next(polled, &at, &key, &value):
         conn = <object>key
         words = _ss_get(conn, _ss_slots.words)

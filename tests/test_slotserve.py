@@ -56,12 +56,16 @@ class SlotDaemon:
     """An in-process Server and one CONTEXT connection with a shm slot, the client's
     end of it mapped here (words written directly, as a hostile client may)."""
 
-    def __init__(self, path: str, twin: bool) -> None:
-        config = Config(dynamic_size=16 << 20, arena_step=1 << 20, static_size=4 << 20)
-        settings = ServiceSettings(socket_path=path, log_level="CRITICAL", max_shms_per_client=MAX_SHMS,
-                                   max_frame=MAX_FRAME, max_output=MAX_OUTPUT)
-        self.server = srv = Server(config, settings)
-        srv.start()
+    def __init__(self, path: str, twin: bool, server: Server | None = None) -> None:
+        """A new daemon at ``path``, or (``server`` given) one more client of that one."""
+        self.owner = server is None
+        if server is None:
+            config = Config(dynamic_size=16 << 20, arena_step=1 << 20, static_size=4 << 20)
+            settings = ServiceSettings(socket_path=path, log_level="CRITICAL", max_shms_per_client=MAX_SHMS,
+                                       max_frame=MAX_FRAME, max_output=MAX_OUTPUT)
+            server = Server(config, settings)
+            server.start()
+        self.server = srv = server
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.connect(path)
         srv._accept()
@@ -154,8 +158,9 @@ class SlotDaemon:
         self.sock.close()
         if self.conn.state == READY:
             self.server._on_readable(self.conn)  # EOF: the connection and its context go
-        self.server.stop()
-        self.server.close()
+        if self.owner:
+            self.server.stop()
+            self.server.close()
 
 
 def alloc_frame(kind: int, size: int) -> bytes:
@@ -353,3 +358,35 @@ def test_ready_slots_alike(tmp_path: Any) -> None:
     finally:
         for d in daemons:
             d.close()
+
+
+@compiled_only
+def test_serve_ready_alike(tmp_path: Any) -> None:
+    """The loop's turn: compiled and twin serve the same ready slots (one handed over to
+    the Python loop, one with nothing new), mark them served and ring the sleepers."""
+    requests = [P.frame(PING, b"one"), b"", P.frame(PING, b"x") + P.frame(BATCH, P.frame(PING, b"y"))]
+    outcomes = []
+    for twin in (False, True):
+        first = SlotDaemon(str(tmp_path / f"{twin}.sock"), twin=twin)
+        daemons = [first] + [SlotDaemon(first.server.socket_path, twin, first.server) for _ in range(2)]
+        try:
+            for d, request in zip(daemons, requests):
+                if request:
+                    d.publish(request, d.conn.seq + 1, len(request), 1)
+                d.conn.served_at = -1.0
+            srv = daemons[0].server
+            serve_ready = pure_slotserve.serve_ready if twin else core.serve_ready
+            srv._defer_writes = True
+            served = serve_ready(srv, {d.conn: None for d in daemons}, srv._bells, 5.0)
+            # the kernel's reply rings at the end of the turn; the Python loop's queues its DOORBELL
+            assert srv._bells == [daemons[0].conn] and srv._unwritten == [daemons[2].conn]
+            srv._defer_writes = False
+            srv._write_turn()
+            outcomes.append((served, [d.conn.served_at for d in daemons],
+                             [d.outcome(None)["reply"] for d in daemons],
+                             [d.received() for d in daemons]))
+        finally:
+            for d in reversed(daemons):
+                d.close()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][:2] == (True, [5.0, -1.0, 5.0])

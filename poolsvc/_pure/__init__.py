@@ -17,7 +17,7 @@ from .pagelist import (
     pagelist_segments,
 )
 from .pattern import _pattern_check_ends, _pattern_fill, _pattern_mismatch, _pattern_stamp_ends
-from .slotserve import ready_slots, ring_doorbell, serve_slot
+from .slotserve import ready_slots, ring_doorbell, serve_ready, serve_slot
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
 from .userpages import UserPages, buffer_address, page_run_start
@@ -58,6 +58,7 @@ __all__ = [
     "scatter",
     "serve_alloc",
     "serve_shm_close",
+    "serve_ready",
     "serve_slot",
     "split_frames",
 ]

@@ -9,7 +9,7 @@ connection's ``ShmRequests``, each by the daemon's own handler), and writes
 the reply area, ``rep_len``, ``rep_seq``, fences, reads ``client_sleeping``
 and rings the doorbell (:func:`ring_doorbell`: a non-blocking send when
 nothing is queued on the socket).  :func:`ready_slots` is the loop's polling
-scan.  Anything else (BATCH, another type, a bad
+scan, :func:`serve_ready` its turn over the ready slots.  Anything else (BATCH, another type, a bad
 frame, replies over ``max_output``, descriptors to send, replies that do
 not fit the reply area) is handed over to the daemon's Python frame loop
 (``SlotServing._slot_frames``) at the frame where it stopped, with the
@@ -161,4 +161,21 @@ def ready_slots(polled: dict[Any, None]) -> list[Any]:
     return [conn for conn in polled if conn.words[w_req_seq] != conn.seq]
 
 
-__all__ = ["ready_slots", "ring_doorbell", "serve_slot"]
+def serve_ready(server: Any, polled: dict[Any, None], bells: list[Any], now: float) -> bool:
+    """The loop's turn over the polled slots: serve each one :func:`ready_slots` gives
+    (:func:`serve_slot`, and ``server._slot_frames`` for the rest of a request handed
+    over), and set ``conn.served_at = now`` for each one served.  Whether any was."""
+    served = False
+    for conn in ready_slots(polled):
+        done = serve_slot(server, conn, bells)
+        if done is False:
+            continue
+        if done is not True:
+            data, pos, out = done
+            server._slot_frames(conn, data, pos, out, conn.seq)
+        served = True
+        conn.served_at = now
+    return served
+
+
+__all__ = ["ready_slots", "ring_doorbell", "serve_ready", "serve_slot"]

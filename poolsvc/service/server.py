@@ -44,7 +44,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from .._backend import BACKEND, core
+from .._backend import BACKEND
 from ..config import Config
 from ..errors import PoolsvcError, SecurityViolation
 from . import protocol as P
@@ -227,8 +227,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         spin_until = park_at = 0.0
         slot_until = last_slot = 0.0
         clock = time.perf_counter
-        serve_slot = self._serve_slot
-        ready_slots = core.ready_slots
+        serve_ready = self._serve_ready
         yield_ = os.sched_yield
         polls = 0
         write_turn = self._write_turn
@@ -242,15 +241,12 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                 if slots:
                     served = False
                     if polled:
-                        ready = ready_slots(polled)
+                        # serve every ready slot, then wake the sleepers among them
                         now = clock()
-                        if ready:  # serve every ready slot, then wake the sleepers among them
-                            self._defer_writes = True
-                            for conn in ready:
-                                if serve_slot(conn):
-                                    served = True
-                                    conn.served_at = now
-                            self._defer_writes = False
+                        self._defer_writes = True
+                        served = serve_ready(self, polled, self._bells, now)
+                        self._defer_writes = False
+                        if served or self._bells or self._unwritten:
                             write_turn()
                         if now >= park_at:  # park the slots that went quiet
                             park_at = now + park_after / 2

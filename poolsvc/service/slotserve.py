@@ -145,9 +145,12 @@ class SlotServing(ServerParts):
         self._slots = SlotSet()
         #: Connections whose clients the loop rings once every ready slot is served.
         self._bells: list[Connection] = []
-        #: The slot kernel and its doorbell (``core.serve_slot`` / ``core.ring_doorbell``).
+        #: The slot kernel, its doorbell and the loop's turn over the ready slots
+        #: (``core.serve_slot`` / ``core.ring_doorbell`` / ``core.serve_ready``).
         self._slot_kernel: Callable[..., Any] = core.serve_slot
         self._ring: Callable[[Any, Connection], None] = core.ring_doorbell
+        self._serve_ready: Callable[[Any, dict[Connection, None], list[Connection], float], bool] = \
+            core.serve_ready
 
     def _serve_slot(self, conn: Connection) -> bool:
         """Run the request in ``conn``'s slot if a new one is published; True if one was.
@@ -159,7 +162,8 @@ class SlotServing(ServerParts):
         The slot kernel (``core.serve_slot``: ext/slotserve.pyx, twin
         poolsvc/_pure/slotserve.py) makes those checks and serves the
         requests it owns; it hands the rest of a request (from the first
-        frame it does not serve) to :meth:`_slot_frames`.
+        frame it does not serve) to :meth:`_slot_frames`.  The loop serves
+        its ready slots the same way, in one call (``core.serve_ready``).
         """
         done = self._slot_kernel(self, conn, self._bells if self._defer_writes else None)
         if done is True or done is False:
