@@ -142,6 +142,7 @@ class SlotServing(ServerParts):
         conn.slot = None
 
     def _init_slots(self) -> None:
+        """The slot state of a new daemon: no slot served, no doorbell pending."""
         self._slots = SlotSet()
         #: Connections whose clients the loop rings once every ready slot is served.
         self._bells: list[Connection] = []
