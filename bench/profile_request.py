@@ -24,7 +24,9 @@ transport, in three places:
   is a difference of two measurements: the transport's whole serve
   (``_on_readable`` with its reply written to the socket, plus the slices
   of a socket BATCH; ``_serve_slot`` for the shm slot), ``_request``
-  (dispatch: handler lookup, latency ring, reply header), ``_op_batch``
+  (dispatch: handler lookup, latency ring, reply header; on the shm slot
+  the compiled slot kernel dispatches PING, ALLOC and SHM_CLOSE itself, so
+  there its dispatch counts with the transport), ``_op_batch``
   and the compiled ``run_batch`` alone (around handlers that return at
   once), and the handler (``_op_alloc``, ``_op_shm_close``: the
   connection's compiled ``ShmRequests``, which does the checks, the
@@ -544,8 +546,12 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
             system = compiled_op if op != "ping" else 0.0
             request = s.us(f"{op}.request")
             io = s.us(f"{op}.io.{t}")
+            if t == "shm":  # the slot kernel dispatches in C: no `_request` on this path
+                transport, dispatch = io - min(io, handler), 0.0
+            else:
+                transport, dispatch = io - request, request - handler
             out[f"{t}.single.{op}"] = {
-                "transport": io - request, "dispatch": request - handler,
+                "transport": transport, "dispatch": dispatch,
                 "handler": handler - system, "system": system,
                 "batch loop": 0.0, "spread": 0.0, "total": io}
         for op in ("alloc", "close"):

@@ -24,7 +24,8 @@ inline`` helpers its ``.pxd`` offers the others.  C kernels are in
     smc_driver.pyx  the normal world's end of it (REGISTER/UNREGISTER_SHM)
     wire.pyx        framing of batched requests: split a BATCH body, run it, frame the replies
     clientwire.pyx  ClientSlot, ClientWire: the client's request/reply path of one connection
-    fastpath.pyx    ShmRequests: the pool service's ALLOC and SHM_CLOSE, end to end (last)
+    fastpath.pyx    ShmRequests: the pool service's ALLOC and SHM_CLOSE, end to end
+    slotserve.pyx   serve_slot, ring_doorbell, ready_slots, serve_ready: the daemon's slot requests (last)
 
 Concurrency: nothing here takes a lock.  Every object belongs to one thread at
 a time (the System serialises access); the GIL is held throughout except where
@@ -58,3 +59,4 @@ include "smc_driver.pyx"
 include "wire.pyx"
 include "clientwire.pyx"
 include "fastpath.pyx"
+include "slotserve.pyx"

@@ -10,9 +10,9 @@ pure one as an oracle for the compiled one):
 ``RangeAllocator, FrameAllocator, FrameTable, IdTable, AddressMap,
 pagelist_build, pagelist_build_into, pagelist_parse, pagelist_parse_frames, pagelist_segments,
 gather, scatter, SmcDriver, SmcEntry, RegisteredShm, split_frames, run_batch, ArenaPages,
-ArenaRun, ShmRequests, serve_alloc, serve_shm_close, ClientSlot, ClientWire``, the client
-Batch's private ``_batch_results``, and the load harness's private ``_pattern_fill,
-_pattern_mismatch, _pattern_stamp_ends, _pattern_check_ends``.
+ArenaRun, ShmRequests, serve_alloc, serve_shm_close, serve_slot, ring_doorbell, ready_slots,
+serve_ready, ClientSlot, ClientWire``, the client Batch's private ``_batch_results``, and the load
+harness's private ``_pattern_fill, _pattern_mismatch, _pattern_stamp_ends, _pattern_check_ends``.
 """
 from __future__ import annotations
 

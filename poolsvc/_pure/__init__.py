@@ -17,6 +17,7 @@ from .pagelist import (
     pagelist_segments,
 )
 from .pattern import _pattern_check_ends, _pattern_fill, _pattern_mismatch, _pattern_stamp_ends
+from .slotserve import ready_slots, ring_doorbell, serve_ready, serve_slot
 from .smc import RegisteredShm, SmcDriver, SmcEntry
 from .tables import AddressMap, FrameTable, IdTable
 from .userpages import UserPages, buffer_address, page_run_start
@@ -51,9 +52,13 @@ __all__ = [
     "pagelist_parse_frames",
     "page_run_start",
     "pagelist_segments",
+    "ready_slots",
+    "ring_doorbell",
     "run_batch",
     "scatter",
     "serve_alloc",
     "serve_shm_close",
+    "serve_ready",
+    "serve_slot",
     "split_frames",
 ]

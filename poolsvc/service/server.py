@@ -48,8 +48,7 @@ from .._backend import BACKEND
 from ..config import Config
 from ..errors import PoolsvcError, SecurityViolation
 from . import protocol as P
-from . import slot as S
-from .connection import CLOSED, HANDSHAKE, Connection, Handler, Pinned, SlotSet
+from .connection import CLOSED, HANDSHAKE, Connection, Handler, Pinned
 from .handlers import Handlers
 from .listener import Listener
 from .metrics import Metrics, RateLimit
@@ -66,7 +65,6 @@ log = logging.getLogger("poolsvc.service")
 _EPOLLIN = select.EPOLLIN
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-_W_REQ_SEQ = S.W_REQ_SEQ
 #: Seconds the listener is left alone when even the reserve descriptor cannot take a connection.
 _ACCEPT_PAUSE = 0.1
 _WAKE = object()
@@ -118,7 +116,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         self._ep: Any = None
         #: epoll registrations: fd -> Connection, _LISTEN or _WAKE.
         self._fdmap: dict[int, Any] = {}
-        self._slots = SlotSet()
+        self._init_slots()
         #: Current slot-polling window, adapted between 2 us and shm_spin_us.
         self._slot_spin = self.settings.shm_spin_us / 1e6
         self._handlers: dict[int, Handler] = {
@@ -229,7 +227,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         spin_until = park_at = 0.0
         slot_until = last_slot = 0.0
         clock = time.perf_counter
-        serve_slot = self._serve_slot
+        serve_ready = self._serve_ready
         yield_ = os.sched_yield
         polls = 0
         write_turn = self._write_turn
@@ -243,16 +241,12 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                 if slots:
                     served = False
                     if polled:
-                        ready = [conn for conn in polled
-                                 if conn.words[_W_REQ_SEQ] != conn.seq]  # type: ignore[index]  # members are mapped
+                        # serve every ready slot, then wake the sleepers among them
                         now = clock()
-                        if ready:  # serve every ready slot, then wake the sleepers among them
-                            self._defer_writes = True
-                            for conn in ready:
-                                if serve_slot(conn):
-                                    served = True
-                                    conn.served_at = now
-                            self._defer_writes = False
+                        self._defer_writes = True
+                        served = serve_ready(self, polled, self._bells, now)
+                        self._defer_writes = False
+                        if served or self._bells or self._unwritten:
                             write_turn()
                         if now >= park_at:  # park the slots that went quiet
                             park_at = now + park_after / 2
@@ -325,6 +319,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         finally:
             self._defer_writes = False
             self._unwritten.clear()
+            self._bells.clear()
             self.close()
 
     def close(self) -> None:

@@ -6,7 +6,12 @@ The slot's layout, the fence and the header both ends check are in
 Shm slots (protocol version 2): a connection may ask for a shared-memory
 request/reply slot (``protocol`` documents the layout).  Nothing read from a
 slot is trusted: sequence, length and every frame are checked, and the
-request bytes are copied out before they are parsed.
+request bytes are copied out before they are parsed.  A request is served by
+the slot kernel (``core.serve_slot``: ext/slotserve.pyx, twin
+poolsvc/_pure/slotserve.py) while its frames are PING, ALLOC and SHM_CLOSE,
+and by the Python frame loop here (:meth:`SlotServing._slot_frames`) from
+the first frame the kernel hands over (docs/core.md, "The daemon's slot
+requests").
 
 Polled and parked slots (:class:`SlotSet`).  The loop polls only the slots
 that had a request recently; the others are *parked*: their
@@ -46,12 +51,13 @@ import os
 import select
 import time
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
+from .._backend import core
 from ..errors import ProtocolError
 from . import protocol as P
 from . import slot as S
-from .connection import CLOSING, READY, Connection, ServerParts
+from .connection import CLOSING, READY, Connection, ServerParts, SlotSet
 from .provider import sealed_storage
 
 #: A doorbell is edge-triggered: every write by the client is one event, and the
@@ -62,9 +68,8 @@ _HEADER_SIZE = P.HEADER_SIZE
 _unpack_header = P.HEADER.unpack_from
 _pack_header = P.HEADER.pack
 _ERROR, _BATCH = int(P.MsgType.ERROR), int(P.MsgType.BATCH)
-_W_REQ_SEQ, _W_REQ_LEN, _W_CLIENT_SLEEPING = S.W_REQ_SEQ, S.W_REQ_LEN, S.W_CLIENT_SLEEPING
+_W_REQ_SEQ, _W_CLIENT_SLEEPING = S.W_REQ_SEQ, S.W_CLIENT_SLEEPING
 _W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = S.W_REP_SEQ, S.W_REP_LEN, S.W_DAEMON_SLEEPING
-_REQ_OFF, _REQ_CAP = S.SLOT_REQ_OFF, S.SLOT_REQ_CAP
 _REP_OFF, _REP_CAP = S.SLOT_REP_OFF, S.SLOT_REP_CAP
 _fence_acquire, _fence_release = S.fence_lock.acquire, S.fence_lock.release
 #: Polling windows (``shm_spin_us``) without a request after which a slot is parked.
@@ -136,6 +141,18 @@ class SlotServing(ServerParts):
         conn.slot.close()
         conn.slot = None
 
+    def _init_slots(self) -> None:
+        """The slot state of a new daemon: no slot served, no doorbell pending."""
+        self._slots = SlotSet()
+        #: Connections whose clients the loop rings once every ready slot is served.
+        self._bells: list[Connection] = []
+        #: The slot kernel, its doorbell and the loop's turn over the ready slots
+        #: (``core.serve_slot`` / ``core.ring_doorbell`` / ``core.serve_ready``).
+        self._slot_kernel: Callable[..., Any] = core.serve_slot
+        self._ring: Callable[[Any, Connection], None] = core.ring_doorbell
+        self._serve_ready: Callable[[Any, dict[Connection, None], list[Connection], float], bool] = \
+            core.serve_ready
+
     def _serve_slot(self, conn: Connection) -> bool:
         """Run the request in ``conn``'s slot if a new one is published; True if one was.
 
@@ -143,32 +160,17 @@ class SlotServing(ServerParts):
         the length must fit the request area, the bytes are copied out before
         they are parsed, and every frame is checked as on the socket.  A bad
         field is a protocol violation (ERROR on the socket, then hang-up).
+        The slot kernel (``core.serve_slot``: ext/slotserve.pyx, twin
+        poolsvc/_pure/slotserve.py) makes those checks and serves the
+        requests it owns; it hands the rest of a request (from the first
+        frame it does not serve) to :meth:`_slot_frames`.  The loop serves
+        its ready slots the same way, in one call (``core.serve_ready``).
         """
-        words = conn.words
-        if words is None or conn.state != READY or conn.batch is not None:
-            return False
-        seq = words[_W_REQ_SEQ]
-        expected = conn.seq + 1
-        if seq != expected:
-            if seq == conn.seq:
-                return False
-            self._violation(conn, ProtocolError(
-                f"slot request sequence {seq}, expected {expected}"))
-            self._flush(conn)
-            return True
-        max_output = self._max_output
-        if conn.out_bytes > max_output:
-            return False  # the client must read its socket first
-        length = words[_W_REQ_LEN]
-        if not _HEADER_SIZE <= length <= _REQ_CAP:
-            self._violation(conn, ProtocolError(
-                f"slot request length {length} is outside {_HEADER_SIZE}..{_REQ_CAP}"))
-            self._flush(conn)
-            return True
-        assert conn.slot is not None
-        data = conn.slot.mm[_REQ_OFF:_REQ_OFF + length]  # a copy: the client may scribble meanwhile
-        conn.seq = seq
-        self._slot_frames(conn, data, 0, bytearray(), seq)
+        done = self._slot_kernel(self, conn, self._bells if self._defer_writes else None)
+        if done is True or done is False:
+            return done
+        data, pos, out = done
+        self._slot_frames(conn, data, pos, out, conn.seq)
         return True
 
     def _slot_frames(self, conn: Connection, data: bytes, pos: int, out: bytearray, seq: int) -> None:

@@ -14,7 +14,8 @@ client's socket and the request handlers:
   queued replies beyond ``max_output`` stop the daemon reading that client
   until it reads its replies.  While the loop serves the shm slots that hold
   a request (``_defer_writes``), :meth:`ConnectionIO._flush` only notes the
-  connection, and the loop writes every noted one once they are all served
+  connection and the slot kernel puts the clients to ring in ``_bells``; the
+  loop rings and writes them once they are all served
   (:meth:`ConnectionIO._write_turn`): the DOORBELLs that wake sleeping
   clients go out together, so the clients they wake do not take the CPU from
   the daemon between two ready requests.
@@ -240,15 +241,8 @@ class ConnectionIO(ServerParts):
             reply = handler(conn, body)
             reply_type = _REPLY_TYPE.get(msg_type, _OK)
         except Exception as exc:
-            for fd in self._reply_fds[held:]:  # none in practice: descriptors are taken last
-                os.close(fd)
-            del self._reply_fds[held:]
-            if conn.state == HANDSHAKE:
-                self._drop_slot(conn)
-                conn.state = CLOSING
-                self.metrics.refused += 1
             reply_type = _ERROR
-            reply = self._error(conn, msg_type, exc)
+            reply = self._failed(conn, msg_type, exc, held)
         metrics = self.metrics
         ring = metrics.rings.get(msg_type)
         if ring is None:  # first of its type, or not a type at all: bounded either way
@@ -262,6 +256,19 @@ class ConnectionIO(ServerParts):
             if msg_type != _BATCH:
                 metrics.ops[msg_type] += 1
         return _pack_header(len(reply), reply_type, 0) + reply
+
+    def _failed(self, conn: Connection, msg_type: int, exc: Exception, held: int) -> bytes:
+        """The ERROR body of a request whose handler raised ``exc``: the descriptors it
+        left after the first ``held`` of ``_reply_fds`` are closed, and a failed HELLO
+        ends the connection (the shm slot's kernel calls this too)."""
+        for fd in self._reply_fds[held:]:  # none in practice: descriptors are taken last
+            os.close(fd)
+        del self._reply_fds[held:]
+        if conn.state == HANDSHAKE:
+            self._drop_slot(conn)
+            conn.state = CLOSING
+            self.metrics.refused += 1
+        return self._error(conn, msg_type, exc)
 
     def _error(self, conn: Connection, msg_type: int, exc: Exception) -> bytes:
         """The ERROR body for a failed request (and its logging and counting)."""
@@ -297,7 +304,15 @@ class ConnectionIO(ServerParts):
             self._write(conn)
 
     def _write_turn(self) -> None:
-        """Write the replies of every connection :meth:`_flush` noted, in order."""
+        """Ring the doorbells the slot kernel left in ``_bells``, then write the replies
+        of every connection :meth:`_flush` noted, in order."""
+        bells = self._bells
+        if bells:
+            self._bells = []
+            ring = self._ring
+            for conn in bells:
+                if conn.state < CLOSED:
+                    ring(self, conn)
         noted = self._unwritten
         if noted:
             self._unwritten = []
