@@ -76,6 +76,7 @@ cdef class ClientSlot:
     cdef public double expect           # moving average of recent waits, seconds
     cdef public long long waits         # waits that did not find the reply at once
     cdef public long long slept         # waits that ended asleep
+    cdef public long long probe_gap     # waits from one probe to the next: PROBE_EVERY << k, <= MAX_PROBE_GAP
 
     cdef int _check_mapped(self) except -1
     cdef unsigned long long _publish(self, const char *head, Py_ssize_t head_len,
@@ -103,6 +104,9 @@ cdef class ClientWire:
     cdef bint receiving                 # a blocking recvmsg runs without the GIL
     cdef public object wait_limit       # seconds (None: no bound), for messages
     cdef public double spin             # socket polling window before sleeping, seconds
+    cdef readonly object close_reply    # the reply callback of the latest post_close (None: none yet)
+    cdef readonly object close_cookies  # the deque its cookies queue in: len(close_cookies) ==
+                                        # entries of pending that are close_reply
     cdef object lost                    # lost(why, kind): closes the connection and raises
     cdef object timeout_error           # the `kind` of a wait that ran out
     cdef char *rbuf
@@ -119,5 +123,7 @@ cdef class ClientWire:
     cdef int _slot_sleep(self, unsigned long long seq) except -1
     cdef Py_ssize_t _recv(self, int flags) except -2
     cdef int _fill(self) except -1
+    cdef int _next_frame(self, unsigned int *msg_type, const char **body, Py_ssize_t *length) except -1
     cdef tuple _read_frame(self)
+    cdef int _closed_reply(self, object handler) except -1
     cdef int _answer_pending(self) except -1

@@ -53,9 +53,11 @@ cdef Py_ssize_t CW_W_REP_SEQ, CW_W_REP_LEN, CW_W_DAEMON_SLEEPING, CW_SLOT_WORDS
 cdef Py_ssize_t CW_REQ_OFF, CW_REQ_CAP, CW_REP_OFF, CW_REP_CAP
 cdef unsigned long long CW_REP_ON_SOCKET, CW_MAX_REPLY_FRAME
 cdef double CW_MIN_SPIN
-cdef long long CW_PROBE_EVERY
+cdef long long CW_PROBE_EVERY, CW_MAX_PROBE_GAP
 cdef Py_ssize_t CW_MAX_IN_FLIGHT, CW_MAX_FDS, CW_RECV_SIZE
-cdef unsigned int CW_DOORBELL
+cdef unsigned int CW_DOORBELL, CW_OK, CW_SHM_CLOSE
+cdef Py_ssize_t CW_CLOSED_SIZE, CW_DESC_SIZE
+cdef unsigned int CW_DESC_SLOW_BITS
 cdef bytes CW_DOORBELL_FRAME
 cdef object cw_map_client_slot
 
@@ -63,8 +65,9 @@ cdef object cw_map_client_slot
 cdef int _cw_bind() except -1:
     global cw_bound, CW_W_REQ_SEQ, CW_W_REQ_LEN, CW_W_CLIENT_SLEEPING, CW_W_REP_SEQ, CW_W_REP_LEN
     global CW_W_DAEMON_SLEEPING, CW_SLOT_WORDS, CW_REQ_OFF, CW_REQ_CAP, CW_REP_OFF, CW_REP_CAP
-    global CW_REP_ON_SOCKET, CW_MAX_REPLY_FRAME, CW_MIN_SPIN, CW_PROBE_EVERY, CW_MAX_IN_FLIGHT
+    global CW_REP_ON_SOCKET, CW_MAX_REPLY_FRAME, CW_MIN_SPIN, CW_PROBE_EVERY, CW_MAX_PROBE_GAP, CW_MAX_IN_FLIGHT
     global CW_MAX_FDS, CW_RECV_SIZE, CW_DOORBELL, CW_DOORBELL_FRAME, cw_map_client_slot
+    global CW_OK, CW_SHM_CLOSE, CW_CLOSED_SIZE, CW_DESC_SIZE, CW_DESC_SLOW_BITS
     if cw_bound:
         return 0
     from poolsvc.service import channel as C, protocol as P, slot as S
@@ -73,11 +76,19 @@ cdef int _cw_bind() except -1:
     CW_SLOT_WORDS = S.SLOT_WORDS
     CW_REQ_OFF, CW_REQ_CAP, CW_REP_OFF, CW_REP_CAP = S.SLOT_REQ_OFF, S.SLOT_REQ_CAP, S.SLOT_REP_OFF, S.SLOT_REP_CAP
     CW_REP_ON_SOCKET, CW_MIN_SPIN, CW_PROBE_EVERY = S.REP_ON_SOCKET, S.MIN_SPIN, S.PROBE_EVERY
+    CW_MAX_PROBE_GAP = S.MAX_PROBE_GAP
     CW_MAX_REPLY_FRAME, CW_MAX_FDS = P.MAX_REPLY_FRAME, P.MAX_FDS_PER_SEND
     CW_DOORBELL, CW_DOORBELL_FRAME = int(P.MsgType.DOORBELL), bytes(P.DOORBELL_FRAME)
     CW_MAX_IN_FLIGHT, CW_RECV_SIZE = C.MAX_IN_FLIGHT, C.RECV_SIZE
     cw_map_client_slot = S.map_client_slot
+    CW_OK, CW_SHM_CLOSE = int(P.MsgType.OK), int(P.MsgType.SHM_CLOSE)
+    CW_CLOSED_SIZE, CW_DESC_SIZE = P.CLOSED.size, P.DESC.size
+    CW_DESC_SLOW_BITS = int(P.DescBits.PAGES_FOLLOW | P.DescBits.NEW_SEGMENT)
+    if ((P.COOKIE.format, P.CLOSED.format, P.DESC.format) != ("<Q", "<II", "<QqQQQQQIIIHBB")
+            or CW_DESC_SLOW_BITS > 0xFF):
+        raise InternalError("the client wire's SHM_CLOSE, CLOSED and DESC layouts disagree with the protocol module")
     if (len(CW_DOORBELL_FRAME) != WIRE_HEADER_SIZE or not 0 < CW_MAX_IN_FLIGHT or CW_RECV_SIZE < 4096
+            or not 0 < CW_PROBE_EVERY <= CW_MAX_PROBE_GAP or CW_MAX_PROBE_GAP % CW_PROBE_EVERY
             or max(CW_W_REQ_SEQ, CW_W_REQ_LEN, CW_W_CLIENT_SLEEPING, CW_W_REP_SEQ, CW_W_REP_LEN,
                    CW_W_DAEMON_SLEEPING) >= CW_SLOT_WORDS):
         raise InternalError("the client wire's constants disagree with the slot and protocol modules")
@@ -128,6 +139,7 @@ cdef class ClientSlot:
         self.expect = 0.0
         self.waits = 0
         self.slept = 0
+        self.probe_gap = CW_PROBE_EVERY
 
     def __dealloc__(self):
         if self.w != NULL:
@@ -184,7 +196,7 @@ cdef class ClientSlot:
         cdef double expect = self.expect, max_spin = self.max_spin
         if daemon_asleep:
             return 0.0
-        if expect > max_spin and self.waits % CW_PROBE_EVERY:
+        if expect > max_spin and (self.probe_gap <= 0 or self.waits % self.probe_gap):
             return 0.0
         return min(max_spin, max(CW_MIN_SPIN, 2 * expect))
 
@@ -199,7 +211,7 @@ cdef class ClientSlot:
         The GIL is released only around sched_yield; the mapping is checked after."""
         cdef double start, deadline, window
         cdef unsigned int polls = 0
-        cdef bint asleep = False
+        cdef bint asleep = False, probe
         self._check_mapped()
         if cw_load(&self.w[CW_W_REP_SEQ]) == seq:
             self.expect *= 0.75
@@ -207,6 +219,7 @@ cdef class ClientSlot:
         self.waits += 1
         start = psv_monotonic()
         window = self._spins(daemon_asleep)
+        probe = window > 0 and self.expect > self.max_spin
         if window:
             deadline = start + window
             while cw_load(&self.w[CW_W_REP_SEQ]) != seq:
@@ -220,6 +233,8 @@ cdef class ClientSlot:
                     self._check_mapped()  # closed meanwhile by another thread: never read the unmapped words
         else:
             asleep = True
+        if probe:  # a probe pays only while probes catch their replies
+            self.probe_gap = min(2 * self.probe_gap, CW_MAX_PROBE_GAP) if asleep else CW_PROBE_EVERY
         if asleep:
             self.slept += 1
             if wire is not None:
@@ -312,6 +327,8 @@ cdef class ClientWire:
         self.spin = spin
         self.wait_limit = None
         self.slot = None
+        self.close_reply = None
+        self.close_cookies = None
         self.rcap = CW_RECV_SIZE
         self.rbuf = <char *>malloc(self.rcap)
         self.control_len = CMSG_SPACE(CW_MAX_FDS * sizeof(int))
@@ -443,6 +460,49 @@ cdef class ClientWire:
         self.pending.append(on_reply)
         if len(self.pending) >= CW_MAX_IN_FLIGHT:
             self.drain()
+
+    def post_close(self, unsigned long long cookie, on_reply, cookies) -> int:
+        """Queue SHM_CLOSE of ``cookie`` as :meth:`post` does, with ``cookie``
+        appended to the deque ``cookies``; the requests now pending (the caller
+        drains at MAX_IN_FLIGHT).  ``on_reply(type, body)`` pops its cookie; this
+        wire does so itself, without calling it, for an OK CLOSED that unmaps no
+        segment (the latest ``on_reply`` and ``cookies`` are kept for that)."""
+        cdef Py_ssize_t at = PyByteArray_GET_SIZE(self.outbox)
+        cdef char *out
+        PyByteArray_Resize(self.outbox, at + WIRE_HEADER_SIZE + 8)
+        out = PyByteArray_AS_STRING(self.outbox) + at
+        psv_store_le32(out, 8)
+        out[4] = <char>(CW_SHM_CLOSE & 0xFF)
+        out[5] = <char>(CW_SHM_CLOSE >> 8)
+        out[6] = 0
+        out[7] = 0
+        psv_store_le64(out + WIRE_HEADER_SIZE, cookie)
+        self.close_reply = on_reply
+        self.close_cookies = cookies
+        self.pending.append(on_reply)
+        cookies.append(cookie)
+        return len(self.pending)
+
+    def plain_desc(self, body) -> tuple | None:
+        """The fields of the shm descriptor ``body`` as ``protocol.DESC.unpack``
+        gives them, when it is a plain one (exactly one DESC, no pages follow, no
+        new segment); else None (the caller's decoder handles, and checks, it)."""
+        cdef Py_buffer buf
+        cdef const char *d
+        PyObject_GetBuffer(body, &buf, PyBUF_SIMPLE)
+        try:
+            if buf.len != CW_DESC_SIZE:
+                return None
+            d = <const char *>buf.buf
+            if <unsigned char>d[71] & CW_DESC_SLOW_BITS:
+                return None
+            return (psv_load_le64(d), <long long>psv_load_le64(d + 8), psv_load_le64(d + 16),
+                    psv_load_le64(d + 24), psv_load_le64(d + 32), psv_load_le64(d + 40),
+                    psv_load_le64(d + 48), psv_load_le32(d + 56), psv_load_le32(d + 60),
+                    psv_load_le32(d + 64), <unsigned int>(<unsigned char>d[68] | (<unsigned char>d[69] << 8)),
+                    <unsigned char>d[70], <unsigned char>d[71])
+        finally:
+            PyBuffer_Release(&buf)
 
     cdef int _ring(self) except -1:
         """Wake the daemon: the eventfd (EAGAIN: its counter is full, the daemon is
@@ -602,53 +662,81 @@ cdef class ClientWire:
         """Receive once (see the class doc); descriptors go to ``fds``."""
         self._fill()
 
-    cdef tuple _read_frame(self):
+    cdef int _next_frame(self, unsigned int *msg_type, const char **body, Py_ssize_t *length) except -1:
+        """The next reply frame: its type, and its body where it lies (the slot's
+        staged replies or the receive buffer; valid until the next receive or
+        exchange).  Receives as needed; a malformed frame loses the connection."""
         cdef Py_ssize_t pos, size, end
-        cdef unsigned int length, msg_type, flags
+        cdef unsigned int n, flags
         cdef const char *at
         if self.slen:
             pos = self.spos
             size = self.slen
             if size - pos >= WIRE_HEADER_SIZE:
                 at = self.sbuf + pos
-                length = psv_load_le32(at)
-                msg_type = <unsigned char>at[4] | (<unsigned int><unsigned char>at[5] << 8)
+                n = psv_load_le32(at)
                 flags = <unsigned char>at[6] | (<unsigned int><unsigned char>at[7] << 8)
-                end = pos + WIRE_HEADER_SIZE + length
+                end = pos + WIRE_HEADER_SIZE + n
                 if not flags and end <= size:
                     if end == size:
                         self.slen = self.spos = 0
                     else:
                         self.spos = end
-                    return msg_type, PyMemoryView_FromObject(
-                        PyBytes_FromStringAndSize(at + WIRE_HEADER_SIZE, length))
+                    msg_type[0] = <unsigned char>at[4] | (<unsigned int><unsigned char>at[5] << 8)
+                    body[0] = at + WIRE_HEADER_SIZE
+                    length[0] = n
+                    return 0
             self._lose(f"daemon wrote a malformed reply into the slot at byte {pos}", Closed)
         while True:
             if self.rend - self.rstart >= WIRE_HEADER_SIZE:
                 at = self.rbuf + self.rstart
-                length = psv_load_le32(at)
-                msg_type = <unsigned char>at[4] | (<unsigned int><unsigned char>at[5] << 8)
+                n = psv_load_le32(at)
                 flags = <unsigned char>at[6] | (<unsigned int><unsigned char>at[7] << 8)
-                if length > CW_MAX_REPLY_FRAME or flags:
-                    self._lose(f"daemon sent a malformed header (length {length}, flags {flags:#x})", Closed)
-                end = WIRE_HEADER_SIZE + length
+                if n > CW_MAX_REPLY_FRAME or flags:
+                    self._lose(f"daemon sent a malformed header (length {n}, flags {flags:#x})", Closed)
+                end = WIRE_HEADER_SIZE + n
                 if self.rend - self.rstart >= end:
-                    body = PyMemoryView_FromObject(PyBytes_FromStringAndSize(at + WIRE_HEADER_SIZE, length))
                     self.rstart += end
-                    if msg_type == CW_DOORBELL and self.slot is not None:
+                    msg_type[0] = <unsigned char>at[4] | (<unsigned int><unsigned char>at[5] << 8)
+                    if msg_type[0] == CW_DOORBELL and self.slot is not None:
                         continue
-                    return msg_type, body
+                    body[0] = at + WIRE_HEADER_SIZE
+                    length[0] = n
+                    return 0
             self._fill()
+
+    cdef tuple _read_frame(self):
+        cdef unsigned int msg_type
+        cdef const char *body
+        cdef Py_ssize_t length
+        self._next_frame(&msg_type, &body, &length)
+        return msg_type, PyMemoryView_FromObject(PyBytes_FromStringAndSize(body, length))
 
     def read_frame(self) -> tuple:
         """The next reply ``(type, body)``: from the slot's staged reply, else the socket."""
         return self._read_frame()
+
+    cdef int _closed_reply(self, object handler) except -1:
+        """The reply to a :meth:`post_close`: an OK CLOSED that unmaps no segment
+        only drops its cookie here; any other reply goes to ``handler(type, body)``."""
+        cdef unsigned int msg_type
+        cdef const char *body
+        cdef Py_ssize_t length
+        self._next_frame(&msg_type, &body, &length)
+        if msg_type == CW_OK and length == CW_CLOSED_SIZE and psv_load_le32(body + 4) == 0:
+            self.close_cookies.popleft()
+            return 0
+        handler(msg_type, PyMemoryView_FromObject(PyBytes_FromStringAndSize(body, length)))
+        return 0
 
     cdef int _answer_pending(self) except -1:
         cdef object handler
         cdef int msg_type
         while self.pending:
             handler = self.pending.popleft()
+            if handler is self.close_reply and handler is not None:
+                self._closed_reply(handler)
+                continue
             msg_type, body = self._read_frame()
             handler(msg_type, body)
         return 0

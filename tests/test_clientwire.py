@@ -52,10 +52,14 @@ OK = int(P.MsgType.OK)
 PING = int(P.MsgType.PING)
 #: What a request asks of the peer (first byte of its body; a u32 size follows).
 REPLY, WITH_FDS, BAD_HEADER, HANG_UP, SILENCE, DOORBELLS, BAD_SLOT_LEN, FILL_SLOT, BIG_HEADER = range(9)
+#: Answers to a posted SHM_CLOSE (its cookie is the request: action | size << 8): an OK
+#: CLOSED whose dropped segment is ``size``, or a CLOSED-sized reply of another type.
+CLOSED_OK, CLOSED_OTHER_TYPE = 9, 10
 ACTIONS = {REPLY: "reply", WITH_FDS: "reply with descriptors", BAD_HEADER: "malformed header",
            HANG_UP: "hang up", SILENCE: "no answer", DOORBELLS: "DOORBELLs first",
            BAD_SLOT_LEN: "slot reply length past the area", FILL_SLOT: "reply filling the slot",
-           BIG_HEADER: "a header of MAX_REPLY_FRAME bytes, then hang up"}
+           BIG_HEADER: "a header of MAX_REPLY_FRAME bytes, then hang up",
+           CLOSED_OK: "an OK CLOSED", CLOSED_OTHER_TYPE: "a CLOSED of another type"}
 RARE = (BAD_HEADER, HANG_UP, SILENCE, BAD_SLOT_LEN, BIG_HEADER)
 REQUEST = struct.Struct("<BI")
 WAIT = 10.0
@@ -110,6 +114,10 @@ class Peer(threading.Thread):
             actions.add(action)
             if action == BAD_HEADER:
                 out += P.HEADER.pack(4, OK, 1) + b"bad!"
+                continue
+            if action in (CLOSED_OK, CLOSED_OTHER_TYPE):
+                out += P.HEADER.pack(P.CLOSED.size, OK if action == CLOSED_OK else PING, 0)
+                out += P.CLOSED.pack(0, size)
                 continue
             if action == BIG_HEADER:
                 out += P.HEADER.pack(P.MAX_REPLY_FRAME, OK, 0)
@@ -307,6 +315,11 @@ def run(backend: Any, shm: bool, eventfd: bool, spin_us: float, ops: list[tuple[
     setup = Setup(backend, shm, eventfd, spin_us, probe_fd)
     results: list[Any] = []
     callbacks: list[Any] = []
+    cookies: deque[int] = deque()
+
+    def on_close(t: int, b: memoryview) -> None:  # (one callback, as a Context has)
+        callbacks.append(("close", t, bytes(b), cookies.popleft()))
+
     try:
         for op in ops:
             kind = op[0]
@@ -314,6 +327,11 @@ def run(backend: Any, shm: bool, eventfd: bool, spin_us: float, ops: list[tuple[
                 if kind == "post":
                     setup.wire.post(PING, _body(*op[1:]), lambda t, b: callbacks.append((t, bytes(b))))
                     results.append(("posted", len(setup.wire.pending)))
+                    continue
+                if kind == "close":
+                    cookie = op[1] | op[2] << 8  # the peer reads it as the request (action, size)
+                    count = setup.wire.post_close(cookie, on_close, cookies)
+                    results.append(("close posted", count, len(setup.wire.pending), list(cookies)))
                     continue
                 if kind == "drain":
                     setup.wire.drain()
@@ -342,7 +360,7 @@ def run(backend: Any, shm: bool, eventfd: bool, spin_us: float, ops: list[tuple[
         setup.close()
         os.close(probe_fd)
     assert setup.peer.error is None, setup.peer.error
-    return {"results": results, "callbacks": callbacks, "received": received, "words": words,
+    return {"results": results, "callbacks": callbacks, "cookies": list(cookies), "received": received, "words": words,
             "seen": setup.peer.seen, "peer_fds": setup.peer.fds_received, "lost": setup.lost_calls}
 
 
@@ -355,8 +373,11 @@ rare = st.sampled_from(RARE)
 call = st.tuples(st.sampled_from(["call", "call", "call_fds"]), common, sizes, pads)
 last = st.tuples(st.just("call"), rare, small, st.integers(0, 64))
 post = st.tuples(st.just("post"), st.sampled_from([REPLY, REPLY, WITH_FDS]), small, st.integers(0, 64))
-step = st.one_of(call, st.lists(post, min_size=1, max_size=5).map(lambda ps: ps + [("drain",)]),
-                 st.lists(post, min_size=1, max_size=5).flatmap(lambda ps: call.map(lambda c: ps + [c])))
+close = st.tuples(st.just("close"), st.sampled_from([CLOSED_OK, CLOSED_OK, CLOSED_OTHER_TYPE, REPLY]),
+                  st.sampled_from([0, 0, 1, 7, 8]))
+queued = st.lists(st.one_of(post, close), min_size=1, max_size=5)
+step = st.one_of(call, queued.map(lambda ps: ps + [("drain",)]),
+                 queued.flatmap(lambda ps: call.map(lambda c: ps + [c])))
 
 
 @st.composite
@@ -410,6 +431,143 @@ def test_every_action_is_met(backend_name: str) -> None:
         assert got["results"][2][1] == ("TimedOut" if action == SILENCE else "Closed")
     got = run(backend, False, False, 0.0, [("call", BAD_HEADER, 0, 0)])
     assert got["results"][1:] == [("error", "Closed", "lost: daemon sent a malformed header (length 4, flags 0x1)")]
+    for shm in (True, False):  # posted closes: an OK CLOSED dropping nothing is the wire's alone
+        closes = [("close", CLOSED_OK, 0), ("close", CLOSED_OK, 3), ("close", CLOSED_OTHER_TYPE, 0),
+                  ("close", REPLY, 5), ("close", CLOSED_OK, 0)]
+        got = run(backend, shm, shm, 0.0, closes + [("call", REPLY, 1, 0)])
+        assert got["callbacks"] == [("close", OK, P.CLOSED.pack(0, 3), CLOSED_OK | 3 << 8),
+                                    ("close", PING, P.CLOSED.pack(0, 0), CLOSED_OTHER_TYPE),
+                                    ("close", OK, bytes([4]) * 5, REPLY | 5 << 8)]
+        assert got["cookies"] == [] and got["results"][4] == ("close posted", 5, 5, [
+            CLOSED_OK, CLOSED_OK | 3 << 8, CLOSED_OTHER_TYPE, REPLY | 5 << 8, CLOSED_OK])
     got = run(backend, True, False, 0.0, [("post", WITH_FDS, 1, 0), ("call", DOORBELLS, 2, 0)])
     assert got["callbacks"] == [(OK, bytes([1]) * 1)] and got["results"][-2] == ("reply", OK, bytes([2]) * 2)
     assert got["received"] == [True, True]
+
+
+# -- the probe policy of ClientSlot.wait ----------------------------------------------------------
+#: Steps of a probe script: the next wait is a probe turn or not (``waits`` set so), the
+#: reply is caught by polling (a thread answers once the request is published and the
+#: polling window is long) or not (nobody answers until the client sleeps; the window is
+#: a microsecond), and the daemon was awake or asleep at publishing; ``gap0`` makes
+#: ``probe_gap`` 0 (never probe).
+PROBE_STEPS = [(turn, outcome, awake) for turn in ("probe", "plain") for outcome in ("miss", "catch")
+               for awake in (True, False)] + [("gap0", "miss", True)]
+
+
+class Answerer(threading.Thread):
+    """Publishes the reply to each request of the slot behind ``mm`` while ``armed``."""
+
+    def __init__(self, mm: Any) -> None:
+        super().__init__(daemon=True)
+        self.words = S.words_of(mm)
+        self.armed = False
+        self.stop = False
+
+    def run(self) -> None:
+        words = self.words
+        while not self.stop:
+            if self.armed and words[S.W_REQ_SEQ] != words[S.W_REP_SEQ]:
+                words[S.W_REP_LEN] = 0
+                words[S.W_REP_SEQ] = words[S.W_REQ_SEQ]
+            select.select([], [], [], 0.0002)
+
+
+def run_probes(backend: Any, steps: list[tuple[str, str, bool]]) -> list[tuple[Any, ...]]:
+    """Each step, whether its wait slept, and the slot's counters after it."""
+    fd = os.memfd_create("clientwire-probe", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, S.SLOT_BYTES)
+        os.pwrite(fd, array.array("Q", S.slot_header()).tobytes(), 0)
+        slot = backend.ClientSlot(fd, S.SLOT_BYTES, 1e-6)
+        mm = mmap.mmap(fd, S.SLOT_BYTES)
+    finally:
+        os.close(fd)
+    answerer = Answerer(mm)
+    answerer.start()
+    out: list[tuple[Any, ...]] = []
+    try:
+        for turn, outcome, awake in steps:
+            if turn == "gap0":
+                slot.probe_gap = 0
+            gap = max(slot.probe_gap, 1)
+            slot.waits = (slot.waits // gap + 1) * gap - (turn != "plain")  # the next wait: a probe turn or not
+            slot.max_spin = 5.0 if outcome == "catch" else 1e-6
+            slot.expect = 100.0  # longer than any window: only probes poll
+            slept: list[int] = []
+            answerer.armed = outcome == "catch"
+
+            def sleep(seq: int, slept: list[int] = slept, outcome: str = outcome) -> None:
+                slept.append(seq)
+                if outcome == "catch":
+                    _until(lambda: slot.answered(seq), "the answerer")
+                else:
+                    _answer_now(mm, seq)
+
+            seq = slot.publish(P.frame(P.MsgType.PING))
+            slot.wait(seq, sleep, not awake)
+            answerer.armed = False
+            out.append((turn, outcome, awake, bool(slept), slot.probe_gap, slot.waits, slot.slept))
+    finally:
+        answerer.stop = True
+        answerer.join()
+        answerer.words.release()
+        slot.close()
+        mm.close()
+    return out
+
+
+def _answer_now(mm: Any, seq: int) -> None:
+    words = S.words_of(mm)
+    words[S.W_REP_LEN] = 0
+    words[S.W_REP_SEQ] = seq
+    words.release()
+
+
+@settings(max_examples=examples(0.3))
+@given(steps=st.lists(st.sampled_from(PROBE_STEPS), max_size=12))
+def test_compiled_probe_policy_matches_twin(steps: list[tuple[str, str, bool]]) -> None:
+    from poolsvc import _core
+
+    assert run_probes(_core, steps) == run_probes(_pure, steps)
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "twin"])
+def test_probes_back_off_while_they_miss_and_reset_when_one_catches(backend_name: str) -> None:
+    from poolsvc import _core
+
+    backend = _core if backend_name == "compiled" else _pure
+    misses = 8
+    steps = ([("probe", "miss", True)] * misses + [("plain", "miss", True), ("probe", "catch", False),
+                                                   ("plain", "catch", True), ("probe", "catch", True),
+                                                   ("gap0", "miss", True)])
+    got = [(slept, gap) for *_, slept, gap, _waits, _slept in run_probes(backend, steps)]
+    backed_off = [min(S.PROBE_EVERY << k, S.MAX_PROBE_GAP) for k in range(1, misses + 1)]
+    assert backed_off[-1] == S.MAX_PROBE_GAP
+    assert got[:misses] == [(True, gap) for gap in backed_off]
+    assert got[misses:] == [(True, S.MAX_PROBE_GAP),   # not a probe turn: the gap stays
+                            (True, S.MAX_PROBE_GAP),   # a probe turn while the daemon sleeps: no probe
+                            (True, S.MAX_PROBE_GAP),
+                            (False, S.PROBE_EVERY),    # a probe that caught its reply
+                            (True, 0)]                 # probe_gap 0: never polls
+
+
+# -- plain descriptors ------------------------------------------------------------------------------
+descs = st.tuples(st.integers(0, 2**64 - 1), st.integers(-2**63, 2**63 - 1),
+                  *[st.integers(0, 2**64 - 1)] * 5, *[st.integers(0, 2**32 - 1)] * 3,
+                  st.integers(0, 0xFFFF), st.integers(0, 0xFF), st.integers(0, 0xFF))
+
+
+@settings(max_examples=examples(1.0))
+@given(desc=descs, cut=st.sampled_from([0, 0, 0, 1, -1, 8]))
+def test_compiled_plain_desc_matches_twin(desc: tuple[int, ...], cut: int) -> None:
+    """A DESC body (one byte short, one long, or with pages after it: not plain) decodes to
+    its fields in both wires when no PAGES_FOLLOW or NEW_SEGMENT bit is set, else to None."""
+    from poolsvc import _core
+
+    body = P.DESC.pack(*desc)
+    body = body[:cut] if cut < 0 else body + b"\1" * cut
+    got = [backend.ClientWire(lambda why, kind: None, TimedOut, deque()).plain_desc(memoryview(body))
+           for backend in (_core, _pure)]
+    plain = not cut and not desc[12] & (P.DescBits.PAGES_FOLLOW | P.DescBits.NEW_SEGMENT)
+    assert got[0] == got[1] == (P.DESC.unpack(body) if plain else None)

@@ -30,6 +30,9 @@ from ..errors import BadParameters, Closed, InternalError, ProtocolError
 
 _HEADER = struct.Struct("<IHH")
 _unpack_header = _HEADER.unpack_from
+_pack_close = struct.Struct("<IHHQ").pack
+_unpack_closed = struct.Struct("<II").unpack
+_unpack_desc = struct.Struct("<QqQQQQQIIIHBB").unpack
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _mods: tuple[ModuleType, ModuleType, ModuleType] | None = None
 
@@ -51,7 +54,8 @@ class ClientSlot:
     Invariant while mapped: ``seq == words[W_REQ_SEQ]`` (only this end writes it).
     """
 
-    __slots__ = ("mm", "words", "seq", "expect", "max_spin", "waits", "slept", "_mapped", "_S")
+    __slots__ = ("mm", "words", "seq", "expect", "max_spin", "waits", "slept", "probe_gap",
+                 "_mapped", "_S")
 
     def __init__(self, fd: int, size: int, max_spin: float) -> None:
         _P, S, _C = _bound()
@@ -67,6 +71,8 @@ class ClientSlot:
         #: Waits that did not find the reply at once, and those that slept.
         self.waits = 0
         self.slept = 0
+        #: Waits from one probe to the next (PROBE_EVERY << k, at most MAX_PROBE_GAP).
+        self.probe_gap: int = S.PROBE_EVERY
 
     def _check_mapped(self) -> None:
         if not self._mapped:
@@ -113,7 +119,7 @@ class ClientSlot:
             return 0.0
         max_spin = self.max_spin
         expect = self.expect
-        if expect > max_spin and self.waits % self._S.PROBE_EVERY:
+        if expect > max_spin and (self.probe_gap <= 0 or self.waits % self.probe_gap):
             return 0.0
         return min(max_spin, max(self._S.MIN_SPIN, 2 * expect))
 
@@ -130,6 +136,7 @@ class ClientSlot:
         clock = time.perf_counter
         start = clock()
         window = self.spins(daemon_asleep)
+        probe = window > 0 and self.expect > self.max_spin
         asleep = False
         if window:
             deadline = start + window
@@ -143,6 +150,8 @@ class ClientSlot:
                     os.sched_yield()
         else:
             asleep = True
+        if probe:  # a probe pays only while probes catch their replies
+            self.probe_gap = min(2 * self.probe_gap, self._S.MAX_PROBE_GAP) if asleep else self._S.PROBE_EVERY
         if asleep:
             self.slept += 1
             sleep(seq)
@@ -186,6 +195,9 @@ class ClientWire:
         P, _S, C = _bound()
         self.outbox = bytearray()
         self.pending: deque[Callable[[int, memoryview], None]] = deque()
+        #: The reply callback and cookie deque of the latest post_close.
+        self.close_reply: Callable[[int, memoryview], None] | None = None
+        self.close_cookies: deque[int] = deque()
         self.fds = fds
         self.lost = lost
         self.timeout_error = timeout_error
@@ -208,6 +220,11 @@ class ClientWire:
         self._doorbell_frame = bytes(P.DOORBELL_FRAME)
         self._doorbell = int(P.MsgType.DOORBELL)
         self._max_reply_frame = P.MAX_REPLY_FRAME
+        self._ok = int(P.MsgType.OK)
+        self._shm_close = int(P.MsgType.SHM_CLOSE)
+        self._closed_size = P.CLOSED.size
+        self._desc_size = P.DESC.size
+        self._desc_slow_bits = int(P.DescBits.PAGES_FOLLOW | P.DescBits.NEW_SEGMENT)
         self._S = _S
 
     def __del__(self) -> None:
@@ -276,6 +293,24 @@ class ClientWire:
         self.pending.append(on_reply)
         if len(self.pending) >= self._max_in_flight:
             self.drain()
+
+    def post_close(self, cookie: int, on_reply: Callable[[int, memoryview], None],
+                   cookies: deque[int]) -> int:
+        """Queue SHM_CLOSE of ``cookie``, appended to ``cookies``; the requests
+        now pending (see ``ext/clientwire.pyx``)."""
+        self.outbox += _pack_close(8, self._shm_close, 0, cookie)
+        self.close_reply = on_reply
+        self.close_cookies = cookies
+        self.pending.append(on_reply)
+        cookies.append(cookie)
+        return len(self.pending)
+
+    def plain_desc(self, body: bytes | bytearray | memoryview) -> tuple[int, ...] | None:
+        """The fields of a plain shm descriptor ``body``, else None (see ``ext/clientwire.pyx``)."""
+        if len(body) != self._desc_size:
+            return None
+        desc = _unpack_desc(body)
+        return None if desc[12] & self._desc_slow_bits else desc
 
     def _ring(self) -> None:
         if self.bell < 0:
@@ -400,6 +435,13 @@ class ClientWire:
         pending = self.pending
         while pending:
             handler = pending.popleft()
+            if handler is self.close_reply and handler is not None:  # a post_close
+                msg_type, body = self.read_frame()
+                if msg_type == self._ok and len(body) == self._closed_size and not _unpack_closed(body)[1]:
+                    self.close_cookies.popleft()
+                else:
+                    handler(msg_type, body)
+                continue
             handler(*self.read_frame())
 
     # -- requests ------------------------------------------------------------------------------

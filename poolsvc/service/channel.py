@@ -233,7 +233,7 @@ class Channel:
         self.pending: deque[Callable[[int, memoryview], None]] = self.wire.pending
         self._connect()
         self.shm_spin = max(0.0, shm_spin_us) / 1e6
-        #: Cookies of the pipelined SHM_CLOSE requests, in order.
+        #: Cookies of the pipelined SHM_CLOSE requests, in order (``wire.post_close``).
         self.close_cookies: deque[int] = deque()
         self.on_lost: Callable[[], None] | None = None
         self.max_frame = P.DEFAULT_MAX_FRAME

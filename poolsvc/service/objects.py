@@ -51,15 +51,12 @@ from .channel import (
     ALLOC_PRIV,
     ALLOC_USER,
     CLOSED_SIZE,
-    COOKIE_BODY,
     MAX_IN_FLIGHT,
-    SHM_CLOSE,
     Channel,
     Dialer,
     Handle,
     check_reply,
     pack_alloc_frame,
-    pack_close_frame,
 )
 from .params import Params
 
@@ -396,14 +393,12 @@ class Context(Handle):
         if self.closed:
             return
         channel = self._channel
-        cookie = shm.cookie
-        channel.outbox += pack_close_frame(COOKIE_BODY, SHM_CLOSE, 0, cookie)
-        channel.pending.append(self._close_reply)
-        channel.close_cookies.append(cookie)
-        if len(channel.pending) >= MAX_IN_FLIGHT:
+        if channel.wire.post_close(shm.cookie, self._close_reply, channel.close_cookies) >= MAX_IN_FLIGHT:
             channel.drain()
 
     def _on_close_reply(self, reply_type: int, body: memoryview) -> None:
+        """A reply to a pipelined SHM_CLOSE (the wire drops the cookie of an OK
+        that unmaps nothing itself: ``ClientWire.post_close``)."""
         channel = self._channel
         cookie = channel.close_cookies.popleft()
         if reply_type == _OK and len(body) == CLOSED_SIZE:
@@ -434,10 +429,15 @@ class Context(Handle):
             check_size(size)
         if self.closed:
             self._check()  # raises Closed
-        reply_type, reply = self._channel.call_frame(pack_alloc_frame(ALLOC_BODY, ALLOC, 0, kind, size))
+        channel = self._channel
+        reply_type, reply = channel.call_frame(pack_alloc_frame(ALLOC_BODY, ALLOC, 0, kind, size))
         if reply_type != _OK:
             check_reply(reply_type, reply, "ALLOC")
-        return self._make_shm(reply)
+        desc = channel.wire.plain_desc(reply)  # a fresh shm of the mapped segment (the common case)
+        if desc is None or desc[D_COOKIE] in self.shms:
+            return self._make_shm(reply)
+        shm = self.shms[desc[D_COOKIE]] = Shm(self, desc, None, None)
+        return shm
 
     # -- registration ------------------------------------------------------------------------------
     def register_user_buf(self, obj: Any, fd: int | None = None) -> Shm:

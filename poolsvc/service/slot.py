@@ -95,9 +95,13 @@ def check_header(words: memoryview) -> None:
 #: Shortest polling window of a client that spins at all, in seconds.
 MIN_SPIN = 2e-6
 #: A client whose expected wait exceeds its longest window still polls on
-#: one request in PROBE_EVERY (when the daemon is awake), so that a wait
-#: which shrank again (fewer clients ahead) is noticed.
+#: one wait in ``probe_gap`` (when the daemon is awake), so that a wait which
+#: shrank again (fewer clients ahead) is noticed.  ``probe_gap`` starts at
+#: PROBE_EVERY, doubles after a probe that ended asleep (up to MAX_PROBE_GAP)
+#: and returns to PROBE_EVERY after one that caught its reply, so that
+#: failing probes cost at most one polling window per MAX_PROBE_GAP waits.
 PROBE_EVERY = 32
+MAX_PROBE_GAP = PROBE_EVERY << 6
 
 
 def map_client_slot(fd: int, size: int) -> tuple[mmap.mmap, memoryview]:
@@ -130,5 +134,6 @@ def map_client_slot(fd: int, size: int) -> tuple[mmap.mmap, memoryview]:
 #: ``expect``, between MIN_SPIN and ``max_spin``) has passed, it sleeps on the
 #: socket until a DOORBELL.  With more clients than CPUs the waits grow beyond
 #: the window and clients sleep at once instead of taking CPU time from the
-#: daemon that serves them; one wait in PROBE_EVERY still polls.
+#: daemon that serves them; one wait in ``probe_gap`` still polls (see
+#: PROBE_EVERY).
 ClientSlot = core.ClientSlot
