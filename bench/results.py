@@ -183,6 +183,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "The client side alone of ALLOC, `view()` and SHM_CLOSE, single and in batches of 256, "
            "over a channel answered from canned replies (no daemon), beside the floor of the bare "
            "struct calls a request needs; `test_client_ratios` interleaves them round by round."),
+    Family("clientwire", "The client's compiled request round trip", ("bench/test_bench_clientwire.py",),
+           "PING, and ALLOC behind a pipelined SHM_CLOSE, through the client wire (ext/clientwire.pyx) "
+           "and its plain-Python twin, on both transports, against an in-process peer that answers "
+           "before each request, so that only the client's part is timed; "
+           "`test_clientwire_ratios` interleaves both backends round by round (`docs/core.md`)."),
     Family("study", "The study behind `poolsvc bench`",
            about="Contiguous allocation, the reserved static pool and registered scattered pages, "
                  "by buffer size and fragmentation level (`docs/benchmarks.md` explains the "
@@ -206,7 +211,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 
 #: Families run by default: everything that pytest-benchmark measures.
 PYTEST_FAMILIES = ("alloc", "pagelist", "tables", "copy", "system", "register", "wire", "tee", "service",
-                   "fastpath", "client")
+                   "fastpath", "client", "clientwire")
 
 LOAD_RUNS = (
     ("single requests", ["--clients", "8", "--duration", "60", "--kill-rate", "0.5",
