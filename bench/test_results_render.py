@@ -94,21 +94,3 @@ def test_study_body_links_relative_to_the_results_file():
     assert "![latency p50 with p99 band](study/latency.png)" in body
     assert "[web](https://example.org/a.png) [here](#summary)" in body
 
-
-def _scale_row(transport: str, clients: int, workload: str, rate: float, of_ref: float | None) -> dict:
-    return {"transport": transport, "clients": clients, "workload": workload, "pairs_per_s": rate,
-            "of_reference": of_ref, "p50_us": 1.0, "p99_us": 2.0, "server_us_per_pair": 1.0,
-            "server_switches_per_pair": 0.1, "client_us_per_pair": 1.0, "client_sleeps_per_pair": 1.0,
-            "client_preemptions_per_pair": 0.0, "errors": 0}
-
-
-def test_scale_ratios_judge_the_goal_and_give_the_floor_ceiling():
-    doc = {"reference_clients": 8, "loadavg_start": [0.1, 0.1, 0.1], "loadavg_end": [1.0, 1.0, 1.0],
-           "pairs": {"alloc": "alloc + close", "raw": "echo"}, "seconds": 1, "rounds": 1, "cpus": 2,
-           "workloads": ["alloc", "raw"], "transports": ["shm"], "counts": [8, 64], "cell_rows": [],
-           "rows": [_scale_row("shm", 8, "alloc", 200.0, 1.0), _scale_row("shm", 8, "raw", 100.0, 1.0),
-                    _scale_row("shm", 64, "alloc", 120.0, 0.6), _scale_row("shm", 64, "raw", 90.0, 0.9)]}
-    text = "\n".join(results.scale_body(doc, "scale"))
-    assert "| raw here / alloc at 8 |" in text
-    assert "| shm | 64 | 60% | 90% | 45% | **no** |" in text  # raw at 64 / alloc at 8 = 90 / 200
-    assert "| shm | 8 | 100% | 100% | 50% | - |" in text

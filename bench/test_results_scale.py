@@ -52,15 +52,16 @@ def test_scale_body_tables_and_goals():
     assert "![pairs/s, ratios and latency against client processes](scale/scale.png)" in text
     assert "| socket | 64 | alloc | 15,000 | 75% | 6,400.0 | 19,200.0 | 12.5 | 1.00 | 20.0 | 0.50 | 0.25 | 0 |" in text
     assert "| shm | 256 | alloc | - | - |" in text       # a cell without figures
-    assert "| socket | 64 | 75% | 90% | 85% | yes |" in text
-    assert "| socket | 256 | 30% | 90% | 85% | **no** |" in text
-    assert "| shm | 256 | - | 90% | 85% | - |" in text  # a cell without a ratio is not judged
-    assert "| socket | 1 | 50% | 90% | 85% | - |" in text  # nor a count without a goal
+    assert "| socket | 64 | 75% | 90% | 85% | 400% | yes |" in text  # raw 80,000 here / alloc 20,000 at 8
+    assert "| socket | 256 | 30% | 90% | 85% | 400% | **no** |" in text
+    assert "| shm | 256 | - | 90% | 85% | 400% | - |" in text  # a cell without a ratio is not judged
+    assert "| socket | 1 | 50% | 90% | 85% | 400% | - |" in text  # nor a count without a goal
     assert "| shm | 256 | 0.50 | 2.00 | 156.2 | yes | 4,096 | 768 (20,000) | 0 |" in text
     assert "| socket | 256 | 0.50 | 2.00 | 300.0 | **no** |" in text
     assert "| socket | 64 | 0.50 | 2.00 | 300.0 | - |" in text  # memory judged from 256 on
     assert "load average 1.0 2.0 3.0 at the start, 4.0 5.0 6.0 at the end" in text
     assert "round 2 shm 256" in text
+    assert "| raw here / alloc at 8 |" in text
 
 
 def test_scale_plot_is_written(tmp_path):
