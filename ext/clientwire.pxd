@@ -73,7 +73,7 @@ cdef class ClientSlot:
     cdef char *rep
     cdef readonly unsigned long long seq
     cdef public double max_spin         # longest polling window, seconds (0: never polls)
-    cdef public double expect           # moving average of recent waits, seconds
+    cdef public double expect           # moving average of recent waits' polling, seconds (see YIELD_CHARGE)
     cdef public long long waits         # waits that did not find the reply at once
     cdef public long long slept         # waits that ended asleep
     cdef public long long probe_gap     # waits from one probe to the next: PROBE_EVERY << k, <= MAX_PROBE_GAP

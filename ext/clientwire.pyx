@@ -52,7 +52,7 @@ cdef Py_ssize_t CW_W_REQ_SEQ, CW_W_REQ_LEN, CW_W_CLIENT_SLEEPING
 cdef Py_ssize_t CW_W_REP_SEQ, CW_W_REP_LEN, CW_W_DAEMON_SLEEPING, CW_SLOT_WORDS
 cdef Py_ssize_t CW_REQ_OFF, CW_REQ_CAP, CW_REP_OFF, CW_REP_CAP
 cdef unsigned long long CW_REP_ON_SOCKET, CW_MAX_REPLY_FRAME
-cdef double CW_MIN_SPIN
+cdef double CW_MIN_SPIN, CW_YIELD_CHARGE
 cdef long long CW_PROBE_EVERY, CW_MAX_PROBE_GAP
 cdef Py_ssize_t CW_MAX_IN_FLIGHT, CW_MAX_FDS, CW_RECV_SIZE
 cdef unsigned int CW_DOORBELL, CW_OK, CW_SHM_CLOSE
@@ -65,6 +65,7 @@ cdef object cw_map_client_slot
 cdef int _cw_bind() except -1:
     global cw_bound, CW_W_REQ_SEQ, CW_W_REQ_LEN, CW_W_CLIENT_SLEEPING, CW_W_REP_SEQ, CW_W_REP_LEN
     global CW_W_DAEMON_SLEEPING, CW_SLOT_WORDS, CW_REQ_OFF, CW_REQ_CAP, CW_REP_OFF, CW_REP_CAP
+    global CW_YIELD_CHARGE
     global CW_REP_ON_SOCKET, CW_MAX_REPLY_FRAME, CW_MIN_SPIN, CW_PROBE_EVERY, CW_MAX_PROBE_GAP, CW_MAX_IN_FLIGHT
     global CW_MAX_FDS, CW_RECV_SIZE, CW_DOORBELL, CW_DOORBELL_FRAME, cw_map_client_slot
     global CW_OK, CW_SHM_CLOSE, CW_CLOSED_SIZE, CW_DESC_SIZE, CW_DESC_SLOW_BITS
@@ -76,7 +77,7 @@ cdef int _cw_bind() except -1:
     CW_SLOT_WORDS = S.SLOT_WORDS
     CW_REQ_OFF, CW_REQ_CAP, CW_REP_OFF, CW_REP_CAP = S.SLOT_REQ_OFF, S.SLOT_REQ_CAP, S.SLOT_REP_OFF, S.SLOT_REP_CAP
     CW_REP_ON_SOCKET, CW_MIN_SPIN, CW_PROBE_EVERY = S.REP_ON_SOCKET, S.MIN_SPIN, S.PROBE_EVERY
-    CW_MAX_PROBE_GAP = S.MAX_PROBE_GAP
+    CW_MAX_PROBE_GAP, CW_YIELD_CHARGE = S.MAX_PROBE_GAP, S.YIELD_CHARGE
     CW_MAX_REPLY_FRAME, CW_MAX_FDS = P.MAX_REPLY_FRAME, P.MAX_FDS_PER_SEND
     CW_DOORBELL, CW_DOORBELL_FRAME = int(P.MsgType.DOORBELL), bytes(P.DOORBELL_FRAME)
     CW_MAX_IN_FLIGHT, CW_RECV_SIZE = C.MAX_IN_FLIGHT, C.RECV_SIZE
@@ -88,7 +89,7 @@ cdef int _cw_bind() except -1:
             or CW_DESC_SLOW_BITS > 0xFF):
         raise InternalError("the client wire's SHM_CLOSE, CLOSED and DESC layouts disagree with the protocol module")
     if (len(CW_DOORBELL_FRAME) != WIRE_HEADER_SIZE or not 0 < CW_MAX_IN_FLIGHT or CW_RECV_SIZE < 4096
-            or not 0 < CW_PROBE_EVERY <= CW_MAX_PROBE_GAP or CW_MAX_PROBE_GAP % CW_PROBE_EVERY
+            or not 0 < CW_YIELD_CHARGE or not 0 < CW_PROBE_EVERY <= CW_MAX_PROBE_GAP or CW_MAX_PROBE_GAP % CW_PROBE_EVERY
             or max(CW_W_REQ_SEQ, CW_W_REQ_LEN, CW_W_CLIENT_SLEEPING, CW_W_REP_SEQ, CW_W_REP_LEN,
                    CW_W_DAEMON_SLEEPING) >= CW_SLOT_WORDS):
         raise InternalError("the client wire's constants disagree with the slot and protocol modules")
@@ -201,15 +202,17 @@ cdef class ClientSlot:
         return min(max_spin, max(CW_MIN_SPIN, 2 * expect))
 
     def spins(self, bint daemon_asleep) -> float:
-        """The polling window of the next wait in seconds (0: sleep at once)."""
+        """The polling window of the next wait in seconds of polling (0: sleep at once)."""
         return self._spins(daemon_asleep)
 
     cdef int _wait(self, unsigned long long seq, ClientWire wire, object sleep,
                    bint daemon_asleep) except -1:
-        """Return once the reply to ``seq`` is published: poll while that pays, else
-        sleep (``wire._slot_sleep(seq)`` when ``wire`` is given, else ``sleep(seq)``).
-        The GIL is released only around sched_yield; the mapping is checked after."""
-        cdef double start, deadline, window
+        """Return once the reply to ``seq`` is published: poll while that pays,
+        else sleep (``wire._slot_sleep(seq)`` when ``wire`` is given, else
+        ``sleep(seq)``).  The window is the polling's own time: a check (four
+        polls and a yield) is charged at most YIELD_CHARGE.  The GIL is
+        released only around sched_yield; the mapping is checked after."""
+        cdef double last, now, window, spent = 0.0
         cdef unsigned int polls = 0
         cdef bint asleep = False, probe
         self._check_mapped()
@@ -217,20 +220,24 @@ cdef class ClientSlot:
             self.expect *= 0.75
             return 0
         self.waits += 1
-        start = psv_monotonic()
         window = self._spins(daemon_asleep)
         probe = window > 0 and self.expect > self.max_spin
         if window:
-            deadline = start + window
+            last = psv_monotonic()
             while cw_load(&self.w[CW_W_REP_SEQ]) != seq:
                 polls += 1
                 if not polls & 3:
-                    if psv_monotonic() > deadline:
+                    now = psv_monotonic()
+                    spent += min(now - last, CW_YIELD_CHARGE)
+                    last = now
+                    if spent > window:
                         asleep = True
                         break
                     with nogil:  # (lets this process's other threads run, as the twin's yield does)
                         sched_yield()
                     self._check_mapped()  # closed meanwhile by another thread: never read the unmapped words
+            if not asleep:
+                spent += min(psv_monotonic() - last, CW_YIELD_CHARGE)
         else:
             asleep = True
         if probe:  # a probe pays only while probes catch their replies
@@ -241,7 +248,12 @@ cdef class ClientSlot:
                 wire._slot_sleep(seq)
             else:
                 sleep(seq)
-        self.expect += (psv_monotonic() - start - self.expect) / 4
+            if window:  # polled in vain, then slept: counts as twice the longest window
+                self.expect += (2 * self.max_spin - self.expect) / 4
+        elif probe:  # a probe caught its reply: waits are short again
+            self.expect = spent
+        else:
+            self.expect += (spent - self.expect) / 4
         return 0
 
     def wait(self, unsigned long long seq, sleep, bint daemon_asleep=False) -> None:

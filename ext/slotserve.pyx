@@ -349,9 +349,9 @@ def serve_ready(server, dict polled not None, list bells not None, now):
     """The loop's turn over the polled slots: serve each one ``ready_slots(polled)``
     gives (``serve_slot(server, conn, bells)``, and ``server._slot_frames`` for the
     rest of a request handed over), and set ``conn.served_at = now`` for each one
-    served.  Returns whether any was served."""
+    served.  Returns how many were served."""
     cdef object conn, done
-    cdef bint served = False
+    cdef Py_ssize_t served = 0
     _ss_bind()
     for conn in _ss_ready(polled):
         done = _ss_serve(server, conn, bells)
@@ -360,7 +360,7 @@ def serve_ready(server, dict polled not None, list bells not None, now):
         if done is not True:
             server._slot_frames(conn, (<tuple>done)[0], (<tuple>done)[1], (<tuple>done)[2],
                                 _ss_get(conn, _ss_slots.seq))
-        served = True
+        served += 1
         fp_store(conn, _ss_slots.served_at, now)
     return served
 

@@ -9,9 +9,11 @@ when polling pays (see :class:`poolsvc.service.slot.ClientSlot`).
 from __future__ import annotations
 
 import array
+import mmap
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -189,6 +191,86 @@ def test_slot_that_never_spins(slot):
     slept = []
     slot.wait(seq, lambda s: (slept.append(s), _answer(slot, s)))  # a probe turn: still no polling
     assert slept == [seq]
+
+
+def test_slot_sleeps_at_once_after_three_windows_polled_in_vain(slot):
+    slot.max_spin = 1e-6  # every window runs out before anyone answers
+    windows = []
+    for _ in range(4):
+        slot.waits = 1  # never a probe turn (one in probe_gap, from 0)
+        windows.append(slot.spins(False))
+        seq = slot.publish(P.frame(P.MsgType.PING))
+        slept: list[int] = []
+        slot.wait(seq, lambda s, slept=slept: (slept.append(s), _answer(slot, s)))
+        assert slept == [seq]
+    # each vain window counts as twice the longest one: the third makes the expected wait exceed it
+    assert windows == [slot.max_spin] * 3 + [0.0]
+    assert slot.slept == 4 and slot.expect > slot.max_spin
+
+
+def test_slot_probe_that_catches_its_reply_resets_the_expected_wait(slot):
+    slot.expect = 100.0  # waits were long: only probes poll
+    slot.max_spin = 5.0
+    slot.waits = S.PROBE_EVERY - 1  # the next wait is a probe turn
+    seq = slot.publish(P.frame(P.MsgType.PING))
+    answerer = threading.Thread(target=_answer_when_polled, args=(slot, seq))
+    answerer.start()
+    slot.wait(seq, lambda _s: pytest.fail("a probe slept on a reply that came within its window"))
+    answerer.join()
+    assert slot.expect < slot.max_spin and slot.spins(False) > 0.0
+
+
+def _answer_when_polled(slot, seq):
+    """Publish the reply to ``seq`` once the client polls for it (its wait count moved)."""
+    words = S.words_of(slot.mm)
+    try:
+        while slot.waits != S.PROBE_EVERY:
+            os.sched_yield()
+        words[S.W_REP_LEN] = 0
+        words[S.W_REP_SEQ] = seq
+    finally:
+        words.release()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+@pytest.mark.parametrize("others", [0, 3], ids=["alone", "with-3-busy-processes"])
+def test_slot_window_charges_polling_not_the_time_others_run(slot, others):
+    """A client polls on a CPU shared with ``others`` busy processes; the reply comes
+    once they have run 40 ms of CPU time (or, alone, once the client sleeps).  Each
+    check that gave the CPU away is charged at most YIELD_CHARGE, so a 10 ms window
+    outlasts 40 ms of their work; alone, the window is the polling's whole time."""
+    cpu = min(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    slot.max_spin, slot.expect = 10e-3, 10e-3
+    seq = slot.publish(P.frame(P.MsgType.PING))
+    burned = mmap.mmap(-1, 8 * (others + 1))  # per process: ms of CPU time run; then the stop word
+    pids = []
+    os.sched_setaffinity(0, {cpu})
+    try:
+        for k in range(others):
+            pid = os.fork()
+            if pid == 0:  # a busy process: counts its CPU milliseconds; the first answers at 40 in all
+                try:
+                    counts = memoryview(burned).cast("Q")
+                    words = S.words_of(slot.mm)
+                    start = time.thread_time()
+                    while not counts[others]:
+                        counts[k] = int((time.thread_time() - start) * 1e3)
+                        if k == 0 and sum(counts[:others]) >= 40 and words[S.W_REP_SEQ] != seq:
+                            words[S.W_REP_LEN] = 0
+                            words[S.W_REP_SEQ] = seq
+                finally:
+                    os._exit(0)
+            pids.append(pid)
+        slept = []
+        slot.wait(seq, lambda s: (slept.append(s), _answer(slot, s)))
+        assert slept == ([] if others else [seq])
+    finally:
+        os.sched_setaffinity(0, saved)
+        memoryview(burned).cast("Q")[others] = 1
+        for pid in pids:
+            os.waitpid(pid, 0)
+        burned.close()
 
 
 def _hang_up_server(path, drops, then=None):

@@ -19,6 +19,7 @@ import pytest
 from poolsvc.service import protocol as P
 from poolsvc.service import slot as S
 from poolsvc.service.client import connect
+from poolsvc.service.slotserve import PARK_AFTER, quiet_after
 
 from svcutil import RawClient, checked_daemon, idle, summary
 from waiting import wait_until
@@ -93,3 +94,17 @@ def test_requests_published_around_the_parking_deadline_are_never_lost(tmp_path,
                     ctx.alloc_user_buf(4096).close()
             ctx.flush()
         d.wait_for(idle(base))
+
+
+@pytest.mark.parametrize("slots, period", [(8, 40e-6), (64, 500e-6), (256, 3e-3), (1024, 30e-3)])
+def test_a_slot_as_busy_as_its_peers_is_not_idle(slots, period):
+    """``slots`` polled slots each making a request every ``period`` seconds (a
+    client waiting its turn for a CPU): none counts as idle within several of its
+    own periods, however long they are; with no requests the floor applies."""
+    park_after = PARK_AFTER * 200e-6
+    seconds = 2 * park_after
+    requests = round(slots * seconds / period)
+    quiet = quiet_after(park_after, slots, requests, seconds)
+    assert quiet >= park_after
+    assert quiet >= 0.9 * PARK_AFTER * period  # several periods, not one polling window
+    assert quiet_after(park_after, slots, 0, seconds) == park_after

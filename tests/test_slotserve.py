@@ -384,4 +384,4 @@ def test_serve_ready_alike(tmp_path: Any) -> None:
             for d in reversed(daemons):
                 d.close()
     assert outcomes[0] == outcomes[1]
-    assert outcomes[0][:2] == (True, [5.0, -1.0, 5.0])
+    assert outcomes[0][:2] == (2, [5.0, -1.0, 5.0])

@@ -114,7 +114,7 @@ class ClientSlot:
         return self.words[self._S.W_REP_SEQ] == seq
 
     def spins(self, daemon_asleep: bool) -> float:
-        """The polling window of the next wait in seconds (0: sleep at once)."""
+        """The polling window of the next wait in seconds of polling (0: sleep at once)."""
         if daemon_asleep:
             return 0.0
         max_spin = self.max_spin
@@ -125,7 +125,8 @@ class ClientSlot:
 
     def wait(self, seq: int, sleep: Callable[[int], None], daemon_asleep: bool = False) -> None:
         """Return once the reply to ``seq`` is published: poll while that pays,
-        else ``sleep(seq)``, which returns once it is."""
+        else ``sleep(seq)``, which returns once it is.  The window is the
+        polling's own time: a check is charged at most YIELD_CHARGE."""
         self._check_mapped()
         words = self.words
         rep_seq = self._S.W_REP_SEQ
@@ -133,21 +134,27 @@ class ClientSlot:
             self.expect *= 0.75
             return
         self.waits += 1
-        clock = time.perf_counter
-        start = clock()
         window = self.spins(daemon_asleep)
         probe = window > 0 and self.expect > self.max_spin
         asleep = False
+        spent = 0.0
         if window:
-            deadline = start + window
+            clock = time.perf_counter
+            charge = self._S.YIELD_CHARGE
+            last = clock()
             polls = 0
             while words[rep_seq] != seq:
                 polls += 1
                 if not polls & 3:
-                    if clock() > deadline:
+                    now = clock()
+                    spent += min(now - last, charge)
+                    last = now
+                    if spent > window:
                         asleep = True
                         break
                     os.sched_yield()
+            if not asleep:
+                spent += min(clock() - last, charge)
         else:
             asleep = True
         if probe:  # a probe pays only while probes catch their replies
@@ -155,7 +162,12 @@ class ClientSlot:
         if asleep:
             self.slept += 1
             sleep(seq)
-        self.expect += (clock() - start - self.expect) / 4
+            if window:  # polled in vain, then slept: counts as twice the longest window
+                self.expect += (2 * self.max_spin - self.expect) / 4
+        elif probe:  # a probe caught its reply: waits are short again
+            self.expect = spent
+        else:
+            self.expect += (spent - self.expect) / 4
 
     def set_sleeping(self, sleeping: bool) -> None:
         """Mark (then fence) or clear the client's "sleeping" word."""

@@ -161,11 +161,11 @@ def ready_slots(polled: dict[Any, None]) -> list[Any]:
     return [conn for conn in polled if conn.words[w_req_seq] != conn.seq]
 
 
-def serve_ready(server: Any, polled: dict[Any, None], bells: list[Any], now: float) -> bool:
+def serve_ready(server: Any, polled: dict[Any, None], bells: list[Any], now: float) -> int:
     """The loop's turn over the polled slots: serve each one :func:`ready_slots` gives
     (:func:`serve_slot`, and ``server._slot_frames`` for the rest of a request handed
-    over), and set ``conn.served_at = now`` for each one served.  Whether any was."""
-    served = False
+    over), and set ``conn.served_at = now`` for each one served.  How many were."""
+    served = 0
     for conn in ready_slots(polled):
         done = serve_slot(server, conn, bells)
         if done is False:
@@ -173,7 +173,7 @@ def serve_ready(server: Any, polled: dict[Any, None], bells: list[Any], now: flo
         if done is not True:
             data, pos, out = done
             server._slot_frames(conn, data, pos, out, conn.seq)
-        served = True
+        served += 1
         conn.served_at = now
     return served
 

@@ -56,7 +56,7 @@ from .process import disable_tracing, raise_descriptor_limit
 from .provider import RegisteredFiles
 from .sessions import SessionHandlers
 from .settings import ServiceSettings
-from .slotserve import PARK_AFTER, Bell, SlotServing
+from .slotserve import PARK_AFTER, Bell, SlotServing, quiet_after
 from .stats import stats_document
 from .transport import ConnectionIO
 
@@ -206,8 +206,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         recently (:mod:`.slotserve`: the others are parked and rung), for an
         adaptive window of at most ``shm_spin_us`` after serving one
         (checking epoll every few polls, so that socket clients are served
-        meanwhile); a slot without a request for ``PARK_AFTER`` windows is
-        parked; when the window passes with no request, or no slot is polled
+        meanwhile); a slot that went quiet (``quiet_after``) is parked;
+        when the window passes with no request, or no slot is polled
         (nothing to spin on: parked slots ring), the loop parks every polled
         slot (a request published meanwhile is not missed) and blocks in epoll
         until a socket event or a client's doorbell.
@@ -224,7 +224,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         max_slot_spin = self.settings.shm_spin_us / 1e6
         min_slot_spin = min(2e-6, max_slot_spin)
         park_after = PARK_AFTER * max_slot_spin
-        spin_until = park_at = 0.0
+        spin_until = park_at = counted_from = 0.0
+        requests = 0  # slot requests served since counted_from
         slot_until = last_slot = 0.0
         clock = time.perf_counter
         serve_ready = self._serve_ready
@@ -239,7 +240,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         if conn.batch is None and conn.slot is not None:
                             unpark(conn)  # its slot may hold a request that waited
                 if slots:
-                    served = False
+                    served = 0
                     if polled:
                         # serve every ready slot, then wake the sleepers among them
                         now = clock()
@@ -248,9 +249,12 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         self._defer_writes = False
                         if served or self._bells or self._unwritten:
                             write_turn()
+                        requests += served
                         if now >= park_at:  # park the slots that went quiet
-                            park_at = now + park_after / 2
-                            self._park_idle(now - park_after)
+                            quiet = quiet_after(park_after, len(polled), requests, now - counted_from)
+                            park_at = now + quiet / 2
+                            counted_from, requests = now, 0
+                            self._park_idle(now - quiet)
                     now = clock()
                     if served:
                         # Widen the window to twice the gap since the last slot

@@ -94,6 +94,13 @@ def check_header(words: memoryview) -> None:
 
 #: Shortest polling window of a client that spins at all, in seconds.
 MIN_SPIN = 2e-6
+#: The most one check of a polling client (four polls and a yield) is charged
+#: to its window, in seconds.  A check that takes longer has given the CPU to
+#: other tasks, whose time is not the cost of polling: with more clients than
+#: CPUs a client's turn comes back long after its reply did, and a window of
+#: wall time would put it to sleep (and the daemon to ringing it) for waits
+#: that cost it one switch.  About the cost of switching away and back.
+YIELD_CHARGE = 10e-6
 #: A client whose expected wait exceeds its longest window still polls on
 #: one wait in ``probe_gap`` (when the daemon is awake), so that a wait which
 #: shrank again (fewer clients ahead) is noticed.  ``probe_gap`` starts at
@@ -129,11 +136,11 @@ def map_client_slot(fd: int, size: int) -> tuple[mmap.mmap, memoryview]:
 #: ``answered``, ``spins``, ``wait``, ``set_sleeping``, ``reply``, ``close``
 #: (docs/core.md "The client wire").  A wait polls the daemon's reply sequence
 #: only when polling pays: the daemon was awake when the request was published
-#: and the expected wait (``expect``, a moving average of recent waits) is
-#: within ``max_spin`` seconds; otherwise, or once the polling window (twice
-#: ``expect``, between MIN_SPIN and ``max_spin``) has passed, it sleeps on the
-#: socket until a DOORBELL.  With more clients than CPUs the waits grow beyond
-#: the window and clients sleep at once instead of taking CPU time from the
-#: daemon that serves them; one wait in ``probe_gap`` still polls (see
-#: PROBE_EVERY).
+#: and the expected wait (``expect``, a moving average of the polling recent
+#: waits needed) is within ``max_spin`` seconds; otherwise, or once the polling
+#: window (twice ``expect``, between MIN_SPIN and ``max_spin``) has passed, it
+#: sleeps on the socket until a DOORBELL.  Windows count the polling's own
+#: time (see YIELD_CHARGE).  When the daemon is slow to answer, windows run
+#: out and clients sleep at once instead of taking CPU time from the daemon
+#: that serves them; one wait in ``probe_gap`` still polls (see PROBE_EVERY).
 ClientSlot = core.ClientSlot

@@ -31,8 +31,9 @@ Dekker handshake of ``protocol``:
 Of "publish, fence, read the mark" and "mark, fence, read the sequence" one
 side always sees the other: the daemon serves the request, or the client
 rings.  A slot is parked when it has had no request for ``PARK_AFTER``
-polling windows (``shm_spin_us``), and every polled slot is parked before
-the loop blocks in epoll.  A slot whose request cannot be served now (its
+polling windows (``shm_spin_us``) and for ``PARK_AFTER`` times the mean gap
+between one polled slot's requests lately (:func:`quiet_after`), and every
+polled slot is parked before the loop blocks in epoll.  A slot whose request cannot be served now (its
 client has more than ``max_output`` unread on the socket, or a BATCH of
 its is being served in slices) is parked like an idle one and unparked when
 that ends.  A client that rings at will only puts its own slot into the
@@ -72,8 +73,21 @@ _W_REQ_SEQ, _W_CLIENT_SLEEPING = S.W_REQ_SEQ, S.W_CLIENT_SLEEPING
 _W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = S.W_REP_SEQ, S.W_REP_LEN, S.W_DAEMON_SLEEPING
 _REP_OFF, _REP_CAP = S.SLOT_REP_OFF, S.SLOT_REP_CAP
 _fence_acquire, _fence_release = S.fence_lock.acquire, S.fence_lock.release
-#: Polling windows (``shm_spin_us``) without a request after which a slot is parked.
+#: Polling windows (``shm_spin_us``) without a request after which a slot is parked,
+#: and as many mean gaps between one polled slot's requests (:func:`quiet_after`).
 PARK_AFTER = 4
+
+
+def quiet_after(park_after: float, polled: int, requests: int, seconds: float) -> float:
+    """Seconds without a request after which a polled slot counts as idle: the
+    longer of ``park_after`` (PARK_AFTER polling windows) and PARK_AFTER times
+    the mean gap between one slot's requests while ``polled`` slots made
+    ``requests`` in the last ``seconds``.  With more clients than CPUs a client
+    waits its turn for a CPU between two requests; that gap grows with the
+    clients, and a slot parked for it would make every request ring and sleep."""
+    if requests <= 0 or seconds <= 0:
+        return park_after
+    return max(park_after, PARK_AFTER * polled * seconds / requests)
 
 
 class Bell:
@@ -150,7 +164,7 @@ class SlotServing(ServerParts):
         #: (``core.serve_slot`` / ``core.ring_doorbell`` / ``core.serve_ready``).
         self._slot_kernel: Callable[..., Any] = core.serve_slot
         self._ring: Callable[[Any, Connection], None] = core.ring_doorbell
-        self._serve_ready: Callable[[Any, dict[Connection, None], list[Connection], float], bool] = \
+        self._serve_ready: Callable[[Any, dict[Connection, None], list[Connection], float], int] = \
             core.serve_ready
 
     def _serve_slot(self, conn: Connection) -> bool:
@@ -285,4 +299,4 @@ class SlotServing(ServerParts):
         return poll(1.0)
 
 
-__all__ = ["PARK_AFTER", "Bell", "SlotServing"]
+__all__ = ["PARK_AFTER", "Bell", "SlotServing", "quiet_after"]
