@@ -56,6 +56,7 @@ from .process import disable_tracing, raise_descriptor_limit
 from .provider import RegisteredFiles
 from .sessions import SessionHandlers
 from .settings import ServiceSettings
+from .slot import YIELD_CHARGE
 from .slotserve import PARK_AFTER, Bell, SlotServing, quiet_after
 from .stats import stats_document
 from .transport import ConnectionIO
@@ -204,7 +205,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
 
         With shm-slot clients, the loop polls the slots that had a request
         recently (:mod:`.slotserve`: the others are parked and rung), for an
-        adaptive window of at most ``shm_spin_us`` after serving one
+        adaptive window of at most ``shm_spin_us`` of polling (each turn
+        charged at most YIELD_CHARGE, as a client's wait is) after serving one
         (checking epoll every few polls, so that socket clients are served
         meanwhile); a slot that went quiet (``quiet_after``) is parked;
         when the window passes with no request, or no slot is polled
@@ -226,7 +228,9 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         park_after = PARK_AFTER * max_slot_spin
         spin_until = park_at = counted_from = 0.0
         requests = 0  # slot requests served since counted_from
-        slot_until = last_slot = 0.0
+        polling = False  # within a polling window, which ``spent`` seconds of polling used
+        spent = last_check = 0.0
+        yield_charge = YIELD_CHARGE
         clock = time.perf_counter
         serve_ready = self._serve_ready
         yield_ = os.sched_yield
@@ -256,19 +260,22 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                             counted_from, requests = now, 0
                             self._park_idle(now - quiet)
                     now = clock()
+                    if polling and not served:
+                        # The window counts the polling's own time, as the client's does:
+                        # a turn that gave the CPU to others is charged at most YIELD_CHARGE.
+                        spent += min(now - last_check, yield_charge)
+                    last_check = now
                     if served:
-                        # Widen the window to twice the gap since the last slot
+                        # Widen the window to twice the polling since the last slot
                         # request when that was within the bound.
-                        gap = now - last_slot
-                        if gap <= max_slot_spin:
-                            self._slot_spin = min(max_slot_spin, max(self._slot_spin, 2 * gap))
-                        last_slot = now
-                        slot_until = now + self._slot_spin
+                        if polling and spent <= max_slot_spin:
+                            self._slot_spin = min(max_slot_spin, max(self._slot_spin, 2 * spent))
+                        polling, spent = True, 0.0
                         polls += 1
                         if polls & 7:
                             continue
                         events = poll(0)
-                    elif now < slot_until and polled:
+                    elif polling and polled and spent < self._slot_spin:
                         # Yield between polls: when the scheduler has put a client on
                         # this CPU, a poll that does not yield keeps it from running
                         # until preemption (see _Channel._slot_send in the client).
@@ -278,10 +285,10 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                             continue
                         events = poll(0)
                     else:  # the window has passed, or every slot is parked: epoll
-                        if slot_until:
-                            if now >= slot_until:  # a whole window without a request: narrow it
+                        if polling:
+                            if spent >= self._slot_spin:  # a whole window without a request: narrow it
                                 self._slot_spin = max(min_slot_spin, self._slot_spin / 2)
-                            slot_until = 0.0
+                            polling = False
                         events = poll(0)
                         if not events and not batches:
                             events = self._sleep(poll)
