@@ -117,6 +117,7 @@ class System:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` has run (every context closed, memory released); read-only."""
         return self._closed
 
     @property
