@@ -299,8 +299,9 @@ cdef class ShmRequests:
         if kind >= <unsigned int>len(self.alloc_fns):
             raise BadParameters(f"allocation kind {kind} is not one of {_fp_kinds_text}")
         self.admit_bytes(server, size, None)
-        if size <= 0 or self.context.closed or self.system.closed or \
-                (not self.dynamic_pool and self.static is None):
+        # An open context means an open System (System.closed: the System closes every
+        # context first), so the context's flag is the one check (and no Python frame).
+        if size <= 0 or self.context.closed or (not self.dynamic_pool and self.static is None):
             shm = self.alloc_fns[kind](size)    # raises as the API does (no pool: its assertion)
             self.account(conn, shm.cookie, shm.size)
             return server._describe(conn, shm, True)

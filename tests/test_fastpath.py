@@ -322,3 +322,26 @@ def test_refused_registration(tmp_path: Any, kind: int, npages: int, batched: bo
     finally:
         compiled.close()
         twin.close()
+
+
+@pytest.mark.parametrize("pool", ["dynamic", "static"])
+def test_closed_system(tmp_path: Any, pool: str) -> None:
+    """Once the System is closed (its contexts first), ALLOC and SHM_CLOSE are refused alike:
+    the kernel's one check, the context's flag, stands for the System's."""
+    compiled = Daemon(str(tmp_path / "c.sock"), pool, twin=False)
+    twin = Daemon(str(tmp_path / "t.sock"), pool, twin=True)
+    try:
+        seen = []
+        for d in (compiled, twin):
+            kind, reply = d.request(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, PAGE))
+            assert kind == "ok"
+            d.server.system.close()
+            assert d.conn.context.closed
+            seen.append([d.request(P.MsgType.ALLOC, P.ALLOC.pack(k, PAGE)) for k in P.AllocKind] +
+                        [d.request(P.MsgType.SHM_CLOSE, reply[:P.COOKIE.size])])
+        assert seen[0] == seen[1]
+        assert all(got[0] == "error" and got[1][0] == "Closed" for got in seen[0][:-1]), seen[0]
+        assert seen[0][-1][0] == "error" and seen[0][-1][1][0] == "ItemNotFound"
+    finally:
+        compiled.close()
+        twin.close()
