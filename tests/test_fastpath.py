@@ -13,7 +13,10 @@ double closes, ``shm_from_id`` references held across a close, and
 registrations planted under the cookie of the next new shm: a strict secure
 world then refuses that shm's REGISTER_SHM (the cookie is registered already),
 a lenient one shadows the planted registration.  ``test_refused_registration``
-checks that a refused REGISTER_SHM leaves nothing behind.
+checks that a refused REGISTER_SHM leaves nothing behind, ``test_closed_system``
+the requests of a closed System, and ``test_common_path_runs_no_python`` that
+the kernel's common path calls no Python function (no property of the objects
+it reads either).
 
 The same sequences also run batched: each operation's requests as one BATCH,
 served by the compiled ``run_batch`` (ext/wire.pyx), which calls the compiled
@@ -27,6 +30,7 @@ The compiled twin only exists with the compiled backend; under
 from __future__ import annotations
 
 import os
+import sys
 import socket
 from typing import Any
 
@@ -345,3 +349,36 @@ def test_closed_system(tmp_path: Any, pool: str) -> None:
     finally:
         compiled.close()
         twin.close()
+
+
+@pytest.mark.parametrize("pool", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", list(P.AllocKind))
+def test_common_path_runs_no_python(tmp_path: Any, pool: str, kind: int) -> None:
+    """An ALLOC and its SHM_CLOSE, their segment mapped already, run no Python function
+    (no property of the objects the kernel reads either): the profiler sees no frame.  The
+    close of a static pool's private buffer (carve-out storage) is Handlers._close_shm's."""
+    d = Daemon(str(tmp_path / "c.sock"), pool, twin=False)
+    try:
+        srv, conn, body = d.server, d.conn, P.ALLOC.pack(kind, PAGE)
+        srv._op_shm_close(conn, srv._op_alloc(conn, body)[:P.COOKIE.size])  # the segment mapped
+        frames: list[str] = []
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "call":
+                frames.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+        sys.setprofile(profile)
+        try:
+            reply = srv._op_alloc(conn, body)
+            in_alloc = len(frames)
+            closed = srv._op_shm_close(conn, reply[:P.COOKIE.size])
+        finally:
+            sys.setprofile(None)
+        assert in_alloc == 0, frames
+        if pool == "static" and kind == P.AllocKind.PRIV:
+            assert frames and frames[0].endswith("handlers.py:_close_shm"), frames
+        else:
+            assert frames == [], frames
+        assert P.CLOSED.unpack(closed) == (1, 0) and not conn.context.shms
+    finally:
+        d.close()
