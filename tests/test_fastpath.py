@@ -30,8 +30,8 @@ The compiled twin only exists with the compiled backend; under
 from __future__ import annotations
 
 import os
-import sys
 import socket
+import sys
 from typing import Any
 
 import numpy as np
