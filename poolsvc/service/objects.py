@@ -381,12 +381,12 @@ class Context(Handle):
         caller's registered object ``user_view`` or None), its segment mapped: the one this
         context holds under that cookie, with one more reference (``shm_from_id`` of a
         buffer it holds), else a new one, entered in :attr:`shms`."""
-        cookie = desc[D_COOKIE]
-        known = self.shms.get(cookie)
-        if known is not None:
+        shms, cookie = self.shms, desc[D_COOKIE]
+        if cookie in shms:
+            known = shms[cookie]
             known._add_ref()
             return known
-        shm = self.shms[cookie] = Shm(self, desc, pages, user_view)
+        shm = shms[cookie] = Shm(self, desc, pages, user_view)
         return shm
 
     def _request_shm(self, msg_type: int, body: bytes, what: str, fds: Sequence[int] = (),
