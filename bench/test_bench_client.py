@@ -3,12 +3,13 @@
 A service :class:`~poolsvc.service.objects.Context` runs over
 :class:`CannedChannel`, a :class:`~poolsvc.service.channel.Channel` whose
 slot exchange answers from replies built once (no daemon, no system call, no
-wait): what is timed is the client library's part of a request, encoding
-the request, reading the reply frames, decoding each DESC into a ``Shm``,
-``view()`` and ``close()``, single and in BATCHes of :data:`BATCH`.  That
-is the CPU a ``poolsvc load`` client spends per operation beside the
-daemon's (with 8 clients and the daemon on 2 CPUs, it bounds the
-throughput as much as the daemon does).
+wait; its socket pair and slot are tests/offlinechannel.py's): what is timed
+is the client library's part of a request, encoding the request, reading the
+reply frames, decoding each DESC into a ``Shm``, ``view()`` and
+``close()``, single and in BATCHes of :data:`BATCH`.  That is the CPU a
+``poolsvc load`` client spends per operation beside the daemon's (with 8
+clients and the daemon on 2 CPUs, it bounds the throughput as much as the
+daemon does).
 
 The floor is the struct work alone, per operation: pack the request frame
 and unpack its reply (``DESC`` or ``CLOSED``), the least any Python client
@@ -22,23 +23,24 @@ Concurrency: single-threaded.
 """
 from __future__ import annotations
 
-import array
 import mmap
-import os
-import socket
 import statistics
+import sys
 import time
-from collections import deque
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from poolsvc._backend import core
 from poolsvc.constants import ShmFlags
 from poolsvc.service import channel as C
 from poolsvc.service import protocol as P
-from poolsvc.service import slot as S
 from poolsvc.service.objects import Context, Shm
+
+TESTS = str(Path(__file__).resolve().parent.parent / "tests")
+if TESTS not in sys.path:  # the test helpers, after everything else (nothing of bench/ is shadowed)
+    sys.path.append(TESTS)
+from offlinechannel import OfflineChannel  # noqa: E402  (tests/offlinechannel.py)
 
 #: Operations per BATCH request, as in the pool service's benchmarks.
 BATCH = 256
@@ -72,7 +74,7 @@ _ALLOC_TYPE = P.HEADER.pack(0, int(P.MsgType.ALLOC), 0)[4:6]
 _CLOSE_TYPE = P.HEADER.pack(0, int(P.MsgType.SHM_CLOSE), 0)[4:6]
 
 
-class CannedChannel(C.Channel):
+class CannedChannel(OfflineChannel):
     """A Channel answered from canned replies, in process.
 
     ALLOC gets buffer 0's DESC; each SHM_CLOSE the CLOSED of a last
@@ -83,37 +85,9 @@ class CannedChannel(C.Channel):
     the reply framing and decoding run as they do against a daemon.
     """
 
-    def __init__(self) -> None:  # (no daemon, no handshake)
-        self.path = "canned"
-        self.spin = 0.0
-        self.timeout = None
-        self.connect_timeout = None
-        self.forks = C._forks
-        self.closed = False
-        self.bell = -1
-        self.fds: deque[int] = deque()
-        self.segments = {TOKEN: mmap.mmap(-1, BATCH * PAGE)}
-        self.stale: list[mmap.mmap] = []
-        self.close_cookies: deque[int] = deque()
-        self.on_lost = None
-        self.max_frame = P.DEFAULT_MAX_FRAME
-        self.max_batch = 4096
-        self.version, self.daemon_pid, self.cid, self.sec_caps, self.gen_caps = 2, 0, 1, 0, 0
-        self.transport, self.pool, self.context_name = "shm", "dynamic", "canned"
+    def __init__(self) -> None:
+        super().__init__("canned", {TOKEN: mmap.mmap(-1, BATCH * PAGE)}, 4096)
         self.exchanges = 0
-        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.wire = core.ClientWire(self._lost, C.DaemonTimeout, self.fds, 0.0)
-        self.wire.attach(self.sock.fileno())
-        self.outbox, self.pending = self.wire.outbox, self.wire.pending
-        fd = os.memfd_create("canned-slot", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, S.SLOT_BYTES)
-            os.pwrite(fd, array.array("Q", S.slot_header()).tobytes(), 0)
-            self.slot = S.ClientSlot(fd, S.SLOT_BYTES, 0.0)
-        finally:
-            os.close(fd)
-        self.wire.set_slot(self.slot, -1)
-        self._words, self._mm = self.slot.words, self.slot.mm
 
     def _stage(self, data: bytes) -> None:
         """Publish the replies to ``data`` in the slot before it is sent (the wire then
@@ -125,10 +99,7 @@ class CannedChannel(C.Channel):
         last = data[at + 4:at + 6]
         reply = (b"" if at == len(data) else ALLOC_REPLY if last == _ALLOC_TYPE else
                  BATCH_ALLOC_REPLY if data[at + 12:at + 14] == _ALLOC_TYPE else BATCH_CLOSE_REPLY)
-        reply = CLOSE_REPLY * (at // CLOSE_FRAME) + reply if at else reply
-        self._mm[S.SLOT_REP_OFF:S.SLOT_REP_OFF + len(reply)] = reply
-        self._words[S.W_REP_LEN] = len(reply)
-        self._words[S.W_REP_SEQ] = self.slot.seq + 1
+        self.publish(CLOSE_REPLY * (at // CLOSE_FRAME) + reply if at else reply)
 
     def call_frame(self, frame: bytes, fds: Any = (), slot_ok: bool = True) -> tuple[int, memoryview]:
         self._stage(bytes(self.outbox) + frame)
@@ -138,14 +109,6 @@ class CannedChannel(C.Channel):
         if self.outbox:
             self._stage(bytes(self.outbox))
         super().drain()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.wire.close()
-            self.slot.close()
-            self.sock.close()
-            self.peer.close()
 
 
 class _CannedDialer:

@@ -220,13 +220,13 @@ cdef class ShmRequests:
         self.cookies = pools.cookies
         self.driver = driver
         self.smc = driver.smc if driver.list_scratch_page is not None else None
-        self.entry = system.tee._entry
+        self.entry = system.tee.entry
         self.pools = pools
         self.dynamic_pool = pools.dynamic_pool
         self.static = pools.static
         self.table = system.memory.table
         self.carveout = pools.carveout
-        self.carveout_sid = pools._carveout_sid
+        self.carveout_sid = pools.carveout_sid
         self.static_base = system.config.static_base
         self.max_shms = server._max_shms
         self.max_bytes = server._max_bytes
@@ -299,8 +299,9 @@ cdef class ShmRequests:
         if kind >= <unsigned int>len(self.alloc_fns):
             raise BadParameters(f"allocation kind {kind} is not one of {_fp_kinds_text}")
         self.admit_bytes(server, size, None)
-        if size <= 0 or self.context.closed or self.system._closed or \
-                (not self.dynamic_pool and self.static is None):
+        # An open context means an open System (System.closed: the System closes every
+        # context first), so the context's flag is the one check (and no Python frame).
+        if size <= 0 or self.context.closed or (not self.dynamic_pool and self.static is None):
             shm = self.alloc_fns[kind](size)    # raises as the API does (no pool: its assertion)
             self.account(conn, shm.cookie, shm.size)
             return server._describe(conn, shm, True)
@@ -432,7 +433,7 @@ cdef class ShmRequests:
                     try:
                         self.table.map_range(pa, npages, seg.sid, index)
                     except BaseException:
-                        self.pools._take_back(pa, npages, False)
+                        self.pools.take_back(pa, npages, False)
                         raise
                 except BaseException:
                     self.arena.free(seg, index, npages)

@@ -58,7 +58,7 @@ class Pools:
     context's arena.
     Attributes: ``dynamic_pool`` (whether allocations come from the dynamic
     pool), ``static`` (``core.RangeAllocator`` or None), ``carveout``
-    (its Storage or None).
+    (its Storage or None), ``carveout_sid`` (that Storage's storage id, or -1).
     """
 
     def __init__(self, config: Config, memory: PhysicalMemory, cookies: Iterator[int]) -> None:
@@ -84,6 +84,13 @@ class Pools:
             except BaseException:
                 self.close()
                 raise
+
+    @property
+    def carveout_sid(self) -> int:
+        """The storage id of the carve-out's own storage (``PhysicalMemory.attach``), which
+        backs every carve-out frame no buffer has taken; -1 without a carve-out or once
+        closed.  Read-only."""
+        return self._carveout_sid
 
     def close(self) -> None:
         """Unmap and release the carve-out. Idempotent."""
@@ -156,11 +163,16 @@ class Pools:
         try:
             table.map_range(pa, npages, sid, index)
         except BaseException:
-            self._take_back(pa, npages, mapped=False)
+            self.take_back(pa, npages, mapped=False)
             raise
 
-    def _take_back(self, pa: int, npages: int, mapped: bool = True) -> None:
-        """Map carve-out frames ``pa ..`` to the carve-out's own pages again."""
+    def take_back(self, pa: int, npages: int, mapped: bool = True) -> None:
+        """Map carve-out frames ``pa ..`` to the carve-out's own pages again.
+
+        ``mapped``: whether the frames are mapped now (to a buffer's arena pages),
+        so are unmapped first.  Errors: those of ``FrameTable.unmap_range`` /
+        ``map_range`` (AddressError).
+        """
         table = self.memory.table
         if mapped:
             table.unmap_range(pa, npages)
@@ -174,7 +186,7 @@ class Pools:
         an emptied segment to the OS).
         """
         if isinstance(backing, StaticRun):
-            self._take_back(backing.pa, backing.npages)
+            self.take_back(backing.pa, backing.npages)
             ctx.arena.free(backing.segment, backing.index, backing.npages)
         else:
             assert self._carveout_bytes is not None

@@ -117,6 +117,11 @@ class System:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` has run; read-only.
+
+        ``closed`` implies that every context this System opened is closed (``close``
+        closes them first), so an open context stands for an open System.
+        """
         return self._closed
 
     @property

@@ -9,7 +9,14 @@ and message), and so must the accounting (connection and process quota
 figures, the context's shms, ids, segment tokens, descriptors sent) and the
 System's STATS.  The sequences mix every allocation kind, sizes that grow the
 arena, limits near their edges (so that refusals happen), unknown cookies,
-double closes and ``shm_from_id`` references held across a close.
+double closes, ``shm_from_id`` references held across a close, and
+registrations planted under the cookie of the next new shm: a strict secure
+world then refuses that shm's REGISTER_SHM (the cookie is registered already),
+a lenient one shadows the planted registration.  ``test_refused_registration``
+checks that a refused REGISTER_SHM leaves nothing behind, ``test_closed_system``
+the requests of a closed System, and ``test_common_path_runs_no_python`` that
+the kernel's common path calls no Python function (no property of the objects
+it reads either).
 
 The same sequences also run batched: each operation's requests as one BATCH,
 served by the compiled ``run_batch`` (ext/wire.pyx), which calls the compiled
@@ -24,8 +31,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,6 +47,7 @@ from poolsvc._pure import wire as pure_wire
 from poolsvc.service import protocol as P
 from poolsvc.service.server import Server
 from poolsvc.service.settings import ServiceSettings
+from poolsvc.tee.secure_params import RegisteredShm
 
 pytestmark = pytest.mark.skipif(BACKEND != "compiled", reason="the compiled kernel against its twin")
 
@@ -50,11 +60,12 @@ MAX_BYTES = 40 * PAGE
 class Daemon:
     """An in-process Server and one CONTEXT connection of it (driven by direct handler calls)."""
 
-    def __init__(self, path: str, pool: str, twin: bool) -> None:
+    def __init__(self, path: str, pool: str, twin: bool, strict: bool = False,
+                 max_bytes: int = MAX_BYTES) -> None:
         config = Config(dynamic_size=16 << 20, arena_step=1 << 20, dynamic_shm=(pool == "dynamic"),
-                        static_size=4 << 20)
+                        static_size=4 << 20, strict=strict)
         settings = ServiceSettings(socket_path=path, log_level="WARNING", max_shms_per_client=MAX_SHMS,
-                                   max_bytes_per_client=MAX_BYTES)
+                                   max_bytes_per_client=max_bytes)
         self.server = Server(config, settings)
         self.server.start()
         self.twin = twin
@@ -71,6 +82,18 @@ class Daemon:
         assert P.HEADER.unpack_from(data)[1] == int(P.MsgType.WELCOME)
         if twin:
             self.conn.shm_requests = pure.ShmRequests(srv, self.conn)
+
+    def plant_registration(self) -> int:
+        """Register in the secure world, behind the daemon's back, the cookie the next new
+        shm takes; return it.  (The System's cookie counter counts by one: one cookie is
+        drawn to learn the next.)  A strict secure world then refuses that shm's
+        REGISTER_SHM, the cookie being registered already; a lenient one shadows the
+        planted registration until the shm's is unregistered."""
+        system = self.server.system
+        cookie = next(system.pools.cookies) + 1
+        pages = np.array([system.config.dynamic_base], dtype=np.uint64)
+        system.tee.registered[cookie] = RegisteredShm(cookie, pages, 0, PAGE)
+        return cookie
 
     def request(self, msg_type: int, body: bytes) -> tuple[str, Any]:
         """Serve one request by its handler: ("ok", reply bytes) or ("error", (type, message))."""
@@ -133,7 +156,8 @@ class Daemon:
 
 
 # An operation: ("alloc", kind, size) | ("close", pick) | ("close_unknown", cookie) |
-# ("from_id", pick) (one more reference, which a later close drops) | ("bad_body", body).
+# ("from_id", pick) (one more reference, which a later close drops) | ("bad_body", body) |
+# ("plant",) (a registration under the next shm's cookie: Daemon.plant_registration).
 small = st.one_of(st.sampled_from([1, 15, 16, 17, PAGE - 1, PAGE, PAGE + 1, 3 * PAGE]), st.integers(1, 2 * PAGE))
 sizes = st.one_of(small, small, small, st.integers(1, 24 * PAGE), st.integers(-2, 0),
                   st.sampled_from([MAX_BYTES - PAGE, MAX_BYTES, MAX_BYTES + 1, 2 ** 62]))
@@ -145,18 +169,24 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("close_unknown"), st.integers(0, 2 ** 64 - 1)),
     st.tuples(st.just("from_id"), st.integers(0, 50)),
     st.tuples(st.just("bad_body"), st.sampled_from([b"", b"\0" * 7, b"\0" * 13])),
+    st.tuples(st.just("plant")),
 ), min_size=10, max_size=80)
 
 
-def run_both(tmp_path: Any, pool: str, sequence: list[tuple[Any, ...]], batched: bool = False) -> None:
-    """Run ``sequence`` on both daemons, each operation's requests one by one or (``batched``)
-    as one BATCH; compare after each."""
-    compiled = Daemon(str(tmp_path / "c.sock"), pool, twin=False)
-    twin = Daemon(str(tmp_path / "t.sock"), pool, twin=True)
+def run_both(tmp_path: Any, pool: str, sequence: list[tuple[Any, ...]], batched: bool = False,
+             strict: bool = False) -> None:
+    """Run ``sequence`` on both daemons (their secure worlds ``strict`` or not), each
+    operation's requests one by one or (``batched``) as one BATCH; compare after each."""
+    compiled = Daemon(str(tmp_path / "c.sock"), pool, twin=False, strict=strict)
+    twin = Daemon(str(tmp_path / "t.sock"), pool, twin=True, strict=strict)
     try:
         issued: list[int] = []  # cookies handed out, closed or not (so closes repeat)
         ids: list[int] = []
         for op in sequence:
+            if op[0] == "plant":
+                assert compiled.plant_registration() == twin.plant_registration()
+                assert compiled.state() == twin.state(), op
+                continue
             if op[0] == "alloc":
                 requests = [(P.MsgType.ALLOC, P.ALLOC.pack(op[1], op[2]))]
             elif op[0] == "close":
@@ -197,17 +227,18 @@ def run_both(tmp_path: Any, pool: str, sequence: list[tuple[Any, ...]], batched:
 
 
 @pytest.mark.parametrize("pool", ["dynamic", "static"])
-@given(sequence=ops)
-def test_compiled_matches_twin(tmp_path_factory: Any, pool: str, sequence: list[tuple[Any, ...]]) -> None:
-    run_both(tmp_path_factory.mktemp("fastpath"), pool, sequence)
+@given(sequence=ops, strict=st.booleans())
+def test_compiled_matches_twin(tmp_path_factory: Any, pool: str, sequence: list[tuple[Any, ...]],
+                               strict: bool) -> None:
+    run_both(tmp_path_factory.mktemp("fastpath"), pool, sequence, strict=strict)
 
 
 @pytest.mark.parametrize("pool", ["dynamic", "static"])
-@given(sequence=ops)
+@given(sequence=ops, strict=st.booleans())
 def test_compiled_matches_twin_batched(tmp_path_factory: Any, pool: str,
-                                       sequence: list[tuple[Any, ...]]) -> None:
+                                       sequence: list[tuple[Any, ...]], strict: bool) -> None:
     """The same in BATCHes: run_batch's typed entries into the kernel against the twin."""
-    run_both(tmp_path_factory.mktemp("fastpath"), pool, sequence, batched=True)
+    run_both(tmp_path_factory.mktemp("fastpath"), pool, sequence, batched=True, strict=strict)
 
 
 @pytest.mark.parametrize("pool", ["dynamic", "static"])
@@ -249,3 +280,105 @@ def test_refused_unregistration(tmp_path: Any) -> None:
     finally:
         compiled.close()
         twin.close()
+
+
+@pytest.mark.parametrize("kind", [P.AllocKind.USER, P.AllocKind.KERNEL])
+@pytest.mark.parametrize("npages", [1, 512])
+@pytest.mark.parametrize("batched", [False, True])
+def test_refused_registration(tmp_path: Any, kind: int, npages: int, batched: bool) -> None:
+    """A REGISTER_SHM the secure world refuses (strict: the new shm's cookie is registered
+    already) fails the ALLOC alike in both, with one list page (the kernel's own call) or
+    more (``Driver.register_run``), and leaves nothing behind: the run back in its segment,
+    the reserved id (USER) given back, no shm, no accounting."""
+    compiled = Daemon(str(tmp_path / "c.sock"), "dynamic", twin=False, strict=True, max_bytes=0)
+    twin = Daemon(str(tmp_path / "t.sock"), "dynamic", twin=True, strict=True, max_bytes=0)
+    body = P.ALLOC.pack(kind, npages * PAGE)
+
+    def alloc(d: Daemon) -> tuple[str, Any]:
+        return d.batch([(P.MsgType.ALLOC, body)]) if batched else d.request(P.MsgType.ALLOC, body)
+
+    try:
+        seen = []
+        for d in (compiled, twin):
+            kept = d.request(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, PAGE))  # a live shm beside
+            warm = d.request(P.MsgType.ALLOC, body)  # the arena holds a segment with room for the run
+            assert kept[0] == warm[0] == "ok"
+            d.request(P.MsgType.SHM_CLOSE, P.COOKIE.pack(P.DESC.unpack_from(warm[1])[0]))
+            d.state()  # the segment descriptors sent so far (state() counts those since the last)
+            before = d.state()
+            planted = d.plant_registration()
+            refused = alloc(d)
+            del d.server.system.tee.registered[planted]
+            after = d.state()
+            assert after == before  # nothing kept of the refused request
+            seen.append((refused, after, alloc(d), d.state()))
+        assert seen[0] == seen[1]
+        refused, _, again, _ = seen[0]
+        if batched:
+            assert refused[0] == "ok" and refused[1][1] == {int(P.MsgType.ALLOC): 1}
+            sub_type, start, _ = P.split_frames(refused[1][0], 1, 1 << 20)[0]
+            assert sub_type == P.MsgType.ERROR and b"registration refused (EINVAL)" in refused[1][0][start:]
+            assert again[0] == "ok" and P.split_frames(again[1][0], 1, 1 << 20)[0][0] == P.MsgType.OK
+        else:
+            assert refused[0] == "error" and refused[1][0] == "BadParameters"
+            assert refused[1][1].startswith("registration refused (EINVAL)")
+            assert again[0] == "ok"
+    finally:
+        compiled.close()
+        twin.close()
+
+
+@pytest.mark.parametrize("pool", ["dynamic", "static"])
+def test_closed_system(tmp_path: Any, pool: str) -> None:
+    """Once the System is closed (its contexts first), ALLOC and SHM_CLOSE are refused alike:
+    the kernel's one check, the context's flag, stands for the System's."""
+    compiled = Daemon(str(tmp_path / "c.sock"), pool, twin=False)
+    twin = Daemon(str(tmp_path / "t.sock"), pool, twin=True)
+    try:
+        seen = []
+        for d in (compiled, twin):
+            kind, reply = d.request(P.MsgType.ALLOC, P.ALLOC.pack(P.AllocKind.USER, PAGE))
+            assert kind == "ok"
+            d.server.system.close()
+            assert d.conn.context.closed
+            seen.append([d.request(P.MsgType.ALLOC, P.ALLOC.pack(k, PAGE)) for k in P.AllocKind] +
+                        [d.request(P.MsgType.SHM_CLOSE, reply[:P.COOKIE.size])])
+        assert seen[0] == seen[1]
+        assert all(got[0] == "error" and got[1][0] == "Closed" for got in seen[0][:-1]), seen[0]
+        assert seen[0][-1][0] == "error" and seen[0][-1][1][0] == "ItemNotFound"
+    finally:
+        compiled.close()
+        twin.close()
+
+
+@pytest.mark.parametrize("pool", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", list(P.AllocKind))
+def test_common_path_runs_no_python(tmp_path: Any, pool: str, kind: int) -> None:
+    """An ALLOC and its SHM_CLOSE, their segment mapped already, run no Python function
+    (no property of the objects the kernel reads either): the profiler sees no frame.  The
+    close of a static pool's private buffer (carve-out storage) is Handlers._close_shm's."""
+    d = Daemon(str(tmp_path / "c.sock"), pool, twin=False)
+    try:
+        srv, conn, body = d.server, d.conn, P.ALLOC.pack(kind, PAGE)
+        srv._op_shm_close(conn, srv._op_alloc(conn, body)[:P.COOKIE.size])  # the segment mapped
+        frames: list[str] = []
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "call":
+                frames.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+        sys.setprofile(profile)
+        try:
+            reply = srv._op_alloc(conn, body)
+            in_alloc = len(frames)
+            closed = srv._op_shm_close(conn, reply[:P.COOKIE.size])
+        finally:
+            sys.setprofile(None)
+        assert in_alloc == 0, frames
+        if pool == "static" and kind == P.AllocKind.PRIV:
+            assert frames and frames[0].endswith("handlers.py:_close_shm"), frames
+        else:
+            assert frames == [], frames
+        assert P.CLOSED.unpack(closed) == (1, 0) and not conn.context.shms
+    finally:
+        d.close()

@@ -1,8 +1,9 @@
 """The client's reply decoding, on scripted replies (no daemon): DESC -> Shm, BATCH_REPLY -> results.
 
 A :class:`~poolsvc.service.objects.Context` runs over :class:`Scripted`, a
-Channel on the selected backend's wire and a slot of its own, whose
-exchanges record each request and publish the next reply of a script, so
+Channel on the selected backend's wire and a slot of its own
+(tests/offlinechannel.py), whose exchanges record each request and publish
+the next reply of a script, so
 that descriptors the daemon rarely sends (scattered pages, no paddr, flags
 the embedded System does not give) and the batch's bookkeeping (closes
 answered here, errors in between) are checked exactly.
@@ -11,17 +12,14 @@ kernel with a pure-Python twin).
 """
 from __future__ import annotations
 
-import array
 import mmap
-import os
-import socket
 from collections import deque
 from typing import Any
 
 import numpy as np
 import pytest
+from offlinechannel import OfflineChannel
 
-from poolsvc._backend import core
 from poolsvc.constants import ShmFlags
 from poolsvc.errors import Closed, ItemNotFound, OutOfMemory
 from poolsvc.service import channel as C
@@ -51,40 +49,19 @@ def desc(cookie: int, *, size: int = PAGE, first: int = 0x10000, paddr: int | No
 CLOSED = frame(OK, P.CLOSED.pack(1, 0))
 
 
-class Scripted(C.Channel):
+class Scripted(OfflineChannel):
     """A Channel whose slot exchanges are answered from ``script``, in order: before
     each exchange the next reply is published in the slot (the wire then finds it
     at once), and each request published is recorded in ``sent``."""
 
-    def __init__(self) -> None:  # (no daemon, no handshake)
-        self.path, self.forks, self.closed, self.bell = "scripted", C._forks, False, -1
-        self.fds: deque[int] = deque()
-        self.segments = {TOKEN: mmap.mmap(-1, 16 * PAGE)}
-        self.stale: list[mmap.mmap] = []
-        self.on_lost = None
-        self.close_cookies: deque[int] = deque()
-        self.max_batch, self.cid, self.gen_caps, self.context_name = 64, 1, 0, "scripted"
+    def __init__(self) -> None:
+        super().__init__("scripted", {TOKEN: mmap.mmap(-1, 16 * PAGE)}, 64)
         self.script: deque[bytes] = deque()
         self.sent: list[bytes] = []
-        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.wire = core.ClientWire(self._lost, C.DaemonTimeout, self.fds, 0.0)
-        self.wire.attach(self.sock.fileno())
-        self.outbox, self.pending = self.wire.outbox, self.wire.pending
-        fd = os.memfd_create("scripted-slot", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, S.SLOT_BYTES)
-            os.pwrite(fd, array.array("Q", S.slot_header()).tobytes(), 0)
-            self.slot = S.ClientSlot(fd, S.SLOT_BYTES, 0.0)
-        finally:
-            os.close(fd)
-        self.wire.set_slot(self.slot, -1)
 
     def _exchange(self, run: Any) -> Any:
-        reply = self.script.popleft()
+        self.publish(self.script.popleft())
         slot = self.slot
-        slot.mm[S.SLOT_REP_OFF:S.SLOT_REP_OFF + len(reply)] = reply
-        slot.words[S.W_REP_LEN] = len(reply)
-        slot.words[S.W_REP_SEQ] = slot.seq + 1
         result = run()
         self.sent.append(bytes(slot.mm[S.SLOT_REQ_OFF:S.SLOT_REQ_OFF + slot.words[S.W_REQ_LEN]]))
         return result
@@ -97,14 +74,6 @@ class Scripted(C.Channel):
             self._exchange(super().drain)
         else:
             super().drain()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.wire.close()
-            self.slot.close()
-            self.sock.close()
-            self.peer.close()
 
 
 @pytest.fixture()

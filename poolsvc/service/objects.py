@@ -374,13 +374,19 @@ class Context(Handle):
             pages.flags.writeable = False
         if bits & _NEW_SEGMENT:
             self._channel.map_segment(desc[D_TOKEN], desc[D_SEG_BYTES])
-        cookie = desc[D_COOKIE]
-        known = self.shms.get(cookie)
-        if known is not None:  # shm_from_id of a buffer we hold: same object, one more reference
+        return self._shm_of(desc, pages, user_view)
+
+    def _shm_of(self, desc: tuple[Any, ...], pages: np.ndarray | None, user_view: memoryview | None) -> Shm:
+        """The Shm of the decoded DESC ``desc`` (its page array ``pages`` or None, the
+        caller's registered object ``user_view`` or None), its segment mapped: the one this
+        context holds under that cookie, with one more reference (``shm_from_id`` of a
+        buffer it holds), else a new one, entered in :attr:`shms`."""
+        shms, cookie = self.shms, desc[D_COOKIE]
+        if cookie in shms:
+            known = shms[cookie]
             known._add_ref()
             return known
-        shm = Shm(self, desc, pages, user_view)
-        self.shms[cookie] = shm
+        shm = shms[cookie] = Shm(self, desc, pages, user_view)
         return shm
 
     def _request_shm(self, msg_type: int, body: bytes, what: str, fds: Sequence[int] = (),
@@ -433,11 +439,10 @@ class Context(Handle):
         reply_type, reply = channel.call_frame(pack_alloc_frame(ALLOC_BODY, ALLOC, 0, kind, size))
         if reply_type != _OK:
             check_reply(reply_type, reply, "ALLOC")
-        desc = channel.wire.plain_desc(reply)  # a fresh shm of the mapped segment (the common case)
-        if desc is None or desc[D_COOKIE] in self.shms:
+        desc = channel.wire.plain_desc(reply)  # no page array, no new segment (the common case)
+        if desc is None:
             return self._make_shm(reply)
-        shm = self.shms[desc[D_COOKIE]] = Shm(self, desc, None, None)
-        return shm
+        return self._shm_of(desc, None, None)
 
     # -- registration ------------------------------------------------------------------------------
     def register_user_buf(self, obj: Any, fd: int | None = None) -> Shm:

@@ -200,6 +200,14 @@ class SecureWorld(TaParamCopies, SecureSessions, SecureRpc):
             self.install(app)
 
     @property
+    def entry(self) -> Any:
+        """The compiled end of the message call (``core.SmcEntry``), for the whole life of
+        this world: it holds the tables the properties below read (``registered``,
+        ``rpc_shms``, ``shadowed``) and the mode.  :attr:`call_with_arg` is this entry
+        when the world reports DYNAMIC_SHM; read-only."""
+        return self._entry
+
+    @property
     def caps(self) -> SecCaps:
         """The capability bits this secure world reports (``SecCaps``)."""
         return self._caps
