@@ -547,7 +547,8 @@ def profile_daemon(pool: str, kind: str, size: int, batch: int, rounds: int, tra
             request = s.us(f"{op}.request")
             io = s.us(f"{op}.io.{t}")
             if t == "shm":  # the slot kernel dispatches in C: no `_request` on this path
-                transport, dispatch = io - min(io, handler), 0.0
+                handler = min(handler, io)  # (medians of separate samples: the part cannot exceed its whole)
+                transport, dispatch = io - handler, 0.0
             else:
                 transport, dispatch = io - request, request - handler
             out[f"{t}.single.{op}"] = {

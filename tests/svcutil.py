@@ -164,7 +164,10 @@ class RawClient:
             hello = P.HELLO2.pack(P.MAGIC, P.VERSION_2, role, features) + name
         else:
             hello = P.HELLO.pack(P.MAGIC, P.VERSION, role) + name
-        self.send(P.frame(P.MsgType.HELLO, hello))
+        try:
+            self.send(P.frame(P.MsgType.HELLO, hello))
+        except BrokenPipeError:
+            pass  # refused at accept: the daemon's answer may wait in the socket all the same
         self.welcome = self.recv()
 
     def send(self, data: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
