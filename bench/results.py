@@ -557,7 +557,8 @@ def scale_body(doc: dict[str, Any], folder: str) -> list[str]:
             f"at least {SCALE_RATIO_GOAL:.0%} with {counts} processes (judged only there)."
             + (f" 'raw here / alloc at {ref}': the `raw` floor's pairs/s at this count as a fraction of alloc + "
                f"close's at {ref} processes: the share of the {ref}-process figure that an echo doing no work "
-               "reaches when its processes sleep and wake as these do, the ceiling of any service that does."
+               "reaches when its processes sleep and are woken for every reply: the ceiling of any service "
+               "whose requests do."
                if ceiling else ""), "",
             "| transport | clients | " + " | ".join(f"{w} of {ref}" for w in workloads)
             + (f" | raw here / alloc at {ref}" if ceiling else "") + " | goal met |",
