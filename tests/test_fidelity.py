@@ -370,10 +370,10 @@ def test_strict_is_a_validated_config_field():
 
 def test_call_with_arg_is_the_compiled_entry_in_both_modes(world):
     tee = world.system.tee
-    assert tee.call_with_arg is tee._entry and tee.driver_entry is tee._entry
-    assert tee._entry.strict == world.strict and tee._entry.shadowed is tee.shadowed
+    assert tee.call_with_arg is tee.entry and tee.driver_entry is tee.entry
+    assert tee.entry.strict == world.strict and tee.entry.shadowed is tee.shadowed
     tee.strict = not world.strict       # the mode is the entry's
-    assert tee._entry.strict != world.strict
+    assert tee.entry.strict != world.strict
     tee.strict = world.strict
     tee.caps &= ~SecCaps.DYNAMIC_SHM    # without DYNAMIC_SHM: the Python path
     assert tee.call_with_arg == tee.serve and tee.driver_entry == tee.serve

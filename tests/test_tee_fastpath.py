@@ -263,7 +263,7 @@ def test_stats_calls_is_the_entry_counter():
 
     with System(Config(**SMALL, strict=True)) as system:
         tee = system.tee
-        assert tee.call_with_arg is tee._entry
+        assert tee.call_with_arg is tee.entry
         msg = MsgArg(cmd=MsgCmd.UNREGISTER_SHM, params=[MsgParam(Attr.RMEM_INPUT, 0, 0, 0x77)])
         calls = tee.stats.calls
         system.phys.write(system.driver.msg_pa, msg.pack())
@@ -279,4 +279,4 @@ def test_stats_calls_is_the_entry_counter():
         tee.stats.calls = 0
         assert tee.stats.calls == 0 and SecureStats() == SecureStats(0, {}, 0, 0)
         assert SecureStats() != SecureStats(1) and SecureStats().__eq__(object()) is NotImplemented
-        assert tee.call_with_arg is tee._entry
+        assert tee.call_with_arg is tee.entry
