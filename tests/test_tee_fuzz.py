@@ -72,6 +72,8 @@ def spec_page_list(buf_ptr: int, size: int, read_page, nonsecure, strict: bool =
         list_pa = words[511]
 
 
+#: The commands whose parameters the secure world reads as page lists (docs/tee.md).
+_READS_PAGE_LISTS = (MsgCmd.OPEN_SESSION, MsgCmd.INVOKE_COMMAND, MsgCmd.REGISTER_SHM)
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 U64 = (1 << 64) - 1
 
@@ -128,8 +130,10 @@ class World:
     def page_list_verdict(self, msg: MsgArg, reply: MsgArg, registered0: set[int], smc: int) -> str | None:
         """Where the secure world's verdict on the message's page lists differs from the
         spec's (None: it agrees).  Read before the test undoes the message's effects.
-        ``smc`` is the SMC-level result: a message refused there was not served at all."""
-        if smc != SMC_RETURN_OK:
+        ``smc`` is the SMC-level result: a message refused there was not served at all.
+        Only the commands that read page lists are judged: UNREGISTER_SHM reads its
+        parameter's cookie alone, CLOSE_SESSION and CANCEL no parameter at all."""
+        if smc != SMC_RETURN_OK or msg.cmd not in _READS_PAGE_LISTS:
             return None
         lists = [(p, self.spec_pages(p)) for p in msg.params
                  if (p.attr & 0xFF) in (Attr.TMEM_INPUT, Attr.TMEM_OUTPUT, Attr.TMEM_INOUT)
