@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import random
+import threading
 import time
 
 import pytest
@@ -45,6 +46,37 @@ def test_idle_slots_are_parked_and_a_request_rings_its_slot_back(tmp_path):
         finally:
             for c in clients:
                 c.close()
+        d.wait_for(idle(d.baseline))
+
+
+def test_an_idle_slot_is_parked_while_another_client_keeps_the_daemon_busy(tmp_path):
+    """The daemon never sleeps here (a 0.2 s polling window, one client pinging without
+    pause), so only the idleness rule can park the other client's slot."""
+    with checked_daemon(tmp_path / "b.sock", shm_spin_us=200_000) as d:
+        idle_client = connect(d.path, name="idle", transport="shm")
+        busy_client = connect(d.path, name="busy", transport="shm")
+        stop = threading.Event()
+        try:
+            ctx = idle_client.open_context()
+            ctx.alloc_user_buf(4096).close()
+            ctx.flush()
+            slot = ctx._channel.slot
+            busy = busy_client.open_context()
+
+            def ping() -> None:
+                while not stop.is_set():
+                    busy.alloc_user_buf(4096).close()
+
+            pinger = threading.Thread(target=ping)
+            pinger.start()
+            wait_until(slot.daemon_sleeping, what="the idle slot parked while the other is served")
+            assert pinger.is_alive() and d.server._slots.polled  # the busy one is still polled
+        finally:
+            stop.set()
+            if "pinger" in locals():
+                pinger.join()
+            idle_client.close()
+            busy_client.close()
         d.wait_for(idle(d.baseline))
 
 

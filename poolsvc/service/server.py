@@ -226,8 +226,9 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         max_slot_spin = self.settings.shm_spin_us / 1e6
         min_slot_spin = min(2e-6, max_slot_spin)
         park_after = PARK_AFTER * max_slot_spin
-        spin_until = park_at = counted_from = 0.0
-        requests = 0  # slot requests served since counted_from
+        spin_until = park_at = 0.0
+        counted_from = time.perf_counter()
+        requests = 0  # slot requests served since counted_from (restarted by a sleep)
         polling = False  # within a polling window, which ``spent`` seconds of polling used
         spent = last_check = 0.0
         yield_charge = YIELD_CHARGE
@@ -292,6 +293,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         events = poll(0)
                         if not events and not batches:
                             events = self._sleep(poll)
+                            counted_from, requests = clock(), 0  # every slot was parked
                             # Woken up (by a doorbell, mostly): the next window is full
                             # width again.  Learning only from gaps seen while polling
                             # would trap a client whose think time exceeds a narrowed
