@@ -474,7 +474,7 @@ class Answerer(threading.Thread):
 
 
 def run_probes(backend: Any, steps: list[tuple[str, str, bool]]) -> list[tuple[Any, ...]]:
-    """Each step, whether its wait slept, and the slot's counters after it."""
+    """Each step, whether its wait slept, the slot's counters and its expectation after it."""
     fd = os.memfd_create("clientwire-probe", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, S.SLOT_BYTES)
@@ -507,7 +507,11 @@ def run_probes(backend: Any, steps: list[tuple[str, str, bool]]) -> list[tuple[A
             seq = slot.publish(P.frame(P.MsgType.PING))
             slot.wait(seq, sleep, not awake)
             answerer.armed = False
-            out.append((turn, outcome, awake, bool(slept), slot.probe_gap, slot.waits, slot.slept))
+            # the expectation after the wait: exact unless a probe caught its reply (then
+            # its polling time, under the bound)
+            caught = turn != "plain" and outcome == "catch" and awake and not slept
+            expect = slot.expect < slot.max_spin if caught else slot.expect
+            out.append((turn, outcome, awake, bool(slept), slot.probe_gap, slot.waits, slot.slept, expect))
     finally:
         answerer.stop = True
         answerer.join()
@@ -541,7 +545,7 @@ def test_probes_back_off_while_they_miss_and_reset_when_one_catches(backend_name
     steps = ([("probe", "miss", True)] * misses + [("plain", "miss", True), ("probe", "catch", False),
                                                    ("plain", "catch", True), ("probe", "catch", True),
                                                    ("gap0", "miss", True)])
-    got = [(slept, gap) for *_, slept, gap, _waits, _slept in run_probes(backend, steps)]
+    got = [(slept, gap) for *_, slept, gap, _waits, _slept, _expect in run_probes(backend, steps)]
     backed_off = [min(S.PROBE_EVERY << k, S.MAX_PROBE_GAP) for k in range(1, misses + 1)]
     assert backed_off[-1] == S.MAX_PROBE_GAP
     assert got[:misses] == [(True, gap) for gap in backed_off]
