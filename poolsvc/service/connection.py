@@ -64,7 +64,7 @@ class Connection:
                  "tokens", "inbuf", "out", "out_bytes", "fds", "registered", "alloc_fns",
                  "register_fns", "pool_bytes", "registered_bytes", "alloc_sizes", "requests", "accepted",
                  "reading", "writing", "goodbye", "handlers", "version",
-                 "slot", "words", "seq", "bell", "served_at", "batch", "counted", "pinned", "shm_requests")
+                 "slot", "words", "seq", "bell", "served_at", "polled_at", "batch", "counted", "pinned", "shm_requests")
 
     def __init__(self, sock: socket.socket, serial: int) -> None:
         self.sock = sock
@@ -114,6 +114,8 @@ class Connection:
         self.bell = -1
         #: When the loop last served (or unparked) the slot (perf_counter seconds).
         self.served_at = 0.0
+        #: When the slot last joined the polled ones (perf_counter seconds).
+        self.polled_at = 0.0
         #: A BATCH being served in slices (see ``Handlers._start_batch``), or None.
         self.batch: Any = None
         #: Counted in the server's census of READY connections per role.
@@ -157,22 +159,28 @@ class SlotSet:
     Invariants: ``polled <= members``; each member has a mapped slot
     (``conn.words`` is not None); ``words[W_DAEMON_SLEEPING] == 0`` only for a
     polled member (a parked one says 1).  The list-like methods (``append``,
-    ``remove``, ``in``) add and drop members; a new member is polled.
+    ``remove``, ``in``) add and drop members; a new member is polled while
+    fewer than ``cap`` are (0: always), else parked.
     """
 
-    __slots__ = ("members", "polled")
+    __slots__ = ("members", "polled", "cap")
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = 0) -> None:
         self.members: dict[Connection, None] = {}
         self.polled: dict[Connection, None] = {}
+        #: The most slots polled at once (``max_polled_slots``; 0: no bound).
+        self.cap = cap
 
     def append(self, conn: Connection) -> None:
-        """Serve ``conn``'s slot, polled at first."""
+        """Serve ``conn``'s slot: polled if there is room, else parked (its client rings)."""
         assert conn.words is not None
         self.members[conn] = None
-        self.polled[conn] = None
-        conn.served_at = time.perf_counter()
-        conn.words[S.W_DAEMON_SLEEPING] = 0
+        conn.served_at = conn.polled_at = time.perf_counter()
+        if self.cap and len(self.polled) >= self.cap:
+            conn.words[S.W_DAEMON_SLEEPING] = 1
+        else:
+            self.polled[conn] = None
+            conn.words[S.W_DAEMON_SLEEPING] = 0
 
     def remove(self, conn: Connection) -> None:
         """Stop serving ``conn``'s slot; ValueError if it was not served."""
@@ -252,6 +260,7 @@ class ServerParts:
         def _make_slot(self, conn: Connection, bell: bool) -> None: ...
         def _drop_slot(self, conn: Connection) -> None: ...
         def _unpark(self, conn: Connection) -> None: ...
+        def _admit(self, conn: Connection) -> None: ...
         def _close_shm(self, conn: Connection, shm: Any) -> bytes: ...
         def stats(self) -> dict[str, Any]: ...
 

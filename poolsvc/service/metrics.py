@@ -81,6 +81,7 @@ class Metrics:
         self.crashes = 0          # connections that ended without GOODBYE
         self.refused = 0          # over max_clients, or failed handshakes
         self.protocol_errors = 0  # clients dropped for malformed traffic
+        self.slot_turns = 0       # polled shm slots parked to give waiting ones their turn
 
     def ring(self, msg_type: int) -> LatencyRing | None:
         """The latency ring of a message type (created on first use); None for a
@@ -116,6 +117,7 @@ class Metrics:
             "crashes": self.crashes,
             "refused": self.refused,
             "protocol_errors": self.protocol_errors,
+            "slot_turns": self.slot_turns,
             "ops": {_type_name(t): n for t, n in sorted(self.ops.items())},
             "errors": {_error_name(c): n for c, n in sorted(self.errors.items())},
             "latency": {type_name(t): ring.summary() for t, ring in sorted(self.rings.items())},

@@ -51,7 +51,7 @@ def text(doc: dict[str, Any]) -> str:
     req = doc["requests"]
     lines += ["", f"requests: uptime {req['uptime_s']:.0f} s, {req['connections']} connections, "
                   f"{req['crashes']} ended without GOODBYE, {req['refused']} refused, "
-                  f"{req['protocol_errors']} protocol violations"]
+                  f"{req['protocol_errors']} protocol violations, {req['slot_turns']} slot turns ended"]
     lines.append(f"  {'type':14} {'count':>10} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'p99.9 us':>9} "
                  f"{'max us':>10}")
     for name, lat in req["latency"].items():
@@ -120,6 +120,8 @@ def prometheus(doc: dict[str, Any]) -> str:
            [({}, req["crashes"])])
     family("protocol_errors_total", "counter", "Clients disconnected for malformed traffic.",
            [({}, req["protocol_errors"])])
+    family("slot_turns_total", "counter", "Polled shm slots parked to give waiting ones their turn.",
+           [({}, req["slot_turns"])])
     samples = []
     for t, lat in req["latency"].items():
         for key, quantile in _QUANTILES:

@@ -221,12 +221,15 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         polled = slots.polled
         batches = self._batches
         run_slice = self._run_batch_slice
-        unpark = self._unpark
+        admit = self._admit
+        waiting = self._waiting
+        cap = slots.cap
+        take_turns = self._take_turns
         spin = self.settings.spin_us / 1e6
         max_slot_spin = self.settings.shm_spin_us / 1e6
         min_slot_spin = min(2e-6, max_slot_spin)
         park_after = PARK_AFTER * max_slot_spin
-        spin_until = park_at = 0.0
+        spin_until = park_at = turn_at = 0.0
         counted_from = time.perf_counter()
         requests = 0  # slot requests served since counted_from (restarted by a sleep)
         polling = False  # within a polling window, which ``spent`` seconds of polling used
@@ -243,9 +246,13 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                     for conn in tuple(batches):
                         run_slice(conn)
                         if conn.batch is None and conn.slot is not None:
-                            unpark(conn)  # its slot may hold a request that waited
+                            admit(conn)  # its slot may hold a request that waited
                 if slots:
                     served = 0
+                    if waiting:  # slots wait for a polled place: free ones, or those whose turn ended
+                        now = clock()
+                        if now >= turn_at or len(polled) < cap:
+                            turn_at = take_turns(now)
                     if polled:
                         # serve every ready slot, then wake the sleepers among them
                         now = clock()
@@ -291,6 +298,9 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                                 self._slot_spin = max(min_slot_spin, self._slot_spin / 2)
                             polling = False
                         events = poll(0)
+                        if not events and waiting:  # the polled slots are quiet: the waiting ones' turn
+                            turn_at = take_turns(clock(), everyone=True)
+                            continue
                         if not events and not batches:
                             events = self._sleep(poll)
                             counted_from, requests = clock(), 0  # every slot was parked
@@ -315,7 +325,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                     if data is _LISTEN:
                         self._accept()
                     elif type(data) is Bell:  # edge-triggered: nothing to read
-                        unpark(data.conn)  # a request in its parked slot
+                        admit(data.conn)  # a request in its parked slot
                     elif data is _WAKE:
                         try:
                             os.read(self._wake_r, 4096)
@@ -327,7 +337,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         if mask & _WRITABLE and data.state < CLOSED and data.out:
                             self._flush(data)
                             if data.slot is not None:
-                                unpark(data)  # its slot may hold a request that waited
+                                admit(data)  # its slot may hold a request that waited
                 self._expire_handshakes()
         finally:
             self._defer_writes = False

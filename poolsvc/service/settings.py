@@ -120,6 +120,12 @@ class ServiceSettings:
     #: after serving one before it sleeps in epoll (adaptive below that: it
     #: halves after a poll that found nothing and doubles after one that did).
     shm_spin_us: int = 100
+    #: Shm slots the loop polls at once; a ring beyond them waits its turn
+    #: (:mod:`.slotserve`, "Turns").  None: 4 per CPU the daemon may run on;
+    #: 0: every slot with a request is polled.
+    max_polled_slots: int | None = None
+    #: Microseconds a polled slot keeps its place while other slots wait for one.
+    slot_turn_us: int = 2000
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,6 +152,12 @@ class ServiceSettings:
         if self.max_bytes_per_client is not None:
             return self.max_bytes_per_client
         return max(4096, int(pool_bytes * self.client_share) // 4096 * 4096)
+
+    def polled_slots(self) -> int:
+        """The most shm slots the loop polls at once (0: no bound)."""
+        if self.max_polled_slots is not None:
+            return self.max_polled_slots
+        return 4 * len(os.sched_getaffinity(0))
 
     def validate(self) -> None:
         """Raise ConfigError for the first invalid field."""
@@ -189,12 +201,14 @@ class ServiceSettings:
             "latency_window": (16, 1 << 20),
             "spin_us": (0, 1_000_000),
             "shm_spin_us": (0, 1_000_000),
+            "max_polled_slots": (0, 1 << 20),
+            "slot_turn_us": (10, 10_000_000),
         }
         if not isinstance(self.shm_slots, bool):
             raise ConfigError(f"shm_slots: expected true or false, got {self.shm_slots!r}")
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
-            if value is None and name == "max_bytes_per_client":
+            if value is None and name in ("max_bytes_per_client", "max_polled_slots"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name}: expected an integer, got {value!r}")

@@ -39,6 +39,15 @@ its is being served in slices) is parked like an idle one and unparked when
 that ends.  A client that rings at will only puts its own slot into the
 polled set, from which it is parked again.
 
+Turns.  At most ``SlotSet.cap`` slots (``max_polled_slots``) are polled.
+A ring, or the end of what kept a slot from being served, while every place
+is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`).
+While slots wait, a slot polled for ``slot_turn_us`` is parked for the
+oldest waiting one (:meth:`SlotServing._take_turns`); a request found in it
+after the mark joins the queue (its client saw the slot polled: no ring
+comes).  Few clients then run many requests each with warm caches, instead
+of every client one request per CPU turn (docs/protocol.md, "Turns").
+
 The slot is a sealed memfd (:func:`~.provider.sealed_storage`): the client
 maps it read-write but cannot shrink it under the daemon's mapping.
 
@@ -51,6 +60,7 @@ import array
 import os
 import select
 import time
+from collections import OrderedDict
 from functools import partial
 from typing import Any, Callable
 
@@ -145,6 +155,7 @@ class SlotServing(ServerParts):
             conn.bell = -1
         if conn.slot is None:
             return
+        self._waiting.pop(conn, None)
         try:
             self._slots.remove(conn)
         except ValueError:
@@ -157,7 +168,7 @@ class SlotServing(ServerParts):
 
     def _init_slots(self) -> None:
         """The slot state of a new daemon: no slot served, no doorbell pending."""
-        self._slots = SlotSet()
+        self._slots = SlotSet(self.settings.polled_slots())
         #: Connections whose clients the loop rings once every ready slot is served.
         self._bells: list[Connection] = []
         #: The slot kernel, its doorbell and the loop's turn over the ready slots
@@ -166,6 +177,9 @@ class SlotServing(ServerParts):
         self._ring: Callable[[Any, Connection], None] = core.ring_doorbell
         self._serve_ready: Callable[[Any, dict[Connection, None], list[Connection], float], int] = \
             core.serve_ready
+        #: Parked slots waiting for a polled place (their clients rang), oldest first.
+        self._waiting: OrderedDict[Connection, None] = OrderedDict()
+        self._turn = self.settings.slot_turn_us / 1e6
 
     def _serve_slot(self, conn: Connection) -> bool:
         """Run the request in ``conn``'s slot if a new one is published; True if one was.
@@ -282,12 +296,53 @@ class SlotServing(ServerParts):
             self._park(idle)
 
     def _unpark(self, conn: Connection) -> None:
-        """Poll ``conn``'s slot again (after its doorbell, or when it can be served again)."""
+        """Poll ``conn``'s parked slot again now."""
         slots = self._slots
         if conn in slots.members and conn not in slots.polled:
             slots.polled[conn] = None
-            conn.served_at = time.perf_counter()
+            conn.served_at = conn.polled_at = time.perf_counter()
             conn.words[_W_DAEMON_SLEEPING] = 0  # type: ignore[index]
+
+    def _admit(self, conn: Connection) -> None:
+        """``conn``'s parked slot may hold a request (its client rang, or it can be
+        served again): poll it, or queue it while ``max_polled_slots`` are polled."""
+        slots = self._slots
+        if conn not in slots.members or conn in slots.polled:
+            return
+        if slots.cap and len(slots.polled) >= slots.cap:
+            self._waiting[conn] = None
+        else:
+            self._unpark(conn)
+
+    def _take_turns(self, now: float, everyone: bool = False) -> float:
+        """Park the slots polled for longer than a turn (every polled slot if
+        ``everyone``), as many as wait, and poll the waiting ones in their place,
+        oldest first.  When the next turn ends (perf_counter seconds)."""
+        polled, waiting = self._slots.polled, self._waiting
+        cap = self._slots.cap
+        ended = now - self._turn
+        out: list[Connection] = []
+        if waiting:
+            for conn in polled:
+                if len(out) >= len(waiting) or (conn.polled_at > ended and not everyone):
+                    break
+                out.append(conn)
+        if out:
+            for conn in out:
+                del polled[conn]
+                conn.words[_W_DAEMON_SLEEPING] = 1  # type: ignore[index]
+            _fence_acquire()  # fence(), inlined
+            _fence_release()
+            for conn in out:  # published before the mark: its client does not ring
+                if self._servable(conn):
+                    waiting[conn] = None
+            self.metrics.slot_turns += len(out)
+        unpark = self._unpark
+        while waiting and (not cap or len(polled) < cap):
+            unpark(waiting.popitem(last=False)[0])
+        for conn in polled:
+            return conn.polled_at + self._turn
+        return now + self._turn
 
     def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
         """Park every polled slot and block in epoll; None if a slot request came in

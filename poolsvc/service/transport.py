@@ -162,7 +162,7 @@ class ConnectionIO(ServerParts):
             start = pos + _HEADER_SIZE
             pos = start + length
             if msg_type == _DOORBELL and slot:
-                self._unpark(conn)  # a request in its parked slot: the loop polls it next
+                self._admit(conn)  # a request in its parked slot: the loop polls it next
                 continue
             if msg_type == _BATCH and self._start_batch(conn, buf[start:pos]):
                 break

@@ -1,0 +1,207 @@
+"""Turns: the daemon polls at most ``max_polled_slots`` shm slots at once.
+
+A slot whose client rings while that many are polled waits (``_waiting``)
+until a polled one is parked: it went idle, or its turn (``slot_turn_us``)
+ended while others waited (``poolsvc/service/slotserve.py``, "Turns").
+Covered: the bound holds from the first connection on, waiting clients are
+served while the polled ones never pause, requests published around the end
+of a turn are never lost, a disconnected waiter leaves no trace, and a
+client ringing in a flood only queues its own slot once.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from poolsvc.errors import ConfigError
+from poolsvc.service import protocol as P
+from poolsvc.service.client import connect
+from poolsvc.service.settings import ServiceSettings
+
+from svcutil import RawClient, checked_daemon, idle, summary
+from waiting import wait_until
+
+
+def test_the_default_bound_is_four_slots_per_cpu_and_zero_lifts_it():
+    import os
+
+    assert ServiceSettings().polled_slots() == 4 * len(os.sched_getaffinity(0))
+    assert ServiceSettings(max_polled_slots=3).polled_slots() == 3
+    assert ServiceSettings(max_polled_slots=0).polled_slots() == 0
+    with pytest.raises(ConfigError, match="max_polled_slots"):
+        ServiceSettings(max_polled_slots=-1)
+    with pytest.raises(ConfigError, match="slot_turn_us"):
+        ServiceSettings(slot_turn_us=5)
+
+
+def test_slots_beyond_the_bound_start_parked_and_ring_to_be_served(tmp_path):
+    # After the first request the daemon polls for a 1 s window: no slot is parked
+    # for idleness, nor by the daemon going to sleep, while the others connect.
+    with checked_daemon(tmp_path / "a.sock", max_polled_slots=2, shm_spin_us=1_000_000) as d:
+        wait_until(lambda: not d.server._slots, what="the baseline's monitor connection gone")
+        clients = [connect(d.path, name="c0", transport="shm")]
+        try:
+            contexts = [clients[0].open_context()]
+            contexts[0].alloc_user_buf(4096).close()
+            contexts[0].flush()
+            for i in range(1, 4):
+                clients.append(connect(d.path, name=f"c{i}", transport="shm"))
+                contexts.append(clients[i].open_context())
+            slots = [ctx._channel.slot for ctx in contexts]
+            # (each connect() also holds a MONITOR connection with a slot until its
+            # context is open: which of them took the second place varies)
+            assert len(d.server._slots.polled) <= 2
+            assert sum(not slot.daemon_sleeping() for slot in slots) <= 2
+            for ctx in contexts:  # every one is served, the parked ones by their rings
+                assert ctx.alloc_user_buf(4096).size == 4096
+                ctx.flush()
+            assert len(d.server._slots.polled) <= 2
+        finally:
+            for c in clients:
+                c.close()
+        d.wait_for(idle(d.baseline))
+
+
+def _run_pairs(ctx, count: int, done: list[int], index: int, stop: threading.Event) -> None:
+    for _ in range(count):
+        if stop.is_set():
+            return
+        ctx.alloc_user_buf(4096).close()
+        done[index] += 1
+    ctx.flush()
+
+
+def test_waiting_clients_are_served_while_the_polled_ones_never_pause(tmp_path):
+    """Two clients allocate without pause and hold the two polled places; their slots
+    are never idle (a 0.2 s window) and the daemon never sleeps.  Three more clients
+    finish their pairs only because turns end and hand the places over."""
+    with checked_daemon(tmp_path / "b.sock", max_polled_slots=2, shm_spin_us=200_000,
+                        slot_turn_us=2000) as d:
+        base = summary(d.stats())
+        clients = [connect(d.path, name=f"c{i}", transport="shm", timeout=60) for i in range(5)]
+        stop = threading.Event()
+        done = [0] * 5
+        threads: list[threading.Thread] = []
+        try:
+            contexts = [c.open_context() for c in clients]
+            greedy = [threading.Thread(target=_run_pairs, args=(contexts[i], 10**9, done, i, stop))
+                      for i in (0, 1)]
+            for t in greedy:
+                t.start()
+            wait_until(lambda: min(done[:2]) > 50, what="the polled clients running")
+            threads = [threading.Thread(target=_run_pairs, args=(contexts[i], 100, done, i, stop))
+                       for i in (2, 3, 4)]
+            for t in threads:
+                t.start()
+            most = 0
+            deadline = time.monotonic() + 60
+            while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+                most = max(most, len(d.server._slots.polled))
+                threads[0].join(0.001)
+            assert done[2:] == [100, 100, 100], done
+            assert most == 2  # the bound held, and was reached
+            assert all(t.is_alive() for t in greedy)  # the others were served while these ran
+            assert d.server.metrics.slot_turns > 0
+        finally:
+            stop.set()
+            for t in threads + locals().get("greedy", []):
+                t.join()
+            for c in clients:
+                c.close()
+        d.wait_for(idle(base))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_requests_published_around_the_end_of_a_turn_are_never_lost(tmp_path, seed):
+    """One polled place, three clients and 10 us turns: every request is published
+    close to some turn's end, on either side of the parking mark.  A request the
+    daemon missed would leave its client asleep until its timeout."""
+    rng = random.Random(seed)
+    with checked_daemon(tmp_path / "c.sock", max_polled_slots=1, slot_turn_us=10) as d:
+        base = summary(d.stats())
+        clients = [connect(d.path, name=f"c{i}", transport="shm", timeout=30,
+                           shm_spin_us=rng.choice([0, 50])) for i in range(3)]
+        errors: list[BaseException] = []
+
+        def run(client, pauses) -> None:
+            try:
+                ctx = client.open_context()
+                for i, pause in enumerate(pauses):
+                    end = time.perf_counter() + pause
+                    while time.perf_counter() < end:
+                        pass
+                    if i % 2:
+                        assert client.ping(b"%d" % i) == b"%d" % i
+                    else:
+                        ctx.alloc_user_buf(4096).close()
+                ctx.flush()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(c, [rng.random() * 1e-4 for _ in range(300)]))
+                   for c in clients]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            assert not errors, errors
+            assert d.server.metrics.slot_turns > 0
+        finally:
+            for c in clients:
+                c.close()
+        d.wait_for(idle(base))
+
+
+def test_a_waiting_client_that_disconnects_leaves_no_trace(tmp_path):
+    with checked_daemon(tmp_path / "d.sock", max_polled_slots=1, shm_spin_us=200_000,
+                        slot_turn_us=10_000_000) as d:
+        busy = connect(d.path, name="busy", transport="shm")
+        stop = threading.Event()
+        done = [0]
+        try:
+            ctx = busy.open_context()
+            runner = threading.Thread(target=_run_pairs, args=(ctx, 10**9, done, 0, stop))
+            runner.start()
+            wait_until(lambda: done[0] > 10, what="the polled client running")
+            raw = RawClient(d.path, P.Role.CONTEXT, features=P.Feature.SHM_SLOT)
+            conn = max(d.server._slots.members, key=lambda c: c.serial)
+            raw.send(P.DOORBELL_FRAME)
+            wait_until(lambda: conn in d.server._waiting, what="the rung slot waiting for a place")
+            raw.close()
+            wait_until(lambda: conn not in d.server._slots, what="the closed connection's slot dropped")
+            assert conn not in d.server._waiting  # dropped with the slot, not at its turn
+        finally:
+            stop.set()
+            if "runner" in locals():
+                runner.join()
+            busy.close()
+        d.wait_for(idle(d.baseline))
+
+
+def test_a_doorbell_flood_queues_the_slot_once_and_others_are_served(tmp_path):
+    with checked_daemon(tmp_path / "e.sock", max_polled_slots=1, shm_spin_us=200_000,
+                        slot_turn_us=1000) as d:
+        base = summary(d.stats())
+        first = connect(d.path, name="first", transport="shm")
+        raw = RawClient(d.path, P.Role.CONTEXT, features=P.Feature.SHM_SLOT)
+        second = connect(d.path, name="second", transport="shm", timeout=30)
+        try:
+            first.open_context()  # holds the one polled place, idle
+            ctx = second.open_context()
+            flood = P.DOORBELL_FRAME * 512
+            for _ in range(20):
+                raw.send(flood)
+                assert len(d.server._waiting) <= 2
+            for _ in range(50):  # served in turns with the ringing slot
+                ctx.alloc_user_buf(4096).close()
+            ctx.flush()
+            assert len(d.server._waiting) <= 2
+        finally:
+            raw.close()
+            first.close()
+            second.close()
+        d.wait_for(idle(base))
