@@ -507,7 +507,8 @@ def run_load() -> list[str]:
             "digits.", ""] + out + [""] + latency
 
 
-SCALE_ARGS = ["--counts", "1,8,64,256,1024", "--rounds", "3", "--seconds", "5", "--time-limit", "2400"]
+SCALE_ARGS = ["--counts", "1,8,64,256,1024", "--transports", "socket,shm,shm-freeforall", "--rounds", "3",
+              "--seconds", "5", "--time-limit", "2400"]
 #: The goals the scale family is judged against (issue "Hundreds of clients without collapse"):
 #: alloc + close throughput at these counts against the reference count's, and the daemon's
 #: memory per idle connected client from this count on (fewer clients leave it to noise).
@@ -535,17 +536,22 @@ def scale_body(doc: dict[str, Any], folder: str) -> list[str]:
     out = [f"Pairs: {pairs}. {doc['seconds']:g} s per workload, {doc['rounds']} round(s), {doc['cpus']} CPUs; "
            f"load average {' '.join(map(str, load[0]))} at the start, {' '.join(map(str, load[1]))} at the "
            f"end. 'of {ref}': pairs/s as a fraction of the same workload's {ref}-process figure of the same "
-           "transport and round (median over rounds). p50 / p99: one pair, over every pair of every "
-           "process. Server: the daemon (`raw`: the echo server), its CPU time and context switches over "
-           "the window per pair. Client: CPU time, sleeps (voluntary context switches) and preemptions "
+           "transport and round (median over rounds). p50 / p99 / p99.9 / max: one pair, over every pair "
+           "of every process. `shm-freeforall`: shm with `max_polled_slots = 0`, every slot polled, so "
+           "that the kernel's scheduler alone picks which client runs (`shm` takes turns, "
+           "`docs/protocol.md`, \"Turns\"). Server: the daemon (`raw`: the echo server), its CPU time and "
+           "context switches over the window per pair. Client: CPU time, sleeps (voluntary context switches) "
+           "and preemptions "
            "(involuntary ones) per pair, over all processes (`docs/load.md`, \"Scaling\").", "",
            f"![pairs/s, ratios and latency against client processes]({folder}/scale.png)", "",
-           f"| transport | clients | workload | pairs/s | of {ref} | p50 µs | p99 µs | server CPU µs / pair | "
-           "server switches / pair | client CPU µs / pair | client sleeps / pair | client preemptions / "
-           "pair | errors |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           f"| transport | clients | workload | pairs/s | of {ref} | p50 µs | p99 µs | p99.9 µs | max µs | "
+           "server CPU µs / pair | server switches / pair | client CPU µs / pair | client sleeps / pair | "
+           "client preemptions / pair | errors |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["rows"]:
         out.append(f"| {r['transport']} | {r['clients']:,} | {r['workload']} | {_fmt(r['pairs_per_s'], ',.0f')} | "
                    f"{_ratio(r['of_reference'])} | {_fmt(r['p50_us'])} | {_fmt(r['p99_us'])} | "
+                   f"{_fmt(r.get('p999_us'))} | {_fmt(r.get('max_us'))} | "
                    f"{_fmt(r['server_us_per_pair'])} | {_fmt(r['server_switches_per_pair'], '.2f')} | "
                    f"{_fmt(r['client_us_per_pair'])} | {_fmt(r['client_sleeps_per_pair'], '.2f')} | "
                    f"{_fmt(r['client_preemptions_per_pair'], '.2f')} | {r['errors']} |")
@@ -570,7 +576,8 @@ def scale_body(doc: dict[str, Any], folder: str) -> list[str]:
             if (transport, count, workloads[0]) not in ratios:
                 continue
             alloc = ratios.get((transport, count, "alloc"))
-            met = "-" if count not in SCALE_RATIO_COUNTS or alloc is None else (
+            met = "-" if count not in SCALE_RATIO_COUNTS or alloc is None or transport not in (
+                "socket", "shm") else (
                 "yes" if alloc >= SCALE_RATIO_GOAL else "**no**")
             cells = " | ".join(_ratio(ratios.get((transport, count, w))) for w in workloads)
             if ceiling:
@@ -613,7 +620,7 @@ def scale_plot(doc: dict[str, Any], path: Path) -> None:
 
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 10), sharex=True)
     styles = {"alloc": "-", "ping": "--", "raw": ":"}
-    for transport, color in zip(doc["transports"], ("tab:blue", "tab:orange")):
+    for transport, color in zip(doc["transports"], ("tab:blue", "tab:orange", "tab:green")):
         for workload in doc["workloads"]:
             rows = [r for r in doc["rows"] if r["transport"] == transport and r["workload"] == workload
                     and r["pairs_per_s"]]

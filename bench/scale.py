@@ -10,9 +10,11 @@ Usage (from the repository root)::
 
 ``bench/results.py --family scale`` runs it and renders ``bench/results/scale.md`` and its plot.
 
-A cell is one transport and one client count N: a fresh ``poolsvc serve`` daemon of the
-measured tree, a fresh plain-Python echo server (:func:`_echo_server`: one process, one
-epoll loop, no poolsvc), and N forked client processes.  The processes are forked first
+A cell is one transport (``TRANSPORTS``: socket, shm, and shm-freeforall, shm with
+``max_polled_slots = 0`` so that the turns the daemon gives slots are off) and one
+client count N: a fresh ``poolsvc serve`` daemon of the measured tree, a fresh
+plain-Python echo server (:func:`_echo_server`: one process, one epoll loop, no
+poolsvc), and N forked client processes.  The processes are forked first
 and wait; then all connect at once (one connection to the daemon with a Context and one
 4 KiB alloc + close, and one to the echo server), which the cell times as its start-up.
 Then the workloads run one after the other (``WORKLOADS``; their order alternates round
@@ -26,7 +28,7 @@ times it, in the same loop shape:
   machine's floor for a Python request/reply between processes that sleep and wake.
 
 Figures per workload: pairs of all processes per second (pairs started in the window),
-the p50 and p99 of one pair over all processes, the server's (daemon's or echo
+the p50, p99, p99.9 and maximum of one pair over all processes, the server's (daemon's or echo
 server's) CPU time and context switches per pair, the clients' CPU time, voluntary
 context switches (sleeps) and involuntary ones (preemptions) per pair (``getrusage``),
 and the throughput as a fraction of the same workload's 8-process figure of the same
@@ -36,7 +38,7 @@ service loses more than the machine does as processes are added.  Figures per ce
 start-up time, the daemon's ``VmRSS`` growth per connected client (each idle after one
 alloc + close), its descriptors and descriptor limit, and the machine's memory per
 client process (``MemAvailable`` before the fork and once all are connected).  With
-``--rounds`` > 1 every cell runs once per round (each count both transports,
+``--rounds`` > 1 every cell runs once per round (each count every transport,
 alternated) and each figure is the median over rounds.
 
 Time bounds: connecting is bounded by ``--start-timeout``, each workload by its window
@@ -80,6 +82,11 @@ WORKLOADS = ("alloc", "ping", "raw")
 PAIRS = {"alloc": f"alloc_user_buf({PAIR_SIZE}) + close", "ping": "PING (empty request) through the daemon",
          "raw": "16-byte send + echo over a Unix socket with a plain Python echo server"}
 RAW_MESSAGE = b"0123456789abcdef"
+#: The transports a study may run: the client's transport and the daemon's extra
+#: ``[service]`` settings.  ``shm-freeforall`` is shm with every slot polled
+#: (``max_polled_slots = 0``): the kernel's scheduler alone picks who runs (no turns).
+TRANSPORTS = {"socket": ("socket", []), "shm": ("shm", []),
+              "shm-freeforall": ("shm", ["max_polled_slots = 0"])}
 #: Seconds a workload may run past its window before its cell is ended.
 PHASE_GRACE = 60.0
 #: Seconds allowed by default for a daemon to come up and for every client to connect.
@@ -162,13 +169,14 @@ def _kill(pids: list[int]) -> None:
 class Daemon:
     """``poolsvc serve`` of ``tree`` on a socket in ``workdir``, sized for ``clients``."""
 
-    def __init__(self, tree: Path, workdir: str, clients: int, timeout: float) -> None:
+    def __init__(self, tree: Path, workdir: str, clients: int, timeout: float,
+                 settings: list[str] | None = None) -> None:
         self.path = os.path.join(workdir, f"scale-{os.getpid()}.sock")
         config = os.path.join(workdir, "scale.toml")
         room = max(256, clients + 16)  # every client process: one context, and a monitor while it connects
         with open(config, "w") as fh:
             fh.write("\n".join(["[service]", f"max_clients = {room}", f"max_monitors = {room}",
-                                *SERVICE_SETTINGS]) + "\n")
+                                *SERVICE_SETTINGS, *(settings or [])]) + "\n")
         env = dict(os.environ, PYTHONPATH=str(tree))
         nice = DAEMON_NICE
         self.proc = subprocess.Popen([sys.executable, "-m", "poolsvc", "serve", "--socket", self.path,
@@ -419,6 +427,8 @@ def _workload_figures(workload: str, results: list[dict[str, Any]], latencies: l
     per = 1 / pairs if pairs else 0.0
     return {"workload": workload, "pairs": pairs, "pairs_per_s": round(pairs / seconds),
             "p50_us": round(_quantile(ordered, 0.5) * 1e6, 1), "p99_us": round(_quantile(ordered, 0.99) * 1e6, 1),
+            "p999_us": round(_quantile(ordered, 0.999) * 1e6, 1),
+            "max_us": round(ordered[-1] * 1e6, 1) if ordered else None,
             "server_cpu_s": round(server_cpu, 2),
             "server_us_per_pair": round(server_cpu * per * 1e6, 1) if pairs else None,
             "server_switches_per_pair": round(server_switches * per, 3) if pairs else None,
@@ -434,7 +444,8 @@ def cell(tree: Path, transport: str, count: int, workloads: list[str], seconds: 
     """One cell: ``count`` processes, a fresh daemon and echo server, every workload (module doc)."""
     out: dict[str, Any] = {"transport": transport, "clients": count, "workloads": {}, "errors": []}
     with tempfile.TemporaryDirectory(prefix="poolsvc-scale-") as workdir:
-        daemon = Daemon(tree, workdir, count, start_timeout)
+        wire, settings = TRANSPORTS[transport]
+        daemon = Daemon(tree, workdir, count, start_timeout, settings)
         echo_pid, echo_path = _start_echo_server(workdir)
         gates = Gates(len(workloads))
         outs = [os.path.join(workdir, f"client-{i}.bin") for i in range(count)]
@@ -449,7 +460,7 @@ def cell(tree: Path, transport: str, count: int, workloads: list[str], seconds: 
                 if pid == 0:  # the child
                     code = 0
                     try:
-                        _client(i, daemon.path, echo_path, transport, workloads, gates, outs[i])
+                        _client(i, daemon.path, echo_path, wire, workloads, gates, outs[i])
                     except BaseException:
                         code = 1
                     os._exit(code)
@@ -515,7 +526,8 @@ def _progress(text: str) -> None:
 
 
 #: Per-workload figures summarised as medians over rounds.
-MEDIANS = ("pairs_per_s", "of_reference", "p50_us", "p99_us", "server_us_per_pair", "server_switches_per_pair",
+MEDIANS = ("pairs_per_s", "of_reference", "p50_us", "p99_us", "p999_us", "max_us", "server_us_per_pair",
+           "server_switches_per_pair",
            "client_us_per_pair", "client_sleeps_per_pair", "client_preemptions_per_pair", "client_faults_per_pair")
 #: Per-cell figures summarised as medians over rounds.
 CELL_MEDIANS = ("fork_s", "start_s", "daemon_kib_per_client", "machine_kib_per_client", "daemon_fds")
@@ -535,11 +547,11 @@ def study(tree: Path, counts: list[int], transports: list[str], workloads: list[
                 if time.time() - started > time_limit:
                     skipped.append({"round": r, "transport": transport, "clients": count})
                     continue
-                _progress(f"round {r} {transport:6} {count:5} clients: starting")
+                _progress(f"round {r} {transport:14} {count:5} clients: starting")
                 got = cell(tree, transport, count, order, seconds, start_timeout)
                 got["round"] = r
                 cells.append(got)
-                line = [f"round {r} {transport:6} {count:5} clients: start {got.get('start_s', '-')} s"]
+                line = [f"round {r} {transport:14} {count:5} clients: start {got.get('start_s', '-')} s"]
                 for workload in workloads:
                     w = got["workloads"].get(workload)
                     if w is not None:
@@ -598,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", type=parse_counts, default=[1, 8, 64, 256, 1024],
                         help="client process counts (default 1,8,64,256,1024)")
     parser.add_argument("--transports", default="socket,shm",
-                        help="comma-separated transports (default socket,shm)")
+                        help="comma-separated transports (default socket,shm; shm-freeforall: shm "
+                             "with max_polled_slots = 0, every slot polled, no turns)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help=f"comma-separated workloads (default {','.join(WORKLOADS)})")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per workload (default 5)")
@@ -617,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the daemon at this niceness (default: this process's)")
     parser.add_argument("--json", type=Path, help="write the document here (default stdout)")
     args = parser.parse_args(argv)
-    transports = _choices(args.transports, ("socket", "shm"), "transports")
+    transports = _choices(args.transports, tuple(TRANSPORTS), "transports")
     workloads = _choices(args.workloads, WORKLOADS, "workloads")
     global CLIENT_SPIN_US, START_TIMEOUT, DAEMON_NICE
     CLIENT_SPIN_US = args.client_spin_us

@@ -19,6 +19,7 @@ _SPEC.loader.exec_module(results)
 def _row(transport: str, clients: int, workload: str, pairs: int | None, ratio: float | None) -> dict:
     return {"transport": transport, "clients": clients, "workload": workload, "runs": 3, "pairs_per_s": pairs,
             "of_reference": ratio, "p50_us": 100.0 * clients, "p99_us": 300.0 * clients,
+            "p999_us": 500.0 * clients, "max_us": 900.0 * clients,
             "server_us_per_pair": 12.5, "server_switches_per_pair": 1.0, "client_us_per_pair": 20.0,
             "client_sleeps_per_pair": 0.5, "client_preemptions_per_pair": 0.25, "errors": 0}
 
@@ -32,12 +33,14 @@ def _cell_row(transport: str, clients: int, kib: float) -> dict:
 def _doc() -> dict:
     rows = []
     for transport, ratios in (("socket", {1: 0.5, 8: 1.0, 64: 0.75, 256: 0.3}),
-                              ("shm", {1: 0.6, 8: 1.0, 64: 0.8, 256: None})):
+                              ("shm", {1: 0.6, 8: 1.0, 64: 0.8, 256: None}),
+                              ("shm-freeforall", {8: 1.0, 64: 0.5})):
         for clients, ratio in ratios.items():
             rows.append(_row(transport, clients, "alloc", None if ratio is None else int(20_000 * ratio), ratio))
             rows.append(_row(transport, clients, "ping", 30_000, 0.9 if clients != 8 else 1.0))
             rows.append(_row(transport, clients, "raw", 80_000, 0.85 if clients != 8 else 1.0))
-    return {"format": "poolsvc-bench-scale/2", "counts": [1, 8, 64, 256], "transports": ["socket", "shm"],
+    return {"format": "poolsvc-bench-scale/2", "counts": [1, 8, 64, 256],
+            "transports": ["socket", "shm", "shm-freeforall"],
             "workloads": ["alloc", "ping", "raw"],
             "pairs": {"alloc": "alloc_user_buf(4096) + close", "ping": "PING", "raw": "echo"},
             "seconds": 5.0, "rounds": 3, "reference_clients": 8, "cpus": 2,
@@ -50,12 +53,14 @@ def _doc() -> dict:
 def test_scale_body_tables_and_goals():
     text = "\n".join(results.scale_body(_doc(), "scale"))
     assert "![pairs/s, ratios and latency against client processes](scale/scale.png)" in text
-    assert "| socket | 64 | alloc | 15,000 | 75% | 6,400.0 | 19,200.0 | 12.5 | 1.00 | 20.0 | 0.50 | 0.25 | 0 |" in text
+    assert ("| socket | 64 | alloc | 15,000 | 75% | 6,400.0 | 19,200.0 | 32,000.0 | 57,600.0 | 12.5 | 1.00 | 20.0 "
+            "| 0.50 | 0.25 | 0 |") in text
     assert "| shm | 256 | alloc | - | - |" in text       # a cell without figures
     assert "| socket | 64 | 75% | 90% | 85% | 400% | yes |" in text  # raw 80,000 here / alloc 20,000 at 8
     assert "| socket | 256 | 30% | 90% | 85% | 400% | **no** |" in text
     assert "| shm | 256 | - | 90% | 85% | 400% | - |" in text  # a cell without a ratio is not judged
     assert "| socket | 1 | 50% | 90% | 85% | 400% | - |" in text  # nor a count without a goal
+    assert "| shm-freeforall | 64 | 50% | 90% | 85% | 400% | - |" in text  # nor a comparison transport
     assert "| shm | 256 | 0.50 | 2.00 | 156.2 | yes | 4,096 | 768 (20,000) | 0 |" in text
     assert "| socket | 256 | 0.50 | 2.00 | 300.0 | **no** |" in text
     assert "| socket | 64 | 0.50 | 2.00 | 300.0 | - |" in text  # memory judged from 256 on

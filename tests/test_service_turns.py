@@ -10,25 +10,34 @@ client ringing in a flood only queues its own slot once.
 """
 from __future__ import annotations
 
+import array
 import random
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from poolsvc.errors import ConfigError
 from poolsvc.service import protocol as P
+from poolsvc.service import slot as S
 from poolsvc.service.client import connect
+from poolsvc.service.connection import READY, Connection
+from poolsvc.service.metrics import Metrics
 from poolsvc.service.settings import ServiceSettings
+from poolsvc.service.slotserve import SlotServing
 
 from svcutil import RawClient, checked_daemon, idle, summary
 from waiting import wait_until
 
 
-def test_the_default_bound_is_four_slots_per_cpu_and_zero_lifts_it():
+def test_the_default_bound_is_two_slots_per_cpu_and_zero_lifts_it():
     import os
 
-    assert ServiceSettings().polled_slots() == 4 * len(os.sched_getaffinity(0))
+    assert ServiceSettings().polled_slots() == 2 * len(os.sched_getaffinity(0))
     assert ServiceSettings(max_polled_slots=3).polled_slots() == 3
     assert ServiceSettings(max_polled_slots=0).polled_slots() == 0
     with pytest.raises(ConfigError, match="max_polled_slots"):
@@ -205,3 +214,76 @@ def test_a_doorbell_flood_queues_the_slot_once_and_others_are_served(tmp_path):
             first.close()
             second.close()
         d.wait_for(idle(base))
+
+
+def test_a_client_that_always_has_a_request_pending_still_takes_turns(tmp_path):
+    """A client in a process of its own publishes its next request as soon as its
+    reply is out, so the end of its turn finds a request in its slot: it keeps its
+    place once, then, a whole turn late, waits in the queue.  Another client
+    sharing the one polled place is served meanwhile, and no request of the
+    spinner is lost (it stops only once its last request is answered)."""
+    with checked_daemon(tmp_path / "f.sock", max_polled_slots=1, slot_turn_us=200) as d:
+        base = summary(d.stats())
+        spinner = subprocess.Popen([sys.executable, str(Path(__file__).with_name("slotspinner.py")), d.path],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert spinner.stdout.readline().strip() == "ready"
+            with connect(d.path, name="other", transport="shm", timeout=30) as other:
+                ctx = other.open_context()
+                for _ in range(50):
+                    ctx.alloc_user_buf(4096).close()
+                ctx.flush()
+            assert spinner.poll() is None  # served while the spinner kept publishing
+            spinner.stdin.write("stop\n")
+            spinner.stdin.flush()
+            assert spinner.wait(timeout=60) == 0, "the spinner's last request was never answered"
+            assert int(spinner.stdout.readline()) > 100
+        finally:
+            if spinner.poll() is None:
+                spinner.kill()
+                spinner.wait()
+        d.wait_for(idle(base))
+
+
+class _Turns(SlotServing):
+    """The turn-taking part of the daemon alone, on slots without clients."""
+
+    def __init__(self, cap: int, turn_us: int) -> None:
+        self.settings = ServiceSettings(max_polled_slots=cap, slot_turn_us=turn_us)
+        self.metrics = Metrics()
+        self._max_output = 1 << 20
+        self._init_slots()
+
+    def slot(self, pending: bool) -> Connection:
+        conn = Connection(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), 0)
+        conn.sock.close()
+        conn.state, conn.seq = READY, 5
+        conn.words = array.array("Q", bytes(8 * S.SLOT_WORDS))
+        conn.words[S.W_REQ_SEQ] = 6 if pending else 5
+        self._slots.append(conn)
+        return conn
+
+
+@pytest.mark.parametrize("pending, late, outcome", [
+    (False, 1.1, "parked"),   # no request: parked, its client's next one rings
+    (True, 1.1, "kept"),      # a request after the mark: keeps its place for a later try
+    (True, 2.1, "queued"),    # still so a whole turn late: waits behind the others
+])
+def test_a_turn_ends_by_parking_keeping_or_queueing_the_slot(pending, late, outcome):
+    turns = _Turns(cap=1, turn_us=1000)
+    first = turns.slot(pending)
+    second = turns.slot(False)
+    assert list(turns._slots.polled) == [first] and second.words[S.W_DAEMON_SLEEPING] == 1
+    turns._admit(second)  # its client rang
+    assert list(turns._waiting) == [second]
+    assert turns._take_turns(first.polled_at + 0.5e-3) == first.polled_at + 1e-3  # not yet
+    assert list(turns._slots.polled) == [first]
+    turns._take_turns(first.polled_at + late * 1e-3)
+    polled, waiting = list(turns._slots.polled), list(turns._waiting)
+    if outcome == "kept":
+        assert polled == [first] and waiting == [second] and first.words[S.W_DAEMON_SLEEPING] == 0
+    else:
+        assert polled == [second] and second.words[S.W_DAEMON_SLEEPING] == 0
+        assert first.words[S.W_DAEMON_SLEEPING] == 1
+        assert waiting == ([first] if outcome == "queued" else [])
+        assert turns.metrics.slot_turns == 1

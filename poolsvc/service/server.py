@@ -249,16 +249,16 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                             admit(conn)  # its slot may hold a request that waited
                 if slots:
                     served = 0
-                    if waiting:  # slots wait for a polled place: free ones, or those whose turn ended
-                        now = clock()
-                        if now >= turn_at or len(polled) < cap:
-                            turn_at = take_turns(now)
+                    if waiting and len(polled) < cap:  # free places go to waiting slots
+                        turn_at = take_turns(clock())
                     if polled:
                         # serve every ready slot, then wake the sleepers among them
                         now = clock()
                         self._defer_writes = True
                         served = serve_ready(self, polled, self._bells, now)
                         self._defer_writes = False
+                        if waiting and now >= turn_at:  # turns end just after serving (_take_turns)
+                            turn_at = take_turns(now)
                         if served or self._bells or self._unwritten:
                             write_turn()
                         requests += served

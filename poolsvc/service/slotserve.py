@@ -43,9 +43,11 @@ Turns.  At most ``SlotSet.cap`` slots (``max_polled_slots``) are polled.
 A ring, or the end of what kept a slot from being served, while every place
 is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`).
 While slots wait, a slot polled for ``slot_turn_us`` is parked for the
-oldest waiting one (:meth:`SlotServing._take_turns`); a request found in it
-after the mark joins the queue (its client saw the slot polled: no ring
-comes).  Few clients then run many requests each with warm caches, instead
+oldest waiting one (:meth:`SlotServing._take_turns`, right after a
+serving turn, so that the slot holds no request and its client's next one
+rings); a slot found with a request after the mark keeps its place for a
+later try, or, a whole turn late, joins the queue (its client saw the slot
+polled: no ring comes).  Few clients then run many requests each with warm caches, instead
 of every client one request per CPU turn (docs/protocol.md, "Turns").
 
 The slot is a sealed memfd (:func:`~.provider.sealed_storage`): the client
@@ -62,6 +64,7 @@ import select
 import time
 from collections import OrderedDict
 from functools import partial
+from operator import attrgetter
 from typing import Any, Callable
 
 from .._backend import core
@@ -83,6 +86,7 @@ _W_REQ_SEQ, _W_CLIENT_SLEEPING = S.W_REQ_SEQ, S.W_CLIENT_SLEEPING
 _W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = S.W_REP_SEQ, S.W_REP_LEN, S.W_DAEMON_SLEEPING
 _REP_OFF, _REP_CAP = S.SLOT_REP_OFF, S.SLOT_REP_CAP
 _fence_acquire, _fence_release = S.fence_lock.acquire, S.fence_lock.release
+_polled_at = attrgetter("polled_at")
 #: Polling windows (``shm_spin_us``) without a request after which a slot is parked,
 #: and as many mean gaps between one polled slot's requests (:func:`quiet_after`).
 PARK_AFTER = 4
@@ -315,34 +319,44 @@ class SlotServing(ServerParts):
             self._unpark(conn)
 
     def _take_turns(self, now: float, everyone: bool = False) -> float:
-        """Park the slots polled for longer than a turn (every polled slot if
-        ``everyone``), as many as wait, and poll the waiting ones in their place,
-        oldest first.  When the next turn ends (perf_counter seconds)."""
+        """Give the places of the slots whose turn has ended (every polled slot if
+        ``everyone``), oldest first and as many as wait, to the waiting slots,
+        oldest first; fill free places too.  When the next turn ends
+        (perf_counter seconds).
+
+        The loop calls it right after serving, when a slot just answered holds
+        no request: its client's next one sees the mark and rings, and its
+        client sleeps at once instead of polling a parked slot.  A slot found
+        with a request after the mark keeps its place until a later call, unless
+        its turn ended a whole turn ago: then it waits like a rung slot (its
+        client polls in vain, then sleeps until the reply's DOORBELL)."""
         polled, waiting = self._slots.polled, self._waiting
         cap = self._slots.cap
-        ended = now - self._turn
-        out: list[Connection] = []
+        turn = self._turn
         if waiting:
-            for conn in polled:
-                if len(out) >= len(waiting) or (conn.polled_at > ended and not everyone):
-                    break
-                out.append(conn)
-        if out:
-            for conn in out:
-                del polled[conn]
-                conn.words[_W_DAEMON_SLEEPING] = 1  # type: ignore[index]
-            _fence_acquire()  # fence(), inlined
-            _fence_release()
-            for conn in out:  # published before the mark: its client does not ring
-                if self._servable(conn):
-                    waiting[conn] = None
-            self.metrics.slot_turns += len(out)
+            ended = now - turn
+            out = sorted((conn for conn in polled if everyone or conn.polled_at <= ended),
+                         key=_polled_at)[:len(waiting)]
+            if out:
+                for conn in out:
+                    del polled[conn]
+                    conn.words[_W_DAEMON_SLEEPING] = 1  # type: ignore[index]
+                _fence_acquire()  # fence(), inlined
+                _fence_release()
+                overdue = ended - turn
+                for conn in out:  # published before the mark: its client does not ring
+                    if not self._servable(conn):
+                        self.metrics.slot_turns += 1
+                    elif conn.polled_at <= overdue:
+                        waiting[conn] = None
+                        self.metrics.slot_turns += 1
+                    else:
+                        polled[conn] = None  # keeps its place (and its polled_at) for now
+                        conn.words[_W_DAEMON_SLEEPING] = 0  # type: ignore[index]
         unpark = self._unpark
         while waiting and (not cap or len(polled) < cap):
             unpark(waiting.popitem(last=False)[0])
-        for conn in polled:
-            return conn.polled_at + self._turn
-        return now + self._turn
+        return min(map(_polled_at, polled), default=now) + turn
 
     def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
         """Park every polled slot and block in epoll; None if a slot request came in
