@@ -34,10 +34,10 @@ from svcutil import RawClient, checked_daemon, idle, summary
 from waiting import wait_until
 
 
-def test_the_default_bound_is_two_slots_per_cpu_and_zero_lifts_it():
+def test_the_default_bound_is_four_slots_per_cpu_and_zero_lifts_it():
     import os
 
-    assert ServiceSettings().polled_slots() == 2 * len(os.sched_getaffinity(0))
+    assert ServiceSettings().polled_slots() == 4 * len(os.sched_getaffinity(0))
     assert ServiceSettings(max_polled_slots=3).polled_slots() == 3
     assert ServiceSettings(max_polled_slots=0).polled_slots() == 0
     with pytest.raises(ConfigError, match="max_polled_slots"):
@@ -287,3 +287,42 @@ def test_a_turn_ends_by_parking_keeping_or_queueing_the_slot(pending, late, outc
         assert first.words[S.W_DAEMON_SLEEPING] == 1
         assert waiting == ([first] if outcome == "queued" else [])
         assert turns.metrics.slot_turns == 1
+
+
+def test_a_polled_client_that_pauses_keeps_its_place_until_its_turn_ends(tmp_path):
+    """The spinner holds the one polled place and a slot waits; then the spinner
+    pauses 300 us before each request, longer than the daemon's 20 us polling
+    window and the idleness rule's 80 us.  With a slot waiting neither parks it
+    (a client descheduled for a while is not idle): only the end of its turn
+    (10 s here) would."""
+    with checked_daemon(tmp_path / "g.sock", max_polled_slots=1, shm_spin_us=20,
+                        slot_turn_us=10_000_000) as d:
+        spinner = subprocess.Popen([sys.executable, str(Path(__file__).with_name("slotspinner.py")), d.path],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        raw = None
+        try:
+            assert spinner.stdout.readline().strip() == "ready"
+            # A slot that joins while the spinner's is parked (the daemon parks it when
+            # its 20 us window passes) takes the place; then it goes again and retries.
+            for _ in range(100):
+                raw = RawClient(d.path, P.Role.CONTEXT, features=P.Feature.SHM_SLOT)
+                conn = max(d.server._slots.members, key=lambda c: c.serial)
+                raw.send(P.DOORBELL_FRAME)
+                try:
+                    wait_until(lambda conn=conn: conn in d.server._waiting, timeout=0.5)
+                    break
+                except AssertionError:
+                    raw.close()
+                    raw = None
+            assert raw is not None, "the rung slot never waited for a place"
+            spinner.stdin.write("pause 50 300\n")
+            spinner.stdin.flush()
+            assert spinner.wait(timeout=60) == 0
+            assert int(spinner.stdout.readline()) == 0  # never found its slot parked
+        finally:
+            if spinner.poll() is None:
+                spinner.kill()
+                spinner.wait()
+            if raw is not None:
+                raw.close()
+        d.wait_for(idle(d.baseline))

@@ -182,6 +182,12 @@ class SlotSet:
             self.polled[conn] = None
             conn.words[S.W_DAEMON_SLEEPING] = 0
 
+    def limit(self, waiting: int) -> int:
+        """The most slots polled while ``waiting`` slots wait for a place: ``cap``,
+        or half of it while more than ``cap`` wait (0: no bound)."""
+        cap = self.cap
+        return cap if waiting <= cap else max(1, cap // 2)
+
     def remove(self, conn: Connection) -> None:
         """Stop serving ``conn``'s slot; ValueError if it was not served."""
         try:

@@ -223,7 +223,6 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         run_slice = self._run_batch_slice
         admit = self._admit
         waiting = self._waiting
-        cap = slots.cap
         take_turns = self._take_turns
         spin = self.settings.spin_us / 1e6
         max_slot_spin = self.settings.shm_spin_us / 1e6
@@ -249,7 +248,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                             admit(conn)  # its slot may hold a request that waited
                 if slots:
                     served = 0
-                    if waiting and len(polled) < cap:  # free places go to waiting slots
+                    if waiting and len(polled) < slots.limit(len(waiting)):  # free places go to waiting slots
                         turn_at = take_turns(clock())
                     if polled:
                         # serve every ready slot, then wake the sleepers among them
@@ -262,7 +261,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                         if served or self._bells or self._unwritten:
                             write_turn()
                         requests += served
-                        if now >= park_at:  # park the slots that went quiet
+                        if now >= park_at and not waiting:  # park the slots that went quiet (while
+                            # slots wait, turns do: a polled client descheduled for a while is not idle)
                             quiet = quiet_after(park_after, len(polled), requests, now - counted_from)
                             park_at = now + quiet / 2
                             counted_from, requests = now, 0
@@ -298,8 +298,9 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                                 self._slot_spin = max(min_slot_spin, self._slot_spin / 2)
                             polling = False
                         events = poll(0)
-                        if not events and waiting:  # the polled slots are quiet: the waiting ones' turn
-                            turn_at = take_turns(clock(), everyone=True)
+                        if not events and waiting:  # no sleep while slots wait; their turn comes
+                            turn_at = take_turns(clock())
+                            yield_()
                             continue
                         if not events and not batches:
                             events = self._sleep(poll)

@@ -121,7 +121,7 @@ class ServiceSettings:
     #: halves after a poll that found nothing and doubles after one that did).
     shm_spin_us: int = 100
     #: Shm slots the loop polls at once; a ring beyond them waits its turn
-    #: (:mod:`.slotserve`, "Turns").  None: 2 per CPU the daemon may run on;
+    #: (:mod:`.slotserve`, "Turns").  None: 4 per CPU the daemon may run on;
     #: 0: every slot with a request is polled.
     max_polled_slots: int | None = None
     #: Microseconds a polled slot keeps its place while other slots wait for one.
@@ -157,7 +157,7 @@ class ServiceSettings:
         """The most shm slots the loop polls at once (0: no bound)."""
         if self.max_polled_slots is not None:
             return self.max_polled_slots
-        return 2 * len(os.sched_getaffinity(0))
+        return 4 * len(os.sched_getaffinity(0))
 
     def validate(self) -> None:
         """Raise ConfigError for the first invalid field."""

@@ -39,7 +39,8 @@ its is being served in slices) is parked like an idle one and unparked when
 that ends.  A client that rings at will only puts its own slot into the
 polled set, from which it is parked again.
 
-Turns.  At most ``SlotSet.cap`` slots (``max_polled_slots``) are polled.
+Turns.  At most ``SlotSet.cap`` slots (``max_polled_slots``) are polled, and
+half as many while more than that wait (``SlotSet.limit``).
 A ring, or the end of what kept a slot from being served, while every place
 is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`).
 While slots wait, a slot polled for ``slot_turn_us`` is parked for the
@@ -47,7 +48,8 @@ oldest waiting one (:meth:`SlotServing._take_turns`, right after a
 serving turn, so that the slot holds no request and its client's next one
 rings); a slot found with a request after the mark keeps its place for a
 later try, or, a whole turn late, joins the queue (its client saw the slot
-polled: no ring comes).  Few clients then run many requests each with warm caches, instead
+polled: no ring comes).  While slots wait the loop neither parks idle slots
+nor sleeps: the turns alone give places up.  Few clients then run many requests each with warm caches, instead
 of every client one request per CPU turn (docs/protocol.md, "Turns").
 
 The slot is a sealed memfd (:func:`~.provider.sealed_storage`): the client
@@ -313,14 +315,15 @@ class SlotServing(ServerParts):
         slots = self._slots
         if conn not in slots.members or conn in slots.polled:
             return
-        if slots.cap and len(slots.polled) >= slots.cap:
-            self._waiting[conn] = None
+        waiting = self._waiting
+        if slots.cap and (waiting or len(slots.polled) >= slots.limit(0)):
+            waiting[conn] = None  # behind the others
         else:
             self._unpark(conn)
 
-    def _take_turns(self, now: float, everyone: bool = False) -> float:
-        """Give the places of the slots whose turn has ended (every polled slot if
-        ``everyone``), oldest first and as many as wait, to the waiting slots,
+    def _take_turns(self, now: float) -> float:
+        """Give the places of the slots whose turn has ended, oldest first and as
+        many as wait, to the waiting slots,
         oldest first; fill free places too.  When the next turn ends
         (perf_counter seconds).
 
@@ -331,11 +334,11 @@ class SlotServing(ServerParts):
         its turn ended a whole turn ago: then it waits like a rung slot (its
         client polls in vain, then sleeps until the reply's DOORBELL)."""
         polled, waiting = self._slots.polled, self._waiting
-        cap = self._slots.cap
+        limit = self._slots.limit(len(waiting))
         turn = self._turn
         if waiting:
             ended = now - turn
-            out = sorted((conn for conn in polled if everyone or conn.polled_at <= ended),
+            out = sorted((conn for conn in polled if conn.polled_at <= ended),
                          key=_polled_at)[:len(waiting)]
             if out:
                 for conn in out:
@@ -354,7 +357,7 @@ class SlotServing(ServerParts):
                         polled[conn] = None  # keeps its place (and its polled_at) for now
                         conn.words[_W_DAEMON_SLEEPING] = 0  # type: ignore[index]
         unpark = self._unpark
-        while waiting and (not cap or len(polled) < cap):
+        while waiting and (not limit or len(polled) < limit):
             unpark(waiting.popitem(last=False)[0])
         return min(map(_polled_at, polled), default=now) + turn
 
