@@ -201,7 +201,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  "batches of 256; then ALLOC and CLOSE of 4 KiB alone, single, then batched."),
     Family("scale", "Scaling: throughput against client processes",
            about="`bench/scale.py`: N forked client processes (1 to 1,024) against a fresh `poolsvc "
-                 "serve` daemon and a fresh plain-Python echo server per cell, both transports; in "
+                 "serve` daemon and a fresh plain-Python echo server per cell, on the socket and shm "
+                 "transports and on shm without turns (`shm-freeforall`, `max_polled_slots = 0`); in "
                  "each cell every process loops `alloc_user_buf(4096)` + `close`, then the two floors "
                  "(an empty PING through the daemon, a 16-byte echo with the echo server), each in a "
                  "common window; cells alternated round by round, figures are medians over rounds "

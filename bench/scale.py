@@ -1,6 +1,6 @@
 """The scaling study: request/reply pairs per second, their latency and their cost against
-the number of client processes, on both transports, beside two floors measured in the
-same cells, and the start-up and memory cost of the clients.
+the number of client processes, on both transports (and shm without turns), beside two
+floors measured in the same cells, and the start-up and memory cost of the clients.
 
 Usage (from the repository root)::
 

@@ -23,6 +23,7 @@ import pytest
 
 from poolsvc.errors import ConfigError
 from poolsvc.service import protocol as P
+from poolsvc.service import render
 from poolsvc.service import slot as S
 from poolsvc.service.client import connect
 from poolsvc.service.connection import READY, Connection
@@ -180,6 +181,9 @@ def test_a_waiting_client_that_disconnects_leaves_no_trace(tmp_path):
             conn = max(d.server._slots.members, key=lambda c: c.serial)
             raw.send(P.DOORBELL_FRAME)
             wait_until(lambda: conn in d.server._waiting, what="the rung slot waiting for a place")
+            doc = d.stats()
+            assert doc["daemon"]["slots"]["waiting"] == 1
+            assert "1 waiting for a turn" in render.text(doc)
             raw.close()
             wait_until(lambda: conn not in d.server._slots, what="the closed connection's slot dropped")
             assert conn not in d.server._waiting  # dropped with the slot, not at its turn

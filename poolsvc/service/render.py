@@ -25,6 +25,10 @@ def text(doc: dict[str, Any]) -> str:
         counts = d["connections"]
         lines.append("  " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
                      + f"; {'dumpable' if d.get('dumpable') else 'not dumpable'}")
+    if "slots" in d:
+        slots = d["slots"]
+        lines.append(f"  shm slots: {slots['served']} served, {slots['polled']} polled, "
+                     f"{slots['waiting']} waiting for a turn")
     lines += ["", "pools:"]
     for name, pool in doc["pools"].items():
         lines.append(f"  {name:8} free {_mib(pool['free_bytes']):>11}  used {_mib(pool['used_bytes']):>11}"
@@ -120,6 +124,9 @@ def prometheus(doc: dict[str, Any]) -> str:
            [({}, req["crashes"])])
     family("protocol_errors_total", "counter", "Clients disconnected for malformed traffic.",
            [({}, req["protocol_errors"])])
+    if "slots" in doc["daemon"]:
+        family("shm_slots", "gauge", "Shm slots served, polled and waiting for a turn.",
+               [({"state": k}, v) for k, v in doc["daemon"]["slots"].items()])
     family("slot_turns_total", "counter", "Polled shm slots parked to give waiting ones their turn.",
            [({}, req["slot_turns"])])
     samples = []

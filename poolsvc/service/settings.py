@@ -125,7 +125,7 @@ class ServiceSettings:
     #: 0: every slot with a request is polled.
     max_polled_slots: int | None = None
     #: Microseconds a polled slot keeps its place while other slots wait for one.
-    slot_turn_us: int = 2000
+    slot_turn_us: int = 3000
 
     def __post_init__(self) -> None:
         self.validate()

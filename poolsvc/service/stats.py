@@ -96,6 +96,8 @@ def stats_document(server: Any) -> dict[str, Any]:
                    "backend": BACKEND, "pool": system.pool, "clients": len(server.connections),
                    "dumpable": dumpable(),
                    "connections": server.connection_counts(),
+                   "slots": {"served": len(server._slots), "polled": len(server._slots.polled),
+                             "waiting": len(server._waiting)},
                    "limits": limits(server)},
         "pools": pools,
         "ids": sys_stats["ids"],
