@@ -610,7 +610,7 @@ def scale_body(doc: dict[str, Any], folder: str) -> list[str]:
 def scale_plot(doc: dict[str, Any], path: Path) -> None:
     """``path`` (png) against client processes (log scale): pairs/s of every workload
     (from zero), each workload's fraction of its reference figure with the goal, and
-    alloc + close's p50 and p99 (log scale); one colour per transport, one line style
+    alloc + close's p50, p99 and p99.9 (log scale); one colour per transport, one line style
     per workload."""
     import matplotlib
 
@@ -636,6 +636,9 @@ def scale_plot(doc: dict[str, Any], path: Path) -> None:
                 bottom.plot(clients, [r["p50_us"] for r in rows], marker="o", color=color, label=f"{transport} p50")
                 bottom.plot(clients, [r["p99_us"] for r in rows], marker="^", linestyle=":", color=color,
                             label=f"{transport} p99")
+                tail = [r for r in rows if r.get("p999_us") is not None]
+                bottom.plot([r["clients"] for r in tail], [r["p999_us"] for r in tail], marker="v",
+                            linestyle="--", color=color, label=f"{transport} p99.9")
     middle.axhline(SCALE_RATIO_GOAL, color="grey", linewidth=0.8)
     top.set_ylabel("pairs per second, all processes")
     middle.set_ylabel(f"fraction of the {doc['reference_clients']}-process figure")
