@@ -285,3 +285,19 @@ def kill_at_random_moments(procs: list[subprocess.Popen], rng: Any, spread_s: fl
             proc.stdout.close()
         if proc.stderr:
             proc.stderr.close()
+
+
+def requests_after_pauses(client: Any, pauses: list[float]) -> None:
+    """On ``client`` (a ``connect()`` handle), one request after each pause of
+    ``pauses`` seconds (spent polling the clock, not asleep): PING and 4 KiB
+    alloc + close in turn, each checked; the context is flushed at the end."""
+    ctx = client.open_context()
+    for i, pause in enumerate(pauses):
+        end = time.perf_counter() + pause
+        while time.perf_counter() < end:
+            pass
+        if i % 2:
+            assert client.ping(b"%d" % i) == b"%d" % i
+        else:
+            ctx.alloc_user_buf(4096).close()
+    ctx.flush()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import mmap
 import random
 import threading
-import time
 
 import pytest
 
@@ -22,7 +21,7 @@ from poolsvc.service import slot as S
 from poolsvc.service.client import connect
 from poolsvc.service.slotserve import PARK_AFTER, quiet_after
 
-from svcutil import RawClient, checked_daemon, idle, summary
+from svcutil import RawClient, checked_daemon, idle, requests_after_pauses, summary
 from waiting import wait_until
 
 
@@ -114,17 +113,7 @@ def test_requests_published_around_the_parking_deadline_are_never_lost(tmp_path,
     with checked_daemon(tmp_path / "r.sock", shm_spin_us=shm_spin_us) as d:
         base = summary(d.stats())
         with connect(d.path, transport="shm", shm_spin_us=rng.choice([0, 50]), timeout=30) as client:
-            ctx = client.open_context()
-            for i in range(400):
-                pause = rng.random() * 2e-4
-                end = time.perf_counter() + pause
-                while time.perf_counter() < end:
-                    pass
-                if i % 2:
-                    assert client.ping(b"%d" % i) == b"%d" % i
-                else:
-                    ctx.alloc_user_buf(4096).close()
-            ctx.flush()
+            requests_after_pauses(client, [rng.random() * 2e-4 for _ in range(400)])
         d.wait_for(idle(base))
 
 

@@ -31,7 +31,7 @@ from poolsvc.service.metrics import Metrics
 from poolsvc.service.settings import ServiceSettings
 from poolsvc.service.slotserve import SlotServing
 
-from svcutil import RawClient, checked_daemon, idle, summary
+from svcutil import RawClient, checked_daemon, idle, requests_after_pauses, summary
 from waiting import wait_until
 
 
@@ -138,16 +138,7 @@ def test_requests_published_around_the_end_of_a_turn_are_never_lost(tmp_path, se
 
         def run(client, pauses) -> None:
             try:
-                ctx = client.open_context()
-                for i, pause in enumerate(pauses):
-                    end = time.perf_counter() + pause
-                    while time.perf_counter() < end:
-                        pass
-                    if i % 2:
-                        assert client.ping(b"%d" % i) == b"%d" % i
-                    else:
-                        ctx.alloc_user_buf(4096).close()
-                ctx.flush()
+                requests_after_pauses(client, pauses)
             except BaseException as exc:  # reported below
                 errors.append(exc)
 
