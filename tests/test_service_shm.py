@@ -279,7 +279,10 @@ def test_bad_slot_fields_are_protocol_errors(daemon):
         words[field] = value
         if field != S.W_REQ_SEQ:
             words[S.W_REQ_SEQ] = 1
-        sock.sendall(P.DOORBELL_FRAME)
+        try:
+            sock.sendall(P.DOORBELL_FRAME)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a polled slot: the daemon found the bad field before the ring, and hung up
         frames = read_frames(sock)  # until the daemon hangs up
         assert frames and frames[-1][0] == P.MsgType.ERROR
         assert P.ERROR.unpack_from(frames[-1][1])[0] == P.ErrorCode.PROTOCOL
