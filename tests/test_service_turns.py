@@ -29,7 +29,7 @@ from poolsvc.service.client import connect
 from poolsvc.service.connection import READY, Connection
 from poolsvc.service.metrics import Metrics
 from poolsvc.service.settings import ServiceSettings
-from poolsvc.service.slotserve import SlotServing
+from poolsvc.service.slotserve import TURN_STRETCH, SlotServing
 
 from svcutil import RawClient, checked_daemon, idle, requests_after_pauses, summary
 from waiting import wait_until
@@ -45,6 +45,8 @@ def test_the_default_bound_is_four_slots_per_cpu_and_zero_lifts_it():
         ServiceSettings(max_polled_slots=-1)
     with pytest.raises(ConfigError, match="slot_turn_us"):
         ServiceSettings(slot_turn_us=5)
+    with pytest.raises(ConfigError, match="slot_turn_requests"):
+        ServiceSettings(slot_turn_requests=-1)
 
 
 def test_slots_beyond_the_bound_start_parked_and_ring_to_be_served(tmp_path):
@@ -244,7 +246,7 @@ class _Turns(SlotServing):
     """The turn-taking part of the daemon alone, on slots without clients."""
 
     def __init__(self, cap: int, turn_us: int) -> None:
-        self.settings = ServiceSettings(max_polled_slots=cap, slot_turn_us=turn_us)
+        self.settings = ServiceSettings(max_polled_slots=cap, slot_turn_us=turn_us, slot_turn_requests=128)
         self.metrics = Metrics()
         self._max_output = 1 << 20
         self._init_slots()
@@ -259,18 +261,21 @@ class _Turns(SlotServing):
         return conn
 
 
-@pytest.mark.parametrize("pending, late, outcome", [
-    (False, 1.1, "parked"),   # no request: parked, its client's next one rings
-    (True, 1.1, "kept"),      # a request after the mark: keeps its place for a later try
-    (True, 2.1, "queued"),    # still so a whole turn late: waits behind the others
+@pytest.mark.parametrize("pending, late, requests, outcome", [
+    (False, 1.1, 128, "parked"),  # no request: parked, its client's next one rings
+    (True, 1.1, 128, "kept"),     # a request after the mark: keeps its place for a later try
+    (True, 2.1, 128, "queued"),   # still so a whole turn late: waits behind the others
+    (False, 1.1, 127, "kept"),    # too few requests in its turn: a longer turn
+    (False, TURN_STRETCH + 0.1, 1, "parked"),  # but no longer than TURN_STRETCH turns
 ])
-def test_a_turn_ends_by_parking_keeping_or_queueing_the_slot(pending, late, outcome):
-    turns = _Turns(cap=1, turn_us=1000)
+def test_a_turn_ends_by_parking_keeping_or_queueing_the_slot(pending, late, requests, outcome):
+    turns = _Turns(cap=1, turn_us=1000)  # and 128 requests
     first = turns.slot(pending)
     second = turns.slot(False)
     assert list(turns._slots.polled) == [first] and second.words[S.W_DAEMON_SLEEPING] == 1
     turns._admit(second)  # its client rang
     assert list(turns._waiting) == [second]
+    first.requests += requests  # served in its turn
     assert turns._take_turns(first.polled_at + 0.5e-3) == first.polled_at + 1e-3  # not yet
     assert list(turns._slots.polled) == [first]
     turns._take_turns(first.polled_at + late * 1e-3)

@@ -64,7 +64,8 @@ class Connection:
                  "tokens", "inbuf", "out", "out_bytes", "fds", "registered", "alloc_fns",
                  "register_fns", "pool_bytes", "registered_bytes", "alloc_sizes", "requests", "accepted",
                  "reading", "writing", "goodbye", "handlers", "version",
-                 "slot", "words", "seq", "bell", "served_at", "polled_at", "batch", "counted", "pinned", "shm_requests")
+                 "slot", "words", "seq", "bell", "served_at", "polled_at", "turn_from", "batch", "counted", "pinned",
+                 "shm_requests")
 
     def __init__(self, sock: socket.socket, serial: int) -> None:
         self.sock = sock
@@ -116,6 +117,8 @@ class Connection:
         self.served_at = 0.0
         #: When the slot last joined the polled ones (perf_counter seconds).
         self.polled_at = 0.0
+        #: ``requests`` when the slot last joined the polled ones.
+        self.turn_from = 0
         #: A BATCH being served in slices (see ``Handlers._start_batch``), or None.
         self.batch: Any = None
         #: Counted in the server's census of READY connections per role.
@@ -176,6 +179,7 @@ class SlotSet:
         assert conn.words is not None
         self.members[conn] = None
         conn.served_at = conn.polled_at = time.perf_counter()
+        conn.turn_from = conn.requests
         if self.cap and len(self.polled) >= self.cap:
             conn.words[S.W_DAEMON_SLEEPING] = 1
         else:

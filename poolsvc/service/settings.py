@@ -126,6 +126,9 @@ class ServiceSettings:
     max_polled_slots: int | None = None
     #: Microseconds a polled slot keeps its place while other slots wait for one.
     slot_turn_us: int = 3000
+    #: Requests a polled slot may make in its turn before the turn ends at
+    #: ``slot_turn_us`` (0: time alone), up to 4 times as long (:mod:`.slotserve`).
+    slot_turn_requests: int = 128
 
     def __post_init__(self) -> None:
         self.validate()
@@ -203,6 +206,7 @@ class ServiceSettings:
             "shm_spin_us": (0, 1_000_000),
             "max_polled_slots": (0, 1 << 20),
             "slot_turn_us": (10, 10_000_000),
+            "slot_turn_requests": (0, 1 << 20),
         }
         if not isinstance(self.shm_slots, bool):
             raise ConfigError(f"shm_slots: expected true or false, got {self.shm_slots!r}")

@@ -43,7 +43,8 @@ Turns.  At most ``SlotSet.cap`` slots (``max_polled_slots``) are polled, and
 half as many while more than that wait (``SlotSet.limit``).
 A ring, or the end of what kept a slot from being served, while every place
 is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`).
-While slots wait, a slot polled for ``slot_turn_us`` is parked for the
+While slots wait, a slot polled for ``slot_turn_us`` (and for
+``slot_turn_requests`` requests, or TURN_STRETCH times as long) is parked for the
 oldest waiting one (:meth:`SlotServing._take_turns`, right after a
 serving turn, so that the slot holds no request and its client's next one
 rings); a slot found with a request after the mark keeps its place for a
@@ -92,6 +93,11 @@ _polled_at = attrgetter("polled_at")
 #: Polling windows (``shm_spin_us``) without a request after which a slot is parked,
 #: and as many mean gaps between one polled slot's requests (:func:`quiet_after`).
 PARK_AFTER = 4
+#: A turn short of its ``slot_turn_requests`` lasts at most this many times
+#: ``slot_turn_us``.  A turn costs a sleep, a wake-up and a process warming its
+#: caches again, paid once per turn: a client that spends long on each request
+#: gets a longer turn to pay it over.
+TURN_STRETCH = 4
 
 
 def quiet_after(park_after: float, polled: int, requests: int, seconds: float) -> float:
@@ -186,6 +192,7 @@ class SlotServing(ServerParts):
         #: Parked slots waiting for a polled place (their clients rang), oldest first.
         self._waiting: OrderedDict[Connection, None] = OrderedDict()
         self._turn = self.settings.slot_turn_us / 1e6
+        self._turn_requests = self.settings.slot_turn_requests
 
     def _serve_slot(self, conn: Connection) -> bool:
         """Run the request in ``conn``'s slot if a new one is published; True if one was.
@@ -307,6 +314,7 @@ class SlotServing(ServerParts):
         if conn in slots.members and conn not in slots.polled:
             slots.polled[conn] = None
             conn.served_at = conn.polled_at = time.perf_counter()
+            conn.turn_from = conn.requests
             conn.words[_W_DAEMON_SLEEPING] = 0  # type: ignore[index]
 
     def _admit(self, conn: Connection) -> None:
@@ -322,10 +330,10 @@ class SlotServing(ServerParts):
             self._unpark(conn)
 
     def _take_turns(self, now: float) -> float:
-        """Give the places of the slots whose turn has ended, oldest first and as
-        many as wait, to the waiting slots,
-        oldest first; fill free places too.  When the next turn ends
-        (perf_counter seconds).
+        """Give the places of the slots whose turn has ended (``slot_turn_us`` and
+        ``slot_turn_requests`` requests, or TURN_STRETCH times ``slot_turn_us``),
+        oldest first and as many as wait, to the waiting slots, oldest first; fill
+        free places too.  When to look again (perf_counter seconds).
 
         The loop calls it right after serving, when a slot just answered holds
         no request: its client's next one sees the mark and rings, and its
@@ -338,8 +346,11 @@ class SlotServing(ServerParts):
         turn = self._turn
         if waiting:
             ended = now - turn
-            out = sorted((conn for conn in polled if conn.polled_at <= ended),
-                         key=_polled_at)[:len(waiting)]
+            stretched = now - TURN_STRETCH * turn
+            enough = self._turn_requests
+            out = sorted((conn for conn in polled if conn.polled_at <= ended and (
+                conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched)),
+                key=_polled_at)[:len(waiting)]
             if out:
                 for conn in out:
                     del polled[conn]
@@ -359,7 +370,8 @@ class SlotServing(ServerParts):
         unpark = self._unpark
         while waiting and (not limit or len(polled) < limit):
             unpark(waiting.popitem(last=False)[0])
-        return min(map(_polled_at, polled), default=now) + turn
+        next_end = min(map(_polled_at, polled), default=now) + turn
+        return next_end if next_end > now else now + turn / 16  # a turn short of its requests
 
     def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
         """Park every polled slot and block in epoll; None if a slot request came in
@@ -371,4 +383,4 @@ class SlotServing(ServerParts):
         return poll(1.0)
 
 
-__all__ = ["PARK_AFTER", "Bell", "SlotServing", "quiet_after"]
+__all__ = ["PARK_AFTER", "TURN_STRETCH", "Bell", "SlotServing", "quiet_after"]
