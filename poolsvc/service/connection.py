@@ -179,12 +179,17 @@ class SlotSet:
         assert conn.words is not None
         self.members[conn] = None
         conn.served_at = conn.polled_at = time.perf_counter()
-        conn.turn_from = conn.requests
         if self.cap and len(self.polled) >= self.cap:
             conn.words[S.W_DAEMON_SLEEPING] = 1
         else:
-            self.polled[conn] = None
-            conn.words[S.W_DAEMON_SLEEPING] = 0
+            self.poll(conn)
+
+    def poll(self, conn: Connection) -> None:
+        """Poll member ``conn``'s parked slot from now on: its turn starts."""
+        self.polled[conn] = None
+        conn.served_at = conn.polled_at = time.perf_counter()
+        conn.turn_from = conn.requests
+        conn.words[S.W_DAEMON_SLEEPING] = 0  # type: ignore[index]
 
     def limit(self, waiting: int) -> int:
         """The most slots polled while ``waiting`` slots wait for a place: ``cap``,

@@ -29,6 +29,11 @@ Bounded memory per connection: see :mod:`.transport` (input and output
 bounds, pending descriptors) and :mod:`.handlers` (roles, live shms, pinned
 bytes, batches); the threat model and every limit: docs/security.md.
 
+The module is over 600 lines because :meth:`Server.serve_forever` is one
+function on purpose: it is the hot path of every slot request, with its
+names bound to locals, and splitting its polling, parking and turn-taking
+branches into methods would add a call per loop turn.
+
 Concurrency: everything here runs on the loop thread, except :meth:`Server.stop`,
 which any thread or a signal handler may call (it writes one byte to a pipe).
 """

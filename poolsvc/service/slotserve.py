@@ -64,7 +64,6 @@ from __future__ import annotations
 import array
 import os
 import select
-import time
 from collections import OrderedDict
 from functools import partial
 from operator import attrgetter
@@ -312,10 +311,7 @@ class SlotServing(ServerParts):
         """Poll ``conn``'s parked slot again now."""
         slots = self._slots
         if conn in slots.members and conn not in slots.polled:
-            slots.polled[conn] = None
-            conn.served_at = conn.polled_at = time.perf_counter()
-            conn.turn_from = conn.requests
-            conn.words[_W_DAEMON_SLEEPING] = 0  # type: ignore[index]
+            slots.poll(conn)
 
     def _admit(self, conn: Connection) -> None:
         """``conn``'s parked slot may hold a request (its client rang, or it can be
