@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from poolsvc.histogram import EXACT_BELOW, Histogram, bucket_bounds, index_of, indices
+from poolsvc.histogram import EXACT_BELOW, FEW_SAMPLES, Histogram, bucket_bounds, index_of, indices
 
 QS = (0.0, 0.001, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999, 1.0)
 
@@ -43,6 +43,20 @@ def test_percentiles_are_exact_to_three_significant_digits(seed):
         assert _close(got, _exact(values, q)), (q, got, _exact(values, q))
     assert one_by_one.min_ns == values.min() and one_by_one.max_ns == values.max()
     assert one_by_one.sum_ns == values.sum() and one_by_one.count == len(values)
+
+
+@pytest.mark.parametrize("n", [0, 1, FEW_SAMPLES - 1, FEW_SAMPLES, 3 * FEW_SAMPLES])
+def test_a_short_list_and_an_array_give_the_same_histogram(n):
+    """from_samples counts a short list one by one and anything else with numpy:
+    both give the histogram of adding each latency (negative ones count as 0)."""
+    rng = np.random.default_rng(n)
+    values = np.exp(rng.uniform(0, math.log(1e11), n)).astype(np.int64) - 2
+    one_by_one = Histogram()
+    for v in values.tolist():
+        one_by_one.add(v)
+    want = one_by_one.to_wire()
+    assert Histogram.from_samples(values.tolist()).to_wire() == want
+    assert Histogram.from_samples(values).to_wire() == want
 
 
 def test_close_latencies_keep_their_own_p50():
