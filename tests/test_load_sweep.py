@@ -47,6 +47,36 @@ def test_sweep_rows_ratios_tables_and_plot(tmp_path):
     assert without_8["reference_clients"] == 64  # no 8: the first count
 
 
+def test_sweep_rounds_give_medians_and_ratios_within_each_round():
+    """Three rounds on a machine that slows down between them: a count's ratio is the
+    median of its ratios to the reference of the same round, not of its median
+    throughput to the reference's median (which mixes rounds)."""
+    speed = iter([1.0, 1.0, 0.5, 0.5, 0.8, 0.8])  # per run, in the order they run
+    base = {8: 4000.0, 64: 3000.0}
+    ratio_in_round = iter([0.75, 0.9, 0.6])
+
+    def report(spec: LoadSpec) -> dict:
+        doc = _fake_report(spec)
+        doc["ok"] = True
+        doc["ops_per_s"] = base[8] * next(speed)
+        if spec.clients == 64:
+            doc["ops_per_s"] *= next(ratio_in_round)
+        return doc
+
+    result = sweep.run(LoadSpec(duration=2.0), [8, 64], report, rounds=3)
+    rows = {r["clients"]: r for r in result["rows"]}
+    assert result["rounds"] == 3 and len(result["runs"]) == 6
+    assert rows[8]["rounds"]["ops_per_s"] == [4000.0, 2000.0, 3200.0] and rows[8]["ops_per_s"] == 3200.0
+    assert rows[64]["rounds"]["of_reference"] == [0.75, 0.9, 0.6]
+    assert rows[64]["of_reference"] == 0.75 and rows[8]["of_reference"] == 1.0
+    assert rows[64]["ops_total"] == sum(r["ops_total"] for r in result["runs"][1::2])
+    text = sweep.text(result)
+    assert "3 rounds" in text and "75% 90% 60%" in text
+    assert sweep.markdown(result).splitlines()[2].startswith("| clients | ops/s | of ref | rounds |")
+    with pytest.raises(ConfigError, match="--rounds"):
+        sweep.run(LoadSpec(duration=2.0), [8], report, rounds=0)
+
+
 def test_sweep_counts_are_checked():
     assert sweep.parse_counts(" 1, 8,64 ") == [1, 8, 64]
     for bad, reason in (("1,x", "not a number"), ("8,8", "given twice"), ("0", "outside"),
@@ -69,6 +99,8 @@ def test_sweep_counts_are_checked():
     (["--sweep", "1,8", "--clients", "4"], "--clients applies to a single run"),
     (["--sweep", "1,8", "--record", "t.trace"], "--record applies to a single run"),
     (["--markdown", "t.md"], "--markdown writes the table of a --sweep"),
+    (["--rounds", "2"], "--rounds repeats a --sweep"),
+    (["--sweep", "1,8", "--rounds", "0"], "--rounds: 0 is not a number of rounds"),
 ])
 def test_bad_numbers_and_combinations_exit_2_with_the_reason(args, reason, capsys):
     assert main(["load", "--quiet"] + args) == 2

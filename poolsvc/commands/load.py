@@ -40,6 +40,7 @@ examples:
   poolsvc load --replay run.trace --no-dynamic --json static.json
   poolsvc load --compare dyn.json static.json
   poolsvc load --sweep 1,8,64,256 --duration 15 --json sweep.json --markdown sweep.md
+  poolsvc load --sweep 8,64,256 --rounds 3 --mix alloc_user=1,free=1 --sizes fixed:4096
 
 numbers are checked before anything runs (exit 2 with the reason): --clients
 1..1024, --duration 0.1..86400 s, --batch 1..4096, --max-live >= 1, --ops >= 0,
@@ -64,6 +65,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a scaling study: one run of --duration per client count (e.g. 1,8,64,256), "
                         "each on a daemon of its own, then a table of throughput and p50/p99 per "
                         "count (--json, --markdown and --plot write it)")
+    g.add_argument("--rounds", type=int, default=None,
+                   help="with --sweep: run the whole sweep this many times, the counts in turn, "
+                        "and give each count the medians over the rounds, its ratio to the "
+                        "reference taken within each round (default 1)")
     g.add_argument("--duration", type=float, default=None,
                    help="seconds of load (default 10; with --replay, only a bound: 600)")
     g.add_argument("--ops", type=int, default=0,
@@ -133,6 +138,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
                                 "applies to a single run")
     elif args.markdown:
         raise BadParameters("--markdown writes the table of a --sweep")
+    elif args.rounds is not None:
+        raise BadParameters("--rounds repeats a --sweep")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,7 +191,8 @@ def _run_sweep(args: argparse.Namespace, spec: Any) -> int:
     from ..load import sweep
 
     counts = sweep.parse_counts(args.sweep)
-    result = sweep.run(spec, counts, lambda one: _runner(args, one).run())
+    result = sweep.run(spec, counts, lambda one: _runner(args, one).run(),
+                       rounds=1 if args.rounds is None else args.rounds)
     _emit(args, result, sweep.text)
     if args.markdown:
         _write(args.markdown, sweep.markdown(result), stdout=args.json != "-")

@@ -9,6 +9,13 @@ throughput of each count is also given as a fraction of the reference count's
 (8 clients when the sweep has it, else its first count), the ratio the
 scaling goals are stated in.
 
+With ``--rounds R`` the whole sweep is run R times, the counts one after the
+other in each round, and a count's row gives the medians over the rounds:
+of its throughput, its p50 and p99, and of its ratio to the reference *in the
+same round*.  A machine whose speed drifts over minutes then moves the
+rounds' ratios apart (each round's are listed) rather than one count's run
+against another's.
+
 The sweep is a JSON-ready dict (``format: poolsvc-load-sweep/1``) that
 :func:`text` and :func:`markdown` render as a table.
 
@@ -16,6 +23,7 @@ Concurrency: one thread; the runs are one after the other.
 """
 from __future__ import annotations
 
+from statistics import median
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
@@ -45,19 +53,37 @@ def parse_counts(text: str) -> list[int]:
     return counts
 
 
-def run(spec: LoadSpec, counts: list[int], runner: Callable[[LoadSpec], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``runner(spec with clients=n)`` for each count; the sweep (``ok`` when
-    every run was)."""
-    runs = [runner(spec.replace(clients=n)) for n in counts]
-    rows = [row(n, report) for n, report in zip(counts, runs)]
-    ref = next((r for r in rows if r["clients"] == REFERENCE_CLIENTS), rows[0])
-    for r in rows:
-        r["of_reference"] = round(r["ops_per_s"] / ref["ops_per_s"], 3) if ref["ops_per_s"] else None
+def run(spec: LoadSpec, counts: list[int], runner: Callable[[LoadSpec], dict[str, Any]],
+        rounds: int = 1) -> dict[str, Any]:
+    """Run ``runner(spec with clients=n)`` for each count, ``rounds`` times over; the
+    sweep (``ok`` when every run was)."""
+    if rounds < 1:
+        raise ConfigError(f"--rounds: {rounds} is not a number of rounds (1 or more)")
+    runs = [runner(spec.replace(clients=n)) for _ in range(rounds) for n in counts]
+    by_round = [runs[i:i + len(counts)] for i in range(0, len(runs), len(counts))]
+    ref_at = counts.index(REFERENCE_CLIENTS) if REFERENCE_CLIENTS in counts else 0
+    rows = []
+    for at, n in enumerate(counts):
+        mine = [row(n, one[at]) for one in by_round]
+        ratios = [None if not one[ref_at].get("ops_per_s") else
+                  round(one[at].get("ops_per_s", 0.0) / one[ref_at]["ops_per_s"], 3) for one in by_round]
+        known = [r for r in ratios if r is not None]
+        rows.append({"clients": n,
+                     "ops_per_s": median(r["ops_per_s"] for r in mine),
+                     "ops_total": sum(r["ops_total"] for r in mine),
+                     "p50_us": median(r["p50_us"] for r in mine),
+                     "p99_us": median(r["p99_us"] for r in mine),
+                     "start_s": median(r["start_s"] for r in mine),
+                     "violations": sum(r["violations"] for r in mine),
+                     "leaks": sum(r["leaks"] for r in mine),
+                     "ok": all(r["ok"] for r in mine),
+                     "of_reference": round(median(known), 3) if known else None,
+                     "rounds": {"ops_per_s": [r["ops_per_s"] for r in mine], "of_reference": ratios}})
     first = runs[0]
     return {"format": FORMAT, "spec": {k: v for k, v in first["spec"].items() if k != "clients"},
-            "counts": counts, "reference_clients": ref["clients"], "machine": first["machine"],
-            "service": first["service"], "rows": rows, "ok": all(r["ok"] for r in rows),
-            "runs": runs}
+            "counts": counts, "rounds": rounds, "reference_clients": counts[ref_at],
+            "machine": first["machine"], "service": first["service"], "rows": rows,
+            "ok": all(r["ok"] for r in rows), "runs": runs}
 
 
 def row(clients: int, report: dict[str, Any]) -> dict[str, Any]:
@@ -73,30 +99,47 @@ def row(clients: int, report: dict[str, Any]) -> dict[str, Any]:
 COLUMNS = ("clients", "ops/s", "of ref", "p50 us", "p99 us", "start s", "violations", "result")
 
 
+def _percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.0%}"
+
+
+def _columns(sweep: dict[str, Any]) -> tuple[str, ...]:
+    """The table's columns: with more than one round, each round's ratio after the median's."""
+    if sweep.get("rounds", 1) > 1:
+        return COLUMNS[:3] + ("rounds",) + COLUMNS[3:]
+    return COLUMNS
+
+
 def _cells(sweep: dict[str, Any]) -> list[list[str]]:
     out = []
+    several = sweep.get("rounds", 1) > 1
     for r in sweep["rows"]:
-        ratio = "-" if r["of_reference"] is None else f"{r['of_reference']:.0%}"
-        out.append([str(r["clients"]), f"{r['ops_per_s']:,.0f}", ratio, f"{r['p50_us']:.1f}",
-                    f"{r['p99_us']:.1f}", f"{r['start_s']:.1f}", str(r["violations"]),
-                    "OK" if r["ok"] else "FAILED"])
+        cells = [str(r["clients"]), f"{r['ops_per_s']:,.0f}", _percent(r["of_reference"])]
+        if several:
+            cells.append(" ".join(_percent(x) for x in r["rounds"]["of_reference"]))
+        cells += [f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}", f"{r['start_s']:.1f}",
+                  str(r["violations"]), "OK" if r["ok"] else "FAILED"]
+        out.append(cells)
     return out
 
 
 def _heading(sweep: dict[str, Any]) -> str:
     spec = sweep["spec"]
+    rounds = sweep.get("rounds", 1)
+    medians = (f" {rounds} rounds, the medians over them; 'rounds': each round's 'of ref';"
+               if rounds > 1 else "")
     return (f"poolsvc load --sweep {','.join(map(str, sweep['counts']))}: {spec['duration']:g} s each, "
             f"batch {spec['batch']}, sizes {spec['sizes']}; {sweep['machine']['cpus']} CPUs, "
-            f"{sweep['service'].get('backend')} backend; 'of ref': throughput as a fraction of "
-            f"{sweep['reference_clients']} clients'; p50/p99 over every operation; 'start s': "
-            "time the clients took to connect (not counted)")
+            f"{sweep['service'].get('backend')} backend;{medians} 'of ref': throughput as a "
+            f"fraction of {sweep['reference_clients']} clients' (in the same round); p50/p99 over "
+            "every operation; 'start s': time the clients took to connect (not counted)")
 
 
 def text(sweep: dict[str, Any]) -> str:
     """The sweep as an aligned table, with its heading and result."""
-    cells = _cells(sweep)
-    widths = [max(len(c), *(len(row[i]) for row in cells)) + 2 for i, c in enumerate(COLUMNS)]
-    lines = [_heading(sweep), "", "".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
+    cells, columns = _cells(sweep), _columns(sweep)
+    widths = [max(len(c), *(len(row[i]) for row in cells)) + 2 for i, c in enumerate(columns)]
+    lines = [_heading(sweep), "", "".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.append("RESULT: " + ("OK" if sweep["ok"] else "FAILED"))
     return "\n".join(lines) + "\n"
@@ -104,8 +147,9 @@ def text(sweep: dict[str, Any]) -> str:
 
 def markdown(sweep: dict[str, Any]) -> str:
     """The sweep as a markdown table under its heading."""
-    lines = [_heading(sweep), "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    columns = _columns(sweep)
+    lines = [_heading(sweep), "", "| " + " | ".join(columns) + " |",
+             "|" + "|".join("---:" for _ in columns) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in _cells(sweep)]
     return "\n".join(lines) + "\n"
 
