@@ -7,6 +7,7 @@ Usage (from the repository root)::
     python bench/results.py --family study       # the study behind `poolsvc bench`
     python bench/results.py --family load        # four 60 s `poolsvc load` runs
     python bench/results.py --family scale       # bench/scale.py: throughput against clients
+    python bench/results.py --family sweep       # `poolsvc load --sweep`: the same, load clients
     POOLSVC_PUREPYTHON=1 python bench/results.py --family system   # the pure backend
 
 Owns: the list of families (which benchmark files or commands make each), running
@@ -208,6 +209,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  "common window; cells alternated round by round, figures are medians over rounds "
                  "(`docs/load.md`, \"Scaling\"). Per cell also the start-up time and the daemon's "
                  "memory and descriptors per connected client."),
+    Family("sweep", "Scaling under `poolsvc load`: alloc + free against client processes",
+           about="`poolsvc load --sweep` (`docs/load.md`, \"Sweep\"): the load harness's client "
+                 "processes (each checks every buffer it holds, keeps latency histograms and reports "
+                 "four times a second) allocate and free 4 KiB buffers, one request each, against a "
+                 "fresh `poolsvc serve` per run with its default settings; the counts run in turn, "
+                 "round after round, and each row gives medians over the rounds, its ratio to 8 "
+                 "clients taken within each round."),
 )}
 
 #: Families run by default: everything that pytest-benchmark measures.
@@ -508,6 +516,46 @@ def run_load() -> list[str]:
             "digits.", ""] + out + [""] + latency
 
 
+SWEEP_ARGS = ["--sweep", "8,64,256", "--rounds", "3", "--duration", "10", "--mix", "alloc_user=1,free=1",
+              "--sizes", "fixed:4096"]
+
+
+def sweep_body(doc: dict[str, Any], folder: str) -> list[str]:
+    """The body of ``sweep.md`` from a ``poolsvc load --sweep`` document: its table, the
+    goal judged at ``SCALE_RATIO_COUNTS``, and a link to the plot in ``folder``."""
+    from poolsvc.load import sweep
+
+    out = sweep.markdown(doc).splitlines() + [
+        "", f"Goal: at least {SCALE_RATIO_GOAL:.0%} of the {doc['reference_clients']}-client throughput with "
+        f"{', '.join(map(str, SCALE_RATIO_COUNTS))} clients (the median of the rounds' ratios).", "",
+        "| clients | of ref | goal met |", "|---:|---:|---|"]
+    for r in doc["rows"]:
+        if r["clients"] in SCALE_RATIO_COUNTS:
+            met = "-" if r["of_reference"] is None else (
+                "yes" if r["of_reference"] >= SCALE_RATIO_GOAL else "**no**")
+            out.append(f"| {r['clients']:,} | {_ratio(r['of_reference'])} | {met} |")
+    return out + ["", f"![throughput and latency against client processes]({folder}/sweep.png)"]
+
+
+def run_sweep(output: Path) -> list[str]:
+    """Run ``poolsvc load`` with ``SWEEP_ARGS``, keep its JSON and plot in ``<output>/sweep/``;
+    returns the body of ``sweep.md``."""
+    folder = output / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    cmd = [sys.executable, "-m", "poolsvc", "load", *SWEEP_ARGS, "--quiet", "--json", str(path),
+           "--plot", str(folder)]
+    print("running:", shlex.join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+    if not path.exists():
+        raise SystemExit(f"sweep: poolsvc load exited with status {proc.returncode}, no report written")
+    doc = json.loads(path.read_text())
+    doc.pop("runs", None)  # each run's whole report: the table's figures are in the rows
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return [f"Command run: `poolsvc load {' '.join(SWEEP_ARGS)}`; the rows in "
+            f"[sweep/results.json](sweep/results.json).", ""] + sweep_body(doc, folder.name)
+
+
 SCALE_ARGS = ["--counts", "1,8,64,256,1024", "--transports", "socket,shm,shm-freeforall", "--rounds", "3",
               "--seconds", "5", "--time-limit", "2400"]
 #: The goals the scale family is judged against (issue "Hundreds of clients without collapse"):
@@ -681,7 +729,8 @@ def generate(name: str, backend: str, pytest_args: list[str], output: Path) -> P
     if family.files:
         body = render_pytest(family, run_pytest(family, pytest_args))
     else:
-        runners = {"study": lambda: run_study(output), "scale": lambda: run_scale(output)}
+        runners = {"study": lambda: run_study(output), "scale": lambda: run_scale(output),
+                   "sweep": lambda: run_sweep(output)}
         body = runners.get(name, run_load)()
     lines = header(family, info, command, started, time.monotonic() - t0) + body
     text = "\n".join(lines).rstrip() + "\n"

@@ -73,3 +73,27 @@ def test_scale_plot_is_written(tmp_path):
     path = tmp_path / "scale.png"
     results.scale_plot(_doc(), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_body_shows_the_table_and_judges_the_goal_at_64_and_256():
+    """``sweep.md`` from a ``poolsvc load --sweep`` document (built by the sweep from
+    canned reports): its table with each round's ratio, and the goal judged only at
+    64 and 256 clients, on the median of the rounds' ratios."""
+    from poolsvc.load import sweep
+    from poolsvc.load.mix import LoadSpec
+
+    per_round = iter([10_000.0, 7_500.0, 6_000.0, 10_000.0, 6_000.0, 7_100.0, 10_000.0, 8_000.0, 6_500.0])
+
+    def report(spec: LoadSpec) -> dict:
+        return {"spec": spec.to_json(), "machine": {"cpus": 2}, "service": {"backend": "compiled"},
+                "ops_per_s": next(per_round), "ops_total": 1, "start_s": 0.1,
+                "latency_us": {"p50_us": 9.0, "p99_us": 300.0}, "violations": {"count": 0},
+                "leaks": {}, "ok": True}
+
+    doc = sweep.run(LoadSpec(duration=1.0), [8, 64, 256], report, rounds=3)
+    text = "\n".join(results.sweep_body(doc, "sweep"))
+    assert "| 8 | 10,000 | 100% | 100% 100% 100% |" in text
+    assert "| 64 | 7,500 | 75% | 75% 60% 80% |" in text      # median of the ratios: 75%
+    assert "| 64 | 75% | yes |" in text and "| 256 | 65% | **no** |" in text
+    assert "| 8 | 100% |" not in text                        # the reference is not judged
+    assert "![throughput and latency against client processes](sweep/sweep.png)" in text

@@ -125,10 +125,10 @@ class ServiceSettings:
     #: 0: every slot with a request is polled.
     max_polled_slots: int | None = None
     #: Microseconds a polled slot keeps its place while other slots wait for one.
-    slot_turn_us: int = 3000
+    slot_turn_us: int = 12_000
     #: Requests a polled slot may make in its turn before the turn ends at
     #: ``slot_turn_us`` (0: time alone), up to 4 times as long (:mod:`.slotserve`).
-    slot_turn_requests: int = 128
+    slot_turn_requests: int = 1024
 
     def __post_init__(self) -> None:
         self.validate()
