@@ -516,7 +516,7 @@ def run_load() -> list[str]:
             "digits.", ""] + out + [""] + latency
 
 
-SWEEP_ARGS = ["--sweep", "8,64,256", "--rounds", "3", "--duration", "10", "--mix", "alloc_user=1,free=1",
+SWEEP_ARGS = ["--sweep", "8,64,256", "--rounds", "5", "--duration", "10", "--mix", "alloc_user=1,free=1",
               "--sizes", "fixed:4096"]
 
 
