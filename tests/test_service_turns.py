@@ -29,7 +29,7 @@ from poolsvc.service.client import connect
 from poolsvc.service.connection import READY, Connection
 from poolsvc.service.metrics import Metrics
 from poolsvc.service.settings import ServiceSettings
-from poolsvc.service.slotserve import TURN_STRETCH, SlotServing
+from poolsvc.service.slotserve import MIN_TURN, TURN_STRETCH, SlotServing
 
 from svcutil import RawClient, checked_daemon, idle, requests_after_pauses, summary
 from waiting import wait_until
@@ -47,6 +47,8 @@ def test_the_default_bound_is_four_slots_per_cpu_and_zero_lifts_it():
         ServiceSettings(slot_turn_us=5)
     with pytest.raises(ConfigError, match="slot_turn_requests"):
         ServiceSettings(slot_turn_requests=-1)
+    with pytest.raises(ConfigError, match="slot_round_us"):
+        ServiceSettings(slot_round_us=-1)
 
 
 def test_slots_beyond_the_bound_start_parked_and_ring_to_be_served(tmp_path):
@@ -245,8 +247,9 @@ def test_a_client_that_always_has_a_request_pending_still_takes_turns(tmp_path):
 class _Turns(SlotServing):
     """The turn-taking part of the daemon alone, on slots without clients."""
 
-    def __init__(self, cap: int, turn_us: int) -> None:
-        self.settings = ServiceSettings(max_polled_slots=cap, slot_turn_us=turn_us, slot_turn_requests=128)
+    def __init__(self, cap: int, turn_us: int, round_us: int = 0) -> None:
+        self.settings = ServiceSettings(max_polled_slots=cap, slot_turn_us=turn_us, slot_turn_requests=128,
+                                        slot_round_us=round_us)
         self.metrics = Metrics()
         self._max_output = 1 << 20
         self._init_slots()
@@ -287,6 +290,25 @@ def test_a_turn_ends_by_parking_keeping_or_queueing_the_slot(pending, late, requ
         assert first.words[S.W_DAEMON_SLEEPING] == 1
         assert waiting == ([first] if outcome == "queued" else [])
         assert turns.metrics.slot_turns == 1
+
+
+@pytest.mark.parametrize("round_us, ends_ms", [
+    (0, 8 * TURN_STRETCH),  # no bound: 8 ms, stretched to TURN_STRETCH turns (too few requests)
+    (16_000, 2),            # 8 waiting for 1 place, a round within 16 ms: 2 ms turns
+    (1_000, MIN_TURN * 1e3),  # a round within 1 ms would take 0.125 ms turns: MIN_TURN
+])
+def test_turns_shorten_while_so_many_wait_that_a_round_would_pass_slot_round_us(round_us, ends_ms):
+    turns = _Turns(cap=1, turn_us=8000, round_us=round_us)
+    first = turns.slot(False)
+    others = [turns.slot(False) for _ in range(8)]
+    for conn in others:
+        turns._admit(conn)  # each client rang
+    assert list(turns._waiting) == others
+    ends = first.polled_at + ends_ms * 1e-3
+    turns._take_turns(ends - 0.1e-3)  # not yet
+    assert list(turns._slots.polled) == [first]
+    turns._take_turns(ends + 0.1e-3)
+    assert list(turns._slots.polled) == [others[0]] and list(turns._waiting) == others[1:]
 
 
 def test_a_polled_client_that_pauses_keeps_its_place_until_its_turn_ends(tmp_path):

@@ -129,6 +129,10 @@ class ServiceSettings:
     #: Requests a polled slot may make in its turn before the turn ends at
     #: ``slot_turn_us`` (0: time alone), up to 4 times as long (:mod:`.slotserve`).
     slot_turn_requests: int = 1024
+    #: Microseconds a waiting slot should wait for its turn at most: while so many
+    #: wait that a round of their turns would last longer, turns are shorter, down
+    #: to 1 ms (0: no bound; :mod:`.slotserve`).
+    slot_round_us: int = 3_000_000
 
     def __post_init__(self) -> None:
         self.validate()
@@ -207,6 +211,7 @@ class ServiceSettings:
             "max_polled_slots": (0, 1 << 20),
             "slot_turn_us": (10, 10_000_000),
             "slot_turn_requests": (0, 1 << 20),
+            "slot_round_us": (0, 600_000_000),
         }
         if not isinstance(self.shm_slots, bool):
             raise ConfigError(f"shm_slots: expected true or false, got {self.shm_slots!r}")

@@ -44,7 +44,8 @@ half as many while more than that wait (``SlotSet.limit``).
 A ring, or the end of what kept a slot from being served, while every place
 is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`).
 While slots wait, a slot polled for ``slot_turn_us`` (and for
-``slot_turn_requests`` requests, or TURN_STRETCH times as long) is parked for the
+``slot_turn_requests`` requests, or TURN_STRETCH times as long; shorter while so
+many wait that a round of turns would last over ``slot_round_us``) is parked for the
 oldest waiting one (:meth:`SlotServing._take_turns`, right after a
 serving turn, so that the slot holds no request and its client's next one
 rings); a slot found with a request after the mark keeps its place for a
@@ -97,6 +98,9 @@ PARK_AFTER = 4
 #: caches again, paid once per turn: a client that spends long on each request
 #: gets a longer turn to pay it over.
 TURN_STRETCH = 4
+#: The shortest turn a bound on the round (``slot_round_us``) makes, in seconds:
+#: below it a turn would cost more in sleeps and wake-ups than it serves.
+MIN_TURN = 1e-3
 
 
 def quiet_after(park_after: float, polled: int, requests: int, seconds: float) -> float:
@@ -192,6 +196,7 @@ class SlotServing(ServerParts):
         self._waiting: OrderedDict[Connection, None] = OrderedDict()
         self._turn = self.settings.slot_turn_us / 1e6
         self._turn_requests = self.settings.slot_turn_requests
+        self._round = self.settings.slot_round_us / 1e6
 
     def _serve_slot(self, conn: Connection) -> bool:
         """Run the request in ``conn``'s slot if a new one is published; True if one was.
@@ -327,9 +332,11 @@ class SlotServing(ServerParts):
 
     def _take_turns(self, now: float) -> float:
         """Give the places of the slots whose turn has ended (``slot_turn_us`` and
-        ``slot_turn_requests`` requests, or TURN_STRETCH times ``slot_turn_us``),
-        oldest first and as many as wait, to the waiting slots, oldest first; fill
-        free places too.  When to look again (perf_counter seconds).
+        ``slot_turn_requests`` requests, or TURN_STRETCH times ``slot_turn_us``;
+        shorter while so many wait that a round of turns would pass
+        ``slot_round_us``, down to MIN_TURN), oldest first and as many as wait,
+        to the waiting slots, oldest first; fill free places too.  When to look
+        again (perf_counter seconds).
 
         The loop calls it right after serving, when a slot just answered holds
         no request: its client's next one sees the mark and rings, and its
@@ -339,10 +346,15 @@ class SlotServing(ServerParts):
         client polls in vain, then sleeps until the reply's DOORBELL)."""
         polled, waiting = self._slots.polled, self._waiting
         limit = self._slots.limit(len(waiting))
-        turn = self._turn
+        turn, longest = self._turn, TURN_STRETCH * self._turn
+        if waiting and limit and self._round:
+            # A queued slot waits about len(waiting) / limit turns: while so many wait
+            # that a round of turns would pass slot_round_us, turns are that much shorter.
+            longest = min(longest, max(MIN_TURN, self._round * limit / len(waiting)))
+            turn = min(turn, longest)
         if waiting:
             ended = now - turn
-            stretched = now - TURN_STRETCH * turn
+            stretched = now - longest
             enough = self._turn_requests
             out = sorted((conn for conn in polled if conn.polled_at <= ended and (
                 conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched)),
@@ -379,4 +391,4 @@ class SlotServing(ServerParts):
         return poll(1.0)
 
 
-__all__ = ["PARK_AFTER", "TURN_STRETCH", "Bell", "SlotServing", "quiet_after"]
+__all__ = ["MIN_TURN", "PARK_AFTER", "TURN_STRETCH", "Bell", "SlotServing", "quiet_after"]

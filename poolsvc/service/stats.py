@@ -128,7 +128,7 @@ def limits(server: Any) -> dict[str, Any]:
         "batch_slice": settings.batch_slice, "batch_slice_us": settings.batch_slice_us,
         "max_output": settings.max_output,
         "max_polled_slots": server._slots.cap, "slot_turn_us": settings.slot_turn_us,
-        "slot_turn_requests": settings.slot_turn_requests,
+        "slot_turn_requests": settings.slot_turn_requests, "slot_round_us": settings.slot_round_us,
         "max_pending_fds": P.MAX_PENDING_FDS,
         "allowed_uids": list(settings.allowed_uids) if settings.allowed_uids is not None else None,
         "allowed_gids": list(settings.allowed_gids) if settings.allowed_gids is not None else None,
