@@ -129,9 +129,9 @@ class ServiceSettings:
     #: Requests a polled slot may make in its turn before the turn ends at
     #: ``slot_turn_us`` (0: time alone), up to 4 times as long (:mod:`.slotserve`).
     slot_turn_requests: int = 1024
-    #: Microseconds a waiting slot should wait for its turn at most: while so many
-    #: wait that a round of their turns would last longer, turns are shorter, down
-    #: to 1 ms (0: no bound; :mod:`.slotserve`).
+    #: Microseconds a round of turns should last (every waiting slot served once):
+    #: while so many wait that it would last longer, turns are shorter, down to
+    #: 1 ms (0: no bound; :mod:`.slotserve`).
     slot_round_us: int = 3_000_000
 
     def __post_init__(self) -> None:
