@@ -5,8 +5,10 @@ until a polled one is parked: it went idle, or its turn (``slot_turn_us``)
 ended while others waited (``poolsvc/service/slotserve.py``, "Turns").
 Covered: the bound holds from the first connection on, waiting clients are
 served while the polled ones never pause, requests published around the end
-of a turn are never lost, a disconnected waiter leaves no trace, and a
-client ringing in a flood only queues its own slot once.
+of a turn are never lost, a disconnected waiter leaves no trace, a
+client ringing in a flood only queues its own slot once, turns shorten when
+a round would last over ``slot_round_us``, and a monitor never waits for a
+turn (it gets no slot).
 """
 from __future__ import annotations
 
@@ -65,8 +67,6 @@ def test_slots_beyond_the_bound_start_parked_and_ring_to_be_served(tmp_path):
                 clients.append(connect(d.path, name=f"c{i}", transport="shm"))
                 contexts.append(clients[i].open_context())
             slots = [ctx._channel.slot for ctx in contexts]
-            # (each connect() also holds a MONITOR connection with a slot until its
-            # context is open: which of them took the second place varies)
             assert len(d.server._slots.polled) <= 2
             assert sum(not slot.daemon_sleeping() for slot in slots) <= 2
             for ctx in contexts:  # every one is served, the parked ones by their rings
@@ -242,6 +242,36 @@ def test_a_client_that_always_has_a_request_pending_still_takes_turns(tmp_path):
                 spinner.kill()
                 spinner.wait()
         d.wait_for(idle(base))
+
+
+def test_a_monitor_is_answered_at_once_while_slots_wait_for_their_turn(tmp_path):
+    """The spinner holds the one polled place for a 10 s turn and a context slot
+    waits for it.  A monitor connection (``poolsvc stat``, a context's CANCEL) gets
+    no slot: its STATS is answered on the socket while the slot still waits."""
+    with checked_daemon(tmp_path / "h.sock", max_polled_slots=1, slot_turn_us=10_000_000) as d:
+        spinner = subprocess.Popen([sys.executable, str(Path(__file__).with_name("slotspinner.py")), d.path],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        raw = None
+        try:
+            assert spinner.stdout.readline().strip() == "ready"
+            raw = RawClient(d.path, P.Role.CONTEXT, features=P.Feature.SHM_SLOT)
+            waiter = max(d.server._slots.members, key=lambda c: c.serial)
+            raw.send(P.DOORBELL_FRAME)
+            wait_until(lambda: waiter in d.server._waiting, what="the rung slot waiting for the place")
+            with connect(d.path, name="monitor", transport="shm", timeout=30) as monitor:
+                stats = monitor.service_stats()
+                assert monitor._monitor is not None and monitor._monitor.slot is None
+            assert stats["daemon"]["limits"]["slot_round_us"] == 3_000_000
+            assert waiter in d.server._waiting  # answered within the spinner's turn
+            spinner.stdin.write("stop\n")
+            spinner.stdin.flush()
+            assert spinner.wait(timeout=60) == 0
+        finally:
+            if raw is not None:
+                raw.close()
+            if spinner.poll() is None:
+                spinner.kill()
+                spinner.wait()
 
 
 class _Turns(SlotServing):

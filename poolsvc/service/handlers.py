@@ -134,7 +134,9 @@ class Handlers(ServerParts):
         if self._census[conn.role] >= limit:
             raise P.LimitExceeded(f"daemon serves {limit} {conn.role.name} connections already ({setting})")
         granted = 0
-        if features & P.Feature.SHM_SLOT and self.settings.shm_slots:
+        # A MONITOR connection stays on the socket: its STATS, PING and CANCEL are rare,
+        # and must not wait behind the contexts' turns ("Turns" in docs/protocol.md).
+        if features & P.Feature.SHM_SLOT and self.settings.shm_slots and conn.role == P.Role.CONTEXT:
             self._make_slot(conn, bool(features & P.Feature.EVENTFD_BELL))
             granted |= P.Feature.SHM_SLOT
             if conn.bell >= 0:
