@@ -249,9 +249,9 @@ def test_service_ratios(benchmark, daemon, echo, smoke):
     shm_client = poolsvc.connect(daemon, name="ratios-shm", transport="shm")
     embedded = poolsvc.System(poolsvc.Config(dynamic_size=256 << 20, arena_step=4 << 20))
     try:
-        assert shm_client._monitor.transport == "shm"
         ctxs = {"sock": sock_client.open_context("ratios"), "shm": shm_client.open_context("ratios-shm"),
                 "emb": embedded.open_context("ratios-embedded")}
+        assert ctxs["shm"]._channel.transport == "shm"  # (pings go through the context's channel)
         pings = {"sock": sock_client.ping, "shm": shm_client.ping}
         for c in ctxs.values():
             for _ in range(50):
