@@ -130,6 +130,17 @@ def test_initial_clients_start_in_waves_then_run_together():
     assert rep["latency_us"]["count"] == rep["ops_total"]
 
 
+def test_snapshots_are_spaced_to_take_at_most_a_share_of_the_daemon():
+    from poolsvc.load.runner import CHECK_SHARE
+
+    runner = LoadRunner(LoadSpec(clients=2, duration=1.0))
+    assert runner._next_check(100.0) == 100.0 + runner.spec.check_interval  # none taken yet
+    runner.check_s = runner.spec.check_interval * CHECK_SHARE / 2  # a quick one
+    assert runner._next_check(100.0) == 100.0 + runner.spec.check_interval
+    runner.check_s = 0.012  # a slow one (256 clients): 1.2 s to the next
+    assert runner._next_check(100.0) == pytest.approx(100.0 + 0.012 / CHECK_SHARE)
+
+
 def test_worker_waits_for_its_start_line(monkeypatch):
     from poolsvc.load.worker import Worker
 

@@ -64,6 +64,10 @@ START_WINDOW = 2 * (os.cpu_count() or 1)
 #: Seconds the initial workers get to connect: START_LIMIT + START_PER_CLIENT per client.
 START_LIMIT = 30.0
 START_PER_CLIENT = 1.0
+#: The checks' share of the daemon's time at most: the next snapshot comes no sooner
+#: than the last one took divided by this (a STATS document grows with the clients,
+#: and the daemon answers nobody else while it builds one).
+CHECK_SHARE = 0.01
 #: A worker is not killed before it has run this long (it must get past start-up).
 MIN_LIFE = 0.3
 #: Errors a well-formed operation may get from a healthy daemon.
@@ -164,6 +168,8 @@ class LoadRunner:
         self.sel = selectors.DefaultSelector()
         self.t0 = 0.0
         self.end = 0.0
+        #: Seconds the latest STATS snapshot took (spaces the checks: CHECK_SHARE).
+        self.check_s = 0.0
         self.start_s = 0.0
         self.injector: MalformedInjector | None = None
         self.service_info: dict[str, Any] = {}
@@ -253,7 +259,7 @@ class LoadRunner:
             now = time.monotonic()
             if now >= next_check:
                 self._check(own)
-                next_check = now + spec.check_interval
+                next_check = self._next_check(now)
             self._status(now, phase=f"starting {sum(i.ready for i in self.running)}/{total}")
             if now > limit:
                 self.violate(f"{len(todo) + sum(not i.ready for i in self.running)} of {total} "
@@ -384,9 +390,17 @@ class LoadRunner:
         self.kills += 1
 
     # -- checks and progress ----------------------------------------------------------------------
+    def _next_check(self, now: float) -> float:
+        """When to take the next snapshot: ``check_interval`` from ``now``, or later
+        while the last one took more than CHECK_SHARE of that."""
+        return now + max(self.spec.check_interval, self.check_s / CHECK_SHARE)
+
     def _check(self, own: dict[str, int]) -> dict[str, Any] | None:
+        """Take a STATS snapshot and check it; ``check_s`` is how long it took."""
+        started = time.monotonic()
         try:
             stats = self.monitor.service_stats()
+            self.check_s = time.monotonic() - started
         except PoolsvcError as exc:
             self.violate(f"STATS failed: {type(exc).__name__}: {exc} (is the daemon still up?)")
             return None
@@ -460,7 +474,7 @@ class LoadRunner:
                     next_kill = now + self.rng.expovariate(kill_rate)
                 if now >= next_check:
                     self._check(own)
-                    next_check = now + spec.check_interval
+                    next_check = self._next_check(now)
                 self._status(now)
                 if now > hard_end:
                     for inc in self.running:
