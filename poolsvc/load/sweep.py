@@ -62,11 +62,11 @@ def run(spec: LoadSpec, counts: list[int], runner: Callable[[LoadSpec], dict[str
     runs = [runner(spec.replace(clients=n)) for _ in range(rounds) for n in counts]
     by_round = [runs[i:i + len(counts)] for i in range(0, len(runs), len(counts))]
     ref_at = counts.index(REFERENCE_CLIENTS) if REFERENCE_CLIENTS in counts else 0
+    refs = [row(counts[ref_at], one[ref_at])["ops_per_s"] for one in by_round]  # each round's reference
     rows = []
     for at, n in enumerate(counts):
         mine = [row(n, one[at]) for one in by_round]
-        ratios = [None if not one[ref_at].get("ops_per_s") else
-                  round(one[at].get("ops_per_s", 0.0) / one[ref_at]["ops_per_s"], 3) for one in by_round]
+        ratios = [round(r["ops_per_s"] / ref, 3) if ref else None for r, ref in zip(mine, refs)]
         known = [r for r in ratios if r is not None]
         rows.append({"clients": n,
                      "ops_per_s": median(r["ops_per_s"] for r in mine),
