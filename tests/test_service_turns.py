@@ -261,7 +261,7 @@ def test_a_monitor_is_answered_at_once_while_slots_wait_for_their_turn(tmp_path)
             with connect(d.path, name="monitor", transport="shm", timeout=30) as monitor:
                 stats = monitor.service_stats()
                 assert monitor._monitor is not None and monitor._monitor.slot is None
-            assert stats["daemon"]["limits"]["slot_round_us"] == 3_000_000
+            assert stats["daemon"]["limits"]["slot_round_us"] == 6_000_000
             assert waiter in d.server._waiting  # answered within the spinner's turn
             spinner.stdin.write("stop\n")
             spinner.stdin.flush()

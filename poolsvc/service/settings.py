@@ -125,14 +125,14 @@ class ServiceSettings:
     #: 0: every slot with a request is polled.
     max_polled_slots: int | None = None
     #: Microseconds a polled slot keeps its place while other slots wait for one.
-    slot_turn_us: int = 12_000
+    slot_turn_us: int = 24_000
     #: Requests a polled slot may make in its turn before the turn ends at
     #: ``slot_turn_us`` (0: time alone), up to 4 times as long (:mod:`.slotserve`).
-    slot_turn_requests: int = 1024
+    slot_turn_requests: int = 4096
     #: Microseconds a round of turns should last (every waiting slot served once):
     #: while so many wait that it would last longer, turns are shorter, down to
     #: 1 ms (0: no bound; :mod:`.slotserve`).
-    slot_round_us: int = 3_000_000
+    slot_round_us: int = 6_000_000
 
     def __post_init__(self) -> None:
         self.validate()
