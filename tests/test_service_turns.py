@@ -7,8 +7,9 @@ Covered: the bound holds from the first connection on, waiting clients are
 served while the polled ones never pause, requests published around the end
 of a turn are never lost, a disconnected waiter leaves no trace, a
 client ringing in a flood only queues its own slot once, turns shorten when
-a round would last over ``slot_round_us``, and a monitor never waits for a
-turn (it gets no slot).
+a round would last over ``slot_round_us``, a slot that went quiet gives its
+place up at ``slot_turn_us`` instead of the stretched turn, and a monitor
+never waits for a turn (it gets no slot).
 """
 from __future__ import annotations
 
@@ -294,23 +295,28 @@ class _Turns(SlotServing):
         return conn
 
 
-@pytest.mark.parametrize("pending, late, requests, outcome", [
-    (False, 1.1, 128, "parked"),  # no request: parked, its client's next one rings
-    (True, 1.1, 128, "kept"),     # a request after the mark: keeps its place for a later try
-    (True, 2.1, 128, "queued"),   # still so a whole turn late: waits behind the others
-    (False, 1.1, 127, "kept"),    # too few requests in its turn: a longer turn
-    (False, TURN_STRETCH + 0.1, 1, "parked"),  # but no longer than TURN_STRETCH turns
+@pytest.mark.parametrize("pending, late, requests, last_ms, outcome", [
+    (False, 1.1, 128, 0.05, "parked"),  # no request: parked, its client's next one rings
+    (True, 1.1, 128, 0.05, "kept"),     # a request after the mark: keeps its place for a later try
+    (True, 2.1, 128, 0.05, "queued"),   # still so a whole turn late: waits behind the others
+    (False, 1.1, 127, 0.05, "kept"),    # too few requests in its turn: a longer turn
+    (False, 1.1, 127, 0.2, "kept"),     # ... while its last request is within a TURN_STRETCH-th of a turn
+    (False, 1.1, 127, 0.3, "parked"),   # but a client that went quiet does not hold the place
+    (False, 1.1, 0, 1.1, "parked"),     # (nothing at all since it got the place)
+    (False, TURN_STRETCH + 0.1, 1, 0.05, "parked"),  # and no longer than TURN_STRETCH turns
 ])
-def test_a_turn_ends_by_parking_keeping_or_queueing_the_slot(pending, late, requests, outcome):
-    turns = _Turns(cap=1, turn_us=1000)  # and 128 requests
+def test_a_turn_ends_by_parking_keeping_or_queueing_the_slot(pending, late, requests, last_ms, outcome):
+    turns = _Turns(cap=1, turn_us=1000)  # and 128 requests; quiet after 1000 / TURN_STRETCH us
     first = turns.slot(pending)
     second = turns.slot(False)
     assert list(turns._slots.polled) == [first] and second.words[S.W_DAEMON_SLEEPING] == 1
     turns._admit(second)  # its client rang
     assert list(turns._waiting) == [second]
     first.requests += requests  # served in its turn
+    first.served_at = first.polled_at + 0.45e-3
     assert turns._take_turns(first.polled_at + 0.5e-3) == first.polled_at + 1e-3  # not yet
     assert list(turns._slots.polled) == [first]
+    first.served_at = first.polled_at + (late - last_ms) * 1e-3  # its last request
     turns._take_turns(first.polled_at + late * 1e-3)
     polled, waiting = list(turns._slots.polled), list(turns._waiting)
     if outcome == "kept":
@@ -335,6 +341,7 @@ def test_turns_shorten_while_so_many_wait_that_a_round_would_pass_slot_round_us(
         turns._admit(conn)  # each client rang
     assert list(turns._waiting) == others
     ends = first.polled_at + ends_ms * 1e-3
+    first.served_at = ends - 0.2e-3  # its client is busy (requests in the last quarter turn)
     turns._take_turns(ends - 0.1e-3)  # not yet
     assert list(turns._slots.polled) == [first]
     turns._take_turns(ends + 0.1e-3)

@@ -44,7 +44,8 @@ half as many while more than that wait (``SlotSet.limit``).
 A ring, or the end of what kept a slot from being served, while every place
 is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`).
 While slots wait, a slot polled for ``slot_turn_us`` (and for
-``slot_turn_requests`` requests, or TURN_STRETCH times as long; shorter while so
+``slot_turn_requests`` requests, or TURN_STRETCH times as long, unless it made no
+request in the last TURN_STRETCH-th of ``slot_turn_us``; shorter while so
 many wait that a round of turns would last over ``slot_round_us``) is parked for the
 oldest waiting one (:meth:`SlotServing._take_turns`, right after a
 serving turn, so that the slot holds no request and its client's next one
@@ -96,7 +97,9 @@ PARK_AFTER = 4
 #: A turn short of its ``slot_turn_requests`` lasts at most this many times
 #: ``slot_turn_us``.  A turn costs a sleep, a wake-up and a process warming its
 #: caches again, paid once per turn: a client that spends long on each request
-#: gets a longer turn to pay it over.
+#: gets a longer turn to pay it over.  A client with no request in the last
+#: ``slot_turn_us / TURN_STRETCH`` is not spending long on one: its turn ends
+#: at ``slot_turn_us`` (an idle client does not hold a place for the stretch).
 TURN_STRETCH = 4
 #: The shortest turn a bound on the round (``slot_round_us``) makes, in seconds:
 #: below it a turn would cost more in sleeps and wake-ups than it serves.
@@ -332,7 +335,8 @@ class SlotServing(ServerParts):
 
     def _take_turns(self, now: float) -> float:
         """Give the places of the slots whose turn has ended (``slot_turn_us`` and
-        ``slot_turn_requests`` requests, or TURN_STRETCH times ``slot_turn_us``;
+        ``slot_turn_requests`` requests, or TURN_STRETCH times ``slot_turn_us``,
+        or ``slot_turn_us`` and no request in its last TURN_STRETCH-th part;
         shorter while so many wait that a round of turns would pass
         ``slot_round_us``, down to MIN_TURN), oldest first and as many as wait,
         to the waiting slots, oldest first; fill free places too.  When to look
@@ -355,10 +359,11 @@ class SlotServing(ServerParts):
         if waiting:
             ended = now - turn
             stretched = now - longest
+            quiet = now - turn / TURN_STRETCH
             enough = self._turn_requests
             out = sorted((conn for conn in polled if conn.polled_at <= ended and (
-                conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched)),
-                key=_polled_at)[:len(waiting)]
+                conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched
+                or conn.served_at <= quiet)), key=_polled_at)[:len(waiting)]
             if out:
                 for conn in out:
                     del polled[conn]
