@@ -8,8 +8,7 @@ served while the polled ones never pause, requests published around the end
 of a turn are never lost, a disconnected waiter leaves no trace, a
 client ringing in a flood only queues its own slot once, turns shorten when
 a round would last over ``slot_round_us``, a slot that went quiet gives its
-place up at ``slot_turn_us`` instead of the stretched turn, and a monitor
-never waits for a turn (it gets no slot).
+place up at once, and a monitor never waits for a turn (it gets no slot).
 """
 from __future__ import annotations
 
@@ -303,6 +302,8 @@ class _Turns(SlotServing):
     (False, 1.1, 127, 0.2, "kept"),     # ... while its last request is within a TURN_STRETCH-th of a turn
     (False, 1.1, 127, 0.3, "parked"),   # but a client that went quiet does not hold the place
     (False, 1.1, 0, 1.1, "parked"),     # (nothing at all since it got the place)
+    (False, 0.8, 10, 0.3, "parked"),    # even before its turn would end
+    (False, 0.8, 10, 0.2, "kept"),
     (False, TURN_STRETCH + 0.1, 1, 0.05, "parked"),  # and no longer than TURN_STRETCH turns
 ])
 def test_a_turn_ends_by_parking_keeping_or_queueing_the_slot(pending, late, requests, last_ms, outcome):
@@ -314,13 +315,16 @@ def test_a_turn_ends_by_parking_keeping_or_queueing_the_slot(pending, late, requ
     assert list(turns._waiting) == [second]
     first.requests += requests  # served in its turn
     first.served_at = first.polled_at + 0.45e-3
-    assert turns._take_turns(first.polled_at + 0.5e-3) == first.polled_at + 1e-3  # not yet
+    # not yet; looked at again when it would count as quiet (0.25 ms after that request)
+    assert turns._take_turns(first.polled_at + 0.5e-3) == pytest.approx(first.polled_at + 0.7e-3)
     assert list(turns._slots.polled) == [first]
     first.served_at = first.polled_at + (late - last_ms) * 1e-3  # its last request
-    turns._take_turns(first.polled_at + late * 1e-3)
+    look = turns._take_turns(first.polled_at + late * 1e-3)
     polled, waiting = list(turns._slots.polled), list(turns._waiting)
     if outcome == "kept":
         assert polled == [first] and waiting == [second] and first.words[S.W_DAEMON_SLEEPING] == 0
+        # looked at again by the time it would count as quiet (or a 16th of a turn on)
+        assert look <= max(first.served_at + 0.25e-3, first.polled_at + (late + 1 / 16) * 1e-3) + 1e-9
     else:
         assert polled == [second] and second.words[S.W_DAEMON_SLEEPING] == 0
         assert first.words[S.W_DAEMON_SLEEPING] == 1
@@ -346,6 +350,20 @@ def test_turns_shorten_while_so_many_wait_that_a_round_would_pass_slot_round_us(
     assert list(turns._slots.polled) == [first]
     turns._take_turns(ends + 0.1e-3)
     assert list(turns._slots.polled) == [others[0]] and list(turns._waiting) == others[1:]
+
+
+def test_a_slot_counts_as_quiet_after_a_quarter_of_slot_turn_us_even_while_turns_are_shorter():
+    """Turns shortened by the round bound do not shorten the quiet span: a client
+    woken for its turn has a quarter of ``slot_turn_us`` for its next request."""
+    turns = _Turns(cap=1, turn_us=8000, round_us=1_000)  # 8 waiting for 1 place: MIN_TURN turns
+    first = turns.slot(False)
+    for conn in [turns.slot(False) for _ in range(8)]:
+        turns._admit(conn)
+    first.served_at = first.polled_at + 0.1e-3
+    turns._take_turns(first.polled_at + 0.9e-3)  # 0.8 ms without a request, within 2 ms
+    assert list(turns._slots.polled) == [first]
+    turns._take_turns(first.polled_at + 2.2e-3)  # 2.1 ms: quiet (and its 1 ms turn is over)
+    assert first not in turns._slots.polled
 
 
 def test_a_polled_client_that_pauses_keeps_its_place_until_its_turn_ends(tmp_path):

@@ -44,9 +44,9 @@ half as many while more than that wait (``SlotSet.limit``).
 A ring, or the end of what kept a slot from being served, while every place
 is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`).
 While slots wait, a slot polled for ``slot_turn_us`` (and for
-``slot_turn_requests`` requests, or TURN_STRETCH times as long, unless it made no
-request in the last TURN_STRETCH-th of ``slot_turn_us``; shorter while so
-many wait that a round of turns would last over ``slot_round_us``) is parked for the
+``slot_turn_requests`` requests, or TURN_STRETCH times as long; shorter while so
+many wait that a round of turns would last over ``slot_round_us``), or one that
+made no request for the TURN_STRETCH-th part of ``slot_turn_us``, is parked for the
 oldest waiting one (:meth:`SlotServing._take_turns`, right after a
 serving turn, so that the slot holds no request and its client's next one
 rings); a slot found with a request after the mark keeps its place for a
@@ -91,15 +91,17 @@ _W_REP_SEQ, _W_REP_LEN, _W_DAEMON_SLEEPING = S.W_REP_SEQ, S.W_REP_LEN, S.W_DAEMO
 _REP_OFF, _REP_CAP = S.SLOT_REP_OFF, S.SLOT_REP_CAP
 _fence_acquire, _fence_release = S.fence_lock.acquire, S.fence_lock.release
 _polled_at = attrgetter("polled_at")
+_served_at = attrgetter("served_at")
 #: Polling windows (``shm_spin_us``) without a request after which a slot is parked,
 #: and as many mean gaps between one polled slot's requests (:func:`quiet_after`).
 PARK_AFTER = 4
 #: A turn short of its ``slot_turn_requests`` lasts at most this many times
 #: ``slot_turn_us``.  A turn costs a sleep, a wake-up and a process warming its
 #: caches again, paid once per turn: a client that spends long on each request
-#: gets a longer turn to pay it over.  A client with no request in the last
-#: ``slot_turn_us / TURN_STRETCH`` is not spending long on one: its turn ends
-#: at ``slot_turn_us`` (an idle client does not hold a place for the stretch).
+#: gets a longer turn to pay it over.  A slot with no request for
+#: ``slot_turn_us / TURN_STRETCH`` while others wait gives its place up at once:
+#: its client is not spending long on a request but idle, and an idle client
+#: holds no place for the others' (nor its own start-up's) sake.
 TURN_STRETCH = 4
 #: The shortest turn a bound on the round (``slot_round_us``) makes, in seconds:
 #: below it a turn would cost more in sleeps and wake-ups than it serves.
@@ -335,10 +337,10 @@ class SlotServing(ServerParts):
 
     def _take_turns(self, now: float) -> float:
         """Give the places of the slots whose turn has ended (``slot_turn_us`` and
-        ``slot_turn_requests`` requests, or TURN_STRETCH times ``slot_turn_us``,
-        or ``slot_turn_us`` and no request in its last TURN_STRETCH-th part;
+        ``slot_turn_requests`` requests, or TURN_STRETCH times ``slot_turn_us``;
         shorter while so many wait that a round of turns would pass
-        ``slot_round_us``, down to MIN_TURN), oldest first and as many as wait,
+        ``slot_round_us``, down to MIN_TURN; or no request for the
+        TURN_STRETCH-th part of ``slot_turn_us``), oldest first and as many as wait,
         to the waiting slots, oldest first; fill free places too.  When to look
         again (perf_counter seconds).
 
@@ -359,11 +361,11 @@ class SlotServing(ServerParts):
         if waiting:
             ended = now - turn
             stretched = now - longest
-            quiet = now - turn / TURN_STRETCH
+            quiet = now - self._turn / TURN_STRETCH
             enough = self._turn_requests
-            out = sorted((conn for conn in polled if conn.polled_at <= ended and (
-                conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched
-                or conn.served_at <= quiet)), key=_polled_at)[:len(waiting)]
+            out = sorted((conn for conn in polled if conn.served_at <= quiet or conn.polled_at <= ended and (
+                conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched)),
+                key=_polled_at)[:len(waiting)]
             if out:
                 for conn in out:
                     del polled[conn]
@@ -384,6 +386,8 @@ class SlotServing(ServerParts):
         while waiting and (not limit or len(polled) < limit):
             unpark(waiting.popitem(last=False)[0])
         next_end = min(map(_polled_at, polled), default=now) + turn
+        if waiting and polled:  # or when the quietest polled slot would count as quiet
+            next_end = min(next_end, min(map(_served_at, polled)) + self._turn / TURN_STRETCH)
         return next_end if next_end > now else now + turn / 16  # a turn short of its requests
 
     def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
