@@ -201,6 +201,9 @@ class SlotServing(ServerParts):
         self._waiting: OrderedDict[Connection, None] = OrderedDict()
         self._turn = self.settings.slot_turn_us / 1e6
         self._turn_requests = self.settings.slot_turn_requests
+        #: Seconds without a request after which a polled slot gives its place up
+        #: while others wait (of the setting, not of a turn the round bound shortened).
+        self._quiet = self._turn / TURN_STRETCH
         self._round = self.settings.slot_round_us / 1e6
 
     def _serve_slot(self, conn: Connection) -> bool:
@@ -361,7 +364,7 @@ class SlotServing(ServerParts):
         if waiting:
             ended = now - turn
             stretched = now - longest
-            quiet = now - self._turn / TURN_STRETCH
+            quiet = now - self._quiet
             enough = self._turn_requests
             out = sorted((conn for conn in polled if conn.served_at <= quiet or conn.polled_at <= ended and (
                 conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched)),
@@ -387,7 +390,7 @@ class SlotServing(ServerParts):
             unpark(waiting.popitem(last=False)[0])
         next_end = min(map(_polled_at, polled), default=now) + turn
         if waiting and polled:  # or when the quietest polled slot would count as quiet
-            next_end = min(next_end, min(map(_served_at, polled)) + self._turn / TURN_STRETCH)
+            next_end = min(next_end, min(map(_served_at, polled)) + self._quiet)
         return next_end if next_end > now else now + turn / 16  # a turn short of its requests
 
     def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
