@@ -66,7 +66,6 @@ from __future__ import annotations
 import array
 import os
 import select
-from collections import OrderedDict
 from functools import partial
 from operator import attrgetter
 from typing import Any, Callable
@@ -75,7 +74,7 @@ from .._backend import core
 from ..errors import ProtocolError
 from . import protocol as P
 from . import slot as S
-from .connection import CLOSING, READY, Connection, ServerParts, SlotSet
+from .connection import CLOSING, READY, Connection, ServerParts, SlotSet, WaitQueue
 from .provider import sealed_storage
 
 #: A doorbell is edge-triggered: every write by the client is one event, and the
@@ -175,7 +174,7 @@ class SlotServing(ServerParts):
             conn.bell = -1
         if conn.slot is None:
             return
-        self._waiting.pop(conn, None)
+        self._waiting.discard(conn)
         try:
             self._slots.remove(conn)
         except ValueError:
@@ -197,8 +196,8 @@ class SlotServing(ServerParts):
         self._ring: Callable[[Any, Connection], None] = core.ring_doorbell
         self._serve_ready: Callable[[Any, dict[Connection, None], list[Connection], float], int] = \
             core.serve_ready
-        #: Parked slots waiting for a polled place (their clients rang), oldest first.
-        self._waiting: OrderedDict[Connection, None] = OrderedDict()
+        #: Parked slots waiting for a polled place (their clients rang), in two lanes.
+        self._waiting = WaitQueue()
         self._turn = self.settings.slot_turn_us / 1e6
         self._turn_requests = self.settings.slot_turn_requests
         #: Seconds without a request after which a polled slot gives its place up
@@ -298,15 +297,21 @@ class SlotServing(ServerParts):
         return (words is not None and words[_W_REQ_SEQ] != conn.seq and conn.state == READY
                 and conn.batch is None and conn.out_bytes <= self._max_output)
 
-    def _park(self, conns: list[Connection]) -> bool:
-        """Stop polling ``conns`` (polled members): mark each "daemon sleeping", fence,
-        look once more; a slot with a servable request stays polled.  True if one did."""
-        polled = self._slots.polled
+    def _unpoll(self, conns: list[Connection]) -> None:
+        """Take ``conns`` (polled members) out of the polled set, mark each "daemon
+        sleeping", note whether its place was a brief visit (``conn.brief``), fence."""
+        polled, quiet = self._slots.polled, self._quiet
         for conn in conns:
             del polled[conn]
             conn.words[_W_DAEMON_SLEEPING] = 1  # type: ignore[index]
+            conn.brief = conn.served_at - conn.polled_at < quiet
         _fence_acquire()  # fence(), inlined
         _fence_release()
+
+    def _park(self, conns: list[Connection]) -> bool:
+        """Stop polling ``conns`` (polled members): mark each "daemon sleeping", fence,
+        look once more; a slot with a servable request stays polled.  True if one did."""
+        self._unpoll(conns)
         kept = False
         for conn in conns:
             if self._servable(conn):
@@ -334,7 +339,7 @@ class SlotServing(ServerParts):
             return
         waiting = self._waiting
         if slots.cap and (waiting or len(slots.polled) >= slots.limit(0)):
-            waiting[conn] = None  # behind the others
+            waiting.add(conn)  # behind the others of its lane
         else:
             self._unpark(conn)
 
@@ -370,24 +375,20 @@ class SlotServing(ServerParts):
                 conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched)),
                 key=_polled_at)[:len(waiting)]
             if out:
-                for conn in out:
-                    del polled[conn]
-                    conn.words[_W_DAEMON_SLEEPING] = 1  # type: ignore[index]
-                _fence_acquire()  # fence(), inlined
-                _fence_release()
+                self._unpoll(out)
                 overdue = ended - turn
                 for conn in out:  # published before the mark: its client does not ring
                     if not self._servable(conn):
                         self.metrics.slot_turns += 1
                     elif conn.polled_at <= overdue:
-                        waiting[conn] = None
+                        waiting.add(conn)
                         self.metrics.slot_turns += 1
                     else:
                         polled[conn] = None  # keeps its place (and its polled_at) for now
                         conn.words[_W_DAEMON_SLEEPING] = 0  # type: ignore[index]
         unpark = self._unpark
         while waiting and (not limit or len(polled) < limit):
-            unpark(waiting.popitem(last=False)[0])
+            unpark(waiting.pop())
         next_end = min(map(_polled_at, polled), default=now) + turn
         if waiting and polled:  # or when the quietest polled slot would count as quiet
             next_end = min(next_end, min(map(_served_at, polled)) + self._quiet)
