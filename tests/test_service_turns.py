@@ -256,6 +256,10 @@ def test_a_monitor_is_answered_at_once_while_slots_wait_for_their_turn(tmp_path)
             assert spinner.stdout.readline().strip() == "ready"
             raw = RawClient(d.path, P.Role.CONTEXT, features=P.Feature.SHM_SLOT)
             waiter = max(d.server._slots.members, key=lambda c: c.serial)
+            # the spinner holds the place (a new slot finds it free if the spinner was parked
+            # at that instant; it then gives it up once quiet, as the spinner waits)
+            wait_until(lambda: d.server._slots.polled and waiter not in d.server._slots.polled,
+                       what="the spinner polled, the new slot parked")
             raw.send(P.DOORBELL_FRAME)
             wait_until(lambda: waiter in d.server._waiting, what="the rung slot waiting for the place")
             with connect(d.path, name="monitor", transport="shm", timeout=30) as monitor:

@@ -122,9 +122,9 @@ class Connection:
         self.polled_at = 0.0
         #: ``requests`` when the slot last joined the polled ones.
         self.turn_from = 0
-        #: Its last polled place was a brief visit: every request of it came within
-        #: the quiet span of the place's start (:class:`WaitQueue`).  False for a new slot.
-        self.brief = False
+        #: How many of its last polled places in a row were brief visits (few
+        #: requests, soon after the place's start; :class:`WaitQueue`).  0 for a new slot.
+        self.brief = 0
         #: A BATCH being served in slices (see ``Handlers._start_batch``), or None.
         self.batch: Any = None
         #: Counted in the server's census of READY connections per role.
@@ -203,6 +203,13 @@ class SlotSet:
         cap = self.cap
         return cap if waiting <= cap else max(1, cap // 2)
 
+    def light_limit(self, waiting: int) -> int:
+        """The most slots polled while ``waiting`` slots wait, counting the extra place
+        a light slot may take (:class:`WaitQueue`): one more than :meth:`limit` while
+        that is halved, never more than ``cap`` (0: no place to add)."""
+        cap = self.cap
+        return min(self.limit(waiting) + 1, cap) if cap else 0
+
     def remove(self, conn: Connection) -> None:
         """Stop serving ``conn``'s slot; ValueError if it was not served."""
         try:
@@ -221,19 +228,31 @@ class SlotSet:
         return len(self.members)
 
 
+#: A polled place that served at most this many requests was a brief visit
+#: (:meth:`WaitQueue.note_visit`): the way a client making an occasional
+#: request uses a place, against the hundreds to thousands of a busy client's turn.
+BRIEF_REQUESTS = 16
+#: Brief visits in a row that make a slot *light* (:class:`WaitQueue`): one brief
+#: visit may be a busy client that was slow to start its turn; two are a pattern.
+LIGHT_STREAK = 2
+
+
 class WaitQueue:
     """Parked slots waiting for a polled place: two first-come lanes, and the order
     in which places go to them.
 
-    A slot whose last place was a brief visit (``conn.brief``: its requests all
-    came within the quiet span of the place's start, the way a client making an
-    occasional request uses a place) queues in the ``brief`` lane; every other
-    slot, a new one included, in the ``full`` lane.  While both lanes hold slots,
-    places go to them in turn, so a brief slot waits for about one place to free
+    A slot whose last place was a brief visit (``conn.brief`` > 0, kept by
+    :meth:`note_visit`) queues in the ``brief`` lane; every other slot, a new
+    one included, in the ``full`` lane.  While both lanes hold slots, freed
+    places go to them in turn: a brief slot waits for about two places to free
     instead of a round of everyone's turns, and the full lane still gets every
-    other place.  A client gains nothing from reconnecting (a new slot queues in
-    the full lane); one that keeps its visits brief to stay in the brief lane
-    gets little done per visit.
+    other place.  A *light* slot (``LIGHT_STREAK`` brief visits in a row) may
+    also take the one place the daemon adds to its polled ones for it
+    (:meth:`pop_light`; the rule is in :mod:`.slotserve`).
+
+    What a client can win: reconnecting puts it at the back of the full lane;
+    keeping its visits brief gives it early places, and the extra one, for at
+    most ``BRIEF_REQUESTS`` requests each.
 
     Invariant: a slot is in at most one lane; iteration gives the order of
     :meth:`pop`.
@@ -247,18 +266,39 @@ class WaitQueue:
         #: The next place goes to the brief lane (if it holds a slot).
         self._brief_next = True
 
+    @staticmethod
+    def note_visit(conn: Connection) -> None:
+        """``conn``'s polled place just ended: count it in ``conn.brief`` (brief
+        visits in a row) if it served at most ``BRIEF_REQUESTS`` requests, else
+        reset the count."""
+        conn.brief = conn.brief + 1 if conn.requests - conn.turn_from <= BRIEF_REQUESTS else 0
+
+    @staticmethod
+    def is_light(conn: Connection) -> bool:
+        """Whether ``conn``'s last ``LIGHT_STREAK`` places or more were brief visits."""
+        return conn.brief >= LIGHT_STREAK
+
     def add(self, conn: Connection) -> None:
         """Queue ``conn`` at the back of its lane (a queued slot keeps its position)."""
         if conn not in self:
             (self.brief if conn.brief else self.full)[conn] = None
 
     def pop(self) -> Connection:
-        """The slot the next free place goes to; KeyError if none waits."""
+        """The slot the next freed place goes to; KeyError if none waits."""
         if self.brief and (self._brief_next or not self.full):
             self._brief_next = False
             return self.brief.popitem(last=False)[0]
         self._brief_next = True
         return self.full.popitem(last=False)[0]
+
+    def pop_light(self) -> Connection | None:
+        """The first slot of the brief lane if it is light (taken out), else None."""
+        for conn in self.brief:
+            if conn.brief < LIGHT_STREAK:
+                return None
+            del self.brief[conn]
+            return conn
+        return None
 
     def discard(self, conn: Connection) -> None:
         """Take ``conn`` out of the queue, if it waits."""
@@ -275,8 +315,7 @@ class WaitQueue:
         return bool(self.brief) or bool(self.full)
 
     def __iter__(self) -> Iterator[Connection]:
-        brief, full = iter(self.brief), iter(self.full)
-        lanes = (brief, full) if self._brief_next else (full, brief)
+        lanes = (self.brief, self.full) if self._brief_next else (self.full, self.brief)
         for pair in zip_longest(*lanes):
             yield from (conn for conn in pair if conn is not None)
 
@@ -346,5 +385,6 @@ class ServerParts:
         def stats(self) -> dict[str, Any]: ...
 
 
-__all__ = ["CLOSED", "CLOSING", "HANDSHAKE", "READY", "ConnState", "Connection", "Handler", "Pinned",
+__all__ = ["BRIEF_REQUESTS", "CLOSED", "CLOSING", "HANDSHAKE", "LIGHT_STREAK", "READY", "ConnState", "Connection",
+           "Handler", "Pinned",
            "ServerParts", "SlotSet", "WaitQueue"]

@@ -300,11 +300,11 @@ class SlotServing(ServerParts):
     def _unpoll(self, conns: list[Connection]) -> None:
         """Take ``conns`` (polled members) out of the polled set, mark each "daemon
         sleeping", note whether its place was a brief visit (``conn.brief``), fence."""
-        polled, quiet = self._slots.polled, self._quiet
+        polled, note_visit = self._slots.polled, WaitQueue.note_visit
         for conn in conns:
             del polled[conn]
             conn.words[_W_DAEMON_SLEEPING] = 1  # type: ignore[index]
-            conn.brief = conn.served_at - conn.polled_at < quiet
+            note_visit(conn)
         _fence_acquire()  # fence(), inlined
         _fence_release()
 
@@ -340,8 +340,19 @@ class SlotServing(ServerParts):
         waiting = self._waiting
         if slots.cap and (waiting or len(slots.polled) >= slots.limit(0)):
             waiting.add(conn)  # behind the others of its lane
+            self._give_light_place()
         else:
             self._unpark(conn)
+
+    def _give_light_place(self) -> None:
+        """Poll the first slot of the brief lane in the extra place if it is light and
+        the place is free (``SlotSet.light_limit``, :class:`~.connection.WaitQueue`)."""
+        slots, waiting = self._slots, self._waiting
+        if len(slots.polled) < slots.light_limit(len(waiting)):
+            light = waiting.pop_light()
+            if light is not None:
+                self._unpark(light)
+                self.metrics.slot_light_places += 1
 
     def _take_turns(self, now: float) -> float:
         """Give the places of the slots whose turn has ended (``slot_turn_us`` and
@@ -389,6 +400,7 @@ class SlotServing(ServerParts):
         unpark = self._unpark
         while waiting and (not limit or len(polled) < limit):
             unpark(waiting.pop())
+        self._give_light_place()
         next_end = min(map(_polled_at, polled), default=now) + turn
         if waiting and polled:  # or when the quietest polled slot would count as quiet
             next_end = min(next_end, min(map(_served_at, polled)) + self._quiet)

@@ -97,7 +97,7 @@ def stats_document(server: Any) -> dict[str, Any]:
                    "dumpable": dumpable(),
                    "connections": server.connection_counts(),
                    "slots": {"served": len(server._slots), "polled": len(server._slots.polled),
-                             "waiting": len(server._waiting)},
+                             "waiting": len(server._waiting), "waiting_brief": len(server._waiting.brief)},
                    "limits": limits(server)},
         "pools": pools,
         "ids": sys_stats["ids"],
