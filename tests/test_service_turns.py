@@ -294,7 +294,7 @@ class _Turns(SlotServing):
         conn.state, conn.seq = READY, 5
         conn.words = array.array("Q", bytes(8 * S.SLOT_WORDS))
         conn.words[S.W_REQ_SEQ] = 6 if pending else 5
-        self._slots.append(conn)
+        self._slots.append(conn, len(self._waiting))  # as the daemon does at HELLO
         return conn
 
 
@@ -407,3 +407,79 @@ def test_a_polled_client_that_pauses_keeps_its_place_until_its_turn_ends(tmp_pat
             if raw is not None:
                 raw.close()
         d.wait_for(idle(d.baseline))
+
+
+def test_a_slot_whose_last_place_was_a_brief_visit_gets_a_freed_place_before_busier_ones():
+    turns = _Turns(cap=1, turn_us=1000)  # one place: no extra one for light slots
+    first = turns.slot(False)
+    busy = [turns.slot(False) for _ in range(3)]
+    brief = turns.slot(False)
+    brief.brief = 1  # its last place served a request or two
+    for conn in busy + [brief]:
+        turns._admit(conn)
+    assert list(turns._waiting) == [brief, *busy]
+    first.requests += 128  # a busy turn, over
+    first.served_at = first.polled_at + 0.9e-3
+    turns._take_turns(first.polled_at + 1.1e-3)
+    assert list(turns._slots.polled) == [brief] and first.brief == 0
+    assert list(turns._waiting) == busy  # the busy one queues behind (it was not queued: parked)
+    brief.requests += 2
+    turns._take_turns(brief.polled_at + 0.3e-3)  # quiet: 0.3 ms without a request
+    assert list(turns._slots.polled) == [busy[0]] and brief.brief == 2
+
+
+def test_a_light_slot_takes_the_place_added_for_it_and_the_polled_bound_still_holds():
+    """Cap 4, halved to 2 while more than 4 wait: a light slot that rings takes a third
+    place at once; a second light one waits for that place, not for a turn."""
+    turns = _Turns(cap=4, turn_us=1000)
+    polled = [turns.slot(False) for _ in range(4)]
+    for conn in [turns.slot(False) for _ in range(10)]:
+        turns._admit(conn)
+    for conn in polled:  # their turns end (parked: no request); more than 4 wait: the bound is 2
+        conn.requests += 128
+        conn.served_at = conn.polled_at + 0.9e-3
+    turns._take_turns(polled[0].polled_at + 1.1e-3)
+    assert len(turns._slots.polled) == 2 and len(turns._waiting) == 8
+    light, other = turns.slot(False), turns.slot(False)
+    light.brief = other.brief = 2
+    turns._admit(light)
+    assert light in turns._slots.polled and len(turns._slots.polled) == 3
+    assert turns.metrics.slot_light_places == 1
+    turns._admit(other)
+    assert other in turns._waiting and len(turns._slots.polled) == 3  # the extra place is taken
+    light.requests += 1
+    light.served_at = light.polled_at
+    now = light.polled_at + 0.3e-3
+    for conn in turns._slots.polled:
+        if conn is not light:
+            conn.served_at = now - 0.05e-3  # busy, within their turns
+    turns._take_turns(now)  # the light client went quiet
+    assert light not in turns._slots.polled and other in turns._slots.polled
+    assert len(turns._slots.polled) == 3 and turns.metrics.slot_light_places == 2
+    assert light.brief == 3
+
+
+def test_there_is_no_extra_place_while_the_bound_is_not_halved():
+    turns = _Turns(cap=2, turn_us=1000)
+    [turns.slot(False) for _ in range(2)]
+    light = turns.slot(False)
+    light.brief = 5
+    turns._admit(light)
+    assert light in turns._waiting and len(turns._slots.polled) == 2
+    assert turns.metrics.slot_light_places == 0
+
+
+def test_a_new_slot_starts_parked_while_others_wait_even_with_a_place_free():
+    """Reconnecting buys no place: a new slot queues behind the waiting ones."""
+    turns = _Turns(cap=4, turn_us=1000)
+    polled = [turns.slot(False) for _ in range(4)]
+    for conn in [turns.slot(False) for _ in range(10)]:
+        turns._admit(conn)
+    for conn in polled:
+        conn.requests += 128
+        conn.served_at = conn.polled_at + 0.9e-3
+    turns._take_turns(polled[0].polled_at + 1.1e-3)  # the bound halves: 2 polled, 2 below the cap
+    newcomer = turns.slot(False)
+    assert newcomer not in turns._slots.polled and newcomer.words[S.W_DAEMON_SLEEPING] == 1
+    turns._admit(newcomer)  # its client's first request rings
+    assert list(turns._waiting)[-1] is newcomer

@@ -169,7 +169,7 @@ class SlotSet:
     (``conn.words`` is not None); ``words[W_DAEMON_SLEEPING] == 0`` only for a
     polled member (a parked one says 1).  The list-like methods (``append``,
     ``remove``, ``in``) add and drop members; a new member is polled while
-    fewer than ``cap`` are (0: always), else parked.
+    fewer than ``cap`` are (0: always) and none waits for a place, else parked.
     """
 
     __slots__ = ("members", "polled", "cap")
@@ -180,12 +180,13 @@ class SlotSet:
         #: The most slots polled at once (``max_polled_slots``; 0: no bound).
         self.cap = cap
 
-    def append(self, conn: Connection) -> None:
-        """Serve ``conn``'s slot: polled if there is room, else parked (its client rings)."""
+    def append(self, conn: Connection, waiting: int = 0) -> None:
+        """Serve ``conn``'s slot: polled if there is room and no slot waits for a place
+        (``waiting`` do), else parked (its client rings, and it queues behind them)."""
         assert conn.words is not None
         self.members[conn] = None
         conn.served_at = conn.polled_at = time.perf_counter()
-        if self.cap and len(self.polled) >= self.cap:
+        if self.cap and (waiting or len(self.polled) >= self.cap):
             conn.words[S.W_DAEMON_SLEEPING] = 1
         else:
             self.poll(conn)
@@ -337,6 +338,8 @@ class ServerParts:
     _reply_fds: list[int]
     #: READY connections with a shm slot, polled or parked (see :mod:`.slotserve`).
     _slots: SlotSet
+    #: Parked slots waiting for a polled place (see :mod:`.slotserve`).
+    _waiting: WaitQueue
     #: Connections whose clients are rung once the loop has served every ready slot.
     _bells: list[Connection]
     _ring: Callable[[Any, Connection], None]

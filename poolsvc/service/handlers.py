@@ -158,7 +158,7 @@ class Handlers(ServerParts):
         conn.handlers = (self._context_handlers if conn.role == P.Role.CONTEXT
                          else self._monitor_handlers)
         if conn.slot is not None:
-            self._slots.append(conn)
+            self._slots.append(conn, len(self._waiting))
         cfg = self.config
         log.debug("%s: HELLO as %s (version %d, features %#x)", conn.label(), conn.role.name, version,
                   granted)
