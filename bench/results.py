@@ -633,6 +633,21 @@ def scale_body(doc: dict[str, Any], folder: str) -> list[str]:
                 raw, top = rates.get((transport, count, "raw")), rates.get((transport, ref, "alloc"))
                 cells += " | " + _ratio(raw / top if raw and top else None)
             out.append(f"| {transport} | {count:,} | {cells} | {met} |")
+    if "light" in workloads:
+        out += ["", "### A light client among busy ones", "",
+                f"The `light` workload: the first process makes one alloc + close every "
+                f"{doc.get('light_period_ms', 20):g} ms, the others run alloc + close without pause. Its "
+                "pairs, p50, p99 and maximum (median over rounds), beside the busy processes' pairs/s and "
+                "p99. With turns (`shm`), a client whose places were brief visits queues in the brief lane "
+                "and takes the extra place (`docs/protocol.md`, \"Turns\").", "",
+                "| transport | clients | light pairs | light p50 µs | light p99 µs | light max µs | "
+                "busy pairs/s | busy p99 µs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in doc["rows"]:
+            if r["workload"] == "light":
+                out.append(f"| {r['transport']} | {r['clients']:,} | {_fmt(r.get('light_pairs'), ',.0f')} | "
+                           f"{_fmt(r.get('light_p50_us'))} | {_fmt(r.get('light_p99_us'))} | "
+                           f"{_fmt(r.get('light_max_us'))} | {_fmt(r['pairs_per_s'], ',.0f')} | "
+                           f"{_fmt(r['p99_us'])} |")
     out += ["", "### Start-up and memory", "",
             "'fork s': forking the processes; 'connect s': from the gate that lets all of them connect at "
             "once until each has a Context, one alloc + close done and its echo connection. Daemon KiB per "
@@ -668,7 +683,7 @@ def scale_plot(doc: dict[str, Any], path: Path) -> None:
     from poolsvc.load.sweep import client_axes
 
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 10), sharex=True)
-    styles = {"alloc": "-", "ping": "--", "raw": ":"}
+    styles = {"alloc": "-", "ping": "--", "raw": ":", "light": "-."}
     for transport, color in zip(doc["transports"], ("tab:blue", "tab:orange", "tab:green")):
         for workload in doc["workloads"]:
             rows = [r for r in doc["rows"] if r["transport"] == transport and r["workload"] == workload

@@ -25,7 +25,12 @@ times it, in the same loop shape:
 - ``ping``: ``client.ping()``, the empty request through the daemon: the service's floor,
   what a request costs the transport, the loop and the wake-ups without any work;
 - ``raw``: a 16-byte send and its echo over a Unix socket with the echo server: the
-  machine's floor for a Python request/reply between processes that sleep and wake.
+  machine's floor for a Python request/reply between processes that sleep and wake;
+- ``light``: ``alloc`` in every process but the first, the *light client*, which makes
+  one alloc + close (flushed: two requests) every ``LIGHT_PERIOD`` and sleeps between:
+  what a client that needs the service now and then waits among busy ones
+  (``docs/protocol.md``, "Turns").  Its figures are the busy processes' (none with one
+  process), and the light client's pairs, p50, p99 and maximum as ``light_*``.
 
 Figures per workload: pairs of all processes per second (pairs started in the window),
 the p50, p99, p99.9 and maximum of one pair over all processes, the server's (daemon's or echo
@@ -78,9 +83,13 @@ FORMAT = "poolsvc-bench-scale/2"
 REFERENCE_CLIENTS = 8
 PAIR_SIZE = 4096
 #: The workloads of a cell, in the order of even rounds, and what one pair of each is.
-WORKLOADS = ("alloc", "ping", "raw")
+WORKLOADS = ("alloc", "ping", "raw", "light")
+#: The light client's pace in the ``light`` workload: one pair per this many seconds.
+LIGHT_PERIOD = 0.02
 PAIRS = {"alloc": f"alloc_user_buf({PAIR_SIZE}) + close", "ping": "PING (empty request) through the daemon",
-         "raw": "16-byte send + echo over a Unix socket with a plain Python echo server"}
+         "raw": "16-byte send + echo over a Unix socket with a plain Python echo server",
+         "light": f"alloc + close as in `alloc` by every process but the first, the light client, which makes "
+                  f"one alloc + close (flushed) every {LIGHT_PERIOD * 1e3:g} ms"}
 RAW_MESSAGE = b"0123456789abcdef"
 #: The transports a study may run: the client's transport and the daemon's extra
 #: ``[service]`` settings.  ``shm-freeforall`` is shm with every slot polled
@@ -331,6 +340,20 @@ def _pair_loop(op: Callable[[], Any], end: float, latencies: array.array) -> Non
         record(now - start)
 
 
+def _paced_loop(op: Callable[[], Any], end: float, latencies: array.array, period: float) -> None:
+    """Run ``op`` once per ``period`` until ``end`` (perf_counter), sleeping between calls
+    (a call that overruns its period starts the next at once), recording each call's seconds."""
+    clock = _CLOCK
+    due = clock()
+    while due < end:
+        start = clock()
+        op()
+        latencies.append(clock() - start)
+        due = max(due + period, clock())
+        if due < end:
+            time.sleep(max(0.0, due - clock()))
+
+
 def _client(index: int, daemon_path: str, echo_path: str, transport: str, workloads: list[str],
             gates: Gates, out_path: str) -> None:
     """A forked client process: wait at the connect gate, connect (daemon and echo
@@ -361,7 +384,12 @@ def _client(index: int, daemon_path: str, echo_path: str, transport: str, worklo
             if len(recv(64)) != len(RAW_MESSAGE):  # 16 bytes on a stream socket: always whole
                 raise RuntimeError("short echo")
 
+        def light() -> None:
+            alloc(PAIR_SIZE).close()
+            ctx.flush()
+
         ops = {"alloc": lambda: alloc(PAIR_SIZE).close(), "ping": client.ping, "raw": raw}
+        ops["light"] = light if index == 0 else ops["alloc"]
     except BaseException as exc:  # reported, not raised: the parent counts failures
         error = f"connect: {type(exc).__name__}: {exc}"
     report_w = gates.report[1]
@@ -375,8 +403,11 @@ def _client(index: int, daemon_path: str, echo_path: str, transport: str, worklo
         if error is None:
             try:
                 usage0 = resource.getrusage(resource.RUSAGE_SELF)
-                _pair_loop(ops[workload], gates.window_end(k), mine)
-                if workload == "alloc":
+                if workload == "light" and index == 0:
+                    _paced_loop(ops[workload], gates.window_end(k), mine, LIGHT_PERIOD)
+                else:
+                    _pair_loop(ops[workload], gates.window_end(k), mine)
+                if workload in ("alloc", "light"):
                     ctx.flush()
                 usage1 = resource.getrusage(resource.RUSAGE_SELF)
                 result.update(cpu_s=usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime,
@@ -426,8 +457,9 @@ def _workload_figures(workload: str, results: list[dict[str, Any]], latencies: l
     ordered = array.array("d", sorted(x for lat in latencies for x in lat))
     per = 1 / pairs if pairs else 0.0
     return {"workload": workload, "pairs": pairs, "pairs_per_s": round(pairs / seconds),
-            "p50_us": round(_quantile(ordered, 0.5) * 1e6, 1), "p99_us": round(_quantile(ordered, 0.99) * 1e6, 1),
-            "p999_us": round(_quantile(ordered, 0.999) * 1e6, 1),
+            "p50_us": round(_quantile(ordered, 0.5) * 1e6, 1) if ordered else None,
+            "p99_us": round(_quantile(ordered, 0.99) * 1e6, 1) if ordered else None,
+            "p999_us": round(_quantile(ordered, 0.999) * 1e6, 1) if ordered else None,
             "max_us": round(ordered[-1] * 1e6, 1) if ordered else None,
             "server_cpu_s": round(server_cpu, 2),
             "server_us_per_pair": round(server_cpu * per * 1e6, 1) if pairs else None,
@@ -437,6 +469,15 @@ def _workload_figures(workload: str, results: list[dict[str, Any]], latencies: l
             "client_preemptions_per_pair": round(preempted * per, 3) if pairs else None,
             "client_faults_per_pair": round(faults * per, 3) if pairs else None,
             "errors": len(errors), "first_errors": sorted(set(errors))[:3]}
+
+
+def _light_figures(result: dict[str, Any], latencies: array.array) -> dict[str, Any]:
+    """The light client's figures in the ``light`` workload (module doc)."""
+    ordered = array.array("d", sorted(latencies))
+    return {"light_pairs": result["pairs"], "light_error": result.get("error"),
+            "light_p50_us": round(_quantile(ordered, 0.5) * 1e6, 1) if ordered else None,
+            "light_p99_us": round(_quantile(ordered, 0.99) * 1e6, 1) if ordered else None,
+            "light_max_us": round(ordered[-1] * 1e6, 1) if ordered else None}
 
 
 def cell(tree: Path, transport: str, count: int, workloads: list[str], seconds: float,
@@ -509,8 +550,12 @@ def cell(tree: Path, transport: str, count: int, workloads: list[str], seconds: 
         measured = out["workloads"].get(workload)
         if measured is None:
             continue
-        figures = _workload_figures(workload, [r[0][k] for r in per_client], [r[1][k] for r in per_client],
-                                    seconds, measured["server_cpu"], measured["server_switches"])
+        results, latencies = [r[0][k] for r in per_client], [r[1][k] for r in per_client]
+        light = workload == "light"  # the first process is the light client, the others busy
+        figures = _workload_figures(workload, results[light:], latencies[light:], seconds,
+                                    measured["server_cpu"], measured["server_switches"])
+        if light:
+            figures.update(_light_figures(results[0], latencies[0]))
         figures["wall_s"] = measured["wall_s"]
         out["workloads"][workload] = figures
     return out
@@ -528,7 +573,8 @@ def _progress(text: str) -> None:
 #: Per-workload figures summarised as medians over rounds.
 MEDIANS = ("pairs_per_s", "of_reference", "p50_us", "p99_us", "p999_us", "max_us", "server_us_per_pair",
            "server_switches_per_pair",
-           "client_us_per_pair", "client_sleeps_per_pair", "client_preemptions_per_pair", "client_faults_per_pair")
+           "client_us_per_pair", "client_sleeps_per_pair", "client_preemptions_per_pair", "client_faults_per_pair",
+           "light_pairs", "light_p50_us", "light_p99_us", "light_max_us")
 #: Per-cell figures summarised as medians over rounds.
 CELL_MEDIANS = ("fork_s", "start_s", "daemon_kib_per_client", "machine_kib_per_client", "daemon_fds")
 
@@ -555,7 +601,10 @@ def study(tree: Path, counts: list[int], transports: list[str], workloads: list[
                 for workload in workloads:
                     w = got["workloads"].get(workload)
                     if w is not None:
-                        line.append(f"{workload} {w['pairs_per_s']:,}/s p99 {w['p99_us']:,.0f} us")
+                        p99 = "-" if w["p99_us"] is None else f"{w['p99_us']:,.0f}"
+                        line.append(f"{workload} {w['pairs_per_s']:,}/s p99 {p99} us")
+                        if w.get("light_p99_us") is not None:
+                            line.append(f"light client p99 {w['light_p99_us']:,.0f} us")
                 errors = got["errors"] + [e for w in got["workloads"].values() for e in w.get("first_errors", [])]
                 _progress("; ".join(line) + (f"; ERRORS {errors[:2]}" if errors else ""))
     if skipped:
@@ -584,6 +633,7 @@ def study(tree: Path, counts: list[int], transports: list[str], workloads: list[
                              "errors": sum(g["errors"] for g in got) + sum(len(c["errors"]) for c in mine)})
     return {"format": FORMAT, "tree": str(tree), "counts": counts, "transports": transports,
             "workloads": workloads, "pairs": {w: PAIRS[w] for w in workloads}, "seconds": seconds,
+            "light_period_ms": LIGHT_PERIOD * 1e3,
             "rounds": rounds, "reference_clients": REFERENCE_CLIENTS, "cpus": os.cpu_count(),
             "loadavg_start": load_start, "loadavg_end": _loadavg(), "run_s": round(time.time() - started, 1),
             "time_limit_s": time_limit, "skipped": skipped, "rows": rows, "cell_rows": cell_rows,

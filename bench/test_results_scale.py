@@ -69,6 +69,24 @@ def test_scale_body_tables_and_goals():
     assert "| raw here / alloc at 8 |" in text
 
 
+def test_scale_body_shows_the_light_client_beside_the_busy_ones():
+    doc = _doc()
+    doc["workloads"].append("light")
+    doc["light_period_ms"] = 20.0
+    for clients, p99 in ((1, 400.0), (64, 3_000.0)):
+        row = _row("shm", clients, "light", 0 if clients == 1 else 90_000, None if clients == 1 else 0.9)
+        row.update(light_pairs=250, light_p50_us=250.0, light_p99_us=p99, light_max_us=2 * p99)
+        if clients == 1:
+            row.update(p50_us=None, p99_us=None, p999_us=None, max_us=None)
+        doc["rows"].append(row)
+    text = "\n".join(results.scale_body(doc, "scale"))
+    assert "### A light client among busy ones" in text and "every 20 ms" in text
+    assert "| shm | 64 | 250 | 250.0 | 3,000.0 | 6,000.0 | 90,000 | 19,200.0 |" in text
+    assert "| shm | 1 | 250 | 250.0 | 400.0 | 800.0 | 0 | - |" in text  # no busy process
+    assert "| socket | 64 | 75% | 90% | 85% | - | 400% | yes |" in text  # a ratio column for light
+    results.scale_plot(doc, Path("/dev/null"))  # the light workload has a line style
+
+
 def test_scale_plot_is_written(tmp_path):
     path = tmp_path / "scale.png"
     results.scale_plot(_doc(), path)

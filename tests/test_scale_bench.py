@@ -1,5 +1,6 @@
 """The scaling study's machinery (bench/scale.py) on a few processes and short windows:
-a cell runs every workload against a real daemon and the plain echo server, the study
+a cell runs every workload against a real daemon and the plain echo server (the light
+client paced among busy processes in ``light``), the study
 computes each workload's ratio against its own reference count, and the time limit
 skips cells instead of running them.  The figures themselves are the benchmark's
 business (bench/results/scale.md); here only that they are measured and consistent.
@@ -30,6 +31,9 @@ def test_a_cell_measures_every_workload(transport):
         assert w["pairs"] > 0 and w["pairs_per_s"] == round(w["pairs"] / 0.3)
         assert 0 < w["p50_us"] <= w["p99_us"]
         assert w["client_us_per_pair"] > 0 and w["server_cpu_s"] >= 0
+    light = got["workloads"]["light"]  # the first process paced, the two others busy
+    assert 0 < light["light_pairs"] <= 0.3 / scale.LIGHT_PERIOD + 1 and light["light_error"] is None
+    assert 0 < light["light_p50_us"] <= light["light_p99_us"] <= light["light_max_us"]
     assert got["daemon_rss_after_kib"] >= got["daemon_rss_before_kib"] > 0
     assert got["daemon_fd_limit"] is None or got["daemon_fd_limit"] > 0
 

@@ -8,7 +8,11 @@ served while the polled ones never pause, requests published around the end
 of a turn are never lost, a disconnected waiter leaves no trace, a
 client ringing in a flood only queues its own slot once, turns shorten when
 a round would last over ``slot_round_us``, a slot that went quiet gives its
-place up at once, and a monitor never waits for a turn (it gets no slot).
+place up at once, and a monitor never waits for a turn (it gets no slot);
+a slot whose last place was a brief visit gets a freed place before busier
+ones, a light slot takes the place added for it only while the bound is
+halved, and a new slot starts parked while others wait.  The queue itself:
+``tests/test_wait_queue.py``.
 """
 from __future__ import annotations
 

@@ -42,12 +42,16 @@ polled set, from which it is parked again.
 Turns.  At most ``SlotSet.cap`` slots (``max_polled_slots``) are polled, and
 half as many while more than that wait (``SlotSet.limit``).
 A ring, or the end of what kept a slot from being served, while every place
-is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`).
+is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`), a
+:class:`~.connection.WaitQueue` of two lanes: slots whose last place was a
+brief visit, and the others (a new slot starts parked while any waits, and
+queues there).  While the bound is halved, one place more is kept for a
+*light* slot (brief visits in a row; :meth:`SlotServing._give_light_place`).
 While slots wait, a slot polled for ``slot_turn_us`` (and for
 ``slot_turn_requests`` requests, or TURN_STRETCH times as long; shorter while so
 many wait that a round of turns would last over ``slot_round_us``), or one that
 made no request for the TURN_STRETCH-th part of ``slot_turn_us``, is parked for the
-oldest waiting one (:meth:`SlotServing._take_turns`, right after a
+next waiting one (:meth:`SlotServing._take_turns`, right after a
 serving turn, so that the slot holds no request and its client's next one
 rings); a slot found with a request after the mark keeps its place for a
 later try, or, a whole turn late, joins the queue (its client saw the slot
@@ -360,7 +364,8 @@ class SlotServing(ServerParts):
         shorter while so many wait that a round of turns would pass
         ``slot_round_us``, down to MIN_TURN; or no request for the
         TURN_STRETCH-th part of ``slot_turn_us``), oldest first and as many as wait,
-        to the waiting slots, oldest first; fill free places too.  When to look
+        to the waiting slots (the lanes in turn); fill free places too, and the
+        extra place of a light slot.  When to look
         again (perf_counter seconds).
 
         The loop calls it right after serving, when a slot just answered holds
