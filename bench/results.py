@@ -639,7 +639,8 @@ def scale_body(doc: dict[str, Any], folder: str) -> list[str]:
                 f"{doc.get('light_period_ms', 20):g} ms, the others run alloc + close without pause. Its "
                 "pairs, p50, p99 and maximum (median over rounds), beside the busy processes' pairs/s and "
                 "p99. With turns (`shm`), a client whose places were brief visits queues in the brief lane "
-                "and takes the extra place (`docs/protocol.md`, \"Turns\").", "",
+                "and takes the extra place, 1 ms at a time (`docs/protocol.md`, \"Turns\"); its first pair "
+                "may wait for the crowd of busy processes that rang at once, the maximum.", "",
                 "| transport | clients | light pairs | light p50 µs | light p99 µs | light max µs | "
                 "busy pairs/s | busy p99 µs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in doc["rows"]:

@@ -10,8 +10,9 @@ client ringing in a flood only queues its own slot once, turns shorten when
 a round would last over ``slot_round_us``, a slot that went quiet gives its
 place up at once, and a monitor never waits for a turn (it gets no slot);
 a slot whose last place was a brief visit gets a freed place before busier
-ones, a light slot takes the place added for it only while the bound is
-halved, and a new slot starts parked while others wait.  The queue itself:
+ones, the extra place serves the brief lane one slot and EXTRA_TURN at a
+time and only while the bound is halved, and a new slot starts parked while
+others wait.  The queue itself:
 ``tests/test_wait_queue.py``.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from poolsvc.service.client import connect
 from poolsvc.service.connection import READY, Connection
 from poolsvc.service.metrics import Metrics
 from poolsvc.service.settings import ServiceSettings
-from poolsvc.service.slotserve import MIN_TURN, TURN_STRETCH, SlotServing
+from poolsvc.service.slotserve import EXTRA_TURN, MIN_TURN, TURN_STRETCH, SlotServing
 
 from svcutil import RawClient, checked_daemon, idle, requests_after_pauses, summary
 from waiting import wait_until
@@ -414,63 +415,107 @@ def test_a_polled_client_that_pauses_keeps_its_place_until_its_turn_ends(tmp_pat
 
 
 def test_a_slot_whose_last_place_was_a_brief_visit_gets_a_freed_place_before_busier_ones():
-    turns = _Turns(cap=1, turn_us=1000)  # one place: no extra one for light slots
+    turns = _Turns(cap=1, turn_us=1000)  # one place: no extra one
     first = turns.slot(False)
     busy = [turns.slot(False) for _ in range(3)]
     brief = turns.slot(False)
-    brief.brief = 1  # its last place served a request or two
+    brief.brief = True  # its last place served a request or two
     for conn in busy + [brief]:
         turns._admit(conn)
     assert list(turns._waiting) == [brief, *busy]
     first.requests += 128  # a busy turn, over
     first.served_at = first.polled_at + 0.9e-3
     turns._take_turns(first.polled_at + 1.1e-3)
-    assert list(turns._slots.polled) == [brief] and first.brief == 0
-    assert list(turns._waiting) == busy  # the busy one queues behind (it was not queued: parked)
+    assert list(turns._slots.polled) == [brief] and not first.brief
+    assert list(turns._waiting) == busy  # (the busy one had no request: parked, not queued)
     brief.requests += 2
     turns._take_turns(brief.polled_at + 0.3e-3)  # quiet: 0.3 ms without a request
-    assert list(turns._slots.polled) == [busy[0]] and brief.brief == 2
+    assert list(turns._slots.polled) == [busy[0]] and brief.brief
+    assert turns.metrics.slot_extra_places == 0
 
 
-def test_a_light_slot_takes_the_place_added_for_it_and_the_polled_bound_still_holds():
-    """Cap 4, halved to 2 while more than 4 wait: a light slot that rings takes a third
-    place at once; a second light one waits for that place, not for a turn."""
-    turns = _Turns(cap=4, turn_us=1000)
+def _halved(turns: _Turns) -> list[Connection]:
+    """Four slots polled at cap 4, ten waiting; their turns end (no request pending):
+    two places under the halved bound.  The slots polled then."""
     polled = [turns.slot(False) for _ in range(4)]
     for conn in [turns.slot(False) for _ in range(10)]:
         turns._admit(conn)
-    for conn in polled:  # their turns end (parked: no request); more than 4 wait: the bound is 2
+    for conn in polled:
         conn.requests += 128
         conn.served_at = conn.polled_at + 0.9e-3
     turns._take_turns(polled[0].polled_at + 1.1e-3)
     assert len(turns._slots.polled) == 2 and len(turns._waiting) == 8
-    light, other = turns.slot(False), turns.slot(False)
-    light.brief = other.brief = 2
-    turns._admit(light)
-    assert light in turns._slots.polled and len(turns._slots.polled) == 3
-    assert turns.metrics.slot_light_places == 1
-    turns._admit(other)
-    assert other in turns._waiting and len(turns._slots.polled) == 3  # the extra place is taken
-    light.requests += 1
-    light.served_at = light.polled_at
-    now = light.polled_at + 0.3e-3
-    for conn in turns._slots.polled:
-        if conn is not light:
-            conn.served_at = now - 0.05e-3  # busy, within their turns
-    turns._take_turns(now)  # the light client went quiet
-    assert light not in turns._slots.polled and other in turns._slots.polled
-    assert len(turns._slots.polled) == 3 and turns.metrics.slot_light_places == 2
-    assert light.brief == 3
+    return list(turns._slots.polled)
+
+
+def test_the_extra_place_serves_the_brief_lane_one_slot_and_extra_turn_at_a_time():
+    """Cap 4, halved to 2 while more than 4 wait: a brief slot that rings takes a third
+    place at once, for EXTRA_TURN; a second one waits for that place, not for a turn."""
+    turns = _Turns(cap=4, turn_us=1000)
+    regular = _halved(turns)
+    first, second = turns.slot(False), turns.slot(False)
+    first.brief = second.brief = True
+    turns._turn_at = first.polled_at + 1.0  # the loop's next look, a turn away
+    turns._admit(first)
+    assert first in turns._slots.polled and turns._guest is first and turns.metrics.slot_extra_places == 1
+    assert turns._turn_at <= first.polled_at + EXTRA_TURN  # the loop looks again by the end of it
+    turns._admit(second)
+    assert second in turns._waiting and len(turns._slots.polled) == 3  # the extra place is taken
+    first.requests += 2  # its request, and the close riding with the next
+    now = first.polled_at + 0.5e-3
+    first.served_at = now - 0.1e-3  # (within the quiet span of a 1 ms slot_turn_us: 0.25 ms)
+    for conn in regular:
+        conn.served_at = now - 0.05e-3  # busy, within their turns
+    assert turns._take_turns(now) <= first.polled_at + EXTRA_TURN + 1e-9  # not yet; looked at by its end
+    assert first in turns._slots.polled
+    now = first.polled_at + EXTRA_TURN + 0.1e-3
+    for conn in regular:
+        conn.served_at = now - 0.05e-3
+    turns._take_turns(now)  # the extra place's turn is over
+    assert first not in turns._slots.polled and first.brief
+    assert turns._guest is second and second in turns._slots.polled and len(turns._slots.polled) == 3
+    assert turns.metrics.slot_extra_places == 2
+    assert all(conn in turns._slots.polled for conn in regular)  # the regular places are untouched
+
+
+def test_a_busy_client_in_the_extra_place_counts_as_busy_again_after_extra_turn():
+    turns = _Turns(cap=4, turn_us=1000)
+    regular = _halved(turns)
+    slot = turns.slot(False)
+    slot.brief = True  # it made a brief visit once (its client was slow to start its turn)
+    turns._admit(slot)
+    assert turns._guest is slot
+    slot.requests += 40  # busy in the extra place
+    now = slot.polled_at + EXTRA_TURN + 0.1e-3
+    slot.served_at = now - 0.01e-3
+    for conn in regular:
+        conn.served_at = now - 0.05e-3
+    turns._take_turns(now)
+    assert slot not in turns._slots.polled and not slot.brief and turns._guest is None
 
 
 def test_there_is_no_extra_place_while_the_bound_is_not_halved():
     turns = _Turns(cap=2, turn_us=1000)
     [turns.slot(False) for _ in range(2)]
-    light = turns.slot(False)
-    light.brief = 5
-    turns._admit(light)
-    assert light in turns._waiting and len(turns._slots.polled) == 2
-    assert turns.metrics.slot_light_places == 0
+    brief = turns.slot(False)
+    brief.brief = True
+    turns._admit(brief)
+    assert brief in turns._waiting and len(turns._slots.polled) == 2
+    assert turns.metrics.slot_extra_places == 0 and turns._guest is None
+
+
+def test_a_place_freed_beside_the_extra_one_goes_to_a_waiting_slot():
+    turns = _Turns(cap=4, turn_us=1000)
+    regular = _halved(turns)
+    guest = turns.slot(False)
+    guest.brief = True
+    turns._admit(guest)
+    now = regular[0].polled_at + 5e-3  # the regular slots went quiet; the guest's request is recent
+    guest.served_at = now - 0.05e-3
+    guest.polled_at = now - 0.5e-3
+    turns._take_turns(now)
+    assert guest in turns._slots.polled and turns._guest is guest
+    assert len(turns._slots.polled) == 3  # two regular places refilled beside it
 
 
 def test_a_new_slot_starts_parked_while_others_wait_even_with_a_place_free():

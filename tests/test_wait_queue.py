@@ -7,7 +7,7 @@ The state machine checks the queue against what it promises, not against a
 copy of its code: each lane keeps its order; a slot k-th in its lane when it
 queues gets a place within 2k regular pops (the other lane cannot take more than every
 other place); iteration lists the slots in the order the next pops take them;
-``pop_light`` takes the head of the brief lane only when it is light.  Planted
+``pop_brief`` takes the head of the brief lane, outside the turn of the lanes.  Planted
 bugs it catches: ``pop`` always preferring the brief lane (the bound fails for a
 full-lane slot), iteration listing the brief lane first whatever the turn, and
 ``add`` moving a queued slot to the back.
@@ -18,13 +18,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from poolsvc.service.connection import BRIEF_REQUESTS, LIGHT_STREAK, WaitQueue
+from poolsvc.service.connection import BRIEF_REQUESTS, WaitQueue
 
 
 class _Slot:
     """What the queue reads of a connection."""
 
-    def __init__(self, name: int, brief: int) -> None:
+    def __init__(self, name: int, brief: bool) -> None:
         self.name = name
         self.brief = brief
         self.requests = self.turn_from = 0
@@ -43,15 +43,15 @@ class WaitQueueMachine(RuleBasedStateMachine):
         self.pops = 0
         self.made = 0
 
-    def _new(self, brief: int) -> _Slot:
+    def _new(self, brief: bool) -> _Slot:
         self.made += 1
         return _Slot(self.made, brief)
 
-    @rule(brief=st.integers(0, 3))
-    def add(self, brief: int) -> None:
+    @rule(brief=st.booleans())
+    def add(self, brief: bool) -> None:
         slot = self._new(brief)
         self.queue.add(slot)  # type: ignore[arg-type]
-        lane = self.lanes[brief > 0]
+        lane = self.lanes[brief]
         lane.append(slot)
         self.queued[slot] = (self.pops, len(lane))
 
@@ -67,12 +67,12 @@ class WaitQueueMachine(RuleBasedStateMachine):
     def discard(self, data: st.DataObject) -> None:
         slot = data.draw(st.sampled_from(sorted(self.queued, key=lambda s: s.name)))
         self.queue.discard(slot)  # type: ignore[arg-type]
-        self.lanes[slot.brief > 0].remove(slot)
+        self.lanes[slot.brief].remove(slot)
         del self.queued[slot]
 
     @rule()
     def discard_absent(self) -> None:
-        self.queue.discard(self._new(0))  # type: ignore[arg-type]
+        self.queue.discard(self._new(False))  # type: ignore[arg-type]
 
     @precondition(lambda self: self.queued)
     @rule()
@@ -83,13 +83,11 @@ class WaitQueueMachine(RuleBasedStateMachine):
         self._took(slot, regular=True)
 
     @rule()
-    def pop_light(self) -> None:
+    def pop_brief(self) -> None:
         head = self.lanes[True][0] if self.lanes[True] else None
-        slot = self.queue.pop_light()
-        if head is None or head.brief < LIGHT_STREAK:
-            assert slot is None
-        else:
-            assert slot is head
+        slot = self.queue.pop_brief()
+        assert slot is head
+        if slot is not None:
             self._took(slot, regular=False)
 
     @precondition(lambda self: self.queued)
@@ -106,9 +104,9 @@ class WaitQueueMachine(RuleBasedStateMachine):
 
     def _took(self, slot: _Slot, regular: bool) -> None:
         """``slot`` got a place: a freed one (``regular``, counted for the bound) or the
-        extra one (``pop_light``, outside the turn of the lanes)."""
+        extra one (``pop_brief``, outside the turn of the lanes)."""
         self.pops += regular
-        lane = self.lanes[slot.brief > 0]
+        lane = self.lanes[slot.brief]
         assert lane and lane[0] is slot, f"{slot} taken ahead of {lane[:1]} in its lane"
         lane.pop(0)
         queued_at, position = self.queued.pop(slot)
@@ -129,22 +127,17 @@ TestWaitQueue = WaitQueueMachine.TestCase
 TestWaitQueue.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
 
 
-def test_a_visit_of_few_requests_counts_as_brief_and_a_busy_one_resets_the_count():
-    slot = _Slot(1, 0)
-    for streak in (1, 2, 3):
+def test_a_visit_of_few_requests_counts_as_brief_and_a_busy_one_does_not():
+    slot = _Slot(1, False)
+    for requests, brief in ((BRIEF_REQUESTS, True), (0, True), (BRIEF_REQUESTS + 1, False), (1, True)):
         slot.turn_from = slot.requests
-        slot.requests += BRIEF_REQUESTS
+        slot.requests += requests
         WaitQueue.note_visit(slot)  # type: ignore[arg-type]
-        assert slot.brief == streak
-    assert WaitQueue.is_light(slot)  # type: ignore[arg-type]
-    slot.turn_from = slot.requests
-    slot.requests += BRIEF_REQUESTS + 1
-    WaitQueue.note_visit(slot)  # type: ignore[arg-type]
-    assert slot.brief == 0 and not WaitQueue.is_light(slot)  # type: ignore[arg-type]
+        assert slot.brief is brief
 
 
 def test_a_new_slot_queues_in_the_full_lane():
     queue = WaitQueue()
-    slot = _Slot(1, 0)
+    slot = _Slot(1, False)
     queue.add(slot)  # type: ignore[arg-type]
     assert list(queue.full) == [slot] and not queue.brief

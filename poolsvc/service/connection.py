@@ -122,9 +122,8 @@ class Connection:
         self.polled_at = 0.0
         #: ``requests`` when the slot last joined the polled ones.
         self.turn_from = 0
-        #: How many of its last polled places in a row were brief visits (few
-        #: requests, soon after the place's start; :class:`WaitQueue`).  0 for a new slot.
-        self.brief = 0
+        #: Its last polled place was a brief visit (few requests; :class:`WaitQueue`).
+        self.brief = False
         #: A BATCH being served in slices (see ``Handlers._start_batch``), or None.
         self.batch: Any = None
         #: Counted in the server's census of READY connections per role.
@@ -204,12 +203,10 @@ class SlotSet:
         cap = self.cap
         return cap if waiting <= cap else max(1, cap // 2)
 
-    def light_limit(self, waiting: int) -> int:
-        """The most slots polled while ``waiting`` slots wait, counting the extra place
-        a light slot may take (:class:`WaitQueue`): one more than :meth:`limit` while
-        that is halved, never more than ``cap`` (0: no place to add)."""
-        cap = self.cap
-        return min(self.limit(waiting) + 1, cap) if cap else 0
+    def extra(self, waiting: int) -> bool:
+        """Whether the loop keeps the extra place (:class:`WaitQueue`) while ``waiting``
+        slots wait: while :meth:`limit` is halved, the place fits under ``cap``."""
+        return 0 < self.limit(waiting) < self.cap
 
     def remove(self, conn: Connection) -> None:
         """Stop serving ``conn``'s slot; ValueError if it was not served."""
@@ -233,27 +230,23 @@ class SlotSet:
 #: (:meth:`WaitQueue.note_visit`): the way a client making an occasional
 #: request uses a place, against the hundreds to thousands of a busy client's turn.
 BRIEF_REQUESTS = 16
-#: Brief visits in a row that make a slot *light* (:class:`WaitQueue`): one brief
-#: visit may be a busy client that was slow to start its turn; two are a pattern.
-LIGHT_STREAK = 2
 
 
 class WaitQueue:
     """Parked slots waiting for a polled place: two first-come lanes, and the order
     in which places go to them.
 
-    A slot whose last place was a brief visit (``conn.brief`` > 0, kept by
+    A slot whose last place was a brief visit (``conn.brief``, kept by
     :meth:`note_visit`) queues in the ``brief`` lane; every other slot, a new
     one included, in the ``full`` lane.  While both lanes hold slots, freed
-    places go to them in turn: a brief slot waits for about two places to free
-    instead of a round of everyone's turns, and the full lane still gets every
-    other place.  A *light* slot (``LIGHT_STREAK`` brief visits in a row) may
-    also take the one place the daemon adds to its polled ones for it
-    (:meth:`pop_light`; the rule is in :mod:`.slotserve`).
+    places go to them in turn (:meth:`pop`): a slot k-th in its lane gets one
+    within 2k freed places.  The daemon also keeps one short extra place for
+    the first slot of the brief lane (:meth:`pop_brief`; the rule is in
+    :mod:`.slotserve`).
 
     What a client can win: reconnecting puts it at the back of the full lane;
-    keeping its visits brief gives it early places, and the extra one, for at
-    most ``BRIEF_REQUESTS`` requests each.
+    keeping its visits brief gives it early places, and the extra one, each for
+    at most ``BRIEF_REQUESTS`` requests before it counts as busy again.
 
     Invariant: a slot is in at most one lane; iteration gives the order of
     :meth:`pop`.
@@ -269,15 +262,9 @@ class WaitQueue:
 
     @staticmethod
     def note_visit(conn: Connection) -> None:
-        """``conn``'s polled place just ended: count it in ``conn.brief`` (brief
-        visits in a row) if it served at most ``BRIEF_REQUESTS`` requests, else
-        reset the count."""
-        conn.brief = conn.brief + 1 if conn.requests - conn.turn_from <= BRIEF_REQUESTS else 0
-
-    @staticmethod
-    def is_light(conn: Connection) -> bool:
-        """Whether ``conn``'s last ``LIGHT_STREAK`` places or more were brief visits."""
-        return conn.brief >= LIGHT_STREAK
+        """``conn``'s polled place just ended: it was a brief visit if it served at
+        most ``BRIEF_REQUESTS`` requests (``conn.brief``)."""
+        conn.brief = conn.requests - conn.turn_from <= BRIEF_REQUESTS
 
     def add(self, conn: Connection) -> None:
         """Queue ``conn`` at the back of its lane (a queued slot keeps its position)."""
@@ -292,14 +279,10 @@ class WaitQueue:
         self._brief_next = True
         return self.full.popitem(last=False)[0]
 
-    def pop_light(self) -> Connection | None:
-        """The first slot of the brief lane if it is light (taken out), else None."""
-        for conn in self.brief:
-            if conn.brief < LIGHT_STREAK:
-                return None
-            del self.brief[conn]
-            return conn
-        return None
+    def pop_brief(self) -> Connection | None:
+        """The first slot of the brief lane (taken out), or None; the turn of the lanes
+        is unchanged (this is the extra place's, not a freed one)."""
+        return self.brief.popitem(last=False)[0] if self.brief else None
 
     def discard(self, conn: Connection) -> None:
         """Take ``conn`` out of the queue, if it waits."""
@@ -340,6 +323,10 @@ class ServerParts:
     _slots: SlotSet
     #: Parked slots waiting for a polled place (see :mod:`.slotserve`).
     _waiting: WaitQueue
+    #: The slot in the extra place (see :mod:`.slotserve`), or None.
+    _guest: Connection | None
+    #: When the loop looks at the turns next (perf_counter seconds).
+    _turn_at: float
     #: Connections whose clients are rung once the loop has served every ready slot.
     _bells: list[Connection]
     _ring: Callable[[Any, Connection], None]
@@ -388,6 +375,6 @@ class ServerParts:
         def stats(self) -> dict[str, Any]: ...
 
 
-__all__ = ["BRIEF_REQUESTS", "CLOSED", "CLOSING", "HANDSHAKE", "LIGHT_STREAK", "READY", "ConnState", "Connection",
-           "Handler", "Pinned",
+__all__ = ["BRIEF_REQUESTS", "CLOSED", "CLOSING", "HANDSHAKE", "READY", "ConnState", "Connection", "Handler",
+           "Pinned",
            "ServerParts", "SlotSet", "WaitQueue"]

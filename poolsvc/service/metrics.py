@@ -82,7 +82,7 @@ class Metrics:
         self.refused = 0          # over max_clients, or failed handshakes
         self.protocol_errors = 0  # clients dropped for malformed traffic
         self.slot_turns = 0       # polled shm slots parked to give waiting ones their turn
-        self.slot_light_places = 0  # light slots polled in the place added for them
+        self.slot_extra_places = 0  # brief-lane slots polled in the extra place
 
     def ring(self, msg_type: int) -> LatencyRing | None:
         """The latency ring of a message type (created on first use); None for a
@@ -119,7 +119,7 @@ class Metrics:
             "refused": self.refused,
             "protocol_errors": self.protocol_errors,
             "slot_turns": self.slot_turns,
-            "slot_light_places": self.slot_light_places,
+            "slot_extra_places": self.slot_extra_places,
             "ops": {_type_name(t): n for t, n in sorted(self.ops.items())},
             "errors": {_error_name(c): n for c, n in sorted(self.errors.items())},
             "latency": {type_name(t): ring.summary() for t, ring in sorted(self.rings.items())},

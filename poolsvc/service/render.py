@@ -56,7 +56,7 @@ def text(doc: dict[str, Any]) -> str:
     lines += ["", f"requests: uptime {req['uptime_s']:.0f} s, {req['connections']} connections, "
                   f"{req['crashes']} ended without GOODBYE, {req['refused']} refused, "
                   f"{req['protocol_errors']} protocol violations, {req['slot_turns']} slot turns ended, "
-                  f"{req['slot_light_places']} extra places to light slots"]
+                  f"{req['slot_extra_places']} extra places"]
     lines.append(f"  {'type':14} {'count':>10} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'p99.9 us':>9} "
                  f"{'max us':>10}")
     for name, lat in req["latency"].items():
@@ -130,8 +130,8 @@ def prometheus(doc: dict[str, Any]) -> str:
                [({"state": k}, v) for k, v in doc["daemon"]["slots"].items()])
     family("slot_turns_total", "counter", "Polled shm slots parked to give waiting ones their turn.",
            [({}, req["slot_turns"])])
-    family("slot_light_places_total", "counter", "Light shm slots polled in the place added for them.",
-           [({}, req["slot_light_places"])])
+    family("slot_extra_places_total", "counter", "Shm slots of the brief lane polled in the extra place.",
+           [({}, req["slot_extra_places"])])
     samples = []
     for t, lat in req["latency"].items():
         for key, quantile in _QUANTILES:

@@ -233,7 +233,8 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
         max_slot_spin = self.settings.shm_spin_us / 1e6
         min_slot_spin = min(2e-6, max_slot_spin)
         park_after = PARK_AFTER * max_slot_spin
-        spin_until = park_at = turn_at = 0.0
+        spin_until = park_at = 0.0
+        self._turn_at = 0.0
         counted_from = time.perf_counter()
         requests = 0  # slot requests served since counted_from (restarted by a sleep)
         polling = False  # within a polling window, which ``spent`` seconds of polling used
@@ -254,15 +255,15 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                 if slots:
                     served = 0
                     if waiting and len(polled) < slots.limit(len(waiting)):  # free places go to waiting slots
-                        turn_at = take_turns(clock())
+                        self._turn_at = take_turns(clock())
                     if polled:
                         # serve every ready slot, then wake the sleepers among them
                         now = clock()
                         self._defer_writes = True
                         served = serve_ready(self, polled, self._bells, now)
                         self._defer_writes = False
-                        if waiting and now >= turn_at:  # turns end just after serving (_take_turns)
-                            turn_at = take_turns(now)
+                        if waiting and now >= self._turn_at:  # turns end just after serving (_take_turns)
+                            self._turn_at = take_turns(now)
                         if served or self._bells or self._unwritten:
                             write_turn()
                         requests += served
@@ -304,7 +305,7 @@ class Server(ConnectionIO, SlotServing, Handlers, SessionHandlers):
                             polling = False
                         events = poll(0)
                         if not events and waiting:  # no sleep while slots wait; their turn comes
-                            turn_at = take_turns(clock())
+                            self._turn_at = take_turns(clock())
                             yield_()
                             continue
                         if not events and not batches:

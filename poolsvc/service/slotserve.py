@@ -45,8 +45,9 @@ A ring, or the end of what kept a slot from being served, while every place
 is taken queues the slot in ``_waiting`` (:meth:`SlotServing._admit`), a
 :class:`~.connection.WaitQueue` of two lanes: slots whose last place was a
 brief visit, and the others (a new slot starts parked while any waits, and
-queues there).  While the bound is halved, one place more is kept for a
-*light* slot (brief visits in a row; :meth:`SlotServing._give_light_place`).
+queues there).  While the bound is halved, the loop keeps one extra place,
+EXTRA_TURN long, for the first slot of the brief lane
+(:meth:`SlotServing._give_extra_place`).
 While slots wait, a slot polled for ``slot_turn_us`` (and for
 ``slot_turn_requests`` requests, or TURN_STRETCH times as long; shorter while so
 many wait that a round of turns would last over ``slot_round_us``), or one that
@@ -70,6 +71,7 @@ from __future__ import annotations
 import array
 import os
 import select
+import time
 from functools import partial
 from operator import attrgetter
 from typing import Any, Callable
@@ -109,6 +111,10 @@ TURN_STRETCH = 4
 #: The shortest turn a bound on the round (``slot_round_us``) makes, in seconds:
 #: below it a turn would cost more in sleeps and wake-ups than it serves.
 MIN_TURN = 1e-3
+#: How long a slot keeps the extra place (:meth:`SlotServing._give_extra_place`),
+#: in seconds: a brief visit's request or two take a fraction of it; a busy client
+#: gets that much, counts as busy again, and queues in the full lane.
+EXTRA_TURN = 1e-3
 
 
 def quiet_after(park_after: float, polled: int, requests: int, seconds: float) -> float:
@@ -179,6 +185,8 @@ class SlotServing(ServerParts):
         if conn.slot is None:
             return
         self._waiting.discard(conn)
+        if conn is self._guest:
+            self._guest = None
         try:
             self._slots.remove(conn)
         except ValueError:
@@ -208,6 +216,8 @@ class SlotServing(ServerParts):
         #: while others wait (of the setting, not of a turn the round bound shortened).
         self._quiet = self._turn / TURN_STRETCH
         self._round = self.settings.slot_round_us / 1e6
+        self._guest = None
+        self._turn_at = 0.0
 
     def _serve_slot(self, conn: Connection) -> bool:
         """Run the request in ``conn``'s slot if a new one is published; True if one was.
@@ -309,6 +319,8 @@ class SlotServing(ServerParts):
             del polled[conn]
             conn.words[_W_DAEMON_SLEEPING] = 1  # type: ignore[index]
             note_visit(conn)
+            if conn is self._guest:
+                self._guest = None
         _fence_acquire()  # fence(), inlined
         _fence_release()
 
@@ -344,19 +356,23 @@ class SlotServing(ServerParts):
         waiting = self._waiting
         if slots.cap and (waiting or len(slots.polled) >= slots.limit(0)):
             waiting.add(conn)  # behind the others of its lane
-            self._give_light_place()
+            self._give_extra_place(time.perf_counter())
         else:
             self._unpark(conn)
 
-    def _give_light_place(self) -> None:
-        """Poll the first slot of the brief lane in the extra place if it is light and
-        the place is free (``SlotSet.light_limit``, :class:`~.connection.WaitQueue`)."""
+    def _give_extra_place(self, now: float) -> None:
+        """Poll the first slot of the brief lane in the extra place, if the loop keeps
+        one (``SlotSet.extra``: while the bound is halved) and it is free; the slot
+        gives it up EXTRA_TURN after ``now`` (the loop's next look is no later)."""
         slots, waiting = self._slots, self._waiting
-        if len(slots.polled) < slots.light_limit(len(waiting)):
-            light = waiting.pop_light()
-            if light is not None:
-                self._unpark(light)
-                self.metrics.slot_light_places += 1
+        if (self._guest is None and waiting.brief and slots.extra(len(waiting))
+                and len(slots.polled) <= slots.limit(len(waiting))):
+            guest = waiting.pop_brief()
+            assert guest is not None
+            self._unpark(guest)
+            self._guest = guest
+            self.metrics.slot_extra_places += 1
+            self._turn_at = min(self._turn_at, now + EXTRA_TURN)
 
     def _take_turns(self, now: float) -> float:
         """Give the places of the slots whose turn has ended (``slot_turn_us`` and
@@ -365,7 +381,7 @@ class SlotServing(ServerParts):
         ``slot_round_us``, down to MIN_TURN; or no request for the
         TURN_STRETCH-th part of ``slot_turn_us``), oldest first and as many as wait,
         to the waiting slots (the lanes in turn); fill free places too, and the
-        extra place of a light slot.  When to look
+        extra place (which ends EXTRA_TURN after its start).  When to look
         again (perf_counter seconds).
 
         The loop calls it right after serving, when a slot just answered holds
@@ -387,8 +403,10 @@ class SlotServing(ServerParts):
             stretched = now - longest
             quiet = now - self._quiet
             enough = self._turn_requests
+            guest, extra_ended = self._guest, now - EXTRA_TURN
             out = sorted((conn for conn in polled if conn.served_at <= quiet or conn.polled_at <= ended and (
-                conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched)),
+                conn.requests - conn.turn_from >= enough or conn.polled_at <= stretched)
+                or conn is guest and conn.polled_at <= extra_ended),
                 key=_polled_at)[:len(waiting)]
             if out:
                 self._unpoll(out)
@@ -402,13 +420,18 @@ class SlotServing(ServerParts):
                     else:
                         polled[conn] = None  # keeps its place (and its polled_at) for now
                         conn.words[_W_DAEMON_SLEEPING] = 0  # type: ignore[index]
+                        if conn is guest:
+                            self._guest = guest
         unpark = self._unpark
-        while waiting and (not limit or len(polled) < limit):
+        room = min(limit + (self._guest is not None), self._slots.cap)  # beside the extra place, under the cap
+        while waiting and (not limit or len(polled) < room):
             unpark(waiting.pop())
-        self._give_light_place()
+        self._give_extra_place(now)
         next_end = min(map(_polled_at, polled), default=now) + turn
         if waiting and polled:  # or when the quietest polled slot would count as quiet
             next_end = min(next_end, min(map(_served_at, polled)) + self._quiet)
+        if self._guest is not None:  # or when the extra place's turn ends
+            next_end = min(next_end, self._guest.polled_at + EXTRA_TURN)
         return next_end if next_end > now else now + turn / 16  # a turn short of its requests
 
     def _sleep(self, poll: Callable[[float], list[tuple[int, int]]]) -> list[tuple[int, int]] | None:
@@ -421,4 +444,4 @@ class SlotServing(ServerParts):
         return poll(1.0)
 
 
-__all__ = ["MIN_TURN", "PARK_AFTER", "TURN_STRETCH", "Bell", "SlotServing", "quiet_after"]
+__all__ = ["EXTRA_TURN", "MIN_TURN", "PARK_AFTER", "TURN_STRETCH", "Bell", "SlotServing", "quiet_after"]
