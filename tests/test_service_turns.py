@@ -521,13 +521,7 @@ def test_a_place_freed_beside_the_extra_one_goes_to_a_waiting_slot():
 def test_a_new_slot_starts_parked_while_others_wait_even_with_a_place_free():
     """Reconnecting buys no place: a new slot queues behind the waiting ones."""
     turns = _Turns(cap=4, turn_us=1000)
-    polled = [turns.slot(False) for _ in range(4)]
-    for conn in [turns.slot(False) for _ in range(10)]:
-        turns._admit(conn)
-    for conn in polled:
-        conn.requests += 128
-        conn.served_at = conn.polled_at + 0.9e-3
-    turns._take_turns(polled[0].polled_at + 1.1e-3)  # the bound halves: 2 polled, 2 below the cap
+    _halved(turns)  # 2 polled, 2 below the cap
     newcomer = turns.slot(False)
     assert newcomer not in turns._slots.polled and newcomer.words[S.W_DAEMON_SLEEPING] == 1
     turns._admit(newcomer)  # its client's first request rings
