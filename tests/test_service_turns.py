@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -516,6 +517,24 @@ def test_a_place_freed_beside_the_extra_one_goes_to_a_waiting_slot():
     turns._take_turns(now)
     assert guest in turns._slots.polled and turns._guest is guest
     assert len(turns._slots.polled) == 3  # two regular places refilled beside it
+
+
+def test_a_slot_dropped_in_the_extra_place_frees_it_for_the_next_brief_one():
+    """The client in the extra place dies: the place goes to the next slot of the
+    brief lane at the loop's next look."""
+    turns = _Turns(cap=4, turn_us=1000)
+    _halved(turns)
+    guest, other = turns.slot(False), turns.slot(False)
+    guest.brief = other.brief = True
+    turns._admit(guest)
+    turns._admit(other)
+    assert turns._guest is guest and other in turns._waiting
+    guest.slot = types.SimpleNamespace(close=lambda: None)  # what _drop_slot releases
+    guest.words = memoryview(guest.words)
+    turns._drop_slot(guest)
+    assert turns._guest is None and guest not in turns._slots.polled
+    turns._take_turns(guest.polled_at + 0.1e-3)
+    assert turns._guest is other and other in turns._slots.polled
 
 
 def test_a_new_slot_starts_parked_while_others_wait_even_with_a_place_free():
