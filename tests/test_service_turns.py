@@ -184,7 +184,9 @@ def test_a_waiting_client_that_disconnects_leaves_no_trace(tmp_path):
             wait_until(lambda: conn in d.server._waiting, what="the rung slot waiting for a place")
             doc = d.stats()
             assert doc["daemon"]["slots"]["waiting"] == 1
-            assert "1 waiting for a turn" in render.text(doc)
+            assert doc["daemon"]["slots"]["waiting_brief"] == 0  # a new slot queues in the full lane
+            assert "1 waiting for a turn (0 after a brief visit)" in render.text(doc)
+            assert "poolsvc_slot_extra_places_total 0" in render.prometheus(doc)
             raw.close()
             wait_until(lambda: conn not in d.server._slots, what="the closed connection's slot dropped")
             assert conn not in d.server._waiting  # dropped with the slot, not at its turn

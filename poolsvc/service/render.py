@@ -28,7 +28,7 @@ def text(doc: dict[str, Any]) -> str:
     if "slots" in d:
         slots = d["slots"]
         lines.append(f"  shm slots: {slots['served']} served, {slots['polled']} polled, "
-                     f"{slots['waiting']} waiting for a turn")
+                     f"{slots['waiting']} waiting for a turn ({slots['waiting_brief']} after a brief visit)")
     lines += ["", "pools:"]
     for name, pool in doc["pools"].items():
         lines.append(f"  {name:8} free {_mib(pool['free_bytes']):>11}  used {_mib(pool['used_bytes']):>11}"
