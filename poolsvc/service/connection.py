@@ -376,5 +376,4 @@ class ServerParts:
 
 
 __all__ = ["BRIEF_REQUESTS", "CLOSED", "CLOSING", "HANDSHAKE", "READY", "ConnState", "Connection", "Handler",
-           "Pinned",
-           "ServerParts", "SlotSet", "WaitQueue"]
+           "Pinned", "ServerParts", "SlotSet", "WaitQueue"]

@@ -423,7 +423,7 @@ class SlotServing(ServerParts):
                         if conn is guest:
                             self._guest = guest
         unpark = self._unpark
-        room = min(limit + (self._guest is not None), self._slots.cap)  # beside the extra place, under the cap
+        room = limit + (self._guest is not None and self._slots.extra(len(waiting)))  # and the extra place
         while waiting and (not limit or len(polled) < room):
             unpark(waiting.pop())
         self._give_extra_place(now)
